@@ -1,0 +1,155 @@
+//! Identifier newtypes, so a step id can never be passed where a run id belongs.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A run's id: a ULID, so ids sort by creation time and carry no guessable sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(String);
+
+impl RunId {
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new().to_string())
+    }
+
+    /// Parses an id that came from outside (a path segment, an event payload).
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        ulid::Ulid::from_string(raw)
+            .map(|u| Self(u.to_string()))
+            .map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for RunId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A step's id inside one workflow: `[A-Za-z][A-Za-z0-9_]*`, so it is addressable
+/// as `steps.<id>` in templates and expressions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StepId(String);
+
+impl StepId {
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        let mut chars = raw.chars();
+        let valid = raw.len() <= 64
+            && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(InvalidId { kind: "step id", value: raw.chars().take(64).collect() })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for StepId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who may see a run's progress: a user, a group, or one of the shared feeds.
+/// Rendered as the progress table's partition key (`USER#alice`, `GROUP#eng`, `ADMIN`, `PUBLIC`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Principal {
+    User(String),
+    Group(String),
+    Admin,
+    Public,
+}
+
+impl Principal {
+    pub fn key(&self) -> String {
+        match self {
+            Principal::User(u) => format!("USER#{u}"),
+            Principal::Group(g) => format!("GROUP#{g}"),
+            Principal::Admin => "ADMIN".to_owned(),
+            Principal::Public => "PUBLIC".to_owned(),
+        }
+    }
+}
+
+impl From<Principal> for String {
+    fn from(p: Principal) -> String {
+        p.key()
+    }
+}
+
+impl TryFrom<String> for Principal {
+    type Error = InvalidId;
+    fn try_from(s: String) -> Result<Self, InvalidId> {
+        match s.as_str() {
+            "ADMIN" => Ok(Principal::Admin),
+            "PUBLIC" => Ok(Principal::Public),
+            _ => {
+                if let Some(u) = s.strip_prefix("USER#") {
+                    Ok(Principal::User(u.to_owned()))
+                } else if let Some(g) = s.strip_prefix("GROUP#") {
+                    Ok(Principal::Group(g.to_owned()))
+                } else {
+                    Err(InvalidId { kind: "principal", value: s })
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind}: {value:?}")]
+pub struct InvalidId {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_round_trip_and_reject_garbage() {
+        let id = RunId::new();
+        assert_eq!(RunId::parse(id.as_str()), Ok(id));
+        assert!(RunId::parse("not-a-ulid").is_err());
+    }
+
+    #[test]
+    fn step_ids_must_be_template_addressable() {
+        assert!(StepId::parse("extract_2").is_ok());
+        for bad in ["", "2fast", "has-dash", "has.dot", "spa ce"] {
+            assert!(StepId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn principals_round_trip_through_their_keys() {
+        for p in [Principal::User("a".into()), Principal::Group("g".into()), Principal::Admin, Principal::Public] {
+            assert_eq!(Principal::try_from(p.key()), Ok(p));
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! chainrun-core: the workflow model, validation, engine, pricing, ports and adapters.
+//!
+//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`workflow`],
+//! [`graph`], [`template`], [`output`], [`run`]) know nothing of async or AWS. The
+//! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
+//! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
+
+pub mod engine;
+pub mod graph;
+pub mod ids;
+pub mod memory;
+pub mod money;
+pub mod output;
+pub mod ports;
+pub mod pricing;
+pub mod run;
+pub mod template;
+pub mod workflow;
+
+#[cfg(feature = "aws")]
+pub mod aws;

@@ -1,0 +1,289 @@
+//! In-memory implementations of every port, for hermetic tests and local reasoning.
+//!
+//! They honour the same contracts as the AWS adapters — conditional creates, leases that
+//! expire, gap-free event logs, per-owner progress rows — so an engine test against them
+//! means something. [`ScriptedModel`] plays a model: replies, usage, latency and failures
+//! are scripted per prompt substring, and every call is recorded.
+
+use crate::ids::{Principal, RunId};
+use crate::ports::*;
+use crate::pricing::Usage;
+use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock means a test already panicked; keep going to report that panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// ---------------------------------------------------------------- store
+
+#[derive(Default)]
+pub struct MemoryStore {
+    runs: Mutex<HashMap<RunId, (RunRecord, Option<Lease>)>>,
+    steps: Mutex<HashMap<RunId, BTreeMap<String, StepRecord>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn check_lease(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+        match lock(&self.runs).get(id) {
+            Some((_, Some(held))) if held.holder == lease.holder => Ok(()),
+            _ => Err(StoreError::LeaseLost(id.clone())),
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryStore {
+    async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let mut runs = lock(&self.runs);
+        if runs.contains_key(&run.id) {
+            return Err(StoreError::AlreadyExists(run.id.clone()));
+        }
+        runs.insert(run.id.clone(), (run.clone(), None));
+        Ok(())
+    }
+
+    async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
+        Ok(lock(&self.runs).get(id).map(|(r, _)| r.clone()))
+    }
+
+    async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
+        Ok(lock(&self.steps).get(id).map(|m| m.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some((run, held)) = runs.get_mut(id) else { return Ok(Claim::NotFound) };
+        if run.status.is_terminal() {
+            return Ok(Claim::Finished);
+        }
+        if let Some(h) = held {
+            if h.expires_at > now {
+                return Ok(Claim::HeldElsewhere);
+            }
+        }
+        *held = Some(lease.clone());
+        run.status = RunStatus::Running;
+        run.started_at.get_or_insert(now);
+        Ok(Claim::Acquired(Box::new(run.clone())))
+    }
+
+    async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        lock(&self.steps).entry(id.clone()).or_default().insert(step.step_id.to_string(), step.clone());
+        Ok(())
+    }
+
+    async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
+        self.check_lease(&run.id, lease)?;
+        lock(&self.runs).insert(run.id.clone(), (run.clone(), None));
+        Ok(())
+    }
+
+    async fn release(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        if let Some((_, held)) = lock(&self.runs).get_mut(id) {
+            *held = None;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- progress
+
+#[derive(Default)]
+pub struct MemoryProgress {
+    events: Mutex<HashMap<RunId, Vec<Event>>>,
+    rows: Mutex<BTreeMap<(Principal, RunId), ProgressRow>>,
+}
+
+impl MemoryProgress {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every event of a run, in seq order.
+    pub fn events(&self, run: &RunId) -> Vec<Event> {
+        lock(&self.events).get(run).cloned().unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl ProgressSink for MemoryProgress {
+    async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
+        let mut events = lock(&self.events);
+        let log = events.entry(event.run_id.clone()).or_default();
+        // Same contract as the conditional put: a seq is written once, and only next.
+        if log.last().map_or(0, |e| e.seq) + 1 != event.seq {
+            return Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq });
+        }
+        log.push(event.clone());
+        let mut rows = lock(&self.rows);
+        for owner in owners {
+            rows.insert((owner.clone(), row.run_id.clone()), row.clone());
+        }
+        Ok(())
+    }
+
+    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
+        Ok(lock(&self.events).get(run).and_then(|l| l.last()).map_or(0, |e| e.seq))
+    }
+}
+
+#[async_trait]
+impl ProgressReader for MemoryProgress {
+    async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError> {
+        Ok(self.events(run).into_iter().filter(|e| e.seq > after).take(limit as usize).collect())
+    }
+
+    async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError> {
+        Ok(lock(&self.rows).get(&(principal.clone(), run.clone())).cloned())
+    }
+
+    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError> {
+        let rows = lock(&self.rows);
+        let mut mine: Vec<ProgressRow> = rows.iter().filter(|((p, _), _)| p == principal).map(|(_, r)| r.clone()).collect();
+        mine.sort_by(|a, b| b.run_id.cmp(&a.run_id));
+        mine.truncate(limit as usize);
+        Ok(mine)
+    }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+/// Records dispatched run ids; a test drives the runner with them.
+#[derive(Default)]
+pub struct MemoryDispatcher {
+    dispatched: Mutex<Vec<RunId>>,
+}
+
+impl MemoryDispatcher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn dispatched(&self) -> Vec<RunId> {
+        lock(&self.dispatched).clone()
+    }
+}
+
+#[async_trait]
+impl Dispatcher for MemoryDispatcher {
+    async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError> {
+        lock(&self.dispatched).push(run.clone());
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- model
+
+/// One scripted behaviour, chosen by the first rule whose `prompt_contains` matches.
+#[derive(Debug, Clone)]
+pub struct Script {
+    pub prompt_contains: String,
+    /// Replies in order; the last repeats. `Err` plays a service error.
+    pub replies: Vec<Result<String, ModelError>>,
+    pub usage: Option<Usage>,
+    /// Simulated model latency (use with a paused tokio clock in tests).
+    pub latency: Duration,
+}
+
+impl Script {
+    pub fn reply(prompt_contains: &str, text: &str) -> Self {
+        Self { prompt_contains: prompt_contains.into(), replies: vec![Ok(text.into())], usage: None, latency: Duration::ZERO }
+    }
+
+    pub fn then(mut self, next: Result<String, ModelError>) -> Self {
+        self.replies.push(next);
+        self
+    }
+
+    pub fn failing_first(prompt_contains: &str, error: ModelError, times: usize, text: &str) -> Self {
+        let mut replies: Vec<Result<String, ModelError>> = vec![Err(error); times];
+        replies.push(Ok(text.into()));
+        Self { prompt_contains: prompt_contains.into(), replies, usage: None, latency: Duration::ZERO }
+    }
+
+    pub fn with_usage(mut self, input_tokens: u64, output_tokens: u64) -> Self {
+        self.usage = Some(Usage { input_tokens, output_tokens, ..Usage::default() });
+        self
+    }
+
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+}
+
+/// A model that answers from [`Script`]s and records every request it got.
+#[derive(Default)]
+pub struct ScriptedModel {
+    scripts: Vec<Script>,
+    calls: Mutex<Vec<ModelRequest>>,
+    served: Mutex<HashMap<usize, usize>>,
+}
+
+impl ScriptedModel {
+    pub fn new(scripts: Vec<Script>) -> Self {
+        Self { scripts, ..Self::default() }
+    }
+
+    pub fn calls(&self) -> Vec<ModelRequest> {
+        lock(&self.calls).clone()
+    }
+
+    pub fn calls_matching(&self, needle: &str) -> usize {
+        lock(&self.calls).iter().filter(|c| c.prompt.contains(needle)).count()
+    }
+
+    async fn answer(&self, request: &ModelRequest) -> Result<ModelReply, ModelError> {
+        lock(&self.calls).push(request.clone());
+        let Some((index, script)) = self.scripts.iter().enumerate().find(|(_, s)| request.prompt.contains(&s.prompt_contains)) else {
+            return Err(ModelError::new(ModelErrorKind::Invalid, "NoScript", format!("no script matches prompt {:?}", request.prompt)));
+        };
+        let n = {
+            let mut served = lock(&self.served);
+            let n = served.entry(index).or_insert(0);
+            *n += 1;
+            *n - 1
+        };
+        if !script.latency.is_zero() {
+            tokio::time::sleep(script.latency).await;
+        }
+        let reply = script.replies.get(n).or(script.replies.last()).cloned().unwrap_or_else(|| Ok(String::new()))?;
+        let usage = script.usage.unwrap_or(Usage {
+            input_tokens: (request.prompt.len() as u64).div_ceil(4).max(1),
+            output_tokens: (reply.len() as u64).div_ceil(4).max(1),
+            ..Usage::default()
+        });
+        Ok(ModelReply { text: reply, usage, stop_reason: "end_turn".into() })
+    }
+}
+
+#[async_trait]
+impl ModelClient for ScriptedModel {
+    async fn converse(&self, request: &ModelRequest) -> Result<ModelReply, ModelError> {
+        self.answer(request).await
+    }
+
+    /// Streams the scripted reply in 4-character deltas.
+    async fn converse_stream(&self, request: &ModelRequest, deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError> {
+        let reply = self.answer(request).await?;
+        let chars: Vec<char> = reply.text.chars().collect();
+        for chunk in chars.chunks(4) {
+            // A dropped receiver means the engine stopped listening; the reply still stands.
+            let _ = deltas.send(chunk.iter().collect()).await;
+        }
+        Ok(reply)
+    }
+}

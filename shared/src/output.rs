@@ -1,0 +1,101 @@
+//! Turning a model's raw text into a step's output value.
+
+use crate::workflow::OutputFormat;
+use serde_json::Value;
+
+/// Why a reply could not be used. Always retryable: a model asked again, with the
+/// problem named in a corrective hint, usually complies.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidOutput(pub String);
+
+/// Parses `text` per `format`; for JSON, validates against `schema` when given.
+pub fn parse(text: &str, format: OutputFormat, schema: Option<&Value>) -> Result<Value, InvalidOutput> {
+    match format {
+        OutputFormat::Text | OutputFormat::Markdown => Ok(Value::String(text.to_owned())),
+        OutputFormat::Json => {
+            let value = extract_json(text)?;
+            if let Some(schema) = schema {
+                check_schema(&value, schema)?;
+            }
+            Ok(value)
+        }
+    }
+}
+
+/// Finds the JSON value in a reply: the whole text, a fenced ```json block, or the first
+/// object/array in the prose around it (models like to add a sentence before or after).
+pub fn extract_json(text: &str) -> Result<Value, InvalidOutput> {
+    let trimmed = text.trim();
+    if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
+        return Ok(v);
+    }
+    if let Some(fenced) = fenced_block(trimmed) {
+        if let Ok(v) = serde_json::from_str::<Value>(fenced.trim()) {
+            return Ok(v);
+        }
+    }
+    if let Some(start) = trimmed.find(['{', '[']) {
+        let mut values = serde_json::Deserializer::from_str(&trimmed[start..]).into_iter::<Value>();
+        if let Some(Ok(v)) = values.next() {
+            return Ok(v);
+        }
+    }
+    Err(InvalidOutput("the reply is not valid JSON".into()))
+}
+
+fn fenced_block(text: &str) -> Option<&str> {
+    let start = text.find("```")?;
+    let after = &text[start + 3..];
+    let body_start = after.find('\n')? + 1;
+    let body = &after[body_start..];
+    let end = body.find("```")?;
+    Some(&body[..end])
+}
+
+fn check_schema(value: &Value, schema: &Value) -> Result<(), InvalidOutput> {
+    let validator = jsonschema::validator_for(schema).map_err(|e| InvalidOutput(format!("the step's output schema is invalid: {e}")))?;
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .take(5)
+        .map(|e| {
+            let path = e.instance_path().to_string();
+            if path.is_empty() { e.to_string() } else { format!("at {path}: {e}") }
+        })
+        .collect();
+    if errors.is_empty() { Ok(()) } else { Err(InvalidOutput(format!("the JSON does not match the schema: {}", errors.join("; ")))) }
+}
+
+/// Whether a JSON Schema document itself is usable (checked at validation time).
+pub fn schema_problem(schema: &Value) -> Option<String> {
+    jsonschema::validator_for(schema).err().map(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn extracts_json_from_fences_and_prose() {
+        assert_eq!(extract_json("{\"a\":1}").unwrap(), json!({"a":1}));
+        assert_eq!(extract_json("Here you go:\n```json\n{\"a\": [1]}\n```\nThanks").unwrap(), json!({"a":[1]}));
+        assert_eq!(extract_json("Sure! {\"a\": 2} hope that helps").unwrap(), json!({"a":2}));
+        assert!(extract_json("no json here").is_err());
+    }
+
+    #[test]
+    fn schema_violations_name_the_problem() {
+        let schema = json!({"type":"object","required":["label"],"properties":{"label":{"enum":["positive","negative"]}}});
+        assert!(parse("{\"label\":\"negative\"}", OutputFormat::Json, Some(&schema)).is_ok());
+        let err = parse("{\"label\":\"meh\"}", OutputFormat::Json, Some(&schema)).unwrap_err();
+        assert!(err.0.contains("/label"), "{err}");
+        let err = parse("{}", OutputFormat::Json, Some(&schema)).unwrap_err();
+        assert!(err.0.contains("label"), "{err}");
+    }
+
+    #[test]
+    fn text_output_is_the_text() {
+        assert_eq!(parse(" hi ", OutputFormat::Text, None).unwrap(), json!(" hi "));
+    }
+}

@@ -1,0 +1,186 @@
+//! The engine's ports. They speak domain types only; adapters (AWS, in-memory) live
+//! in [`crate::aws`] and [`crate::memory`].
+//!
+//! Every error says at its source whether retrying can help, so callers decide with
+//! `retryable()` instead of matching on messages.
+
+use crate::ids::{Principal, RunId};
+use crate::pricing::Usage;
+use crate::run::{Event, ProgressRow, RunRecord, StepRecord};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------- model
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRequest {
+    pub model: String,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub temperature: Option<f32>,
+    pub max_tokens: u32,
+    pub stop_sequences: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelReply {
+    pub text: String,
+    pub usage: Usage,
+    pub stop_reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelErrorKind {
+    Throttled,
+    Timeout,
+    Unavailable,
+    ServerError,
+    /// The request itself is wrong (bad parameters, context too long).
+    Invalid,
+    AccessDenied,
+    ModelNotFound,
+    /// Transport failure before a reply (connection reset, DNS…).
+    Network,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ModelError {
+    pub kind: ModelErrorKind,
+    /// The service's error name (`ThrottlingException`) or ours.
+    pub code: String,
+    pub message: String,
+}
+
+impl ModelError {
+    pub fn new(kind: ModelErrorKind, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { kind, code: code.into(), message: message.into() }
+    }
+
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ModelErrorKind::Throttled | ModelErrorKind::Timeout | ModelErrorKind::Unavailable | ModelErrorKind::ServerError | ModelErrorKind::Network
+        )
+    }
+}
+
+#[async_trait]
+pub trait ModelClient: Send + Sync {
+    /// One model turn.
+    async fn converse(&self, request: &ModelRequest) -> Result<ModelReply, ModelError>;
+
+    /// One model turn, streamed: each text delta is sent on `deltas` as it arrives; the
+    /// returned reply's text is the concatenation of the deltas.
+    async fn converse_stream(&self, request: &ModelRequest, deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError>;
+}
+
+// ---------------------------------------------------------------- store
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("run {0} already exists")]
+    AlreadyExists(RunId),
+    /// A conditional write lost: the lease is held by another runner, or was lost.
+    #[error("lease on run {0} is not held by this runner")]
+    LeaseLost(RunId),
+    #[error("stored item is too large: {0}")]
+    TooLarge(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A runner's claim on a run, valid until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// This runner now holds the run.
+    Acquired(Box<RunRecord>),
+    /// Another runner holds a live lease: a duplicate delivery.
+    HeldElsewhere,
+    /// The run already ended.
+    Finished,
+    NotFound,
+}
+
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Stores a new run; fails with `AlreadyExists` rather than overwrite.
+    async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError>;
+    async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError>;
+    async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError>;
+    /// Takes the run if it is queued, or running under an expired lease (a crashed runner).
+    async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError>;
+    /// Checkpoints a step, only while `lease` is still ours.
+    async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError>;
+    /// Records the run's end (status, output, error, totals) and releases the lease.
+    async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError>;
+    /// Gives the lease up without finishing (the run continues in another invocation).
+    async fn release(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError>;
+}
+
+// ---------------------------------------------------------------- progress
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgressError {
+    /// `seq` already taken: another writer appended to this run's log.
+    #[error("event {seq} of run {run} already exists")]
+    Conflict { run: RunId, seq: u64 },
+    #[error("stored event is corrupt: {0}")]
+    Corrupt(String),
+    #[error("progress store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ProgressError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProgressError::Unavailable(_))
+    }
+}
+
+#[async_trait]
+pub trait ProgressSink: Send + Sync {
+    /// Appends `event` to the run's log and replaces `row` in each owner's feed,
+    /// atomically: a reader never sees a progress row ahead of the log.
+    async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError>;
+    /// The highest `seq` in the run's log (0 when empty).
+    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError>;
+}
+
+/// Reads for clients: the run's log after a cursor, and a principal's feed.
+#[async_trait]
+pub trait ProgressReader: Send + Sync {
+    async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError>;
+    async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError>;
+    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError>;
+}
+
+// ---------------------------------------------------------------- dispatch
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("could not hand run {run} to the runner: {message}")]
+pub struct DispatchError {
+    pub run: RunId,
+    pub message: String,
+    pub retryable: bool,
+}
+
+#[async_trait]
+pub trait Dispatcher: Send + Sync {
+    /// Hands the run id (and nothing else: payload limits) to a runner, asynchronously.
+    async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError>;
+}

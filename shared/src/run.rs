@@ -1,0 +1,205 @@
+//! Run state as stored and reported: the run record, step checkpoints, progress events.
+
+use crate::ids::{Principal, RunId, StepId};
+use crate::money::Usd;
+use crate::pricing::Usage;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl StepStatus {
+    pub fn is_settled(self) -> bool {
+        !matches!(self, StepStatus::Pending | StepStatus::Running)
+    }
+}
+
+/// An error as recorded and shown to clients: a stable code, a human message, and
+/// whether trying again could help.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// Sums over a run's model calls. Money is exact ([`Usd`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cost: Usd,
+    pub model_calls: u64,
+    /// Sum of step latencies (not wall-clock: parallel steps overlap).
+    pub step_latency_ms: u64,
+}
+
+impl Totals {
+    pub fn total_tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+    }
+
+    pub fn add_call(&mut self, usage: &Usage, cost: Usd) {
+        self.input_tokens += usage.input_tokens;
+        self.output_tokens += usage.output_tokens;
+        self.cache_read_tokens += usage.cache_read_tokens;
+        self.cache_write_tokens += usage.cache_write_tokens;
+        self.cost = self.cost.saturating_add(cost);
+        self.model_calls += 1;
+    }
+}
+
+/// The run record: snapshot of what to run, who may see it, and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub workflow: String,
+    /// The definition exactly as validated at start; editing the workflow later never
+    /// changes a run.
+    pub definition: Value,
+    pub input: Value,
+    /// The user who started the run.
+    pub caller: String,
+    /// Everyone whose progress feed shows this run.
+    pub owners: Vec<Principal>,
+    pub status: RunStatus,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub output: Option<Value>,
+    pub error: Option<ErrorInfo>,
+    pub totals: Totals,
+}
+
+impl RunRecord {
+    pub fn new(workflow: String, definition: Value, input: Value, caller: String, owners: Vec<Principal>, now: DateTime<Utc>) -> Self {
+        Self {
+            id: RunId::new(),
+            workflow,
+            definition,
+            input,
+            caller,
+            owners,
+            status: RunStatus::Queued,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            output: None,
+            error: None,
+            totals: Totals::default(),
+        }
+    }
+
+    pub fn may_see(&self, principals: &[Principal]) -> bool {
+        self.owners.iter().any(|o| principals.contains(o))
+    }
+}
+
+/// One step's checkpoint: written when the step settles, read back on resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step_id: StepId,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub model: Option<String>,
+    /// Parsed output (`steps.<id>.output`): JSON for `json` steps, the text otherwise.
+    pub output: Option<Value>,
+    /// Raw model text (`steps.<id>.text`).
+    pub text: Option<String>,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub latency_ms: u64,
+    pub error: Option<ErrorInfo>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl StepRecord {
+    pub fn settled(step_id: StepId, status: StepStatus, error: Option<ErrorInfo>, now: DateTime<Utc>) -> Self {
+        Self {
+            step_id,
+            status,
+            attempts: 0,
+            model: None,
+            output: None,
+            text: None,
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            latency_ms: 0,
+            error,
+            started_at: None,
+            finished_at: Some(now),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventType {
+    RunStarted,
+    StepStarted,
+    Streaming,
+    StepRetrying,
+    StepSkipped,
+    AwaitingInput,
+    StepCompleted,
+    StepFailed,
+    RunCompleted,
+    RunFailed,
+    RunCancelled,
+}
+
+/// A progress event. `seq` is gap-free and strictly increasing per run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub run_id: RunId,
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step_id: Option<StepId>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attempt: Option<u32>,
+    pub data: Value,
+}
+
+/// The row each owner's progress feed holds for a run, replaced on every event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressRow {
+    pub run_id: RunId,
+    pub workflow: String,
+    pub status: RunStatus,
+    pub current_step: Option<StepId>,
+    pub totals: Totals,
+    pub last_seq: u64,
+    pub updated_at: DateTime<Utc>,
+}

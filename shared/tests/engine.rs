@@ -1,0 +1,424 @@
+//! Engine behaviour against the in-memory ports. Time is tokio's paused clock, so
+//! scripted latencies cost nothing and elapsed time is exact.
+
+use chainrun_core::engine::{Engine, EngineConfig, Outcome};
+use chainrun_core::ids::Principal;
+use chainrun_core::memory::{MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::ports::{Claim, Lease, ModelError, ModelErrorKind, RunStore};
+use chainrun_core::pricing::ModelRegistry;
+use chainrun_core::run::{Event, EventType, RunRecord, RunStatus, StepStatus};
+use chrono::Utc;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+struct Harness {
+    model: Arc<ScriptedModel>,
+    store: Arc<MemoryStore>,
+    progress: Arc<MemoryProgress>,
+    engine: Engine,
+}
+
+fn harness(scripts: Vec<Script>) -> Harness {
+    harness_with(scripts, EngineConfig::default())
+}
+
+fn harness_with(scripts: Vec<Script>, config: EngineConfig) -> Harness {
+    let model = Arc::new(ScriptedModel::new(scripts));
+    let store = Arc::new(MemoryStore::new());
+    let progress = Arc::new(MemoryProgress::new());
+    let engine = Engine::new(
+        model.clone(),
+        store.clone(),
+        progress.clone(),
+        Arc::new(ModelRegistry::builtin()),
+        config,
+    );
+    Harness {
+        model,
+        store,
+        progress,
+        engine,
+    }
+}
+
+fn lease(holder: &str) -> Lease {
+    Lease {
+        holder: holder.into(),
+        expires_at: Utc::now() + chrono::Duration::minutes(15),
+    }
+}
+
+fn workflow(steps: Value) -> Value {
+    json!({
+        "name": "test",
+        "defaults": { "model": "amazon.nova-micro-v1:0", "retry": { "max_attempts": 3, "initial_backoff_ms": 100 } },
+        "steps": steps
+    })
+}
+
+impl Harness {
+    async fn start(&self, definition: Value, input: Value) -> (RunRecord, Lease) {
+        let run = RunRecord::new(
+            "test".into(),
+            definition,
+            input,
+            "alice".into(),
+            vec![Principal::User("alice".into())],
+            Utc::now(),
+        );
+        self.store.create_run(&run).await.unwrap();
+        let lease = lease("runner-1");
+        let Claim::Acquired(run) = self.store.claim(&run.id, &lease, Utc::now()).await.unwrap()
+        else {
+            panic!("claim failed")
+        };
+        (*run, lease)
+    }
+
+    async fn run(&self, definition: Value, input: Value) -> (RunRecord, Vec<Event>) {
+        let (run, lease) = self.start(definition, input).await;
+        self.engine.execute(run.clone(), lease, None).await.unwrap();
+        let stored = self.store.get_run(&run.id).await.unwrap().unwrap();
+        let events = self.progress.events(&run.id);
+        (stored, events)
+    }
+}
+
+fn kinds(events: &[Event]) -> Vec<(EventType, Option<String>)> {
+    events
+        .iter()
+        .map(|e| (e.kind, e.step_id.as_ref().map(ToString::to_string)))
+        .collect()
+}
+
+fn assert_gap_free(events: &[Event]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "seq gap at {i}: {:?}", kinds(events));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn independent_steps_run_concurrently_and_dependents_start_when_ready() {
+    let h = harness(vec![
+        Script::reply("EXTRACT", "{\"issues\":[\"a\",\"b\"]}")
+            .with_latency(Duration::from_millis(1000)),
+        Script::reply("SENTIMENT", "negative").with_latency(Duration::from_millis(3000)),
+        Script::reply("SUMMARY", "short").with_latency(Duration::from_millis(2000)),
+        Script::reply("REPLY", "Sorry!").with_latency(Duration::from_millis(500)),
+    ]);
+    let started = Instant::now();
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "extract", "type": "llm", "prompt": "EXTRACT {{ input.feedback }}", "output": { "format": "json" } },
+                { "id": "sentiment", "type": "llm", "prompt": "SENTIMENT {{ steps.extract.output.issues | join(',') }}" },
+                { "id": "summary", "type": "llm", "prompt": "SUMMARY {{ input.feedback }}" },
+                { "id": "reply", "type": "llm", "prompt": "REPLY {{ steps.sentiment.text }} {{ steps.summary.text }}" }
+            ])),
+            json!({ "feedback": "it broke" }),
+        )
+        .await;
+    // extract (1s) → sentiment (3s) ∥ summary (2s, starts at t=0) → reply (0.5s) = 4.5s critical path.
+    assert_eq!(started.elapsed(), Duration::from_millis(4500));
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!({ "reply": "Sorry!" })));
+    assert_gap_free(&events);
+    assert_eq!(events.first().unwrap().kind, EventType::RunStarted);
+    assert_eq!(events.last().unwrap().kind, EventType::RunCompleted);
+    let prompts: Vec<String> = h.model.calls().iter().map(|c| c.prompt.clone()).collect();
+    assert!(prompts.contains(&"SENTIMENT a,b".to_owned()), "{prompts:?}");
+    assert!(
+        prompts.contains(&"REPLY negative short".to_owned()),
+        "{prompts:?}"
+    );
+    assert_eq!(run.totals.model_calls, 4);
+    assert!(run.totals.cost.pico() > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_throttling_with_events_then_succeeds_and_reruns_only_that_step() {
+    let throttled = ModelError::new(
+        ModelErrorKind::Throttled,
+        "ThrottlingException",
+        "slow down",
+    );
+    let h = harness(vec![
+        Script::reply("FIRST", "one"),
+        Script::failing_first("SECOND", throttled, 2, "two"),
+    ]);
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "first", "type": "llm", "prompt": "FIRST" },
+                { "id": "second", "type": "llm", "prompt": "SECOND {{ steps.first.text }}" }
+            ])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(h.model.calls_matching("FIRST"), 1);
+    assert_eq!(h.model.calls_matching("SECOND"), 3);
+    let retries: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.kind == EventType::StepRetrying)
+        .collect();
+    assert_eq!(retries.len(), 2);
+    assert_eq!(retries[0].data["reason"], "ThrottlingException");
+    assert_eq!(retries[1].attempt, Some(3));
+    let steps = h.store.get_steps(&run.id).await.unwrap();
+    let second = steps
+        .iter()
+        .find(|s| s.step_id.as_str() == "second")
+        .unwrap();
+    assert_eq!((second.status, second.attempts), (StepStatus::Completed, 3));
+    assert_gap_free(&events);
+}
+
+#[tokio::test(start_paused = true)]
+async fn terminal_error_fails_the_run_and_cancels_what_never_started() {
+    let denied = ModelError::new(
+        ModelErrorKind::AccessDenied,
+        "AccessDeniedException",
+        "no access to model",
+    );
+    let h = harness(vec![
+        Script::failing_first("BAD", denied, 5, "never"),
+        Script::reply("SLOW", "ok").with_latency(Duration::from_secs(2)),
+    ]);
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "bad", "type": "llm", "prompt": "BAD" },
+                { "id": "slow", "type": "llm", "prompt": "SLOW" },
+                { "id": "after", "type": "llm", "prompt": "AFTER {{ steps.bad.text }}" }
+            ])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.error.unwrap();
+    assert_eq!(error.code, "AccessDeniedException");
+    assert!(
+        error.message.contains("step bad failed"),
+        "{}",
+        error.message
+    );
+    assert_eq!(
+        h.model.calls_matching("BAD"),
+        1,
+        "terminal errors are not retried"
+    );
+    let steps = h.store.get_steps(&run.id).await.unwrap();
+    let status = |id: &str| {
+        steps
+            .iter()
+            .find(|s| s.step_id.as_str() == id)
+            .map(|s| s.status)
+    };
+    assert_eq!(
+        status("slow"),
+        Some(StepStatus::Completed),
+        "running steps finish"
+    );
+    assert_eq!(status("after"), Some(StepStatus::Skipped));
+    let failed = events
+        .iter()
+        .find(|e| e.kind == EventType::StepFailed)
+        .unwrap();
+    assert_eq!(failed.data["error"]["code"], "AccessDeniedException");
+    assert_eq!(events.last().unwrap().kind, EventType::RunFailed);
+    assert_gap_free(&events);
+}
+
+#[tokio::test(start_paused = true)]
+async fn optional_failure_skips_dependents_and_any_join_still_runs() {
+    let boom = ModelError::new(
+        ModelErrorKind::Invalid,
+        "ValidationException",
+        "bad request",
+    );
+    let h = harness(vec![
+        Script::failing_first("OPTIONAL", boom, 9, "x"),
+        Script::reply("OTHER", "fine"),
+        Script::reply("STRICT", "s"),
+        Script::reply("EITHER", "e"),
+    ]);
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "optional", "type": "llm", "prompt": "OPTIONAL", "required": false },
+                { "id": "other", "type": "llm", "prompt": "OTHER" },
+                { "id": "strict", "type": "llm", "prompt": "STRICT {{ steps.optional.text }}" },
+                { "id": "either", "type": "llm", "join": "any", "prompt": "EITHER {{ steps.optional.text or steps.other.text }}" }
+            ])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(h.model.calls_matching("STRICT"), 0);
+    assert_eq!(h.model.calls_matching("EITHER fine"), 1);
+    assert!(events.iter().any(|e| e.kind == EventType::StepSkipped
+        && e.step_id.as_ref().map(|s| s.as_str()) == Some("strict")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_json_is_retried_with_a_corrective_hint() {
+    let h = harness(vec![
+        Script::reply("CLASSIFY", "I think it is negative")
+            .then(Ok("{\"label\":\"negative\"}".into())),
+    ]);
+    let (run, _) = h
+        .run(
+            workflow(json!([{ "id": "classify", "type": "llm", "prompt": "CLASSIFY",
+                "output": { "format": "json", "schema": { "type": "object", "required": ["label"] } } }])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    let calls = h.model.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(
+        calls[1].prompt.contains("could not be used") && calls[1].prompt.contains("not valid JSON"),
+        "{}",
+        calls[1].prompt
+    );
+    assert_eq!(
+        run.output,
+        Some(json!({ "classify": { "label": "negative" } }))
+    );
+    assert_eq!(
+        run.totals.model_calls, 2,
+        "the failed attempt's tokens are charged too"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn resumes_from_checkpoints_without_rerunning_completed_steps() {
+    let h = harness(vec![Script::reply("ONE", "1"), Script::reply("TWO", "2")]);
+    let def = workflow(json!([
+        { "id": "one", "type": "llm", "prompt": "ONE" },
+        { "id": "two", "type": "llm", "prompt": "TWO {{ steps.one.text }}" }
+    ]));
+    let (run, first_lease) = h.start(def, json!({})).await;
+    // A first runner checkpoints `one` and dies: simulate by saving its checkpoint directly.
+    let mut one = chainrun_core::run::StepRecord::settled(
+        "one".parse_step(),
+        StepStatus::Completed,
+        None,
+        Utc::now(),
+    );
+    one.text = Some("1".into());
+    one.output = Some(json!("1"));
+    one.attempts = 1;
+    h.store
+        .save_step(&run.id, &first_lease, &one)
+        .await
+        .unwrap();
+    // Its lease expires; a second runner takes over.
+    let later = Utc::now() + chrono::Duration::minutes(16);
+    let second = Lease {
+        holder: "runner-2".into(),
+        expires_at: later + chrono::Duration::minutes(15),
+    };
+    let Claim::Acquired(run) = h.store.claim(&run.id, &second, later).await.unwrap() else {
+        panic!("takeover failed")
+    };
+    assert_eq!(
+        h.engine.execute(*run.clone(), second, None).await.unwrap(),
+        Outcome::Finished(RunStatus::Completed)
+    );
+    assert_eq!(h.model.calls_matching("ONE"), 0);
+    assert_eq!(h.model.calls_matching("TWO 1"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn streamed_steps_emit_bounded_coalesced_deltas_that_add_up_to_the_text() {
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+    let config = EngineConfig {
+        stream_flush_bytes: 200,
+        stream_flush_interval: Duration::from_secs(3600),
+        ..EngineConfig::default()
+    };
+    let h = harness_with(vec![Script::reply("STREAM", &text)], config);
+    let (run, events) = h
+        .run(
+            workflow(json!([{ "id": "s", "type": "llm", "prompt": "STREAM", "stream": true }])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    let deltas: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.kind == EventType::Streaming)
+        .collect();
+    let joined: String = deltas
+        .iter()
+        .map(|e| e.data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text);
+    // 900 chars in 4-char deltas would be 225 writes; coalesced at 200 bytes it is ≤ 6.
+    assert!(
+        deltas.len() <= text.len() / 200 + 1,
+        "{} streaming events",
+        deltas.len()
+    );
+    assert_gap_free(&events);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stops_starting_steps_near_the_deadline_and_suspends() {
+    let h = harness(vec![
+        Script::reply("A", "a").with_latency(Duration::from_secs(30)),
+        Script::reply("B", "b"),
+    ]);
+    let def = workflow(json!([
+        { "id": "a", "type": "llm", "prompt": "A" },
+        { "id": "b", "type": "llm", "prompt": "B {{ steps.a.text }}" }
+    ]));
+    let (run, first) = h.start(def, json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(100); // margin is 90 s
+    assert_eq!(
+        h.engine
+            .execute(run.clone(), first, Some(deadline))
+            .await
+            .unwrap(),
+        Outcome::Suspended
+    );
+    assert_eq!(h.model.calls_matching("B"), 0);
+    // The lease was released, so the next invocation claims at once and finishes.
+    let next = lease("runner-2");
+    let Claim::Acquired(run) = h.store.claim(&run.id, &next, Utc::now()).await.unwrap() else {
+        panic!("not released")
+    };
+    assert_eq!(
+        h.engine.execute(*run, next, None).await.unwrap(),
+        Outcome::Finished(RunStatus::Completed)
+    );
+    assert_eq!(h.model.calls_matching("A"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_template_error_at_run_time_fails_the_step_without_calling_the_model() {
+    let h = harness(vec![Script::reply("HI", "x")]);
+    let (run, _) = h
+        .run(
+            workflow(json!([{ "id": "a", "type": "llm", "prompt": "HI {{ input.missing }}" }])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.error.unwrap().code, "TEMPLATE_ERROR");
+    assert!(h.model.calls().is_empty());
+}
+
+trait ParseStep {
+    fn parse_step(&self) -> chainrun_core::ids::StepId;
+}
+
+impl ParseStep for str {
+    fn parse_step(&self) -> chainrun_core::ids::StepId {
+        chainrun_core::ids::StepId::parse(self).unwrap()
+    }
+}
