@@ -88,8 +88,21 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(model: Arc<dyn ModelClient>, store: Arc<dyn RunStore>, sink: Arc<dyn ProgressSink>, models: Arc<ModelRegistry>, config: EngineConfig) -> Self {
+    pub fn new(
+        model: Arc<dyn ModelClient>,
+        store: Arc<dyn RunStore>,
+        sink: Arc<dyn ProgressSink>,
+        models: Arc<ModelRegistry>,
+        config: EngineConfig,
+    ) -> Self {
         Self { model, store, sink, models, config }
+    }
+
+    /// The same engine with another deadline margin (the runner shrinks it for short
+    /// invocations).
+    pub fn with_deadline_margin(mut self, margin: Duration) -> Self {
+        self.config.deadline_margin = margin;
+        self
     }
 
     /// Executes a run this runner has claimed under `lease`.
@@ -189,13 +202,17 @@ impl Engine {
                     Err(e) => {
                         // A panicking step is a defect; fail the run rather than hang.
                         warn!(error = %e, "step task panicked");
-                        failure.get_or_insert((graph.steps[0].id.clone(), ErrorInfo { code: "INTERNAL".into(), message: "a step task panicked".into(), retryable: false }));
+                        failure.get_or_insert((
+                            graph.steps[0].id.clone(),
+                            ErrorInfo { code: "INTERNAL".into(), message: "a step task panicked".into(), retryable: false },
+                        ));
                         continue;
                     }
                 };
                 let record = result?;
                 if record.status == StepStatus::Failed && graph.steps[i].required && failure.is_none() {
-                    let error = record.error.clone().unwrap_or_else(|| ErrorInfo { code: "STEP_FAILED".into(), message: "failed".into(), retryable: false });
+                    let error =
+                        record.error.clone().unwrap_or_else(|| ErrorInfo { code: "STEP_FAILED".into(), message: "failed".into(), retryable: false });
                     failure = Some((record.step_id.clone(), error));
                 }
                 records[i] = Some(record);
@@ -211,11 +228,8 @@ impl Engine {
                         records[i] = Some(record);
                     }
                 }
-                let error = ErrorInfo {
-                    code: error.code.clone(),
-                    message: format!("step {step} failed: {}", error.message),
-                    retryable: error.retryable,
-                };
+                let error =
+                    ErrorInfo { code: error.code.clone(), message: format!("step {step} failed: {}", error.message), retryable: error.retryable };
                 debug!(?cancelled, "cancelled unstarted steps");
                 return self.finish(&mut run, &lease, &progress, RunStatus::Failed, None, Some(error)).await;
             }
@@ -227,7 +241,8 @@ impl Engine {
             match run_output(&run.input, &graph, &records) {
                 Ok(output) => self.finish(&mut run, &lease, &progress, RunStatus::Completed, Some(output), None).await,
                 Err(e) => {
-                    let error = ErrorInfo { code: "OUTPUT_TEMPLATE".into(), message: format!("the workflow output template failed: {e}"), retryable: false };
+                    let error =
+                        ErrorInfo { code: "OUTPUT_TEMPLATE".into(), message: format!("the workflow output template failed: {e}"), retryable: false };
                     self.finish(&mut run, &lease, &progress, RunStatus::Failed, None, Some(error)).await
                 }
             }
@@ -236,7 +251,15 @@ impl Engine {
         .await
     }
 
-    async fn finish(&self, run: &mut RunRecord, lease: &Lease, progress: &Progress, status: RunStatus, output: Option<Value>, error: Option<ErrorInfo>) -> Result<Outcome, EngineError> {
+    async fn finish(
+        &self,
+        run: &mut RunRecord,
+        lease: &Lease,
+        progress: &Progress,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<ErrorInfo>,
+    ) -> Result<Outcome, EngineError> {
         run.status = status;
         run.finished_at = Some(Utc::now());
         run.totals = progress.totals().await;
@@ -250,11 +273,12 @@ impl Engine {
             RunStatus::Cancelled => (EventType::RunCancelled, json!({ "totals": totals })),
             _ => (EventType::RunFailed, json!({ "error": run.error, "totals": totals })),
         };
-        progress.emit(kind, None, None, data, |s| {
-            s.status = status;
-            s.current_step = None;
-        })
-        .await?;
+        progress
+            .emit(kind, None, None, data, |s| {
+                s.status = status;
+                s.current_step = None;
+            })
+            .await?;
         info!(status = ?status, cost_pico = run.totals.cost.pico(), tokens = run.totals.total_tokens(), "run finished");
         Ok(Outcome::Finished(status))
     }
@@ -373,7 +397,14 @@ impl Progress {
 
     /// Appends one event (next seq) and updates every owner's row. The lock is held
     /// across the write so events land in seq order.
-    async fn emit(&self, kind: EventType, step: Option<&StepId>, attempt: Option<u32>, data: Value, change: impl FnOnce(&mut ProgressState)) -> Result<(), ProgressError> {
+    async fn emit(
+        &self,
+        kind: EventType,
+        step: Option<&StepId>,
+        attempt: Option<u32>,
+        data: Value,
+        change: impl FnOnce(&mut ProgressState),
+    ) -> Result<(), ProgressError> {
         let mut state = self.state.lock().await;
         change(&mut state);
         let seq = state.last_seq + 1;
@@ -486,6 +517,13 @@ impl StepContext {
             Err(e) => return Ok(fail(record, "TEMPLATE_ERROR", format!("system: {e}"), false)),
         };
         let mut hint: Option<String> = None;
+        // A RUNNING checkpoint lets run snapshots show what is in flight; resume ignores it.
+        let mut running = record.clone();
+        running.status = StepStatus::Running;
+        running.error = None;
+        running.finished_at = None;
+        running.attempts = 1;
+        self.store.save_step(&self.run_id, &self.lease, &running).await?;
         let step_id = id.clone();
         self.progress
             .emit(EventType::StepStarted, Some(id), Some(1), json!({ "model": spec.model }), move |s| {
@@ -513,7 +551,13 @@ impl StepContext {
                     record.usage = add_usage(record.usage, reply.usage);
                     record.cost = record.cost.saturating_add(cost);
                     self.progress.charge(&reply.usage, cost).await;
-                    info!(attempt, tokens = reply.usage.total_tokens(), cost_pico = cost.pico(), latency_ms = call_started.elapsed().as_millis() as u64, "model call finished");
+                    info!(
+                        attempt,
+                        tokens = reply.usage.total_tokens(),
+                        cost_pico = cost.pico(),
+                        latency_ms = call_started.elapsed().as_millis() as u64,
+                        "model call finished"
+                    );
                     self.accept(spec, reply)
                 }
                 Err(e) => Err(AttemptError::Model(e)),
@@ -538,15 +582,18 @@ impl StepContext {
                 return Ok(fail(record, &code, message, retryable));
             }
             if let AttemptError::Output(e) = &error {
-                hint = Some(format!(
-                    "Your previous reply could not be used: {}. Reply again with only the corrected JSON.",
-                    e.0
-                ));
+                hint = Some(format!("Your previous reply could not be used: {}. Reply again with only the corrected JSON.", e.0));
             }
             let delay = backoff(&spec.retry, attempt);
             warn!(attempt, code = %code, delay_ms = delay.as_millis() as u64, "step attempt failed; retrying");
             self.progress
-                .emit(EventType::StepRetrying, Some(id), Some(attempt + 1), json!({ "reason": code, "message": message, "delay_ms": delay.as_millis() as u64 }), |_| {})
+                .emit(
+                    EventType::StepRetrying,
+                    Some(id),
+                    Some(attempt + 1),
+                    json!({ "reason": code, "message": message, "delay_ms": delay.as_millis() as u64 }),
+                    |_| {},
+                )
                 .await?;
             tokio::time::sleep(delay).await;
         }

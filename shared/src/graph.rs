@@ -91,9 +91,8 @@ impl ValidatedGraph {
 
 /// Parses the raw definition JSON and validates it.
 pub fn validate_json(raw: &Value, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
-    let def: WorkflowDef = serde_json::from_value(raw.clone()).map_err(|e| InvalidWorkflow {
-        problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }],
-    })?;
+    let def: WorkflowDef = serde_json::from_value(raw.clone())
+        .map_err(|e| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] })?;
     validate(&def, models)
 }
 
@@ -140,8 +139,7 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
     }
     // Ids rejected above (bad or duplicate) still exist as far as references go, so they
     // are not reported a second time as "unknown step".
-    let all_ids: BTreeSet<String> =
-        def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
+    let all_ids: BTreeSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
 
     let mut specs: Vec<(String, StepKind, BTreeSet<String>, bool, Join)> = Vec::new();
     for p in &parsed {
@@ -167,11 +165,9 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
             None => found.push(Some(id), "model", "no model: set it on the step or in defaults.model".into()),
             Some(m) => match models.get(m) {
                 None => found.push(Some(id), "model", format!("unknown model {m:?}: no price is known for it (add it with CHAINRUN_MODEL_PRICES)")),
-                Some(info) if max_tokens > info.max_output_tokens => found.push(
-                    Some(id),
-                    "max_tokens",
-                    format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens),
-                ),
+                Some(info) if max_tokens > info.max_output_tokens => {
+                    found.push(Some(id), "max_tokens", format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens))
+                }
                 Some(_) => {}
             },
         }
@@ -293,7 +289,12 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
         Visiting,
         Done,
     }
-    fn visit(node: &str, graph: &BTreeMap<String, BTreeSet<String>>, marks: &mut BTreeMap<String, Mark>, path: &mut Vec<String>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        marks: &mut BTreeMap<String, Mark>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
         match marks.get(node) {
             Some(Mark::Done) => return None,
             Some(Mark::Visiting) => {

@@ -15,9 +15,7 @@ impl RunId {
 
     /// Parses an id that came from outside (a path segment, an event payload).
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-        ulid::Ulid::from_string(raw)
-            .map(|u| Self(u.to_string()))
-            .map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
+        ulid::Ulid::from_string(raw).map(|u| Self(u.to_string())).map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
     }
 
     pub fn as_str(&self) -> &str {
@@ -46,14 +44,8 @@ pub struct StepId(String);
 impl StepId {
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         let mut chars = raw.chars();
-        let valid = raw.len() <= 64
-            && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if valid {
-            Ok(Self(raw.to_owned()))
-        } else {
-            Err(InvalidId { kind: "step id", value: raw.chars().take(64).collect() })
-        }
+        let valid = raw.len() <= 64 && chars.next().is_some_and(|c| c.is_ascii_alphabetic()) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if valid { Ok(Self(raw.to_owned())) } else { Err(InvalidId { kind: "step id", value: raw.chars().take(64).collect() }) }
     }
 
     pub fn as_str(&self) -> &str {

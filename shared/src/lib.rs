@@ -5,6 +5,7 @@
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
 
+pub mod config;
 pub mod engine;
 pub mod graph;
 pub mod ids;

@@ -62,11 +62,7 @@ impl Usd {
         for (i, d) in frac_trimmed.bytes().enumerate() {
             frac_pico += u64::from(d - b'0') * 10u64.pow(11 - i as u32);
         }
-        whole
-            .checked_mul(PICOS_PER_DOLLAR)
-            .and_then(|w| w.checked_add(frac_pico))
-            .map(Usd)
-            .ok_or(MoneyError::Overflow)
+        whole.checked_mul(PICOS_PER_DOLLAR).and_then(|w| w.checked_add(frac_pico)).map(Usd).ok_or(MoneyError::Overflow)
     }
 }
 

@@ -28,26 +28,12 @@ fn harness_with(scripts: Vec<Script>, config: EngineConfig) -> Harness {
     let model = Arc::new(ScriptedModel::new(scripts));
     let store = Arc::new(MemoryStore::new());
     let progress = Arc::new(MemoryProgress::new());
-    let engine = Engine::new(
-        model.clone(),
-        store.clone(),
-        progress.clone(),
-        Arc::new(ModelRegistry::builtin()),
-        config,
-    );
-    Harness {
-        model,
-        store,
-        progress,
-        engine,
-    }
+    let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), config);
+    Harness { model, store, progress, engine }
 }
 
 fn lease(holder: &str) -> Lease {
-    Lease {
-        holder: holder.into(),
-        expires_at: Utc::now() + chrono::Duration::minutes(15),
-    }
+    Lease { holder: holder.into(), expires_at: Utc::now() + chrono::Duration::minutes(15) }
 }
 
 fn workflow(steps: Value) -> Value {
@@ -60,20 +46,10 @@ fn workflow(steps: Value) -> Value {
 
 impl Harness {
     async fn start(&self, definition: Value, input: Value) -> (RunRecord, Lease) {
-        let run = RunRecord::new(
-            "test".into(),
-            definition,
-            input,
-            "alice".into(),
-            vec![Principal::User("alice".into())],
-            Utc::now(),
-        );
+        let run = RunRecord::new("test".into(), definition, input, "alice".into(), vec![Principal::User("alice".into())], Utc::now());
         self.store.create_run(&run).await.unwrap();
         let lease = lease("runner-1");
-        let Claim::Acquired(run) = self.store.claim(&run.id, &lease, Utc::now()).await.unwrap()
-        else {
-            panic!("claim failed")
-        };
+        let Claim::Acquired(run) = self.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };
         (*run, lease)
     }
 
@@ -87,10 +63,7 @@ impl Harness {
 }
 
 fn kinds(events: &[Event]) -> Vec<(EventType, Option<String>)> {
-    events
-        .iter()
-        .map(|e| (e.kind, e.step_id.as_ref().map(ToString::to_string)))
-        .collect()
+    events.iter().map(|e| (e.kind, e.step_id.as_ref().map(ToString::to_string))).collect()
 }
 
 fn assert_gap_free(events: &[Event]) {
@@ -102,8 +75,7 @@ fn assert_gap_free(events: &[Event]) {
 #[tokio::test(start_paused = true)]
 async fn independent_steps_run_concurrently_and_dependents_start_when_ready() {
     let h = harness(vec![
-        Script::reply("EXTRACT", "{\"issues\":[\"a\",\"b\"]}")
-            .with_latency(Duration::from_millis(1000)),
+        Script::reply("EXTRACT", "{\"issues\":[\"a\",\"b\"]}").with_latency(Duration::from_millis(1000)),
         Script::reply("SENTIMENT", "negative").with_latency(Duration::from_millis(3000)),
         Script::reply("SUMMARY", "short").with_latency(Duration::from_millis(2000)),
         Script::reply("REPLY", "Sorry!").with_latency(Duration::from_millis(500)),
@@ -129,25 +101,15 @@ async fn independent_steps_run_concurrently_and_dependents_start_when_ready() {
     assert_eq!(events.last().unwrap().kind, EventType::RunCompleted);
     let prompts: Vec<String> = h.model.calls().iter().map(|c| c.prompt.clone()).collect();
     assert!(prompts.contains(&"SENTIMENT a,b".to_owned()), "{prompts:?}");
-    assert!(
-        prompts.contains(&"REPLY negative short".to_owned()),
-        "{prompts:?}"
-    );
+    assert!(prompts.contains(&"REPLY negative short".to_owned()), "{prompts:?}");
     assert_eq!(run.totals.model_calls, 4);
     assert!(run.totals.cost.pico() > 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_throttling_with_events_then_succeeds_and_reruns_only_that_step() {
-    let throttled = ModelError::new(
-        ModelErrorKind::Throttled,
-        "ThrottlingException",
-        "slow down",
-    );
-    let h = harness(vec![
-        Script::reply("FIRST", "one"),
-        Script::failing_first("SECOND", throttled, 2, "two"),
-    ]);
+    let throttled = ModelError::new(ModelErrorKind::Throttled, "ThrottlingException", "slow down");
+    let h = harness(vec![Script::reply("FIRST", "one"), Script::failing_first("SECOND", throttled, 2, "two")]);
     let (run, events) = h
         .run(
             workflow(json!([
@@ -160,33 +122,20 @@ async fn retries_throttling_with_events_then_succeeds_and_reruns_only_that_step(
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(h.model.calls_matching("FIRST"), 1);
     assert_eq!(h.model.calls_matching("SECOND"), 3);
-    let retries: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.kind == EventType::StepRetrying)
-        .collect();
+    let retries: Vec<&Event> = events.iter().filter(|e| e.kind == EventType::StepRetrying).collect();
     assert_eq!(retries.len(), 2);
     assert_eq!(retries[0].data["reason"], "ThrottlingException");
     assert_eq!(retries[1].attempt, Some(3));
     let steps = h.store.get_steps(&run.id).await.unwrap();
-    let second = steps
-        .iter()
-        .find(|s| s.step_id.as_str() == "second")
-        .unwrap();
+    let second = steps.iter().find(|s| s.step_id.as_str() == "second").unwrap();
     assert_eq!((second.status, second.attempts), (StepStatus::Completed, 3));
     assert_gap_free(&events);
 }
 
 #[tokio::test(start_paused = true)]
 async fn terminal_error_fails_the_run_and_cancels_what_never_started() {
-    let denied = ModelError::new(
-        ModelErrorKind::AccessDenied,
-        "AccessDeniedException",
-        "no access to model",
-    );
-    let h = harness(vec![
-        Script::failing_first("BAD", denied, 5, "never"),
-        Script::reply("SLOW", "ok").with_latency(Duration::from_secs(2)),
-    ]);
+    let denied = ModelError::new(ModelErrorKind::AccessDenied, "AccessDeniedException", "no access to model");
+    let h = harness(vec![Script::failing_first("BAD", denied, 5, "never"), Script::reply("SLOW", "ok").with_latency(Duration::from_secs(2))]);
     let (run, events) = h
         .run(
             workflow(json!([
@@ -200,33 +149,13 @@ async fn terminal_error_fails_the_run_and_cancels_what_never_started() {
     assert_eq!(run.status, RunStatus::Failed);
     let error = run.error.unwrap();
     assert_eq!(error.code, "AccessDeniedException");
-    assert!(
-        error.message.contains("step bad failed"),
-        "{}",
-        error.message
-    );
-    assert_eq!(
-        h.model.calls_matching("BAD"),
-        1,
-        "terminal errors are not retried"
-    );
+    assert!(error.message.contains("step bad failed"), "{}", error.message);
+    assert_eq!(h.model.calls_matching("BAD"), 1, "terminal errors are not retried");
     let steps = h.store.get_steps(&run.id).await.unwrap();
-    let status = |id: &str| {
-        steps
-            .iter()
-            .find(|s| s.step_id.as_str() == id)
-            .map(|s| s.status)
-    };
-    assert_eq!(
-        status("slow"),
-        Some(StepStatus::Completed),
-        "running steps finish"
-    );
+    let status = |id: &str| steps.iter().find(|s| s.step_id.as_str() == id).map(|s| s.status);
+    assert_eq!(status("slow"), Some(StepStatus::Completed), "running steps finish");
     assert_eq!(status("after"), Some(StepStatus::Skipped));
-    let failed = events
-        .iter()
-        .find(|e| e.kind == EventType::StepFailed)
-        .unwrap();
+    let failed = events.iter().find(|e| e.kind == EventType::StepFailed).unwrap();
     assert_eq!(failed.data["error"]["code"], "AccessDeniedException");
     assert_eq!(events.last().unwrap().kind, EventType::RunFailed);
     assert_gap_free(&events);
@@ -234,11 +163,7 @@ async fn terminal_error_fails_the_run_and_cancels_what_never_started() {
 
 #[tokio::test(start_paused = true)]
 async fn optional_failure_skips_dependents_and_any_join_still_runs() {
-    let boom = ModelError::new(
-        ModelErrorKind::Invalid,
-        "ValidationException",
-        "bad request",
-    );
+    let boom = ModelError::new(ModelErrorKind::Invalid, "ValidationException", "bad request");
     let h = harness(vec![
         Script::failing_first("OPTIONAL", boom, 9, "x"),
         Script::reply("OTHER", "fine"),
@@ -259,16 +184,12 @@ async fn optional_failure_skips_dependents_and_any_join_still_runs() {
     assert_eq!(run.status, RunStatus::Completed);
     assert_eq!(h.model.calls_matching("STRICT"), 0);
     assert_eq!(h.model.calls_matching("EITHER fine"), 1);
-    assert!(events.iter().any(|e| e.kind == EventType::StepSkipped
-        && e.step_id.as_ref().map(|s| s.as_str()) == Some("strict")));
+    assert!(events.iter().any(|e| e.kind == EventType::StepSkipped && e.step_id.as_ref().map(|s| s.as_str()) == Some("strict")));
 }
 
 #[tokio::test(start_paused = true)]
 async fn invalid_json_is_retried_with_a_corrective_hint() {
-    let h = harness(vec![
-        Script::reply("CLASSIFY", "I think it is negative")
-            .then(Ok("{\"label\":\"negative\"}".into())),
-    ]);
+    let h = harness(vec![Script::reply("CLASSIFY", "I think it is negative").then(Ok("{\"label\":\"negative\"}".into()))]);
     let (run, _) = h
         .run(
             workflow(json!([{ "id": "classify", "type": "llm", "prompt": "CLASSIFY",
@@ -279,19 +200,9 @@ async fn invalid_json_is_retried_with_a_corrective_hint() {
     assert_eq!(run.status, RunStatus::Completed);
     let calls = h.model.calls();
     assert_eq!(calls.len(), 2);
-    assert!(
-        calls[1].prompt.contains("could not be used") && calls[1].prompt.contains("not valid JSON"),
-        "{}",
-        calls[1].prompt
-    );
-    assert_eq!(
-        run.output,
-        Some(json!({ "classify": { "label": "negative" } }))
-    );
-    assert_eq!(
-        run.totals.model_calls, 2,
-        "the failed attempt's tokens are charged too"
-    );
+    assert!(calls[1].prompt.contains("could not be used") && calls[1].prompt.contains("not valid JSON"), "{}", calls[1].prompt);
+    assert_eq!(run.output, Some(json!({ "classify": { "label": "negative" } })));
+    assert_eq!(run.totals.model_calls, 2, "the failed attempt's tokens are charged too");
 }
 
 #[tokio::test(start_paused = true)]
@@ -303,32 +214,16 @@ async fn resumes_from_checkpoints_without_rerunning_completed_steps() {
     ]));
     let (run, first_lease) = h.start(def, json!({})).await;
     // A first runner checkpoints `one` and dies: simulate by saving its checkpoint directly.
-    let mut one = chainrun_core::run::StepRecord::settled(
-        "one".parse_step(),
-        StepStatus::Completed,
-        None,
-        Utc::now(),
-    );
+    let mut one = chainrun_core::run::StepRecord::settled("one".parse_step(), StepStatus::Completed, None, Utc::now());
     one.text = Some("1".into());
     one.output = Some(json!("1"));
     one.attempts = 1;
-    h.store
-        .save_step(&run.id, &first_lease, &one)
-        .await
-        .unwrap();
+    h.store.save_step(&run.id, &first_lease, &one).await.unwrap();
     // Its lease expires; a second runner takes over.
     let later = Utc::now() + chrono::Duration::minutes(16);
-    let second = Lease {
-        holder: "runner-2".into(),
-        expires_at: later + chrono::Duration::minutes(15),
-    };
-    let Claim::Acquired(run) = h.store.claim(&run.id, &second, later).await.unwrap() else {
-        panic!("takeover failed")
-    };
-    assert_eq!(
-        h.engine.execute(*run.clone(), second, None).await.unwrap(),
-        Outcome::Finished(RunStatus::Completed)
-    );
+    let second = Lease { holder: "runner-2".into(), expires_at: later + chrono::Duration::minutes(15) };
+    let Claim::Acquired(run) = h.store.claim(&run.id, &second, later).await.unwrap() else { panic!("takeover failed") };
+    assert_eq!(h.engine.execute(*run.clone(), second, None).await.unwrap(), Outcome::Finished(RunStatus::Completed));
     assert_eq!(h.model.calls_matching("ONE"), 0);
     assert_eq!(h.model.calls_matching("TWO 1"), 1);
 }
@@ -336,78 +231,40 @@ async fn resumes_from_checkpoints_without_rerunning_completed_steps() {
 #[tokio::test(start_paused = true)]
 async fn streamed_steps_emit_bounded_coalesced_deltas_that_add_up_to_the_text() {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
-    let config = EngineConfig {
-        stream_flush_bytes: 200,
-        stream_flush_interval: Duration::from_secs(3600),
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { stream_flush_bytes: 200, stream_flush_interval: Duration::from_secs(3600), ..EngineConfig::default() };
     let h = harness_with(vec![Script::reply("STREAM", &text)], config);
-    let (run, events) = h
-        .run(
-            workflow(json!([{ "id": "s", "type": "llm", "prompt": "STREAM", "stream": true }])),
-            json!({}),
-        )
-        .await;
+    let (run, events) = h.run(workflow(json!([{ "id": "s", "type": "llm", "prompt": "STREAM", "stream": true }])), json!({})).await;
     assert_eq!(run.status, RunStatus::Completed);
-    let deltas: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.kind == EventType::Streaming)
-        .collect();
-    let joined: String = deltas
-        .iter()
-        .map(|e| e.data["delta"].as_str().unwrap())
-        .collect();
+    let deltas: Vec<&Event> = events.iter().filter(|e| e.kind == EventType::Streaming).collect();
+    let joined: String = deltas.iter().map(|e| e.data["delta"].as_str().unwrap()).collect();
     assert_eq!(joined, text);
     // 900 chars in 4-char deltas would be 225 writes; coalesced at 200 bytes it is ≤ 6.
-    assert!(
-        deltas.len() <= text.len() / 200 + 1,
-        "{} streaming events",
-        deltas.len()
-    );
+    assert!(deltas.len() <= text.len() / 200 + 1, "{} streaming events", deltas.len());
     assert_gap_free(&events);
 }
 
 #[tokio::test(start_paused = true)]
 async fn stops_starting_steps_near_the_deadline_and_suspends() {
-    let h = harness(vec![
-        Script::reply("A", "a").with_latency(Duration::from_secs(30)),
-        Script::reply("B", "b"),
-    ]);
+    let h = harness(vec![Script::reply("A", "a").with_latency(Duration::from_secs(30)), Script::reply("B", "b")]);
     let def = workflow(json!([
         { "id": "a", "type": "llm", "prompt": "A" },
         { "id": "b", "type": "llm", "prompt": "B {{ steps.a.text }}" }
     ]));
     let (run, first) = h.start(def, json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(100); // margin is 90 s
-    assert_eq!(
-        h.engine
-            .execute(run.clone(), first, Some(deadline))
-            .await
-            .unwrap(),
-        Outcome::Suspended
-    );
+    assert_eq!(h.engine.execute(run.clone(), first, Some(deadline)).await.unwrap(), Outcome::Suspended);
     assert_eq!(h.model.calls_matching("B"), 0);
     // The lease was released, so the next invocation claims at once and finishes.
     let next = lease("runner-2");
-    let Claim::Acquired(run) = h.store.claim(&run.id, &next, Utc::now()).await.unwrap() else {
-        panic!("not released")
-    };
-    assert_eq!(
-        h.engine.execute(*run, next, None).await.unwrap(),
-        Outcome::Finished(RunStatus::Completed)
-    );
+    let Claim::Acquired(run) = h.store.claim(&run.id, &next, Utc::now()).await.unwrap() else { panic!("not released") };
+    assert_eq!(h.engine.execute(*run, next, None).await.unwrap(), Outcome::Finished(RunStatus::Completed));
     assert_eq!(h.model.calls_matching("A"), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_template_error_at_run_time_fails_the_step_without_calling_the_model() {
     let h = harness(vec![Script::reply("HI", "x")]);
-    let (run, _) = h
-        .run(
-            workflow(json!([{ "id": "a", "type": "llm", "prompt": "HI {{ input.missing }}" }])),
-            json!({}),
-        )
-        .await;
+    let (run, _) = h.run(workflow(json!([{ "id": "a", "type": "llm", "prompt": "HI {{ input.missing }}" }])), json!({})).await;
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.error.unwrap().code, "TEMPLATE_ERROR");
     assert!(h.model.calls().is_empty());

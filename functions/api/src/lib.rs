@@ -1,1 +1,222 @@
+//! chainrun's HTTP API: access checks, starting runs, reading runs and their progress.
+//!
+//! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
+//! in-memory adapters, and `main` hands the same router to `lambda_http`.
 
+pub mod auth;
+pub mod error;
+mod views;
+
+use auth::{Authenticator, Identity};
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chainrun_core::config::{ConfigError, CoreConfig, Source};
+use chainrun_core::graph::validate_json;
+use chainrun_core::ids::{Principal, RunId};
+use chainrun_core::ports::{Dispatcher, ProgressReader, RunStore};
+use chainrun_core::pricing::ModelRegistry;
+use chainrun_core::run::RunRecord;
+use error::ApiError;
+use http::StatusCode;
+use http::request::Parts;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tracing::info;
+
+/// Requests larger than this are refused before parsing (a run record must fit one
+/// DynamoDB item, together with its definition).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Everything the API reads from the environment, once.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub core: CoreConfig,
+    pub runner_function: String,
+    pub auth: Authenticator,
+}
+
+impl ApiConfig {
+    pub fn from_source(env: &impl Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            core: CoreConfig::from_source(env)?,
+            runner_function: env.required("CHAINRUN_RUNNER_FUNCTION")?,
+            auth: Authenticator::from_source(env)?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn RunStore>,
+    pub progress: Arc<dyn ProgressReader>,
+    pub dispatcher: Arc<dyn Dispatcher>,
+    pub models: Arc<ModelRegistry>,
+    pub auth: Authenticator,
+}
+
+pub fn app(state: AppState) -> Router {
+    let routes = Router::new()
+        .route("/runs", post(start_run).fallback(method_not_allowed))
+        .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
+        .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
+        .route("/progress", get(get_progress).fallback(method_not_allowed))
+        .fallback(not_found);
+    routes.layer(axum::extract::DefaultBodyLimit::disable()).with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("this route does not accept that method".into())
+}
+
+impl FromRequestParts<AppState> for Identity {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        state.auth.identify(parts).map_err(|e| ApiError::Unauthorized(e.to_string()))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRun {
+    workflow: Value,
+    #[serde(default = "empty_object")]
+    input: Value,
+    #[serde(default)]
+    options: Option<Value>,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+/// Parses a JSON body ourselves so every malformed body gets a problem that says where.
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
+    }
+    if body.is_empty() {
+        return Err(ApiError::bad_request("Malformed request body", "the request body is empty; send a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let title = if e.is_syntax() || e.is_eof() { "Malformed JSON" } else { "Invalid request body" };
+        ApiError::bad_request(title, format!("{e}"))
+    })
+}
+
+async fn start_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
+    let request: StartRun = parse_body(&body)?;
+    if let Some(options) = &request.options {
+        if !options.as_object().is_some_and(|o| o.is_empty()) {
+            return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
+        }
+    }
+    let graph = validate_json(&request.workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
+        title: "Invalid workflow",
+        detail: invalid.to_string(),
+        problems: invalid.problems,
+    })?;
+    if !request.input.is_object() {
+        return Err(ApiError::bad_request("Invalid input", "input must be a JSON object"));
+    }
+    let run = RunRecord::new(
+        graph.name.clone(),
+        request.workflow,
+        request.input,
+        identity.user.clone(),
+        vec![Principal::User(identity.user.clone())],
+        chrono::Utc::now(),
+    );
+    state.store.create_run(&run).await?;
+    state
+        .dispatcher
+        .dispatch(&run.id)
+        .await
+        .map_err(|e| if e.retryable { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) })?;
+    info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps.len(), "run queued");
+    let links = json!({ "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) });
+    let body = json!({ "run_id": run.id, "status": "QUEUED", "links": links });
+    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, format!("/runs/{}", run.id))], Json(body)).into_response())
+}
+
+/// Loads a run the caller may see; anything else is a 404, so ids of other people's runs
+/// cannot be probed.
+async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str) -> Result<RunRecord, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no run {raw_id:?}"));
+    let id = RunId::parse(raw_id).map_err(|_| not_found())?;
+    let run = state.store.get_run(&id).await?.ok_or_else(not_found)?;
+    if !run.may_see(&identity.principals()) {
+        return Err(not_found());
+    }
+    Ok(run)
+}
+
+async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let run = visible_run(&state, &identity, &id).await?;
+    let steps = state.store.get_steps(&run.id).await?;
+    Ok(Json(views::run(&run, &steps, &state.models)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+async fn get_events(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
+    if !(1..=1000).contains(&query.limit) {
+        return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
+    }
+    let run = visible_run(&state, &identity, &id).await?;
+    let events = state.progress.events_after(&run.id, query.after, query.limit).await?;
+    let last_seq = events.last().map_or(query.after, |e| e.seq);
+    Ok(Json(json!({ "run_id": run.id, "status": run.status, "events": events, "last_seq": last_seq })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressQuery {
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+async fn get_progress(
+    State(state): State<AppState>,
+    identity: Identity,
+    query: Result<Query<ProgressQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
+    if !(1..=1000).contains(&query.limit) {
+        return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
+    }
+    let mut rows = Vec::new();
+    for principal in identity.principals() {
+        rows.extend(state.progress.feed(&principal, query.limit).await?);
+    }
+    // A run shared with several of the caller's principals appears once, newest first.
+    rows.sort_by(|a, b| b.run_id.cmp(&a.run_id).then(b.last_seq.cmp(&a.last_seq)));
+    rows.dedup_by(|a, b| a.run_id == b.run_id);
+    rows.truncate(query.limit as usize);
+    Ok(Json(json!({ "items": rows.iter().map(views::progress_row).collect::<Vec<_>>() })))
+}

@@ -1,1 +1,23 @@
-fn main() {}
+//! Wires the API function: telemetry, config, AWS clients, then serve.
+
+use chainrun_api::{ApiConfig, AppState, app};
+use chainrun_core::aws::{DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config};
+use chainrun_core::config::ProcessEnv;
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    lambda_http::tracing::init_default_subscriber();
+    let config = ApiConfig::from_source(&ProcessEnv)?;
+    let sdk = sdk_config().await;
+    let dynamodb = dynamodb_client(&sdk);
+    let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
+    let state = AppState {
+        store: Arc::new(DynamoStore::new(dynamodb, config.core.tables.clone())),
+        progress,
+        dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.runner_function.clone())),
+        models: Arc::new(config.core.models.clone()),
+        auth: config.auth.clone(),
+    };
+    lambda_http::run(app(state)).await
+}

@@ -1,1 +1,34 @@
-fn main() {}
+//! Wires the runner function: telemetry, config, AWS clients, then serve.
+
+use chainrun_core::aws::{
+    BedrockModel, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client, lambda_client, sdk_config,
+};
+use chainrun_core::config::ProcessEnv;
+use chainrun_core::engine::{Engine, EngineConfig};
+use chainrun_runner::{Runner, RunnerConfig, RunnerError};
+use lambda_runtime::{LambdaEvent, service_fn};
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let config = RunnerConfig::from_source(&ProcessEnv)?;
+    let sdk = sdk_config().await;
+    let dynamodb = dynamodb_client(&sdk);
+    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
+    let progress = Arc::new(DynamoProgress::new(dynamodb, config.core.tables.clone(), config.core.retention_days));
+    let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));
+    let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default());
+    let runner = Arc::new(Runner { store, engine, dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone())) });
+    let margin = config.deadline_margin;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<RunnerEvent>| {
+        let runner = runner.clone();
+        async move {
+            let deadline = chrono::DateTime::from_timestamp_millis(event.context.deadline as i64).unwrap_or_else(chrono::Utc::now);
+            let handled = runner.handle(event.payload, &event.context.request_id, deadline, margin).await?;
+            tracing::info!(?handled, "invocation done");
+            Ok::<_, RunnerError>(format!("{handled:?}"))
+        }
+    }))
+    .await
+}

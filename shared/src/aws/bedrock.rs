@@ -1,0 +1,177 @@
+//! [`ModelClient`] over Bedrock Runtime's Converse and ConverseStream.
+
+use super::describe;
+use crate::ports::{ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest};
+use crate::pricing::Usage;
+use async_trait::async_trait;
+use aws_sdk_bedrockruntime::Client;
+use aws_sdk_bedrockruntime::error::SdkError;
+use aws_sdk_bedrockruntime::types::{
+    ContentBlock, ContentBlockDelta, ConversationRole, ConverseOutput, ConverseStreamOutput, InferenceConfiguration, Message, SystemContentBlock,
+    TokenUsage,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, instrument};
+
+#[derive(Clone)]
+pub struct BedrockModel {
+    client: Client,
+}
+
+impl BedrockModel {
+    /// `client` should come from [`super::bedrock_client`] (SDK retries off).
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+}
+
+/// Classifies by the service's error code, which is the same for plain and streamed calls
+/// (stream exceptions arrive in lower camel case: `throttlingException`).
+fn kind_of(code: &str) -> ModelErrorKind {
+    match code.to_ascii_lowercase().as_str() {
+        "throttlingexception" | "toomanyrequestsexception" | "modelnotreadyexception" | "servicequotaexceededexception" => ModelErrorKind::Throttled,
+        "modeltimeoutexception" => ModelErrorKind::Timeout,
+        "serviceunavailableexception" => ModelErrorKind::Unavailable,
+        "internalserverexception" | "modelstreamerrorexception" | "modelerrorexception" => ModelErrorKind::ServerError,
+        "accessdeniedexception" | "unrecognizedclientexception" => ModelErrorKind::AccessDenied,
+        "resourcenotfoundexception" => ModelErrorKind::ModelNotFound,
+        _ => ModelErrorKind::Invalid,
+    }
+}
+
+fn model_error<E, R>(err: SdkError<E, R>) -> ModelError
+where
+    E: aws_sdk_bedrockruntime::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match &err {
+        SdkError::TimeoutError(_) => ModelError::new(ModelErrorKind::Timeout, "Timeout", "the model call timed out"),
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            ModelError::new(ModelErrorKind::Network, "NetworkError", aws_sdk_bedrockruntime::error::DisplayErrorContext(&err).to_string())
+        }
+        _ => {
+            let (code, message) = describe_any(&err);
+            match code {
+                Some(code) => ModelError::new(kind_of(&code), code, message),
+                None => ModelError::new(ModelErrorKind::ServerError, "UnknownError", message),
+            }
+        }
+    }
+}
+
+/// Mid-stream exceptions carry no error code in the SDK (it is in the event headers), so
+/// they are classified by variant.
+fn stream_error(
+    err: SdkError<aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError, aws_smithy_types::event_stream::RawMessage>,
+) -> ModelError {
+    use aws_sdk_bedrockruntime::types::error::ConverseStreamOutputError as E;
+    let service = match err {
+        SdkError::ServiceError(e) => e.into_err(),
+        other => return model_error(other),
+    };
+    let message = aws_sdk_bedrockruntime::error::DisplayErrorContext(&service).to_string();
+    let (kind, code) = match &service {
+        E::ThrottlingException(_) => (ModelErrorKind::Throttled, "ThrottlingException"),
+        E::ServiceUnavailableException(_) => (ModelErrorKind::Unavailable, "ServiceUnavailableException"),
+        E::InternalServerException(_) => (ModelErrorKind::ServerError, "InternalServerException"),
+        E::ModelStreamErrorException(_) => (ModelErrorKind::ServerError, "ModelStreamErrorException"),
+        E::ValidationException(_) => (ModelErrorKind::Invalid, "ValidationException"),
+        _ => (ModelErrorKind::ServerError, "StreamError"),
+    };
+    ModelError::new(kind, code, message)
+}
+
+fn describe_any<E, R>(err: &SdkError<E, R>) -> (Option<String>, String)
+where
+    E: aws_sdk_bedrockruntime::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    describe(err)
+}
+
+fn usage_of(u: Option<&TokenUsage>) -> Usage {
+    let clamp = |v: i32| u64::try_from(v).unwrap_or(0);
+    u.map(|u| Usage {
+        input_tokens: clamp(u.input_tokens()),
+        output_tokens: clamp(u.output_tokens()),
+        cache_read_tokens: u.cache_read_input_tokens().map_or(0, clamp),
+        cache_write_tokens: u.cache_write_input_tokens().map_or(0, clamp),
+    })
+    .unwrap_or_default()
+}
+
+fn parts(request: &ModelRequest) -> Result<(Message, InferenceConfiguration, Option<SystemContentBlock>), ModelError> {
+    let message = Message::builder()
+        .role(ConversationRole::User)
+        .content(ContentBlock::Text(request.prompt.clone()))
+        .build()
+        .map_err(|e| ModelError::new(ModelErrorKind::Invalid, "InvalidRequest", e.to_string()))?;
+    let config = InferenceConfiguration::builder()
+        .max_tokens(i32::try_from(request.max_tokens).unwrap_or(i32::MAX))
+        .set_temperature(request.temperature)
+        .set_stop_sequences((!request.stop_sequences.is_empty()).then(|| request.stop_sequences.clone()))
+        .build();
+    let system = request.system.clone().map(SystemContentBlock::Text);
+    Ok((message, config, system))
+}
+
+#[async_trait]
+impl ModelClient for BedrockModel {
+    #[instrument(skip_all, fields(model = %request.model))]
+    async fn converse(&self, request: &ModelRequest) -> Result<ModelReply, ModelError> {
+        let (message, config, system) = parts(request)?;
+        let out = self
+            .client
+            .converse()
+            .model_id(&request.model)
+            .messages(message)
+            .inference_config(config)
+            .set_system(system.map(|s| vec![s]))
+            .send()
+            .await
+            .map_err(model_error)?;
+        let text = match out.output() {
+            Some(ConverseOutput::Message(m)) => m.content().iter().filter_map(|c| c.as_text().ok().cloned()).collect::<String>(),
+            _ => String::new(),
+        };
+        let usage = usage_of(out.usage());
+        debug!(input_tokens = usage.input_tokens, output_tokens = usage.output_tokens, "converse finished");
+        Ok(ModelReply { text, usage, stop_reason: out.stop_reason().as_str().to_owned() })
+    }
+
+    #[instrument(skip_all, fields(model = %request.model))]
+    async fn converse_stream(&self, request: &ModelRequest, deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError> {
+        let (message, config, system) = parts(request)?;
+        let mut out = self
+            .client
+            .converse_stream()
+            .model_id(&request.model)
+            .messages(message)
+            .inference_config(config)
+            .set_system(system.map(|s| vec![s]))
+            .send()
+            .await
+            .map_err(model_error)?;
+        let mut text = String::new();
+        let mut usage = Usage::default();
+        let mut stop_reason = String::new();
+        loop {
+            match out.stream.recv().await {
+                Ok(Some(ConverseStreamOutput::ContentBlockDelta(event))) => {
+                    if let Some(ContentBlockDelta::Text(delta)) = event.delta() {
+                        text.push_str(delta);
+                        // The receiver only coalesces for progress events; if it is gone the
+                        // reply is still collected in full.
+                        let _ = deltas.send(delta.clone()).await;
+                    }
+                }
+                Ok(Some(ConverseStreamOutput::MessageStop(event))) => stop_reason = event.stop_reason().as_str().to_owned(),
+                Ok(Some(ConverseStreamOutput::Metadata(event))) => usage = usage_of(event.usage()),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(stream_error(e)),
+            }
+        }
+        Ok(ModelReply { text, usage, stop_reason })
+    }
+}

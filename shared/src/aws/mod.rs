@@ -1,0 +1,81 @@
+//! AWS adapters: the only code that names `aws_sdk_*` types. Each turns SDK errors into
+//! the port's domain error at the boundary, deciding there whether a retry can help.
+//!
+//! Endpoints come only from the standard `AWS_ENDPOINT_URL_<SERVICE>` variables (which
+//! `aws-config` reads), so the same code runs against AWS and the local stack.
+
+mod bedrock;
+mod dynamo;
+mod lambda;
+
+pub use bedrock::BedrockModel;
+pub use dynamo::{DynamoProgress, DynamoStore};
+pub use lambda::{LambdaDispatcher, RunnerEvent};
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+use std::time::Duration;
+
+/// The shared SDK configuration (credentials, region, endpoints), loaded once per cold start.
+pub async fn sdk_config() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).build())
+        .load()
+        .await
+}
+
+/// A Bedrock Runtime client with SDK retries off: the engine retries per step with its own
+/// backoff and reports every attempt, so SDK retries would multiply attempts unseen.
+pub fn bedrock_client(config: &SdkConfig) -> aws_sdk_bedrockruntime::Client {
+    let conf = aws_sdk_bedrockruntime::config::Builder::from(config)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                // One model turn may legitimately take minutes; the engine's deadline bounds the rest.
+                .operation_attempt_timeout(Duration::from_secs(600))
+                .build(),
+        )
+        .build();
+    aws_sdk_bedrockruntime::Client::from_conf(conf)
+}
+
+pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(config)
+}
+
+pub fn lambda_client(config: &SdkConfig) -> aws_sdk_lambda::Client {
+    aws_sdk_lambda::Client::new(config)
+}
+
+/// The error code and a readable message of any SDK error.
+fn describe<E, R>(err: &aws_smithy_runtime_api_compat::SdkError<E, R>) -> (Option<String>, String)
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+    let code = err.code().map(str::to_owned);
+    let message = match err.message() {
+        Some(m) => m.to_owned(),
+        None => aws_sdk_dynamodb::error::DisplayErrorContext(err).to_string(),
+    };
+    (code, message)
+}
+
+/// Whether an SDK error is worth retrying: transport failures, throttling and 5xx.
+fn transient<E>(err: &aws_smithy_runtime_api_compat::SdkError<E, aws_smithy_runtime_api_compat::HttpResponse>) -> bool {
+    use aws_smithy_runtime_api_compat::SdkError;
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
+        SdkError::ServiceError(e) => e.raw().status().is_server_error() || e.raw().status().as_u16() == 429,
+        _ => false,
+    }
+}
+
+/// `SdkError` is re-exported by every SDK crate; name it once.
+mod aws_smithy_runtime_api_compat {
+    pub use aws_sdk_dynamodb::config::http::HttpResponse;
+    pub use aws_sdk_dynamodb::error::SdkError;
+}

@@ -1,0 +1,119 @@
+//! Configuration read once, at cold start, from the environment into typed values.
+//! A missing or malformed variable fails the start with a message naming it.
+
+use crate::pricing::{ModelRegistry, PricingError};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is not set")]
+    Missing(&'static str),
+    #[error("environment variable {name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Where values come from: the process environment in functions, a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+
+    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.get(name).filter(|v| !v.trim().is_empty()).ok_or(ConfigError::Missing(name))
+    }
+
+    fn parsed<T: std::str::FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name).filter(|v| !v.trim().is_empty()) {
+            None => Ok(default),
+            Some(raw) => raw.trim().parse().map_err(|e: T::Err| ConfigError::Invalid { name, reason: e.to_string() }),
+        }
+    }
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    pub runs: String,
+    pub events: String,
+    pub progress: String,
+    pub workflows: String,
+}
+
+/// What both functions need.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub tables: Tables,
+    /// How long events and progress rows live (DynamoDB TTL).
+    pub retention_days: u32,
+    pub models: ModelRegistry,
+}
+
+impl CoreConfig {
+    pub fn from_source(env: &impl Source) -> Result<Self, ConfigError> {
+        let tables = Tables {
+            runs: env.required("CHAINRUN_RUNS_TABLE")?,
+            events: env.required("CHAINRUN_EVENTS_TABLE")?,
+            progress: env.required("CHAINRUN_PROGRESS_TABLE")?,
+            workflows: env.required("CHAINRUN_WORKFLOWS_TABLE")?,
+        };
+        let retention_days = env.parsed("CHAINRUN_RETENTION_DAYS", 30u32)?;
+        if retention_days == 0 {
+            return Err(ConfigError::Invalid { name: "CHAINRUN_RETENTION_DAYS", reason: "must be at least 1".into() });
+        }
+        let models = ModelRegistry::load(env.get("CHAINRUN_MODEL_PRICES").as_deref())
+            .map_err(|e: PricingError| ConfigError::Invalid { name: "CHAINRUN_MODEL_PRICES", reason: e.to_string() })?;
+        Ok(Self { tables, retention_days, models })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const TABLES: [(&str, &str); 4] =
+        [("CHAINRUN_RUNS_TABLE", "r"), ("CHAINRUN_EVENTS_TABLE", "e"), ("CHAINRUN_PROGRESS_TABLE", "p"), ("CHAINRUN_WORKFLOWS_TABLE", "w")];
+
+    #[test]
+    fn names_the_missing_variable() {
+        let err = CoreConfig::from_source(&env(&TABLES[..2])).unwrap_err();
+        assert_eq!(err, ConfigError::Missing("CHAINRUN_PROGRESS_TABLE"));
+    }
+
+    #[test]
+    fn names_the_malformed_variable() {
+        let mut pairs = TABLES.to_vec();
+        pairs.push(("CHAINRUN_RETENTION_DAYS", "soon"));
+        let err = CoreConfig::from_source(&env(&pairs)).unwrap_err().to_string();
+        assert!(err.contains("CHAINRUN_RETENTION_DAYS"), "{err}");
+        let mut pairs = TABLES.to_vec();
+        pairs.push(("CHAINRUN_MODEL_PRICES", "{not json"));
+        let err = CoreConfig::from_source(&env(&pairs)).unwrap_err().to_string();
+        assert!(err.contains("CHAINRUN_MODEL_PRICES"), "{err}");
+    }
+
+    #[test]
+    fn reads_a_complete_environment() {
+        let c = CoreConfig::from_source(&env(&TABLES)).unwrap();
+        assert_eq!(c.tables.events, "e");
+        assert_eq!(c.retention_days, 30);
+    }
+}

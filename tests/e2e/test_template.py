@@ -1,0 +1,620 @@
+"""Proves the SAM template (template.yaml) deploys what the rest of chainrun expects.
+
+* The DynamoDB tables match infra/tables.json (the definitions the local stack is built
+  from), so code tested locally meets the same keys, indexes and TTL when deployed.
+* The functions are wired as DESIGN.md §6 says: Rust on provided.al2023 built by cargo
+  lambda, arm64 by default, JWT-authorized HTTP API, least-privilege IAM, and a runner
+  whose asynchronous invokes retry a bounded number of times and then land in an SQS queue.
+* `sam validate --lint` and `cfn-lint` both pass (infra/check_template.sh).
+
+Run: .venv/bin/python -m pytest tests/e2e/test_template.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+TABLES_JSON = ROOT / "infra" / "tables.json"
+SAMCONFIG = ROOT / "samconfig.toml"
+CHECK_SCRIPT = ROOT / "infra" / "check_template.sh"
+SAM_PYTHON = ROOT / ".venv-sam" / "bin" / "python"
+
+DEFAULT_MODEL_IDS = ["amazon.nova-micro-v1:0", "amazon.nova-lite-v1:0"]
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+STACK = "chainrun"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """SafeLoader that turns CloudFormation short-form tags into their long form."""
+
+
+def _construct_cfn_tag(loader: yaml.Loader, tag_suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)
+    if tag_suffix == "Ref":
+        return {"Ref": value}
+    if tag_suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    if tag_suffix == "Condition":
+        return {"Condition": value}
+    return {f"Fn::{tag_suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _construct_cfn_tag)
+
+
+def load_template() -> dict[str, Any]:
+    return yaml.load(TEMPLATE.read_text(), Loader=_CfnLoader)  # noqa: S506 - SafeLoader subclass
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return load_template()
+
+
+@pytest.fixture(scope="module")
+def resources(template: dict[str, Any]) -> dict[str, Any]:
+    return template["Resources"]
+
+
+TABLES: list[dict[str, Any]] = json.loads(TABLES_JSON.read_text())["tables"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Resolver:
+    """Evaluates the intrinsic functions the template uses, for given parameter values.
+
+    Resources resolve to readable placeholders: `Ref X` -> "<X>", `GetAtt X.Arn` -> "<X.Arn>",
+    except where a resource's physical name is fixed in the template (FunctionName), in
+    which case `Ref` gives that name.
+    """
+
+    def __init__(self, template: dict[str, Any], partition: str = "aws", **params: Any):
+        self.template = template
+        self.values: dict[str, Any] = {
+            "AWS::Partition": partition,
+            "AWS::Region": REGION,
+            "AWS::AccountId": ACCOUNT,
+            "AWS::StackName": STACK,
+            "AWS::URLSuffix": "amazonaws.com",
+        }
+        for name, spec in template.get("Parameters", {}).items():
+            value = params.get(name, spec.get("Default"))
+            if spec["Type"] == "CommaDelimitedList" and isinstance(value, str):
+                value = value.split(",")
+            self.values[name] = value
+
+    def condition(self, name: str) -> bool:
+        return bool(self.resolve(self.template["Conditions"][name]))
+
+    def resolve(self, node: Any) -> Any:
+        if isinstance(node, list):
+            return [self.resolve(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if len(node) != 1:
+            return {k: self.resolve(v) for k, v in node.items()}
+        (key, arg), = node.items()
+        if key == "Ref":
+            return self._ref(arg)
+        if key == "Fn::GetAtt":
+            return f"<{arg[0]}.{arg[1]}>"
+        if key == "Fn::Sub":
+            text, variables = (arg, {}) if isinstance(arg, str) else arg
+            variables = {k: self.resolve(v) for k, v in variables.items()}
+
+            def substitute(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if name in variables:
+                    return str(variables[name])
+                if "." in name and not name.startswith("AWS::"):
+                    res, attr = name.split(".", 1)
+                    return f"<{res}.{attr}>"
+                return str(self._ref(name))
+
+            return re.sub(r"\$\{([^!}][^}]*)\}", substitute, text)
+        if key == "Fn::Join":
+            delimiter, items = arg
+            assert isinstance(delimiter, str), "Fn::Join delimiters must be literal strings"
+            items = self.resolve(items)
+            return delimiter.join(str(i) for i in items)
+        if key == "Fn::Split":
+            delimiter, text = arg
+            return self.resolve(text).split(delimiter)
+        if key == "Fn::Select":
+            index, items = arg
+            return self.resolve(items)[int(self.resolve(index))]
+        if key == "Fn::If":
+            name, when_true, when_false = arg
+            return self.resolve(when_true if self.condition(name) else when_false)
+        if key == "Fn::Equals":
+            left, right = self.resolve(arg)
+            return left == right
+        if key == "Condition":
+            return self.condition(arg)
+        return {key: self.resolve(arg)}
+
+    def _ref(self, name: str) -> Any:
+        if name in self.values:
+            return self.values[name]
+        resource = self.template["Resources"].get(name)
+        assert resource is not None, f"Ref to unknown name {name!r}"
+        fixed_name = resource.get("Properties", {}).get("FunctionName")
+        if fixed_name is not None:
+            return self.resolve(fixed_name)
+        return f"<{name}>"
+
+
+def functions(resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in resources.items() if v["Type"] == "AWS::Serverless::Function"}
+
+
+def effective_function_props(template: dict[str, Any], logical_id: str) -> dict[str, Any]:
+    """Function properties with Globals.Function merged in the way SAM merges them."""
+
+    def merge(global_value: Any, local_value: Any) -> Any:
+        if isinstance(global_value, dict) and isinstance(local_value, dict):
+            if any(k == "Ref" or k.startswith("Fn::") for k in (*global_value, *local_value)):
+                return local_value
+            merged = dict(global_value)
+            for k, v in local_value.items():
+                merged[k] = merge(merged[k], v) if k in merged else v
+            return merged
+        if isinstance(global_value, list) and isinstance(local_value, list):
+            return global_value + local_value
+        return local_value
+
+    globals_ = template.get("Globals", {}).get("Function", {})
+    return merge(globals_, template["Resources"][logical_id]["Properties"])
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def inline_statements(props: dict[str, Any]) -> list[dict[str, Any]]:
+    statements = []
+    for policy in props.get("Policies", []):
+        if isinstance(policy, dict) and "Statement" in policy:
+            statements.extend(as_list(policy["Statement"]))
+    return statements
+
+
+def policy_templates(props: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for policy in props.get("Policies", []):
+        if isinstance(policy, dict) and "Statement" not in policy:
+            ((name, args),) = policy.items()
+            out.append((name, args))
+    return out
+
+
+def grants_action(statement: dict[str, Any], action: str) -> bool:
+    service = action.split(":")[0]
+    return any(a in (action, f"{service}:*", "*") for a in as_list(statement.get("Action", [])))
+
+
+def find_gsi(table: dict[str, Any], name: str) -> dict[str, Any]:
+    for gsi in table["Properties"].get("GlobalSecondaryIndexes", []):
+        if gsi["IndexName"] == name:
+            return gsi
+    raise AssertionError(f"GSI {name!r} missing")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@pytest.mark.parametrize("spec", TABLES, ids=[t["logical_id"] for t in TABLES])
+def test_table_declares_same_attributes_keys_and_indexes_as_tables_json(resources, spec):
+    table = resources.get(spec["logical_id"])
+    assert table is not None, f"{spec['logical_id']} is not declared in template.yaml"
+    assert table["Type"] == "AWS::DynamoDB::Table"
+    props = table["Properties"]
+
+    definitions = props["AttributeDefinitions"]
+    declared = {d["AttributeName"]: d["AttributeType"] for d in definitions}
+    assert len(declared) == len(definitions), "an attribute is defined twice"
+    assert declared == spec["attributes"]
+
+    assert props["KeySchema"] == [
+        {"AttributeName": spec["key"]["hash"], "KeyType": "HASH"},
+        *([{"AttributeName": spec["key"]["range"], "KeyType": "RANGE"}] if spec["key"].get("range") else []),
+    ]
+
+    gsis = props.get("GlobalSecondaryIndexes", [])
+    assert sorted(g["IndexName"] for g in gsis) == sorted(g["name"] for g in spec["gsis"])
+    for gsi_spec in spec["gsis"]:
+        gsi = find_gsi(table, gsi_spec["name"])
+        assert gsi["KeySchema"] == [
+            {"AttributeName": gsi_spec["hash"], "KeyType": "HASH"},
+            *([{"AttributeName": gsi_spec["range"], "KeyType": "RANGE"}] if gsi_spec.get("range") else []),
+        ]
+        assert gsi["Projection"] == {"ProjectionType": gsi_spec["projection"]}
+        assert "ProvisionedThroughput" not in gsi
+
+
+@pytest.mark.parametrize("spec", TABLES, ids=[t["logical_id"] for t in TABLES])
+def test_table_ttl_matches_tables_json(resources, spec):
+    ttl = resources[spec["logical_id"]]["Properties"].get("TimeToLiveSpecification")
+    if spec["ttl"] is None:
+        assert ttl is None or ttl.get("Enabled") is False, "TTL enabled on a table without ttl in tables.json"
+    else:
+        assert ttl == {"AttributeName": spec["ttl"], "Enabled": True}
+
+
+@pytest.mark.parametrize("spec", TABLES, ids=[t["logical_id"] for t in TABLES])
+def test_table_is_on_demand_with_point_in_time_recovery_and_encryption(resources, spec):
+    props = resources[spec["logical_id"]]["Properties"]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert "ProvisionedThroughput" not in props
+    assert props["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert props["SSESpecification"]["SSEEnabled"] is True
+    assert "TableName" not in props, "table names are left to CloudFormation and passed by Ref"
+
+
+def test_template_declares_no_tables_beyond_tables_json(resources):
+    declared = {k for k, v in resources.items() if v["Type"] in ("AWS::DynamoDB::Table", "AWS::Serverless::SimpleTable")}
+    assert declared == {t["logical_id"] for t in TABLES}
+
+
+@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+@pytest.mark.parametrize("spec", TABLES, ids=[t["logical_id"] for t in TABLES])
+def test_function_gets_each_table_name_in_its_env_var(template, function, spec):
+    env = effective_function_props(template, function)["Environment"]["Variables"]
+    assert env[spec["env"]] == {"Ref": spec["logical_id"]}
+
+
+# --------------------------------------------------------------------------- functions
+
+
+@pytest.mark.parametrize(("function", "binary"), [("ApiFunction", "chainrun-api"), ("RunnerFunction", "chainrun-runner")])
+def test_function_is_rust_on_provided_al2023_built_by_cargo_lambda_from_its_binary(template, resources, function, binary):
+    resource = resources[function]
+    props = effective_function_props(template, function)
+    assert props["Runtime"] == "provided.al2023"
+    assert props["Handler"] == "bootstrap"
+    assert props["CodeUri"] == "."
+    assert resource["Metadata"] == {"BuildMethod": "rust-cargolambda", "BuildProperties": {"Binary": binary}}
+
+
+def test_only_the_api_and_runner_functions_are_declared(resources):
+    assert set(functions(resources)) == {"ApiFunction", "RunnerFunction"}
+
+
+def test_architecture_defaults_to_arm64_and_drives_both_functions(template):
+    param = template["Parameters"]["Architecture"]
+    assert param["Default"] == "arm64"
+    assert sorted(param["AllowedValues"]) == ["arm64", "x86_64"]
+    for function in ("ApiFunction", "RunnerFunction"):
+        assert effective_function_props(template, function)["Architectures"] == [{"Ref": "Architecture"}]
+
+
+def test_parameters_have_documented_types_and_defaults(template):
+    params = template["Parameters"]
+    assert params["JwtIssuer"]["Type"] == "String"
+    assert params["JwtAudience"]["Type"] == "CommaDelimitedList"
+    assert params["BedrockModelIds"]["Type"] == "CommaDelimitedList"
+    assert params["BedrockModelIds"]["Default"].split(",") == DEFAULT_MODEL_IDS
+    assert params["ModelPricesJson"]["Type"] == "String"
+    assert params["ModelPricesJson"]["Default"] == ""
+    assert params["RetentionDays"]["Type"] == "Number"
+    assert int(params["RetentionDays"]["Default"]) == 30
+    assert params["LogLevel"]["Default"] == "info"
+
+
+@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+def test_function_gets_log_level_retention_and_price_override(template, function):
+    env = effective_function_props(template, function)["Environment"]["Variables"]
+    assert env["RUST_LOG"] == {"Ref": "LogLevel"}
+    assert env["CHAINRUN_RETENTION_DAYS"] == {"Ref": "RetentionDays"}
+    assert env["CHAINRUN_MODEL_PRICES"] == {"Ref": "ModelPricesJson"}
+
+
+def test_api_function_dispatches_to_runner_and_trusts_api_gateway_jwt(template):
+    props = effective_function_props(template, "ApiFunction")
+    env = props["Environment"]["Variables"]
+    assert env["CHAINRUN_RUNNER_FUNCTION"] == {"Ref": "RunnerFunction"}
+    assert env["CHAINRUN_AUTH"] == "apigateway-jwt"
+    assert props["Timeout"] <= 29, "HTTP API integrations time out at 30 s"
+
+
+def test_runner_has_fifteen_minutes_and_512_mb(template):
+    props = effective_function_props(template, "RunnerFunction")
+    assert props["Timeout"] == 900
+    assert props["MemorySize"] == 512
+
+
+def test_runner_async_invokes_retry_boundedly_then_go_to_encrypted_sqs_queue(template, resources):
+    config = effective_function_props(template, "RunnerFunction")["EventInvokeConfig"]
+    assert 0 <= config["MaximumRetryAttempts"] <= 2
+    assert 60 <= config["MaximumEventAgeInSeconds"] <= 21600
+    on_failure = config["DestinationConfig"]["OnFailure"]
+    assert on_failure["Type"] == "SQS"
+    queue_id, attribute = on_failure["Destination"]["Fn::GetAtt"]
+    assert attribute == "Arn"
+    queue = resources[queue_id]
+    assert queue["Type"] == "AWS::SQS::Queue"
+    assert queue["Properties"].get("SqsManagedSseEnabled") is True or "KmsMasterKeyId" in queue["Properties"]
+    assert queue["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+
+
+def test_each_function_has_a_log_group_with_retention(template, resources):
+    resolver = Resolver(template)
+    groups = {
+        resolver.resolve(r["Properties"]["LogGroupName"]): r["Properties"].get("RetentionInDays")
+        for r in resources.values()
+        if r["Type"] == "AWS::Logs::LogGroup"
+    }
+    for function in ("ApiFunction", "RunnerFunction"):
+        name = f"/aws/lambda/{resolver.resolve({'Ref': function})}"
+        assert name in groups, f"no log group for {function}"
+        assert groups[name], f"log group of {function} keeps logs forever"
+
+
+# --------------------------------------------------------------------------- HTTP API
+
+
+def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_route(template, resources):
+    api = resources["HttpApi"]
+    assert api["Type"] == "AWS::Serverless::HttpApi"
+    auth = api["Properties"]["Auth"]
+    assert auth["DefaultAuthorizer"] == "JwtAuthorizer"
+    authorizer = auth["Authorizers"]["JwtAuthorizer"]
+    assert authorizer["IdentitySource"] == "$request.header.Authorization"
+    assert authorizer["JwtConfiguration"] == {"issuer": {"Ref": "JwtIssuer"}, "audience": {"Ref": "JwtAudience"}}
+
+    routes = set()
+    for function, resource in functions(resources).items():
+        for event in resource["Properties"].get("Events", {}).values():
+            if event["Type"] != "HttpApi":
+                continue
+            props = event["Properties"]
+            assert function == "ApiFunction", f"{function} is exposed on the HTTP API"
+            assert props["ApiId"] == {"Ref": "HttpApi"}
+            assert "Auth" not in props, "a route overrides the default JWT authorizer"
+            routes.add((props["Method"].upper(), props["Path"]))
+    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}")}
+
+
+# --------------------------------------------------------------------------- IAM
+
+
+def dynamodb_tables_granted(props: dict[str, Any]) -> set[str]:
+    tables = set()
+    for name, args in policy_templates(props):
+        assert name in ("DynamoDBCrudPolicy", "DynamoDBReadPolicy", "DynamoDBWritePolicy"), f"unexpected policy template {name}"
+        tables.add(args["TableName"]["Ref"])
+    return tables
+
+
+def test_api_may_read_and_write_all_four_tables_and_runner_all_but_workflows(template):
+    api = effective_function_props(template, "ApiFunction")
+    runner = effective_function_props(template, "RunnerFunction")
+    assert dynamodb_tables_granted(api) == {"RunsTable", "EventsTable", "ProgressTable", "WorkflowsTable"}
+    assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable"}
+    for props in (api, runner):
+        for statement in inline_statements(props):
+            assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (
+                "DynamoDB access is granted only through table-scoped policy templates"
+            )
+
+
+@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+def test_function_policies_use_no_managed_policies_and_no_star_resources(template, function):
+    props = effective_function_props(template, function)
+    resolver = Resolver(template)
+    for policy in props.get("Policies", []):
+        assert isinstance(policy, dict), f"{function} attaches a managed policy {policy!r}"
+    assert "Role" not in props
+    for statement in inline_statements(props):
+        assert statement["Effect"] == "Allow"
+        assert "*" not in as_list(statement["Action"])
+        for resource in as_list(resolver.resolve(statement["Resource"])):
+            assert resource != "*", f"{function}: {statement.get('Sid')} is granted on every resource"
+
+
+def test_api_only_lambda_invoke_grant_targets_the_runner(template):
+    props = effective_function_props(template, "ApiFunction")
+    resolver = Resolver(template)
+    invoke_targets = []
+    for statement in inline_statements(props):
+        if grants_action(statement, "lambda:InvokeFunction"):
+            assert as_list(statement["Action"]) == ["lambda:InvokeFunction"]
+            invoke_targets.extend(as_list(resolver.resolve(statement["Resource"])))
+    for name, args in policy_templates(props):
+        assert name != "LambdaInvokePolicy" or args["FunctionName"] == {"Ref": "RunnerFunction"}
+    assert invoke_targets == ["<RunnerFunction.Arn>"]
+
+
+def test_runner_may_reinvoke_itself_by_fixed_name_without_circular_reference(template):
+    props = effective_function_props(template, "RunnerFunction")
+    resolver = Resolver(template)
+    own_name = resolver.resolve(props["FunctionName"])
+    assert own_name == f"{STACK}-runner"
+    assert len(own_name) <= 64
+
+    invoke_targets = []
+    for statement in inline_statements(props):
+        if grants_action(statement, "lambda:InvokeFunction"):
+            invoke_targets.extend(as_list(resolver.resolve(statement["Resource"])))
+    assert invoke_targets == [f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{own_name}"]
+
+    policies_text = json.dumps(props["Policies"])
+    assert '"RunnerFunction"' not in policies_text and "RunnerFunction." not in policies_text, (
+        "the runner's own policy refers to the runner resource (circular dependency)"
+    )
+
+
+def bedrock_grants(template: dict[str, Any], resolver: Resolver) -> dict[str, set[str]]:
+    """Resource ARN -> bedrock actions granted to the runner, after resolving intrinsics."""
+    grants: dict[str, set[str]] = {}
+    for statement in inline_statements(effective_function_props(template, "RunnerFunction")):
+        actions = {a for a in as_list(statement["Action"]) if a.startswith("bedrock:") or a == "*"}
+        if not actions:
+            continue
+        for resource in as_list(resolver.resolve(statement["Resource"])):
+            grants.setdefault(resource, set()).update(actions)
+    return grants
+
+
+@pytest.mark.parametrize("partition", ["aws", "aws-us-gov"])
+@pytest.mark.parametrize(
+    "model_ids",
+    [None, "anthropic.claude-3-5-haiku-20241022-v1:0", "amazon.nova-pro-v1:0,meta.llama3-70b-instruct-v1:0,amazon.nova-micro-v1:0"],
+    ids=["default", "one", "three"],
+)
+def test_runner_may_invoke_exactly_the_configured_foundation_models(template, partition, model_ids):
+    params = {} if model_ids is None else {"BedrockModelIds": model_ids}
+    resolver = Resolver(template, partition=partition, **params)
+    expected_ids = DEFAULT_MODEL_IDS if model_ids is None else model_ids.split(",")
+    invoke_actions = {"bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"}
+
+    grants = bedrock_grants(template, resolver)
+    for resource, actions in grants.items():
+        assert resource != "*" and ":bedrock:" in resource, f"bedrock granted on {resource!r}"
+        assert actions == invoke_actions, f"{resource}: {sorted(actions)}"
+
+    models = sorted(r for r in grants if ":foundation-model/" in r)
+    assert models == sorted(f"arn:{partition}:bedrock:*::foundation-model/{m}" for m in expected_ids)
+    others = sorted(r for r in grants if ":foundation-model/" not in r)
+    assert others == [f"arn:{partition}:bedrock:*:{ACCOUNT}:inference-profile/*"]
+
+
+# --------------------------------------------------------------------------- outputs / samconfig
+
+
+def test_outputs_expose_api_url_runner_tables_and_dead_letter_queue(template):
+    resolver = Resolver(template)
+    outputs = {name: resolver.resolve(o["Value"]) for name, o in template["Outputs"].items()}
+    assert outputs["ApiUrl"] == f"https://<HttpApi>.execute-api.{REGION}.amazonaws.com"
+    assert outputs["RunnerFunctionName"] == f"{STACK}-runner"
+    for spec in TABLES:
+        assert f"<{spec['logical_id']}>" in outputs.values(), f"no output for {spec['logical_id']}"
+    dlq = template["Resources"]["RunnerFunction"]["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]
+    assert f"<{dlq['Destination']['Fn::GetAtt'][0]}>" in outputs.values(), "no output for the DLQ URL"
+
+
+def test_samconfig_deploys_stack_chainrun_with_iam_capability_and_lints_on_validate():
+    config = tomllib.loads(SAMCONFIG.read_text())
+    assert config["version"] == 0.1
+    deploy = config["default"]["deploy"]["parameters"]
+    assert deploy["stack_name"] == "chainrun"
+    assert deploy["capabilities"] == "CAPABILITY_IAM"
+    assert deploy["confirm_changeset"] is True
+    assert deploy["resolve_s3"] is True
+    assert config["default"]["validate"]["parameters"]["lint"] is True
+    assert "cached" in config["default"]["build"]["parameters"]
+
+
+# --------------------------------------------------------------------------- linters and SAM transform
+
+
+@pytest.fixture(scope="session")
+def lint_run() -> subprocess.CompletedProcess[str]:
+    """One run of infra/check_template.sh (creates .venv-sam on first use: ~1 minute)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return subprocess.run(
+        [str(CHECK_SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False
+    )
+
+
+def test_sam_validate_lint_and_cfn_lint_pass(lint_run):
+    assert os.access(CHECK_SCRIPT, os.X_OK), "infra/check_template.sh is not executable"
+    assert lint_run.returncode == 0, f"stdout:\n{lint_run.stdout}\nstderr:\n{lint_run.stderr}"
+    assert "is a valid SAM Template" in lint_run.stdout
+
+
+_TRANSFORM = r"""
+import json, sys
+from samtranslator.translator.transform import transform
+from samtranslator.yaml_helper import yaml_parse
+
+class NoManagedPolicies:
+    def load(self):
+        return {}
+
+tpl = yaml_parse(open(sys.argv[1]).read())
+for res in tpl["Resources"].values():
+    if res["Type"] == "AWS::Serverless::Function":
+        res["Properties"]["CodeUri"] = "s3://bucket/key"
+print(json.dumps(transform(tpl, {}, NoManagedPolicies())))
+"""
+
+
+@pytest.fixture(scope="module")
+def transformed(lint_run) -> dict[str, Any]:
+    """template.yaml after the SAM transform (samtranslator from .venv-sam), offline."""
+    if not SAM_PYTHON.exists():
+        pytest.fail(f".venv-sam was not created by infra/check_template.sh:\n{lint_run.stderr}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_DEFAULT_REGION"] = REGION
+    out = subprocess.run(
+        [str(SAM_PYTHON), "-c", _TRANSFORM, str(TEMPLATE)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def role_statements(transformed: dict[str, Any], function: str) -> list[dict[str, Any]]:
+    role_id = transformed["Resources"][function]["Properties"]["Role"]["Fn::GetAtt"][0]
+    role = transformed["Resources"][role_id]["Properties"]
+    statements = []
+    for policy in role.get("Policies", []):
+        statements.extend(as_list(policy["PolicyDocument"]["Statement"]))
+    return statements
+
+
+def test_deployed_roles_grant_lambda_invoke_only_on_runner_and_dlq_send_only_to_runner(transformed):
+    resolver = Resolver(transformed)
+    api = role_statements(transformed, "ApiFunction")
+    runner = role_statements(transformed, "RunnerFunction")
+
+    api_invoke = [r for s in api if grants_action(s, "lambda:InvokeFunction") for r in as_list(resolver.resolve(s["Resource"]))]
+    assert api_invoke == ["<RunnerFunction.Arn>"]
+    runner_invoke = [r for s in runner if grants_action(s, "lambda:InvokeFunction") for r in as_list(resolver.resolve(s["Resource"]))]
+    assert runner_invoke == [f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{STACK}-runner"]
+
+    runner_send = [r for s in runner if grants_action(s, "sqs:SendMessage") for r in as_list(resolver.resolve(s["Resource"]))]
+    assert runner_send == ["<RunnerDeadLetterQueue.Arn>"], "the runner cannot deliver failed invokes to its DLQ"
+    assert not any(grants_action(s, "sqs:SendMessage") for s in api)
+
+    for statement in api + runner:
+        for resource in as_list(resolver.resolve(statement["Resource"])):
+            assert resource != "*", statement
+
+
+def test_deployed_http_api_routes_all_require_the_jwt_authorizer(transformed):
+    body = transformed["Resources"]["HttpApi"]["Properties"]["Body"]
+    assert set(body["paths"]) == {"/", "/{proxy+}"}
+    for path, methods in body["paths"].items():
+        for method, operation in methods.items():
+            assert operation["security"] == [{"JwtAuthorizer": []}], f"{method} {path} is not JWT-protected"
+            assert operation["x-amazon-apigateway-integration"]["payloadFormatVersion"] == "2.0"
+    scheme = body["components"]["securitySchemes"]["JwtAuthorizer"]["x-amazon-apigateway-authorizer"]
+    assert scheme["type"] == "jwt"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
