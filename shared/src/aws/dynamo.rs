@@ -297,11 +297,14 @@ impl RunStore for DynamoStore {
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("SET #status = :running, lease_holder = :holder, lease_expires = :expires, started_at = if_not_exists(started_at, :now_iso)")
+            .update_expression("SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso)")
             .condition_expression(
-                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(lease_expires) OR lease_expires < :now)))",
+                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#expires) OR #expires < :now)))",
             )
             .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#holder", "lease_holder")
+            .expression_attribute_names("#expires", "lease_expires")
+            .expression_attribute_names("#started", "started_at")
             .expression_attribute_values(":running", s("RUNNING"))
             .expression_attribute_values(":queued", s("QUEUED"))
             .expression_attribute_values(":holder", s(&lease.holder))
@@ -386,20 +389,22 @@ impl RunStore for DynamoStore {
                 s(run.finished_at.unwrap_or_else(Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             )
             .expression_attribute_values(":totals", totals);
-        let mut set = vec!["#status = :status", "finished_at = :finished", "totals = :totals"];
+        // Every attribute is aliased: several names here (status, output, error) are
+        // DynamoDB reserved words.
+        let mut set = vec!["#status = :status", "#finished = :finished", "#totals = :totals"];
+        update = update.expression_attribute_names("#finished", "finished_at").expression_attribute_names("#totals", "totals");
         if let Some(output) = &run.output {
             let output = json_string(output);
             if output.len() > MAX_ITEM_BYTES / 2 {
                 return Err(StoreError::TooLarge(format!("the run output is {} bytes", output.len())));
             }
-            update = update.expression_attribute_values(":output", s(output));
-            set.push("output = :output");
+            update = update.expression_attribute_values(":output", s(output)).expression_attribute_names("#output", "output");
+            set.push("#output = :output");
         }
         if let Some(error) = &run.error {
             let error = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(error).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            update = update.expression_attribute_values(":error", error);
+            update = update.expression_attribute_values(":error", error).expression_attribute_names("#error", "error");
             set.push("#error = :error");
-            update = update.expression_attribute_names("#error", "error");
         }
         let expression = format!("SET {} REMOVE lease_holder, lease_expires", set.join(", "));
         match update.update_expression(expression).send().await {
@@ -535,8 +540,15 @@ impl ProgressSink for DynamoProgress {
                 .key("pk", s(owner.key()))
                 .key("sk", s(run_pk(&row.run_id)))
                 // Rows only move forward: an older event never overwrites a newer row.
-                .condition_expression("attribute_not_exists(last_seq) OR last_seq < :seq")
+                .condition_expression("attribute_not_exists(#last_seq) OR #last_seq < :seq")
                 .expression_attribute_names("#status", "status")
+                .expression_attribute_names("#run_id", "run_id")
+                .expression_attribute_names("#workflow", "workflow")
+                .expression_attribute_names("#totals", "totals")
+                .expression_attribute_names("#last_seq", "last_seq")
+                .expression_attribute_names("#updated", "updated_at")
+                .expression_attribute_names("#expires", "expires_at")
+                .expression_attribute_names("#step", "current_step")
                 .expression_attribute_values(":seq", n(row.last_seq))
                 .expression_attribute_values(":run_id", s(row.run_id.as_str()))
                 .expression_attribute_values(":workflow", s(&row.workflow))
@@ -544,13 +556,14 @@ impl ProgressSink for DynamoProgress {
                 .expression_attribute_values(":totals", totals.clone())
                 .expression_attribute_values(":updated", s(row.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
                 .expression_attribute_values(":expires", n(expires_at));
-            let mut expression = "SET run_id = :run_id, workflow = :workflow, #status = :status, totals = :totals, last_seq = :seq, updated_at = :updated, expires_at = :expires".to_owned();
+            let mut expression =
+                "SET #run_id = :run_id, #workflow = :workflow, #status = :status, #totals = :totals, #last_seq = :seq, #updated = :updated, #expires = :expires".to_owned();
             match &row.current_step {
                 Some(step) => {
                     update = update.expression_attribute_values(":step", s(step.as_str()));
-                    expression.push_str(", current_step = :step");
+                    expression.push_str(", #step = :step");
                 }
-                None => expression.push_str(" REMOVE current_step"),
+                None => expression.push_str(" REMOVE #step"),
             }
             let update = update.update_expression(expression).build().map_err(|e| ProgressError::Corrupt(e.to_string()))?;
             tx = tx.transact_items(TransactWriteItem::builder().update(update).build());
