@@ -9,7 +9,7 @@
 use chainrun_core::aws::RunnerEvent;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
-use chainrun_core::ports::{Claim, DispatchError, Dispatcher, Lease, RunStore, StoreError};
+use chainrun_core::ports::{Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;
@@ -43,6 +43,8 @@ pub enum Handled {
     AlreadyRunning,
     AlreadyFinished,
     UnknownRun,
+    /// Our lease expired and another runner took the run over mid-way.
+    Superseded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,15 @@ impl Runner {
     pub async fn handle(&self, event: RunnerEvent, invocation: &str, deadline: DateTime<Utc>, margin: Duration) -> Result<Handled, RunnerError> {
         let run_id = event.run_id;
         let now = Utc::now();
+        let deadline = if deadline > now {
+            deadline
+        } else {
+            // An invocation cannot start after its own deadline; a runtime that reports one
+            // (some emulators send a relative number) gets Lambda's 15-minute maximum.
+            warn!(run_id = %run_id, reported = %deadline, "invocation deadline is in the past; assuming 15 minutes");
+            now + chrono::Duration::minutes(15)
+        };
+        info!(run_id = %run_id, remaining_ms = (deadline - now).num_milliseconds(), "delivery received");
         // The lease outlives the invocation a little: a live runner is never overtaken,
         // and a crashed one is taken over soon after its deadline passes.
         let lease = Lease { holder: format!("{invocation}/{}", ulid_suffix()), expires_at: deadline + chrono::Duration::seconds(30) };
@@ -115,6 +126,12 @@ impl Runner {
                 self.dispatcher.dispatch(&run_id).await?;
                 info!(run_id = %run_id, "run suspended and re-dispatched");
                 Ok(Handled::Suspended)
+            }
+            Err(EngineError::Store(StoreError::LeaseLost(_)) | EngineError::Progress(ProgressError::Conflict { .. })) => {
+                // Another runner took the run over (our lease expired); it owns the run now,
+                // so this is not a failure to retry.
+                warn!(run_id = %run_id, "lease lost to another runner; stopping");
+                Ok(Handled::Superseded)
             }
             Err(e) => {
                 // Give the lease back so Lambda's retry of this event can take over at once.

@@ -106,3 +106,38 @@ async fn an_unknown_run_is_acknowledged_not_retried() {
         .unwrap();
     assert_eq!(handled, Handled::UnknownRun);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_in_the_past_is_treated_as_unknown_so_the_lease_stays_live() {
+    let s = setup(vec![Script::reply("WORK", "ok").with_latency(Duration::from_secs(5))]);
+    let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "WORK" }])).await;
+    let bogus = chrono::DateTime::from_timestamp_millis(695_605).unwrap();
+    let event = || RunnerEvent { run_id: run.id.clone() };
+    let (first, second) = tokio::join!(
+        s.runner.handle(event(), "inv-1", bogus, Duration::from_secs(90)),
+        s.runner.handle(event(), "inv-2", bogus, Duration::from_secs(90))
+    );
+    let mut outcomes = [first.unwrap(), second.unwrap()];
+    outcomes.sort_by_key(|h| format!("{h:?}"));
+    assert_eq!(outcomes, [Handled::AlreadyRunning, Handled::Finished(RunStatus::Completed)]);
+    assert_eq!(s.model.calls_matching("WORK"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_whose_lease_was_taken_over_stops_without_an_error() {
+    let s = setup(vec![Script::reply("LONG", "ok").with_latency(Duration::from_secs(60))]);
+    let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "LONG" }])).await;
+    let store = s.store.clone();
+    let id = run.id.clone();
+    let first = tokio::spawn({
+        let runner = s.runner.clone();
+        let id = id.clone();
+        async move { runner.handle(RunnerEvent { run_id: id }, "inv-1", Utc::now() + chrono::Duration::minutes(15), Duration::from_secs(90)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Another runner takes the run over as if the first one's lease had expired.
+    let thief = chainrun_core::ports::Lease { holder: "thief".into(), expires_at: Utc::now() + chrono::Duration::hours(1) };
+    let far_future = Utc::now() + chrono::Duration::hours(2);
+    assert!(matches!(store.claim(&id, &thief, far_future).await.unwrap(), chainrun_core::ports::Claim::Acquired(_)));
+    assert_eq!(first.await.unwrap().unwrap(), Handled::Superseded);
+}
