@@ -121,10 +121,10 @@ impl Engine {
             let n = graph.steps.len();
             let mut records: Vec<Option<StepRecord>> = vec![None; n];
             for saved in self.store.get_steps(&run.id).await? {
-                if let Some(i) = graph.index_of(saved.step_id.as_str()) {
-                    if saved.status.is_settled() {
-                        records[i] = Some(saved);
-                    }
+                if let Some(i) = graph.index_of(saved.step_id.as_str())
+                    && saved.status.is_settled()
+                {
+                    records[i] = Some(saved);
                 }
             }
             let mut totals = Totals::default();
@@ -177,20 +177,20 @@ impl Engine {
                         break;
                     }
                 }
-                if failure.is_none() && !out_of_time {
-                    if let Some(d) = deadline {
-                        if d.saturating_duration_since(Instant::now()) < self.config.deadline_margin {
-                            info!("deadline near: starting no more steps");
-                            out_of_time = true;
-                        }
-                    }
+                if failure.is_none()
+                    && !out_of_time
+                    && let Some(d) = deadline
+                    && d.saturating_duration_since(Instant::now()) < self.config.deadline_margin
+                {
+                    info!("deadline near: starting no more steps");
+                    out_of_time = true;
                 }
                 if failure.is_none() && !out_of_time {
-                    for i in 0..n {
-                        if !started[i] && decide(&graph.steps[i], &records) == Decision::Run {
+                    for (i, step) in graph.steps.iter().enumerate() {
+                        if !started[i] && decide(step, &records) == Decision::Run {
                             started[i] = true;
                             let context = template_context(&run.input, &graph, &records);
-                            let step = graph.steps[i].clone();
+                            let step = step.clone();
                             let shared = shared.clone();
                             running.spawn(async move { (i, shared.run_step(step, context).await) });
                         }
@@ -220,12 +220,12 @@ impl Engine {
 
             if let Some((step, error)) = failure {
                 let mut cancelled = Vec::new();
-                for i in 0..n {
-                    if records[i].is_none() {
-                        let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Cancelled, None, Utc::now());
+                for (slot, step) in records.iter_mut().zip(&graph.steps) {
+                    if slot.is_none() {
+                        let record = StepRecord::settled(step.id.clone(), StepStatus::Cancelled, None, Utc::now());
                         self.store.save_step(&run.id, &lease, &record).await?;
                         cancelled.push(record.step_id.to_string());
-                        records[i] = Some(record);
+                        *slot = Some(record);
                     }
                 }
                 let error =
@@ -327,10 +327,10 @@ fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecor
         None => {
             let mut out = Map::new();
             for step in graph.sinks() {
-                if let Some(Some(r)) = graph.index_of(step.id.as_str()).map(|i| &records[i]) {
-                    if r.status == StepStatus::Completed {
-                        out.insert(step.id.to_string(), r.output.clone().unwrap_or(Value::Null));
-                    }
+                if let Some(Some(r)) = graph.index_of(step.id.as_str()).map(|i| &records[i])
+                    && r.status == StepStatus::Completed
+                {
+                    out.insert(step.id.to_string(), r.output.clone().unwrap_or(Value::Null));
                 }
             }
             Ok(Value::Object(out))

@@ -67,10 +67,10 @@ impl RunStore for MemoryStore {
         if run.status.is_terminal() {
             return Ok(Claim::Finished);
         }
-        if let Some(h) = held {
-            if h.expires_at > now {
-                return Ok(Claim::HeldElsewhere);
-            }
+        if let Some(h) = held
+            && h.expires_at > now
+        {
+            return Ok(Claim::HeldElsewhere);
         }
         *held = Some(lease.clone());
         run.status = RunStatus::Running;

@@ -30,10 +30,10 @@ pub fn extract_json(text: &str) -> Result<Value, InvalidOutput> {
     if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
         return Ok(v);
     }
-    if let Some(fenced) = fenced_block(trimmed) {
-        if let Ok(v) = serde_json::from_str::<Value>(fenced.trim()) {
-            return Ok(v);
-        }
+    if let Some(fenced) = fenced_block(trimmed)
+        && let Ok(v) = serde_json::from_str::<Value>(fenced.trim())
+    {
+        return Ok(v);
     }
     if let Some(start) = trimmed.find(['{', '[']) {
         let mut values = serde_json::Deserializer::from_str(&trimmed[start..]).into_iter::<Value>();

@@ -31,10 +31,10 @@ impl From<minijinja::Error> for TemplateError {
     fn from(e: minijinja::Error) -> Self {
         // `Display` of a minijinja error carries the kind, detail and line.
         let mut msg = e.to_string();
-        if let Some(detail) = e.detail() {
-            if !msg.contains(detail) {
-                msg = format!("{msg}: {detail}");
-            }
+        if let Some(detail) = e.detail()
+            && !msg.contains(detail)
+        {
+            msg = format!("{msg}: {detail}");
         }
         TemplateError(msg)
     }

@@ -1,5 +1,6 @@
 //! Engine behaviour against the in-memory ports. Time is tokio's paused clock, so
 //! scripted latencies cost nothing and elapsed time is exact.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::engine::{Engine, EngineConfig, Outcome};
 use chainrun_core::ids::Principal;

@@ -3,6 +3,7 @@
 //! on a moto server this test starts (from the project venv; `make test` provides it, and
 //! `CHAINRUN_MOTO_SERVER` may point at another `moto_server` binary).
 #![cfg(feature = "aws")]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,

@@ -60,10 +60,10 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut body = json!({ "type": format!("urn:chainrun:problem:{kind}"), "title": title, "status": status.as_u16(), "detail": detail });
-        if let ApiError::BadRequest { problems, .. } = &self {
-            if !problems.is_empty() {
-                body["problems"] = json!(problems);
-            }
+        if let ApiError::BadRequest { problems, .. } = &self
+            && !problems.is_empty()
+        {
+            body["problems"] = json!(problems);
         }
         let mut response = (status, Json(body)).into_response();
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));

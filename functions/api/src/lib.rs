@@ -114,10 +114,10 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
 
 async fn start_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: StartRun = parse_body(&body)?;
-    if let Some(options) = &request.options {
-        if !options.as_object().is_some_and(|o| o.is_empty()) {
-            return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
-        }
+    if let Some(options) = &request.options
+        && !options.as_object().is_some_and(|o| o.is_empty())
+    {
+        return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
     }
     let graph = validate_json(&request.workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
         title: "Invalid workflow",

@@ -1,4 +1,5 @@
 //! The HTTP API against in-memory ports, through the real router (`app(state).oneshot`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use axum::body::Body;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};

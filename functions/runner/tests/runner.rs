@@ -1,4 +1,5 @@
 //! The runner's delivery semantics against in-memory ports.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::aws::RunnerEvent;
 use chainrun_core::engine::{Engine, EngineConfig};
