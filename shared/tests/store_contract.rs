@@ -172,7 +172,11 @@ async fn contract(s: Subject) {
     assert!(s.progress.progress_of(&Principal::User("mallory".into()), &run.id).await.unwrap().is_none());
 
     // feeds list newest runs first
-    let newer = new_run();
+    // Ids are ULIDs: make the newer run's id a millisecond later, as a later start would be
+    // (two ids minted in the same millisecond have no defined order).
+    let mut newer = new_run();
+    let ts = ulid::Ulid::from_string(run.id.as_str()).unwrap().timestamp_ms() + 1;
+    newer.id = RunId::parse(&ulid::Ulid::from_parts(ts, 0).to_string()).unwrap();
     s.store.create_run(&newer).await.unwrap();
     let event =
         Event { run_id: newer.id.clone(), seq: 1, at: Utc::now(), kind: EventType::RunStarted, step_id: None, attempt: None, data: json!({}) };

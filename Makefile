@@ -1,0 +1,65 @@
+# chainrun — local development front door. Needs only Rust (cargo) and Python 3.
+#
+#   make demo    bring a local stack up on free ports, run a sample workflow end to end
+#                with live progress, stop everything again
+#   make test    cargo test --workspace, then the end-to-end tests (own stack)
+#   make up / make down / make token USER=alice GROUPS=eng,ops
+#
+# The stack (DynamoDB via moto, dev Bedrock server, async-invoke proxy, cargo lambda
+# watch) is driven by infra/stack.py; see its docstring.
+
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.requirements.stamp
+LOCAL   := .local
+DEMO_DIR := $(LOCAL)/demo
+# `make down` must work even without a venv (stack.py down uses only the stdlib).
+DOWN_PY  = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+USER    ?= dev
+GROUPS  ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv build up down token demo test
+
+help:
+	@echo "make demo                          local stack + sample workflow with live progress"
+	@echo "make test                          cargo unit tests + end-to-end tests"
+	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
+	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
+	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins"
+
+# Re-install only when requirements.txt is newer than the stamp.
+venv: $(STAMP)
+
+$(STAMP): infra/requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r infra/requirements.txt
+	@touch $@
+
+build:
+	cargo build --bins
+
+up: venv build
+	$(PY) infra/stack.py up --dir $(LOCAL) --no-build
+
+down:
+	$(DOWN_PY) infra/stack.py down --dir $(LOCAL)
+	@$(DOWN_PY) infra/stack.py down --dir $(DEMO_DIR) --if-orphaned >/dev/null 2>&1 || true
+
+token: venv
+	@$(PY) infra/local_token.py --user "$(USER)" --groups "$(GROUPS)" --env-file $(LOCAL)/stack.env
+
+# Own stack in .local/demo on its own free ports; stack.py stops it on exit, failure or Ctrl-C
+# and returns the demo's exit code.
+demo: venv build
+	$(PY) infra/stack.py run --dir $(DEMO_DIR) --no-build -- $(PY) infra/demo.py --env-file $(DEMO_DIR)/stack.env
+
+test: venv
+	@rc=0; \
+	cargo check -q -p chainrun-core --no-default-features || rc=1; \
+	cargo test --workspace || rc=1; \
+	$(PY) -m pytest tests/e2e -q || rc=1; \
+	exit $$rc
