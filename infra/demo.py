@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                  money(totals.get("cost_usd")),
                  f"{totals['latency_ms']} ms" if totals.get("latency_ms") is not None else "-",
                  f"{totals['total_tokens']} tokens" if totals.get("total_tokens") is not None else ""])
-    for line in table(rows, ["step", "status", "attempts", "in", "out", "cost", "latency", ""], {2, 3, 4, 5, 6}):
+    for line in table(rows, ["step", "status", "attempts", "in", "out", "cost", "latency", "note"], {2, 3, 4, 5, 6}):
         out("  " + line.rstrip())
     out()
     out(f"wall time {time.monotonic() - t0:.2f}s")

@@ -479,8 +479,10 @@ impl StepContext {
                 _ => (EventType::StepFailed, json!({ "error": record.error, "attempts": record.attempts, "cost_usd": record.cost.to_string() })),
             };
             let id = step.id.clone();
+            let latency_ms = record.latency_ms;
             self.progress
                 .emit(kind, Some(&step.id), Some(record.attempts), data, move |s| {
+                    s.totals.step_latency_ms += latency_ms;
                     if s.current_step.as_ref() == Some(&id) {
                         s.current_step = None;
                     }

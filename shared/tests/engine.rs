@@ -104,6 +104,7 @@ async fn independent_steps_run_concurrently_and_dependents_start_when_ready() {
     assert!(prompts.contains(&"SENTIMENT a,b".to_owned()), "{prompts:?}");
     assert!(prompts.contains(&"REPLY negative short".to_owned()), "{prompts:?}");
     assert_eq!(run.totals.model_calls, 4);
+    assert_eq!(run.totals.step_latency_ms, 1000 + 3000 + 2000 + 500, "sum of step latencies, not wall time");
     assert!(run.totals.cost.pico() > 0);
 }
 

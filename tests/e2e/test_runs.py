@@ -99,6 +99,7 @@ def test_202_arrives_before_the_run_finishes_and_the_cursor_sees_every_event_onc
         assert int(step["cost_pico_usd"]) > 0 and step["latency_ms"] >= 250
     assert run["totals"]["cost_pico_usd"] == sum(s["cost_pico_usd"] for s in run["steps"])
     assert run["totals"]["model_calls"] == 3
+    assert run["totals"]["step_latency_ms"] == sum(s["latency_ms"] for s in run["steps"])
 
 
 def test_the_owners_progress_row_agrees_with_the_run(api, stack, devmodel):
