@@ -272,9 +272,8 @@ async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Tables {
     }
 }
 
-#[tokio::test]
-async fn dynamodb_adapters_honour_the_contract() {
-    let moto = start_moto().await;
+/// A client for `moto` with the tables created.
+async fn moto_tables(moto: &Moto) -> (aws_sdk_dynamodb::Client, Tables) {
     let config = aws_sdk_dynamodb::Config::builder()
         .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
         .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
@@ -283,6 +282,13 @@ async fn dynamodb_adapters_honour_the_contract() {
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
     let tables = create_tables(&client).await;
+    (client, tables)
+}
+
+#[tokio::test]
+async fn dynamodb_adapters_honour_the_contract() {
+    let moto = start_moto().await;
+    let (client, tables) = moto_tables(&moto).await;
     contract(Subject {
         store: Arc::new(DynamoStore::new(client.clone(), tables.clone())),
         progress: Arc::new(DynamoProgress::new(client, tables, 30)),
@@ -293,14 +299,7 @@ async fn dynamodb_adapters_honour_the_contract() {
 #[tokio::test]
 async fn dynamodb_refuses_oversize_checkpoints_with_a_clear_error() {
     let moto = start_moto().await;
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(&moto.url)
-        .build();
-    let client = aws_sdk_dynamodb::Client::from_conf(config);
-    let tables = create_tables(&client).await;
+    let (client, tables) = moto_tables(&moto).await;
     let store = DynamoStore::new(client, tables);
     let run = new_run();
     store.create_run(&run).await.unwrap();

@@ -45,28 +45,32 @@ fn run_pk(id: &RunId) -> String {
     format!("RUN#{id}")
 }
 
-fn store_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
+/// How a DynamoDB call failed: `Ok(message)` when a retry can help (transport, throttling,
+/// 5xx), `Err(message)` when it cannot (a malformed request is a defect here).
+fn classify<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> Result<String, String>
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
     let (code, message) = describe(&err);
     if transient(&err) || code.as_deref() == Some("ProvisionedThroughputExceededException") {
-        StoreError::Unavailable(message)
+        Ok(message)
     } else {
-        StoreError::Corrupt(format!("{}: {message}", code.unwrap_or_default()))
+        Err(format!("{}: {message}", code.unwrap_or_default()))
     }
+}
+
+fn store_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    classify(err).map_or_else(StoreError::Corrupt, StoreError::Unavailable)
 }
 
 fn progress_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> ProgressError
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let (code, message) = describe(&err);
-    if transient(&err) || code.as_deref() == Some("ProvisionedThroughputExceededException") {
-        ProgressError::Unavailable(message)
-    } else {
-        ProgressError::Corrupt(format!("{}: {message}", code.unwrap_or_default()))
-    }
+    classify(err).map_or_else(ProgressError::Corrupt, ProgressError::Unavailable)
 }
 
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(err: &SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> bool {
