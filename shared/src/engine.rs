@@ -1,32 +1,38 @@
 //! The engine: runs one claimed run's graph to the end (or to the invocation's deadline).
 //!
-//! Scheduling is dataflow: a step starts the moment its last dependency settles, not in
-//! waves. Each step runs as its own task; the scheduler only decides what may start and
-//! what is skipped. Every settled step is checkpointed before its event is published, so
-//! a runner that takes over a crashed run resumes from checkpoints and never re-runs a
-//! completed step.
+//! Scheduling is dataflow: a step is considered the moment its last dependency settles
+//! (in-degree counting, so a 10,000-step graph costs O(steps + edges), never waves). Each
+//! step runs as its own task, at most `max_concurrency` at once; the scheduler only decides
+//! what may start and what is skipped. Every settled step is checkpointed before its event
+//! is published, so a runner that takes over a crashed run resumes from checkpoints and
+//! never re-runs a completed step.
 //!
 //! Events go through one [`Progress`] publisher that holds a lock across the write, which
 //! is what makes `seq` gap-free and strictly increasing even with steps in parallel.
 
-use crate::graph::{LlmSpec, Step, StepKind, ValidatedGraph};
+use crate::graph::{ItemStep, LlmSpec, MapSpec, RouterSpec, Step, StepKind, TransformSpec, ValidatedGraph};
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::output;
-use crate::ports::{Lease, ModelClient, ModelError, ModelReply, ModelRequest, ProgressError, ProgressSink, RunStore, StoreError};
+use crate::ports::{Lease, ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::{ModelRegistry, Usage};
 use crate::run::{ErrorInfo, Event, EventType, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::template;
-use crate::workflow::{Join, RetryPolicy};
+use crate::workflow::{ItemFailure, Join, RetryPolicy};
 use chrono::Utc;
+use futures::StreamExt;
 use rand::Rng;
 use serde_json::{Map, Value, json};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+/// A map fans out over at most this many items (each is a model call or more).
+pub const MAX_MAP_ITEMS: usize = 1000;
 
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
@@ -39,6 +45,10 @@ pub struct EngineConfig {
     pub deadline_margin: Duration,
     /// Larger outputs are refused (a checkpoint is one DynamoDB item, 400 KB).
     pub max_output_bytes: usize,
+    /// Write a `RUNNING` checkpoint when a model step starts, so snapshots show what is in
+    /// flight. Costs one write per step; the scheduler benchmark turns it off to measure
+    /// the engine alone.
+    pub checkpoint_running: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +58,7 @@ impl Default for EngineConfig {
             stream_flush_bytes: 2048,
             deadline_margin: Duration::from_secs(90),
             max_output_bytes: 160 * 1024,
+            checkpoint_running: true,
         }
     }
 }
@@ -85,6 +96,33 @@ pub struct Engine {
     sink: Arc<dyn ProgressSink>,
     models: Arc<ModelRegistry>,
     config: EngineConfig,
+}
+
+/// Scheduler bookkeeping: which steps have settled and which may be decided next.
+struct Schedule {
+    records: Vec<Option<StepRecord>>,
+    /// Unsettled dependencies per step.
+    waiting: Vec<usize>,
+    /// Steps whose dependencies have all settled, not yet decided.
+    candidates: VecDeque<usize>,
+}
+
+impl Schedule {
+    fn new(graph: &ValidatedGraph, records: Vec<Option<StepRecord>>) -> Self {
+        let waiting: Vec<usize> = graph.steps.iter().map(|s| s.deps.iter().filter(|&&d| records[d].is_none()).count()).collect();
+        let candidates = (0..graph.steps.len()).filter(|&i| records[i].is_none() && waiting[i] == 0).collect();
+        Self { records, waiting, candidates }
+    }
+
+    fn settle(&mut self, graph: &ValidatedGraph, i: usize, record: StepRecord) {
+        self.records[i] = Some(record);
+        for &d in &graph.dependents[i] {
+            self.waiting[d] -= 1;
+            if self.waiting[d] == 0 && self.records[d].is_none() {
+                self.candidates.push_back(d);
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -148,33 +186,23 @@ impl Engine {
                 lease: lease.clone(),
             });
 
+            let mut schedule = Schedule::new(&graph, records);
+            let mut ready: VecDeque<usize> = VecDeque::new();
             let mut running: JoinSet<(usize, Result<StepRecord, EngineError>)> = JoinSet::new();
-            let mut started = vec![false; n];
-            for (i, r) in records.iter().enumerate() {
-                started[i] = r.is_some();
-            }
+            let max_running = graph.max_concurrency as usize;
             let mut failure: Option<(StepId, ErrorInfo)> = None;
             let mut out_of_time = false;
             loop {
-                // Settle what can be decided without running anything (skips cascade).
-                loop {
-                    let mut changed = false;
-                    for i in 0..n {
-                        if started[i] {
-                            continue;
-                        }
-                        if let Decision::Skip(reason) = decide(&graph.steps[i], &records) {
-                            let now = Utc::now();
-                            let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Skipped, None, now);
+                // Decide every step whose dependencies have settled; skips cascade through here.
+                while let Some(i) = schedule.candidates.pop_front() {
+                    match decide(&graph, i, &schedule.records) {
+                        Decision::Run => ready.push_back(i),
+                        Decision::Skip(reason) => {
+                            let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Skipped, None, Utc::now());
                             self.store.save_step(&run.id, &lease, &record).await?;
                             progress.emit(EventType::StepSkipped, Some(&record.step_id), None, json!({ "reason": reason }), |_| {}).await?;
-                            records[i] = Some(record);
-                            started[i] = true;
-                            changed = true;
+                            schedule.settle(&graph, i, record);
                         }
-                    }
-                    if !changed {
-                        break;
                     }
                 }
                 if failure.is_none()
@@ -186,14 +214,13 @@ impl Engine {
                     out_of_time = true;
                 }
                 if failure.is_none() && !out_of_time {
-                    for (i, step) in graph.steps.iter().enumerate() {
-                        if !started[i] && decide(step, &records) == Decision::Run {
-                            started[i] = true;
-                            let context = template_context(&run.input, &graph, &records);
-                            let step = step.clone();
-                            let shared = shared.clone();
-                            running.spawn(async move { (i, shared.run_step(step, context).await) });
-                        }
+                    while running.len() < max_running
+                        && let Some(i) = ready.pop_front()
+                    {
+                        let step = graph.steps[i].clone();
+                        let context = template_context(&run.input, &graph, &schedule.records, &step.deps);
+                        let shared = shared.clone();
+                        running.spawn(async move { (i, shared.run_step(step, context).await) });
                     }
                 }
                 let Some(joined) = running.join_next().await else { break };
@@ -202,10 +229,8 @@ impl Engine {
                     Err(e) => {
                         // A panicking step is a defect; fail the run rather than hang.
                         warn!(error = %e, "step task panicked");
-                        failure.get_or_insert((
-                            graph.steps[0].id.clone(),
-                            ErrorInfo { code: "INTERNAL".into(), message: "a step task panicked".into(), retryable: false },
-                        ));
+                        let error = ErrorInfo { code: "INTERNAL".into(), message: "a step task panicked".into(), retryable: false };
+                        failure.get_or_insert((graph.steps[0].id.clone(), error));
                         continue;
                     }
                 };
@@ -215,8 +240,9 @@ impl Engine {
                         record.error.clone().unwrap_or_else(|| ErrorInfo { code: "STEP_FAILED".into(), message: "failed".into(), retryable: false });
                     failure = Some((record.step_id.clone(), error));
                 }
-                records[i] = Some(record);
+                schedule.settle(&graph, i, record);
             }
+            let mut records = schedule.records;
 
             if let Some((step, error)) = failure {
                 let mut cancelled = Vec::new();
@@ -286,36 +312,51 @@ impl Engine {
 
 #[derive(Debug, PartialEq)]
 enum Decision {
-    Wait,
     Run,
     Skip(String),
 }
 
-/// Whether a not-yet-started step can run, must be skipped, or has to wait.
-fn decide(step: &Step, records: &[Option<StepRecord>]) -> Decision {
-    let statuses: Vec<Option<StepStatus>> = step.deps.iter().map(|&d| records[d].as_ref().map(|r| r.status)).collect();
-    if statuses.iter().any(Option::is_none) {
-        return Decision::Wait;
-    }
-    let completed = statuses.iter().filter(|s| **s == Some(StepStatus::Completed)).count();
-    match step.join {
-        Join::All if completed == statuses.len() => Decision::Run,
-        Join::All => {
-            let blocker = step.deps.iter().find(|&&d| records[d].as_ref().map(|r| r.status) != Some(StepStatus::Completed));
-            let name = blocker.and_then(|&d| records[d].as_ref()).map(|r| format!("dependency {} is {:?}", r.step_id, r.status)).unwrap_or_default();
-            Decision::Skip(name.to_lowercase())
+/// Whether a step whose dependencies have all settled runs or is skipped.
+fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<StepRecord>]) -> Decision {
+    let step = &graph.steps[i];
+    let settled = |d: usize| records[d].as_ref().map(|r| r.status);
+    // A router that did not choose this step switches it off, whatever the join.
+    for &d in &step.deps {
+        if let StepKind::Router(router) = &graph.steps[d].kind
+            && router.targets().any(|t| t == &step.id)
+            && settled(d) == Some(StepStatus::Completed)
+            && !router_chose(records[d].as_ref(), &step.id)
+        {
+            return Decision::Skip(format!("not chosen by router {}", graph.steps[d].id));
         }
-        Join::Any if completed > 0 || statuses.is_empty() => Decision::Run,
+    }
+    let completed = step.deps.iter().filter(|&&d| settled(d) == Some(StepStatus::Completed)).count();
+    match step.join {
+        Join::All if completed == step.deps.len() => Decision::Run,
+        Join::All => {
+            let blocker = step.deps.iter().find_map(|&d| records[d].as_ref().filter(|r| r.status != StepStatus::Completed));
+            Decision::Skip(blocker.map(|r| format!("dependency {} is {:?}", r.step_id, r.status).to_lowercase()).unwrap_or_default())
+        }
+        Join::Any if completed > 0 || step.deps.is_empty() => Decision::Run,
         Join::Any => Decision::Skip("no dependency completed".into()),
     }
 }
 
-/// What templates see: `input`, and `steps.<id>.{output,text,status}` for settled steps.
-fn template_context(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>]) -> Value {
+fn router_chose(record: Option<&StepRecord>, step: &StepId) -> bool {
+    record
+        .and_then(|r| r.output.as_ref())
+        .and_then(|o| o.get("selected"))
+        .and_then(Value::as_array)
+        .is_some_and(|selected| selected.iter().any(|s| s.as_str() == Some(step.as_str())))
+}
+
+/// What a step's templates and expressions see: `input`, and `steps.<id>.{output,text,status}`
+/// for its own dependencies only (a step cannot read what it does not wait for).
+fn template_context(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>], deps: &[usize]) -> Value {
     let mut steps = Map::new();
-    for (step, record) in graph.steps.iter().zip(records) {
-        if let Some(r) = record {
-            steps.insert(step.id.to_string(), json!({ "output": r.output, "text": r.text, "status": r.status }));
+    for &d in deps {
+        if let Some(r) = &records[d] {
+            steps.insert(graph.steps[d].id.to_string(), json!({ "output": r.output, "text": r.text, "status": r.status }));
         }
     }
     json!({ "input": input, "steps": steps })
@@ -323,11 +364,15 @@ fn template_context(input: &Value, graph: &ValidatedGraph, records: &[Option<Ste
 
 fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>]) -> Result<Value, template::TemplateError> {
     match &graph.output {
-        Some(source) => template::render(source, &template_context(input, graph, records)).map(Value::String),
+        Some(source) => {
+            let all: Vec<usize> = (0..graph.steps.len()).collect();
+            template::render(source, &template_context(input, graph, records, &all)).map(Value::String)
+        }
         None => {
             let mut out = Map::new();
-            for step in graph.sinks() {
-                if let Some(Some(r)) = graph.index_of(step.id.as_str()).map(|i| &records[i])
+            for (i, step) in graph.steps.iter().enumerate() {
+                if graph.dependents[i].is_empty()
+                    && let Some(r) = &records[i]
                     && r.status == StepStatus::Completed
                 {
                     out.insert(step.id.to_string(), r.output.clone().unwrap_or(Value::Null));
@@ -448,18 +493,86 @@ struct StepContext {
     lease: Lease,
 }
 
-/// How one attempt ended.
+/// How one model attempt ended.
 enum AttemptError {
     Model(ModelError),
     Output(output::InvalidOutput),
+}
+
+/// The result of running a unit of work (a step, or one map item).
+struct Work {
+    output: Result<(String, Value), ErrorInfo>,
+    usage: Usage,
+    cost: Usd,
+    attempts: u32,
+    detail: Option<Value>,
+}
+
+impl Work {
+    fn done(text: String, value: Value) -> Self {
+        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, detail: None }
+    }
+
+    fn failed(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            output: Err(ErrorInfo { code: code.into(), message: message.into(), retryable: false }),
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            attempts: 1,
+            detail: None,
+        }
+    }
 }
 
 impl StepContext {
     async fn run_step(&self, step: Step, context: Value) -> Result<StepRecord, EngineError> {
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
-            let StepKind::Llm(spec) = &step.kind;
-            let record = self.run_llm(&step.id, spec, &context).await?;
+            let started_at = Utc::now();
+            let clock = Instant::now();
+            let model = match &step.kind {
+                StepKind::Llm(spec) => Some(spec.model.clone()),
+                StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => Some(spec.model.clone()),
+                _ => None,
+            };
+            let id = step.id.clone();
+            self.progress
+                .emit(EventType::StepStarted, Some(&step.id), Some(1), json!({ "model": model }), move |s| s.current_step = Some(id))
+                .await?;
+            if self.config.checkpoint_running && model.is_some() {
+                // A RUNNING checkpoint lets run snapshots show what is in flight; resume ignores it.
+                let mut running = StepRecord::settled(step.id.clone(), StepStatus::Running, None, started_at);
+                running.finished_at = None;
+                running.started_at = Some(started_at);
+                running.attempts = 1;
+                running.model = model.clone();
+                self.store.save_step(&self.run_id, &self.lease, &running).await?;
+            }
+            let work = match &step.kind {
+                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &context, None).await?,
+                StepKind::Transform(spec) => transform(spec, &context),
+                StepKind::Router(spec) => route(spec, &context),
+                StepKind::Map(spec) => self.run_map(&step.id, spec, &context).await?,
+            };
+            let (status, text, output, error) = match work.output {
+                Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
+                Err(e) => (StepStatus::Failed, None, None, Some(e)),
+            };
+            let record = StepRecord {
+                step_id: step.id.clone(),
+                status,
+                attempts: work.attempts,
+                model,
+                output,
+                text,
+                usage: work.usage,
+                cost: work.cost,
+                latency_ms: clock.elapsed().as_millis() as u64,
+                error,
+                detail: work.detail,
+                started_at: Some(started_at),
+                finished_at: Some(Utc::now()),
+            };
             self.store.save_step(&self.run_id, &self.lease, &record).await?;
             let (kind, data) = match record.status {
                 StepStatus::Completed => (
@@ -474,9 +587,13 @@ impl StepContext {
                         "cost_pico_usd": record.cost.pico(),
                         "latency_ms": record.latency_ms,
                         "attempts": record.attempts,
+                        "detail": record.detail,
                     }),
                 ),
-                _ => (EventType::StepFailed, json!({ "error": record.error, "attempts": record.attempts, "cost_usd": record.cost.to_string() })),
+                _ => (
+                    EventType::StepFailed,
+                    json!({ "error": record.error, "attempts": record.attempts, "cost_usd": record.cost.to_string(), "detail": record.detail }),
+                ),
             };
             let id = step.id.clone();
             let latency_ms = record.latency_ms;
@@ -494,46 +611,24 @@ impl StepContext {
         .await
     }
 
-    async fn run_llm(&self, id: &StepId, spec: &LlmSpec, context: &Value) -> Result<StepRecord, EngineError> {
-        let started_at = Utc::now();
-        let clock = Instant::now();
-        let mut record = StepRecord::settled(id.clone(), StepStatus::Failed, None, started_at);
-        record.started_at = Some(started_at);
-        record.model = Some(spec.model.clone());
-        let fail = |mut record: StepRecord, code: &str, message: String, retryable: bool| {
-            record.error = Some(ErrorInfo { code: code.into(), message, retryable });
-            record.finished_at = Some(Utc::now());
-            record.latency_ms = clock.elapsed().as_millis() as u64;
-            record
-        };
+    /// A model call with retries. `item` is the map item index when run inside a map.
+    async fn run_llm(&self, id: &StepId, spec: &LlmSpec, context: &Value, item: Option<usize>) -> Result<Work, EngineError> {
         let Some(model_info) = self.models.get(&spec.model) else {
-            return Ok(fail(record, "UNKNOWN_MODEL", format!("no price for model {}", spec.model), false));
+            return Ok(Work::failed("UNKNOWN_MODEL", format!("no price for model {}", spec.model)));
         };
         let render = |source: &str| template::render(source, context);
         let prompt = match render(&spec.prompt) {
             Ok(p) => p,
-            Err(e) => return Ok(fail(record, "TEMPLATE_ERROR", format!("prompt: {e}"), false)),
+            Err(e) => return Ok(Work::failed("TEMPLATE_ERROR", format!("prompt: {e}"))),
         };
         let system = match spec.system.as_deref().map(render).transpose() {
             Ok(s) => s,
-            Err(e) => return Ok(fail(record, "TEMPLATE_ERROR", format!("system: {e}"), false)),
+            Err(e) => return Ok(Work::failed("TEMPLATE_ERROR", format!("system: {e}"))),
         };
+        let mut work = Work::failed("NO_ATTEMPTS", "retry.max_attempts is 0");
         let mut hint: Option<String> = None;
-        // A RUNNING checkpoint lets run snapshots show what is in flight; resume ignores it.
-        let mut running = record.clone();
-        running.status = StepStatus::Running;
-        running.error = None;
-        running.finished_at = None;
-        running.attempts = 1;
-        self.store.save_step(&self.run_id, &self.lease, &running).await?;
-        let step_id = id.clone();
-        self.progress
-            .emit(EventType::StepStarted, Some(id), Some(1), json!({ "model": spec.model }), move |s| {
-                s.current_step = Some(step_id);
-            })
-            .await?;
         for attempt in 1..=spec.retry.max_attempts {
-            record.attempts = attempt;
+            work.attempts = attempt;
             let request = ModelRequest {
                 model: spec.model.clone(),
                 system: system.clone(),
@@ -546,15 +641,16 @@ impl StepContext {
                 stop_sequences: spec.stop_sequences.clone(),
             };
             let call_started = Instant::now();
-            let reply = if spec.stream { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
+            let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
             let outcome = match reply {
                 Ok(reply) => {
                     let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
-                    record.usage = add_usage(record.usage, reply.usage);
-                    record.cost = record.cost.saturating_add(cost);
+                    work.usage = add_usage(work.usage, reply.usage);
+                    work.cost = work.cost.saturating_add(cost);
                     self.progress.charge(&reply.usage, cost).await;
                     info!(
                         attempt,
+                        item,
                         tokens = reply.usage.total_tokens(),
                         cost_pico = cost.pico(),
                         latency_ms = call_started.elapsed().as_millis() as u64,
@@ -565,13 +661,9 @@ impl StepContext {
                 Err(e) => Err(AttemptError::Model(e)),
             };
             let error = match outcome {
-                Ok((text, value)) => {
-                    record.status = StepStatus::Completed;
-                    record.text = Some(text);
-                    record.output = Some(value);
-                    record.finished_at = Some(Utc::now());
-                    record.latency_ms = clock.elapsed().as_millis() as u64;
-                    return Ok(record);
+                Ok(done) => {
+                    work.output = Ok(done);
+                    return Ok(work);
                 }
                 Err(e) => e,
             };
@@ -581,34 +673,99 @@ impl StepContext {
             };
             if !retryable || attempt == spec.retry.max_attempts {
                 let message = if retryable { format!("{message} (after {attempt} attempts)") } else { message };
-                return Ok(fail(record, &code, message, retryable));
+                work.output = Err(ErrorInfo { code, message, retryable });
+                return Ok(work);
             }
             if let AttemptError::Output(e) = &error {
                 hint = Some(format!("Your previous reply could not be used: {}. Reply again with only the corrected JSON.", e.0));
             }
             let delay = backoff(&spec.retry, attempt);
-            warn!(attempt, code = %code, delay_ms = delay.as_millis() as u64, "step attempt failed; retrying");
-            self.progress
-                .emit(
-                    EventType::StepRetrying,
-                    Some(id),
-                    Some(attempt + 1),
-                    json!({ "reason": code, "message": message, "delay_ms": delay.as_millis() as u64 }),
-                    |_| {},
-                )
-                .await?;
+            warn!(attempt, item, code = %code, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+            let mut data = json!({ "reason": code, "message": message, "delay_ms": delay.as_millis() as u64 });
+            if let Some(item) = item {
+                data["item"] = json!(item);
+            }
+            self.progress.emit(EventType::StepRetrying, Some(id), Some(attempt + 1), data, |_| {}).await?;
             tokio::time::sleep(delay).await;
         }
-        unreachable_attempts(record)
+        Ok(work)
+    }
+
+    /// Fans the sub-step out over the list `over` evaluates to, `max_concurrency` items at
+    /// a time; results keep the list's order.
+    async fn run_map(&self, id: &StepId, spec: &MapSpec, context: &Value) -> Result<Work, EngineError> {
+        let items = match spec.over.evaluate(context) {
+            Ok(Value::Array(items)) => items,
+            Ok(other) => return Ok(Work::failed("MAP_OVER", format!("`over` must give a list, got {}", short(&other)))),
+            Err(e) => return Ok(Work::failed("MAP_OVER", format!("`over`: {e}"))),
+        };
+        if items.len() > MAX_MAP_ITEMS {
+            return Ok(Work::failed("MAP_TOO_LARGE", format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len())));
+        }
+        let total = items.len();
+        let results: Vec<(usize, Work)> = futures::stream::iter(items.into_iter().enumerate())
+            .map(|(index, item)| async move {
+                let mut scope = context.clone();
+                scope["item"] = item;
+                scope["index"] = json!(index);
+                let work = match &spec.step {
+                    ItemStep::Llm(llm) => self.run_llm(id, llm, &scope, Some(index)).await,
+                    ItemStep::Transform(t) => Ok(transform(t, &scope)),
+                };
+                work.map(|w| (index, w))
+            })
+            .buffer_unordered(spec.max_concurrency as usize)
+            .collect::<Vec<Result<(usize, Work), EngineError>>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let mut ordered: Vec<Option<Work>> = (0..total).map(|_| None).collect();
+        for (index, work) in results {
+            ordered[index] = Some(work);
+        }
+        let mut map = Work::done(String::new(), Value::Null);
+        map.attempts = 0;
+        let mut outputs = Vec::with_capacity(total);
+        let mut failed = Vec::new();
+        for (index, work) in ordered.into_iter().enumerate() {
+            let Some(work) = work else { continue };
+            map.usage = add_usage(map.usage, work.usage);
+            map.cost = map.cost.saturating_add(work.cost);
+            map.attempts = map.attempts.max(work.attempts);
+            match work.output {
+                Ok((_, value)) => outputs.push(value),
+                Err(e) => {
+                    outputs.push(Value::Null);
+                    failed.push(json!({ "index": index, "error": e }));
+                }
+            }
+        }
+        map.detail = Some(json!({ "items": total, "failed": failed }));
+        if !failed.is_empty() && spec.on_item_failure == ItemFailure::Fail {
+            let first = &failed[0];
+            map.output = Err(ErrorInfo {
+                code: first["error"]["code"].as_str().unwrap_or("ITEM_FAILED").to_owned(),
+                message: format!(
+                    "{} of {total} items failed; item {}: {}",
+                    failed.len(),
+                    first["index"],
+                    first["error"]["message"].as_str().unwrap_or_default()
+                ),
+                retryable: false,
+            });
+            return Ok(map);
+        }
+        let value = Value::Array(outputs);
+        map.output = Ok((value.to_string(), value));
+        Ok(map)
     }
 
     /// Checks a reply against the step's output format and size limit.
     fn accept(&self, spec: &LlmSpec, reply: ModelReply) -> Result<(String, Value), AttemptError> {
         if reply.text.len() > self.config.max_output_bytes {
-            // Not retryable in substance, but a shorter reply on retry is possible; the
-            // size is reported rather than silently truncated.
+            // Refused rather than truncated; a retry may well produce a shorter reply.
             return Err(AttemptError::Model(ModelError::new(
-                crate::ports::ModelErrorKind::Invalid,
+                ModelErrorKind::Invalid,
                 "OUTPUT_TOO_LARGE",
                 format!("the reply is {} bytes; the limit is {}", reply.text.len(), self.config.max_output_bytes),
             )));
@@ -650,10 +807,47 @@ impl StepContext {
     }
 }
 
-fn unreachable_attempts(mut record: StepRecord) -> Result<StepRecord, EngineError> {
-    // max_attempts ≥ 1 is enforced by validation; a zero would land here.
-    record.error = Some(ErrorInfo { code: "NO_ATTEMPTS".into(), message: "retry.max_attempts is 0".into(), retryable: false });
-    Ok(record)
+/// A transform: a template renders to text; an expression evaluates to JSON.
+fn transform(spec: &TransformSpec, context: &Value) -> Work {
+    match spec {
+        TransformSpec::Template(source) => match template::render(source, context) {
+            Ok(text) => Work::done(text.clone(), Value::String(text)),
+            Err(e) => Work::failed("TEMPLATE_ERROR", format!("template: {e}")),
+        },
+        TransformSpec::Expression(expression) => match expression.evaluate(context) {
+            Ok(value) => {
+                let text = match &value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                Work::done(text, value)
+            }
+            Err(e) => Work::failed("EXPRESSION_ERROR", format!("expression: {e}")),
+        },
+    }
+}
+
+/// A router: the first route whose condition holds chooses its steps, else the default.
+fn route(spec: &RouterSpec, context: &Value) -> Work {
+    for (n, route) in spec.routes.iter().enumerate() {
+        match route.when.evaluate_bool(context) {
+            Ok(true) => {
+                let selected: Vec<&str> = route.to.iter().map(StepId::as_str).collect();
+                let mut work = Work::done(format!("route {n}"), json!({ "route": n, "selected": selected }));
+                work.detail = Some(json!({ "route": n, "when": route.when.source() }));
+                return work;
+            }
+            Ok(false) => {}
+            Err(e) => return Work::failed("CONDITION_ERROR", format!("routes[{n}].when: {e}")),
+        }
+    }
+    let selected: Vec<&str> = spec.default.iter().map(StepId::as_str).collect();
+    Work::done("default".into(), json!({ "route": "default", "selected": selected }))
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 80 { format!("{}…", &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]) } else { s }
 }
 
 fn add_usage(a: Usage, b: Usage) -> Usage {

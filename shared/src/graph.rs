@@ -2,18 +2,24 @@
 //! of every problem found, each naming the step and field. The engine only ever sees a
 //! `ValidatedGraph`, so it never re-checks ids, references or cycles.
 
+use crate::expr::{self, Expression};
 use crate::ids::StepId;
 use crate::pricing::ModelRegistry;
-use crate::template;
-use crate::workflow::{Join, OutputFormat, RetryPolicy, StepDef, WorkflowDef};
+use crate::template::{self, ITEM_ROOTS, References, STEP_ROOTS};
+use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Limits that keep one definition from exhausting a function (and a DynamoDB item).
 pub const MAX_STEPS: usize = 200;
 pub const MAX_TEMPLATE_BYTES: usize = 32 * 1024;
 pub const MAX_NAME_LEN: usize = 128;
+pub const MAX_ROUTES: usize = 50;
+pub const MAX_CONCURRENCY: u32 = 100;
+pub const DEFAULT_CONCURRENCY: u32 = 10;
+pub const DEFAULT_MAP_CONCURRENCY: u32 = 4;
 
 /// One thing wrong with a definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,28 +60,77 @@ pub struct LlmSpec {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub enum TransformSpec {
+    /// Rendered to text.
+    Template(String),
+    /// Evaluated (CEL) to a JSON value.
+    Expression(Arc<Expression>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub when: Arc<Expression>,
+    /// Step ids chosen by this route.
+    pub to: Vec<StepId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSpec {
+    pub routes: Vec<Route>,
+    pub default: Vec<StepId>,
+}
+
+impl RouterSpec {
+    /// Every step some route (or the default) can choose.
+    pub fn targets(&self) -> impl Iterator<Item = &StepId> {
+        self.routes.iter().flat_map(|r| r.to.iter()).chain(self.default.iter())
+    }
+}
+
+/// What a map runs per item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemStep {
+    Llm(LlmSpec),
+    Transform(TransformSpec),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapSpec {
+    pub over: Arc<Expression>,
+    pub max_concurrency: u32,
+    pub on_item_failure: ItemFailure,
+    pub step: ItemStep,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum StepKind {
     Llm(LlmSpec),
+    Transform(TransformSpec),
+    Router(RouterSpec),
+    Map(MapSpec),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub id: StepId,
     pub kind: StepKind,
-    /// Indexes into [`ValidatedGraph::steps`]: explicit `depends_on` ∪ template references.
+    /// Indexes into [`ValidatedGraph::steps`]: explicit `depends_on` ∪ template and
+    /// expression references.
     pub deps: Vec<usize>,
     pub required: bool,
     pub join: Join,
 }
 
 /// A workflow that passed validation: ids unique and well-formed, every reference known,
-/// acyclic, templates parse, every model priced. Steps are in a topological order.
+/// acyclic, templates and expressions parse, every model priced, routes only to steps
+/// that depend on their router. Steps are in a topological order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedGraph {
     pub name: String,
     pub steps: Vec<Step>,
     pub dependents: Vec<Vec<usize>>,
     pub output: Option<String>,
+    pub max_concurrency: u32,
 }
 
 impl ValidatedGraph {
@@ -96,100 +151,113 @@ pub fn validate_json(raw: &Value, models: &ModelRegistry) -> Result<ValidatedGra
     validate(&def, models)
 }
 
-pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
-    let mut found = Problems::default();
+#[derive(Default)]
+struct Problems(Vec<Problem>);
 
-    if def.name.trim().is_empty() || def.name.len() > MAX_NAME_LEN {
-        found.push(None, "name", format!("must be 1 to {MAX_NAME_LEN} characters"));
+impl Problems {
+    /// `step` is empty for workflow-level fields.
+    fn push(&mut self, step: &str, field: &str, message: impl Into<String>) {
+        let step = (!step.is_empty()).then(|| step.to_owned());
+        self.0.push(Problem { step, field: field.to_owned(), message: message.into() });
     }
-    if def.steps.is_empty() {
-        found.push(None, "steps", "a workflow needs at least one step".into());
-    }
-    if def.steps.len() > MAX_STEPS {
-        found.push(None, "steps", format!("{} steps; the limit is {MAX_STEPS}", def.steps.len()));
-    }
+}
 
-    // Parse each step on its own so that every malformed step is reported.
-    struct Parsed {
-        id: String,
-        def: StepDef,
-    }
-    let mut parsed: Vec<Parsed> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (i, raw) in def.steps.iter().enumerate() {
-        let label = raw.get("id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("#{i}"));
-        let step: StepDef = match serde_json::from_value(raw.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                let field = if raw.get("type").is_none() || e.to_string().contains("unknown variant") { "type" } else { "step" };
-                found.push(Some(&label), field, e.to_string());
-                continue;
-            }
-        };
-        let StepDef::Llm(llm) = &step;
-        if StepId::parse(&llm.id).is_err() {
-            found.push(Some(&label), "id", "must start with a letter and hold only letters, digits and _ (at most 64)".into());
-            continue;
+/// Shared state while checking one step's fields.
+struct Checker<'a> {
+    found: &'a mut Problems,
+    all_ids: &'a BTreeSet<String>,
+    step: &'a str,
+    deps: BTreeSet<String>,
+}
+
+impl Checker<'_> {
+    fn add_refs(&mut self, field: &str, refs: References) {
+        for root in &refs.unknown_roots {
+            let hint = if root == "item" || root == "index" { " (only inside a map's step)" } else { "" };
+            self.found.push(self.step, field, format!("unknown variable {root:?}{hint}: read `input.…` and `steps.<id>.…`"));
         }
-        if !seen.insert(llm.id.clone()) {
-            found.push(Some(&label), "id", "duplicate step id".into());
-            continue;
+        if refs.dynamic_step_access {
+            self.found.push(self.step, field, "`steps` must be read as `steps.<id>` so the dependency is known");
         }
-        parsed.push(Parsed { id: llm.id.clone(), def: step });
-    }
-    // Ids rejected above (bad or duplicate) still exist as far as references go, so they
-    // are not reported a second time as "unknown step".
-    let all_ids: BTreeSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
-
-    let mut specs: Vec<(String, StepKind, BTreeSet<String>, bool, Join)> = Vec::new();
-    for p in &parsed {
-        let StepDef::Llm(llm) = &p.def;
-        let id = p.id.as_str();
-        let mut deps = BTreeSet::new();
-        for d in &llm.depends_on {
-            if d == id {
-                found.push(Some(id), "depends_on", "a step cannot depend on itself".into());
-            } else if !all_ids.contains(d) {
-                found.push(Some(id), "depends_on", format!("unknown step {d:?}"));
+        for s in refs.steps {
+            if s == self.step {
+                self.found.push(self.step, field, "a step cannot read its own output");
+            } else if !self.all_ids.contains(&s) {
+                self.found.push(self.step, field, format!("references unknown step {s:?}"));
             } else {
-                deps.insert(d.clone());
+                self.deps.insert(s);
             }
         }
-        check_template(&mut found, &all_ids, id, "prompt", &llm.prompt, &mut deps);
-        if let Some(system) = &llm.system {
-            check_template(&mut found, &all_ids, id, "system", system, &mut deps);
+    }
+
+    fn template(&mut self, field: &str, source: &str, roots: &[&str]) {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            self.found.push(self.step, field, format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", source.len()));
+            return;
         }
-        let model = llm.model.clone().or_else(|| def.defaults.model.clone());
-        let max_tokens = llm.max_tokens.or(def.defaults.max_tokens).unwrap_or(1024);
+        match template::references(source, roots) {
+            Err(e) => self.found.push(self.step, field, format!("template does not parse: {e}")),
+            Ok(refs) => self.add_refs(field, refs),
+        }
+    }
+
+    /// Compiles a CEL expression once; the graph keeps it, so nothing is parsed at run time.
+    fn expression(&mut self, field: &str, source: &str, roots: &[&str]) -> Option<Arc<Expression>> {
+        match expr::compile(source, roots) {
+            Err(e) => {
+                self.found.push(self.step, field, format!("CEL expression: {e}"));
+                None
+            }
+            Ok(compiled) => {
+                self.add_refs(field, compiled.references.clone());
+                Some(Arc::new(compiled))
+            }
+        }
+    }
+
+    fn llm(&mut self, prefix: &str, llm: &LlmStepDef, defaults: &Defaults, models: &ModelRegistry, roots: &[&str]) -> LlmSpec {
+        let field = |f: &str| format!("{prefix}{f}");
+        self.template(&field("prompt"), &llm.prompt, roots);
+        if let Some(system) = &llm.system {
+            self.template(&field("system"), system, roots);
+        }
+        let model = llm.model.clone().or_else(|| defaults.model.clone());
+        let max_tokens = llm.max_tokens.or(defaults.max_tokens).unwrap_or(1024);
         match &model {
-            None => found.push(Some(id), "model", "no model: set it on the step or in defaults.model".into()),
+            None => self.found.push(self.step, &field("model"), "no model: set it on the step or in defaults.model"),
             Some(m) => match models.get(m) {
-                None => found.push(Some(id), "model", format!("unknown model {m:?}: no price is known for it (add it with CHAINRUN_MODEL_PRICES)")),
-                Some(info) if max_tokens > info.max_output_tokens => {
-                    found.push(Some(id), "max_tokens", format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens))
-                }
+                None => self.found.push(
+                    self.step,
+                    &field("model"),
+                    format!("unknown model {m:?}: no price is known for it (add it with CHAINRUN_MODEL_PRICES)"),
+                ),
+                Some(info) if max_tokens > info.max_output_tokens => self.found.push(
+                    self.step,
+                    &field("max_tokens"),
+                    format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens),
+                ),
                 Some(_) => {}
             },
         }
         if max_tokens == 0 {
-            found.push(Some(id), "max_tokens", "must be at least 1".into());
+            self.found.push(self.step, &field("max_tokens"), "must be at least 1");
         }
-        let temperature = llm.temperature.or(def.defaults.temperature);
+        let temperature = llm.temperature.or(defaults.temperature);
         if let Some(t) = temperature.filter(|t| !(0.0..=1.0).contains(t)) {
-            found.push(Some(id), "temperature", format!("{t} is outside 0..=1"));
+            self.found.push(self.step, &field("temperature"), format!("{t} is outside 0..=1"));
         }
-        let retry = llm.retry.or(def.defaults.retry).unwrap_or_default();
+        let retry = llm.retry.or(defaults.retry).unwrap_or_default();
         if retry.max_attempts == 0 || retry.max_attempts > 10 {
-            found.push(Some(id), "retry.max_attempts", "must be 1 to 10".into());
+            self.found.push(self.step, &field("retry.max_attempts"), "must be 1 to 10");
         }
         if let Some(schema) = &llm.output.schema {
             if llm.output.format != OutputFormat::Json {
-                found.push(Some(id), "output.schema", "a schema needs output.format \"json\"".into());
+                self.found.push(self.step, &field("output.schema"), "a schema needs output.format \"json\"");
             } else if let Some(why) = crate::output::schema_problem(schema) {
-                found.push(Some(id), "output.schema", format!("not a usable JSON Schema: {why}"));
+                self.found.push(self.step, &field("output.schema"), format!("not a usable JSON Schema: {why}"));
             }
         }
-        let spec = LlmSpec {
+        LlmSpec {
             model: model.unwrap_or_default(),
             system: llm.system.clone(),
             prompt: llm.prompt.clone(),
@@ -200,39 +268,202 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
             format: llm.output.format,
             schema: llm.output.schema.clone(),
             retry,
+        }
+    }
+
+    fn transform(&mut self, prefix: &str, t: &TransformStepDef, roots: &[&str]) -> TransformSpec {
+        match (&t.template, &t.expression) {
+            (Some(source), None) => {
+                self.template(&format!("{prefix}template"), source, roots);
+                TransformSpec::Template(source.clone())
+            }
+            (None, Some(source)) => match self.expression(&format!("{prefix}expression"), source, roots) {
+                Some(compiled) => TransformSpec::Expression(compiled),
+                // Reported; the graph is rejected, so the placeholder is never run.
+                None => TransformSpec::Template(String::new()),
+            },
+            _ => {
+                self.found.push(self.step, &format!("{prefix}template"), "a transform needs exactly one of `template` and `expression`");
+                TransformSpec::Template(String::new())
+            }
+        }
+    }
+
+    /// Step ids named in a route or default: they must exist.
+    fn targets(&mut self, field: &str, names: &[String]) -> Vec<StepId> {
+        let mut ids = Vec::new();
+        for name in names {
+            if !self.all_ids.contains(name) {
+                self.found.push(self.step, field, format!("routes to unknown step {name:?}"));
+            } else if name == self.step {
+                self.found.push(self.step, field, "a router cannot route to itself");
+            } else if let Ok(id) = StepId::parse(name) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}
+
+struct Checked {
+    id: String,
+    kind: StepKind,
+    deps: BTreeSet<String>,
+    required: bool,
+    join: Join,
+}
+
+pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
+    let mut found = Problems::default();
+    if def.name.trim().is_empty() || def.name.len() > MAX_NAME_LEN {
+        found.push("", "name", format!("must be 1 to {MAX_NAME_LEN} characters"));
+    }
+    if def.steps.is_empty() {
+        found.push("", "steps", "a workflow needs at least one step");
+    }
+    if def.steps.len() > MAX_STEPS {
+        // Checking thousands of steps would itself be the resource exhaustion the limit prevents.
+        found.push("", "steps", format!("{} steps; the limit is {MAX_STEPS}", def.steps.len()));
+        return Err(InvalidWorkflow { problems: found.0 });
+    }
+    let max_concurrency = def.max_concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    if max_concurrency == 0 || max_concurrency > MAX_CONCURRENCY {
+        found.push("", "max_concurrency", format!("must be 1 to {MAX_CONCURRENCY}"));
+    }
+
+    // Parse each step on its own so that every malformed step is reported.
+    let mut parsed: Vec<(String, StepDef)> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, raw) in def.steps.iter().enumerate() {
+        let label = raw.get("id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("#{i}"));
+        let step: StepDef = match serde_json::from_value(raw.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                let message = e.to_string();
+                let field = if raw.get("type").is_none() || message.contains("unknown variant") { "type" } else { "step" };
+                found.push(&label, field, message);
+                continue;
+            }
         };
-        specs.push((id.to_owned(), StepKind::Llm(spec), deps, llm.required, llm.join));
+        let id = step.common().id.to_owned();
+        if StepId::parse(&id).is_err() {
+            found.push(&label, "id", "required: start with a letter and use only letters, digits and _ (at most 64)");
+            continue;
+        }
+        if !seen.insert(id.clone()) {
+            found.push(&id, "id", "duplicate step id");
+            continue;
+        }
+        parsed.push((id, step));
+    }
+    // Ids rejected above (bad or duplicate) still exist as far as references go, so they
+    // are not reported a second time as "unknown step".
+    let all_ids: BTreeSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
+
+    let mut checked = Vec::with_capacity(parsed.len());
+    for (id, step) in &parsed {
+        let common = step.common();
+        let mut c = Checker { found: &mut found, all_ids: &all_ids, step: id, deps: BTreeSet::new() };
+        for d in common.depends_on {
+            if d == id {
+                c.found.push(id, "depends_on", "a step cannot depend on itself");
+            } else if !all_ids.contains(d) {
+                c.found.push(id, "depends_on", format!("unknown step {d:?}"));
+            } else {
+                c.deps.insert(d.clone());
+            }
+        }
+        let kind = match step {
+            StepDef::Llm(llm) => StepKind::Llm(c.llm("", llm, &def.defaults, models, &STEP_ROOTS)),
+            StepDef::Transform(t) => StepKind::Transform(c.transform("", t, &STEP_ROOTS)),
+            StepDef::Router(r) => {
+                if r.routes.is_empty() && r.default.is_empty() {
+                    c.found.push(id, "routes", "a router needs at least one route or a default");
+                }
+                if r.routes.len() > MAX_ROUTES {
+                    c.found.push(id, "routes", format!("{} routes; the limit is {MAX_ROUTES}", r.routes.len()));
+                }
+                let mut routes = Vec::new();
+                for (n, route) in r.routes.iter().enumerate() {
+                    let when = c.expression(&format!("routes[{n}].when"), &route.when, &STEP_ROOTS);
+                    let to = c.targets(&format!("routes[{n}].to"), &route.to);
+                    if let Some(when) = when {
+                        routes.push(Route { when, to });
+                    }
+                }
+                let default = c.targets("default", &r.default);
+                StepKind::Router(RouterSpec { routes, default })
+            }
+            StepDef::Map(m) => {
+                let over = c.expression("over", &m.over, &STEP_ROOTS);
+                let max_concurrency = m.max_concurrency.unwrap_or(DEFAULT_MAP_CONCURRENCY);
+                if max_concurrency == 0 || max_concurrency > MAX_CONCURRENCY {
+                    c.found.push(id, "max_concurrency", format!("must be 1 to {MAX_CONCURRENCY}"));
+                }
+                let inner = m.step.common();
+                if !inner.id.is_empty() || !inner.depends_on.is_empty() || !inner.required || inner.join != Join::All {
+                    c.found.push(id, "step", "a map's step has no id, depends_on, required or join of its own: set them on the map");
+                }
+                let step = match m.step.as_ref() {
+                    StepDef::Llm(llm) => ItemStep::Llm(c.llm("step.", llm, &def.defaults, models, &ITEM_ROOTS)),
+                    StepDef::Transform(t) => ItemStep::Transform(c.transform("step.", t, &ITEM_ROOTS)),
+                    other => {
+                        c.found.push(
+                            id,
+                            "step.type",
+                            format!("a map's step must be `llm` or `transform`, not `{}` (maps do not nest)", other.type_name()),
+                        );
+                        ItemStep::Transform(TransformSpec::Template(String::new()))
+                    }
+                };
+                match over {
+                    Some(over) => StepKind::Map(MapSpec { over, max_concurrency, on_item_failure: m.on_item_failure, step }),
+                    None => StepKind::Transform(TransformSpec::Template(String::new())), // reported above
+                }
+            }
+        };
+        let deps = c.deps;
+        checked.push(Checked { id: id.clone(), kind, deps, required: common.required, join: common.join });
     }
     if let Some(out) = &def.output {
-        check_template(&mut found, &all_ids, "", "output", out, &mut BTreeSet::new());
-    }
-    let mut problems = found.0;
-
-    if let Some(cycle) = find_cycle(&specs.iter().map(|(id, _, deps, ..)| (id.clone(), deps.clone())).collect()) {
-        problems.push(Problem {
-            step: Some(cycle[0].clone()),
-            field: "depends_on".into(),
-            message: format!("dependency cycle: {}", cycle.join(" → ")),
-        });
-    }
-    if !problems.is_empty() {
-        return Err(InvalidWorkflow { problems });
+        let mut c = Checker { found: &mut found, all_ids: &all_ids, step: "", deps: BTreeSet::new() };
+        c.template("output", out, &STEP_ROOTS);
     }
 
-    // Topological order (Kahn), stable in definition order.
-    let order = topological_order(&specs.iter().map(|(id, _, deps, ..)| (id.clone(), deps.clone())).collect::<Vec<_>>());
-    let position: BTreeMap<&str, usize> = order.iter().enumerate().map(|(i, &s)| (specs[s].0.as_str(), i)).collect();
-    let mut steps = Vec::with_capacity(specs.len());
+    // A router can only switch off steps that wait for it.
+    for step in &checked {
+        if let StepKind::Router(router) = &step.kind {
+            for target in router.targets().collect::<BTreeSet<_>>() {
+                if let Some(t) = checked.iter().find(|c| c.id == target.as_str())
+                    && !t.deps.contains(&step.id)
+                {
+                    found.push(
+                        &step.id,
+                        "routes",
+                        format!("routes to {target:?}, which does not depend on {:?}: add it to {target:?}'s depends_on", step.id),
+                    );
+                }
+            }
+        }
+    }
+
+    let graph: BTreeMap<String, BTreeSet<String>> = checked.iter().map(|c| (c.id.clone(), c.deps.clone())).collect();
+    if let Some(cycle) = find_cycle(&graph) {
+        found.push(&cycle[0], "depends_on", format!("dependency cycle: {}", cycle.join(" → ")));
+    }
+    if !found.0.is_empty() {
+        return Err(InvalidWorkflow { problems: found.0 });
+    }
+
+    let order = topological_order(&checked);
+    let position: BTreeMap<String, usize> = order.iter().enumerate().map(|(i, &s)| (checked[s].id.clone(), i)).collect();
+    let mut slots: Vec<Option<Checked>> = checked.into_iter().map(Some).collect();
+    let mut steps = Vec::with_capacity(slots.len());
     for &s in &order {
-        let (id, kind, deps, required, join) = &specs[s];
-        steps.push(Step {
-            #[allow(clippy::expect_used)] // checked in the loop above
-            id: StepId::parse(id).expect("validated id"),
-            kind: kind.clone(),
-            deps: deps.iter().map(|d| position[d.as_str()]).collect(),
-            required: *required,
-            join: *join,
-        });
+        let Some(c) = slots[s].take() else { continue };
+        let Ok(id) = StepId::parse(&c.id) else { continue }; // checked above
+        let deps = c.deps.iter().map(|d| position[d.as_str()]).collect();
+        steps.push(Step { id, kind: c.kind, deps, required: c.required, join: c.join });
     }
     let mut dependents = vec![Vec::new(); steps.len()];
     for (i, s) in steps.iter().enumerate() {
@@ -240,107 +471,67 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
             dependents[d].push(i);
         }
     }
-    Ok(ValidatedGraph { name: def.name.clone(), steps, dependents, output: def.output.clone() })
+    Ok(ValidatedGraph { name: def.name.clone(), steps, dependents, output: def.output.clone(), max_concurrency })
 }
 
-#[derive(Default)]
-struct Problems(Vec<Problem>);
-
-impl Problems {
-    /// `step` is empty for workflow-level fields.
-    fn push(&mut self, step: Option<&str>, field: &str, message: String) {
-        let step = step.filter(|s| !s.is_empty()).map(str::to_owned);
-        self.0.push(Problem { step, field: field.to_owned(), message });
-    }
-}
-
-/// Parses a template and adds the steps it reads to `deps`, reporting what is wrong.
-fn check_template(found: &mut Problems, all_ids: &BTreeSet<String>, step: &str, field: &str, source: &str, deps: &mut BTreeSet<String>) {
-    if source.len() > MAX_TEMPLATE_BYTES {
-        found.push(Some(step), field, format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", source.len()));
-        return;
-    }
-    match template::references(source) {
-        Err(e) => found.push(Some(step), field, format!("template does not parse: {e}")),
-        Ok(refs) => {
-            for root in &refs.unknown_roots {
-                found.push(Some(step), field, format!("unknown variable {root:?}: templates read `input.…` and `steps.<id>.…`"));
-            }
-            if refs.dynamic_step_access {
-                found.push(Some(step), field, "`steps` must be read as `steps.<id>` so the dependency is known".into());
-            }
-            for s in refs.steps {
-                if s == step {
-                    found.push(Some(step), field, "a step cannot read its own output".into());
-                } else if !all_ids.contains(&s) {
-                    found.push(Some(step), field, format!("references unknown step {s:?}"));
-                } else {
-                    deps.insert(s);
-                }
-            }
-        }
-    }
-}
-
-/// Returns one cycle as a closed path (`a → b → a`), if any.
+/// Returns one cycle as a closed path in run order (`a → b → a`), if any.
 fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         Visiting,
         Done,
     }
-    fn visit(
-        node: &str,
-        graph: &BTreeMap<String, BTreeSet<String>>,
-        marks: &mut BTreeMap<String, Mark>,
-        path: &mut Vec<String>,
-    ) -> Option<Vec<String>> {
-        match marks.get(node) {
-            Some(Mark::Done) => return None,
-            Some(Mark::Visiting) => {
-                let start = path.iter().position(|p| p == node).unwrap_or(0);
-                let mut cycle = path[start..].to_vec();
-                cycle.push(node.to_owned());
-                return Some(cycle);
-            }
-            None => {}
+    let mut marks: BTreeMap<&str, Mark> = BTreeMap::new();
+    // Iterative DFS: a 200-step chain must not exhaust a Lambda's stack.
+    for start in graph.keys() {
+        if marks.contains_key(start.as_str()) {
+            continue;
         }
-        marks.insert(node.to_owned(), Mark::Visiting);
-        path.push(node.to_owned());
-        for dep in graph.get(node).into_iter().flatten() {
-            if let Some(c) = visit(dep, graph, marks, path) {
-                return Some(c);
+        let mut path: Vec<&str> = vec![start];
+        let mut iters: Vec<std::collections::btree_set::Iter<'_, String>> = vec![graph[start].iter()];
+        marks.insert(start, Mark::Visiting);
+        while let Some(it) = iters.last_mut() {
+            match it.next() {
+                Some(dep) => match marks.get(dep.as_str()) {
+                    Some(Mark::Done) => {}
+                    Some(Mark::Visiting) => {
+                        let from = path.iter().position(|p| *p == dep).unwrap_or(0);
+                        let mut cycle: Vec<String> = path[from..].iter().map(|s| (*s).to_owned()).collect();
+                        cycle.push(dep.clone());
+                        cycle.reverse();
+                        return Some(cycle);
+                    }
+                    None => {
+                        marks.insert(dep, Mark::Visiting);
+                        path.push(dep);
+                        iters.push(graph.get(dep).map(|d| d.iter()).unwrap_or_default());
+                    }
+                },
+                None => {
+                    if let Some(done) = path.pop() {
+                        marks.insert(done, Mark::Done);
+                    }
+                    iters.pop();
+                }
             }
-        }
-        path.pop();
-        marks.insert(node.to_owned(), Mark::Done);
-        None
-    }
-    let mut marks = BTreeMap::new();
-    for node in graph.keys() {
-        let mut path = Vec::new();
-        if let Some(mut c) = visit(node, graph, &mut marks, &mut path) {
-            // Edges point from a step to what it depends on; show the cycle in run order.
-            c.reverse();
-            return Some(c);
         }
     }
     None
 }
 
-fn topological_order(specs: &[(String, BTreeSet<String>)]) -> Vec<usize> {
-    let index: BTreeMap<&str, usize> = specs.iter().enumerate().map(|(i, (id, _))| (id.as_str(), i)).collect();
-    let mut remaining: Vec<usize> = specs.iter().map(|(_, deps)| deps.len()).collect();
-    let mut dependents = vec![Vec::new(); specs.len()];
-    for (i, (_, deps)) in specs.iter().enumerate() {
-        for d in deps {
+/// Kahn's algorithm, stable in definition order.
+fn topological_order(checked: &[Checked]) -> Vec<usize> {
+    let index: BTreeMap<&str, usize> = checked.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    let mut remaining: Vec<usize> = checked.iter().map(|c| c.deps.len()).collect();
+    let mut dependents = vec![Vec::new(); checked.len()];
+    for (i, c) in checked.iter().enumerate() {
+        for d in &c.deps {
             dependents[index[d.as_str()]].push(i);
         }
     }
-    let mut ready: std::collections::BTreeSet<usize> = (0..specs.len()).filter(|&i| remaining[i] == 0).collect();
-    let mut order = Vec::with_capacity(specs.len());
-    while let Some(&i) = ready.iter().next() {
-        ready.remove(&i);
+    let mut ready: BTreeSet<usize> = (0..checked.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut order = Vec::with_capacity(checked.len());
+    while let Some(i) = ready.pop_first() {
         order.push(i);
         for &d in &dependents[i] {
             remaining[d] -= 1;

@@ -138,6 +138,9 @@ pub struct StepRecord {
     pub cost: Usd,
     pub latency_ms: u64,
     pub error: Option<ErrorInfo>,
+    /// What only some kinds report: a router's choice, a map's per-item outcome.
+    #[serde(default)]
+    pub detail: Option<Value>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -155,6 +158,7 @@ impl StepRecord {
             cost: Usd::ZERO,
             latency_ms: 0,
             error,
+            detail: None,
             started_at: None,
             finished_at: Some(now),
         }

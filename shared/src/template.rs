@@ -9,8 +9,10 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
-/// The variables a template may read at its top level.
-pub const ROOT_VARIABLES: [&str; 2] = ["input", "steps"];
+/// The names a template or expression may read at the top level of a step.
+pub const STEP_ROOTS: [&str; 2] = ["input", "steps"];
+/// Inside a map's sub-step, `item` and `index` are added.
+pub const ITEM_ROOTS: [&str; 4] = ["input", "steps", "item", "index"];
 
 fn environment() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
@@ -45,31 +47,30 @@ impl From<minijinja::Error> for TemplateError {
 pub struct References {
     /// Step ids read through `steps.<id>`.
     pub steps: BTreeSet<String>,
-    /// Top-level names other than [`ROOT_VARIABLES`]: an error in a definition.
+    /// Top-level names that are not available where the template runs: an error in a definition.
     pub unknown_roots: BTreeSet<String>,
     /// `steps` used without naming a step (e.g. `steps[name]`): dependencies cannot be
     /// inferred, so the definition must list them in `depends_on`.
     pub dynamic_step_access: bool,
 }
 
-/// Parses `source` and lists what it reads.
-pub fn references(source: &str) -> Result<References, TemplateError> {
-    let template = environment().template_from_str(source)?;
+/// Parses `source` and lists what it reads; `roots` are the names available where it runs.
+pub fn references(source: &str, roots: &[&str]) -> Result<References, TemplateError> {
+    let env = environment();
+    let template = env.template_from_str(source)?;
     let mut refs = References::default();
     for path in template.undeclared_variables(true) {
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
-        match root {
-            "steps" => match parts.next() {
+        if root == "steps" {
+            match parts.next() {
                 Some(step) => {
                     refs.steps.insert(step.to_owned());
                 }
                 None => refs.dynamic_step_access = true,
-            },
-            "input" => {}
-            other => {
-                refs.unknown_roots.insert(other.to_owned());
             }
+        } else if !roots.contains(&root) && env.globals().all(|(name, _)| name != root) {
+            refs.unknown_roots.insert(root.to_owned());
         }
     }
     Ok(refs)
@@ -87,28 +88,34 @@ mod tests {
 
     #[test]
     fn finds_the_steps_a_template_reads() {
-        let refs = references("{{ steps.extract.output.issues | join(', ') }} {{ steps.summary.text }} {{ input.x }}").unwrap();
+        let refs = references("{{ steps.extract.output.issues | join(', ') }} {{ steps.summary.text }} {{ input.x }}", &STEP_ROOTS).unwrap();
         assert_eq!(refs.steps.into_iter().collect::<Vec<_>>(), ["extract", "summary"]);
         assert!(refs.unknown_roots.is_empty());
     }
 
     #[test]
     fn reports_unknown_top_level_names() {
-        let refs = references("{{ inputs.x }}").unwrap();
+        let refs = references("{{ inputs.x }}", &STEP_ROOTS).unwrap();
         assert!(refs.unknown_roots.contains("inputs"));
     }
 
     #[test]
     fn loop_variables_are_not_references() {
-        let refs = references("{% for i in steps.a.output %}{{ i }}{% endfor %}").unwrap();
+        let refs = references("{% for i in steps.a.output %}{{ i }}{% endfor %}{{ range(3) | list }}", &STEP_ROOTS).unwrap();
         assert_eq!(refs.steps.len(), 1);
         assert!(refs.unknown_roots.is_empty(), "{:?}", refs.unknown_roots);
     }
 
     #[test]
     fn rejects_unparseable_templates_with_position() {
-        let err = references("Hello {{ input.name ").unwrap_err();
+        let err = references("Hello {{ input.name ", &STEP_ROOTS).unwrap_err();
         assert!(err.to_string().contains("syntax error") && err.to_string().contains(":1"), "{err}");
+    }
+
+    #[test]
+    fn item_and_index_are_roots_only_where_given() {
+        assert!(references("{{ item }} {{ index }}", &ITEM_ROOTS).unwrap().unknown_roots.is_empty());
+        assert_eq!(references("{{ item }}", &STEP_ROOTS).unwrap().unknown_roots.len(), 1);
     }
 
     #[test]

@@ -1,23 +1,37 @@
 //! The workflow definition as clients write it (JSON). Untrusted: nothing here is
 //! executed before [`crate::graph::validate`] turns it into a [`crate::graph::ValidatedGraph`].
+//!
+//! The JSON Schema published in `schemas/workflow.schema.json` is generated from these
+//! types (`cargo run -p chainrun-core --example workflow_schema`), and a test keeps the
+//! checked-in file in sync.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A workflow: a graph of steps run as one unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "chainrun workflow definition")]
 pub struct WorkflowDef {
+    /// Names the workflow in history, analytics and progress feeds.
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Values each `llm` step inherits unless it sets its own.
     #[serde(default)]
     pub defaults: Defaults,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// JSON Schema the run input must match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_schema: Option<Value>,
-    /// Steps stay raw JSON here so that one malformed step is reported by its id and
-    /// field alongside every other problem, instead of failing the whole parse.
+    /// How many steps of one run may execute at once (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// The steps. Kept as raw JSON here so that one malformed step is reported by its id
+    /// and field alongside every other problem, instead of failing the whole parse.
+    #[schemars(with = "Vec<StepDef>")]
     pub steps: Vec<Value>,
     /// Template for the run's final output; when absent the output is an object of the
     /// outputs of the steps nothing else depends on.
@@ -25,16 +39,17 @@ pub struct WorkflowDef {
     pub output: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
+    /// Bedrock model id or inference profile id (`us.`, `eu.`, `apac.`, `global.`).
     pub model: Option<String>,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
     pub retry: Option<RetryPolicy>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Dollars as a decimal string or number; parsed exactly.
@@ -42,7 +57,9 @@ pub struct Budget {
     pub max_total_tokens: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Per-step retry of retryable errors (throttling, timeouts, 5xx, invalid output):
+/// exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
@@ -56,30 +73,77 @@ impl Default for RetryPolicy {
     }
 }
 
-/// One step as written. `type` selects the variant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One step. `type` selects the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StepDef {
+    /// A model call (Bedrock Converse).
     Llm(LlmStepDef),
+    /// A template or CEL expression over earlier outputs; no model call.
+    Transform(TransformStepDef),
+    /// Ordered CEL conditions choosing which downstream steps stay active.
+    Router(RouterStepDef),
+    /// Runs a sub-step for every item of a list, results collected in order.
+    Map(MapStepDef),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What every step has. Inside a map, the sub-step has none of these.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Common<'a> {
+    pub id: &'a str,
+    pub depends_on: &'a [String],
+    pub required: bool,
+    pub join: Join,
+}
+
+impl StepDef {
+    pub fn common(&self) -> Common<'_> {
+        macro_rules! common {
+            ($s:expr) => {
+                Common { id: &$s.id, depends_on: &$s.depends_on, required: $s.required, join: $s.join }
+            };
+        }
+        match self {
+            StepDef::Llm(s) => common!(s),
+            StepDef::Transform(s) => common!(s),
+            StepDef::Router(s) => common!(s),
+            StepDef::Map(s) => common!(s),
+        }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            StepDef::Llm(_) => "llm",
+            StepDef::Transform(_) => "transform",
+            StepDef::Router(_) => "router",
+            StepDef::Map(_) => "map",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmStepDef {
+    /// `[A-Za-z][A-Za-z0-9_]*`, unique in the workflow; read as `steps.<id>`. Omitted inside a map.
+    #[serde(default)]
     pub id: String,
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// When false, the step's failure does not fail the run.
     #[serde(default = "default_true")]
     pub required: bool,
     #[serde(default)]
     pub join: Join,
     pub model: Option<String>,
+    /// System prompt (a template).
     pub system: Option<String>,
+    /// User prompt (a template).
     pub prompt: String,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub stop_sequences: Vec<String>,
+    /// Use ConverseStream and report `STREAMING` progress events.
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
@@ -87,29 +151,106 @@ pub struct LlmStepDef {
     pub retry: Option<RetryPolicy>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransformStepDef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub join: Join,
+    /// A Jinja template; the output is the rendered text. Exactly one of `template` and `expression`.
+    pub template: Option<String>,
+    /// A CEL expression; the output is its value as JSON.
+    pub expression: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouterStepDef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub join: Join,
+    /// Tried in order; the first whose condition holds chooses its steps.
+    pub routes: Vec<RouteDef>,
+    /// Chosen when no route's condition holds.
+    #[serde(default)]
+    pub default: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDef {
+    /// A CEL condition (must evaluate to a bool).
+    pub when: String,
+    /// Steps that stay active when this route is chosen; each must depend on the router.
+    pub to: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapStepDef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub join: Join,
+    /// A CEL expression giving the list to fan out over.
+    pub over: String,
+    /// Items processed at once (default 4).
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub on_item_failure: ItemFailure,
+    /// The sub-step run per item (`llm` or `transform`), which may read `item` and `index`.
+    pub step: Box<StepDef>,
+}
+
 fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Join {
     /// Every dependency completed.
     #[default]
     All,
-    /// At least one dependency completed; the rest completed or were skipped.
+    /// At least one dependency completed; the others settled in any way.
     Any,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// What a map does when one item fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemFailure {
+    /// The map step fails.
+    #[default]
+    Fail,
+    /// The map completes; failed items are `null` in the results and listed in `detail.failed`.
+    Continue,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     #[serde(default)]
     pub format: OutputFormat,
+    /// JSON Schema the reply must match (format `json` only); a mismatch is retried with a hint.
     pub schema: Option<Value>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputFormat {
     #[default]

@@ -174,6 +174,8 @@ struct StepItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<ErrorInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     finished_at: Option<DateTime<Utc>>,
@@ -273,6 +275,7 @@ impl RunStore for DynamoStore {
                 let step: StepItem = from_item(item)?;
                 steps.push(StepRecord {
                     output: step.output.as_deref().map(|o| parse_json(o, "step output")).transpose()?,
+                    detail: step.detail.as_deref().map(|d| parse_json(d, "step detail")).transpose()?,
                     step_id: step.step_id,
                     status: step.status,
                     attempts: step.attempts,
@@ -347,6 +350,7 @@ impl RunStore for DynamoStore {
             cost: step.cost,
             latency_ms: step.latency_ms,
             error: step.error.clone(),
+            detail: step.detail.as_ref().map(json_string),
             started_at: step.started_at,
             finished_at: step.finished_at,
         })?;
