@@ -440,7 +440,12 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
                     found.push(
                         &step.id,
                         "routes",
-                        format!("routes to {target:?}, which does not depend on {:?}: add it to {target:?}'s depends_on", step.id),
+                        format!(
+                            "routes to {:?}, which does not depend on {:?}: add it to {:?}'s depends_on",
+                            target.as_str(),
+                            step.id,
+                            target.as_str()
+                        ),
                     );
                 }
             }
@@ -645,5 +650,75 @@ mod tests {
         for v in [json!(null), json!([]), json!("x"), json!({ "name": "x", "steps": "nope" }), json!({ "name": "x", "steps": [1, null, "s"] })] {
             assert!(validate_json(&v, &registry()).is_err(), "{v}");
         }
+    }
+
+    fn problem_for<'a>(p: &'a [Problem], step: &str, field: &str) -> &'a Problem {
+        p.iter().find(|x| x.step.as_deref() == Some(step) && x.field == field).unwrap_or_else(|| panic!("no problem for {step}.{field}: {p:?}"))
+    }
+
+    #[test]
+    fn routes_must_target_steps_that_depend_on_the_router() {
+        let p = problems(wf(json!([
+            { "id": "r", "type": "router", "routes": [{ "when": "true", "to": ["a", "ghost"] }], "default": ["b"] },
+            { "id": "a", "type": "transform", "template": "x" },
+            { "id": "b", "type": "transform", "depends_on": ["r"], "template": "y" }
+        ])));
+        assert!(problem_for(&p, "r", "routes").message.contains("\"a\", which does not depend on \"r\""), "{p:?}");
+        assert!(problem_for(&p, "r", "routes[0].to").message.contains("ghost"));
+        assert_eq!(p.len(), 2, "b depends on r: fine. {p:?}");
+    }
+
+    #[test]
+    fn router_conditions_are_cel_and_become_dependencies() {
+        let g = validate_json(
+            &wf(json!([
+                { "id": "s", "type": "transform", "expression": "{'label': 'negative'}" },
+                { "id": "r", "type": "router", "routes": [{ "when": "steps.s.output.label == 'negative'", "to": ["t"] }] },
+                { "id": "t", "type": "transform", "depends_on": ["r"], "template": "x" }
+            ])),
+            &registry(),
+        )
+        .unwrap();
+        let r = g.index_of("r").unwrap();
+        assert_eq!(g.steps[r].deps, vec![g.index_of("s").unwrap()]);
+        let p = problems(wf(json!([{ "id": "r", "type": "router", "routes": [{ "when": "steps.s.output ==", "to": [] }] }])));
+        assert!(problem_for(&p, "r", "routes[0].when").message.contains("CEL"), "{p:?}");
+    }
+
+    #[test]
+    fn map_steps_take_one_llm_or_transform_without_their_own_wiring() {
+        let p = problems(wf(json!([
+            { "id": "m1", "type": "map", "over": "input.xs", "step": { "type": "map", "over": "item", "step": { "type": "transform", "template": "x" } } },
+            { "id": "m2", "type": "map", "over": "input.xs", "step": { "id": "inner", "type": "llm", "prompt": "{{ item }}" } },
+            { "id": "m3", "type": "map", "over": "input.xs", "max_concurrency": 0, "step": { "type": "transform", "template": "{{ item }} {{ index }}" } }
+        ])));
+        assert!(problem_for(&p, "m1", "step.type").message.contains("maps do not nest"));
+        assert!(problem_for(&p, "m2", "step").message.contains("no id"));
+        assert_eq!(problem_for(&p, "m3", "max_concurrency").field, "max_concurrency");
+    }
+
+    #[test]
+    fn item_and_index_exist_only_inside_a_map() {
+        let p = problems(wf(json!([{ "id": "a", "type": "llm", "prompt": "{{ item }}" }])));
+        assert!(problem_for(&p, "a", "prompt").message.contains("only inside a map"));
+    }
+
+    #[test]
+    fn a_transform_needs_exactly_one_of_template_and_expression() {
+        for step in [json!({ "id": "t", "type": "transform" }), json!({ "id": "t", "type": "transform", "template": "a", "expression": "1" })] {
+            let p = problems(wf(json!([step])));
+            assert!(problem_for(&p, "t", "template").message.contains("exactly one"));
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let steps: Vec<Value> = (0..=MAX_STEPS).map(|i| json!({ "id": format!("s{i}"), "type": "transform", "template": "x" })).collect();
+        assert!(problems(wf(json!(steps)))[0].message.contains("limit"));
+        let mut def = wf(json!([{ "id": "a", "type": "transform", "template": "x" }]));
+        def["max_concurrency"] = json!(1000);
+        assert_eq!(problems(def)[0].field, "max_concurrency");
+        let big = "x".repeat(MAX_TEMPLATE_BYTES + 1);
+        assert!(problems(wf(json!([{ "id": "a", "type": "transform", "template": big }])))[0].message.contains("limit"));
     }
 }

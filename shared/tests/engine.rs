@@ -281,3 +281,194 @@ impl ParseStep for str {
         chainrun_core::ids::StepId::parse(self).unwrap()
     }
 }
+
+fn step_status(h: &Harness, run: &RunRecord) -> std::collections::BTreeMap<String, StepStatus> {
+    futures_lite_block(h.store.get_steps(&run.id)).unwrap().into_iter().map(|s| (s.step_id.to_string(), s.status)).collect()
+}
+
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    // get_steps on the memory store never awaits anything real.
+    futures::executor::block_on(f)
+}
+
+fn sentiment_router(label: &str) -> (Value, Vec<Script>) {
+    let def = workflow(json!([
+        { "id": "sentiment", "type": "llm", "prompt": "SENTIMENT", "output": { "format": "json" } },
+        { "id": "route", "type": "router", "depends_on": ["sentiment"],
+          "routes": [ { "when": "steps.sentiment.output.label == 'negative'", "to": ["escalate"] } ],
+          "default": ["auto_reply"] },
+        { "id": "escalate", "type": "llm", "depends_on": ["route"], "prompt": "ESCALATE" },
+        { "id": "notify", "type": "llm", "prompt": "NOTIFY {{ steps.escalate.text }}" },
+        { "id": "auto_reply", "type": "llm", "depends_on": ["route"], "prompt": "AUTO" },
+        { "id": "report", "type": "transform", "join": "any", "template": "{{ steps.escalate.text or steps.auto_reply.text }}" }
+    ]));
+    let scripts = vec![
+        Script::reply("SENTIMENT", &format!("{{\"label\":\"{label}\"}}")),
+        Script::reply("ESCALATE", "escalated"),
+        Script::reply("NOTIFY", "notified"),
+        Script::reply("AUTO", "auto-replied"),
+    ];
+    (def, scripts)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_runs_the_chosen_route_and_skips_the_rest_transitively() {
+    let (def, scripts) = sentiment_router("negative");
+    let h = harness(scripts);
+    let (run, events) = h.run(def, json!({})).await;
+    assert_eq!(run.status, RunStatus::Completed);
+    let status = step_status(&h, &run);
+    assert_eq!(status["escalate"], StepStatus::Completed);
+    assert_eq!(status["notify"], StepStatus::Completed);
+    assert_eq!(status["auto_reply"], StepStatus::Skipped);
+    assert_eq!(status["report"], StepStatus::Completed);
+    assert_eq!(h.model.calls_matching("AUTO"), 0);
+    let skipped = events.iter().find(|e| e.kind == EventType::StepSkipped).unwrap();
+    assert_eq!(skipped.data["reason"], "not chosen by router route");
+    assert_eq!(run.output, Some(json!({ "notify": "notified", "report": "escalated" })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_falls_back_to_its_default_and_skip_propagates_downstream() {
+    let (def, scripts) = sentiment_router("positive");
+    let h = harness(scripts);
+    let (run, _) = h.run(def, json!({})).await;
+    assert_eq!(run.status, RunStatus::Completed);
+    let status = step_status(&h, &run);
+    assert_eq!((status["escalate"], status["notify"]), (StepStatus::Skipped, StepStatus::Skipped), "notify depends on a skipped step");
+    assert_eq!(status["auto_reply"], StepStatus::Completed);
+    assert_eq!(run.output, Some(json!({ "report": "auto-replied" })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_condition_that_is_not_a_bool_fails_the_router() {
+    let h = harness(vec![Script::reply("S", "{\"label\": 3}")]);
+    let (run, _) = h
+        .run(
+            workflow(json!([
+                { "id": "s", "type": "llm", "prompt": "S", "output": { "format": "json" } },
+                { "id": "r", "type": "router", "routes": [ { "when": "steps.s.output.label", "to": ["t"] } ] },
+                { "id": "t", "type": "transform", "depends_on": ["r"], "template": "x" }
+            ])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let error = run.error.unwrap();
+    assert_eq!(error.code, "CONDITION_ERROR");
+    assert!(error.message.contains("true or false"), "{}", error.message);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transforms_render_templates_and_evaluate_expressions_without_a_model() {
+    let h = harness(vec![]);
+    let (run, _) = h
+        .run(
+            workflow(json!([
+                { "id": "count", "type": "transform", "expression": "{'n': size(input.items), 'first': input.items[0]}" },
+                { "id": "line", "type": "transform", "template": "{{ steps.count.output.n }} items, first {{ steps.count.output.first }}" }
+            ])),
+            json!({ "items": ["a", "b", "c"] }),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!({ "line": "3 items, first a" })));
+    assert!(h.model.calls().is_empty());
+    assert_eq!(run.totals.model_calls, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_fans_out_with_bounded_concurrency_and_keeps_input_order() {
+    // Item latencies are scripted so that later items finish first.
+    let scripts: Vec<Script> =
+        (0..6).map(|i| Script::reply(&format!("FIX item-{i} "), &format!("fix {i}")).with_latency(Duration::from_millis(600 - 100 * i))).collect();
+    let h = harness(scripts);
+    let started = Instant::now();
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "issues", "type": "transform", "expression": "['item-0', 'item-1', 'item-2', 'item-3', 'item-4', 'item-5']" },
+                { "id": "fixes", "type": "map", "over": "steps.issues.output", "max_concurrency": 2,
+                  "step": { "type": "llm", "prompt": "FIX {{ item }} #{{ index }}" } }
+            ])),
+            json!({}),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.output, Some(json!({ "fixes": ["fix 0", "fix 1", "fix 2", "fix 3", "fix 4", "fix 5"] })));
+    // Two at a time: items 0 (600 ms) ∥ 1 (500); 2 starts at 500, 3 at 600, both end at 900;
+    // then 4 (200) ∥ 5 (100) end by 1,100 ms. All six at once would take 600 ms.
+    assert_eq!(started.elapsed(), Duration::from_millis(1100));
+    assert_eq!(h.model.calls_matching("#3"), 1);
+    let done = events.iter().find(|e| e.kind == EventType::StepCompleted && e.step_id.as_ref().map(|s| s.as_str()) == Some("fixes")).unwrap();
+    assert_eq!(done.data["detail"]["items"], 6);
+    assert_eq!(run.totals.model_calls, 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_item_failure_fails_the_step_or_is_reported_per_policy() {
+    let denied = ModelError::new(ModelErrorKind::Invalid, "ValidationException", "bad item");
+    for (policy, expected) in [("fail", RunStatus::Failed), ("continue", RunStatus::Completed)] {
+        let h = harness(vec![Script::failing_first("DO b", denied.clone(), 9, "never"), Script::reply("DO ", "done")]);
+        let (run, _) = h
+            .run(
+                workflow(json!([
+                    { "id": "m", "type": "map", "over": "input.items", "on_item_failure": policy,
+                      "step": { "type": "llm", "prompt": "DO {{ item }}" } }
+                ])),
+                json!({ "items": ["a", "b", "c"] }),
+            )
+            .await;
+        assert_eq!(run.status, expected, "{policy}");
+        let steps = h.store.get_steps(&run.id).await.unwrap();
+        let m = steps.iter().find(|s| s.step_id.as_str() == "m").unwrap();
+        assert_eq!(m.detail.as_ref().unwrap()["failed"][0]["index"], 1, "{policy}");
+        if policy == "continue" {
+            assert_eq!(run.output, Some(json!({ "m": ["done", null, "done"] })));
+        } else {
+            assert!(run.error.unwrap().message.contains("1 of 3 items failed"));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_over_something_that_is_not_a_list_fails_clearly() {
+    let h = harness(vec![]);
+    let (run, _) = h
+        .run(
+            workflow(json!([{ "id": "m", "type": "map", "over": "input.n", "step": { "type": "transform", "template": "{{ item }}" } }])),
+            json!({ "n": 3 }),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(run.error.unwrap().message.contains("must give a list"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_concurrency_bounds_how_many_steps_run_at_once() {
+    let scripts: Vec<Script> = (0..6).map(|i| Script::reply(&format!("P{i}"), "ok").with_latency(Duration::from_secs(1))).collect();
+    let h = harness(scripts);
+    let mut def = workflow(json!((0..6).map(|i| json!({ "id": format!("p{i}"), "type": "llm", "prompt": format!("P{i}") })).collect::<Vec<_>>()));
+    def["max_concurrency"] = json!(2);
+    let started = Instant::now();
+    let (run, _) = h.run(def, json!({})).await;
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "six 1 s steps, two at a time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reading_steps_as_a_whole_is_rejected_because_dependencies_must_be_static() {
+    let h = harness(vec![Script::reply("A", "a")]);
+    let (run, _) = h
+        .run(
+            workflow(json!([
+                { "id": "a", "type": "llm", "prompt": "A" },
+                { "id": "b", "type": "transform", "depends_on": ["a"], "expression": "steps" }
+            ])),
+            json!({}),
+        )
+        .await;
+    // The runner re-validates the snapshot; a definition that slipped past would fail the run.
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.error.unwrap().code, "INVALID_WORKFLOW");
+}
