@@ -9,6 +9,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// The published JSON Schema of [`WorkflowDef`], pretty-printed (what
+/// `schemas/workflow.schema.json` holds).
+pub fn schema_json() -> String {
+    let schema = schemars::schema_for!(WorkflowDef);
+    // Serializing a schema (plain JSON values) cannot fail.
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
+}
+
 /// A workflow: a graph of steps run as one unit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
