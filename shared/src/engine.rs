@@ -46,9 +46,10 @@ pub struct EngineConfig {
     /// Larger outputs are refused (a checkpoint is one DynamoDB item, 400 KB).
     pub max_output_bytes: usize,
     /// Write a `RUNNING` checkpoint when a model step starts, so snapshots show what is in
-    /// flight. Costs one write per step; the scheduler benchmark turns it off to measure
-    /// the engine alone.
+    /// flight. Costs one write per model step.
     pub checkpoint_running: bool,
+    /// Definition limits applied when the run's snapshot is validated.
+    pub limits: crate::graph::Limits,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +60,7 @@ impl Default for EngineConfig {
             deadline_margin: Duration::from_secs(90),
             max_output_bytes: 160 * 1024,
             checkpoint_running: true,
+            limits: crate::graph::Limits::default(),
         }
     }
 }
@@ -147,8 +149,9 @@ impl Engine {
     pub async fn execute(&self, mut run: RunRecord, lease: Lease, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            let graph = match crate::graph::validate_json(&run.definition, &self.models) {
-                Ok(g) => g,
+            let graph = match crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits) {
+                // Shared with step tasks, which borrow their step instead of copying it.
+                Ok(g) => Arc::new(g),
                 Err(invalid) => {
                     // Validated at start; this only happens if the price registry changed since.
                     let error = ErrorInfo { code: "INVALID_WORKFLOW".into(), message: invalid.to_string(), retryable: false };
@@ -217,10 +220,9 @@ impl Engine {
                     while running.len() < max_running
                         && let Some(i) = ready.pop_front()
                     {
-                        let step = graph.steps[i].clone();
-                        let context = template_context(&run.input, &graph, &schedule.records, &step.deps);
-                        let shared = shared.clone();
-                        running.spawn(async move { (i, shared.run_step(step, context).await) });
+                        let context = template_context(&run.input, &graph, &schedule.records, &graph.steps[i].deps);
+                        let (shared, graph) = (shared.clone(), graph.clone());
+                        running.spawn(async move { (i, shared.run_step(&graph.steps[i], context).await) });
                     }
                 }
                 let Some(joined) = running.join_next().await else { break };
@@ -525,7 +527,7 @@ impl Work {
 }
 
 impl StepContext {
-    async fn run_step(&self, step: Step, context: Value) -> Result<StepRecord, EngineError> {
+    async fn run_step(&self, step: &Step, context: Value) -> Result<StepRecord, EngineError> {
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
             let started_at = Utc::now();

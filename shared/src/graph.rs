@@ -7,9 +7,9 @@ use crate::ids::StepId;
 use crate::pricing::ModelRegistry;
 use crate::template::{self, ITEM_ROOTS, References, STEP_ROOTS};
 use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Limits that keep one definition from exhausting a function (and a DynamoDB item).
@@ -20,6 +20,19 @@ pub const MAX_ROUTES: usize = 50;
 pub const MAX_CONCURRENCY: u32 = 100;
 pub const DEFAULT_CONCURRENCY: u32 = 10;
 pub const DEFAULT_MAP_CONCURRENCY: u32 = 4;
+
+/// Size limits a deployment enforces on definitions. The defaults are the product's; the
+/// scheduler benchmark raises `max_steps` to measure the engine on 10,000-step graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_steps: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_steps: MAX_STEPS }
+    }
+}
 
 /// One thing wrong with a definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -144,11 +157,19 @@ impl ValidatedGraph {
     }
 }
 
-/// Parses the raw definition JSON and validates it.
+/// Parses the raw definition JSON and validates it with the product's limits.
 pub fn validate_json(raw: &Value, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
-    let def: WorkflowDef = serde_json::from_value(raw.clone())
+    validate_json_with(raw, models, Limits::default())
+}
+
+pub fn validate_json_with(raw: &Value, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
+    let def = WorkflowDef::deserialize(raw)
         .map_err(|e| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] })?;
-    validate(&def, models)
+    validate_with(&def, models, limits)
+}
+
+pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
+    validate_with(def, models, Limits::default())
 }
 
 #[derive(Default)]
@@ -165,7 +186,7 @@ impl Problems {
 /// Shared state while checking one step's fields.
 struct Checker<'a> {
     found: &'a mut Problems,
-    all_ids: &'a BTreeSet<String>,
+    all_ids: &'a HashSet<String>,
     step: &'a str,
     deps: BTreeSet<String>,
 }
@@ -313,7 +334,7 @@ struct Checked {
     join: Join,
 }
 
-pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
+pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
     let mut found = Problems::default();
     if def.name.trim().is_empty() || def.name.len() > MAX_NAME_LEN {
         found.push("", "name", format!("must be 1 to {MAX_NAME_LEN} characters"));
@@ -321,9 +342,9 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
     if def.steps.is_empty() {
         found.push("", "steps", "a workflow needs at least one step");
     }
-    if def.steps.len() > MAX_STEPS {
+    if def.steps.len() > limits.max_steps {
         // Checking thousands of steps would itself be the resource exhaustion the limit prevents.
-        found.push("", "steps", format!("{} steps; the limit is {MAX_STEPS}", def.steps.len()));
+        found.push("", "steps", format!("{} steps; the limit is {}", def.steps.len(), limits.max_steps));
         return Err(InvalidWorkflow { problems: found.0 });
     }
     let max_concurrency = def.max_concurrency.unwrap_or(DEFAULT_CONCURRENCY);
@@ -333,10 +354,10 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
 
     // Parse each step on its own so that every malformed step is reported.
     let mut parsed: Vec<(String, StepDef)> = Vec::new();
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::new();
     for (i, raw) in def.steps.iter().enumerate() {
         let label = raw.get("id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("#{i}"));
-        let step: StepDef = match serde_json::from_value(raw.clone()) {
+        let step = match StepDef::deserialize(raw) {
             Ok(s) => s,
             Err(e) => {
                 let message = e.to_string();
@@ -358,7 +379,7 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
     }
     // Ids rejected above (bad or duplicate) still exist as far as references go, so they
     // are not reported a second time as "unknown step".
-    let all_ids: BTreeSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
+    let all_ids: HashSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
 
     let mut checked = Vec::with_capacity(parsed.len());
     for (id, step) in &parsed {
@@ -452,16 +473,20 @@ pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGr
         }
     }
 
-    let graph: BTreeMap<String, BTreeSet<String>> = checked.iter().map(|c| (c.id.clone(), c.deps.clone())).collect();
-    if let Some(cycle) = find_cycle(&graph) {
-        found.push(&cycle[0], "depends_on", format!("dependency cycle: {}", cycle.join(" → ")));
+    let order = topological_order(&checked);
+    if order.len() < checked.len() {
+        // Kahn's algorithm left steps unordered: there is a cycle. Only now pay for finding
+        // and naming it.
+        let graph: BTreeMap<String, BTreeSet<String>> = checked.iter().map(|c| (c.id.clone(), c.deps.clone())).collect();
+        if let Some(cycle) = find_cycle(&graph) {
+            found.push(&cycle[0], "depends_on", format!("dependency cycle: {}", cycle.join(" → ")));
+        }
     }
     if !found.0.is_empty() {
         return Err(InvalidWorkflow { problems: found.0 });
     }
 
-    let order = topological_order(&checked);
-    let position: BTreeMap<String, usize> = order.iter().enumerate().map(|(i, &s)| (checked[s].id.clone(), i)).collect();
+    let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, &s)| (checked[s].id.clone(), i)).collect();
     let mut slots: Vec<Option<Checked>> = checked.into_iter().map(Some).collect();
     let mut steps = Vec::with_capacity(slots.len());
     for &s in &order {
@@ -526,12 +551,15 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
 
 /// Kahn's algorithm, stable in definition order.
 fn topological_order(checked: &[Checked]) -> Vec<usize> {
-    let index: BTreeMap<&str, usize> = checked.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
-    let mut remaining: Vec<usize> = checked.iter().map(|c| c.deps.len()).collect();
+    let index: HashMap<&str, usize> = checked.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    let mut remaining = vec![0usize; checked.len()];
     let mut dependents = vec![Vec::new(); checked.len()];
     for (i, c) in checked.iter().enumerate() {
-        for d in &c.deps {
-            dependents[index[d.as_str()]].push(i);
+        // A dependency on a step that failed to parse was reported already; ordering
+        // ignores it so the remaining steps can still be checked for cycles.
+        for d in c.deps.iter().filter_map(|d| index.get(d.as_str())) {
+            dependents[*d].push(i);
+            remaining[i] += 1;
         }
     }
     let mut ready: BTreeSet<usize> = (0..checked.len()).filter(|&i| remaining[i] == 0).collect();
@@ -637,6 +665,16 @@ mod tests {
             { "id": "ok", "type": "llm", "prompt": "{{ nope }}" }
         ]}));
         assert!(p.len() >= 4, "{p:?}"); // name, bad id, no model, unknown variable
+    }
+
+    #[test]
+    fn a_reference_to_a_step_that_failed_to_parse_is_reported_not_panicked_on() {
+        let p = problems(wf(json!([
+            { "id": "a", "type": "x" },
+            { "id": "b", "type": "transform", "expression": "steps.a.text + '!'" }
+        ])));
+        assert_eq!(p.len(), 1, "only a's type is wrong: {p:?}");
+        assert_eq!((p[0].step.as_deref(), p[0].field.as_str()), (Some("a"), "type"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use crate::money::{MoneyError, Usd};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 const BUILTIN: &str = include_str!("../models.json");
@@ -150,9 +151,9 @@ impl ModelRegistry {
     /// Looks a model id up, resolving cross-region inference profiles
     /// (`us.anthropic.claude-…` → `anthropic.claude-…`) and applying the profile's
     /// price multiplier.
-    pub fn get(&self, model_id: &str) -> Option<ModelInfo> {
+    pub fn get(&self, model_id: &str) -> Option<Cow<'_, ModelInfo>> {
         if let Some(info) = self.models.get(model_id) {
-            return Some(info.clone());
+            return Some(Cow::Borrowed(info));
         }
         let (prefix, base) = model_id.split_once('.')?;
         if !PROFILE_PREFIXES.contains(&prefix) {
@@ -168,7 +169,7 @@ impl ModelRegistry {
             info.cache_write = info.cache_write.map(scale);
         }
         info.id = model_id.to_owned();
-        Some(info)
+        Some(Cow::Owned(info))
     }
 
     pub fn model_ids(&self) -> impl Iterator<Item = &str> {
@@ -190,7 +191,8 @@ mod tests {
     fn nova_micro_cost_matches_hand_computation() {
         // 1,000 input at $0.000035/1K + 500 output at $0.00014/1K + 2,000 cache read at $0.00000875/1K
         // = 0.000035 + 0.00007 + 0.0000175 = $0.0001225
-        let m = ModelRegistry::builtin().get("amazon.nova-micro-v1:0").unwrap();
+        let registry = ModelRegistry::builtin();
+        let m = registry.get("amazon.nova-micro-v1:0").unwrap();
         let usage = Usage { input_tokens: 1000, output_tokens: 500, cache_read_tokens: 2000, cache_write_tokens: 0 };
         assert_eq!(m.cost(&usage).unwrap().to_string(), "0.0001225");
     }
@@ -209,7 +211,7 @@ mod tests {
     fn overrides_replace_and_add_models() {
         let json = r#"{"models":{"custom.model-v1":{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":1000,"max_output_tokens":100}}}"#;
         let r = ModelRegistry::load(Some(json)).unwrap();
-        assert_eq!(r.get("custom.model-v1").unwrap().input.pico(), 1_000_000);
+        assert_eq!(r.get("custom.model-v1").map(|m| m.input.pico()), Some(1_000_000));
         assert!(r.get("amazon.nova-micro-v1:0").is_some());
     }
 
