@@ -4,6 +4,14 @@
 //! strings so nothing passes through a float) and may be overridden per deployment with
 //! `CHAINRUN_MODEL_PRICES`. Internally a price is pico-dollars per token (see [`crate::money`]),
 //! so `cost = Σ tokens × price` is exact integer arithmetic.
+//!
+//! Where a call runs can change its price. Bedrock routes a bare model id in the caller's
+//! Region, a geographic inference profile (`us.`, `eu.`, …) within one geography, and a
+//! `global.` profile anywhere. For most models all three cost the same; for Anthropic's 4.5
+//! generation AWS lists the global profile at the base price and the other two 10% higher.
+//! The sheet therefore lists one price per model plus an optional percentage per scope, and
+//! a percentage that would leave a fraction of a pico-dollar is refused when the sheet is
+//! loaded, so every price the registry hands out is exact.
 
 use crate::money::{MoneyError, Usd};
 use serde::{Deserialize, Serialize};
@@ -29,17 +37,22 @@ impl Usage {
     }
 }
 
+/// One model as called through one id: the prices already account for where the call runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
+    /// The id it was looked up by, profile prefix included.
     pub id: String,
     /// Pico-dollars per token.
     pub input: Usd,
     pub output: Usd,
     pub cache_read: Option<Usd>,
+    /// The 5-minute cache write.
     pub cache_write: Option<Usd>,
     pub context_window: u32,
     pub max_output_tokens: u32,
     pub streaming: bool,
+    /// Whether the Converse API accepts tool definitions for this model.
+    pub tools: bool,
 }
 
 impl ModelInfo {
@@ -55,11 +68,108 @@ impl ModelInfo {
             .checked_add(cache_read.checked_mul(usage.cache_read_tokens)?)?
             .checked_add(cache_write.checked_mul(usage.cache_write_tokens)?)
     }
+
+    /// The same model at `pct` percent of these prices; `None` if a price would not stay a
+    /// whole pico-dollar (loading rejects such percentages, so lookups never see it).
+    fn at_pct(&self, pct: u64) -> Option<ModelInfo> {
+        let scale = |p: Usd| -> Option<Usd> {
+            let scaled = p.pico().checked_mul(pct)?;
+            (scaled % 100 == 0).then(|| Usd::from_pico(scaled / 100))
+        };
+        Some(ModelInfo {
+            input: scale(self.input)?,
+            output: scale(self.output)?,
+            cache_read: match self.cache_read {
+                Some(p) => Some(scale(p)?),
+                None => None,
+            },
+            cache_write: match self.cache_write {
+                Some(p) => Some(scale(p)?),
+                None => None,
+            },
+            ..self.clone()
+        })
+    }
+
+    fn prices(&self) -> [(&'static str, Option<Usd>); 4] {
+        [
+            ("input_per_1k", Some(self.input)),
+            ("output_per_1k", Some(self.output)),
+            ("cache_read_per_1k", self.cache_read),
+            ("cache_write_per_1k", self.cache_write),
+        ]
+    }
+}
+
+/// Where Bedrock runs a call, which is what the price sheet distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The bare model id, served in the caller's Region.
+    InRegion,
+    /// A geographic cross-Region inference profile.
+    Geo,
+    /// The `global.` cross-Region inference profile.
+    Global,
+}
+
+impl Scope {
+    const ALL: [Scope; 3] = [Scope::InRegion, Scope::Geo, Scope::Global];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scope::InRegion => "in_region",
+            Scope::Geo => "geo",
+            Scope::Global => "global",
+        }
+    }
+}
+
+/// Inference profile prefixes Bedrock defines, and the scope each one runs in.
+const PROFILE_PREFIXES: [(&str, Scope); 7] = [
+    ("global", Scope::Global),
+    ("us", Scope::Geo),
+    ("us-gov", Scope::Geo),
+    ("eu", Scope::Geo),
+    ("apac", Scope::Geo),
+    ("jp", Scope::Geo),
+    ("au", Scope::Geo),
+];
+
+/// A percentage far outside any published premium is a typo, and capping it keeps
+/// `price × pct` well inside a u64.
+const MAX_PCT: u64 = 1000;
+
+/// Percent of the listed price by scope, as the sheet's `price_pct`; a missing scope is 100.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopePct {
+    global: Option<u64>,
+    geo: Option<u64>,
+    in_region: Option<u64>,
+}
+
+impl ScopePct {
+    fn get(&self, scope: Scope) -> u64 {
+        let pct = match scope {
+            Scope::InRegion => self.in_region,
+            Scope::Geo => self.geo,
+            Scope::Global => self.global,
+        };
+        pct.unwrap_or(100)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Listed prices, `id` being the bare model id.
+    info: ModelInfo,
+    scope_pct: Option<ScopePct>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ModelRegistry {
-    models: BTreeMap<String, ModelInfo>,
+    models: BTreeMap<String, Entry>,
+    /// Deployment-wide percentage per profile prefix, for models without their own `price_pct`.
     profile_multipliers_pct: BTreeMap<String, u64>,
 }
 
@@ -87,6 +197,7 @@ struct PriceEntry {
     streaming: bool,
     #[serde(default)]
     tools: bool,
+    price_pct: Option<ScopePct>,
 }
 
 fn yes() -> bool {
@@ -101,9 +212,15 @@ pub enum PricingError {
     Price { model: String, field: &'static str, source: MoneyError },
     #[error("model {model:?}, field {field}: price has more than 9 decimal places per 1K tokens")]
     SubPicoPrice { model: String, field: &'static str },
+    #[error("model {model:?}: max_output_tokens is {max_output_tokens} but must be between 1 and context_window ({context_window})")]
+    OutputLimit { model: String, max_output_tokens: u32, context_window: u32 },
+    #[error("model {model:?}, {scope} price: {pct}% is outside 1..={MAX_PCT}")]
+    PctOutOfRange { model: String, scope: String, pct: u64 },
+    #[error(
+        "model {model:?}, {scope} price: {pct}% of {field} is not a whole, representable number of pico-dollars per token; pick a percentage that keeps it exact or list that price as its own model"
+    )]
+    InexactPct { model: String, scope: String, field: &'static str, pct: u64 },
 }
-
-const PROFILE_PREFIXES: [&str; 4] = ["us", "eu", "apac", "global"];
 
 impl ModelRegistry {
     /// The built-in sheet with `overrides` (JSON, same shape) applied on top.
@@ -113,6 +230,7 @@ impl ModelRegistry {
         if let Some(json) = overrides.filter(|s| !s.trim().is_empty()) {
             registry.apply(json)?;
         }
+        registry.check_percentages()?;
         Ok(registry)
     }
 
@@ -131,6 +249,9 @@ impl ModelRegistry {
                 }
                 Ok(Usd::from_pico(per_1k.pico() / 1000))
             };
+            if e.max_output_tokens == 0 || e.max_output_tokens > e.context_window {
+                return Err(PricingError::OutputLimit { model: id, max_output_tokens: e.max_output_tokens, context_window: e.context_window });
+            }
             let info = ModelInfo {
                 input: price("input_per_1k", &e.input_per_1k)?,
                 output: price("output_per_1k", &e.output_per_1k)?,
@@ -139,39 +260,63 @@ impl ModelRegistry {
                 context_window: e.context_window,
                 max_output_tokens: e.max_output_tokens,
                 streaming: e.streaming,
+                tools: e.tools,
                 id: id.clone(),
             };
-            let _ = e.tools;
-            self.models.insert(id, info);
+            self.models.insert(id, Entry { info, scope_pct: e.price_pct });
         }
         self.profile_multipliers_pct.extend(file.profile_multipliers_pct);
         Ok(())
     }
 
+    /// Every percentage that a lookup can apply, checked against every price it applies to,
+    /// so that [`Self::get`] never meets an inexact price.
+    fn check_percentages(&self) -> Result<(), PricingError> {
+        for (id, entry) in &self.models {
+            let applicable: Vec<(String, u64)> = match entry.scope_pct {
+                Some(pct) => Scope::ALL.iter().map(|s| (s.name().to_owned(), pct.get(*s))).collect(),
+                None => self.profile_multipliers_pct.iter().map(|(prefix, pct)| (format!("{prefix}. profile"), *pct)).collect(),
+            };
+            for (scope, pct) in applicable {
+                if !(1..=MAX_PCT).contains(&pct) {
+                    return Err(PricingError::PctOutOfRange { model: id.clone(), scope, pct });
+                }
+                for (field, price) in entry.info.prices() {
+                    if price.is_some_and(|p| p.pico().checked_mul(pct).is_none_or(|scaled| scaled % 100 != 0)) {
+                        return Err(PricingError::InexactPct { model: id.clone(), scope, field, pct });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Looks a model id up, resolving cross-region inference profiles
-    /// (`us.anthropic.claude-…` → `anthropic.claude-…`) and applying the profile's
-    /// price multiplier.
+    /// (`us.anthropic.claude-…` → `anthropic.claude-…`) and pricing the call for where it
+    /// runs. `None` for an unknown model or an unknown profile prefix.
     pub fn get(&self, model_id: &str) -> Option<Cow<'_, ModelInfo>> {
-        if let Some(info) = self.models.get(model_id) {
-            return Some(Cow::Borrowed(info));
+        if let Some(entry) = self.models.get(model_id) {
+            return self.priced(entry, model_id, None, Scope::InRegion);
         }
         let (prefix, base) = model_id.split_once('.')?;
-        if !PROFILE_PREFIXES.contains(&prefix) {
-            return None;
+        let (_, scope) = PROFILE_PREFIXES.iter().find(|(p, _)| *p == prefix)?;
+        self.priced(self.models.get(base)?, model_id, Some(prefix), *scope)
+    }
+
+    fn priced<'a>(&'a self, entry: &'a Entry, model_id: &str, prefix: Option<&str>, scope: Scope) -> Option<Cow<'a, ModelInfo>> {
+        let pct = match entry.scope_pct {
+            Some(pct) => pct.get(scope),
+            None => prefix.and_then(|p| self.profile_multipliers_pct.get(p)).copied().unwrap_or(100),
+        };
+        if pct == 100 && entry.info.id == model_id {
+            return Some(Cow::Borrowed(&entry.info));
         }
-        let mut info = self.models.get(base)?.clone();
-        let pct = self.profile_multipliers_pct.get(prefix).copied().unwrap_or(100);
-        if pct != 100 {
-            let scale = |p: Usd| Usd::from_pico(p.pico().saturating_mul(pct) / 100);
-            info.input = scale(info.input);
-            info.output = scale(info.output);
-            info.cache_read = info.cache_read.map(scale);
-            info.cache_write = info.cache_write.map(scale);
-        }
+        let mut info = entry.info.at_pct(pct)?;
         info.id = model_id.to_owned();
         Some(Cow::Owned(info))
     }
 
+    /// The bare model ids on the sheet (profile ids are not listed; [`Self::get`] resolves them).
     pub fn model_ids(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
     }
@@ -181,38 +326,152 @@ impl ModelRegistry {
 mod tests {
     use super::*;
 
+    fn usage(input_tokens: u64, output_tokens: u64, cache_read_tokens: u64, cache_write_tokens: u64) -> Usage {
+        Usage { input_tokens, output_tokens, cache_read_tokens, cache_write_tokens }
+    }
+
+    fn cost(registry: &ModelRegistry, model_id: &str, usage: Usage) -> String {
+        let model = registry.get(model_id).unwrap_or_else(|| panic!("{model_id} is not on the sheet"));
+        model.cost(&usage).unwrap_or_else(|| panic!("{model_id}: cost overflowed")).to_string()
+    }
+
+    const HAIKU_4_5: &str = "anthropic.claude-haiku-4-5-20251001-v1:0";
+    const SONNET_4_5: &str = "anthropic.claude-sonnet-4-5-20250929-v1:0";
+    const LLAMA_3_3_70B: &str = "meta.llama3-3-70b-instruct-v1:0";
+
     #[test]
-    fn builtin_sheet_loads() {
+    fn every_builtin_entry_is_a_plausible_price_sheet_row() {
         let r = ModelRegistry::builtin();
-        assert!(r.model_ids().count() >= 5);
+        assert!(r.model_ids().count() >= 25);
+        for id in r.model_ids() {
+            let m = r.get(id).unwrap();
+            assert!(m.input > Usd::ZERO && m.output > Usd::ZERO, "{id}: prices must be positive");
+            for cached in [m.cache_read, m.cache_write].into_iter().flatten() {
+                assert!(cached > Usd::ZERO, "{id}: cache prices must be positive");
+            }
+            if let Some(read) = m.cache_read {
+                assert!(read < m.input, "{id}: a cache read costs less than input");
+            }
+            assert!(m.max_output_tokens >= 1 && m.max_output_tokens <= m.context_window, "{id}: output limit");
+            assert!(m.context_window >= 4096, "{id}: context window");
+            assert!(!PROFILE_PREFIXES.iter().any(|(p, _)| id.starts_with(&format!("{p}."))), "{id}: list bare model ids only");
+        }
     }
 
     #[test]
     fn nova_micro_cost_matches_hand_computation() {
         // 1,000 input at $0.000035/1K + 500 output at $0.00014/1K + 2,000 cache read at $0.00000875/1K
         // = 0.000035 + 0.00007 + 0.0000175 = $0.0001225
-        let registry = ModelRegistry::builtin();
-        let m = registry.get("amazon.nova-micro-v1:0").unwrap();
-        let usage = Usage { input_tokens: 1000, output_tokens: 500, cache_read_tokens: 2000, cache_write_tokens: 0 };
-        assert_eq!(m.cost(&usage).unwrap().to_string(), "0.0001225");
-    }
-
-    #[test]
-    fn inference_profiles_resolve_to_their_model() {
         let r = ModelRegistry::builtin();
-        let base = r.get("anthropic.claude-3-5-haiku-20241022-v1:0").unwrap();
-        let us = r.get("us.anthropic.claude-3-5-haiku-20241022-v1:0").unwrap();
-        assert_eq!((us.input, us.output), (base.input, base.output));
-        assert!(r.get("xx.anthropic.claude-3-5-haiku-20241022-v1:0").is_none());
-        assert!(r.get("made.up-model").is_none());
+        assert_eq!(cost(&r, "amazon.nova-micro-v1:0", usage(1000, 500, 2000, 0)), "0.0001225");
     }
 
     #[test]
-    fn overrides_replace_and_add_models() {
-        let json = r#"{"models":{"custom.model-v1":{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":1000,"max_output_tokens":100}}}"#;
+    fn nova_lite_cost_matches_hand_computation() {
+        // 10,000 input at $0.00006/1K = $0.0006
+        // 2,000 output at $0.00024/1K = $0.00048
+        // 4,000 cache read at $0.000015/1K = $0.00006
+        // total $0.00114; the us. profile costs the same.
+        let r = ModelRegistry::builtin();
+        assert_eq!(cost(&r, "amazon.nova-lite-v1:0", usage(10_000, 2_000, 4_000, 0)), "0.00114");
+        assert_eq!(cost(&r, "us.amazon.nova-lite-v1:0", usage(10_000, 2_000, 4_000, 0)), "0.00114");
+    }
+
+    #[test]
+    fn haiku_4_5_bills_cache_reads_and_writes_at_their_own_prices() {
+        // Global (listed) prices per 1K: input 0.001, output 0.005, cache read 0.0001, cache write 0.00125.
+        //   2,000 input = 0.002; 500 output = 0.0025; 10,000 cache read = 0.001; 4,000 cache write = 0.005
+        //   total $0.0105
+        // us. profile, 10% more: 0.0022 + 0.00275 + 0.0011 + 0.0055 = $0.01155
+        let r = ModelRegistry::builtin();
+        let u = usage(2_000, 500, 10_000, 4_000);
+        assert_eq!(cost(&r, &format!("global.{HAIKU_4_5}"), u), "0.0105");
+        assert_eq!(cost(&r, &format!("us.{HAIKU_4_5}"), u), "0.01155");
+        assert_eq!(cost(&r, &format!("eu.{HAIKU_4_5}"), u), "0.01155");
+    }
+
+    #[test]
+    fn sonnet_4_5_costs_ten_percent_more_through_a_geographic_profile_than_global() {
+        // 1,000,000 input and 100,000 output.
+        // global.: 1,000 × $0.003 + 100 × $0.015 = 3 + 1.5 = $4.5
+        // us.:     1,000 × $0.0033 + 100 × $0.0165 = 3.3 + 1.65 = $4.95
+        // The bare id runs in-region, priced like the geographic profiles.
+        let r = ModelRegistry::builtin();
+        let u = usage(1_000_000, 100_000, 0, 0);
+        assert_eq!(cost(&r, &format!("global.{SONNET_4_5}"), u), "4.5");
+        assert_eq!(cost(&r, &format!("us.{SONNET_4_5}"), u), "4.95");
+        assert_eq!(cost(&r, &format!("jp.{SONNET_4_5}"), u), "4.95");
+        assert_eq!(cost(&r, SONNET_4_5, u), "4.95");
+        let us = r.get(&format!("us.{SONNET_4_5}")).unwrap();
+        assert_eq!(us.id, format!("us.{SONNET_4_5}"));
+        assert_eq!((us.cache_read, us.cache_write), (Some(Usd::from_pico(330_000)), Some(Usd::from_pico(4_125_000))));
+    }
+
+    #[test]
+    fn models_without_a_premium_cost_the_same_through_every_profile() {
+        // Sonnet 4 predates the 4.5 generation's regional premium: $0.003/1K everywhere.
+        let r = ModelRegistry::builtin();
+        for id in [
+            "anthropic.claude-sonnet-4-20250514-v1:0",
+            "global.anthropic.claude-sonnet-4-20250514-v1:0",
+            "apac.anthropic.claude-sonnet-4-20250514-v1:0",
+        ] {
+            assert_eq!(r.get(id).unwrap().input, Usd::from_pico(3_000_000), "{id}");
+        }
+    }
+
+    #[test]
+    fn llama_3_3_cost_matches_hand_computation() {
+        // $0.00072/1K for input and output, no cache price (cached tokens are billed as input):
+        // 3,000 input = 0.00216; 1,000 output = 0.00072; 1,000 cache read = 0.00072; total $0.0036
+        let r = ModelRegistry::builtin();
+        let u = usage(3_000, 1_000, 1_000, 0);
+        assert_eq!(cost(&r, &format!("us.{LLAMA_3_3_70B}"), u), "0.0036");
+        assert_eq!(cost(&r, LLAMA_3_3_70B, u), "0.0036");
+    }
+
+    #[test]
+    fn every_builtin_price_stays_a_whole_pico_dollar_through_every_profile() {
+        // A lookup that would leave a fraction of a pico-dollar returns None, so Some everywhere
+        // proves exactness. 110% works on this sheet because every per-token price is a multiple
+        // of 10 pico-dollars: the smallest, Nova Micro's cache read, is 8,750 → 9,625.
+        let r = ModelRegistry::builtin();
+        for id in r.model_ids() {
+            for (prefix, _) in PROFILE_PREFIXES {
+                assert!(r.get(&format!("{prefix}.{id}")).is_some(), "{prefix}.{id}");
+            }
+            let listed = r.get(id).unwrap();
+            for (field, price) in listed.prices() {
+                assert!(price.is_none_or(|p| p.pico() % 10 == 0), "{id} {field}: 110% would not be exact");
+            }
+        }
+        assert_eq!(r.get(&format!("us.{HAIKU_4_5}")).unwrap().input, Usd::from_pico(1_100_000));
+    }
+
+    #[test]
+    fn unknown_prefixes_and_unknown_models_are_not_priced() {
+        let r = ModelRegistry::builtin();
+        assert!(r.get(&format!("xx.{HAIKU_4_5}")).is_none());
+        assert!(r.get("made.up-model").is_none());
+        assert!(r.get("us.made.up-model").is_none());
+        assert!(r.get("us.").is_none());
+        assert!(r.get("").is_none());
+        assert!(r.get("anthropic.claude-3-5-haiku-20241022-v1:0").is_some());
+    }
+
+    #[test]
+    fn overrides_change_one_price_and_add_a_model() {
+        let json = r#"{"models":{
+            "amazon.nova-lite-v1:0":{"input_per_1k":"0.00007","output_per_1k":"0.00024","context_window":300000,"max_output_tokens":10000,"tools":true},
+            "custom.model-v1":{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":1000,"max_output_tokens":100}}}"#;
         let r = ModelRegistry::load(Some(json)).unwrap();
+        let builtin = ModelRegistry::builtin();
+        assert_eq!(r.get("amazon.nova-lite-v1:0").unwrap().input, Usd::from_pico(70_000));
+        assert_eq!(r.get("amazon.nova-lite-v1:0").unwrap().cache_read, None, "an override replaces the whole entry");
         assert_eq!(r.get("custom.model-v1").map(|m| m.input.pico()), Some(1_000_000));
-        assert!(r.get("amazon.nova-micro-v1:0").is_some());
+        assert_eq!(r.get("us.custom.model-v1").map(|m| m.output.pico()), Some(2_000_000));
+        assert_eq!(r.get("amazon.nova-micro-v1:0"), builtin.get("amazon.nova-micro-v1:0"));
+        assert_eq!(r.model_ids().count(), builtin.model_ids().count() + 1);
     }
 
     #[test]
@@ -220,5 +479,72 @@ mod tests {
         let json = r#"{"models":{"m":{"input_per_1k":"cheap","output_per_1k":"0.002","context_window":1,"max_output_tokens":1}}}"#;
         let err = ModelRegistry::load(Some(json)).unwrap_err().to_string();
         assert!(err.contains("\"m\"") && err.contains("input_per_1k"), "{err}");
+
+        let json =
+            r#"{"models":{"m":{"input_per_1k":"0.001","output_per_1k":"0.002","cache_write_per_1k":"-1","context_window":1,"max_output_tokens":1}}}"#;
+        let err = ModelRegistry::load(Some(json)).unwrap_err().to_string();
+        assert!(err.contains("\"m\"") && err.contains("cache_write_per_1k"), "{err}");
+    }
+
+    #[test]
+    fn a_price_finer_than_a_pico_dollar_per_token_is_rejected() {
+        let json = r#"{"models":{"m":{"input_per_1k":"0.0000000001","output_per_1k":"0.002","context_window":10,"max_output_tokens":1}}}"#;
+        let err = ModelRegistry::load(Some(json)).unwrap_err();
+        assert_eq!(err, PricingError::SubPicoPrice { model: "m".into(), field: "input_per_1k" });
+    }
+
+    #[test]
+    fn a_percentage_that_leaves_a_fraction_of_a_pico_dollar_is_rejected() {
+        // $0.000000001/1K is 1 pico-dollar per token; 110% of it would be 1.1.
+        let json = r#"{"models":{"m":{"input_per_1k":"0.000000001","output_per_1k":"0.002","context_window":10,"max_output_tokens":1,"price_pct":{"geo":110}}}}"#;
+        let err = ModelRegistry::load(Some(json)).unwrap_err();
+        assert_eq!(err, PricingError::InexactPct { model: "m".into(), scope: "geo".into(), field: "input_per_1k", pct: 110 });
+        assert!(err.to_string().contains("\"m\""), "{err}");
+    }
+
+    #[test]
+    fn a_deployment_wide_profile_percentage_must_be_exact_for_every_model() {
+        // Nova Micro's cache read is 8,750 pico-dollars per token; 101% of it is 8,837.5.
+        let err = ModelRegistry::load(Some(r#"{"profile_multipliers_pct":{"eu":101}}"#)).unwrap_err();
+        assert!(
+            matches!(&err, PricingError::InexactPct { model, scope, .. } if model == "amazon.nova-micro-v1:0" && scope == "eu. profile"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_percentages_and_unknown_scopes_are_rejected() {
+        let entry = |pct: &str| {
+            format!(
+                r#"{{"models":{{"m":{{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":10,"max_output_tokens":1,"price_pct":{pct}}}}}}}"#
+            )
+        };
+        assert!(matches!(ModelRegistry::load(Some(&entry(r#"{"global":0}"#))), Err(PricingError::PctOutOfRange { pct: 0, .. })));
+        assert!(matches!(ModelRegistry::load(Some(&entry(r#"{"geo":5000}"#))), Err(PricingError::PctOutOfRange { pct: 5000, .. })));
+        assert!(matches!(ModelRegistry::load(Some(&entry(r#"{"regional":110}"#))), Err(PricingError::Shape(_))));
+    }
+
+    #[test]
+    fn an_output_limit_beyond_the_context_window_is_rejected() {
+        let json = r#"{"models":{"m":{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":1000,"max_output_tokens":2000}}}"#;
+        let err = ModelRegistry::load(Some(json)).unwrap_err();
+        assert_eq!(err, PricingError::OutputLimit { model: "m".into(), max_output_tokens: 2000, context_window: 1000 });
+    }
+
+    #[test]
+    fn a_deployment_wide_profile_percentage_applies_only_to_models_without_their_own() {
+        let r = ModelRegistry::load(Some(r#"{"profile_multipliers_pct":{"eu":120}}"#)).unwrap();
+        // Nova Pro: $0.0008/1K = 800,000 pico per token; 120% = 960,000.
+        assert_eq!(r.get("eu.amazon.nova-pro-v1:0").unwrap().input, Usd::from_pico(960_000));
+        assert_eq!(r.get("amazon.nova-pro-v1:0").unwrap().input, Usd::from_pico(800_000));
+        // Sonnet 4.5 keeps its own 110%: 3,300,000.
+        assert_eq!(r.get(&format!("eu.{SONNET_4_5}")).unwrap().input, Usd::from_pico(3_300_000));
+    }
+
+    #[test]
+    fn tool_support_is_carried_through_lookups() {
+        let r = ModelRegistry::builtin();
+        assert!(r.get("us.amazon.nova-pro-v1:0").unwrap().tools);
+        assert!(!r.get("mistral.mistral-7b-instruct-v0:2").unwrap().tools);
     }
 }
