@@ -22,13 +22,14 @@ USER    ?= dev
 GROUPS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build up down token demo test
+.PHONY: help venv build up down token demo test bench
 
 help:
 	@echo "make demo                          local stack + sample workflow with live progress"
 	@echo "make test                          cargo unit tests + end-to-end tests"
 	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
+	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead)"
 	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins"
 
 # Re-install only when requirements.txt is newer than the stamp.
@@ -63,3 +64,7 @@ test: venv
 	cargo test --workspace || rc=1; \
 	$(PY) -m pytest tests/e2e -q || rc=1; \
 	exit $$rc
+
+# Release build of the pure core only (no AWS crates): the engine with in-memory adapters.
+bench:
+	cargo run -q --release -p chainrun-core --no-default-features --example scheduler_bench

@@ -23,7 +23,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use rand::Rng;
 use serde_json::{Map, Value, json};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
@@ -145,24 +145,36 @@ impl Engine {
         self
     }
 
-    /// Executes a run this runner has claimed under `lease`.
+    /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
+    /// runs the graph.
     pub async fn execute(&self, mut run: RunRecord, lease: Lease, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        match crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits) {
+            Ok(graph) => self.execute_validated(run, Arc::new(graph), lease, deadline).await,
+            Err(invalid) => {
+                // Validated at start; this only happens if the price registry changed since.
+                let error = ErrorInfo { code: "INVALID_WORKFLOW".into(), message: invalid.to_string(), retryable: false };
+                let progress = Progress::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, Totals::default());
+                self.finish(&mut run, &lease, &progress, RunStatus::Failed, None, Some(error)).await
+            }
+        }
+    }
+
+    /// Runs `graph`, which must be the validated form of `run.definition`. The graph is
+    /// shared with step tasks, which borrow their step instead of copying it.
+    pub async fn execute_validated(
+        &self,
+        mut run: RunRecord,
+        graph: Arc<ValidatedGraph>,
+        lease: Lease,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            let graph = match crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits) {
-                // Shared with step tasks, which borrow their step instead of copying it.
-                Ok(g) => Arc::new(g),
-                Err(invalid) => {
-                    // Validated at start; this only happens if the price registry changed since.
-                    let error = ErrorInfo { code: "INVALID_WORKFLOW".into(), message: invalid.to_string(), retryable: false };
-                    let progress = Progress::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, Totals::default());
-                    return self.finish(&mut run, &lease, &progress, RunStatus::Failed, None, Some(error)).await;
-                }
-            };
             let n = graph.steps.len();
             let mut records: Vec<Option<StepRecord>> = vec![None; n];
+            let index: HashMap<&str, usize> = graph.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
             for saved in self.store.get_steps(&run.id).await? {
-                if let Some(i) = graph.index_of(saved.step_id.as_str())
+                if let Some(&i) = index.get(saved.step_id.as_str())
                     && saved.status.is_settled()
                 {
                     records[i] = Some(saved);

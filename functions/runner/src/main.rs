@@ -9,7 +9,10 @@ use chainrun_runner::{Runner, RunnerConfig, RunnerError};
 use lambda_runtime::{LambdaEvent, service_fn};
 use std::sync::Arc;
 
-#[tokio::main]
+// One thread: a runner at 512 MB gets a fraction of a vCPU, and its steps mostly wait on
+// Bedrock. A multi-thread runtime would only add cross-thread wake-ups to every step
+// (the scheduler benchmark measured about twice the per-step overhead with it).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = RunnerConfig::from_source(&ProcessEnv)?;
