@@ -144,9 +144,21 @@ pub struct ValidatedGraph {
     pub dependents: Vec<Vec<usize>>,
     pub output: Option<String>,
     pub max_concurrency: u32,
+    /// JSON Schema a run's input must match (checked when the run starts).
+    pub input_schema: Option<Value>,
 }
 
 impl ValidatedGraph {
+    /// Checks a run's input against `input_schema`; the problems name where it breaks it.
+    pub fn check_input(&self, input: &Value) -> Result<(), Vec<String>> {
+        let Some(schema) = &self.input_schema else { return Ok(()) };
+        match crate::output::schema_violations(input, schema) {
+            Ok(v) if v.is_empty() => Ok(()),
+            Ok(v) => Err(v),
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.id.as_str() == id)
     }
@@ -351,6 +363,9 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
     if max_concurrency == 0 || max_concurrency > MAX_CONCURRENCY {
         found.push("", "max_concurrency", format!("must be 1 to {MAX_CONCURRENCY}"));
     }
+    if let Some(why) = def.input_schema.as_ref().and_then(crate::output::schema_problem) {
+        found.push("", "input_schema", format!("not a usable JSON Schema: {why}"));
+    }
 
     // Parse each step on its own so that every malformed step is reported.
     let mut parsed: Vec<(String, StepDef)> = Vec::new();
@@ -501,7 +516,14 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
             dependents[d].push(i);
         }
     }
-    Ok(ValidatedGraph { name: def.name.clone(), steps, dependents, output: def.output.clone(), max_concurrency })
+    Ok(ValidatedGraph {
+        name: def.name.clone(),
+        steps,
+        dependents,
+        output: def.output.clone(),
+        max_concurrency,
+        input_schema: def.input_schema.clone(),
+    })
 }
 
 /// Returns one cycle as a closed path in run order (`a → b → a`), if any.
@@ -675,6 +697,19 @@ mod tests {
         ])));
         assert_eq!(p.len(), 1, "only a's type is wrong: {p:?}");
         assert_eq!((p[0].step.as_deref(), p[0].field.as_str()), (Some("a"), "type"));
+    }
+
+    #[test]
+    fn the_input_schema_must_be_usable_and_inputs_are_checked_against_it() {
+        let mut def = wf(json!([{ "id": "a", "type": "transform", "template": "{{ input.feedback }}" }]));
+        def["input_schema"] = json!({ "type": "object", "required": ["feedback"], "properties": { "feedback": { "type": "string" } } });
+        let g = validate_json(&def, &registry()).unwrap();
+        assert!(g.check_input(&json!({ "feedback": "slow app" })).is_ok());
+        let why = g.check_input(&json!({ "feedback": 3 })).unwrap_err();
+        assert!(why[0].contains("/feedback"), "{why:?}");
+        assert!(g.check_input(&json!({})).unwrap_err()[0].contains("feedback"));
+        def["input_schema"] = json!({ "type": "no-such-type" });
+        assert_eq!(problems(def)[0].field, "input_schema");
     }
 
     #[test]

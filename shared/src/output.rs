@@ -54,16 +54,22 @@ fn fenced_block(text: &str) -> Option<&str> {
 }
 
 fn check_schema(value: &Value, schema: &Value) -> Result<(), InvalidOutput> {
-    let validator = jsonschema::validator_for(schema).map_err(|e| InvalidOutput(format!("the step's output schema is invalid: {e}")))?;
-    let errors: Vec<String> = validator
+    let errors = schema_violations(value, schema)?;
+    if errors.is_empty() { Ok(()) } else { Err(InvalidOutput(format!("the JSON does not match the schema: {}", errors.join("; ")))) }
+}
+
+/// The first few ways `value` breaks `schema`, each with the path where it does; empty
+/// when it matches.
+pub fn schema_violations(value: &Value, schema: &Value) -> Result<Vec<String>, InvalidOutput> {
+    let validator = jsonschema::validator_for(schema).map_err(|e| InvalidOutput(format!("the schema is invalid: {e}")))?;
+    Ok(validator
         .iter_errors(value)
         .take(5)
         .map(|e| {
             let path = e.instance_path().to_string();
             if path.is_empty() { e.to_string() } else { format!("at {path}: {e}") }
         })
-        .collect();
-    if errors.is_empty() { Ok(()) } else { Err(InvalidOutput(format!("the JSON does not match the schema: {}", errors.join("; ")))) }
+        .collect())
 }
 
 /// Whether a JSON Schema document itself is usable (checked at validation time).

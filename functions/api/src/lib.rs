@@ -127,6 +127,9 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     if !request.input.is_object() {
         return Err(ApiError::bad_request("Invalid input", "input must be a JSON object"));
     }
+    if let Err(violations) = graph.check_input(&request.input) {
+        return Err(ApiError::bad_request("Invalid input", format!("input does not match the workflow's input_schema: {}", violations.join("; "))));
+    }
     let run = RunRecord::new(
         graph.name.clone(),
         request.workflow,

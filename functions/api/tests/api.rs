@@ -171,6 +171,21 @@ async fn an_invalid_definition_is_a_400_listing_every_problem_by_step_and_field(
 }
 
 #[tokio::test]
+async fn an_input_that_breaks_the_input_schema_is_a_400_naming_where_and_starts_nothing() {
+    let api = api();
+    let mut body = sample();
+    body["workflow"]["input_schema"] = json!({ "type": "object", "required": ["name"], "properties": { "name": { "type": "string" } } });
+    body["input"] = json!({ "name": 42 });
+    let (status, _, problem) = api.start("alice", body.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(problem["title"], "Invalid input");
+    assert!(problem["detail"].as_str().unwrap().contains("/name"), "{problem}");
+    assert!(api.dispatcher.dispatched().is_empty(), "nothing dispatched");
+    body["input"] = json!({ "name": "Ada" });
+    assert_eq!(api.start("alice", body).await.0, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
 async fn rejects_bodies_of_the_wrong_shape() {
     let api = api();
     let cases = [

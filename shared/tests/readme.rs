@@ -1,0 +1,73 @@
+//! The README's complete workflow example is real: it validates, its dependencies are
+//! what the README says, and it runs to the output it describes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
+
+use chainrun_core::engine::{Engine, EngineConfig};
+use chainrun_core::graph::validate_json;
+use chainrun_core::ids::Principal;
+use chainrun_core::memory::{MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::ports::{Claim, Lease, RunStore};
+use chainrun_core::pricing::ModelRegistry;
+use chainrun_core::run::{RunRecord, RunStatus, StepStatus};
+use chrono::Utc;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The first ```json block after the "## Workflow language" heading.
+fn readme_example() -> Value {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = &readme[readme.find("## Workflow language").expect("README has the language section")..];
+    let start = section.find("```json\n").expect("a json block") + "```json\n".len();
+    let end = start + section[start..].find("\n```").expect("closed block");
+    serde_json::from_str(&section[start..end]).expect("the README example is valid JSON")
+}
+
+#[test]
+fn the_readme_example_validates_with_the_dependencies_it_describes() {
+    let graph = validate_json(&readme_example(), &ModelRegistry::builtin()).unwrap();
+    let deps = |id: &str| -> Vec<&str> {
+        let step = &graph.steps[graph.index_of(id).unwrap()];
+        let mut d: Vec<&str> = step.deps.iter().map(|&i| graph.steps[i].id.as_str()).collect();
+        d.sort_unstable();
+        d
+    };
+    for root in ["extract", "sentiment", "summary"] {
+        assert!(deps(root).is_empty(), "{root} starts at once");
+    }
+    assert_eq!(deps("route"), ["sentiment"]);
+    assert_eq!(deps("escalate"), ["extract", "route"]);
+    assert_eq!(deps("per_issue"), ["extract"]);
+    assert_eq!(deps("report"), ["auto_reply", "escalate"]);
+    assert!(graph.check_input(&json!({})).is_err(), "input_schema requires feedback");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_readme_example_runs_the_negative_branch_end_to_end() {
+    let model = Arc::new(ScriptedModel::new(vec![
+        Script::reply("List the distinct issues", r#"{"issues": ["login is slow", "export crashes"]}"#),
+        Script::reply("Sentiment of this feedback", r#"{"label": "negative"}"#),
+        Script::reply("Summarise in one sentence", "Two problems."),
+        Script::reply("Write an apology", "We are sorry."),
+        Script::reply("Issue 1: suggest one fix for login is slow", "cache sessions"),
+        Script::reply("Issue 2: suggest one fix for export crashes", "stream the export"),
+    ]));
+    let store = Arc::new(MemoryStore::new());
+    let engine =
+        Engine::new(model.clone(), store.clone(), Arc::new(MemoryProgress::new()), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+    let input = json!({ "feedback": "Login is slow and export crashes." });
+    let run = RunRecord::new("feedback-triage".into(), readme_example(), input, "alice".into(), vec![Principal::User("alice".into())], Utc::now());
+    store.create_run(&run).await.unwrap();
+    let lease = Lease { holder: "r".into(), expires_at: Utc::now() + chrono::Duration::minutes(15) };
+    let Claim::Acquired(claimed) = store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim") };
+    engine.execute(*claimed, lease, None).await.unwrap();
+
+    let run = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Completed, "{:?}", run.error);
+    assert_eq!(run.output, Some(json!("We are sorry.\n\n2 issues. Fixes: cache sessions / stream the export")));
+    let status: BTreeMap<String, StepStatus> =
+        store.get_steps(&run.id).await.unwrap().into_iter().map(|s| (s.step_id.to_string(), s.status)).collect();
+    assert_eq!(status["auto_reply"], StepStatus::Skipped);
+    assert_eq!(status["escalate"], StepStatus::Completed);
+    assert_eq!(model.calls_matching("thank-you"), 0, "the branch not chosen never calls the model");
+}
