@@ -879,3 +879,22 @@ pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let cap = exp.min(policy.max_backoff_ms);
     Duration::from_millis(rand::rng().random_range(0..=cap))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap_that_stops_at_the_maximum() {
+        let policy = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1000 };
+        for (attempt, cap_ms) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000), (40, 1000)] {
+            let delays: Vec<Duration> = (0..400).map(|_| backoff(&policy, attempt)).collect();
+            let max = delays.iter().max().copied().unwrap_or_default();
+            assert!(max <= Duration::from_millis(cap_ms), "attempt {attempt}: {max:?} over {cap_ms} ms");
+            // Full jitter spreads over the whole range: 400 draws all landing in the lower
+            // or upper half is a 2^-400 event.
+            assert!(delays.iter().any(|d| d.as_millis() < cap_ms as u128 / 2), "attempt {attempt}: no low draw");
+            assert!(delays.iter().any(|d| d.as_millis() > cap_ms as u128 / 2), "attempt {attempt}: no high draw");
+        }
+    }
+}

@@ -175,3 +175,30 @@ impl ModelClient for BedrockModel {
         Ok(ModelReply { text, usage, stop_reason })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_timeouts_and_5xx_are_retryable_and_request_errors_are_terminal() {
+        // Plain calls name errors in UpperCamelCase; stream exception frames in lowerCamelCase.
+        for code in [
+            "ThrottlingException",
+            "throttlingException",
+            "ModelNotReadyException",
+            "ModelTimeoutException",
+            "ServiceUnavailableException",
+            "serviceUnavailableException",
+            "InternalServerException",
+            "modelStreamErrorException",
+        ] {
+            assert!(ModelError::new(kind_of(code), code, "").retryable(), "{code} should be retried");
+        }
+        for code in ["ValidationException", "validationException", "AccessDeniedException", "ResourceNotFoundException", "SomethingNew"] {
+            assert!(!ModelError::new(kind_of(code), code, "").retryable(), "{code} should be terminal");
+        }
+        assert_eq!(kind_of("AccessDeniedException"), ModelErrorKind::AccessDenied);
+        assert_eq!(kind_of("ResourceNotFoundException"), ModelErrorKind::ModelNotFound);
+    }
+}
