@@ -52,6 +52,8 @@ pub struct Tables {
     pub events: String,
     pub progress: String,
     pub workflows: String,
+    /// Per-owner, per-workflow, per-day cost rollups (TTL `expires_at`).
+    pub rollups: String,
 }
 
 /// What both functions need.
@@ -70,6 +72,7 @@ impl CoreConfig {
             events: env.required("CHAINRUN_EVENTS_TABLE")?,
             progress: env.required("CHAINRUN_PROGRESS_TABLE")?,
             workflows: env.required("CHAINRUN_WORKFLOWS_TABLE")?,
+            rollups: env.required("CHAINRUN_ROLLUPS_TABLE")?,
         };
         let retention_days = env.parsed("CHAINRUN_RETENTION_DAYS", 30u32)?;
         if retention_days == 0 {
@@ -89,13 +92,20 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    const TABLES: [(&str, &str); 4] =
-        [("CHAINRUN_RUNS_TABLE", "r"), ("CHAINRUN_EVENTS_TABLE", "e"), ("CHAINRUN_PROGRESS_TABLE", "p"), ("CHAINRUN_WORKFLOWS_TABLE", "w")];
+    const TABLES: [(&str, &str); 5] = [
+        ("CHAINRUN_RUNS_TABLE", "r"),
+        ("CHAINRUN_EVENTS_TABLE", "e"),
+        ("CHAINRUN_PROGRESS_TABLE", "p"),
+        ("CHAINRUN_WORKFLOWS_TABLE", "w"),
+        ("CHAINRUN_ROLLUPS_TABLE", "u"),
+    ];
 
     #[test]
     fn names_the_missing_variable() {
         let err = CoreConfig::from_source(&env(&TABLES[..2])).unwrap_err();
         assert_eq!(err, ConfigError::Missing("CHAINRUN_PROGRESS_TABLE"));
+        let err = CoreConfig::from_source(&env(&TABLES[..4])).unwrap_err();
+        assert_eq!(err, ConfigError::Missing("CHAINRUN_ROLLUPS_TABLE"));
     }
 
     #[test]
@@ -114,6 +124,7 @@ mod tests {
     fn reads_a_complete_environment() {
         let c = CoreConfig::from_source(&env(&TABLES)).unwrap();
         assert_eq!(c.tables.events, "e");
+        assert_eq!(c.tables.rollups, "u");
         assert_eq!(c.retention_days, 30);
     }
 }

@@ -9,7 +9,13 @@
 //!
 //! Events go through one [`Progress`] publisher that holds a lock across the write, which
 //! is what makes `seq` gap-free and strictly increasing even with steps in parallel.
+//!
+//! The same publisher holds the run's budget [`Ledger`], the one record of what the run's
+//! model calls were charged: totals in events, progress rows and the run record are read
+//! from it. Every model call reserves its worst case there first and is not made if that
+//! does not fit (`BUDGET_EXCEEDED`); see [`crate::budget`].
 
+use crate::budget::{self, BudgetExceeded, BudgetLimits, Ledger, Reservation};
 use crate::graph::{ItemStep, LlmSpec, MapSpec, RouterSpec, Step, StepKind, TransformSpec, ValidatedGraph};
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
@@ -153,7 +159,7 @@ impl Engine {
             Err(invalid) => {
                 // Validated at start; this only happens if the price registry changed since.
                 let error = ErrorInfo { code: "INVALID_WORKFLOW".into(), message: invalid.to_string(), retryable: false };
-                let progress = Progress::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, Totals::default());
+                let progress = Progress::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, Totals::default(), BudgetLimits::UNLIMITED);
                 self.finish(&mut run, &lease, &progress, RunStatus::Failed, None, Some(error)).await
             }
         }
@@ -185,7 +191,8 @@ impl Engine {
                 charge(&mut totals, r);
             }
             let last_seq = self.sink.last_seq(&run.id).await?;
-            let progress = Arc::new(Progress::new(self.sink.clone(), &run, last_seq, totals));
+            // Spend already checkpointed counts against the budget of a resumed run.
+            let progress = Arc::new(Progress::new(self.sink.clone(), &run, last_seq, totals, graph.budget));
             if last_seq == 0 {
                 progress.emit(EventType::RunStarted, None, None, json!({ "workflow": run.workflow, "steps": n }), |_| {}).await?;
             } else {
@@ -303,6 +310,11 @@ impl Engine {
         run.status = status;
         run.finished_at = Some(Utc::now());
         run.totals = progress.totals().await;
+        let open = progress.open_reservations();
+        if open > 0 {
+            // Only a step task that panicked mid-call leaves one; the spend it held is unknown.
+            warn!(open, "budget reservations still held at the end of the run");
+        }
         run.output = output;
         run.error = error;
         // The store is the source of truth: record the end first, then announce it.
@@ -419,39 +431,75 @@ pub fn totals_json(t: &Totals) -> Value {
     })
 }
 
-/// The one writer of a run's events: holds the seq counter and the owners' row.
+/// The one writer of a run's events: holds the seq counter, the owners' row and the
+/// run's budget ledger.
 struct Progress {
     sink: Arc<dyn ProgressSink>,
     run_id: RunId,
     workflow: String,
     owners: Vec<Principal>,
     state: Mutex<ProgressState>,
+    /// A plain mutex: it is only ever held for a few integer operations, never across an
+    /// await. `emit` takes it while holding `state`; nothing takes them the other way round.
+    ledger: std::sync::Mutex<Ledger>,
 }
 
 struct ProgressState {
     last_seq: u64,
     status: RunStatus,
     current_step: Option<StepId>,
-    totals: Totals,
+    /// Sum of step latencies; everything else in the run's totals is the ledger's.
+    step_latency_ms: u64,
 }
 
 impl Progress {
-    fn new(sink: Arc<dyn ProgressSink>, run: &RunRecord, last_seq: u64, totals: Totals) -> Self {
+    fn new(sink: Arc<dyn ProgressSink>, run: &RunRecord, last_seq: u64, totals: Totals, budget: BudgetLimits) -> Self {
         Self {
             sink,
             run_id: run.id.clone(),
             workflow: run.workflow.clone(),
             owners: run.owners.clone(),
-            state: Mutex::new(ProgressState { last_seq, status: RunStatus::Running, current_step: None, totals }),
+            state: Mutex::new(ProgressState { last_seq, status: RunStatus::Running, current_step: None, step_latency_ms: totals.step_latency_ms }),
+            ledger: std::sync::Mutex::new(Ledger::new(budget, totals)),
         }
     }
 
-    async fn totals(&self) -> Totals {
-        self.state.lock().await.totals
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Ledger methods do not panic, so a poisoned lock still holds consistent sums.
+        self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn charge(&self, usage: &Usage, cost: Usd) {
-        self.state.lock().await.totals.add_call(usage, cost);
+    fn totals_with(&self, state: &ProgressState) -> Totals {
+        Totals { step_latency_ms: state.step_latency_ms, ..*self.ledger().spent() }
+    }
+
+    async fn totals(&self) -> Totals {
+        let state = self.state.lock().await;
+        self.totals_with(&state)
+    }
+
+    fn reserve(&self, want: budget::Amount) -> Result<Reservation, BudgetExceeded> {
+        self.ledger().reserve(want)
+    }
+
+    /// Charges a call's reported usage against the budget and the run's totals.
+    fn settle(&self, reservation: Reservation, usage: &Usage, cost: Usd) {
+        let held = reservation.amount();
+        let charged = budget::Amount::charged(usage, cost);
+        if !charged.within(held) {
+            // The estimate's bound was broken (or the model ignored max_tokens): the
+            // usage is charged all the same, and the next reservation sees it.
+            warn!(reserved = %held, charged = %charged, "budget overrun: a model call used more than its reservation");
+        }
+        self.ledger().settle(reservation, usage, cost);
+    }
+
+    fn release(&self, reservation: Reservation) {
+        self.ledger().release(reservation);
+    }
+
+    fn open_reservations(&self) -> usize {
+        self.ledger().open_reservations()
     }
 
     /// Appends one event (next seq) and updates every owner's row. The lock is held
@@ -474,7 +522,7 @@ impl Progress {
             workflow: self.workflow.clone(),
             status: state.status,
             current_step: state.current_step.clone(),
-            totals: state.totals,
+            totals: self.totals_with(&state),
             last_seq: seq,
             updated_at: now,
         };
@@ -613,7 +661,7 @@ impl StepContext {
             let latency_ms = record.latency_ms;
             self.progress
                 .emit(kind, Some(&step.id), Some(record.attempts), data, move |s| {
-                    s.totals.step_latency_ms += latency_ms;
+                    s.step_latency_ms += latency_ms;
                     if s.current_step.as_ref() == Some(&id) {
                         s.current_step = None;
                     }
@@ -654,14 +702,40 @@ impl StepContext {
                 max_tokens: spec.max_tokens,
                 stop_sequences: spec.stop_sequences.clone(),
             };
+            // Every attempt reserves anew: the request (hint included) is what is priced,
+            // against what earlier attempts were charged.
+            let worst =
+                budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
+            let reservation = match self.progress.reserve(worst) {
+                Ok(reservation) => reservation,
+                Err(exceeded) => {
+                    warn!(
+                        attempt,
+                        item,
+                        limit = exceeded.limit.name(),
+                        spent_pico = exceeded.spent.cost.pico(),
+                        spent_tokens = exceeded.spent.tokens,
+                        reserved_pico = exceeded.reserved_by_others.cost.pico(),
+                        attempted_pico = exceeded.attempted.cost.pico(),
+                        attempted_tokens = exceeded.attempted.tokens,
+                        "budget exceeded: the model call is not made"
+                    );
+                    work.attempts = attempt - 1;
+                    work.output = Err(ErrorInfo { code: "BUDGET_EXCEEDED".into(), message: exceeded.to_string(), retryable: false });
+                    work.detail = Some(json!({ "budget": exceeded.to_json() }));
+                    return Ok(work);
+                }
+            };
             let call_started = Instant::now();
+            // On an engine error the reservation is dropped unreleased: the call's spend is
+            // unknown, so the run keeps it held (the run stops on that error anyway).
             let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
             let outcome = match reply {
                 Ok(reply) => {
                     let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
                     work.usage = add_usage(work.usage, reply.usage);
                     work.cost = work.cost.saturating_add(cost);
-                    self.progress.charge(&reply.usage, cost).await;
+                    self.progress.settle(reservation, &reply.usage, cost);
                     info!(
                         attempt,
                         item,
@@ -672,7 +746,11 @@ impl StepContext {
                     );
                     self.accept(spec, reply)
                 }
-                Err(e) => Err(AttemptError::Model(e)),
+                Err(e) => {
+                    // The port reports no usage with an error: nothing to charge.
+                    self.progress.release(reservation);
+                    Err(AttemptError::Model(e))
+                }
             };
             let error = match outcome {
                 Ok(done) => {
@@ -750,7 +828,11 @@ impl StepContext {
                 Ok((_, value)) => outputs.push(value),
                 Err(e) => {
                     outputs.push(Value::Null);
-                    failed.push(json!({ "index": index, "error": e }));
+                    let mut entry = json!({ "index": index, "error": e });
+                    if let Some(detail) = work.detail {
+                        entry["detail"] = detail; // a budget refusal's numbers
+                    }
+                    failed.push(entry);
                 }
             }
         }

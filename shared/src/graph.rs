@@ -2,6 +2,7 @@
 //! of every problem found, each naming the step and field. The engine only ever sees a
 //! `ValidatedGraph`, so it never re-checks ids, references or cycles.
 
+use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
 use crate::ids::StepId;
 use crate::pricing::ModelRegistry;
@@ -146,6 +147,8 @@ pub struct ValidatedGraph {
     pub max_concurrency: u32,
     /// JSON Schema a run's input must match (checked when the run starts).
     pub input_schema: Option<Value>,
+    /// The run's cost and token limits.
+    pub budget: BudgetLimits,
 }
 
 impl ValidatedGraph {
@@ -366,6 +369,12 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
     if let Some(why) = def.input_schema.as_ref().and_then(crate::output::schema_problem) {
         found.push("", "input_schema", format!("not a usable JSON Schema: {why}"));
     }
+    let budget = BudgetLimits::from_def(def.budget.as_ref()).unwrap_or_else(|problems| {
+        for p in problems {
+            found.push("", p.field, p.message);
+        }
+        BudgetLimits::UNLIMITED
+    });
 
     // Parse each step on its own so that every malformed step is reported.
     let mut parsed: Vec<(String, StepDef)> = Vec::new();
@@ -465,6 +474,16 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
         let mut c = Checker { found: &mut found, all_ids: &all_ids, step: "", deps: BTreeSet::new() };
         c.template("output", out, &STEP_ROOTS);
     }
+    for step in &checked {
+        let (prefix, spec) = match &step.kind {
+            StepKind::Llm(spec) => ("", spec),
+            StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => ("step.", spec),
+            _ => continue,
+        };
+        if let Some(why) = never_fits(&budget, spec, models) {
+            found.push(&step.id, &format!("{prefix}max_tokens"), why);
+        }
+    }
 
     // A router can only switch off steps that wait for it.
     for step in &checked {
@@ -523,7 +542,23 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
         output: def.output.clone(),
         max_concurrency,
         input_schema: def.input_schema.clone(),
+        budget,
     })
+}
+
+/// Why a call of this step could never be admitted, even as the run's first and with an
+/// empty prompt: its reservation alone exceeds the whole budget.
+fn never_fits(limits: &BudgetLimits, spec: &LlmSpec, models: &ModelRegistry) -> Option<String> {
+    if limits.is_unlimited() {
+        return None;
+    }
+    let model = models.get(&spec.model)?; // an unknown model is reported on its own
+    let least = budget::worst_case(&model, budget::estimate_input_tokens(spec.system.as_ref().map(|_| ""), ""), spec.max_tokens);
+    let limit = limits.exceeded_by(Amount::ZERO, Amount::ZERO, least)?;
+    Some(format!(
+        "every call of this step reserves at least {least} (max_tokens {} of output plus the prompt's template allowance), more than the whole budget's {limit}: lower max_tokens or raise the budget",
+        spec.max_tokens
+    ))
 }
 
 /// Returns one cycle as a closed path in run order (`a → b → a`), if any.

@@ -5,13 +5,14 @@
 //! means something. [`ScriptedModel`] plays a model: replies, usage, latency and failures
 //! are scripted per prompt substring, and every call is recorded.
 
+use crate::analytics::{RunRollup, WorkflowCosts, merge_by_workflow};
 use crate::ids::{Principal, RunId};
 use crate::ports::*;
 use crate::pricing::Usage;
 use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, HashMap};
+use chrono::{DateTime, NaiveDate, Utc};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -99,6 +100,35 @@ impl RunStore for MemoryStore {
     }
 }
 
+#[async_trait]
+impl RunHistory for MemoryStore {
+    /// Walks every run of the index newest first (ties: the greater id first, a total
+    /// order like the GSI's). Reads are free here, so there is no bound on runs examined.
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        let runs = lock(&self.runs);
+        let mut matching: Vec<&RunRecord> = runs
+            .values()
+            .map(|(r, _)| r)
+            .filter(|r| match &query.index {
+                RunIndex::Caller(caller) => &r.caller == caller,
+                RunIndex::Workflow(workflow) => &r.workflow == workflow,
+            })
+            .collect();
+        matching.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        let after = |r: &&RunRecord| match &query.after {
+            None => true,
+            Some(c) => (r.created_at, &r.id) < (c.created_at, &c.run_id),
+        };
+        let mut visible = matching.into_iter().filter(after).filter(|r| r.may_see(&query.visible_to));
+        let items: Vec<RunSummary> = visible.by_ref().take(query.limit as usize).map(RunSummary::of).collect();
+        let next = match (items.last(), visible.next()) {
+            (Some(last), Some(_)) => Some(RunCursor { created_at: last.created_at, run_id: last.id.clone() }),
+            _ => None,
+        };
+        Ok(RunPage { items, next })
+    }
+}
+
 // ---------------------------------------------------------------- progress
 
 #[derive(Default)]
@@ -156,6 +186,49 @@ impl ProgressReader for MemoryProgress {
         mine.sort_by(|a, b| b.run_id.cmp(&a.run_id));
         mine.truncate(limit as usize);
         Ok(mine)
+    }
+}
+
+// ---------------------------------------------------------------- analytics
+
+/// Rollups in memory: one [`WorkflowCosts`] per (owner, day, workflow), and the set of
+/// (run, owner) pairs already recorded, which makes recording exactly-once as the
+/// DynamoDB adapter's markers do.
+#[derive(Default)]
+pub struct MemoryAnalytics {
+    rows: Mutex<BTreeMap<(Principal, NaiveDate, String), WorkflowCosts>>,
+    recorded: Mutex<HashSet<(RunId, Principal)>>,
+}
+
+impl MemoryAnalytics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Analytics for MemoryAnalytics {
+    async fn record_run(&self, run: &RunRecord, steps: &[StepRecord]) -> Result<Recorded, AnalyticsError> {
+        let rollup = RunRollup::of(run, steps).ok_or_else(|| AnalyticsError::Unfinished(run.id.clone()))?;
+        let mut recorded = lock(&self.recorded);
+        let mut rows = lock(&self.rows);
+        let mut outcome = Recorded::default();
+        for owner in &run.owners {
+            if !recorded.insert((run.id.clone(), owner.clone())) {
+                outcome.already += 1;
+                continue;
+            }
+            rows.entry((owner.clone(), rollup.day, rollup.workflow.clone()))
+                .or_insert_with(|| WorkflowCosts::new(rollup.workflow.clone()))
+                .add_run(&rollup);
+            outcome.added += 1;
+        }
+        Ok(outcome)
+    }
+
+    async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError> {
+        let rows = lock(&self.rows);
+        Ok(merge_by_workflow(rows.iter().filter(|((p, day, _), _)| p == principal && (from..=to).contains(day)).map(|(_, row)| row.clone())))
     }
 }
 

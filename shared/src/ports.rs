@@ -4,11 +4,12 @@
 //! Every error says at its source whether retrying can help, so callers decide with
 //! `retryable()` instead of matching on messages.
 
+use crate::analytics::WorkflowCosts;
 use crate::ids::{Principal, RunId};
 use crate::pricing::Usage;
-use crate::run::{Event, ProgressRow, RunRecord, StepRecord};
+use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------- model
@@ -183,4 +184,117 @@ pub struct DispatchError {
 pub trait Dispatcher: Send + Sync {
     /// Hands the run id (and nothing else: payload limits) to a runner, asynchronously.
     async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError>;
+}
+
+// ---------------------------------------------------------------- history
+
+/// Which index a history query walks, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunIndex {
+    /// Runs started by this user.
+    Caller(String),
+    /// Runs of the workflow with this name.
+    Workflow(String),
+}
+
+/// A position in a history index: the last run a page covered. Pages resume after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCursor {
+    pub created_at: DateTime<Utc>,
+    pub run_id: RunId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunQuery {
+    pub index: RunIndex,
+    /// Only runs one of these principals may see are returned.
+    pub visible_to: Vec<Principal>,
+    pub limit: u32,
+    pub after: Option<RunCursor>,
+}
+
+/// A run as history lists it: no definition, input or output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub id: RunId,
+    pub workflow: String,
+    pub caller: String,
+    pub status: RunStatus,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<ErrorInfo>,
+    /// Final once the run has ended; zero before.
+    pub totals: Totals,
+}
+
+impl RunSummary {
+    pub fn of(run: &RunRecord) -> Self {
+        Self {
+            id: run.id.clone(),
+            workflow: run.workflow.clone(),
+            caller: run.caller.clone(),
+            status: run.status,
+            created_at: run.created_at,
+            started_at: run.started_at,
+            finished_at: run.finished_at,
+            error: run.error.clone(),
+            totals: run.totals,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunPage {
+    pub items: Vec<RunSummary>,
+    /// Where the next page starts; `None` once the index is exhausted. A page may hold
+    /// fewer than `limit` runs (even none) and still have a `next`: an adapter bounds how
+    /// much of the index one call reads when most runs there are not visible.
+    pub next: Option<RunCursor>,
+}
+
+/// Run history, newest first, filtered by visibility.
+#[async_trait]
+pub trait RunHistory: Send + Sync {
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError>;
+}
+
+// ---------------------------------------------------------------- analytics
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnalyticsError {
+    /// Only a finished run has a rollup.
+    #[error("run {0} has not finished")]
+    Unfinished(RunId),
+    #[error("stored rollup is corrupt: {0}")]
+    Corrupt(String),
+    #[error("analytics store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl AnalyticsError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, AnalyticsError::Unavailable(_))
+    }
+}
+
+/// What [`Analytics::record_run`] did, per owner of the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Owners whose rollup now includes the run.
+    pub added: usize,
+    /// Owners whose rollup already included it (a repeated call).
+    pub already: usize,
+}
+
+/// Per-owner, per-workflow, per-day rollups of finished runs (see [`crate::analytics`]).
+#[async_trait]
+pub trait Analytics: Send + Sync {
+    /// Adds a finished run to the rollup of each of its owners for the day it finished.
+    /// Exactly once per run and owner: calling again (a retried delivery) adds nothing.
+    async fn record_run(&self, run: &RunRecord, steps: &[StepRecord]) -> Result<Recorded, AnalyticsError>;
+
+    /// Sums per workflow of the runs `principal` owns that finished on a UTC day in
+    /// `from..=to`, most expensive workflow first. Reads rollup rows only.
+    async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError>;
 }

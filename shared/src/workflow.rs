@@ -57,12 +57,30 @@ pub struct Defaults {
     pub retry: Option<RetryPolicy>,
 }
 
+// Values stay raw JSON so that validation (`crate::budget::BudgetLimits::from_def`)
+// reports a bad one by its field rather than failing the whole parse.
+/// Limits for one run: before every model call its worst case is reserved, and a call
+/// that does not fit is not made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
-    /// Dollars as a decimal string or number; parsed exactly.
+    /// Dollars the run's model calls may cost in all, as a decimal string (`"0.02"`, read
+    /// exactly) or a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "dollar_amount_schema")]
     pub max_cost_usd: Option<Value>,
-    pub max_total_tokens: Option<u64>,
+    /// Input, output and cache tokens the run's model calls may use in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<u64>")]
+    pub max_total_tokens: Option<Value>,
+}
+
+fn dollar_amount_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": ["string", "number", "null"],
+        "pattern": "^\\s*([0-9]+\\.?[0-9]*|\\.[0-9]+)\\s*$",
+        "minimum": 0
+    })
 }
 
 /// Per-step retry of retryable errors (throttling, timeouts, 5xx, invalid output):

@@ -1,5 +1,5 @@
-//! One contract, two implementations: every store/progress behaviour the engine and API
-//! rely on is checked against the in-memory adapters and against the DynamoDB adapters
+//! One contract, two implementations: every store/progress/history/analytics behaviour the
+//! engine, runner and API rely on is checked against the in-memory adapters and against the DynamoDB adapters
 //! on a moto server this test starts (from the project venv; `make test` provides it, and
 //! `CHAINRUN_MOTO_SERVER` may point at another `moto_server` binary).
 #![cfg(feature = "aws")]
@@ -8,17 +8,17 @@
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,
 };
-use chainrun_core::aws::{DynamoProgress, DynamoStore};
+use chainrun_core::analytics::CostSums;
+use chainrun_core::aws::{DynamoAnalytics, DynamoProgress, DynamoStore};
 use chainrun_core::config::Tables;
 use chainrun_core::ids::{Principal, RunId, StepId};
-use chainrun_core::memory::{MemoryProgress, MemoryStore};
+use chainrun_core::memory::{MemoryAnalytics, MemoryProgress, MemoryStore};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::*;
 use chainrun_core::pricing::Usage;
 use chainrun_core::run::*;
-use chrono::{Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde_json::{Value, json};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -218,19 +218,28 @@ fn moto_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server"))
 }
 
+/// Starts moto on a port it picks itself (`-p 0`) and reads the port from its banner.
+/// Picking a free port here and handing it over would race: two tests starting at once
+/// can be given the same port, and the loser's readiness check then succeeds against the
+/// winner's server, which vanishes when the winner's test ends.
 async fn start_moto() -> Moto {
+    use std::io::{BufRead, BufReader};
     let binary = moto_binary();
     assert!(binary.exists(), "{} not found: run `make venv` (or set CHAINRUN_MOTO_SERVER)", binary.display());
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(&binary).args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let moto = Moto { child, url: format!("http://127.0.0.1:{port}") };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return moto;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("moto_server did not start on port {port}");
+    let mut child = Command::new(&binary).args(["-H", "127.0.0.1", "-p", "0"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = tokio::task::spawn_blocking(move || {
+        let port = lines.by_ref().map_while(Result::ok).find_map(|line| {
+            line.split("Running on http://127.0.0.1:").nth(1).and_then(|rest| rest.trim().trim_end_matches('/').parse::<u16>().ok())
+        });
+        // Keep draining: moto logs every request, and a full pipe would block it.
+        std::thread::spawn(move || lines.for_each(drop));
+        port
+    })
+    .await
+    .unwrap();
+    let port = port.unwrap_or_else(|| panic!("moto_server ({}) exited without announcing its port", binary.display()));
+    Moto { child, url: format!("http://127.0.0.1:{port}") }
 }
 
 /// Creates the tables exactly as `infra/tables.json` defines them.
@@ -269,6 +278,7 @@ async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Tables {
         events: names["CHAINRUN_EVENTS_TABLE"].clone(),
         progress: names["CHAINRUN_PROGRESS_TABLE"].clone(),
         workflows: names["CHAINRUN_WORKFLOWS_TABLE"].clone(),
+        rollups: names["CHAINRUN_ROLLUPS_TABLE"].clone(),
     }
 }
 
@@ -307,4 +317,241 @@ async fn dynamodb_refuses_oversize_checkpoints_with_a_clear_error() {
     store.claim(&run.id, &l, Utc::now()).await.unwrap();
     let err = store.save_step(&run.id, &l, &step("a", json!("x".repeat(500 * 1024)))).await.unwrap_err();
     assert!(matches!(&err, StoreError::TooLarge(m) if m.contains("step a") && m.contains("400 KB")), "{err:?}");
+}
+
+// ---------------------------------------------------------------- history
+
+fn principals(user: &str, groups: &[&str]) -> Vec<Principal> {
+    let mut p = vec![Principal::User(user.into()), Principal::Public];
+    p.extend(groups.iter().map(|g| Principal::Group((*g).into())));
+    p
+}
+
+/// A run created at `t0 + seconds`, owned by `owners`.
+fn run_at(workflow: &str, caller: &str, owners: Vec<Principal>, t0: DateTime<Utc>, seconds: i64) -> RunRecord {
+    RunRecord::new(workflow.into(), json!({ "name": workflow }), json!({}), caller.into(), owners, t0 + Duration::seconds(seconds))
+}
+
+/// Follows `next` from the start of the index and returns every run id, page by page.
+async fn walk(history: &dyn RunHistory, index: RunIndex, visible_to: Vec<Principal>, limit: u32) -> Vec<Vec<RunId>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    for _ in 0..100 {
+        let page = history.list_runs(&RunQuery { index: index.clone(), visible_to: visible_to.clone(), limit, after }).await.unwrap();
+        assert!(page.items.len() <= limit as usize);
+        pages.push(page.items.iter().map(|r| r.id.clone()).collect());
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return pages,
+        }
+    }
+    panic!("history never ended");
+}
+
+async fn history_contract(store: Arc<dyn RunStore>, history: Arc<dyn RunHistory>) {
+    let t0 = Utc::now() - Duration::hours(1);
+    let alice = || Principal::User("alice".into());
+    let bob = || Principal::User("bob".into());
+    // Oldest first: alice ×3 and one of another workflow, bob's private run in between,
+    // and bob's run shared with group eng (alice is in it).
+    let runs = [
+        run_at("hist", "alice", vec![alice()], t0, 1),
+        run_at("hist", "bob", vec![bob()], t0, 2),
+        run_at("other", "alice", vec![alice()], t0, 3),
+        run_at("hist", "alice", vec![alice()], t0, 4),
+        run_at("hist", "bob", vec![bob(), Principal::Group("eng".into())], t0, 5),
+        run_at("hist", "alice", vec![alice()], t0, 6),
+    ];
+    for r in &runs {
+        store.create_run(r).await.unwrap();
+    }
+    let id = |i: usize| runs[i].id.clone();
+
+    // by workflow, as alice (in eng): newest first, bob's private run never listed, paged by 2
+    let pages = walk(history.as_ref(), RunIndex::Workflow("hist".into()), principals("alice", &["eng"]), 2).await;
+    assert_eq!(pages.concat(), vec![id(5), id(4), id(3), id(0)]);
+    assert_eq!(pages[0], vec![id(5), id(4)], "a full first page");
+    // without the group, the shared run disappears too
+    let pages = walk(history.as_ref(), RunIndex::Workflow("hist".into()), principals("alice", &[]), 10).await;
+    assert_eq!(pages, vec![vec![id(5), id(3), id(0)]], "one page, no next once exhausted");
+    // by caller: alice's own runs of every workflow
+    let pages = walk(history.as_ref(), RunIndex::Caller("alice".into()), principals("alice", &[]), 3).await;
+    assert_eq!(pages.concat(), vec![id(5), id(3), id(2), id(0)]);
+    // a stranger sees nothing, and learns nothing from paging
+    let pages = walk(history.as_ref(), RunIndex::Workflow("hist".into()), principals("mallory", &[]), 5).await;
+    assert_eq!(pages, vec![Vec::<RunId>::new()]);
+    assert_eq!(walk(history.as_ref(), RunIndex::Workflow("nope".into()), principals("alice", &[]), 5).await, vec![Vec::<RunId>::new()]);
+
+    // summaries carry status, error and final totals, not the documents
+    let lease = lease("h", 5);
+    assert!(matches!(store.claim(&id(5), &lease, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let mut done = store.get_run(&id(5)).await.unwrap().unwrap();
+    done.status = RunStatus::Failed;
+    done.finished_at = Some(Utc::now());
+    done.error = Some(ErrorInfo { code: "STEP_FAILED".into(), message: "x".into(), retryable: false });
+    done.totals.add_call(&Usage { input_tokens: 3, ..Usage::default() }, Usd::from_pico(99));
+    store.finish_run(&done, &lease).await.unwrap();
+    let page = history
+        .list_runs(&RunQuery { index: RunIndex::Workflow("hist".into()), visible_to: principals("alice", &[]), limit: 1, after: None })
+        .await
+        .unwrap();
+    let top = &page.items[0];
+    assert_eq!((top.id.clone(), top.status, top.totals, top.error.clone()), (id(5), RunStatus::Failed, done.totals, done.error.clone()));
+    assert_eq!((top.workflow.as_str(), top.caller.as_str()), ("hist", "alice"));
+    assert!(top.started_at.is_some() && top.finished_at.is_some());
+    assert_eq!(top.created_at.timestamp_millis(), runs[5].created_at.timestamp_millis());
+    assert!(page.next.is_some());
+}
+
+#[tokio::test]
+async fn memory_history_honours_the_contract() {
+    let store = Arc::new(MemoryStore::new());
+    history_contract(store.clone(), store).await;
+}
+
+#[tokio::test]
+async fn dynamodb_history_honours_the_contract() {
+    let moto = start_moto().await;
+    let (client, tables) = moto_tables(&moto).await;
+    let store = Arc::new(DynamoStore::new(client, tables));
+    history_contract(store.clone(), store).await;
+}
+
+#[tokio::test]
+async fn dynamodb_history_bounds_what_one_page_reads_and_resumes_where_it_stopped() {
+    let moto = start_moto().await;
+    let (client, tables) = moto_tables(&moto).await;
+    // 2 runs a read, 2 reads a call: 4 runs examined per call at most.
+    let store = DynamoStore::new(client, tables).with_history_bound(2, 2);
+    let t0 = Utc::now() - Duration::hours(1);
+    let mine = run_at("busy", "alice", vec![Principal::User("alice".into())], t0, 0);
+    store.create_run(&mine).await.unwrap();
+    for i in 1..=6 {
+        store.create_run(&run_at("busy", "bob", vec![Principal::User("bob".into())], t0, i)).await.unwrap();
+    }
+    let pages = walk(&store, RunIndex::Workflow("busy".into()), principals("alice", &[]), 10).await;
+    assert_eq!(pages, vec![vec![], vec![mine.id.clone()]], "an empty page with a cursor, then the run");
+}
+
+// ---------------------------------------------------------------- analytics
+
+fn day() -> NaiveDate {
+    Utc::now().date_naive()
+}
+
+/// A run of `workflow` that finished at noon of `day`, after `latency_ms`, with these steps
+/// (id, status, cost, latency); its totals are the steps' sums.
+fn finished_run(
+    workflow: &str,
+    day: NaiveDate,
+    status: RunStatus,
+    latency_ms: i64,
+    steps: &[(&str, StepStatus, u64, u64)],
+) -> (RunRecord, Vec<StepRecord>) {
+    let noon = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let mut run = RunRecord::new(
+        workflow.into(),
+        json!({}),
+        json!({}),
+        "alice".into(),
+        vec![Principal::User("alice".into()), Principal::Group("eng".into())],
+        noon - Duration::seconds(5),
+    );
+    run.status = status;
+    run.started_at = Some(noon - Duration::milliseconds(latency_ms));
+    run.finished_at = Some(noon);
+    let records: Vec<StepRecord> = steps
+        .iter()
+        .map(|(id, st, pico, ms)| {
+            let mut r = StepRecord::settled(StepId::parse(id).unwrap(), *st, None, noon);
+            r.attempts = u32::from(!matches!(st, StepStatus::Skipped));
+            r.cost = Usd::from_pico(*pico);
+            r.latency_ms = *ms;
+            r
+        })
+        .collect();
+    for r in records.iter().filter(|r| r.attempts > 0) {
+        run.totals.add_call(&r.usage, r.cost);
+    }
+    (run, records)
+}
+
+fn sums(runs: u64, failures: u64, pico: u64, latency_ms: u64) -> CostSums {
+    CostSums { runs, failures, cost: Usd::from_pico(pico), latency_ms }
+}
+
+async fn analytics_contract(analytics: Arc<dyn Analytics>) {
+    let today = day();
+    let yesterday = today.pred_opt().unwrap();
+    let alice = Principal::User("alice".into());
+    let eng = Principal::Group("eng".into());
+    use StepStatus::*;
+
+    // recorded once per owner, however often it is called
+    let (ok, ok_steps) =
+        finished_run("triage", today, RunStatus::Completed, 1_500, &[("extract", Completed, 300, 100), ("reply", Completed, 700, 900)]);
+    assert_eq!(analytics.record_run(&ok, &ok_steps).await.unwrap(), Recorded { added: 2, already: 0 });
+    assert_eq!(analytics.record_run(&ok, &ok_steps).await.unwrap(), Recorded { added: 0, already: 2 });
+    let (bad, bad_steps) = finished_run("triage", today, RunStatus::Failed, 500, &[("extract", Completed, 301, 200), ("reply", Failed, 0, 50)]);
+    analytics.record_run(&bad, &bad_steps).await.unwrap();
+    // an unfinished run has nothing to add
+    let mut running = ok.clone();
+    running.id = RunId::new();
+    running.status = RunStatus::Running;
+    assert_eq!(analytics.record_run(&running, &ok_steps).await, Err(AnalyticsError::Unfinished(running.id.clone())));
+
+    let costs = analytics.costs(&alice, today, today).await.unwrap();
+    assert_eq!(costs.len(), 1);
+    let triage = &costs[0];
+    assert_eq!(triage.workflow, "triage");
+    assert_eq!(triage.totals, sums(2, 1, 1_301, 2_000));
+    assert_eq!(triage.totals.avg_cost(), Usd::from_pico(650), "1301 / 2 rounds down");
+    assert_eq!(triage.totals.failure_rate(), "0.5000");
+    let step = |w: &chainrun_core::analytics::WorkflowCosts, id: &str| w.steps[&StepId::parse(id).unwrap()];
+    assert_eq!(step(triage, "extract"), sums(2, 0, 601, 300));
+    assert_eq!(step(triage, "reply"), sums(2, 1, 700, 950));
+    assert_eq!(analytics.costs(&eng, today, today).await.unwrap(), costs, "every owner has the run");
+    assert!(analytics.costs(&Principal::User("bob".into()), yesterday, today).await.unwrap().is_empty());
+
+    // days are separate rows; a period sums them. Workflows come most expensive first.
+    let (old, old_steps) = finished_run("triage", yesterday, RunStatus::Completed, 1_000, &[("extract", Completed, 10, 10), ("skip", Skipped, 0, 0)]);
+    analytics.record_run(&old, &old_steps).await.unwrap();
+    let odd = "odd#WF#name#P#7 ✓";
+    let (other, other_steps) = finished_run(odd, today, RunStatus::Completed, 10, &[("only", Completed, 5_000, 3)]);
+    analytics.record_run(&other, &other_steps).await.unwrap();
+    assert_eq!(analytics.costs(&alice, yesterday, yesterday).await.unwrap()[0].totals, sums(1, 0, 10, 1_000));
+    let both = analytics.costs(&alice, yesterday, today).await.unwrap();
+    assert_eq!(both.iter().map(|w| w.workflow.as_str()).collect::<Vec<_>>(), [odd, "triage"]);
+    assert_eq!(both[1].totals, sums(3, 1, 1_311, 3_000));
+    assert_eq!(step(&both[1], "extract"), sums(3, 0, 611, 310));
+    assert!(!both[1].steps.contains_key(&StepId::parse("skip").unwrap()), "a skipped step never ran");
+    assert!(analytics.costs(&alice, today + chrono::Days::new(1), today + chrono::Days::new(3)).await.unwrap().is_empty());
+
+    // a 200-step run keeps every step (its counters span several rows). Recorded one after
+    // another: moto does not serialise concurrent writes to one item (it loses ADDs, even
+    // plain UpdateItem ones), so concurrency cannot be checked against it. DynamoDB's ADD
+    // is atomic, and the adapter retries transactions that collide.
+    let steps: Vec<(String, u64)> = (0..200).map(|i| (format!("s{i:03}"), i + 1)).collect();
+    let step_specs: Vec<(&str, StepStatus, u64, u64)> = steps.iter().map(|(id, c)| (id.as_str(), Completed, *c, 2)).collect();
+    for _ in 0..3 {
+        let (r, s) = finished_run("wide", today, RunStatus::Completed, 100, &step_specs);
+        assert_eq!(analytics.record_run(&r, &s).await.unwrap().added, 2);
+    }
+    let wide = analytics.costs(&eng, today, today).await.unwrap().into_iter().find(|w| w.workflow == "wide").unwrap();
+    assert_eq!(wide.totals, sums(3, 0, 3 * 20_100, 300));
+    assert_eq!(wide.steps.len(), 200);
+    assert_eq!(step(&wide, "s199"), sums(3, 0, 3 * 200, 6));
+    assert_eq!(wide.steps_by_avg_cost()[0].0.as_str(), "s199");
+}
+
+#[tokio::test]
+async fn memory_analytics_honour_the_contract() {
+    analytics_contract(Arc::new(MemoryAnalytics::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_analytics_honour_the_contract() {
+    let moto = start_moto().await;
+    let (client, tables) = moto_tables(&moto).await;
+    analytics_contract(Arc::new(DynamoAnalytics::new(client, tables))).await;
 }

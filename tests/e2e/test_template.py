@@ -409,11 +409,25 @@ def dynamodb_tables_granted(props: dict[str, Any]) -> set[str]:
     return tables
 
 
-def test_api_may_read_and_write_all_four_tables_and_runner_all_but_workflows(template):
+def dynamodb_grants(props: dict[str, Any]) -> dict[str, set[str]]:
+    """Table logical id -> the policy templates granting access to it."""
+    grants: dict[str, set[str]] = {}
+    for name, args in policy_templates(props):
+        grants.setdefault(args["TableName"]["Ref"], set()).add(name)
+    return grants
+
+
+def test_each_function_gets_only_the_table_access_it_needs(template):
     api = effective_function_props(template, "ApiFunction")
     runner = effective_function_props(template, "RunnerFunction")
-    assert dynamodb_tables_granted(api) == {"RunsTable", "EventsTable", "ProgressTable", "WorkflowsTable"}
-    assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable"}
+    crud = {"DynamoDBCrudPolicy"}
+    assert dynamodb_tables_granted(api) == {"RunsTable", "EventsTable", "ProgressTable", "WorkflowsTable", "RollupsTable"}
+    assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable", "RollupsTable"}
+    for table in ("RunsTable", "EventsTable", "ProgressTable"):
+        assert dynamodb_grants(api)[table] == crud and dynamodb_grants(runner)[table] == crud
+    # Cost rollups: only the runner writes them (when a run ends), only the API reads them.
+    assert dynamodb_grants(api)["RollupsTable"] == {"DynamoDBReadPolicy"}
+    assert dynamodb_grants(runner)["RollupsTable"] == {"DynamoDBWritePolicy"}
     for props in (api, runner):
         for statement in inline_statements(props):
             assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (

@@ -90,3 +90,9 @@ impl From<chainrun_core::ports::ProgressError> for ApiError {
         if e.retryable() { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) }
     }
 }
+
+impl From<chainrun_core::ports::AnalyticsError> for ApiError {
+    fn from(e: chainrun_core::ports::AnalyticsError) -> Self {
+        if e.retryable() { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) }
+    }
+}

@@ -1,22 +1,24 @@
-//! chainrun's HTTP API: access checks, starting runs, reading runs and their progress.
+//! chainrun's HTTP API: access checks, starting runs, reading runs and their progress,
+//! run history and cost analytics.
 //!
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
 //! in-memory adapters, and `main` hands the same router to `lambda_http`.
 
 pub mod auth;
 pub mod error;
+mod history;
 mod views;
 
 use auth::{Authenticator, Identity};
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::validate_json;
 use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::ports::{Dispatcher, ProgressReader, RunStore};
+use chainrun_core::ports::{Analytics, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
 use error::ApiError;
@@ -53,6 +55,8 @@ impl ApiConfig {
 pub struct AppState {
     pub store: Arc<dyn RunStore>,
     pub progress: Arc<dyn ProgressReader>,
+    pub history: Arc<dyn RunHistory>,
+    pub analytics: Arc<dyn Analytics>,
     pub dispatcher: Arc<dyn Dispatcher>,
     pub models: Arc<ModelRegistry>,
     pub auth: Authenticator,
@@ -60,10 +64,11 @@ pub struct AppState {
 
 pub fn app(state: AppState) -> Router {
     let routes = Router::new()
-        .route("/runs", post(start_run).fallback(method_not_allowed))
+        .route("/runs", get(history::list_runs).post(start_run).fallback(method_not_allowed))
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
+        .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
         .fallback(not_found);
     routes.layer(axum::extract::DefaultBodyLimit::disable()).with_state(state)
 }

@@ -1,7 +1,7 @@
 //! Wires the API function: telemetry, config, AWS clients, then serve.
 
 use chainrun_api::{ApiConfig, AppState, app};
-use chainrun_core::aws::{DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config};
+use chainrun_core::aws::{DynamoAnalytics, DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config};
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
 
@@ -12,9 +12,12 @@ async fn main() -> Result<(), lambda_http::Error> {
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
     let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
+    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
     let state = AppState {
-        store: Arc::new(DynamoStore::new(dynamodb, config.core.tables.clone())),
+        store: store.clone(),
         progress,
+        history: store,
+        analytics: Arc::new(DynamoAnalytics::new(dynamodb, config.core.tables.clone())),
         dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.runner_function.clone())),
         models: Arc::new(config.core.models.clone()),
         auth: config.auth.clone(),

@@ -1,8 +1,10 @@
 //! JSON shapes clients see. Money is shown as an exact decimal string (`cost_usd`) and
 //! as the integer it is (`cost_pico_usd`), never as a float.
 
+use chainrun_core::analytics::{CostSums, WorkflowCosts};
 use chainrun_core::engine::totals_json;
 use chainrun_core::graph::validate_json;
+use chainrun_core::ports::RunSummary;
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{ProgressRow, RunRecord, StepRecord};
 use serde_json::{Value, json};
@@ -78,4 +80,54 @@ pub fn progress_row(r: &ProgressRow) -> Value {
         "last_seq": r.last_seq,
         "updated_at": r.updated_at,
     })
+}
+
+/// A run in a history list: no input, output or steps (`GET /runs/{id}` has those).
+pub fn run_summary(r: &RunSummary) -> Value {
+    json!({
+        "run_id": r.id,
+        "workflow": r.workflow,
+        "status": r.status,
+        "caller": r.caller,
+        "created_at": r.created_at,
+        "started_at": r.started_at,
+        "finished_at": r.finished_at,
+        "error": r.error,
+        "totals": totals_json(&r.totals),
+    })
+}
+
+/// Counts, sums and averages; averages round down, and the sums are there to check them.
+fn cost_sums(s: &CostSums) -> serde_json::Map<String, Value> {
+    let value = json!({
+        "runs": s.runs,
+        "failures": s.failures,
+        "failure_rate": s.failure_rate(),
+        "total_cost_usd": s.cost.to_string(),
+        "total_cost_pico_usd": s.cost.pico(),
+        "avg_cost_usd": s.avg_cost().to_string(),
+        "avg_cost_pico_usd": s.avg_cost().pico(),
+        "total_latency_ms": s.latency_ms,
+        "avg_latency_ms": s.avg_latency_ms(),
+    });
+    value.as_object().cloned().unwrap_or_default()
+}
+
+/// One workflow's costs, its steps most expensive on average first.
+pub fn workflow_costs(w: &WorkflowCosts) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("workflow".into(), json!(w.workflow));
+    out.extend(cost_sums(&w.totals));
+    let steps: Vec<Value> = w
+        .steps_by_avg_cost()
+        .into_iter()
+        .map(|(id, sums)| {
+            let mut step = serde_json::Map::new();
+            step.insert("step_id".into(), json!(id));
+            step.extend(cost_sums(sums));
+            Value::Object(step)
+        })
+        .collect();
+    out.insert("steps".into(), Value::Array(steps));
+    Value::Object(out)
 }

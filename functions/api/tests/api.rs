@@ -6,8 +6,8 @@ use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, MAX_BODY_BYTES, app};
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::RunId;
-use chainrun_core::memory::{MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
-use chainrun_core::ports::{Claim, Lease, RunStore};
+use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::ports::{Analytics, Claim, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -21,6 +21,7 @@ struct Api {
     store: Arc<MemoryStore>,
     progress: Arc<MemoryProgress>,
     dispatcher: Arc<MemoryDispatcher>,
+    analytics: Arc<MemoryAnalytics>,
     state: AppState,
 }
 
@@ -28,14 +29,17 @@ fn api() -> Api {
     let store = Arc::new(MemoryStore::new());
     let progress = Arc::new(MemoryProgress::new());
     let dispatcher = Arc::new(MemoryDispatcher::new());
+    let analytics = Arc::new(MemoryAnalytics::new());
     let state = AppState {
         store: store.clone(),
         progress: progress.clone(),
+        history: store.clone(),
+        analytics: analytics.clone(),
         dispatcher: dispatcher.clone(),
         models: Arc::new(ModelRegistry::builtin()),
         auth: Authenticator::local(SECRET.as_bytes()),
     };
-    Api { store, progress, dispatcher, state }
+    Api { store, progress, dispatcher, analytics, state }
 }
 
 fn token_with(secret: &str, sub: &str, exp_offset: i64) -> String {
@@ -260,4 +264,138 @@ async fn a_run_can_be_followed_by_cursor_snapshot_and_progress_feed() {
     assert_eq!(row["totals"], snapshot["totals"]);
     let (_, _, other) = api.call("GET", "/progress", Some(&token("mallory")), None).await;
     assert_eq!(other["items"], json!([]));
+}
+
+// ---------------------------------------------------------------- history and analytics
+
+impl Api {
+    /// Starts a run as `user` and, like the runner, executes it and rolls it up.
+    async fn run_to_end(&self, user: &str, body: Value, model: Arc<ScriptedModel>) -> RunId {
+        let (status, _, accepted) = self.start(user, body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        let id = RunId::parse(accepted["run_id"].as_str().unwrap()).unwrap();
+        let engine = Engine::new(model, self.store.clone(), self.progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+        let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+        let Claim::Acquired(run) = self.store.claim(&id, &lease, chrono::Utc::now()).await.unwrap() else { panic!() };
+        engine.execute(*run, lease, None).await.unwrap();
+        let run = self.store.get_run(&id).await.unwrap().unwrap();
+        self.analytics.record_run(&run, &self.store.get_steps(&id).await.unwrap()).await.unwrap();
+        id
+    }
+
+    async fn get(&self, user: &str, path: &str) -> (StatusCode, Value) {
+        let (status, _, body) = self.call("GET", path, Some(&token(user)), None).await;
+        (status, body)
+    }
+}
+
+fn named(name: &str) -> Value {
+    let mut body = sample();
+    body["workflow"]["name"] = json!(name);
+    body
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"].as_array().unwrap().iter().map(|r| r["run_id"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn history_lists_the_runs_the_caller_may_see_newest_first_in_pages() {
+    let api = api();
+    let mut alice_runs = Vec::new();
+    for _ in 0..3 {
+        alice_runs.push(api.start("alice", named("greet")).await.2["run_id"].as_str().unwrap().to_owned());
+    }
+    let mallorys = api.start("mallory", named("greet")).await.2["run_id"].as_str().unwrap().to_owned();
+    api.start("alice", named("other")).await;
+    alice_runs.reverse();
+
+    let (status, first) = api.get("alice", "/runs?workflow=greet&limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(ids(&first), alice_runs[..2]);
+    let next = first["next"].as_str().expect("a next cursor");
+    let (_, second) = api.get("alice", &format!("/runs?workflow=greet&limit=2&next={next}")).await;
+    assert_eq!(ids(&second), alice_runs[2..]);
+    assert_eq!(second["next"], Value::Null);
+
+    let item = &first["items"][0];
+    assert_eq!((item["workflow"].as_str(), item["status"].as_str(), item["caller"].as_str()), (Some("greet"), Some("QUEUED"), Some("alice")));
+    assert_eq!(item["totals"]["cost_pico_usd"], 0);
+    assert!(item.get("input").is_none() && item.get("steps").is_none(), "a summary, not the snapshot");
+
+    // Another user's runs never appear, whatever the workflow; `/runs` alone is one's own.
+    let (_, theirs) = api.get("mallory", "/runs?workflow=greet").await;
+    assert_eq!(ids(&theirs), std::slice::from_ref(&mallorys));
+    let (_, mine) = api.get("alice", "/runs?limit=100").await;
+    assert_eq!(mine["items"].as_array().unwrap().len(), 4);
+    assert!(!ids(&mine).contains(&mallorys));
+    let (_, none) = api.get("bob", "/runs?workflow=greet").await;
+    assert_eq!((none["items"].clone(), none["next"].clone()), (json!([]), Value::Null));
+}
+
+#[tokio::test]
+async fn history_and_analytics_refuse_bad_parameters_naming_them() {
+    let api = api();
+    let cases = [
+        ("/runs?limit=0", "limit"),
+        ("/runs?limit=101", "limit"),
+        ("/runs?limit=ten", "limit"),
+        ("/runs?next=not-a-cursor", "next"),
+        ("/runs?next=bm90fGE", "next"),
+        ("/runs?workflow=", "workflow"),
+        ("/runs?workflows=greet", "workflows"),
+        ("/analytics/costs?days=0", "days"),
+        ("/analytics/costs?days=91", "days"),
+        ("/analytics/costs?days=a%20week", "days"),
+        ("/analytics/costs?scope=group:ops", "scope"),
+        ("/analytics/costs?scope=admin", "scope"),
+        ("/analytics/costs?since=2025-01-01", "since"),
+    ];
+    for (path, name) in cases {
+        let (status, headers, problem) = api.call("GET", path, Some(&token("alice")), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {problem}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert!(problem["detail"].as_str().unwrap().contains(name), "{path}: {problem}");
+    }
+    let (status, _, _) = api.call("GET", "/analytics/costs", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = api.call("POST", "/analytics/costs", Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn cost_analytics_report_each_workflow_and_step_of_the_callers_runs() {
+    let api = api();
+    let model =
+        Arc::new(ScriptedModel::new(vec![Script::reply("HELLO", "hi").with_usage(1_000, 10), Script::reply("SHOUT", "HI").with_usage(10, 3_000)]));
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(api.run_to_end("alice", named("greet"), model.clone()).await);
+    }
+    api.run_to_end("mallory", named("greet"), model.clone()).await;
+
+    let (status, report) = api.get("alice", "/analytics/costs").await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!((report["days"].as_u64(), report["scope"].as_str()), (Some(7), Some("USER#alice")));
+    let workflows = report["workflows"].as_array().unwrap();
+    assert_eq!(workflows.len(), 1);
+    let greet = &workflows[0];
+    let mut total = 0u64;
+    for id in &runs {
+        total += api.store.get_run(id).await.unwrap().unwrap().totals.cost.pico();
+    }
+    assert_eq!((greet["workflow"].as_str(), greet["runs"].as_u64(), greet["failures"].as_u64()), (Some("greet"), Some(3), Some(0)));
+    assert_eq!(greet["total_cost_pico_usd"].as_u64(), Some(total), "mallory's run is not in alice's costs");
+    assert_eq!(greet["avg_cost_pico_usd"].as_u64(), Some(total / 3));
+    assert_eq!(greet["failure_rate"], "0.0000");
+    let steps: Vec<&str> = greet["steps"].as_array().unwrap().iter().map(|s| s["step_id"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["shout", "hello"], "3,000 output tokens cost more than 1,000 input tokens");
+    let step_total: u64 = greet["steps"].as_array().unwrap().iter().map(|s| s["total_cost_pico_usd"].as_u64().unwrap()).sum();
+    assert_eq!(step_total, total);
+    assert_eq!(greet["steps"][0]["runs"], 3);
+
+    let (_, eng) = api.get("alice", "/analytics/costs?days=1&scope=group:eng").await;
+    assert_eq!((eng["days"].as_u64(), eng["workflows"].clone()), (Some(1), json!([])), "runs are not owned by the group");
+    let (_, bob) = api.get("bob", "/analytics/costs?days=90").await;
+    assert_eq!(bob["workflows"], json!([]));
 }

@@ -5,11 +5,18 @@
 //! does nothing; a delivery after a crash finds the lease expired, takes it over and the
 //! engine resumes from checkpoints. Near the deadline the engine suspends and the runner
 //! dispatches the run to itself again, so a run can outlive one invocation.
+//!
+//! When a run ends, the runner adds it to its owners' cost rollups ([`Analytics`]). That
+//! happens after the run's end is stored, so a crash in between would lose it — except
+//! that recording is exactly-once per run and owner, and a delivery that finds the run
+//! already finished records it again (a no-op if it was). A failed recording fails the
+//! invocation, and Lambda's retry of it completes the rollup.
 
 use chainrun_core::aws::RunnerEvent;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
-use chainrun_core::ports::{Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
+use chainrun_core::ids::RunId;
+use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;
@@ -55,6 +62,8 @@ pub enum RunnerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
+    #[error(transparent)]
+    Analytics(#[from] AnalyticsError),
 }
 
 impl RunnerError {
@@ -63,6 +72,7 @@ impl RunnerError {
             RunnerError::Engine(e) => e.retryable(),
             RunnerError::Store(e) => e.retryable(),
             RunnerError::Dispatch(e) => e.retryable,
+            RunnerError::Analytics(e) => e.retryable(),
         }
     }
 }
@@ -80,6 +90,7 @@ pub struct Runner {
     pub store: Arc<dyn RunStore>,
     pub engine: Engine,
     pub dispatcher: Arc<dyn Dispatcher>,
+    pub analytics: Arc<dyn Analytics>,
 }
 
 impl Runner {
@@ -107,6 +118,9 @@ impl Runner {
             }
             Claim::Finished => {
                 info!(run_id = %run_id, "duplicate delivery: run already finished");
+                // The delivery may be Lambda's retry of an invocation that stopped between
+                // finishing the run and rolling it up.
+                self.roll_up(&run_id).await?;
                 return Ok(Handled::AlreadyFinished);
             }
             Claim::NotFound => {
@@ -121,7 +135,10 @@ impl Runner {
         let deadline_instant = tokio::time::Instant::now() + remaining;
         let outcome = self.engine.clone().with_deadline_margin(margin).execute(run, lease.clone(), Some(deadline_instant)).await;
         match outcome {
-            Ok(Outcome::Finished(status)) => Ok(Handled::Finished(status)),
+            Ok(Outcome::Finished(status)) => {
+                self.roll_up(&run_id).await?;
+                Ok(Handled::Finished(status))
+            }
             Ok(Outcome::Suspended) => {
                 self.dispatcher.dispatch(&run_id).await?;
                 info!(run_id = %run_id, "run suspended and re-dispatched");
@@ -141,6 +158,15 @@ impl Runner {
                 Err(e.into())
             }
         }
+    }
+
+    /// Adds a finished run to its owners' cost rollups, from what the store holds.
+    async fn roll_up(&self, run_id: &RunId) -> Result<(), RunnerError> {
+        let Some(run) = self.store.get_run(run_id).await? else { return Ok(()) };
+        let steps = self.store.get_steps(run_id).await?;
+        let recorded = self.analytics.record_run(&run, &steps).await?;
+        info!(run_id = %run_id, added = recorded.added, already = recorded.already, cost_pico = run.totals.cost.pico(), "run rolled up");
+        Ok(())
     }
 }
 

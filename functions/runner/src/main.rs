@@ -1,7 +1,8 @@
 //! Wires the runner function: telemetry, config, AWS clients, then serve.
 
 use chainrun_core::aws::{
-    BedrockModel, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client, lambda_client, sdk_config,
+    BedrockModel, DynamoAnalytics, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client, lambda_client,
+    sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use chainrun_core::engine::{Engine, EngineConfig};
@@ -19,10 +20,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
     let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
-    let progress = Arc::new(DynamoProgress::new(dynamodb, config.core.tables.clone(), config.core.retention_days));
+    let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
+    let analytics = Arc::new(DynamoAnalytics::new(dynamodb, config.core.tables.clone()));
     let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));
     let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default());
-    let runner = Arc::new(Runner { store, engine, dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone())) });
+    let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
+    let runner = Arc::new(Runner { store, engine, dispatcher, analytics });
     let margin = config.deadline_margin;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<RunnerEvent>| {
         let runner = runner.clone();

@@ -1,14 +1,16 @@
 //! The runner's delivery semantics against in-memory ports.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
+use chainrun_core::analytics::WorkflowCosts;
 use chainrun_core::aws::RunnerEvent;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::Principal;
-use chainrun_core::memory::{MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
-use chainrun_core::ports::RunStore;
+use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::ports::{Analytics, AnalyticsError, Recorded, RunStore};
 use chainrun_core::pricing::ModelRegistry;
+use chainrun_core::run::StepRecord;
 use chainrun_core::run::{EventType, RunRecord, RunStatus};
-use chainrun_runner::{Handled, Runner};
+use chainrun_runner::{Handled, Runner, RunnerError};
 use chrono::Utc;
 use serde_json::json;
 use std::sync::Arc;
@@ -20,16 +22,23 @@ struct Setup {
     store: Arc<MemoryStore>,
     progress: Arc<MemoryProgress>,
     dispatcher: Arc<MemoryDispatcher>,
+    analytics: Arc<MemoryAnalytics>,
 }
 
 fn setup(scripts: Vec<Script>) -> Setup {
+    setup_with(scripts, None)
+}
+
+/// `analytics` replaces the runner's rollups (still exposed as `Setup::analytics`: unused then).
+fn setup_with(scripts: Vec<Script>, analytics: Option<Arc<dyn Analytics>>) -> Setup {
     let model = Arc::new(ScriptedModel::new(scripts));
     let store = Arc::new(MemoryStore::new());
     let progress = Arc::new(MemoryProgress::new());
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
-    let runner = Arc::new(Runner { store: store.clone(), engine, dispatcher: dispatcher.clone() });
-    Setup { runner, model, store, progress, dispatcher }
+    let memory = Arc::new(MemoryAnalytics::new());
+    let runner = Arc::new(Runner { store: store.clone(), engine, dispatcher: dispatcher.clone(), analytics: analytics.unwrap_or(memory.clone()) });
+    Setup { runner, model, store, progress, dispatcher, analytics: memory }
 }
 
 async fn queue(store: &MemoryStore, steps: serde_json::Value) -> RunRecord {
@@ -141,4 +150,56 @@ async fn a_runner_whose_lease_was_taken_over_stops_without_an_error() {
     let far_future = Utc::now() + chrono::Duration::hours(2);
     assert!(matches!(store.claim(&id, &thief, far_future).await.unwrap(), chainrun_core::ports::Claim::Acquired(_)));
     assert_eq!(first.await.unwrap().unwrap(), Handled::Superseded);
+}
+
+/// Rollups that are down: every recording fails, retryably.
+struct DownAnalytics;
+
+#[async_trait::async_trait]
+impl Analytics for DownAnalytics {
+    async fn record_run(&self, _: &RunRecord, _: &[StepRecord]) -> Result<Recorded, AnalyticsError> {
+        Err(AnalyticsError::Unavailable("rollups table unreachable".into()))
+    }
+
+    async fn costs(&self, _: &Principal, _: chrono::NaiveDate, _: chrono::NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError> {
+        Err(AnalyticsError::Unavailable("rollups table unreachable".into()))
+    }
+}
+
+async fn alices_costs(analytics: &dyn Analytics) -> Vec<WorkflowCosts> {
+    let today = Utc::now().date_naive();
+    analytics.costs(&Principal::User("alice".into()), today.pred_opt().unwrap(), today.succ_opt().unwrap()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_finished_run_is_rolled_up_once_however_often_it_is_delivered() {
+    let s = setup(vec![Script::reply("COUNT", "ok").with_usage(100, 10)]);
+    let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "COUNT" }])).await;
+    let deadline = Utc::now() + chrono::Duration::minutes(15);
+    let event = || RunnerEvent { run_id: run.id.clone() };
+    assert_eq!(s.runner.handle(event(), "inv-1", deadline, Duration::from_secs(90)).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!(s.runner.handle(event(), "inv-2", deadline, Duration::from_secs(90)).await.unwrap(), Handled::AlreadyFinished);
+    let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
+    let costs = alices_costs(s.analytics.as_ref()).await;
+    assert_eq!(costs.len(), 1);
+    assert_eq!((costs[0].workflow.as_str(), costs[0].totals.runs, costs[0].totals.cost), ("t", 1, stored.totals.cost));
+    assert!(stored.totals.cost.pico() > 0);
+}
+
+#[tokio::test]
+async fn a_rollup_that_failed_after_the_run_finished_is_completed_by_the_retried_delivery() {
+    let s = setup_with(vec![Script::reply("LATE", "ok")], Some(Arc::new(DownAnalytics)));
+    let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "LATE" }])).await;
+    let deadline = Utc::now() + chrono::Duration::minutes(15);
+    let event = || RunnerEvent { run_id: run.id.clone() };
+    let err = s.runner.handle(event(), "inv-1", deadline, Duration::from_secs(90)).await.unwrap_err();
+    assert!(matches!(err, RunnerError::Analytics(_)) && err.retryable(), "{err}");
+    assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Completed, "the run itself is done");
+
+    // Lambda retries the event; the rollups are back.
+    let retry = Runner { store: s.store.clone(), engine: s.runner.engine.clone(), dispatcher: s.dispatcher.clone(), analytics: s.analytics.clone() };
+    assert_eq!(retry.handle(event(), "inv-2", deadline, Duration::from_secs(90)).await.unwrap(), Handled::AlreadyFinished);
+    assert_eq!(s.model.calls_matching("LATE"), 1, "nothing ran again");
+    let costs = alices_costs(s.analytics.as_ref()).await;
+    assert_eq!(costs[0].totals.runs, 1);
 }

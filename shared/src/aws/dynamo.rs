@@ -7,6 +7,8 @@
 //! - events: `pk = RUN#<id>`, `seq` (number). Appended with `attribute_not_exists`, so a seq
 //!   is written once.
 //! - progress: `pk = <principal>`, `sk = RUN#<id>`, one row per run per owner.
+//! - history reads the runs table's GSIs `by-caller` / `by-workflow` (`created_at` sort),
+//!   newest first, and filters by the run's owners (see [`RunHistory`]).
 //!
 //! DynamoDB rejects expression attribute values that an expression does not use (the local
 //! moto server does not), so every expression below uses exactly the values it passes.
@@ -28,26 +30,26 @@ use serde_json::Value;
 use std::collections::HashMap;
 use tracing::{debug, instrument};
 
-type Item = HashMap<String, AttributeValue>;
+pub(super) type Item = HashMap<String, AttributeValue>;
 
 /// DynamoDB's item limit is 400 KB; stay under it with room for attribute names.
 const MAX_ITEM_BYTES: usize = 390 * 1024;
 
-fn s(v: impl Into<String>) -> AttributeValue {
+pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
-fn n(v: impl ToString) -> AttributeValue {
+pub(super) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn run_pk(id: &RunId) -> String {
+pub(super) fn run_pk(id: &RunId) -> String {
     format!("RUN#{id}")
 }
 
 /// How a DynamoDB call failed: `Ok(message)` when a retry can help (transport, throttling,
 /// 5xx), `Err(message)` when it cannot (a malformed request is a defect here).
-fn classify<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> Result<String, String>
+pub(super) fn classify<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> Result<String, String>
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
 {
@@ -73,7 +75,9 @@ where
     classify(err).map_or_else(ProgressError::Corrupt, ProgressError::Unavailable)
 }
 
-fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(err: &SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> bool {
+pub(super) fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
+    err: &SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
+) -> bool {
     use aws_sdk_dynamodb::error::ProvideErrorMetadata;
     matches!(err.code(), Some("ConditionalCheckFailedException"))
         || (err.code() == Some("TransactionCanceledException") && err.message().unwrap_or_default().contains("ConditionalCheckFailed"))
@@ -215,11 +219,26 @@ fn check_size(item: &Item, what: &str) -> Result<(), StoreError> {
 pub struct DynamoStore {
     client: Client,
     tables: Tables,
+    history: HistoryPaging,
+}
+
+/// How much of a history index one `list_runs` call reads at most: `max_pages` query pages
+/// of `page_size` runs. Bounds the cost of a page when few runs there are visible.
+#[derive(Debug, Clone, Copy)]
+struct HistoryPaging {
+    page_size: i32,
+    max_pages: usize,
 }
 
 impl DynamoStore {
     pub fn new(client: Client, tables: Tables) -> Self {
-        Self { client, tables }
+        Self { client, tables, history: HistoryPaging { page_size: 100, max_pages: 5 } }
+    }
+
+    /// Changes the history read bound (default: 5 pages of 100 runs), e.g. to exercise it.
+    pub fn with_history_bound(mut self, page_size: u32, max_pages: usize) -> Self {
+        self.history = HistoryPaging { page_size: page_size.clamp(1, 1000) as i32, max_pages: max_pages.max(1) };
+        self
     }
 
     fn meta_key(&self, id: &RunId) -> Item {
@@ -438,6 +457,126 @@ impl RunStore for DynamoStore {
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
             Err(e) => Err(store_err(e)),
         }
+    }
+}
+
+/// The attributes of a run META item that history lists.
+#[derive(Deserialize)]
+struct SummaryItem {
+    id: RunId,
+    workflow: String,
+    caller: String,
+    owners: Vec<Principal>,
+    status: RunStatus,
+    created_at: String,
+    #[serde(default)]
+    started_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    error: Option<ErrorInfo>,
+    totals: Totals,
+}
+
+fn stored_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn parse_stored_time(raw: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(raw).map(|t| t.with_timezone(&Utc)).map_err(|e| StoreError::Corrupt(format!("created_at {raw:?}: {e}")))
+}
+
+/// The position a GSI key (an item's or a `LastEvaluatedKey`) stands for.
+fn cursor_of(key: &Item) -> Result<RunCursor, StoreError> {
+    let text = |name: &str| match key.get(name) {
+        Some(AttributeValue::S(v)) => Ok(v.as_str()),
+        _ => Err(StoreError::Corrupt(format!("history key without {name}"))),
+    };
+    let run_id = text("pk")?.strip_prefix("RUN#").and_then(|id| RunId::parse(id).ok()).ok_or_else(|| StoreError::Corrupt("history key pk".into()))?;
+    Ok(RunCursor { created_at: parse_stored_time(text("created_at")?)?, run_id })
+}
+
+#[async_trait]
+impl RunHistory for DynamoStore {
+    /// Queries the index newest first in pages, keeps the runs the caller may see, and
+    /// stops at `limit` of them or after the read bound. The cursor is the GSI position
+    /// (created_at, run) of the last run returned — or, when the bound stopped the walk,
+    /// of the last run examined, so the next call does not re-read invisible runs.
+    #[instrument(skip_all, fields(index = ?query.index, limit = query.limit))]
+    async fn list_runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        let (index, hash_name, hash_value) = match &query.index {
+            RunIndex::Caller(caller) => ("by-caller", "caller", caller),
+            RunIndex::Workflow(workflow) => ("by-workflow", "workflow", workflow),
+        };
+        let limit = query.limit.max(1) as usize;
+        let key_of = |c: &RunCursor| -> Item {
+            HashMap::from([
+                ("pk".to_owned(), s(run_pk(&c.run_id))),
+                ("sk".to_owned(), s("META")),
+                (hash_name.to_owned(), s(hash_value)),
+                ("created_at".to_owned(), s(stored_time(&c.created_at))),
+            ])
+        };
+        let mut start = query.after.as_ref().map(key_of);
+        let mut items: Vec<RunSummary> = Vec::new();
+        for _ in 0..self.history.max_pages {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.runs)
+                .index_name(index)
+                .key_condition_expression("#hash = :hash")
+                // Only what a summary shows: definitions, inputs and outputs stay behind.
+                .projection_expression("#id, #workflow, #caller, #owners, #status, #created, #started, #finished, #error, #totals")
+                .expression_attribute_names("#hash", hash_name)
+                .expression_attribute_names("#id", "id")
+                .expression_attribute_names("#workflow", "workflow")
+                .expression_attribute_names("#caller", "caller")
+                .expression_attribute_names("#owners", "owners")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_names("#created", "created_at")
+                .expression_attribute_names("#started", "started_at")
+                .expression_attribute_names("#finished", "finished_at")
+                .expression_attribute_names("#error", "error")
+                .expression_attribute_names("#totals", "totals")
+                .expression_attribute_values(":hash", s(hash_value))
+                .scan_index_forward(false)
+                .limit(self.history.page_size)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(store_err)?;
+            for item in out.items.unwrap_or_default() {
+                let run: SummaryItem = from_item(item)?;
+                if !run.owners.iter().any(|o| query.visible_to.contains(o)) {
+                    continue;
+                }
+                if items.len() == limit {
+                    // A further visible run exists: the next page starts after our last one.
+                    let next = items.last().map(|r| RunCursor { created_at: r.created_at, run_id: r.id.clone() });
+                    return Ok(RunPage { items, next });
+                }
+                items.push(RunSummary {
+                    created_at: parse_stored_time(&run.created_at)?,
+                    id: run.id,
+                    workflow: run.workflow,
+                    caller: run.caller,
+                    status: run.status,
+                    started_at: run.started_at,
+                    finished_at: run.finished_at,
+                    error: run.error,
+                    totals: run.totals,
+                });
+            }
+            match out.last_evaluated_key {
+                None => return Ok(RunPage { items, next: None }),
+                Some(key) if items.len() == limit => return Ok(RunPage { items, next: Some(cursor_of(&key)?) }),
+                Some(key) => start = Some(key),
+            }
+        }
+        debug!(found = items.len(), "history read bound reached");
+        let next = start.as_ref().map(cursor_of).transpose()?;
+        Ok(RunPage { items, next })
     }
 }
 

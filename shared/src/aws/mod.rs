@@ -7,10 +7,12 @@
 mod bedrock;
 mod dynamo;
 mod lambda;
+mod rollups;
 
 pub use bedrock::BedrockModel;
 pub use dynamo::{DynamoProgress, DynamoStore};
 pub use lambda::{LambdaDispatcher, RunnerEvent};
+pub use rollups::DynamoAnalytics;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
