@@ -1,0 +1,62 @@
+"""End-to-end: a run's cost budget stops an expensive call before it is made.
+
+The expensive step fits the budget on its own (validation accepts it), but once the
+cheap step's long reply is part of its prompt, its worst case (estimated input plus
+max_tokens of output, at the inference profile's price) no longer fits what is left.
+The runner must refuse it without calling the model: the dev model server's call log is
+the witness.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from test_runs import add_rules, calls_with, follow, marker, start
+
+CHEAP = "amazon.nova-micro-v1:0"
+EXPENSIVE = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+
+
+def test_a_budget_stops_the_expensive_step_before_its_call(api, stack, devmodel):
+    m = marker("budget")
+    long_reply = "finding " * 500  # 4,000 bytes the expensive prompt will carry
+    add_rules(devmodel,
+              {"name": m + "-cheap", "match": {"prompt_contains": m + " cheap"}, "reply": {"text": long_reply},
+               "usage": {"input_tokens": 40, "output_tokens": 900}},
+              {"name": m + "-expensive", "match": {"prompt_contains": m + " expensive"}, "reply": {"text": "verdict"}})
+    token = stack.token("alice")
+    wf = {
+        "name": "e2e-budget",
+        "budget": {"max_cost_usd": "0.02"},
+        "defaults": {"retry": {"max_attempts": 2, "initial_backoff_ms": 50}},
+        "steps": [
+            {"id": "cheap", "type": "llm", "model": CHEAP, "max_tokens": 1000, "prompt": m + " cheap {{ input.doc }}"},
+            {"id": "expensive", "type": "llm", "model": EXPENSIVE, "max_tokens": 1000,
+             "prompt": m + " expensive review of {{ steps.cheap.text }}"},
+        ],
+    }
+    run_id = start(api, token, wf, {"doc": "a short document"})["run_id"]
+    events = follow(api, token, run_id)
+
+    assert len(calls_with(devmodel, m + " cheap")) == 1
+    assert calls_with(devmodel, m + " expensive") == [], "the refused call never reached the model"
+    failed = [e for e in events if e["type"] == "STEP_FAILED"]
+    assert [e["step_id"] for e in failed] == ["expensive"]
+    error = failed[0]["data"]["error"]
+    assert error["code"] == "BUDGET_EXCEEDED" and error["retryable"] is False
+    budget = failed[0]["data"]["detail"]["budget"]
+    assert budget["limit"] == "max_cost_usd" and budget["max_cost_usd"] == "0.02"
+    spent = Decimal(budget["spent"]["cost_usd"])
+    attempted = Decimal(budget["attempted"]["cost_usd"])
+    assert spent > 0 and attempted > 0
+    assert spent + attempted > Decimal("0.02"), "refused only because it would not fit"
+    assert not [e for e in events if e["type"] == "STEP_RETRYING"], "a budget refusal is not retried"
+    assert events[-1]["type"] == "RUN_FAILED"
+
+    _, _, run = api("GET", f"/runs/{run_id}", token=token)
+    steps = {s["id"]: s for s in run["steps"]}
+    assert steps["cheap"]["status"] == "COMPLETED" and steps["expensive"]["status"] == "FAILED"
+    assert steps["expensive"]["attempts"] == 0 and int(steps["expensive"]["cost_pico_usd"]) == 0
+    # The run was charged exactly the cheap call, well inside the cap.
+    assert run["totals"]["cost_pico_usd"] == steps["cheap"]["cost_pico_usd"]
+    assert Decimal(run["totals"]["cost_usd"]) == spent <= Decimal("0.02")
