@@ -22,7 +22,7 @@ USER    ?= dev
 GROUPS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build up down token demo test bench
+.PHONY: help venv build up down token demo test bench cost-check
 
 help:
 	@echo "make demo                          local stack + sample workflow with live progress"
@@ -30,6 +30,7 @@ help:
 	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
 	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead)"
+	@echo "make cost-check                    1,000 random budgeted runs: no overrun, estimate brackets each"
 	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins"
 
 # Re-install only when requirements.txt is newer than the stamp.
@@ -68,3 +69,8 @@ test: venv
 # Release build of the pure core only (no AWS crates): the engine with in-memory adapters.
 bench:
 	cargo run -q --release -p chainrun-core --no-default-features --example scheduler_bench
+
+# Release build of the pure core only: random budgeted runs against the in-memory adapters,
+# checking no run exceeds its budget and the estimate brackets every run's cost.
+cost-check:
+	cargo run -q --release -p chainrun-core --no-default-features --example cost_check

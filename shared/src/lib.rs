@@ -1,6 +1,6 @@
 //! chainrun-core: the workflow model, validation, engine, pricing, ports and adapters.
 //!
-//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`workflow`],
+//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`estimate`], [`workflow`],
 //! [`graph`], [`template`], [`output`], [`run`]) know nothing of async or AWS. The
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
@@ -9,6 +9,7 @@ pub mod analytics;
 pub mod budget;
 pub mod config;
 pub mod engine;
+pub mod estimate;
 pub mod expr;
 pub mod graph;
 pub mod ids;

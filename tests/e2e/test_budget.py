@@ -9,6 +9,7 @@ the witness.
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 from test_runs import add_rules, calls_with, follow, marker, start
@@ -60,3 +61,43 @@ def test_a_budget_stops_the_expensive_step_before_its_call(api, stack, devmodel)
     # The run was charged exactly the cheap call, well inside the cap.
     assert run["totals"]["cost_pico_usd"] == steps["cheap"]["cost_pico_usd"]
     assert Decimal(run["totals"]["cost_usd"]) == spent <= Decimal("0.02")
+
+
+def test_an_estimate_brackets_the_run_it_estimated_and_then_learns_from_it(api, stack, devmodel):
+    m = marker("estimate")
+    add_rules(devmodel,
+              {"name": m + "-a", "match": {"prompt_contains": m + " A"}, "reply": {"text": "alpha " * 20},
+               "usage": {"input_tokens": 30, "output_tokens": 120}},
+              {"name": m + "-b", "match": {"prompt_contains": m + " B"}, "reply": {"text": "beta"},
+               "usage": {"input_tokens": 90, "output_tokens": 10}})
+    token = stack.token("erin")
+    wf = {
+        "name": "e2e-estimate-" + m,
+        "defaults": {"model": CHEAP, "max_tokens": 200, "retry": {"max_attempts": 2, "initial_backoff_ms": 50}},
+        "steps": [
+            {"id": "a", "type": "llm", "prompt": m + " A {{ input.doc }}"},
+            {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
+        ],
+    }
+    body = {"workflow": wf, "input": {"doc": "short"}}
+    status, _, before = api("POST", "/workflows/estimate", token=token, body=body)
+    assert status == 200, before
+    assert before["basis"] == "heuristic" and [s["step_id"] for s in before["steps"]] == ["a", "b"]
+    total = before["total"]
+    assert calls_with(devmodel, m) == [], "an estimate calls no model"
+
+    run_id = start(api, token, wf, {"doc": "short"})["run_id"]
+    assert follow(api, token, run_id)[-1]["type"] == "RUN_COMPLETED"
+    _, _, run = api("GET", f"/runs/{run_id}", token=token)
+    actual = run["totals"]["cost_pico_usd"]
+    assert total["min"]["cost_pico_usd"] <= actual <= total["max"]["cost_pico_usd"], (total, actual)
+    assert total["min"]["tokens"] <= run["totals"]["total_tokens"] <= total["max"]["tokens"]
+
+    # The runner rolls a run up just after its last event (README: Analytics); poll briefly.
+    for _ in range(50):
+        _, _, after = api("POST", "/workflows/estimate", token=token, body=body)
+        if after["basis"] == "history":
+            break
+        time.sleep(0.1)
+    assert after["basis"] == "history" and after["history_runs"] == 1, after
+    assert after["total"]["expected"]["cost_pico_usd"] == actual

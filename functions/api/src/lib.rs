@@ -1,5 +1,5 @@
 //! chainrun's HTTP API: access checks, starting runs, reading runs and their progress,
-//! run history and cost analytics.
+//! run history, cost analytics and cost estimates.
 //!
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
 //! in-memory adapters, and `main` hands the same router to `lambda_http`.
@@ -13,10 +13,10 @@ use auth::{Authenticator, Identity};
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
-use chainrun_core::graph::validate_json;
+use chainrun_core::graph::{ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::ports::{Analytics, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
@@ -69,6 +69,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
+        .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .fallback(not_found);
     routes.layer(axum::extract::DefaultBodyLimit::disable()).with_state(state)
 }
@@ -124,17 +125,7 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     {
         return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
     }
-    let graph = validate_json(&request.workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
-        title: "Invalid workflow",
-        detail: invalid.to_string(),
-        problems: invalid.problems,
-    })?;
-    if !request.input.is_object() {
-        return Err(ApiError::bad_request("Invalid input", "input must be a JSON object"));
-    }
-    if let Err(violations) = graph.check_input(&request.input) {
-        return Err(ApiError::bad_request("Invalid input", format!("input does not match the workflow's input_schema: {}", violations.join("; "))));
-    }
+    let graph = validated(&state, &request.workflow, &request.input)?;
     let run = RunRecord::new(
         graph.name.clone(),
         request.workflow,
@@ -153,6 +144,48 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     let links = json!({ "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) });
     let body = json!({ "run_id": run.id, "status": "QUEUED", "links": links });
     Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, format!("/runs/{}", run.id))], Json(body)).into_response())
+}
+
+/// Validates a definition and an input as every route that takes them must: `400` with
+/// every problem of the definition, or with where the input breaks it.
+fn validated(state: &AppState, workflow: &Value, input: &Value) -> Result<ValidatedGraph, ApiError> {
+    let graph = validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
+        title: "Invalid workflow",
+        detail: invalid.to_string(),
+        problems: invalid.problems,
+    })?;
+    if !input.is_object() {
+        return Err(ApiError::bad_request("Invalid input", "input must be a JSON object"));
+    }
+    if let Err(violations) = graph.check_input(input) {
+        return Err(ApiError::bad_request("Invalid input", format!("input does not match the workflow's input_schema: {}", violations.join("; "))));
+    }
+    Ok(graph)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EstimateRun {
+    workflow: Value,
+    #[serde(default = "empty_object")]
+    input: Value,
+}
+
+/// How far back `POST /workflows/estimate` looks for earlier runs of the workflow.
+pub const ESTIMATE_HISTORY_DAYS: u64 = 30;
+
+/// `POST /workflows/estimate`: per step and in total, `{min, expected, max}` tokens and cost
+/// of running the definition on the input (see `chainrun_core::estimate`). `expected` comes
+/// from the caller's own runs of a workflow of that name in the last 30 days when there are any.
+async fn estimate_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let request: EstimateRun = parse_body(&body)?;
+    let graph = validated(&state, &request.workflow, &request.input)?;
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Days::new(ESTIMATE_HISTORY_DAYS - 1);
+    let history = state.analytics.costs(&Principal::User(identity.user.clone()), from, to).await?;
+    let history = history.into_iter().find(|w| w.workflow == graph.name);
+    let estimate = chainrun_core::estimate::estimate(&graph, &request.input, &state.models, history.as_ref());
+    Ok(Json(estimate.to_json()))
 }
 
 /// Loads a run the caller may see; anything else is a 404, so ids of other people's runs

@@ -399,3 +399,77 @@ async fn cost_analytics_report_each_workflow_and_step_of_the_callers_runs() {
     let (_, bob) = api.get("bob", "/analytics/costs?days=90").await;
     assert_eq!(bob["workflows"], json!([]));
 }
+
+// ---------------------------------------------------------------- estimates
+
+impl Api {
+    async fn estimate(&self, user: &str, body: Value) -> (StatusCode, Value) {
+        let (status, _, body) = self.call("POST", "/workflows/estimate", Some(&token(user)), Some(body.to_string().into_bytes())).await;
+        (status, body)
+    }
+}
+
+fn estimate_body() -> Value {
+    let mut body = sample();
+    body.as_object_mut().unwrap().remove("options");
+    body
+}
+
+#[tokio::test]
+async fn an_estimate_brackets_each_step_and_the_run_and_uses_the_callers_history() {
+    let api = api();
+    let (status, first) = api.estimate("alice", estimate_body()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!((first["basis"].as_str(), first["history_runs"].as_u64()), (Some("heuristic"), Some(0)));
+    let steps: Vec<&str> = first["steps"].as_array().unwrap().iter().map(|s| s["step_id"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["hello", "shout"]);
+    let pico = |v: &Value| v["cost_pico_usd"].as_u64().unwrap();
+    for s in first["steps"].as_array().unwrap() {
+        assert!(pico(&s["min"]) <= pico(&s["expected"]) && pico(&s["expected"]) <= pico(&s["max"]), "{s}");
+        assert_eq!(s["max"]["cost_usd"], json!(chainrun_core::money::Usd::from_pico(pico(&s["max"])).to_string()));
+    }
+    // hello: "HELLO Ada" is 9 bytes + 96 input tokens, 1024 output tokens at most (one
+    // attempt of three: the default retry policy allows three).
+    let hello = &first["steps"][0]["max"];
+    assert_eq!(hello["tokens"], 3 * (9 + 96 + 1024));
+    assert_eq!(hello["cost_pico_usd"], 3 * ((9 + 96) * 35_000 + 1024 * 140_000));
+    let total = &first["total"];
+    assert_eq!(pico(&total["max"]), pico(hello) + pico(&first["steps"][1]["max"]));
+
+    // After three runs, expected is what they cost on average.
+    let model =
+        Arc::new(ScriptedModel::new(vec![Script::reply("HELLO", "hi").with_usage(1_000, 10), Script::reply("SHOUT", "HI").with_usage(10, 3_000)]));
+    let mut spent = 0;
+    for _ in 0..3 {
+        let id = api.run_to_end("alice", sample(), model.clone()).await;
+        spent += api.store.get_run(&id).await.unwrap().unwrap().totals.cost.pico();
+    }
+    let (status, after) = api.estimate("alice", estimate_body()).await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!((after["basis"].as_str(), after["history_runs"].as_u64()), (Some("history"), Some(3)));
+    assert_eq!(pico(&after["total"]["expected"]), spent / 3);
+    assert!(pico(&after["total"]["min"]) * 3 <= spent && spent <= pico(&after["total"]["max"]) * 3);
+    let (_, bob) = api.estimate("bob", estimate_body()).await;
+    assert_eq!(bob["basis"], "heuristic", "alice's runs are not bob's history");
+}
+
+#[tokio::test]
+async fn an_invalid_definition_gets_the_same_400_from_estimate_as_from_starting_a_run() {
+    let api = api();
+    let mut body = estimate_body();
+    body["workflow"]["steps"] = json!([
+        { "id": "a", "type": "llm", "prompt": "{{ steps.b.text }}" },
+        { "id": "b", "type": "llm", "prompt": "{{ steps.a.text }}" },
+        { "id": "c", "type": "llm", "prompt": "x", "model": "acme.unknown-v1" }
+    ]);
+    let (status, problem) = api.estimate("alice", body.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (_, _, from_runs) = api.start("alice", body).await;
+    assert_eq!(problem, from_runs);
+    assert!(problem["problems"].as_array().unwrap().iter().any(|p| p["step"] == "c" && p["field"] == "model"), "{problem}");
+    let (status, problem) = api.estimate("alice", json!({ "workflow": sample()["workflow"], "input": [] })).await;
+    assert_eq!((status, problem["title"].as_str()), (StatusCode::BAD_REQUEST, Some("Invalid input")));
+    let (status, _, _) = api.call("POST", "/workflows/estimate", None, Some(estimate_body().to_string().into_bytes())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(api.dispatcher.dispatched().is_empty(), "an estimate starts nothing");
+}
