@@ -70,7 +70,7 @@ def test_an_estimate_brackets_the_run_it_estimated_and_then_learns_from_it(api, 
                "usage": {"input_tokens": 30, "output_tokens": 120}},
               {"name": m + "-b", "match": {"prompt_contains": m + " B"}, "reply": {"text": "beta"},
                "usage": {"input_tokens": 90, "output_tokens": 10}})
-    token = stack.token("erin")
+    token = stack.token(m)  # a user of its own: other tests check their users' feeds stay empty
     wf = {
         "name": "e2e-estimate-" + m,
         "defaults": {"model": CHEAP, "max_tokens": 200, "retry": {"max_attempts": 2, "initial_backoff_ms": 50}},
