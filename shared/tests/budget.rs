@@ -19,9 +19,11 @@ use chainrun_core::run::{Event, EventType, RunRecord, RunStatus, StepRecord, Ste
 use chrono::Utc;
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+mod support;
+use support::{Harness, harness_with, lease, pick_deps, routed_targets, router_json, wire};
 
 /// 97 × 35,000 + 100 × 140,000: the reservation of a one-byte prompt with `max_tokens: 100`.
 const ONE_BYTE_CALL_PICO: u64 = 17_395_000;
@@ -35,23 +37,8 @@ fn registry() -> Arc<ModelRegistry> {
     REGISTRY.get_or_init(|| Arc::new(ModelRegistry::builtin())).clone()
 }
 
-struct Harness {
-    model: Arc<ScriptedModel>,
-    store: Arc<MemoryStore>,
-    progress: Arc<MemoryProgress>,
-    engine: Engine,
-}
-
 fn harness(scripts: Vec<Script>) -> Harness {
-    let model = Arc::new(ScriptedModel::new(scripts));
-    let store = Arc::new(MemoryStore::new());
-    let progress = Arc::new(MemoryProgress::new());
-    let engine = Engine::new(model.clone(), store.clone(), progress.clone(), registry(), EngineConfig::default());
-    Harness { model, store, progress, engine }
-}
-
-fn lease(holder: &str) -> Lease {
-    Lease { holder: holder.into(), expires_at: Utc::now() + chrono::Duration::minutes(15) }
+    harness_with(scripts, registry(), EngineConfig::default())
 }
 
 fn workflow(budget: Value, steps: Value) -> Value {
@@ -460,9 +447,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
             raw.into_iter()
                 .enumerate()
                 .map(|(i, (kind, picks, required, join_any))| {
-                    let mut deps: Vec<usize> = if i == 0 { vec![] } else { picks.iter().map(|p| p.index(i)).collect() };
-                    deps.sort_unstable();
-                    deps.dedup();
+                    let deps = pick_deps(i, &picks);
                     GenStep { kind, deps, required, join_any }
                 })
                 .collect::<Vec<_>>()
@@ -507,19 +492,13 @@ fn step_json(i: usize, call: &Call, map: bool) -> Value {
 
 fn case_definition(case: &Case) -> Value {
     let steps = &case.steps;
-    let mut routed: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for (i, s) in steps.iter().enumerate() {
-        for &d in &s.deps {
-            if matches!(steps[d].kind, Kind::Router { .. }) {
-                routed.entry(d).or_default().push(format!("s{i}"));
-            }
-        }
-    }
+    let deps: Vec<Vec<usize>> = steps.iter().map(|s| s.deps.clone()).collect();
+    let routed = routed_targets(&deps, |d| matches!(steps[d].kind, Kind::Router { .. }));
     let json_steps: Vec<Value> = steps
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let mut step = match &s.kind {
+            let step = match &s.kind {
                 Kind::Llm(call) => step_json(i, call, false),
                 Kind::Map { call, items, concurrency } => json!({
                     "type": "map",
@@ -529,17 +508,9 @@ fn case_definition(case: &Case) -> Value {
                     "step": step_json(i, call, true),
                 }),
                 Kind::Transform => json!({ "type": "transform", "expression": format!("{i} + 1") }),
-                Kind::Router { choose_first } => {
-                    let targets = routed.get(&i).cloned().unwrap_or_default();
-                    let (first, rest) = targets.split_at(targets.len().min(1));
-                    json!({ "type": "router", "routes": [{ "when": choose_first.to_string(), "to": first }], "default": rest })
-                }
+                Kind::Router { choose_first } => router_json(routed.get(&i).map_or(&[][..], Vec::as_slice), *choose_first),
             };
-            step["id"] = json!(format!("s{i}"));
-            step["depends_on"] = json!(s.deps.iter().map(|d| format!("s{d}")).collect::<Vec<_>>());
-            step["required"] = json!(s.required);
-            step["join"] = json!(if s.join_any { "any" } else { "all" });
-            step
+            wire(step, i, &s.deps, s.required, s.join_any)
         })
         .collect();
     let mut budget = json!({});

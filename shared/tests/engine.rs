@@ -2,9 +2,9 @@
 //! scripted latencies cost nothing and elapsed time is exact.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
-use chainrun_core::engine::{Engine, EngineConfig, Outcome};
+use chainrun_core::engine::{EngineConfig, Outcome};
 use chainrun_core::ids::Principal;
-use chainrun_core::memory::{MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::memory::Script;
 use chainrun_core::ports::{Claim, Lease, ModelError, ModelErrorKind, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{Event, EventType, RunRecord, RunStatus, StepStatus};
@@ -14,27 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-struct Harness {
-    model: Arc<ScriptedModel>,
-    store: Arc<MemoryStore>,
-    progress: Arc<MemoryProgress>,
-    engine: Engine,
-}
+mod support;
+use support::{Harness, lease};
 
 fn harness(scripts: Vec<Script>) -> Harness {
     harness_with(scripts, EngineConfig::default())
 }
 
 fn harness_with(scripts: Vec<Script>, config: EngineConfig) -> Harness {
-    let model = Arc::new(ScriptedModel::new(scripts));
-    let store = Arc::new(MemoryStore::new());
-    let progress = Arc::new(MemoryProgress::new());
-    let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), config);
-    Harness { model, store, progress, engine }
-}
-
-fn lease(holder: &str) -> Lease {
-    Lease { holder: holder.into(), expires_at: Utc::now() + chrono::Duration::minutes(15) }
+    support::harness_with(scripts, Arc::new(ModelRegistry::builtin()), config)
 }
 
 fn workflow(steps: Value) -> Value {

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod support;
+use support::{pick_deps, routed_targets, router_json, wire};
+
 #[derive(Debug, Clone)]
 enum Kind {
     Llm {
@@ -54,9 +57,7 @@ fn arb_graph() -> impl Strategy<Value = Vec<GenStep>> {
             raw.into_iter()
                 .enumerate()
                 .map(|(i, (kind, picks, required, join_any))| {
-                    let mut deps: Vec<usize> = if i == 0 { vec![] } else { picks.iter().map(|p| p.index(i)).collect() };
-                    deps.sort_unstable();
-                    deps.dedup();
+                    let deps = pick_deps(i, &picks);
                     GenStep { kind, deps, required, join_any }
                 })
                 .collect()
@@ -66,33 +67,18 @@ fn arb_graph() -> impl Strategy<Value = Vec<GenStep>> {
 
 /// Builds the JSON definition; each router routes to the later steps that depend on it.
 fn definition(steps: &[GenStep]) -> Value {
-    let mut routed: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for (i, s) in steps.iter().enumerate() {
-        for &d in &s.deps {
-            if matches!(steps[d].kind, Kind::Router { .. }) {
-                routed.entry(d).or_default().push(format!("s{i}"));
-            }
-        }
-    }
+    let deps: Vec<Vec<usize>> = steps.iter().map(|s| s.deps.clone()).collect();
+    let routed = routed_targets(&deps, |d| matches!(steps[d].kind, Kind::Router { .. }));
     let json_steps: Vec<Value> = steps
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let depends_on: Vec<String> = s.deps.iter().map(|d| format!("s{d}")).collect();
-            let mut step = match &s.kind {
+            let step = match &s.kind {
                 Kind::Llm { .. } => json!({ "type": "llm", "prompt": format!("P{i}.") }),
                 Kind::Transform => json!({ "type": "transform", "expression": format!("{i} + 1") }),
-                Kind::Router { choose_first } => {
-                    let targets = routed.get(&i).cloned().unwrap_or_default();
-                    let (first, rest) = targets.split_at(targets.len().min(1));
-                    json!({ "type": "router", "routes": [{ "when": choose_first.to_string(), "to": first }], "default": rest })
-                }
+                Kind::Router { choose_first } => router_json(routed.get(&i).map_or(&[][..], Vec::as_slice), *choose_first),
             };
-            step["id"] = json!(format!("s{i}"));
-            step["depends_on"] = json!(depends_on);
-            step["required"] = json!(s.required);
-            step["join"] = json!(if s.join_any { "any" } else { "all" });
-            step
+            wire(step, i, &s.deps, s.required, s.join_any)
         })
         .collect();
     json!({ "name": "prop", "defaults": { "model": "amazon.nova-micro-v1:0", "retry": { "max_attempts": 2, "initial_backoff_ms": 10 } }, "max_concurrency": 4, "steps": json_steps })
