@@ -3,21 +3,25 @@
 //!
 //! - **No overrun**: the run's charged cost and tokens never exceed its budget.
 //! - **The estimate brackets the run**: `estimate.min ≤ actual ≤ estimate.max`, in tokens
-//!   and in money, with the estimate of [`chainrun_core::estimate`] made from the
+//!   and in money, and each step's charge is within that step's `max`, with the estimate of [`chainrun_core::estimate`] made from the
 //!   definition and input alone, before the run. `max` here is the sum of the steps'
 //!   bounds *without* the budget clamp (`max_unclamped`), the stronger claim: it checks the
 //!   estimator itself, while the clamp is what the overrun check already proves.
 //!
 //! Graphs: 1 to 12 steps of `llm` (random model, `max_tokens`, system prompt, retries,
-//! text or json output, prompts pasting upstream replies and input), maps over lists of
-//! the input, template transforms, routers, optional steps and `join: any`, at random
-//! concurrency. Budgets are drawn around the estimate, so many runs hit them. A fifth of
+//! text or json output with or without a schema, prompts pasting upstream replies and
+//! input as plain slots or through filters), maps over lists of the input or of an
+//! upstream JSON reply, template transforms, routers, optional steps and `join: any`, at
+//! random concurrency. Budgets are drawn around the estimate, so many runs hit them. A fifth of
 //! the cases are plain (required text `llm` steps and template transforms only), the shape
 //! whose `min` is not zero.
 //!
-//! The model is scripted and realistic about the two things the bound rests on: it reports
-//! at most [`estimate_input_tokens`] of the request as sent and 1 to `max_tokens` output
-//! tokens (often exactly the bounds). Some calls are throttled (without usage) fewer times
+//! The model is scripted and realistic about the things the bound rests on: it reports at
+//! most [`estimate_input_tokens`] of the request as sent, never more than the model's
+//! context window, and 1 to `max_tokens` output tokens (often exactly the bounds). Its
+//! replies are often exactly the engine's limit of 32 bytes per `max_tokens` token (what
+//! the estimate assumes of a pasted reply), else short, now and then past it (refused,
+//! charged). Some calls are throttled (without usage) fewer times
 //! than the step has attempts, some json replies are invalid once (charged, retried) or
 //! always. Every call is answered in the end, which is what `min` assumes.
 //!
@@ -26,7 +30,7 @@
 use async_trait::async_trait;
 use chainrun_core::budget::estimate_input_tokens;
 use chainrun_core::engine::{Engine, EngineConfig};
-use chainrun_core::estimate::estimate;
+use chainrun_core::estimate::{MaxBasis, estimate};
 use chainrun_core::graph::validate_json;
 use chainrun_core::ids::Principal;
 use chainrun_core::memory::{MemoryProgress, MemoryStore};
@@ -64,9 +68,17 @@ struct Plan {
     input_pct: u64,
     output_pct: u64,
     reply_bytes: usize,
+    json: bool,
+}
+
+/// The longest JSON list `bytes` can hold, `[1,1,…]` (at least `[]`): a map over it has as
+/// many items as the estimate allows.
+fn json_list(bytes: usize) -> String {
+    serde_json::to_string(&vec![1; bytes.saturating_sub(1) / 2]).unwrap_or_default()
 }
 
 struct ScriptedUsage {
+    registry: Arc<ModelRegistry>,
     plans: HashMap<String, Plan>,
     /// Calls seen per prompt, so retries of the same request play the next reply.
     seen: Mutex<HashMap<String, u32>>,
@@ -91,10 +103,13 @@ impl ModelClient for ScriptedUsage {
             }
             Behaviour::InvalidOnce if n == 1 => "not json".to_owned(),
             Behaviour::AlwaysInvalid => "never json".to_owned(),
-            Behaviour::InvalidOnce => "{\"ok\":1}".to_owned(),
+            // A json step's reply is a list of strings (a map may run over it).
+            _ if plan.json => json_list(plan.reply_bytes),
             _ => "r".repeat(plan.reply_bytes),
         };
-        let bound = estimate_input_tokens(request.system.as_deref(), &request.prompt);
+        // Bedrock rejects a prompt longer than the context window, so none is charged more.
+        let window = self.registry.get(&request.model).map_or(0, |m| u64::from(m.context_window));
+        let bound = estimate_input_tokens(request.system.as_deref(), &request.prompt).min(window);
         let usage = Usage {
             input_tokens: (bound * plan.input_pct / 100).max(1),
             output_tokens: (u64::from(request.max_tokens) * plan.output_pct / 100).max(1),
@@ -146,13 +161,24 @@ fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) 
     let mut plans = HashMap::new();
     let mut input = json!({ "topic": "t".repeat(rng.random_range(0..60)), "flag": rng.random_bool(0.5), "lists": {} });
     let mut steps = Vec::with_capacity(n);
+    // Which steps are `llm` steps replying in JSON: their output is a list.
+    let mut json_steps = vec![false; n];
     for i in 0..n {
-        // What the step pastes in: upstream replies and transforms, as plain slots.
-        let reads: String = deps[i]
-            .iter()
-            .filter(|&&d| matches!(kinds[d], Kind::Llm | Kind::Transform) && rng.random_bool(0.6))
-            .map(|d| format!(" {{{{ steps.s{d}.text }}}}"))
-            .collect();
+        // What the step pastes in: upstream replies and transforms, mostly as plain slots
+        // (bounded by the upstream limits), sometimes through a filter (bounded only by the
+        // context window).
+        let mut reads = String::new();
+        for &d in &deps[i] {
+            if !matches!(kinds[d], Kind::Llm | Kind::Transform) || !rng.random_bool(0.6) {
+                continue;
+            }
+            reads += &match rng.random_range(0..10) {
+                0 if json_steps[d] => format!(" {{{{ steps.s{d}.output | join(',') }}}}"),
+                1 if json_steps[d] => format!(" {{{{ steps.s{d}.output | tojson }}}}"),
+                2 => format!(" {{{{ steps.s{d}.text | upper }}}}"),
+                _ => format!(" {{{{ steps.s{d}.text }}}}"),
+            };
+        }
         let mut step = match kinds[i] {
             Kind::Llm | Kind::Map => {
                 let map = matches!(kinds[i], Kind::Map);
@@ -167,26 +193,42 @@ fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) 
                     _ => Behaviour::Ok,
                 };
                 let pct = |rng: &mut StdRng| if rng.random_bool(0.3) { 100 } else { rng.random_range(1..=100) };
-                plans.insert(prefix.clone(), Plan { behaviour, input_pct: pct(rng), output_pct: pct(rng), reply_bytes: rng.random_range(1..300) });
-                let item = if map { " {{ item }}" } else { "" };
+                // Small limits often, so a JSON list at its size limit fits a map (≤ 1,000).
+                let max_tokens = if rng.random_bool(0.4) { rng.random_range(1..=40u32) } else { rng.random_range(1..=400u32) };
+                // Often exactly the engine's limit of 32 bytes per token (the estimate's
+                // bound for a pasted reply), else short, now and then past the limit.
+                let limit = EngineConfig::default().reply_limit(max_tokens);
+                let reply_bytes = if rng.random_bool(0.3) { limit } else { rng.random_range(1..=(limit + limit / 4).min(300)) };
+                plans.insert(prefix.clone(), Plan { behaviour, input_pct: pct(rng), output_pct: pct(rng), reply_bytes, json: json_output });
+                json_steps[i] = json_output && !map;
+                // A map's prompt often ignores its item, so the item count is what bounds it.
+                let item = if map && rng.random_bool(0.5) { " {{ item }}" } else { "" };
                 let topic = if rng.random_bool(0.5) { " {{ input.topic }}" } else { "" };
                 let mut llm = json!({
                     "type": "llm",
                     "model": MODELS[rng.random_range(0..MODELS.len())],
                     "prompt": format!("{prefix}{item}{topic}{reads}"),
-                    "max_tokens": rng.random_range(1..=400),
+                    "max_tokens": max_tokens,
                     "retry": { "max_attempts": attempts, "initial_backoff_ms": 10 },
                 });
                 if rng.random_bool(0.3) {
                     llm["system"] = json!("Be brief.");
                 }
                 if json_output {
-                    llm["output"] = json!({ "format": "json" });
+                    llm["output"] =
+                        if rng.random_bool(0.3) { json!({ "format": "json", "schema": { "type": "array" } }) } else { json!({ "format": "json" }) };
                 }
                 if map {
-                    let items: Vec<String> = (0..rng.random_range(0..6)).map(|k| "i".repeat(k + 1)).collect();
-                    input["lists"][format!("l{i}")] = json!(items);
-                    json!({ "type": "map", "over": format!("input.lists.l{i}"), "max_concurrency": rng.random_range(1..4), "step": llm })
+                    // Over an upstream JSON step's list when there is one, else the input's.
+                    let over = match deps[i].iter().find(|&&d| json_steps[d]) {
+                        Some(d) if rng.random_bool(0.5) => format!("steps.s{d}.output"),
+                        _ => {
+                            let items: Vec<String> = (0..rng.random_range(0..6)).map(|k| "i".repeat(k + 1)).collect();
+                            input["lists"][format!("l{i}")] = json!(items);
+                            format!("input.lists.l{i}")
+                        }
+                    };
+                    json!({ "type": "map", "over": over, "max_concurrency": rng.random_range(1..4), "step": llm })
                 } else {
                     llm
                 }
@@ -210,7 +252,7 @@ fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) 
 
 /// A budget from a fifth to four times `around` (the estimate's `expected` or `max`; `max` is
 /// far above what runs spend, since it counts every upstream reply at the engine's size
-/// limit); sometimes only one limit, sometimes none.
+/// limit and filtered ones at the context window); sometimes only one limit, sometimes none.
 fn with_budget(rng: &mut StdRng, mut definition: Value, around: chainrun_core::budget::Amount) -> Value {
     let scale = |rng: &mut StdRng, v: u64| (u128::from(v) * rng.random_range(20..=400u128) / 100) as u64;
     let mut budget = json!({});
@@ -224,28 +266,55 @@ fn with_budget(rng: &mut StdRng, mut definition: Value, around: chainrun_core::b
     definition
 }
 
+/// What [`check`] counted.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub runs: u64,
+    pub overruns: u64,
+    pub bracketed: u64,
+    pub budget_stopped: u64,
+    /// Runs whose estimate has a nonzero `min`.
+    pub with_min: u64,
+    /// Runs with a step whose `max` rests on its model's context window.
+    pub by_window: u64,
+    /// Runs with a map over an upstream step's list.
+    pub maps_over_steps: u64,
+}
+
 fn main() {
+    let report = check(RUNS);
+    println!(
+        "runs stopped by their budget: {}; runs with a nonzero min: {}; with a step bounded by its context window: {}; with a map over a step's list: {}",
+        report.budget_stopped, report.with_min, report.by_window, report.maps_over_steps
+    );
+    println!("cost: runs={} overruns={} estimate_bracketed={}/{}", report.runs, report.overruns, report.bracketed, report.runs);
+    if report.overruns > 0 || report.bracketed < report.runs {
+        std::process::exit(1);
+    }
+}
+
+/// Runs `runs` seeded random cases (the same ones every time) and counts.
+pub fn check(runs: u64) -> Report {
     let registry = Arc::new(ModelRegistry::builtin());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime");
     let mut rng = StdRng::seed_from_u64(0xC057);
-    let (mut runs, mut overruns, mut bracketed, mut unbounded, mut budget_stopped, mut with_min) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    while runs < RUNS {
+    let mut report = Report::default();
+    while report.runs < runs {
         let plain = rng.random_bool(0.2);
         let (definition, input, plans) = case(&mut rng, plain);
         let graph = validate_json(&definition, &registry).unwrap_or_else(|e| panic!("the generator made an invalid workflow: {e}"));
         let unbudgeted = estimate(&graph, &input, &registry, None);
-        if unbudgeted.max_unclamped.is_none() {
-            unbounded += 1;
-            continue;
-        }
         // A plain case's budget is drawn around its max, so that it often cannot bind and
         // `min` is not zero; the others' around their expected cost, so many stop at it.
-        let around = if plain { unbudgeted.max_unclamped.unwrap_or(unbudgeted.expected) } else { unbudgeted.expected };
+        let around = if plain { unbudgeted.max_unclamped } else { unbudgeted.expected };
         let definition = with_budget(&mut rng, definition, around);
         // A budget below one call's worst case is a validation error; draw again.
         let Ok(graph) = validate_json(&definition, &registry) else { continue };
         let estimate = estimate(&graph, &input, &registry, None);
-        let model = Arc::new(ScriptedUsage { plans, seen: Mutex::new(HashMap::new()) });
+        if definition.to_string().contains("\"over\":\"steps.") {
+            report.maps_over_steps += 1;
+        }
+        let model = Arc::new(ScriptedUsage { registry: registry.clone(), plans, seen: Mutex::new(HashMap::new()) });
         let run = runtime.block_on(async {
             let store = Arc::new(MemoryStore::new());
             let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default());
@@ -254,33 +323,44 @@ fn main() {
             let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
             let Ok(Claim::Acquired(claimed)) = store.claim(&run.id, &lease, chrono::Utc::now()).await else { panic!("claim") };
             engine.execute(*claimed, lease, None).await.expect("engine");
-            store.get_run(&run.id).await.expect("get").expect("run")
+            (store.get_run(&run.id).await.expect("get").expect("run"), store.get_steps(&run.id).await.expect("steps"))
         });
-        runs += 1;
+        let (run, step_records) = run;
+        report.runs += 1;
         let (cost, tokens) = (run.totals.cost, run.totals.total_tokens());
         let over = graph.budget.max_cost.is_some_and(|m| cost > m) || graph.budget.max_total_tokens.is_some_and(|m| tokens > m);
         if over {
-            overruns += 1;
+            report.overruns += 1;
             eprintln!("overrun: {cost} / {tokens} tokens over {:?}", graph.budget);
         }
         if run.error.as_ref().is_some_and(|e| e.code == "BUDGET_EXCEEDED") {
-            budget_stopped += 1;
+            report.budget_stopped += 1;
         }
-        let Some(max) = estimate.max_unclamped else { unreachable!("the budget does not change the steps' bounds") };
-        let min = estimate.min;
+        let (min, max) = (estimate.min, estimate.max_unclamped);
+        if estimate.steps.iter().any(|s| s.max_basis == MaxBasis::ContextWindow) {
+            report.by_window += 1;
+        }
         if min.tokens > 0 {
-            with_min += 1;
+            report.with_min += 1;
         }
-        if min.tokens <= tokens && min.cost <= cost && tokens <= max.tokens && cost <= max.cost {
-            bracketed += 1;
+        // Each step's own `max` bounds what that step was charged, not only the sum.
+        let steps_within = step_records.iter().all(|record| {
+            let bound = estimate.steps.iter().find(|s| s.step_id == record.step_id).map(|s| s.max).unwrap_or_default();
+            let within = record.usage.total_tokens() <= bound.tokens && record.cost <= bound.cost;
+            if !within {
+                eprintln!("step {} not bracketed: ${} / {} tokens over {bound}", record.step_id, record.cost, record.usage.total_tokens());
+            }
+            within
+        });
+        // `min` is claimed for runs whose calls are all answered within the size limit; a
+        // refused reply can end the run before other steps start.
+        let answered = !step_records.iter().any(|r| r.error.as_ref().is_some_and(|e| e.code == "OUTPUT_TOO_LARGE"));
+        let above_min = !answered || (min.tokens <= tokens && min.cost <= cost);
+        if steps_within && above_min && tokens <= max.tokens && cost <= max.cost {
+            report.bracketed += 1;
         } else {
             eprintln!("not bracketed: actual ${cost} / {tokens} tokens, estimate [{min}, {max}]");
         }
     }
-    println!("cases without a bound (skipped, none expected): {unbounded}");
-    println!("runs stopped by their budget: {budget_stopped}; runs with a nonzero min: {with_min}");
-    println!("cost: runs={runs} overruns={overruns} estimate_bracketed={bracketed}/{runs}");
-    if overruns > 0 || bracketed < runs {
-        std::process::exit(1);
-    }
+    report
 }

@@ -82,6 +82,12 @@ pub fn estimate_input_tokens(system: Option<&str>, prompt: &str) -> u64 {
 /// The most one call can spend: `input_tokens` (an estimate from [`estimate_input_tokens`])
 /// at the input price plus `max_tokens` at the output price.
 ///
+/// Input is capped at the model's context window: Bedrock rejects a request whose prompt
+/// does not fit the window (`ValidationException`, nothing billed), so no charged call
+/// reports more input than that, however long its prompt is in bytes. This is what bounds
+/// a call whose prompt cannot be bounded before the run (see [`crate::estimate`]); it
+/// rests on the registry's `context_window` being the window Bedrock enforces.
+///
 /// Cache tokens: the engine sends no cache points, so Bedrock writes no prompt cache (a
 /// write can cost more than input: Claude's is 125%). A cache read, if a model reported
 /// one, replaces input tokens of the same prompt, so the input tokens, cache reads and
@@ -93,6 +99,7 @@ pub fn estimate_input_tokens(system: Option<&str>, prompt: &str) -> u64 {
 pub fn worst_case(model: &ModelInfo, input_tokens: u64, max_tokens: u32) -> Amount {
     let input_price = model.cache_read.map_or(model.input, |read| read.max(model.input));
     let output_tokens = u64::from(max_tokens);
+    let input_tokens = input_tokens.min(u64::from(model.context_window));
     Amount {
         tokens: input_tokens.saturating_add(output_tokens),
         cost: Usd::from_pico(input_price.pico().saturating_mul(input_tokens).saturating_add(model.output.pico().saturating_mul(output_tokens))),
@@ -498,7 +505,20 @@ mod tests {
         let us = worst_case(&registry.get(&format!("us.{sonnet}")).unwrap(), 1000, 1000);
         assert_eq!(global.cost.to_string(), "0.018");
         assert_eq!(us.cost.to_string(), "0.0198");
-        assert_eq!(worst_case(&micro, u64::MAX, 1).cost, Usd::from_pico(u64::MAX), "saturates, never wraps");
+        let mut priceless = micro.clone().into_owned();
+        priceless.input = Usd::from_pico(u64::MAX);
+        assert_eq!(worst_case(&priceless, 2, 1).cost, Usd::from_pico(u64::MAX), "saturates, never wraps");
+    }
+
+    #[test]
+    fn input_beyond_the_context_window_is_reserved_as_the_window_because_bedrock_rejects_more() {
+        let registry = ModelRegistry::builtin();
+        let micro = registry.get("amazon.nova-micro-v1:0").unwrap();
+        assert_eq!(micro.context_window, 128_000);
+        let window = worst_case(&micro, 128_000, 10);
+        assert_eq!(worst_case(&micro, 128_001, 10), window);
+        assert_eq!(worst_case(&micro, u64::MAX, 10), amount(128_010, 128_000 * 35_000 + 10 * 140_000));
+        assert!(worst_case(&micro, 127_999, 10).cost < window.cost);
     }
 
     #[test]

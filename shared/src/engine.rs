@@ -49,7 +49,8 @@ pub struct EngineConfig {
     pub stream_flush_bytes: usize,
     /// Stop starting steps when less than this remains before the deadline.
     pub deadline_margin: Duration,
-    /// Larger outputs are refused (a checkpoint is one DynamoDB item, 400 KB).
+    /// Larger outputs are refused (a checkpoint is one DynamoDB item, 400 KB). A step's own
+    /// limit can be lower: see [`EngineConfig::reply_limit`].
     pub max_output_bytes: usize,
     /// Write a `RUNNING` checkpoint when a model step starts, so snapshots show what is in
     /// flight. Costs one write per model step.
@@ -68,6 +69,20 @@ impl Default for EngineConfig {
             checkpoint_running: true,
             limits: crate::graph::Limits::default(),
         }
+    }
+}
+
+/// A reply longer than this many bytes per `max_tokens` token is refused. English runs
+/// about 4 bytes a token and code about 3; a reply averaging 32 over its whole length is a
+/// degenerate run (a model repeating a long separator), not an answer. The limit is what
+/// lets an estimate bound a prompt that pastes an upstream reply by the upstream step's
+/// `max_tokens` rather than by the 160 KiB checkpoint limit.
+pub const MAX_REPLY_BYTES_PER_TOKEN: usize = 32;
+
+impl EngineConfig {
+    /// The most bytes a reply of a step with this `max_tokens` may have.
+    pub fn reply_limit(&self, max_tokens: u32) -> usize {
+        (max_tokens as usize).saturating_mul(MAX_REPLY_BYTES_PER_TOKEN).min(self.max_output_bytes)
     }
 }
 
@@ -858,12 +873,14 @@ impl StepContext {
 
     /// Checks a reply against the step's output format and size limit.
     fn accept(&self, spec: &LlmSpec, reply: ModelReply) -> Result<(String, Value), AttemptError> {
-        if reply.text.len() > self.config.max_output_bytes {
-            // Refused rather than truncated; a retry may well produce a shorter reply.
+        let limit = self.config.reply_limit(spec.max_tokens);
+        if reply.text.len() > limit {
+            // Refused rather than truncated (a cut reply would pass for a whole one), and
+            // terminal: a reply this far past its token budget is a degenerate run.
             return Err(AttemptError::Model(ModelError::new(
                 ModelErrorKind::Invalid,
                 "OUTPUT_TOO_LARGE",
-                format!("the reply is {} bytes; the limit is {}", reply.text.len(), self.config.max_output_bytes),
+                format!("the reply is {} bytes; the limit for max_tokens {} is {limit}", reply.text.len(), spec.max_tokens),
             )));
         }
         let value = output::parse(&reply.text, spec.format, spec.schema.as_ref()).map_err(AttemptError::Output)?;

@@ -3,22 +3,24 @@
 //!
 //! # What `max` rests on
 //!
-//! `max` is a true upper bound of what the run can be charged, under the same two facts
-//! the budget's reservations rest on (see [`crate::budget`]): a call's reported input
-//! tokens are at most [`estimate_input_tokens`] of the request as sent, and its output
-//! tokens at most the step's `max_tokens`. Every attempt is charged, so a step's `max` is
-//! its worst call ([`worst_case`]) times `retry.max_attempts`, times the items of a map.
-//! Every step that could run is counted, whatever a router may choose.
+//! `max` is a true upper bound of what the run can be charged, under the facts the budget's
+//! reservations rest on (see [`crate::budget`]): a call's reported input tokens are at most
+//! [`estimate_input_tokens`](crate::budget::estimate_input_tokens) of the request as sent
+//! and at most its model's context window (Bedrock rejects a longer prompt unbilled), and
+//! its output tokens at most the step's `max_tokens`. Every attempt is charged, so a step's
+//! `max` is its worst call ([`worst_case`]) times `retry.max_attempts`, times the items of
+//! a map. Every step that could run is counted, whatever a router may choose. `max` always
+//! exists; each step says what bounded it (`max_basis`).
 //!
-//! The one unknown is the prompt: it is rendered from upstream outputs that do not exist
-//! yet. The estimator renders each template with the real `input` and every upstream value
+//! The unknown is the prompt: it is rendered from upstream outputs that do not exist yet.
+//! The estimator renders each template with the real `input` and every upstream value
 //! replaced by a marker, then charges each marker at an upper bound of the bytes that value
 //! can have:
 //! - an `llm` step's `text` (and, for `text`/`markdown` output, its `output`, the same
-//!   string) has at most [`EngineConfig::max_output_bytes`] bytes: the engine refuses a
-//!   longer reply (`OUTPUT_TOO_LARGE`), so no step ever completes with one. This bound is
-//!   loose (160 KiB is about 40,000 tokens of English), but it is a bound; `max_tokens`
-//!   bounds tokens, not bytes, since no tokenizer promises a byte length per token;
+//!   string) has at most [`EngineConfig::reply_limit`] bytes: `max_tokens` ×
+//!   [`MAX_REPLY_BYTES_PER_TOKEN`](crate::engine::MAX_REPLY_BYTES_PER_TOKEN), at most 160
+//!   KiB. The engine refuses a longer reply (`OUTPUT_TOO_LARGE`), so no step ever
+//!   completes with one;
 //! - a template transform's text is bounded the same way, recursively;
 //! - a router's text is `route N` or `default`;
 //! - a step that did not complete renders its null text as `None` (4 bytes), so every
@@ -27,17 +29,26 @@
 //! Rendering with markers is exact only when upstream values are plain slots: a template
 //! that reads steps only as `{{ steps.<id>.text }}` or `{{ steps.<id>.output }}` cannot
 //! branch or loop on them, so its real rendering is the marker rendering with each marker
-//! swapped for the value. A template that reads steps any other way (a filter, a field of a
-//! JSON output, a condition, a block other than `if`/`for`), reads a JSON `output` or an
-//! expression transform's, or a map
-//! whose list comes from a step, has no bound here: its step's `max` is `None`. The JSON
-//! retry hint is a fixed sentence for steps without a schema; a schema's violation messages
-//! can quote the reply, so a `json` step with a schema and retries has no bound either.
+//! swapped for the value (`max_basis: "prompt"`). A template that reads steps any other way
+//! (a filter, a field of a JSON output, a condition, a block other than `if`/`for`), reads
+//! a JSON `output` or an expression transform's, or a map item whose list comes from a
+//! step, has no size the estimator can bound: filters can grow text without limit
+//! (`tojson(indent=2)` on nested lists grows quadratically, a 5-byte number such as `1e300`
+//! renders as 301 digits). Such a call is bounded by its model's context window instead
+//! (`max_basis: "context_window"`), and so is one whose prompt bound exceeds the window. The
+//! JSON retry hint is a fixed sentence for steps without a schema; a schema's violation
+//! messages can quote the reply, so a `json` step with a schema and retries is bounded by
+//! the window too.
+//!
+//! A map's items: the list's length when the input gives it; for a list read from an `llm`
+//! step's output (`steps.<id>.output` or a field path below it) at most `(R - 1) / 2` for
+//! a reply of at most `R` bytes (`max_items`); for any other list the engine's limit of
+//! [`MAX_MAP_ITEMS`].
 //!
 //! A budget caps the run whatever the steps could do ([`crate::budget`]'s invariant), so
 //! the reported total `max` is the smaller of the sum of the steps' `max` and the budget's
-//! limit, per unit (tokens and money separately); with a limit it is bounded even when a
-//! step is not. [`Estimate::max_unclamped`] is the sum alone.
+//! limit, per unit (tokens and money separately). [`Estimate::max_unclamped`] is the sum
+//! alone.
 //!
 //! # `min`
 //!
@@ -61,7 +72,7 @@
 use crate::analytics::WorkflowCosts;
 use crate::budget::{Amount, BudgetLimits, TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST, worst_case};
 use crate::engine::{EngineConfig, MAX_MAP_ITEMS};
-use crate::graph::{ItemStep, LlmSpec, StepKind, TransformSpec, ValidatedGraph};
+use crate::graph::{ItemStep, LlmSpec, MapSpec, StepKind, TransformSpec, ValidatedGraph};
 use crate::ids::StepId;
 use crate::money::Usd;
 use crate::pricing::{ModelInfo, ModelRegistry, Usage};
@@ -94,20 +105,38 @@ impl Basis {
     }
 }
 
-/// One step's estimate. `max` is `None` when no bound is known (see the module docs).
+/// What bounds a step's `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MaxBasis {
+    /// The step makes no model call.
+    NoCalls,
+    /// Every prompt rendered with the input and each upstream value at its byte limit.
+    Prompt,
+    /// Some prompt is bounded only by its model's context window.
+    ContextWindow,
+}
+
+impl MaxBasis {
+    pub fn as_str(self) -> Option<&'static str> {
+        match self {
+            MaxBasis::NoCalls => None,
+            MaxBasis::Prompt => Some("prompt"),
+            MaxBasis::ContextWindow => Some("context_window"),
+        }
+    }
+}
+
+/// One step's estimate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepEstimate {
     pub step_id: StepId,
     pub min: Amount,
     pub expected: Amount,
-    pub max: Option<Amount>,
-}
-
-/// An upper bound per unit; `None` is "no bound known".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ceiling {
-    pub tokens: Option<u64>,
-    pub cost: Option<Usd>,
+    pub max: Amount,
+    pub max_basis: MaxBasis,
+    /// A map's items as counted in `max`: the list's length when the input gives it, else
+    /// an upper bound.
+    pub max_items: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,103 +145,112 @@ pub struct Estimate {
     pub min: Amount,
     pub expected: Amount,
     /// The sum of the steps' `max`, clamped to the budget's limits.
-    pub max: Ceiling,
-    /// The sum of the steps' `max`; `None` if a step has no bound.
-    pub max_unclamped: Option<Amount>,
+    pub max: Amount,
+    /// The sum of the steps' `max`.
+    pub max_unclamped: Amount,
     pub basis: Basis,
     /// Runs of the workflow the history covers (0 without history).
     pub history_runs: u64,
 }
 
+/// One step's bounds before `min` and `expected` are settled.
+struct Bounds {
+    heuristic: Amount,
+    max: Amount,
+    max_basis: MaxBasis,
+    max_items: Option<u64>,
+}
+
+impl Bounds {
+    const NONE: Bounds = Bounds { heuristic: Amount::ZERO, max: Amount::ZERO, max_basis: MaxBasis::NoCalls, max_items: None };
+}
+
 /// Estimates a run of `graph` on `input`. `history` is the workflow's earlier runs, if any.
 pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, history: Option<&WorkflowCosts>) -> Estimate {
-    let max_output_bytes = EngineConfig::default().max_output_bytes as u64;
+    let config = EngineConfig::default();
     let n = graph.steps.len();
     // Upper bounds of the bytes `steps.<id>.text` and `.output` render to; `None` if unknown.
     let mut text_bound: Vec<Option<u64>> = vec![None; n];
     let mut output_bound: Vec<Option<u64>> = vec![None; n];
-    let mut per_step: Vec<(Amount, Option<Amount>)> = Vec::with_capacity(n);
+    // The bytes of an `llm` step's reply, which its JSON output is parsed from.
+    let mut reply_bound: Vec<Option<u64>> = vec![None; n];
+    let mut per_step: Vec<Bounds> = Vec::with_capacity(n);
     let mut all_render = true;
     for (i, step) in graph.steps.iter().enumerate() {
         let slots = Slots { graph, text: &text_bound, output: &output_bound };
         // What `steps.<this>.text` and `.output` can render to, for the steps after it.
         let mut bounds: (Option<u64>, Option<u64>) = (None, None);
-        let (heuristic, max) = match &step.kind {
+        let bound = match &step.kind {
             StepKind::Llm(spec) => {
-                let reply = max_output_bytes.max(NONE_BYTES);
+                let reply = (config.reply_limit(spec.max_tokens) as u64).max(NONE_BYTES);
+                reply_bound[i] = Some(reply);
                 bounds = (Some(reply), matches!(spec.format, OutputFormat::Text | OutputFormat::Markdown).then_some(reply));
-                let scope = json!({ "input": input });
-                match llm_call(spec, &scope, &slots, models) {
-                    Call::Fails => {
+                match llm_call(spec, &json!({ "input": input }), true, &slots, models) {
+                    Some(call) => call,
+                    None => {
                         all_render = false;
-                        (Amount::ZERO, Some(Amount::ZERO))
+                        Bounds::NONE
                     }
-                    Call::Unbounded(heuristic) => (heuristic, None),
-                    Call::Bounded { heuristic, max } => (heuristic, Some(max)),
                 }
             }
             StepKind::Transform(TransformSpec::Template(source)) => {
-                match slots.render(source, &json!({ "input": input })) {
+                match slots.render(source, &json!({ "input": input }), true) {
                     Rendered::Fails => all_render = false,
                     Rendered::Unbounded { .. } => {}
                     Rendered::Bounded { max, .. } => bounds = (Some(max.max(NONE_BYTES)), Some(max.max(NONE_BYTES))),
                 }
-                (Amount::ZERO, Some(Amount::ZERO))
+                Bounds::NONE
             }
-            StepKind::Transform(TransformSpec::Expression(_)) => (Amount::ZERO, Some(Amount::ZERO)),
+            StepKind::Transform(TransformSpec::Expression(_)) => Bounds::NONE,
             StepKind::Router(_) => {
                 bounds.0 = Some(ROUTER_TEXT_BYTES);
-                (Amount::ZERO, Some(Amount::ZERO))
+                Bounds::NONE
             }
             StepKind::Map(map) => match &map.step {
-                ItemStep::Transform(_) => (Amount::ZERO, Some(Amount::ZERO)),
-                ItemStep::Llm(spec) => {
-                    if !map.over.references.steps.is_empty() || map.over.references.dynamic_step_access {
-                        // The list is only known at run time: up to MAX_MAP_ITEMS unknown items.
-                        let scope = json!({ "input": input, "item": Value::Null, "index": 0 });
-                        let heuristic = match llm_call(spec, &scope, &slots, models) {
-                            Call::Unbounded(h) | Call::Bounded { heuristic: h, .. } => h,
-                            Call::Fails => Amount::ZERO,
-                        };
-                        (heuristic, None)
-                    } else {
-                        match map.over.evaluate(&json!({ "input": input, "steps": {} })) {
-                            Ok(Value::Array(items)) if items.len() <= MAX_MAP_ITEMS => {
-                                let mut heuristic = Amount::ZERO;
-                                let mut max = Some(Amount::ZERO);
-                                for (index, item) in items.into_iter().enumerate() {
-                                    let scope = json!({ "input": input, "item": item, "index": index });
-                                    match llm_call(spec, &scope, &slots, models) {
-                                        // The item fails before its call; others still run.
-                                        Call::Fails => all_render = false,
-                                        Call::Unbounded(h) => {
-                                            heuristic = add(heuristic, h);
-                                            max = None;
-                                        }
-                                        Call::Bounded { heuristic: h, max: m } => {
-                                            heuristic = add(heuristic, h);
-                                            max = max.map(|sum| add(sum, m));
-                                        }
-                                    }
-                                }
-                                (heuristic, max)
-                            }
-                            // The map fails before any call.
-                            _ => {
-                                all_render = false;
-                                (Amount::ZERO, Some(Amount::ZERO))
-                            }
+                ItemStep::Transform(_) => Bounds::NONE,
+                ItemStep::Llm(spec) if !map.over.references.steps.is_empty() || map.over.references.dynamic_step_access => {
+                    // The list is only known at run time: up to `items` items of unknown content.
+                    let items = list_bound(map, graph, &reply_bound);
+                    let scope = json!({ "input": input, "item": Value::Null, "index": 0 });
+                    match llm_call(spec, &scope, false, &slots, models) {
+                        Some(call) => Bounds { max: times(call.max, items), max_items: Some(items), ..call },
+                        None => {
+                            all_render = false;
+                            Bounds::NONE
                         }
                     }
                 }
+                ItemStep::Llm(spec) => match map.over.evaluate(&json!({ "input": input, "steps": {} })) {
+                    Ok(Value::Array(items)) if items.len() <= MAX_MAP_ITEMS => {
+                        let mut sum = Bounds { max_items: Some(items.len() as u64), ..Bounds::NONE };
+                        for (index, item) in items.into_iter().enumerate() {
+                            let scope = json!({ "input": input, "item": item, "index": index });
+                            match llm_call(spec, &scope, true, &slots, models) {
+                                Some(call) => {
+                                    sum.heuristic = add(sum.heuristic, call.heuristic);
+                                    sum.max = add(sum.max, call.max);
+                                    sum.max_basis = sum.max_basis.max(call.max_basis);
+                                }
+                                // The item fails before its call; others still run.
+                                None => all_render = false,
+                            }
+                        }
+                        sum
+                    }
+                    // The map fails before any call.
+                    _ => {
+                        all_render = false;
+                        Bounds::NONE
+                    }
+                },
             },
         };
         (text_bound[i], output_bound[i]) = bounds;
-        per_step.push((heuristic, max));
+        per_step.push(bound);
     }
 
-    let max_unclamped = per_step.iter().try_fold(Amount::ZERO, |sum, (_, max)| max.map(|m| add(sum, m)));
-    let budget_binds = max_unclamped.is_none_or(|sum| graph.budget.exceeded_by(Amount::ZERO, Amount::ZERO, sum).is_some());
+    let max_unclamped = per_step.iter().fold(Amount::ZERO, |sum, b| add(sum, b.max));
+    let budget_binds = graph.budget.exceeded_by(Amount::ZERO, Amount::ZERO, max_unclamped).is_some();
     let certain = all_render
         && !budget_binds
         && graph.steps.iter().all(|s| {
@@ -228,7 +266,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let workflow_runs = history.map_or(0, |h| h.totals.runs);
     let basis = if workflow_runs > 0 { Basis::History } else { Basis::Heuristic };
     let mut steps = Vec::with_capacity(n);
-    for (step, (heuristic, max)) in graph.steps.iter().zip(per_step) {
+    for (step, bound) in graph.steps.iter().zip(per_step) {
         let min = match &step.kind {
             StepKind::Llm(spec) if certain => models.get(&spec.model).map_or(Amount::ZERO, |m| one_token_each(&m)),
             _ => Amount::ZERO,
@@ -236,46 +274,49 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
         let expected = match (basis, history) {
             (Basis::History, Some(h)) => {
                 let sums = h.steps.get(&step.id).copied().unwrap_or_default();
-                Amount { tokens: scale(heuristic.tokens, sums.runs, workflow_runs), cost: Usd::from_pico(sums.cost.pico() / workflow_runs) }
+                Amount { tokens: scale(bound.heuristic.tokens, sums.runs, workflow_runs), cost: Usd::from_pico(sums.cost.pico() / workflow_runs) }
             }
-            _ => heuristic,
+            _ => bound.heuristic,
         };
-        steps.push(StepEstimate { step_id: step.id.clone(), min, expected: clamp(expected, min, max), max });
+        steps.push(StepEstimate {
+            step_id: step.id.clone(),
+            min,
+            expected: clamp(expected, min, bound.max),
+            max: bound.max,
+            max_basis: bound.max_basis,
+            max_items: bound.max_items,
+        });
     }
     let min = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.min));
     let max = ceiling(max_unclamped, graph.budget);
     let expected = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.expected));
-    let expected = Amount {
-        tokens: max.tokens.map_or(expected.tokens, |m| expected.tokens.min(m)),
-        cost: max.cost.map_or(expected.cost, |m| expected.cost.min(m)),
-    };
+    let expected = Amount { tokens: expected.tokens.min(max.tokens), cost: expected.cost.min(max.cost) };
     Estimate { steps, min, expected, max, max_unclamped, basis, history_runs: workflow_runs }
 }
 
 impl Estimate {
-    /// The API's view: money as exact decimal strings plus pico-dollar integers; an unknown
-    /// bound is `null`.
+    /// The API's view: money as exact decimal strings plus pico-dollar integers.
     pub fn to_json(&self) -> Value {
         let steps: Vec<Value> = self
             .steps
             .iter()
             .map(|s| {
-                json!({
+                let mut step = json!({
                     "step_id": s.step_id,
                     "min": s.min.to_json(),
                     "expected": s.expected.to_json(),
-                    "max": s.max.map_or(Value::Null, Amount::to_json),
-                })
+                    "max": s.max.to_json(),
+                    "max_basis": s.max_basis.as_str(),
+                });
+                if let Some(items) = s.max_items {
+                    step["max_items"] = json!(items);
+                }
+                step
             })
             .collect();
-        let max = json!({
-            "tokens": self.max.tokens,
-            "cost_usd": self.max.cost.map(|c| c.to_string()),
-            "cost_pico_usd": self.max.cost.map(Usd::pico),
-        });
         json!({
             "steps": steps,
-            "total": { "min": self.min.to_json(), "expected": self.expected.to_json(), "max": max },
+            "total": { "min": self.min.to_json(), "expected": self.expected.to_json(), "max": self.max.to_json() },
             "basis": self.basis.as_str(),
             "history_runs": self.history_runs,
         })
@@ -302,10 +343,28 @@ enum Rendered {
     },
 }
 
+impl Rendered {
+    fn bytes_empty(&self) -> u64 {
+        match self {
+            Rendered::Unbounded { bytes_empty } | Rendered::Bounded { bytes_empty, .. } => *bytes_empty,
+            Rendered::Fails => 0,
+        }
+    }
+
+    fn max(&self) -> Option<u64> {
+        match self {
+            Rendered::Bounded { max, .. } => Some(*max),
+            _ => None,
+        }
+    }
+}
+
 impl Slots<'_> {
     /// Renders `source` with `scope` (input, item, index) and markers for upstream values.
-    fn render(&self, source: &str, scope: &Value) -> Rendered {
-        let linear = reads_steps_only_in_slots(source);
+    /// `item_known`: whether `scope` holds the real item and index (a map over a list the
+    /// input gives) rather than placeholders (a list only known at run time).
+    fn render(&self, source: &str, scope: &Value, item_known: bool) -> Rendered {
+        let linear = reads_steps_only_in_slots(source) && (item_known || !reads_item(source));
         let mut steps = Map::new();
         let mut markers: Vec<(String, Option<u64>)> = Vec::new();
         for (i, step) in self.graph.steps.iter().enumerate() {
@@ -321,7 +380,8 @@ impl Slots<'_> {
         context["steps"] = Value::Object(steps);
         let rendered = match template::render(source, &context) {
             Ok(r) => r,
-            // Not linear: a failure may come from a marker standing where an object was read.
+            // Not linear: a failure may come from a marker standing where an object was
+            // read, or from a placeholder item.
             Err(_) if linear => return Rendered::Fails,
             Err(_) => return Rendered::Unbounded { bytes_empty: source.len() as u64 },
         };
@@ -381,48 +441,58 @@ fn is_slot(expression: &str) -> bool {
     )
 }
 
-enum Call {
-    Fails,
-    Unbounded(Amount),
-    Bounded { heuristic: Amount, max: Amount },
+/// Whether a map's sub-step template reads `item` or `index`.
+fn reads_item(source: &str) -> bool {
+    template::references(source, &template::STEP_ROOTS).is_ok_and(|refs| refs.unknown_roots.iter().any(|root| root == "item" || root == "index"))
 }
 
-/// One `llm` call (all its attempts): the heuristic and, if bounded, the worst case.
-fn llm_call(spec: &LlmSpec, scope: &Value, slots: &Slots<'_>, models: &ModelRegistry) -> Call {
-    let Some(model) = models.get(&spec.model) else { return Call::Fails };
-    let prompt = slots.render(&spec.prompt, scope);
-    let system = spec.system.as_deref().map(|s| slots.render(s, scope));
+/// The most items a map whose list comes from a step can have. A JSON value parsed from a
+/// reply of `R` bytes is a substring of it, and a list of `n` items takes at least `2n + 1`
+/// bytes (`[1,2]`), so a list read as `steps.<id>.output` or a field path below it of an
+/// `llm` step has at most `(R - 1) / 2` items. Any other list: the engine's map limit.
+fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]) -> u64 {
+    let limit = MAX_MAP_ITEMS as u64;
+    let mut path = map.over.source().trim().split('.').map(str::trim);
+    let (Some("steps"), Some(id), Some("output")) = (path.next(), path.next(), path.next()) else { return limit };
+    let fields_only = path.all(|field| {
+        let mut chars = field.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    let reply = graph.steps.iter().position(|s| s.id.as_str() == id).and_then(|i| reply_bound[i]);
+    match reply {
+        Some(bytes) if fields_only => limit.min(bytes.saturating_sub(1) / 2),
+        _ => limit,
+    }
+}
+
+/// One `llm` call (all its attempts), or `None` when it fails before its call whatever
+/// upstream steps produce. `item_known` as for [`Slots::render`].
+fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry) -> Option<Bounds> {
+    // Validation rejects a model without a price, so this is only a safeguard.
+    let model = models.get(&spec.model)?;
+    let prompt = slots.render(&spec.prompt, scope, item_known);
+    let system = spec.system.as_deref().map(|s| slots.render(s, scope, item_known));
     let parts: Vec<&Rendered> = std::iter::once(&prompt).chain(system.as_ref()).collect();
     if parts.iter().any(|r| matches!(r, Rendered::Fails)) {
-        return Call::Fails;
+        return None;
     }
     let overhead = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * parts.len() as u64;
-    let empty: u64 = parts
-        .iter()
-        .map(|r| match r {
-            Rendered::Unbounded { bytes_empty } | Rendered::Bounded { bytes_empty, .. } => *bytes_empty,
-            Rendered::Fails => 0,
-        })
-        .sum();
-    let empty = empty.saturating_add(overhead);
-    let half = spec.max_tokens.div_ceil(2);
-    let heuristic = worst_case(&model, empty, half);
+    let empty = parts.iter().map(|r| r.bytes_empty()).sum::<u64>().saturating_add(overhead);
+    let heuristic = worst_case(&model, empty, spec.max_tokens.div_ceil(2));
+    // A schema's violation messages can quote the reply, so its hint has no size bound.
     let hint = match (spec.format, &spec.schema) {
-        (OutputFormat::Json, Some(_)) if spec.retry.max_attempts > 1 => return Call::Unbounded(heuristic),
-        (OutputFormat::Json, None) => JSON_HINT_BYTES,
-        _ => 0,
+        (OutputFormat::Json, Some(_)) if spec.retry.max_attempts > 1 => None,
+        (OutputFormat::Json, None) => Some(JSON_HINT_BYTES),
+        _ => Some(0),
     };
-    let mut max_bytes = overhead.saturating_add(hint);
-    for part in &parts {
-        match part {
-            Rendered::Bounded { max, .. } => max_bytes = max_bytes.saturating_add(*max),
-            _ => return Call::Unbounded(heuristic),
-        }
-    }
-    let worst = worst_case(&model, max_bytes, spec.max_tokens);
-    let attempts = u64::from(spec.retry.max_attempts);
-    let max = Amount { tokens: worst.tokens.saturating_mul(attempts), cost: Usd::from_pico(worst.cost.pico().saturating_mul(attempts)) };
-    Call::Bounded { heuristic, max }
+    let input = hint.and_then(|hint| parts.iter().try_fold(overhead.saturating_add(hint), |sum, part| part.max().map(|m| sum.saturating_add(m))));
+    let window = u64::from(model.context_window);
+    let (input, max_basis) = match input {
+        Some(bytes) if bytes <= window => (bytes, MaxBasis::Prompt),
+        _ => (window, MaxBasis::ContextWindow),
+    };
+    let max = times(worst_case(&model, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
+    Some(Bounds { heuristic, max, max_basis, max_items: None })
 }
 
 fn one_token_each(model: &ModelInfo) -> Amount {
@@ -434,29 +504,22 @@ fn add(a: Amount, b: Amount) -> Amount {
     Amount { tokens: a.tokens.saturating_add(b.tokens), cost: a.cost.saturating_add(b.cost) }
 }
 
+fn times(a: Amount, n: u64) -> Amount {
+    Amount { tokens: a.tokens.saturating_mul(n), cost: Usd::from_pico(a.cost.pico().saturating_mul(n)) }
+}
+
 /// `value × part / whole`, rounded down, without overflow.
 fn scale(value: u64, part: u64, whole: u64) -> u64 {
     u64::try_from(u128::from(value) * u128::from(part.min(whole)) / u128::from(whole.max(1))).unwrap_or(u64::MAX)
 }
 
-fn clamp(value: Amount, min: Amount, max: Option<Amount>) -> Amount {
-    let (tokens, cost) = (value.tokens.max(min.tokens), value.cost.max(min.cost));
-    match max {
-        Some(max) => Amount { tokens: tokens.min(max.tokens), cost: cost.min(max.cost) },
-        None => Amount { tokens, cost },
-    }
+fn clamp(value: Amount, min: Amount, max: Amount) -> Amount {
+    Amount { tokens: value.tokens.max(min.tokens).min(max.tokens), cost: value.cost.max(min.cost).min(max.cost) }
 }
 
-fn ceiling(sum: Option<Amount>, budget: BudgetLimits) -> Ceiling {
-    let tokens = match (sum.map(|s| s.tokens), budget.max_total_tokens) {
-        (Some(s), Some(b)) => Some(s.min(b)),
-        (s, b) => s.or(b),
-    };
-    let cost = match (sum.map(|s| s.cost), budget.max_cost) {
-        (Some(s), Some(b)) => Some(s.min(b)),
-        (s, b) => s.or(b),
-    };
-    Ceiling { tokens, cost }
+/// The steps' sum, each unit capped by the budget's limit where it sets one.
+fn ceiling(sum: Amount, budget: BudgetLimits) -> Amount {
+    Amount { tokens: budget.max_total_tokens.map_or(sum.tokens, |b| sum.tokens.min(b)), cost: budget.max_cost.map_or(sum.cost, |b| sum.cost.min(b)) }
 }
 
 #[cfg(test)]
@@ -468,8 +531,8 @@ mod tests {
     /// Nova Micro: 35,000 pico-dollars an input token, 140,000 an output token.
     const IN: u64 = 35_000;
     const OUT: u64 = 140_000;
-    /// `max_output_bytes`: what an upstream reply can be at most.
-    const REPLY: u64 = 160 * 1024;
+    /// Nova Micro's context window, in tokens.
+    const WINDOW: u64 = 128_000;
 
     fn graph(steps: Value, budget: Value) -> ValidatedGraph {
         let def = json!({
@@ -493,6 +556,11 @@ mod tests {
         e.steps.iter().find(|s| s.step_id.as_str() == id).unwrap()
     }
 
+    /// The engine's reply limit for `max_tokens`: 32 bytes a token.
+    fn reply(max_tokens: u64) -> u64 {
+        32 * max_tokens
+    }
+
     #[test]
     fn max_is_the_worst_call_of_every_attempt_with_upstream_replies_at_their_size_limit() {
         let g = graph(
@@ -504,35 +572,61 @@ mod tests {
         );
         let e = run(&g, json!({ "name": "Ada" }), None);
         // a: "Hi Ada" is 6 bytes + 64 + 32 = 102 input tokens, 100 output.
-        assert_eq!(step(&e, "a").max, Some(amount(202, 102 * IN + 100 * OUT)));
-        // b: "Say " + a's reply at its limit, + 96; 50 output; two attempts.
-        let b_in = 4 + REPLY + 96;
-        assert_eq!(step(&e, "b").max, Some(amount(2 * (b_in + 50), 2 * (b_in * IN + 50 * OUT))));
-        assert_eq!(e.max_unclamped, Some(amount(202 + 2 * (b_in + 50), 102 * IN + 100 * OUT + 2 * (b_in * IN + 50 * OUT))));
-        assert_eq!(e.max.tokens, e.max_unclamped.map(|m| m.tokens));
+        assert_eq!(step(&e, "a").max, amount(202, 102 * IN + 100 * OUT));
+        // b: "Say " + a's reply at its limit (32 bytes for each of a's 100 tokens), + 96; 50
+        // output; two attempts.
+        let b_in = 4 + reply(100) + 96;
+        assert_eq!(step(&e, "b").max, amount(2 * (b_in + 50), 2 * (b_in * IN + 50 * OUT)));
+        assert_eq!(step(&e, "b").max_basis, MaxBasis::Prompt);
+        assert_eq!(e.max_unclamped, amount(202 + 2 * (b_in + 50), 102 * IN + 100 * OUT + 2 * (b_in * IN + 50 * OUT)));
+        assert_eq!(e.max, e.max_unclamped);
         // Both steps must run: at least one input and one output token each.
         assert_eq!(e.min, amount(4, 2 * (IN + OUT)));
-        assert!(e.min.within(e.expected) && e.expected.within(e.max_unclamped.unwrap()), "{e:?}");
+        assert!(e.min.within(e.expected) && e.expected.within(e.max_unclamped), "{e:?}");
         assert_eq!(e.basis, Basis::Heuristic);
     }
 
     #[test]
     fn a_map_over_a_list_known_from_the_input_counts_each_item() {
-        let steps = |over: &str| {
-            json!([
-                { "id": "list", "type": "transform", "expression": "[1, 2]" },
-                { "id": "m", "type": "map", "over": over, "step": { "type": "llm", "prompt": "M {{ item }}", "max_tokens": 10 } }
-            ])
-        };
-        let e = run(&graph(steps("input.items"), json!(null)), json!({ "items": ["x", "yy", "zzz"] }), None);
+        let g = graph(
+            json!([{ "id": "m", "type": "map", "over": "input.items", "step": { "type": "llm", "prompt": "M {{ item }}", "max_tokens": 10 } }]),
+            json!(null),
+        );
+        let e = run(&g, json!({ "items": ["x", "yy", "zzz"] }), None);
         // "M x", "M yy", "M zzz": 3 + 4 + 5 bytes, each + 96, and 10 output tokens each.
         let input = 3 + 4 + 5 + 3 * 96;
-        assert_eq!(step(&e, "m").max, Some(amount(input + 30, input * IN + 30 * OUT)));
-        let e = run(&graph(steps("steps.list.output"), json!(null)), json!({}), None);
-        assert_eq!(step(&e, "m").max, None, "items known only at run time have no bound");
-        assert_eq!(e.max, Ceiling { tokens: None, cost: None });
-        let e = run(&graph(steps("steps.list.output"), json!({ "max_cost_usd": "0.01", "max_total_tokens": 5000 })), json!({}), None);
-        assert_eq!(e.max, Ceiling { tokens: Some(5000), cost: Some(Usd::parse_decimal("0.01").unwrap()) }, "the budget still caps the run");
+        assert_eq!(step(&e, "m").max, amount(input + 30, input * IN + 30 * OUT));
+        assert_eq!((step(&e, "m").max_items, step(&e, "m").max_basis), (Some(3), MaxBasis::Prompt));
+    }
+
+    #[test]
+    fn a_map_over_a_list_from_a_step_counts_the_items_its_reply_can_hold_at_their_worst() {
+        let steps = |list: Value, over: &str, prompt: &str| json!([list, { "id": "m", "type": "map", "over": over, "step": { "type": "llm", "prompt": prompt, "max_tokens": 10 } }]);
+        let list = json!({ "id": "list", "type": "llm", "prompt": "L", "max_tokens": 5, "output": { "format": "json" } });
+        // A 160-byte reply holds at most 79 items (`[1,1,…]`), each item's prompt at most the
+        // context window (an item's content is unknown).
+        for over in ["steps.list.output", " steps.list.output.issues.open "] {
+            let e = run(&graph(steps(list.clone(), over, "M {{ item }}"), json!(null)), json!({}), None);
+            assert_eq!((step(&e, "m").max_items, step(&e, "m").max_basis), (Some(79), MaxBasis::ContextWindow), "{over}");
+            assert_eq!(step(&e, "m").max, amount(79 * (WINDOW + 10), 79 * (WINDOW * IN + 10 * OUT)));
+        }
+        // A prompt that does not read the item is rendered as it is.
+        let e = run(&graph(steps(list.clone(), "steps.list.output", "Same"), json!(null)), json!({}), None);
+        assert_eq!((step(&e, "m").max_items, step(&e, "m").max_basis), (Some(79), MaxBasis::Prompt));
+        assert_eq!(step(&e, "m").max, amount(79 * (4 + 96 + 10), 79 * ((4 + 96) * IN + 10 * OUT)));
+        // Any other list from a step: the engine's map limit.
+        let expression = json!({ "id": "list", "type": "transform", "expression": "[1, 2]" });
+        for (list, over) in [(expression, "steps.list.output"), (list, "steps.list.output[0]")] {
+            let e = run(&graph(steps(list, over, "M {{ item }}"), json!(null)), json!({}), None);
+            assert_eq!(step(&e, "m").max_items, Some(MAX_MAP_ITEMS as u64), "{over}");
+        }
+        let budget = json!({ "max_cost_usd": "0.01", "max_total_tokens": 5000 });
+        let e = run(
+            &graph(steps(json!({ "id": "list", "type": "transform", "expression": "[1]" }), "steps.list.output", "M {{ item }}"), budget),
+            json!({}),
+            None,
+        );
+        assert_eq!(e.max, amount(5000, Usd::parse_decimal("0.01").unwrap().pico()), "the budget caps the run");
     }
 
     #[test]
@@ -547,16 +641,16 @@ mod tests {
         );
         let e = run(&g, json!({ "urgent": true }), None);
         let call = amount(97 + 10, 97 * IN + 10 * OUT);
-        assert_eq!((step(&e, "fast").max, step(&e, "slow").max), (Some(call), Some(call)));
+        assert_eq!((step(&e, "fast").max, step(&e, "slow").max), (call, call));
         assert_eq!(e.min, Amount::ZERO);
-        assert_eq!(e.max_unclamped, Some(amount(2 * call.tokens, 2 * call.cost.pico())));
+        assert_eq!(e.max_unclamped, amount(2 * call.tokens, 2 * call.cost.pico()));
     }
 
     #[test]
     fn retries_multiply_max_because_every_attempt_is_charged() {
         let one = |attempts: u32| {
             let g = graph(json!([{ "id": "a", "type": "llm", "prompt": "P", "max_tokens": 10, "retry": { "max_attempts": attempts } }]), json!(null));
-            run(&g, json!({}), None).max_unclamped.unwrap()
+            run(&g, json!({}), None).max_unclamped
         };
         assert_eq!(one(3), amount(3 * one(1).tokens, 3 * one(1).cost.pico()));
     }
@@ -586,7 +680,8 @@ mod tests {
     }
 
     #[test]
-    fn templates_that_branch_on_upstream_values_have_no_bound() {
+    fn templates_that_filter_or_branch_on_upstream_values_are_bounded_by_the_context_window() {
+        let window = amount(WINDOW + 10, WINDOW * IN + 10 * OUT);
         let g = graph(
             json!([
                 { "id": "a", "type": "llm", "prompt": "A", "max_tokens": 10 },
@@ -597,39 +692,66 @@ mod tests {
             json!(null),
         );
         let e = run(&g, json!({}), None);
-        assert_eq!((step(&e, "b").max, step(&e, "c").max), (None, None));
+        for id in ["b", "c"] {
+            assert_eq!((step(&e, id).max, step(&e, id).max_basis), (window, MaxBasis::ContextWindow), "{id}");
+        }
         for captured in [
             "{% filter replace('r', 'rrrr') %}{{ steps.a.text }}{% endfilter %}",
             "{% autoescape true %}{{ steps.a.text }}{% endautoescape %}",
             "{% set s %}{{ steps.a.text }}{% endset %}{{ s | replace('r', 'rrrr') }}",
         ] {
-            let g = graph(json!([{ "id": "a", "type": "llm", "prompt": "A" }, { "id": "b", "type": "llm", "prompt": captured }]), json!(null));
-            assert_eq!(step(&run(&g, json!({}), None), "b").max, None, "{captured}");
+            let g = graph(
+                json!([{ "id": "a", "type": "llm", "prompt": "A" }, { "id": "b", "type": "llm", "prompt": captured, "max_tokens": 10 }]),
+                json!(null),
+            );
+            assert_eq!(step(&run(&g, json!({}), None), "b").max, window, "{captured}");
         }
         let looped = graph(
-            json!([{ "id": "a", "type": "llm", "prompt": "A" }, { "id": "b", "type": "llm", "prompt": "{% for x in input.l %}{{ steps.a.text }}{% endfor %}", "max_tokens": 10 }]),
+            json!([{ "id": "a", "type": "llm", "prompt": "A", "max_tokens": 10 }, { "id": "b", "type": "llm", "prompt": "{% for x in input.l %}{{ steps.a.text }}{% endfor %}", "max_tokens": 10 }]),
             json!(null),
         );
-        let b_in = 3 * REPLY + 96;
-        assert_eq!(
-            step(&run(&looped, json!({ "l": [1, 2, 3] }), None), "b").max,
-            Some(amount(b_in + 10, b_in * IN + 10 * OUT)),
-            "pasted once per item"
-        );
+        let b_in = 3 * reply(10) + 96;
+        let b = step(&run(&looped, json!({ "l": [1, 2, 3] }), None), "b").clone();
+        assert_eq!((b.max, b.max_basis), (amount(b_in + 10, b_in * IN + 10 * OUT), MaxBasis::Prompt), "pasted once per item");
         // A skipped upstream step pastes `None`, which every bound covers.
         assert_eq!(template::render("{{ x }}", &json!({ "x": null })).unwrap().len() as u64, NONE_BYTES);
         assert_eq!(
             step(&e, "d").max,
-            Some(amount(2 * REPLY + 4 + 96 + 10, (2 * REPLY + 4 + 96) * IN + 10 * OUT)),
+            amount(2 * reply(10) + 4 + 96 + 10, (2 * reply(10) + 4 + 96) * IN + 10 * OUT),
             "`-}}` eats the space: \"and \" is 4 bytes"
         );
+    }
+
+    #[test]
+    fn a_prompt_bound_beyond_the_context_window_is_capped_at_the_window() {
+        // 100 pasted replies of up to 32,000 bytes each: 3.2 MB, far past 128,000 tokens.
+        let g = graph(
+            json!([
+                { "id": "a", "type": "llm", "prompt": "A", "max_tokens": 1000 },
+                { "id": "b", "type": "llm", "prompt": "{% for x in range(100) %}{{ steps.a.text }}{% endfor %}", "max_tokens": 10 }
+            ]),
+            json!(null),
+        );
+        let b = step(&run(&g, json!({}), None), "b").clone();
+        assert_eq!((b.max, b.max_basis), (amount(WINDOW + 10, WINDOW * IN + 10 * OUT), MaxBasis::ContextWindow));
+    }
+
+    #[test]
+    fn a_json_step_with_a_schema_and_retries_is_bounded_by_the_window_because_its_hint_quotes_the_reply() {
+        let schema = json!({ "type": "object" });
+        let g = graph(
+            json!([{ "id": "a", "type": "llm", "prompt": "A", "max_tokens": 10, "output": { "format": "json", "schema": schema }, "retry": { "max_attempts": 2 } }]),
+            json!(null),
+        );
+        let a = step(&run(&g, json!({}), None), "a").clone();
+        assert_eq!((a.max, a.max_basis), (amount(2 * (WINDOW + 10), 2 * (WINDOW * IN + 10 * OUT)), MaxBasis::ContextWindow));
     }
 
     #[test]
     fn a_prompt_that_cannot_render_with_this_input_costs_nothing() {
         let g = graph(json!([{ "id": "a", "type": "llm", "prompt": "{{ input.missing }}", "max_tokens": 10 }]), json!(null));
         let e = run(&g, json!({}), None);
-        assert_eq!(e.max_unclamped, Some(Amount::ZERO));
+        assert_eq!(e.max_unclamped, Amount::ZERO);
         assert_eq!(e.min, Amount::ZERO);
     }
 

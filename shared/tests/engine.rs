@@ -252,6 +252,53 @@ async fn stops_starting_steps_near_the_deadline_and_suspends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_reply_longer_than_32_bytes_per_max_tokens_token_is_refused_so_estimates_can_bound_it() {
+    // max_tokens 4 allows 128 bytes: 128 pass, 129 are refused (terminal, charged, no retry).
+    let fits = "x".repeat(128);
+    let h = harness(vec![Script::reply("FITS", &fits), Script::reply("LONG", &"y".repeat(129))]);
+    let (run, _) = h
+        .run(
+            workflow(json!([
+                { "id": "fits", "type": "llm", "prompt": "FITS", "max_tokens": 4 },
+                { "id": "long", "type": "llm", "prompt": "LONG", "max_tokens": 4 }
+            ])),
+            json!({}),
+        )
+        .await;
+    let steps = h.store.get_steps(&run.id).await.unwrap();
+    let step = |id: &str| steps.iter().find(|s| s.step_id.as_str() == id).unwrap().clone();
+    assert_eq!((step("fits").status, step("fits").text.as_deref()), (StepStatus::Completed, Some(fits.as_str())));
+    let long = step("long");
+    assert_eq!(long.status, StepStatus::Failed);
+    let error = long.error.unwrap();
+    assert_eq!(error.code, "OUTPUT_TOO_LARGE");
+    assert!(error.message.contains("129 bytes") && error.message.contains("max_tokens 4 is 128"), "{}", error.message);
+    assert!(long.cost > chainrun_core::money::Usd::ZERO, "the refused reply was still charged");
+    assert_eq!(h.model.calls_matching("LONG"), 1);
+    assert_eq!(EngineConfig::default().reply_limit(1_000_000), 160 * 1024, "the checkpoint limit still applies");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_over_a_json_reply_at_its_size_limit_runs_as_many_items_as_the_estimate_counts() {
+    // max_tokens 5 allows 160 bytes: `[1,1,…,1]` with 79 items is 159 bytes, 80 would be 161.
+    let list = serde_json::to_string(&vec![1; 79]).unwrap();
+    assert_eq!(list.len(), 159);
+    let h = harness(vec![Script::reply("LIST", &list), Script::reply("ITEM", "ok")]);
+    let definition = workflow(json!([
+        { "id": "list", "type": "llm", "prompt": "LIST", "max_tokens": 5, "output": { "format": "json" } },
+        { "id": "each", "type": "map", "over": "steps.list.output", "max_concurrency": 8,
+          "step": { "type": "llm", "prompt": "ITEM", "max_tokens": 5 } }
+    ]));
+    let registry = ModelRegistry::builtin();
+    let graph = chainrun_core::graph::validate_json(&definition, &registry).unwrap();
+    let estimate = chainrun_core::estimate::estimate(&graph, &json!({}), &registry, None);
+    assert_eq!(estimate.steps[1].max_items, Some(79));
+    let (run, _) = h.run(definition, json!({})).await;
+    assert_eq!(run.status, RunStatus::Completed, "{:?}", run.error);
+    assert_eq!(h.model.calls_matching("ITEM"), 79);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_template_error_at_run_time_fails_the_step_without_calling_the_model() {
     let h = harness(vec![Script::reply("HI", "x")]);
     let (run, _) = h.run(workflow(json!([{ "id": "a", "type": "llm", "prompt": "HI {{ input.missing }}" }])), json!({})).await;

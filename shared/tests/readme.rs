@@ -14,13 +14,33 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// The first ```json block after the "## Workflow language" heading.
-fn readme_example() -> Value {
+/// The `n`th ```json block (from 0) after `heading`, raw.
+fn readme_block(heading: &str, n: usize) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-    let section = &readme[readme.find("## Workflow language").expect("README has the language section")..];
+    let mut section = &readme[readme.find(heading).unwrap_or_else(|| panic!("README has {heading}"))..];
+    for _ in 0..n {
+        let open = section.find("```json\n").expect("a json block") + "```json\n".len();
+        section = &section[open + section[open..].find("\n```").expect("closed block") + 4..];
+    }
     let start = section.find("```json\n").expect("a json block") + "```json\n".len();
     let end = start + section[start..].find("\n```").expect("closed block");
-    serde_json::from_str(&section[start..end]).expect("the README example is valid JSON")
+    section[start..end].to_owned()
+}
+
+/// The first ```json block after the "## Workflow language" heading.
+fn readme_example() -> Value {
+    serde_json::from_str(&readme_block("## Workflow language", 0)).expect("the README example is valid JSON")
+}
+
+#[test]
+fn the_readme_estimate_example_is_what_the_estimator_answers() {
+    let request: Value = serde_json::from_str(&readme_block("### Estimates", 0)).expect("the request is valid JSON");
+    let registry = ModelRegistry::builtin();
+    let graph = validate_json(&request["workflow"], &registry).unwrap();
+    let answer = chainrun_core::estimate::estimate(&graph, &request["input"], &registry, None).to_json();
+    let shown: Value = serde_json::from_str(&readme_block("### Estimates", 1))
+        .unwrap_or_else(|e| panic!("the README's answer is not JSON ({e}); the estimator's:\n{}", serde_json::to_string_pretty(&answer).unwrap()));
+    assert_eq!(shown, answer, "the estimator's answer:\n{}", serde_json::to_string_pretty(&answer).unwrap());
 }
 
 #[test]

@@ -431,6 +431,7 @@ async fn an_estimate_brackets_each_step_and_the_run_and_uses_the_callers_history
     // hello: "HELLO Ada" is 9 bytes + 96 input tokens, 1024 output tokens at most (one
     // attempt of three: the default retry policy allows three).
     let hello = &first["steps"][0]["max"];
+    assert_eq!(first["steps"][0]["max_basis"], "prompt", "a prompt reading only the input is rendered as it is");
     assert_eq!(hello["tokens"], 3 * (9 + 96 + 1024));
     assert_eq!(hello["cost_pico_usd"], 3 * ((9 + 96) * 35_000 + 1024 * 140_000));
     let total = &first["total"];
