@@ -31,6 +31,8 @@ Environment knobs:
     AWS_ENDPOINT_URL_BEDROCK_RUNTIME=URL  use that Bedrock endpoint as is (no dev model server)
     RUST_LOG                              overrides the functions' default info,chainrun=debug
     CHAINRUN_STACK_TIMEOUT                readiness timeout in seconds (default 600)
+    CHAINRUN_OWNER_DAILY_CAP_USD          per-caller daily spend cap, passed to the runner
+    CHAINRUN_OWNER_DAILY_CAPS             per-user daily caps (JSON), passed to the runner
 """
 
 from __future__ import annotations
@@ -643,6 +645,11 @@ class Stack:
         fe["CHAINRUN_RUNNER_FUNCTION"] = RUNNER_FUNCTION
         fe["CHAINRUN_AUTH"] = "local-jwt"
         fe["CHAINRUN_LOCAL_JWT_SECRET"] = self.secret
+        # The one deployment setting the local stack takes from its caller (children get no
+        # CHAINRUN_* of the caller's otherwise): README, Budgets.
+        for name in ("CHAINRUN_OWNER_DAILY_CAP_USD", "CHAINRUN_OWNER_DAILY_CAPS"):
+            if self.base_env.get(name):
+                fe[name] = self.base_env[name]
         fe["RUST_LOG"] = self.base_env.get("RUST_LOG") or DEFAULT_RUST_LOG
         fe["NO_COLOR"] = "1"
         return fe

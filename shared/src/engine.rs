@@ -20,12 +20,15 @@ use crate::graph::{ItemStep, LlmSpec, MapSpec, RouterSpec, Step, StepKind, Trans
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::output;
-use crate::ports::{Lease, ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest, ProgressError, ProgressSink, RunStore, StoreError};
+use crate::ports::{
+    DailySpend, Lease, ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest, ProgressError, ProgressSink, RunStore, StoreError,
+};
 use crate::pricing::{ModelRegistry, Usage};
 use crate::run::{ErrorInfo, Event, EventType, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::spend::{DailyCapExceeded, DailyCaps};
 use crate::template;
 use crate::workflow::{ItemFailure, Join, RetryPolicy};
-use chrono::Utc;
+use chrono::{NaiveDate, Utc};
 use futures::StreamExt;
 use rand::Rng;
 use serde_json::{Map, Value, json};
@@ -119,6 +122,8 @@ pub struct Engine {
     sink: Arc<dyn ProgressSink>,
     models: Arc<ModelRegistry>,
     config: EngineConfig,
+    /// Per-owner daily spend caps and the counters they are checked against.
+    daily: Option<(Arc<dyn DailySpend>, Arc<DailyCaps>)>,
 }
 
 /// Scheduler bookkeeping: which steps have settled and which may be decided next.
@@ -156,7 +161,14 @@ impl Engine {
         models: Arc<ModelRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self { model, store, sink, models, config }
+        Self { model, store, sink, models, config, daily: None }
+    }
+
+    /// The same engine, also checking every model call against its run's caller's daily
+    /// spend cap (see [`crate::spend`]). Without caps for anyone, nothing changes.
+    pub fn with_daily_caps(mut self, spend: Arc<dyn DailySpend>, caps: DailyCaps) -> Self {
+        self.daily = (!caps.is_none()).then(|| (spend, Arc::new(caps)));
+        self
     }
 
     /// The same engine with another deadline margin (the runner shrinks it for short
@@ -213,7 +225,12 @@ impl Engine {
             } else {
                 info!(resumed_steps = records.iter().flatten().count(), last_seq, "resuming run");
             }
+            let owner_cap = self
+                .daily
+                .as_ref()
+                .and_then(|(spend, caps)| caps.cap_for(&run.caller).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.clone(), cap }));
             let shared = Arc::new(StepContext {
+                owner_cap,
                 model: self.model.clone(),
                 store: self.store.clone(),
                 models: self.models.clone(),
@@ -561,6 +578,8 @@ impl Progress {
 
 /// What a step task needs; shared by all steps of a run.
 struct StepContext {
+    /// The run's caller's daily cap, if one applies.
+    owner_cap: Option<OwnerCap>,
     model: Arc<dyn ModelClient>,
     store: Arc<dyn RunStore>,
     models: Arc<ModelRegistry>,
@@ -568,6 +587,38 @@ struct StepContext {
     progress: Arc<Progress>,
     run_id: RunId,
     lease: Lease,
+}
+
+/// One owner's daily spend cap, as a run checks its calls against it.
+struct OwnerCap {
+    spend: Arc<dyn DailySpend>,
+    owner: String,
+    cap: Usd,
+}
+
+/// A call's hold on its owner's day, until settled.
+struct DayReservation {
+    day: NaiveDate,
+    amount: Usd,
+}
+
+impl OwnerCap {
+    /// Holds the call's worst-case cost on today's counter if it fits under the cap.
+    async fn reserve(&self, attempted: budget::Amount) -> Result<Result<DayReservation, DailyCapExceeded>, StoreError> {
+        let day = Utc::now().date_naive();
+        Ok(match self.spend.reserve(&self.owner, day, attempted.cost, self.cap).await? {
+            Ok(()) => Ok(DayReservation { day, amount: attempted.cost }),
+            Err(counter) => Err(DailyCapExceeded { owner: self.owner.clone(), day, cap: self.cap, committed: counter.committed, attempted }),
+        })
+    }
+
+    /// Replaces the hold by what the call was charged.
+    async fn settle(&self, reservation: DayReservation, charged: Usd) {
+        if let Err(e) = self.spend.settle(&self.owner, reservation.day, reservation.amount, charged).await {
+            // The hold stays on the counter until the day ends: the cap errs towards refusing.
+            warn!(error = %e, owner = %self.owner, "could not settle a daily spend reservation");
+        }
+    }
 }
 
 /// How one model attempt ended.
@@ -741,6 +792,33 @@ impl StepContext {
                     return Ok(work);
                 }
             };
+            let day_hold = match &self.owner_cap {
+                None => None,
+                Some(owner_cap) => match owner_cap.reserve(worst).await {
+                    Ok(Ok(hold)) => Some(hold),
+                    Ok(Err(exceeded)) => {
+                        self.progress.release(reservation);
+                        warn!(
+                            attempt,
+                            item,
+                            owner = %exceeded.owner,
+                            cap_pico = exceeded.cap.pico(),
+                            committed_pico = exceeded.committed.pico(),
+                            attempted_pico = exceeded.attempted.cost.pico(),
+                            "daily spend cap reached: the model call is not made"
+                        );
+                        work.attempts = attempt - 1;
+                        work.output = Err(ErrorInfo { code: "BUDGET_EXCEEDED".into(), message: exceeded.to_string(), retryable: false });
+                        work.detail = Some(json!({ "budget": exceeded.to_json() }));
+                        return Ok(work);
+                    }
+                    Err(e) => {
+                        // Fail closed: without the counter the call cannot be admitted.
+                        self.progress.release(reservation);
+                        return Err(e.into());
+                    }
+                },
+            };
             let call_started = Instant::now();
             // On an engine error the reservation is dropped unreleased: the call's spend is
             // unknown, so the run keeps it held (the run stops on that error anyway).
@@ -751,6 +829,9 @@ impl StepContext {
                     work.usage = add_usage(work.usage, reply.usage);
                     work.cost = work.cost.saturating_add(cost);
                     self.progress.settle(reservation, &reply.usage, cost);
+                    if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, day_hold) {
+                        owner_cap.settle(hold, cost).await;
+                    }
                     info!(
                         attempt,
                         item,
@@ -764,6 +845,9 @@ impl StepContext {
                 Err(e) => {
                     // The port reports no usage with an error: nothing to charge.
                     self.progress.release(reservation);
+                    if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, day_hold) {
+                        owner_cap.settle(hold, Usd::ZERO).await;
+                    }
                     Err(AttemptError::Model(e))
                 }
             };

@@ -1,6 +1,6 @@
 //! chainrun-core: the workflow model, validation, engine, pricing, ports and adapters.
 //!
-//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`estimate`], [`workflow`],
+//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`spend`], [`estimate`], [`workflow`],
 //! [`graph`], [`template`], [`output`], [`run`]) know nothing of async or AWS. The
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
@@ -19,6 +19,7 @@ pub mod output;
 pub mod ports;
 pub mod pricing;
 pub mod run;
+pub mod spend;
 pub mod template;
 pub mod workflow;
 

@@ -7,9 +7,11 @@
 
 use crate::analytics::{RunRollup, WorkflowCosts, merge_by_workflow};
 use crate::ids::{Principal, RunId};
+use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
 use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord};
+use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -229,6 +231,48 @@ impl Analytics for MemoryAnalytics {
     async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError> {
         let rows = lock(&self.rows);
         Ok(merge_by_workflow(rows.iter().filter(|((p, day, _), _)| p == principal && (from..=to).contains(day)).map(|(_, row)| row.clone())))
+    }
+}
+
+// ---------------------------------------------------------------- daily spend
+
+/// Daily spend counters in memory, keyed by (owner, day), with the DynamoDB adapter's
+/// rule: a reservation is admitted only if the counter stays within the cap.
+#[derive(Default)]
+pub struct MemoryDailySpend {
+    days: Mutex<HashMap<(String, NaiveDate), DaySpend>>,
+}
+
+impl MemoryDailySpend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl DailySpend for MemoryDailySpend {
+    async fn reserve(&self, owner: &str, day: NaiveDate, amount: Usd, cap: Usd) -> Result<Result<(), DaySpend>, StoreError> {
+        let mut days = lock(&self.days);
+        let counter = days.entry((owner.to_owned(), day)).or_default();
+        match counter.committed.checked_add(amount) {
+            Some(committed) if committed <= cap => {
+                counter.committed = committed;
+                Ok(Ok(()))
+            }
+            _ => Ok(Err(*counter)),
+        }
+    }
+
+    async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError> {
+        let mut days = lock(&self.days);
+        let counter = days.entry((owner.to_owned(), day)).or_default();
+        counter.committed = Usd::from_pico(counter.committed.pico().saturating_sub(reserved.pico()).saturating_add(charged.pico()));
+        counter.charged = counter.charged.saturating_add(charged);
+        Ok(())
+    }
+
+    async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError> {
+        Ok(lock(&self.days).get(&(owner.to_owned(), day)).copied().unwrap_or_default())
     }
 }
 

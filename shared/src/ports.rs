@@ -6,8 +6,10 @@
 
 use crate::analytics::WorkflowCosts;
 use crate::ids::{Principal, RunId};
+use crate::money::Usd;
 use crate::pricing::Usage;
 use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::mpsc;
@@ -297,4 +299,21 @@ pub trait Analytics: Send + Sync {
     /// Sums per workflow of the runs `principal` owns that finished on a UTC day in
     /// `from..=to`, most expensive workflow first. Reads rollup rows only.
     async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError>;
+}
+
+// ---------------------------------------------------------------- daily spend
+
+/// Per-owner, per-UTC-day spend counters shared by every runner (see [`crate::spend`]).
+#[async_trait]
+pub trait DailySpend: Send + Sync {
+    /// Adds `amount` to `owner`'s committed spend (charged plus held) for `day` if the sum
+    /// stays within `cap`, atomically; otherwise changes nothing and returns the day's
+    /// counter.
+    async fn reserve(&self, owner: &str, day: NaiveDate, amount: Usd, cap: Usd) -> Result<Result<(), DaySpend>, StoreError>;
+
+    /// Replaces a reservation of `reserved` made on `day` by the `charged` cost.
+    async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError>;
+
+    /// `owner`'s counter for `day` (zero if nothing was reserved that day).
+    async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError>;
 }

@@ -169,6 +169,12 @@ class _StackHandle:
 
 _kept_logs: list[Path] = []
 
+# The one caller with a daily spend cap on the e2e stack (test_budget.py): room for one
+# call's worst case (a 40-byte prompt, max_tokens 100 on Nova Micro: 18,760,000
+# pico-dollars) after one charge of 50 input and 100 output tokens (15,750,000), less one.
+DAILY_CAPPED_USER = "e2e-daily-capped"
+DAILY_CAP_USD = "0.000034509999"
+
 
 def pytest_terminal_summary(terminalreporter):
     for path in _kept_logs:
@@ -186,7 +192,8 @@ def stack(request):
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="chainrun-e2e-"))
-    s = stack_mod.Stack(state_dir=tmp, build=True, base_env=CALLER_ENV)
+    base_env = dict(CALLER_ENV, CHAINRUN_OWNER_DAILY_CAPS=json.dumps({DAILY_CAPPED_USER: DAILY_CAP_USD}))
+    s = stack_mod.Stack(state_dir=tmp, build=True, base_env=base_env)
     failed_before = request.session.testsfailed
     try:
         s.start()

@@ -4,13 +4,15 @@ The expensive step fits the budget on its own (validation accepts it), but once 
 cheap step's long reply is part of its prompt, its worst case (estimated input plus
 max_tokens of output, at the inference profile's price) no longer fits what is left.
 The runner must refuse it without calling the model: the dev model server's call log is
-the witness.
+the witness. The same holds for a caller's daily spend cap, across runs.
 """
 
 from __future__ import annotations
 
 import time
 from decimal import Decimal
+
+import pytest
 
 from test_runs import add_rules, calls_with, follow, marker, start
 
@@ -101,3 +103,33 @@ def test_an_estimate_brackets_the_run_it_estimated_and_then_learns_from_it(api, 
         time.sleep(0.1)
     assert after["basis"] == "history" and after["history_runs"] == 1, after
     assert after["total"]["expected"]["cost_pico_usd"] == actual
+
+
+def test_a_callers_daily_cap_spans_runs_and_stops_the_call_that_would_break_it(api, stack, devmodel):
+    from conftest import DAILY_CAP_USD, DAILY_CAPPED_USER
+
+    if not (stack.function_env or {}).get("CHAINRUN_OWNER_DAILY_CAPS"):
+        pytest.skip("this stack was started without the e2e daily cap (CHAINRUN_E2E_STACK_ENV)")
+    m = marker("daily")
+    prompt = (m + " daily check").ljust(40, ".")  # 40 bytes, as the cap in conftest.py assumes
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "ok"},
+                         "usage": {"input_tokens": 50, "output_tokens": 100}})
+    token = stack.token(DAILY_CAPPED_USER)
+    wf = {"name": "e2e-daily-" + m, "defaults": {"model": CHEAP, "max_tokens": 100, "retry": {"max_attempts": 1}},
+          "steps": [{"id": "check", "type": "llm", "prompt": prompt}]}
+
+    first = start(api, token, wf, {})["run_id"]
+    assert follow(api, token, first)[-1]["type"] == "RUN_COMPLETED"
+    # Another run, no run budget at all: the caller's day has no room for its worst case.
+    second = start(api, token, wf, {})["run_id"]
+    events = follow(api, token, second)
+    assert len(calls_with(devmodel, m)) == 1, "the second run's call never reached the model"
+    failed = [e for e in events if e["type"] == "STEP_FAILED"]
+    assert [e["step_id"] for e in failed] == ["check"] and events[-1]["type"] == "RUN_FAILED"
+    assert failed[0]["data"]["error"]["code"] == "BUDGET_EXCEEDED"
+    budget = failed[0]["data"]["detail"]["budget"]
+    assert budget["limit"] == "owner_daily_cost_usd" and budget["owner"] == DAILY_CAPPED_USER
+    assert Decimal(budget["owner_daily_cost_usd"]) == Decimal(DAILY_CAP_USD)
+    _, _, run = api("GET", f"/runs/{first}", token=token)
+    assert budget["committed_today_pico_usd"] == run["totals"]["cost_pico_usd"] == 15_750_000
+    assert budget["attempted"]["cost_pico_usd"] == 18_760_000

@@ -319,6 +319,7 @@ def test_parameters_have_documented_types_and_defaults(template):
     assert params["BedrockModelIds"]["Default"].split(",") == DEFAULT_MODEL_IDS
     assert params["ModelPricesJson"]["Type"] == "String"
     assert params["ModelPricesJson"]["Default"] == ""
+    assert params["OwnerDailyCapUsd"]["Default"] == "" and params["OwnerDailyCapsJson"]["Default"] == ""
     assert params["RetentionDays"]["Type"] == "Number"
     assert int(params["RetentionDays"]["Default"]) == 30
     assert params["LogLevel"]["Default"] == "info"
@@ -330,6 +331,17 @@ def test_function_gets_log_level_retention_and_price_override(template, function
     assert env["RUST_LOG"] == {"Ref": "LogLevel"}
     assert env["CHAINRUN_RETENTION_DAYS"] == {"Ref": "RetentionDays"}
     assert env["CHAINRUN_MODEL_PRICES"] == {"Ref": "ModelPricesJson"}
+
+
+def test_runner_alone_gets_the_daily_spend_caps(template):
+    runner = effective_function_props(template, "RunnerFunction")["Environment"]["Variables"]
+    assert runner["CHAINRUN_OWNER_DAILY_CAP_USD"] == {"Ref": "OwnerDailyCapUsd"}
+    assert runner["CHAINRUN_OWNER_DAILY_CAPS"] == {"Ref": "OwnerDailyCapsJson"}
+    api = effective_function_props(template, "ApiFunction")["Environment"]["Variables"]
+    assert "CHAINRUN_OWNER_DAILY_CAP_USD" not in api
+    pattern = re.compile(template["Parameters"]["OwnerDailyCapUsd"]["AllowedPattern"])
+    assert all(pattern.fullmatch(v) for v in ["", "5", "0.25"])
+    assert not any(pattern.fullmatch(v) for v in ["-1", "five", "1e3"])
 
 
 def test_api_function_dispatches_to_runner_and_trusts_api_gateway_jwt(template):
@@ -425,9 +437,10 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
     assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable", "RollupsTable"}
     for table in ("RunsTable", "EventsTable", "ProgressTable"):
         assert dynamodb_grants(api)[table] == crud and dynamodb_grants(runner)[table] == crud
-    # Cost rollups: only the runner writes them (when a run ends), only the API reads them.
+    # Cost rollups: only the runner writes them (when a run ends); the API only reads them.
     assert dynamodb_grants(api)["RollupsTable"] == {"DynamoDBReadPolicy"}
-    assert dynamodb_grants(runner)["RollupsTable"] == {"DynamoDBWritePolicy"}
+    # Writes rollups and daily spend counters; reads a counter only to report a refusal.
+    assert dynamodb_grants(runner)["RollupsTable"] == {"DynamoDBWritePolicy", "DynamoDBReadPolicy"}
     for props in (api, runner):
         for statement in inline_statements(props):
             assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (

@@ -1,8 +1,8 @@
 //! Wires the runner function: telemetry, config, AWS clients, then serve.
 
 use chainrun_core::aws::{
-    BedrockModel, DynamoAnalytics, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client, lambda_client,
-    sdk_config,
+    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client,
+    lambda_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use chainrun_core::engine::{Engine, EngineConfig};
@@ -21,9 +21,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let dynamodb = dynamodb_client(&sdk);
     let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
     let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
-    let analytics = Arc::new(DynamoAnalytics::new(dynamodb, config.core.tables.clone()));
+    let analytics = Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone()));
+    let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone()));
     let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));
-    let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default());
+    let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
+        .with_daily_caps(daily_spend, config.daily_caps.clone());
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
     let runner = Arc::new(Runner { store, engine, dispatcher, analytics });
     let margin = config.deadline_margin;

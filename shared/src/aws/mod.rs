@@ -8,11 +8,13 @@ mod bedrock;
 mod dynamo;
 mod lambda;
 mod rollups;
+mod spend;
 
 pub use bedrock::BedrockModel;
 pub use dynamo::{DynamoProgress, DynamoStore};
 pub use lambda::{LambdaDispatcher, RunnerEvent};
 pub use rollups::DynamoAnalytics;
+pub use spend::DynamoDailySpend;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
