@@ -2,6 +2,7 @@
 //! A missing or malformed variable fails the start with a message naming it.
 
 use crate::pricing::{ModelRegistry, PricingError};
+use crate::spend::DailyCaps;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +64,10 @@ pub struct CoreConfig {
     /// How long events and progress rows live (DynamoDB TTL).
     pub retention_days: u32,
     pub models: ModelRegistry,
+    /// Per-caller daily spend caps: `CHAINRUN_OWNER_DAILY_CAP_USD` for every caller,
+    /// `CHAINRUN_OWNER_DAILY_CAPS` (JSON, user id → dollars) for some. Neither: no cap.
+    /// The runner enforces them; the API reports them.
+    pub daily_caps: DailyCaps,
 }
 
 impl CoreConfig {
@@ -80,7 +85,11 @@ impl CoreConfig {
         }
         let models = ModelRegistry::load(env.get("CHAINRUN_MODEL_PRICES").as_deref())
             .map_err(|e: PricingError| ConfigError::Invalid { name: "CHAINRUN_MODEL_PRICES", reason: e.to_string() })?;
-        Ok(Self { tables, retention_days, models })
+        let default = env.get("CHAINRUN_OWNER_DAILY_CAP_USD");
+        DailyCaps::parse(default.as_deref(), None).map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAP_USD", reason })?;
+        let daily_caps = DailyCaps::parse(default.as_deref(), env.get("CHAINRUN_OWNER_DAILY_CAPS").as_deref())
+            .map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAPS", reason })?;
+        Ok(Self { tables, retention_days, models, daily_caps })
     }
 }
 
@@ -118,6 +127,22 @@ mod tests {
         pairs.push(("CHAINRUN_MODEL_PRICES", "{not json"));
         let err = CoreConfig::from_source(&env(&pairs)).unwrap_err().to_string();
         assert!(err.contains("CHAINRUN_MODEL_PRICES"), "{err}");
+    }
+
+    #[test]
+    fn daily_caps_are_read_once_and_a_malformed_one_names_its_variable() {
+        assert!(CoreConfig::from_source(&env(&TABLES)).unwrap().daily_caps.is_none());
+        let mut pairs = TABLES.to_vec();
+        pairs.extend([("CHAINRUN_OWNER_DAILY_CAP_USD", "5"), ("CHAINRUN_OWNER_DAILY_CAPS", r#"{"alice": "0.5"}"#)]);
+        let caps = CoreConfig::from_source(&env(&pairs)).unwrap().daily_caps;
+        assert_eq!(caps.cap_for("alice"), Some(crate::money::Usd::parse_decimal("0.5").unwrap()));
+        assert_eq!(caps.cap_for("bob"), Some(crate::money::Usd::parse_decimal("5").unwrap()));
+        for (name, value) in [("CHAINRUN_OWNER_DAILY_CAP_USD", "lots"), ("CHAINRUN_OWNER_DAILY_CAPS", r#"{"alice": 1}"#)] {
+            let mut pairs = TABLES.to_vec();
+            pairs.push((name, value));
+            let err = CoreConfig::from_source(&env(&pairs)).unwrap_err().to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

@@ -133,3 +133,10 @@ def test_a_callers_daily_cap_spans_runs_and_stops_the_call_that_would_break_it(a
     _, _, run = api("GET", f"/runs/{first}", token=token)
     assert budget["committed_today_pico_usd"] == run["totals"]["cost_pico_usd"] == 15_750_000
     assert budget["attempted"]["cost_pico_usd"] == 18_760_000
+
+    # The caller can see where their day stands.
+    status, _, spend = api("GET", "/analytics/spend", token=token)
+    assert status == 200, spend
+    assert (spend["owner"], spend["cap_usd"]) == (DAILY_CAPPED_USER, DAILY_CAP_USD)
+    assert (spend["charged_pico_usd"], spend["held_pico_usd"]) == (15_750_000, 0)
+    assert spend["remaining_pico_usd"] == 34_509_999 - 15_750_000

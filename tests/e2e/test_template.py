@@ -333,12 +333,14 @@ def test_function_gets_log_level_retention_and_price_override(template, function
     assert env["CHAINRUN_MODEL_PRICES"] == {"Ref": "ModelPricesJson"}
 
 
-def test_runner_alone_gets_the_daily_spend_caps(template):
-    runner = effective_function_props(template, "RunnerFunction")["Environment"]["Variables"]
-    assert runner["CHAINRUN_OWNER_DAILY_CAP_USD"] == {"Ref": "OwnerDailyCapUsd"}
-    assert runner["CHAINRUN_OWNER_DAILY_CAPS"] == {"Ref": "OwnerDailyCapsJson"}
-    api = effective_function_props(template, "ApiFunction")["Environment"]["Variables"]
-    assert "CHAINRUN_OWNER_DAILY_CAP_USD" not in api
+@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+def test_both_functions_get_the_daily_spend_caps(template, function):
+    env = effective_function_props(template, function)["Environment"]["Variables"]
+    assert env["CHAINRUN_OWNER_DAILY_CAP_USD"] == {"Ref": "OwnerDailyCapUsd"}
+    assert env["CHAINRUN_OWNER_DAILY_CAPS"] == {"Ref": "OwnerDailyCapsJson"}
+
+
+def test_the_daily_cap_parameter_takes_only_dollar_amounts(template):
     pattern = re.compile(template["Parameters"]["OwnerDailyCapUsd"]["AllowedPattern"])
     assert all(pattern.fullmatch(v) for v in ["", "5", "0.25"])
     assert not any(pattern.fullmatch(v) for v in ["-1", "five", "1e3"])

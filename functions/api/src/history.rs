@@ -17,6 +17,7 @@ use axum::extract::{Query, State};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chainrun_core::ids::{Principal, RunId};
+use chainrun_core::money::Usd;
 use chainrun_core::ports::{RunCursor, RunIndex, RunQuery};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -139,6 +140,24 @@ pub async fn costs(
         "scope": principal.key(),
         "workflows": workflows.iter().map(views::workflow_costs).collect::<Vec<_>>(),
     })))
+}
+
+/// `GET /analytics/spend`: the caller's spend today (UTC) against their daily cap: what was
+/// charged, what calls in flight hold, the cap and what is left (`null` without a cap).
+pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> Result<Json<Value>, ApiError> {
+    let day = Utc::now().date_naive();
+    let counter = state.daily.day(&identity.user, day).await?;
+    let held = Usd::from_pico(counter.committed.pico().saturating_sub(counter.charged.pico()));
+    let cap = state.daily_caps.cap_for(&identity.user);
+    let remaining = cap.map(|cap| Usd::from_pico(cap.pico().saturating_sub(counter.committed.pico())));
+    let money = |name: &str, value: Option<Usd>| json!({ format!("{name}_usd"): value.map(|v| v.to_string()), format!("{name}_pico_usd"): value.map(Usd::pico) });
+    let mut body = json!({ "owner": identity.user, "day": day });
+    for part in [money("cap", cap), money("charged", Some(counter.charged)), money("held", Some(held)), money("remaining", remaining)] {
+        if let (Value::Object(body), Value::Object(part)) = (&mut body, part) {
+            body.extend(part);
+        }
+    }
+    Ok(Json(body))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! chainrun's HTTP API: access checks, starting runs, reading runs and their progress,
-//! run history, cost analytics and cost estimates.
+//! run history, cost analytics, the caller's daily spend and cost estimates.
 //!
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
 //! in-memory adapters, and `main` hands the same router to `lambda_http`.
@@ -18,9 +18,10 @@ use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::ports::{Analytics, Dispatcher, ProgressReader, RunHistory, RunStore};
+use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
+use chainrun_core::spend::DailyCaps;
 use error::ApiError;
 use http::StatusCode;
 use http::request::Parts;
@@ -60,6 +61,9 @@ pub struct AppState {
     pub dispatcher: Arc<dyn Dispatcher>,
     pub models: Arc<ModelRegistry>,
     pub auth: Authenticator,
+    /// The daily spend counters the runner keeps, and the caps it enforces.
+    pub daily: Arc<dyn DailySpend>,
+    pub daily_caps: Arc<DailyCaps>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -69,6 +73,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
+        .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .fallback(not_found);
     routes.layer(axum::extract::DefaultBodyLimit::disable()).with_state(state)

@@ -1,7 +1,9 @@
 //! Wires the API function: telemetry, config, AWS clients, then serve.
 
 use chainrun_api::{ApiConfig, AppState, app};
-use chainrun_core::aws::{DynamoAnalytics, DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config};
+use chainrun_core::aws::{
+    DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config,
+};
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
 
@@ -17,7 +19,9 @@ async fn main() -> Result<(), lambda_http::Error> {
         store: store.clone(),
         progress,
         history: store,
-        analytics: Arc::new(DynamoAnalytics::new(dynamodb, config.core.tables.clone())),
+        analytics: Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone())),
+        daily: Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone())),
+        daily_caps: Arc::new(config.core.daily_caps.clone()),
         dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.runner_function.clone())),
         models: Arc::new(config.core.models.clone()),
         auth: config.auth.clone(),

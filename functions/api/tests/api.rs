@@ -6,9 +6,11 @@ use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, MAX_BODY_BYTES, app};
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::RunId;
-use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
-use chainrun_core::ports::{Analytics, Claim, Lease, RunStore};
+use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::money::Usd;
+use chainrun_core::ports::{Analytics, Claim, DailySpend, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
+use chainrun_core::spend::DailyCaps;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -22,6 +24,7 @@ struct Api {
     progress: Arc<MemoryProgress>,
     dispatcher: Arc<MemoryDispatcher>,
     analytics: Arc<MemoryAnalytics>,
+    daily: Arc<MemoryDailySpend>,
     state: AppState,
 }
 
@@ -30,6 +33,7 @@ fn api() -> Api {
     let progress = Arc::new(MemoryProgress::new());
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let analytics = Arc::new(MemoryAnalytics::new());
+    let daily = Arc::new(MemoryDailySpend::new());
     let state = AppState {
         store: store.clone(),
         progress: progress.clone(),
@@ -38,8 +42,10 @@ fn api() -> Api {
         dispatcher: dispatcher.clone(),
         models: Arc::new(ModelRegistry::builtin()),
         auth: Authenticator::local(SECRET.as_bytes()),
+        daily: daily.clone(),
+        daily_caps: Arc::new(DailyCaps::parse(None, Some(r#"{"alice": "0.01"}"#)).unwrap()),
     };
-    Api { store, progress, dispatcher, analytics, state }
+    Api { store, progress, dispatcher, analytics, daily, state }
 }
 
 fn token_with(secret: &str, sub: &str, exp_offset: i64) -> String {
@@ -473,4 +479,30 @@ async fn an_invalid_definition_gets_the_same_400_from_estimate_as_from_starting_
     let (status, _, _) = api.call("POST", "/workflows/estimate", None, Some(estimate_body().to_string().into_bytes())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(api.dispatcher.dispatched().is_empty(), "an estimate starts nothing");
+}
+
+// ---------------------------------------------------------------- daily spend
+
+#[tokio::test]
+async fn the_caller_sees_todays_spend_against_their_daily_cap() {
+    let api = api();
+    let today = chrono::Utc::now().date_naive();
+    // alice's cap is $0.01: $0.002 charged, $0.003 still held by a call in flight.
+    let usd = |s: &str| Usd::parse_decimal(s).unwrap();
+    api.daily.reserve("alice", today, usd("0.004"), usd("0.01")).await.unwrap().unwrap();
+    api.daily.settle("alice", today, usd("0.004"), usd("0.002")).await.unwrap();
+    api.daily.reserve("alice", today, usd("0.003"), usd("0.01")).await.unwrap().unwrap();
+    let (status, _, body) = api.call("GET", "/analytics/spend", Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((body["owner"].as_str(), body["day"].as_str()), (Some("alice"), Some(today.to_string().as_str())));
+    let pairs = [("cap", "0.01"), ("charged", "0.002"), ("held", "0.003"), ("remaining", "0.005")];
+    for (name, value) in pairs {
+        assert_eq!(body[format!("{name}_usd")], value, "{name}: {body}");
+        assert_eq!(body[format!("{name}_pico_usd")], usd(value).pico(), "{name}: {body}");
+    }
+    // bob has no cap (and spent nothing): no cap, nothing remaining to speak of.
+    let (_, _, bob) = api.call("GET", "/analytics/spend", Some(&token("bob")), None).await;
+    assert_eq!((bob["cap_usd"].clone(), bob["remaining_usd"].clone(), bob["charged_usd"].clone()), (Value::Null, Value::Null, json!("0")));
+    let (status, _, _) = api.call("GET", "/analytics/spend", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

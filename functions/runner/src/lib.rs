@@ -17,7 +17,6 @@ use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
 use chainrun_core::ids::RunId;
 use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
-use chainrun_core::spend::DailyCaps;
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;
@@ -30,22 +29,14 @@ pub struct RunnerConfig {
     /// The function's own name, for re-dispatching a suspended run (set by Lambda).
     pub self_function: String,
     pub deadline_margin: Duration,
-    /// Per-owner daily spend caps: `CHAINRUN_OWNER_DAILY_CAP_USD` for every caller,
-    /// `CHAINRUN_OWNER_DAILY_CAPS` (JSON, user id → dollars) for some. Neither: no cap.
-    pub daily_caps: DailyCaps,
 }
 
 impl RunnerConfig {
     pub fn from_source(env: &impl Source) -> Result<Self, ConfigError> {
-        let default = env.get("CHAINRUN_OWNER_DAILY_CAP_USD");
-        DailyCaps::parse(default.as_deref(), None).map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAP_USD", reason })?;
-        let daily_caps = DailyCaps::parse(default.as_deref(), env.get("CHAINRUN_OWNER_DAILY_CAPS").as_deref())
-            .map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAPS", reason })?;
         Ok(Self {
             core: CoreConfig::from_source(env)?,
             self_function: env.required("AWS_LAMBDA_FUNCTION_NAME")?,
             deadline_margin: Duration::from_secs(env.parsed("CHAINRUN_DEADLINE_MARGIN_SECS", 90u64)?),
-            daily_caps,
         })
     }
 }
@@ -181,37 +172,4 @@ impl Runner {
 
 fn ulid_suffix() -> String {
     chainrun_core::ids::RunId::new().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use chainrun_core::money::Usd;
-    use std::collections::HashMap;
-
-    fn env(extra: &[(&str, &str)]) -> HashMap<String, String> {
-        let base = [
-            ("CHAINRUN_RUNS_TABLE", "r"),
-            ("CHAINRUN_EVENTS_TABLE", "e"),
-            ("CHAINRUN_PROGRESS_TABLE", "p"),
-            ("CHAINRUN_WORKFLOWS_TABLE", "w"),
-            ("CHAINRUN_ROLLUPS_TABLE", "u"),
-            ("AWS_LAMBDA_FUNCTION_NAME", "runner"),
-        ];
-        base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    #[test]
-    fn daily_caps_are_read_once_and_a_malformed_one_names_its_variable() {
-        let config = RunnerConfig::from_source(&env(&[])).unwrap();
-        assert!(config.daily_caps.is_none());
-        let config =
-            RunnerConfig::from_source(&env(&[("CHAINRUN_OWNER_DAILY_CAP_USD", "5"), ("CHAINRUN_OWNER_DAILY_CAPS", r#"{"alice": "0.5"}"#)])).unwrap();
-        assert_eq!(config.daily_caps.cap_for("alice"), Some(Usd::parse_decimal("0.5").unwrap()));
-        assert_eq!(config.daily_caps.cap_for("bob"), Some(Usd::parse_decimal("5").unwrap()));
-        for (name, value) in [("CHAINRUN_OWNER_DAILY_CAP_USD", "lots"), ("CHAINRUN_OWNER_DAILY_CAPS", r#"{"alice": 1}"#)] {
-            let err = RunnerConfig::from_source(&env(&[(name, value)])).unwrap_err().to_string();
-            assert!(err.contains(name), "{err}");
-        }
-    }
 }

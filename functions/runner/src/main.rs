@@ -25,7 +25,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone()));
     let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));
     let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
-        .with_daily_caps(daily_spend, config.daily_caps.clone());
+        .with_daily_caps(daily_spend, config.core.daily_caps.clone());
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
     let runner = Arc::new(Runner { store, engine, dispatcher, analytics });
     let margin = config.deadline_margin;
