@@ -829,9 +829,7 @@ impl StepContext {
                     work.usage = add_usage(work.usage, reply.usage);
                     work.cost = work.cost.saturating_add(cost);
                     self.progress.settle(reservation, &reply.usage, cost);
-                    if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, day_hold) {
-                        owner_cap.settle(hold, cost).await;
-                    }
+                    self.settle_day(day_hold, cost).await;
                     info!(
                         attempt,
                         item,
@@ -845,9 +843,7 @@ impl StepContext {
                 Err(e) => {
                     // The port reports no usage with an error: nothing to charge.
                     self.progress.release(reservation);
-                    if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, day_hold) {
-                        owner_cap.settle(hold, Usd::ZERO).await;
-                    }
+                    self.settle_day(day_hold, Usd::ZERO).await;
                     Err(AttemptError::Model(e))
                 }
             };
@@ -953,6 +949,13 @@ impl StepContext {
         let value = Value::Array(outputs);
         map.output = Ok((value.to_string(), value));
         Ok(map)
+    }
+
+    /// Replaces a call's hold on its owner's day (if it took one) by what it was charged.
+    async fn settle_day(&self, hold: Option<DayReservation>, charged: Usd) {
+        if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, hold) {
+            owner_cap.settle(hold, charged).await;
+        }
     }
 
     /// Checks a reply against the step's output format and size limit.

@@ -150,14 +150,20 @@ pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> R
     let held = Usd::from_pico(counter.committed.pico().saturating_sub(counter.charged.pico()));
     let cap = state.daily_caps.cap_for(&identity.user);
     let remaining = cap.map(|cap| Usd::from_pico(cap.pico().saturating_sub(counter.committed.pico())));
-    let money = |name: &str, value: Option<Usd>| json!({ format!("{name}_usd"): value.map(|v| v.to_string()), format!("{name}_pico_usd"): value.map(Usd::pico) });
-    let mut body = json!({ "owner": identity.user, "day": day });
-    for part in [money("cap", cap), money("charged", Some(counter.charged)), money("held", Some(held)), money("remaining", remaining)] {
-        if let (Value::Object(body), Value::Object(part)) = (&mut body, part) {
-            body.extend(part);
-        }
-    }
-    Ok(Json(body))
+    let text = |v: Option<Usd>| v.map(|v| v.to_string());
+    let pico = |v: Option<Usd>| v.map(Usd::pico);
+    Ok(Json(json!({
+        "owner": identity.user,
+        "day": day,
+        "cap_usd": text(cap),
+        "cap_pico_usd": pico(cap),
+        "charged_usd": counter.charged.to_string(),
+        "charged_pico_usd": counter.charged.pico(),
+        "held_usd": held.to_string(),
+        "held_pico_usd": held.pico(),
+        "remaining_usd": text(remaining),
+        "remaining_pico_usd": pico(remaining),
+    })))
 }
 
 #[cfg(test)]
