@@ -43,6 +43,11 @@ pub(super) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
+/// The TTL (`expires_at`, epoch seconds) of an item about `day`: midnight UTC `days` later.
+pub(super) fn expires_after(day: chrono::NaiveDate, days: u64) -> i64 {
+    (day + chrono::Days::new(days)).and_time(chrono::NaiveTime::MIN).and_utc().timestamp()
+}
+
 pub(super) fn run_pk(id: &RunId) -> String {
     format!("RUN#{id}")
 }
@@ -61,7 +66,7 @@ where
     }
 }
 
-fn store_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
+pub(super) fn store_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
 {

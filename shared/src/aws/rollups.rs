@@ -20,7 +20,7 @@
 //! Reading: one Query per principal, `sk BETWEEN DAY#<from> AND DAY#<to + 1 day>`, returns
 //! every workflow's rows for the period — no scan, no list of workflows needed.
 
-use super::dynamo::{Item, classify, is_condition_failure, n, run_pk, s};
+use super::dynamo::{Item, classify, expires_after, is_condition_failure, n, run_pk, s};
 use crate::analytics::{CostSums, ROLLUP_RETENTION_DAYS, RunRollup, StepRollup, WorkflowCosts, merge_by_workflow};
 use crate::config::Tables;
 use crate::ids::{Principal, StepId};
@@ -65,7 +65,7 @@ fn day_sk(day: NaiveDate) -> String {
 }
 
 fn expires_at(day: NaiveDate) -> i64 {
-    (day + chrono::Days::new(u64::from(ROLLUP_RETENTION_DAYS))).and_time(chrono::NaiveTime::MIN).and_utc().timestamp()
+    expires_after(day, u64::from(ROLLUP_RETENTION_DAYS))
 }
 
 /// One rollup row's `UpdateItem`, built without the SDK so its size can be tested.

@@ -11,7 +11,7 @@
 //! Settling is one unconditional `ADD` of `charged - reserved` (negative when the call
 //! cost less than its worst case) and of the charge.
 
-use super::dynamo::{classify, is_condition_failure, n, s};
+use super::dynamo::{expires_after, is_condition_failure, n, s, store_err};
 use crate::config::Tables;
 use crate::money::Usd;
 use crate::ports::{DailySpend, StoreError};
@@ -43,14 +43,7 @@ impl DynamoDailySpend {
 }
 
 fn expires_at(day: NaiveDate) -> i64 {
-    (day + chrono::Days::new(RETENTION_DAYS)).and_time(chrono::NaiveTime::MIN).and_utc().timestamp()
-}
-
-fn store_err<E>(err: aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
-{
-    classify(err).map_or_else(StoreError::Corrupt, StoreError::Unavailable)
+    expires_after(day, RETENTION_DAYS)
 }
 
 fn pico(item: &HashMap<String, AttributeValue>, name: &str) -> Result<Usd, StoreError> {
