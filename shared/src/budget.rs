@@ -31,7 +31,7 @@ use crate::money::Usd;
 use crate::pricing::{ModelInfo, Usage};
 use crate::run::Totals;
 use crate::workflow::Budget;
-use serde_json::{Number, Value, json};
+use serde_json::{Number, Value};
 use std::fmt;
 
 /// Input tokens allowed per message for what a chat template wraps around its text: role
@@ -133,11 +133,6 @@ impl Amount {
 
     fn saturating_sub(self, other: Amount) -> Amount {
         Amount { tokens: self.tokens.saturating_sub(other.tokens), cost: Usd::from_pico(self.cost.pico().saturating_sub(other.cost.pico())) }
-    }
-
-    /// As events show money: an exact decimal string plus the integer.
-    pub fn to_json(self) -> Value {
-        json!({ "tokens": self.tokens, "cost_usd": self.cost.to_string(), "cost_pico_usd": self.cost.pico() })
     }
 }
 
@@ -298,27 +293,6 @@ pub struct BudgetExceeded {
     pub attempted: Amount,
 }
 
-impl BudgetExceeded {
-    /// What a `STEP_FAILED` event carries: the limit, what was spent and reserved, and the
-    /// refused reservation, money as exact decimal strings plus integers.
-    pub fn to_json(&self) -> Value {
-        let mut data = json!({
-            "limit": self.limit.name(),
-            "spent": self.spent.to_json(),
-            "reserved_by_others": self.reserved_by_others.to_json(),
-            "attempted": self.attempted.to_json(),
-        });
-        match self.limit {
-            Limit::MaxCost(max) => {
-                data["max_cost_usd"] = json!(max.to_string());
-                data["max_cost_pico_usd"] = json!(max.pico());
-            }
-            Limit::MaxTotalTokens(max) => data["max_total_tokens"] = json!(max),
-        }
-        data
-    }
-}
-
 /// Budget held for one call in flight; give it back with [`Ledger::settle`] or
 /// [`Ledger::release`]. Not `Clone`, so it is returned once. One that is dropped instead
 /// stays reserved, which only makes the ledger stricter.
@@ -406,6 +380,7 @@ impl Ledger {
 mod tests {
     use super::*;
     use crate::pricing::ModelRegistry;
+    use serde_json::json;
 
     fn budget(cost: Option<Value>, tokens: Option<Value>) -> Budget {
         Budget { max_cost_usd: cost, max_total_tokens: tokens }
@@ -583,28 +558,16 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_reports_exact_money_in_its_json() {
+    fn a_refusal_names_the_limit_and_the_exact_amounts() {
         let refused = BudgetExceeded {
             limit: Limit::MaxCost(Usd::from_pico(25_000_000)),
             spent: amount(150, 15_750_000),
             reserved_by_others: Amount::ZERO,
             attempted: amount(197, 17_395_000),
         };
-        assert_eq!(
-            refused.to_json(),
-            json!({
-                "limit": "max_cost_usd", "max_cost_usd": "0.000025", "max_cost_pico_usd": 25_000_000,
-                "spent": { "tokens": 150, "cost_usd": "0.00001575", "cost_pico_usd": 15_750_000 },
-                "reserved_by_others": { "tokens": 0, "cost_usd": "0", "cost_pico_usd": 0 },
-                "attempted": { "tokens": 197, "cost_usd": "0.000017395", "cost_pico_usd": 17_395_000 },
-            })
-        );
         let message = refused.to_string();
         for part in ["$0.000017395", "max_cost_usd $0.000025", "$0.00001575 / 150 tokens already spent"] {
             assert!(message.contains(part), "{message}");
         }
-        let tokens = BudgetExceeded { limit: Limit::MaxTotalTokens(300), ..refused };
-        assert_eq!(tokens.to_json()["max_total_tokens"], 300);
-        assert!(tokens.to_json().get("max_cost_usd").is_none());
     }
 }

@@ -17,8 +17,8 @@
 //! replaced by a marker, then charges each marker at an upper bound of the bytes that value
 //! can have:
 //! - an `llm` step's `text` (and, for `text`/`markdown` output, its `output`, the same
-//!   string) has at most [`EngineConfig::reply_limit`] bytes: `max_tokens` ×
-//!   [`MAX_REPLY_BYTES_PER_TOKEN`](crate::engine::MAX_REPLY_BYTES_PER_TOKEN), at most 160
+//!   string) has at most [`reply_limit`](crate::limits::reply_limit) bytes: `max_tokens` ×
+//!   [`MAX_REPLY_BYTES_PER_TOKEN`](crate::limits::MAX_REPLY_BYTES_PER_TOKEN), at most 160
 //!   KiB. The engine refuses a longer reply (`OUTPUT_TOO_LARGE`), so no step ever
 //!   completes with one;
 //! - a template transform's text is bounded the same way, recursively;
@@ -71,9 +71,9 @@
 
 use crate::analytics::WorkflowCosts;
 use crate::budget::{Amount, BudgetLimits, TOKENS_PER_MESSAGE, TOKENS_PER_REQUEST, worst_case};
-use crate::engine::{EngineConfig, MAX_MAP_ITEMS};
 use crate::graph::{ItemStep, LlmSpec, MapSpec, StepKind, TransformSpec, ValidatedGraph};
 use crate::ids::StepId;
+use crate::limits::{JSON_HINT_BYTES, MAX_MAP_ITEMS, MAX_OUTPUT_BYTES, reply_limit};
 use crate::money::Usd;
 use crate::pricing::{ModelInfo, ModelRegistry, Usage};
 use crate::template;
@@ -85,9 +85,6 @@ use serde_json::{Map, Value, json};
 const NONE_BYTES: u64 = 4;
 /// A router's text is `route N` (N < 50) or `default`.
 const ROUTER_TEXT_BYTES: u64 = 16;
-/// The engine's corrective hint after a reply that is not JSON, plus its `\n\n`. Kept in
-/// step with `engine::run_llm`; a test checks the engine's sentence fits.
-pub const JSON_HINT_BYTES: u64 = 128;
 
 /// Where `expected` came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +164,6 @@ impl Bounds {
 
 /// Estimates a run of `graph` on `input`. `history` is the workflow's earlier runs, if any.
 pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, history: Option<&WorkflowCosts>) -> Estimate {
-    let config = EngineConfig::default();
     let n = graph.steps.len();
     // Upper bounds of the bytes `steps.<id>.text` and `.output` render to; `None` if unknown.
     let mut text_bound: Vec<Option<u64>> = vec![None; n];
@@ -182,7 +178,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
         let mut bounds: (Option<u64>, Option<u64>) = (None, None);
         let bound = match &step.kind {
             StepKind::Llm(spec) => {
-                let reply = (config.reply_limit(spec.max_tokens) as u64).max(NONE_BYTES);
+                let reply = (reply_limit(spec.max_tokens, MAX_OUTPUT_BYTES) as u64).max(NONE_BYTES);
                 reply_bound[i] = Some(reply);
                 bounds = (Some(reply), matches!(spec.format, OutputFormat::Text | OutputFormat::Markdown).then_some(reply));
                 match llm_call(spec, &json!({ "input": input }), true, &slots, models) {
@@ -292,35 +288,6 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let expected = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.expected));
     let expected = Amount { tokens: expected.tokens.min(max.tokens), cost: expected.cost.min(max.cost) };
     Estimate { steps, min, expected, max, max_unclamped, basis, history_runs: workflow_runs }
-}
-
-impl Estimate {
-    /// The API's view: money as exact decimal strings plus pico-dollar integers.
-    pub fn to_json(&self) -> Value {
-        let steps: Vec<Value> = self
-            .steps
-            .iter()
-            .map(|s| {
-                let mut step = json!({
-                    "step_id": s.step_id,
-                    "min": s.min.to_json(),
-                    "expected": s.expected.to_json(),
-                    "max": s.max.to_json(),
-                    "max_basis": s.max_basis.as_str(),
-                });
-                if let Some(items) = s.max_items {
-                    step["max_items"] = json!(items);
-                }
-                step
-            })
-            .collect();
-        json!({
-            "steps": steps,
-            "total": { "min": self.min.to_json(), "expected": self.expected.to_json(), "max": self.max.to_json() },
-            "basis": self.basis.as_str(),
-            "history_runs": self.history_runs,
-        })
-    }
 }
 
 /// How the estimator sees upstream values while rendering one template.
@@ -753,12 +720,5 @@ mod tests {
         let e = run(&g, json!({}), None);
         assert_eq!(e.max_unclamped, Amount::ZERO);
         assert_eq!(e.min, Amount::ZERO);
-    }
-
-    #[test]
-    fn the_engines_json_hint_fits_its_allowance() {
-        // The sentence engine::run_llm appends after a reply that is not JSON.
-        let hint = format!("\n\n{}", "Your previous reply could not be used: the reply is not valid JSON. Reply again with only the corrected JSON.");
-        assert!((hint.len() as u64) <= JSON_HINT_BYTES);
     }
 }

@@ -1,11 +1,12 @@
 //! Identifier newtypes, so a step id can never be passed where a run id belongs.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// A run's id: a ULID, so ids sort by creation time and carry no guessable sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct RunId(String);
 
 impl RunId {
@@ -38,7 +39,7 @@ impl fmt::Display for RunId {
 /// A step's id inside one workflow: `[A-Za-z][A-Za-z0-9_]*`, so it is addressable
 /// as `steps.<id>` in templates and expressions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct StepId(String);
 
 impl StepId {
@@ -57,6 +58,46 @@ impl fmt::Display for StepId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+// Ids that come from outside (a stored item, an event payload, a request body) are
+// parsed on the way in, so a `RunId` or `StepId` value is always well-formed.
+macro_rules! parsed_string {
+    ($($ty:ident),*) => {$(
+        impl TryFrom<String> for $ty {
+            type Error = InvalidId;
+            fn try_from(raw: String) -> Result<Self, InvalidId> {
+                $ty::parse(&raw)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(id: $ty) -> String {
+                id.0
+            }
+        }
+    )*};
+}
+
+parsed_string!(RunId, StepId);
+
+macro_rules! string_schema {
+    ($($ty:ident: $pattern:literal, $doc:literal;)*) => {$(
+        impl JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "pattern": $pattern, "description": $doc })
+            }
+        }
+    )*};
+}
+
+string_schema! {
+    RunId: "^[0-9A-HJKMNP-TV-Z]{26}$", "A run id (a ULID).";
+    StepId: "^[A-Za-z][A-Za-z0-9_]{0,63}$", "A step id, addressable as `steps.<id>`.";
 }
 
 /// Who may see a run's progress: a user, a group, or one of the shared feeds.

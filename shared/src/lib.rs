@@ -7,12 +7,14 @@
 
 pub mod analytics;
 pub mod budget;
+pub mod codes;
 pub mod config;
 pub mod engine;
 pub mod estimate;
 pub mod expr;
 pub mod graph;
 pub mod ids;
+pub mod limits;
 pub mod memory;
 pub mod money;
 pub mod output;
@@ -21,6 +23,7 @@ pub mod pricing;
 pub mod run;
 pub mod spend;
 pub mod template;
+pub mod wire;
 pub mod workflow;
 
 #[cfg(feature = "aws")]

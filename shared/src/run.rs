@@ -1,13 +1,15 @@
 //! Run state as stored and reported: the run record, step checkpoints, progress events.
 
+use crate::codes::ErrorCode;
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunStatus {
     Queued,
@@ -23,7 +25,7 @@ impl RunStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StepStatus {
     Pending,
@@ -42,11 +44,18 @@ impl StepStatus {
 
 /// An error as recorded and shown to clients: a stable code, a human message, and
 /// whether trying again could help.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorInfo {
-    pub code: String,
+    pub code: ErrorCode,
     pub message: String,
     pub retryable: bool,
+}
+
+impl ErrorInfo {
+    /// An error that trying again cannot mend.
+    pub fn terminal(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), retryable: false }
+    }
 }
 
 /// Sums over a run's model calls. Money is exact ([`Usd`]).
@@ -75,6 +84,25 @@ impl Totals {
         self.cost = self.cost.saturating_add(cost);
         self.model_calls += 1;
     }
+
+    /// What a run's settled checkpoints add up to: the live totals of a run in flight,
+    /// and where a resumed run's budget starts. The one place live totals are computed.
+    pub fn of_checkpoints<'a>(checkpoints: impl IntoIterator<Item = &'a StepRecord>) -> Totals {
+        let mut totals = Totals::default();
+        for r in checkpoints.into_iter().filter(|r| r.status.is_settled() && r.attempts > 0) {
+            totals.add_call(&r.usage, r.cost);
+            totals.step_latency_ms += r.latency_ms;
+        }
+        totals
+    }
+}
+
+/// The runner's event payload: the run id only, since Lambda limits async payloads
+/// (256 KB) and the run record already holds everything else. The id is parsed on the way
+/// in, so a malformed payload is refused before anything is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnerEvent {
+    pub run_id: RunId,
 }
 
 /// The run record: snapshot of what to run, who may see it, and where it stands.
@@ -97,12 +125,18 @@ pub struct RunRecord {
     pub output: Option<Value>,
     pub error: Option<ErrorInfo>,
     pub totals: Totals,
+    /// The definition's steps in the order validation put them (topological), so a run
+    /// can be shown without validating its definition again. Empty in records stored
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_order: Vec<StepId>,
 }
 
 impl RunRecord {
     pub fn new(workflow: String, definition: Value, input: Value, caller: String, owners: Vec<Principal>, now: DateTime<Utc>) -> Self {
         Self {
             id: RunId::new(),
+            step_order: Vec::new(),
             workflow,
             definition,
             input,
@@ -165,7 +199,7 @@ impl StepRecord {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventType {
     RunStarted,

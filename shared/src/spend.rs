@@ -19,7 +19,7 @@
 use crate::budget::Amount;
 use crate::money::Usd;
 use chrono::NaiveDate;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// The caps a deployment sets: one for every owner, and overrides for some.
@@ -86,22 +86,6 @@ pub struct DailyCapExceeded {
     pub attempted: Amount,
 }
 
-impl DailyCapExceeded {
-    /// What a `STEP_FAILED` event carries, in the shape of a run budget refusal.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "limit": "owner_daily_cost_usd",
-            "owner": self.owner,
-            "day": self.day.to_string(),
-            "owner_daily_cost_usd": self.cap.to_string(),
-            "owner_daily_cost_pico_usd": self.cap.pico(),
-            "committed_today_usd": self.committed.to_string(),
-            "committed_today_pico_usd": self.committed.pico(),
-            "attempted": self.attempted.to_json(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,8 +129,5 @@ mod tests {
             message.contains("$0.002") && message.contains("alice's daily spend cap ($0.01 for 2026-11-23 UTC)") && message.contains("$0.009"),
             "{message}"
         );
-        let data = refusal.to_json();
-        assert_eq!((data["limit"].as_str(), data["owner_daily_cost_usd"].as_str()), (Some("owner_daily_cost_usd"), Some("0.01")));
-        assert_eq!(data["committed_today_pico_usd"], 9_000_000_000u64);
     }
 }

@@ -37,7 +37,13 @@ fn the_readme_estimate_example_is_what_the_estimator_answers() {
     let request: Value = serde_json::from_str(&readme_block("### Estimates", 0)).expect("the request is valid JSON");
     let registry = ModelRegistry::builtin();
     let graph = validate_json(&request["workflow"], &registry).unwrap();
-    let answer = chainrun_core::estimate::estimate(&graph, &request["input"], &registry, None).to_json();
+    let answer = serde_json::to_value(chainrun_core::wire::views::EstimateView::from(&chainrun_core::estimate::estimate(
+        &graph,
+        &request["input"],
+        &registry,
+        None,
+    )))
+    .unwrap();
     let shown: Value = serde_json::from_str(&readme_block("### Estimates", 1))
         .unwrap_or_else(|e| panic!("the README's answer is not JSON ({e}); the estimator's:\n{}", serde_json::to_string_pretty(&answer).unwrap()));
     assert_eq!(shown, answer, "the estimator's answer:\n{}", serde_json::to_string_pretty(&answer).unwrap());

@@ -10,18 +10,18 @@
 use crate::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
-use crate::views;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::{RunCursor, RunIndex, RunQuery};
+use chainrun_core::wire::views::{CostsReport, MaybeMoney, Page, RunSummaryView, SpendToday, WorkflowCostsView};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use std::ops::RangeInclusive;
 
 pub const DEFAULT_HISTORY_LIMIT: u32 = 20;
@@ -77,7 +77,7 @@ pub async fn list_runs(
     State(state): State<AppState>,
     identity: Identity,
     params: Result<Query<HistoryParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| invalid(e.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_HISTORY_LIMIT, HISTORY_LIMITS)?;
     let index = match params.workflow {
@@ -89,10 +89,7 @@ pub async fn list_runs(
     };
     let after = params.next.as_deref().map(decode_cursor).transpose()?;
     let page = state.history.list_runs(&RunQuery { index, visible_to: identity.principals(), limit, after }).await?;
-    Ok(Json(json!({
-        "items": page.items.iter().map(views::run_summary).collect::<Vec<_>>(),
-        "next": page.next.as_ref().map(encode_cursor),
-    })))
+    Ok(Json(Page { items: page.items.iter().map(RunSummaryView::from).collect(), next: page.next.as_ref().map(encode_cursor) }).into_response())
 }
 
 #[derive(Deserialize)]
@@ -126,44 +123,34 @@ pub async fn costs(
     State(state): State<AppState>,
     identity: Identity,
     params: Result<Query<CostParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| invalid(e.body_text()))?;
     let days = bounded("days", params.days.as_deref(), DEFAULT_DAYS, DAYS)?;
     let principal = scope(&identity, params.scope.as_deref())?;
     let to = Utc::now().date_naive();
     let from = to - chrono::Days::new(u64::from(days - 1));
     let workflows = state.analytics.costs(&principal, from, to).await?;
-    Ok(Json(json!({
-        "days": days,
-        "from": from,
-        "to": to,
-        "scope": principal.key(),
-        "workflows": workflows.iter().map(views::workflow_costs).collect::<Vec<_>>(),
-    })))
+    Ok(Json(CostsReport { days, from, to, scope: principal.key(), workflows: workflows.iter().map(WorkflowCostsView::from).collect() })
+        .into_response())
 }
 
 /// `GET /analytics/spend`: the caller's spend today (UTC) against their daily cap: what was
 /// charged, what calls in flight hold, the cap and what is left (`null` without a cap).
-pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> Result<Json<Value>, ApiError> {
+pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> Result<Response, ApiError> {
     let day = Utc::now().date_naive();
     let counter = state.daily.day(&identity.user, day).await?;
     let held = Usd::from_pico(counter.committed.pico().saturating_sub(counter.charged.pico()));
     let cap = state.daily_caps.cap_for(&identity.user);
     let remaining = cap.map(|cap| Usd::from_pico(cap.pico().saturating_sub(counter.committed.pico())));
-    let text = |v: Option<Usd>| v.map(|v| v.to_string());
-    let pico = |v: Option<Usd>| v.map(Usd::pico);
-    Ok(Json(json!({
-        "owner": identity.user,
-        "day": day,
-        "cap_usd": text(cap),
-        "cap_pico_usd": pico(cap),
-        "charged_usd": counter.charged.to_string(),
-        "charged_pico_usd": counter.charged.pico(),
-        "held_usd": held.to_string(),
-        "held_pico_usd": held.pico(),
-        "remaining_usd": text(remaining),
-        "remaining_pico_usd": pico(remaining),
-    })))
+    Ok(Json(SpendToday {
+        owner: &identity.user,
+        day,
+        cap: MaybeMoney(cap.map(Into::into)),
+        charged: counter.charged.into(),
+        held: held.into(),
+        remaining: MaybeMoney(remaining.map(Into::into)),
+    })
+    .into_response())
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 pub mod auth;
 pub mod error;
 mod history;
-mod views;
 
 use auth::{Authenticator, Identity};
 use axum::body::Bytes;
@@ -22,6 +21,7 @@ use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, Ru
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
 use chainrun_core::spend::DailyCaps;
+use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use error::ApiError;
 use http::StatusCode;
 use http::request::Parts;
@@ -131,7 +131,7 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
     }
     let graph = validated(&state, &request.workflow, &request.input)?;
-    let run = RunRecord::new(
+    let mut run = RunRecord::new(
         graph.name.clone(),
         request.workflow,
         request.input,
@@ -139,6 +139,7 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         vec![Principal::User(identity.user.clone())],
         chrono::Utc::now(),
     );
+    run.step_order = graph.steps.iter().map(|s| s.id.clone()).collect();
     state.store.create_run(&run).await?;
     state
         .dispatcher
@@ -146,9 +147,8 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         .await
         .map_err(|e| if e.retryable { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) })?;
     info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps.len(), "run queued");
-    let links = json!({ "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) });
-    let body = json!({ "run_id": run.id, "status": "QUEUED", "links": links });
-    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, format!("/runs/{}", run.id))], Json(body)).into_response())
+    let location = format!("/runs/{}", run.id);
+    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], Json(RunAccepted::new(run.id))).into_response())
 }
 
 /// Validates a definition and an input as every route that takes them must: `400` with
@@ -182,7 +182,7 @@ pub const ESTIMATE_HISTORY_DAYS: u64 = 30;
 /// `POST /workflows/estimate`: per step and in total, `{min, expected, max}` tokens and cost
 /// of running the definition on the input (see `chainrun_core::estimate`). `expected` comes
 /// from the caller's own runs of a workflow of that name in the last 30 days when there are any.
-async fn estimate_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn estimate_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: EstimateRun = parse_body(&body)?;
     let graph = validated(&state, &request.workflow, &request.input)?;
     let to = chrono::Utc::now().date_naive();
@@ -190,7 +190,7 @@ async fn estimate_run(State(state): State<AppState>, identity: Identity, body: B
     let history = state.analytics.costs(&Principal::User(identity.user.clone()), from, to).await?;
     let history = history.into_iter().find(|w| w.workflow == graph.name);
     let estimate = chainrun_core::estimate::estimate(&graph, &request.input, &state.models, history.as_ref());
-    Ok(Json(estimate.to_json()))
+    Ok(Json(EstimateView::from(&estimate)).into_response())
 }
 
 /// Loads a run the caller may see; anything else is a 404, so ids of other people's runs
@@ -205,10 +205,21 @@ async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str) -> Res
     Ok(run)
 }
 
-async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run = visible_run(&state, &identity, &id).await?;
     let steps = state.store.get_steps(&run.id).await?;
-    Ok(Json(views::run(&run, &steps, &state.models)))
+    let legacy_order;
+    let order = if run.step_order.is_empty() {
+        // Runs stored before the order was: validate the snapshot once more for it.
+        legacy_order = match validate_json(&run.definition, &state.models) {
+            Ok(graph) => graph.steps.iter().map(|s| s.id.clone()).collect(),
+            Err(_) => steps.iter().map(|r| r.step_id.clone()).collect(),
+        };
+        &legacy_order
+    } else {
+        &run.step_order
+    };
+    Ok(Json(RunView::new(&run, order, &steps)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -229,7 +240,7 @@ async fn get_events(
     identity: Identity,
     Path(id): Path<String>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
     if !(1..=1000).contains(&query.limit) {
         return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
@@ -237,7 +248,7 @@ async fn get_events(
     let run = visible_run(&state, &identity, &id).await?;
     let events = state.progress.events_after(&run.id, query.after, query.limit).await?;
     let last_seq = events.last().map_or(query.after, |e| e.seq);
-    Ok(Json(json!({ "run_id": run.id, "status": run.status, "events": events, "last_seq": last_seq })))
+    Ok(Json(EventsPage { run_id: &run.id, status: run.status, events: &events, last_seq }).into_response())
 }
 
 #[derive(Deserialize)]
@@ -251,7 +262,7 @@ async fn get_progress(
     State(state): State<AppState>,
     identity: Identity,
     query: Result<Query<ProgressQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
     if !(1..=1000).contains(&query.limit) {
         return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
@@ -264,5 +275,5 @@ async fn get_progress(
     rows.sort_by(|a, b| b.run_id.cmp(&a.run_id).then(b.last_seq.cmp(&a.last_seq)));
     rows.dedup_by(|a, b| a.run_id == b.run_id);
     rows.truncate(query.limit as usize);
-    Ok(Json(json!({ "items": rows.iter().map(views::progress_row).collect::<Vec<_>>() })))
+    Ok(Json(Page { items: rows.iter().map(ProgressRowView::from).collect(), next: None }).into_response())
 }

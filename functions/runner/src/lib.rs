@@ -12,11 +12,11 @@
 //! already finished records it again (a no-op if it was). A failed recording fails the
 //! invocation, and Lambda's retry of it completes the rollup.
 
-use chainrun_core::aws::RunnerEvent;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
 use chainrun_core::ids::RunId;
 use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
+use chainrun_core::run::RunnerEvent;
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;

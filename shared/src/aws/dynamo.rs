@@ -118,6 +118,8 @@ struct RunItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<ErrorInfo>,
     totals: Totals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    step_order: Vec<StepId>,
 }
 
 impl RunItem {
@@ -139,6 +141,7 @@ impl RunItem {
             output: run.output.as_ref().map(json_string),
             error: run.error.clone(),
             totals: run.totals,
+            step_order: run.step_order.clone(),
         }
     }
 
@@ -158,6 +161,7 @@ impl RunItem {
             started_at: self.started_at,
             finished_at: self.finished_at,
             error: self.error,
+            step_order: self.step_order,
             totals: self.totals,
         })
     }

@@ -9,12 +9,7 @@ use aws_sdk_lambda::primitives::Blob;
 use aws_sdk_lambda::types::InvocationType;
 use tracing::{info, instrument};
 
-/// The runner's event payload: the run id only, since Lambda limits async payloads
-/// (256 KB) and the run record already holds everything else.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RunnerEvent {
-    pub run_id: RunId,
-}
+pub use crate::run::RunnerEvent;
 
 #[derive(Clone)]
 pub struct LambdaDispatcher {

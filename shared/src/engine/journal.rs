@@ -1,0 +1,146 @@
+//! The journal: the one writer of a run's progress events.
+//!
+//! It holds the run's `seq` counter under a lock across each write, which is what makes
+//! `seq` gap-free and strictly increasing even with steps in parallel; each event is
+//! appended together with the owners' progress rows (see [`ProgressSink::publish`]).
+//!
+//! It also holds the run's budget [`Ledger`], the one record of what the run's model calls
+//! were charged: totals in events, progress rows and the run record are read from it, so
+//! they are computed in one place. Every model call reserves its worst case here first and
+//! is not made if that does not fit (see [`crate::budget`]).
+
+use crate::budget::{self, BudgetExceeded, BudgetLimits, Ledger, Reservation};
+use crate::ids::{Principal, RunId, StepId};
+use crate::money::Usd;
+use crate::ports::{ProgressError, ProgressSink};
+use crate::pricing::Usage;
+use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::wire::events::EventBody;
+use chrono::Utc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tracing::{debug, warn};
+
+/// How often a retryable progress write is tried before the run stops on it.
+const PUBLISH_TRIES: u32 = 4;
+
+pub struct Journal {
+    sink: Arc<dyn ProgressSink>,
+    run_id: RunId,
+    workflow: String,
+    owners: Vec<Principal>,
+    state: Mutex<JournalState>,
+    /// A plain mutex: it is only ever held for a few integer operations, never across an
+    /// await. `emit` takes it while holding `state`; nothing takes them the other way round.
+    ledger: std::sync::Mutex<Ledger>,
+}
+
+/// What the owners' progress rows show besides totals.
+pub struct JournalState {
+    last_seq: u64,
+    pub status: RunStatus,
+    pub current_step: Option<StepId>,
+    /// Sum of step latencies; everything else in the run's totals is the ledger's.
+    pub step_latency_ms: u64,
+}
+
+impl Journal {
+    /// A journal continuing after `last_seq`, its ledger starting from what the run's
+    /// checkpoints already spent (so a resumed run's budget counts it).
+    pub fn new(sink: Arc<dyn ProgressSink>, run: &RunRecord, last_seq: u64, checkpoints: &[Option<StepRecord>], budget: BudgetLimits) -> Self {
+        let spent = Totals::of_checkpoints(checkpoints.iter().flatten());
+        Self {
+            sink,
+            run_id: run.id.clone(),
+            workflow: run.workflow.clone(),
+            owners: run.owners.clone(),
+            state: Mutex::new(JournalState { last_seq, status: RunStatus::Running, current_step: None, step_latency_ms: spent.step_latency_ms }),
+            ledger: std::sync::Mutex::new(Ledger::new(budget, spent)),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Ledger methods do not panic, so a poisoned lock still holds consistent sums.
+        self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn totals_with(&self, state: &JournalState) -> Totals {
+        Totals { step_latency_ms: state.step_latency_ms, ..*self.ledger().spent() }
+    }
+
+    pub async fn totals(&self) -> Totals {
+        let state = self.state.lock().await;
+        self.totals_with(&state)
+    }
+
+    pub fn reserve(&self, want: budget::Amount) -> Result<Reservation, BudgetExceeded> {
+        self.ledger().reserve(want)
+    }
+
+    /// Charges a call's reported usage against the budget and the run's totals.
+    pub fn settle(&self, reservation: Reservation, usage: &Usage, cost: Usd) {
+        let held = reservation.amount();
+        let charged = budget::Amount::charged(usage, cost);
+        if !charged.within(held) {
+            // The estimate's bound was broken (or the model ignored max_tokens): the
+            // usage is charged all the same, and the next reservation sees it.
+            warn!(reserved = %held, charged = %charged, "budget overrun: a model call used more than its reservation");
+        }
+        self.ledger().settle(reservation, usage, cost);
+    }
+
+    pub fn release(&self, reservation: Reservation) {
+        self.ledger().release(reservation);
+    }
+
+    pub fn open_reservations(&self) -> usize {
+        self.ledger().open_reservations()
+    }
+
+    /// Appends an event without changing what the rows show.
+    pub async fn emit(&self, body: EventBody, step: Option<&StepId>, attempt: Option<u32>) -> Result<(), ProgressError> {
+        self.emit_with(body, step, attempt, |_| {}).await
+    }
+
+    /// Appends one event (next seq) and updates every owner's row after `change`. The lock
+    /// is held across the write so events land in seq order.
+    pub async fn emit_with(
+        &self,
+        body: EventBody,
+        step: Option<&StepId>,
+        attempt: Option<u32>,
+        change: impl FnOnce(&mut JournalState),
+    ) -> Result<(), ProgressError> {
+        let mut state = self.state.lock().await;
+        change(&mut state);
+        let seq = state.last_seq + 1;
+        let now = Utc::now();
+        let kind = body.kind();
+        let event = Event { run_id: self.run_id.clone(), seq, at: now, kind, step_id: step.cloned(), attempt, data: body.data() };
+        let row = ProgressRow {
+            run_id: self.run_id.clone(),
+            workflow: self.workflow.clone(),
+            status: state.status,
+            current_step: state.current_step.clone(),
+            totals: self.totals_with(&state),
+            last_seq: seq,
+            updated_at: now,
+        };
+        let mut tries = 1;
+        loop {
+            match self.sink.publish(&event, &row, &self.owners).await {
+                Ok(()) => break,
+                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
+                    warn!(error = %e, seq, "progress write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        state.last_seq = seq;
+        debug!(seq, event = ?kind, step_id = step.map(StepId::as_str), "event published");
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! Model calls: render, admit (reserve the worst case), attempt, accept the reply or
+//! retry with backoff.
+//!
+//! Admission is the one refusal path: a call is made only after its worst-case cost is
+//! held against the run's budget and, where a cap applies, its caller's day. A call that
+//! does not fit either is never made and the step fails `BUDGET_EXCEEDED` with the numbers.
+
+use super::EngineError;
+use super::daily::DayReservation;
+use super::step::{StepContext, Work};
+use crate::budget::{self, Reservation};
+use crate::codes::ErrorCode;
+use crate::graph::LlmSpec;
+use crate::ids::StepId;
+use crate::limits;
+use crate::money::Usd;
+use crate::output;
+use crate::ports::{ModelError, ModelErrorKind, ModelReply, ModelRequest};
+use crate::run::ErrorInfo;
+use crate::template;
+use crate::wire::events::{EventBody, StepRetrying, Streaming};
+use crate::wire::{Refusal, Refused, StepDetail};
+use crate::workflow::RetryPolicy;
+use rand::Rng;
+use serde_json::Value;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How one model attempt ended.
+enum AttemptError {
+    Model(ModelError),
+    Output(output::InvalidOutput),
+}
+
+/// What admission holds for one call until it is settled.
+struct Admitted {
+    reservation: Reservation,
+    day: Option<DayReservation>,
+}
+
+impl StepContext {
+    /// A model call with retries. `item` is the map item index when run inside a map.
+    pub async fn run_llm(&self, id: &StepId, spec: &LlmSpec, context: &Value, item: Option<usize>) -> Result<Work, EngineError> {
+        let Some(model_info) = self.models.get(&spec.model) else {
+            return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
+        };
+        let render = |source: &str| template::render(source, context);
+        let prompt = match render(&spec.prompt) {
+            Ok(p) => p,
+            Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("prompt: {e}"))),
+        };
+        let system = match spec.system.as_deref().map(render).transpose() {
+            Ok(s) => s,
+            Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("system: {e}"))),
+        };
+        let mut work = Work::failed(ErrorCode::NoAttempts, "retry.max_attempts is 0");
+        let mut hint: Option<String> = None;
+        for attempt in 1..=spec.retry.max_attempts {
+            work.attempts = attempt;
+            let request = ModelRequest {
+                model: spec.model.clone(),
+                system: system.clone(),
+                prompt: match &hint {
+                    Some(h) => format!("{prompt}\n\n{h}"),
+                    None => prompt.clone(),
+                },
+                temperature: spec.temperature,
+                max_tokens: spec.max_tokens,
+                stop_sequences: spec.stop_sequences.clone(),
+            };
+            // Every attempt reserves anew: the request (hint included) is what is priced,
+            // against what earlier attempts were charged.
+            let worst =
+                budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
+            let admitted = match self.admit(worst, attempt, item).await? {
+                Ok(admitted) => admitted,
+                Err((refusal, message)) => {
+                    work.attempts = attempt - 1;
+                    work.output = Err(refusal.error(message));
+                    work.detail = Some(StepDetail::Refused(Refused { budget: refusal }));
+                    return Ok(work);
+                }
+            };
+            let call_started = Instant::now();
+            // On an engine error the reservation is dropped unreleased: the call's spend is
+            // unknown, so the run keeps it held (the run stops on that error anyway).
+            let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
+            let outcome = match reply {
+                Ok(reply) => {
+                    let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
+                    work.add_spend(reply.usage, cost);
+                    self.journal.settle(admitted.reservation, &reply.usage, cost);
+                    self.settle_day(admitted.day, cost).await;
+                    info!(
+                        attempt,
+                        item,
+                        tokens = reply.usage.total_tokens(),
+                        cost_pico = cost.pico(),
+                        latency_ms = call_started.elapsed().as_millis() as u64,
+                        "model call finished"
+                    );
+                    self.accept(spec, reply)
+                }
+                Err(e) => {
+                    // The port reports no usage with an error: nothing to charge.
+                    self.journal.release(admitted.reservation);
+                    self.settle_day(admitted.day, Usd::ZERO).await;
+                    Err(AttemptError::Model(e))
+                }
+            };
+            let error = match outcome {
+                Ok(done) => {
+                    work.output = Ok(done);
+                    return Ok(work);
+                }
+                Err(e) => e,
+            };
+            let (code, message, retryable) = match &error {
+                AttemptError::Model(e) => (ErrorCode::parse(&e.code), e.message.clone(), e.retryable()),
+                AttemptError::Output(e) => (ErrorCode::InvalidOutput, e.0.clone(), true),
+            };
+            if !retryable || attempt == spec.retry.max_attempts {
+                let message = if retryable { format!("{message} (after {attempt} attempts)") } else { message };
+                work.output = Err(ErrorInfo { code, message, retryable });
+                return Ok(work);
+            }
+            if let AttemptError::Output(e) = &error {
+                hint = Some(limits::corrective_hint(&e.0));
+            }
+            let delay = backoff(&spec.retry, attempt);
+            warn!(attempt, item, code = %code, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+            let retrying = StepRetrying { reason: code, message, delay_ms: delay.as_millis() as u64, item };
+            self.journal.emit(EventBody::StepRetrying(retrying), Some(id), Some(attempt + 1)).await?;
+            tokio::time::sleep(delay).await;
+        }
+        Ok(work)
+    }
+
+    /// Holds `worst` against the run's budget and its caller's day, or says why not (with
+    /// the refusal's message). Nothing is held when the call is refused.
+    async fn admit(&self, worst: budget::Amount, attempt: u32, item: Option<usize>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
+        let reservation = match self.journal.reserve(worst) {
+            Ok(reservation) => reservation,
+            Err(exceeded) => {
+                warn!(
+                    attempt,
+                    item,
+                    limit = exceeded.limit.name(),
+                    spent_pico = exceeded.spent.cost.pico(),
+                    spent_tokens = exceeded.spent.tokens,
+                    reserved_pico = exceeded.reserved_by_others.cost.pico(),
+                    attempted_pico = exceeded.attempted.cost.pico(),
+                    attempted_tokens = exceeded.attempted.tokens,
+                    "budget exceeded: the model call is not made"
+                );
+                return Ok(Err((Refusal::Run((&exceeded).into()), exceeded.to_string())));
+            }
+        };
+        let Some(owner_cap) = &self.owner_cap else { return Ok(Ok(Admitted { reservation, day: None })) };
+        match owner_cap.reserve(worst).await {
+            Ok(Ok(day)) => Ok(Ok(Admitted { reservation, day: Some(day) })),
+            Ok(Err(exceeded)) => {
+                self.journal.release(reservation);
+                warn!(
+                    attempt,
+                    item,
+                    owner = %exceeded.owner,
+                    cap_pico = exceeded.cap.pico(),
+                    committed_pico = exceeded.committed.pico(),
+                    attempted_pico = exceeded.attempted.cost.pico(),
+                    "daily spend cap reached: the model call is not made"
+                );
+                Ok(Err((Refusal::DailyCap((&exceeded).into()), exceeded.to_string())))
+            }
+            Err(e) => {
+                // Fail closed: without the counter the call cannot be admitted.
+                self.journal.release(reservation);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Replaces a call's hold on its owner's day (if it took one) by what it was charged.
+    async fn settle_day(&self, hold: Option<DayReservation>, charged: Usd) {
+        if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, hold) {
+            owner_cap.settle(hold, charged).await;
+        }
+    }
+
+    /// Checks a reply against the step's output format and size limit.
+    fn accept(&self, spec: &LlmSpec, reply: ModelReply) -> Result<(String, Value), AttemptError> {
+        let limit = self.config.reply_limit(spec.max_tokens);
+        if reply.text.len() > limit {
+            // Refused rather than truncated (a cut reply would pass for a whole one), and
+            // terminal: a reply this far past its token budget is a degenerate run.
+            return Err(AttemptError::Model(ModelError::new(
+                ModelErrorKind::Invalid,
+                ErrorCode::OutputTooLarge.as_str(),
+                format!("the reply is {} bytes; the limit for max_tokens {} is {limit}", reply.text.len(), spec.max_tokens),
+            )));
+        }
+        let value = output::parse(&reply.text, spec.format, spec.schema.as_ref()).map_err(AttemptError::Output)?;
+        Ok((reply.text, value))
+    }
+
+    /// A streamed call: deltas are coalesced into bounded `STREAMING` events.
+    async fn stream(&self, id: &StepId, attempt: u32, request: &ModelRequest) -> Result<Result<ModelReply, ModelError>, EngineError> {
+        let (tx, mut rx) = mpsc::channel::<String>(64);
+        let call = self.model.converse_stream(request, tx);
+        tokio::pin!(call);
+        let mut buffer = String::new();
+        let mut last_flush = Instant::now();
+        let mut sent_chars = 0usize;
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(delta) = rx.recv() => {
+                    buffer.push_str(&delta);
+                    if buffer.len() >= self.config.stream_flush_bytes || last_flush.elapsed() >= self.config.stream_flush_interval {
+                        sent_chars += buffer.chars().count();
+                        let body = EventBody::Streaming(Streaming { delta: std::mem::take(&mut buffer), chars: sent_chars });
+                        self.journal.emit(body, Some(id), Some(attempt)).await?;
+                        last_flush = Instant::now();
+                    }
+                }
+                result = &mut call => break result,
+            }
+        };
+        while let Ok(delta) = rx.try_recv() {
+            buffer.push_str(&delta);
+        }
+        if !buffer.is_empty() && result.is_ok() {
+            sent_chars += buffer.chars().count();
+            self.journal.emit(EventBody::Streaming(Streaming { delta: buffer, chars: sent_chars }), Some(id), Some(attempt)).await?;
+        }
+        Ok(result)
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in `[0, min(max, initial × 2^(attempt-1))]`.
+pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let exp = policy.initial_backoff_ms.saturating_mul(1u64 << (attempt.saturating_sub(1)).min(20));
+    let cap = exp.min(policy.max_backoff_ms);
+    Duration::from_millis(rand::rng().random_range(0..=cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_full_jitter_under_an_exponential_cap_that_stops_at_the_maximum() {
+        let policy = RetryPolicy { max_attempts: 10, initial_backoff_ms: 100, max_backoff_ms: 1000 };
+        for (attempt, cap_ms) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000), (40, 1000)] {
+            let delays: Vec<Duration> = (0..400).map(|_| backoff(&policy, attempt)).collect();
+            let max = delays.iter().max().copied().unwrap_or_default();
+            assert!(max <= Duration::from_millis(cap_ms), "attempt {attempt}: {max:?} over {cap_ms} ms");
+            // Full jitter spreads over the whole range: 400 draws all landing in the lower
+            // or upper half is a 2^-400 event.
+            assert!(delays.iter().any(|d| d.as_millis() < cap_ms as u128 / 2), "attempt {attempt}: no low draw");
+            assert!(delays.iter().any(|d| d.as_millis() > cap_ms as u128 / 2), "attempt {attempt}: no high draw");
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The engine: runs one claimed run's graph to the end (or to the invocation's deadline).
+//!
+//! Where each idea lives:
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the entry ([`Engine::execute`]), the run loop and how a run ends ([`Outcome`]) |
+//! | [`schedule`] | pure dataflow decisions: what is ready, what is skipped, joins and routes |
+//! | [`journal`] | the run's event log writer: gap-free `seq`, owners' rows, the budget ledger |
+//! | `step` | one step: announce, run its kind, checkpoint, announce the result |
+//! | `llm` | model calls: admission against budgets (the one refusal path), attempts, streaming, backoff |
+//! | `daily` | the caller's daily spend cap as a call holds and settles it |
+//! | `map` | fan-out of a sub-step over a list |
+//! | `transform`, `router` | the steps that make no model call |
+//!
+//! Each step runs as its own task, at most `max_concurrency` at once; the schedule only
+//! decides what may start and what is skipped. Every settled step is checkpointed before
+//! its event is published, so a runner that takes over a crashed run resumes from
+//! checkpoints and never re-runs a completed step.
+
+mod daily;
+pub mod journal;
+mod llm;
+mod map;
+mod router;
+pub mod schedule;
+mod step;
+mod transform;
+
+pub use llm::backoff;
+
+use crate::budget::BudgetLimits;
+use crate::codes::ErrorCode;
+use crate::graph::ValidatedGraph;
+use crate::limits;
+use crate::ports::{DailySpend, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
+use crate::pricing::ModelRegistry;
+use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::spend::DailyCaps;
+use crate::wire::TotalsView;
+use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, RunStarted, StepSkipped};
+use chrono::Utc;
+use daily::OwnerCap;
+use journal::Journal;
+use schedule::{Decision, Schedule};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use step::{StepContext, run_output, template_context};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Tunables with production defaults; tests shrink them.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A `STREAMING` event is written at least this often while text arrives…
+    pub stream_flush_interval: Duration,
+    /// …or as soon as this many bytes are buffered, whichever comes first.
+    pub stream_flush_bytes: usize,
+    /// Stop starting steps when less than this remains before the deadline.
+    pub deadline_margin: Duration,
+    /// Larger outputs are refused (a checkpoint is one DynamoDB item). A step's own limit
+    /// can be lower: see [`EngineConfig::reply_limit`].
+    pub max_output_bytes: usize,
+    /// Write a `RUNNING` checkpoint when a model step starts, so snapshots show what is in
+    /// flight. Costs one write per model step.
+    pub checkpoint_running: bool,
+    /// Definition limits applied when the run's snapshot is validated.
+    pub limits: crate::graph::Limits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            stream_flush_interval: Duration::from_millis(250),
+            stream_flush_bytes: 2048,
+            deadline_margin: Duration::from_secs(90),
+            max_output_bytes: limits::MAX_OUTPUT_BYTES,
+            checkpoint_running: true,
+            limits: crate::graph::Limits::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The most bytes a reply of a step with this `max_tokens` may have.
+    pub fn reply_limit(&self, max_tokens: u32) -> usize {
+        limits::reply_limit(max_tokens, self.max_output_bytes)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Finished(RunStatus),
+    /// The deadline came first: checkpoints are saved and the lease released; the caller
+    /// dispatches the run again to continue.
+    Suspended,
+}
+
+/// Infrastructure failures that stop the engine (model failures are step outcomes, not these).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+}
+
+impl EngineError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.retryable(),
+            EngineError::Progress(e) => e.retryable(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    model: Arc<dyn ModelClient>,
+    store: Arc<dyn RunStore>,
+    sink: Arc<dyn ProgressSink>,
+    models: Arc<ModelRegistry>,
+    config: EngineConfig,
+    /// Per-owner daily spend caps and the counters they are checked against.
+    daily: Option<(Arc<dyn DailySpend>, Arc<DailyCaps>)>,
+}
+
+impl Engine {
+    pub fn new(
+        model: Arc<dyn ModelClient>,
+        store: Arc<dyn RunStore>,
+        sink: Arc<dyn ProgressSink>,
+        models: Arc<ModelRegistry>,
+        config: EngineConfig,
+    ) -> Self {
+        Self { model, store, sink, models, config, daily: None }
+    }
+
+    /// The same engine, also checking every model call against its run's caller's daily
+    /// spend cap (see [`crate::spend`]). Without caps for anyone, nothing changes.
+    pub fn with_daily_caps(mut self, spend: Arc<dyn DailySpend>, caps: DailyCaps) -> Self {
+        self.daily = (!caps.is_none()).then(|| (spend, Arc::new(caps)));
+        self
+    }
+
+    /// The same engine with another deadline margin (the runner shrinks it for short
+    /// invocations).
+    pub fn with_deadline_margin(mut self, margin: Duration) -> Self {
+        self.config.deadline_margin = margin;
+        self
+    }
+
+    /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
+    /// runs the graph.
+    pub async fn execute(&self, mut run: RunRecord, lease: Lease, deadline: Option<Instant>) -> Result<Outcome, EngineError> {
+        match crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits) {
+            Ok(graph) => self.execute_validated(run, Arc::new(graph), lease, deadline).await,
+            Err(invalid) => {
+                // Validated at start; this only happens if the price registry changed since.
+                let error = ErrorInfo::terminal(ErrorCode::InvalidWorkflow, invalid.to_string());
+                let journal = Journal::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, &[], BudgetLimits::UNLIMITED);
+                self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
+            }
+        }
+    }
+
+    /// Runs `graph`, which must be the validated form of `run.definition`. The graph is
+    /// shared with step tasks, which borrow their step instead of copying it.
+    pub async fn execute_validated(
+        &self,
+        mut run: RunRecord,
+        graph: Arc<ValidatedGraph>,
+        lease: Lease,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, EngineError> {
+        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
+        async move {
+            let records = self.checkpoints(&run, &graph).await?;
+            let last_seq = self.sink.last_seq(&run.id).await?;
+            // Spend already checkpointed counts against the budget of a resumed run.
+            let journal = Arc::new(Journal::new(self.sink.clone(), &run, last_seq, &records, graph.budget));
+            if last_seq == 0 {
+                journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps.len() }), None, None).await?;
+            } else {
+                info!(resumed_steps = records.iter().flatten().count(), last_seq, "resuming run");
+            }
+            let owner_cap = self
+                .daily
+                .as_ref()
+                .and_then(|(spend, caps)| caps.cap_for(&run.caller).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.clone(), cap }));
+            let shared = Arc::new(StepContext {
+                owner_cap,
+                model: self.model.clone(),
+                store: self.store.clone(),
+                models: self.models.clone(),
+                config: self.config.clone(),
+                journal: journal.clone(),
+                run_id: run.id.clone(),
+                lease: lease.clone(),
+            });
+
+            let mut schedule = Schedule::new(graph.clone(), records);
+            let mut running: JoinSet<(usize, Result<StepRecord, EngineError>)> = JoinSet::new();
+            let max_running = graph.max_concurrency as usize;
+            let mut failure: Option<(usize, ErrorInfo)> = None;
+            let mut out_of_time = false;
+            loop {
+                // Decide every step whose dependencies have settled; skips cascade through here.
+                while let Some((i, decision)) = schedule.decide_next() {
+                    if let Decision::Skip(reason) = decision {
+                        let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Skipped, None, Utc::now());
+                        self.store.save_step(&run.id, &lease, &record).await?;
+                        journal.emit(EventBody::StepSkipped(StepSkipped { reason }), Some(&record.step_id), None).await?;
+                        schedule.settle(i, record);
+                    }
+                }
+                if failure.is_none()
+                    && !out_of_time
+                    && let Some(d) = deadline
+                    && d.saturating_duration_since(Instant::now()) < self.config.deadline_margin
+                {
+                    info!("deadline near: starting no more steps");
+                    out_of_time = true;
+                }
+                if failure.is_none() && !out_of_time {
+                    while running.len() < max_running
+                        && let Some(i) = schedule.next_ready()
+                    {
+                        let context = template_context(&run.input, &graph, schedule.records(), &graph.steps[i].deps);
+                        let (shared, graph) = (shared.clone(), graph.clone());
+                        running.spawn(async move { (i, shared.run_step(&graph.steps[i], context).await) });
+                    }
+                }
+                let Some(joined) = running.join_next().await else { break };
+                let (i, result) = match joined {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // A panicking step is a defect; fail the run rather than hang.
+                        warn!(error = %e, "step task panicked");
+                        failure.get_or_insert((0, ErrorInfo::terminal(ErrorCode::Internal, "a step task panicked")));
+                        continue;
+                    }
+                };
+                let record = result?;
+                if record.status == StepStatus::Failed && graph.steps[i].required && failure.is_none() {
+                    let error = record.error.clone().unwrap_or_else(|| ErrorInfo::terminal(ErrorCode::StepFailed, "failed"));
+                    failure = Some((i, error));
+                }
+                schedule.settle(i, record);
+            }
+            let mut records = schedule.into_records();
+
+            if let Some((i, error)) = failure {
+                let mut cancelled = Vec::new();
+                for (slot, step) in records.iter_mut().zip(&graph.steps) {
+                    if slot.is_none() {
+                        let record = StepRecord::settled(step.id.clone(), StepStatus::Cancelled, None, Utc::now());
+                        self.store.save_step(&run.id, &lease, &record).await?;
+                        cancelled.push(record.step_id.to_string());
+                        *slot = Some(record);
+                    }
+                }
+                let message = format!("step {} failed: {}", graph.steps[i].id, error.message);
+                let error = ErrorInfo { message, ..error };
+                debug!(?cancelled, "cancelled unstarted steps");
+                return self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
+            }
+            if records.iter().any(Option::is_none) {
+                self.store.release(&run.id, &lease).await?;
+                info!("suspended before the deadline; checkpoints saved");
+                return Ok(Outcome::Suspended);
+            }
+            match run_output(&run.input, &graph, &records) {
+                Ok(output) => self.finish(&mut run, &lease, &journal, RunStatus::Completed, Some(output), None).await,
+                Err(e) => {
+                    let error = ErrorInfo::terminal(ErrorCode::OutputTemplate, format!("the workflow output template failed: {e}"));
+                    self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The run's settled checkpoints, by step index (a resumed run starts from them).
+    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<Vec<Option<StepRecord>>, EngineError> {
+        let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps.len()];
+        let index: HashMap<&str, usize> = graph.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        for saved in self.store.get_steps(&run.id).await? {
+            if let Some(&i) = index.get(saved.step_id.as_str())
+                && saved.status.is_settled()
+            {
+                records[i] = Some(saved);
+            }
+        }
+        Ok(records)
+    }
+
+    async fn finish(
+        &self,
+        run: &mut RunRecord,
+        lease: &Lease,
+        journal: &Journal,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<ErrorInfo>,
+    ) -> Result<Outcome, EngineError> {
+        run.status = status;
+        run.finished_at = Some(Utc::now());
+        run.totals = journal.totals().await;
+        let open = journal.open_reservations();
+        if open > 0 {
+            // Only a step task that panicked mid-call leaves one; the spend it held is unknown.
+            warn!(open, "budget reservations still held at the end of the run");
+        }
+        run.output = output;
+        run.error = error;
+        // The store is the source of truth: record the end first, then announce it.
+        self.store.finish_run(run, lease).await?;
+        let totals = TotalsView::from(&run.totals);
+        let body = match status {
+            RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
+            RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
+            _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
+        };
+        journal
+            .emit_with(body, None, None, |s| {
+                s.status = status;
+                s.current_step = None;
+            })
+            .await?;
+        info!(status = ?status, cost_pico = run.totals.cost.pico(), tokens = run.totals.total_tokens(), "run finished");
+        Ok(Outcome::Finished(status))
+    }
+}

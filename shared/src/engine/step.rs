@@ -1,0 +1,193 @@
+//! Executing one step: announce it, run its kind, checkpoint the result, announce that.
+//!
+//! The checkpoint is written before the event that reports it, so a reader never sees a
+//! step completed that a resumed runner would run again.
+
+use super::daily::OwnerCap;
+use super::journal::Journal;
+use super::{EngineConfig, EngineError, router, transform};
+use crate::codes::ErrorCode;
+use crate::graph::{ItemStep, MapSpec, Step, StepKind, ValidatedGraph};
+use crate::ids::RunId;
+use crate::money::Usd;
+use crate::ports::{Lease, ModelClient, RunStore};
+use crate::pricing::{ModelRegistry, Usage};
+use crate::run::{ErrorInfo, StepRecord, StepStatus};
+use crate::template;
+use crate::wire::StepDetail;
+use crate::wire::events::{EventBody, StepCompleted, StepFailed, StepStarted};
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use tokio::time::Instant;
+use tracing::{Instrument, info_span};
+
+/// What a step task needs; shared by all steps of a run.
+pub struct StepContext {
+    /// The run's caller's daily cap, if one applies.
+    pub owner_cap: Option<OwnerCap>,
+    pub model: Arc<dyn ModelClient>,
+    pub store: Arc<dyn RunStore>,
+    pub models: Arc<ModelRegistry>,
+    pub config: EngineConfig,
+    pub journal: Arc<Journal>,
+    pub run_id: RunId,
+    pub lease: Lease,
+}
+
+/// The result of running a unit of work (a step, or one map item).
+pub struct Work {
+    pub output: Result<(String, Value), ErrorInfo>,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub attempts: u32,
+    pub detail: Option<StepDetail>,
+}
+
+impl Work {
+    pub fn done(text: String, value: Value) -> Self {
+        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, detail: None }
+    }
+
+    pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { output: Err(ErrorInfo::terminal(code, message)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, detail: None }
+    }
+
+    /// Adds what another call (an attempt, a map item) used.
+    pub fn add_spend(&mut self, usage: Usage, cost: Usd) {
+        self.usage = Usage {
+            input_tokens: self.usage.input_tokens + usage.input_tokens,
+            output_tokens: self.usage.output_tokens + usage.output_tokens,
+            cache_read_tokens: self.usage.cache_read_tokens + usage.cache_read_tokens,
+            cache_write_tokens: self.usage.cache_write_tokens + usage.cache_write_tokens,
+        };
+        self.cost = self.cost.saturating_add(cost);
+    }
+}
+
+impl StepContext {
+    pub async fn run_step(&self, step: &Step, context: Value) -> Result<StepRecord, EngineError> {
+        let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
+        async move {
+            let started_at = Utc::now();
+            let clock = Instant::now();
+            let model = match &step.kind {
+                StepKind::Llm(spec) => Some(spec.model.clone()),
+                StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => Some(spec.model.clone()),
+                _ => None,
+            };
+            let id = step.id.clone();
+            self.journal
+                .emit_with(EventBody::StepStarted(StepStarted { model: model.clone() }), Some(&step.id), Some(1), move |s| s.current_step = Some(id))
+                .await?;
+            if self.config.checkpoint_running && model.is_some() {
+                // A RUNNING checkpoint lets run snapshots show what is in flight; resume ignores it.
+                let mut running = StepRecord::settled(step.id.clone(), StepStatus::Running, None, started_at);
+                running.finished_at = None;
+                running.started_at = Some(started_at);
+                running.attempts = 1;
+                running.model = model.clone();
+                self.store.save_step(&self.run_id, &self.lease, &running).await?;
+            }
+            let work = match &step.kind {
+                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &context, None).await?,
+                StepKind::Transform(spec) => transform::run(spec, &context),
+                StepKind::Router(spec) => router::route(spec, &context),
+                StepKind::Map(spec) => self.run_map(&step.id, spec, &context).await?,
+            };
+            let (status, text, output, error) = match work.output {
+                Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
+                Err(e) => (StepStatus::Failed, None, None, Some(e)),
+            };
+            let record = StepRecord {
+                step_id: step.id.clone(),
+                status,
+                attempts: work.attempts,
+                model,
+                output,
+                text,
+                usage: work.usage,
+                cost: work.cost,
+                latency_ms: clock.elapsed().as_millis() as u64,
+                error,
+                detail: work.detail.as_ref().map(StepDetail::to_value),
+                started_at: Some(started_at),
+                finished_at: Some(Utc::now()),
+            };
+            self.store.save_step(&self.run_id, &self.lease, &record).await?;
+            let body = match record.status {
+                StepStatus::Completed => EventBody::StepCompleted(StepCompleted {
+                    model: record.model.clone(),
+                    input_tokens: record.usage.input_tokens,
+                    output_tokens: record.usage.output_tokens,
+                    cache_read_tokens: record.usage.cache_read_tokens,
+                    cache_write_tokens: record.usage.cache_write_tokens,
+                    cost: record.cost.into(),
+                    latency_ms: record.latency_ms,
+                    attempts: record.attempts,
+                    detail: work.detail,
+                }),
+                _ => EventBody::StepFailed(StepFailed {
+                    error: record.error.clone(),
+                    attempts: record.attempts,
+                    cost: record.cost.into(),
+                    detail: work.detail,
+                }),
+            };
+            let id = step.id.clone();
+            let latency_ms = record.latency_ms;
+            self.journal
+                .emit_with(body, Some(&step.id), Some(record.attempts), move |s| {
+                    s.step_latency_ms += latency_ms;
+                    if s.current_step.as_ref() == Some(&id) {
+                        s.current_step = None;
+                    }
+                })
+                .await?;
+            Ok(record)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// What a step's templates and expressions see: `input`, and `steps.<id>.{output,text,status}`
+/// for its own dependencies only (a step cannot read what it does not wait for).
+pub fn template_context(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>], deps: &[usize]) -> Value {
+    let mut steps = Map::new();
+    for &d in deps {
+        if let Some(r) = &records[d] {
+            steps.insert(graph.steps[d].id.to_string(), json!({ "output": r.output, "text": r.text, "status": r.status }));
+        }
+    }
+    json!({ "input": input, "steps": steps })
+}
+
+/// The run's output: the workflow's `output` template, or else every completed sink step's
+/// output by id.
+pub fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>]) -> Result<Value, template::TemplateError> {
+    match &graph.output {
+        Some(source) => {
+            let all: Vec<usize> = (0..graph.steps.len()).collect();
+            template::render(source, &template_context(input, graph, records, &all)).map(Value::String)
+        }
+        None => {
+            let mut out = Map::new();
+            for (i, step) in graph.steps.iter().enumerate() {
+                if graph.dependents[i].is_empty()
+                    && let Some(r) = &records[i]
+                    && r.status == StepStatus::Completed
+                {
+                    out.insert(step.id.to_string(), r.output.clone().unwrap_or(Value::Null));
+                }
+            }
+            Ok(Value::Object(out))
+        }
+    }
+}
+
+/// A value shortened for an error message.
+pub fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 80 { format!("{}…", &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]) } else { s }
+}

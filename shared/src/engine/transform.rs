@@ -1,0 +1,27 @@
+//! A transform step: a template renders to text, or an expression evaluates to JSON.
+//! No model call, so nothing to reserve or retry.
+
+use super::step::Work;
+use crate::codes::ErrorCode;
+use crate::graph::TransformSpec;
+use crate::template;
+use serde_json::Value;
+
+pub fn run(spec: &TransformSpec, context: &Value) -> Work {
+    match spec {
+        TransformSpec::Template(source) => match template::render(source, context) {
+            Ok(text) => Work::done(text.clone(), Value::String(text)),
+            Err(e) => Work::failed(ErrorCode::TemplateError, format!("template: {e}")),
+        },
+        TransformSpec::Expression(expression) => match expression.evaluate(context) {
+            Ok(value) => {
+                let text = match &value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                Work::done(text, value)
+            }
+            Err(e) => Work::failed(ErrorCode::ExpressionError, format!("expression: {e}")),
+        },
+    }
+}

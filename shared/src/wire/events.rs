@@ -1,0 +1,171 @@
+//! What each progress event's `data` holds, per event type.
+//!
+//! The engine builds an [`EventBody`]; the journal stores its type and data in the run's
+//! event log. The published event schema (`schemas/event.schema.json`) is generated from
+//! [`PublishedEvent`], which is an event as `GET /runs/{id}/events` returns it.
+
+use super::money::{Cost, Money};
+use super::{StepDetail, TotalsView};
+use crate::codes::ErrorCode;
+use crate::ids::{RunId, StepId};
+use crate::run::{ErrorInfo, EventType};
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
+
+/// An event's type with its data. Serialized adjacently tagged, as the event log and the
+/// API show it: `"type": "STEP_COMPLETED", "data": { … }`.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(tag = "type", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventBody {
+    RunStarted(RunStarted),
+    StepStarted(StepStarted),
+    Streaming(Streaming),
+    StepRetrying(StepRetrying),
+    StepSkipped(StepSkipped),
+    StepCompleted(StepCompleted),
+    StepFailed(StepFailed),
+    RunCompleted(RunCompleted),
+    RunFailed(RunFailed),
+    RunCancelled(RunCancelled),
+}
+
+impl EventBody {
+    pub fn kind(&self) -> EventType {
+        match self {
+            EventBody::RunStarted(_) => EventType::RunStarted,
+            EventBody::StepStarted(_) => EventType::StepStarted,
+            EventBody::Streaming(_) => EventType::Streaming,
+            EventBody::StepRetrying(_) => EventType::StepRetrying,
+            EventBody::StepSkipped(_) => EventType::StepSkipped,
+            EventBody::StepCompleted(_) => EventType::StepCompleted,
+            EventBody::StepFailed(_) => EventType::StepFailed,
+            EventBody::RunCompleted(_) => EventType::RunCompleted,
+            EventBody::RunFailed(_) => EventType::RunFailed,
+            EventBody::RunCancelled(_) => EventType::RunCancelled,
+        }
+    }
+
+    /// The `data` object as it is stored.
+    pub fn data(&self) -> Value {
+        let data = match self {
+            EventBody::RunStarted(d) => serde_json::to_value(d),
+            EventBody::StepStarted(d) => serde_json::to_value(d),
+            EventBody::Streaming(d) => serde_json::to_value(d),
+            EventBody::StepRetrying(d) => serde_json::to_value(d),
+            EventBody::StepSkipped(d) => serde_json::to_value(d),
+            EventBody::StepCompleted(d) => serde_json::to_value(d),
+            EventBody::StepFailed(d) => serde_json::to_value(d),
+            EventBody::RunCompleted(d) => serde_json::to_value(d),
+            EventBody::RunFailed(d) => serde_json::to_value(d),
+            EventBody::RunCancelled(d) => serde_json::to_value(d),
+        };
+        // These shapes have string keys and JSON values only: serializing cannot fail.
+        data.unwrap_or(Value::Null)
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunStarted {
+    pub workflow: String,
+    /// How many steps the workflow has.
+    pub steps: usize,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepStarted {
+    /// The model an `llm` step (or a map of `llm` items) calls; null otherwise.
+    pub model: Option<String>,
+}
+
+/// Text a streamed step has produced since the last `STREAMING` event.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Streaming {
+    pub delta: String,
+    /// Characters streamed so far in this attempt, this delta included.
+    pub chars: usize,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepRetrying {
+    /// The failed attempt's error code.
+    pub reason: ErrorCode,
+    pub message: String,
+    /// How long the step waits before its next attempt.
+    pub delay_ms: u64,
+    /// The map item retrying, inside a map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepSkipped {
+    /// Why the step's join could not be met (`not chosen by router route`, `dependency a is failed`).
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepCompleted {
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+    pub latency_ms: u64,
+    pub attempts: u32,
+    pub detail: Option<StepDetail>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepFailed {
+    pub error: Option<ErrorInfo>,
+    pub attempts: u32,
+    /// What the step's calls were charged before it failed.
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+    pub detail: Option<StepDetail>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunCompleted {
+    pub output: Option<Value>,
+    pub totals: TotalsView,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunFailed {
+    pub error: Option<ErrorInfo>,
+    pub totals: TotalsView,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunCancelled {
+    pub totals: TotalsView,
+}
+
+/// An event as the API returns it; the published event schema describes this.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(title = "chainrun progress event")]
+pub struct PublishedEvent {
+    pub run_id: RunId,
+    /// Gap-free and strictly increasing per run, from 1.
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<StepId>,
+    /// The step's attempt (1-based) the event belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// The published JSON Schema of a progress event.
+pub fn schema_json() -> String {
+    let schema = schemars::schema_for!(PublishedEvent);
+    // Serializing a schema (plain JSON values) cannot fail.
+    serde_json::to_string_pretty(&schema).unwrap_or_default()
+}

@@ -1,0 +1,188 @@
+//! Wire shapes: everything chainrun writes for clients to read — progress events' `data`,
+//! budget refusals, totals, estimates and API bodies — as `Serialize` structs.
+//!
+//! One module so that one convention holds everywhere: money goes out through
+//! [`money::Money`] only (an exact decimal string and the integer, never a float), and
+//! what is published (the event schema) is generated from the same types the engine and
+//! the API serialize.
+
+pub mod events;
+pub mod money;
+pub mod views;
+
+use crate::budget::{Amount, BudgetExceeded, Limit};
+use crate::codes::ErrorCode;
+use crate::run::{ErrorInfo, Totals};
+use crate::spend::DailyCapExceeded;
+use money::{CommittedToday, Cost, MaxCost, Money, OwnerDailyCost};
+use schemars::JsonSchema;
+use serde::Serialize;
+
+/// A run's totals as clients see them, wherever they appear (events, progress rows, run
+/// snapshots, history).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TotalsView {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+    pub model_calls: u64,
+    /// Sum of step latencies (not wall-clock: parallel steps overlap).
+    pub step_latency_ms: u64,
+}
+
+impl From<&Totals> for TotalsView {
+    fn from(t: &Totals) -> Self {
+        Self {
+            input_tokens: t.input_tokens,
+            output_tokens: t.output_tokens,
+            cache_read_tokens: t.cache_read_tokens,
+            cache_write_tokens: t.cache_write_tokens,
+            total_tokens: t.total_tokens(),
+            cost: t.cost.into(),
+            model_calls: t.model_calls,
+            step_latency_ms: t.step_latency_ms,
+        }
+    }
+}
+
+/// Tokens and money together: what a call spent, reserved or would need.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct AmountView {
+    pub tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+}
+
+impl From<Amount> for AmountView {
+    fn from(a: Amount) -> Self {
+        Self { tokens: a.tokens, cost: a.cost.into() }
+    }
+}
+
+/// What only some step kinds report beside their output, in checkpoints and events.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StepDetail {
+    Route(RouteDetail),
+    Map(MapDetail),
+    Refused(Refused),
+}
+
+impl StepDetail {
+    /// As a checkpoint stores it.
+    pub fn to_value(&self) -> serde_json::Value {
+        // String keys and JSON values only: serializing cannot fail.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Which route a router took.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RouteDetail {
+    /// The index of the first route whose condition held.
+    pub route: usize,
+    pub when: String,
+}
+
+/// A map's items and the ones that failed.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MapDetail {
+    pub items: usize,
+    pub failed: Vec<ItemFailed>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ItemFailed {
+    pub index: usize,
+    pub error: ErrorInfo,
+    /// A budget refusal's numbers, when the item was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Refused>,
+}
+
+/// A model call that was not made: why, with the numbers.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Refused {
+    pub budget: Refusal,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Refusal {
+    Run(RunBudgetRefusal),
+    DailyCap(DailyCapRefusal),
+}
+
+impl Refusal {
+    pub fn error(&self, message: String) -> ErrorInfo {
+        ErrorInfo::terminal(ErrorCode::BudgetExceeded, message)
+    }
+}
+
+/// The run's budget refused a call: the limit, what was spent and reserved, and the
+/// refused reservation.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct RunBudgetRefusal {
+    /// `max_cost_usd` or `max_total_tokens`.
+    pub limit: &'static str,
+    #[serde(flatten)]
+    pub max: LimitView,
+    pub spent: AmountView,
+    pub reserved_by_others: AmountView,
+    pub attempted: AmountView,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum LimitView {
+    Cost(Money<MaxCost>),
+    Tokens { max_total_tokens: u64 },
+}
+
+impl From<&BudgetExceeded> for RunBudgetRefusal {
+    fn from(e: &BudgetExceeded) -> Self {
+        Self {
+            limit: e.limit.name(),
+            max: match e.limit {
+                Limit::MaxCost(max) => LimitView::Cost(max.into()),
+                Limit::MaxTotalTokens(max) => LimitView::Tokens { max_total_tokens: max },
+            },
+            spent: e.spent.into(),
+            reserved_by_others: e.reserved_by_others.into(),
+            attempted: e.attempted.into(),
+        }
+    }
+}
+
+/// The caller's daily cap refused a call, in the shape of a run budget refusal.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct DailyCapRefusal {
+    /// Always `owner_daily_cost_usd`.
+    pub limit: &'static str,
+    pub owner: String,
+    /// The UTC day the cap applies to.
+    pub day: String,
+    #[serde(flatten)]
+    pub cap: Money<OwnerDailyCost>,
+    /// Charged plus held today, before this call.
+    #[serde(flatten)]
+    pub committed: Money<CommittedToday>,
+    pub attempted: AmountView,
+}
+
+impl From<&DailyCapExceeded> for DailyCapRefusal {
+    fn from(e: &DailyCapExceeded) -> Self {
+        Self {
+            limit: "owner_daily_cost_usd",
+            owner: e.owner.clone(),
+            day: e.day.to_string(),
+            cap: e.cap.into(),
+            committed: e.committed.into(),
+            attempted: e.attempted.into(),
+        }
+    }
+}

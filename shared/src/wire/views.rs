@@ -1,0 +1,372 @@
+//! API bodies: what the HTTP API answers, built from domain types.
+
+use super::TotalsView;
+use super::money::{AvgCost, Cost, Money, Name, TotalCost};
+use crate::analytics::{CostSums, WorkflowCosts};
+use crate::budget::Amount;
+use crate::estimate::{Estimate, StepEstimate};
+use crate::ids::{RunId, StepId};
+use crate::ports::RunSummary;
+use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
+
+/// `202` to a run start: where to poll.
+#[derive(Debug, Serialize)]
+pub struct RunAccepted {
+    pub run_id: RunId,
+    pub status: RunStatus,
+    pub links: RunLinks,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunLinks {
+    pub run: String,
+    pub events: String,
+}
+
+impl RunAccepted {
+    pub fn new(run_id: RunId) -> Self {
+        let links = RunLinks { run: format!("/runs/{run_id}"), events: format!("/runs/{run_id}/events") };
+        Self { run_id, status: RunStatus::Queued, links }
+    }
+}
+
+/// One step in a run snapshot; a step without a checkpoint yet is `PENDING`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum StepView<'a> {
+    Pending { id: &'a StepId, status: StepStatus, attempts: u32 },
+    Checkpointed(StepCheckpoint<'a>),
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepCheckpoint<'a> {
+    pub id: &'a StepId,
+    pub status: StepStatus,
+    pub attempts: u32,
+    pub model: &'a Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+    pub latency_ms: u64,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub output: &'a Option<Value>,
+    pub text: &'a Option<String>,
+    pub error: &'a Option<ErrorInfo>,
+}
+
+impl<'a> From<&'a StepRecord> for StepCheckpoint<'a> {
+    fn from(r: &'a StepRecord) -> Self {
+        Self {
+            id: &r.step_id,
+            status: r.status,
+            attempts: r.attempts,
+            model: &r.model,
+            input_tokens: r.usage.input_tokens,
+            output_tokens: r.usage.output_tokens,
+            cache_read_tokens: r.usage.cache_read_tokens,
+            cache_write_tokens: r.usage.cache_write_tokens,
+            cost: r.cost.into(),
+            latency_ms: r.latency_ms,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            output: &r.output,
+            text: &r.text,
+            error: &r.error,
+        }
+    }
+}
+
+/// `GET /runs/{id}`: the run with per-step status, tokens, cost and latency.
+#[derive(Debug, Serialize)]
+pub struct RunView<'a> {
+    pub run_id: &'a RunId,
+    pub workflow: &'a str,
+    pub status: RunStatus,
+    pub caller: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub input: &'a Value,
+    pub output: &'a Option<Value>,
+    pub error: &'a Option<ErrorInfo>,
+    pub totals: TotalsView,
+    pub steps: Vec<StepView<'a>>,
+}
+
+impl<'a> RunView<'a> {
+    /// Steps in `order` (the definition's topological order, stored with the run); steps
+    /// without a checkpoint yet are `PENDING`.
+    pub fn new(run: &'a RunRecord, order: &'a [StepId], records: &'a [StepRecord]) -> Self {
+        let by_id: std::collections::HashMap<&StepId, &StepRecord> = records.iter().map(|r| (&r.step_id, r)).collect();
+        let steps = order
+            .iter()
+            .map(|id| match by_id.get(id) {
+                Some(r) => StepView::Checkpointed((*r).into()),
+                None => StepView::Pending { id, status: StepStatus::Pending, attempts: 0 },
+            })
+            .collect();
+        // Totals are final only at the end; meanwhile show what the checkpoints add up to.
+        let totals = if run.status.is_terminal() { run.totals } else { Totals::of_checkpoints(records) };
+        Self {
+            run_id: &run.id,
+            workflow: &run.workflow,
+            status: run.status,
+            caller: &run.caller,
+            created_at: run.created_at,
+            started_at: run.started_at,
+            finished_at: run.finished_at,
+            input: &run.input,
+            output: &run.output,
+            error: &run.error,
+            totals: (&totals).into(),
+            steps,
+        }
+    }
+}
+
+/// `GET /runs/{id}/events`: a page of events after the cursor.
+#[derive(Debug, Serialize)]
+pub struct EventsPage<'a> {
+    pub run_id: &'a RunId,
+    pub status: RunStatus,
+    pub events: &'a [Event],
+    /// The cursor for the next page.
+    pub last_seq: u64,
+}
+
+/// One row of a caller's progress feed.
+#[derive(Debug, Serialize)]
+pub struct ProgressRowView<'a> {
+    pub run_id: &'a RunId,
+    pub workflow: &'a str,
+    pub status: RunStatus,
+    pub current_step: &'a Option<StepId>,
+    pub totals: TotalsView,
+    pub last_seq: u64,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl<'a> From<&'a ProgressRow> for ProgressRowView<'a> {
+    fn from(r: &'a ProgressRow) -> Self {
+        Self {
+            run_id: &r.run_id,
+            workflow: &r.workflow,
+            status: r.status,
+            current_step: &r.current_step,
+            totals: (&r.totals).into(),
+            last_seq: r.last_seq,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A list page with an opaque cursor for the next one.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// `null` on the last page.
+    pub next: Option<String>,
+}
+
+/// A run in a history list: no input, output or steps (`GET /runs/{id}` has those).
+#[derive(Debug, Serialize)]
+pub struct RunSummaryView<'a> {
+    pub run_id: &'a RunId,
+    pub workflow: &'a str,
+    pub status: RunStatus,
+    pub caller: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: &'a Option<ErrorInfo>,
+    pub totals: TotalsView,
+}
+
+impl<'a> From<&'a RunSummary> for RunSummaryView<'a> {
+    fn from(r: &'a RunSummary) -> Self {
+        Self {
+            run_id: &r.id,
+            workflow: &r.workflow,
+            status: r.status,
+            caller: &r.caller,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            error: &r.error,
+            totals: (&r.totals).into(),
+        }
+    }
+}
+
+/// Counts, sums and averages; averages round down, and the sums are there to check them.
+#[derive(Debug, Serialize)]
+pub struct CostSumsView {
+    pub runs: u64,
+    pub failures: u64,
+    pub failure_rate: String,
+    #[serde(flatten)]
+    pub total_cost: Money<TotalCost>,
+    #[serde(flatten)]
+    pub avg_cost: Money<AvgCost>,
+    pub total_latency_ms: u64,
+    pub avg_latency_ms: u64,
+}
+
+impl From<&CostSums> for CostSumsView {
+    fn from(s: &CostSums) -> Self {
+        Self {
+            runs: s.runs,
+            failures: s.failures,
+            failure_rate: s.failure_rate(),
+            total_cost: s.cost.into(),
+            avg_cost: s.avg_cost().into(),
+            total_latency_ms: s.latency_ms,
+            avg_latency_ms: s.avg_latency_ms(),
+        }
+    }
+}
+
+/// One workflow's costs, its steps most expensive on average first.
+#[derive(Debug, Serialize)]
+pub struct WorkflowCostsView<'a> {
+    pub workflow: &'a str,
+    #[serde(flatten)]
+    pub totals: CostSumsView,
+    pub steps: Vec<StepCostsView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepCostsView<'a> {
+    pub step_id: &'a StepId,
+    #[serde(flatten)]
+    pub sums: CostSumsView,
+}
+
+impl<'a> From<&'a WorkflowCosts> for WorkflowCostsView<'a> {
+    fn from(w: &'a WorkflowCosts) -> Self {
+        let steps = w.steps_by_avg_cost().into_iter().map(|(step_id, sums)| StepCostsView { step_id, sums: sums.into() }).collect();
+        Self { workflow: &w.workflow, totals: (&w.totals).into(), steps }
+    }
+}
+
+/// `GET /analytics/costs`.
+#[derive(Debug, Serialize)]
+pub struct CostsReport<'a> {
+    pub days: u32,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub scope: String,
+    pub workflows: Vec<WorkflowCostsView<'a>>,
+}
+
+/// An amount that may not exist (no cap): both keys are `null` then.
+pub struct MaybeMoney<N: Name>(pub Option<Money<N>>);
+
+impl<N: Name> Serialize for MaybeMoney<N> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(money) => money.serialize(serializer),
+            None => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry(&format!("{}_usd", N::NAME), &())?;
+                map.serialize_entry(&format!("{}_pico_usd", N::NAME), &())?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<N: Name> std::fmt::Debug for MaybeMoney<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MaybeMoney").field(&self.0).finish()
+    }
+}
+
+/// `GET /analytics/spend`: the caller's spend today against their daily cap.
+#[derive(Debug, Serialize)]
+pub struct SpendToday<'a> {
+    pub owner: &'a str,
+    pub day: NaiveDate,
+    #[serde(flatten)]
+    pub cap: MaybeMoney<super::money::Cap>,
+    #[serde(flatten)]
+    pub charged: Money<super::money::Charged>,
+    #[serde(flatten)]
+    pub held: Money<super::money::Held>,
+    #[serde(flatten)]
+    pub remaining: MaybeMoney<super::money::Remaining>,
+}
+
+/// Tokens and money of one bound of an estimate.
+#[derive(Debug, Serialize)]
+pub struct AmountBound {
+    pub tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
+}
+
+impl From<Amount> for AmountBound {
+    fn from(a: Amount) -> Self {
+        Self { tokens: a.tokens, cost: a.cost.into() }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepEstimateView<'a> {
+    pub step_id: &'a StepId,
+    pub min: AmountBound,
+    pub expected: AmountBound,
+    pub max: AmountBound,
+    /// What bounds `max`: `prompt`, `context_window`, or null for a step without model calls.
+    pub max_basis: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_items: Option<u64>,
+}
+
+impl<'a> From<&'a StepEstimate> for StepEstimateView<'a> {
+    fn from(s: &'a StepEstimate) -> Self {
+        Self {
+            step_id: &s.step_id,
+            min: s.min.into(),
+            expected: s.expected.into(),
+            max: s.max.into(),
+            max_basis: s.max_basis.as_str(),
+            max_items: s.max_items,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct EstimateBounds {
+    pub min: AmountBound,
+    pub expected: AmountBound,
+    pub max: AmountBound,
+}
+
+/// `POST …/estimate`: per-step and total cost ranges.
+#[derive(Debug, Serialize)]
+pub struct EstimateView<'a> {
+    pub steps: Vec<StepEstimateView<'a>>,
+    pub total: EstimateBounds,
+    pub basis: &'static str,
+    pub history_runs: u64,
+}
+
+impl<'a> From<&'a Estimate> for EstimateView<'a> {
+    fn from(e: &'a Estimate) -> Self {
+        Self {
+            steps: e.steps.iter().map(Into::into).collect(),
+            total: EstimateBounds { min: e.min.into(), expected: e.expected.into(), max: e.max.into() },
+            basis: e.basis.as_str(),
+            history_runs: e.history_runs,
+        }
+    }
+}
