@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The local chainrun stack: DynamoDB (moto), the dev model server, the async-invoke
 proxy and `cargo lambda watch` running both functions, all on free loopback ports.
 
@@ -9,11 +8,11 @@ proxy and `cargo lambda watch` running both functions, all on free loopback port
     both functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB)
     runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME)
 
-CLI (run with the project venv's python; see the Makefile):
-    python infra/stack.py up   [--dir .local] [--no-build] [--timeout 600]
-    python infra/stack.py down [--dir .local]
-    python infra/stack.py env  [--dir .local]
-    python infra/stack.py run  [--dir .local/demo] -- CMD ARGS…   # up, run CMD, always down
+CLI (from the repository root, with the project venv's python; see the Makefile):
+    python -m infra.stack up   [--dir .local] [--no-build] [--timeout 600]
+    python -m infra.stack down [--dir .local] [--if-orphaned]
+    python -m infra.stack env  [--dir .local]
+    python -m infra.stack run  [--dir .local/demo] -- CMD ARGS…   # up, run CMD, always down
 
 `up` returns once both functions answer and leaves the processes running; their pids,
 URLs and the JWT secret are in DIR/stack.env, logs in DIR/logs/*.log. `down` stops
@@ -22,8 +21,8 @@ the stack.env variables (plus STACK_ENV_FILE) to CMD and returns CMD's exit stat
 
 Library:
     with Stack(state_dir=tmp) as s:      # start() / stop()
-        s.api_url, s.proxy_url, s.watch_url, s.dynamodb_url, s.devmodel_url, s.env
-        s.token("alice", ["eng"]); s.wait_quiescent()
+        c = s.client()                   # infra.client.StackClient
+        c.api_url, c.proxy_url, c.env, c.token("alice", ["eng"]), c.wait_quiescent(), c.ddb()
 
 Environment knobs:
     BEDROCK=aws                           use real Bedrock with the caller's AWS credentials,
@@ -38,32 +37,29 @@ Environment knobs:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-INFRA = Path(__file__).resolve().parent
-ROOT = INFRA.parent
+from . import ROOT
+from .aws_env import DEFAULT_REGION, local_aws_env
+from .client import StackClient
+from .envfile import quote_for_cargo_lambda, read_env_file, write_env_file
+from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
+from .tables import create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
 RUNNER_FUNCTION = "chainrun-runner"
 FUNCTIONS = (API_FUNCTION, RUNNER_FUNCTION)
 WATCH_CONCURRENCY = 4
-DEFAULT_REGION = "us-east-1"
 DEFAULT_RUST_LOG = "info,chainrun=debug"
 # Payload sent to the runner to check it is up: the nil ULID, a run that never exists.
 # The runner looks it up in DynamoDB (so this also proves it reaches moto) and answers
@@ -73,6 +69,8 @@ RUNNER_WARMUP_PAYLOAD = {"run_id": "00000000000000000000000000"}
 # inherit it from watch), so `down` can find orphans after a crash — by this exact
 # per-stack value, never by process name.
 STACK_ID_VAR = "CR_LOCAL_STACK_ID"
+# What a stack writes into its state dir besides logs/.
+STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port")
 
 _WATCH_FATAL = re.compile(
     r"(error: could not compile|error\[E\d+\]|ERROR command exited|error: no bin target|"
@@ -81,29 +79,8 @@ _WATCH_FATAL = re.compile(
 )
 
 
-def load_module(path: Path | str, name: str):
-    """Import a file under a chosen module name (infra/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _token_mod():
-    return load_module(INFRA / "local_token.py", "chainrun_local_token")
-
-
 class StackError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def venv_bin() -> Path:
@@ -121,141 +98,28 @@ def find_cargo_lambda() -> list[str]:
     raise StackError("cargo-lambda not found: run `make venv` (it installs cargo-lambda into .venv)")
 
 
-def read_env_file(path: Path | str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith("#") or "=" not in line:
-                    continue
-                k, v = line.split("=", 1)
-                out[k.strip()] = _unquote(v.strip())
-    except FileNotFoundError:
-        pass
-    return out
-
-
-def _unquote(v: str) -> str:
-    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-        try:
-            return shlex.split(v)[0]
-        except ValueError:
-            return v[1:-1]
-    return v
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _quote_env_value(v: str) -> str:
-    # cargo lambda's --env-file parser rejects unquoted values containing '=' (RUST_LOG!);
-    # double quotes with \\ \" \$ escapes are accepted.
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
-
-
 def tail(path: Path | str, lines: int = 40) -> str:
+    """The last lines of a log, for error messages."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
+            f.seek(max(0, f.tell() - 64 * 1024))
             data = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(data.splitlines()[-lines:])
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method="GET")
+def remove_state_files(state_dir: Path) -> None:
+    for f in STATE_FILES:
+        (state_dir / f).unlink(missing_ok=True)
+
+
+def _read_port(port_file: Path) -> int | None:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def http_post(url: str, body: bytes, headers: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-# ---------------------------------------------------------------------------------------
-# tables
-
-
-def load_tables(path: Path | str = INFRA / "tables.json") -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["tables"]
-
-
-@contextlib.contextmanager
-def hermetic_aws_env(region: str = DEFAULT_REGION):
-    """Temporarily hide the caller's AWS setup (AWS_PROFILE, ~/.aws, endpoint overrides)
-    from boto3 in this process; dummy credentials instead."""
-    saved = {k: v for k, v in os.environ.items() if k.upper().startswith("AWS_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": region,
-                       "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    try:
-        yield
-    finally:
-        for k in [k for k in os.environ if k.upper().startswith("AWS_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-
-
-def create_tables(endpoint: str, region: str = DEFAULT_REGION, tables_json: Path | str = INFRA / "tables.json",
-                  access_key: str = "test", secret_key: str = "test") -> list[str]:
-    """Create the tables of tables.json at a DynamoDB endpoint (idempotent). Returns names."""
-    with hermetic_aws_env(region):
-        return _create_tables(endpoint, region, tables_json, access_key, secret_key)
-
-
-def _create_tables(endpoint, region, tables_json, access_key, secret_key) -> list[str]:
-    import boto3
-
-    ddb = boto3.client("dynamodb", endpoint_url=endpoint, region_name=region,
-                       aws_access_key_id=access_key, aws_secret_access_key=secret_key)
-    existing = set(ddb.list_tables().get("TableNames", []))
-    names = []
-    for t in load_tables(tables_json):
-        name = t["local_name"]
-        names.append(name)
-        if name in existing:
-            continue
-        key = [{"AttributeName": t["key"]["hash"], "KeyType": "HASH"}]
-        if t["key"].get("range"):
-            key.append({"AttributeName": t["key"]["range"], "KeyType": "RANGE"})
-        kwargs = dict(
-            TableName=name,
-            AttributeDefinitions=[{"AttributeName": a, "AttributeType": ty} for a, ty in t["attributes"].items()],
-            KeySchema=key,
-            BillingMode="PAY_PER_REQUEST",
-        )
-        gsis = []
-        for g in t.get("gsis") or []:
-            gkey = [{"AttributeName": g["hash"], "KeyType": "HASH"}]
-            if g.get("range"):
-                gkey.append({"AttributeName": g["range"], "KeyType": "RANGE"})
-            gsis.append({"IndexName": g["name"], "KeySchema": gkey,
-                         "Projection": {"ProjectionType": g.get("projection", "ALL")}})
-        if gsis:
-            kwargs["GlobalSecondaryIndexes"] = gsis
-        ddb.create_table(**kwargs)
-        if t.get("ttl"):
-            ddb.update_time_to_live(TableName=name, TimeToLiveSpecification={
-                "Enabled": True, "AttributeName": t["ttl"]})
-    return names
+        return int(port_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,36 +269,17 @@ class Stack:
         if self.verbose:
             self._log(msg)
 
-    def token(self, user: str, groups=(), ttl_s: int = 43200, **claims) -> str:
-        return _token_mod().mint(self.secret, user, groups, ttl_s=ttl_s, **claims)
-
-    def inflight(self) -> dict:
-        status, body = http_get(self.proxy_url + "/_proxy/inflight", timeout=5)
-        if status != 200:
-            raise StackError(f"invoke proxy /_proxy/inflight answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-    def wait_quiescent(self, timeout: float = 60.0, settle_s: float = 0.0) -> bool:
-        """Wait until the invoke proxy has no background (Event) forwards in flight."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.inflight()["inflight"] == 0:
-                if settle_s:
-                    time.sleep(settle_s)
-                    if self.inflight()["inflight"] != 0:
-                        continue
-                return True
-            time.sleep(0.05)
-        return False
+    def client(self) -> StackClient:
+        if not self.env:
+            raise StackError("the stack is not up")
+        return StackClient(self.env, self.function_env, self.logs)
 
     def start(self) -> "Stack":
         if self._started:
             return self
         t_start = time.monotonic()
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        for stale in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-            (self.dir / stale).unlink(missing_ok=True)
+        remove_state_files(self.dir)
         self._started = True
         try:
             self._write_pids()
@@ -454,16 +299,14 @@ class Stack:
     def stop(self) -> None:
         if not self._started:
             return
-        pids = [p.pid for p in self.procs.values()]
-        terminate(pids, self.stack_id, log=self.log)
+        terminate([p.pid for p in self.procs.values()], self.stack_id, log=self.log)
         for p in self.procs.values():
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
-        for f in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-            (self.dir / f).unlink(missing_ok=True)
+        remove_state_files(self.dir)
         self._started = False
 
     # -- steps --------------------------------------------------------------------------
@@ -500,11 +343,11 @@ class Stack:
             return "aws"
         return "devmodel"
 
-    def _spawn(self, name: str, argv: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         logf = open(self.logs / f"{name}.log", "wb", buffering=0)  # each start gets a fresh log
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         try:
-            p = subprocess.Popen(argv, cwd=str(cwd or self.root), env=env, stdin=subprocess.DEVNULL,
+            p = subprocess.Popen(argv, cwd=str(self.root), env=self._child_env(), stdin=subprocess.DEVNULL,
                                  stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             logf.close()
@@ -513,52 +356,39 @@ class Stack:
         return p
 
     def _write_pids(self) -> None:
-        lines = [f"STACK_ID={self.stack_id}", f"STACK_DIR={self.dir}", f"OWNER_PID={os.getpid()}"]
-        lines += [f"PID_{n.upper().replace('-', '_')}={p.pid}" for n, p in self.procs.items()]
-        _write_atomic(self.dir / "pids", "\n".join(lines) + "\n")
+        values = {"STACK_ID": self.stack_id, "STACK_DIR": str(self.dir), "OWNER_PID": str(os.getpid())}
+        values.update({f"PID_{n.upper().replace('-', '_')}": str(p.pid) for n, p in self.procs.items()})
+        write_env_file(self.dir / "pids", values)
 
     def _fail(self, name: str, why: str) -> None:
         log = self.logs / f"{name}.log"
         raise StackError(f"{name}: {why}\n--- tail of {log} ---\n{tail(log)}\n---")
 
-    def _wait_port_file(self, name: str, port_file: Path, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
+    def _wait_for(self, name: str, what: str, check, timeout: float = 30.0):
+        """check() until it returns something truthy (and return that) while child `name`
+        runs; fail with the tail of its log if it exits or `what` takes over timeout s."""
         p = self.procs[name]
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                self._fail(name, f"exited with code {p.returncode} during startup")
-            try:
-                return int(port_file.read_text().strip())
-            except (FileNotFoundError, ValueError):
-                time.sleep(0.05)
-        self._fail(name, f"did not write {port_file} within {timeout:.0f}s")
 
-    def _wait_http(self, name: str, url: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        p = self.procs[name]
-        while time.monotonic() < deadline:
+        def step():
             if p.poll() is not None:
                 self._fail(name, f"exited with code {p.returncode} during startup")
-            try:
-                status, _ = http_get(url, timeout=2)
-                if status == 200:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        self._fail(name, f"{url} not healthy within {timeout:.0f}s")
+            return check()
+
+        got = wait_until(step, timeout)
+        if not got:
+            self._fail(name, f"{what} within {timeout:.0f}s")
+        return got
 
     def _cargo_build(self) -> None:
         t0 = time.monotonic()
         self.log("stack: cargo build --bins (debug) …")
-        cmd = ["cargo", "build", "--bins"]
-        env = self._child_env()
-        env.pop(STACK_ID_VAR, None)
         logpath = self.logs / "build.log"
         with open(logpath, "wb") as logf:
             # Stream to our stderr too so a cold compile shows progress.
-            p = subprocess.Popen(cmd, cwd=str(self.root), env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            env = self._child_env()
+            env.pop(STACK_ID_VAR, None)
+            p = subprocess.Popen(["cargo", "build", "--bins"], cwd=str(self.root), env=env,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for line in p.stdout:
                 logf.write(line)
                 if self.verbose:
@@ -575,23 +405,23 @@ class Stack:
             self.region = self.base_env.get("AWS_REGION") or self.base_env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         for attempt in range(3):
             port = free_port()
-            self.dynamodb_url = f"http://127.0.0.1:{port}"
-            p = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            self._child_env())
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and p.poll() is None:
-                try:
-                    status, _ = http_get(self.dynamodb_url + "/moto-api/", timeout=2)
-                    if status < 500:
-                        break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.1)
-            if p.poll() is None:
+            self.dynamodb_url = f"http://{LOOPBACK}:{port}"
+            p = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)])
+
+            def ready_or_exited():
+                if p.poll() is not None:
+                    return "exited"
+                status = answers(self.dynamodb_url + "/moto-api/")
+                return "ready" if status is not None and status < 500 else None
+
+            outcome = wait_until(ready_or_exited, 60, interval=0.1)
+            if outcome == "ready":
                 break
+            if outcome is None:
+                self._fail("moto", f"{self.dynamodb_url} did not answer within 60s")
+            # Another process took the port between free_port() and moto's bind: try another.
             if "in use" not in tail(self.logs / "moto.log") or attempt == 2:
                 self._fail("moto", f"exited with code {p.returncode} during startup")
-        else:  # pragma: no cover
-            self._fail("moto", "could not start")
         try:
             create_tables(self.dynamodb_url, self.region, self.root / "infra" / "tables.json")
         except Exception as e:  # noqa: BLE001
@@ -609,34 +439,23 @@ class Stack:
             self.log(f"stack: BEDROCK=aws — real Bedrock in {self.region} with your AWS credentials")
             return
         t0 = time.monotonic()
-        script = self.root / "infra" / "devmodel.py"
         rules = self.root / "infra" / "devmodel-rules.json"
-        if not script.exists():
-            raise StackError(f"{script} is missing (set AWS_ENDPOINT_URL_BEDROCK_RUNTIME or BEDROCK=aws instead)")
         port_file = self.dir / "devmodel.port"
         port_file.unlink(missing_ok=True)
-        self._spawn("devmodel", [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-                                 "--rules", str(rules), "--port-file", str(port_file)], self._child_env())
-        port = self._wait_port_file("devmodel", port_file)
-        self.devmodel_url = self.bedrock_url = f"http://127.0.0.1:{port}"
-        self._wait_http("devmodel", self.devmodel_url + "/_dev/health")
+        self._spawn("devmodel", [sys.executable, "-m", "infra.devmodel", "--host", LOOPBACK, "--port", "0",
+                                 "--rules", str(rules), "--port-file", str(port_file)])
+        port = self._wait_for("devmodel", f"no port in {port_file}", lambda: _read_port(port_file))
+        self.devmodel_url = self.bedrock_url = f"http://{LOOPBACK}:{port}"
+        self._wait_for("devmodel", f"{self.devmodel_url} not healthy",
+                       lambda: answers(self.devmodel_url + "/_dev/health") == 200)
         self.timings["devmodel"] = time.monotonic() - t0
         self.log(f"stack: dev model server at {self.devmodel_url}")
 
     def _function_env(self) -> dict[str, str]:
-        fe = {}
         if self.bedrock_mode == "aws":
-            fe["AWS_REGION"] = self.region
+            fe = {"AWS_REGION": self.region}
         else:
-            fe.update({
-                "AWS_REGION": self.region,
-                "AWS_ACCESS_KEY_ID": "test",
-                "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_EC2_METADATA_DISABLED": "true",
-                # keep the developer's ~/.aws (profiles, endpoint_url, retry settings) out
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            })
+            fe = local_aws_env(self.region)  # keeps the developer's ~/.aws (profiles, endpoint_url) out
         fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.dynamodb_url
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
         if self.bedrock_url:
@@ -658,30 +477,30 @@ class Stack:
         cargo_lambda = find_cargo_lambda()
         for attempt in range(3):
             watch_port = free_port()
-            self.watch_url = f"http://127.0.0.1:{watch_port}"
+            self.watch_url = f"http://{LOOPBACK}:{watch_port}"
             self.api_url = f"{self.watch_url}/lambda-url/{API_FUNCTION}"
 
             t0 = time.monotonic()
             port_file = self.dir / "invoke-proxy.port"
             port_file.unlink(missing_ok=True)
-            self._spawn("invoke-proxy", [sys.executable, str(self.root / "infra" / "invoke_proxy.py"),
-                                         "--backend", self.watch_url, "--host", "127.0.0.1", "--port", "0",
-                                         "--port-file", str(port_file)], self._child_env())
-            self.proxy_url = f"http://127.0.0.1:{self._wait_port_file('invoke-proxy', port_file)}"
-            self._wait_http("invoke-proxy", self.proxy_url + "/_proxy/health")
+            self._spawn("invoke-proxy", [sys.executable, "-m", "infra.invoke_proxy", "--backend", self.watch_url,
+                                         "--host", LOOPBACK, "--port", "0", "--port-file", str(port_file)])
+            port = self._wait_for("invoke-proxy", f"no port in {port_file}", lambda: _read_port(port_file))
+            self.proxy_url = f"http://{LOOPBACK}:{port}"
+            self._wait_for("invoke-proxy", f"{self.proxy_url} not healthy",
+                           lambda: answers(self.proxy_url + "/_proxy/health") == 200)
             self.timings["proxy"] = time.monotonic() - t0
 
             self.function_env = self._function_env()
             fn_env_file = self.dir / "functions.env"
-            _write_atomic(fn_env_file, "".join(f"{k}={_quote_env_value(v)}\n" for k, v in self.function_env.items()))
-            fn_env_file.chmod(0o600)
+            write_env_file(fn_env_file, self.function_env, quote=quote_for_cargo_lambda)
 
             t0 = time.monotonic()
-            argv = cargo_lambda + ["watch", "-A", "127.0.0.1", "-P", str(watch_port),
+            argv = cargo_lambda + ["watch", "-A", LOOPBACK, "-P", str(watch_port),
                                    "--concurrency", str(WATCH_CONCURRENCY), "--ignore-changes",
                                    "--disable-cors", "--env-file", str(fn_env_file)]
             self.log(f"stack: cargo lambda watch on {self.watch_url} (log: {self.logs / 'lambda-watch.log'})")
-            self._spawn("lambda-watch", argv, self._child_env())
+            self._spawn("lambda-watch", argv)
             try:
                 self._wait_functions()
             except StackError as e:
@@ -710,13 +529,11 @@ class Stack:
         def probe(fn: str) -> None:
             try:
                 if fn == API_FUNCTION:
-                    status, body = http_get(self.api_url + "/", timeout=self.ready_timeout)
+                    status, _, body = http("GET", self.api_url + "/", timeout=self.ready_timeout)
                 else:
-                    status, body = http_post(
-                        f"{self.watch_url}/2015-03-31/functions/{RUNNER_FUNCTION}/invocations",
-                        json.dumps(RUNNER_WARMUP_PAYLOAD).encode(), timeout=self.ready_timeout,
-                        headers={"Content-Type": "application/json"})
-                results[fn] = ("ok", status, body[:300])
+                    status, _, body = http("POST", f"{self.watch_url}/2015-03-31/functions/{RUNNER_FUNCTION}/invocations",
+                                           body=RUNNER_WARMUP_PAYLOAD, timeout=self.ready_timeout)
+                results[fn] = ("ok", status, str(body)[:300])
             except Exception as e:  # noqa: BLE001 - reported by the main loop
                 results[fn] = ("error", None, f"{type(e).__name__}: {e}")
             done.set()
@@ -731,18 +548,12 @@ class Stack:
             if m:
                 self._fail("lambda-watch", f"failed while starting the functions ({m.group(0)!r})")
 
-        # watch needs a moment before it listens; only then send the (single) probes.
-        while True:
-            if watch.poll() is not None:
-                self._fail("lambda-watch", f"exited with code {watch.returncode}")
+        def listening() -> bool:
             check_log()
-            try:
-                socket.create_connection(("127.0.0.1", int(self.watch_url.rsplit(":", 1)[1])), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    self._fail("lambda-watch", f"not listening on {self.watch_url} after {self.ready_timeout:.0f}s")
-                time.sleep(0.05)
+            return port_open(int(self.watch_url.rsplit(":", 1)[1]))
+
+        # watch needs a moment before it listens; only then send the (single) probes.
+        self._wait_for("lambda-watch", f"not listening on {self.watch_url}", listening, self.ready_timeout)
         for fn in FUNCTIONS:
             threading.Thread(target=probe, args=(fn,), name=f"probe-{fn}", daemon=True).start()
         reported: set[str] = set()
@@ -758,8 +569,8 @@ class Stack:
                     if watch.poll() is None:
                         check_log()
                     self._fail("lambda-watch", f"probing {fn} failed: {body}")
-                if status == 404 and b"Missing function" in body:
-                    self._fail("lambda-watch", f"watch does not know {fn}: {body!r}")
+                if status == 404 and "Missing function" in body:
+                    self._fail("lambda-watch", f"watch does not know {fn}: {body}")
                 self.log(f"stack: {fn} answered after {time.monotonic() - t0:.1f}s (status {status})")
             if len(reported) == len(FUNCTIONS):
                 return
@@ -799,8 +610,7 @@ class Stack:
             env[f"PID_{n.upper().replace('-', '_')}"] = str(p.pid)
         self.env = env
         # shell-sourceable (`set -a; . .local/stack.env`): values quoted only when needed
-        _write_atomic(self.env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
-        self.env_file.chmod(0o600)
+        write_env_file(self.env_file, env)
 
 
 # ---------------------------------------------------------------------------------------
@@ -830,20 +640,17 @@ def down(state_dir: Path, quiet: bool = False, only_if_orphaned: bool = False) -
         if alive and not quiet:
             print(f"stack: stopping {state_dir} (pids {' '.join(map(str, pids))})", file=sys.stderr)
         terminate(pids, sid, log=lambda m: print(m, file=sys.stderr))
-    for f in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-        (state_dir / f).unlink(missing_ok=True)
+    remove_state_files(state_dir)
     return alive
 
 
 def _healthy(env: dict) -> bool:
-    try:
-        return http_get(env["INVOKE_PROXY_URL"] + "/_proxy/health", timeout=2)[0] == 200
-    except (KeyError, urllib.error.URLError, OSError):
-        return False
+    return "INVOKE_PROXY_URL" in env and answers(env["INVOKE_PROXY_URL"] + "/_proxy/health") == 200
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="chainrun local stack", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(prog="python -m infra.stack", description="chainrun local stack",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("CLI", 1)[1].split("Library:")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("up", "down", "env", "run"):
@@ -860,16 +667,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     state_dir = Path(args.dir).resolve()
 
+    def say(msg: str) -> None:
+        print(f"stack: {msg}", file=sys.stderr, flush=True)
+
     if args.cmd == "down":
         was = down(state_dir, only_if_orphaned=args.if_orphaned)
-        print(f"stack: {'stopped' if was else 'nothing running in'} {state_dir}", file=sys.stderr)
+        say(f"{'stopped' if was else 'nothing running in'} {state_dir}")
         return 0
 
     if args.cmd == "env":
-        info, _, alive = stack_status(state_dir)
+        _, _, alive = stack_status(state_dir)
         env = read_env_file(state_dir / "stack.env")
         if not env or not alive:
-            print(f"stack: not running ({state_dir}); start it with `make up`", file=sys.stderr)
+            say(f"not running ({state_dir}); start it with `make up`")
             return 1
         sys.stdout.write((state_dir / "stack.env").read_text())
         return 0
@@ -878,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         env = read_env_file(state_dir / "stack.env")
         _, _, alive = stack_status(state_dir)
         if env and alive and _healthy(env):
-            print(f"stack: already up — API_URL={env['API_URL']} ({state_dir / 'stack.env'})", file=sys.stderr)
+            say(f"already up — API_URL={env['API_URL']} ({state_dir / 'stack.env'})")
             return 0
         down(state_dir, quiet=True)  # leftovers of a crashed run
         stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
@@ -886,12 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stack.start()
         except (StackError, KeyboardInterrupt) as e:
-            print(f"stack: startup failed: {e}" if isinstance(e, StackError) else "stack: interrupted",
-                  file=sys.stderr)
+            say(f"startup failed: {e}" if isinstance(e, StackError) else "interrupted")
             return 1 if isinstance(e, StackError) else 130
-        print(f"stack: up. Environment in {stack.env_file}:", file=sys.stderr)
+        say(f"up. Environment in {stack.env_file}:")
         sys.stdout.write(stack.env_file.read_text())
-        print(f"stack: logs in {stack.logs}; stop with `make down`", file=sys.stderr)
+        say(f"logs in {stack.logs}; stop with `make down`")
         return 0
 
     # run
@@ -912,10 +721,11 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen(cmd, env=env)
         return child.wait()
     except StackError as e:
-        print(f"stack: startup failed: {e}", file=sys.stderr)
+        say(f"startup failed: {e}")
         return 1
     except KeyboardInterrupt:
-        print("\nstack: interrupted, stopping …", file=sys.stderr)
+        print(file=sys.stderr)
+        say("interrupted, stopping …")
         if child and child.poll() is None:
             try:
                 child.send_signal(signal.SIGINT)
@@ -927,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
-        print(f"stack: stopped (logs kept in {stack.logs})", file=sys.stderr)
+        say(f"stopped (logs kept in {stack.logs})")
 
 
 def _install_signal_handlers() -> None:

@@ -16,7 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jwt
 import pytest
 
-from conftest import INFRA, http, proxy_mod, stack_mod, token_mod
+from infra import INFRA, ROOT, invoke_proxy, local_token
+from infra.envfile import quote_for_cargo_lambda
+from infra.net import free_port, http
+from infra.stack import RUNNER_WARMUP_PAYLOAD, STACK_ID_VAR, _alive, _pids_with_marker, terminate
+from infra.tables import create_tables
 
 INVOKE = "/2015-03-31/functions/chainrun-runner/invocations"
 
@@ -86,7 +90,7 @@ def backend():
 
 @pytest.fixture
 def proxy(backend):
-    srv, thread = proxy_mod.start_in_thread(backend.url)
+    srv, thread = invoke_proxy.start_in_thread(backend.url)
     yield srv
     backend.gate.set()
     srv.wait_idle(10)
@@ -143,8 +147,8 @@ def test_event_invoke_failures_are_counted_not_raised(proxy, backend):
 
 
 def test_event_invoke_to_a_dead_backend_is_still_accepted(backend):
-    dead = f"http://127.0.0.1:{stack_mod.free_port()}"
-    srv, thread = proxy_mod.start_in_thread(dead)
+    dead = f"http://127.0.0.1:{free_port()}"
+    srv, thread = invoke_proxy.start_in_thread(dead)
     try:
         status, _, _ = http("POST", srv.url + INVOKE, raw=b"{}", headers={"X-Amz-Invocation-Type": "Event"})
         assert status == 202
@@ -206,9 +210,9 @@ def test_proxy_health(proxy, backend):
 
 def test_proxy_cli_writes_port_file_and_serves(tmp_path, backend):
     port_file = tmp_path / "port"
-    p = subprocess.Popen([sys.executable, str(INFRA / "invoke_proxy.py"), "--backend", backend.url,
+    p = subprocess.Popen([sys.executable, "-m", "infra.invoke_proxy", "--backend", backend.url,
                           "--port", "0", "--port-file", str(port_file)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
         assert line.startswith("invoke proxy listening on http://127.0.0.1:"), line
@@ -233,7 +237,7 @@ SECRET = "0123456789abcdef" * 4
 
 
 def test_token_carries_the_claims():
-    tok = token_mod.mint(SECRET, "alice", ["eng", "ops"])
+    tok = local_token.mint(SECRET, "alice", ["eng", "ops"])
     claims = jwt.decode(tok, SECRET, algorithms=["HS256"], audience="chainrun", issuer="chainrun-local")
     assert claims["sub"] == "alice"
     assert claims["groups"] == ["eng", "ops"]
@@ -241,43 +245,36 @@ def test_token_carries_the_claims():
     assert claims["exp"] - claims["iat"] == 12 * 3600
     assert abs(claims["iat"] - time.time()) < 60
     assert jwt.get_unverified_header(tok)["alg"] == "HS256"
-    assert token_mod.decode(SECRET, tok)["sub"] == "alice"
+    assert local_token.decode(SECRET, tok)["sub"] == "alice"
 
 
 def test_token_rejects_wrong_secret_and_expiry():
-    tok = token_mod.mint(SECRET, "bob")
+    tok = local_token.mint(SECRET, "bob")
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(tok, "f" * 64, algorithms=["HS256"], audience="chainrun")
-    expired = token_mod.mint(SECRET, "bob", ttl_s=-10)
+    expired = local_token.mint(SECRET, "bob", ttl_s=-10)
     with pytest.raises(jwt.ExpiredSignatureError):
-        token_mod.decode(SECRET, expired)
-    assert token_mod.decode(SECRET, tok)["groups"] == []
+        local_token.decode(SECRET, expired)
+    assert local_token.decode(SECRET, tok)["groups"] == []
 
 
 def test_token_cli(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(INFRA / "local_token.py"), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=60)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "infra.local_token", *a],  # noqa: E731
+                                    cwd=ROOT, capture_output=True, text=True, timeout=60)
     r = run("--user", "alice", "--groups", "eng, ops", "--secret", SECRET)
     assert r.returncode == 0, r.stderr
     tok = r.stdout.strip()
     assert r.stdout == tok + "\n" and tok.count(".") == 2
-    assert token_mod.decode(SECRET, tok)["groups"] == ["eng", "ops"]
+    assert local_token.decode(SECRET, tok)["groups"] == ["eng", "ops"]
 
     env_file = tmp_path / "stack.env"
     env_file.write_text(f"API_URL=http://x\nCHAINRUN_LOCAL_JWT_SECRET={SECRET}\n")
     r = run("--user", "carol", "--env-file", str(env_file))
     assert r.returncode == 0, r.stderr
-    assert token_mod.decode(SECRET, r.stdout.strip())["sub"] == "carol"
+    assert local_token.decode(SECRET, r.stdout.strip())["sub"] == "carol"
 
     r = run("--user", "dave", "--env-file", str(tmp_path / "missing.env"))
     assert r.returncode == 2 and r.stdout == "" and "no secret" in r.stderr
-
-
-def test_no_infra_script_shadows_a_stdlib_module():
-    # Scripts run from infra/ have it first on sys.path: a file named like a stdlib module
-    # (token.py, logging.py, …) would break every import of that module there.
-    clashes = [p.name for p in INFRA.glob("*.py") if p.stem in sys.stdlib_module_names]
-    assert clashes == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,9 +296,9 @@ def test_tables_are_created_as_tables_json_says(moto_endpoint):
     import boto3
 
     spec = json.loads((INFRA / "tables.json").read_text())["tables"]
-    names = stack_mod.create_tables(moto_endpoint, "us-east-1")
+    names = create_tables(moto_endpoint, "us-east-1")
     assert names == [t["local_name"] for t in spec]
-    assert stack_mod.create_tables(moto_endpoint, "us-east-1") == names  # idempotent
+    assert create_tables(moto_endpoint, "us-east-1") == names  # idempotent
 
     ddb = boto3.client("dynamodb", endpoint_url=moto_endpoint, region_name="us-east-1",
                        aws_access_key_id="test", aws_secret_access_key="test")
@@ -340,19 +337,19 @@ def test_terminate_kills_process_groups_and_marked_orphans(tmp_path):
         f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
         "time.sleep(300)\n"
     )
-    env = {**os.environ, stack_mod.STACK_ID_VAR: sid}
+    env = {**os.environ, STACK_ID_VAR: sid}
     parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.02)
         grandchild = int(pid_file.read_text())
-        assert sorted(stack_mod._pids_with_marker(sid)) == sorted([parent.pid, grandchild])
+        assert sorted(_pids_with_marker(sid)) == sorted([parent.pid, grandchild])
 
-        stack_mod.terminate([parent.pid], sid, grace_s=10)
+        terminate([parent.pid], sid, grace_s=10)
         parent.wait(10)
-        assert not stack_mod._alive(grandchild)
-        assert stack_mod._pids_with_marker(sid) == []
+        assert not _alive(grandchild)
+        assert _pids_with_marker(sid) == []
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -361,8 +358,8 @@ def test_terminate_kills_process_groups_and_marked_orphans(tmp_path):
 
 def test_function_env_file_quoting_survives_equals_and_commas():
     # cargo lambda watch's --env-file parser rejects an unquoted RUST_LOG=info,chainrun=debug
-    assert stack_mod._quote_env_value("info,chainrun=debug") == '"info,chainrun=debug"'
-    assert stack_mod._quote_env_value('a"b\\c$d') == '"a\\"b\\\\c\\$d"'
+    assert quote_for_cargo_lambda("info,chainrun=debug") == '"info,chainrun=debug"'
+    assert quote_for_cargo_lambda('a"b\\c$d') == '"a\\"b\\\\c\\$d"'
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +393,7 @@ def test_stack_api_is_served_by_the_function(stack, api):
 
 def test_stack_event_invoke_through_the_proxy(stack):
     # An Event invoke for a run that does not exist: 202 at once, the runner shrugs later.
-    status, _, body = http("POST", stack.proxy_url + INVOKE, raw=json.dumps(stack_mod.RUNNER_WARMUP_PAYLOAD),
+    status, _, body = http("POST", stack.proxy_url + INVOKE, raw=json.dumps(RUNNER_WARMUP_PAYLOAD),
                            headers={"X-Amz-Invocation-Type": "Event"})
     assert status == 202 and body == ""
     assert stack.wait_quiescent(120)
