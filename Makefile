@@ -2,7 +2,8 @@
 #
 #   make demo    bring a local stack up on free ports, run a sample workflow end to end
 #                with live progress, stop everything again
-#   make test    cargo test --workspace, then the end-to-end tests (own stack)
+#   make test    cargo test --workspace, then the local stack's tests and the end-to-end
+#                tests (each suite starts its own stack)
 #   make up / make down / make token USER=alice GROUPS=eng,ops
 #
 # The stack (DynamoDB via moto, dev Bedrock server, async-invoke proxy, cargo lambda
@@ -63,7 +64,7 @@ test: venv
 	@rc=0; \
 	cargo check -q -p chainrun-core --no-default-features || rc=1; \
 	cargo test --workspace || rc=1; \
-	$(PY) -m pytest tests/e2e -q || rc=1; \
+	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
 	exit $$rc
 
 # Release build of the pure core only (no AWS crates): the engine with in-memory adapters.

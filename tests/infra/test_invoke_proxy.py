@@ -1,26 +1,18 @@
-"""Tests of the local-stack plumbing: the async-invoke proxy, local tokens, table
-creation and process cleanup. Everything but the last section is hermetic (in-process
-fake backends, in-process moto) and needs no Rust build; the last section checks the
-real stack the `stack` fixture starts."""
+"""Tests of infra/invoke_proxy.py, the async-invoke proxy in front of cargo lambda
+watch's Invoke API, against a scriptable in-process backend that stands in for watch."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jwt
 import pytest
 
-from infra import INFRA, ROOT, invoke_proxy, local_token
-from infra.envfile import quote_for_cargo_lambda
+from infra import ROOT, invoke_proxy
 from infra.net import free_port, http
-from infra.stack import RUNNER_WARMUP_PAYLOAD, STACK_ID_VAR, _alive, _pids_with_marker, terminate
-from infra.tables import create_tables
 
 INVOKE = "/2015-03-31/functions/chainrun-runner/invocations"
 
@@ -228,172 +220,3 @@ def test_proxy_cli_writes_port_file_and_serves(tmp_path, backend):
         p.wait(10)
         p.stdout.close()
         p.stderr.close()
-
-
-# ---------------------------------------------------------------------------------------
-# tokens
-
-SECRET = "0123456789abcdef" * 4
-
-
-def test_token_carries_the_claims():
-    tok = local_token.mint(SECRET, "alice", ["eng", "ops"])
-    claims = jwt.decode(tok, SECRET, algorithms=["HS256"], audience="chainrun", issuer="chainrun-local")
-    assert claims["sub"] == "alice"
-    assert claims["groups"] == ["eng", "ops"]
-    assert claims["iss"] == "chainrun-local" and claims["aud"] == "chainrun"
-    assert claims["exp"] - claims["iat"] == 12 * 3600
-    assert abs(claims["iat"] - time.time()) < 60
-    assert jwt.get_unverified_header(tok)["alg"] == "HS256"
-    assert local_token.decode(SECRET, tok)["sub"] == "alice"
-
-
-def test_token_rejects_wrong_secret_and_expiry():
-    tok = local_token.mint(SECRET, "bob")
-    with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(tok, "f" * 64, algorithms=["HS256"], audience="chainrun")
-    expired = local_token.mint(SECRET, "bob", ttl_s=-10)
-    with pytest.raises(jwt.ExpiredSignatureError):
-        local_token.decode(SECRET, expired)
-    assert local_token.decode(SECRET, tok)["groups"] == []
-
-
-def test_token_cli(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "infra.local_token", *a],  # noqa: E731
-                                    cwd=ROOT, capture_output=True, text=True, timeout=60)
-    r = run("--user", "alice", "--groups", "eng, ops", "--secret", SECRET)
-    assert r.returncode == 0, r.stderr
-    tok = r.stdout.strip()
-    assert r.stdout == tok + "\n" and tok.count(".") == 2
-    assert local_token.decode(SECRET, tok)["groups"] == ["eng", "ops"]
-
-    env_file = tmp_path / "stack.env"
-    env_file.write_text(f"API_URL=http://x\nCHAINRUN_LOCAL_JWT_SECRET={SECRET}\n")
-    r = run("--user", "carol", "--env-file", str(env_file))
-    assert r.returncode == 0, r.stderr
-    assert local_token.decode(SECRET, r.stdout.strip())["sub"] == "carol"
-
-    r = run("--user", "dave", "--env-file", str(tmp_path / "missing.env"))
-    assert r.returncode == 2 and r.stdout == "" and "no secret" in r.stderr
-
-
-# ---------------------------------------------------------------------------------------
-# tables
-
-
-@pytest.fixture
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
-    srv.stop()
-
-
-def test_tables_are_created_as_tables_json_says(moto_endpoint):
-    import boto3
-
-    spec = json.loads((INFRA / "tables.json").read_text())["tables"]
-    names = create_tables(moto_endpoint, "us-east-1")
-    assert names == [t["local_name"] for t in spec]
-    assert create_tables(moto_endpoint, "us-east-1") == names  # idempotent
-
-    ddb = boto3.client("dynamodb", endpoint_url=moto_endpoint, region_name="us-east-1",
-                       aws_access_key_id="test", aws_secret_access_key="test")
-    assert sorted(ddb.list_tables()["TableNames"]) == sorted(names)
-    for t in spec:
-        d = ddb.describe_table(TableName=t["local_name"])["Table"]
-        assert {a["AttributeName"]: a["AttributeType"] for a in d["AttributeDefinitions"]} == t["attributes"]
-        key = {k["KeyType"]: k["AttributeName"] for k in d["KeySchema"]}
-        assert key == {"HASH": t["key"]["hash"], "RANGE": t["key"]["range"]}
-        assert d["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
-        gsis = {g["IndexName"]: g for g in d.get("GlobalSecondaryIndexes", [])}
-        assert set(gsis) == {g["name"] for g in t["gsis"]}
-        for g in t["gsis"]:
-            gk = {k["KeyType"]: k["AttributeName"] for k in gsis[g["name"]]["KeySchema"]}
-            assert gk == {"HASH": g["hash"], "RANGE": g["range"]}
-            assert gsis[g["name"]]["Projection"]["ProjectionType"] == "ALL"
-        ttl = ddb.describe_time_to_live(TableName=t["local_name"])["TimeToLiveDescription"]
-        if t["ttl"]:
-            assert ttl["TimeToLiveStatus"] == "ENABLED" and ttl["AttributeName"] == t["ttl"]
-        else:
-            assert ttl["TimeToLiveStatus"] == "DISABLED"
-
-
-# ---------------------------------------------------------------------------------------
-# process cleanup
-
-
-def test_terminate_kills_process_groups_and_marked_orphans(tmp_path):
-    """A stack child (own session) whose own child lives in yet another session — like
-    cargo lambda watch's function instances — both die, found by the stack marker."""
-    sid = "test" + os.urandom(4).hex()
-    pid_file = tmp_path / "grandchild.pid"
-    code = (
-        "import subprocess, sys, time\n"
-        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
-        "time.sleep(300)\n"
-    )
-    env = {**os.environ, STACK_ID_VAR: sid}
-    parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        grandchild = int(pid_file.read_text())
-        assert sorted(_pids_with_marker(sid)) == sorted([parent.pid, grandchild])
-
-        terminate([parent.pid], sid, grace_s=10)
-        parent.wait(10)
-        assert not _alive(grandchild)
-        assert _pids_with_marker(sid) == []
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-
-
-def test_function_env_file_quoting_survives_equals_and_commas():
-    # cargo lambda watch's --env-file parser rejects an unquoted RUST_LOG=info,chainrun=debug
-    assert quote_for_cargo_lambda("info,chainrun=debug") == '"info,chainrun=debug"'
-    assert quote_for_cargo_lambda('a"b\\c$d') == '"a\\"b\\\\c\\$d"'
-
-
-# ---------------------------------------------------------------------------------------
-# the real stack (starts it: cargo build + moto + devmodel + proxy + cargo lambda watch)
-
-
-def test_stack_env_and_tables(stack):
-    for k in ("API_URL", "INVOKE_PROXY_URL", "LAMBDA_WATCH_URL", "AWS_ENDPOINT_URL_DYNAMODB",
-              "AWS_ENDPOINT_URL_LAMBDA", "CHAINRUN_LOCAL_JWT_SECRET", "CHAINRUN_RUNS_TABLE"):
-        assert stack.env.get(k), k
-    assert stack.api_url.endswith("/lambda-url/chainrun-api")
-    assert stack.env["AWS_ENDPOINT_URL_LAMBDA"] == stack.proxy_url
-    assert len(bytes.fromhex(stack.secret)) == 32
-    names = set(stack.ddb().list_tables()["TableNames"])
-    assert set(stack.tables.values()) <= names
-    if stack.function_env:
-        fe = stack.function_env
-        assert fe["AWS_ENDPOINT_URL_LAMBDA"] == stack.proxy_url
-        assert fe["AWS_ENDPOINT_URL_DYNAMODB"] == stack.dynamodb_url
-        assert fe["CHAINRUN_AUTH"] == "local-jwt"
-        assert fe["CHAINRUN_RUNNER_FUNCTION"] == "chainrun-runner"
-
-
-def test_stack_api_is_served_by_the_function(stack, api):
-    # Whatever the API answers, it must come from chainrun-api, not from watch itself
-    # (watch's own errors are {"title": "Missing function", ...}).
-    status, _, body = api("GET", "/runs/does-not-exist", token=stack.token("alice"))
-    assert status != 502
-    assert not (isinstance(body, dict) and body.get("title") == "Missing function"), body
-
-
-def test_stack_event_invoke_through_the_proxy(stack):
-    # An Event invoke for a run that does not exist: 202 at once, the runner shrugs later.
-    status, _, body = http("POST", stack.proxy_url + INVOKE, raw=json.dumps(RUNNER_WARMUP_PAYLOAD),
-                           headers={"X-Amz-Invocation-Type": "Event"})
-    assert status == 202 and body == ""
-    assert stack.wait_quiescent(120)

@@ -7,7 +7,7 @@
   whose asynchronous invokes retry a bounded number of times and then land in an SQS queue.
 * `sam validate --lint` and `cfn-lint` both pass (infra/check_template.sh).
 
-Run: .venv/bin/python -m pytest tests/e2e/test_template.py -q
+Run: .venv/bin/python -m pytest tests/infra/test_template.py -q
 """
 
 from __future__ import annotations
