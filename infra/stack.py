@@ -14,10 +14,13 @@ CLI (from the repository root, with the project venv's python; see the Makefile)
     python -m infra.stack env  [--dir .local]
     python -m infra.stack run  [--dir .local/demo] -- CMD ARGS…   # up, run CMD, always down
 
-`up` returns once both functions answer and leaves the processes running; their pids,
-URLs and the JWT secret are in DIR/stack.env, logs in DIR/logs/*.log. `down` stops
-them (also after a crash of `up`, of a supervisor, or of watch itself). `run` exports
-the stack.env variables (plus STACK_ENV_FILE) to CMD and returns CMD's exit status.
+`up` returns once both functions answer and leaves the processes running: URLs and the
+JWT secret are in DIR/stack.env, pids in DIR/pids, logs in DIR/logs/*.log. `down` stops
+them. Every child holds a byte of DIR/stack.lock while it lives (infra/processes.py),
+so `down` signals the process groups of exactly those recorded children that are still
+alive — never a pid the system has given to another process since — and a stack whose
+processes are gone (a crash, a reboot) only has its state removed. `run` exports the
+stack.env variables (plus STACK_ENV_FILE) to CMD and returns CMD's exit status.
 
 Library:
     with Stack(state_dir=tmp) as s:      # start() / stop()
@@ -54,6 +57,8 @@ from .aws_env import DEFAULT_REGION, local_aws_env
 from .client import StackClient
 from .envfile import quote_for_cargo_lambda, read_env_file, write_env_file
 from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
+from .processes import OWNER_SLOT, SlotTaken, StackLock, signal_group, spawn
+from .processes import stop as stop_children
 from .tables import create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
@@ -65,11 +70,10 @@ DEFAULT_RUST_LOG = "info,chainrun=debug"
 # The runner looks it up in DynamoDB (so this also proves it reaches moto) and answers
 # "unknown run"; any answer, even an error, proves the function is up.
 RUNNER_WARMUP_PAYLOAD = {"run_id": "00000000000000000000000000"}
-# Marker put into the environment of every process a stack starts (function processes
-# inherit it from watch), so `down` can find orphans after a crash — by this exact
-# per-stack value, never by process name.
-STACK_ID_VAR = "CR_LOCAL_STACK_ID"
-# What a stack writes into its state dir besides logs/.
+# Each child's byte of DIR/stack.lock; byte 0 is the owner's (infra/processes.py).
+CHILD_SLOTS = {"moto": 1, "devmodel": 2, "invoke-proxy": 3, "lambda-watch": 4}
+# What a stack writes into its state dir besides logs/ and stack.lock. stack.lock stays:
+# a stack starting there at the same moment may already hold a byte of it.
 STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port")
 
 _WATCH_FATAL = re.compile(
@@ -123,108 +127,16 @@ def _read_port(port_file: Path) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------
-# process helpers
-
-
-def _proc_env_has(pid: int, marker: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def _pids_with_marker(stack_id: str) -> list[int]:
-    """Processes whose environment carries STACK_ID_VAR=stack_id (Linux /proc)."""
-    marker = f"{STACK_ID_VAR}={stack_id}".encode()
-    out = []
-    me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for e in entries:
-        if e.isdigit() and int(e) != me and _proc_env_has(int(e), marker):
-            out.append(int(e))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def terminate(pids: list[int], stack_id: str | None, grace_s: float = 10.0, log=None) -> None:
-    """SIGTERM each pid's process group (children are session leaders), then every
-    process still carrying the stack marker; SIGKILL what is left after grace_s."""
-    marker = f"{STACK_ID_VAR}={stack_id}".encode() if stack_id else None
-
-    def ours(pid: int) -> bool:
-        # Guard against pid reuse: only signal processes carrying our marker.
-        return marker is None or _proc_env_has(pid, marker)
-
-    def signal_all(sig: int) -> list[int]:
-        hit = []
-        for pid in pids:
-            if _alive(pid) and ours(pid):
-                try:
-                    os.killpg(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    try:
-                        os.kill(pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        continue
-                hit.append(pid)
-        return hit
-
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    # cargo lambda watch stops its function instances on SIGTERM; give it a moment first,
-    # then TERM any instance left behind (e.g. watch was SIGKILLed earlier).
-    while time.monotonic() < deadline and any(_alive(p) and ours(p) for p in pids):
-        time.sleep(0.1)
-    if stack_id:
-        orphans = _pids_with_marker(stack_id)
-        for pid in orphans:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        while time.monotonic() < deadline and any(_alive(p) for p in orphans):
-            time.sleep(0.1)
-    left = [p for p in pids if _alive(p) and ours(p)]
-    if stack_id:
-        left += [p for p in _pids_with_marker(stack_id) if p not in left]
-    for pid in left:
-        if log:
-            log(f"stack: pid {pid} did not stop, killing it")
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-# ---------------------------------------------------------------------------------------
 # the stack
 
 
 class Stack:
-    """A running local stack. Use as a context manager, or call start()/stop().
+    """A running local stack. Use as a context manager, or call start()/stop(). The
+    process that calls start() owns the stack: it holds byte 0 of DIR/stack.lock until
+    stop(), so no second stack starts in the same directory meanwhile.
 
-    state_dir: where stack.env, pids and logs/ go (the CLI uses .local; tests a temp dir).
+    state_dir: where stack.env, pids, stack.lock and logs/ go (the CLI uses .local; tests
+              a temp dir).
     base_env: the caller's environment (default os.environ); only BEDROCK, RUST_LOG,
               AWS_ENDPOINT_URL_BEDROCK_RUNTIME and (with BEDROCK=aws) AWS credentials,
               profile and region are taken from it.
@@ -251,7 +163,7 @@ class Stack:
         self.region = DEFAULT_REGION
         self.tables = {t["env"]: t["local_name"] for t in load_tables(self.root / "infra" / "tables.json")}
         self.timings: dict[str, float] = {}
-        self._started = False
+        self._lock: StackLock | None = None
 
     # -- public -------------------------------------------------------------------------
     def __enter__(self) -> "Stack":
@@ -275,12 +187,17 @@ class Stack:
         return StackClient(self.env, self.function_env, self.logs)
 
     def start(self) -> "Stack":
-        if self._started:
+        if self._lock:
             return self
         t_start = time.monotonic()
         self.logs.mkdir(parents=True, exist_ok=True)
+        lock = StackLock(self.dir)
+        if not lock.take(OWNER_SLOT):
+            lock.close()
+            raise StackError(f"another process runs a stack from {self.dir} (see {self.dir / 'pids'}); "
+                             f"stop it first, or use another directory")
+        self._lock = lock
         remove_state_files(self.dir)
-        self._started = True
         try:
             self._write_pids()
             if self.build:
@@ -297,24 +214,19 @@ class Stack:
         return self
 
     def stop(self) -> None:
-        if not self._started:
+        if not self._lock:
             return
-        terminate([p.pid for p in self.procs.values()], self.stack_id, log=self.log)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self.procs.clear()
+        self._stop(*self.procs)
         remove_state_files(self.dir)
-        self._started = False
+        self._lock.close()
+        self._lock = None
 
     # -- steps --------------------------------------------------------------------------
     def _child_env(self, extra: dict | None = None) -> dict:
         """Environment for every child: the caller's, minus AWS_*/CHAINRUN_*/RUST_LOG/
         Lambda runtime variables (so nothing of the developer's AWS setup leaks into the
-        local stack), plus the stack marker. With BEDROCK=aws the caller's credentials,
-        profile and region are kept (endpoint overrides are still dropped)."""
+        local stack). With BEDROCK=aws the caller's credentials, profile and region are
+        kept (endpoint overrides are still dropped)."""
         keep_aws = self.bedrock_mode == "aws"
         env = {}
         for k, v in self.base_env.items():
@@ -322,7 +234,7 @@ class Stack:
             if ku.startswith("AWS_"):
                 if not keep_aws or ku.startswith("AWS_ENDPOINT_URL") or ku.startswith("AWS_LAMBDA_"):
                     continue
-            if ku.startswith(("CHAINRUN_", "CR_LOCAL_", "_X_AMZN", "LAMBDA_")) or ku == "RUST_LOG":
+            if ku.startswith(("CHAINRUN_", "_X_AMZN", "LAMBDA_")) or ku == "RUST_LOG":
                 continue
             env[k] = v
         vb = str(venv_bin())
@@ -330,7 +242,6 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"  # plain log files (cargo, cargo-lambda, tracing-subscriber)
         env["CARGO_TERM_COLOR"] = "never"
-        env[STACK_ID_VAR] = self.stack_id
         if extra:
             env.update(extra)
         return env
@@ -344,20 +255,35 @@ class Stack:
         return "devmodel"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        logf = open(self.logs / f"{name}.log", "wb", buffering=0)  # each start gets a fresh log
-        logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         try:
-            p = subprocess.Popen(argv, cwd=str(self.root), env=self._child_env(), stdin=subprocess.DEVNULL,
-                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            logf.close()
+            p = spawn(argv, lock=self._lock, slot=CHILD_SLOTS[name], log_path=self.logs / f"{name}.log",
+                      env=self._child_env(), cwd=self.root)
+        except SlotTaken as e:
+            raise StackError(f"{name}: {e}; stop it with `python -m infra.stack down --dir {self.dir}`") from None
         self.procs[name] = p
         self._write_pids()
         return p
 
+    def _stop(self, *names: str) -> None:
+        """Stop these children. As their parent, this process may also clear what a child
+        left behind in its group: the child's pid stays ours until it is reaped here."""
+        stop_children({n: (self.procs[n].pid, CHILD_SLOTS[n]) for n in names}, self._lock, log=self.log)
+        for n in names:
+            p = self.procs.pop(n)
+            if p.returncode is None:
+                signal_group(p.pid, signal.SIGKILL)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # stuck in the kernel; nothing more to send
+                    self.log(f"stack: {n} (pid {p.pid}) did not exit after SIGKILL")
+        self._write_pids()
+
     def _write_pids(self) -> None:
         values = {"STACK_ID": self.stack_id, "STACK_DIR": str(self.dir), "OWNER_PID": str(os.getpid())}
-        values.update({f"PID_{n.upper().replace('-', '_')}": str(p.pid) for n, p in self.procs.items()})
+        for n, p in self.procs.items():
+            key = n.upper().replace("-", "_")
+            values[f"PID_{key}"] = str(p.pid)
+            values[f"SLOT_{key}"] = str(CHILD_SLOTS[n])
         write_env_file(self.dir / "pids", values)
 
     def _fail(self, name: str, why: str) -> None:
@@ -385,9 +311,7 @@ class Stack:
         logpath = self.logs / "build.log"
         with open(logpath, "wb") as logf:
             # Stream to our stderr too so a cold compile shows progress.
-            env = self._child_env()
-            env.pop(STACK_ID_VAR, None)
-            p = subprocess.Popen(["cargo", "build", "--bins"], cwd=str(self.root), env=env,
+            p = subprocess.Popen(["cargo", "build", "--bins"], cwd=str(self.root), env=self._child_env(),
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for line in p.stdout:
                 logf.write(line)
@@ -506,8 +430,7 @@ class Stack:
             except StackError as e:
                 if "in use" in str(e) and attempt < 2:
                     self.log("stack: port clash, retrying with new ports")
-                    # no marker scan here: it would also stop moto and the dev model server
-                    terminate([self.procs.pop("lambda-watch").pid, self.procs.pop("invoke-proxy").pid], None)
+                    self._stop("lambda-watch", "invoke-proxy")
                     continue
                 raise
             self.timings["functions"] = time.monotonic() - t0
@@ -614,38 +537,76 @@ class Stack:
 
 
 # ---------------------------------------------------------------------------------------
-# CLI
+# a stack seen from another process (the CLI)
 
 
-def stack_status(state_dir: Path) -> tuple[dict, list[int], bool]:
-    """(pids-file values, pids, any alive) of a stack dir, from `pids` or stack.env."""
-    info = read_env_file(state_dir / "pids") or read_env_file(state_dir / "stack.env")
-    pids = [int(v) for k, v in info.items() if k.startswith("PID_") and v.isdigit()]
-    sid = info.get("STACK_ID")
-    marker = f"{STACK_ID_VAR}={sid}".encode() if sid else None
-    alive = any(_alive(p) and (marker is None or _proc_env_has(p, marker)) for p in pids)
-    if sid and not alive:
-        alive = bool(_pids_with_marker(sid))
-    return info, pids, alive
+def recorded_children(state_dir: Path) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """(the pids file's values, {child: (pid, lock byte)}) of a state dir."""
+    info = read_env_file(state_dir / "pids")
+    children = {}
+    for key, pid in info.items():
+        if not key.startswith("PID_"):
+            continue
+        name = key.removeprefix("PID_")
+        slot = info.get(f"SLOT_{name}", "")
+        if pid.isdigit() and slot.isdigit():
+            children[name.lower().replace("_", "-")] = (int(pid), int(slot))
+    return info, children
 
 
-def down(state_dir: Path, quiet: bool = False, only_if_orphaned: bool = False) -> bool:
-    info, pids, alive = stack_status(state_dir)
-    sid = info.get("STACK_ID")
-    if only_if_orphaned:
-        owner = info.get("OWNER_PID", "")
-        if owner.isdigit() and _alive(int(owner)):
-            return False  # its supervisor (e.g. a running `make demo`) is still alive
-    if sid or pids:
-        if alive and not quiet:
-            print(f"stack: stopping {state_dir} (pids {' '.join(map(str, pids))})", file=sys.stderr)
-        terminate(pids, sid, log=lambda m: print(m, file=sys.stderr))
+def running_children(state_dir: Path) -> list[str]:
+    """The recorded children of the stack in state_dir that are still alive."""
+    _, children = recorded_children(state_dir)
+    lock = StackLock.existing(state_dir)
+    if lock is None:
+        return []
+    with lock:
+        return [name for name, (_, slot) in children.items() if lock.held(slot)]
+
+
+def down(state_dir: Path, only_if_orphaned: bool = False, log=None) -> str:
+    """Stop the stack of state_dir and remove its state; what happened, for the message:
+    "stopped", "gone" (state of a stack whose processes had all exited), "absent" (no
+    state), "owned" (only_if_orphaned, and the process that started it is alive),
+    "unknown" (processes of a stack hold the lock, but its pids file is gone) or
+    "legacy" (pids written before stacks had a lock file: nothing can be verified).
+
+    Not for the process that owns the stack (Stack.stop is): closing the lock file here
+    would drop its locks."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    info, children = recorded_children(state_dir)
+    lock = StackLock.existing(state_dir)
+    if lock is None:
+        remove_state_files(state_dir)
+        if any(k.startswith("PID_") for k in info) and not children:
+            return "legacy"
+        return "gone" if info else "absent"
+    with lock:
+        if only_if_orphaned and lock.held(OWNER_SLOT):
+            return "owned"
+        stopped = stop_children(children, lock, log=log)
+        unknown = [n for n, slot in CHILD_SLOTS.items() if n not in children and lock.held(slot)]
+    if unknown:
+        return "unknown"
     remove_state_files(state_dir)
-    return alive
+    return "stopped" if stopped else "gone" if info else "absent"
 
 
 def _healthy(env: dict) -> bool:
     return "INVOKE_PROXY_URL" in env and answers(env["INVOKE_PROXY_URL"] + "/_proxy/health") == 200
+
+
+DOWN_MESSAGES = {
+    "stopped": "stopped {dir}",
+    "gone": "nothing running in {dir} (its processes had exited; removed their state)",
+    "absent": "nothing running in {dir}",
+    "owned": "left {dir} running: the process that started it (pid {owner}) is alive",
+    "unknown": "processes of a stack still hold {dir}/stack.lock, but {dir}/pids is gone, so they "
+               "cannot be told apart from others; stop them by hand",
+    "legacy": "{dir}/pids was written by an older infra/stack.py that recorded no lock bytes, so its "
+              "pids ({pids}) cannot be told apart from reused ones; removed it — stop any of them "
+              "that still run by hand",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -671,14 +632,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stack: {msg}", file=sys.stderr, flush=True)
 
     if args.cmd == "down":
-        was = down(state_dir, only_if_orphaned=args.if_orphaned)
-        say(f"{'stopped' if was else 'nothing running in'} {state_dir}")
-        return 0
+        info = read_env_file(state_dir / "pids")
+        outcome = down(state_dir, only_if_orphaned=args.if_orphaned, log=print_err)
+        pids = " ".join(v for k, v in info.items() if k.startswith("PID_"))
+        say(DOWN_MESSAGES[outcome].format(dir=state_dir, owner=info.get("OWNER_PID", "?"), pids=pids))
+        return 1 if outcome in ("unknown", "legacy") else 0
 
     if args.cmd == "env":
-        _, _, alive = stack_status(state_dir)
         env = read_env_file(state_dir / "stack.env")
-        if not env or not alive:
+        if not env or not running_children(state_dir):
             say(f"not running ({state_dir}); start it with `make up`")
             return 1
         sys.stdout.write((state_dir / "stack.env").read_text())
@@ -686,13 +648,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "up":
         env = read_env_file(state_dir / "stack.env")
-        _, _, alive = stack_status(state_dir)
-        if env and alive and _healthy(env):
+        if env and running_children(state_dir) and _healthy(env):
             say(f"already up — API_URL={env['API_URL']} ({state_dir / 'stack.env'})")
             return 0
-        down(state_dir, quiet=True)  # leftovers of a crashed run
-        stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
-        _install_signal_handlers()
+    else:  # run
+        cmd = list(args.command)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            ap.error("run needs a command after --")
+
+    # Leftovers of a stack whose starter crashed; a live starter keeps its stack.
+    if down(state_dir, only_if_orphaned=True, log=print_err) == "owned":
+        owner = read_env_file(state_dir / "pids").get("OWNER_PID", "?")
+        say(f"another process (pid {owner}) runs a stack from {state_dir}; use another --dir")
+        return 1
+    stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
+    _install_signal_handlers()
+    if args.cmd == "up":
         try:
             stack.start()
         except (StackError, KeyboardInterrupt) as e:
@@ -703,15 +676,6 @@ def main(argv: list[str] | None = None) -> int:
         say(f"logs in {stack.logs}; stop with `make down`")
         return 0
 
-    # run
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        ap.error("run needs a command after --")
-    down(state_dir, quiet=True)
-    stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
-    _install_signal_handlers()
     child = None
     try:
         stack.start()
@@ -738,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
         say(f"stopped (logs kept in {stack.logs})")
+
+
+def print_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _install_signal_handlers() -> None:
