@@ -40,7 +40,6 @@ Environment knobs:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import secrets
