@@ -2,11 +2,12 @@
 #
 #   make demo    bring a local stack up on free ports, run a sample workflow end to end
 #                with live progress, stop everything again
-#   make test    cargo test --workspace, then the end-to-end tests (own stack)
+#   make test    cargo test --workspace, then the local stack's tests and the end-to-end
+#                tests (each suite starts its own stack)
 #   make up / make down / make token USER=alice GROUPS=eng,ops
 #
 # The stack (DynamoDB via moto, dev Bedrock server, async-invoke proxy, cargo lambda
-# watch) is driven by infra/stack.py; see its docstring.
+# watch) is driven by `python -m infra.stack` (infra/stack.py); see its docstring.
 
 SHELL   := /bin/bash
 PYTHON  ?= python3
@@ -15,7 +16,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.requirements.stamp
 LOCAL   := .local
 DEMO_DIR := $(LOCAL)/demo
-# `make down` must work even without a venv (stack.py down uses only the stdlib).
+# `make down` must work even without a venv (infra.stack down uses only the stdlib).
 DOWN_PY  = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 USER    ?= dev
@@ -45,25 +46,25 @@ build:
 	cargo build --bins
 
 up: venv build
-	$(PY) infra/stack.py up --dir $(LOCAL) --no-build
+	$(PY) -m infra.stack up --dir $(LOCAL) --no-build
 
 down:
-	$(DOWN_PY) infra/stack.py down --dir $(LOCAL)
-	@$(DOWN_PY) infra/stack.py down --dir $(DEMO_DIR) --if-orphaned >/dev/null 2>&1 || true
+	$(DOWN_PY) -m infra.stack down --dir $(LOCAL)
+	@$(DOWN_PY) -m infra.stack down --dir $(DEMO_DIR) --if-orphaned >/dev/null 2>&1 || true
 
 token: venv
-	@$(PY) infra/local_token.py --user "$(USER)" --groups "$(GROUPS)" --env-file $(LOCAL)/stack.env
+	@$(PY) -m infra.local_token --user "$(USER)" --groups "$(GROUPS)" --env-file $(LOCAL)/stack.env
 
-# Own stack in .local/demo on its own free ports; stack.py stops it on exit, failure or Ctrl-C
-# and returns the demo's exit code.
+# Own stack in .local/demo on its own free ports; `infra.stack run` stops it on exit, failure
+# or Ctrl-C and returns the demo's exit code.
 demo: venv build
-	$(PY) infra/stack.py run --dir $(DEMO_DIR) --no-build -- $(PY) infra/demo.py --env-file $(DEMO_DIR)/stack.env
+	$(PY) -m infra.stack run --dir $(DEMO_DIR) --no-build -- $(PY) -m infra.demo --env-file $(DEMO_DIR)/stack.env
 
 test: venv
 	@rc=0; \
 	cargo check -q -p chainrun-core --no-default-features || rc=1; \
 	cargo test --workspace || rc=1; \
-	$(PY) -m pytest tests/e2e -q || rc=1; \
+	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
 	exit $$rc
 
 # Release build of the pure core only (no AWS crates): the engine with in-memory adapters.

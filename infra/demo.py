@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """chainrun demo client: start the sample workflow on a running local stack and follow
 its progress live.
 
-    python infra/demo.py [--env-file .local/stack.env] [--sample infra/samples/feedback-analysis.json]
+    python -m infra.demo [--env-file .local/stack.env] [--sample infra/samples/feedback-analysis.json]
                          [--timeout 120]
 
 Reads API_URL and CHAINRUN_LOCAL_JWT_SECRET from the stack's env file (`make up` writes
@@ -13,24 +12,23 @@ the run ends, then prints the run's output and a per-step table.
 Exit status: 0 only if the run COMPLETED; 1 otherwise (failed, cancelled, timed out,
 API error).
 
-HTTP uses only urllib.request, so this file doubles as an example of the API.
+HTTP goes through infra/net.py's `http`, plain urllib.request, so the two files double
+as an example of the API with nothing but the standard library.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
-INFRA = Path(__file__).resolve().parent
-ROOT = INFRA.parent
+from . import INFRA, ROOT, local_token
+from .envfile import read_env_file
+from .net import http
+
 TERMINAL = {"RUN_COMPLETED", "RUN_FAILED", "RUN_CANCELLED"}
 USER = "demo"
 
@@ -43,27 +41,6 @@ def c(text: str, code: str) -> str:
 
 def out(line: str = "") -> None:
     print(line, flush=True)
-
-
-def load_token_module():
-    spec = importlib.util.spec_from_file_location("chainrun_local_token", INFRA / "local_token.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                k, v = line.split("=", 1)
-                v = v.strip()
-                if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-                    v = v[1:-1]  # stack.py shell-quotes values that need it
-                env[k.strip()] = v
-    return env
 
 
 class ApiError(Exception):
@@ -92,32 +69,15 @@ class ApiError(Exception):
 
 def request(method: str, url: str, token: str, body=None, timeout: float = 30.0):
     """Return (status, parsed body) for 2xx; raise ApiError for anything else."""
-    data = None
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    if body is not None:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw, ctype = r.status, r.read(), r.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        raise ApiError(method, url, e.code, _parse(raw), e.headers.get("Content-Type", "")) from None
-    except (urllib.error.URLError, OSError) as e:
+        status, headers, parsed = http(method, url, body=body, headers={"Authorization": f"Bearer {token}"},
+                                       timeout=timeout)
+    except OSError as e:  # refused, reset, timed out
         raise ApiError(method, url, None, f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
-    parsed = _parse(raw)
-    if not isinstance(parsed, (dict, list)):
-        raise ApiError(method, url, status, parsed, ctype)  # 2xx but not JSON: show what came back
+    if not 200 <= status < 300 or not isinstance(parsed, (dict, list)):
+        # an error, or 2xx but not JSON: show what came back
+        raise ApiError(method, url, status, parsed, headers.get("Content-Type", ""))
     return status, parsed
-
-
-def _parse(raw: bytes):
-    text = raw.decode("utf-8", "replace")
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def money(v) -> str:
@@ -199,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        env = read_env_file(Path(args.env_file))
+        env = read_env_file(args.env_file, missing_ok=False)
     except FileNotFoundError:
         out(f"demo: {args.env_file} not found — start a stack first (`make up`), or use `make demo`")
         return 1
@@ -208,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not api or not secret:
         out(f"demo: {args.env_file} lacks API_URL or CHAINRUN_LOCAL_JWT_SECRET")
         return 1
-    token = load_token_module().mint(secret, USER, ["demo"])
+    token = local_token.mint(secret, USER, ["demo"])
     with open(args.sample, encoding="utf-8") as f:
         sample = json.load(f)
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """devmodel: a scripted stand-in for Amazon Bedrock Runtime (Converse / ConverseStream).
 
 chainrun's runner talks to Bedrock through aws-sdk-bedrockruntime. Pointing the SDK at
@@ -93,7 +92,7 @@ Admin API
 
 Usage
 -----
-``python infra/devmodel.py --host 127.0.0.1 --port 0 --rules infra/devmodel-rules.json
+``python -m infra.devmodel --host 127.0.0.1 --port 0 --rules infra/devmodel-rules.json
 [--port-file PATH] [--quiet]`` prints ``devmodel listening on http://HOST:PORT`` once
 ready. In-process: ``server, url = start_server(rules_dict)``; ``server.shutdown()``.
 """
@@ -105,9 +104,7 @@ import copy
 import datetime
 import json
 import math
-import os
 import re
-import signal
 import socket
 import struct
 import sys
@@ -117,6 +114,9 @@ import urllib.parse
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from . import INFRA
+from .serve import read_body, serve_until_stopped
 
 # HTTP status for each error Converse / ConverseStream can return before the body starts
 # (taken from the bedrock-runtime service model).
@@ -600,21 +600,6 @@ class DevModelHandler(BaseHTTPRequestHandler):
         if self.server.verbose:
             sys.stderr.write("devmodel: %s %s\n" % (self.address_string(), format % args))
 
-    def read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            body = b""
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    # Drain optional trailers up to the blank line.
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return body
-                body += self.rfile.read(size)
-                self.rfile.readline()  # CRLF after each chunk
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
     def send_json(self, status: int, payload, extra_headers: dict | None = None) -> None:
         data = json.dumps(payload).encode("utf-8")
         self.send_response(status)
@@ -655,7 +640,7 @@ class DevModelHandler(BaseHTTPRequestHandler):
             model_id = urllib.parse.unquote(model_match.group(1))
             self.handle_model_call(model_id, stream=model_match.group(2) == "converse-stream")
             return
-        body = self.read_body()
+        body = read_body(self)
         if path.startswith("/_dev/"):
             self.handle_admin(method, path, parsed.query, body)
             return
@@ -699,7 +684,7 @@ class DevModelHandler(BaseHTTPRequestHandler):
 
     def handle_model_call(self, model_id: str, stream: bool) -> None:
         state = self.server.state
-        raw = self.read_body()
+        raw = read_body(self)
         try:
             body = json.loads(raw or b"null")
             prompt, system, inference = extract_request_text(body)
@@ -834,7 +819,7 @@ def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_rules = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devmodel-rules.json")
+    default_rules = str(INFRA / "devmodel-rules.json")
     parser = argparse.ArgumentParser(description="Scripted Bedrock Runtime Converse server for local runs.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -852,25 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     server = DevModelServer((args.host, args.port), state, verbose=not args.quiet)
-    port = server.server_address[1]
-    if args.port_file:
-        # Write then rename so a watcher never reads a half-written file.
-        tmp = f"{args.port_file}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(f"{port}\n")
-        os.replace(tmp, args.port_file)
-    print(f"devmodel listening on http://{args.host}:{port}", flush=True)
-
-    # SIGTERM (from a supervisor or a test) should exit as cleanly as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
+    return serve_until_stopped(server, args.port_file,
+                               f"devmodel listening on http://{args.host}:{server.server_address[1]}")
 
 if __name__ == "__main__":
     sys.exit(main())

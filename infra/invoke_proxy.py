@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Async-invoke proxy for the local stack (stdlib only).
 
 `cargo lambda watch` serves the Lambda Invoke API, but it runs every invocation
@@ -25,7 +24,7 @@ No retries are emulated: AWS retries a failed async invoke (bounded by the
 function's async config); locally a failure is only logged.
 
 CLI:
-    python infra/invoke_proxy.py --backend http://127.0.0.1:9000 \
+    python -m infra.invoke_proxy --backend http://127.0.0.1:9000 \
         [--host 127.0.0.1] [--port 0] [--port-file PATH]
 prints `invoke proxy listening on http://HOST:PORT` once it accepts connections.
 """
@@ -35,7 +34,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import re
 import sys
 import threading
@@ -43,6 +41,8 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .serve import read_body, serve_until_stopped
 
 INVOKE_PATH = re.compile(r"^/2015-03-31/functions/(?P<name>[^/]+)/invocations$")
 
@@ -197,24 +197,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.server.verbose:
             _log(fmt % args)
 
-    def _read_body(self) -> bytes:
-        te = (self.headers.get("Transfer-Encoding") or "").lower()
-        if "chunked" in te:
-            chunks = []
-            while True:
-                line = self.rfile.readline()
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    # trailers until blank line
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            return b"".join(chunks)
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
-
     def _send(self, status: int, body: bytes = b"", headers: list[tuple[str, str]] | None = None,
               content_type: str | None = None) -> None:
         self.send_response(status)
@@ -231,7 +213,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), content_type="application/json")
 
     def _handle(self) -> None:
-        body = self._read_body()
+        body = read_body(self)
         path = urllib.parse.urlsplit(self.path).path
 
         if path == "/_proxy/health":
@@ -300,20 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     srv = serve(args.host, args.port, args.backend, args.verbose)
-    if args.port_file:
-        tmp = args.port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(srv.server_address[1]))
-        os.replace(tmp, args.port_file)
-    print(f"invoke proxy listening on {srv.url} -> {srv.backend}", flush=True)
-    try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.server_close()
-    return 0
-
+    return serve_until_stopped(srv, args.port_file, f"invoke proxy listening on {srv.url} -> {srv.backend}",
+                               poll_interval=0.5)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The local chainrun stack: DynamoDB (moto), the dev model server, the async-invoke
 proxy and `cargo lambda watch` running both functions, all on free loopback ports.
 
@@ -9,21 +8,24 @@ proxy and `cargo lambda watch` running both functions, all on free loopback port
     both functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB)
     runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME)
 
-CLI (run with the project venv's python; see the Makefile):
-    python infra/stack.py up   [--dir .local] [--no-build] [--timeout 600]
-    python infra/stack.py down [--dir .local]
-    python infra/stack.py env  [--dir .local]
-    python infra/stack.py run  [--dir .local/demo] -- CMD ARGS…   # up, run CMD, always down
+CLI (from the repository root, with the project venv's python; see the Makefile):
+    python -m infra.stack up   [--dir .local] [--no-build] [--timeout 600]
+    python -m infra.stack down [--dir .local] [--if-orphaned]
+    python -m infra.stack env  [--dir .local]
+    python -m infra.stack run  [--dir .local/demo] -- CMD ARGS…   # up, run CMD, always down
 
-`up` returns once both functions answer and leaves the processes running; their pids,
-URLs and the JWT secret are in DIR/stack.env, logs in DIR/logs/*.log. `down` stops
-them (also after a crash of `up`, of a supervisor, or of watch itself). `run` exports
-the stack.env variables (plus STACK_ENV_FILE) to CMD and returns CMD's exit status.
+`up` returns once both functions answer and leaves the processes running: URLs and the
+JWT secret are in DIR/stack.env, pids in DIR/pids, logs in DIR/logs/*.log. `down` stops
+them. Every child holds a byte of DIR/stack.lock while it lives (infra/processes.py),
+so `down` signals the process groups of exactly those recorded children that are still
+alive — never a pid the system has given to another process since — and a stack whose
+processes are gone (a crash, a reboot) only has its state removed. `run` exports the
+stack.env variables (plus STACK_ENV_FILE) to CMD and returns CMD's exit status.
 
 Library:
     with Stack(state_dir=tmp) as s:      # start() / stop()
-        s.api_url, s.proxy_url, s.watch_url, s.dynamodb_url, s.devmodel_url, s.env
-        s.token("alice", ["eng"]); s.wait_quiescent()
+        c = s.client()                   # infra.client.StackClient
+        c.api_url, c.proxy_url, c.env, c.token("alice", ["eng"]), c.wait_quiescent(), c.ddb()
 
 Environment knobs:
     BEDROCK=aws                           use real Bedrock with the caller's AWS credentials,
@@ -38,41 +40,40 @@ Environment knobs:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import json
 import os
 import re
 import secrets
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-INFRA = Path(__file__).resolve().parent
-ROOT = INFRA.parent
+from . import ROOT
+from .aws_env import DEFAULT_REGION, local_aws_env
+from .client import StackClient
+from .envfile import quote_for_cargo_lambda, read_env_file, write_env_file
+from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
+from .processes import OWNER_SLOT, SlotTaken, StackLock, signal_group, spawn
+from .processes import stop as stop_children
+from .tables import create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
 RUNNER_FUNCTION = "chainrun-runner"
 FUNCTIONS = (API_FUNCTION, RUNNER_FUNCTION)
 WATCH_CONCURRENCY = 4
-DEFAULT_REGION = "us-east-1"
 DEFAULT_RUST_LOG = "info,chainrun=debug"
 # Payload sent to the runner to check it is up: the nil ULID, a run that never exists.
 # The runner looks it up in DynamoDB (so this also proves it reaches moto) and answers
 # "unknown run"; any answer, even an error, proves the function is up.
 RUNNER_WARMUP_PAYLOAD = {"run_id": "00000000000000000000000000"}
-# Marker put into the environment of every process a stack starts (function processes
-# inherit it from watch), so `down` can find orphans after a crash — by this exact
-# per-stack value, never by process name.
-STACK_ID_VAR = "CR_LOCAL_STACK_ID"
+# Each child's byte of DIR/stack.lock; byte 0 is the owner's (infra/processes.py).
+CHILD_SLOTS = {"moto": 1, "devmodel": 2, "invoke-proxy": 3, "lambda-watch": 4}
+# What a stack writes into its state dir besides logs/ and stack.lock. stack.lock stays:
+# a stack starting there at the same moment may already hold a byte of it.
+STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port")
 
 _WATCH_FATAL = re.compile(
     r"(error: could not compile|error\[E\d+\]|ERROR command exited|error: no bin target|"
@@ -81,29 +82,8 @@ _WATCH_FATAL = re.compile(
 )
 
 
-def load_module(path: Path | str, name: str):
-    """Import a file under a chosen module name (infra/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _token_mod():
-    return load_module(INFRA / "local_token.py", "chainrun_local_token")
-
-
 class StackError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def venv_bin() -> Path:
@@ -121,236 +101,28 @@ def find_cargo_lambda() -> list[str]:
     raise StackError("cargo-lambda not found: run `make venv` (it installs cargo-lambda into .venv)")
 
 
-def read_env_file(path: Path | str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line or line.startswith("#") or "=" not in line:
-                    continue
-                k, v = line.split("=", 1)
-                out[k.strip()] = _unquote(v.strip())
-    except FileNotFoundError:
-        pass
-    return out
-
-
-def _unquote(v: str) -> str:
-    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-        try:
-            return shlex.split(v)[0]
-        except ValueError:
-            return v[1:-1]
-    return v
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _quote_env_value(v: str) -> str:
-    # cargo lambda's --env-file parser rejects unquoted values containing '=' (RUST_LOG!);
-    # double quotes with \\ \" \$ escapes are accepted.
-    return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
-
-
 def tail(path: Path | str, lines: int = 40) -> str:
+    """The last lines of a log, for error messages."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
+            f.seek(max(0, f.tell() - 64 * 1024))
             data = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(data.splitlines()[-lines:])
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method="GET")
+def remove_state_files(state_dir: Path) -> None:
+    for f in STATE_FILES:
+        (state_dir / f).unlink(missing_ok=True)
+
+
+def _read_port(port_file: Path) -> int | None:
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def http_post(url: str, body: bytes, headers: dict | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-# ---------------------------------------------------------------------------------------
-# tables
-
-
-def load_tables(path: Path | str = INFRA / "tables.json") -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["tables"]
-
-
-@contextlib.contextmanager
-def hermetic_aws_env(region: str = DEFAULT_REGION):
-    """Temporarily hide the caller's AWS setup (AWS_PROFILE, ~/.aws, endpoint overrides)
-    from boto3 in this process; dummy credentials instead."""
-    saved = {k: v for k, v in os.environ.items() if k.upper().startswith("AWS_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": region,
-                       "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    try:
-        yield
-    finally:
-        for k in [k for k in os.environ if k.upper().startswith("AWS_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-
-
-def create_tables(endpoint: str, region: str = DEFAULT_REGION, tables_json: Path | str = INFRA / "tables.json",
-                  access_key: str = "test", secret_key: str = "test") -> list[str]:
-    """Create the tables of tables.json at a DynamoDB endpoint (idempotent). Returns names."""
-    with hermetic_aws_env(region):
-        return _create_tables(endpoint, region, tables_json, access_key, secret_key)
-
-
-def _create_tables(endpoint, region, tables_json, access_key, secret_key) -> list[str]:
-    import boto3
-
-    ddb = boto3.client("dynamodb", endpoint_url=endpoint, region_name=region,
-                       aws_access_key_id=access_key, aws_secret_access_key=secret_key)
-    existing = set(ddb.list_tables().get("TableNames", []))
-    names = []
-    for t in load_tables(tables_json):
-        name = t["local_name"]
-        names.append(name)
-        if name in existing:
-            continue
-        key = [{"AttributeName": t["key"]["hash"], "KeyType": "HASH"}]
-        if t["key"].get("range"):
-            key.append({"AttributeName": t["key"]["range"], "KeyType": "RANGE"})
-        kwargs = dict(
-            TableName=name,
-            AttributeDefinitions=[{"AttributeName": a, "AttributeType": ty} for a, ty in t["attributes"].items()],
-            KeySchema=key,
-            BillingMode="PAY_PER_REQUEST",
-        )
-        gsis = []
-        for g in t.get("gsis") or []:
-            gkey = [{"AttributeName": g["hash"], "KeyType": "HASH"}]
-            if g.get("range"):
-                gkey.append({"AttributeName": g["range"], "KeyType": "RANGE"})
-            gsis.append({"IndexName": g["name"], "KeySchema": gkey,
-                         "Projection": {"ProjectionType": g.get("projection", "ALL")}})
-        if gsis:
-            kwargs["GlobalSecondaryIndexes"] = gsis
-        ddb.create_table(**kwargs)
-        if t.get("ttl"):
-            ddb.update_time_to_live(TableName=name, TimeToLiveSpecification={
-                "Enabled": True, "AttributeName": t["ttl"]})
-    return names
-
-
-# ---------------------------------------------------------------------------------------
-# process helpers
-
-
-def _proc_env_has(pid: int, marker: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def _pids_with_marker(stack_id: str) -> list[int]:
-    """Processes whose environment carries STACK_ID_VAR=stack_id (Linux /proc)."""
-    marker = f"{STACK_ID_VAR}={stack_id}".encode()
-    out = []
-    me = os.getpid()
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for e in entries:
-        if e.isdigit() and int(e) != me and _proc_env_has(int(e), marker):
-            out.append(int(e))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def terminate(pids: list[int], stack_id: str | None, grace_s: float = 10.0, log=None) -> None:
-    """SIGTERM each pid's process group (children are session leaders), then every
-    process still carrying the stack marker; SIGKILL what is left after grace_s."""
-    marker = f"{STACK_ID_VAR}={stack_id}".encode() if stack_id else None
-
-    def ours(pid: int) -> bool:
-        # Guard against pid reuse: only signal processes carrying our marker.
-        return marker is None or _proc_env_has(pid, marker)
-
-    def signal_all(sig: int) -> list[int]:
-        hit = []
-        for pid in pids:
-            if _alive(pid) and ours(pid):
-                try:
-                    os.killpg(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    try:
-                        os.kill(pid, sig)
-                    except (ProcessLookupError, PermissionError):
-                        continue
-                hit.append(pid)
-        return hit
-
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    # cargo lambda watch stops its function instances on SIGTERM; give it a moment first,
-    # then TERM any instance left behind (e.g. watch was SIGKILLed earlier).
-    while time.monotonic() < deadline and any(_alive(p) and ours(p) for p in pids):
-        time.sleep(0.1)
-    if stack_id:
-        orphans = _pids_with_marker(stack_id)
-        for pid in orphans:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        while time.monotonic() < deadline and any(_alive(p) for p in orphans):
-            time.sleep(0.1)
-    left = [p for p in pids if _alive(p) and ours(p)]
-    if stack_id:
-        left += [p for p in _pids_with_marker(stack_id) if p not in left]
-    for pid in left:
-        if log:
-            log(f"stack: pid {pid} did not stop, killing it")
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        return int(port_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,9 +130,12 @@ def terminate(pids: list[int], stack_id: str | None, grace_s: float = 10.0, log=
 
 
 class Stack:
-    """A running local stack. Use as a context manager, or call start()/stop().
+    """A running local stack. Use as a context manager, or call start()/stop(). The
+    process that calls start() owns the stack: it holds byte 0 of DIR/stack.lock until
+    stop(), so no second stack starts in the same directory meanwhile.
 
-    state_dir: where stack.env, pids and logs/ go (the CLI uses .local; tests a temp dir).
+    state_dir: where stack.env, pids, stack.lock and logs/ go (the CLI uses .local; tests
+              a temp dir).
     base_env: the caller's environment (default os.environ); only BEDROCK, RUST_LOG,
               AWS_ENDPOINT_URL_BEDROCK_RUNTIME and (with BEDROCK=aws) AWS credentials,
               profile and region are taken from it.
@@ -387,7 +162,7 @@ class Stack:
         self.region = DEFAULT_REGION
         self.tables = {t["env"]: t["local_name"] for t in load_tables(self.root / "infra" / "tables.json")}
         self.timings: dict[str, float] = {}
-        self._started = False
+        self._lock: StackLock | None = None
 
     # -- public -------------------------------------------------------------------------
     def __enter__(self) -> "Stack":
@@ -405,37 +180,23 @@ class Stack:
         if self.verbose:
             self._log(msg)
 
-    def token(self, user: str, groups=(), ttl_s: int = 43200, **claims) -> str:
-        return _token_mod().mint(self.secret, user, groups, ttl_s=ttl_s, **claims)
-
-    def inflight(self) -> dict:
-        status, body = http_get(self.proxy_url + "/_proxy/inflight", timeout=5)
-        if status != 200:
-            raise StackError(f"invoke proxy /_proxy/inflight answered {status}: {body[:200]!r}")
-        return json.loads(body)
-
-    def wait_quiescent(self, timeout: float = 60.0, settle_s: float = 0.0) -> bool:
-        """Wait until the invoke proxy has no background (Event) forwards in flight."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.inflight()["inflight"] == 0:
-                if settle_s:
-                    time.sleep(settle_s)
-                    if self.inflight()["inflight"] != 0:
-                        continue
-                return True
-            time.sleep(0.05)
-        return False
+    def client(self) -> StackClient:
+        if not self.env:
+            raise StackError("the stack is not up")
+        return StackClient(self.env, self.function_env, self.logs)
 
     def start(self) -> "Stack":
-        if self._started:
+        if self._lock:
             return self
         t_start = time.monotonic()
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        for stale in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-            (self.dir / stale).unlink(missing_ok=True)
-        self._started = True
+        lock = StackLock(self.dir)
+        if not lock.take(OWNER_SLOT):
+            lock.close()
+            raise StackError(f"another process runs a stack from {self.dir} (see {self.dir / 'pids'}); "
+                             f"stop it first, or use another directory")
+        self._lock = lock
+        remove_state_files(self.dir)
         try:
             self._write_pids()
             if self.build:
@@ -452,26 +213,19 @@ class Stack:
         return self
 
     def stop(self) -> None:
-        if not self._started:
+        if not self._lock:
             return
-        pids = [p.pid for p in self.procs.values()]
-        terminate(pids, self.stack_id, log=self.log)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        self.procs.clear()
-        for f in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-            (self.dir / f).unlink(missing_ok=True)
-        self._started = False
+        self._stop(*self.procs)
+        remove_state_files(self.dir)
+        self._lock.close()
+        self._lock = None
 
     # -- steps --------------------------------------------------------------------------
     def _child_env(self, extra: dict | None = None) -> dict:
         """Environment for every child: the caller's, minus AWS_*/CHAINRUN_*/RUST_LOG/
         Lambda runtime variables (so nothing of the developer's AWS setup leaks into the
-        local stack), plus the stack marker. With BEDROCK=aws the caller's credentials,
-        profile and region are kept (endpoint overrides are still dropped)."""
+        local stack). With BEDROCK=aws the caller's credentials, profile and region are
+        kept (endpoint overrides are still dropped)."""
         keep_aws = self.bedrock_mode == "aws"
         env = {}
         for k, v in self.base_env.items():
@@ -479,7 +233,7 @@ class Stack:
             if ku.startswith("AWS_"):
                 if not keep_aws or ku.startswith("AWS_ENDPOINT_URL") or ku.startswith("AWS_LAMBDA_"):
                     continue
-            if ku.startswith(("CHAINRUN_", "CR_LOCAL_", "_X_AMZN", "LAMBDA_")) or ku == "RUST_LOG":
+            if ku.startswith(("CHAINRUN_", "_X_AMZN", "LAMBDA_")) or ku == "RUST_LOG":
                 continue
             env[k] = v
         vb = str(venv_bin())
@@ -487,7 +241,6 @@ class Stack:
         env["PYTHONUNBUFFERED"] = "1"
         env["NO_COLOR"] = "1"  # plain log files (cargo, cargo-lambda, tracing-subscriber)
         env["CARGO_TERM_COLOR"] = "never"
-        env[STACK_ID_VAR] = self.stack_id
         if extra:
             env.update(extra)
         return env
@@ -500,65 +253,65 @@ class Stack:
             return "aws"
         return "devmodel"
 
-    def _spawn(self, name: str, argv: list[str], env: dict, cwd: Path | None = None) -> subprocess.Popen:
-        logf = open(self.logs / f"{name}.log", "wb", buffering=0)  # each start gets a fresh log
-        logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         try:
-            p = subprocess.Popen(argv, cwd=str(cwd or self.root), env=env, stdin=subprocess.DEVNULL,
-                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            logf.close()
+            p = spawn(argv, lock=self._lock, slot=CHILD_SLOTS[name], log_path=self.logs / f"{name}.log",
+                      env=self._child_env(), cwd=self.root)
+        except SlotTaken as e:
+            raise StackError(f"{name}: {e}; stop it with `python -m infra.stack down --dir {self.dir}`") from None
         self.procs[name] = p
         self._write_pids()
         return p
 
+    def _stop(self, *names: str) -> None:
+        """Stop these children. As their parent, this process may also clear what a child
+        left behind in its group: the child's pid stays ours until it is reaped here."""
+        stop_children({n: (self.procs[n].pid, CHILD_SLOTS[n]) for n in names}, self._lock, log=self.log)
+        for n in names:
+            p = self.procs.pop(n)
+            if p.returncode is None:
+                signal_group(p.pid, signal.SIGKILL)
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:  # stuck in the kernel; nothing more to send
+                    self.log(f"stack: {n} (pid {p.pid}) did not exit after SIGKILL")
+        self._write_pids()
+
     def _write_pids(self) -> None:
-        lines = [f"STACK_ID={self.stack_id}", f"STACK_DIR={self.dir}", f"OWNER_PID={os.getpid()}"]
-        lines += [f"PID_{n.upper().replace('-', '_')}={p.pid}" for n, p in self.procs.items()]
-        _write_atomic(self.dir / "pids", "\n".join(lines) + "\n")
+        values = {"STACK_ID": self.stack_id, "STACK_DIR": str(self.dir), "OWNER_PID": str(os.getpid())}
+        for n, p in self.procs.items():
+            key = n.upper().replace("-", "_")
+            values[f"PID_{key}"] = str(p.pid)
+            values[f"SLOT_{key}"] = str(CHILD_SLOTS[n])
+        write_env_file(self.dir / "pids", values)
 
     def _fail(self, name: str, why: str) -> None:
         log = self.logs / f"{name}.log"
         raise StackError(f"{name}: {why}\n--- tail of {log} ---\n{tail(log)}\n---")
 
-    def _wait_port_file(self, name: str, port_file: Path, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
+    def _wait_for(self, name: str, what: str, check, timeout: float = 30.0):
+        """check() until it returns something truthy (and return that) while child `name`
+        runs; fail with the tail of its log if it exits or `what` takes over timeout s."""
         p = self.procs[name]
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                self._fail(name, f"exited with code {p.returncode} during startup")
-            try:
-                return int(port_file.read_text().strip())
-            except (FileNotFoundError, ValueError):
-                time.sleep(0.05)
-        self._fail(name, f"did not write {port_file} within {timeout:.0f}s")
 
-    def _wait_http(self, name: str, url: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        p = self.procs[name]
-        while time.monotonic() < deadline:
+        def step():
             if p.poll() is not None:
                 self._fail(name, f"exited with code {p.returncode} during startup")
-            try:
-                status, _ = http_get(url, timeout=2)
-                if status == 200:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        self._fail(name, f"{url} not healthy within {timeout:.0f}s")
+            return check()
+
+        got = wait_until(step, timeout)
+        if not got:
+            self._fail(name, f"{what} within {timeout:.0f}s")
+        return got
 
     def _cargo_build(self) -> None:
         t0 = time.monotonic()
         self.log("stack: cargo build --bins (debug) …")
-        cmd = ["cargo", "build", "--bins"]
-        env = self._child_env()
-        env.pop(STACK_ID_VAR, None)
         logpath = self.logs / "build.log"
         with open(logpath, "wb") as logf:
             # Stream to our stderr too so a cold compile shows progress.
-            p = subprocess.Popen(cmd, cwd=str(self.root), env=env, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(["cargo", "build", "--bins"], cwd=str(self.root), env=self._child_env(),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for line in p.stdout:
                 logf.write(line)
                 if self.verbose:
@@ -575,23 +328,23 @@ class Stack:
             self.region = self.base_env.get("AWS_REGION") or self.base_env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
         for attempt in range(3):
             port = free_port()
-            self.dynamodb_url = f"http://127.0.0.1:{port}"
-            p = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            self._child_env())
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and p.poll() is None:
-                try:
-                    status, _ = http_get(self.dynamodb_url + "/moto-api/", timeout=2)
-                    if status < 500:
-                        break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.1)
-            if p.poll() is None:
+            self.dynamodb_url = f"http://{LOOPBACK}:{port}"
+            p = self._spawn("moto", [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)])
+
+            def ready_or_exited():
+                if p.poll() is not None:
+                    return "exited"
+                status = answers(self.dynamodb_url + "/moto-api/")
+                return "ready" if status is not None and status < 500 else None
+
+            outcome = wait_until(ready_or_exited, 60, interval=0.1)
+            if outcome == "ready":
                 break
+            if outcome is None:
+                self._fail("moto", f"{self.dynamodb_url} did not answer within 60s")
+            # Another process took the port between free_port() and moto's bind: try another.
             if "in use" not in tail(self.logs / "moto.log") or attempt == 2:
                 self._fail("moto", f"exited with code {p.returncode} during startup")
-        else:  # pragma: no cover
-            self._fail("moto", "could not start")
         try:
             create_tables(self.dynamodb_url, self.region, self.root / "infra" / "tables.json")
         except Exception as e:  # noqa: BLE001
@@ -609,34 +362,23 @@ class Stack:
             self.log(f"stack: BEDROCK=aws — real Bedrock in {self.region} with your AWS credentials")
             return
         t0 = time.monotonic()
-        script = self.root / "infra" / "devmodel.py"
         rules = self.root / "infra" / "devmodel-rules.json"
-        if not script.exists():
-            raise StackError(f"{script} is missing (set AWS_ENDPOINT_URL_BEDROCK_RUNTIME or BEDROCK=aws instead)")
         port_file = self.dir / "devmodel.port"
         port_file.unlink(missing_ok=True)
-        self._spawn("devmodel", [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0",
-                                 "--rules", str(rules), "--port-file", str(port_file)], self._child_env())
-        port = self._wait_port_file("devmodel", port_file)
-        self.devmodel_url = self.bedrock_url = f"http://127.0.0.1:{port}"
-        self._wait_http("devmodel", self.devmodel_url + "/_dev/health")
+        self._spawn("devmodel", [sys.executable, "-m", "infra.devmodel", "--host", LOOPBACK, "--port", "0",
+                                 "--rules", str(rules), "--port-file", str(port_file)])
+        port = self._wait_for("devmodel", f"no port in {port_file}", lambda: _read_port(port_file))
+        self.devmodel_url = self.bedrock_url = f"http://{LOOPBACK}:{port}"
+        self._wait_for("devmodel", f"{self.devmodel_url} not healthy",
+                       lambda: answers(self.devmodel_url + "/_dev/health") == 200)
         self.timings["devmodel"] = time.monotonic() - t0
         self.log(f"stack: dev model server at {self.devmodel_url}")
 
     def _function_env(self) -> dict[str, str]:
-        fe = {}
         if self.bedrock_mode == "aws":
-            fe["AWS_REGION"] = self.region
+            fe = {"AWS_REGION": self.region}
         else:
-            fe.update({
-                "AWS_REGION": self.region,
-                "AWS_ACCESS_KEY_ID": "test",
-                "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_EC2_METADATA_DISABLED": "true",
-                # keep the developer's ~/.aws (profiles, endpoint_url, retry settings) out
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            })
+            fe = local_aws_env(self.region)  # keeps the developer's ~/.aws (profiles, endpoint_url) out
         fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.dynamodb_url
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
         if self.bedrock_url:
@@ -658,37 +400,36 @@ class Stack:
         cargo_lambda = find_cargo_lambda()
         for attempt in range(3):
             watch_port = free_port()
-            self.watch_url = f"http://127.0.0.1:{watch_port}"
+            self.watch_url = f"http://{LOOPBACK}:{watch_port}"
             self.api_url = f"{self.watch_url}/lambda-url/{API_FUNCTION}"
 
             t0 = time.monotonic()
             port_file = self.dir / "invoke-proxy.port"
             port_file.unlink(missing_ok=True)
-            self._spawn("invoke-proxy", [sys.executable, str(self.root / "infra" / "invoke_proxy.py"),
-                                         "--backend", self.watch_url, "--host", "127.0.0.1", "--port", "0",
-                                         "--port-file", str(port_file)], self._child_env())
-            self.proxy_url = f"http://127.0.0.1:{self._wait_port_file('invoke-proxy', port_file)}"
-            self._wait_http("invoke-proxy", self.proxy_url + "/_proxy/health")
+            self._spawn("invoke-proxy", [sys.executable, "-m", "infra.invoke_proxy", "--backend", self.watch_url,
+                                         "--host", LOOPBACK, "--port", "0", "--port-file", str(port_file)])
+            port = self._wait_for("invoke-proxy", f"no port in {port_file}", lambda: _read_port(port_file))
+            self.proxy_url = f"http://{LOOPBACK}:{port}"
+            self._wait_for("invoke-proxy", f"{self.proxy_url} not healthy",
+                           lambda: answers(self.proxy_url + "/_proxy/health") == 200)
             self.timings["proxy"] = time.monotonic() - t0
 
             self.function_env = self._function_env()
             fn_env_file = self.dir / "functions.env"
-            _write_atomic(fn_env_file, "".join(f"{k}={_quote_env_value(v)}\n" for k, v in self.function_env.items()))
-            fn_env_file.chmod(0o600)
+            write_env_file(fn_env_file, self.function_env, quote=quote_for_cargo_lambda)
 
             t0 = time.monotonic()
-            argv = cargo_lambda + ["watch", "-A", "127.0.0.1", "-P", str(watch_port),
+            argv = cargo_lambda + ["watch", "-A", LOOPBACK, "-P", str(watch_port),
                                    "--concurrency", str(WATCH_CONCURRENCY), "--ignore-changes",
                                    "--disable-cors", "--env-file", str(fn_env_file)]
             self.log(f"stack: cargo lambda watch on {self.watch_url} (log: {self.logs / 'lambda-watch.log'})")
-            self._spawn("lambda-watch", argv, self._child_env())
+            self._spawn("lambda-watch", argv)
             try:
                 self._wait_functions()
             except StackError as e:
                 if "in use" in str(e) and attempt < 2:
                     self.log("stack: port clash, retrying with new ports")
-                    # no marker scan here: it would also stop moto and the dev model server
-                    terminate([self.procs.pop("lambda-watch").pid, self.procs.pop("invoke-proxy").pid], None)
+                    self._stop("lambda-watch", "invoke-proxy")
                     continue
                 raise
             self.timings["functions"] = time.monotonic() - t0
@@ -710,13 +451,11 @@ class Stack:
         def probe(fn: str) -> None:
             try:
                 if fn == API_FUNCTION:
-                    status, body = http_get(self.api_url + "/", timeout=self.ready_timeout)
+                    status, _, body = http("GET", self.api_url + "/", timeout=self.ready_timeout)
                 else:
-                    status, body = http_post(
-                        f"{self.watch_url}/2015-03-31/functions/{RUNNER_FUNCTION}/invocations",
-                        json.dumps(RUNNER_WARMUP_PAYLOAD).encode(), timeout=self.ready_timeout,
-                        headers={"Content-Type": "application/json"})
-                results[fn] = ("ok", status, body[:300])
+                    status, _, body = http("POST", f"{self.watch_url}/2015-03-31/functions/{RUNNER_FUNCTION}/invocations",
+                                           body=RUNNER_WARMUP_PAYLOAD, timeout=self.ready_timeout)
+                results[fn] = ("ok", status, str(body)[:300])
             except Exception as e:  # noqa: BLE001 - reported by the main loop
                 results[fn] = ("error", None, f"{type(e).__name__}: {e}")
             done.set()
@@ -731,18 +470,12 @@ class Stack:
             if m:
                 self._fail("lambda-watch", f"failed while starting the functions ({m.group(0)!r})")
 
-        # watch needs a moment before it listens; only then send the (single) probes.
-        while True:
-            if watch.poll() is not None:
-                self._fail("lambda-watch", f"exited with code {watch.returncode}")
+        def listening() -> bool:
             check_log()
-            try:
-                socket.create_connection(("127.0.0.1", int(self.watch_url.rsplit(":", 1)[1])), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    self._fail("lambda-watch", f"not listening on {self.watch_url} after {self.ready_timeout:.0f}s")
-                time.sleep(0.05)
+            return port_open(int(self.watch_url.rsplit(":", 1)[1]))
+
+        # watch needs a moment before it listens; only then send the (single) probes.
+        self._wait_for("lambda-watch", f"not listening on {self.watch_url}", listening, self.ready_timeout)
         for fn in FUNCTIONS:
             threading.Thread(target=probe, args=(fn,), name=f"probe-{fn}", daemon=True).start()
         reported: set[str] = set()
@@ -758,8 +491,8 @@ class Stack:
                     if watch.poll() is None:
                         check_log()
                     self._fail("lambda-watch", f"probing {fn} failed: {body}")
-                if status == 404 and b"Missing function" in body:
-                    self._fail("lambda-watch", f"watch does not know {fn}: {body!r}")
+                if status == 404 and "Missing function" in body:
+                    self._fail("lambda-watch", f"watch does not know {fn}: {body}")
                 self.log(f"stack: {fn} answered after {time.monotonic() - t0:.1f}s (status {status})")
             if len(reported) == len(FUNCTIONS):
                 return
@@ -799,51 +532,85 @@ class Stack:
             env[f"PID_{n.upper().replace('-', '_')}"] = str(p.pid)
         self.env = env
         # shell-sourceable (`set -a; . .local/stack.env`): values quoted only when needed
-        _write_atomic(self.env_file, "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
-        self.env_file.chmod(0o600)
+        write_env_file(self.env_file, env)
 
 
 # ---------------------------------------------------------------------------------------
-# CLI
+# a stack seen from another process (the CLI)
 
 
-def stack_status(state_dir: Path) -> tuple[dict, list[int], bool]:
-    """(pids-file values, pids, any alive) of a stack dir, from `pids` or stack.env."""
-    info = read_env_file(state_dir / "pids") or read_env_file(state_dir / "stack.env")
-    pids = [int(v) for k, v in info.items() if k.startswith("PID_") and v.isdigit()]
-    sid = info.get("STACK_ID")
-    marker = f"{STACK_ID_VAR}={sid}".encode() if sid else None
-    alive = any(_alive(p) and (marker is None or _proc_env_has(p, marker)) for p in pids)
-    if sid and not alive:
-        alive = bool(_pids_with_marker(sid))
-    return info, pids, alive
+def recorded_children(state_dir: Path) -> tuple[dict, dict[str, tuple[int, int]]]:
+    """(the pids file's values, {child: (pid, lock byte)}) of a state dir."""
+    info = read_env_file(state_dir / "pids")
+    children = {}
+    for key, pid in info.items():
+        if not key.startswith("PID_"):
+            continue
+        name = key.removeprefix("PID_")
+        slot = info.get(f"SLOT_{name}", "")
+        if pid.isdigit() and slot.isdigit():
+            children[name.lower().replace("_", "-")] = (int(pid), int(slot))
+    return info, children
 
 
-def down(state_dir: Path, quiet: bool = False, only_if_orphaned: bool = False) -> bool:
-    info, pids, alive = stack_status(state_dir)
-    sid = info.get("STACK_ID")
-    if only_if_orphaned:
-        owner = info.get("OWNER_PID", "")
-        if owner.isdigit() and _alive(int(owner)):
-            return False  # its supervisor (e.g. a running `make demo`) is still alive
-    if sid or pids:
-        if alive and not quiet:
-            print(f"stack: stopping {state_dir} (pids {' '.join(map(str, pids))})", file=sys.stderr)
-        terminate(pids, sid, log=lambda m: print(m, file=sys.stderr))
-    for f in ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port"):
-        (state_dir / f).unlink(missing_ok=True)
-    return alive
+def running_children(state_dir: Path) -> list[str]:
+    """The recorded children of the stack in state_dir that are still alive."""
+    _, children = recorded_children(state_dir)
+    lock = StackLock.existing(state_dir)
+    if lock is None:
+        return []
+    with lock:
+        return [name for name, (_, slot) in children.items() if lock.held(slot)]
+
+
+def down(state_dir: Path, only_if_orphaned: bool = False, log=None) -> str:
+    """Stop the stack of state_dir and remove its state; what happened, for the message:
+    "stopped", "gone" (state of a stack whose processes had all exited), "absent" (no
+    state), "owned" (only_if_orphaned, and the process that started it is alive),
+    "unknown" (processes of a stack hold the lock, but its pids file is gone) or
+    "legacy" (pids written before stacks had a lock file: nothing can be verified).
+
+    Not for the process that owns the stack (Stack.stop is): closing the lock file here
+    would drop its locks."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    info, children = recorded_children(state_dir)
+    lock = StackLock.existing(state_dir)
+    if lock is None:
+        remove_state_files(state_dir)
+        if any(k.startswith("PID_") for k in info) and not children:
+            return "legacy"
+        return "gone" if info else "absent"
+    with lock:
+        if only_if_orphaned and lock.held(OWNER_SLOT):
+            return "owned"
+        stopped = stop_children(children, lock, log=log)
+        unknown = [n for n, slot in CHILD_SLOTS.items() if n not in children and lock.held(slot)]
+    if unknown:
+        return "unknown"
+    remove_state_files(state_dir)
+    return "stopped" if stopped else "gone" if info else "absent"
 
 
 def _healthy(env: dict) -> bool:
-    try:
-        return http_get(env["INVOKE_PROXY_URL"] + "/_proxy/health", timeout=2)[0] == 200
-    except (KeyError, urllib.error.URLError, OSError):
-        return False
+    return "INVOKE_PROXY_URL" in env and answers(env["INVOKE_PROXY_URL"] + "/_proxy/health") == 200
+
+
+DOWN_MESSAGES = {
+    "stopped": "stopped {dir}",
+    "gone": "nothing running in {dir} (its processes had exited; removed their state)",
+    "absent": "nothing running in {dir}",
+    "owned": "left {dir} running: the process that started it (pid {owner}) is alive",
+    "unknown": "processes of a stack still hold {dir}/stack.lock, but {dir}/pids is gone, so they "
+               "cannot be told apart from others; stop them by hand",
+    "legacy": "{dir}/pids was written by an older infra/stack.py that recorded no lock bytes, so its "
+              "pids ({pids}) cannot be told apart from reused ones; removed it — stop any of them "
+              "that still run by hand",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="chainrun local stack", formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(prog="python -m infra.stack", description="chainrun local stack",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("CLI", 1)[1].split("Library:")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("up", "down", "env", "run"):
@@ -860,49 +627,54 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     state_dir = Path(args.dir).resolve()
 
+    def say(msg: str) -> None:
+        print(f"stack: {msg}", file=sys.stderr, flush=True)
+
     if args.cmd == "down":
-        was = down(state_dir, only_if_orphaned=args.if_orphaned)
-        print(f"stack: {'stopped' if was else 'nothing running in'} {state_dir}", file=sys.stderr)
-        return 0
+        info = read_env_file(state_dir / "pids")
+        outcome = down(state_dir, only_if_orphaned=args.if_orphaned, log=print_err)
+        pids = " ".join(v for k, v in info.items() if k.startswith("PID_"))
+        say(DOWN_MESSAGES[outcome].format(dir=state_dir, owner=info.get("OWNER_PID", "?"), pids=pids))
+        return 1 if outcome in ("unknown", "legacy") else 0
 
     if args.cmd == "env":
-        info, _, alive = stack_status(state_dir)
         env = read_env_file(state_dir / "stack.env")
-        if not env or not alive:
-            print(f"stack: not running ({state_dir}); start it with `make up`", file=sys.stderr)
+        if not env or not running_children(state_dir):
+            say(f"not running ({state_dir}); start it with `make up`")
             return 1
         sys.stdout.write((state_dir / "stack.env").read_text())
         return 0
 
     if args.cmd == "up":
         env = read_env_file(state_dir / "stack.env")
-        _, _, alive = stack_status(state_dir)
-        if env and alive and _healthy(env):
-            print(f"stack: already up — API_URL={env['API_URL']} ({state_dir / 'stack.env'})", file=sys.stderr)
+        if env and running_children(state_dir) and _healthy(env):
+            say(f"already up — API_URL={env['API_URL']} ({state_dir / 'stack.env'})")
             return 0
-        down(state_dir, quiet=True)  # leftovers of a crashed run
-        stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
-        _install_signal_handlers()
+    else:  # run
+        cmd = list(args.command)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        if not cmd:
+            ap.error("run needs a command after --")
+
+    # Leftovers of a stack whose starter crashed; a live starter keeps its stack.
+    if down(state_dir, only_if_orphaned=True, log=print_err) == "owned":
+        owner = read_env_file(state_dir / "pids").get("OWNER_PID", "?")
+        say(f"another process (pid {owner}) runs a stack from {state_dir}; use another --dir")
+        return 1
+    stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
+    _install_signal_handlers()
+    if args.cmd == "up":
         try:
             stack.start()
         except (StackError, KeyboardInterrupt) as e:
-            print(f"stack: startup failed: {e}" if isinstance(e, StackError) else "stack: interrupted",
-                  file=sys.stderr)
+            say(f"startup failed: {e}" if isinstance(e, StackError) else "interrupted")
             return 1 if isinstance(e, StackError) else 130
-        print(f"stack: up. Environment in {stack.env_file}:", file=sys.stderr)
+        say(f"up. Environment in {stack.env_file}:")
         sys.stdout.write(stack.env_file.read_text())
-        print(f"stack: logs in {stack.logs}; stop with `make down`", file=sys.stderr)
+        say(f"logs in {stack.logs}; stop with `make down`")
         return 0
 
-    # run
-    cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        ap.error("run needs a command after --")
-    down(state_dir, quiet=True)
-    stack = Stack(state_dir, build=not args.no_build, ready_timeout=args.timeout)
-    _install_signal_handlers()
     child = None
     try:
         stack.start()
@@ -912,10 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen(cmd, env=env)
         return child.wait()
     except StackError as e:
-        print(f"stack: startup failed: {e}", file=sys.stderr)
+        say(f"startup failed: {e}")
         return 1
     except KeyboardInterrupt:
-        print("\nstack: interrupted, stopping …", file=sys.stderr)
+        print(file=sys.stderr)
+        say("interrupted, stopping …")
         if child and child.poll() is None:
             try:
                 child.send_signal(signal.SIGINT)
@@ -927,7 +700,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
-        print(f"stack: stopped (logs kept in {stack.logs})", file=sys.stderr)
+        say(f"stopped (logs kept in {stack.logs})")
+
+
+def print_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _install_signal_handlers() -> None:

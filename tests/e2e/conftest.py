@@ -10,7 +10,7 @@ kept when a test failed (the path is printed); set CHAINRUN_E2E_KEEP=1 to always
 Fixtures
 --------
 stack (session)
-    A running stack. Attributes:
+    A running stack: an infra.client.StackClient. Attributes:
       api_url        http://127.0.0.1:W/lambda-url/chainrun-api — the API base; the
                      function sees paths without that prefix (GET {api_url}/runs/X
                      arrives as rawPath "/runs/X").
@@ -23,7 +23,8 @@ stack (session)
                      BEDROCK=aws was set); admin API under /_dev/.
       region         "us-east-1" (unless BEDROCK=aws with another region)
       env            dict: the stack.env values (API_URL, table names, secret, pids, …).
-      function_env   dict: the environment both functions run with.
+      function_env   dict: the environment both functions run with ({} for a stack of
+                     CHAINRUN_E2E_STACK_ENV).
       tables         dict: CHAINRUN_*_TABLE -> table name.
       secret         the HS256 secret the API verifies local tokens with.
       logs           Path of the log dir (lambda-watch.log has both functions' output).
@@ -51,129 +52,32 @@ devmodel (session)
     devmodel.admin(method, path, body=None) -> (status, body). Skips the test when the
     stack runs without the dev model server.
 
-http(method, url, body=None, raw=None, headers=None, timeout=30) is the plain
-function behind `api`, importable as `from conftest import http`.
+`api` is infra.net.http with the base URL and token filled in; tests that call other
+URLs (the proxy, watch) import http from infra.net.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-INFRA = ROOT / "infra"
-
-
-# The stack gets the caller's environment as it was (BEDROCK=aws needs the real AWS
-# setup); the test process itself is made hermetic, so boto3 clients created by tests
-# (stack.ddb(), clients for moto/devmodel) never pick up a developer's AWS_PROFILE,
-# ~/.aws config or AWS_ENDPOINT_URL overrides.
-CALLER_ENV = dict(os.environ)
-if (os.environ.get("BEDROCK") or "").lower() != "aws":
-    for _k in [k for k in os.environ if k.upper().startswith("AWS_")]:
-        del os.environ[_k]
-    os.environ.update({"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
-                       "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"})
-
-
-def _load(path: Path, name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-# infra/ is not a package: its modules are loaded by path.
-stack_mod = _load(INFRA / "stack.py", "chainrun_stack")
-token_mod = _load(INFRA / "local_token.py", "chainrun_local_token")
-proxy_mod = _load(INFRA / "invoke_proxy.py", "chainrun_invoke_proxy")
-
-
-def http(method: str, url: str, body=None, raw=None, headers=None, timeout: float = 30.0):
-    """(status, headers, parsed-JSON-or-text) for any response; never raises on 4xx/5xx."""
-    hdrs = {"Accept": "application/json"}
-    data = None
-    if raw is not None:
-        data = raw.encode() if isinstance(raw, str) else raw
-    elif body is not None:
-        data = json.dumps(body).encode()
-        hdrs["Content-Type"] = "application/json"
-    hdrs.update(headers or {})
-    req = urllib.request.Request(url, data=data, method=method.upper(), headers=hdrs)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, rh, payload = r.status, r.headers, r.read()
-    except urllib.error.HTTPError as e:
-        status, rh, payload = e.code, e.headers, e.read()
-    text = payload.decode("utf-8", "replace")
-    try:
-        parsed = json.loads(text) if text.strip() else text
-    except ValueError:
-        parsed = text
-    return status, rh, parsed
-
-
-class _StackHandle:
-    """What the `stack` fixture yields (wraps a Stack or an external stack.env)."""
-
-    def __init__(self, env: dict, function_env: dict | None, logs: Path, stack=None):
-        self.env = env
-        self.function_env = function_env or {}
-        self.api_url = env["API_URL"]
-        self.proxy_url = env["INVOKE_PROXY_URL"]
-        self.watch_url = env["LAMBDA_WATCH_URL"]
-        self.dynamodb_url = env["AWS_ENDPOINT_URL_DYNAMODB"]
-        self.devmodel_url = env.get("DEVMODEL_URL")
-        self.region = env.get("AWS_REGION", "us-east-1")
-        self.secret = env["CHAINRUN_LOCAL_JWT_SECRET"]
-        self.tables = {k: v for k, v in env.items() if k.startswith("CHAINRUN_") and k.endswith("_TABLE")}
-        self.logs = logs
-        self._stack = stack
-
-    def token(self, user: str, groups=(), ttl_s: int = 43200, **claims) -> str:
-        return token_mod.mint(self.secret, user, groups, ttl_s=ttl_s, **claims)
-
-    def inflight(self) -> dict:
-        status, _, body = http("GET", self.proxy_url + "/_proxy/inflight", timeout=5)
-        assert status == 200, body
-        return body
-
-    def wait_quiescent(self, timeout: float = 60.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.inflight()["inflight"] == 0:
-                return True
-            time.sleep(0.05)
-        return False
-
-    def ddb(self):
-        import boto3
-
-        return boto3.client("dynamodb", endpoint_url=self.dynamodb_url, region_name=self.region,
-                            aws_access_key_id="test", aws_secret_access_key="test")
-
+from infra.client import StackClient
+from infra.envfile import read_env_file
+from infra.net import http
+from infra.stack import Stack, StackError
 
 _kept_logs: list[Path] = []
 
-# The one caller with a daily spend cap on the e2e stack (test_budget.py): room for one
-# call's worst case (a 40-byte prompt, max_tokens 100 on Nova Micro: 18,760,000
-# pico-dollars) after one charge of 50 input and 100 output tokens (15,750,000), less one.
-DAILY_CAPPED_USER = "e2e-daily-capped"
-DAILY_CAP_USD = "0.000034509999"
+# The one caller with a daily spend cap on the e2e stack (test_budget.py reads it from
+# the functions' environment): room for one call's worst case (a 40-byte prompt,
+# max_tokens 100 on Nova Micro: 18,760,000 pico-dollars) after one charge of 50 input
+# and 100 output tokens (15,750,000), less one.
+DAILY_CAPS = {"e2e-daily-capped": "0.000034509999"}
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -182,26 +86,24 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture(scope="session")
-def stack(request):
+def stack(request, caller_env):
     external = os.environ.get("CHAINRUN_E2E_STACK_ENV")
     if external:
-        env = stack_mod.read_env_file(Path(external))
+        env = read_env_file(external)
         if not env.get("API_URL"):
             pytest.fail(f"CHAINRUN_E2E_STACK_ENV={external}: no API_URL in it (is the stack up?)")
-        yield _StackHandle(env, None, Path(env.get("STACK_LOGS", ".")))
+        yield StackClient(env)
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="chainrun-e2e-"))
-    base_env = dict(CALLER_ENV, CHAINRUN_OWNER_DAILY_CAPS=json.dumps({DAILY_CAPPED_USER: DAILY_CAP_USD}))
-    s = stack_mod.Stack(state_dir=tmp, build=True, base_env=base_env)
+    s = Stack(state_dir=tmp, build=True, base_env=dict(caller_env, CHAINRUN_OWNER_DAILY_CAPS=json.dumps(DAILY_CAPS)))
     failed_before = request.session.testsfailed
     try:
         s.start()
-    except stack_mod.StackError as e:
-        s.stop()
+    except StackError as e:
         pytest.fail(f"local stack failed to start (logs in {s.logs}):\n{e}", pytrace=False)
     try:
-        yield _StackHandle(dict(s.env), dict(s.function_env), s.logs, stack=s)
+        yield s.client()
     finally:
         s.stop()
         keep = os.environ.get("CHAINRUN_E2E_KEEP") == "1" or request.session.testsfailed > failed_before

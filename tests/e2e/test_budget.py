@@ -9,6 +9,7 @@ the witness. The same holds for a caller's daily spend cap, across runs.
 
 from __future__ import annotations
 
+import json
 import time
 from decimal import Decimal
 
@@ -106,15 +107,15 @@ def test_an_estimate_brackets_the_run_it_estimated_and_then_learns_from_it(api, 
 
 
 def test_a_callers_daily_cap_spans_runs_and_stops_the_call_that_would_break_it(api, stack, devmodel):
-    from conftest import DAILY_CAP_USD, DAILY_CAPPED_USER
-
-    if not (stack.function_env or {}).get("CHAINRUN_OWNER_DAILY_CAPS"):
+    caps = json.loads(stack.function_env.get("CHAINRUN_OWNER_DAILY_CAPS") or "{}")
+    if not caps:
         pytest.skip("this stack was started without the e2e daily cap (CHAINRUN_E2E_STACK_ENV)")
+    [(capped_user, cap_usd)] = caps.items()  # set by conftest.py
     m = marker("daily")
     prompt = (m + " daily check").ljust(40, ".")  # 40 bytes, as the cap in conftest.py assumes
     add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "ok"},
                          "usage": {"input_tokens": 50, "output_tokens": 100}})
-    token = stack.token(DAILY_CAPPED_USER)
+    token = stack.token(capped_user)
     wf = {"name": "e2e-daily-" + m, "defaults": {"model": CHEAP, "max_tokens": 100, "retry": {"max_attempts": 1}},
           "steps": [{"id": "check", "type": "llm", "prompt": prompt}]}
 
@@ -128,8 +129,8 @@ def test_a_callers_daily_cap_spans_runs_and_stops_the_call_that_would_break_it(a
     assert [e["step_id"] for e in failed] == ["check"] and events[-1]["type"] == "RUN_FAILED"
     assert failed[0]["data"]["error"]["code"] == "BUDGET_EXCEEDED"
     budget = failed[0]["data"]["detail"]["budget"]
-    assert budget["limit"] == "owner_daily_cost_usd" and budget["owner"] == DAILY_CAPPED_USER
-    assert Decimal(budget["owner_daily_cost_usd"]) == Decimal(DAILY_CAP_USD)
+    assert budget["limit"] == "owner_daily_cost_usd" and budget["owner"] == capped_user
+    assert Decimal(budget["owner_daily_cost_usd"]) == Decimal(cap_usd)
     _, _, run = api("GET", f"/runs/{first}", token=token)
     assert budget["committed_today_pico_usd"] == run["totals"]["cost_pico_usd"] == 15_750_000
     assert budget["attempted"]["cost_pico_usd"] == 18_760_000
@@ -137,6 +138,6 @@ def test_a_callers_daily_cap_spans_runs_and_stops_the_call_that_would_break_it(a
     # The caller can see where their day stands.
     status, _, spend = api("GET", "/analytics/spend", token=token)
     assert status == 200, spend
-    assert (spend["owner"], spend["cap_usd"]) == (DAILY_CAPPED_USER, DAILY_CAP_USD)
+    assert (spend["owner"], spend["cap_usd"]) == (capped_user, cap_usd)
     assert (spend["charged_pico_usd"], spend["held_pico_usd"]) == (15_750_000, 0)
     assert spend["remaining_pico_usd"] == 34_509_999 - 15_750_000

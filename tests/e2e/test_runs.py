@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from infra.net import http
+
 MODEL = "amazon.nova-micro-v1:0"
 
 
@@ -186,7 +188,6 @@ def test_a_duplicate_dispatch_executes_each_model_call_once(api, stack, devmodel
     run_id = start(api, token, wf)["run_id"]
     # Deliver the same event twice more: once while the run is in flight, once after.
     invoke = f"{stack.proxy_url}/2015-03-31/functions/chainrun-runner/invocations"
-    from conftest import http
     status, _, _ = http("POST", invoke, body={"run_id": run_id}, headers={"X-Amz-Invocation-Type": "Event"})
     assert status == 202
     events = follow(api, token, run_id)

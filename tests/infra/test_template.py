@@ -7,7 +7,7 @@
   whose asynchronous invokes retry a bounded number of times and then land in an SQS queue.
 * `sam validate --lint` and `cfn-lint` both pass (infra/check_template.sh).
 
-Run: .venv/bin/python -m pytest tests/e2e/test_template.py -q
+Run: .venv/bin/python -m pytest tests/infra/test_template.py -q
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from infra import INFRA, ROOT
+from infra.tables import TABLES_JSON
+
 TEMPLATE = ROOT / "template.yaml"
-TABLES_JSON = ROOT / "infra" / "tables.json"
 SAMCONFIG = ROOT / "samconfig.toml"
-CHECK_SCRIPT = ROOT / "infra" / "check_template.sh"
+CHECK_SCRIPT = INFRA / "check_template.sh"
 SAM_PYTHON = ROOT / ".venv-sam" / "bin" / "python"
 
 DEFAULT_MODEL_IDS = ["amazon.nova-micro-v1:0", "amazon.nova-lite-v1:0"]

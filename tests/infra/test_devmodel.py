@@ -6,12 +6,9 @@ a real AWS SDK rather than by hand-written expectations.
 """
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
@@ -20,10 +17,8 @@ import botocore.eventstream
 import botocore.exceptions
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "infra"))
-
-import devmodel  # noqa: E402
+from infra import INFRA, ROOT, devmodel
+from infra.net import http
 
 MODEL = "amazon.nova-micro-v1:0"
 PROFILE = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
@@ -117,14 +112,8 @@ def user(text):
 
 def admin(url, method, path, payload=None):
     """Call the admin API; return (status, decoded JSON body)."""
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    status, _, body = http(method, url + path, body=payload, timeout=5)
+    return status, body
 
 
 def collect_stream(response):
@@ -251,12 +240,9 @@ def test_always_error_maps_to_http_error(client):
 
 
 def test_malformed_request_is_a_validation_error_and_logged(server_url):
-    req = urllib.request.Request(server_url + "/model/m/converse", data=b"{not json",
-                                 method="POST")
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(req, timeout=5)
-    assert info.value.code == 400
-    assert info.value.headers["x-amzn-ErrorType"] == "ValidationException"
+    status, headers, _ = http("POST", server_url + "/model/m/converse", raw=b"{not json", timeout=5)
+    assert status == 400
+    assert headers["x-amzn-ErrorType"] == "ValidationException"
     _, log = admin(server_url, "GET", "/_dev/calls")
     assert log["calls"][-1]["status"] == 400 and log["calls"][-1]["model"] == "m"
 
@@ -408,10 +394,8 @@ def test_start_server_rejects_invalid_rules():
 
 
 def test_demo_rules_answer_every_sample_step():
-    with open(os.path.join(REPO, "infra", "devmodel-rules.json"), encoding="utf-8") as fh:
-        rules = json.load(fh)
-    with open(os.path.join(REPO, "infra", "samples", "feedback-analysis.json"), encoding="utf-8") as fh:
-        sample = json.load(fh)
+    rules = json.loads((INFRA / "devmodel-rules.json").read_text(encoding="utf-8"))
+    sample = json.loads((INFRA / "samples" / "feedback-analysis.json").read_text(encoding="utf-8"))
     # The demo's latencies would slow the test down without testing anything more.
     for rule in rules["rules"]:
         rule["latency_ms"] = 0
@@ -442,10 +426,10 @@ def test_demo_rules_answer_every_sample_step():
 def test_cli_prints_listening_line_and_port_file(tmp_path):
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "infra", "devmodel.py"), "--host", "127.0.0.1",
-         "--port", "0", "--rules", os.path.join(REPO, "infra", "devmodel-rules.json"),
+        [sys.executable, "-m", "infra.devmodel", "--host", "127.0.0.1",
+         "--port", "0", "--rules", str(INFRA / "devmodel-rules.json"),
          "--port-file", str(port_file), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # readline blocks until the server is ready; the timer only guards against a hang.
         watchdog = threading.Timer(20, proc.kill)
