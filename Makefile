@@ -30,7 +30,7 @@ help:
 	@echo "make test                          cargo unit tests + end-to-end tests"
 	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
-	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead)"
+	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead), store requests per step"
 	@echo "make cost-check                    1,000 random budgeted runs: no overrun, estimate brackets each"
 	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins"
 
@@ -67,9 +67,14 @@ test: venv
 	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
 	exit $$rc
 
-# Release build of the pure core only (no AWS crates): the engine with in-memory adapters.
-bench:
+# 1. Scheduler: a release build of the pure core only (no AWS crates), the engine with the
+#    in-memory adapters.
+# 2. Store traffic: the engine and the DynamoDB adapters run the sample workflow against a
+#    moto server that the example starts on a free loopback port and stops itself (on
+#    failure too); it counts DynamoDB requests per step. A debug build: it counts, not times.
+bench: venv
 	cargo run -q --release -p chainrun-core --no-default-features --example scheduler_bench
+	CHAINRUN_MOTO_SERVER="$(abspath $(VENV))/bin/moto_server" cargo run -q -p chainrun-core --example store_bench
 
 # Release build of the pure core only: random budgeted runs against the in-memory adapters,
 # checking no run exceeds its budget and the estimate brackets every run's cost.
