@@ -284,6 +284,10 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     // more is refused up front, terminally, and writes nothing.
     let crowded = RunId::new();
     let many: Vec<Principal> = (0..99).map(|i| Principal::User(format!("u{i}"))).collect();
+    for seq in [0, 1, 2] {
+        let refused = p.publish(&event(&crowded, seq), &row(&crowded, seq), &many).await.unwrap_err();
+        assert!(matches!(&refused, ProgressError::Rejected(_)), "seq {seq}: the owners are checked first: {refused:?}");
+    }
     let refused = p.publish(&event(&crowded, 1), &row(&crowded, 1), &many).await.unwrap_err();
     assert!(matches!(&refused, ProgressError::Rejected(m) if m.contains("99 owners") && m.contains("98")), "{refused:?}");
     assert!(!refused.retryable());

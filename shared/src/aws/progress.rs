@@ -149,11 +149,6 @@ impl DynamoProgress {
 impl ProgressSink for DynamoProgress {
     #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq))]
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
-        let conflict = || ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq };
-        if event.seq == 0 {
-            // Logs start at 1; 0 is what `last_seq` answers for an empty log.
-            return Err(conflict());
-        }
         let owners = distinct(owners);
         if owners.len() > MAX_OWNERS {
             return Err(ProgressError::Rejected(format!(
@@ -161,6 +156,11 @@ impl ProgressSink for DynamoProgress {
                 event.run_id,
                 owners.len()
             )));
+        }
+        let conflict = || ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq };
+        if event.seq == 0 {
+            // Logs start at 1; 0 is what `last_seq` answers for an empty log.
+            return Err(conflict());
         }
         let expires_at = (event.at + self.retention).timestamp();
         let what = format!("event {} of run {}", event.seq, event.run_id);
