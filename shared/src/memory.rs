@@ -70,8 +70,10 @@ impl RunStore for MemoryStore {
         if run.status.is_terminal() {
             return Ok(Claim::Finished);
         }
+        // Compared to the millisecond, as DynamoDB stores the lease: a lease is live until
+        // the instant it expires, not at it.
         if let Some(h) = held
-            && h.expires_at > now
+            && h.expires_at.timestamp_millis() > now.timestamp_millis()
         {
             return Ok(Claim::HeldElsewhere);
         }
@@ -87,9 +89,18 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
+    /// Records exactly what the DynamoDB store's update does: the end (status, output,
+    /// error, totals, finish time) over the stored record, whose other fields stay.
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
         self.check_lease(&run.id, lease)?;
-        lock(&self.runs).insert(run.id.clone(), (run.clone(), None));
+        if let Some((stored, held)) = lock(&self.runs).get_mut(&run.id) {
+            stored.status = run.status;
+            stored.finished_at = Some(run.finished_at.unwrap_or_else(Utc::now));
+            stored.output = run.output.clone();
+            stored.error = run.error.clone();
+            stored.totals = run.totals;
+            *held = None;
+        }
         Ok(())
     }
 
@@ -150,19 +161,42 @@ impl MemoryProgress {
     }
 }
 
+/// The most owners one event may update, as in the DynamoDB adapter (one transaction of
+/// 100 items: the event, the check on its predecessor, the rows).
+const MAX_OWNERS: usize = 98;
+
+/// The most items one page holds, as in the DynamoDB adapter; a page holds at least one.
+fn page_limit(limit: u32) -> usize {
+    limit.clamp(1, 1000) as usize
+}
+
 #[async_trait]
 impl ProgressSink for MemoryProgress {
+    /// The DynamoDB adapter's transaction, all or nothing: the event must be the log's next
+    /// one, and no owner's row may already be at or past it.
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
+        let owners: HashSet<&Principal> = owners.iter().collect();
+        if owners.len() > MAX_OWNERS {
+            return Err(ProgressError::Rejected(format!(
+                "run {} has {} owners; one event updates at most {MAX_OWNERS} progress rows",
+                event.run_id,
+                owners.len()
+            )));
+        }
+        let conflict = || ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq };
         let mut events = lock(&self.events);
+        let mut rows = lock(&self.rows);
         let log = events.entry(event.run_id.clone()).or_default();
-        // Same contract as the conditional put: a seq is written once, and only next.
         if log.last().map_or(0, |e| e.seq) + 1 != event.seq {
-            return Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq });
+            return Err(conflict());
+        }
+        let key = |owner: &Principal| (owner.clone(), row.run_id.clone());
+        if owners.iter().any(|o| rows.get(&key(o)).is_some_and(|stored| stored.last_seq >= row.last_seq)) {
+            return Err(conflict());
         }
         log.push(event.clone());
-        let mut rows = lock(&self.rows);
         for owner in owners {
-            rows.insert((owner.clone(), row.run_id.clone()), row.clone());
+            rows.insert(key(owner), row.clone());
         }
         Ok(())
     }
@@ -175,7 +209,7 @@ impl ProgressSink for MemoryProgress {
 #[async_trait]
 impl ProgressReader for MemoryProgress {
     async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError> {
-        Ok(self.events(run).into_iter().filter(|e| e.seq > after).take(limit as usize).collect())
+        Ok(self.events(run).into_iter().filter(|e| e.seq > after).take(page_limit(limit)).collect())
     }
 
     async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError> {
@@ -186,7 +220,7 @@ impl ProgressReader for MemoryProgress {
         let rows = lock(&self.rows);
         let mut mine: Vec<ProgressRow> = rows.iter().filter(|((p, _), _)| p == principal).map(|(_, r)| r.clone()).collect();
         mine.sort_by(|a, b| b.run_id.cmp(&a.run_id));
-        mine.truncate(limit as usize);
+        mine.truncate(page_limit(limit));
         Ok(mine)
     }
 }

@@ -81,6 +81,11 @@ pub trait ModelClient: Send + Sync {
 
 // ---------------------------------------------------------------- store
 
+/// Why a store call failed. Three kinds of failure are kept apart, because they call for
+/// different actions: data that is stored but unreadable (`Corrupt`: terminal, a bug or a
+/// manual edit to investigate), a request the store refuses (`Rejected`, `TooLarge`:
+/// terminal until configuration or code changes), and a store that cannot answer now
+/// (`Unavailable`: retry).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("run {0} already exists")]
@@ -88,17 +93,33 @@ pub enum StoreError {
     /// A conditional write lost: the lease is held by another runner, or was lost.
     #[error("lease on run {0} is not held by this runner")]
     LeaseLost(RunId),
+    /// An item would exceed what one write may hold. Terminal; the message names the item
+    /// and the limit.
     #[error("stored item is too large: {0}")]
     TooLarge(String),
+    /// A stored item does not read back as a record (a field missing or of the wrong type,
+    /// a document that is not JSON). Terminal: no retry makes it readable. The message
+    /// names the item (table and key).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The store refused the request itself: a missing table, missing permissions, an
+    /// invalid request. Terminal until configuration (or code) changes; the message says
+    /// what to fix.
+    #[error("the store rejected the request: {0}")]
+    Rejected(String),
+    /// Throttled, a server error, a timeout, no connection: a retry can succeed.
     #[error("store unavailable: {0}")]
     Unavailable(String),
 }
 
 impl StoreError {
     pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        match self {
+            StoreError::Unavailable(_) => true,
+            StoreError::AlreadyExists(_) | StoreError::LeaseLost(_) | StoreError::TooLarge(_) | StoreError::Corrupt(_) | StoreError::Rejected(_) => {
+                false
+            }
+        }
     }
 }
 
@@ -138,20 +159,31 @@ pub trait RunStore: Send + Sync {
 
 // ---------------------------------------------------------------- progress
 
+/// Why a progress call failed; the kinds are [`StoreError`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProgressError {
-    /// `seq` already taken: another writer appended to this run's log.
-    #[error("event {seq} of run {run} already exists")]
+    /// `seq` is not the next one of the run's log (already taken, or past a gap), or a
+    /// progress row is already past it: another writer is ahead of this one.
+    #[error("event {seq} of run {run} is not the next one: another writer is ahead")]
     Conflict { run: RunId, seq: u64 },
-    #[error("stored event is corrupt: {0}")]
+    /// A stored event or progress row does not read back. Terminal; names the item.
+    #[error("stored progress data is corrupt: {0}")]
     Corrupt(String),
+    /// The store refused the request itself (missing table, permissions, an event too
+    /// large or with too many owners). Terminal; says what to fix.
+    #[error("the progress store rejected the request: {0}")]
+    Rejected(String),
+    /// Throttled, a server error, a timeout, no connection: a retry can succeed.
     #[error("progress store unavailable: {0}")]
     Unavailable(String),
 }
 
 impl ProgressError {
     pub fn retryable(&self) -> bool {
-        matches!(self, ProgressError::Unavailable(_))
+        match self {
+            ProgressError::Unavailable(_) => true,
+            ProgressError::Conflict { .. } | ProgressError::Corrupt(_) | ProgressError::Rejected(_) => false,
+        }
     }
 }
 
@@ -263,20 +295,30 @@ pub trait RunHistory: Send + Sync {
 
 // ---------------------------------------------------------------- analytics
 
+/// Why an analytics call failed; the kinds are [`StoreError`]'s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AnalyticsError {
     /// Only a finished run has a rollup.
     #[error("run {0} has not finished")]
     Unfinished(RunId),
+    /// A stored rollup row does not read back. Terminal; names the item.
     #[error("stored rollup is corrupt: {0}")]
     Corrupt(String),
+    /// The store refused the request itself (missing table, permissions, invalid request).
+    /// Terminal; says what to fix.
+    #[error("the analytics store rejected the request: {0}")]
+    Rejected(String),
+    /// Throttled, a server error, a timeout, no connection: a retry can succeed.
     #[error("analytics store unavailable: {0}")]
     Unavailable(String),
 }
 
 impl AnalyticsError {
     pub fn retryable(&self) -> bool {
-        matches!(self, AnalyticsError::Unavailable(_))
+        match self {
+            AnalyticsError::Unavailable(_) => true,
+            AnalyticsError::Unfinished(_) | AnalyticsError::Corrupt(_) | AnalyticsError::Rejected(_) => false,
+        }
     }
 }
 

@@ -1,19 +1,17 @@
-//! DynamoDB implementations of [`RunStore`], [`ProgressSink`] and [`ProgressReader`].
+//! DynamoDB implementations of [`RunStore`] and [`RunHistory`] (the event log and progress
+//! rows are in [`super::progress`]).
 //!
 //! Layout (see `infra/tables.json`):
 //! - runs: `pk = RUN#<id>`; `sk = META` holds the run record and the lease, `sk = STEP#<id>`
 //!   one checkpoint per step. JSON documents (definition, input, outputs) are stored as
 //!   strings: they round-trip exactly, whereas DynamoDB numbers and empty strings would not.
-//! - events: `pk = RUN#<id>`, `seq` (number). Appended with `attribute_not_exists`, so a seq
-//!   is written once.
-//! - progress: `pk = <principal>`, `sk = RUN#<id>`, one row per run per owner.
 //! - history reads the runs table's GSIs `by-caller` / `by-workflow` (`created_at` sort),
 //!   newest first, and filters by the run's owners (see [`RunHistory`]).
 //!
 //! DynamoDB rejects expression attribute values that an expression does not use (the local
 //! moto server does not), so every expression below uses exactly the values it passes.
 
-use super::{describe, transient};
+use super::dynamo_error::{defect, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
@@ -22,8 +20,7 @@ use crate::pricing::Usage;
 use crate::run::*;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, ReturnValue, TransactWriteItem};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -33,7 +30,7 @@ use tracing::{debug, instrument};
 pub(super) type Item = HashMap<String, AttributeValue>;
 
 /// DynamoDB's item limit is 400 KB; stay under it with room for attribute names.
-const MAX_ITEM_BYTES: usize = 390 * 1024;
+pub(super) const MAX_ITEM_BYTES: usize = 390 * 1024;
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
@@ -52,48 +49,13 @@ pub(super) fn run_pk(id: &RunId) -> String {
     format!("RUN#{id}")
 }
 
-/// How a DynamoDB call failed: `Ok(message)` when a retry can help (transport, throttling,
-/// 5xx), `Err(message)` when it cannot (a malformed request is a defect here).
-pub(super) fn classify<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> Result<String, String>
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
-{
-    let (code, message) = describe(&err);
-    if transient(&err) || code.as_deref() == Some("ProvisionedThroughputExceededException") {
-        Ok(message)
-    } else {
-        Err(format!("{}: {message}", code.unwrap_or_default()))
-    }
-}
-
-pub(super) fn store_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StoreError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
-{
-    classify(err).map_or_else(StoreError::Corrupt, StoreError::Unavailable)
-}
-
-fn progress_err<E>(err: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> ProgressError
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
-{
-    classify(err).map_or_else(ProgressError::Corrupt, ProgressError::Unavailable)
-}
-
-pub(super) fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
-    err: &SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-) -> bool {
-    use aws_sdk_dynamodb::error::ProvideErrorMetadata;
-    matches!(err.code(), Some("ConditionalCheckFailedException"))
-        || (err.code() == Some("TransactionCanceledException") && err.message().unwrap_or_default().contains("ConditionalCheckFailed"))
-}
-
 fn json_string(v: &Value) -> String {
     v.to_string()
 }
 
-fn parse_json(raw: &str, what: &str) -> Result<Value, StoreError> {
-    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+/// A JSON document stored as a string; `item` names the item holding it.
+fn parse_json(raw: &str, item: &str, attribute: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("{item}: {attribute} is not JSON: {e}")))
 }
 
 /// A run's META item, as stored.
@@ -145,14 +107,13 @@ impl RunItem {
         }
     }
 
-    fn into_record(self) -> Result<RunRecord, StoreError> {
+    /// `name` names the stored item, for errors.
+    fn into_record(self, name: &str) -> Result<RunRecord, StoreError> {
         Ok(RunRecord {
-            definition: parse_json(&self.definition, "run definition")?,
-            input: parse_json(&self.input, "run input")?,
-            output: self.output.as_deref().map(|o| parse_json(o, "run output")).transpose()?,
-            created_at: DateTime::parse_from_rfc3339(&self.created_at)
-                .map_err(|e| StoreError::Corrupt(format!("created_at: {e}")))?
-                .with_timezone(&Utc),
+            definition: parse_json(&self.definition, name, "definition")?,
+            input: parse_json(&self.input, name, "input")?,
+            output: self.output.as_deref().map(|o| parse_json(o, name, "output")).transpose()?,
+            created_at: parse_stored_time(&self.created_at).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?,
             id: self.id,
             workflow: self.workflow,
             caller: self.caller,
@@ -194,17 +155,26 @@ struct StepItem {
     finished_at: Option<DateTime<Utc>>,
 }
 
-fn to_item<T: Serialize>(value: &T) -> Result<Item, StoreError> {
-    serde_dynamo::aws_sdk_dynamodb_1::to_item(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+/// `what` as an item. Our records always encode, so a failure is a defect, not bad data.
+fn to_item<T: Serialize>(value: &T, what: &str) -> Result<Item, StoreError> {
+    serde_dynamo::aws_sdk_dynamodb_1::to_item(value).map_err(|e| StoreError::Rejected(defect(what, e)))
 }
 
-fn from_item<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, StoreError> {
-    serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| StoreError::Corrupt(e.to_string()))
+/// A stored item read back as `T`; an item that does not fit is corrupt, named by its key.
+fn from_item<T: for<'de> Deserialize<'de>>(table: &str, item: Item) -> Result<T, StoreError> {
+    let name = item_name(table, &item);
+    serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))
+}
+
+/// A run's META item read back as the record.
+fn read_run(table: &str, item: Item) -> Result<RunRecord, StoreError> {
+    let name = item_name(table, &item);
+    from_item::<RunItem>(table, item)?.into_record(&name)
 }
 
 /// Rough size of an item as DynamoDB counts it (names + values), to refuse oversize
 /// items with a clear error instead of an opaque ValidationException.
-fn item_size(item: &Item) -> usize {
+pub(super) fn item_size(item: &Item) -> usize {
     fn value_size(v: &AttributeValue) -> usize {
         match v {
             AttributeValue::S(s) | AttributeValue::N(s) => s.len(),
@@ -259,14 +229,14 @@ impl DynamoStore {
 impl RunStore for DynamoStore {
     #[instrument(skip_all, fields(run_id = %run.id))]
     async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        let item = to_item(&RunItem::from_record(run))?;
+        let item = to_item(&RunItem::from_record(run), &format!("the record of run {}", run.id))?;
         check_size(&item, "the run (definition + input)")?;
         let result =
             self.client.put_item().table_name(&self.tables.runs).set_item(Some(item)).condition_expression("attribute_not_exists(pk)").send().await;
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::AlreadyExists(run.id.clone())),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
 
@@ -279,8 +249,8 @@ impl RunStore for DynamoStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(store_err)?;
-        out.item.map(|item| from_item::<RunItem>(item)?.into_record()).transpose()
+            .map_err(store_err(&self.tables.runs))?;
+        out.item.map(|item| read_run(&self.tables.runs, item)).transpose()
     }
 
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
@@ -298,12 +268,13 @@ impl RunStore for DynamoStore {
                 .set_exclusive_start_key(start)
                 .send()
                 .await
-                .map_err(store_err)?;
+                .map_err(store_err(&self.tables.runs))?;
             for item in out.items.unwrap_or_default() {
-                let step: StepItem = from_item(item)?;
+                let name = item_name(&self.tables.runs, &item);
+                let step: StepItem = from_item(&self.tables.runs, item)?;
                 steps.push(StepRecord {
-                    output: step.output.as_deref().map(|o| parse_json(o, "step output")).transpose()?,
-                    detail: step.detail.as_deref().map(|d| parse_json(d, "step detail")).transpose()?,
+                    output: step.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
+                    detail: step.detail.as_deref().map(|d| parse_json(d, &name, "detail")).transpose()?,
                     step_id: step.step_id,
                     status: step.status,
                     attempts: step.attempts,
@@ -334,7 +305,7 @@ impl RunStore for DynamoStore {
             .set_key(Some(self.meta_key(id)))
             .update_expression("SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso)")
             .condition_expression(
-                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#expires) OR #expires < :now)))",
+                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#expires) OR #expires <= :now)))",
             )
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#holder", "lease_holder")
@@ -345,43 +316,46 @@ impl RunStore for DynamoStore {
             .expression_attribute_values(":holder", s(&lease.holder))
             .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
             .expression_attribute_values(":now", n(now.timestamp_millis()))
-            .expression_attribute_values(":now_iso", s(now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+            .expression_attribute_values(":now_iso", s(stored_instant(&now)))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
         match result {
             Ok(out) => {
-                let item = out.attributes.ok_or_else(|| StoreError::Corrupt("claim returned no item".into()))?;
-                Ok(Claim::Acquired(Box::new(from_item::<RunItem>(item)?.into_record()?)))
+                let item = out.attributes.ok_or_else(|| StoreError::Corrupt(format!("the claim of run {id} returned no record")))?;
+                Ok(Claim::Acquired(Box::new(read_run(&self.tables.runs, item)?)))
             }
             Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {
                 None => Claim::NotFound,
                 Some(run) if run.status.is_terminal() => Claim::Finished,
                 Some(_) => Claim::HeldElsewhere,
             }),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
 
     #[instrument(skip_all, fields(run_id = %id, step_id = %step.step_id))]
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
-        let item = to_item(&StepItem {
-            pk: run_pk(id),
-            sk: format!("STEP#{}", step.step_id),
-            step_id: step.step_id.clone(),
-            status: step.status,
-            attempts: step.attempts,
-            model: step.model.clone(),
-            output: step.output.as_ref().map(json_string),
-            text: step.text.clone(),
-            usage: step.usage,
-            cost: step.cost,
-            latency_ms: step.latency_ms,
-            error: step.error.clone(),
-            detail: step.detail.as_ref().map(json_string),
-            started_at: step.started_at,
-            finished_at: step.finished_at,
-        })?;
+        let item = to_item(
+            &StepItem {
+                pk: run_pk(id),
+                sk: format!("STEP#{}", step.step_id),
+                step_id: step.step_id.clone(),
+                status: step.status,
+                attempts: step.attempts,
+                model: step.model.clone(),
+                output: step.output.as_ref().map(json_string),
+                text: step.text.clone(),
+                usage: step.usage,
+                cost: step.cost,
+                latency_ms: step.latency_ms,
+                error: step.error.clone(),
+                detail: step.detail.as_ref().map(json_string),
+                started_at: step.started_at,
+                finished_at: step.finished_at,
+            },
+            &format!("the checkpoint of step {} of run {id}", step.step_id),
+        )?;
         check_size(&item, &format!("the checkpoint of step {}", step.step_id))?;
         // The checkpoint only lands while our lease stands: a runner that lost its lease
         // (and whose run was taken over) cannot overwrite the new runner's work.
@@ -391,8 +365,12 @@ impl RunStore for DynamoStore {
             .condition_expression("lease_holder = :holder")
             .expression_attribute_values(":holder", s(&lease.holder))
             .build()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let put = Put::builder().table_name(&self.tables.runs).set_item(Some(item)).build().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            .map_err(|e| StoreError::Rejected(defect("the lease check of a checkpoint", e)))?;
+        let put = Put::builder()
+            .table_name(&self.tables.runs)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("a checkpoint write", e)))?;
         let result = self
             .client
             .transact_write_items()
@@ -403,13 +381,14 @@ impl RunStore for DynamoStore {
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
 
     #[instrument(skip_all, fields(run_id = %run.id, status = ?run.status))]
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
-        let totals = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(run.totals).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let encode = |what: &str, e: serde_dynamo::Error| StoreError::Rejected(defect(&format!("the {what} of run {}", run.id), e));
+        let totals = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(run.totals).map_err(|e| encode("totals", e))?;
         let status = serde_json::to_value(run.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         let mut update = self
             .client
@@ -420,33 +399,47 @@ impl RunStore for DynamoStore {
             .expression_attribute_names("#status", "status")
             .expression_attribute_values(":holder", s(&lease.holder))
             .expression_attribute_values(":status", s(status))
-            .expression_attribute_values(
-                ":finished",
-                s(run.finished_at.unwrap_or_else(Utc::now).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            )
+            .expression_attribute_values(":finished", s(stored_instant(&run.finished_at.unwrap_or_else(Utc::now))))
             .expression_attribute_values(":totals", totals);
         // Every attribute is aliased: several names here (status, output, error) are
-        // DynamoDB reserved words.
+        // DynamoDB reserved words. The record ends up with exactly the output and error
+        // given: an absent one is removed, as the in-memory store replaces it.
         let mut set = vec!["#status = :status", "#finished = :finished", "#totals = :totals"];
-        update = update.expression_attribute_names("#finished", "finished_at").expression_attribute_names("#totals", "totals");
-        if let Some(output) = &run.output {
-            let output = json_string(output);
-            if output.len() > MAX_ITEM_BYTES / 2 {
-                return Err(StoreError::TooLarge(format!("the run output is {} bytes", output.len())));
+        let mut remove = vec!["lease_holder", "lease_expires"];
+        update = update
+            .expression_attribute_names("#finished", "finished_at")
+            .expression_attribute_names("#totals", "totals")
+            .expression_attribute_names("#output", "output")
+            .expression_attribute_names("#error", "error");
+        match &run.output {
+            Some(output) => {
+                let output = json_string(output);
+                if output.len() > MAX_ITEM_BYTES / 2 {
+                    return Err(StoreError::TooLarge(format!(
+                        "the output of run {} is {} bytes; at most {} fit in its record (DynamoDB items are limited to 400 KB)",
+                        run.id,
+                        output.len(),
+                        MAX_ITEM_BYTES / 2
+                    )));
+                }
+                update = update.expression_attribute_values(":output", s(output));
+                set.push("#output = :output");
             }
-            update = update.expression_attribute_values(":output", s(output)).expression_attribute_names("#output", "output");
-            set.push("#output = :output");
+            None => remove.push("#output"),
         }
-        if let Some(error) = &run.error {
-            let error = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(error).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            update = update.expression_attribute_values(":error", error).expression_attribute_names("#error", "error");
-            set.push("#error = :error");
+        match &run.error {
+            Some(error) => {
+                let error = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(error).map_err(|e| encode("error", e))?;
+                update = update.expression_attribute_values(":error", error);
+                set.push("#error = :error");
+            }
+            None => remove.push("#error"),
         }
-        let expression = format!("SET {} REMOVE lease_holder, lease_expires", set.join(", "));
+        let expression = format!("SET {} REMOVE {}", set.join(", "), remove.join(", "));
         match update.update_expression(expression).send().await {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(run.id.clone())),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
 
@@ -464,7 +457,7 @@ impl RunStore for DynamoStore {
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
 }
@@ -491,8 +484,16 @@ fn stored_time(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// An instant as stored outside the GSI sort keys: at full precision, as serde writes
+/// the record's own times, so every time reads back exactly as it was given.
+pub(super) fn stored_instant(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
 fn parse_stored_time(raw: &str) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::parse_from_rfc3339(raw).map(|t| t.with_timezone(&Utc)).map_err(|e| StoreError::Corrupt(format!("created_at {raw:?}: {e}")))
+    DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("created_at {raw:?} is not a time: {e}")))
 }
 
 /// The position a GSI key (an item's or a `LastEvaluatedKey`) stands for.
@@ -554,9 +555,9 @@ impl RunHistory for DynamoStore {
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(store_err)?;
+                .map_err(store_err(&self.tables.runs))?;
             for item in out.items.unwrap_or_default() {
-                let run: SummaryItem = from_item(item)?;
+                let run: SummaryItem = from_item(&self.tables.runs, item)?;
                 if !run.owners.iter().any(|o| query.visible_to.contains(o)) {
                     continue;
                 }
@@ -586,219 +587,5 @@ impl RunHistory for DynamoStore {
         debug!(found = items.len(), "history read bound reached");
         let next = start.as_ref().map(cursor_of).transpose()?;
         Ok(RunPage { items, next })
-    }
-}
-
-/// Event log and progress feeds.
-#[derive(Clone)]
-pub struct DynamoProgress {
-    client: Client,
-    tables: Tables,
-    retention: chrono::Duration,
-}
-
-impl DynamoProgress {
-    pub fn new(client: Client, tables: Tables, retention_days: u32) -> Self {
-        Self { client, tables, retention: chrono::Duration::days(i64::from(retention_days)) }
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct EventItem {
-    pk: String,
-    seq: u64,
-    run_id: RunId,
-    at: DateTime<Utc>,
-    #[serde(rename = "type")]
-    kind: EventType,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    step_id: Option<StepId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    attempt: Option<u32>,
-    data: String,
-    expires_at: i64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct ProgressItem {
-    pk: String,
-    sk: String,
-    run_id: RunId,
-    workflow: String,
-    status: RunStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    current_step: Option<StepId>,
-    totals: Totals,
-    last_seq: u64,
-    updated_at: DateTime<Utc>,
-    expires_at: i64,
-}
-
-fn to_event(item: Item) -> Result<Event, ProgressError> {
-    let e: EventItem = serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
-    Ok(Event {
-        run_id: e.run_id,
-        seq: e.seq,
-        at: e.at,
-        kind: e.kind,
-        step_id: e.step_id,
-        attempt: e.attempt,
-        data: serde_json::from_str(&e.data).map_err(|err| ProgressError::Corrupt(format!("event data: {err}")))?,
-    })
-}
-
-fn to_row(item: Item) -> Result<ProgressRow, ProgressError> {
-    let p: ProgressItem = serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
-    Ok(ProgressRow {
-        run_id: p.run_id,
-        workflow: p.workflow,
-        status: p.status,
-        current_step: p.current_step,
-        totals: p.totals,
-        last_seq: p.last_seq,
-        updated_at: p.updated_at,
-    })
-}
-
-/// DynamoDB transactions hold at most 100 items: one event plus up to 99 owner rows.
-const MAX_OWNERS: usize = 99;
-
-#[async_trait]
-impl ProgressSink for DynamoProgress {
-    #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq))]
-    async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
-        let expires_at = (event.at + self.retention).timestamp();
-        let corrupt = |e: serde_dynamo::Error| ProgressError::Corrupt(e.to_string());
-        let item = serde_dynamo::aws_sdk_dynamodb_1::to_item(EventItem {
-            pk: run_pk(&event.run_id),
-            seq: event.seq,
-            run_id: event.run_id.clone(),
-            at: event.at,
-            kind: event.kind,
-            step_id: event.step_id.clone(),
-            attempt: event.attempt,
-            data: event.data.to_string(),
-            expires_at,
-        })
-        .map_err(corrupt)?;
-        let put = Put::builder()
-            .table_name(&self.tables.events)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .map_err(|e| ProgressError::Corrupt(e.to_string()))?;
-        let mut tx = self.client.transact_write_items().transact_items(TransactWriteItem::builder().put(put).build());
-        let totals = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(row.totals).map_err(corrupt)?;
-        let status = serde_json::to_value(row.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        for owner in owners.iter().take(MAX_OWNERS) {
-            let mut update = Update::builder()
-                .table_name(&self.tables.progress)
-                .key("pk", s(owner.key()))
-                .key("sk", s(run_pk(&row.run_id)))
-                // Rows only move forward: an older event never overwrites a newer row.
-                .condition_expression("attribute_not_exists(#last_seq) OR #last_seq < :seq")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_names("#run_id", "run_id")
-                .expression_attribute_names("#workflow", "workflow")
-                .expression_attribute_names("#totals", "totals")
-                .expression_attribute_names("#last_seq", "last_seq")
-                .expression_attribute_names("#updated", "updated_at")
-                .expression_attribute_names("#expires", "expires_at")
-                .expression_attribute_names("#step", "current_step")
-                .expression_attribute_values(":seq", n(row.last_seq))
-                .expression_attribute_values(":run_id", s(row.run_id.as_str()))
-                .expression_attribute_values(":workflow", s(&row.workflow))
-                .expression_attribute_values(":status", s(&status))
-                .expression_attribute_values(":totals", totals.clone())
-                .expression_attribute_values(":updated", s(row.updated_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-                .expression_attribute_values(":expires", n(expires_at));
-            let mut expression =
-                "SET #run_id = :run_id, #workflow = :workflow, #status = :status, #totals = :totals, #last_seq = :seq, #updated = :updated, #expires = :expires".to_owned();
-            match &row.current_step {
-                Some(step) => {
-                    update = update.expression_attribute_values(":step", s(step.as_str()));
-                    expression.push_str(", #step = :step");
-                }
-                None => expression.push_str(" REMOVE #step"),
-            }
-            let update = update.update_expression(expression).build().map_err(|e| ProgressError::Corrupt(e.to_string()))?;
-            tx = tx.transact_items(TransactWriteItem::builder().update(update).build());
-        }
-        match tx.send().await {
-            Ok(_) => {
-                debug!(owners = owners.len(), "event and progress rows written");
-                Ok(())
-            }
-            Err(e) if is_condition_failure(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }),
-            Err(e) => Err(progress_err(e)),
-        }
-    }
-
-    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.tables.events)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", s(run_pk(run)))
-            .scan_index_forward(false)
-            .limit(1)
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(progress_err)?;
-        match out.items.unwrap_or_default().into_iter().next() {
-            None => Ok(0),
-            Some(item) => Ok(to_event(item)?.seq),
-        }
-    }
-}
-
-#[async_trait]
-impl ProgressReader for DynamoProgress {
-    async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.tables.events)
-            .key_condition_expression("pk = :pk AND seq > :after")
-            .expression_attribute_values(":pk", s(run_pk(run)))
-            .expression_attribute_values(":after", n(after))
-            .limit(limit.clamp(1, 1000) as i32)
-            // Strongly consistent so a cursor never skips an event that was just written.
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(progress_err)?;
-        out.items.unwrap_or_default().into_iter().map(to_event).collect()
-    }
-
-    async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.tables.progress)
-            .key("pk", s(principal.key()))
-            .key("sk", s(run_pk(run)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(progress_err)?;
-        out.item.map(to_row).transpose()
-    }
-
-    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.tables.progress)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", s(principal.key()))
-            .scan_index_forward(false)
-            .limit(limit.clamp(1, 1000) as i32)
-            .send()
-            .await
-            .map_err(progress_err)?;
-        out.items.unwrap_or_default().into_iter().map(to_row).collect()
     }
 }

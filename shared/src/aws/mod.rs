@@ -6,13 +6,16 @@
 
 mod bedrock;
 mod dynamo;
+mod dynamo_error;
 mod lambda;
+mod progress;
 mod rollups;
 mod spend;
 
 pub use bedrock::BedrockModel;
-pub use dynamo::{DynamoProgress, DynamoStore};
+pub use dynamo::DynamoStore;
 pub use lambda::{LambdaDispatcher, RunnerEvent};
+pub use progress::DynamoProgress;
 pub use rollups::DynamoAnalytics;
 pub use spend::DynamoDailySpend;
 

@@ -20,7 +20,8 @@
 //! Reading: one Query per principal, `sk BETWEEN DAY#<from> AND DAY#<to + 1 day>`, returns
 //! every workflow's rows for the period — no scan, no list of workflows needed.
 
-use super::dynamo::{Item, classify, expires_after, is_condition_failure, n, run_pk, s};
+use super::dynamo::{Item, expires_after, n, run_pk, s};
+use super::dynamo_error::{analytics_err, corrupt_item, defect, is_condition_failure};
 use crate::analytics::{CostSums, ROLLUP_RETENTION_DAYS, RunRollup, StepRollup, WorkflowCosts, merge_by_workflow};
 use crate::config::Tables;
 use crate::ids::{Principal, StepId};
@@ -122,11 +123,11 @@ fn part_updates(rollup: &RunRollup) -> Vec<PartUpdate> {
         .collect()
 }
 
-/// Sums of one stored row; attributes it does not know (`expires_at`, …) are ignored.
-fn row_costs(item: &Item) -> Result<WorkflowCosts, AnalyticsError> {
-    let corrupt = |what: String| AnalyticsError::Corrupt(what);
+/// Sums of one stored row of `table`; attributes it does not know (`expires_at`, …) are ignored.
+fn row_costs(table: &str, item: &Item) -> Result<WorkflowCosts, AnalyticsError> {
+    let corrupt = |what: String| AnalyticsError::Corrupt(corrupt_item(table, item, what));
     let Some(AttributeValue::S(workflow)) = item.get("workflow") else {
-        return Err(corrupt("rollup row without workflow".into()));
+        return Err(corrupt("no workflow".into()));
     };
     let mut costs = WorkflowCosts::new(workflow.clone());
     for (name, value) in item {
@@ -159,15 +160,8 @@ fn is_conflict(err: &SdkError<impl ProvideErrorMetadata, HttpResponse>) -> bool 
         || (err.code() == Some("TransactionCanceledException") && err.message().unwrap_or_default().contains("TransactionConflict"))
 }
 
-fn analytics_err<E>(err: SdkError<E, HttpResponse>) -> AnalyticsError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    classify(err).map_or_else(AnalyticsError::Corrupt, AnalyticsError::Unavailable)
-}
-
 fn build_err(e: impl std::fmt::Display) -> AnalyticsError {
-    AnalyticsError::Corrupt(e.to_string())
+    AnalyticsError::Rejected(defect("a rollup write", e))
 }
 
 impl DynamoAnalytics {
@@ -209,7 +203,7 @@ impl DynamoAnalytics {
                     let delay = Duration::from_millis(rand::rng().random_range(cap / 2..=cap));
                     tokio::time::sleep(delay).await;
                 }
-                Err(e) => return Err(analytics_err(e)),
+                Err(e) => return Err(analytics_err(&self.table)(e)),
             }
         }
         warn!(owner = %owner, attempts = CONFLICT_ATTEMPTS, "rollup row stayed busy");
@@ -257,9 +251,9 @@ impl Analytics for DynamoAnalytics {
                 .set_exclusive_start_key(start)
                 .send()
                 .await
-                .map_err(analytics_err)?;
+                .map_err(analytics_err(&self.table))?;
             for item in out.items.unwrap_or_default() {
-                rows.push(row_costs(&item)?);
+                rows.push(row_costs(&self.table, &item)?);
             }
             match out.last_evaluated_key {
                 Some(key) => start = Some(key),
@@ -329,7 +323,7 @@ mod tests {
             })
             .collect();
         item.insert("pk".into(), s("ROLLUP#USER#a"));
-        let costs = row_costs(&item).unwrap();
+        let costs = row_costs("rollups", &item).unwrap();
         assert_eq!(costs.workflow, r.workflow);
         assert_eq!(costs.totals, r.run);
         assert_eq!(costs.steps.len(), 2);
@@ -353,7 +347,7 @@ mod tests {
         assert!(is_condition_failure(&recorded) && !is_conflict(&recorded));
         let invalid = tx_error("ValidationException", "bad expression");
         assert!(!is_conflict(&invalid) && !is_condition_failure(&invalid));
-        assert!(matches!(analytics_err(invalid), AnalyticsError::Corrupt(_)), "a malformed request is not retried");
+        assert!(matches!(analytics_err("rollups")(invalid), AnalyticsError::Rejected(_)), "a malformed request is rejected, not retried");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! Settling is one unconditional `ADD` of `charged - reserved` (negative when the call
 //! cost less than its worst case) and of the charge.
 
-use super::dynamo::{expires_after, is_condition_failure, n, s, store_err};
+use super::dynamo::{expires_after, n, s};
+use super::dynamo_error::{corrupt_item, is_condition_failure, store_err};
 use crate::config::Tables;
 use crate::money::Usd;
 use crate::ports::{DailySpend, StoreError};
@@ -46,16 +47,17 @@ fn expires_at(day: NaiveDate) -> i64 {
     expires_after(day, RETENTION_DAYS)
 }
 
-fn pico(item: &HashMap<String, AttributeValue>, name: &str) -> Result<Usd, StoreError> {
+/// A counter of a stored day item (`table` names it in errors).
+fn pico(table: &str, item: &HashMap<String, AttributeValue>, name: &str) -> Result<Usd, StoreError> {
     match item.get(name) {
         None => Ok(Usd::ZERO),
         Some(AttributeValue::N(raw)) => {
             // Settlements may briefly take the sum below zero only if a reservation was lost;
             // read that as nothing committed.
-            let value: i128 = raw.parse().map_err(|e| StoreError::Corrupt(format!("spend counter {name} = {raw:?}: {e}")))?;
+            let value: i128 = raw.parse().map_err(|e| StoreError::Corrupt(corrupt_item(table, item, format!("counter {name} = {raw:?}: {e}"))))?;
             Ok(Usd::from_pico(u64::try_from(value.max(0)).unwrap_or(u64::MAX)))
         }
-        Some(other) => Err(StoreError::Corrupt(format!("spend counter {name} is {other:?}"))),
+        Some(other) => Err(StoreError::Corrupt(corrupt_item(table, item, format!("counter {name} is not a number: {other:?}")))),
     }
 }
 
@@ -81,7 +83,7 @@ impl DailySpend for DynamoDailySpend {
         match result {
             Ok(_) => Ok(Ok(())),
             Err(e) if is_condition_failure(&e) => self.day(owner, day).await.map(Err),
-            Err(e) => Err(store_err(e)),
+            Err(e) => Err(store_err(&self.table)(e)),
         }
     }
 
@@ -98,7 +100,7 @@ impl DailySpend for DynamoDailySpend {
             .expression_attribute_values(":expires", n(expires_at(day)))
             .send()
             .await
-            .map_err(store_err)?;
+            .map_err(store_err(&self.table))?;
         Ok(())
     }
 
@@ -111,8 +113,8 @@ impl DailySpend for DynamoDailySpend {
             .consistent_read(true)
             .send()
             .await
-            .map_err(store_err)?;
+            .map_err(store_err(&self.table))?;
         let item = out.item.unwrap_or_default();
-        Ok(DaySpend { charged: pico(&item, "charged_pico")?, committed: pico(&item, "committed_pico")? })
+        Ok(DaySpend { charged: pico(&self.table, &item, "charged_pico")?, committed: pico(&self.table, &item, "committed_pico")? })
     }
 }

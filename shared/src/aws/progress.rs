@@ -1,0 +1,305 @@
+//! DynamoDB implementations of [`ProgressSink`] and [`ProgressReader`]: each run's event
+//! log and each owner's progress rows.
+//!
+//! Layout (see `infra/tables.json`):
+//! - events: `pk = RUN#<id>`, `seq` (number), TTL `expires_at`.
+//! - progress: `pk = <principal>`, `sk = RUN#<id>`, one row per run per owner, TTL `expires_at`.
+//!
+//! One event is one transaction, so the log and the rows never disagree:
+//! - the event's put, conditional on its seq being free;
+//! - for `seq > 1`, a check that event `seq - 1` exists. With the put's condition this makes
+//!   the log gap-free: by induction it always holds `1..=last`, and only `last + 1` has both
+//!   a predecessor and a free slot;
+//! - one update per owner's row, conditional on the row not being at or past `seq` already,
+//!   so rows only move forward.
+//!
+//! Any failed condition cancels the whole transaction: the event is not the next one, or
+//! another writer is ahead — a [`ProgressError::Conflict`] either way.
+
+use super::dynamo::{Item, MAX_ITEM_BYTES, item_size, n, run_pk, s, stored_instant};
+use super::dynamo_error::{corrupt_item, defect, is_condition_failure, progress_err};
+use crate::config::Tables;
+use crate::ids::{Principal, RunId, StepId};
+use crate::ports::{ProgressError, ProgressReader, ProgressSink};
+use crate::run::{Event, EventType, ProgressRow, RunStatus, Totals};
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, instrument};
+
+/// A DynamoDB transaction holds at most 100 items: the event, the check on its
+/// predecessor, and one row per owner.
+pub const MAX_OWNERS: usize = 98;
+
+/// Event log and progress feeds.
+#[derive(Clone)]
+pub struct DynamoProgress {
+    client: Client,
+    tables: Tables,
+    retention: chrono::Duration,
+}
+
+impl DynamoProgress {
+    pub fn new(client: Client, tables: Tables, retention_days: u32) -> Self {
+        Self { client, tables, retention: chrono::Duration::days(i64::from(retention_days)) }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct EventItem {
+    pk: String,
+    seq: u64,
+    run_id: RunId,
+    at: DateTime<Utc>,
+    #[serde(rename = "type")]
+    kind: EventType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    step_id: Option<StepId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attempt: Option<u32>,
+    data: String,
+    expires_at: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProgressItem {
+    pk: String,
+    sk: String,
+    run_id: RunId,
+    workflow: String,
+    status: RunStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    current_step: Option<StepId>,
+    totals: Totals,
+    last_seq: u64,
+    updated_at: DateTime<Utc>,
+    expires_at: i64,
+}
+
+fn to_event(table: &str, item: Item) -> Result<Event, ProgressError> {
+    let corrupt = |item: &Item, problem: String| ProgressError::Corrupt(corrupt_item(table, item, problem));
+    let e: EventItem = serde_dynamo::aws_sdk_dynamodb_1::from_item(item.clone()).map_err(|e| corrupt(&item, e.to_string()))?;
+    let data = serde_json::from_str(&e.data).map_err(|err| corrupt(&item, format!("data is not JSON: {err}")))?;
+    Ok(Event { run_id: e.run_id, seq: e.seq, at: e.at, kind: e.kind, step_id: e.step_id, attempt: e.attempt, data })
+}
+
+fn to_row(table: &str, item: Item) -> Result<ProgressRow, ProgressError> {
+    let p: ProgressItem =
+        serde_dynamo::aws_sdk_dynamodb_1::from_item(item.clone()).map_err(|e| ProgressError::Corrupt(corrupt_item(table, &item, e)))?;
+    Ok(ProgressRow {
+        run_id: p.run_id,
+        workflow: p.workflow,
+        status: p.status,
+        current_step: p.current_step,
+        totals: p.totals,
+        last_seq: p.last_seq,
+        updated_at: p.updated_at,
+    })
+}
+
+/// `owners` without repeats, in order: a transaction may not touch one item twice.
+fn distinct(owners: &[Principal]) -> Vec<&Principal> {
+    let mut seen = std::collections::HashSet::new();
+    owners.iter().filter(|o| seen.insert(*o)).collect()
+}
+
+impl DynamoProgress {
+    fn row_update(&self, owner: &Principal, row: &ProgressRow, expires_at: i64) -> Result<TransactWriteItem, ProgressError> {
+        let totals = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(row.totals)
+            .map_err(|e| ProgressError::Rejected(defect(&format!("the progress row of run {}", row.run_id), e)))?;
+        let status = serde_json::to_value(row.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let mut update = Update::builder()
+            .table_name(&self.tables.progress)
+            .key("pk", s(owner.key()))
+            .key("sk", s(run_pk(&row.run_id)))
+            // Rows only move forward: an older event never overwrites a newer row.
+            .condition_expression("attribute_not_exists(#last_seq) OR #last_seq < :seq")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#run_id", "run_id")
+            .expression_attribute_names("#workflow", "workflow")
+            .expression_attribute_names("#totals", "totals")
+            .expression_attribute_names("#last_seq", "last_seq")
+            .expression_attribute_names("#updated", "updated_at")
+            .expression_attribute_names("#expires", "expires_at")
+            .expression_attribute_names("#step", "current_step")
+            .expression_attribute_values(":seq", n(row.last_seq))
+            .expression_attribute_values(":run_id", s(row.run_id.as_str()))
+            .expression_attribute_values(":workflow", s(&row.workflow))
+            .expression_attribute_values(":status", s(&status))
+            .expression_attribute_values(":totals", totals)
+            .expression_attribute_values(":updated", s(stored_instant(&row.updated_at)))
+            .expression_attribute_values(":expires", n(expires_at));
+        let mut expression =
+            "SET #run_id = :run_id, #workflow = :workflow, #status = :status, #totals = :totals, #last_seq = :seq, #updated = :updated, #expires = :expires".to_owned();
+        match &row.current_step {
+            Some(step) => {
+                update = update.expression_attribute_values(":step", s(step.as_str()));
+                expression.push_str(", #step = :step");
+            }
+            None => expression.push_str(" REMOVE #step"),
+        }
+        let update = update.update_expression(expression).build().map_err(|e| ProgressError::Rejected(defect("a progress row update", e)))?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+}
+
+#[async_trait]
+impl ProgressSink for DynamoProgress {
+    #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq))]
+    async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
+        let owners = distinct(owners);
+        if owners.len() > MAX_OWNERS {
+            return Err(ProgressError::Rejected(format!(
+                "run {} has {} owners; one event updates at most {MAX_OWNERS} progress rows (one DynamoDB transaction)",
+                event.run_id,
+                owners.len()
+            )));
+        }
+        let conflict = || ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq };
+        if event.seq == 0 {
+            // Logs start at 1; 0 is what `last_seq` answers for an empty log.
+            return Err(conflict());
+        }
+        let expires_at = (event.at + self.retention).timestamp();
+        let what = format!("event {} of run {}", event.seq, event.run_id);
+        let item = serde_dynamo::aws_sdk_dynamodb_1::to_item(EventItem {
+            pk: run_pk(&event.run_id),
+            seq: event.seq,
+            run_id: event.run_id.clone(),
+            at: event.at,
+            kind: event.kind,
+            step_id: event.step_id.clone(),
+            attempt: event.attempt,
+            data: event.data.to_string(),
+            expires_at,
+        })
+        .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
+        let size = item_size(&item);
+        if size > MAX_ITEM_BYTES {
+            return Err(ProgressError::Rejected(format!(
+                "{what} ({:?}) is {size} bytes; DynamoDB items are limited to 400 KB: make its data smaller",
+                event.kind
+            )));
+        }
+        let put = Put::builder()
+            .table_name(&self.tables.events)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
+        let mut tx = self.client.transact_write_items().transact_items(TransactWriteItem::builder().put(put).build());
+        if event.seq > 1 {
+            let previous = ConditionCheck::builder()
+                .table_name(&self.tables.events)
+                .key("pk", s(run_pk(&event.run_id)))
+                .key("seq", n(event.seq - 1))
+                .condition_expression("attribute_exists(pk)")
+                .build()
+                .map_err(|e| ProgressError::Rejected(defect(&format!("the check before {what}"), e)))?;
+            tx = tx.transact_items(TransactWriteItem::builder().condition_check(previous).build());
+        }
+        for owner in &owners {
+            tx = tx.transact_items(self.row_update(owner, row, expires_at)?);
+        }
+        match tx.send().await {
+            Ok(_) => {
+                debug!(owners = owners.len(), "event and progress rows written");
+                Ok(())
+            }
+            Err(e) if is_condition_failure(&e) => Err(conflict()),
+            Err(e) => Err(progress_err(&self.tables.events)(e)),
+        }
+    }
+
+    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(run_pk(run)))
+            .scan_index_forward(false)
+            .limit(1)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(progress_err(&self.tables.events))?;
+        match out.items.unwrap_or_default().into_iter().next() {
+            None => Ok(0),
+            Some(item) => Ok(to_event(&self.tables.events, item)?.seq),
+        }
+    }
+}
+
+/// Pages hold 1 to 1,000 items, whatever limit is asked for.
+pub(super) fn page_limit(limit: u32) -> i32 {
+    limit.clamp(1, 1000) as i32
+}
+
+#[async_trait]
+impl ProgressReader for DynamoProgress {
+    async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.events)
+            .key_condition_expression("pk = :pk AND seq > :after")
+            .expression_attribute_values(":pk", s(run_pk(run)))
+            .expression_attribute_values(":after", n(after))
+            .limit(page_limit(limit))
+            // Strongly consistent so a cursor never skips an event that was just written.
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(progress_err(&self.tables.events))?;
+        out.items.unwrap_or_default().into_iter().map(|item| to_event(&self.tables.events, item)).collect()
+    }
+
+    async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.progress)
+            .key("pk", s(principal.key()))
+            .key("sk", s(run_pk(run)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(progress_err(&self.tables.progress))?;
+        out.item.map(|item| to_row(&self.tables.progress, item)).transpose()
+    }
+
+    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.tables.progress)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(principal.key()))
+            .scan_index_forward(false)
+            .limit(page_limit(limit))
+            .send()
+            .await
+            .map_err(progress_err(&self.tables.progress))?;
+        out.items.unwrap_or_default().into_iter().map(|item| to_row(&self.tables.progress, item)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_written_once_each_in_order() {
+        let a = Principal::User("a".into());
+        let g = Principal::Group("g".into());
+        assert_eq!(distinct(&[a.clone(), g.clone(), a.clone(), Principal::Public, g.clone()]), vec![&a, &g, &Principal::Public]);
+    }
+
+    #[test]
+    fn pages_hold_one_to_a_thousand_items() {
+        assert_eq!((page_limit(0), page_limit(1), page_limit(50), page_limit(5_000)), (1, 1, 50, 1000));
+    }
+}
