@@ -63,7 +63,7 @@ demo: venv build
 test: venv
 	@rc=0; \
 	cargo check -q -p chainrun-core --no-default-features || rc=1; \
-	cargo test --workspace || rc=1; \
+	CHAINRUN_MOTO=1 cargo test --workspace || rc=1; \
 	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
 	exit $$rc
 

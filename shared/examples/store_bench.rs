@@ -138,24 +138,30 @@ impl RequestCounter {
         }
     }
 
-    /// A transaction's purpose: an event append (by event type), a step checkpoint (by the
-    /// status it records) or a roll-up.
+    /// A transaction's purpose: a step checkpoint (by the status it records), an event
+    /// append (by event type), both when one transaction carries both, or a roll-up.
     fn transaction_purpose(&self, body: &Value) -> String {
         let actions = body["TransactItems"].as_array().cloned().unwrap_or_default();
-        let mut roles = Vec::new();
+        let (mut roles, mut parts) = (Vec::new(), Vec::new());
         for action in &actions {
             for (kind, spec) in action.as_object().into_iter().flatten() {
                 let role = spec["TableName"].as_str().map(|t| self.table_role(t)).unwrap_or("?");
-                if kind == "Put" && role == "events" {
-                    return format!("event.{}", spec["Item"]["type"]["S"].as_str().unwrap_or("?"));
-                }
                 if kind == "Put" && role == "runs" && spec["Item"]["sk"]["S"].as_str().is_some_and(|sk| sk.starts_with("STEP#")) {
-                    return format!("checkpoint.{}", spec["Item"]["status"]["S"].as_str().unwrap_or("?"));
+                    parts.push(format!("checkpoint.{}", spec["Item"]["status"]["S"].as_str().unwrap_or("?")));
+                }
+                if kind == "Put" && role == "events" {
+                    parts.push(format!("event.{}", spec["Item"]["type"]["S"].as_str().unwrap_or("?")));
                 }
                 roles.push(role);
             }
         }
-        if roles.contains(&"rollups") { "rollup".into() } else { format!("transaction:{}", roles.join("+")) }
+        if !parts.is_empty() {
+            parts.join("+")
+        } else if roles.contains(&"rollups") {
+            "rollup".into()
+        } else {
+            format!("transaction:{}", roles.join("+"))
+        }
     }
 
     fn record(&self, op: &str, body: Option<&[u8]>) {

@@ -187,11 +187,62 @@ impl ProgressError {
     }
 }
 
+/// The most owners one event updates rows for: a DynamoDB transaction holds 100 items —
+/// the event, the check of its predecessor, a step checkpoint with its lease check, and
+/// one row per owner. Both adapters refuse more.
+pub const MAX_OWNERS: usize = 96;
+
+/// A step checkpoint that goes with an event (see [`ProgressSink::publish_checkpointed`]).
+#[derive(Clone, Copy)]
+pub struct Checkpoint<'a> {
+    /// Where checkpoints live, for adapters that cannot write both at once.
+    pub store: &'a dyn RunStore,
+    /// The checkpoint lands only while this lease holds the run.
+    pub lease: &'a Lease,
+    pub step: &'a StepRecord,
+}
+
+/// Why a checkpointed event was not written: the checkpoint's error or the event's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+}
+
+impl JournalError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            JournalError::Store(e) => e.retryable(),
+            JournalError::Progress(e) => e.retryable(),
+        }
+    }
+}
+
 #[async_trait]
 pub trait ProgressSink: Send + Sync {
     /// Appends `event` to the run's log and replaces `row` in each owner's feed,
     /// atomically: a reader never sees a progress row ahead of the log.
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError>;
+
+    /// Checkpoints a step of the event's run (only while the checkpoint's lease holds the
+    /// run) and publishes `event` as [`ProgressSink::publish`] does. An adapter that can
+    /// write both in one request does, so a step's result and the event announcing it land
+    /// together or not at all. This default writes the checkpoint first, so an event never
+    /// announces a result that a resumed run could not read back.
+    async fn publish_checkpointed(
+        &self,
+        event: &Event,
+        row: &ProgressRow,
+        owners: &[Principal],
+        checkpoint: Checkpoint<'_>,
+    ) -> Result<(), JournalError> {
+        checkpoint.store.save_step(&event.run_id, checkpoint.lease, checkpoint.step).await?;
+        self.publish(event, row, owners).await?;
+        Ok(())
+    }
+
     /// The highest `seq` in the run's log (0 when empty).
     async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError>;
 }

@@ -204,6 +204,63 @@ async fn memory_adapters_honour_the_contract() {
     contract(Subject { store: Arc::new(MemoryStore::new()), progress: Arc::new(MemoryProgress::new()) }).await;
 }
 
+// ---------------------------------------------------------------- a checkpoint with its event
+
+/// What the engine relies on when a step's result goes out with its event: both land, or
+/// neither does when the lease is lost; a seq conflict never appends the event.
+async fn checkpointed_contract(s: Subject) {
+    let run = new_run();
+    s.store.create_run(&run).await.unwrap();
+    let ours = lease("one", 5);
+    assert!(matches!(s.store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let publish = |seq: u64, step_id: &'static str, held: Lease| {
+        let (store, progress, run) = (s.store.clone(), s.progress.clone(), run.id.clone());
+        async move {
+            let record = step(step_id, json!({ "seq": seq }));
+            let checkpoint = Checkpoint { store: store.as_ref(), lease: &held, step: &record };
+            progress.publish_checkpointed(&event(&run, seq), &row(&run, seq), &[alice()], checkpoint).await
+        }
+    };
+
+    publish(1, "a", ours.clone()).await.unwrap();
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    assert_eq!(steps.iter().map(|r| (r.step_id.to_string(), r.output.clone())).collect::<Vec<_>>(), [("a".to_owned(), Some(json!({ "seq": 1 })))]);
+    assert_eq!(seqs(s.progress.as_ref(), &run.id).await, [1]);
+    assert_eq!(last_seq_of(s.progress.as_ref(), &alice(), &run.id).await, Some(1));
+
+    // Not the next seq: the event is refused and nothing is announced.
+    assert_eq!(publish(3, "b", ours.clone()).await, Err(JournalError::Progress(ProgressError::Conflict { run: run.id.clone(), seq: 3 })));
+    assert_eq!(seqs(s.progress.as_ref(), &run.id).await, [1]);
+
+    // A runner whose lease is gone writes neither its checkpoint nor its event.
+    let theirs = lease("two", 5);
+    assert_eq!(publish(2, "c", theirs).await, Err(JournalError::Store(StoreError::LeaseLost(run.id.clone()))));
+    assert!(s.store.get_steps(&run.id).await.unwrap().iter().all(|r| r.step_id.as_str() != "c"), "a checkpoint without its lease");
+    assert_eq!(seqs(s.progress.as_ref(), &run.id).await, [1]);
+    assert_eq!(last_seq_of(s.progress.as_ref(), &alice(), &run.id).await, Some(1));
+
+    // The next seq with the lease: both land.
+    publish(2, "c", ours).await.unwrap();
+    assert_eq!(seqs(s.progress.as_ref(), &run.id).await, [1, 2]);
+    assert!(s.store.get_steps(&run.id).await.unwrap().iter().any(|r| r.step_id.as_str() == "c"));
+}
+
+#[tokio::test]
+async fn memory_adapters_write_a_checkpoint_with_its_event() {
+    checkpointed_contract(Subject { store: Arc::new(MemoryStore::new()), progress: Arc::new(MemoryProgress::new()) }).await;
+}
+
+#[tokio::test]
+async fn dynamodb_adapters_write_a_checkpoint_with_its_event_in_one_transaction() {
+    let Some(moto) = moto("dynamodb_adapters_write_a_checkpoint_with_its_event_in_one_transaction").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    checkpointed_contract(Subject {
+        store: Arc::new(DynamoStore::new(client.clone(), tables.clone())),
+        progress: Arc::new(DynamoProgress::new(client, tables, 30)),
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- progress: the log and the rows
 
 fn event(run: &RunId, seq: u64) -> Event {
@@ -280,22 +337,24 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     assert_eq!(p.events_after(&run, 0, 0).await.unwrap().len(), 1);
     assert_eq!(p.feed(&alice(), 0).await.unwrap().len(), 1);
 
-    // One event updates at most 98 owners' rows (a DynamoDB transaction holds 100 items);
-    // more is refused up front, terminally, and writes nothing.
+    // One event updates at most MAX_OWNERS rows (a DynamoDB transaction holds 100 items,
+    // a checkpoint and the log's own checks among them); more is refused up front,
+    // terminally, and writes nothing.
     let crowded = RunId::new();
-    let many: Vec<Principal> = (0..99).map(|i| Principal::User(format!("u{i}"))).collect();
+    let many: Vec<Principal> = (0..=MAX_OWNERS).map(|i| Principal::User(format!("u{i}"))).collect();
     for seq in [0, 1, 2] {
         let refused = p.publish(&event(&crowded, seq), &row(&crowded, seq), &many).await.unwrap_err();
         assert!(matches!(&refused, ProgressError::Rejected(_)), "seq {seq}: the owners are checked first: {refused:?}");
     }
     let refused = p.publish(&event(&crowded, 1), &row(&crowded, 1), &many).await.unwrap_err();
-    assert!(matches!(&refused, ProgressError::Rejected(m) if m.contains("99 owners") && m.contains("98")), "{refused:?}");
+    let (count, limit) = (format!("{} owners", MAX_OWNERS + 1), format!("at most {MAX_OWNERS}"));
+    assert!(matches!(&refused, ProgressError::Rejected(m) if m.contains(&count) && m.contains(&limit)), "{refused:?}");
     assert!(!refused.retryable());
     assert_eq!(p.last_seq(&crowded).await.unwrap(), 0);
     for seq in 1..=2 {
-        p.publish(&event(&crowded, seq), &row(&crowded, seq), &many[..98]).await.unwrap();
+        p.publish(&event(&crowded, seq), &row(&crowded, seq), &many[..MAX_OWNERS]).await.unwrap();
     }
-    assert_eq!(last_seq_of(p.as_ref(), &many[97], &crowded).await, Some(2));
+    assert_eq!(last_seq_of(p.as_ref(), &many[MAX_OWNERS - 1], &crowded).await, Some(2));
 
     if !atomic {
         return;

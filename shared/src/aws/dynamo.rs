@@ -221,8 +221,51 @@ impl DynamoStore {
     }
 
     fn meta_key(&self, id: &RunId) -> Item {
-        HashMap::from([("pk".to_owned(), s(run_pk(id))), ("sk".to_owned(), s("META"))])
+        meta_key(id)
     }
+}
+
+fn meta_key(id: &RunId) -> Item {
+    HashMap::from([("pk".to_owned(), s(run_pk(id))), ("sk".to_owned(), s("META"))])
+}
+
+/// A step checkpoint as two transaction items: the check that `lease` still holds the run
+/// (first), and the step's item. Shared by [`DynamoStore::save_step`] and the event log,
+/// which writes a checkpoint in the same transaction as the event announcing it.
+pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<[TransactWriteItem; 2], StoreError> {
+    let item = to_item(
+        &StepItem {
+            pk: run_pk(id),
+            sk: format!("STEP#{}", step.step_id),
+            step_id: step.step_id.clone(),
+            status: step.status,
+            attempts: step.attempts,
+            model: step.model.clone(),
+            output: step.output.as_ref().map(json_string),
+            text: step.text.clone(),
+            usage: step.usage,
+            cost: step.cost,
+            latency_ms: step.latency_ms,
+            error: step.error.clone(),
+            detail: step.detail.as_ref().map(json_string),
+            started_at: step.started_at,
+            finished_at: step.finished_at,
+        },
+        &format!("the checkpoint of step {} of run {id}", step.step_id),
+    )?;
+    check_size(&item, &format!("the checkpoint of step {}", step.step_id))?;
+    // The checkpoint only lands while our lease stands: a runner that lost its lease
+    // (and whose run was taken over) cannot overwrite the new runner's work.
+    let lease_check = ConditionCheck::builder()
+        .table_name(&tables.runs)
+        .set_key(Some(meta_key(id)))
+        .condition_expression("lease_holder = :holder")
+        .expression_attribute_values(":holder", s(&lease.holder))
+        .build()
+        .map_err(|e| StoreError::Rejected(defect("the lease check of a checkpoint", e)))?;
+    let put =
+        Put::builder().table_name(&tables.runs).set_item(Some(item)).build().map_err(|e| StoreError::Rejected(defect("a checkpoint write", e)))?;
+    Ok([TransactWriteItem::builder().condition_check(lease_check).build(), TransactWriteItem::builder().put(put).build()])
 }
 
 #[async_trait]
@@ -336,48 +379,8 @@ impl RunStore for DynamoStore {
 
     #[instrument(skip_all, fields(run_id = %id, step_id = %step.step_id))]
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
-        let item = to_item(
-            &StepItem {
-                pk: run_pk(id),
-                sk: format!("STEP#{}", step.step_id),
-                step_id: step.step_id.clone(),
-                status: step.status,
-                attempts: step.attempts,
-                model: step.model.clone(),
-                output: step.output.as_ref().map(json_string),
-                text: step.text.clone(),
-                usage: step.usage,
-                cost: step.cost,
-                latency_ms: step.latency_ms,
-                error: step.error.clone(),
-                detail: step.detail.as_ref().map(json_string),
-                started_at: step.started_at,
-                finished_at: step.finished_at,
-            },
-            &format!("the checkpoint of step {} of run {id}", step.step_id),
-        )?;
-        check_size(&item, &format!("the checkpoint of step {}", step.step_id))?;
-        // The checkpoint only lands while our lease stands: a runner that lost its lease
-        // (and whose run was taken over) cannot overwrite the new runner's work.
-        let lease_check = ConditionCheck::builder()
-            .table_name(&self.tables.runs)
-            .set_key(Some(self.meta_key(id)))
-            .condition_expression("lease_holder = :holder")
-            .expression_attribute_values(":holder", s(&lease.holder))
-            .build()
-            .map_err(|e| StoreError::Rejected(defect("the lease check of a checkpoint", e)))?;
-        let put = Put::builder()
-            .table_name(&self.tables.runs)
-            .set_item(Some(item))
-            .build()
-            .map_err(|e| StoreError::Rejected(defect("a checkpoint write", e)))?;
-        let result = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().condition_check(lease_check).build())
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .send()
-            .await;
+        let [lease_check, put] = checkpoint_writes(&self.tables, id, lease, step)?;
+        let result = self.client.transact_write_items().transact_items(lease_check).transact_items(put).send().await;
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),

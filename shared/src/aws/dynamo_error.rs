@@ -180,6 +180,15 @@ pub(super) fn is_condition_failure<E: ProvideErrorMetadata>(err: &SdkError<E, Ht
         || (err.code() == Some("TransactionCanceledException") && err.message().unwrap_or_default().contains("ConditionalCheckFailed"))
 }
 
+/// Whether the condition of the transaction's `index`-th item is one that failed. DynamoDB
+/// lists a reason per item, in order, in the cancellation's message
+/// (`… [None, ConditionalCheckFailed, None]`).
+pub(super) fn failed_condition_at<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>, index: usize) -> bool {
+    let message = err.message().unwrap_or_default();
+    let reasons = message.rfind('[').and_then(|start| message[start + 1..].split(']').next());
+    reasons.is_some_and(|list| list.split(',').nth(index).is_some_and(|reason| reason.trim() == "ConditionalCheckFailed"))
+}
+
 /// A request this code failed to build or encode: a defect, never worth retrying.
 pub(super) fn defect(what: &str, err: impl std::fmt::Display) -> String {
     format!("could not build {what} (a defect in chainrun; please report it): {err}")

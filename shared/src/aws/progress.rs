@@ -16,11 +16,11 @@
 //! Any failed condition cancels the whole transaction: the event is not the next one, or
 //! another writer is ahead — a [`ProgressError::Conflict`] either way.
 
-use super::dynamo::{Item, MAX_ITEM_BYTES, item_size, n, run_pk, s, stored_instant};
-use super::dynamo_error::{corrupt_item, defect, is_condition_failure, progress_err};
+use super::dynamo::{Item, MAX_ITEM_BYTES, checkpoint_writes, item_size, n, run_pk, s, stored_instant};
+use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, progress_err};
 use crate::config::Tables;
 use crate::ids::{Principal, RunId, StepId};
-use crate::ports::{ProgressError, ProgressReader, ProgressSink};
+use crate::ports::{Checkpoint, JournalError, MAX_OWNERS, ProgressError, ProgressReader, ProgressSink, StoreError};
 use crate::run::{Event, EventType, ProgressRow, RunStatus, Totals};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -28,10 +28,6 @@ use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, instrument};
-
-/// A DynamoDB transaction holds at most 100 items: the event, the check on its
-/// predecessor, and one row per owner.
-pub const MAX_OWNERS: usize = 98;
 
 /// Event log and progress feeds.
 #[derive(Clone)]
@@ -106,6 +102,76 @@ fn distinct(owners: &[Principal]) -> Vec<&Principal> {
 }
 
 impl DynamoProgress {
+    /// The event's put (its seq free), the check that its predecessor exists, and one
+    /// update per owner's row (never backwards).
+    fn event_writes(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<Vec<TransactWriteItem>, ProgressError> {
+        let owners = distinct(owners);
+        if owners.len() > MAX_OWNERS {
+            return Err(ProgressError::Rejected(format!(
+                "run {} has {} owners; one event updates at most {MAX_OWNERS} progress rows (one DynamoDB transaction)",
+                event.run_id,
+                owners.len()
+            )));
+        }
+        if event.seq == 0 {
+            // Logs start at 1; 0 is what `last_seq` answers for an empty log.
+            return Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq });
+        }
+        let expires_at = (event.at + self.retention).timestamp();
+        let what = format!("event {} of run {}", event.seq, event.run_id);
+        let item = serde_dynamo::aws_sdk_dynamodb_1::to_item(EventItem {
+            pk: run_pk(&event.run_id),
+            seq: event.seq,
+            run_id: event.run_id.clone(),
+            at: event.at,
+            kind: event.kind,
+            step_id: event.step_id.clone(),
+            attempt: event.attempt,
+            data: event.data.to_string(),
+            expires_at,
+        })
+        .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
+        let size = item_size(&item);
+        if size > MAX_ITEM_BYTES {
+            return Err(ProgressError::Rejected(format!(
+                "{what} ({:?}) is {size} bytes; DynamoDB items are limited to 400 KB: make its data smaller",
+                event.kind
+            )));
+        }
+        let put = Put::builder()
+            .table_name(&self.tables.events)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
+        let mut writes = vec![TransactWriteItem::builder().put(put).build()];
+        if event.seq > 1 {
+            let previous = ConditionCheck::builder()
+                .table_name(&self.tables.events)
+                .key("pk", s(run_pk(&event.run_id)))
+                .key("seq", n(event.seq - 1))
+                .condition_expression("attribute_exists(pk)")
+                .build()
+                .map_err(|e| ProgressError::Rejected(defect(&format!("the check before {what}"), e)))?;
+            writes.push(TransactWriteItem::builder().condition_check(previous).build());
+        }
+        for owner in &owners {
+            writes.push(self.row_update(owner, row, expires_at)?);
+        }
+        Ok(writes)
+    }
+
+    /// A transaction of `writes` for `event`. Its client token (run and seq) makes the
+    /// SDK-level retry of a write whose answer was lost a no-op instead of a conflict with
+    /// itself: DynamoDB applies a token's transaction once for 10 minutes.
+    fn transaction(
+        &self,
+        event: &Event,
+        writes: Vec<TransactWriteItem>,
+    ) -> aws_sdk_dynamodb::operation::transact_write_items::builders::TransactWriteItemsFluentBuilder {
+        self.client.transact_write_items().set_transact_items(Some(writes)).client_request_token(format!("{}-{}", event.run_id, event.seq))
+    }
+
     fn row_update(&self, owner: &Principal, row: &ProgressRow, expires_at: i64) -> Result<TransactWriteItem, ProgressError> {
         let totals = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(row.totals)
             .map_err(|e| ProgressError::Rejected(defect(&format!("the progress row of run {}", row.run_id), e)))?;
@@ -149,67 +215,38 @@ impl DynamoProgress {
 impl ProgressSink for DynamoProgress {
     #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq))]
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
-        let owners = distinct(owners);
-        if owners.len() > MAX_OWNERS {
-            return Err(ProgressError::Rejected(format!(
-                "run {} has {} owners; one event updates at most {MAX_OWNERS} progress rows (one DynamoDB transaction)",
-                event.run_id,
-                owners.len()
-            )));
-        }
-        let conflict = || ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq };
-        if event.seq == 0 {
-            // Logs start at 1; 0 is what `last_seq` answers for an empty log.
-            return Err(conflict());
-        }
-        let expires_at = (event.at + self.retention).timestamp();
-        let what = format!("event {} of run {}", event.seq, event.run_id);
-        let item = serde_dynamo::aws_sdk_dynamodb_1::to_item(EventItem {
-            pk: run_pk(&event.run_id),
-            seq: event.seq,
-            run_id: event.run_id.clone(),
-            at: event.at,
-            kind: event.kind,
-            step_id: event.step_id.clone(),
-            attempt: event.attempt,
-            data: event.data.to_string(),
-            expires_at,
-        })
-        .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
-        let size = item_size(&item);
-        if size > MAX_ITEM_BYTES {
-            return Err(ProgressError::Rejected(format!(
-                "{what} ({:?}) is {size} bytes; DynamoDB items are limited to 400 KB: make its data smaller",
-                event.kind
-            )));
-        }
-        let put = Put::builder()
-            .table_name(&self.tables.events)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .map_err(|e| ProgressError::Rejected(defect(&what, e)))?;
-        let mut tx = self.client.transact_write_items().transact_items(TransactWriteItem::builder().put(put).build());
-        if event.seq > 1 {
-            let previous = ConditionCheck::builder()
-                .table_name(&self.tables.events)
-                .key("pk", s(run_pk(&event.run_id)))
-                .key("seq", n(event.seq - 1))
-                .condition_expression("attribute_exists(pk)")
-                .build()
-                .map_err(|e| ProgressError::Rejected(defect(&format!("the check before {what}"), e)))?;
-            tx = tx.transact_items(TransactWriteItem::builder().condition_check(previous).build());
-        }
-        for owner in &owners {
-            tx = tx.transact_items(self.row_update(owner, row, expires_at)?);
-        }
-        match tx.send().await {
+        let writes = self.event_writes(event, row, owners)?;
+        match self.transaction(event, writes).send().await {
             Ok(_) => {
                 debug!(owners = owners.len(), "event and progress rows written");
                 Ok(())
             }
-            Err(e) if is_condition_failure(&e) => Err(conflict()),
+            Err(e) if is_condition_failure(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }),
             Err(e) => Err(progress_err(&self.tables.events)(e)),
+        }
+    }
+
+    /// One transaction: the checkpoint's lease check and item first, then the event and rows.
+    #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq, step_id = %checkpoint.step.step_id))]
+    async fn publish_checkpointed(
+        &self,
+        event: &Event,
+        row: &ProgressRow,
+        owners: &[Principal],
+        checkpoint: Checkpoint<'_>,
+    ) -> Result<(), JournalError> {
+        let mut writes = checkpoint_writes(&self.tables, &event.run_id, checkpoint.lease, checkpoint.step)?.to_vec();
+        writes.extend(self.event_writes(event, row, owners)?);
+        match self.transaction(event, writes).send().await {
+            Ok(_) => {
+                debug!(owners = owners.len(), "checkpoint, event and progress rows written");
+                Ok(())
+            }
+            // Which condition failed is in the cancellation reasons, one per item in order:
+            // the lease check is the first item.
+            Err(e) if is_condition_failure(&e) && failed_condition_at(&e, 0) => Err(StoreError::LeaseLost(event.run_id.clone()).into()),
+            Err(e) if is_condition_failure(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }.into()),
+            Err(e) => Err(progress_err(&self.tables.events)(e).into()),
         }
     }
 

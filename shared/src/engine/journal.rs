@@ -12,7 +12,7 @@
 use crate::budget::{self, BudgetExceeded, BudgetLimits, Ledger, Reservation};
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
-use crate::ports::{ProgressError, ProgressSink};
+use crate::ports::{Checkpoint, JournalError, Lease, ProgressSink, RunStore};
 use crate::pricing::Usage;
 use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
 use crate::wire::events::EventBody;
@@ -27,6 +27,9 @@ const PUBLISH_TRIES: u32 = 4;
 
 pub struct Journal {
     sink: Arc<dyn ProgressSink>,
+    /// Where step checkpoints go, under `lease`; each is written with the event announcing it.
+    store: Arc<dyn RunStore>,
+    lease: Lease,
     run_id: RunId,
     workflow: String,
     owners: Vec<Principal>,
@@ -48,10 +51,20 @@ pub struct JournalState {
 impl Journal {
     /// A journal continuing after `last_seq`, its ledger starting from what the run's
     /// checkpoints already spent (so a resumed run's budget counts it).
-    pub fn new(sink: Arc<dyn ProgressSink>, run: &RunRecord, last_seq: u64, checkpoints: &[Option<StepRecord>], budget: BudgetLimits) -> Self {
+    pub fn new(
+        sink: Arc<dyn ProgressSink>,
+        store: Arc<dyn RunStore>,
+        lease: Lease,
+        run: &RunRecord,
+        last_seq: u64,
+        checkpoints: &[Option<StepRecord>],
+        budget: BudgetLimits,
+    ) -> Self {
         let spent = Totals::of_checkpoints(checkpoints.iter().flatten());
         Self {
             sink,
+            store,
+            lease,
             run_id: run.id.clone(),
             workflow: run.workflow.clone(),
             owners: run.owners.clone(),
@@ -99,19 +112,22 @@ impl Journal {
     }
 
     /// Appends an event without changing what the rows show.
-    pub async fn emit(&self, body: EventBody, step: Option<&StepId>, attempt: Option<u32>) -> Result<(), ProgressError> {
-        self.emit_with(body, step, attempt, |_| {}).await
+    pub async fn emit(&self, body: EventBody, step: Option<&StepId>, attempt: Option<u32>) -> Result<(), JournalError> {
+        self.emit_with(body, step, attempt, None, |_| {}).await
     }
 
-    /// Appends one event (next seq) and updates every owner's row after `change`. The lock
-    /// is held across the write so events land in seq order.
+    /// Appends one event (next seq) and updates every owner's row after `change`; with a
+    /// `checkpoint`, the step's record is written in the same request (see
+    /// [`ProgressSink::publish_checkpointed`]), so a result and its announcement never part.
+    /// The lock is held across the write so events land in seq order.
     pub async fn emit_with(
         &self,
         body: EventBody,
         step: Option<&StepId>,
         attempt: Option<u32>,
+        checkpoint: Option<&StepRecord>,
         change: impl FnOnce(&mut JournalState),
-    ) -> Result<(), ProgressError> {
+    ) -> Result<(), JournalError> {
         let mut state = self.state.lock().await;
         change(&mut state);
         let seq = state.last_seq + 1;
@@ -129,7 +145,14 @@ impl Journal {
         };
         let mut tries = 1;
         loop {
-            match self.sink.publish(&event, &row, &self.owners).await {
+            let written = match checkpoint {
+                Some(step) => {
+                    let checkpoint = Checkpoint { store: self.store.as_ref(), lease: &self.lease, step };
+                    self.sink.publish_checkpointed(&event, &row, &self.owners, checkpoint).await
+                }
+                None => self.sink.publish(&event, &row, &self.owners).await.map_err(JournalError::from),
+            };
+            match written {
                 Ok(()) => break,
                 Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
                     warn!(error = %e, seq, "progress write failed; retrying");

@@ -33,7 +33,7 @@ use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
 use crate::graph::ValidatedGraph;
 use crate::limits;
-use crate::ports::{DailySpend, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
+use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
 use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
 use crate::spend::DailyCaps;
@@ -108,6 +108,15 @@ pub enum EngineError {
     Progress(#[from] ProgressError),
 }
 
+impl From<JournalError> for EngineError {
+    fn from(e: JournalError) -> Self {
+        match e {
+            JournalError::Store(e) => EngineError::Store(e),
+            JournalError::Progress(e) => EngineError::Progress(e),
+        }
+    }
+}
+
 impl EngineError {
     pub fn retryable(&self) -> bool {
         match self {
@@ -161,7 +170,8 @@ impl Engine {
             Err(invalid) => {
                 // Validated at start; this only happens if the price registry changed since.
                 let error = ErrorInfo::terminal(ErrorCode::InvalidWorkflow, invalid.to_string());
-                let journal = Journal::new(self.sink.clone(), &run, self.sink.last_seq(&run.id).await?, &[], BudgetLimits::UNLIMITED);
+                let last_seq = self.sink.last_seq(&run.id).await?;
+                let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &[], BudgetLimits::UNLIMITED);
                 self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
             }
         }
@@ -181,7 +191,7 @@ impl Engine {
             let records = self.checkpoints(&run, &graph).await?;
             let last_seq = self.sink.last_seq(&run.id).await?;
             // Spend already checkpointed counts against the budget of a resumed run.
-            let journal = Arc::new(Journal::new(self.sink.clone(), &run, last_seq, &records, graph.budget));
+            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &records, graph.budget));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps.len() }), None, None).await?;
             } else {
@@ -194,12 +204,10 @@ impl Engine {
             let shared = Arc::new(StepContext {
                 owner_cap,
                 model: self.model.clone(),
-                store: self.store.clone(),
                 models: self.models.clone(),
                 config: self.config.clone(),
                 journal: journal.clone(),
                 run_id: run.id.clone(),
-                lease: lease.clone(),
             });
 
             let mut schedule = Schedule::new(graph.clone(), records);
@@ -212,8 +220,8 @@ impl Engine {
                 while let Some((i, decision)) = schedule.decide_next() {
                     if let Decision::Skip(reason) = decision {
                         let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Skipped, None, Utc::now());
-                        self.store.save_step(&run.id, &lease, &record).await?;
-                        journal.emit(EventBody::StepSkipped(StepSkipped { reason }), Some(&record.step_id), None).await?;
+                        let body = EventBody::StepSkipped(StepSkipped { reason });
+                        journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
                         schedule.settle(i, record);
                     }
                 }
@@ -327,7 +335,7 @@ impl Engine {
             _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
         };
         journal
-            .emit_with(body, None, None, |s| {
+            .emit_with(body, None, None, None, |s| {
                 s.status = status;
                 s.current_step = None;
             })

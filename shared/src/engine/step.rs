@@ -10,7 +10,7 @@ use crate::codes::ErrorCode;
 use crate::graph::{ItemStep, MapSpec, Step, StepKind, ValidatedGraph};
 use crate::ids::RunId;
 use crate::money::Usd;
-use crate::ports::{Lease, ModelClient, RunStore};
+use crate::ports::ModelClient;
 use crate::pricing::{ModelRegistry, Usage};
 use crate::run::{ErrorInfo, StepRecord, StepStatus};
 use crate::template;
@@ -27,12 +27,10 @@ pub struct StepContext {
     /// The run's caller's daily cap, if one applies.
     pub owner_cap: Option<OwnerCap>,
     pub model: Arc<dyn ModelClient>,
-    pub store: Arc<dyn RunStore>,
     pub models: Arc<ModelRegistry>,
     pub config: EngineConfig,
     pub journal: Arc<Journal>,
     pub run_id: RunId,
-    pub lease: Lease,
 }
 
 /// The result of running a unit of work (a step, or one map item).
@@ -77,18 +75,18 @@ impl StepContext {
                 _ => None,
             };
             let id = step.id.clone();
-            self.journal
-                .emit_with(EventBody::StepStarted(StepStarted { model: model.clone() }), Some(&step.id), Some(1), move |s| s.current_step = Some(id))
-                .await?;
-            if self.config.checkpoint_running && model.is_some() {
-                // A RUNNING checkpoint lets run snapshots show what is in flight; resume ignores it.
+            let started = EventBody::StepStarted(StepStarted { model: model.clone() });
+            // A model step's RUNNING checkpoint goes with its STEP_STARTED event, so run
+            // snapshots show what is in flight at no extra write; resume ignores it.
+            let running = (self.config.checkpoint_running && model.is_some()).then(|| {
                 let mut running = StepRecord::settled(step.id.clone(), StepStatus::Running, None, started_at);
                 running.finished_at = None;
                 running.started_at = Some(started_at);
                 running.attempts = 1;
                 running.model = model.clone();
-                self.store.save_step(&self.run_id, &self.lease, &running).await?;
-            }
+                running
+            });
+            self.journal.emit_with(started, Some(&step.id), Some(1), running.as_ref(), move |s| s.current_step = Some(id)).await?;
             let work = match &step.kind {
                 StepKind::Llm(spec) => self.run_llm(&step.id, spec, &context, None).await?,
                 StepKind::Transform(spec) => transform::run(spec, &context),
@@ -114,7 +112,6 @@ impl StepContext {
                 started_at: Some(started_at),
                 finished_at: Some(Utc::now()),
             };
-            self.store.save_step(&self.run_id, &self.lease, &record).await?;
             let body = match record.status {
                 StepStatus::Completed => EventBody::StepCompleted(StepCompleted {
                     model: record.model.clone(),
@@ -137,7 +134,7 @@ impl StepContext {
             let id = step.id.clone();
             let latency_ms = record.latency_ms;
             self.journal
-                .emit_with(body, Some(&step.id), Some(record.attempts), move |s| {
+                .emit_with(body, Some(&step.id), Some(record.attempts), Some(&record), move |s| {
                     s.step_latency_ms += latency_ms;
                     if s.current_step.as_ref() == Some(&id) {
                         s.current_step = None;
