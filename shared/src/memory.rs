@@ -161,9 +161,6 @@ impl MemoryProgress {
     }
 }
 
-/// The most owners one event may update, as in the DynamoDB adapter (one transaction of
-/// 100 items: the event, the check on its predecessor, the rows).
-
 /// The most items one page holds, as in the DynamoDB adapter; a page holds at least one.
 fn page_limit(limit: u32) -> usize {
     limit.clamp(1, 1000) as usize
