@@ -100,6 +100,77 @@ string_schema! {
     StepId: "^[A-Za-z][A-Za-z0-9_]{0,63}$", "A step id, addressable as `steps.<id>`.";
 }
 
+/// Names that come from outside and are shown, stored and used in keys, but carry no
+/// syntax of their own: any text of 1 to `max` characters without control characters.
+macro_rules! name_newtype {
+    ($($(#[$doc:meta])* $ty:ident: $kind:literal, max $max:literal;)*) => {$(
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $ty(String);
+
+        impl $ty {
+            pub const MAX_CHARS: usize = $max;
+
+            pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+                let chars = raw.chars().count();
+                if (1..=$max).contains(&chars) && !raw.chars().any(char::is_control) {
+                    Ok(Self(raw.to_owned()))
+                } else {
+                    Err(InvalidId { kind: $kind, value: raw.chars().take(64).collect() })
+                }
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl PartialEq<str> for $ty {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $ty {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $ty {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({ "type": "string", "minLength": 1, "maxLength": $max })
+            }
+        }
+
+        parsed_string!($ty);
+    )*};
+}
+
+name_newtype! {
+    /// A signed-in caller: the identity provider's subject (`sub`).
+    UserId: "user id", max 256;
+    /// A workflow's name: names its runs in history, analytics and progress feeds.
+    WorkflowName: "workflow name", max 128;
+}
+
 /// Who may see a run's progress: a user, a group, or one of the shared feeds.
 /// Rendered as the progress table's partition key (`USER#alice`, `GROUP#eng`, `ADMIN`, `PUBLIC`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -177,6 +248,20 @@ mod tests {
         for bad in ["", "2fast", "has-dash", "has.dot", "spa ce"] {
             assert!(StepId::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn ids_from_outside_are_parsed_when_deserialized() {
+        let id = RunId::new();
+        let back: RunId = serde_json::from_value(serde_json::json!(id.as_str())).unwrap();
+        assert_eq!(back, id);
+        let err = serde_json::from_value::<RunId>(serde_json::json!("../../etc")).unwrap_err();
+        assert!(err.to_string().contains("invalid run id"), "{err}");
+        assert!(serde_json::from_value::<StepId>(serde_json::json!("has-dash")).is_err());
+        assert!(serde_json::from_value::<crate::run::RunnerEvent>(serde_json::json!({ "run_id": "nope" })).is_err());
+        assert!(serde_json::from_value::<UserId>(serde_json::json!("")).is_err());
+        assert!(serde_json::from_value::<WorkflowName>(serde_json::json!("tab\there")).is_err());
+        assert_eq!(serde_json::to_value(WorkflowName::parse("feedback-triage").unwrap()).unwrap(), serde_json::json!("feedback-triage"));
     }
 
     #[test]
