@@ -26,7 +26,7 @@ use crate::ports::{
 use crate::pricing::{ModelRegistry, Usage};
 use crate::run::{ErrorInfo, Event, EventType, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::spend::{DailyCapExceeded, DailyCaps};
-use crate::template;
+use crate::template::{self, Template};
 use crate::workflow::{ItemFailure, Join, RetryPolicy};
 use chrono::{NaiveDate, Utc};
 use futures::StreamExt;
@@ -424,7 +424,7 @@ fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecor
     match &graph.output {
         Some(source) => {
             let all: Vec<usize> = (0..graph.steps.len()).collect();
-            template::render(source, &template_context(input, graph, records, &all)).map(Value::String)
+            source.render(&template_context(input, graph, records, &all)).map(Value::String)
         }
         None => {
             let mut out = Map::new();
@@ -744,12 +744,12 @@ impl StepContext {
         let Some(model_info) = self.models.get(&spec.model) else {
             return Ok(Work::failed("UNKNOWN_MODEL", format!("no price for model {}", spec.model)));
         };
-        let render = |source: &str| template::render(source, context);
+        let render = |source: &Template| source.render(context);
         let prompt = match render(&spec.prompt) {
             Ok(p) => p,
             Err(e) => return Ok(Work::failed("TEMPLATE_ERROR", format!("prompt: {e}"))),
         };
-        let system = match spec.system.as_deref().map(render).transpose() {
+        let system = match spec.system.as_ref().map(render).transpose() {
             Ok(s) => s,
             Err(e) => return Ok(Work::failed("TEMPLATE_ERROR", format!("system: {e}"))),
         };
@@ -1010,7 +1010,7 @@ impl StepContext {
 /// A transform: a template renders to text; an expression evaluates to JSON.
 fn transform(spec: &TransformSpec, context: &Value) -> Work {
     match spec {
-        TransformSpec::Template(source) => match template::render(source, context) {
+        TransformSpec::Template(source) => match source.render(context) {
             Ok(text) => Work::done(text.clone(), Value::String(text)),
             Err(e) => Work::failed("TEMPLATE_ERROR", format!("template: {e}")),
         },
