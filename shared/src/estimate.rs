@@ -76,7 +76,7 @@ use crate::ids::StepId;
 use crate::limits::{JSON_HINT_BYTES, MAX_MAP_ITEMS, MAX_OUTPUT_BYTES, reply_limit};
 use crate::money::Usd;
 use crate::pricing::{ModelInfo, ModelRegistry, Usage};
-use crate::template;
+use crate::template::{self, Template};
 use crate::workflow::{Join, OutputFormat};
 use serde_json::{Map, Value, json};
 
@@ -327,11 +327,11 @@ impl Rendered {
 }
 
 impl Slots<'_> {
-    /// Renders `source` with `scope` (input, item, index) and markers for upstream values.
+    /// Renders `template` with `scope` (input, item, index) and markers for upstream values.
     /// `item_known`: whether `scope` holds the real item and index (a map over a list the
     /// input gives) rather than placeholders (a list only known at run time).
-    fn render(&self, source: &str, scope: &Value, item_known: bool) -> Rendered {
-        let linear = reads_steps_only_in_slots(source) && (item_known || !reads_item(source));
+    fn render(&self, template: &Template, scope: &Value, item_known: bool) -> Rendered {
+        let linear = reads_steps_only_in_slots(template.source()) && (item_known || !(template.reads("item") || template.reads("index")));
         let mut steps = Map::new();
         let mut markers: Vec<(String, Option<u64>)> = Vec::new();
         for (i, step) in self.graph.steps.iter().enumerate() {
@@ -345,12 +345,12 @@ impl Slots<'_> {
         }
         let mut context = scope.clone();
         context["steps"] = Value::Object(steps);
-        let rendered = match template::render(source, &context) {
+        let rendered = match template.render(&context) {
             Ok(r) => r,
             // Not linear: a failure may come from a marker standing where an object was
             // read, or from a placeholder item.
             Err(_) if linear => return Rendered::Fails,
-            Err(_) => return Rendered::Unbounded { bytes_empty: source.len() as u64 },
+            Err(_) => return Rendered::Unbounded { bytes_empty: template.source().len() as u64 },
         };
         let mut bytes_empty = rendered.len() as u64;
         let mut max = Some(rendered.len() as u64);
@@ -397,7 +397,7 @@ fn reads_steps_only_in_slots(source: &str) -> bool {
         let keyword = tag.trim_start_matches(['-', '+']).split_whitespace().next().unwrap_or_default();
         matches!(keyword, "if" | "elif" | "else" | "endif" | "for" | "endfor")
     });
-    plain_blocks && template::references(&rest, &crate::template::ITEM_ROOTS).is_ok_and(|refs| refs.steps.is_empty() && !refs.dynamic_step_access)
+    plain_blocks && template::references(&rest, &template::ITEM_ROOTS).is_ok_and(|refs| refs.steps.is_empty() && !refs.dynamic_step_access)
 }
 
 fn is_slot(expression: &str) -> bool {
@@ -406,11 +406,6 @@ fn is_slot(expression: &str) -> bool {
         (parts.next(), parts.next(), parts.next(), parts.next()),
         (Some("steps"), Some(id), Some("text" | "output"), None) if crate::ids::StepId::parse(id).is_ok()
     )
-}
-
-/// Whether a map's sub-step template reads `item` or `index`.
-fn reads_item(source: &str) -> bool {
-    template::references(source, &template::STEP_ROOTS).is_ok_and(|refs| refs.unknown_roots.iter().any(|root| root == "item" || root == "index"))
 }
 
 /// The most items a map whose list comes from a step can have. A JSON value parsed from a
@@ -438,7 +433,7 @@ fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, 
     // Validation rejects a model without a price, so this is only a safeguard.
     let model = models.get(&spec.model)?;
     let prompt = slots.render(&spec.prompt, scope, item_known);
-    let system = spec.system.as_deref().map(|s| slots.render(s, scope, item_known));
+    let system = spec.system.as_ref().map(|s| slots.render(s, scope, item_known));
     let parts: Vec<&Rendered> = std::iter::once(&prompt).chain(system.as_ref()).collect();
     if parts.iter().any(|r| matches!(r, Rendered::Fails)) {
         return None;
@@ -681,7 +676,7 @@ mod tests {
         let b = step(&run(&looped, json!({ "l": [1, 2, 3] }), None), "b").clone();
         assert_eq!((b.max, b.max_basis), (amount(b_in + 10, b_in * IN + 10 * OUT), MaxBasis::Prompt), "pasted once per item");
         // A skipped upstream step pastes `None`, which every bound covers.
-        assert_eq!(template::render("{{ x }}", &json!({ "x": null })).unwrap().len() as u64, NONE_BYTES);
+        assert_eq!(Template::compile("{{ x }}", &["x"]).unwrap().render(&json!({ "x": null })).unwrap().len() as u64, NONE_BYTES);
         assert_eq!(
             step(&e, "d").max,
             amount(2 * reply(10) + 4 + 96 + 10, (2 * reply(10) + 4 + 96) * IN + 10 * OUT),

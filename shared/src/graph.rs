@@ -6,11 +6,13 @@ use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
 use crate::ids::StepId;
 use crate::pricing::ModelRegistry;
-use crate::template::{self, ITEM_ROOTS, References, STEP_ROOTS};
+use crate::output::Schema;
+use crate::template::{ITEM_ROOTS, References, STEP_ROOTS, Template};
 use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 /// Limits that keep one definition from exhausting a function (and a DynamoDB item).
@@ -62,21 +64,21 @@ pub struct InvalidWorkflow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlmSpec {
     pub model: String,
-    pub system: Option<String>,
-    pub prompt: String,
+    pub system: Option<Template>,
+    pub prompt: Template,
     pub temperature: Option<f32>,
     pub max_tokens: u32,
     pub stop_sequences: Vec<String>,
     pub stream: bool,
     pub format: OutputFormat,
-    pub schema: Option<Value>,
+    pub schema: Option<Schema>,
     pub retry: RetryPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TransformSpec {
     /// Rendered to text.
-    Template(String),
+    Template(Template),
     /// Evaluated (CEL) to a JSON value.
     Expression(Arc<Expression>),
 }
@@ -143,10 +145,10 @@ pub struct ValidatedGraph {
     pub name: String,
     pub steps: Vec<Step>,
     pub dependents: Vec<Vec<usize>>,
-    pub output: Option<String>,
+    pub output: Option<Template>,
     pub max_concurrency: u32,
     /// JSON Schema a run's input must match (checked when the run starts).
-    pub input_schema: Option<Value>,
+    pub input_schema: Option<Schema>,
     /// The run's cost and token limits.
     pub budget: BudgetLimits,
 }
@@ -155,11 +157,8 @@ impl ValidatedGraph {
     /// Checks a run's input against `input_schema`; the problems name where it breaks it.
     pub fn check_input(&self, input: &Value) -> Result<(), Vec<String>> {
         let Some(schema) = &self.input_schema else { return Ok(()) };
-        match crate::output::schema_violations(input, schema) {
-            Ok(v) if v.is_empty() => Ok(()),
-            Ok(v) => Err(v),
-            Err(e) => Err(vec![e.to_string()]),
-        }
+        let violations = schema.violations(input);
+        if violations.is_empty() { Ok(()) } else { Err(violations) }
     }
 
     pub fn index_of(&self, id: &str) -> Option<usize> {
@@ -178,13 +177,27 @@ pub fn validate_json(raw: &Value, models: &ModelRegistry) -> Result<ValidatedGra
 }
 
 pub fn validate_json_with(raw: &Value, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
-    let def = WorkflowDef::deserialize(raw)
-        .map_err(|e| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] })?;
+    let malformed = |e: serde_json::Error| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] };
+    // The steps are checked one by one where they lie: deserializing them into the
+    // `WorkflowDef` first would copy every one of them.
+    if let Some(fields) = raw.as_object()
+        && let Some(Value::Array(steps)) = fields.get("steps")
+    {
+        let mut head: serde_json::Map<String, Value> = fields.iter().filter(|(k, _)| *k != "steps").map(|(k, v)| (k.clone(), v.clone())).collect();
+        head.insert("steps".into(), Value::Array(Vec::new()));
+        let def = WorkflowDef::deserialize(&Value::Object(head)).map_err(malformed)?;
+        return check(&def, steps, models, limits);
+    }
+    let def = WorkflowDef::deserialize(raw).map_err(malformed)?;
     validate_with(&def, models, limits)
 }
 
 pub fn validate(def: &WorkflowDef, models: &ModelRegistry) -> Result<ValidatedGraph, InvalidWorkflow> {
     validate_with(def, models, Limits::default())
+}
+
+pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
+    check(def, &def.steps, models, limits)
 }
 
 #[derive(Default)]
@@ -198,42 +211,57 @@ impl Problems {
     }
 }
 
+/// Every id the definition declares (borrowed from it), with the index in `parsed` of the
+/// step that has it, or `None` when that step was rejected: such ids still exist as far as
+/// references go, so they are not reported a second time as "unknown step".
+type Ids<'a> = HashMap<&'a str, Option<usize>>;
+
 /// Shared state while checking one step's fields.
-struct Checker<'a> {
-    found: &'a mut Problems,
-    all_ids: &'a HashSet<String>,
-    step: &'a str,
-    deps: BTreeSet<String>,
+struct Checker<'p> {
+    found: &'p mut Problems,
+    ids: &'p Ids<'p>,
+    step: &'p str,
+    /// Indexes in `parsed` (a dependency on a rejected step was reported with it).
+    deps: Vec<usize>,
 }
 
 impl Checker<'_> {
-    fn add_refs(&mut self, field: &str, refs: References) {
+    /// `field` is only built when there is a problem to report.
+    fn add_refs(&mut self, field: &dyn Fn() -> String, refs: &References) {
         for root in &refs.unknown_roots {
             let hint = if root == "item" || root == "index" { " (only inside a map's step)" } else { "" };
-            self.found.push(self.step, field, format!("unknown variable {root:?}{hint}: read `input.…` and `steps.<id>.…`"));
+            self.found.push(self.step, &field(), format!("unknown variable {root:?}{hint}: read `input.…` and `steps.<id>.…`"));
         }
         if refs.dynamic_step_access {
-            self.found.push(self.step, field, "`steps` must be read as `steps.<id>` so the dependency is known");
+            self.found.push(self.step, &field(), "`steps` must be read as `steps.<id>` so the dependency is known");
         }
-        for s in refs.steps {
+        for s in &refs.steps {
             if s == self.step {
-                self.found.push(self.step, field, "a step cannot read its own output");
-            } else if !self.all_ids.contains(&s) {
-                self.found.push(self.step, field, format!("references unknown step {s:?}"));
+                self.found.push(self.step, &field(), "a step cannot read its own output");
+            } else if let Some(known) = self.ids.get(s.as_str()) {
+                self.deps.extend(*known);
             } else {
-                self.deps.insert(s);
+                self.found.push(self.step, &field(), format!("references unknown step {s:?}"));
             }
         }
     }
 
-    fn template(&mut self, field: &str, source: &str, roots: &[&str]) {
+    /// Compiles a template once; the graph keeps it, so nothing is parsed at run time.
+    fn template(&mut self, prefix: &str, name: &str, source: &str, roots: &'static [&'static str]) -> Option<Template> {
+        let field = || format!("{prefix}{name}");
         if source.len() > MAX_TEMPLATE_BYTES {
-            self.found.push(self.step, field, format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", source.len()));
-            return;
+            self.found.push(self.step, &field(), format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", source.len()));
+            return None;
         }
-        match template::references(source, roots) {
-            Err(e) => self.found.push(self.step, field, format!("template does not parse: {e}")),
-            Ok(refs) => self.add_refs(field, refs),
+        match Template::compile(source, roots) {
+            Err(e) => {
+                self.found.push(self.step, &field(), format!("template does not parse: {e}"));
+                None
+            }
+            Ok(compiled) => {
+                self.add_refs(&field, compiled.references());
+                Some(compiled)
+            }
         }
     }
 
@@ -245,21 +273,19 @@ impl Checker<'_> {
                 None
             }
             Ok(compiled) => {
-                self.add_refs(field, compiled.references.clone());
+                self.add_refs(&|| field.to_owned(), &compiled.references);
                 Some(Arc::new(compiled))
             }
         }
     }
 
-    fn llm(&mut self, prefix: &str, llm: &LlmStepDef, defaults: &Defaults, models: &ModelRegistry, roots: &[&str]) -> LlmSpec {
+    fn llm(&mut self, prefix: &str, llm: &LlmStepDef, defaults: &Defaults, models: &ModelRegistry, roots: &'static [&'static str]) -> LlmSpec {
         let field = |f: &str| format!("{prefix}{f}");
-        self.template(&field("prompt"), &llm.prompt, roots);
-        if let Some(system) = &llm.system {
-            self.template(&field("system"), system, roots);
-        }
-        let model = llm.model.clone().or_else(|| defaults.model.clone());
+        let prompt = self.template(prefix, "prompt", &llm.prompt, roots);
+        let system = llm.system.as_ref().map(|system| self.template(prefix, "system", system, roots));
+        let model = llm.model.as_ref().or(defaults.model.as_ref());
         let max_tokens = llm.max_tokens.or(defaults.max_tokens).unwrap_or(1024);
-        match &model {
+        match model {
             None => self.found.push(self.step, &field("model"), "no model: set it on the step or in defaults.model"),
             Some(m) => match models.get(m) {
                 None => self.found.push(
@@ -286,41 +312,44 @@ impl Checker<'_> {
         if retry.max_attempts == 0 || retry.max_attempts > 10 {
             self.found.push(self.step, &field("retry.max_attempts"), "must be 1 to 10");
         }
-        if let Some(schema) = &llm.output.schema {
+        let mut schema = None;
+        if let Some(document) = &llm.output.schema {
             if llm.output.format != OutputFormat::Json {
                 self.found.push(self.step, &field("output.schema"), "a schema needs output.format \"json\"");
-            } else if let Some(why) = crate::output::schema_problem(schema) {
-                self.found.push(self.step, &field("output.schema"), format!("not a usable JSON Schema: {why}"));
+            } else {
+                match Schema::compile(document) {
+                    Ok(compiled) => schema = Some(compiled),
+                    Err(why) => self.found.push(self.step, &field("output.schema"), format!("not a usable JSON Schema: {why}")),
+                }
             }
         }
         LlmSpec {
-            model: model.unwrap_or_default(),
-            system: llm.system.clone(),
-            prompt: llm.prompt.clone(),
+            model: model.cloned().unwrap_or_default(),
+            // A template that does not compile was reported: the graph is rejected, so the
+            // placeholder is never rendered.
+            system: system.map(|s| s.unwrap_or_else(unusable)),
+            prompt: prompt.unwrap_or_else(unusable),
             temperature,
             max_tokens,
             stop_sequences: llm.stop_sequences.clone(),
             stream: llm.stream,
             format: llm.output.format,
-            schema: llm.output.schema.clone(),
+            schema,
             retry,
         }
     }
 
-    fn transform(&mut self, prefix: &str, t: &TransformStepDef, roots: &[&str]) -> TransformSpec {
+    fn transform(&mut self, prefix: &str, t: &TransformStepDef, roots: &'static [&'static str]) -> TransformSpec {
         match (&t.template, &t.expression) {
-            (Some(source), None) => {
-                self.template(&format!("{prefix}template"), source, roots);
-                TransformSpec::Template(source.clone())
-            }
+            (Some(source), None) => TransformSpec::Template(self.template(prefix, "template", source, roots).unwrap_or_else(unusable)),
             (None, Some(source)) => match self.expression(&format!("{prefix}expression"), source, roots) {
                 Some(compiled) => TransformSpec::Expression(compiled),
                 // Reported; the graph is rejected, so the placeholder is never run.
-                None => TransformSpec::Template(String::new()),
+                None => TransformSpec::Template(unusable()),
             },
             _ => {
                 self.found.push(self.step, &format!("{prefix}template"), "a transform needs exactly one of `template` and `expression`");
-                TransformSpec::Template(String::new())
+                TransformSpec::Template(unusable())
             }
         }
     }
@@ -329,7 +358,7 @@ impl Checker<'_> {
     fn targets(&mut self, field: &str, names: &[String]) -> Vec<StepId> {
         let mut ids = Vec::new();
         for name in names {
-            if !self.all_ids.contains(name) {
+            if !self.ids.contains_key(name.as_str()) {
                 self.found.push(self.step, field, format!("routes to unknown step {name:?}"));
             } else if name == self.step {
                 self.found.push(self.step, field, "a router cannot route to itself");
@@ -341,34 +370,46 @@ impl Checker<'_> {
     }
 }
 
-struct Checked {
-    id: String,
+/// Stands in for a template that was reported as broken, in a graph that is then rejected.
+fn unusable() -> Template {
+    static EMPTY: std::sync::OnceLock<Template> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Template::compile("", &[]).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
+}
+
+struct Checked<'a> {
+    id: &'a str,
     kind: StepKind,
-    deps: BTreeSet<String>,
+    /// Indexes in `checked`, ordered by the dependency's id.
+    deps: Vec<usize>,
     required: bool,
     join: Join,
 }
 
-pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
+/// Validates `def` whose steps are `steps` (`def.steps` itself is not read).
+fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
     let mut found = Problems::default();
     if def.name.trim().is_empty() || def.name.len() > MAX_NAME_LEN {
         found.push("", "name", format!("must be 1 to {MAX_NAME_LEN} characters"));
     }
-    if def.steps.is_empty() {
+    if steps.is_empty() {
         found.push("", "steps", "a workflow needs at least one step");
     }
-    if def.steps.len() > limits.max_steps {
+    if steps.len() > limits.max_steps {
         // Checking thousands of steps would itself be the resource exhaustion the limit prevents.
-        found.push("", "steps", format!("{} steps; the limit is {}", def.steps.len(), limits.max_steps));
+        found.push("", "steps", format!("{} steps; the limit is {}", steps.len(), limits.max_steps));
         return Err(InvalidWorkflow { problems: found.0 });
     }
     let max_concurrency = def.max_concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     if max_concurrency == 0 || max_concurrency > MAX_CONCURRENCY {
         found.push("", "max_concurrency", format!("must be 1 to {MAX_CONCURRENCY}"));
     }
-    if let Some(why) = def.input_schema.as_ref().and_then(crate::output::schema_problem) {
-        found.push("", "input_schema", format!("not a usable JSON Schema: {why}"));
-    }
+    let input_schema = def.input_schema.as_ref().and_then(|document| match Schema::compile(document) {
+        Ok(schema) => Some(schema),
+        Err(why) => {
+            found.push("", "input_schema", format!("not a usable JSON Schema: {why}"));
+            None
+        }
+    });
     let budget = BudgetLimits::from_def(def.budget.as_ref()).unwrap_or_else(|problems| {
         for p in problems {
             found.push("", p.field, p.message);
@@ -377,45 +418,53 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
     });
 
     // Parse each step on its own so that every malformed step is reported.
-    let mut parsed: Vec<(String, StepDef)> = Vec::new();
-    let mut seen = HashSet::new();
-    for (i, raw) in def.steps.iter().enumerate() {
-        let label = raw.get("id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| format!("#{i}"));
+    fn raw_id(raw: &Value) -> Option<&str> {
+        raw.get("id").and_then(Value::as_str)
+    }
+    let mut parsed: Vec<(&str, StepDef)> = Vec::with_capacity(steps.len());
+    let mut ids: Ids<'_> = HashMap::with_capacity(steps.len());
+    for (i, raw) in steps.iter().enumerate() {
+        if let Some(id) = raw_id(raw) {
+            ids.entry(id).or_insert(None);
+        }
+        let label = || raw_id(raw).map(str::to_owned).unwrap_or_else(|| format!("#{i}"));
         let step = match StepDef::deserialize(raw) {
             Ok(s) => s,
             Err(e) => {
                 let message = e.to_string();
                 let field = if raw.get("type").is_none() || message.contains("unknown variant") { "type" } else { "step" };
-                found.push(&label, field, message);
+                found.push(&label(), field, message);
                 continue;
             }
         };
-        let id = step.common().id.to_owned();
-        if StepId::parse(&id).is_err() {
-            found.push(&label, "id", "required: start with a letter and use only letters, digits and _ (at most 64)");
+        let id = match raw_id(raw) {
+            Some(id) if id == step.common().id && StepId::parse(id).is_ok() => id,
+            _ => {
+                found.push(&label(), "id", "required: start with a letter and use only letters, digits and _ (at most 64)");
+                continue;
+            }
+        };
+        let slot = ids.entry(id).or_insert(None);
+        if slot.is_some() {
+            found.push(id, "id", "duplicate step id");
             continue;
         }
-        if !seen.insert(id.clone()) {
-            found.push(&id, "id", "duplicate step id");
-            continue;
-        }
+        *slot = Some(parsed.len());
         parsed.push((id, step));
     }
-    // Ids rejected above (bad or duplicate) still exist as far as references go, so they
-    // are not reported a second time as "unknown step".
-    let all_ids: HashSet<String> = def.steps.iter().filter_map(|s| s.get("id").and_then(Value::as_str).map(str::to_owned)).collect();
 
     let mut checked = Vec::with_capacity(parsed.len());
     for (id, step) in &parsed {
+        let id: &str = id;
         let common = step.common();
-        let mut c = Checker { found: &mut found, all_ids: &all_ids, step: id, deps: BTreeSet::new() };
+        let mut c = Checker { found: &mut found, ids: &ids, step: id, deps: Vec::new() };
         for d in common.depends_on {
             if d == id {
                 c.found.push(id, "depends_on", "a step cannot depend on itself");
-            } else if !all_ids.contains(d) {
-                c.found.push(id, "depends_on", format!("unknown step {d:?}"));
+            } else if let Some(known) = ids.get(d.as_str()) {
+                c.deps.extend(*known);
             } else {
-                c.deps.insert(d.clone());
+                c.found.push(id, "depends_on", format!("unknown step {d:?}"));
             }
         }
         let kind = match step {
@@ -458,22 +507,24 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
                             "step.type",
                             format!("a map's step must be `llm` or `transform`, not `{}` (maps do not nest)", other.type_name()),
                         );
-                        ItemStep::Transform(TransformSpec::Template(String::new()))
+                        ItemStep::Transform(TransformSpec::Template(unusable()))
                     }
                 };
                 match over {
                     Some(over) => StepKind::Map(MapSpec { over, max_concurrency, on_item_failure: m.on_item_failure, step }),
-                    None => StepKind::Transform(TransformSpec::Template(String::new())), // reported above
+                    None => StepKind::Transform(TransformSpec::Template(unusable())), // reported above
                 }
             }
         };
-        let deps = c.deps;
-        checked.push(Checked { id: id.clone(), kind, deps, required: common.required, join: common.join });
+        let mut deps = c.deps;
+        deps.sort_unstable_by_key(|&d| parsed[d].0);
+        deps.dedup();
+        checked.push(Checked { id, kind, deps, required: common.required, join: common.join });
     }
-    if let Some(out) = &def.output {
-        let mut c = Checker { found: &mut found, all_ids: &all_ids, step: "", deps: BTreeSet::new() };
-        c.template("output", out, &STEP_ROOTS);
-    }
+    let output = def.output.as_ref().and_then(|out| {
+        let mut c = Checker { found: &mut found, ids: &ids, step: "", deps: Vec::new() };
+        c.template("", "output", out, &STEP_ROOTS)
+    });
     for step in &checked {
         let (prefix, spec) = match &step.kind {
             StepKind::Llm(spec) => ("", spec),
@@ -481,19 +532,19 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
             _ => continue,
         };
         if let Some(why) = never_fits(&budget, spec, models) {
-            found.push(&step.id, &format!("{prefix}max_tokens"), why);
+            found.push(step.id, &format!("{prefix}max_tokens"), why);
         }
     }
 
     // A router can only switch off steps that wait for it.
-    for step in &checked {
+    for (r, step) in checked.iter().enumerate() {
         if let StepKind::Router(router) = &step.kind {
             for target in router.targets().collect::<BTreeSet<_>>() {
-                if let Some(t) = checked.iter().find(|c| c.id == target.as_str())
-                    && !t.deps.contains(&step.id)
+                if let Some(Some(t)) = ids.get(target.as_str())
+                    && !checked[*t].deps.contains(&r)
                 {
                     found.push(
-                        &step.id,
+                        step.id,
                         "routes",
                         format!(
                             "routes to {:?}, which does not depend on {:?}: add it to {:?}'s depends_on",
@@ -511,7 +562,8 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
     if order.len() < checked.len() {
         // Kahn's algorithm left steps unordered: there is a cycle. Only now pay for finding
         // and naming it.
-        let graph: BTreeMap<String, BTreeSet<String>> = checked.iter().map(|c| (c.id.clone(), c.deps.clone())).collect();
+        let graph: BTreeMap<String, BTreeSet<String>> =
+            checked.iter().map(|c| (c.id.to_owned(), c.deps.iter().map(|&d| checked[d].id.to_owned()).collect())).collect();
         if let Some(cycle) = find_cycle(&graph) {
             found.push(&cycle[0], "depends_on", format!("dependency cycle: {}", cycle.join(" → ")));
         }
@@ -520,13 +572,16 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
         return Err(InvalidWorkflow { problems: found.0 });
     }
 
-    let position: HashMap<String, usize> = order.iter().enumerate().map(|(i, &s)| (checked[s].id.clone(), i)).collect();
+    let mut position = vec![0; checked.len()];
+    for (i, &s) in order.iter().enumerate() {
+        position[s] = i;
+    }
     let mut slots: Vec<Option<Checked>> = checked.into_iter().map(Some).collect();
     let mut steps = Vec::with_capacity(slots.len());
     for &s in &order {
         let Some(c) = slots[s].take() else { continue };
-        let Ok(id) = StepId::parse(&c.id) else { continue }; // checked above
-        let deps = c.deps.iter().map(|d| position[d.as_str()]).collect();
+        let Ok(id) = StepId::parse(c.id) else { continue }; // checked above
+        let deps = c.deps.iter().map(|&d| position[d]).collect();
         steps.push(Step { id, kind: c.kind, deps, required: c.required, join: c.join });
     }
     let mut dependents = vec![Vec::new(); steps.len()];
@@ -535,15 +590,7 @@ pub fn validate_with(def: &WorkflowDef, models: &ModelRegistry, limits: Limits) 
             dependents[d].push(i);
         }
     }
-    Ok(ValidatedGraph {
-        name: def.name.clone(),
-        steps,
-        dependents,
-        output: def.output.clone(),
-        max_concurrency,
-        input_schema: def.input_schema.clone(),
-        budget,
-    })
+    Ok(ValidatedGraph { name: def.name.clone(), steps, dependents, output, max_concurrency, input_schema, budget })
 }
 
 /// Why a call of this step could never be admitted, even as the run's first and with an
@@ -606,27 +653,30 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
     None
 }
 
-/// Kahn's algorithm, stable in definition order.
+/// Kahn's algorithm, stable in definition order: of the steps ready, the first defined
+/// comes first.
 fn topological_order(checked: &[Checked]) -> Vec<usize> {
-    let index: HashMap<&str, usize> = checked.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    // Definitions usually list each step after the steps it reads, and then that order is
+    // the answer.
+    if checked.iter().enumerate().all(|(i, c)| c.deps.iter().all(|&d| d < i)) {
+        return (0..checked.len()).collect();
+    }
     let mut remaining = vec![0usize; checked.len()];
     let mut dependents = vec![Vec::new(); checked.len()];
     for (i, c) in checked.iter().enumerate() {
-        // A dependency on a step that failed to parse was reported already; ordering
-        // ignores it so the remaining steps can still be checked for cycles.
-        for d in c.deps.iter().filter_map(|d| index.get(d.as_str())) {
-            dependents[*d].push(i);
+        for &d in &c.deps {
+            dependents[d].push(i);
             remaining[i] += 1;
         }
     }
-    let mut ready: BTreeSet<usize> = (0..checked.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..checked.len()).filter(|&i| remaining[i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(checked.len());
-    while let Some(i) = ready.pop_first() {
+    while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
         for &d in &dependents[i] {
             remaining[d] -= 1;
             if remaining[d] == 0 {
-                ready.insert(d);
+                ready.push(Reverse(d));
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use crate::workflow::OutputFormat;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Why a reply could not be used. Always retryable: a model asked again, with the
 /// problem named in a corrective hint, usually complies.
@@ -10,16 +11,66 @@ use serde_json::Value;
 pub struct InvalidOutput(pub String);
 
 /// Parses `text` per `format`; for JSON, validates against `schema` when given.
-pub fn parse(text: &str, format: OutputFormat, schema: Option<&Value>) -> Result<Value, InvalidOutput> {
+pub fn parse(text: &str, format: OutputFormat, schema: Option<&Schema>) -> Result<Value, InvalidOutput> {
     match format {
         OutputFormat::Text | OutputFormat::Markdown => Ok(Value::String(text.to_owned())),
         OutputFormat::Json => {
             let value = extract_json(text)?;
             if let Some(schema) = schema {
-                check_schema(&value, schema)?;
+                let errors = schema.violations(&value);
+                if !errors.is_empty() {
+                    return Err(InvalidOutput(format!("the JSON does not match the schema: {}", errors.join("; "))));
+                }
             }
             Ok(value)
         }
+    }
+}
+
+/// A JSON Schema compiled once (when its definition is validated) and kept with its
+/// document, which estimates and messages read.
+#[derive(Clone)]
+pub struct Schema {
+    document: Value,
+    validator: Arc<jsonschema::Validator>,
+}
+
+impl Schema {
+    /// Compiles `document`; the error says why it is not a usable JSON Schema.
+    pub fn compile(document: &Value) -> Result<Schema, String> {
+        let validator = jsonschema::validator_for(document).map_err(|e| e.to_string())?;
+        Ok(Schema { document: document.clone(), validator: Arc::new(validator) })
+    }
+
+    /// The schema as written.
+    pub fn document(&self) -> &Value {
+        &self.document
+    }
+
+    /// The first few ways `value` breaks the schema, each with the path where it does;
+    /// empty when it matches.
+    pub fn violations(&self, value: &Value) -> Vec<String> {
+        self.validator
+            .iter_errors(value)
+            .take(5)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                if path.is_empty() { e.to_string() } else { format!("at {path}: {e}") }
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Schema").field(&self.document).finish()
+    }
+}
+
+/// Two schemas are the same when written the same.
+impl PartialEq for Schema {
+    fn eq(&self, other: &Self) -> bool {
+        self.document == other.document
     }
 }
 
@@ -53,30 +104,6 @@ fn fenced_block(text: &str) -> Option<&str> {
     Some(&body[..end])
 }
 
-fn check_schema(value: &Value, schema: &Value) -> Result<(), InvalidOutput> {
-    let errors = schema_violations(value, schema)?;
-    if errors.is_empty() { Ok(()) } else { Err(InvalidOutput(format!("the JSON does not match the schema: {}", errors.join("; ")))) }
-}
-
-/// The first few ways `value` breaks `schema`, each with the path where it does; empty
-/// when it matches.
-pub fn schema_violations(value: &Value, schema: &Value) -> Result<Vec<String>, InvalidOutput> {
-    let validator = jsonschema::validator_for(schema).map_err(|e| InvalidOutput(format!("the schema is invalid: {e}")))?;
-    Ok(validator
-        .iter_errors(value)
-        .take(5)
-        .map(|e| {
-            let path = e.instance_path().to_string();
-            if path.is_empty() { e.to_string() } else { format!("at {path}: {e}") }
-        })
-        .collect())
-}
-
-/// Whether a JSON Schema document itself is usable (checked at validation time).
-pub fn schema_problem(schema: &Value) -> Option<String> {
-    jsonschema::validator_for(schema).err().map(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,7 +119,7 @@ mod tests {
 
     #[test]
     fn schema_violations_name_the_problem() {
-        let schema = json!({"type":"object","required":["label"],"properties":{"label":{"enum":["positive","negative"]}}});
+        let schema = Schema::compile(&json!({"type":"object","required":["label"],"properties":{"label":{"enum":["positive","negative"]}}})).unwrap();
         assert!(parse("{\"label\":\"negative\"}", OutputFormat::Json, Some(&schema)).is_ok());
         let err = parse("{\"label\":\"meh\"}", OutputFormat::Json, Some(&schema)).unwrap_err();
         assert!(err.0.contains("/label"), "{err}");
@@ -103,5 +130,15 @@ mod tests {
     #[test]
     fn text_output_is_the_text() {
         assert_eq!(parse(" hi ", OutputFormat::Text, None).unwrap(), json!(" hi "));
+    }
+
+    #[test]
+    fn a_schema_is_compiled_once_and_keeps_its_document() {
+        let document = json!({ "type": "object", "required": ["a"] });
+        let schema = Schema::compile(&document).unwrap();
+        assert_eq!(schema.document(), &document);
+        assert!(schema.violations(&json!({ "a": 1 })).is_empty());
+        assert_eq!(schema.violations(&json!({})).len(), 1);
+        assert!(Schema::compile(&json!({ "type": "no-such-type" })).is_err());
     }
 }

@@ -17,7 +17,7 @@ use crate::money::Usd;
 use crate::output;
 use crate::ports::{ModelError, ModelErrorKind, ModelReply, ModelRequest};
 use crate::run::ErrorInfo;
-use crate::template;
+use crate::template::Template;
 use crate::wire::events::{EventBody, StepRetrying, Streaming};
 use crate::wire::{Refusal, Refused, StepDetail};
 use crate::workflow::RetryPolicy;
@@ -46,12 +46,12 @@ impl StepContext {
         let Some(model_info) = self.models.get(&spec.model) else {
             return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
         };
-        let render = |source: &str| template::render(source, context);
+        let render = |source: &Template| source.render(context);
         let prompt = match render(&spec.prompt) {
             Ok(p) => p,
             Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("prompt: {e}"))),
         };
-        let system = match spec.system.as_deref().map(render).transpose() {
+        let system = match spec.system.as_ref().map(render).transpose() {
             Ok(s) => s,
             Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("system: {e}"))),
         };

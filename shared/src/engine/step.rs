@@ -166,7 +166,7 @@ pub fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepR
     match &graph.output {
         Some(source) => {
             let all: Vec<usize> = (0..graph.steps.len()).collect();
-            template::render(source, &template_context(input, graph, records, &all)).map(Value::String)
+            source.render(&template_context(input, graph, records, &all)).map(Value::String)
         }
         None => {
             let mut out = Map::new();

@@ -4,12 +4,11 @@
 use super::step::Work;
 use crate::codes::ErrorCode;
 use crate::graph::TransformSpec;
-use crate::template;
 use serde_json::Value;
 
 pub fn run(spec: &TransformSpec, context: &Value) -> Work {
     match spec {
-        TransformSpec::Template(source) => match template::render(source, context) {
+        TransformSpec::Template(source) => match source.render(context) {
             Ok(text) => Work::done(text.clone(), Value::String(text)),
             Err(e) => Work::failed(ErrorCode::TemplateError, format!("template: {e}")),
         },
