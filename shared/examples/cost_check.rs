@@ -318,7 +318,14 @@ pub fn check(runs: u64) -> Report {
         let run = runtime.block_on(async {
             let store = Arc::new(MemoryStore::new());
             let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default());
-            let run = RunRecord::new("cost-check".into(), definition, input, "u".into(), vec![Principal::User("u".into())], chrono::Utc::now());
+            let run = RunRecord::new(
+                "cost-check".parse().unwrap(),
+                definition,
+                input,
+                "u".parse().unwrap(),
+                vec![Principal::User("u".into())],
+                chrono::Utc::now(),
+            );
             store.create_run(&run).await.expect("create");
             let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
             let Ok(Claim::Acquired(claimed)) = store.claim(&run.id, &lease, chrono::Utc::now()).await else { panic!("claim") };

@@ -128,7 +128,14 @@ async fn run_engine(dag: &Dag) -> Timing {
     let limits = Limits { max_steps: 20_000 };
     let registry = Arc::new(ModelRegistry::builtin());
     let engine = Engine::new(model, store.clone(), progress, registry.clone(), EngineConfig { limits, ..EngineConfig::default() });
-    let run = RunRecord::new("bench".into(), definition(dag), json!({}), "bench".into(), vec![Principal::User("bench".into())], chrono::Utc::now());
+    let run = RunRecord::new(
+        "bench".parse().unwrap(),
+        definition(dag),
+        json!({}),
+        "bench".parse().unwrap(),
+        vec![Principal::User("bench".into())],
+        chrono::Utc::now(),
+    );
     store.create_run(&run).await.expect("create");
     let lease = Lease { holder: "bench".into(), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
     let Ok(Claim::Acquired(run)) = store.claim(&run.id, &lease, chrono::Utc::now()).await else { panic!("claim") };

@@ -365,7 +365,7 @@ async fn measure(
     let sample: Value = serde_json::from_str(SAMPLE)?;
     let definition = sample["workflow"].clone();
     let steps = definition["steps"].as_array().map_or(0, Vec::len);
-    let workflow = definition["name"].as_str().unwrap_or("sample").to_owned();
+    let workflow: chainrun_core::ids::WorkflowName = definition["name"].as_str().unwrap_or("sample").parse()?;
     let store = Arc::new(DynamoStore::new(client.clone(), tables.clone()));
     let progress = Arc::new(DynamoProgress::new(client.clone(), tables.clone(), 30));
     let analytics = DynamoAnalytics::new(client.clone(), tables.clone());
@@ -376,7 +376,7 @@ async fn measure(
         engine = engine.with_daily_caps(Arc::new(DynamoDailySpend::new(client.clone(), tables.clone())), caps);
     }
 
-    let run = RunRecord::new(workflow, definition, sample["input"].clone(), "demo".into(), owners, chrono::Utc::now());
+    let run = RunRecord::new(workflow, definition, sample["input"].clone(), "demo".parse().unwrap(), owners, chrono::Utc::now());
     let id = run.id.clone();
     store.create_run(&run).await?;
 

@@ -102,7 +102,7 @@ impl RunRollup {
         }
         Some(RunRollup {
             run_id: run.id.clone(),
-            workflow: run.workflow.clone(),
+            workflow: run.workflow.to_string(),
             day: finished.date_naive(),
             run: CostSums { runs: 1, failures: u64::from(run.status == RunStatus::Failed), cost: run.totals.cost, latency_ms },
             steps: by_step.into_iter().map(|(step_id, sums)| StepRollup { step_id, sums }).collect(),
@@ -179,7 +179,8 @@ mod tests {
 
     fn finished_run(status: RunStatus, pico: u64) -> RunRecord {
         let created = Utc.with_ymd_and_hms(2025, 3, 1, 23, 59, 59).unwrap();
-        let mut run = RunRecord::new("wf".into(), json!({}), json!({}), "alice".into(), vec![Principal::User("alice".into())], created);
+        let mut run =
+            RunRecord::new("wf".parse().unwrap(), json!({}), json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], created);
         run.status = status;
         run.started_at = Some(created + chrono::Duration::milliseconds(250));
         run.finished_at = Some(created + chrono::Duration::milliseconds(1_750));

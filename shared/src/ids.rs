@@ -132,6 +132,13 @@ macro_rules! name_newtype {
             }
         }
 
+        impl std::str::FromStr for $ty {
+            type Err = InvalidId;
+            fn from_str(raw: &str) -> Result<Self, InvalidId> {
+                $ty::parse(raw)
+            }
+        }
+
         impl PartialEq<str> for $ty {
             fn eq(&self, other: &str) -> bool {
                 self.0 == other

@@ -123,8 +123,8 @@ impl RunHistory for MemoryStore {
             .values()
             .map(|(r, _)| r)
             .filter(|r| match &query.index {
-                RunIndex::Caller(caller) => &r.caller == caller,
-                RunIndex::Workflow(workflow) => &r.workflow == workflow,
+                RunIndex::Caller(caller) => r.caller.as_str() == caller,
+                RunIndex::Workflow(workflow) => r.workflow.as_str() == workflow,
             })
             .collect();
         matching.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));

@@ -5,7 +5,7 @@
 //! `retryable()` instead of matching on messages.
 
 use crate::analytics::WorkflowCosts;
-use crate::ids::{Principal, RunId};
+use crate::ids::{Principal, RunId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
@@ -302,8 +302,8 @@ pub struct RunQuery {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
     pub id: RunId,
-    pub workflow: String,
-    pub caller: String,
+    pub workflow: WorkflowName,
+    pub caller: UserId,
     pub status: RunStatus,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,

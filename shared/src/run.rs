@@ -1,7 +1,7 @@
 //! Run state as stored and reported: the run record, step checkpoints, progress events.
 
 use crate::codes::ErrorCode;
-use crate::ids::{Principal, RunId, StepId};
+use crate::ids::{Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use chrono::{DateTime, Utc};
@@ -109,13 +109,13 @@ pub struct RunnerEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     pub id: RunId,
-    pub workflow: String,
+    pub workflow: WorkflowName,
     /// The definition exactly as validated at start; editing the workflow later never
     /// changes a run.
     pub definition: Value,
     pub input: Value,
     /// The user who started the run.
-    pub caller: String,
+    pub caller: UserId,
     /// Everyone whose progress feed shows this run.
     pub owners: Vec<Principal>,
     pub status: RunStatus,
@@ -133,7 +133,7 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
-    pub fn new(workflow: String, definition: Value, input: Value, caller: String, owners: Vec<Principal>, now: DateTime<Utc>) -> Self {
+    pub fn new(workflow: WorkflowName, definition: Value, input: Value, caller: UserId, owners: Vec<Principal>, now: DateTime<Utc>) -> Self {
         Self {
             id: RunId::new(),
             step_order: Vec::new(),
@@ -234,7 +234,7 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressRow {
     pub run_id: RunId,
-    pub workflow: String,
+    pub workflow: WorkflowName,
     pub status: RunStatus,
     pub current_step: Option<StepId>,
     pub totals: Totals,

@@ -52,7 +52,14 @@ fn workflow(budget: Value, steps: Value) -> Value {
 
 impl Harness {
     async fn start(&self, definition: Value) -> (RunRecord, Lease) {
-        let run = RunRecord::new("budgeted".into(), definition, json!({}), "alice".into(), vec![Principal::User("alice".into())], Utc::now());
+        let run = RunRecord::new(
+            "budgeted".parse().unwrap(),
+            definition,
+            json!({}),
+            "alice".parse().unwrap(),
+            vec![Principal::User("alice".into())],
+            Utc::now(),
+        );
         self.store.create_run(&run).await.unwrap();
         let lease = lease("runner-1");
         let Claim::Acquired(run) = self.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };
@@ -590,7 +597,7 @@ proptest! {
             let store = Arc::new(MemoryStore::new());
             let progress = Arc::new(MemoryProgress::new());
             let engine = Engine::new(model.clone(), store.clone(), progress.clone(), registry(), EngineConfig::default());
-            let run = RunRecord::new("prop".into(), def, json!({}), "u".into(), vec![Principal::User("u".into())], Utc::now());
+            let run = RunRecord::new("prop".parse().unwrap(), def, json!({}), "u".parse().unwrap(), vec![Principal::User("u".into())], Utc::now());
             store.create_run(&run).await.unwrap();
             let lease = Lease { holder: "r".into(), expires_at: Utc::now() + chrono::Duration::hours(1) };
             let Claim::Acquired(claimed) = store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };

@@ -49,7 +49,14 @@ fn workflow(steps: Value) -> Value {
 
 impl Capped {
     async fn run(&self, caller: &str, definition: Value) -> (RunRecord, Vec<StepRecord>) {
-        let run = RunRecord::new("capped".into(), definition, json!({}), caller.into(), vec![Principal::User(caller.into())], Utc::now());
+        let run = RunRecord::new(
+            "capped".parse().unwrap(),
+            definition,
+            json!({}),
+            caller.parse().unwrap(),
+            vec![Principal::User(caller.into())],
+            Utc::now(),
+        );
         self.h.store.create_run(&run).await.unwrap();
         let lease = lease("runner-1");
         let Claim::Acquired(claimed) = self.h.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };

@@ -35,7 +35,8 @@ fn workflow(steps: Value) -> Value {
 
 impl Harness {
     async fn start(&self, definition: Value, input: Value) -> (RunRecord, Lease) {
-        let run = RunRecord::new("test".into(), definition, input, "alice".into(), vec![Principal::User("alice".into())], Utc::now());
+        let run =
+            RunRecord::new("test".parse().unwrap(), definition, input, "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
         self.store.create_run(&run).await.unwrap();
         let lease = lease("runner-1");
         let Claim::Acquired(run) = self.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };

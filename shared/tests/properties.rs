@@ -101,7 +101,7 @@ proptest! {
             let store = Arc::new(MemoryStore::new());
             let progress = Arc::new(MemoryProgress::new());
             let engine = Engine::new(Arc::new(ScriptedModel::new(scripts)), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
-            let run = RunRecord::new("prop".into(), def, json!({}), "u".into(), vec![Principal::User("u".into())], chrono::Utc::now());
+            let run = RunRecord::new("prop".parse().unwrap(), def, json!({}), "u".parse().unwrap(), vec![Principal::User("u".into())], chrono::Utc::now());
             store.create_run(&run).await.unwrap();
             let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
             let Claim::Acquired(claimed) = store.claim(&run.id, &lease, chrono::Utc::now()).await.unwrap() else { panic!() };

@@ -82,7 +82,14 @@ async fn the_readme_example_runs_the_negative_branch_end_to_end() {
     let engine =
         Engine::new(model.clone(), store.clone(), Arc::new(MemoryProgress::new()), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
     let input = json!({ "feedback": "Login is slow and export crashes." });
-    let run = RunRecord::new("feedback-triage".into(), readme_example(), input, "alice".into(), vec![Principal::User("alice".into())], Utc::now());
+    let run = RunRecord::new(
+        "feedback-triage".parse().unwrap(),
+        readme_example(),
+        input,
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into())],
+        Utc::now(),
+    );
     store.create_run(&run).await.unwrap();
     let lease = Lease { holder: "r".into(), expires_at: Utc::now() + chrono::Duration::minutes(15) };
     let Claim::Acquired(claimed) = store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim") };

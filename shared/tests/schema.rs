@@ -123,10 +123,10 @@ async fn every_event_a_run_writes_matches_the_published_schema() {
     let mut refusals = 0;
     for definition in [completing, failing, refused] {
         let run = RunRecord::new(
-            "t".into(),
+            "t".parse().unwrap(),
             definition,
             json!({ "issues": ["a", "b"] }),
-            "alice".into(),
+            "alice".parse().unwrap(),
             vec![Principal::User("alice".into())],
             chrono::Utc::now(),
         );

@@ -42,10 +42,10 @@ fn alice() -> Principal {
 
 fn new_run() -> RunRecord {
     RunRecord::new(
-        "wf".into(),
+        "wf".parse().unwrap(),
         json!({ "name": "wf", "steps": [{ "id": "a", "type": "llm", "prompt": "é ✓ \"quoted\"" }], "n": 1.5e300 }),
         json!({ "empty": "", "nested": { "list": [1, 2.25, null, true] } }),
-        "alice".into(),
+        "alice".parse().unwrap(),
         vec![alice(), Principal::Group("eng".into())],
         Utc::now(),
     )
@@ -144,7 +144,7 @@ async fn contract(s: Subject) {
         };
         let row = ProgressRow {
             run_id: run.id.clone(),
-            workflow: "wf".into(),
+            workflow: "wf".parse().unwrap(),
             status: RunStatus::Running,
             current_step: (seq % 2 == 1).then(|| StepId::parse("a").unwrap()),
             totals: Totals::default(),
@@ -156,7 +156,7 @@ async fn contract(s: Subject) {
     let dup = Event { run_id: run.id.clone(), seq: 3, at: Utc::now(), kind: EventType::RunFailed, step_id: None, attempt: None, data: json!({}) };
     let row = ProgressRow {
         run_id: run.id.clone(),
-        workflow: "wf".into(),
+        workflow: "wf".parse().unwrap(),
         status: RunStatus::Failed,
         current_step: None,
         totals: Totals::default(),
@@ -187,7 +187,7 @@ async fn contract(s: Subject) {
         Event { run_id: newer.id.clone(), seq: 1, at: Utc::now(), kind: EventType::RunStarted, step_id: None, attempt: None, data: json!({}) };
     let row = ProgressRow {
         run_id: newer.id.clone(),
-        workflow: "wf".into(),
+        workflow: "wf".parse().unwrap(),
         status: RunStatus::Running,
         current_step: None,
         totals: Totals::default(),
@@ -270,7 +270,7 @@ fn event(run: &RunId, seq: u64) -> Event {
 fn row(run: &RunId, last_seq: u64) -> ProgressRow {
     ProgressRow {
         run_id: run.clone(),
-        workflow: "wf".into(),
+        workflow: "wf".parse().unwrap(),
         status: RunStatus::Running,
         current_step: None,
         totals: Totals::default(),
@@ -391,7 +391,7 @@ fn whole_ms(t: DateTime<Utc>) -> DateTime<Utc> {
 
 async fn lease_and_finish_contract(store: Arc<dyn RunStore>) {
     let t = whole_ms(Utc::now());
-    let run = RunRecord::new("wf".into(), json!({ "name": "wf" }), json!({ "x": 1 }), "alice".into(), vec![alice()], t);
+    let run = RunRecord::new("wf".parse().unwrap(), json!({ "name": "wf" }), json!({ "x": 1 }), "alice".parse().unwrap(), vec![alice()], t);
     store.create_run(&run).await.unwrap();
     assert_eq!(store.get_run(&run.id).await.unwrap(), Some(run.clone()), "a new run reads back as created");
 
@@ -411,7 +411,7 @@ async fn lease_and_finish_contract(store: Arc<dyn RunStore>) {
     let mut end = run.clone();
     end.definition = json!({ "name": "edited" });
     end.input = json!({});
-    end.caller = "mallory".into();
+    end.caller = "mallory".parse().unwrap();
     end.owners = vec![Principal::User("mallory".into())];
     end.status = RunStatus::Completed;
     end.finished_at = Some(started + Duration::seconds(3));
@@ -702,7 +702,14 @@ fn principals(user: &str, groups: &[&str]) -> Vec<Principal> {
 
 /// A run created at `t0 + seconds`, owned by `owners`.
 fn run_at(workflow: &str, caller: &str, owners: Vec<Principal>, t0: DateTime<Utc>, seconds: i64) -> RunRecord {
-    RunRecord::new(workflow.into(), json!({ "name": workflow }), json!({}), caller.into(), owners, t0 + Duration::seconds(seconds))
+    RunRecord::new(
+        workflow.parse().unwrap(),
+        json!({ "name": workflow }),
+        json!({}),
+        caller.parse().unwrap(),
+        owners,
+        t0 + Duration::seconds(seconds),
+    )
 }
 
 /// Follows `next` from the start of the index and returns every run id, page by page.
@@ -823,10 +830,10 @@ fn finished_run(
 ) -> (RunRecord, Vec<StepRecord>) {
     let noon = day.and_hms_opt(12, 0, 0).unwrap().and_utc();
     let mut run = RunRecord::new(
-        workflow.into(),
+        workflow.parse().unwrap(),
         json!({}),
         json!({}),
-        "alice".into(),
+        "alice".parse().unwrap(),
         vec![Principal::User("alice".into()), Principal::Group("eng".into())],
         noon - Duration::seconds(5),
     );

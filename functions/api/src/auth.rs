@@ -5,7 +5,7 @@
 //!   (`make token USER=… GROUPS=…` mints one).
 
 use chainrun_core::config::{ConfigError, Source};
-use chainrun_core::ids::Principal;
+use chainrun_core::ids::{Principal, UserId};
 use http::HeaderMap;
 use http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -18,7 +18,7 @@ pub const ADMIN_GROUP: &str = "admin";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub user: String,
+    pub user: UserId,
     pub groups: Vec<String>,
 }
 
@@ -29,7 +29,7 @@ impl Identity {
 
     /// Every principal this caller acts as, for visibility checks.
     pub fn principals(&self) -> Vec<Principal> {
-        let mut p = vec![Principal::User(self.user.clone()), Principal::Public];
+        let mut p = vec![Principal::User(self.user.to_string()), Principal::Public];
         p.extend(self.groups.iter().cloned().map(Principal::Group));
         if self.is_admin() {
             p.push(Principal::Admin);
@@ -116,6 +116,7 @@ fn identity(user: String, groups: Vec<String>) -> Result<Identity, AuthError> {
     if user.trim().is_empty() {
         return Err(AuthError::Invalid("the token has an empty subject".into()));
     }
+    let user = UserId::parse(&user).map_err(|e| AuthError::Invalid(format!("the token's subject is not a user id: {e}")))?;
     Ok(Identity { user, groups })
 }
 

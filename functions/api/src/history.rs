@@ -81,7 +81,7 @@ pub async fn list_runs(
     let Query(params) = params.map_err(|e| invalid(e.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_HISTORY_LIMIT, HISTORY_LIMITS)?;
     let index = match params.workflow {
-        None => RunIndex::Caller(identity.user.clone()),
+        None => RunIndex::Caller(identity.user.to_string()),
         Some(name) if name.is_empty() || name.chars().count() > MAX_WORKFLOW_NAME => {
             return Err(invalid(format!("workflow: a workflow name is 1 to {MAX_WORKFLOW_NAME} characters")));
         }
@@ -103,7 +103,7 @@ pub struct CostParams {
 /// `admin` for admins, `public`.
 fn scope(identity: &Identity, raw: Option<&str>) -> Result<Principal, ApiError> {
     let principal = match raw.unwrap_or("me") {
-        "me" => Principal::User(identity.user.clone()),
+        "me" => Principal::User(identity.user.to_string()),
         "admin" => Principal::Admin,
         "public" => Principal::Public,
         other => match other.strip_prefix("group:") {
@@ -138,12 +138,12 @@ pub async fn costs(
 /// charged, what calls in flight hold, the cap and what is left (`null` without a cap).
 pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> Result<Response, ApiError> {
     let day = Utc::now().date_naive();
-    let counter = state.daily.day(&identity.user, day).await?;
+    let counter = state.daily.day(identity.user.as_str(), day).await?;
     let held = Usd::from_pico(counter.committed.pico().saturating_sub(counter.charged.pico()));
-    let cap = state.daily_caps.cap_for(&identity.user);
+    let cap = state.daily_caps.cap_for(identity.user.as_str());
     let remaining = cap.map(|cap| Usd::from_pico(cap.pico().saturating_sub(counter.committed.pico())));
     Ok(Json(SpendToday {
-        owner: &identity.user,
+        owner: identity.user.as_str(),
         day,
         cap: MaybeMoney(cap.map(Into::into)),
         charged: counter.charged.into(),
@@ -169,14 +169,14 @@ mod tests {
 
     #[test]
     fn a_scope_must_be_one_of_the_callers_principals() {
-        let alice = Identity { user: "alice".into(), groups: vec!["eng".into()] };
+        let alice = Identity { user: "alice".parse().unwrap(), groups: vec!["eng".into()] };
         assert_eq!(scope(&alice, None).unwrap(), Principal::User("alice".into()));
         assert_eq!(scope(&alice, Some("group:eng")).unwrap(), Principal::Group("eng".into()));
         assert_eq!(scope(&alice, Some("public")).unwrap(), Principal::Public);
         for bad in ["group:ops", "admin", "group:", "USER#bob", "bob"] {
             assert!(scope(&alice, Some(bad)).is_err(), "{bad:?} accepted");
         }
-        let root = Identity { user: "root".into(), groups: vec![crate::auth::ADMIN_GROUP.into()] };
+        let root = Identity { user: "root".parse().unwrap(), groups: vec![crate::auth::ADMIN_GROUP.into()] };
         assert_eq!(scope(&root, Some("admin")).unwrap(), Principal::Admin);
     }
 }

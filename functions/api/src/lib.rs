@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{ValidatedGraph, validate_json};
-use chainrun_core::ids::{Principal, RunId};
+use chainrun_core::ids::{Principal, RunId, WorkflowName};
 use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
@@ -131,12 +131,13 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
     }
     let graph = validated(&state, &request.workflow, &request.input)?;
+    let name = WorkflowName::parse(&graph.name).map_err(|e| ApiError::bad_request("Invalid workflow", format!("name: {e}")))?;
     let mut run = RunRecord::new(
-        graph.name.clone(),
+        name,
         request.workflow,
         request.input,
         identity.user.clone(),
-        vec![Principal::User(identity.user.clone())],
+        vec![Principal::User(identity.user.to_string())],
         chrono::Utc::now(),
     );
     run.step_order = graph.steps.iter().map(|s| s.id.clone()).collect();
@@ -187,7 +188,7 @@ async fn estimate_run(State(state): State<AppState>, identity: Identity, body: B
     let graph = validated(&state, &request.workflow, &request.input)?;
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Days::new(ESTIMATE_HISTORY_DAYS - 1);
-    let history = state.analytics.costs(&Principal::User(identity.user.clone()), from, to).await?;
+    let history = state.analytics.costs(&Principal::User(identity.user.to_string()), from, to).await?;
     let history = history.into_iter().find(|w| w.workflow == graph.name);
     let estimate = chainrun_core::estimate::estimate(&graph, &request.input, &state.models, history.as_ref());
     Ok(Json(EstimateView::from(&estimate)).into_response())

@@ -158,7 +158,8 @@ async fn the_authorizers_claims_are_the_caller_and_spoofed_headers_are_ignored()
 #[tokio::test]
 async fn group_claims_grant_what_is_shared_with_the_group_in_both_shapes_api_gateway_sends() {
     let api = api();
-    let shared = RunRecord::new("wf".into(), json!({}), json!({}), "bob".into(), vec![Principal::Group("eng".into())], chrono::Utc::now());
+    let shared =
+        RunRecord::new("wf".parse().unwrap(), json!({}), json!({}), "bob".parse().unwrap(), vec![Principal::Group("eng".into())], chrono::Utc::now());
     api.store.create_run(&shared).await.unwrap();
     let path = format!("/runs/{}", shared.id);
     // API Gateway flattens array claims: Cognito's `cognito:groups` as `[a b]`, others as JSON.

@@ -43,7 +43,7 @@ fn setup_with(scripts: Vec<Script>, analytics: Option<Arc<dyn Analytics>>) -> Se
 
 async fn queue(store: &MemoryStore, steps: serde_json::Value) -> RunRecord {
     let def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": steps });
-    let run = RunRecord::new("t".into(), def, json!({}), "alice".into(), vec![Principal::User("alice".into())], Utc::now());
+    let run = RunRecord::new("t".parse().unwrap(), def, json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
     store.create_run(&run).await.unwrap();
     run
 }

@@ -13,7 +13,7 @@
 
 use super::dynamo_error::{defect, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
-use crate::ids::{Principal, RunId, StepId};
+use crate::ids::{Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
@@ -64,10 +64,10 @@ struct RunItem {
     pk: String,
     sk: String,
     id: RunId,
-    workflow: String,
+    workflow: WorkflowName,
     definition: String,
     input: String,
-    caller: String,
+    caller: UserId,
     owners: Vec<Principal>,
     status: RunStatus,
     created_at: String,
@@ -469,8 +469,8 @@ impl RunStore for DynamoStore {
 #[derive(Deserialize)]
 struct SummaryItem {
     id: RunId,
-    workflow: String,
-    caller: String,
+    workflow: WorkflowName,
+    caller: UserId,
     owners: Vec<Principal>,
     status: RunStatus,
     created_at: String,

@@ -19,7 +19,7 @@
 use super::dynamo::{Item, MAX_ITEM_BYTES, checkpoint_writes, item_size, n, run_pk, s, stored_instant};
 use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, progress_err};
 use crate::config::Tables;
-use crate::ids::{Principal, RunId, StepId};
+use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::ports::{Checkpoint, JournalError, MAX_OWNERS, ProgressError, ProgressReader, ProgressSink, StoreError};
 use crate::run::{Event, EventType, ProgressRow, RunStatus, Totals};
 use async_trait::async_trait;
@@ -64,7 +64,7 @@ struct ProgressItem {
     pk: String,
     sk: String,
     run_id: RunId,
-    workflow: String,
+    workflow: WorkflowName,
     status: RunStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     current_step: Option<StepId>,
@@ -192,7 +192,7 @@ impl DynamoProgress {
             .expression_attribute_names("#step", "current_step")
             .expression_attribute_values(":seq", n(row.last_seq))
             .expression_attribute_values(":run_id", s(row.run_id.as_str()))
-            .expression_attribute_values(":workflow", s(&row.workflow))
+            .expression_attribute_values(":workflow", s(row.workflow.as_str()))
             .expression_attribute_values(":status", s(&status))
             .expression_attribute_values(":totals", totals)
             .expression_attribute_values(":updated", s(stored_instant(&row.updated_at)))

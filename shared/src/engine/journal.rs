@@ -10,7 +10,7 @@
 //! is not made if that does not fit (see [`crate::budget`]).
 
 use crate::budget::{self, BudgetExceeded, BudgetLimits, Ledger, Reservation};
-use crate::ids::{Principal, RunId, StepId};
+use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::{Checkpoint, JournalError, Lease, ProgressSink, RunStore};
 use crate::pricing::Usage;
@@ -31,7 +31,7 @@ pub struct Journal {
     store: Arc<dyn RunStore>,
     lease: Lease,
     run_id: RunId,
-    workflow: String,
+    workflow: WorkflowName,
     owners: Vec<Principal>,
     state: Mutex<JournalState>,
     /// A plain mutex: it is only ever held for a few integer operations, never across an

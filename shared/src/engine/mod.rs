@@ -197,10 +197,9 @@ impl Engine {
             } else {
                 info!(resumed_steps = records.iter().flatten().count(), last_seq, "resuming run");
             }
-            let owner_cap = self
-                .daily
-                .as_ref()
-                .and_then(|(spend, caps)| caps.cap_for(&run.caller).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.clone(), cap }));
+            let owner_cap = self.daily.as_ref().and_then(|(spend, caps)| {
+                caps.cap_for(run.caller.as_str()).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.to_string(), cap })
+            });
             let shared = Arc::new(StepContext {
                 owner_cap,
                 model: self.model.clone(),

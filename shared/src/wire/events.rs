@@ -7,7 +7,7 @@
 use super::money::{Cost, Money};
 use super::{StepDetail, TotalsView};
 use crate::codes::ErrorCode;
-use crate::ids::{RunId, StepId};
+use crate::ids::{RunId, StepId, WorkflowName};
 use crate::run::{ErrorInfo, EventType};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -68,7 +68,7 @@ impl EventBody {
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RunStarted {
-    pub workflow: String,
+    pub workflow: WorkflowName,
     /// How many steps the workflow has.
     pub steps: usize,
 }

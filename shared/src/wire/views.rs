@@ -117,9 +117,9 @@ impl<'a> RunView<'a> {
         let totals = if run.status.is_terminal() { run.totals } else { Totals::of_checkpoints(records) };
         Self {
             run_id: &run.id,
-            workflow: &run.workflow,
+            workflow: run.workflow.as_str(),
             status: run.status,
-            caller: &run.caller,
+            caller: run.caller.as_str(),
             created_at: run.created_at,
             started_at: run.started_at,
             finished_at: run.finished_at,
@@ -158,7 +158,7 @@ impl<'a> From<&'a ProgressRow> for ProgressRowView<'a> {
     fn from(r: &'a ProgressRow) -> Self {
         Self {
             run_id: &r.run_id,
-            workflow: &r.workflow,
+            workflow: r.workflow.as_str(),
             status: r.status,
             current_step: &r.current_step,
             totals: (&r.totals).into(),
@@ -194,9 +194,9 @@ impl<'a> From<&'a RunSummary> for RunSummaryView<'a> {
     fn from(r: &'a RunSummary) -> Self {
         Self {
             run_id: &r.id,
-            workflow: &r.workflow,
+            workflow: r.workflow.as_str(),
             status: r.status,
-            caller: &r.caller,
+            caller: r.caller.as_str(),
             created_at: r.created_at,
             started_at: r.started_at,
             finished_at: r.finished_at,
