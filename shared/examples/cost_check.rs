@@ -319,10 +319,10 @@ pub fn check(runs: u64) -> Report {
             let store = Arc::new(MemoryStore::new());
             let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default());
             let run = RunRecord::new(
-                "cost-check".parse().unwrap(),
+                "cost-check".parse().expect("a valid name"),
                 definition,
                 input,
-                "u".parse().unwrap(),
+                "u".parse().expect("a valid user id"),
                 vec![Principal::User("u".into())],
                 chrono::Utc::now(),
             );

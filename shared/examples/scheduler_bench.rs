@@ -129,10 +129,10 @@ async fn run_engine(dag: &Dag) -> Timing {
     let registry = Arc::new(ModelRegistry::builtin());
     let engine = Engine::new(model, store.clone(), progress, registry.clone(), EngineConfig { limits, ..EngineConfig::default() });
     let run = RunRecord::new(
-        "bench".parse().unwrap(),
+        "bench".parse().expect("a valid name"),
         definition(dag),
         json!({}),
-        "bench".parse().unwrap(),
+        "bench".parse().expect("a valid user id"),
         vec![Principal::User("bench".into())],
         chrono::Utc::now(),
     );

@@ -376,7 +376,7 @@ async fn measure(
         engine = engine.with_daily_caps(Arc::new(DynamoDailySpend::new(client.clone(), tables.clone())), caps);
     }
 
-    let run = RunRecord::new(workflow, definition, sample["input"].clone(), "demo".parse().unwrap(), owners, chrono::Utc::now());
+    let run = RunRecord::new(workflow, definition, sample["input"].clone(), "demo".parse()?, owners, chrono::Utc::now());
     let id = run.id.clone();
     store.create_run(&run).await?;
 
