@@ -5,8 +5,8 @@
 use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
 use crate::ids::StepId;
-use crate::pricing::ModelRegistry;
 use crate::output::Schema;
+use crate::pricing::ModelRegistry;
 use crate::template::{ITEM_ROOTS, References, STEP_ROOTS, Template};
 use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
 use serde::{Deserialize, Serialize};
@@ -177,7 +177,8 @@ pub fn validate_json(raw: &Value, models: &ModelRegistry) -> Result<ValidatedGra
 }
 
 pub fn validate_json_with(raw: &Value, models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
-    let malformed = |e: serde_json::Error| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] };
+    let malformed =
+        |e: serde_json::Error| InvalidWorkflow { problems: vec![Problem { step: None, field: "workflow".into(), message: e.to_string() }] };
     // The steps are checked one by one where they lie: deserializing them into the
     // `WorkflowDef` first would copy every one of them.
     if let Some(fields) = raw.as_object()

@@ -335,7 +335,25 @@ mod tests {
         use proptest::prelude::*;
         let text = prop::sample::select(&["", "text ", "}} ", "{ ", "-", "{% if x %}y{% endif %}", "{# c #}"][..]).prop_map(str::to_owned);
         let body = prop::sample::select(
-            &["steps.a.text", "steps", "input.x", "item", "a.b.c", "none", "self", "-x", "x - 1", "a|upper", "a[0]", "'}}'", "loop.index", "True", "x1", "_", "a.if"][..],
+            &[
+                "steps.a.text",
+                "steps",
+                "input.x",
+                "item",
+                "a.b.c",
+                "none",
+                "self",
+                "-x",
+                "x - 1",
+                "a|upper",
+                "a[0]",
+                "'}}'",
+                "loop.index",
+                "True",
+                "x1",
+                "_",
+                "a.if",
+            ][..],
         );
         let edge = prop::sample::select(&["", " ", "-", "- ", " -", "--"][..]);
         let slot = (edge.clone(), body, edge).prop_map(|(l, b, r)| format!("{{{{{l}{b}{}}}}}", r.chars().rev().collect::<String>()));
