@@ -340,7 +340,8 @@ mod tests {
     /// at most 128 levels) compared and returned whole.
     fn deepest_expressions() -> Vec<(String, Value)> {
         let nested = |n: usize| (0..n).fold(json!(1), |inner, _| json!({ "a": inner }));
-        let shapes: Vec<(Box<dyn Fn(usize) -> String>, Value)> = vec![
+        type Shape = Box<dyn Fn(usize) -> String>;
+        let shapes: Vec<(Shape, Value)> = vec![
             (Box::new(|n| format!("{}true", "!".repeat(n))), json!({})),
             (Box::new(|n| format!("{}1", "-".repeat(n))), json!({})),
             (Box::new(|n| format!("{}1", "1 + ".repeat(n))), json!({})),
