@@ -9,11 +9,11 @@
 use crate::template::References;
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::objects::Key;
-use cel::{Context, Program};
+use cel::{Context, Env, Program};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub const MAX_EXPRESSION_BYTES: usize = 4 * 1024;
 /// Nesting deeper than this is rejected (it also bounds recursion while evaluating).
@@ -25,22 +25,22 @@ pub const MAX_OPERATORS: usize = 256;
 
 /// The CEL parser (generated, recursive descent) uses a lot of stack per level: in a debug
 /// build 12 nested parentheses or 100 chained `+` overflow a 2 MB thread, and a stack
-/// overflow aborts the process instead of returning an error. Parsing and evaluation
-/// therefore run on a thread of their own with this much stack (reserved, not committed),
-/// and the lexical limits above keep inputs well inside it: 1,000 chained operators or 64
-/// nested brackets were measured to fit in it.
-const CEL_STACK_BYTES: usize = 64 << 20;
+/// overflow aborts the process instead of returning an error. Parsing (once per definition)
+/// therefore runs on a stack of its own with this much room (`stacker`: a mapping reserved,
+/// not committed, and released after), and the lexical limits above keep inputs well inside
+/// it: 1,000 chained operators or 64 nested brackets were measured to fit in it.
+const PARSE_STACK_BYTES: usize = 64 << 20;
 
-fn on_big_stack<T: Send>(work: impl FnOnce() -> T + Send) -> Result<T, ExprError> {
-    std::thread::scope(|scope| {
-        let handle = std::thread::Builder::new()
-            .name("cel".into())
-            .stack_size(CEL_STACK_BYTES)
-            .spawn_scoped(scope, work)
-            .map_err(|e| ExprError(format!("could not start the expression thread: {e}")))?;
-        handle.join().map_err(|_| ExprError("the expression could not be processed".into()))
-    })
-}
+/// Evaluation happens at run time, for every router, expression transform and map, on the
+/// runner's one thread, so it must not pay for a stack of its own. It recurses once per
+/// level of the syntax tree, which [`MAX_DEPTH`] bounds, and of the values (serde_json
+/// parses at most 128 levels): the deepest the limits let through were measured to need at
+/// most 150 KB of stack in a release build and 1.9 MB in a debug one, whose frames are far
+/// larger (`probe_evaluation_stack`). An evaluation that starts with less than this left
+/// moves to a fresh stack of `EVAL_STACK_BYTES`; one with more (always, on a release
+/// runner's 8 MB main thread or a 2 MB worker) costs a comparison.
+const EVAL_RED_ZONE_BYTES: usize = if cfg!(debug_assertions) { 4 << 20 } else { 512 << 10 };
+const EVAL_STACK_BYTES: usize = 8 << 20;
 
 /// Rejects inputs the parser cannot take safely: deep brackets, long operator chains.
 /// String literals are skipped, so `'((((('` is fine.
@@ -119,16 +119,17 @@ pub fn compile(source: &str, roots: &[&str]) -> Result<Expression, ExprError> {
         return Err(ExprError("expression is empty".into()));
     }
     lexical_limits(source)?;
-    on_big_stack(|| {
+    stacker::grow(PARSE_STACK_BYTES, || {
         // The parser is third-party code fed untrusted input: a panic there must become an
         // error for this definition, not a crashed function.
         let program = catch_unwind(AssertUnwindSafe(|| Program::compile(source)))
             .map_err(|_| ExprError("expression could not be parsed".into()))?
             .map_err(|e| ExprError(format!("does not parse: {}", first_line(&e.to_string()))))?;
         let mut references = References::default();
+        // A tree too deep is rejected here, and dropped (recursively) on this stack.
         walk(program.expression(), 0, roots, &mut Vec::new(), &mut references)?;
         Ok(Expression { source: source.to_owned(), program, references })
-    })?
+    })
 }
 
 fn first_line(s: &str) -> &str {
@@ -218,18 +219,23 @@ fn walk(node: &IdedExpr, depth: usize, roots: &[&str], bound: &mut Vec<String>, 
 impl Expression {
     /// Evaluates against `variables` (a JSON object: its keys become CEL variables).
     pub fn evaluate(&self, variables: &Value) -> Result<Value, ExprError> {
-        on_big_stack(|| {
-            let mut context = Context::default();
-            if let Value::Object(map) = variables {
-                for (name, value) in map {
-                    context.add_variable_from_value(name.clone(), to_cel(value));
-                }
+        stacker::maybe_grow(EVAL_RED_ZONE_BYTES, EVAL_STACK_BYTES, || self.evaluate_on_this_stack(variables))
+    }
+
+    fn evaluate_on_this_stack(&self, variables: &Value) -> Result<Value, ExprError> {
+        // The standard library's function table, built once (`Context::default` builds it
+        // on every call, which was most of an evaluation's cost).
+        static STDLIB: OnceLock<Arc<Env>> = OnceLock::new();
+        let mut context = Context::with_env(STDLIB.get_or_init(|| Arc::new(Env::stdlib())).clone());
+        if let Value::Object(map) = variables {
+            for (name, value) in map {
+                context.add_variable_from_value(name.clone(), to_cel(value));
             }
-            let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(&context)))
-                .map_err(|_| ExprError("expression evaluation failed".into()))?
-                .map_err(|e| ExprError(e.to_string()))?;
-            result.json().map_err(|e| ExprError(format!("the result is not JSON: {e}")))
-        })?
+        }
+        let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(&context)))
+            .map_err(|_| ExprError("expression evaluation failed".into()))?
+            .map_err(|e| ExprError(e.to_string()))?;
+        result.json().map_err(|e| ExprError(format!("the result is not JSON: {e}")))
     }
 
     /// Evaluates a condition; anything but a bool is an error, never silently false.
@@ -327,6 +333,88 @@ mod tests {
         assert!(compile("'(((((((((((((((((((((((((((((((((((((((('", &ROOTS).is_ok(), "string contents are not brackets");
         assert!(compile("steps.a.output ==", &ROOTS).unwrap_err().0.contains("parse"));
         assert!(compile("  ", &ROOTS).is_err());
+    }
+
+    /// For each shape of nesting, the deepest instance the limits let through, with input
+    /// that makes it evaluate all the way down; and the deepest values (serde_json parses
+    /// at most 128 levels) compared and returned whole.
+    fn deepest_expressions() -> Vec<(String, Value)> {
+        let nested = |n: usize| (0..n).fold(json!(1), |inner, _| json!({ "a": inner }));
+        type Shape = Box<dyn Fn(usize) -> String>;
+        let shapes: Vec<(Shape, Value)> = vec![
+            (Box::new(|n| format!("{}true", "!".repeat(n))), json!({})),
+            (Box::new(|n| format!("{}1", "-".repeat(n))), json!({})),
+            (Box::new(|n| format!("{}1", "1 + ".repeat(n))), json!({})),
+            (Box::new(|n| format!("true{}", " && true".repeat(n))), json!({})),
+            (Box::new(|n| format!("{}1{}", "[".repeat(n), "]".repeat(n))), json!({})),
+            (Box::new(|n| format!("{}1{}", "string(".repeat(n), ")".repeat(n))), json!({})),
+            (Box::new(|n| format!("{}1{}", "true ? (".repeat(n), ") : 0".repeat(n))), json!({})),
+            (Box::new(|n| format!("input{}", ".a".repeat(n))), json!({ "input": nested(100) })),
+            (Box::new(|n| format!("input.xs{}", "[0]".repeat(n))), json!({ "input": { "xs": (0..60).fold(json!(1), |inner, _| json!([inner])) } })),
+            (Box::new(|n| format!("{}1{}", "input.xs.map(x, ".repeat(n), ")".repeat(n))), json!({ "input": { "xs": [1, 2] } })),
+            (Box::new(|n| format!("{}1{}", "{'k': ".repeat(n), "}".repeat(n))), json!({})),
+            (Box::new(|n| format!("[{}1]", "1, ".repeat(n))), json!({})),
+        ];
+        shapes
+            .into_iter()
+            .map(|(shape, input)| {
+                // The limits are monotonic in n: find the last n that compiles.
+                let (mut ok, mut too_deep) = (1, 2048);
+                assert!(compile(&shape(ok), &ROOTS).is_ok() && compile(&shape(too_deep), &ROOTS).is_err());
+                while too_deep - ok > 1 {
+                    let mid = (ok + too_deep) / 2;
+                    if compile(&shape(mid), &ROOTS).is_ok() { ok = mid } else { too_deep = mid }
+                }
+                (shape(ok), input)
+            })
+            .chain([
+                ("input.a == input.b".to_owned(), json!({ "input": { "a": nested(126), "b": nested(126) } })),
+                ("input.a".to_owned(), json!({ "input": { "a": nested(126) } })),
+            ])
+            .collect()
+    }
+
+    #[test]
+    fn evaluates_the_deepest_expressions_the_limits_allow() {
+        let compiled: Vec<(Expression, Value)> = deepest_expressions().into_iter().map(|(s, i)| (compile(&s, &ROOTS).unwrap(), i)).collect();
+        // 2 MB, a tokio worker's stack and a quarter of a runner's main thread.
+        std::thread::scope(|scope| {
+            let evaluate = || {
+                for (e, input) in &compiled {
+                    assert!(e.evaluate(input).is_ok(), "{}: {:?}", e.source(), e.evaluate(input));
+                }
+            };
+            std::thread::Builder::new().stack_size(2 << 20).spawn_scoped(scope, evaluate).unwrap().join().unwrap();
+        });
+    }
+
+    /// Measures the stack evaluation needs: `CEL_PROBE_STACK=<bytes> [CEL_PROBE_ONLY=<i>]
+    /// cargo test [--release] -p chainrun-core --lib -- --ignored probe` aborts with a stack
+    /// overflow when the deepest expressions (or the `i`th) need more than `bytes`, and prints
+    /// `PROBE OK` otherwise; bisect on `bytes`.
+    #[test]
+    #[ignore]
+    fn probe_evaluation_stack() {
+        let Some(bytes) = std::env::var("CEL_PROBE_STACK").ok().and_then(|b| b.parse::<usize>().ok()) else { return };
+        let compiled: Vec<(Expression, Value)> = deepest_expressions().into_iter().map(|(s, i)| (compile(&s, &ROOTS).unwrap(), i)).collect();
+        for (e, _) in &compiled {
+            eprintln!("deepest: {} bytes: {}", e.source().len(), &e.source()[..e.source().len().min(60)]);
+        }
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .stack_size(bytes)
+                .spawn_scoped(scope, || {
+                    let only = std::env::var("CEL_PROBE_ONLY").ok().and_then(|i| i.parse::<usize>().ok());
+                    for (e, input) in compiled.iter().enumerate().filter(|(i, _)| only.is_none_or(|o| o == *i)).map(|(_, c)| c) {
+                        // Bypass the red zone: evaluate on this thread's stack whatever is left.
+                        assert!(e.evaluate_on_this_stack(input).is_ok(), "{}", e.source());
+                    }
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        });
+        eprintln!("PROBE OK {bytes}");
     }
 
     #[test]

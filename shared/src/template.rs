@@ -8,8 +8,8 @@
 //! bytecode: a run renders it as often as it likes without parsing it again. It holds its
 //! source and minijinja's compiled form of it side by side (a self-referential pair, hence
 //! `self_cell`), against one process-wide [`Environment`]. Adding each template to an
-//! environment of its graph instead (`add_template_owned`) was measured to make validation
-//! two to three times slower.
+//! environment of its graph instead (`add_template_owned`) was measured to cost two to four
+//! times as much per template, and would tie rendering to that environment.
 //!
 //! A template is untrusted code: every rendering runs on a budget of [`FUEL`] operations
 //! and may produce at most [`MAX_RENDERED_BYTES`], so a hostile loop fails the step in
@@ -25,10 +25,11 @@ pub const STEP_ROOTS: [&str; 2] = ["input", "steps"];
 /// Inside a map's sub-step, `item` and `index` are added.
 pub const ITEM_ROOTS: [&str; 4] = ["input", "steps", "item", "index"];
 
-/// The operations (bytecode instructions: a lookup, an emitted piece, one turn of a loop
-/// costs about three) one rendering may execute. A prompt that loops over a few hundred
-/// items uses a few thousand, and a 100 × 100 nested loop about 100,000, well inside it;
-/// exhausting it takes about 50 ms in a release build, so a runaway template costs little.
+/// The operations (bytecode instructions: a lookup, a filter call, an emitted piece; one
+/// turn of an empty loop costs four) one rendering may execute. Measured: a prompt listing
+/// 500 items with five filtered fields each uses 15,000, a 100 × 100 nested loop 91,000.
+/// Exhausting it takes about 20 ms in a release build (200 ms in a debug one), so a runaway
+/// template fails its step quickly instead of holding the runner.
 pub const FUEL: u64 = 2_000_000;
 
 /// The most text one rendering may produce: a prompt of 1M tokens (the largest context
@@ -101,10 +102,12 @@ self_cell::self_cell!(
     }
 );
 
-/// A compiled template: parsed once, rendered any number of times.
+/// A compiled template: parsed once, rendered any number of times; cloning it is cheap.
 #[derive(Clone)]
-pub struct Template {
-    compiled: Arc<Owned>,
+pub struct Template(Arc<Inner>);
+
+struct Inner {
+    compiled: Owned,
     references: References,
     /// The names available where it runs, and (bit `i` for `roots[i]`) which it reads.
     roots: &'static [&'static str],
@@ -141,25 +144,26 @@ impl Template {
             Some(paths) => paths.into_iter().for_each(&mut note),
             None => compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path)),
         }
-        Ok(Template { compiled: Arc::new(compiled), references, roots, reads_roots })
+        Ok(Template(Arc::new(Inner { compiled, references, roots, reads_roots })))
     }
 
     pub fn source(&self) -> &str {
-        self.compiled.borrow_owner()
+        self.0.compiled.borrow_owner()
     }
 
     /// The steps it reads and the names it reads that `roots` (given to
     /// [`Template::compile`]) do not provide.
     pub fn references(&self) -> &References {
-        &self.references
+        &self.0.references
     }
 
     /// Whether it reads the top-level name `root` (`input`, `item`, …): one of the roots
     /// given to [`Template::compile`], or one unknown where it runs.
     pub fn reads(&self, root: &str) -> bool {
-        match self.roots.iter().position(|r| *r == root) {
-            Some(i) => self.reads_roots & 1u64.checked_shl(i as u32).unwrap_or(0) != 0,
-            None => self.references.unknown_roots.contains(root),
+        let inner = &self.0;
+        match inner.roots.iter().position(|r| *r == root) {
+            Some(i) => inner.reads_roots & 1u64.checked_shl(i as u32).unwrap_or(0) != 0,
+            None => inner.references.unknown_roots.contains(root),
         }
     }
 
@@ -167,7 +171,7 @@ impl Template {
     /// and [`MAX_RENDERED_BYTES`].
     pub fn render<S: Serialize>(&self, context: &S) -> Result<String, TemplateError> {
         let mut out = Bounded { text: Vec::with_capacity(self.source().len()), limit: MAX_RENDERED_BYTES };
-        self.compiled.borrow_dependent().render_captured_to(context, &mut out)?;
+        self.0.compiled.borrow_dependent().render_captured_to(context, &mut out)?;
         // minijinja writes whole `str`s and `Bounded` takes each whole or not at all.
         String::from_utf8(out.text).map_err(|_| TemplateError("the rendered text is not UTF-8".into()))
     }
@@ -240,7 +244,7 @@ impl std::io::Write for Bounded {
 
 /// Parses `source` and lists what it reads; `roots` are the names available where it runs.
 pub fn references(source: &str, roots: &'static [&'static str]) -> Result<References, TemplateError> {
-    Template::compile(source, roots).map(|t| t.references)
+    Template::compile(source, roots).map(|t| t.references().clone())
 }
 
 #[cfg(test)]
@@ -322,7 +326,7 @@ mod tests {
         ];
         for source in templates {
             let t = Template::compile(source, &ITEM_ROOTS).unwrap();
-            let full: BTreeSet<String> = t.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
+            let full: BTreeSet<String> = t.0.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
             if let Some(fast) = slot_paths(source) {
                 assert_eq!(fast.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(), full, "{source}");
             }
@@ -364,7 +368,7 @@ mod tests {
         #[test]
         fn the_slot_fast_path_agrees_on_random_templates(source in pieces()) {
             if let (Ok(t), Some(fast)) = (Template::compile(&source, &ITEM_ROOTS), slot_paths(&source)) {
-                let full: BTreeSet<String> = t.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
+                let full: BTreeSet<String> = t.0.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
                 proptest::prop_assert_eq!(fast.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(), full, "{}", source);
             }
         }
