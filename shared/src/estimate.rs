@@ -676,7 +676,10 @@ mod tests {
         let b = step(&run(&looped, json!({ "l": [1, 2, 3] }), None), "b").clone();
         assert_eq!((b.max, b.max_basis), (amount(b_in + 10, b_in * IN + 10 * OUT), MaxBasis::Prompt), "pasted once per item");
         // A skipped upstream step pastes `None`, which every bound covers.
-        assert_eq!(Template::compile("{{ x }}", &["x"]).unwrap().render(&json!({ "x": null })).unwrap().len() as u64, NONE_BYTES);
+        assert_eq!(
+            Template::compile("{{ x }}", &["x"], template::Keep::Source).unwrap().render(&json!({ "x": null })).unwrap().len() as u64,
+            NONE_BYTES
+        );
         assert_eq!(
             step(&e, "d").max,
             amount(2 * reply(10) + 4 + 96 + 10, (2 * reply(10) + 4 + 96) * IN + 10 * OUT),

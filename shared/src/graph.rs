@@ -7,7 +7,7 @@ use crate::expr::{self, Expression};
 use crate::ids::StepId;
 use crate::output::Schema;
 use crate::pricing::ModelRegistry;
-use crate::template::{ITEM_ROOTS, References, STEP_ROOTS, Template};
+use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
 use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -217,6 +217,18 @@ impl Problems {
 /// references go, so they are not reported a second time as "unknown step".
 type Ids<'a> = HashMap<&'a str, Option<usize>>;
 
+/// Where fields are checked: a step's own, or its sub-step's in a map, which runs once per
+/// item (so its templates keep their bytecode, see [`Keep`]).
+#[derive(Clone, Copy)]
+struct Place {
+    prefix: &'static str,
+    roots: &'static [&'static str],
+    keep: Keep,
+}
+
+const IN_STEP: Place = Place { prefix: "", roots: &STEP_ROOTS, keep: Keep::Source };
+const IN_MAP_ITEM: Place = Place { prefix: "step.", roots: &ITEM_ROOTS, keep: Keep::Bytecode };
+
 /// Shared state while checking one step's fields.
 struct Checker<'p> {
     found: &'p mut Problems,
@@ -248,13 +260,13 @@ impl Checker<'_> {
     }
 
     /// Compiles a template once; the graph keeps it, so nothing is parsed at run time.
-    fn template(&mut self, prefix: &str, name: &str, source: &str, roots: &'static [&'static str]) -> Option<Template> {
-        let field = || format!("{prefix}{name}");
+    fn template(&mut self, at: Place, name: &str, source: &str) -> Option<Template> {
+        let field = || format!("{}{name}", at.prefix);
         if source.len() > MAX_TEMPLATE_BYTES {
             self.found.push(self.step, &field(), format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", source.len()));
             return None;
         }
-        match Template::compile(source, roots) {
+        match Template::compile(source, at.roots, at.keep) {
             Err(e) => {
                 self.found.push(self.step, &field(), format!("template does not parse: {e}"));
                 None
@@ -280,10 +292,10 @@ impl Checker<'_> {
         }
     }
 
-    fn llm(&mut self, prefix: &str, llm: &LlmStepDef, defaults: &Defaults, models: &ModelRegistry, roots: &'static [&'static str]) -> LlmSpec {
-        let field = |f: &str| format!("{prefix}{f}");
-        let prompt = self.template(prefix, "prompt", &llm.prompt, roots);
-        let system = llm.system.as_ref().map(|system| self.template(prefix, "system", system, roots));
+    fn llm(&mut self, at: Place, llm: &LlmStepDef, defaults: &Defaults, models: &ModelRegistry) -> LlmSpec {
+        let field = |f: &str| format!("{}{f}", at.prefix);
+        let prompt = self.template(at, "prompt", &llm.prompt);
+        let system = llm.system.as_ref().map(|system| self.template(at, "system", system));
         let model = llm.model.as_ref().or(defaults.model.as_ref());
         let max_tokens = llm.max_tokens.or(defaults.max_tokens).unwrap_or(1024);
         match model {
@@ -340,10 +352,11 @@ impl Checker<'_> {
         }
     }
 
-    fn transform(&mut self, prefix: &str, t: &TransformStepDef, roots: &'static [&'static str]) -> TransformSpec {
+    fn transform(&mut self, at: Place, t: &TransformStepDef) -> TransformSpec {
+        let prefix = at.prefix;
         match (&t.template, &t.expression) {
-            (Some(source), None) => TransformSpec::Template(self.template(prefix, "template", source, roots).unwrap_or_else(unusable)),
-            (None, Some(source)) => match self.expression(&format!("{prefix}expression"), source, roots) {
+            (Some(source), None) => TransformSpec::Template(self.template(at, "template", source).unwrap_or_else(unusable)),
+            (None, Some(source)) => match self.expression(&format!("{prefix}expression"), source, at.roots) {
                 Some(compiled) => TransformSpec::Expression(compiled),
                 // Reported; the graph is rejected, so the placeholder is never run.
                 None => TransformSpec::Template(unusable()),
@@ -374,7 +387,7 @@ impl Checker<'_> {
 /// Stands in for a template that was reported as broken, in a graph that is then rejected.
 fn unusable() -> Template {
     static EMPTY: std::sync::OnceLock<Template> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(|| Template::compile("", &[]).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
+    EMPTY.get_or_init(|| Template::compile("", &[], Keep::Source).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
 }
 
 struct Checked<'a> {
@@ -469,8 +482,8 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
             }
         }
         let kind = match step {
-            StepDef::Llm(llm) => StepKind::Llm(c.llm("", llm, &def.defaults, models, &STEP_ROOTS)),
-            StepDef::Transform(t) => StepKind::Transform(c.transform("", t, &STEP_ROOTS)),
+            StepDef::Llm(llm) => StepKind::Llm(c.llm(IN_STEP, llm, &def.defaults, models)),
+            StepDef::Transform(t) => StepKind::Transform(c.transform(IN_STEP, t)),
             StepDef::Router(r) => {
                 if r.routes.is_empty() && r.default.is_empty() {
                     c.found.push(id, "routes", "a router needs at least one route or a default");
@@ -500,8 +513,8 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                     c.found.push(id, "step", "a map's step has no id, depends_on, required or join of its own: set them on the map");
                 }
                 let step = match m.step.as_ref() {
-                    StepDef::Llm(llm) => ItemStep::Llm(c.llm("step.", llm, &def.defaults, models, &ITEM_ROOTS)),
-                    StepDef::Transform(t) => ItemStep::Transform(c.transform("step.", t, &ITEM_ROOTS)),
+                    StepDef::Llm(llm) => ItemStep::Llm(c.llm(IN_MAP_ITEM, llm, &def.defaults, models)),
+                    StepDef::Transform(t) => ItemStep::Transform(c.transform(IN_MAP_ITEM, t)),
                     other => {
                         c.found.push(
                             id,
@@ -524,7 +537,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
     }
     let output = def.output.as_ref().and_then(|out| {
         let mut c = Checker { found: &mut found, ids: &ids, step: "", deps: Vec::new() };
-        c.template("", "output", out, &STEP_ROOTS)
+        c.template(IN_STEP, "output", out)
     });
     for step in &checked {
         let (prefix, spec) = match &step.kind {

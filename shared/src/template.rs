@@ -4,12 +4,19 @@
 //! fail the step loudly rather than send the model an empty string. The steps a template
 //! reads are found statically, so they become dependencies without being listed twice.
 //!
-//! A [`Template`] is compiled once, when its definition is validated, and keeps its
-//! bytecode: a run renders it as often as it likes without parsing it again. It holds its
-//! source and minijinja's compiled form of it side by side (a self-referential pair, hence
-//! `self_cell`), against one process-wide [`Environment`]. Adding each template to an
-//! environment of its graph instead (`add_template_owned`) was measured to cost two to four
-//! times as much per template, and would tie rendering to that environment.
+//! A [`Template`] is compiled once, when its definition is validated: that finds its syntax
+//! errors and what it reads (for a template made only of text and `{{ a.b }}` slots, without
+//! the second parse minijinja's own analysis needs). Whether it also keeps the bytecode is
+//! the caller's choice ([`Keep`]), because minijinja makes keeping it expensive: every
+//! compiled template reserves room for 256 instructions and 128 line records (about 9 KB),
+//! and a kept tiny template still dirties two pages. For a 10,000-step graph that was 52 MB
+//! more memory, and the page faults made validation and execution slower than compiling
+//! each template again when it renders (about 1 µs, on memory just freed). So only a
+//! template rendered many times per run (a map's step, once per item) keeps its bytecode:
+//! its source and minijinja's compiled form side by side (a self-referential pair, hence
+//! `self_cell`), against one process-wide [`Environment`]. (Adding templates to an
+//! environment of their graph instead, `add_template_owned`, costs the same memory and two
+//! to four times as much time.)
 //!
 //! A template is untrusted code: every rendering runs on a budget of [`FUEL`] operations
 //! and may produce at most [`MAX_RENDERED_BYTES`], so a hostile loop fails the step in
@@ -102,12 +109,27 @@ self_cell::self_cell!(
     }
 );
 
-/// A compiled template: parsed once, rendered any number of times; cloning it is cheap.
+/// What a compiled template keeps (see the module docs for the trade-off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The source: each rendering compiles it again. For a template rendered once per run.
+    Source,
+    /// The bytecode: for a template rendered many times per run.
+    Bytecode,
+}
+
+/// A template checked once (syntax, and what it reads) and rendered any number of times;
+/// cloning it is cheap.
 #[derive(Clone)]
 pub struct Template(Arc<Inner>);
 
+enum Body {
+    Source(Box<str>),
+    Bytecode(Owned),
+}
+
 struct Inner {
-    compiled: Owned,
+    body: Body,
     references: References,
     /// The names available where it runs, and (bit `i` for `roots[i]`) which it reads.
     roots: &'static [&'static str],
@@ -115,9 +137,9 @@ struct Inner {
 }
 
 impl Template {
-    /// Parses `source` and lists what it reads; `roots` are the names available where it
+    /// Compiles `source` and lists what it reads; `roots` are the names available where it
     /// runs (see [`Template::references`]), at most 64.
-    pub fn compile(source: &str, roots: &'static [&'static str]) -> Result<Template, TemplateError> {
+    pub fn compile(source: &str, roots: &'static [&'static str], keep: Keep) -> Result<Template, TemplateError> {
         let compiled = Owned::try_new(source.into(), |source| environment().template_from_str(source))?;
         let mut references = References::default();
         let mut reads_roots = 0u64;
@@ -144,11 +166,18 @@ impl Template {
             Some(paths) => paths.into_iter().for_each(&mut note),
             None => compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path)),
         }
-        Ok(Template(Arc::new(Inner { compiled, references, roots, reads_roots })))
+        let body = match keep {
+            Keep::Bytecode => Body::Bytecode(compiled),
+            Keep::Source => Body::Source(compiled.into_owner()),
+        };
+        Ok(Template(Arc::new(Inner { body, references, roots, reads_roots })))
     }
 
     pub fn source(&self) -> &str {
-        self.0.compiled.borrow_owner()
+        match &self.0.body {
+            Body::Source(source) => source,
+            Body::Bytecode(compiled) => compiled.borrow_owner(),
+        }
     }
 
     /// The steps it reads and the names it reads that `roots` (given to
@@ -171,7 +200,10 @@ impl Template {
     /// and [`MAX_RENDERED_BYTES`].
     pub fn render<S: Serialize>(&self, context: &S) -> Result<String, TemplateError> {
         let mut out = Bounded { text: Vec::with_capacity(self.source().len()), limit: MAX_RENDERED_BYTES };
-        self.0.compiled.borrow_dependent().render_captured_to(context, &mut out)?;
+        match &self.0.body {
+            Body::Source(source) => environment().template_from_str(source)?.render_captured_to(context, &mut out).map(drop)?,
+            Body::Bytecode(compiled) => compiled.borrow_dependent().render_captured_to(context, &mut out).map(drop)?,
+        }
         // minijinja writes whole `str`s and `Bounded` takes each whole or not at all.
         String::from_utf8(out.text).map_err(|_| TemplateError("the rendered text is not UTF-8".into()))
     }
@@ -244,7 +276,7 @@ impl std::io::Write for Bounded {
 
 /// Parses `source` and lists what it reads; `roots` are the names available where it runs.
 pub fn references(source: &str, roots: &'static [&'static str]) -> Result<References, TemplateError> {
-    Template::compile(source, roots).map(|t| t.references().clone())
+    Template::compile(source, roots, Keep::Source).map(|t| t.references().clone())
 }
 
 #[cfg(test)]
@@ -253,7 +285,7 @@ mod tests {
     use serde_json::json;
 
     fn render(source: &str, context: &serde_json::Value) -> Result<String, TemplateError> {
-        Template::compile(source, &STEP_ROOTS)?.render(context)
+        Template::compile(source, &STEP_ROOTS, Keep::Source)?.render(context)
     }
 
     #[test]
@@ -303,14 +335,21 @@ mod tests {
 
     #[test]
     fn a_compiled_template_renders_many_times_and_keeps_its_source() {
-        let t = Template::compile("{{ input.n }}!", &STEP_ROOTS).unwrap();
-        for n in 0..3 {
-            assert_eq!(t.render(&json!({ "input": { "n": n } })).unwrap(), format!("{n}!"));
+        for keep in [Keep::Source, Keep::Bytecode] {
+            let t = Template::compile("{{ input.n }}!", &STEP_ROOTS, keep).unwrap();
+            for n in 0..3 {
+                assert_eq!(t.render(&json!({ "input": { "n": n } })).unwrap(), format!("{n}!"));
+            }
+            assert_eq!(t.source(), "{{ input.n }}!");
+            assert!(t.reads("input") && !t.reads("steps"));
+            assert_eq!(t, t.clone());
+            assert!(t.render(&json!({})).unwrap_err().to_string().contains("undefined"));
         }
-        assert_eq!(t.source(), "{{ input.n }}!");
-        assert!(t.reads("input") && !t.reads("steps"));
-        assert_eq!(t, t.clone());
-        assert_eq!(Template::compile("plain text", &STEP_ROOTS).unwrap().references(), &References::default());
+        assert_eq!(Template::compile("plain text", &STEP_ROOTS, Keep::Source).unwrap().references(), &References::default());
+    }
+
+    fn full_analysis(source: &str) -> BTreeSet<String> {
+        environment().template_from_str(source).unwrap().undeclared_variables(true).into_iter().collect()
     }
 
     #[test]
@@ -325,8 +364,7 @@ mod tests {
             "{% if x %}{{ y }}{% endif %}{# c #}{{ z }}",
         ];
         for source in templates {
-            let t = Template::compile(source, &ITEM_ROOTS).unwrap();
-            let full: BTreeSet<String> = t.0.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
+            let full = full_analysis(source);
             if let Some(fast) = slot_paths(source) {
                 assert_eq!(fast.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(), full, "{source}");
             }
@@ -367,8 +405,8 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn the_slot_fast_path_agrees_on_random_templates(source in pieces()) {
-            if let (Ok(t), Some(fast)) = (Template::compile(&source, &ITEM_ROOTS), slot_paths(&source)) {
-                let full: BTreeSet<String> = t.0.compiled.borrow_dependent().undeclared_variables(true).into_iter().collect();
+            if let (Ok(_), Some(fast)) = (Template::compile(&source, &ITEM_ROOTS, Keep::Source), slot_paths(&source)) {
+                let full = full_analysis(&source);
                 proptest::prop_assert_eq!(fast.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(), full, "{}", source);
             }
         }
