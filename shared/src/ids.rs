@@ -3,20 +3,21 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// A run's id: a ULID, so ids sort by creation time and carry no guessable sequence.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct RunId(String);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RunId(Arc<str>);
 
 impl RunId {
     pub fn new() -> Self {
-        Self(ulid::Ulid::new().to_string())
+        Self(ulid::Ulid::new().to_string().into())
     }
 
     /// Parses an id that came from outside (a path segment, an event payload).
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-        ulid::Ulid::from_string(raw).map(|u| Self(u.to_string())).map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
+        ulid::Ulid::from_string(raw).map(|u| Self(u.to_string().into())).map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
     }
 
     pub fn as_str(&self) -> &str {
@@ -38,15 +39,15 @@ impl fmt::Display for RunId {
 
 /// A step's id inside one workflow: `[A-Za-z][A-Za-z0-9_]*`, so it is addressable
 /// as `steps.<id>` in templates and expressions.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct StepId(String);
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct StepId(Arc<str>);
 
 impl StepId {
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
         let mut chars = raw.chars();
         let valid = raw.len() <= 64 && chars.next().is_some_and(|c| c.is_ascii_alphabetic()) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if valid { Ok(Self(raw.to_owned())) } else { Err(InvalidId { kind: "step id", value: raw.chars().take(64).collect() }) }
+        if valid { Ok(Self(raw.into())) } else { Err(InvalidId { kind: "step id", value: raw.chars().take(64).collect() }) }
     }
 
     pub fn as_str(&self) -> &str {
@@ -73,7 +74,14 @@ macro_rules! parsed_string {
 
         impl From<$ty> for String {
             fn from(id: $ty) -> String {
-                id.0
+                id.0.to_string()
+            }
+        }
+
+        // Written as the string it is, without a copy.
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
             }
         }
     )*};
@@ -105,9 +113,9 @@ string_schema! {
 macro_rules! name_newtype {
     ($($(#[$doc:meta])* $ty:ident: $kind:literal, max $max:literal;)*) => {$(
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $ty(String);
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $ty(Arc<str>);
 
         impl $ty {
             pub const MAX_CHARS: usize = $max;
@@ -115,7 +123,7 @@ macro_rules! name_newtype {
             pub fn parse(raw: &str) -> Result<Self, InvalidId> {
                 let chars = raw.chars().count();
                 if (1..=$max).contains(&chars) && !raw.chars().any(char::is_control) {
-                    Ok(Self(raw.to_owned()))
+                    Ok(Self(raw.into()))
                 } else {
                     Err(InvalidId { kind: $kind, value: raw.chars().take(64).collect() })
                 }
@@ -141,13 +149,13 @@ macro_rules! name_newtype {
 
         impl PartialEq<str> for $ty {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
 
         impl PartialEq<&str> for $ty {
             fn eq(&self, other: &&str) -> bool {
-                self.0 == *other
+                &*self.0 == *other
             }
         }
 

@@ -7,7 +7,7 @@
 
 use super::EngineError;
 use super::daily::DayReservation;
-use super::step::{StepContext, Work};
+use super::step::{Scope, StepContext, Work};
 use crate::budget::{self, Reservation};
 use crate::codes::ErrorCode;
 use crate::graph::LlmSpec;
@@ -42,11 +42,11 @@ struct Admitted {
 
 impl StepContext {
     /// A model call with retries. `item` is the map item index when run inside a map.
-    pub async fn run_llm(&self, id: &StepId, spec: &LlmSpec, context: &Value, item: Option<usize>) -> Result<Work, EngineError> {
+    pub async fn run_llm(&self, id: &StepId, spec: &LlmSpec, scope: &impl Scope, item: Option<usize>) -> Result<Work, EngineError> {
         let Some(model_info) = self.models.get(&spec.model) else {
             return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
         };
-        let render = |source: &Template| source.render(context);
+        let render = |source: &Template| source.render(scope);
         let prompt = match render(&spec.prompt) {
             Ok(p) => p,
             Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("prompt: {e}"))),

@@ -2,7 +2,7 @@
 //! results keep the list's order.
 
 use super::EngineError;
-use super::step::{StepContext, Work, short};
+use super::step::{Inputs, Scope, StepContext, Work, short};
 use super::transform;
 use crate::codes::ErrorCode;
 use crate::graph::{ItemStep, MapSpec};
@@ -12,11 +12,11 @@ use crate::run::ErrorInfo;
 use crate::wire::{ItemFailed, MapDetail, StepDetail};
 use crate::workflow::ItemFailure;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 impl StepContext {
-    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, context: &Value) -> Result<Work, EngineError> {
-        let items = match spec.over.evaluate(context) {
+    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs) -> Result<Work, EngineError> {
+        let items = match spec.over.evaluate(&inputs.to_json()) {
             Ok(Value::Array(items)) => items,
             Ok(other) => return Ok(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other)))),
             Err(e) => return Ok(Work::failed(ErrorCode::MapOver, format!("`over`: {e}"))),
@@ -27,9 +27,7 @@ impl StepContext {
         let total = items.len();
         let results: Vec<(usize, Work)> = futures::stream::iter(items.into_iter().enumerate())
             .map(|(index, item)| async move {
-                let mut scope = context.clone();
-                scope["item"] = item;
-                scope["index"] = json!(index);
+                let scope = inputs.with_item(&item, index);
                 let work = match &spec.step {
                     ItemStep::Llm(llm) => self.run_llm(id, llm, &scope, Some(index)).await,
                     ItemStep::Transform(t) => Ok(transform::run(t, &scope)),

@@ -47,7 +47,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use step::{StepContext, run_output, template_context};
+use step::{Inputs, StepContext, run_output};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -210,6 +210,8 @@ impl Engine {
             });
 
             let mut schedule = Schedule::new(graph.clone(), records);
+            // Shared by every step's inputs.
+            let input = Arc::new(run.input.clone());
             let mut running: JoinSet<(usize, Result<StepRecord, EngineError>)> = JoinSet::new();
             let max_running = graph.max_concurrency as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
@@ -236,9 +238,9 @@ impl Engine {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
-                        let context = template_context(&run.input, &graph, schedule.records(), &graph.steps[i].deps);
+                        let inputs = Inputs::of(&input, schedule.records(), &graph.steps[i].deps);
                         let (shared, graph) = (shared.clone(), graph.clone());
-                        running.spawn(async move { (i, shared.run_step(&graph.steps[i], context).await) });
+                        running.spawn(async move { (i, shared.run_step(&graph.steps[i], inputs).await) });
                     }
                 }
                 let Some(joined) = running.join_next().await else { break };
@@ -267,7 +269,7 @@ impl Engine {
                         let record = StepRecord::settled(step.id.clone(), StepStatus::Cancelled, None, Utc::now());
                         self.store.save_step(&run.id, &lease, &record).await?;
                         cancelled.push(record.step_id.to_string());
-                        *slot = Some(record);
+                        *slot = Some(Arc::new(record));
                     }
                 }
                 let message = format!("step {} failed: {}", graph.steps[i].id, error.message);
@@ -280,7 +282,7 @@ impl Engine {
                 info!("suspended before the deadline; checkpoints saved");
                 return Ok(Outcome::Suspended);
             }
-            match run_output(&run.input, &graph, &records) {
+            match run_output(&input, &graph, &records) {
                 Ok(output) => self.finish(&mut run, &lease, &journal, RunStatus::Completed, Some(output), None).await,
                 Err(e) => {
                     let error = ErrorInfo::terminal(ErrorCode::OutputTemplate, format!("the workflow output template failed: {e}"));

@@ -25,7 +25,8 @@ pub enum Decision {
 /// One run's scheduling state: each step's record once settled, and the queues.
 pub struct Schedule {
     graph: Arc<ValidatedGraph>,
-    records: Vec<Option<StepRecord>>,
+    /// Shared, so a step's inputs can hold its dependencies' records without copying them.
+    records: Vec<Option<Arc<StepRecord>>>,
     /// Unsettled dependencies per step.
     waiting: Vec<usize>,
     /// Steps whose dependencies have all settled, not yet decided.
@@ -37,6 +38,7 @@ pub struct Schedule {
 impl Schedule {
     /// Starts from the records already settled (a resumed run's checkpoints).
     pub fn new(graph: Arc<ValidatedGraph>, records: Vec<Option<StepRecord>>) -> Self {
+        let records: Vec<Option<Arc<StepRecord>>> = records.into_iter().map(|r| r.map(Arc::new)).collect();
         let waiting: Vec<usize> = graph.steps.iter().map(|s| s.deps.iter().filter(|&&d| records[d].is_none()).count()).collect();
         let candidates = (0..graph.steps.len()).filter(|&i| records[i].is_none() && waiting[i] == 0).collect();
         Self { graph, records, waiting, candidates, ready: VecDeque::new() }
@@ -60,7 +62,7 @@ impl Schedule {
 
     /// Records step `i`'s result; dependents whose last dependency this was become candidates.
     pub fn settle(&mut self, i: usize, record: StepRecord) {
-        self.records[i] = Some(record);
+        self.records[i] = Some(Arc::new(record));
         for &d in &self.graph.dependents[i] {
             self.waiting[d] -= 1;
             if self.waiting[d] == 0 && self.records[d].is_none() {
@@ -69,17 +71,17 @@ impl Schedule {
         }
     }
 
-    pub fn records(&self) -> &[Option<StepRecord>] {
+    pub fn records(&self) -> &[Option<Arc<StepRecord>>] {
         &self.records
     }
 
-    pub fn into_records(self) -> Vec<Option<StepRecord>> {
+    pub fn into_records(self) -> Vec<Option<Arc<StepRecord>>> {
         self.records
     }
 }
 
 /// Whether a step whose dependencies have all settled runs or is skipped.
-fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<StepRecord>]) -> Decision {
+fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<Arc<StepRecord>>]) -> Decision {
     let step = &graph.steps[i];
     let settled = |d: usize| records[d].as_ref().map(|r| r.status);
     // A router that did not choose this step switches it off, whatever the join.
@@ -87,7 +89,7 @@ fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<StepRecord>]) -> D
         if let StepKind::Router(router) = &graph.steps[d].kind
             && router.targets().any(|t| t == &step.id)
             && settled(d) == Some(StepStatus::Completed)
-            && !router_chose(records[d].as_ref(), &step.id)
+            && !router_chose(records[d].as_deref(), &step.id)
         {
             return Decision::Skip(format!("not chosen by router {}", graph.steps[d].id));
         }

@@ -17,7 +17,9 @@ use crate::template;
 use crate::wire::StepDetail;
 use crate::wire::events::{EventBody, StepCompleted, StepFailed, StepStarted};
 use chrono::Utc;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{Instrument, info_span};
@@ -64,7 +66,7 @@ impl Work {
 }
 
 impl StepContext {
-    pub async fn run_step(&self, step: &Step, context: Value) -> Result<StepRecord, EngineError> {
+    pub async fn run_step(&self, step: &Step, inputs: Inputs) -> Result<StepRecord, EngineError> {
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
             let started_at = Utc::now();
@@ -88,10 +90,10 @@ impl StepContext {
             });
             self.journal.emit_with(started, Some(&step.id), Some(1), running.as_ref(), move |s| s.current_step = Some(id)).await?;
             let work = match &step.kind {
-                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &context, None).await?,
-                StepKind::Transform(spec) => transform::run(spec, &context),
-                StepKind::Router(spec) => router::route(spec, &context),
-                StepKind::Map(spec) => self.run_map(&step.id, spec, &context).await?,
+                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &inputs, None).await?,
+                StepKind::Transform(spec) => transform::run(spec, &inputs),
+                StepKind::Router(spec) => router::route(spec, &inputs.to_json()),
+                StepKind::Map(spec) => self.run_map(&step.id, spec, &inputs).await?,
             };
             let (status, text, output, error) = match work.output {
                 Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
@@ -148,25 +150,96 @@ impl StepContext {
     }
 }
 
-/// What a step's templates and expressions see: `input`, and `steps.<id>.{output,text,status}`
-/// for its own dependencies only (a step cannot read what it does not wait for).
-pub fn template_context(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>], deps: &[usize]) -> Value {
-    let mut steps = Map::new();
-    for &d in deps {
-        if let Some(r) = &records[d] {
-            steps.insert(graph.steps[d].id.to_string(), json!({ "output": r.output, "text": r.text, "status": r.status }));
-        }
-    }
-    json!({ "input": input, "steps": steps })
+/// What a step's templates and expressions read: `input`, and `steps.<id>.{output,text,status}`
+/// for its own dependencies only (a step cannot read what it does not wait for). It shares
+/// the run's input and its dependencies' records, so building one copies nothing; templates
+/// serialize it directly and CEL reads it as JSON ([`Scope::to_json`]).
+#[derive(Clone)]
+pub struct Inputs {
+    input: Arc<Value>,
+    steps: Vec<Arc<StepRecord>>,
 }
 
-/// The run's output: the workflow's `output` template, or else every completed sink step's
-/// output by id.
-pub fn run_output(input: &Value, graph: &ValidatedGraph, records: &[Option<StepRecord>]) -> Result<Value, template::TemplateError> {
+impl Inputs {
+    /// The inputs of a step depending on `deps`, from the records settled so far.
+    pub fn of(input: &Arc<Value>, records: &[Option<Arc<StepRecord>>], deps: &[usize]) -> Self {
+        Self { input: input.clone(), steps: deps.iter().filter_map(|&d| records[d].clone()).collect() }
+    }
+
+    /// A map item's inputs: these, with `item` and `index`.
+    pub fn with_item<'a>(&'a self, item: &'a Value, index: usize) -> ItemInputs<'a> {
+        ItemInputs { inputs: self, item, index }
+    }
+
+    fn serialize_entries<M: SerializeMap>(&self, map: &mut M) -> Result<(), M::Error> {
+        map.serialize_entry("input", self.input.as_ref())?;
+        map.serialize_entry("steps", &StepsView(&self.steps))
+    }
+}
+
+/// What templates and expressions evaluate against.
+pub trait Scope: Serialize + Sync {
+    /// The scope as JSON, for CEL. These shapes have string keys and JSON values only, so
+    /// serializing them cannot fail.
+    fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+impl Scope for Inputs {}
+impl Scope for ItemInputs<'_> {}
+
+impl Serialize for Inputs {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(2))?;
+        self.serialize_entries(&mut map)?;
+        map.end()
+    }
+}
+
+/// A map item's scope: the step's inputs plus `item` and `index`.
+pub struct ItemInputs<'a> {
+    inputs: &'a Inputs,
+    item: &'a Value,
+    index: usize,
+}
+
+impl Serialize for ItemInputs<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(4))?;
+        self.inputs.serialize_entries(&mut map)?;
+        map.serialize_entry("item", self.item)?;
+        map.serialize_entry("index", &self.index)?;
+        map.end()
+    }
+}
+
+/// `steps`: each dependency's output, text and status by step id.
+struct StepsView<'a>(&'a [Arc<StepRecord>]);
+
+impl Serialize for StepsView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Seen<'a> {
+            output: &'a Option<Value>,
+            text: &'a Option<String>,
+            status: StepStatus,
+        }
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for r in self.0 {
+            map.serialize_entry(r.step_id.as_str(), &Seen { output: &r.output, text: &r.text, status: r.status })?;
+        }
+        map.end()
+    }
+}
+
+/// The run's output: the workflow's `output` template over every step, or else every
+/// completed sink step's output by id.
+pub fn run_output(input: &Arc<Value>, graph: &ValidatedGraph, records: &[Option<Arc<StepRecord>>]) -> Result<Value, template::TemplateError> {
     match &graph.output {
         Some(source) => {
             let all: Vec<usize> = (0..graph.steps.len()).collect();
-            source.render(&template_context(input, graph, records, &all)).map(Value::String)
+            source.render(&Inputs::of(input, records, &all)).map(Value::String)
         }
         None => {
             let mut out = Map::new();
