@@ -36,7 +36,7 @@ const PARSE_STACK_BYTES: usize = 64 << 20;
 /// level of the syntax tree, which [`MAX_DEPTH`] bounds, and of the values (serde_json
 /// parses at most 128 levels): the deepest the limits let through were measured to need at
 /// most 150 KB of stack in a release build and 1.9 MB in a debug one, whose frames are far
-/// larger (`probe_evaluation_stack`). An evaluation that starts with less than this left
+/// larger (measured by bisecting a thread's stack size under the test below). An evaluation that starts with less than this left
 /// moves to a fresh stack of `EVAL_STACK_BYTES`; one with more (always, on a release
 /// runner's 8 MB main thread or a 2 MB worker) costs a comparison.
 const EVAL_RED_ZONE_BYTES: usize = if cfg!(debug_assertions) { 4 << 20 } else { 512 << 10 };
@@ -386,35 +386,6 @@ mod tests {
             };
             std::thread::Builder::new().stack_size(2 << 20).spawn_scoped(scope, evaluate).unwrap().join().unwrap();
         });
-    }
-
-    /// Measures the stack evaluation needs: `CEL_PROBE_STACK=<bytes> [CEL_PROBE_ONLY=<i>]
-    /// cargo test [--release] -p chainrun-core --lib -- --ignored probe` aborts with a stack
-    /// overflow when the deepest expressions (or the `i`th) need more than `bytes`, and prints
-    /// `PROBE OK` otherwise; bisect on `bytes`.
-    #[test]
-    #[ignore]
-    fn probe_evaluation_stack() {
-        let Some(bytes) = std::env::var("CEL_PROBE_STACK").ok().and_then(|b| b.parse::<usize>().ok()) else { return };
-        let compiled: Vec<(Expression, Value)> = deepest_expressions().into_iter().map(|(s, i)| (compile(&s, &ROOTS).unwrap(), i)).collect();
-        for (e, _) in &compiled {
-            eprintln!("deepest: {} bytes: {}", e.source().len(), &e.source()[..e.source().len().min(60)]);
-        }
-        std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .stack_size(bytes)
-                .spawn_scoped(scope, || {
-                    let only = std::env::var("CEL_PROBE_ONLY").ok().and_then(|i| i.parse::<usize>().ok());
-                    for (e, input) in compiled.iter().enumerate().filter(|(i, _)| only.is_none_or(|o| o == *i)).map(|(_, c)| c) {
-                        // Bypass the red zone: evaluate on this thread's stack whatever is left.
-                        assert!(e.evaluate_on_this_stack(input).is_ok(), "{}", e.source());
-                    }
-                })
-                .unwrap()
-                .join()
-                .unwrap();
-        });
-        eprintln!("PROBE OK {bytes}");
     }
 
     #[test]

@@ -17,7 +17,9 @@ impl RunId {
 
     /// Parses an id that came from outside (a path segment, an event payload).
     pub fn parse(raw: &str) -> Result<Self, InvalidId> {
-        ulid::Ulid::from_string(raw).map(|u| Self(u.to_string().into())).map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
+        ulid::Ulid::from_string(raw)
+            .map(|u| Self(u.to_string().into()))
+            .map_err(|_| InvalidId { kind: "run id", value: raw.chars().take(64).collect() })
     }
 
     pub fn as_str(&self) -> &str {
