@@ -335,10 +335,10 @@ pub fn check(runs: u64) -> Report {
         let (run, step_records) = run;
         report.runs += 1;
         let (cost, tokens) = (run.totals.cost, run.totals.total_tokens());
-        let over = graph.budget.max_cost.is_some_and(|m| cost > m) || graph.budget.max_total_tokens.is_some_and(|m| tokens > m);
+        let over = graph.budget().max_cost.is_some_and(|m| cost > m) || graph.budget().max_total_tokens.is_some_and(|m| tokens > m);
         if over {
             report.overruns += 1;
-            eprintln!("overrun: {cost} / {tokens} tokens over {:?}", graph.budget);
+            eprintln!("overrun: {cost} / {tokens} tokens over {:?}", graph.budget());
         }
         if run.error.as_ref().is_some_and(|e| e.code == "BUDGET_EXCEEDED") {
             report.budget_stopped += 1;

@@ -164,7 +164,7 @@ impl Bounds {
 
 /// Estimates a run of `graph` on `input`. `history` is the workflow's earlier runs, if any.
 pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, history: Option<&WorkflowCosts>) -> Estimate {
-    let n = graph.steps.len();
+    let n = graph.steps().len();
     // Upper bounds of the bytes `steps.<id>.text` and `.output` render to; `None` if unknown.
     let mut text_bound: Vec<Option<u64>> = vec![None; n];
     let mut output_bound: Vec<Option<u64>> = vec![None; n];
@@ -172,7 +172,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let mut reply_bound: Vec<Option<u64>> = vec![None; n];
     let mut per_step: Vec<Bounds> = Vec::with_capacity(n);
     let mut all_render = true;
-    for (i, step) in graph.steps.iter().enumerate() {
+    for (i, step) in graph.steps().iter().enumerate() {
         let slots = Slots { graph, text: &text_bound, output: &output_bound };
         // What `steps.<this>.text` and `.output` can render to, for the steps after it.
         let mut bounds: (Option<u64>, Option<u64>) = (None, None);
@@ -246,10 +246,10 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     }
 
     let max_unclamped = per_step.iter().fold(Amount::ZERO, |sum, b| add(sum, b.max));
-    let budget_binds = graph.budget.exceeded_by(Amount::ZERO, Amount::ZERO, max_unclamped).is_some();
+    let budget_binds = graph.budget().exceeded_by(Amount::ZERO, Amount::ZERO, max_unclamped).is_some();
     let certain = all_render
         && !budget_binds
-        && graph.steps.iter().all(|s| {
+        && graph.steps().iter().all(|s| {
             s.required
                 && s.join == Join::All
                 && match &s.kind {
@@ -262,7 +262,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let workflow_runs = history.map_or(0, |h| h.totals.runs);
     let basis = if workflow_runs > 0 { Basis::History } else { Basis::Heuristic };
     let mut steps = Vec::with_capacity(n);
-    for (step, bound) in graph.steps.iter().zip(per_step) {
+    for (step, bound) in graph.steps().iter().zip(per_step) {
         let min = match &step.kind {
             StepKind::Llm(spec) if certain => models.get(&spec.model).map_or(Amount::ZERO, |m| one_token_each(&m)),
             _ => Amount::ZERO,
@@ -284,7 +284,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
         });
     }
     let min = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.min));
-    let max = ceiling(max_unclamped, graph.budget);
+    let max = ceiling(max_unclamped, graph.budget());
     let expected = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.expected));
     let expected = Amount { tokens: expected.tokens.min(max.tokens), cost: expected.cost.min(max.cost) };
     Estimate { steps, min, expected, max, max_unclamped, basis, history_runs: workflow_runs }
@@ -334,7 +334,7 @@ impl Slots<'_> {
         let linear = reads_steps_only_in_slots(template.source()) && (item_known || !(template.reads("item") || template.reads("index")));
         let mut steps = Map::new();
         let mut markers: Vec<(String, Option<u64>)> = Vec::new();
-        for (i, step) in self.graph.steps.iter().enumerate() {
+        for (i, step) in self.graph.steps().iter().enumerate() {
             // Unique per step and field; a NUL pair never comes from a template's own text,
             // and one in the input only makes the count, and so the bound, larger.
             let text_marker = format!("\u{0}T{i}\u{0}");
@@ -420,7 +420,7 @@ fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]
         let mut chars = field.chars();
         chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     });
-    let reply = graph.steps.iter().position(|s| s.id.as_str() == id).and_then(|i| reply_bound[i]);
+    let reply = graph.steps().iter().position(|s| s.id.as_str() == id).and_then(|i| reply_bound[i]);
     match reply {
         Some(bytes) if fields_only => limit.min(bytes.saturating_sub(1) / 2),
         _ => limit,

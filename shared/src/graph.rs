@@ -4,7 +4,7 @@
 
 use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
-use crate::ids::StepId;
+use crate::ids::{StepId, WorkflowName};
 use crate::output::Schema;
 use crate::pricing::ModelRegistry;
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
@@ -141,19 +141,55 @@ pub struct Step {
 /// acyclic, templates and expressions parse, every model priced, routes only to steps
 /// that depend on their router. Steps are in a topological order.
 #[derive(Debug, Clone, PartialEq)]
+///
+/// Its fields are private: the only way to have one is [`validate`], so holding one is proof
+/// that every check passed.
 pub struct ValidatedGraph {
-    pub name: String,
-    pub steps: Vec<Step>,
-    pub dependents: Vec<Vec<usize>>,
-    pub output: Option<Template>,
-    pub max_concurrency: u32,
+    name: WorkflowName,
+    steps: Vec<Step>,
+    dependents: Vec<Vec<usize>>,
+    output: Option<Template>,
+    max_concurrency: u32,
     /// JSON Schema a run's input must match (checked when the run starts).
-    pub input_schema: Option<Schema>,
+    input_schema: Option<Schema>,
     /// The run's cost and token limits.
-    pub budget: BudgetLimits,
+    budget: BudgetLimits,
 }
 
 impl ValidatedGraph {
+    pub fn name(&self) -> &WorkflowName {
+        &self.name
+    }
+
+    /// The steps in a topological order: every step after its dependencies.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The steps that depend on step `i`.
+    pub fn dependents(&self, i: usize) -> &[usize] {
+        &self.dependents[i]
+    }
+
+    /// The workflow's `output` template, if it has one.
+    pub fn output(&self) -> Option<&Template> {
+        self.output.as_ref()
+    }
+
+    /// How many of a run's steps may execute at once.
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency
+    }
+
+    pub fn budget(&self) -> BudgetLimits {
+        self.budget
+    }
+
+    /// The step ids in the graph's order, as a run stores them.
+    pub fn step_order(&self) -> Vec<StepId> {
+        self.steps.iter().map(|s| s.id.clone()).collect()
+    }
+
     /// Checks a run's input against `input_schema`; the problems name where it breaks it.
     pub fn check_input(&self, input: &Value) -> Result<(), Vec<String>> {
         let Some(schema) = &self.input_schema else { return Ok(()) };
@@ -402,8 +438,9 @@ struct Checked<'a> {
 /// Validates `def` whose steps are `steps` (`def.steps` itself is not read).
 fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Limits) -> Result<ValidatedGraph, InvalidWorkflow> {
     let mut found = Problems::default();
-    if def.name.trim().is_empty() || def.name.len() > MAX_NAME_LEN {
-        found.push("", "name", format!("must be 1 to {MAX_NAME_LEN} characters"));
+    let name = WorkflowName::parse(&def.name).ok().filter(|_| !def.name.trim().is_empty() && def.name.len() <= MAX_NAME_LEN);
+    if name.is_none() {
+        found.push("", "name", format!("must be 1 to {MAX_NAME_LEN} characters, without control characters"));
     }
     if steps.is_empty() {
         found.push("", "steps", "a workflow needs at least one step");
@@ -604,7 +641,8 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
             dependents[d].push(i);
         }
     }
-    Ok(ValidatedGraph { name: def.name.clone(), steps, dependents, output, max_concurrency, input_schema, budget })
+    let Some(name) = name else { return Err(InvalidWorkflow { problems: found.0 }) };
+    Ok(ValidatedGraph { name, steps, dependents, output, max_concurrency, input_schema, budget })
 }
 
 /// Why a call of this step could never be admitted, even as the run's first and with an

@@ -354,10 +354,10 @@ fn a_valid_budget_is_parsed_exactly_into_the_graph() {
             &registry(),
         )
         .unwrap();
-        assert_eq!(graph.budget, BudgetLimits { max_cost: Some(Usd::from_pico(20_000_000_000)), max_total_tokens: Some(40_000) });
+        assert_eq!(graph.budget(), BudgetLimits { max_cost: Some(Usd::from_pico(20_000_000_000)), max_total_tokens: Some(40_000) });
     }
     let graph = validate_json(&workflow(Value::Null, json!([{ "id": "a", "type": "llm", "prompt": "A" }])), &registry()).unwrap();
-    assert!(graph.budget.is_unlimited());
+    assert!(graph.budget().is_unlimited());
 }
 
 // ---------------------------------------------------------------- property

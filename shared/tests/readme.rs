@@ -53,8 +53,8 @@ fn the_readme_estimate_example_is_what_the_estimator_answers() {
 fn the_readme_example_validates_with_the_dependencies_it_describes() {
     let graph = validate_json(&readme_example(), &ModelRegistry::builtin()).unwrap();
     let deps = |id: &str| -> Vec<&str> {
-        let step = &graph.steps[graph.index_of(id).unwrap()];
-        let mut d: Vec<&str> = step.deps.iter().map(|&i| graph.steps[i].id.as_str()).collect();
+        let step = &graph.steps()[graph.index_of(id).unwrap()];
+        let mut d: Vec<&str> = step.deps.iter().map(|&i| graph.steps()[i].id.as_str()).collect();
         d.sort_unstable();
         d
     };

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{ValidatedGraph, validate_json};
-use chainrun_core::ids::{Principal, RunId, WorkflowName};
+use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
@@ -131,23 +131,22 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
     }
     let graph = validated(&state, &request.workflow, &request.input)?;
-    let name = WorkflowName::parse(&graph.name).map_err(|e| ApiError::bad_request("Invalid workflow", format!("name: {e}")))?;
     let mut run = RunRecord::new(
-        name,
+        graph.name().clone(),
         request.workflow,
         request.input,
         identity.user.clone(),
         vec![Principal::User(identity.user.to_string())],
         chrono::Utc::now(),
     );
-    run.step_order = graph.steps.iter().map(|s| s.id.clone()).collect();
+    run.step_order = graph.step_order();
     state.store.create_run(&run).await?;
     state
         .dispatcher
         .dispatch(&run.id)
         .await
         .map_err(|e| if e.retryable { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) })?;
-    info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps.len(), "run queued");
+    info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps().len(), "run queued");
     let location = format!("/runs/{}", run.id);
     Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], Json(RunAccepted::new(run.id))).into_response())
 }
@@ -189,7 +188,7 @@ async fn estimate_run(State(state): State<AppState>, identity: Identity, body: B
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Days::new(ESTIMATE_HISTORY_DAYS - 1);
     let history = state.analytics.costs(&Principal::User(identity.user.to_string()), from, to).await?;
-    let history = history.into_iter().find(|w| w.workflow == graph.name);
+    let history = history.into_iter().find(|w| graph.name() == w.workflow.as_str());
     let estimate = chainrun_core::estimate::estimate(&graph, &request.input, &state.models, history.as_ref());
     Ok(Json(EstimateView::from(&estimate)).into_response())
 }
@@ -213,7 +212,7 @@ async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Pa
     let order = if run.step_order.is_empty() {
         // Runs stored before the order was: validate the snapshot once more for it.
         legacy_order = match validate_json(&run.definition, &state.models) {
-            Ok(graph) => graph.steps.iter().map(|s| s.id.clone()).collect(),
+            Ok(graph) => graph.step_order(),
             Err(_) => steps.iter().map(|r| r.step_id.clone()).collect(),
         };
         &legacy_order

@@ -191,9 +191,9 @@ impl Engine {
             let records = self.checkpoints(&run, &graph).await?;
             let last_seq = self.sink.last_seq(&run.id).await?;
             // Spend already checkpointed counts against the budget of a resumed run.
-            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &records, graph.budget));
+            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &records, graph.budget()));
             if last_seq == 0 {
-                journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps.len() }), None, None).await?;
+                journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
             } else {
                 info!(resumed_steps = records.iter().flatten().count(), last_seq, "resuming run");
             }
@@ -213,14 +213,14 @@ impl Engine {
             // Shared by every step's inputs.
             let input = Arc::new(run.input.clone());
             let mut running: JoinSet<(usize, Result<StepRecord, EngineError>)> = JoinSet::new();
-            let max_running = graph.max_concurrency as usize;
+            let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
             let mut out_of_time = false;
             loop {
                 // Decide every step whose dependencies have settled; skips cascade through here.
                 while let Some((i, decision)) = schedule.decide_next() {
                     if let Decision::Skip(reason) = decision {
-                        let record = StepRecord::settled(graph.steps[i].id.clone(), StepStatus::Skipped, None, Utc::now());
+                        let record = StepRecord::settled(graph.steps()[i].id.clone(), StepStatus::Skipped, None, Utc::now());
                         let body = EventBody::StepSkipped(StepSkipped { reason });
                         journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
                         schedule.settle(i, record);
@@ -238,9 +238,9 @@ impl Engine {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
-                        let inputs = Inputs::of(&input, schedule.records(), &graph.steps[i].deps);
+                        let inputs = Inputs::of(&input, schedule.records(), &graph.steps()[i].deps);
                         let (shared, graph) = (shared.clone(), graph.clone());
-                        running.spawn(async move { (i, shared.run_step(&graph.steps[i], inputs).await) });
+                        running.spawn(async move { (i, shared.run_step(&graph.steps()[i], inputs).await) });
                     }
                 }
                 let Some(joined) = running.join_next().await else { break };
@@ -254,7 +254,7 @@ impl Engine {
                     }
                 };
                 let record = result?;
-                if record.status == StepStatus::Failed && graph.steps[i].required && failure.is_none() {
+                if record.status == StepStatus::Failed && graph.steps()[i].required && failure.is_none() {
                     let error = record.error.clone().unwrap_or_else(|| ErrorInfo::terminal(ErrorCode::StepFailed, "failed"));
                     failure = Some((i, error));
                 }
@@ -264,7 +264,7 @@ impl Engine {
 
             if let Some((i, error)) = failure {
                 let mut cancelled = Vec::new();
-                for (slot, step) in records.iter_mut().zip(&graph.steps) {
+                for (slot, step) in records.iter_mut().zip(graph.steps()) {
                     if slot.is_none() {
                         let record = StepRecord::settled(step.id.clone(), StepStatus::Cancelled, None, Utc::now());
                         self.store.save_step(&run.id, &lease, &record).await?;
@@ -272,7 +272,7 @@ impl Engine {
                         *slot = Some(Arc::new(record));
                     }
                 }
-                let message = format!("step {} failed: {}", graph.steps[i].id, error.message);
+                let message = format!("step {} failed: {}", graph.steps()[i].id, error.message);
                 let error = ErrorInfo { message, ..error };
                 debug!(?cancelled, "cancelled unstarted steps");
                 return self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
@@ -296,8 +296,8 @@ impl Engine {
 
     /// The run's settled checkpoints, by step index (a resumed run starts from them).
     async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<Vec<Option<StepRecord>>, EngineError> {
-        let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps.len()];
-        let index: HashMap<&str, usize> = graph.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps().len()];
+        let index: HashMap<&str, usize> = graph.steps().iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         for saved in self.store.get_steps(&run.id).await? {
             if let Some(&i) = index.get(saved.step_id.as_str())
                 && saved.status.is_settled()

@@ -39,8 +39,8 @@ impl Schedule {
     /// Starts from the records already settled (a resumed run's checkpoints).
     pub fn new(graph: Arc<ValidatedGraph>, records: Vec<Option<StepRecord>>) -> Self {
         let records: Vec<Option<Arc<StepRecord>>> = records.into_iter().map(|r| r.map(Arc::new)).collect();
-        let waiting: Vec<usize> = graph.steps.iter().map(|s| s.deps.iter().filter(|&&d| records[d].is_none()).count()).collect();
-        let candidates = (0..graph.steps.len()).filter(|&i| records[i].is_none() && waiting[i] == 0).collect();
+        let waiting: Vec<usize> = graph.steps().iter().map(|s| s.deps.iter().filter(|&&d| records[d].is_none()).count()).collect();
+        let candidates = (0..graph.steps().len()).filter(|&i| records[i].is_none() && waiting[i] == 0).collect();
         Self { graph, records, waiting, candidates, ready: VecDeque::new() }
     }
 
@@ -63,7 +63,7 @@ impl Schedule {
     /// Records step `i`'s result; dependents whose last dependency this was become candidates.
     pub fn settle(&mut self, i: usize, record: StepRecord) {
         self.records[i] = Some(Arc::new(record));
-        for &d in &self.graph.dependents[i] {
+        for &d in self.graph.dependents(i) {
             self.waiting[d] -= 1;
             if self.waiting[d] == 0 && self.records[d].is_none() {
                 self.candidates.push_back(d);
@@ -82,16 +82,16 @@ impl Schedule {
 
 /// Whether a step whose dependencies have all settled runs or is skipped.
 fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<Arc<StepRecord>>]) -> Decision {
-    let step = &graph.steps[i];
+    let step = &graph.steps()[i];
     let settled = |d: usize| records[d].as_ref().map(|r| r.status);
     // A router that did not choose this step switches it off, whatever the join.
     for &d in &step.deps {
-        if let StepKind::Router(router) = &graph.steps[d].kind
+        if let StepKind::Router(router) = &graph.steps()[d].kind
             && router.targets().any(|t| t == &step.id)
             && settled(d) == Some(StepStatus::Completed)
             && !router_chose(records[d].as_deref(), &step.id)
         {
-            return Decision::Skip(format!("not chosen by router {}", graph.steps[d].id));
+            return Decision::Skip(format!("not chosen by router {}", graph.steps()[d].id));
         }
     }
     let completed = step.deps.iter().filter(|&&d| settled(d) == Some(StepStatus::Completed)).count();
@@ -148,7 +148,7 @@ mod tests {
             match d {
                 Decision::Run => {}
                 Decision::Skip(reason) => {
-                    let id = s.graph.steps[i].id.to_string();
+                    let id = s.graph.steps()[i].id.to_string();
                     s.settle(i, record(&id, StepStatus::Skipped, None));
                     skipped.push((i, reason));
                 }

@@ -236,15 +236,15 @@ impl Serialize for StepsView<'_> {
 /// The run's output: the workflow's `output` template over every step, or else every
 /// completed sink step's output by id.
 pub fn run_output(input: &Arc<Value>, graph: &ValidatedGraph, records: &[Option<Arc<StepRecord>>]) -> Result<Value, template::TemplateError> {
-    match &graph.output {
+    match &graph.output() {
         Some(source) => {
-            let all: Vec<usize> = (0..graph.steps.len()).collect();
+            let all: Vec<usize> = (0..graph.steps().len()).collect();
             source.render(&Inputs::of(input, records, &all)).map(Value::String)
         }
         None => {
             let mut out = Map::new();
-            for (i, step) in graph.steps.iter().enumerate() {
-                if graph.dependents[i].is_empty()
+            for (i, step) in graph.steps().iter().enumerate() {
+                if graph.dependents(i).is_empty()
                     && let Some(r) = &records[i]
                     && r.status == StepStatus::Completed
                 {
