@@ -108,7 +108,7 @@ impl ModelClient for ScriptedUsage {
             _ => "r".repeat(plan.reply_bytes),
         };
         // Bedrock rejects a prompt longer than the context window, so none is charged more.
-        let window = self.registry.get(&request.model).map_or(0, |m| u64::from(m.context_window));
+        let window = self.registry.get(request.model.as_str()).map_or(0, |m| u64::from(m.context_window));
         let bound = estimate_input_tokens(request.system.as_deref(), &request.prompt).min(window);
         let usage = Usage {
             input_tokens: (bound * plan.input_pct / 100).max(1),

@@ -165,7 +165,7 @@ async fn run_waves(dag: &Dag) -> Duration {
             let model = model.clone();
             wave.spawn(async move {
                 let request = ModelRequest {
-                    model: "m".into(),
+                    model: "m".parse().expect("a model id"),
                     system: None,
                     prompt: format!("S{i}"),
                     temperature: None,

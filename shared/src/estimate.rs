@@ -264,7 +264,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let mut steps = Vec::with_capacity(n);
     for (step, bound) in graph.steps().iter().zip(per_step) {
         let min = match &step.kind {
-            StepKind::Llm(spec) if certain => models.get(&spec.model).map_or(Amount::ZERO, |m| one_token_each(&m)),
+            StepKind::Llm(spec) if certain => models.get(spec.model.as_str()).map_or(Amount::ZERO, |m| one_token_each(&m)),
             _ => Amount::ZERO,
         };
         let expected = match (basis, history) {
@@ -431,7 +431,7 @@ fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]
 /// upstream steps produce. `item_known` as for [`Slots::render`].
 fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry) -> Option<Bounds> {
     // Validation rejects a model without a price, so this is only a safeguard.
-    let model = models.get(&spec.model)?;
+    let model = models.get(spec.model.as_str())?;
     let prompt = slots.render(&spec.prompt, scope, item_known);
     let system = spec.system.as_ref().map(|s| slots.render(s, scope, item_known));
     let parts: Vec<&Rendered> = std::iter::once(&prompt).chain(system.as_ref()).collect();

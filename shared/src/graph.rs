@@ -4,7 +4,7 @@
 
 use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
-use crate::ids::{StepId, WorkflowName};
+use crate::ids::{ModelId, StepId, WorkflowName};
 use crate::output::Schema;
 use crate::pricing::ModelRegistry;
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
@@ -63,7 +63,7 @@ pub struct InvalidWorkflow {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlmSpec {
-    pub model: String,
+    pub model: ModelId,
     pub system: Option<Template>,
     pub prompt: Template,
     pub temperature: Option<f32>,
@@ -373,7 +373,8 @@ impl Checker<'_> {
             }
         }
         LlmSpec {
-            model: model.cloned().unwrap_or_default(),
+            // A missing or unknown model was reported: the placeholder is never called.
+            model: model.and_then(|m| ModelId::parse(m).ok()).unwrap_or_else(unknown_model),
             // A template that does not compile was reported: the graph is rejected, so the
             // placeholder is never rendered.
             system: system.map(|s| s.unwrap_or_else(unusable)),
@@ -421,6 +422,10 @@ impl Checker<'_> {
 }
 
 /// Stands in for a template that was reported as broken, in a graph that is then rejected.
+fn unknown_model() -> ModelId {
+    ModelId::parse("unknown").unwrap_or_else(|e| unreachable!("a plain word is a model id: {e}"))
+}
+
 fn unusable() -> Template {
     static EMPTY: std::sync::OnceLock<Template> = std::sync::OnceLock::new();
     EMPTY.get_or_init(|| Template::compile("", &[], Keep::Source).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
@@ -651,7 +656,7 @@ fn never_fits(limits: &BudgetLimits, spec: &LlmSpec, models: &ModelRegistry) -> 
     if limits.is_unlimited() {
         return None;
     }
-    let model = models.get(&spec.model)?; // an unknown model is reported on its own
+    let model = models.get(spec.model.as_str())?; // an unknown model is reported on its own
     let least = budget::worst_case(&model, budget::estimate_input_tokens(spec.system.as_ref().map(|_| ""), ""), spec.max_tokens);
     let limit = limits.exceeded_by(Amount::ZERO, Amount::ZERO, least)?;
     Some(format!(

@@ -186,6 +186,9 @@ name_newtype! {
     UserId: "user id", max 256;
     /// A workflow's name: names its runs in history, analytics and progress feeds.
     WorkflowName: "workflow name", max 128;
+    /// A Bedrock model id or inference profile id (`amazon.nova-micro-v1:0`,
+    /// `global.anthropic.claude-haiku-4-5-…`), as a step names it and the registry prices it.
+    ModelId: "model id", max 256;
 }
 
 /// Who may see a run's progress: a user, a group, or one of the shared feeds.

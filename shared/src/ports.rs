@@ -5,7 +5,7 @@
 //! `retryable()` instead of matching on messages.
 
 use crate::analytics::WorkflowCosts;
-use crate::ids::{Principal, RunId, UserId, WorkflowName};
+use crate::ids::{ModelId, Principal, RunId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRequest {
-    pub model: String,
+    pub model: ModelId,
     pub system: Option<String>,
     pub prompt: String,
     pub temperature: Option<f32>,

@@ -1,7 +1,7 @@
 //! Run state as stored and reported: the run record, step checkpoints, progress events.
 
 use crate::codes::ErrorCode;
-use crate::ids::{Principal, RunId, StepId, UserId, WorkflowName};
+use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use chrono::{DateTime, Utc};
@@ -163,7 +163,7 @@ pub struct StepRecord {
     pub step_id: StepId,
     pub status: StepStatus,
     pub attempts: u32,
-    pub model: Option<String>,
+    pub model: Option<ModelId>,
     /// Parsed output (`steps.<id>.output`): JSON for `json` steps, the text otherwise.
     pub output: Option<Value>,
     /// Raw model text (`steps.<id>.text`).

@@ -123,7 +123,7 @@ impl ModelClient for BedrockModel {
         let out = self
             .client
             .converse()
-            .model_id(&request.model)
+            .model_id(request.model.as_str())
             .messages(message)
             .inference_config(config)
             .set_system(system.map(|s| vec![s]))
@@ -145,7 +145,7 @@ impl ModelClient for BedrockModel {
         let mut out = self
             .client
             .converse_stream()
-            .model_id(&request.model)
+            .model_id(request.model.as_str())
             .messages(message)
             .inference_config(config)
             .set_system(system.map(|s| vec![s]))

@@ -13,7 +13,7 @@
 
 use super::dynamo_error::{defect, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
-use crate::ids::{Principal, RunId, StepId, UserId, WorkflowName};
+use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
@@ -137,7 +137,7 @@ struct StepItem {
     status: StepStatus,
     attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
+    model: Option<ModelId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -43,7 +43,7 @@ struct Admitted {
 impl StepContext {
     /// A model call with retries. `item` is the map item index when run inside a map.
     pub async fn run_llm(&self, id: &StepId, spec: &LlmSpec, scope: &impl Scope, item: Option<usize>) -> Result<Work, EngineError> {
-        let Some(model_info) = self.models.get(&spec.model) else {
+        let Some(model_info) = self.models.get(spec.model.as_str()) else {
             return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
         };
         let render = |source: &Template| source.render(scope);

@@ -7,7 +7,7 @@
 use super::money::{Cost, Money};
 use super::{StepDetail, TotalsView};
 use crate::codes::ErrorCode;
-use crate::ids::{RunId, StepId, WorkflowName};
+use crate::ids::{ModelId, RunId, StepId, WorkflowName};
 use crate::run::{ErrorInfo, EventType};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -76,7 +76,7 @@ pub struct RunStarted {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct StepStarted {
     /// The model an `llm` step (or a map of `llm` items) calls; null otherwise.
-    pub model: Option<String>,
+    pub model: Option<ModelId>,
 }
 
 /// Text a streamed step has produced since the last `STREAMING` event.
@@ -107,7 +107,7 @@ pub struct StepSkipped {
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct StepCompleted {
-    pub model: Option<String>,
+    pub model: Option<ModelId>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_read_tokens: u64,

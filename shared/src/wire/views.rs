@@ -5,7 +5,7 @@ use super::money::{AvgCost, Cost, Money, Name, TotalCost};
 use crate::analytics::{CostSums, WorkflowCosts};
 use crate::budget::Amount;
 use crate::estimate::{Estimate, StepEstimate};
-use crate::ids::{RunId, StepId};
+use crate::ids::{ModelId, RunId, StepId};
 use crate::ports::RunSummary;
 use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -47,7 +47,7 @@ pub struct StepCheckpoint<'a> {
     pub id: &'a StepId,
     pub status: StepStatus,
     pub attempts: u32,
-    pub model: &'a Option<String>,
+    pub model: &'a Option<ModelId>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_read_tokens: u64,
