@@ -9,9 +9,6 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,
-};
 use chainrun_core::analytics::CostSums;
 use chainrun_core::aws::{DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore};
 use chainrun_core::config::Tables;
@@ -24,9 +21,11 @@ use chainrun_core::run::*;
 use chainrun_core::spend::DaySpend;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+
+#[path = "support/moto.rs"]
+mod moto;
+use moto::{Moto, create_tables, start_moto};
 
 trait Progress: ProgressSink + ProgressReader {}
 impl<T: ProgressSink + ProgressReader> Progress for T {}
@@ -437,30 +436,11 @@ async fn memory_store_honours_the_lease_and_finish_contract() {
     lease_and_finish_contract(Arc::new(MemoryStore::new())).await;
 }
 
-/// A moto server on a free loopback port, stopped on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_binary() -> PathBuf {
-    std::env::var_os("CHAINRUN_MOTO_SERVER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server"))
-}
-
 /// A moto server for `test` when the moto half of the suite is enabled (`CHAINRUN_MOTO=1`);
 /// otherwise says on stderr that `test` was skipped, and `None`.
 async fn moto(test: &str) -> Option<Moto> {
     if std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
-        return Some(start_moto().await);
+        return Some(start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}")));
     }
     // Written to the process's stderr directly: libtest captures `eprintln!` of passing tests,
     // and a skip must be seen.
@@ -472,74 +452,6 @@ async fn moto(test: &str) -> Option<Moto> {
     None
 }
 
-/// Starts moto on a port it picks itself (`-p 0`) and reads the port from its banner.
-/// Picking a free port here and handing it over would race: two tests starting at once
-/// can be given the same port, and the loser's readiness check then succeeds against the
-/// winner's server, which vanishes when the winner's test ends.
-async fn start_moto() -> Moto {
-    use std::io::{BufRead, BufReader};
-    let binary = moto_binary();
-    assert!(
-        binary.exists(),
-        "CHAINRUN_MOTO=1 but {} is not there: run `make venv` (or set CHAINRUN_MOTO_SERVER to a moto_server binary)",
-        binary.display()
-    );
-    let mut child = Command::new(&binary).args(["-H", "127.0.0.1", "-p", "0"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = tokio::task::spawn_blocking(move || {
-        let port = lines.by_ref().map_while(Result::ok).find_map(|line| {
-            line.split("Running on http://127.0.0.1:").nth(1).and_then(|rest| rest.trim().trim_end_matches('/').parse::<u16>().ok())
-        });
-        // Keep draining: moto logs every request, and a full pipe would block it.
-        std::thread::spawn(move || lines.for_each(drop));
-        port
-    })
-    .await
-    .unwrap();
-    let port = port.unwrap_or_else(|| panic!("moto_server ({}) exited without announcing its port", binary.display()));
-    Moto { child, url: format!("http://127.0.0.1:{port}") }
-}
-
-/// Creates the tables exactly as `infra/tables.json` defines them.
-async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Tables {
-    let defs: Value = serde_json::from_str(include_str!("../../infra/tables.json")).unwrap();
-    let mut names = std::collections::HashMap::new();
-    for t in defs["tables"].as_array().unwrap() {
-        let name = t["local_name"].as_str().unwrap();
-        let attr_type = |v: &Value| if v == "N" { ScalarAttributeType::N } else { ScalarAttributeType::S };
-        let key = |hash: &str, range: &str| {
-            vec![
-                KeySchemaElement::builder().attribute_name(hash).key_type(KeyType::Hash).build().unwrap(),
-                KeySchemaElement::builder().attribute_name(range).key_type(KeyType::Range).build().unwrap(),
-            ]
-        };
-        let mut req = client.create_table().table_name(name).billing_mode(BillingMode::PayPerRequest);
-        for (attr, ty) in t["attributes"].as_object().unwrap() {
-            req = req.attribute_definitions(AttributeDefinition::builder().attribute_name(attr).attribute_type(attr_type(ty)).build().unwrap());
-        }
-        req = req.set_key_schema(Some(key(t["key"]["hash"].as_str().unwrap(), t["key"]["range"].as_str().unwrap())));
-        for g in t["gsis"].as_array().unwrap() {
-            req = req.global_secondary_indexes(
-                GlobalSecondaryIndex::builder()
-                    .index_name(g["name"].as_str().unwrap())
-                    .set_key_schema(Some(key(g["hash"].as_str().unwrap(), g["range"].as_str().unwrap())))
-                    .projection(Projection::builder().projection_type(ProjectionType::All).build())
-                    .build()
-                    .unwrap(),
-            );
-        }
-        req.send().await.unwrap();
-        names.insert(t["env"].as_str().unwrap().to_owned(), name.to_owned());
-    }
-    Tables {
-        runs: names["CHAINRUN_RUNS_TABLE"].clone(),
-        events: names["CHAINRUN_EVENTS_TABLE"].clone(),
-        progress: names["CHAINRUN_PROGRESS_TABLE"].clone(),
-        workflows: names["CHAINRUN_WORKFLOWS_TABLE"].clone(),
-        rollups: names["CHAINRUN_ROLLUPS_TABLE"].clone(),
-    }
-}
-
 /// A client for `moto` with the tables created.
 async fn moto_tables(moto: &Moto) -> (aws_sdk_dynamodb::Client, Tables) {
     let config = aws_sdk_dynamodb::Config::builder()
@@ -549,7 +461,7 @@ async fn moto_tables(moto: &Moto) -> (aws_sdk_dynamodb::Client, Tables) {
         .endpoint_url(&moto.url)
         .build();
     let client = aws_sdk_dynamodb::Client::from_conf(config);
-    let tables = create_tables(&client).await;
+    let tables = create_tables(&client).await.unwrap();
     (client, tables)
 }
 

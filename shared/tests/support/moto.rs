@@ -1,0 +1,105 @@
+//! A moto server (local DynamoDB) for tests and benchmarks: started on a port it picks
+//! itself, stopped on drop, with chainrun's tables created from `infra/tables.json`.
+//! Included by the store contract tests and the store benchmark.
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType, ScalarAttributeType,
+};
+use chainrun_core::config::Tables;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const TABLES: &str = include_str!("../../../infra/tables.json");
+
+/// A moto server on a loopback port it picked itself, stopped on drop (panics included).
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn moto_binary() -> PathBuf {
+    std::env::var_os("CHAINRUN_MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server"))
+}
+
+/// Starts moto with `-p 0` and reads its port from the banner, so no other process can be
+/// handed the same port between our choosing it and moto binding it.
+pub fn start_moto() -> Result<Moto, String> {
+    let binary = moto_binary();
+    if !binary.exists() {
+        return Err(format!("{} not found: run `make venv` (or set CHAINRUN_MOTO_SERVER)", binary.display()));
+    }
+    let mut child = Command::new(&binary)
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not start {}: {e}", binary.display()))?;
+    let Some(stderr) = child.stderr.take() else { return Err("moto's stderr is not piped".into()) };
+    let mut moto = Moto { child, url: String::new() };
+    let mut lines = BufReader::new(stderr).lines();
+    let port = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| line.split("Running on http://127.0.0.1:").nth(1).and_then(|rest| rest.trim().trim_end_matches('/').parse::<u16>().ok()));
+    // Keep draining: moto logs every request, and a full pipe would block it.
+    std::thread::spawn(move || lines.for_each(drop));
+    let port = port.ok_or_else(|| format!("{} exited without announcing its port", binary.display()))?;
+    moto.url = format!("http://127.0.0.1:{port}");
+    Ok(moto)
+}
+
+/// Creates the tables exactly as `infra/tables.json` defines them.
+pub async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Result<Tables, BoxError> {
+    let defs: Value = serde_json::from_str(TABLES)?;
+    let mut names = BTreeMap::new();
+    let text = |v: &Value| v.as_str().map(str::to_owned).ok_or("infra/tables.json: expected a string");
+    for t in defs["tables"].as_array().ok_or("infra/tables.json: no tables")? {
+        let name = text(&t["local_name"])?;
+        let key = |hash: &str, range: &str| -> Result<Vec<KeySchemaElement>, BoxError> {
+            Ok(vec![
+                KeySchemaElement::builder().attribute_name(hash).key_type(KeyType::Hash).build()?,
+                KeySchemaElement::builder().attribute_name(range).key_type(KeyType::Range).build()?,
+            ])
+        };
+        let mut req = client.create_table().table_name(&name).billing_mode(BillingMode::PayPerRequest);
+        for (attr, ty) in t["attributes"].as_object().into_iter().flatten() {
+            let ty = if ty == "N" { ScalarAttributeType::N } else { ScalarAttributeType::S };
+            req = req.attribute_definitions(AttributeDefinition::builder().attribute_name(attr).attribute_type(ty).build()?);
+        }
+        req = req.set_key_schema(Some(key(&text(&t["key"]["hash"])?, &text(&t["key"]["range"])?)?));
+        for g in t["gsis"].as_array().into_iter().flatten() {
+            req = req.global_secondary_indexes(
+                GlobalSecondaryIndex::builder()
+                    .index_name(text(&g["name"])?)
+                    .set_key_schema(Some(key(&text(&g["hash"])?, &text(&g["range"])?)?))
+                    .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                    .build()?,
+            );
+        }
+        req.send().await?;
+        names.insert(text(&t["env"])?, name);
+    }
+    let table = |env: &str| names.get(env).cloned().ok_or_else(|| format!("infra/tables.json has no {env}"));
+    Ok(Tables {
+        runs: table("CHAINRUN_RUNS_TABLE")?,
+        events: table("CHAINRUN_EVENTS_TABLE")?,
+        progress: table("CHAINRUN_PROGRESS_TABLE")?,
+        workflows: table("CHAINRUN_WORKFLOWS_TABLE")?,
+        rollups: table("CHAINRUN_ROLLUPS_TABLE")?,
+    })
+}
