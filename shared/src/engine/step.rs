@@ -117,10 +117,7 @@ impl StepContext {
             let body = match record.status {
                 StepStatus::Completed => EventBody::StepCompleted(StepCompleted {
                     model: record.model.clone(),
-                    input_tokens: record.usage.input_tokens,
-                    output_tokens: record.usage.output_tokens,
-                    cache_read_tokens: record.usage.cache_read_tokens,
-                    cache_write_tokens: record.usage.cache_write_tokens,
+                    tokens: (&record.usage).into(),
                     cost: record.cost.into(),
                     latency_ms: record.latency_ms,
                     attempts: record.attempts,

@@ -5,7 +5,7 @@
 //! [`PublishedEvent`], which is an event as `GET /runs/{id}/events` returns it.
 
 use super::money::{Cost, Money};
-use super::{StepDetail, TotalsView};
+use super::{StepDetail, TotalsView, UsageView};
 use crate::codes::ErrorCode;
 use crate::ids::{ModelId, RunId, StepId, WorkflowName};
 use crate::run::{ErrorInfo, EventType};
@@ -108,10 +108,8 @@ pub struct StepSkipped {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct StepCompleted {
     pub model: Option<ModelId>,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_read_tokens: u64,
-    pub cache_write_tokens: u64,
+    #[serde(flatten)]
+    pub tokens: UsageView,
     #[serde(flatten)]
     pub cost: Money<Cost>,
     pub latency_ms: u64,

@@ -12,20 +12,39 @@ pub mod views;
 
 use crate::budget::{Amount, BudgetExceeded, Limit};
 use crate::codes::ErrorCode;
+use crate::pricing::Usage;
 use crate::run::{ErrorInfo, Totals};
 use crate::spend::DailyCapExceeded;
 use money::{CommittedToday, Cost, MaxCost, Money, OwnerDailyCost};
 use schemars::JsonSchema;
 use serde::Serialize;
 
-/// A run's totals as clients see them, wherever they appear (events, progress rows, run
-/// snapshots, history).
+/// A call's or a step's tokens by kind.
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct TotalsView {
+pub struct UsageView {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_read_tokens: u64,
     pub cache_write_tokens: u64,
+}
+
+impl From<&Usage> for UsageView {
+    fn from(u: &Usage) -> Self {
+        Self {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_tokens: u.cache_read_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+        }
+    }
+}
+
+/// A run's totals as clients see them, wherever they appear (events, progress rows, run
+/// snapshots, history).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TotalsView {
+    #[serde(flatten)]
+    pub tokens: UsageView,
     pub total_tokens: u64,
     #[serde(flatten)]
     pub cost: Money<Cost>,
@@ -36,11 +55,14 @@ pub struct TotalsView {
 
 impl From<&Totals> for TotalsView {
     fn from(t: &Totals) -> Self {
-        Self {
+        let tokens = Usage {
             input_tokens: t.input_tokens,
             output_tokens: t.output_tokens,
             cache_read_tokens: t.cache_read_tokens,
             cache_write_tokens: t.cache_write_tokens,
+        };
+        Self {
+            tokens: (&tokens).into(),
             total_tokens: t.total_tokens(),
             cost: t.cost.into(),
             model_calls: t.model_calls,

@@ -1,7 +1,7 @@
 //! API bodies: what the HTTP API answers, built from domain types.
 
-use super::TotalsView;
 use super::money::{AvgCost, Cost, Money, Name, TotalCost};
+use super::{TotalsView, UsageView};
 use crate::analytics::{CostSums, WorkflowCosts};
 use crate::budget::Amount;
 use crate::estimate::{Estimate, StepEstimate};
@@ -48,10 +48,8 @@ pub struct StepCheckpoint<'a> {
     pub status: StepStatus,
     pub attempts: u32,
     pub model: &'a Option<ModelId>,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_read_tokens: u64,
-    pub cache_write_tokens: u64,
+    #[serde(flatten)]
+    pub tokens: UsageView,
     #[serde(flatten)]
     pub cost: Money<Cost>,
     pub latency_ms: u64,
@@ -69,10 +67,7 @@ impl<'a> From<&'a StepRecord> for StepCheckpoint<'a> {
             status: r.status,
             attempts: r.attempts,
             model: &r.model,
-            input_tokens: r.usage.input_tokens,
-            output_tokens: r.usage.output_tokens,
-            cache_read_tokens: r.usage.cache_read_tokens,
-            cache_write_tokens: r.usage.cache_write_tokens,
+            tokens: (&r.usage).into(),
             cost: r.cost.into(),
             latency_ms: r.latency_ms,
             started_at: r.started_at,
@@ -87,17 +82,10 @@ impl<'a> From<&'a StepRecord> for StepCheckpoint<'a> {
 /// `GET /runs/{id}`: the run with per-step status, tokens, cost and latency.
 #[derive(Debug, Serialize)]
 pub struct RunView<'a> {
-    pub run_id: &'a RunId,
-    pub workflow: &'a str,
-    pub status: RunStatus,
-    pub caller: &'a str,
-    pub created_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub summary: RunSummaryView<'a>,
     pub input: &'a Value,
     pub output: &'a Option<Value>,
-    pub error: &'a Option<ErrorInfo>,
-    pub totals: TotalsView,
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -115,7 +103,7 @@ impl<'a> RunView<'a> {
             .collect();
         // Totals are final only at the end; meanwhile show what the checkpoints add up to.
         let totals = if run.status.is_terminal() { run.totals } else { Totals::of_checkpoints(records) };
-        Self {
+        let summary = RunSummaryView {
             run_id: &run.id,
             workflow: run.workflow.as_str(),
             status: run.status,
@@ -123,12 +111,10 @@ impl<'a> RunView<'a> {
             created_at: run.created_at,
             started_at: run.started_at,
             finished_at: run.finished_at,
-            input: &run.input,
-            output: &run.output,
             error: &run.error,
             totals: (&totals).into(),
-            steps,
-        }
+        };
+        Self { summary, input: &run.input, output: &run.output, steps }
     }
 }
 
