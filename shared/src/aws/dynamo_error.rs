@@ -189,6 +189,12 @@ pub(super) fn failed_condition_at<E: ProvideErrorMetadata>(err: &SdkError<E, Htt
     reasons.is_some_and(|list| list.split(',').nth(index).is_some_and(|reason| reason.trim() == "ConditionalCheckFailed"))
 }
 
+/// Another writer sent a different transaction with the same client token within the last
+/// 10 minutes (the event log's token is the run and seq): that writer wrote the event.
+pub(super) fn is_token_reuse<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    err.code() == Some("IdempotentParameterMismatchException")
+}
+
 /// A request this code failed to build or encode: a defect, never worth retrying.
 pub(super) fn defect(what: &str, err: impl std::fmt::Display) -> String {
     format!("could not build {what} (a defect in chainrun; please report it): {err}")
@@ -244,6 +250,22 @@ mod tests {
             Failure::Rejected(m) => m,
             other => panic!("expected rejected, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_cancelled_transaction_says_which_item_failed_its_condition() {
+        let lease_lost = tx(
+            "TransactionCanceledException",
+            "Transaction cancelled, please refer cancellation reasons for specific reasons [ConditionalCheckFailed, None, None]",
+        );
+        assert!(is_condition_failure(&lease_lost) && failed_condition_at(&lease_lost, 0) && !failed_condition_at(&lease_lost, 2));
+        let seq_taken = tx(
+            "TransactionCanceledException",
+            "Transaction cancelled, please refer cancellation reasons for specific reasons [None, None, ConditionalCheckFailed]",
+        );
+        assert!(is_condition_failure(&seq_taken) && !failed_condition_at(&seq_taken, 0) && failed_condition_at(&seq_taken, 2));
+        assert!(is_token_reuse(&tx("IdempotentParameterMismatchException", "token reused")));
+        assert!(!is_token_reuse(&seq_taken));
     }
 
     #[test]

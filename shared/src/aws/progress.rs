@@ -17,7 +17,7 @@
 //! another writer is ahead — a [`ProgressError::Conflict`] either way.
 
 use super::dynamo::{Item, MAX_ITEM_BYTES, checkpoint_writes, item_size, n, run_pk, s, stored_instant};
-use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, progress_err};
+use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, is_token_reuse, progress_err};
 use crate::config::Tables;
 use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::ports::{Checkpoint, JournalError, MAX_OWNERS, ProgressError, ProgressReader, ProgressSink, StoreError};
@@ -221,7 +221,7 @@ impl ProgressSink for DynamoProgress {
                 debug!(owners = owners.len(), "event and progress rows written");
                 Ok(())
             }
-            Err(e) if is_condition_failure(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }),
+            Err(e) if is_condition_failure(&e) || is_token_reuse(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }),
             Err(e) => Err(progress_err(&self.tables.events)(e)),
         }
     }
@@ -245,7 +245,9 @@ impl ProgressSink for DynamoProgress {
             // Which condition failed is in the cancellation reasons, one per item in order:
             // the lease check is the first item.
             Err(e) if is_condition_failure(&e) && failed_condition_at(&e, 0) => Err(StoreError::LeaseLost(event.run_id.clone()).into()),
-            Err(e) if is_condition_failure(&e) => Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }.into()),
+            Err(e) if is_condition_failure(&e) || is_token_reuse(&e) => {
+                Err(ProgressError::Conflict { run: event.run_id.clone(), seq: event.seq }.into())
+            }
             Err(e) => Err(progress_err(&self.tables.events)(e).into()),
         }
     }
