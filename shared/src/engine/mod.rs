@@ -27,8 +27,6 @@ pub mod schedule;
 mod step;
 mod transform;
 
-pub use llm::backoff;
-
 use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
 use crate::graph::ValidatedGraph;

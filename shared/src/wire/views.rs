@@ -1,9 +1,8 @@
 //! API bodies: what the HTTP API answers, built from domain types.
 
 use super::money::{AvgCost, Cost, Money, Name, TotalCost};
-use super::{TotalsView, UsageView};
+use super::{AmountView, TotalsView, UsageView};
 use crate::analytics::{CostSums, WorkflowCosts};
-use crate::budget::Amount;
 use crate::estimate::{Estimate, StepEstimate};
 use crate::ids::{ModelId, RunId, StepId};
 use crate::ports::RunSummary;
@@ -291,26 +290,12 @@ pub struct SpendToday<'a> {
     pub remaining: MaybeMoney<super::money::Remaining>,
 }
 
-/// Tokens and money of one bound of an estimate.
-#[derive(Debug, Serialize)]
-pub struct AmountBound {
-    pub tokens: u64,
-    #[serde(flatten)]
-    pub cost: Money<Cost>,
-}
-
-impl From<Amount> for AmountBound {
-    fn from(a: Amount) -> Self {
-        Self { tokens: a.tokens, cost: a.cost.into() }
-    }
-}
-
 #[derive(Debug, Serialize)]
 pub struct StepEstimateView<'a> {
     pub step_id: &'a StepId,
-    pub min: AmountBound,
-    pub expected: AmountBound,
-    pub max: AmountBound,
+    pub min: AmountView,
+    pub expected: AmountView,
+    pub max: AmountView,
     /// What bounds `max`: `prompt`, `context_window`, or null for a step without model calls.
     pub max_basis: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -332,9 +317,9 @@ impl<'a> From<&'a StepEstimate> for StepEstimateView<'a> {
 
 #[derive(Debug, Serialize)]
 pub struct EstimateBounds {
-    pub min: AmountBound,
-    pub expected: AmountBound,
-    pub max: AmountBound,
+    pub min: AmountView,
+    pub expected: AmountView,
+    pub max: AmountView,
 }
 
 /// `POST …/estimate`: per-step and total cost ranges.
