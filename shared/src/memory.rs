@@ -6,7 +6,7 @@
 //! are scripted per prompt substring, and every call is recorded.
 
 use crate::analytics::{RunRollup, WorkflowCosts, merge_by_workflow};
-use crate::ids::{Principal, RunId};
+use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
@@ -29,7 +29,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct MemoryStore {
     runs: Mutex<HashMap<RunId, (RunRecord, Option<Lease>)>>,
-    steps: Mutex<HashMap<RunId, BTreeMap<String, StepRecord>>>,
+    steps: Mutex<HashMap<RunId, BTreeMap<StepId, StepRecord>>>,
 }
 
 impl MemoryStore {
@@ -85,7 +85,7 @@ impl RunStore for MemoryStore {
 
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
         self.check_lease(id, lease)?;
-        lock(&self.steps).entry(id.clone()).or_default().insert(step.step_id.to_string(), step.clone());
+        lock(&self.steps).entry(id.clone()).or_default().insert(step.step_id.clone(), step.clone());
         Ok(())
     }
 

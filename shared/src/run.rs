@@ -37,6 +37,18 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// The name it serializes as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Pending => "PENDING",
+            StepStatus::Running => "RUNNING",
+            StepStatus::Completed => "COMPLETED",
+            StepStatus::Failed => "FAILED",
+            StepStatus::Skipped => "SKIPPED",
+            StepStatus::Cancelled => "CANCELLED",
+        }
+    }
+
     pub fn is_settled(self) -> bool {
         !matches!(self, StepStatus::Pending | StepStatus::Running)
     }

@@ -13,7 +13,7 @@ use crate::money::Usd;
 use crate::ports::ModelClient;
 use crate::pricing::{ModelRegistry, Usage};
 use crate::run::{ErrorInfo, StepRecord, StepStatus};
-use crate::template;
+use crate::template::{self, Resolve, Slot, walk};
 use crate::wire::StepDetail;
 use crate::wire::events::{EventBody, StepCompleted, StepFailed, StepStarted};
 use chrono::Utc;
@@ -175,7 +175,7 @@ impl Inputs {
 }
 
 /// What templates and expressions evaluate against.
-pub trait Scope: Serialize + Sync {
+pub trait Scope: Serialize + Resolve + Sync {
     /// The scope as JSON, for CEL. These shapes have string keys and JSON values only, so
     /// serializing them cannot fail.
     fn to_json(&self) -> Value {
@@ -185,6 +185,35 @@ pub trait Scope: Serialize + Sync {
 
 impl Scope for Inputs {}
 impl Scope for ItemInputs<'_> {}
+
+/// The same lookups as through the serialized form, without serializing.
+impl Resolve for Inputs {
+    fn resolve(&self, path: &[&str]) -> Option<Slot<'_>> {
+        match path {
+            ["input", rest @ ..] => walk(&self.input, rest).map(Slot::Json),
+            ["steps", id, field, rest @ ..] => {
+                let record = self.steps.iter().find(|r| r.step_id.as_str() == *id)?;
+                match (*field, rest) {
+                    ("output", rest) => walk(record.output.as_ref()?, rest).map(Slot::Json),
+                    ("text", []) => record.text.as_deref().map(Slot::Text),
+                    ("status", []) => Some(Slot::Text(record.status.as_str())),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Resolve for ItemInputs<'_> {
+    fn resolve(&self, path: &[&str]) -> Option<Slot<'_>> {
+        match path {
+            ["item", rest @ ..] => walk(self.item, rest).map(Slot::Json),
+            ["index"] => Some(Slot::Number(self.index as u64)),
+            _ => self.inputs.resolve(path),
+        }
+    }
+}
 
 impl Serialize for Inputs {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -257,4 +286,82 @@ pub fn run_output(input: &Arc<Value>, graph: &ValidatedGraph, records: &[Option<
 pub fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 80 { format!("{}…", &s[..s.char_indices().nth(80).map_or(s.len(), |(i, _)| i)]) } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::StepId;
+    use serde_json::json;
+
+    fn record(id: &str, status: StepStatus, output: Option<Value>, text: Option<&str>) -> Option<Arc<StepRecord>> {
+        let mut r = StepRecord::settled(StepId::parse(id).unwrap(), status, None, Utc::now());
+        r.output = output;
+        r.text = text.map(str::to_owned);
+        Some(Arc::new(r))
+    }
+
+    fn printed(slot: Option<Slot<'_>>) -> Option<String> {
+        match slot? {
+            Slot::Text(t) => Some(t.to_owned()),
+            Slot::Json(Value::String(s)) => Some(s.clone()),
+            Slot::Json(v) => Some(v.to_string()),
+            Slot::Number(n) => Some(n.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_scope_resolves_a_path_to_what_its_serialized_form_holds_there() {
+        let input = Arc::new(json!({ "q": "why", "n": { "m": 2 } }));
+        let records = [
+            record("a", StepStatus::Completed, Some(json!({ "x": [1], "y": { "z": "deep" } })), Some("A")),
+            record("b", StepStatus::Skipped, None, None),
+            record("hidden", StepStatus::Completed, Some(json!(1)), Some("H")),
+        ];
+        let inputs = Inputs::of(&input, &records, &[0, 1]);
+        let item = json!({ "k": "v" });
+        let item_inputs = inputs.with_item(&item, 7);
+        let paths: [&[&str]; 17] = [
+            &["input"],
+            &["input", "q"],
+            &["input", "n", "m"],
+            &["input", "nope"],
+            &["steps"],
+            &["steps", "a"],
+            &["steps", "a", "output"],
+            &["steps", "a", "output", "y", "z"],
+            &["steps", "a", "text"],
+            &["steps", "a", "status"],
+            &["steps", "b", "status"],
+            &["steps", "b", "output", "x"],
+            &["steps", "hidden", "text"],
+            &["steps", "a", "text", "len"],
+            &["item", "k"],
+            &["index"],
+            &["other"],
+        ];
+        let (serialized, item_serialized) = (inputs.to_json(), item_inputs.to_json());
+        for path in paths {
+            let direct = printed(inputs.resolve(path));
+            // The direct lookup may decline (then minijinja renders), but never disagrees.
+            if direct.is_some() {
+                assert_eq!(direct, printed(walk(&serialized, path).map(Slot::Json)), "{path:?}");
+            }
+            let direct = printed(item_inputs.resolve(path));
+            if direct.is_some() {
+                assert_eq!(direct, printed(walk(&item_serialized, path).map(Slot::Json)), "{path:?}");
+            }
+        }
+        assert_eq!(printed(inputs.resolve(&["steps", "a", "status"])).as_deref(), Some("COMPLETED"));
+        assert_eq!(printed(item_inputs.resolve(&["index"])).as_deref(), Some("7"));
+        assert!(inputs.resolve(&["steps", "hidden", "text"]).is_none(), "a step reads only its dependencies");
+    }
+
+    #[test]
+    fn a_status_prints_as_it_serializes() {
+        use StepStatus::*;
+        for s in [Pending, Running, Completed, Failed, Skipped, Cancelled] {
+            assert_eq!(serde_json::to_value(s).unwrap(), json!(s.as_str()));
+        }
+    }
 }

@@ -22,8 +22,13 @@
 //! and may produce at most [`MAX_RENDERED_BYTES`], so a hostile loop fails the step in
 //! milliseconds instead of holding the runner.
 
+mod slots;
+
+pub use slots::{Resolve, Slot, walk};
+
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
+use slots::{Slots, slot_paths};
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
@@ -130,6 +135,9 @@ enum Body {
 
 struct Inner {
     body: Body,
+    /// Set for a template of text and `{{ a.b }}` slots only, which renders without
+    /// minijinja when its slots print plainly (see [`slots`]).
+    slots: Option<Slots>,
     references: References,
     /// The names available where it runs, and (bit `i` for `roots[i]`) which it reads.
     roots: &'static [&'static str],
@@ -170,7 +178,8 @@ impl Template {
             Keep::Bytecode => Body::Bytecode(compiled),
             Keep::Source => Body::Source(compiled.into_owner()),
         };
-        Ok(Template(Arc::new(Inner { body, references, roots, reads_roots })))
+        let slots = Slots::parse(source);
+        Ok(Template(Arc::new(Inner { body, slots, references, roots, reads_roots })))
     }
 
     pub fn source(&self) -> &str {
@@ -198,7 +207,10 @@ impl Template {
 
     /// Renders against `context` (strict: an undefined value is an error), within [`FUEL`]
     /// and [`MAX_RENDERED_BYTES`].
-    pub fn render<S: Serialize>(&self, context: &S) -> Result<String, TemplateError> {
+    pub fn render<S: Serialize + Resolve>(&self, context: &S) -> Result<String, TemplateError> {
+        if let Some(text) = self.0.slots.as_ref().and_then(|slots| slots.render(context, MAX_RENDERED_BYTES)) {
+            return Ok(text);
+        }
         let mut out = Bounded { text: Vec::with_capacity(self.source().len()), limit: MAX_RENDERED_BYTES };
         match &self.0.body {
             Body::Source(source) => environment().template_from_str(source)?.render_captured_to(context, &mut out).map(drop)?,
@@ -220,38 +232,6 @@ impl PartialEq for Template {
     fn eq(&self, other: &Self) -> bool {
         self.source() == other.source()
     }
-}
-
-/// What a template made only of text and `{{ name.name… }}` slots (most prompts) reads:
-/// each slot's path, exactly what minijinja's `undeclared_variables(true)` finds in it, but
-/// without parsing the template a second time. `None` for any other template (blocks,
-/// comments, filters, operators, literals), which gets the full analysis. Only called on
-/// a template that compiled, so every `{{` has its `}}`.
-fn slot_paths(source: &str) -> Option<Vec<&str>> {
-    if source.contains("{%") || source.contains("{#") {
-        return None;
-    }
-    let mut paths = Vec::new();
-    let mut rest = source;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        let end = after.find("}}")?;
-        // One `-` on either side is whitespace control; a second one would be a minus.
-        let inner = after[..end].strip_prefix('-').unwrap_or(&after[..end]);
-        let inner = inner.strip_suffix('-').unwrap_or(inner).trim();
-        let is_ident = |s: &str| {
-            let mut chars = s.chars();
-            chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        };
-        let root = inner.split('.').next().unwrap_or_default();
-        // Constants, and `self`, which every template defines.
-        if matches!(root, "true" | "false" | "none" | "True" | "False" | "None" | "self") || !inner.split('.').all(is_ident) {
-            return None;
-        }
-        paths.push(inner);
-        rest = &after[end + 2..];
-    }
-    Some(paths)
 }
 
 /// A rendering's output, refused past `limit` bytes.
@@ -410,6 +390,66 @@ mod tests {
                 proptest::prop_assert_eq!(fast.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(), full, "{}", source);
             }
         }
+    }
+
+    /// A context with a value of every JSON kind, and strings with the characters a
+    /// template's text would otherwise treat specially.
+    fn every_kind() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        (any::<i64>(), any::<u64>(), any::<bool>(), "[ -~\n{}<>&\"é]{0,12}", -1e6f64..1e6).prop_map(|(i, u, b, s, f)| {
+            json!({ "input": { "i": i, "u": u, "b": b, "s": s, "f": f, "null": null, "list": [1, "a"], "obj": { "k": s, "n": i } } })
+        })
+    }
+
+    fn slot_templates() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let text = prop::sample::select(&["", "text ", "}} ", "{ ", "\n", "\r\n", " \t", "é"][..]).prop_map(str::to_owned);
+        let path = prop::sample::select(
+            &[
+                "input.i",
+                "input.u",
+                "input.b",
+                "input.s",
+                "input.f",
+                "input.null",
+                "input.list",
+                "input.obj",
+                "input.obj.k",
+                "input.obj.n",
+                "input.missing",
+                "input.s.x",
+                "input",
+                "x",
+            ][..],
+        );
+        let slot =
+            (prop::sample::select(&["{{", "{{ "][..]), path, prop::sample::select(&["}}", " }}"][..])).prop_map(|(l, p, r)| format!("{l}{p}{r}"));
+        prop::collection::vec(prop_oneof![text, slot], 0..6).prop_map(|v| v.concat())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_slot_renderer_prints_what_minijinja_prints(source in slot_templates(), context in every_kind()) {
+            let slots = Slots::parse(&source).expect("a slot template");
+            let by_minijinja = environment().template_from_str(&source).unwrap().render(&context);
+            if let Some(fast) = slots.render(&context, MAX_RENDERED_BYTES) {
+                proptest::prop_assert_eq!(Ok(fast), by_minijinja.map_err(|e| e.to_string()), "{}", source);
+            }
+        }
+    }
+
+    #[test]
+    fn slot_templates_of_plain_values_skip_minijinja_and_others_fall_back_to_it() {
+        let ctx = json!({ "input": { "s": "x", "n": 3, "b": true, "f": 1.5, "obj": {} } });
+        let fast = |source: &str| Slots::parse(source).and_then(|s| s.render(&ctx, MAX_RENDERED_BYTES));
+        assert_eq!(fast("{{ input.s }}-{{input.n}} {{ input.b }}\n").as_deref(), Some("x-3 True"));
+        for other in ["{{ input.f }}", "{{ input.obj }}", "{{ input.missing }}", "{{- input.s }}", "{% if 1 %}{% endif %}"] {
+            assert_eq!(fast(other), None, "{other}");
+            // …and the template still renders (or fails) through minijinja.
+            let t = Template::compile(other, &STEP_ROOTS, Keep::Source).unwrap();
+            assert_eq!(t.render(&ctx).is_ok(), other != "{{ input.missing }}", "{other}");
+        }
+        assert_eq!(Slots::parse("{{ input.s }}").unwrap().render(&ctx, 0), None, "over the size limit minijinja makes the error");
     }
 
     #[test]
