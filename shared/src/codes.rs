@@ -70,6 +70,13 @@ codes! {
     ExpressionError = "EXPRESSION_ERROR",
     /// A router condition failed or was not a bool.
     ConditionError = "CONDITION_ERROR",
+    /// The run's runners kept stopping without finishing it (crashes, timeouts): it was
+    /// taken over more often than allowed.
+    RunnerLost = "RUNNER_LOST",
+    /// The store refused or could not read the run's data (not a passing outage).
+    StoreError = "STORE_ERROR",
+    /// Lambda gave up delivering the run (its retries and event age ran out).
+    DeliveryFailed = "DELIVERY_FAILED",
 }
 
 impl fmt::Display for ErrorCode {

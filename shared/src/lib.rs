@@ -9,6 +9,7 @@ pub mod analytics;
 pub mod budget;
 pub mod codes;
 pub mod config;
+pub mod durability;
 pub mod engine;
 pub mod estimate;
 pub mod expr;

@@ -10,7 +10,7 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
-use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord};
+use crate::run::{Event, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -26,10 +26,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 // ---------------------------------------------------------------- store
 
-#[derive(Default)]
 pub struct MemoryStore {
-    runs: Mutex<HashMap<RunId, (RunRecord, Option<Lease>)>>,
+    runs: Mutex<HashMap<RunId, Slot>>,
     steps: Mutex<HashMap<RunId, BTreeMap<StepId, StepRecord>>>,
+    queued_grace: chrono::Duration,
+}
+
+/// A run as the store holds it: the record, the lease on it, and when it is due for the
+/// sweeper (the DynamoDB store's sparse index entry; `None` once the run ended).
+struct Slot {
+    run: RunRecord,
+    lease: Option<Lease>,
+    due_at: Option<DateTime<Utc>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_queued_grace(crate::durability::Durability::default().queued_grace)
+    }
 }
 
 impl MemoryStore {
@@ -37,9 +51,14 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// A store whose queued (or released) runs become due for the sweeper after `grace`.
+    pub fn with_queued_grace(grace: std::time::Duration) -> Self {
+        Self { runs: Mutex::default(), steps: Mutex::default(), queued_grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) }
+    }
+
     fn check_lease(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
         match lock(&self.runs).get(id) {
-            Some((_, Some(held))) if held.holder == lease.holder => Ok(()),
+            Some(Slot { lease: Some(held), .. }) if held.holder == lease.holder => Ok(()),
             _ => Err(StoreError::LeaseLost(id.clone())),
         }
     }
@@ -49,15 +68,18 @@ impl MemoryStore {
 impl RunStore for MemoryStore {
     async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
         let mut runs = lock(&self.runs);
-        if runs.contains_key(&run.id) {
-            return Err(StoreError::AlreadyExists(run.id.clone()));
+        if let Some(stored) = runs.get(&run.id) {
+            // As the DynamoDB store: the same run again is a retry whose reply was lost.
+            let same = stored.run.created_at == run.created_at && stored.run.caller == run.caller && stored.run.definition == run.definition;
+            return if same { Ok(()) } else { Err(StoreError::AlreadyExists(run.id.clone())) };
         }
-        runs.insert(run.id.clone(), (run.clone(), None));
+        let due_at = Some(run.created_at + self.queued_grace);
+        runs.insert(run.id.clone(), Slot { run: run.clone(), lease: None, due_at });
         Ok(())
     }
 
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
-        Ok(lock(&self.runs).get(id).map(|(r, _)| r.clone()))
+        Ok(lock(&self.runs).get(id).map(|slot| slot.run.clone()))
     }
 
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
@@ -66,21 +88,44 @@ impl RunStore for MemoryStore {
 
     async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError> {
         let mut runs = lock(&self.runs);
-        let Some((run, held)) = runs.get_mut(id) else { return Ok(Claim::NotFound) };
-        if run.status.is_terminal() {
+        let Some(slot) = runs.get_mut(id) else { return Ok(Claim::NotFound) };
+        if slot.run.status.is_terminal() {
             return Ok(Claim::Finished);
         }
         // Compared to the millisecond, as DynamoDB stores the lease: a lease is live until
         // the instant it expires, not at it.
-        if let Some(h) = held
-            && h.expires_at.timestamp_millis() > now.timestamp_millis()
-        {
-            return Ok(Claim::HeldElsewhere);
+        // Our own lease: as the DynamoDB store, this is a retry of the same claim.
+        if let Some(h) = slot.lease.as_ref().filter(|h| h.holder != lease.holder) {
+            if h.expires_at.timestamp_millis() > now.timestamp_millis() {
+                return Ok(Claim::HeldElsewhere);
+            }
+            let takeover = Takeover { from: h.holder.clone(), expired_at: h.expires_at, by: lease.holder.clone(), at: now };
+            slot.run.takeovers.push(takeover);
         }
-        *held = Some(lease.clone());
-        run.status = RunStatus::Running;
-        run.started_at.get_or_insert(now);
-        Ok(Claim::Acquired(Box::new(run.clone())))
+        slot.lease = Some(lease.clone());
+        slot.due_at = Some(lease.expires_at);
+        slot.run.status = RunStatus::Running;
+        slot.run.started_at.get_or_insert(now);
+        Ok(Claim::Acquired(Box::new(slot.run.clone())))
+    }
+
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        if let Some(slot) = lock(&self.runs).get_mut(id) {
+            slot.lease = Some(lease.clone());
+            slot.due_at = Some(lease.expires_at);
+        }
+        Ok(())
+    }
+
+    async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {
+        let runs = lock(&self.runs);
+        let mut due: Vec<(DateTime<Utc>, &RunId)> = runs
+            .iter()
+            .filter_map(|(id, slot)| slot.due_at.filter(|at| at.timestamp_millis() <= now.timestamp_millis()).map(|at| (at, id)))
+            .collect();
+        due.sort();
+        Ok(due.into_iter().take(limit).map(|(_, id)| id.clone()).collect())
     }
 
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
@@ -92,22 +137,41 @@ impl RunStore for MemoryStore {
     /// Records exactly what the DynamoDB store's update does: the end (status, output,
     /// error, totals, finish time) over the stored record, whose other fields stay.
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
-        self.check_lease(&run.id, lease)?;
-        if let Some((stored, held)) = lock(&self.runs).get_mut(&run.id) {
+        if let Err(lost) = self.check_lease(&run.id, lease) {
+            // As the DynamoDB store: the same end again is a retry whose reply was lost.
+            let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+            let runs = lock(&self.runs);
+            let stored = runs.get(&run.id).map(|slot| &slot.run);
+            return match stored {
+                Some(stored) if stored.status == run.status && ms(stored.finished_at) == ms(run.finished_at) => Ok(()),
+                _ => Err(lost),
+            };
+        }
+        if let Some(slot) = lock(&self.runs).get_mut(&run.id) {
+            let stored = &mut slot.run;
             stored.status = run.status;
             stored.finished_at = Some(run.finished_at.unwrap_or_else(Utc::now));
             stored.output = run.output.clone();
             stored.error = run.error.clone();
             stored.totals = run.totals;
-            *held = None;
+            slot.lease = None;
+            slot.due_at = None;
         }
         Ok(())
     }
 
     async fn release(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
-        self.check_lease(id, lease)?;
-        if let Some((_, held)) = lock(&self.runs).get_mut(id) {
-            *held = None;
+        if let Err(lost) = self.check_lease(id, lease) {
+            // As the DynamoDB store: released and unfinished is a retry whose reply was lost.
+            let runs = lock(&self.runs);
+            return match runs.get(id) {
+                Some(slot) if slot.lease.is_none() && !slot.run.status.is_terminal() => Ok(()),
+                _ => Err(lost),
+            };
+        }
+        if let Some(slot) = lock(&self.runs).get_mut(id) {
+            slot.lease = None;
+            slot.due_at = Some(Utc::now() + self.queued_grace);
         }
         Ok(())
     }
@@ -121,7 +185,7 @@ impl RunHistory for MemoryStore {
         let runs = lock(&self.runs);
         let mut matching: Vec<&RunRecord> = runs
             .values()
-            .map(|(r, _)| r)
+            .map(|slot| &slot.run)
             .filter(|r| match &query.index {
                 RunIndex::Caller(caller) => r.caller.as_str() == caller,
                 RunIndex::Workflow(workflow) => r.workflow.as_str() == workflow,
@@ -308,10 +372,10 @@ impl DailySpend for MemoryDailySpend {
 
 // ---------------------------------------------------------------- dispatch
 
-/// Records dispatched run ids; a test drives the runner with them.
+/// Records dispatched events; a test drives the runner with them.
 #[derive(Default)]
 pub struct MemoryDispatcher {
-    dispatched: Mutex<Vec<RunId>>,
+    dispatched: Mutex<Vec<RunnerEvent>>,
 }
 
 impl MemoryDispatcher {
@@ -319,15 +383,21 @@ impl MemoryDispatcher {
         Self::default()
     }
 
+    /// The ids dispatched, in order.
     pub fn dispatched(&self) -> Vec<RunId> {
+        lock(&self.dispatched).iter().map(|e| e.run_id.clone()).collect()
+    }
+
+    /// The events dispatched, in order.
+    pub fn events(&self) -> Vec<RunnerEvent> {
         lock(&self.dispatched).clone()
     }
 }
 
 #[async_trait]
 impl Dispatcher for MemoryDispatcher {
-    async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError> {
-        lock(&self.dispatched).push(run.clone());
+    async fn dispatch(&self, event: &RunnerEvent) -> Result<(), DispatchError> {
+        lock(&self.dispatched).push(event.clone());
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use crate::analytics::WorkflowCosts;
 use crate::ids::{ModelId, Principal, RunId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
-use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -143,17 +143,29 @@ pub enum Claim {
 
 #[async_trait]
 pub trait RunStore: Send + Sync {
-    /// Stores a new run; fails with `AlreadyExists` rather than overwrite.
+    /// Stores a new run; fails with `AlreadyExists` rather than overwrite another run with
+    /// its id. Storing the same run again succeeds (a retry whose reply was lost).
     async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError>;
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError>;
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError>;
-    /// Takes the run if it is queued, or running under an expired lease (a crashed runner).
+    /// Takes the run if it is queued, released, or running under an expired lease (a
+    /// crashed runner). Taking an expired lease over appends a [`Takeover`] to the run's
+    /// record, so the returned record says whether this claim was one.
     async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError>;
+    /// Extends our lease to `lease.expires_at` (the heartbeat); `LeaseLost` if it is no
+    /// longer ours.
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError>;
+    /// Runs the sweeper must hand to a runner: unfinished, and either under a lease that
+    /// expired by `now` or released/queued for longer than the queued grace. At most
+    /// `limit`, read from an index of unfinished runs (never a scan of all runs).
+    async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError>;
     /// Checkpoints a step, only while `lease` is still ours.
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError>;
     /// Records the run's end (status, output, error, totals) and releases the lease.
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError>;
-    /// Gives the lease up without finishing (the run continues in another invocation).
+    /// Gives the lease up without finishing (the run continues in another invocation,
+    /// which may claim it at once). If no invocation does, the run is due for the sweeper
+    /// after the queued grace.
     async fn release(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError>;
 }
 
@@ -267,8 +279,8 @@ pub struct DispatchError {
 
 #[async_trait]
 pub trait Dispatcher: Send + Sync {
-    /// Hands the run id (and nothing else: payload limits) to a runner, asynchronously.
-    async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError>;
+    /// Hands the run id and why (nothing else: payload limits) to a runner, asynchronously.
+    async fn dispatch(&self, event: &RunnerEvent) -> Result<(), DispatchError>;
 }
 
 // ---------------------------------------------------------------- history

@@ -115,6 +115,42 @@ impl Totals {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunnerEvent {
     pub run_id: RunId,
+    /// Why the run was handed over; shown in the event that resumes it.
+    #[serde(default)]
+    pub cause: Cause,
+}
+
+impl RunnerEvent {
+    pub fn new(run_id: RunId, cause: Cause) -> Self {
+        Self { run_id, cause }
+    }
+}
+
+/// Who handed a run to the runner, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The API, when the run was started.
+    #[default]
+    Start,
+    /// The runner itself, continuing a run it suspended near its deadline.
+    Continue,
+    /// The sweeper, for a run whose lease expired or that stayed queued.
+    Sweep,
+    /// The dead-letter consumer, for an event that exhausted Lambda's retries.
+    DeadLetter,
+}
+
+/// A runner taking a run over from one whose lease expired (a crash, a timeout, a stall).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Takeover {
+    /// The lease holder that stopped renewing.
+    pub from: String,
+    /// When its lease expired.
+    pub expired_at: DateTime<Utc>,
+    /// The new holder, and when it took over.
+    pub by: String,
+    pub at: DateTime<Utc>,
 }
 
 /// The run record: snapshot of what to run, who may see it, and where it stands.
@@ -142,6 +178,10 @@ pub struct RunRecord {
     /// before it existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub step_order: Vec<StepId>,
+    /// Every takeover of the run from a runner that stopped renewing its lease, oldest
+    /// first; bounded (see [`crate::durability::Durability::max_takeovers`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub takeovers: Vec<Takeover>,
 }
 
 impl RunRecord {
@@ -149,6 +189,7 @@ impl RunRecord {
         Self {
             id: RunId::new(),
             step_order: Vec::new(),
+            takeovers: Vec::new(),
             workflow,
             definition,
             input,
@@ -215,6 +256,8 @@ impl StepRecord {
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventType {
     RunStarted,
+    RunResumed,
+    RunSuspended,
     StepStarted,
     Streaming,
     StepRetrying,
@@ -222,6 +265,7 @@ pub enum EventType {
     AwaitingInput,
     StepCompleted,
     StepFailed,
+    StepCancelled,
     RunCompleted,
     RunFailed,
     RunCancelled,

@@ -69,7 +69,8 @@ async fn contract(s: Subject) {
     // create: conditional, round-trips documents exactly
     let run = new_run();
     s.store.create_run(&run).await.unwrap();
-    assert_eq!(s.store.create_run(&run).await, Err(StoreError::AlreadyExists(run.id.clone())));
+    let impostor = RunRecord { caller: "mallory".parse().unwrap(), ..run.clone() };
+    assert_eq!(s.store.create_run(&impostor).await, Err(StoreError::AlreadyExists(run.id.clone())));
     let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!(stored.definition, run.definition);
     assert_eq!(stored.input, run.input);
@@ -424,6 +425,7 @@ async fn lease_and_finish_contract(store: Arc<dyn RunStore>) {
         output: end.output.clone(),
         error: None,
         totals: end.totals,
+        takeovers: vec![Takeover { from: "one".into(), expired_at: first.expires_at, by: "two".into(), at: first.expires_at }],
         ..run.clone()
     };
     assert_eq!(store.get_run(&run.id).await.unwrap(), Some(expected));
@@ -434,6 +436,76 @@ async fn lease_and_finish_contract(store: Arc<dyn RunStore>) {
 #[tokio::test]
 async fn memory_store_honours_the_lease_and_finish_contract() {
     lease_and_finish_contract(Arc::new(MemoryStore::new())).await;
+}
+
+/// What recovery relies on: renewed leases, takeovers on record, the sweeper's due list,
+/// and writes whose reply was lost being retried by the same holder without harm. The
+/// store's queued grace is `GRACE`.
+const GRACE: Duration = Duration::seconds(60);
+
+async fn durability_contract(store: Arc<dyn RunStore>) {
+    let t = whole_ms(Utc::now());
+    let due = |at: DateTime<Utc>| {
+        let store = store.clone();
+        async move { store.due(at, 100).await.unwrap() }
+    };
+    let run = RunRecord::new("wf".parse().unwrap(), json!({ "name": "wf" }), json!({}), "alice".parse().unwrap(), vec![alice()], t);
+    store.create_run(&run).await.unwrap();
+    assert_eq!(store.create_run(&run).await, Ok(()), "a retried create of the same run (its reply lost) succeeds");
+    let mut other = run.clone();
+    other.caller = "mallory".parse().unwrap();
+    assert_eq!(store.create_run(&other).await, Err(StoreError::AlreadyExists(run.id.clone())), "another run with the id is refused");
+
+    // Queued: due only once the grace has passed (the API's dispatch was lost).
+    assert!(!due(t + GRACE - Duration::milliseconds(1)).await.contains(&run.id));
+    assert!(due(t + GRACE).await.contains(&run.id));
+
+    // Claimed: due when the lease expires; renewing moves that.
+    let one = Lease { holder: "one".into(), expires_at: t + Duration::seconds(30) };
+    let Claim::Acquired(claimed) = store.claim(&run.id, &one, t).await.unwrap() else { panic!("claim") };
+    assert!(claimed.takeovers.is_empty(), "claiming a queued run is not a takeover");
+    assert!(matches!(store.claim(&run.id, &one, t).await.unwrap(), Claim::Acquired(_)), "a retried claim (its reply lost) holds");
+    assert!(!due(t + Duration::seconds(29)).await.contains(&run.id));
+    assert!(due(t + Duration::seconds(30)).await.contains(&run.id));
+    let renewed = Lease { expires_at: t + Duration::seconds(50), ..one.clone() };
+    store.renew(&run.id, &renewed).await.unwrap();
+    assert!(!due(t + Duration::seconds(40)).await.contains(&run.id), "a renewed lease is not due");
+    assert_eq!(store.claim(&run.id, &lease("two", 1), t + Duration::seconds(40)).await.unwrap(), Claim::HeldElsewhere);
+    assert_eq!(store.renew(&run.id, &lease("stranger", 1)).await, Err(StoreError::LeaseLost(run.id.clone())));
+
+    // Expired: another runner takes it over, on record; the old one is fenced off.
+    let expired_at = renewed.expires_at;
+    let two = Lease { holder: "two".into(), expires_at: expired_at + Duration::seconds(30) };
+    let Claim::Acquired(taken) = store.claim(&run.id, &two, expired_at).await.unwrap() else { panic!("takeover") };
+    assert_eq!(taken.takeovers, vec![Takeover { from: "one".into(), expired_at, by: "two".into(), at: expired_at }]);
+    assert_eq!(store.renew(&run.id, &renewed).await, Err(StoreError::LeaseLost(run.id.clone())));
+
+    // Released to continue: the next claim is not a takeover, and an unclaimed release is
+    // due after the grace.
+    store.release(&run.id, &two).await.unwrap();
+    assert_eq!(store.release(&run.id, &two).await, Ok(()), "a retried release (its reply lost) succeeds");
+    let after_release = Utc::now();
+    assert!(!due(after_release + GRACE - Duration::seconds(5)).await.contains(&run.id));
+    assert!(due(after_release + GRACE + Duration::seconds(5)).await.contains(&run.id));
+    let three = Lease { holder: "three".into(), expires_at: Utc::now() + Duration::seconds(30) };
+    let Claim::Acquired(continued) = store.claim(&run.id, &three, Utc::now()).await.unwrap() else { panic!("continue") };
+    assert_eq!(continued.takeovers.len(), 1, "a continuation adds no takeover");
+
+    // Finished: never due again; a retried finish (its reply lost) succeeds.
+    let mut end = continued.as_ref().clone();
+    end.status = RunStatus::Completed;
+    end.finished_at = Some(Utc::now());
+    store.finish_run(&end, &three).await.unwrap();
+    assert_eq!(store.finish_run(&end, &three).await, Ok(()));
+    assert!(!due(Utc::now() + Duration::days(1)).await.contains(&run.id));
+    let mut failed = end.clone();
+    failed.status = RunStatus::Failed;
+    assert_eq!(store.finish_run(&failed, &three).await, Err(StoreError::LeaseLost(run.id.clone())), "but not a different end");
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_durability_contract() {
+    durability_contract(Arc::new(MemoryStore::with_queued_grace(GRACE.to_std().unwrap()))).await;
 }
 
 /// A moto server for `test` when the moto half of the suite is enabled (`CHAINRUN_MOTO=1`);
@@ -494,6 +566,13 @@ async fn dynamodb_progress_honours_the_log_and_row_contract() {
     let Some(moto) = moto("dynamodb_progress_honours_the_log_and_row_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     progress_contract(Arc::new(DynamoProgress::new(client, tables, 30)), false).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_durability_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_durability_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    durability_contract(Arc::new(DynamoStore::new(client, tables).with_queued_grace(GRACE.to_std().unwrap()))).await;
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use chainrun_core::graph::{ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::RunRecord;
+use chainrun_core::run::{Cause, RunRecord, RunnerEvent};
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use error::ApiError;
@@ -28,7 +28,7 @@ use http::request::Parts;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Requests larger than this are refused before parsing (a run record must fit one
 /// DynamoDB item, together with its definition).
@@ -141,11 +141,12 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     );
     run.step_order = graph.step_order();
     state.store.create_run(&run).await?;
-    state
-        .dispatcher
-        .dispatch(&run.id)
-        .await
-        .map_err(|e| if e.retryable { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) })?;
+    // The run is stored: it will run even if this hand-over fails, because the sweeper
+    // dispatches a run still queued after the grace period. Failing the request now would
+    // only make the client start it twice.
+    if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(run.id.clone(), Cause::Start)).await {
+        warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will start the run");
+    }
     info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps().len(), "run queued");
     let location = format!("/runs/{}", run.id);
     Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], Json(RunAccepted::new(run.id))).into_response())

@@ -2,9 +2,16 @@
 //!
 //! Lambda delivers async events at least once, so [`Runner::handle`] first claims the run
 //! with a conditional write. A duplicate delivery finds the run held (or finished) and
-//! does nothing; a delivery after a crash finds the lease expired, takes it over and the
-//! engine resumes from checkpoints. Near the deadline the engine suspends and the runner
+//! does nothing. The claim is a short lease that a heartbeat renews while the engine
+//! works (see [`chainrun_core::durability`]); a runner that dies stops renewing, and the
+//! next delivery — Lambda's retry, or the sweeper's — takes the run over and the engine
+//! resumes from checkpoints. Near the deadline the engine suspends and the runner
 //! dispatches the run to itself again, so a run can outlive one invocation.
+//!
+//! What the invocation returns decides whether Lambda retries it: an error only when a
+//! retry can succeed (the lease is released first, so the retry claims at once). A
+//! terminal error ends the run `RUN_FAILED` with the error and succeeds: a retry would
+//! pay for its model calls again and fail the same way.
 //!
 //! When a run ends, the runner adds it to its owners' cost rollups ([`Analytics`]). That
 //! happens after the run's end is stored, so a crash in between would lose it — except
@@ -12,16 +19,18 @@
 //! already finished records it again (a no-op if it was). A failed recording fails the
 //! invocation, and Lambda's retry of it completes the rollup.
 
+use chainrun_core::codes::ErrorCode;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
+use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineError, Outcome};
 use chainrun_core::ids::RunId;
 use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
-use chainrun_core::run::RunnerEvent;
+use chainrun_core::run::{Cause, ErrorInfo, RunRecord, RunStatus, RunnerEvent};
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -29,6 +38,7 @@ pub struct RunnerConfig {
     /// The function's own name, for re-dispatching a suspended run (set by Lambda).
     pub self_function: String,
     pub deadline_margin: Duration,
+    pub durability: Durability,
 }
 
 impl RunnerConfig {
@@ -37,6 +47,7 @@ impl RunnerConfig {
             core: CoreConfig::from_source(env)?,
             self_function: env.required("AWS_LAMBDA_FUNCTION_NAME")?,
             deadline_margin: Duration::from_secs(env.parsed("CHAINRUN_DEADLINE_MARGIN_SECS", 90u64)?),
+            durability: Durability::from_source(env)?,
         })
     }
 }
@@ -52,6 +63,8 @@ pub enum Handled {
     UnknownRun,
     /// Our lease expired and another runner took the run over mid-way.
     Superseded,
+    /// A terminal error, and the run's failure could not be stored either.
+    Abandoned,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,12 +104,16 @@ pub struct Runner {
     pub engine: Engine,
     pub dispatcher: Arc<dyn Dispatcher>,
     pub analytics: Arc<dyn Analytics>,
+    pub durability: Durability,
 }
 
 impl Runner {
     /// Handles one delivery. `deadline` is the invocation's wall-clock deadline.
+    ///
+    /// Returns an error only when a retry of this delivery can succeed (Lambda retries
+    /// it); a terminal error ends the run `RUN_FAILED` and the delivery succeeds.
     pub async fn handle(&self, event: RunnerEvent, invocation: &str, deadline: DateTime<Utc>, margin: Duration) -> Result<Handled, RunnerError> {
-        let run_id = event.run_id;
+        let RunnerEvent { run_id, cause } = event;
         let now = Utc::now();
         let deadline = if deadline > now {
             deadline
@@ -106,10 +123,10 @@ impl Runner {
             warn!(run_id = %run_id, reported = %deadline, "invocation deadline is in the past; assuming 15 minutes");
             now + chrono::Duration::minutes(15)
         };
-        info!(run_id = %run_id, remaining_ms = (deadline - now).num_milliseconds(), "delivery received");
-        // The lease outlives the invocation a little: a live runner is never overtaken,
-        // and a crashed one is taken over soon after its deadline passes.
-        let lease = Lease { holder: format!("{invocation}/{}", ulid_suffix()), expires_at: deadline + chrono::Duration::seconds(30) };
+        info!(run_id = %run_id, ?cause, remaining_ms = (deadline - now).num_milliseconds(), "delivery received");
+        // A short lease, renewed while we work: a runner that dies is taken over within
+        // one lease length (plus the sweeper's interval), not after its whole timeout.
+        let lease = Lease { holder: format!("{invocation}/{}", ulid_suffix()), expires_at: now + self.lease_length() };
         let run = match self.store.claim(&run_id, &lease, now).await? {
             Claim::Acquired(run) => *run,
             Claim::HeldElsewhere => {
@@ -128,19 +145,29 @@ impl Runner {
                 return Ok(Handled::UnknownRun);
             }
         };
+        if run.takeovers.len() > self.durability.max_takeovers as usize {
+            let error = runner_lost(&run);
+            warn!(run_id = %run_id, takeovers = run.takeovers.len(), "the run's runners keep stopping; failing it");
+            return self.fail(run, &lease, error).await;
+        }
         let remaining = (deadline - now).to_std().unwrap_or_default();
         // Keep at least three quarters of a short invocation for work, so a small
         // timeout (or a local emulator's) cannot make every invocation suspend at once.
         let margin = margin.min(remaining / 4);
         let deadline_instant = tokio::time::Instant::now() + remaining;
-        let outcome = self.engine.clone().with_deadline_margin(margin).execute(run, lease.clone(), Some(deadline_instant)).await;
+        let heartbeat = self.heartbeat(&run_id, &lease);
+        let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause);
+        let outcome = engine.execute(run.clone(), lease.clone(), Some(deadline_instant)).await;
+        heartbeat.abort();
         match outcome {
             Ok(Outcome::Finished(status)) => {
                 self.roll_up(&run_id).await?;
                 Ok(Handled::Finished(status))
             }
             Ok(Outcome::Suspended) => {
-                self.dispatcher.dispatch(&run_id).await?;
+                // The lease is released: if this dispatch fails, Lambda's retry of this
+                // delivery (or the sweeper) continues the run.
+                self.dispatcher.dispatch(&RunnerEvent::new(run_id.clone(), Cause::Continue)).await?;
                 info!(run_id = %run_id, "run suspended and re-dispatched");
                 Ok(Handled::Suspended)
             }
@@ -150,12 +177,68 @@ impl Runner {
                 warn!(run_id = %run_id, "lease lost to another runner; stopping");
                 Ok(Handled::Superseded)
             }
-            Err(e) => {
+            Err(e) if e.retryable() => {
                 // Give the lease back so Lambda's retry of this event can take over at once.
                 if let Err(release) = self.store.release(&run_id, &lease).await {
                     warn!(run_id = %run_id, error = %release, "could not release the lease");
                 }
                 Err(e.into())
+            }
+            Err(e) => {
+                // No retry can succeed: a retry would only pay for the run's model calls again.
+                warn!(run_id = %run_id, error = %e, "terminal error; failing the run");
+                self.fail(run, &lease, terminal_error(&e)).await
+            }
+        }
+    }
+
+    fn lease_length(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.durability.lease).unwrap_or(chrono::Duration::seconds(30))
+    }
+
+    /// Renews the lease every heartbeat until aborted (or the lease is lost, which the
+    /// engine's next fenced write then reports).
+    fn heartbeat(&self, run_id: &RunId, lease: &Lease) -> tokio::task::JoinHandle<()> {
+        let (store, run_id, holder) = (self.store.clone(), run_id.clone(), lease.holder.clone());
+        let (every, length) = (self.durability.heartbeat, self.lease_length());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let renewed = Lease { holder: holder.clone(), expires_at: Utc::now() + length };
+                match store.renew(&run_id, &renewed).await {
+                    Ok(()) => debug!(run_id = %run_id, expires_at = %renewed.expires_at, "lease renewed"),
+                    Err(StoreError::LeaseLost(_)) => {
+                        warn!(run_id = %run_id, "lease lost; no longer renewing");
+                        return;
+                    }
+                    // The lease outlives two failed renewals; the next tick tries again.
+                    Err(e) => warn!(run_id = %run_id, error = %e, "lease renewal failed"),
+                }
+            }
+        })
+    }
+
+    /// Ends the run `RUN_FAILED` with `error`. A run whose failure cannot be recorded
+    /// either is left to expire its lease: the sweeper hands it over again, bounded by
+    /// the takeover limit.
+    async fn fail(&self, run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Handled, RunnerError> {
+        let run_id = run.id.clone();
+        match self.engine.fail_run(run, lease, error).await {
+            Ok(_) => {
+                self.roll_up(&run_id).await?;
+                Ok(Handled::Finished(RunStatus::Failed))
+            }
+            Err(e) if e.retryable() => {
+                if let Err(release) = self.store.release(&run_id, lease).await {
+                    warn!(run_id = %run_id, error = %release, "could not release the lease");
+                }
+                Err(e.into())
+            }
+            Err(e) => {
+                error!(run_id = %run_id, error = %e, "could not record the run's failure either; leaving it to the sweeper");
+                Ok(Handled::Abandoned)
             }
         }
     }
@@ -167,6 +250,23 @@ impl Runner {
         let recorded = self.analytics.record_run(&run, &steps).await?;
         info!(run_id = %run_id, added = recorded.added, already = recorded.already, cost_pico = run.totals.cost.pico(), "run rolled up");
         Ok(())
+    }
+}
+
+/// `RUNNER_LOST`, with the takeover history.
+fn runner_lost(run: &RunRecord) -> ErrorInfo {
+    let history: Vec<String> = run.takeovers.iter().map(|t| format!("{} (lease expired {}) taken over at {}", t.from, t.expired_at, t.at)).collect();
+    ErrorInfo::terminal(
+        ErrorCode::RunnerLost,
+        format!("the run's runner stopped without finishing it {} times: {}", run.takeovers.len(), history.join("; ")),
+    )
+}
+
+/// The run's error for an infrastructure error no retry can fix.
+fn terminal_error(e: &EngineError) -> ErrorInfo {
+    match e {
+        EngineError::Store(StoreError::TooLarge(message)) => ErrorInfo::terminal(ErrorCode::OutputTooLarge, message.clone()),
+        other => ErrorInfo::terminal(ErrorCode::StoreError, other.to_string()),
     }
 }
 

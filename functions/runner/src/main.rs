@@ -27,7 +27,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
         .with_daily_caps(daily_spend, config.core.daily_caps.clone());
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
-    let runner = Arc::new(Runner { store, engine, dispatcher, analytics });
+    let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.durability });
     let margin = config.deadline_margin;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<RunnerEvent>| {
         let runner = runner.clone();

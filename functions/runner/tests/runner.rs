@@ -3,12 +3,13 @@
 
 use chainrun_core::analytics::WorkflowCosts;
 use chainrun_core::aws::RunnerEvent;
+use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::Principal;
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
 use chainrun_core::ports::{Analytics, AnalyticsError, Recorded, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::StepRecord;
+use chainrun_core::run::{Cause, StepRecord};
 use chainrun_core::run::{EventType, RunRecord, RunStatus};
 use chainrun_runner::{Handled, Runner, RunnerError};
 use chrono::Utc;
@@ -37,7 +38,13 @@ fn setup_with(scripts: Vec<Script>, analytics: Option<Arc<dyn Analytics>>) -> Se
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
     let memory = Arc::new(MemoryAnalytics::new());
-    let runner = Arc::new(Runner { store: store.clone(), engine, dispatcher: dispatcher.clone(), analytics: analytics.unwrap_or(memory.clone()) });
+    let runner = Arc::new(Runner {
+        store: store.clone(),
+        engine,
+        dispatcher: dispatcher.clone(),
+        analytics: analytics.unwrap_or(memory.clone()),
+        durability: Durability::default(),
+    });
     Setup { runner, model, store, progress, dispatcher, analytics: memory }
 }
 
@@ -53,7 +60,7 @@ async fn a_duplicate_delivery_runs_each_model_call_once() {
     let s = setup(vec![Script::reply("SLOW", "done").with_latency(Duration::from_secs(5))]);
     let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "SLOW" }])).await;
     let deadline = Utc::now() + chrono::Duration::minutes(15);
-    let event = || RunnerEvent { run_id: run.id.clone() };
+    let event = || RunnerEvent::new(run.id.clone(), Cause::Start);
     // Two deliveries of the same event at once, then a third after the run finished.
     let (first, second) = tokio::join!(
         s.runner.handle(event(), "inv-1", deadline, Duration::from_secs(90)),
@@ -79,14 +86,14 @@ async fn a_run_near_the_deadline_is_suspended_and_dispatched_again() {
     // 120 s left: the margin is min(90 s, 120 s / 4) = 30 s. `one` starts, and when it ends
     // (t = 100 s) only 20 s are left, so `two` is not started.
     let deadline = Utc::now() + chrono::Duration::seconds(120);
-    let handled = s.runner.handle(RunnerEvent { run_id: run.id.clone() }, "inv-1", deadline, Duration::from_secs(90)).await.unwrap();
+    let handled = s.runner.handle(RunnerEvent::new(run.id.clone(), Cause::Start), "inv-1", deadline, Duration::from_secs(90)).await.unwrap();
     assert_eq!(handled, Handled::Suspended);
     assert_eq!(s.dispatcher.dispatched(), vec![run.id.clone()]);
     assert_eq!(s.model.calls_matching("TWO"), 0);
     // The re-dispatched invocation picks up where the first stopped.
     let handled = s
         .runner
-        .handle(RunnerEvent { run_id: run.id.clone() }, "inv-2", Utc::now() + chrono::Duration::minutes(15), Duration::from_secs(90))
+        .handle(RunnerEvent::new(run.id.clone(), Cause::Start), "inv-2", Utc::now() + chrono::Duration::minutes(15), Duration::from_secs(90))
         .await
         .unwrap();
     assert_eq!(handled, Handled::Finished(RunStatus::Completed));
@@ -100,7 +107,7 @@ async fn a_short_invocation_still_makes_progress() {
     let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "QUICK" }])).await;
     let handled = s
         .runner
-        .handle(RunnerEvent { run_id: run.id.clone() }, "inv-1", Utc::now() + chrono::Duration::seconds(20), Duration::from_secs(90))
+        .handle(RunnerEvent::new(run.id.clone(), Cause::Start), "inv-1", Utc::now() + chrono::Duration::seconds(20), Duration::from_secs(90))
         .await
         .unwrap();
     assert_eq!(handled, Handled::Finished(RunStatus::Completed));
@@ -111,7 +118,12 @@ async fn an_unknown_run_is_acknowledged_not_retried() {
     let s = setup(vec![]);
     let handled = s
         .runner
-        .handle(RunnerEvent { run_id: chainrun_core::ids::RunId::new() }, "inv", Utc::now() + chrono::Duration::minutes(1), Duration::from_secs(5))
+        .handle(
+            RunnerEvent::new(chainrun_core::ids::RunId::new(), Cause::Start),
+            "inv",
+            Utc::now() + chrono::Duration::minutes(1),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
     assert_eq!(handled, Handled::UnknownRun);
@@ -122,7 +134,7 @@ async fn a_deadline_in_the_past_is_treated_as_unknown_so_the_lease_stays_live() 
     let s = setup(vec![Script::reply("WORK", "ok").with_latency(Duration::from_secs(5))]);
     let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "WORK" }])).await;
     let bogus = chrono::DateTime::from_timestamp_millis(695_605).unwrap();
-    let event = || RunnerEvent { run_id: run.id.clone() };
+    let event = || RunnerEvent::new(run.id.clone(), Cause::Start);
     let (first, second) = tokio::join!(
         s.runner.handle(event(), "inv-1", bogus, Duration::from_secs(90)),
         s.runner.handle(event(), "inv-2", bogus, Duration::from_secs(90))
@@ -142,7 +154,9 @@ async fn a_runner_whose_lease_was_taken_over_stops_without_an_error() {
     let first = tokio::spawn({
         let runner = s.runner.clone();
         let id = id.clone();
-        async move { runner.handle(RunnerEvent { run_id: id }, "inv-1", Utc::now() + chrono::Duration::minutes(15), Duration::from_secs(90)).await }
+        async move {
+            runner.handle(RunnerEvent::new(id, Cause::Start), "inv-1", Utc::now() + chrono::Duration::minutes(15), Duration::from_secs(90)).await
+        }
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Another runner takes the run over as if the first one's lease had expired.
@@ -176,7 +190,7 @@ async fn a_finished_run_is_rolled_up_once_however_often_it_is_delivered() {
     let s = setup(vec![Script::reply("COUNT", "ok").with_usage(100, 10)]);
     let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "COUNT" }])).await;
     let deadline = Utc::now() + chrono::Duration::minutes(15);
-    let event = || RunnerEvent { run_id: run.id.clone() };
+    let event = || RunnerEvent::new(run.id.clone(), Cause::Start);
     assert_eq!(s.runner.handle(event(), "inv-1", deadline, Duration::from_secs(90)).await.unwrap(), Handled::Finished(RunStatus::Completed));
     assert_eq!(s.runner.handle(event(), "inv-2", deadline, Duration::from_secs(90)).await.unwrap(), Handled::AlreadyFinished);
     let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
@@ -191,13 +205,19 @@ async fn a_rollup_that_failed_after_the_run_finished_is_completed_by_the_retried
     let s = setup_with(vec![Script::reply("LATE", "ok")], Some(Arc::new(DownAnalytics)));
     let run = queue(&s.store, json!([{ "id": "a", "type": "llm", "prompt": "LATE" }])).await;
     let deadline = Utc::now() + chrono::Duration::minutes(15);
-    let event = || RunnerEvent { run_id: run.id.clone() };
+    let event = || RunnerEvent::new(run.id.clone(), Cause::Start);
     let err = s.runner.handle(event(), "inv-1", deadline, Duration::from_secs(90)).await.unwrap_err();
     assert!(matches!(err, RunnerError::Analytics(_)) && err.retryable(), "{err}");
     assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Completed, "the run itself is done");
 
     // Lambda retries the event; the rollups are back.
-    let retry = Runner { store: s.store.clone(), engine: s.runner.engine.clone(), dispatcher: s.dispatcher.clone(), analytics: s.analytics.clone() };
+    let retry = Runner {
+        store: s.store.clone(),
+        engine: s.runner.engine.clone(),
+        dispatcher: s.dispatcher.clone(),
+        analytics: s.analytics.clone(),
+        durability: Durability::default(),
+    };
     assert_eq!(retry.handle(event(), "inv-2", deadline, Duration::from_secs(90)).await.unwrap(), Handled::AlreadyFinished);
     assert_eq!(s.model.calls_matching("LATE"), 1, "nothing ran again");
     let costs = alices_costs(s.analytics.as_ref()).await;

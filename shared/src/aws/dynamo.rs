@@ -13,6 +13,7 @@
 
 use super::dynamo_error::{defect, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
+use crate::durability::{sweep_shard, sweep_shards};
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::*;
@@ -28,6 +29,9 @@ use std::collections::HashMap;
 use tracing::{debug, instrument};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
+
+/// The runs table's sparse index of unfinished runs by when they become due.
+const SWEEP_INDEX: &str = "by-sweep";
 
 /// DynamoDB's item limit is 400 KB; stay under it with room for attribute names.
 pub(super) const MAX_ITEM_BYTES: usize = 390 * 1024;
@@ -82,6 +86,19 @@ struct RunItem {
     totals: Totals,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     step_order: Vec<StepId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    takeovers: Vec<Takeover>,
+    /// The lease (absent while queued, released or finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease_holder: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease_expires: Option<i64>,
+    /// The sweeper's index entry (`by-sweep`), present only while the run is unfinished:
+    /// when it becomes due (its lease's expiry, or the end of the queued grace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sweep_shard: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sweep_at: Option<i64>,
 }
 
 impl RunItem {
@@ -104,7 +121,18 @@ impl RunItem {
             error: run.error.clone(),
             totals: run.totals,
             step_order: run.step_order.clone(),
+            takeovers: run.takeovers.clone(),
+            lease_holder: None,
+            lease_expires: None,
+            sweep_shard: None,
+            sweep_at: None,
         }
+    }
+
+    /// The lease it holds, if any.
+    fn lease(&self) -> Option<Lease> {
+        let expires_at = DateTime::from_timestamp_millis(self.lease_expires?)?;
+        Some(Lease { holder: self.lease_holder.clone()?, expires_at })
     }
 
     /// `name` names the stored item, for errors.
@@ -123,6 +151,7 @@ impl RunItem {
             finished_at: self.finished_at,
             error: self.error,
             step_order: self.step_order,
+            takeovers: self.takeovers,
             totals: self.totals,
         })
     }
@@ -199,6 +228,8 @@ pub struct DynamoStore {
     client: Client,
     tables: Tables,
     history: HistoryPaging,
+    /// How long a queued or released run waits before the sweeper dispatches it.
+    queued_grace: chrono::Duration,
 }
 
 /// How much of a history index one `list_runs` call reads at most: `max_pages` query pages
@@ -211,7 +242,69 @@ struct HistoryPaging {
 
 impl DynamoStore {
     pub fn new(client: Client, tables: Tables) -> Self {
-        Self { client, tables, history: HistoryPaging { page_size: 100, max_pages: 5 } }
+        let queued_grace = chrono::Duration::from_std(crate::durability::Durability::default().queued_grace).unwrap_or(chrono::Duration::MAX);
+        Self { client, tables, history: HistoryPaging { page_size: 100, max_pages: 5 }, queued_grace }
+    }
+
+    /// Queued or released runs become due for the sweeper `grace` after (default 60 s).
+    pub fn with_queued_grace(mut self, grace: std::time::Duration) -> Self {
+        self.queued_grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        self
+    }
+
+    /// The run's META item as stored, lease included.
+    async fn get_meta(&self, id: &RunId) -> Result<Option<RunItem>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(store_err(&self.tables.runs))?;
+        out.item.map(|item| from_item::<RunItem>(&self.tables.runs, item)).transpose()
+    }
+
+    /// Takes over a lease that expired: conditional on it still being exactly the lease
+    /// we read, so of two runners taking over at once only one wins.
+    async fn take_over(&self, id: &RunId, lease: &Lease, expired: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError> {
+        let takeover = Takeover { from: expired.holder.clone(), expired_at: expired.expires_at, by: lease.holder.clone(), at: now };
+        let entry = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(vec![takeover])
+            .map_err(|e| StoreError::Rejected(defect(&format!("the takeover record of run {id}"), e)))?;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .update_expression(
+                "SET #holder = :holder, #expires = :expires, #sweep_at = :expires, #takeovers = list_append(if_not_exists(#takeovers, :none), :takeover)",
+            )
+            .condition_expression("#status = :running AND #holder = :old_holder AND #expires = :old_expires")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#holder", "lease_holder")
+            .expression_attribute_names("#expires", "lease_expires")
+            .expression_attribute_names("#sweep_at", "sweep_at")
+            .expression_attribute_names("#takeovers", "takeovers")
+            .expression_attribute_values(":running", s("RUNNING"))
+            .expression_attribute_values(":holder", s(&lease.holder))
+            .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
+            .expression_attribute_values(":old_holder", s(&expired.holder))
+            .expression_attribute_values(":old_expires", n(expired.expires_at.timestamp_millis()))
+            .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(":takeover", entry)
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => {
+                let item = out.attributes.ok_or_else(|| StoreError::Corrupt(format!("the takeover of run {id} returned no record")))?;
+                Ok(Claim::Acquired(Box::new(read_run(&self.tables.runs, item)?)))
+            }
+            // Another runner took it over (or renewed) between our read and this write.
+            Err(e) if is_condition_failure(&e) => Ok(Claim::HeldElsewhere),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
     }
 
     /// Changes the history read bound (default: 5 pages of 100 runs), e.g. to exercise it.
@@ -272,13 +365,21 @@ pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step
 impl RunStore for DynamoStore {
     #[instrument(skip_all, fields(run_id = %run.id))]
     async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError> {
-        let item = to_item(&RunItem::from_record(run), &format!("the record of run {}", run.id))?;
+        let mut record = RunItem::from_record(run);
+        // Due for the sweeper if nothing claims it within the grace (a lost dispatch).
+        record.sweep_shard = Some(sweep_shard(&run.id));
+        record.sweep_at = Some((run.created_at + self.queued_grace).timestamp_millis());
+        let item = to_item(&record, &format!("the record of run {}", run.id))?;
         check_size(&item, "the run (definition + input)")?;
         let result =
             self.client.put_item().table_name(&self.tables.runs).set_item(Some(item)).condition_expression("attribute_not_exists(pk)").send().await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Err(StoreError::AlreadyExists(run.id.clone())),
+            Err(e) if is_condition_failure(&e) => match self.get_run(&run.id).await? {
+                // The SDK's retry of our own write whose reply was lost: it is stored.
+                Some(stored) if stored.created_at == run.created_at && stored.caller == run.caller && stored.definition == run.definition => Ok(()),
+                _ => Err(StoreError::AlreadyExists(run.id.clone())),
+            },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
@@ -341,25 +442,29 @@ impl RunStore for DynamoStore {
 
     #[instrument(skip_all, fields(run_id = %id, holder = %lease.holder))]
     async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError> {
+        // A run nobody holds (queued, or released to continue). Our own holder is accepted
+        // too: that is the SDK's retry of this same claim after its reply was lost.
         let result = self
             .client
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso)")
-            .condition_expression(
-                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#expires) OR #expires <= :now)))",
+            .update_expression(
+                "SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso), #shard = :shard, #sweep_at = :expires",
             )
+            .condition_expression("attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#holder) OR #holder = :holder)))")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#holder", "lease_holder")
             .expression_attribute_names("#expires", "lease_expires")
             .expression_attribute_names("#started", "started_at")
+            .expression_attribute_names("#shard", "sweep_shard")
+            .expression_attribute_names("#sweep_at", "sweep_at")
             .expression_attribute_values(":running", s("RUNNING"))
             .expression_attribute_values(":queued", s("QUEUED"))
             .expression_attribute_values(":holder", s(&lease.holder))
             .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
-            .expression_attribute_values(":now", n(now.timestamp_millis()))
             .expression_attribute_values(":now_iso", s(stored_instant(&now)))
+            .expression_attribute_values(":shard", s(sweep_shard(id)))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
@@ -368,13 +473,78 @@ impl RunStore for DynamoStore {
                 let item = out.attributes.ok_or_else(|| StoreError::Corrupt(format!("the claim of run {id} returned no record")))?;
                 Ok(Claim::Acquired(Box::new(read_run(&self.tables.runs, item)?)))
             }
-            Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {
-                None => Claim::NotFound,
-                Some(run) if run.status.is_terminal() => Claim::Finished,
-                Some(_) => Claim::HeldElsewhere,
-            }),
+            Err(e) if is_condition_failure(&e) => {
+                let Some(stored) = self.get_meta(id).await? else { return Ok(Claim::NotFound) };
+                if stored.status.is_terminal() {
+                    return Ok(Claim::Finished);
+                }
+                match stored.lease() {
+                    // Live until the instant it expires, to the millisecond (as stored).
+                    Some(held) if held.expires_at.timestamp_millis() <= now.timestamp_millis() => self.take_over(id, lease, &held, now).await,
+                    _ => Ok(Claim::HeldElsewhere),
+                }
+            }
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
+    }
+
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .update_expression("SET #expires = :expires, #sweep_at = :expires")
+            .condition_expression("#holder = :holder")
+            .expression_attribute_names("#holder", "lease_holder")
+            .expression_attribute_names("#expires", "lease_expires")
+            .expression_attribute_names("#sweep_at", "sweep_at")
+            .expression_attribute_values(":holder", s(&lease.holder))
+            .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+
+    async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {
+        let mut due = Vec::new();
+        for shard in sweep_shards() {
+            let mut start = None;
+            while due.len() < limit {
+                let out = self
+                    .client
+                    .query()
+                    .table_name(&self.tables.runs)
+                    .index_name(SWEEP_INDEX)
+                    .key_condition_expression("#shard = :shard AND #sweep_at <= :now")
+                    .expression_attribute_names("#shard", "sweep_shard")
+                    .expression_attribute_names("#sweep_at", "sweep_at")
+                    .expression_attribute_values(":shard", s(&shard))
+                    .expression_attribute_values(":now", n(now.timestamp_millis()))
+                    .limit(i32::try_from(limit - due.len()).unwrap_or(i32::MAX))
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(store_err(&self.tables.runs))?;
+                for item in out.items.unwrap_or_default() {
+                    let pk = item.get("pk").and_then(|v| v.as_s().ok()).map(String::as_str).unwrap_or_default();
+                    let id = pk.strip_prefix("RUN#").and_then(|raw| RunId::parse(raw).ok());
+                    let id = id.ok_or_else(|| {
+                        StoreError::Corrupt(format!("{}: index {SWEEP_INDEX} holds a key {pk:?} that is not a run", self.tables.runs))
+                    })?;
+                    due.push(id);
+                }
+                match out.last_evaluated_key {
+                    Some(k) => start = Some(k),
+                    None => break,
+                }
+            }
+        }
+        Ok(due)
     }
 
     #[instrument(skip_all, fields(run_id = %id, step_id = %step.step_id))]
@@ -408,7 +578,7 @@ impl RunStore for DynamoStore {
         // DynamoDB reserved words. The record ends up with exactly the output and error
         // given: an absent one is removed, as the in-memory store replaces it.
         let mut set = vec!["#status = :status", "#finished = :finished", "#totals = :totals"];
-        let mut remove = vec!["lease_holder", "lease_expires"];
+        let mut remove = vec!["lease_holder", "lease_expires", "sweep_shard", "sweep_at"];
         update = update
             .expression_attribute_names("#finished", "finished_at")
             .expression_attribute_names("#totals", "totals")
@@ -441,7 +611,16 @@ impl RunStore for DynamoStore {
         let expression = format!("SET {} REMOVE {}", set.join(", "), remove.join(", "));
         match update.update_expression(expression).send().await {
             Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(run.id.clone())),
+            Err(e) if is_condition_failure(&e) => match self.get_run(&run.id).await? {
+                // The SDK's retry of our own update whose reply was lost: the end is stored.
+                Some(stored)
+                    if stored.status == run.status
+                        && stored.finished_at.map(|t| t.timestamp_millis()) == run.finished_at.map(|t| t.timestamp_millis()) =>
+                {
+                    Ok(())
+                }
+                _ => Err(StoreError::LeaseLost(run.id.clone())),
+            },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
@@ -452,14 +631,20 @@ impl RunStore for DynamoStore {
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("REMOVE lease_holder, lease_expires")
+            .update_expression("SET #sweep_at = :due REMOVE lease_holder, lease_expires")
             .condition_expression("lease_holder = :holder")
+            .expression_attribute_names("#sweep_at", "sweep_at")
             .expression_attribute_values(":holder", s(&lease.holder))
+            .expression_attribute_values(":due", n((Utc::now() + self.queued_grace).timestamp_millis()))
             .send()
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Err(e) if is_condition_failure(&e) => match self.get_meta(id).await? {
+                // The SDK's retry of our own release whose reply was lost.
+                Some(stored) if stored.lease_holder.is_none() && !stored.status.is_terminal() => Ok(()),
+                _ => Err(StoreError::LeaseLost(id.clone())),
+            },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }

@@ -1,7 +1,6 @@
 //! [`Dispatcher`] over Lambda's asynchronous invoke.
 
 use super::{describe, transient};
-use crate::ids::RunId;
 use crate::ports::{DispatchError, Dispatcher};
 use async_trait::async_trait;
 use aws_sdk_lambda::Client;
@@ -25,13 +24,10 @@ impl LambdaDispatcher {
 
 #[async_trait]
 impl Dispatcher for LambdaDispatcher {
-    #[instrument(skip_all, fields(run_id = %run, function = %self.function))]
-    async fn dispatch(&self, run: &RunId) -> Result<(), DispatchError> {
-        let payload = serde_json::to_vec(&RunnerEvent { run_id: run.clone() }).map_err(|e| DispatchError {
-            run: run.clone(),
-            message: e.to_string(),
-            retryable: false,
-        })?;
+    #[instrument(skip_all, fields(run_id = %event.run_id, cause = ?event.cause, function = %self.function))]
+    async fn dispatch(&self, event: &RunnerEvent) -> Result<(), DispatchError> {
+        let run = &event.run_id;
+        let payload = serde_json::to_vec(event).map_err(|e| DispatchError { run: run.clone(), message: e.to_string(), retryable: false })?;
         let result =
             self.client.invoke().function_name(&self.function).invocation_type(InvocationType::Event).payload(Blob::new(payload)).send().await;
         match result {

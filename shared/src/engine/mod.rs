@@ -30,13 +30,15 @@ mod transform;
 use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
 use crate::graph::ValidatedGraph;
+use crate::ids::StepId;
 use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
+use crate::run::Cause;
 use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
 use crate::spend::DailyCaps;
 use crate::wire::TotalsView;
-use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, RunStarted, StepSkipped};
+use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, RunResumed, RunStarted, RunSuspended, StepCancelled, StepSkipped};
 use chrono::Utc;
 use daily::OwnerCap;
 use journal::Journal;
@@ -49,6 +51,15 @@ use step::{Inputs, StepContext, run_output};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Checkpoints a step that will not run as `CANCELLED`, with the event that says why.
+async fn cancel(journal: &Journal, id: StepId, reason: &str) -> Result<StepRecord, EngineError> {
+    let record = StepRecord::settled(id, StepStatus::Cancelled, None, Utc::now());
+    let body = EventBody::StepCancelled(StepCancelled { reason: reason.to_owned() });
+    journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
+    debug!(step_id = %record.step_id, reason, "step cancelled");
+    Ok(record)
+}
 
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
@@ -133,6 +144,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Per-owner daily spend caps and the counters they are checked against.
     daily: Option<(Arc<dyn DailySpend>, Arc<DailyCaps>)>,
+    /// Why this invocation has the run; shown when it resumes one.
+    cause: Cause,
 }
 
 impl Engine {
@@ -143,7 +156,7 @@ impl Engine {
         models: Arc<ModelRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self { model, store, sink, models, config, daily: None }
+        Self { model, store, sink, models, config, daily: None, cause: Cause::Start }
     }
 
     /// The same engine, also checking every model call against its run's caller's daily
@@ -158,6 +171,41 @@ impl Engine {
     pub fn with_deadline_margin(mut self, margin: Duration) -> Self {
         self.config.deadline_margin = margin;
         self
+    }
+
+    /// The same engine for an invocation that got the run for `cause`.
+    pub fn with_cause(mut self, cause: Cause) -> Self {
+        self.cause = cause;
+        self
+    }
+
+    /// Ends a run this runner has claimed `RUN_FAILED` with `error`, without running
+    /// anything: its unsettled steps are cancelled and its totals are what its checkpoints
+    /// spent. For a run that cannot go on (its runners keep dying, its data cannot be
+    /// stored or read).
+    pub async fn fail_run(&self, mut run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
+        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
+        async move {
+            let saved = self.store.get_steps(&run.id).await?;
+            let settled: Vec<Option<StepRecord>> = saved.into_iter().filter(|r| r.status.is_settled()).map(Some).collect();
+            let last_seq = self.sink.last_seq(&run.id).await?;
+            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &settled, BudgetLimits::UNLIMITED);
+            let done: Vec<&str> = settled.iter().flatten().map(|r| r.step_id.as_str()).collect();
+            let reason = format!("the run failed: {}", error.code);
+            // Records stored before the step order was kept name their steps only in the definition.
+            let order = match run.step_order.is_empty() {
+                true => {
+                    crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits).map(|g| g.step_order()).unwrap_or_default()
+                }
+                false => run.step_order.clone(),
+            };
+            for id in order.into_iter().filter(|id| !done.contains(&id.as_str())) {
+                cancel(&journal, id, &reason).await?;
+            }
+            self.finish(&mut run, lease, &journal, RunStatus::Failed, None, Some(error)).await
+        }
+        .instrument(span)
+        .await
     }
 
     /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
@@ -193,7 +241,12 @@ impl Engine {
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
             } else {
-                info!(resumed_steps = records.iter().flatten().count(), last_seq, "resuming run");
+                let settled_steps = records.iter().flatten().count();
+                // The store appended a takeover to the record if this claim was one.
+                let takeover = run.takeovers.last().filter(|t| t.by == lease.holder).cloned();
+                info!(settled_steps, last_seq, cause = ?self.cause, takeover = takeover.is_some(), "resuming run");
+                let body = RunResumed { cause: self.cause, settled_steps, takeover, takeovers: run.takeovers.len() };
+                journal.emit(EventBody::RunResumed(body), None, None).await?;
             }
             let owner_cap = self.daily.as_ref().and_then(|(spend, caps)| {
                 caps.cap_for(run.caller.as_str()).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.to_string(), cap })
@@ -261,23 +314,21 @@ impl Engine {
             let mut records = schedule.into_records();
 
             if let Some((i, error)) = failure {
-                let mut cancelled = Vec::new();
+                let reason = format!("step {} failed", graph.steps()[i].id);
                 for (slot, step) in records.iter_mut().zip(graph.steps()) {
                     if slot.is_none() {
-                        let record = StepRecord::settled(step.id.clone(), StepStatus::Cancelled, None, Utc::now());
-                        self.store.save_step(&run.id, &lease, &record).await?;
-                        cancelled.push(record.step_id.to_string());
-                        *slot = Some(Arc::new(record));
+                        *slot = Some(Arc::new(cancel(&journal, step.id.clone(), &reason).await?));
                     }
                 }
                 let message = format!("step {} failed: {}", graph.steps()[i].id, error.message);
                 let error = ErrorInfo { message, ..error };
-                debug!(?cancelled, "cancelled unstarted steps");
                 return self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
             }
-            if records.iter().any(Option::is_none) {
+            let settled_steps = records.iter().flatten().count();
+            if settled_steps < records.len() {
+                journal.emit(EventBody::RunSuspended(RunSuspended { settled_steps, steps: records.len() }), None, None).await?;
                 self.store.release(&run.id, &lease).await?;
-                info!("suspended before the deadline; checkpoints saved");
+                info!(settled_steps, "suspended before the deadline; checkpoints saved");
                 return Ok(Outcome::Suspended);
             }
             match run_output(&input, &graph, &records) {

@@ -8,7 +8,7 @@ use super::money::{Cost, Money};
 use super::{StepDetail, TotalsView, UsageView};
 use crate::codes::ErrorCode;
 use crate::ids::{ModelId, RunId, StepId, WorkflowName};
-use crate::run::{ErrorInfo, EventType};
+use crate::run::{Cause, ErrorInfo, EventType, Takeover};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -20,12 +20,15 @@ use serde_json::Value;
 #[serde(tag = "type", content = "data", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventBody {
     RunStarted(RunStarted),
+    RunResumed(RunResumed),
+    RunSuspended(RunSuspended),
     StepStarted(StepStarted),
     Streaming(Streaming),
     StepRetrying(StepRetrying),
     StepSkipped(StepSkipped),
     StepCompleted(StepCompleted),
     StepFailed(StepFailed),
+    StepCancelled(StepCancelled),
     RunCompleted(RunCompleted),
     RunFailed(RunFailed),
     RunCancelled(RunCancelled),
@@ -35,12 +38,15 @@ impl EventBody {
     pub fn kind(&self) -> EventType {
         match self {
             EventBody::RunStarted(_) => EventType::RunStarted,
+            EventBody::RunResumed(_) => EventType::RunResumed,
+            EventBody::RunSuspended(_) => EventType::RunSuspended,
             EventBody::StepStarted(_) => EventType::StepStarted,
             EventBody::Streaming(_) => EventType::Streaming,
             EventBody::StepRetrying(_) => EventType::StepRetrying,
             EventBody::StepSkipped(_) => EventType::StepSkipped,
             EventBody::StepCompleted(_) => EventType::StepCompleted,
             EventBody::StepFailed(_) => EventType::StepFailed,
+            EventBody::StepCancelled(_) => EventType::StepCancelled,
             EventBody::RunCompleted(_) => EventType::RunCompleted,
             EventBody::RunFailed(_) => EventType::RunFailed,
             EventBody::RunCancelled(_) => EventType::RunCancelled,
@@ -51,12 +57,15 @@ impl EventBody {
     pub fn data(&self) -> Value {
         let data = match self {
             EventBody::RunStarted(d) => serde_json::to_value(d),
+            EventBody::RunResumed(d) => serde_json::to_value(d),
+            EventBody::RunSuspended(d) => serde_json::to_value(d),
             EventBody::StepStarted(d) => serde_json::to_value(d),
             EventBody::Streaming(d) => serde_json::to_value(d),
             EventBody::StepRetrying(d) => serde_json::to_value(d),
             EventBody::StepSkipped(d) => serde_json::to_value(d),
             EventBody::StepCompleted(d) => serde_json::to_value(d),
             EventBody::StepFailed(d) => serde_json::to_value(d),
+            EventBody::StepCancelled(d) => serde_json::to_value(d),
             EventBody::RunCompleted(d) => serde_json::to_value(d),
             EventBody::RunFailed(d) => serde_json::to_value(d),
             EventBody::RunCancelled(d) => serde_json::to_value(d),
@@ -71,6 +80,37 @@ pub struct RunStarted {
     pub workflow: WorkflowName,
     /// How many steps the workflow has.
     pub steps: usize,
+}
+
+/// A runner picked the run up again: after a suspension, a takeover, or a lost dispatch.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunResumed {
+    /// Who handed the run over: `continue` (the runner itself, after suspending), `sweep`
+    /// (the sweeper), `dead_letter`, or `start` (a redelivery of the first dispatch).
+    pub cause: Cause,
+    /// Steps already settled, which do not run again.
+    pub settled_steps: usize,
+    /// Set when the previous runner stopped renewing its lease (it crashed, timed out or
+    /// stalled) and this one took the run over.
+    pub takeover: Option<Takeover>,
+    /// Takeovers so far, this one included.
+    pub takeovers: usize,
+}
+
+/// The invocation's deadline came near: settled steps are checkpointed and the run is
+/// handed to a fresh invocation (`RUN_RESUMED` follows).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RunSuspended {
+    /// Steps settled so far, of all.
+    pub settled_steps: usize,
+    pub steps: usize,
+}
+
+/// A step that will not run because the run ended first (a required step failed, or the run
+/// failed or was cancelled).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepCancelled {
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

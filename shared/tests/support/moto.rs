@@ -87,7 +87,7 @@ pub async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Result<Tables, 
                 GlobalSecondaryIndex::builder()
                     .index_name(text(&g["name"])?)
                     .set_key_schema(Some(key(&text(&g["hash"])?, &text(&g["range"])?)?))
-                    .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                    .projection(Projection::builder().projection_type(ProjectionType::from(g["projection"].as_str().unwrap_or("ALL"))).build())
                     .build()?,
             );
         }
