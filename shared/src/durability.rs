@@ -15,7 +15,23 @@
 
 use crate::config::{ConfigError, Source};
 use crate::ids::RunId;
+use chrono::{DateTime, Utc};
 use std::time::Duration;
+
+/// Where lease times come from: the system clock in functions; tests drive a paused one
+/// ([`crate::memory::PausedClock`]). Leases are compared across processes, so they are
+/// wall-clock times.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durability {

@@ -370,6 +370,27 @@ impl DailySpend for MemoryDailySpend {
     }
 }
 
+// ---------------------------------------------------------------- clock
+
+/// Wall-clock time that advances with tokio's clock, so tests in paused time can let a
+/// lease expire: the instant it was made, plus tokio time elapsed since.
+pub struct PausedClock {
+    start: DateTime<Utc>,
+    at: tokio::time::Instant,
+}
+
+impl Default for PausedClock {
+    fn default() -> Self {
+        Self { start: Utc::now(), at: tokio::time::Instant::now() }
+    }
+}
+
+impl crate::durability::Clock for PausedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.start + chrono::Duration::from_std(self.at.elapsed()).unwrap_or_default()
+    }
+}
+
 // ---------------------------------------------------------------- dispatch
 
 /// Records dispatched events; a test drives the runner with them.

@@ -21,7 +21,7 @@
 
 use chainrun_core::codes::ErrorCode;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
-use chainrun_core::durability::Durability;
+use chainrun_core::durability::{Clock, Durability};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
 use chainrun_core::ids::RunId;
 use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
@@ -105,6 +105,8 @@ pub struct Runner {
     pub dispatcher: Arc<dyn Dispatcher>,
     pub analytics: Arc<dyn Analytics>,
     pub durability: Durability,
+    /// Lease times (the system clock outside tests).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Runner {
@@ -114,7 +116,7 @@ impl Runner {
     /// it); a terminal error ends the run `RUN_FAILED` and the delivery succeeds.
     pub async fn handle(&self, event: RunnerEvent, invocation: &str, deadline: DateTime<Utc>, margin: Duration) -> Result<Handled, RunnerError> {
         let RunnerEvent { run_id, cause } = event;
-        let now = Utc::now();
+        let now = self.clock.now();
         let deadline = if deadline > now {
             deadline
         } else {
@@ -158,7 +160,7 @@ impl Runner {
         let heartbeat = self.heartbeat(&run_id, &lease);
         let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause);
         let outcome = engine.execute(run.clone(), lease.clone(), Some(deadline_instant)).await;
-        heartbeat.abort();
+        drop(heartbeat);
         match outcome {
             Ok(Outcome::Finished(status)) => {
                 self.roll_up(&run_id).await?;
@@ -196,17 +198,17 @@ impl Runner {
         chrono::Duration::from_std(self.durability.lease).unwrap_or(chrono::Duration::seconds(30))
     }
 
-    /// Renews the lease every heartbeat until aborted (or the lease is lost, which the
+    /// Renews the lease every heartbeat until dropped (or the lease is lost, which the
     /// engine's next fenced write then reports).
-    fn heartbeat(&self, run_id: &RunId, lease: &Lease) -> tokio::task::JoinHandle<()> {
-        let (store, run_id, holder) = (self.store.clone(), run_id.clone(), lease.holder.clone());
+    fn heartbeat(&self, run_id: &RunId, lease: &Lease) -> Heartbeat {
+        let (store, clock, run_id, holder) = (self.store.clone(), self.clock.clone(), run_id.clone(), lease.holder.clone());
         let (every, length) = (self.durability.heartbeat, self.lease_length());
-        tokio::spawn(async move {
+        Heartbeat(tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                let renewed = Lease { holder: holder.clone(), expires_at: Utc::now() + length };
+                let renewed = Lease { holder: holder.clone(), expires_at: clock.now() + length };
                 match store.renew(&run_id, &renewed).await {
                     Ok(()) => debug!(run_id = %run_id, expires_at = %renewed.expires_at, "lease renewed"),
                     Err(StoreError::LeaseLost(_)) => {
@@ -217,7 +219,7 @@ impl Runner {
                     Err(e) => warn!(run_id = %run_id, error = %e, "lease renewal failed"),
                 }
             }
-        })
+        }))
     }
 
     /// Ends the run `RUN_FAILED` with `error`. A run whose failure cannot be recorded
@@ -250,6 +252,16 @@ impl Runner {
         let recorded = self.analytics.record_run(&run, &steps).await?;
         info!(run_id = %run_id, added = recorded.added, already = recorded.already, cost_pico = run.totals.cost.pico(), "run rolled up");
         Ok(())
+    }
+}
+
+/// The task renewing a lease; it stops when this is dropped, however the invocation's work
+/// ends (a panic included), so a lease is only renewed while its holder works.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

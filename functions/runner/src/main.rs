@@ -5,6 +5,7 @@ use chainrun_core::aws::{
     lambda_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
+use chainrun_core::durability::SystemClock;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_runner::{Runner, RunnerConfig, RunnerError};
 use lambda_runtime::{LambdaEvent, service_fn};
@@ -27,7 +28,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
         .with_daily_caps(daily_spend, config.core.daily_caps.clone());
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
-    let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.durability });
+    let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.durability, clock: Arc::new(SystemClock) });
     let margin = config.deadline_margin;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<RunnerEvent>| {
         let runner = runner.clone();

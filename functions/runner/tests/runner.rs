@@ -3,7 +3,7 @@
 
 use chainrun_core::analytics::WorkflowCosts;
 use chainrun_core::aws::RunnerEvent;
-use chainrun_core::durability::Durability;
+use chainrun_core::durability::{Durability, SystemClock};
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::Principal;
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
@@ -44,6 +44,7 @@ fn setup_with(scripts: Vec<Script>, analytics: Option<Arc<dyn Analytics>>) -> Se
         dispatcher: dispatcher.clone(),
         analytics: analytics.unwrap_or(memory.clone()),
         durability: Durability::default(),
+        clock: Arc::new(SystemClock),
     });
     Setup { runner, model, store, progress, dispatcher, analytics: memory }
 }
@@ -217,6 +218,7 @@ async fn a_rollup_that_failed_after_the_run_finished_is_completed_by_the_retried
         dispatcher: s.dispatcher.clone(),
         analytics: s.analytics.clone(),
         durability: Durability::default(),
+        clock: Arc::new(SystemClock),
     };
     assert_eq!(retry.handle(event(), "inv-2", deadline, Duration::from_secs(90)).await.unwrap(), Handled::AlreadyFinished);
     assert_eq!(s.model.calls_matching("LATE"), 1, "nothing ran again");
