@@ -1,6 +1,7 @@
 //! Configuration read once, at cold start, from the environment into typed values.
 //! A missing or malformed variable fails the start with a message naming it.
 
+use crate::durability::Durability;
 use crate::pricing::{ModelRegistry, PricingError};
 use crate::spend::DailyCaps;
 use std::collections::HashMap;
@@ -68,6 +69,8 @@ pub struct CoreConfig {
     /// `CHAINRUN_OWNER_DAILY_CAPS` (JSON, user id → dollars) for some. Neither: no cap.
     /// The runner enforces them; the API reports them.
     pub daily_caps: DailyCaps,
+    /// Leases, the queued grace and the takeover bound (see [`crate::durability`]).
+    pub durability: Durability,
 }
 
 impl CoreConfig {
@@ -89,7 +92,8 @@ impl CoreConfig {
         DailyCaps::parse(default.as_deref(), None).map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAP_USD", reason })?;
         let daily_caps = DailyCaps::parse(default.as_deref(), env.get("CHAINRUN_OWNER_DAILY_CAPS").as_deref())
             .map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAPS", reason })?;
-        Ok(Self { tables, retention_days, models, daily_caps })
+        let durability = Durability::from_source(env)?;
+        Ok(Self { tables, retention_days, models, daily_caps, durability })
     }
 }
 

@@ -118,11 +118,19 @@ pub struct RunnerEvent {
     /// Why the run was handed over; shown in the event that resumes it.
     #[serde(default)]
     pub cause: Cause,
+    /// How often the dead-letter consumer has handed this run over again after Lambda gave
+    /// up on a delivery; bounds that loop.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redeliveries: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl RunnerEvent {
     pub fn new(run_id: RunId, cause: Cause) -> Self {
-        Self { run_id, cause }
+        Self { run_id, cause, redeliveries: 0 }
     }
 }
 

@@ -14,7 +14,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
     let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
-    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
+    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()).with_queued_grace(config.core.durability.queued_grace));
     let state = AppState {
         store: store.clone(),
         progress,

@@ -38,7 +38,6 @@ pub struct RunnerConfig {
     /// The function's own name, for re-dispatching a suspended run (set by Lambda).
     pub self_function: String,
     pub deadline_margin: Duration,
-    pub durability: Durability,
 }
 
 impl RunnerConfig {
@@ -47,7 +46,6 @@ impl RunnerConfig {
             core: CoreConfig::from_source(env)?,
             self_function: env.required("AWS_LAMBDA_FUNCTION_NAME")?,
             deadline_margin: Duration::from_secs(env.parsed("CHAINRUN_DEADLINE_MARGIN_SECS", 90u64)?),
-            durability: Durability::from_source(env)?,
         })
     }
 }
@@ -115,7 +113,7 @@ impl Runner {
     /// Returns an error only when a retry of this delivery can succeed (Lambda retries
     /// it); a terminal error ends the run `RUN_FAILED` and the delivery succeeds.
     pub async fn handle(&self, event: RunnerEvent, invocation: &str, deadline: DateTime<Utc>, margin: Duration) -> Result<Handled, RunnerError> {
-        let RunnerEvent { run_id, cause } = event;
+        let RunnerEvent { run_id, cause, .. } = event;
         let now = self.clock.now();
         let deadline = if deadline > now {
             deadline

@@ -20,7 +20,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let config = RunnerConfig::from_source(&ProcessEnv)?;
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
-    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()));
+    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()).with_queued_grace(config.core.durability.queued_grace));
     let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
     let analytics = Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone()));
     let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone()));
@@ -28,7 +28,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
         .with_daily_caps(daily_spend, config.core.daily_caps.clone());
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
-    let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.durability, clock: Arc::new(SystemClock) });
+    let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.core.durability, clock: Arc::new(SystemClock) });
     let margin = config.deadline_margin;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<RunnerEvent>| {
         let runner = runner.clone();

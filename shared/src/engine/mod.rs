@@ -4,7 +4,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | the entry ([`Engine::execute`]), the run loop and how a run ends ([`Outcome`]) |
+//! | `mod.rs` | the entry ([`Engine::execute`]) and the run loop |
+//! | [`end`] | how a run ends ([`Outcome`]): finished, failed without running (lost runners, store errors), cancelled steps |
 //! | [`schedule`] | pure dataflow decisions: what is ready, what is skipped, joins and routes |
 //! | [`journal`] | the run's event log writer: gap-free `seq`, owners' rows, the budget ledger |
 //! | `step` | one step: announce, run its kind, checkpoint, announce the result |
@@ -19,6 +20,7 @@
 //! checkpoints and never re-runs a completed step.
 
 mod daily;
+pub mod end;
 pub mod journal;
 mod llm;
 mod map;
@@ -30,36 +32,24 @@ mod transform;
 use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
 use crate::graph::ValidatedGraph;
-use crate::ids::StepId;
 use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
 use crate::run::Cause;
 use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
 use crate::spend::DailyCaps;
-use crate::wire::TotalsView;
-use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, RunResumed, RunStarted, RunSuspended, StepCancelled, StepSkipped};
+use crate::wire::events::{EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
 use chrono::Utc;
 use daily::OwnerCap;
 use journal::Journal;
 use schedule::{Decision, Schedule};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use step::{Inputs, StepContext, run_output};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
-
-/// Checkpoints a step that will not run as `CANCELLED`, with the event that says why.
-async fn cancel(journal: &Journal, id: StepId, reason: &str) -> Result<StepRecord, EngineError> {
-    let record = StepRecord::settled(id, StepStatus::Cancelled, None, Utc::now());
-    let body = EventBody::StepCancelled(StepCancelled { reason: reason.to_owned() });
-    journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
-    debug!(step_id = %record.step_id, reason, "step cancelled");
-    Ok(record)
-}
+use tracing::{Instrument, info, info_span, warn};
 
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
@@ -180,32 +170,10 @@ impl Engine {
     }
 
     /// Ends a run this runner has claimed `RUN_FAILED` with `error`, without running
-    /// anything: its unsettled steps are cancelled and its totals are what its checkpoints
-    /// spent. For a run that cannot go on (its runners keep dying, its data cannot be
-    /// stored or read).
-    pub async fn fail_run(&self, mut run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
-        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
-        async move {
-            let saved = self.store.get_steps(&run.id).await?;
-            let settled: Vec<Option<StepRecord>> = saved.into_iter().filter(|r| r.status.is_settled()).map(Some).collect();
-            let last_seq = self.sink.last_seq(&run.id).await?;
-            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &settled, BudgetLimits::UNLIMITED);
-            let done: Vec<&str> = settled.iter().flatten().map(|r| r.step_id.as_str()).collect();
-            let reason = format!("the run failed: {}", error.code);
-            // Records stored before the step order was kept name their steps only in the definition.
-            let order = match run.step_order.is_empty() {
-                true => {
-                    crate::graph::validate_json_with(&run.definition, &self.models, self.config.limits).map(|g| g.step_order()).unwrap_or_default()
-                }
-                false => run.step_order.clone(),
-            };
-            for id in order.into_iter().filter(|id| !done.contains(&id.as_str())) {
-                cancel(&journal, id, &reason).await?;
-            }
-            self.finish(&mut run, lease, &journal, RunStatus::Failed, None, Some(error)).await
-        }
-        .instrument(span)
-        .await
+    /// anything (see [`end::fail_run`]).
+    pub async fn fail_run(&self, run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
+        let ender = end::Ender { store: self.store.clone(), sink: self.sink.clone(), models: self.models.clone(), limits: self.config.limits };
+        ender.fail_run(run, lease, error).await
     }
 
     /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
@@ -218,7 +186,7 @@ impl Engine {
                 let error = ErrorInfo::terminal(ErrorCode::InvalidWorkflow, invalid.to_string());
                 let last_seq = self.sink.last_seq(&run.id).await?;
                 let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &[], BudgetLimits::UNLIMITED);
-                self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
+                end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
             }
         }
     }
@@ -317,12 +285,12 @@ impl Engine {
                 let reason = format!("step {} failed", graph.steps()[i].id);
                 for (slot, step) in records.iter_mut().zip(graph.steps()) {
                     if slot.is_none() {
-                        *slot = Some(Arc::new(cancel(&journal, step.id.clone(), &reason).await?));
+                        *slot = Some(Arc::new(end::cancel(&journal, step.id.clone(), &reason).await?));
                     }
                 }
                 let message = format!("step {} failed: {}", graph.steps()[i].id, error.message);
                 let error = ErrorInfo { message, ..error };
-                return self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
+                return end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
             }
             let settled_steps = records.iter().flatten().count();
             if settled_steps < records.len() {
@@ -332,10 +300,10 @@ impl Engine {
                 return Ok(Outcome::Suspended);
             }
             match run_output(&input, &graph, &records) {
-                Ok(output) => self.finish(&mut run, &lease, &journal, RunStatus::Completed, Some(output), None).await,
+                Ok(output) => end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Completed, Some(output), None).await,
                 Err(e) => {
                     let error = ErrorInfo::terminal(ErrorCode::OutputTemplate, format!("the workflow output template failed: {e}"));
-                    self.finish(&mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
+                    end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
                 }
             }
         }
@@ -355,42 +323,5 @@ impl Engine {
             }
         }
         Ok(records)
-    }
-
-    async fn finish(
-        &self,
-        run: &mut RunRecord,
-        lease: &Lease,
-        journal: &Journal,
-        status: RunStatus,
-        output: Option<Value>,
-        error: Option<ErrorInfo>,
-    ) -> Result<Outcome, EngineError> {
-        run.status = status;
-        run.finished_at = Some(Utc::now());
-        run.totals = journal.totals().await;
-        let open = journal.open_reservations();
-        if open > 0 {
-            // Only a step task that panicked mid-call leaves one; the spend it held is unknown.
-            warn!(open, "budget reservations still held at the end of the run");
-        }
-        run.output = output;
-        run.error = error;
-        // The store is the source of truth: record the end first, then announce it.
-        self.store.finish_run(run, lease).await?;
-        let totals = TotalsView::from(&run.totals);
-        let body = match status {
-            RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
-            RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
-            _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
-        };
-        journal
-            .emit_with(body, None, None, None, |s| {
-                s.status = status;
-                s.current_step = None;
-            })
-            .await?;
-        info!(status = ?status, cost_pico = run.totals.cost.pico(), tokens = run.totals.total_tokens(), "run finished");
-        Ok(Outcome::Finished(status))
     }
 }

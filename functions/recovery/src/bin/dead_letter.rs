@@ -1,0 +1,31 @@
+//! Wires the dead-letter consumer: config, AWS clients, then serve SQS batches.
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use chainrun_core::aws::{DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config};
+use chainrun_core::config::{CoreConfig, ProcessEnv, Source};
+use chainrun_core::durability::SystemClock;
+use chainrun_core::engine::end::Ender;
+use chainrun_recovery::DeadLetters;
+use lambda_runtime::{LambdaEvent, service_fn};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let env = ProcessEnv;
+    let core = CoreConfig::from_source(&env)?;
+    let runner_function = env.required("CHAINRUN_RUNNER_FUNCTION")?;
+    let sdk = sdk_config().await;
+    let dynamodb = dynamodb_client(&sdk);
+    let store = Arc::new(DynamoStore::new(dynamodb.clone(), core.tables.clone()).with_queued_grace(core.durability.queued_grace));
+    let sink = Arc::new(DynamoProgress::new(dynamodb, core.tables.clone(), core.retention_days));
+    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default() };
+    let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), runner_function));
+    let consumer = Arc::new(DeadLetters { store, dispatcher, ender, durability: core.durability, clock: Arc::new(SystemClock) });
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
+        let consumer = consumer.clone();
+        async move { Ok::<_, Infallible>(consumer.handle(event.payload).await) }
+    }))
+    .await
+}

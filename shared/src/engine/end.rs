@@ -1,0 +1,103 @@
+//! How a run ends: its end stored, then announced; steps that will not run cancelled,
+//! each with its event. Also used without a model client, by whatever must end a run that
+//! cannot go on (the runner for lost runners and store errors, the dead-letter consumer).
+
+use super::journal::Journal;
+use super::{EngineError, Outcome};
+use crate::budget::BudgetLimits;
+use crate::graph::Limits;
+use crate::ids::StepId;
+use crate::ports::{Lease, ProgressSink, RunStore};
+use crate::pricing::ModelRegistry;
+use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::wire::TotalsView;
+use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
+use chrono::Utc;
+use serde_json::Value;
+use std::sync::Arc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Records the run's end (`status`, `output`, `error`, totals from the journal's ledger)
+/// and then announces it: the store is the source of truth.
+pub(super) async fn finish(
+    store: &dyn RunStore,
+    run: &mut RunRecord,
+    lease: &Lease,
+    journal: &Journal,
+    status: RunStatus,
+    output: Option<Value>,
+    error: Option<ErrorInfo>,
+) -> Result<Outcome, EngineError> {
+    run.status = status;
+    run.finished_at = Some(Utc::now());
+    run.totals = journal.totals().await;
+    let open = journal.open_reservations();
+    if open > 0 {
+        // Only a step task that panicked mid-call leaves one; the spend it held is unknown.
+        warn!(open, "budget reservations still held at the end of the run");
+    }
+    run.output = output;
+    run.error = error;
+    store.finish_run(run, lease).await?;
+    let totals = TotalsView::from(&run.totals);
+    let body = match status {
+        RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
+        RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
+        _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
+    };
+    journal
+        .emit_with(body, None, None, None, |s| {
+            s.status = status;
+            s.current_step = None;
+        })
+        .await?;
+    info!(status = ?status, cost_pico = run.totals.cost.pico(), tokens = run.totals.total_tokens(), "run finished");
+    Ok(Outcome::Finished(status))
+}
+
+/// Checkpoints a step that will not run as `CANCELLED`, with the event that says why.
+pub(super) async fn cancel(journal: &Journal, id: StepId, reason: &str) -> Result<StepRecord, EngineError> {
+    let record = StepRecord::settled(id, StepStatus::Cancelled, None, Utc::now());
+    let body = EventBody::StepCancelled(StepCancelled { reason: reason.to_owned() });
+    journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
+    debug!(step_id = %record.step_id, reason, "step cancelled");
+    Ok(record)
+}
+
+/// What ending a run needs: the store and the event log, and (for records stored before
+/// the step order was kept) the registry to read the step order from the definition.
+pub struct Ender {
+    pub store: Arc<dyn RunStore>,
+    pub sink: Arc<dyn ProgressSink>,
+    pub models: Arc<ModelRegistry>,
+    pub limits: Limits,
+}
+
+impl Ender {
+    /// Ends a run claimed under `lease` `RUN_FAILED` with `error`, without running
+    /// anything: its unsettled steps are cancelled and its totals are what its checkpoints
+    /// spent. For a run that cannot go on (its runners keep dying, its data cannot be
+    /// stored, Lambda gave up delivering it).
+    pub async fn fail_run(&self, mut run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
+        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
+        async move {
+            let saved = self.store.get_steps(&run.id).await?;
+            let settled: Vec<Option<StepRecord>> = saved.into_iter().filter(|r| r.status.is_settled()).map(Some).collect();
+            let last_seq = self.sink.last_seq(&run.id).await?;
+            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &settled, BudgetLimits::UNLIMITED);
+            let done: Vec<&str> = settled.iter().flatten().map(|r| r.step_id.as_str()).collect();
+            let reason = format!("the run failed: {}", error.code);
+            // Records stored before the step order was kept name their steps only in the definition.
+            let order = match run.step_order.is_empty() {
+                true => crate::graph::validate_json_with(&run.definition, &self.models, self.limits).map(|g| g.step_order()).unwrap_or_default(),
+                false => run.step_order.clone(),
+            };
+            for id in order.into_iter().filter(|id| !done.contains(&id.as_str())) {
+                cancel(&journal, id, &reason).await?;
+            }
+            finish(self.store.as_ref(), &mut run, lease, &journal, RunStatus::Failed, None, Some(error)).await
+        }
+        .instrument(span)
+        .await
+    }
+}
