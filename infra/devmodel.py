@@ -105,7 +105,6 @@ import datetime
 import json
 import math
 import re
-import socket
 import struct
 import sys
 import threading
@@ -113,10 +112,10 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from . import INFRA
-from .serve import read_body, serve_until_stopped
+from .serve import StoppableServer, read_body, serve_until_stopped
 
 # HTTP status for each error Converse / ConverseStream can return before the body starts
 # (taken from the bedrock-runtime service model).
@@ -764,48 +763,13 @@ class DevModelHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class DevModelServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer carrying the shared state; shutdown() also closes sockets."""
-
-    daemon_threads = True
-    allow_reuse_address = True
+class DevModelServer(StoppableServer):
+    """The HTTP server carrying the shared state; shutdown() also closes its connections."""
 
     def __init__(self, address, state: DevModelState, verbose: bool = False):
         self.state = state
         self.verbose = verbose
-        self._open_connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
         super().__init__(address, DevModelHandler)
-
-    def process_request(self, request, client_address):
-        with self._connections_lock:
-            self._open_connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._connections_lock:
-            self._open_connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        # Clients (urllib3, hyper) reset pooled keep-alive connections whenever they like;
-        # that is normal, not worth a traceback on stderr.
-        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            return
-        super().handle_error(request, client_address)
-
-    def shutdown(self):
-        """Stop serving, close the listening socket and drop idle keep-alive connections,
-        so a test that stops the server leaves no handler threads blocked on reads."""
-        super().shutdown()
-        self.server_close()
-        with self._connections_lock:
-            connections = list(self._open_connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the peer
 
 
 def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0,
