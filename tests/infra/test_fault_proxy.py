@@ -39,7 +39,10 @@ def moto_url():
     srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     srv.start()
     host, port = srv.get_host_and_port()
-    yield f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    yield url
+    # moto's state is per process: leave none behind for the next module's server.
+    http("POST", url + "/moto-api/reset")
     srv.stop()
 
 
