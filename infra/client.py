@@ -28,6 +28,7 @@ class StackClient:
         self.watch_url = env["LAMBDA_WATCH_URL"]
         self.dynamodb_url = env["AWS_ENDPOINT_URL_DYNAMODB"]
         self.devmodel_url = env.get("DEVMODEL_URL")
+        self.fault_proxy_url = env.get("FAULT_PROXY_URL")  # a stack with dynamodb_faults only
         self.region = env.get("AWS_REGION", DEFAULT_REGION)
         self.secret = env["CHAINRUN_LOCAL_JWT_SECRET"]
         self.tables = {k: v for k, v in env.items() if k.startswith("CHAINRUN_") and k.endswith("_TABLE")}
@@ -46,6 +47,23 @@ class StackClient:
     def wait_quiescent(self, timeout: float = 60.0) -> bool:
         """True once no async (Event) invoke is in flight; False after timeout seconds."""
         return bool(wait_until(lambda: self.inflight()["inflight"] == 0, timeout))
+
+    def set_faults(self, config: dict) -> dict:
+        """Replace the DynamoDB fault proxy's config (infra/fault_proxy.py); its state after."""
+        return self._faults("PUT", "/_faults", config)
+
+    def faults(self) -> dict:
+        """The DynamoDB fault proxy's config and counts."""
+        return self._faults("GET", "/_faults")
+
+    def _faults(self, method: str, path: str, body=None) -> dict:
+        if not self.fault_proxy_url:
+            raise RuntimeError("this stack has no fault proxy: start it with dynamodb_faults=True "
+                               "(CHAINRUN_STACK_DYNAMODB_FAULTS=1)")
+        status, _, answer = http(method, self.fault_proxy_url + path, body=body, timeout=5)
+        if status != 200:
+            raise RuntimeError(f"fault proxy {method} {path} answered {status}: {str(answer)[:300]}")
+        return answer
 
     def ddb(self):
         """A boto3 DynamoDB client for the stack's tables."""

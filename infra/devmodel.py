@@ -36,6 +36,7 @@ Rules file
                     "cache_read_tokens": 0, "cache_write_tokens": 0},
           "latency_ms": 400,
           "fail_first": {"count": 2, "error": "ThrottlingException", "message": "..."},
+          "fail_rate": {"rate": 0.5, "error": "ThrottlingException", "message": "...", "seed": 7},
           "error": {"type": "ValidationException", "message": "..."},
           "stream_error_after_chunks": 2,
           "stream_error": {"type": "throttlingException", "message": "..."},
@@ -68,6 +69,13 @@ Rules file
     - ``error``: every call fails with that HTTP error.
     - ``fail_first``: calls with n <= count fail with that HTTP error (default
       ThrottlingException); later calls succeed.
+    - ``fail_rate``: a throttling storm. Each call fails with that HTTP error (default
+      ThrottlingException) with probability ``rate`` (required, 0..1), drawn from the
+      rule's own random stream seeded with ``seed`` (default 0): one draw per matching
+      call, in arrival order, so a given call order fails the same calls on every run.
+      ``error`` and ``fail_first`` take precedence (the draw is still made). Reset and
+      replacing the rules restart the stream. Applies to converse and converse-stream
+      alike (the stream then fails before its first byte).
     - ``stream_error_after_chunks: K``: the one call with n == fail_first.count + 1
       (i.e. the first call that gets past ``fail_first``; n == 1 without it), if it is a
       converse-stream call, sends messageStart and K text deltas (at most all of them)
@@ -104,8 +112,8 @@ import copy
 import datetime
 import json
 import math
+import random
 import re
-import socket
 import struct
 import sys
 import threading
@@ -113,10 +121,10 @@ import time
 import urllib.parse
 import uuid
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from . import INFRA
-from .serve import read_body, serve_until_stopped
+from .serve import StoppableServer, read_body, serve_until_stopped
 
 # HTTP status for each error Converse / ConverseStream can return before the body starts
 # (taken from the bedrock-runtime service model).
@@ -146,7 +154,7 @@ DEFAULT_CHUNK_CHARS = 12
 CHARS_PER_TOKEN = 4
 
 RULE_KEYS = {
-    "name", "match", "reply", "text", "json", "usage", "latency_ms", "fail_first",
+    "name", "match", "reply", "text", "json", "usage", "latency_ms", "fail_first", "fail_rate",
     "error", "stream_error_after_chunks", "stream_error", "stream_chunk_chars",
 }
 MATCH_KEYS = {"model", "prompt_contains", "system_contains", "prompt_regex", "stream"}
@@ -167,7 +175,8 @@ class Rule:
 
     def __init__(self, source: dict, name: str | None, match: dict, regex,
                  reply_text: str, usage: dict, latency_ms: float,
-                 fail_first: tuple[int, str, str], error: tuple[str, str] | None,
+                 fail_first: tuple[int, str, str], fail_rate: tuple[float, str, str, int] | None,
+                 error: tuple[str, str] | None,
                  stream_error_after: int | None, stream_error: tuple[str, str],
                  chunk_chars: int):
         self.source = source
@@ -178,11 +187,21 @@ class Rule:
         self.usage = usage
         self.latency_ms = latency_ms
         self.fail_first = fail_first
+        self.fail_rate = fail_rate
         self.error = error
         self.stream_error_after = stream_error_after
         self.stream_error = stream_error
         self.chunk_chars = chunk_chars
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the first call: counter at 0, fail_rate's random stream from its seed."""
         self.calls = 0
+        self.rng = random.Random(self.fail_rate[3] if self.fail_rate else 0)
+
+    def draw_failure(self) -> bool:
+        """Whether fail_rate fails this call (one draw per call; no draw without fail_rate)."""
+        return self.fail_rate is not None and self.rng.random() < self.fail_rate[0]
 
     def matches(self, model: str, prompt: str, system: str, stream: bool) -> bool:
         m = self.match
@@ -313,6 +332,23 @@ def parse_rule(obj, path: str, is_default: bool = False) -> Rule:
                                f"{path}.fail_first.message")
         fail_first = (count, err_type, message)
 
+    fail_rate = None
+    if "fail_rate" in rule:
+        fr = _require_object(rule["fail_rate"], f"{path}.fail_rate")
+        _check_keys(fr, {"rate", "error", "message", "seed"}, f"{path}.fail_rate")
+        if "rate" not in fr:
+            _fail(f"{path}.fail_rate.rate", "is required")
+        rate = fr["rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            _fail(f"{path}.fail_rate.rate", "must be a number in [0, 1]")
+        err_type = _require_error_type(fr.get("error", "ThrottlingException"), f"{path}.fail_rate.error")
+        message = _require_str(fr.get("message", f"devmodel: scripted {err_type} (fail_rate)"),
+                               f"{path}.fail_rate.message")
+        seed = fr.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            _fail(f"{path}.fail_rate.seed", "must be an integer")
+        fail_rate = (float(rate), err_type, message, seed)
+
     error = None
     if "error" in rule:
         err = _require_object(rule["error"], f"{path}.error")
@@ -348,7 +384,7 @@ def parse_rule(obj, path: str, is_default: bool = False) -> Rule:
     if "stream_chunk_chars" in rule:
         chunk_chars = _require_int(rule["stream_chunk_chars"], f"{path}.stream_chunk_chars", 1)
 
-    return Rule(rule, name, match, regex, reply_text, usage, latency_ms, fail_first, error,
+    return Rule(rule, name, match, regex, reply_text, usage, latency_ms, fail_first, fail_rate, error,
                 stream_error_after, stream_error, chunk_chars)
 
 
@@ -403,7 +439,7 @@ class DevModelState:
             self.calls.clear()
             self.seq = 0
             for rule in [self.default, *self.rules]:
-                rule.calls = 0
+                rule.restart()
 
     def rules_document(self) -> dict:
         with self.lock:
@@ -411,17 +447,19 @@ class DevModelState:
                     "rules": [copy.deepcopy(r.source) for r in self.rules]}
 
     def record_call(self, model: str, prompt: str, system: str, stream: bool,
-                    inference: dict) -> tuple[Rule | None, int, dict]:
-        """Log an incoming model call, pick its rule and bump that rule's counter.
+                    inference: dict) -> tuple[Rule | None, int, bool, dict]:
+        """Log an incoming model call, pick its rule, bump that rule's counter and draw
+        its fail_rate.
 
-        Returns (rule or None for the default, the rule's 1-based call number, log entry).
-        Matching and counting happen under one lock so concurrent retries of the same
-        rule see distinct call numbers.
+        Returns (rule or None for the default, the rule's 1-based call number, whether
+        fail_rate fails it, log entry). Matching, counting and drawing happen under one
+        lock so concurrent retries of the same rule see distinct call numbers and draws.
         """
         with self.lock:
             rule = next((r for r in self.rules if r.matches(model, prompt, system, stream)), None)
             chosen = rule or self.default
             chosen.calls += 1
+            rate_failure = chosen.draw_failure()
             self.seq += 1
             entry = {
                 "seq": self.seq,
@@ -438,7 +476,7 @@ class DevModelState:
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             }
             self.calls.append(entry)
-            return rule, chosen.calls, entry
+            return rule, chosen.calls, rate_failure, entry
 
     def record_rejected_call(self, model: str, stream: bool, message: str) -> None:
         """Log a call whose body could not even be parsed (it still counts as received)."""
@@ -592,6 +630,9 @@ class DevModelHandler(BaseHTTPRequestHandler):
     # connections alive, as it would against the real endpoint.
     protocol_version = "HTTP/1.1"
     server_version = "devmodel/1"
+    # Headers and body (and each stream frame) are separate writes; with Nagle on, a write
+    # after the first waits for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server: "DevModelServer"
 
     # ---- plumbing -------------------------------------------------------------------
@@ -694,13 +735,15 @@ class DevModelHandler(BaseHTTPRequestHandler):
             self.send_aws_error("ValidationException", message)
             return
 
-        rule, call_number, entry = state.record_call(model_id, prompt, system, stream, inference)
+        rule, call_number, rate_failure, entry = state.record_call(model_id, prompt, system, stream, inference)
         chosen = rule or state.default
 
         scripted_error = chosen.error
         fail_count, fail_type, fail_message = chosen.fail_first
         if scripted_error is None and call_number <= fail_count:
             scripted_error = (fail_type, fail_message)
+        if scripted_error is None and rate_failure:
+            scripted_error = chosen.fail_rate[1:3]
         if scripted_error is not None:
             error_type, message = scripted_error
             state.update_call(entry, status=HTTP_ERRORS[error_type], error=error_type)
@@ -764,48 +807,13 @@ class DevModelHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class DevModelServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer carrying the shared state; shutdown() also closes sockets."""
-
-    daemon_threads = True
-    allow_reuse_address = True
+class DevModelServer(StoppableServer):
+    """The HTTP server carrying the shared state; shutdown() also closes its connections."""
 
     def __init__(self, address, state: DevModelState, verbose: bool = False):
         self.state = state
         self.verbose = verbose
-        self._open_connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
         super().__init__(address, DevModelHandler)
-
-    def process_request(self, request, client_address):
-        with self._connections_lock:
-            self._open_connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._connections_lock:
-            self._open_connections.discard(request)
-        super().shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        # Clients (urllib3, hyper) reset pooled keep-alive connections whenever they like;
-        # that is normal, not worth a traceback on stderr.
-        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
-            return
-        super().handle_error(request, client_address)
-
-    def shutdown(self):
-        """Stop serving, close the listening socket and drop idle keep-alive connections,
-        so a test that stops the server leaves no handler threads blocked on reads."""
-        super().shutdown()
-        self.server_close()
-        with self._connections_lock:
-            connections = list(self._open_connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the peer
 
 
 def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0,

@@ -1,5 +1,6 @@
-"""What the stack's two HTTP servers (the dev model server and the invoke proxy) share:
-reading a request body, and living as a child of the stack.
+"""What the stack's HTTP servers (the dev model server, the invoke proxy, the DynamoDB
+fault proxy) share: reading a request body, stopping without leaving handler threads
+behind, and living as a child of the stack.
 
 Bodies come with a Content-Length or chunked (the Rust AWS SDK streams some requests),
 so both servers read both. As a stack child a server binds port 0, writes the port it
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
+import threading
+from http.server import ThreadingHTTPServer
 
 
 def read_body(handler) -> bytes:
@@ -29,6 +34,51 @@ def read_body(handler) -> bytes:
             handler.rfile.readline()  # CRLF after each chunk
     length = int(handler.headers.get("Content-Length") or 0)
     return handler.rfile.read(length) if length else b""
+
+
+class StoppableServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose shutdown() also ends its connections: it closes the
+    listening socket, drops idle keep-alive connections and sets `stopping`, which
+    handlers wait on instead of sleeping, so a test that stops a server leaves no handler
+    thread blocked on a read or a scripted delay."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler):
+        self.stopping = threading.Event()
+        self._open_connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            self._open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._connections_lock:
+            self._open_connections.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        # Clients (urllib3, hyper) reset pooled keep-alive connections whenever they like;
+        # that is normal, not worth a traceback on stderr.
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
+
+    def shutdown(self):
+        self.stopping.set()
+        super().shutdown()
+        self.server_close()
+        with self._connections_lock:
+            connections = list(self._open_connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
 
 
 def write_port_file(path: str, port: int) -> None:

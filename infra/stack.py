@@ -8,6 +8,11 @@ proxy and `cargo lambda watch` running both functions, all on free loopback port
     both functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB)
     runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME)
 
+With dynamodb_faults (the chaos suite), the functions reach moto through the fault proxy
+(infra/fault_proxy.py), which starts with no faults; tests turn them on with PUT
+FAULT_PROXY_URL/_faults, and their own boto3 client still talks to moto directly:
+    both functions ──▶ fault proxy :F ──▶ moto :D ◀── tests (stack.env's AWS_ENDPOINT_URL_DYNAMODB)
+
 CLI (from the repository root, with the project venv's python; see the Makefile):
     python -m infra.stack up   [--dir .local] [--no-build] [--timeout 600]
     python -m infra.stack down [--dir .local] [--if-orphaned]
@@ -35,6 +40,9 @@ Environment knobs:
     CHAINRUN_STACK_TIMEOUT                readiness timeout in seconds (default 600)
     CHAINRUN_OWNER_DAILY_CAP_USD          per-caller daily spend cap, passed to the runner
     CHAINRUN_OWNER_DAILY_CAPS             per-user daily caps (JSON), passed to the runner
+    CHAINRUN_STACK_DYNAMODB_FAULTS=1      put the fault proxy between the functions and moto
+                                          (Stack(dynamodb_faults=True)); stack.env gets
+                                          FAULT_PROXY_URL
 """
 
 from __future__ import annotations
@@ -70,10 +78,10 @@ DEFAULT_RUST_LOG = "info,chainrun=debug"
 # "unknown run"; any answer, even an error, proves the function is up.
 RUNNER_WARMUP_PAYLOAD = {"run_id": "00000000000000000000000000"}
 # Each child's byte of DIR/stack.lock; byte 0 is the owner's (infra/processes.py).
-CHILD_SLOTS = {"moto": 1, "devmodel": 2, "invoke-proxy": 3, "lambda-watch": 4}
+CHILD_SLOTS = {"moto": 1, "devmodel": 2, "invoke-proxy": 3, "lambda-watch": 4, "fault-proxy": 5}
 # What a stack writes into its state dir besides logs/ and stack.lock. stack.lock stays:
 # a stack starting there at the same moment may already hold a byte of it.
-STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port")
+STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port", "fault-proxy.port")
 
 _WATCH_FATAL = re.compile(
     r"(error: could not compile|error\[E\d+\]|ERROR command exited|error: no bin target|"
@@ -137,13 +145,16 @@ class Stack:
     state_dir: where stack.env, pids, stack.lock and logs/ go (the CLI uses .local; tests
               a temp dir).
     base_env: the caller's environment (default os.environ); only BEDROCK, RUST_LOG,
-              AWS_ENDPOINT_URL_BEDROCK_RUNTIME and (with BEDROCK=aws) AWS credentials,
-              profile and region are taken from it.
+              AWS_ENDPOINT_URL_BEDROCK_RUNTIME, CHAINRUN_STACK_DYNAMODB_FAULTS and (with
+              BEDROCK=aws) AWS credentials, profile and region are taken from it.
+    dynamodb_faults: put the fault proxy between the functions and moto (default: whether
+              CHAINRUN_STACK_DYNAMODB_FAULTS is 1/true in base_env).
     """
 
     def __init__(self, state_dir: Path | str | None = None, *, root: Path | str = ROOT,
                  base_env: dict | None = None, build: bool = True,
-                 ready_timeout: float | None = None, verbose: bool = True, log=None):
+                 ready_timeout: float | None = None, verbose: bool = True, log=None,
+                 dynamodb_faults: bool | None = None):
         self.root = Path(root).resolve()
         self.dir = Path(state_dir or self.root / ".local").resolve()
         self.logs = self.dir / "logs"
@@ -159,6 +170,10 @@ class Stack:
         self.secret = secrets.token_hex(32)
         self.api_url = self.proxy_url = self.watch_url = self.dynamodb_url = None
         self.devmodel_url = self.bedrock_url = None
+        self.fault_proxy_url = None
+        if dynamodb_faults is None:
+            dynamodb_faults = (self.base_env.get("CHAINRUN_STACK_DYNAMODB_FAULTS") or "").lower() in ("1", "true", "yes")
+        self.dynamodb_faults = dynamodb_faults
         self.region = DEFAULT_REGION
         self.tables = {t["env"]: t["local_name"] for t in load_tables(self.root / "infra" / "tables.json")}
         self.timings: dict[str, float] = {}
@@ -202,6 +217,8 @@ class Stack:
             if self.build:
                 self._cargo_build()
             self._start_moto()
+            if self.dynamodb_faults:
+                self._start_fault_proxy()
             self._start_bedrock()
             self._start_proxy_and_watch()
             self._write_env_file()
@@ -352,6 +369,19 @@ class Stack:
         self.timings["dynamodb"] = time.monotonic() - t0
         self.log(f"stack: DynamoDB (moto) at {self.dynamodb_url}, tables: {', '.join(self.tables.values())}")
 
+    def _start_fault_proxy(self) -> None:
+        t0 = time.monotonic()
+        port_file = self.dir / "fault-proxy.port"
+        port_file.unlink(missing_ok=True)
+        self._spawn("fault-proxy", [sys.executable, "-m", "infra.fault_proxy", "--backend", self.dynamodb_url,
+                                    "--host", LOOPBACK, "--port", "0", "--port-file", str(port_file)])
+        port = self._wait_for("fault-proxy", f"no port in {port_file}", lambda: _read_port(port_file))
+        self.fault_proxy_url = f"http://{LOOPBACK}:{port}"
+        self._wait_for("fault-proxy", f"{self.fault_proxy_url} not healthy",
+                       lambda: answers(self.fault_proxy_url + "/_faults") == 200)
+        self.timings["fault-proxy"] = time.monotonic() - t0
+        self.log(f"stack: DynamoDB fault proxy at {self.fault_proxy_url} (no faults until PUT /_faults)")
+
     def _start_bedrock(self) -> None:
         mode = self.bedrock_mode
         if mode == "endpoint":
@@ -379,7 +409,7 @@ class Stack:
             fe = {"AWS_REGION": self.region}
         else:
             fe = local_aws_env(self.region)  # keeps the developer's ~/.aws (profiles, endpoint_url) out
-        fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.dynamodb_url
+        fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.fault_proxy_url or self.dynamodb_url
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
         if self.bedrock_url:
             fe["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url
@@ -521,6 +551,8 @@ class Stack:
             env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url
         if self.devmodel_url:
             env["DEVMODEL_URL"] = self.devmodel_url
+        if self.fault_proxy_url:
+            env["FAULT_PROXY_URL"] = self.fault_proxy_url
         env["BEDROCK_MODE"] = self.bedrock_mode
         env["CHAINRUN_LOCAL_JWT_SECRET"] = self.secret
         env.update(self.tables)

@@ -68,6 +68,12 @@ TEST_RULES = {
             "stream_error_after_chunks": 2,
         },
         {
+            "name": "storm",
+            "match": {"prompt_contains": "MARK-storm"},
+            "text": "weathered",
+            "fail_rate": {"rate": 0.5, "seed": 7},
+        },
+        {
             "name": "long",
             "match": {"prompt_contains": "MARK-long"},
             "text": "x" * 400,
@@ -232,6 +238,69 @@ def test_fail_first_counter_is_thread_safe(server_url):
     assert outcomes.count("ok") == 6
 
 
+def storm_outcomes(client, n, prompt="MARK-storm"):
+    """1 for each of n converse calls that was throttled, 0 for each that succeeded."""
+    outcomes = []
+    for _ in range(n):
+        try:
+            client.converse(modelId=MODEL, messages=user(prompt))
+            outcomes.append(0)
+        except client.exceptions.ThrottlingException:
+            outcomes.append(1)
+    return outcomes
+
+
+def test_fail_rate_fails_a_seeded_share_of_calls_reproducibly(client, server_url):
+    first = storm_outcomes(client, 200)
+    assert 75 <= sum(first) <= 125, sum(first)  # rate 0.5 of 200
+    # The call log records each failure like any scripted error: attempts are countable.
+    _, log = admin(server_url, "GET", "/_dev/calls?prompt_contains=MARK-storm")
+    assert len(log["calls"]) == 200
+    assert [c["status"] for c in log["calls"]] == [429 if f else 200 for f in first]
+    assert {c["error"] for c in log["calls"] if c["status"] == 429} == {"ThrottlingException"}
+
+    admin(server_url, "POST", "/_dev/reset")  # restarts the stream: the same calls fail
+    assert storm_outcomes(client, 200) == first
+    admin(server_url, "POST", "/_dev/rules", {"rules": [
+        {"name": "other-seed", "match": {"prompt_contains": "MARK-storm"}, "text": "x",
+         "fail_rate": {"rate": 0.5, "seed": 8}}]})
+    assert storm_outcomes(client, 200) != first
+
+
+def test_fail_rate_extremes_and_custom_error(client, server_url):
+    admin(server_url, "POST", "/_dev/rules", {"rules": [
+        {"name": "never", "match": {"prompt_contains": "MARK-never"}, "fail_rate": {"rate": 0}},
+        {"name": "always", "match": {"prompt_contains": "MARK-always"},
+         "fail_rate": {"rate": 1, "error": "ServiceUnavailableException", "message": "storm"}}]})
+    assert storm_outcomes(client, 20, "MARK-never") == [0] * 20
+    with pytest.raises(client.exceptions.ServiceUnavailableException) as info:
+        client.converse(modelId=MODEL, messages=user("MARK-always"))
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert info.value.response["Error"]["Message"] == "storm"
+
+
+def test_fail_rate_fails_converse_stream_before_the_stream(client, server_url):
+    admin(server_url, "PUT", "/_dev/rules", {"default": {"text": "OK", "fail_rate": {"rate": 1}}})
+    with pytest.raises(client.exceptions.ThrottlingException):
+        client.converse_stream(modelId=MODEL, messages=user("anything"))
+    _, log = admin(server_url, "GET", "/_dev/calls")
+    assert [(c["stream"], c["rule"], c["status"], c["error"]) for c in log["calls"]] == [
+        (True, None, 429, "ThrottlingException")]
+
+
+def test_fail_rate_draws_are_thread_safe(server_url):
+    # Concurrent calls share one stream: as many failures as a sequential run of 40 calls.
+    client = bedrock_client(server_url)
+    expected = storm_outcomes(client, 40)
+    admin(server_url, "POST", "/_dev/reset")
+
+    def call(_):
+        return storm_outcomes(client, 1)[0]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert sum(pool.map(call, range(40))) == sum(expected)
+
+
 def test_always_error_maps_to_http_error(client):
     with pytest.raises(client.exceptions.ValidationException) as info:
         client.converse(modelId=MODEL, messages=user("MARK-invalid"))
@@ -373,6 +442,15 @@ def test_post_rules_prepends_and_put_replaces(client, server_url):
     ("POST", {"rules": [{"match": {}, "reply": {"text": "a", "json": {}}}]}, "rules[0].reply"),
     ("POST", {"rules": [{"match": {}, "stream_error": {"type": "boom"}}]},
      "rules[0].stream_error.type"),
+    ("POST", {"rules": [{"match": {}, "fail_rate": {"rate": 1.5}}]}, "rules[0].fail_rate.rate"),
+    ("POST", {"rules": [{"match": {}, "fail_rate": {"rate": True}}]}, "rules[0].fail_rate.rate"),
+    ("POST", {"rules": [{"match": {}, "fail_rate": {"error": "ThrottlingException"}}]},
+     "rules[0].fail_rate.rate"),
+    ("POST", {"rules": [{"match": {}, "fail_rate": {"rate": 0.1, "eror": "x"}}]}, "rules[0].fail_rate.eror"),
+    ("POST", {"rules": [{"match": {}, "fail_rate": {"rate": 0.1, "error": "Nope"}}]},
+     "rules[0].fail_rate.error"),
+    ("PUT", {"default": {"fail_rate": {"rate": 0.1, "seed": "7"}}}, "default.fail_rate.seed"),
+    ("PUT", {"default": {"fail_rate": 0.5}}, "default.fail_rate"),
 ])
 def test_invalid_rules_are_rejected_naming_the_field(client, server_url, method, doc, field):
     status, body = admin(server_url, method, "/_dev/rules", doc)

@@ -26,8 +26,11 @@ from infra.processes import StackLock, spawn
 from infra.stack import CHILD_SLOTS, RUNNER_WARMUP_PAYLOAD, STATE_FILES
 
 INVOKE = "/2015-03-31/functions/chainrun-runner/invocations"
-# The dev model server, whatever the caller's environment says about Bedrock.
+# The dev model server, whatever the caller's environment says about Bedrock. The stack
+# has the DynamoDB fault proxy (no faults unless a test sets them), so the functions'
+# own SDK is seen working through it.
 ENV = {k: v for k, v in os.environ.items() if k not in ("BEDROCK", "AWS_ENDPOINT_URL_BEDROCK_RUNTIME")}
+ENV["CHAINRUN_STACK_DYNAMODB_FAULTS"] = "1"
 
 
 def stack_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -67,7 +70,8 @@ def up(tmp_path_factory):
 def test_up_writes_the_endpoints_and_pids_and_creates_the_tables(up):
     state, env = up
     for k in ("API_URL", "INVOKE_PROXY_URL", "LAMBDA_WATCH_URL", "AWS_ENDPOINT_URL_DYNAMODB",
-              "AWS_ENDPOINT_URL_LAMBDA", "DEVMODEL_URL", "CHAINRUN_LOCAL_JWT_SECRET", "CHAINRUN_RUNS_TABLE"):
+              "AWS_ENDPOINT_URL_LAMBDA", "DEVMODEL_URL", "CHAINRUN_LOCAL_JWT_SECRET", "CHAINRUN_RUNS_TABLE",
+              "FAULT_PROXY_URL"):
         assert env.get(k), k
     assert env["API_URL"].endswith("/lambda-url/chainrun-api")
     assert env["AWS_ENDPOINT_URL_LAMBDA"] == env["INVOKE_PROXY_URL"]
@@ -77,7 +81,8 @@ def test_up_writes_the_endpoints_and_pids_and_creates_the_tables(up):
 
     fe = read_env_file(state / "functions.env")
     assert fe["AWS_ENDPOINT_URL_LAMBDA"] == env["INVOKE_PROXY_URL"]
-    assert fe["AWS_ENDPOINT_URL_DYNAMODB"] == env["AWS_ENDPOINT_URL_DYNAMODB"]
+    # The functions reach moto through the fault proxy; stack.env's endpoint is moto itself.
+    assert fe["AWS_ENDPOINT_URL_DYNAMODB"] == env["FAULT_PROXY_URL"] != env["AWS_ENDPOINT_URL_DYNAMODB"]
     assert fe["CHAINRUN_AUTH"] == "local-jwt" and fe["CHAINRUN_RUNNER_FUNCTION"] == "chainrun-runner"
 
     pids = read_env_file(state / "pids")
@@ -114,11 +119,31 @@ def test_up_again_finds_the_stack_up_and_env_prints_it(up):
     assert r.returncode == 0 and r.stdout == (state / "stack.env").read_text()
 
 
+def test_the_functions_sdk_retries_injected_dynamodb_faults(up):
+    # The runner's warm-up payload names a run that does not exist: its claim (UpdateItem)
+    # fails its condition, then it reads the run (GetItem). Each fault below fails every
+    # attempt; the Rust SDK's standard retry makes three, and the runner reports the fault
+    # as retryable (a throttle or a 500 is Unavailable, not a refusal).
+    stack = StackClient(up[1])
+    assert stack.faults()["operations"]["UpdateItem"]["requests"] >= 1  # the start-up probe went through it
+    invoke = f"{stack.watch_url}{INVOKE}"
+    try:
+        for fault, operation, code in [("throttle", "UpdateItem", "ThrottlingException"),
+                                       ("error500", "GetItem", "InternalServerError")]:
+            stack.set_faults({"faults": [{"kind": fault, "operations": [operation]}]})
+            http("POST", stack.fault_proxy_url + "/_faults/reset", timeout=5)
+            _, _, body = http("POST", invoke, body=RUNNER_WARMUP_PAYLOAD, timeout=120)
+            assert "chainrun.Retryable" in str(body) and code in str(body), body
+            assert stack.faults()["operations"][operation] == {"requests": 3, fault: 3}
+    finally:
+        stack.set_faults({"faults": []})
+
+
 def test_down_stops_every_process_up_started(up):
     # Runs last of the tests on this stack: it stops it.
     state, env = up
     ports = [port_of(env[k]) for k in ("AWS_ENDPOINT_URL_DYNAMODB", "DEVMODEL_URL", "INVOKE_PROXY_URL",
-                                       "LAMBDA_WATCH_URL")]
+                                       "LAMBDA_WATCH_URL", "FAULT_PROXY_URL")]
     assert all(port_open(p) for p in ports)
     pids = {name: int(env[f"PID_{name.upper().replace('-', '_')}"]) for name in CHILD_SLOTS}
     # watch runs each function instance in a session of its own, out of reach of its group.
