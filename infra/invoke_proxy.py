@@ -47,13 +47,19 @@ does that:
   `accepted`, `completed` (settled), `succeeded`, `failed` (settled without success),
   `attempts`, `retries`, `function_errors`, `crashes`, `timeouts`, `connection_errors`,
   `retries_exhausted`, `event_age_exceeded`, `dead_lettered`, `dead_letter_failures`,
-  `dropped`.
+  `dropped`; and `event_sources` {name: counters} when it runs any (below).
+* Event sources (infra/event_sources.py), from the config's "event_sources" section:
+  SQS event source mappings (poll a queue, invoke a function synchronously with Lambda's
+  SQS event, delete what succeeded) and schedules (invoke a function asynchronously
+  every N seconds), both through this proxy's own Invoke API.
 
 Function async config (per function, else the default): `timeout_s` (900),
 `maximum_retry_attempts` (2), `maximum_event_age_s` (21600), `on_failure` (SQS queue
 URL or null). Given as a JSON file (`--config`, the stack writes one):
     {"region": "us-east-1", "retry_delays": [1, 2],
-     "default": {...}, "functions": {"chainrun-runner": {"timeout_s": 900, "on_failure": URL}}}
+     "default": {...}, "functions": {"chainrun-runner": {"timeout_s": 900, "on_failure": URL}},
+     "event_sources": {"sqs": [...], "schedules": [...]}}
+The runtime shim (infra/runtime_shim.py) reads the same file for each function's timeout_s.
 
 CLI:
     python -m infra.invoke_proxy --backend http://127.0.0.1:9000 [--config FILE] \
@@ -76,6 +82,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from . import event_sources
 from .serve import read_body, serve_until_stopped
 from .sqs import DEFAULT_ACCOUNT, Sqs
 
@@ -207,6 +214,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.region = region
         self.account = account
         self.closing = threading.Event()
+        self.workers: list = []  # event sources started by main(), reported in stats()
         self._lock = threading.Condition()
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
 
@@ -234,7 +242,10 @@ class ProxyServer(ThreadingHTTPServer):
 
     def stats(self) -> dict:
         with self._lock:
-            return dict(self._stats)
+            out = dict(self._stats)
+        if self.workers:
+            out["event_sources"] = {w.name: w.stats() for w in self.workers}
+        return out
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no Event invoke is in flight (in-process use)."""
@@ -506,6 +517,8 @@ def load_config(path: str | None) -> dict:
         out["retry_delays"] = tuple(raw["retry_delays"])
     if raw.get("region"):
         out["region"] = raw["region"]
+    if raw.get("event_sources"):
+        out["event_sources"] = raw["event_sources"]
     return out
 
 
@@ -540,9 +553,18 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     if args.retry_delays:
         config["retry_delays"] = tuple(float(x) for x in args.retry_delays.split(","))
+    sources = config.pop("event_sources", None) or {}
     srv = serve(args.host, args.port, args.backend, args.verbose, **config)
-    return serve_until_stopped(srv, args.port_file, f"invoke proxy listening on {srv.url} -> {srv.backend}",
-                               poll_interval=0.5)
+    # The event sources call the Invoke API this process serves, as AWS's services call Lambda's.
+    srv.workers = event_sources.from_config(sources, srv.url, srv.region)
+    for w in srv.workers:
+        w.start()
+    try:
+        return serve_until_stopped(srv, args.port_file, f"invoke proxy listening on {srv.url} -> {srv.backend}",
+                                   poll_interval=0.5)
+    finally:
+        for w in srv.workers:
+            w.stop(timeout=2)
 
 
 if __name__ == "__main__":
