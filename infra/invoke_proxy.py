@@ -142,6 +142,7 @@ class AsyncConfig:
     maximum_retry_attempts: int = 2
     maximum_event_age_s: float = 21600.0
     on_failure: str | None = None  # SQS queue URL
+    runtime_shim: bool = True  # read by infra/runtime_shim.py: False runs the function bare
 
     def __post_init__(self):
         if not 0 <= self.maximum_retry_attempts <= 2:

@@ -36,6 +36,9 @@ The shim serves the Runtime API to the function itself, on a loopback port of it
     wedges. An invocation watch handed out while no process was alive waits for the
     next one. A process that keeps dying without an invocation is restarted with a
     growing delay (up to RESTART_BACKOFF_MAX_S).
+A function whose entry in the config says "runtime_shim": false is exec'd bare (the
+stack does that for chainrun-api: its Function URL invocations through the shim got
+intermittent 500s from watch, cause not yet found).
 The shim exits when watch's Runtime API goes away, and passes SIGTERM/SIGINT on to the
 function (then exits with it), so watch's own stop and restart work as before.
 Bodies are relayed buffered (no response streaming; neither function streams).
@@ -62,7 +65,8 @@ DEFAULT_TIMEOUT_S = 900.0
 RESTART_BACKOFF_MAX_S = 5.0
 # A process that ran at least this long before it died is restarted at once.
 HEALTHY_RUN_S = 2.0
-STOP_GRACE_S = 3.0  # after SIGTERM, before SIGKILL
+STOP_GRACE_S = 3.0
+POST_LINGER_S = 10.0  # see Shim.upstream  # after SIGTERM, before SIGKILL
 NEXT_PATH = "/2018-06-01/runtime/invocation/next"
 INVOCATION_PREFIX = "/2018-06-01/runtime/invocation/"
 REQUEST_ID_POOL = "chainrun-local-invoke"  # see invoke_proxy.request_id_marker
@@ -130,8 +134,30 @@ class Shim:
 
     # -- upstream (watch's Runtime API) ----------------------------------------------------
     def upstream(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
-                 timeout: float | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+                 timeout: float | None = None, linger_s: float = 0.0) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request to watch's Runtime API on a connection of its own. linger_s keeps
+        the connection open that long after the answer: watch answers a response or
+        error POST at once and hands its body on to the invoker as a stream, which
+        breaks if the connection closes before watch has read it (the invoker then
+        gets watch's 500)."""
         conn = http.client.HTTPConnection(self.up_host, self.up_port, timeout=timeout)
+        if linger_s:
+            try:
+                conn.putrequest(method, self.up_prefix + path, skip_accept_encoding=True)
+                for k, v in headers:
+                    if k.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
+                        conn.putheader(k, v)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                out = resp.status, resp.getheaders(), resp.read()
+            except BaseException:
+                conn.close()
+                raise
+            t = threading.Timer(linger_s, conn.close)
+            t.daemon = True
+            t.start()
+            return out
         try:
             conn.putrequest(method, self.up_prefix + path, skip_accept_encoding=True)
             for k, v in headers:
@@ -225,7 +251,7 @@ class Shim:
         try:
             self.upstream("POST", f"{INVOCATION_PREFIX}{inv.watch_id}/error",
                           [("Content-Type", "application/json"), ("Lambda-Runtime-Function-Error-Type", error_type)],
-                          body, timeout=10)
+                          body, timeout=10, linger_s=POST_LINGER_S)
         except OSError as e:
             _log(f"could not report {error_type} of {inv.request_id} to watch: {e}")
 
@@ -356,14 +382,15 @@ def _handler(shim: Shim):
             if path.startswith(INVOCATION_PREFIX) and path.rsplit("/", 1)[-1] in ("response", "error"):
                 request_id, what = path[len(INVOCATION_PREFIX):].rsplit("/", 1)
                 watch_id = shim.finished(request_id)
-                return self._relay(body, f"{INVOCATION_PREFIX}{watch_id}/{what}")
+                return self._relay(body, f"{INVOCATION_PREFIX}{watch_id}/{what}", linger_s=POST_LINGER_S)
             return self._relay(body)
 
         do_PUT = do_POST
 
-        def _relay(self, body: bytes, path: str | None = None) -> None:
+        def _relay(self, body: bytes, path: str | None = None, linger_s: float = 0.0) -> None:
             try:
-                status, headers, data = shim.upstream(self.command, path or self.path, list(self.headers.items()), body)
+                status, headers, data = shim.upstream(self.command, path or self.path, list(self.headers.items()), body,
+                                                      linger_s=linger_s)
             except OSError as e:
                 return self._send(502, [], json.dumps({"errorMessage": f"watch unreachable: {e}"}).encode())
             self._send(status, headers, data)
@@ -381,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no function binary given")
     upstream = os.environ.get("AWS_LAMBDA_RUNTIME_API")
     function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME") or os.path.basename(command[0])
-    if not upstream:  # not started by watch: nothing to stand between
-        os.execv(command[0], command)
     config = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             config = json.load(f)
+    shimmed = ((config.get("functions") or {}).get(function) or {}).get("runtime_shim", True)
+    if not upstream or not shimmed:  # not started by watch, or configured to run bare
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("CARGO_TARGET_") and k.endswith("_RUNNER"))}
+        os.execve(command[0], command, env)
     shim = Shim(upstream, function, function_timeout(config, function), command,
                 region=os.environ.get("AWS_REGION") or config.get("region") or "us-east-1")
 
