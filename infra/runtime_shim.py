@@ -137,9 +137,9 @@ class Shim:
                  timeout: float | None = None, linger_s: float = 0.0) -> tuple[int, list[tuple[str, str]], bytes]:
         """One request to watch's Runtime API on a connection of its own. linger_s keeps
         the connection open that long after the answer: watch answers a response or
-        error POST at once and hands its body on to the invoker as a stream, which
-        breaks if the connection closes before watch has read it (the invoker then
-        gets watch's 500)."""
+        error POST at once and only then reads its body, as a stream, for the invoker;
+        closing at once would race with that read (a precaution — it did not cure the
+        API's 500s, see the module docstring)."""
         conn = http.client.HTTPConnection(self.up_host, self.up_port, timeout=timeout)
         if linger_s:
             try:
