@@ -32,20 +32,25 @@ class StackClient:
         self.region = env.get("AWS_REGION", DEFAULT_REGION)
         self.secret = env["CHAINRUN_LOCAL_JWT_SECRET"]
         self.tables = {k: v for k, v in env.items() if k.startswith("CHAINRUN_") and k.endswith("_TABLE")}
+        self.sqs_url = env.get("AWS_ENDPOINT_URL_SQS")
+        self.dlq_url = env.get("CHAINRUN_RUNNER_DLQ_URL")
         self.logs = Path(logs or env.get("STACK_LOGS") or ".")
 
     def token(self, user: str, groups=(), ttl_s: int = local_token.DEFAULT_TTL_S, **claims) -> str:
         return local_token.mint(self.secret, user, groups, ttl_s=ttl_s, **claims)
 
     def inflight(self) -> dict:
-        """The invoke proxy's counters: {"inflight", "accepted", "completed", "failed"}."""
+        """The invoke proxy's counters (infra/invoke_proxy.py): "inflight", "accepted",
+        "completed", "succeeded", "failed", "retries", "crashes", "timeouts",
+        "dead_lettered", … and "event_sources" when it runs any."""
         status, _, body = http("GET", self.proxy_url + "/_proxy/inflight", timeout=5)
         if status != 200:
             raise RuntimeError(f"invoke proxy /_proxy/inflight answered {status}: {str(body)[:200]}")
         return body
 
     def wait_quiescent(self, timeout: float = 60.0) -> bool:
-        """True once no async (Event) invoke is in flight; False after timeout seconds."""
+        """True once no async (Event) invoke is in flight, retries included; False after
+        timeout seconds."""
         return bool(wait_until(lambda: self.inflight()["inflight"] == 0, timeout))
 
     def set_faults(self, config: dict) -> dict:

@@ -19,7 +19,9 @@ leader is known to be ours: while its byte is locked, or by its parent before re
 it (a child keeps its pid until its parent reaps it). cargo lambda watch starts each
 function instance in a session of its own, out of reach of its group: watch stops them
 itself on SIGTERM, and if watch dies any other way they exit by themselves, because
-their long poll for the next invocation to watch fails.
+their long poll for the next invocation to watch fails. (Each instance is the runtime
+shim, infra/runtime_shim.py, with the function as its child: the shim passes SIGTERM on,
+and exits, stopping its function, when watch's Runtime API goes away.)
 
 One caveat of POSIX locks shapes the code: closing any descriptor of the lock file drops
 every lock the closing process holds on it. So each process opens the file once

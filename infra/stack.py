@@ -1,17 +1,37 @@
-"""The local chainrun stack: DynamoDB (moto), the dev model server, the async-invoke
-proxy and `cargo lambda watch` running both functions, all on free loopback ports.
+"""The local chainrun stack: DynamoDB and SQS (moto), the dev model server, the
+async-invoke proxy and `cargo lambda watch` running the functions, all on free loopback
+ports — with Lambda's async semantics, so what passes here is what AWS does.
 
     client ──▶ watch :W /lambda-url/chainrun-api/… ──▶ chainrun-api
                                        │ Invoke(Event) via AWS_ENDPOINT_URL_LAMBDA
                                        ▼
-               invoke proxy :P ── 202 now, forward later ──▶ watch :W ──▶ chainrun-runner
-    both functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB)
+               invoke proxy :P ── 202 now, deliver + retry later ──▶ watch :W ──▶ chainrun-runner
+                 │ retries exhausted: invocation record ──▶ SQS chainrun-runner-failures (moto)
+                 │ event source mapping: poll it ──▶ Invoke ──▶ chainrun-dead-letter (if it exists)
+                 │ schedule: every CHAINRUN_LOCAL_SWEEP_SECS ──▶ Invoke(Event) ──▶ chainrun-sweeper (if it exists)
+    functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL_SQS)
     runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME)
 
 With dynamodb_faults (the chaos suite), the functions reach moto through the fault proxy
 (infra/fault_proxy.py), which starts with no faults; tests turn them on with PUT
 FAULT_PROXY_URL/_faults, and their own boto3 client still talks to moto directly:
-    both functions ──▶ fault proxy :F ──▶ moto :D ◀── tests (stack.env's AWS_ENDPOINT_URL_DYNAMODB)
+    functions ──▶ fault proxy :F ──▶ moto :D ◀── tests (stack.env's AWS_ENDPOINT_URL_DYNAMODB)
+
+Lambda behaviour (infra/invoke_proxy.py, infra/runtime_shim.py, infra/event_sources.py):
+  * the function processes watch starts run under the runtime shim (cargo's target
+    runner for watch's `cargo run`): its context deadline is now + its timeout (runner
+    900 s, as template.yaml), it is SIGKILLed at that deadline (a timeout), and a
+    process that dies is replaced by a fresh one at once, its invocation answered as a
+    crash (Runtime.ExitError). chainrun-api runs bare ("runtime_shim": false): its
+    Function URL requests through the shim got intermittent 500s from watch;
+  * Event invokes are answered 202 and delivered at least once: retried after a
+    function error, crash or timeout (MaximumRetryAttempts 2, delays 1 s and 2 s —
+    AWS's ~1 and ~2 min scaled down), with the original request id, then sent to the
+    runner's on-failure destination, the SQS queue CHAINRUN_RUNNER_DLQ_URL;
+  * the schedule and the SQS event source mapping start only when their function
+    (chainrun-sweeper; CHAINRUN_LOCAL_DEAD_LETTER_FUNCTION, default chainrun-dead-letter)
+    is a bin target of the workspace.
+Each function's timeout, async config and the event sources are in DIR/lambda-config.json.
 
 CLI (from the repository root, with the project venv's python; see the Makefile):
     python -m infra.stack up   [--dir .local] [--no-build] [--timeout 600]
@@ -43,11 +63,29 @@ Environment knobs:
     CHAINRUN_STACK_DYNAMODB_FAULTS=1      put the fault proxy between the functions and moto
                                           (Stack(dynamodb_faults=True)); stack.env gets
                                           FAULT_PROXY_URL
+    CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS    the runner's timeout (default 900; 1..900)
+    CHAINRUN_LOCAL_RUNNER_MAX_RETRY_ATTEMPTS  its MaximumRetryAttempts (default 2; 0..2)
+    CHAINRUN_LOCAL_RUNNER_MAX_EVENT_AGE_SECS  its MaximumEventAgeInSeconds (default 3600)
+    CHAINRUN_LOCAL_RETRY_DELAYS           seconds before the 1st, 2nd retry (default 1,2)
+    CHAINRUN_LOCAL_SWEEP_SECS             the sweeper schedule's period (default 5)
+    CHAINRUN_LOCAL_LEASE_SECS             the runner's lease, CHAINRUN_LEASE_SECS (default 6)
+    CHAINRUN_LOCAL_QUEUED_GRACE_SECS      CHAINRUN_QUEUED_GRACE_SECS (default 10)
+    CHAINRUN_LOCAL_DEAD_LETTER_FUNCTION   consumer of the runner's failure queue (default
+                                          chainrun-dead-letter)
+    CHAINRUN_LOCAL_DEAD_LETTER_BATCH_SIZE its event source mapping's batch size (default 10)
+    CHAINRUN_LOCAL_DLQ_VISIBILITY_SECS    the failure queue's visibility timeout (default 30)
+    CHAINRUN_LOCAL_RUNTIME_SHIM=0         run the functions without the runtime shim (to see
+                                          watch's own behaviour: past deadlines, no recovery)
+
+stack.env also holds AWS_ENDPOINT_URL_SQS, CHAINRUN_RUNNER_DLQ_URL,
+CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS and LAMBDA_CONFIG_FILE; the functions get
+AWS_ENDPOINT_URL_SQS and CHAINRUN_RUNNER_DLQ_URL too.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -66,11 +104,21 @@ from .envfile import quote_for_cargo_lambda, read_env_file, write_env_file
 from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
 from .processes import OWNER_SLOT, SlotTaken, StackLock, signal_group, spawn
 from .processes import stop as stop_children
+from .sqs import Sqs
 from .tables import create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
 RUNNER_FUNCTION = "chainrun-runner"
 FUNCTIONS = (API_FUNCTION, RUNNER_FUNCTION)
+# Functions the stack invokes by itself once they exist as bin targets of the workspace.
+SWEEPER_FUNCTION = "chainrun-sweeper"
+# The functions' CHAINRUN_LEASE_SECS and CHAINRUN_QUEUED_GRACE_SECS here (AWS: 30 and 60).
+LOCAL_LEASE_S = 6
+LOCAL_QUEUED_GRACE_S = 10
+DEAD_LETTER_FUNCTION = "chainrun-dead-letter"
+SWEEP_PAYLOAD = {"source": "chainrun.schedule", "action": "sweep"}
+RUNNER_DLQ_NAME = "chainrun-runner-failures"
+API_TIMEOUT_S = 29  # template.yaml's; the runner's (900) and its async config are below
 WATCH_CONCURRENCY = 4
 DEFAULT_RUST_LOG = "info,chainrun=debug"
 # Payload sent to the runner to check it is up: the nil ULID, a run that never exists.
@@ -81,7 +129,7 @@ RUNNER_WARMUP_PAYLOAD = {"run_id": "00000000000000000000000000"}
 CHILD_SLOTS = {"moto": 1, "devmodel": 2, "invoke-proxy": 3, "lambda-watch": 4, "fault-proxy": 5}
 # What a stack writes into its state dir besides logs/ and stack.lock. stack.lock stays:
 # a stack starting there at the same moment may already hold a byte of it.
-STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port", "fault-proxy.port")
+STATE_FILES = ("stack.env", "pids", "functions.env", "devmodel.port", "invoke-proxy.port", "fault-proxy.port", "lambda-config.json")
 
 _WATCH_FATAL = re.compile(
     r"(error: could not compile|error\[E\d+\]|ERROR command exited|error: no bin target|"
@@ -119,6 +167,24 @@ def tail(path: Path | str, lines: int = 40) -> str:
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(data.splitlines()[-lines:])
+
+
+def host_triple() -> str:
+    out = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("host:"))
+
+
+def _env_number(env: dict, name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise StackError(f"{name}={raw!r} is not a number") from None
+    if not lo <= v <= hi:
+        raise StackError(f"{name}={raw!r} must be between {lo:g} and {hi:g}")
+    return v
 
 
 def remove_state_files(state_dir: Path) -> None:
@@ -178,6 +244,21 @@ class Stack:
         self.tables = {t["env"]: t["local_name"] for t in load_tables(self.root / "infra" / "tables.json")}
         self.timings: dict[str, float] = {}
         self._lock: StackLock | None = None
+        e = self.base_env
+        self.runner_timeout_s = _env_number(e, "CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS", 900, 1, 900)
+        self.runner_retries = int(_env_number(e, "CHAINRUN_LOCAL_RUNNER_MAX_RETRY_ATTEMPTS", 2, 0, 2))
+        self.runner_max_event_age_s = _env_number(e, "CHAINRUN_LOCAL_RUNNER_MAX_EVENT_AGE_SECS", 3600, 1, 21600)
+        try:
+            self.retry_delays = [float(x) for x in (e.get("CHAINRUN_LOCAL_RETRY_DELAYS") or "1,2").split(",")]
+        except ValueError:
+            raise StackError(f"CHAINRUN_LOCAL_RETRY_DELAYS={e['CHAINRUN_LOCAL_RETRY_DELAYS']!r}: "
+                             f"give seconds before each retry, e.g. 1,2") from None
+        self.sweep_s = _env_number(e, "CHAINRUN_LOCAL_SWEEP_SECS", 5, 0.1, 86400)
+        self.dead_letter_function = e.get("CHAINRUN_LOCAL_DEAD_LETTER_FUNCTION") or DEAD_LETTER_FUNCTION
+        self.dead_letter_batch = int(_env_number(e, "CHAINRUN_LOCAL_DEAD_LETTER_BATCH_SIZE", 10, 1, 10))
+        self.dlq_visibility_s = int(_env_number(e, "CHAINRUN_LOCAL_DLQ_VISIBILITY_SECS", 30, 0, 43200))
+        self.dlq_url: str | None = None
+        self.bins: set[str] = set()
 
     # -- public -------------------------------------------------------------------------
     def __enter__(self) -> "Stack":
@@ -270,10 +351,10 @@ class Stack:
             return "aws"
         return "devmodel"
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         try:
             p = spawn(argv, lock=self._lock, slot=CHILD_SLOTS[name], log_path=self.logs / f"{name}.log",
-                      env=self._child_env(), cwd=self.root)
+                      env=self._child_env(extra_env), cwd=self.root)
         except SlotTaken as e:
             raise StackError(f"{name}: {e}; stop it with `python -m infra.stack down --dir {self.dir}`") from None
         self.procs[name] = p
@@ -366,6 +447,12 @@ class Stack:
             create_tables(self.dynamodb_url, self.region, self.root / "infra" / "tables.json")
         except Exception as e:  # noqa: BLE001
             self._fail("moto", f"creating tables failed: {e}")
+        try:
+            # The runner's on-failure destination (template.yaml: RunnerDeadLetterQueue).
+            self.dlq_url = Sqs(self.dynamodb_url, self.region).create_queue(
+                RUNNER_DLQ_NAME, {"VisibilityTimeout": str(self.dlq_visibility_s), "MessageRetentionPeriod": "1209600"})
+        except Exception as e:  # noqa: BLE001
+            self._fail("moto", f"creating the SQS queue {RUNNER_DLQ_NAME} failed: {e}")
         self.timings["dynamodb"] = time.monotonic() - t0
         self.log(f"stack: DynamoDB (moto) at {self.dynamodb_url}, tables: {', '.join(self.tables.values())}")
 
@@ -410,7 +497,9 @@ class Stack:
         else:
             fe = local_aws_env(self.region)  # keeps the developer's ~/.aws (profiles, endpoint_url) out
         fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.fault_proxy_url or self.dynamodb_url
+        fe["AWS_ENDPOINT_URL_SQS"] = self.dynamodb_url  # moto serves both
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
+        fe["CHAINRUN_RUNNER_DLQ_URL"] = self.dlq_url
         if self.bedrock_url:
             fe["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url
         fe.update(self.tables)
@@ -422,12 +511,60 @@ class Stack:
         for name in ("CHAINRUN_OWNER_DAILY_CAP_USD", "CHAINRUN_OWNER_DAILY_CAPS"):
             if self.base_env.get(name):
                 fe[name] = self.base_env[name]
+        # Recovery timings scaled down like the retry delays and the sweep period: a crashed
+        # runner's lease lapses in seconds, a lost dispatch is swept soon after.
+        fe["CHAINRUN_LEASE_SECS"] = self.base_env.get("CHAINRUN_LOCAL_LEASE_SECS") or str(LOCAL_LEASE_S)
+        fe["CHAINRUN_QUEUED_GRACE_SECS"] = self.base_env.get("CHAINRUN_LOCAL_QUEUED_GRACE_SECS") or str(LOCAL_QUEUED_GRACE_S)
         fe["RUST_LOG"] = self.base_env.get("RUST_LOG") or DEFAULT_RUST_LOG
         fe["NO_COLOR"] = "1"
         return fe
 
+    @property
+    def lambda_config_file(self) -> Path:
+        return self.dir / "lambda-config.json"
+
+    def _bin_targets(self) -> set[str]:
+        """The bin targets of the workspace (what watch can run)."""
+        r = subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"],
+                           cwd=str(self.root), env=self._child_env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise StackError(f"cargo metadata failed: {r.stderr.strip()[-2000:]}")
+        return {t["name"] for p in json.loads(r.stdout)["packages"] for t in p["targets"] if "bin" in t["kind"]}
+
+    def lambda_config(self) -> dict:
+        """Each function's timeout and async config, and the event sources (the invoke
+        proxy's --config; the runtime shim reads the timeouts from it too)."""
+        runner = {"timeout_s": self.runner_timeout_s, "maximum_retry_attempts": self.runner_retries,
+                  "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url}
+        sources: dict[str, list] = {"sqs": [], "schedules": []}
+        if self.dead_letter_function in self.bins:
+            sources["sqs"].append({"queue_url": self.dlq_url, "function": self.dead_letter_function,
+                                   "batch_size": self.dead_letter_batch, "report_batch_item_failures": True})
+        if SWEEPER_FUNCTION in self.bins:
+            sources["schedules"].append({"function": SWEEPER_FUNCTION, "every_s": self.sweep_s,
+                                         "payload": SWEEP_PAYLOAD})
+        return {"region": self.region, "retry_delays": self.retry_delays,
+                "default": {"timeout_s": 900},
+                "functions": {API_FUNCTION: {"timeout_s": API_TIMEOUT_S, "runtime_shim": False}, RUNNER_FUNCTION: runner},
+                "event_sources": sources}
+
     def _start_proxy_and_watch(self) -> None:
         cargo_lambda = find_cargo_lambda()
+        self.bins = self._bin_targets()
+        config = self.lambda_config()
+        self.lambda_config_file.write_text(json.dumps(config, indent=2) + "\n")
+        for kind, what in (("sqs", "polls {queue_url} for {function}"), ("schedules", "invokes {function} every {every_s:g}s")):
+            for source in config["event_sources"][kind]:
+                self.log("stack: event source " + what.format(**source))
+        # Every function instance watch starts (`cargo run --bin NAME`) runs under the
+        # runtime shim: real deadlines, request ids, timeouts, a fresh process after a crash.
+        shim = f"{sys.executable} -m infra.runtime_shim --config {self.lambda_config_file} --"
+        if " " in sys.executable or " " in str(self.lambda_config_file):
+            raise StackError(f"cargo splits a target runner at spaces: use a venv and --dir without spaces ({shim})")
+        watch_env = {f"CARGO_TARGET_{host_triple().upper().replace('-', '_')}_RUNNER": shim}
+        if self.base_env.get("CHAINRUN_LOCAL_RUNTIME_SHIM") == "0":  # to see watch's own behaviour
+            self.log("stack: CHAINRUN_LOCAL_RUNTIME_SHIM=0 — functions run without the runtime shim")
+            watch_env = {}
         for attempt in range(3):
             watch_port = free_port()
             self.watch_url = f"http://{LOOPBACK}:{watch_port}"
@@ -437,6 +574,7 @@ class Stack:
             port_file = self.dir / "invoke-proxy.port"
             port_file.unlink(missing_ok=True)
             self._spawn("invoke-proxy", [sys.executable, "-m", "infra.invoke_proxy", "--backend", self.watch_url,
+                                         "--config", str(self.lambda_config_file),
                                          "--host", LOOPBACK, "--port", "0", "--port-file", str(port_file)])
             port = self._wait_for("invoke-proxy", f"no port in {port_file}", lambda: _read_port(port_file))
             self.proxy_url = f"http://{LOOPBACK}:{port}"
@@ -453,7 +591,7 @@ class Stack:
                                    "--concurrency", str(WATCH_CONCURRENCY), "--ignore-changes",
                                    "--disable-cors", "--env-file", str(fn_env_file)]
             self.log(f"stack: cargo lambda watch on {self.watch_url} (log: {self.logs / 'lambda-watch.log'})")
-            self._spawn("lambda-watch", argv)
+            self._spawn("lambda-watch", argv, extra_env=watch_env)
             try:
                 self._wait_functions()
             except StackError as e:
@@ -545,7 +683,11 @@ class Stack:
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,  # boto3 / aws CLI read this one
             "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb_url,
+            "AWS_ENDPOINT_URL_SQS": self.dynamodb_url,
             "AWS_ENDPOINT_URL_LAMBDA": self.proxy_url,
+            "CHAINRUN_RUNNER_DLQ_URL": self.dlq_url,
+            "CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS": f"{self.runner_timeout_s:g}",
+            "LAMBDA_CONFIG_FILE": str(self.lambda_config_file),
         }
         if self.bedrock_url:
             env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url

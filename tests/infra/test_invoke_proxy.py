@@ -82,7 +82,7 @@ def backend():
 
 @pytest.fixture
 def proxy(backend):
-    srv, thread = invoke_proxy.start_in_thread(backend.url)
+    srv, thread = invoke_proxy.start_in_thread(backend.url, retry_delays=(0.05, 0.1))
     yield srv
     backend.gate.set()
     srv.wait_idle(10)
@@ -118,7 +118,9 @@ def test_event_invoke_answers_202_before_the_backend_finishes(proxy, backend):
     # The backend sets `answered` just after writing its reply, so the proxy can see the
     # reply (and go idle) a moment before: wait for it rather than read it at once.
     assert backend.answered.wait(5)
-    assert proxy.stats() == {"inflight": 0, "accepted": 1, "completed": 1, "failed": 0}
+    stats = proxy.stats()
+    assert {k: stats[k] for k in ("inflight", "accepted", "completed", "succeeded", "failed", "attempts")} == \
+        {"inflight": 0, "accepted": 1, "completed": 1, "succeeded": 1, "failed": 0, "attempts": 1}
 
     [req] = backend.requests
     assert req["method"] == "POST"
@@ -135,17 +137,19 @@ def test_event_invoke_failures_are_counted_not_raised(proxy, backend):
     status, _, _ = http("POST", proxy.url + INVOKE, raw=b"{}", headers={"X-Amz-Invocation-Type": "event"})
     assert status == 202
     assert proxy.wait_idle(10)
-    assert proxy.stats()["failed"] == 1
+    stats = proxy.stats()
+    assert stats["failed"] == 1 and stats["attempts"] == 3 and stats["function_errors"] == 3
+    assert stats["dropped"] == 1  # no on-failure destination configured
 
 
 def test_event_invoke_to_a_dead_backend_is_still_accepted(backend):
     dead = f"http://127.0.0.1:{free_port()}"
-    srv, thread = invoke_proxy.start_in_thread(dead)
+    srv, thread = invoke_proxy.start_in_thread(dead, retry_delays=(0.05,))
     try:
         status, _, _ = http("POST", srv.url + INVOKE, raw=b"{}", headers={"X-Amz-Invocation-Type": "Event"})
         assert status == 202
         assert srv.wait_idle(10)
-        assert srv.stats()["failed"] == 1
+        assert srv.stats()["failed"] == 1 and srv.stats()["connection_errors"] == 3
         # a synchronous request to a dead backend is a 502, not a hang
         status, _, body = http("POST", srv.url + INVOKE, raw=b"{}")
         assert status == 502 and "could not reach" in body["detail"]
