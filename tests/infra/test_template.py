@@ -279,7 +279,15 @@ def test_template_declares_no_tables_beyond_tables_json(resources):
     assert declared == {t["logical_id"] for t in TABLES}
 
 
-@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+FUNCTIONS = {
+    "ApiFunction": "chainrun-api",
+    "RunnerFunction": "chainrun-runner",
+    "SweeperFunction": "chainrun-sweeper",
+    "DeadLetterFunction": "chainrun-dead-letter",
+}
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 @pytest.mark.parametrize("spec", TABLES, ids=[t["logical_id"] for t in TABLES])
 def test_function_gets_each_table_name_in_its_env_var(template, function, spec):
     env = effective_function_props(template, function)["Environment"]["Variables"]
@@ -289,7 +297,7 @@ def test_function_gets_each_table_name_in_its_env_var(template, function, spec):
 # --------------------------------------------------------------------------- functions
 
 
-@pytest.mark.parametrize(("function", "binary"), [("ApiFunction", "chainrun-api"), ("RunnerFunction", "chainrun-runner")])
+@pytest.mark.parametrize(("function", "binary"), list(FUNCTIONS.items()))
 def test_function_is_rust_on_provided_al2023_built_by_cargo_lambda_from_its_binary(template, resources, function, binary):
     resource = resources[function]
     props = effective_function_props(template, function)
@@ -299,15 +307,55 @@ def test_function_is_rust_on_provided_al2023_built_by_cargo_lambda_from_its_bina
     assert resource["Metadata"] == {"BuildMethod": "rust-cargolambda", "BuildProperties": {"Binary": binary}}
 
 
-def test_only_the_api_and_runner_functions_are_declared(resources):
-    assert set(functions(resources)) == {"ApiFunction", "RunnerFunction"}
+def test_only_the_api_runner_and_recovery_functions_are_declared(resources):
+    assert set(functions(resources)) == set(FUNCTIONS)
 
 
-def test_architecture_defaults_to_arm64_and_drives_both_functions(template):
+def test_each_bin_target_of_the_workspace_is_a_declared_function():
+    # cargo lambda watch serves every bin target as a function: the template must declare
+    # each, and nothing else may be a bin (tools live in examples).
+    out = subprocess.run(["cargo", "metadata", "--no-deps", "--format-version", "1", "--offline"], cwd=ROOT, capture_output=True, text=True, check=True)
+    bins = {t["name"] for p in json.loads(out.stdout)["packages"] for t in p["targets"] if "bin" in t["kind"]}
+    assert bins == set(FUNCTIONS.values())
+
+
+def test_the_sweeper_runs_every_minute_without_retries_and_reads_only_the_runs_table(template):
+    props = effective_function_props(template, "SweeperFunction")
+    (event,) = props["Events"].values()
+    assert event["Type"] == "ScheduleV2"
+    assert event["Properties"]["ScheduleExpression"] == "rate(1 minute)"
+    assert json.loads(event["Properties"]["Input"]) == {"source": "chainrun.schedule", "action": "sweep"}
+    assert event["Properties"]["RetryPolicy"]["MaximumRetryAttempts"] == 0
+    assert props["EventInvokeConfig"]["MaximumRetryAttempts"] == 0
+    assert dynamodb_grants(props) == {"RunsTable": {"DynamoDBReadPolicy"}}
+    assert props["Environment"]["Variables"]["CHAINRUN_RUNNER_FUNCTION"] == {"Ref": "RunnerFunction"}
+
+
+def test_the_runs_table_has_a_sparse_keys_only_index_of_due_runs(resources):
+    (index,) = [g for g in resources["RunsTable"]["Properties"]["GlobalSecondaryIndexes"] if g["IndexName"] == "by-sweep"]
+    assert [k["AttributeName"] for k in index["KeySchema"]] == ["sweep_shard", "sweep_at"]
+    assert index["Projection"] == {"ProjectionType": "KEYS_ONLY"}
+
+
+def test_the_dead_letter_consumer_reads_the_runners_failure_queue_reporting_item_failures(template, resources):
+    props = effective_function_props(template, "DeadLetterFunction")
+    (event,) = props["Events"].values()
+    assert event["Type"] == "SQS"
+    dlq = resources["RunnerFunction"]["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]["Destination"]
+    assert event["Properties"]["Queue"] == dlq
+    assert event["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert 1 <= event["Properties"]["BatchSize"] <= 10
+    queue = resources[dlq["Fn::GetAtt"][0]]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * props["Timeout"], "a batch in progress would be delivered twice"
+    crud = {"DynamoDBCrudPolicy"}
+    assert dynamodb_grants(props) == {"RunsTable": crud, "EventsTable": crud, "ProgressTable": crud}
+
+
+def test_architecture_defaults_to_arm64_and_drives_every_function(template):
     param = template["Parameters"]["Architecture"]
     assert param["Default"] == "arm64"
     assert sorted(param["AllowedValues"]) == ["arm64", "x86_64"]
-    for function in ("ApiFunction", "RunnerFunction"):
+    for function in FUNCTIONS:
         assert effective_function_props(template, function)["Architectures"] == [{"Ref": "Architecture"}]
 
 
@@ -325,7 +373,7 @@ def test_parameters_have_documented_types_and_defaults(template):
     assert params["LogLevel"]["Default"] == "info"
 
 
-@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 def test_function_gets_log_level_retention_and_price_override(template, function):
     env = effective_function_props(template, function)["Environment"]["Variables"]
     assert env["RUST_LOG"] == {"Ref": "LogLevel"}
@@ -333,8 +381,8 @@ def test_function_gets_log_level_retention_and_price_override(template, function
     assert env["CHAINRUN_MODEL_PRICES"] == {"Ref": "ModelPricesJson"}
 
 
-@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
-def test_both_functions_get_the_daily_spend_caps(template, function):
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_every_function_gets_the_daily_spend_caps(template, function):
     env = effective_function_props(template, function)["Environment"]["Variables"]
     assert env["CHAINRUN_OWNER_DAILY_CAP_USD"] == {"Ref": "OwnerDailyCapUsd"}
     assert env["CHAINRUN_OWNER_DAILY_CAPS"] == {"Ref": "OwnerDailyCapsJson"}
@@ -381,7 +429,7 @@ def test_each_function_has_a_log_group_with_retention(template, resources):
         for r in resources.values()
         if r["Type"] == "AWS::Logs::LogGroup"
     }
-    for function in ("ApiFunction", "RunnerFunction"):
+    for function in FUNCTIONS:
         name = f"/aws/lambda/{resolver.resolve({'Ref': function})}"
         assert name in groups, f"no log group for {function}"
         assert groups[name], f"log group of {function} keeps logs forever"
@@ -450,7 +498,7 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
             )
 
 
-@pytest.mark.parametrize("function", ["ApiFunction", "RunnerFunction"])
+@pytest.mark.parametrize("function", list(FUNCTIONS))
 def test_function_policies_use_no_managed_policies_and_no_star_resources(template, function):
     props = effective_function_props(template, function)
     resolver = Resolver(template)
