@@ -246,8 +246,6 @@ enum Variant {
     Runner,
     /// The caller has a daily spend cap, which the engine checks on every model call.
     DailyCap,
-    /// No `RUNNING` checkpoint when a model step starts (`EngineConfig::checkpoint_running`).
-    NoRunningCheckpoint,
 }
 
 /// One measured run.
@@ -277,8 +275,8 @@ async fn measure(
     let store = Arc::new(DynamoStore::new(client.clone(), tables.clone()));
     let progress = Arc::new(DynamoProgress::new(client.clone(), tables.clone(), 30));
     let analytics = DynamoAnalytics::new(client.clone(), tables.clone());
-    let config = EngineConfig { checkpoint_running: variant != Variant::NoRunningCheckpoint, ..EngineConfig::default() };
-    let mut engine = Engine::new(Arc::new(scripted_model()), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), config);
+    let mut engine =
+        Engine::new(Arc::new(scripted_model()), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
     if variant == Variant::DailyCap {
         let caps = DailyCaps::parse(Some("5"), None)?;
         engine = engine.with_daily_caps(Arc::new(DynamoDailySpend::new(client.clone(), tables.clone())), caps);
@@ -335,7 +333,6 @@ async fn bench() -> Result<(), BoxError> {
         results.push(measure(&counted, &tables, &counter, owners, Variant::Runner).await?);
     }
     let capped = measure(&counted, &tables, &counter, vec![caller.clone()], Variant::DailyCap).await?;
-    let no_running = measure(&counted, &tables, &counter, vec![caller.clone()], Variant::NoRunningCheckpoint).await?;
     drop(moto);
 
     let one = &results[0];
@@ -375,12 +372,6 @@ async fn bench() -> Result<(), BoxError> {
         per_step(capped.run.writes(), capped.steps),
         per_step(capped.run.reads(), capped.steps),
         joined(&capped.run.purposes.iter().filter(|(p, _)| p.starts_with("daily_spend")).map(|(p, n)| (p.clone(), *n)).collect()),
-    );
-    println!(
-        "store: with checkpoint_running=false, owners=1 writes_per_step={:.2} reads_per_step={:.2} items_written_per_step={:.2} (not in W)",
-        per_step(no_running.run.writes(), no_running.steps),
-        per_step(no_running.run.reads(), no_running.steps),
-        per_step(no_running.run.items_written, no_running.steps),
     );
     println!(
         "store: after finish, not in W (runner roll-up, per run): writes={} reads={} {}",

@@ -361,8 +361,11 @@ impl Ledger {
         &self.spent
     }
 
+    /// Charged, plus the worst case of calls lost to dead runners: a budget holds across
+    /// crashes only if those count.
     pub fn spent_amount(&self) -> Amount {
-        Amount { tokens: self.spent.total_tokens(), cost: self.spent.cost }
+        let lost = self.spent.lost;
+        Amount { tokens: self.spent.total_tokens().saturating_add(lost.tokens), cost: self.spent.cost.saturating_add(lost.cost) }
     }
 
     /// Held by calls in flight.

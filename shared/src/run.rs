@@ -81,6 +81,63 @@ pub struct Totals {
     pub model_calls: u64,
     /// Sum of step latencies (not wall-clock: parallel steps overlap).
     pub step_latency_ms: u64,
+    /// Calls whose runner died before they returned, at their reserved worst case: not
+    /// exact charges, and not in the fields above.
+    #[serde(default, skip_serializing_if = "Lost::is_zero")]
+    pub lost: Lost,
+}
+
+/// Model calls whose runner stopped (a crash, a timeout) before they returned, counted at
+/// the worst case reserved for them: what they were charged is unknown, and a budget holds
+/// across crashes only if they count. Not part of exact charges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    pub calls: u64,
+    pub tokens: u64,
+    pub cost: Usd,
+}
+
+impl Lost {
+    pub fn is_zero(&self) -> bool {
+        *self == Lost::default()
+    }
+
+    pub fn add(&mut self, other: Lost) {
+        self.calls += other.calls;
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.cost = self.cost.saturating_add(other.cost);
+    }
+}
+
+/// The worst case reserved for a model call in flight, in a step's `RUNNING` checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub tokens: u64,
+    pub cost: Usd,
+}
+
+/// What a step's `RUNNING` checkpoint says its dead runner spent on it: exact charges of
+/// the calls that returned, and the calls it lost (its call in flight among them). A
+/// runner that takes the run over counts it against the budget and carries it into the
+/// step's next checkpoints, so it survives any number of crashes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub usage: Usage,
+    pub cost: Usd,
+    pub calls: u32,
+    pub lost: Lost,
+}
+
+impl Carried {
+    /// What an unsettled (`RUNNING`) checkpoint carries; `None` if it spent nothing.
+    pub fn of(running: &StepRecord) -> Option<Carried> {
+        let mut lost = running.lost;
+        if let Some(call) = running.in_flight {
+            lost.add(Lost { calls: 1, tokens: call.tokens, cost: call.cost });
+        }
+        let carried = Carried { usage: running.usage, cost: running.cost, calls: running.calls, lost };
+        (carried != Carried::default()).then_some(carried)
+    }
 }
 
 impl Totals {
@@ -89,11 +146,7 @@ impl Totals {
     }
 
     pub fn add_call(&mut self, usage: &Usage, cost: Usd) {
-        self.input_tokens += usage.input_tokens;
-        self.output_tokens += usage.output_tokens;
-        self.cache_read_tokens += usage.cache_read_tokens;
-        self.cache_write_tokens += usage.cache_write_tokens;
-        self.cost = self.cost.saturating_add(cost);
+        self.add_usage(usage, cost);
         self.model_calls += 1;
     }
 
@@ -101,11 +154,28 @@ impl Totals {
     /// and where a resumed run's budget starts. The one place live totals are computed.
     pub fn of_checkpoints<'a>(checkpoints: impl IntoIterator<Item = &'a StepRecord>) -> Totals {
         let mut totals = Totals::default();
-        for r in checkpoints.into_iter().filter(|r| r.status.is_settled() && r.attempts > 0) {
-            totals.add_call(&r.usage, r.cost);
+        for r in checkpoints.into_iter().filter(|r| r.status.is_settled()) {
+            totals.add_usage(&r.usage, r.cost);
+            totals.model_calls += u64::from(r.calls);
+            totals.lost.add(r.lost);
             totals.step_latency_ms += r.latency_ms;
         }
         totals
+    }
+
+    /// Adds what a dead runner spent on a step it did not settle.
+    pub fn add_carried(&mut self, carried: &Carried) {
+        self.add_usage(&carried.usage, carried.cost);
+        self.model_calls += u64::from(carried.calls);
+        self.lost.add(carried.lost);
+    }
+
+    fn add_usage(&mut self, usage: &Usage, cost: Usd) {
+        self.input_tokens += usage.input_tokens;
+        self.output_tokens += usage.output_tokens;
+        self.cache_read_tokens += usage.cache_read_tokens;
+        self.cache_write_tokens += usage.cache_write_tokens;
+        self.cost = self.cost.saturating_add(cost);
     }
 }
 
@@ -238,6 +308,17 @@ pub struct StepRecord {
     pub detail: Option<Value>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Model calls the step was charged for (its attempts, a map's items), including those
+    /// of runners that died while it ran.
+    #[serde(default)]
+    pub calls: u32,
+    /// Calls of this step whose runner died before they returned (see [`Lost`]).
+    #[serde(default, skip_serializing_if = "Lost::is_zero")]
+    pub lost: Lost,
+    /// In a `RUNNING` checkpoint: the worst case of the call in flight, written before the
+    /// call is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
 }
 
 impl StepRecord {
@@ -256,6 +337,9 @@ impl StepRecord {
             detail: None,
             started_at: None,
             finished_at: Some(now),
+            calls: 0,
+            lost: Lost::default(),
+            in_flight: None,
         }
     }
 }

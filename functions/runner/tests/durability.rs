@@ -239,3 +239,83 @@ async fn a_suspended_run_says_so_and_its_continuation_says_why() {
     assert_eq!((resumed.data["cause"].as_str(), resumed.data["takeover"].is_null()), (Some("continue"), true));
     assert!(suspended.seq < resumed.seq);
 }
+
+/// The worst case the engine reserves for `prompt` with `max_tokens` on nova-micro.
+fn worst(prompt: &str, max_tokens: u32) -> chainrun_core::budget::Amount {
+    let registry = ModelRegistry::builtin();
+    let model = registry.get("amazon.nova-micro-v1:0").unwrap();
+    chainrun_core::budget::worst_case(&model, chainrun_core::budget::estimate_input_tokens(None, prompt), max_tokens)
+}
+
+/// `a` (charged 110 tokens), then `b`, whose call takes a minute; a runner dies during it.
+async fn crash_during_b(s: &Setup, budget: Option<Value>) -> RunRecord {
+    let steps = json!([
+        { "id": "a", "type": "llm", "prompt": "FIRST" },
+        { "id": "b", "type": "llm", "prompt": "SLOW {{ steps.a.text }}", "max_tokens": 1000 }
+    ]);
+    let mut def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": steps });
+    if let Some(budget) = budget {
+        def["budget"] = budget;
+    }
+    let mut run =
+        RunRecord::new("t".parse().unwrap(), def.clone(), json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
+    run.step_order = chainrun_core::graph::validate_json(&def, &ModelRegistry::builtin()).unwrap().step_order();
+    s.store.create_run(&run).await.unwrap();
+    let crashed = deliver(s, &run.id, "inv-1", Cause::Start);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    crashed.abort();
+    let _ = crashed.await;
+    tokio::time::sleep(LEASE).await;
+    run
+}
+
+fn scripts() -> Vec<Script> {
+    vec![Script::reply("FIRST", "1").with_usage(100, 10), Script::reply("SLOW", "2").with_usage(50, 5).with_latency(Duration::from_secs(60))]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_in_flight_when_its_runner_died_counts_at_its_worst_case_apart_from_exact_charges() {
+    let s = setup(scripts(), 3, None);
+    let run = crash_during_b(&s, None).await;
+    assert_eq!(deliver(&s, &run.id, "inv-2", Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let totals = s.store.get_run(&run.id).await.unwrap().unwrap().totals;
+    let lost = worst("SLOW 1", 1000);
+    assert_eq!((totals.lost.calls, totals.lost.tokens, totals.lost.cost), (1, lost.tokens, lost.cost));
+    assert_eq!((totals.model_calls, totals.total_tokens()), (2, 110 + 55), "exact charges: a, and b's second call");
+    let b = s.store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "b").unwrap();
+    assert_eq!((b.calls, b.lost.calls), (1, 1), "the step's record keeps what the dead runner lost");
+    let completed = s.progress.events(&run.id).into_iter().find(|e| e.kind == EventType::RunCompleted).unwrap();
+    assert_eq!(completed.data["totals"]["reserved_lost"]["calls"], 1, "{}", completed.data);
+    assert_eq!(completed.data["totals"]["reserved_lost"]["tokens"], lost.tokens);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_holds_across_a_crash_because_the_lost_call_counts_against_it() {
+    let s = setup(scripts(), 3, None);
+    // Room for a's 110 tokens and two of b's worst cases, less one token: the dead runner's
+    // call and its retry do not both fit.
+    let w = worst("SLOW 1", 1000).tokens;
+    let run = crash_during_b(&s, Some(json!({ "max_total_tokens": 110 + 2 * w - 1 }))).await;
+    assert_eq!(deliver(&s, &run.id, "inv-2", Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Failed));
+    let b = s.store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "b").unwrap();
+    assert_eq!(b.error.map(|e| e.code), Some(ErrorCode::BudgetExceeded));
+    assert_eq!(s.model.calls_matching("SLOW"), 1, "the call that would break the budget is not made");
+    let totals = s.store.get_run(&run.id).await.unwrap().unwrap().totals;
+    assert!(totals.total_tokens() + totals.lost.tokens <= 110 + 2 * w - 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_a_dead_runner_spent_survives_a_second_crash() {
+    let s = setup(scripts(), 3, None);
+    let run = crash_during_b(&s, None).await;
+    // The second runner dies in b's call too: both calls in flight are lost.
+    let again = deliver(&s, &run.id, "inv-2", Cause::Sweep);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    again.abort();
+    let _ = again.await;
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(deliver(&s, &run.id, "inv-3", Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let totals = s.store.get_run(&run.id).await.unwrap().unwrap().totals;
+    assert_eq!((totals.lost.calls, totals.lost.tokens), (2, 2 * worst("SLOW 1", 1000).tokens));
+    assert_eq!(totals.model_calls, 2);
+}

@@ -182,6 +182,12 @@ struct StepItem {
     started_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     finished_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    calls: u32,
+    #[serde(default, skip_serializing_if = "Lost::is_zero")]
+    lost: Lost,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    in_flight: Option<InFlight>,
 }
 
 /// `what` as an item. Our records always encode, so a failure is a defect, not bad data.
@@ -343,6 +349,9 @@ pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step
             detail: step.detail.as_ref().map(json_string),
             started_at: step.started_at,
             finished_at: step.finished_at,
+            calls: step.calls,
+            lost: step.lost,
+            in_flight: step.in_flight,
         },
         &format!("the checkpoint of step {} of run {id}", step.step_id),
     )?;
@@ -430,6 +439,9 @@ impl RunStore for DynamoStore {
                     error: step.error,
                     started_at: step.started_at,
                     finished_at: step.finished_at,
+                    calls: step.calls,
+                    lost: step.lost,
+                    in_flight: step.in_flight,
                 });
             }
             match out.last_evaluated_key {

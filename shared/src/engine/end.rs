@@ -9,11 +9,12 @@ use crate::graph::Limits;
 use crate::ids::StepId;
 use crate::ports::{Lease, ProgressSink, RunStore};
 use crate::pricing::ModelRegistry;
-use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::wire::TotalsView;
 use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
 use chrono::Utc;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -55,9 +56,13 @@ pub(super) async fn finish(
     Ok(Outcome::Finished(status))
 }
 
-/// Checkpoints a step that will not run as `CANCELLED`, with the event that says why.
-pub(super) async fn cancel(journal: &Journal, id: StepId, reason: &str) -> Result<StepRecord, EngineError> {
-    let record = StepRecord::settled(id, StepStatus::Cancelled, None, Utc::now());
+/// Checkpoints a step that will not run as `CANCELLED`, with the event that says why. What
+/// dead runners spent on it (`carried`) stays on its record, so the run's totals keep it.
+pub(super) async fn cancel(journal: &Journal, id: StepId, reason: &str, carried: Option<Carried>) -> Result<StepRecord, EngineError> {
+    let mut record = StepRecord::settled(id, StepStatus::Cancelled, None, Utc::now());
+    if let Some(c) = carried {
+        (record.usage, record.cost, record.calls, record.lost) = (c.usage, c.cost, c.calls, c.lost);
+    }
     let body = EventBody::StepCancelled(StepCancelled { reason: reason.to_owned() });
     journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
     debug!(step_id = %record.step_id, reason, "step cancelled");
@@ -82,10 +87,13 @@ impl Ender {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
             let saved = self.store.get_steps(&run.id).await?;
-            let settled: Vec<Option<StepRecord>> = saved.into_iter().filter(|r| r.status.is_settled()).map(Some).collect();
+            let (settled, unsettled): (Vec<StepRecord>, Vec<StepRecord>) = saved.into_iter().partition(|r| r.status.is_settled());
+            let carried: HashMap<StepId, Carried> = unsettled.iter().filter_map(|r| Carried::of(r).map(|c| (r.step_id.clone(), c))).collect();
+            let mut spent = Totals::of_checkpoints(&settled);
+            carried.values().for_each(|c| spent.add_carried(c));
             let last_seq = self.sink.last_seq(&run.id).await?;
-            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &settled, BudgetLimits::UNLIMITED);
-            let done: Vec<&str> = settled.iter().flatten().map(|r| r.step_id.as_str()).collect();
+            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, BudgetLimits::UNLIMITED);
+            let done: Vec<&str> = settled.iter().map(|r| r.step_id.as_str()).collect();
             let reason = format!("the run failed: {}", error.code);
             // Records stored before the step order was kept name their steps only in the definition.
             let order = match run.step_order.is_empty() {
@@ -93,7 +101,8 @@ impl Ender {
                 false => run.step_order.clone(),
             };
             for id in order.into_iter().filter(|id| !done.contains(&id.as_str())) {
-                cancel(&journal, id, &reason).await?;
+                let carried = carried.get(&id).copied();
+                cancel(&journal, id, &reason, carried).await?;
             }
             finish(self.store.as_ref(), &mut run, lease, &journal, RunStatus::Failed, None, Some(error)).await
         }

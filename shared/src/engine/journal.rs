@@ -49,18 +49,18 @@ pub struct JournalState {
 }
 
 impl Journal {
-    /// A journal continuing after `last_seq`, its ledger starting from what the run's
-    /// checkpoints already spent (so a resumed run's budget counts it).
+    /// A journal continuing after `last_seq`, its ledger starting from what the run has
+    /// already spent (its checkpoints, and what dead runners carried: so a resumed run's
+    /// budget counts it).
     pub fn new(
         sink: Arc<dyn ProgressSink>,
         store: Arc<dyn RunStore>,
         lease: Lease,
         run: &RunRecord,
         last_seq: u64,
-        checkpoints: &[Option<StepRecord>],
+        spent: Totals,
         budget: BudgetLimits,
     ) -> Self {
-        let spent = Totals::of_checkpoints(checkpoints.iter().flatten());
         Self {
             sink,
             store,
@@ -109,6 +109,23 @@ impl Journal {
 
     pub fn open_reservations(&self) -> usize {
         self.ledger().open_reservations()
+    }
+
+    /// Writes a checkpoint without an event (a model step's `RUNNING` checkpoint before a
+    /// retry: see [`super::running`]), under the lease.
+    pub async fn checkpoint(&self, record: &StepRecord) -> Result<(), JournalError> {
+        let mut tries = 1;
+        loop {
+            match self.store.save_step(&self.run_id, &self.lease, record).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
+                    warn!(error = %e, step_id = %record.step_id, "checkpoint write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(JournalError::Store(e)),
+            }
+        }
     }
 
     /// Appends an event without changing what the rows show.

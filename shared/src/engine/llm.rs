@@ -7,6 +7,7 @@
 
 use super::EngineError;
 use super::daily::DayReservation;
+use super::running::Running;
 use super::step::{Scope, StepContext, Work};
 use crate::budget::{self, Reservation};
 use crate::codes::ErrorCode;
@@ -42,7 +43,17 @@ struct Admitted {
 
 impl StepContext {
     /// A model call with retries. `item` is the map item index when run inside a map.
-    pub async fn run_llm(&self, id: &StepId, spec: &LlmSpec, scope: &impl Scope, item: Option<usize>) -> Result<Work, EngineError> {
+    /// `running` is the step's `RUNNING` checkpoint (none for a map item): each call's
+    /// reservation is written there before the call is made, the first together with the
+    /// step's `STEP_STARTED`.
+    pub async fn run_llm(
+        &self,
+        id: &StepId,
+        spec: &LlmSpec,
+        scope: &impl Scope,
+        item: Option<usize>,
+        mut running: Option<&mut Running>,
+    ) -> Result<Work, EngineError> {
         let Some(model_info) = self.models.get(spec.model.as_str()) else {
             return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
         };
@@ -83,6 +94,13 @@ impl StepContext {
                     return Ok(work);
                 }
             };
+            // The reservation is durable before the call: a runner that takes over after a
+            // crash counts this call at its worst case.
+            match running.as_deref_mut() {
+                Some(running) if !running.announced() => running.announce(&self.journal, Some(worst)).await?,
+                Some(running) => running.hold(&self.journal, &work, worst).await?,
+                None => {}
+            }
             let call_started = Instant::now();
             // On an engine error the reservation is dropped unreleased: the call's spend is
             // unknown, so the run keeps it held (the run stops on that error anyway).
@@ -90,7 +108,7 @@ impl StepContext {
             let outcome = match reply {
                 Ok(reply) => {
                     let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
-                    work.add_spend(reply.usage, cost);
+                    work.add_spend(reply.usage, cost, 1);
                     self.journal.settle(admitted.reservation, &reply.usage, cost);
                     self.settle_day(admitted.day, cost).await;
                     info!(

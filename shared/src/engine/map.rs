@@ -29,7 +29,7 @@ impl StepContext {
             .map(|(index, item)| async move {
                 let scope = inputs.with_item(&item, index);
                 let work = match &spec.step {
-                    ItemStep::Llm(llm) => self.run_llm(id, llm, &scope, Some(index)).await,
+                    ItemStep::Llm(llm) => self.run_llm(id, llm, &scope, Some(index), None).await,
                     ItemStep::Transform(t) => Ok(transform::run(t, &scope)),
                 };
                 work.map(|w| (index, w))
@@ -49,7 +49,7 @@ impl StepContext {
         let mut failed = Vec::new();
         for (index, work) in ordered.into_iter().enumerate() {
             let Some(work) = work else { continue };
-            map.add_spend(work.usage, work.cost);
+            map.add_spend(work.usage, work.cost, work.calls);
             map.attempts = map.attempts.max(work.attempts);
             match work.output {
                 Ok((_, value)) => outputs.push(value),

@@ -9,6 +9,7 @@
 //! | [`schedule`] | pure dataflow decisions: what is ready, what is skipped, joins and routes |
 //! | [`journal`] | the run's event log writer: gap-free `seq`, owners' rows, the budget ledger |
 //! | `step` | one step: announce, run its kind, checkpoint, announce the result |
+//! | `running` | a model step's `RUNNING` checkpoint: its reservation durable before each call, what dead runners spent carried on |
 //! | `llm` | model calls: admission against budgets (the one refusal path), attempts, streaming, backoff |
 //! | `daily` | the caller's daily spend cap as a call holds and settles it |
 //! | `map` | fan-out of a sub-step over a list |
@@ -25,6 +26,7 @@ pub mod journal;
 mod llm;
 mod map;
 mod router;
+mod running;
 pub mod schedule;
 mod step;
 mod transform;
@@ -36,7 +38,7 @@ use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
 use crate::run::Cause;
-use crate::run::{ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus};
+use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::spend::DailyCaps;
 use crate::wire::events::{EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
 use chrono::Utc;
@@ -63,9 +65,6 @@ pub struct EngineConfig {
     /// Larger outputs are refused (a checkpoint is one DynamoDB item). A step's own limit
     /// can be lower: see [`EngineConfig::reply_limit`].
     pub max_output_bytes: usize,
-    /// Write a `RUNNING` checkpoint when a model step starts, so snapshots show what is in
-    /// flight. Costs one write per model step.
-    pub checkpoint_running: bool,
     /// Definition limits applied when the run's snapshot is validated.
     pub limits: crate::graph::Limits,
 }
@@ -77,7 +76,6 @@ impl Default for EngineConfig {
             stream_flush_bytes: 2048,
             deadline_margin: Duration::from_secs(90),
             max_output_bytes: limits::MAX_OUTPUT_BYTES,
-            checkpoint_running: true,
             limits: crate::graph::Limits::default(),
         }
     }
@@ -185,7 +183,8 @@ impl Engine {
                 // Validated at start; this only happens if the price registry changed since.
                 let error = ErrorInfo::terminal(ErrorCode::InvalidWorkflow, invalid.to_string());
                 let last_seq = self.sink.last_seq(&run.id).await?;
-                let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &[], BudgetLimits::UNLIMITED);
+                let journal =
+                    Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, Totals::default(), BudgetLimits::UNLIMITED);
                 end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
             }
         }
@@ -202,10 +201,13 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            let records = self.checkpoints(&run, &graph).await?;
+            let (records, mut carried) = self.checkpoints(&run, &graph).await?;
             let last_seq = self.sink.last_seq(&run.id).await?;
-            // Spend already checkpointed counts against the budget of a resumed run.
-            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, &records, graph.budget()));
+            // Spend already checkpointed counts against the budget of a resumed run, and so
+            // does what dead runners spent on steps they did not settle.
+            let mut spent = Totals::of_checkpoints(records.iter().flatten());
+            carried.iter().flatten().for_each(|c| spent.add_carried(c));
+            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, graph.budget()));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
             } else {
@@ -259,7 +261,8 @@ impl Engine {
                     {
                         let inputs = Inputs::of(&input, schedule.records(), &graph.steps()[i].deps);
                         let (shared, graph) = (shared.clone(), graph.clone());
-                        running.spawn(async move { (i, shared.run_step(&graph.steps()[i], inputs).await) });
+                        let carried = carried[i].take();
+                        running.spawn(async move { (i, shared.run_step(&graph.steps()[i], inputs, carried).await) });
                     }
                 }
                 let Some(joined) = running.join_next().await else { break };
@@ -283,9 +286,9 @@ impl Engine {
 
             if let Some((i, error)) = failure {
                 let reason = format!("step {} failed", graph.steps()[i].id);
-                for (slot, step) in records.iter_mut().zip(graph.steps()) {
+                for (j, (slot, step)) in records.iter_mut().zip(graph.steps()).enumerate() {
                     if slot.is_none() {
-                        *slot = Some(Arc::new(end::cancel(&journal, step.id.clone(), &reason).await?));
+                        *slot = Some(Arc::new(end::cancel(&journal, step.id.clone(), &reason, carried[j].take()).await?));
                     }
                 }
                 let message = format!("step {} failed: {}", graph.steps()[i].id, error.message);
@@ -311,17 +314,20 @@ impl Engine {
         .await
     }
 
-    /// The run's settled checkpoints, by step index (a resumed run starts from them).
-    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<Vec<Option<StepRecord>>, EngineError> {
+    /// The run's settled checkpoints by step index (a resumed run starts from them), and
+    /// what dead runners spent on the steps they did not settle.
+    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<(Vec<Option<StepRecord>>, Vec<Option<Carried>>), EngineError> {
         let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps().len()];
+        let mut carried: Vec<Option<Carried>> = vec![None; graph.steps().len()];
         let index: HashMap<&str, usize> = graph.steps().iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         for saved in self.store.get_steps(&run.id).await? {
-            if let Some(&i) = index.get(saved.step_id.as_str())
-                && saved.status.is_settled()
-            {
+            let Some(&i) = index.get(saved.step_id.as_str()) else { continue };
+            if saved.status.is_settled() {
                 records[i] = Some(saved);
+            } else {
+                carried[i] = Carried::of(&saved);
             }
         }
-        Ok(records)
+        Ok((records, carried))
     }
 }

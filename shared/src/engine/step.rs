@@ -5,6 +5,7 @@
 
 use super::daily::OwnerCap;
 use super::journal::Journal;
+use super::running::Running;
 use super::{EngineConfig, EngineError, router, transform};
 use crate::codes::ErrorCode;
 use crate::graph::{ItemStep, MapSpec, Step, StepKind, ValidatedGraph};
@@ -12,10 +13,10 @@ use crate::ids::RunId;
 use crate::money::Usd;
 use crate::ports::ModelClient;
 use crate::pricing::{ModelRegistry, Usage};
-use crate::run::{ErrorInfo, StepRecord, StepStatus};
+use crate::run::{Carried, ErrorInfo, StepRecord, StepStatus};
 use crate::template::{self, Resolve, Slot, walk};
 use crate::wire::StepDetail;
-use crate::wire::events::{EventBody, StepCompleted, StepFailed, StepStarted};
+use crate::wire::events::{EventBody, StepCompleted, StepFailed};
 use chrono::Utc;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -41,32 +42,31 @@ pub struct Work {
     pub usage: Usage,
     pub cost: Usd,
     pub attempts: u32,
+    /// Model calls charged.
+    pub calls: u32,
     pub detail: Option<StepDetail>,
 }
 
 impl Work {
     pub fn done(text: String, value: Value) -> Self {
-        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, detail: None }
+        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, detail: None }
     }
 
     pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { output: Err(ErrorInfo::terminal(code, message)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, detail: None }
+        Self { output: Err(ErrorInfo::terminal(code, message)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, detail: None }
     }
 
-    /// Adds what another call (an attempt, a map item) used.
-    pub fn add_spend(&mut self, usage: Usage, cost: Usd) {
-        self.usage = Usage {
-            input_tokens: self.usage.input_tokens + usage.input_tokens,
-            output_tokens: self.usage.output_tokens + usage.output_tokens,
-            cache_read_tokens: self.usage.cache_read_tokens + usage.cache_read_tokens,
-            cache_write_tokens: self.usage.cache_write_tokens + usage.cache_write_tokens,
-        };
+    /// Adds what `calls` more calls (an attempt, a map item's) were charged.
+    pub fn add_spend(&mut self, usage: Usage, cost: Usd, calls: u32) {
+        self.usage = self.usage.plus(&usage);
         self.cost = self.cost.saturating_add(cost);
+        self.calls += calls;
     }
 }
 
 impl StepContext {
-    pub async fn run_step(&self, step: &Step, inputs: Inputs) -> Result<StepRecord, EngineError> {
+    /// Runs `step`; `carried` is what runners that died while it ran spent on it.
+    pub async fn run_step(&self, step: &Step, inputs: Inputs, carried: Option<Carried>) -> Result<StepRecord, EngineError> {
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
             let started_at = Utc::now();
@@ -76,25 +76,27 @@ impl StepContext {
                 StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => Some(spec.model.clone()),
                 _ => None,
             };
-            let id = step.id.clone();
-            let started = EventBody::StepStarted(StepStarted { model: model.clone() });
-            // A model step's RUNNING checkpoint goes with its STEP_STARTED event, so run
-            // snapshots show what is in flight at no extra write; resume ignores it.
-            let running = (self.config.checkpoint_running && model.is_some()).then(|| {
-                let mut running = StepRecord::settled(step.id.clone(), StepStatus::Running, None, started_at);
-                running.finished_at = None;
-                running.started_at = Some(started_at);
-                running.attempts = 1;
-                running.model = model.clone();
-                running
-            });
-            self.journal.emit_with(started, Some(&step.id), Some(1), running.as_ref(), move |s| s.current_step = Some(id)).await?;
-            let work = match &step.kind {
-                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &inputs, None).await?,
-                StepKind::Transform(spec) => transform::run(spec, &inputs),
-                StepKind::Router(spec) => router::route(spec, &inputs.to_json()),
-                StepKind::Map(spec) => self.run_map(&step.id, spec, &inputs).await?,
+            let mut running = Running::new(step.id.clone(), model.clone(), started_at, carried);
+            let mut work = match &step.kind {
+                // A model call announces the step itself, with its first call's reservation.
+                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &inputs, None, Some(&mut running)).await?,
+                StepKind::Transform(spec) => {
+                    running.announce(&self.journal, None).await?;
+                    transform::run(spec, &inputs)
+                }
+                StepKind::Router(spec) => {
+                    running.announce(&self.journal, None).await?;
+                    router::route(spec, &inputs.to_json())
+                }
+                StepKind::Map(spec) => {
+                    running.announce(&self.journal, None).await?;
+                    self.run_map(&step.id, spec, &inputs).await?
+                }
             };
+            // A step that failed before calling a model has not announced itself yet.
+            running.announce(&self.journal, None).await?;
+            let carried = *running.carried();
+            work.add_spend(carried.usage, carried.cost, carried.calls);
             let (status, text, output, error) = match work.output {
                 Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
                 Err(e) => (StepStatus::Failed, None, None, Some(e)),
@@ -113,6 +115,9 @@ impl StepContext {
                 detail: work.detail.as_ref().map(StepDetail::to_value),
                 started_at: Some(started_at),
                 finished_at: Some(Utc::now()),
+                calls: work.calls,
+                lost: carried.lost,
+                in_flight: None,
             };
             let body = match record.status {
                 StepStatus::Completed => EventBody::StepCompleted(StepCompleted {

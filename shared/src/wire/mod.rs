@@ -51,6 +51,20 @@ pub struct TotalsView {
     pub model_calls: u64,
     /// Sum of step latencies (not wall-clock: parallel steps overlap).
     pub step_latency_ms: u64,
+    /// Model calls whose runner died before they returned, counted at the worst case
+    /// reserved for them (what they cost is unknown): not in the exact figures above, but
+    /// counted against the run's budget. Absent when no runner died mid-call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reserved_lost: Option<LostView>,
+}
+
+/// See [`TotalsView::reserved_lost`].
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LostView {
+    pub calls: u64,
+    pub tokens: u64,
+    #[serde(flatten)]
+    pub cost: Money<Cost>,
 }
 
 impl From<&Totals> for TotalsView {
@@ -67,6 +81,7 @@ impl From<&Totals> for TotalsView {
             cost: t.cost.into(),
             model_calls: t.model_calls,
             step_latency_ms: t.step_latency_ms,
+            reserved_lost: (!t.lost.is_zero()).then(|| LostView { calls: t.lost.calls, tokens: t.lost.tokens, cost: t.lost.cost.into() }),
         }
     }
 }
