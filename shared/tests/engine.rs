@@ -508,3 +508,27 @@ async fn reading_steps_as_a_whole_is_rejected_because_dependencies_must_be_stati
     assert_eq!(run.status, RunStatus::Failed);
     assert_eq!(run.error.unwrap().code, "INVALID_WORKFLOW");
 }
+
+#[tokio::test]
+async fn a_step_output_too_large_for_its_checkpoint_fails_the_step_whatever_its_kind() {
+    let h = harness_with(vec![], EngineConfig { max_output_bytes: 1000, ..EngineConfig::default() });
+    let def = workflow(json!([
+        { "id": "small", "type": "transform", "template": "{% for i in range(100) %}x{% endfor %}" },
+        { "id": "big", "type": "transform", "expression": "input.words.map(w, w + w)" },
+        { "id": "after", "type": "transform", "template": "{{ steps.big.status }}", "depends_on": ["big"] }
+    ]));
+    let words: Vec<String> = (0..100).map(|i| format!("word-number-{i}")).collect();
+    let (run, events) = h.run(def, json!({ "words": words })).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    let steps = h.store.get_steps(&run.id).await.unwrap();
+    let step = |id: &str| steps.iter().find(|r| r.step_id.as_str() == id).unwrap().clone();
+    assert_eq!(step("small").status, StepStatus::Completed);
+    let big = step("big");
+    assert_eq!(big.status, StepStatus::Failed);
+    let error = big.error.unwrap();
+    assert_eq!(error.code, chainrun_core::codes::ErrorCode::OutputTooLarge);
+    assert!(error.message.contains("step big") && error.message.contains("at most 1000"), "{}", error.message);
+    assert!(big.output.is_none(), "nothing too large is stored");
+    assert_eq!(step("after").status, StepStatus::Skipped, "its dependent does not run");
+    assert_gap_free(&events);
+}
