@@ -10,7 +10,7 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
-use crate::run::{Event, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
+use crate::run::{Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -29,6 +29,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct MemoryStore {
     runs: Mutex<HashMap<RunId, Slot>>,
     steps: Mutex<HashMap<RunId, BTreeMap<StepId, StepRecord>>>,
+    items: Mutex<HashMap<(RunId, StepId), BTreeMap<usize, ItemRecord>>>,
     queued_grace: chrono::Duration,
 }
 
@@ -53,7 +54,12 @@ impl MemoryStore {
 
     /// A store whose queued (or released) runs become due for the sweeper after `grace`.
     pub fn with_queued_grace(grace: std::time::Duration) -> Self {
-        Self { runs: Mutex::default(), steps: Mutex::default(), queued_grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX) }
+        Self {
+            runs: Mutex::default(),
+            steps: Mutex::default(),
+            items: Mutex::default(),
+            queued_grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX),
+        }
     }
 
     fn check_lease(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
@@ -132,6 +138,16 @@ impl RunStore for MemoryStore {
         self.check_lease(id, lease)?;
         lock(&self.steps).entry(id.clone()).or_default().insert(step.step_id.clone(), step.clone());
         Ok(())
+    }
+
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        lock(&self.items).entry((id.clone(), step.clone())).or_default().insert(item.index, item.clone());
+        Ok(())
+    }
+
+    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
+        Ok(lock(&self.items).get(&(id.clone(), step.clone())).map(|m| m.values().cloned().collect()).unwrap_or_default())
     }
 
     /// Records exactly what the DynamoDB store's update does: the end (status, output,

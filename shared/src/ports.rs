@@ -5,10 +5,10 @@
 //! `retryable()` instead of matching on messages.
 
 use crate::analytics::WorkflowCosts;
-use crate::ids::{ModelId, Principal, RunId, UserId, WorkflowName};
+use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
-use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
+use crate::run::{ErrorInfo, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -161,6 +161,10 @@ pub trait RunStore: Send + Sync {
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError>;
     /// Checkpoints a step, only while `lease` is still ours.
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError>;
+    /// Checkpoints one item of map step `step`, only while `lease` is still ours.
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError>;
+    /// The item checkpoints of map step `step`, by index.
+    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError>;
     /// Records the run's end (status, output, error, totals) and releases the lease.
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError>;
     /// Gives the lease up without finishing (the run continues in another invocation,

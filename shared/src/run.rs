@@ -140,6 +140,41 @@ impl Carried {
     }
 }
 
+/// One map item's checkpoint: its result once it settled, or (`RUNNING`) the worst case of
+/// its call in flight beside what it was charged so far. A resumed map reuses settled items
+/// and runs only the others. Only items that call a model are checkpointed (a transform
+/// item costs nothing to run again).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub index: usize,
+    pub status: StepStatus,
+    pub attempts: u32,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub text: Option<String>,
+    pub usage: Usage,
+    pub cost: Usd,
+    pub calls: u32,
+    #[serde(default)]
+    pub error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Lost::is_zero")]
+    pub lost: Lost,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+}
+
+impl ItemRecord {
+    /// What a dead runner spent on this item, if it had not settled it.
+    pub fn carried(&self) -> Carried {
+        let mut lost = self.lost;
+        if let Some(call) = self.in_flight {
+            lost.add(Lost { calls: 1, tokens: call.tokens, cost: call.cost });
+        }
+        Carried { usage: self.usage, cost: self.cost, calls: self.calls, lost }
+    }
+}
+
 impl Totals {
     pub fn total_tokens(&self) -> u64 {
         self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens

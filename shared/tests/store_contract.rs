@@ -491,6 +491,36 @@ async fn durability_contract(store: Arc<dyn RunStore>) {
     let Claim::Acquired(continued) = store.claim(&run.id, &three, Utc::now()).await.unwrap() else { panic!("continue") };
     assert_eq!(continued.takeovers.len(), 1, "a continuation adds no takeover");
 
+    // Map item checkpoints: fenced by the lease, read back in index order, apart from the
+    // step checkpoints.
+    let map = StepId::parse("m").unwrap();
+    let item = |index: usize, status: StepStatus| ItemRecord {
+        index,
+        status,
+        attempts: 1,
+        output: (status == StepStatus::Completed).then(|| json!({ "i": index, "text": "é ✓" })),
+        text: Some(format!("{index}")),
+        usage: Usage { input_tokens: 3, output_tokens: 4, ..Usage::default() },
+        cost: Usd::from_pico(5),
+        calls: 1,
+        error: None,
+        lost: Lost { calls: 1, tokens: 7, cost: Usd::from_pico(9) },
+        in_flight: (status == StepStatus::Running).then_some(InFlight { tokens: 100, cost: Usd::from_pico(200) }),
+    };
+    for index in [10, 2, 1] {
+        store.save_item(&run.id, &three, &map, &item(index, StepStatus::Completed)).await.unwrap();
+    }
+    store.save_item(&run.id, &three, &map, &item(2, StepStatus::Running)).await.unwrap();
+    assert_eq!(
+        store.save_item(&run.id, &two, &map, &item(3, StepStatus::Completed)).await,
+        Err(StoreError::LeaseLost(run.id.clone())),
+        "an old holder cannot write items"
+    );
+    let items = store.get_items(&run.id, &map).await.unwrap();
+    assert_eq!(items, vec![item(1, StepStatus::Completed), item(2, StepStatus::Running), item(10, StepStatus::Completed)]);
+    assert!(store.get_items(&run.id, &StepId::parse("other").unwrap()).await.unwrap().is_empty());
+    assert!(store.get_steps(&run.id).await.unwrap().is_empty(), "items are not step checkpoints");
+
     // Finished: never due again; a retried finish (its reply lost) succeeds.
     let mut end = continued.as_ref().clone();
     end.status = RunStatus::Completed;

@@ -174,6 +174,18 @@ impl RunStore for Refusing {
         }
         self.inner.save_step(id, lease, step).await
     }
+    async fn save_item(
+        &self,
+        id: &RunId,
+        lease: &Lease,
+        step: &chainrun_core::ids::StepId,
+        item: &chainrun_core::run::ItemRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.save_item(id, lease, step, item).await
+    }
+    async fn get_items(&self, id: &RunId, step: &chainrun_core::ids::StepId) -> Result<Vec<chainrun_core::run::ItemRecord>, StoreError> {
+        self.inner.get_items(id, step).await
+    }
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
         self.inner.finish_run(run, lease).await
     }
@@ -318,4 +330,36 @@ async fn what_a_dead_runner_spent_survives_a_second_crash() {
     let totals = s.store.get_run(&run.id).await.unwrap().unwrap().totals;
     assert_eq!((totals.lost.calls, totals.lost.tokens), (2, 2 * worst("SLOW 1", 1000).tokens));
     assert_eq!(totals.model_calls, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_resumed_after_its_runner_died_runs_only_the_items_without_a_result() {
+    let s = setup(vec![Script::reply("ITEM", "done").with_usage(10, 2).with_latency(Duration::from_secs(10))], 3, None);
+    let map = json!([{ "id": "m", "type": "map", "over": "input.xs", "max_concurrency": 2,
+                       "step": { "type": "llm", "prompt": "ITEM {{ item }}" } }]);
+    let def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": map });
+    let mut run = RunRecord::new(
+        "t".parse().unwrap(),
+        def.clone(),
+        json!({ "xs": [0, 1, 2, 3, 4, 5] }),
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into())],
+        Utc::now(),
+    );
+    run.step_order = chainrun_core::graph::validate_json(&def, &ModelRegistry::builtin()).unwrap().step_order();
+    s.store.create_run(&run).await.unwrap();
+    // Two items at a time, 10 s each: at 25 s items 0–3 are checkpointed, 4 and 5 in flight.
+    let crashed = deliver(&s, &run.id, "inv-1", Cause::Start);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    crashed.abort();
+    let _ = crashed.await;
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(deliver(&s, &run.id, "inv-2", Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Completed));
+
+    let calls: Vec<usize> = (0..6).map(|i| s.model.calls_matching(&format!("ITEM {i}"))).collect();
+    assert_eq!(calls, [1, 1, 1, 1, 2, 2], "only the items in flight are called again");
+    let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(stored.output.unwrap(), json!({ "m": ["done", "done", "done", "done", "done", "done"] }));
+    assert_eq!((stored.totals.model_calls, stored.totals.lost.calls), (6, 2), "two calls lost with the runner, counted apart");
+    assert_eq!(stored.totals.total_tokens(), 6 * 12);
 }

@@ -190,6 +190,35 @@ struct StepItem {
     in_flight: Option<InFlight>,
 }
 
+/// A map item checkpoint (`sk = ITEM#<step>#<index>`, apart from the `STEP#` items).
+#[derive(Serialize, Deserialize)]
+struct MapItemRow {
+    pk: String,
+    sk: String,
+    index: usize,
+    status: StepStatus,
+    attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    usage: Usage,
+    cost: Usd,
+    calls: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorInfo>,
+    #[serde(default, skip_serializing_if = "Lost::is_zero")]
+    lost: Lost,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    in_flight: Option<InFlight>,
+}
+
+/// The sort-key prefix of a map step's item checkpoints; indexes are zero-padded so they
+/// read back in order.
+fn item_prefix(step: &StepId) -> String {
+    format!("ITEM#{step}#")
+}
+
 /// `what` as an item. Our records always encode, so a failure is a defect, not bad data.
 fn to_item<T: Serialize>(value: &T, what: &str) -> Result<Item, StoreError> {
     serde_dynamo::aws_sdk_dynamodb_1::to_item(value).map_err(|e| StoreError::Rejected(defect(what, e)))
@@ -568,6 +597,93 @@ impl RunStore for DynamoStore {
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, step_id = %step, index = item.index))]
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError> {
+        let what = format!("the checkpoint of item {} of step {step} of run {id}", item.index);
+        let row = MapItemRow {
+            pk: run_pk(id),
+            sk: format!("{}{:06}", item_prefix(step), item.index),
+            index: item.index,
+            status: item.status,
+            attempts: item.attempts,
+            output: item.output.as_ref().map(json_string),
+            text: item.text.clone(),
+            usage: item.usage,
+            cost: item.cost,
+            calls: item.calls,
+            error: item.error.clone(),
+            lost: item.lost,
+            in_flight: item.in_flight,
+        };
+        let row = to_item(&row, &what)?;
+        check_size(&row, &what)?;
+        let lease_check = ConditionCheck::builder()
+            .table_name(&self.tables.runs)
+            .set_key(Some(meta_key(id)))
+            .condition_expression("lease_holder = :holder")
+            .expression_attribute_values(":holder", s(&lease.holder))
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("the lease check of an item checkpoint", e)))?;
+        let put = Put::builder()
+            .table_name(&self.tables.runs)
+            .set_item(Some(row))
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("an item checkpoint", e)))?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().condition_check(lease_check).build())
+            .transact_items(TransactWriteItem::builder().put(put).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+
+    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.runs)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(run_pk(id)))
+                .expression_attribute_values(":prefix", s(item_prefix(step)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(store_err(&self.tables.runs))?;
+            for item in out.items.unwrap_or_default() {
+                let name = item_name(&self.tables.runs, &item);
+                let row: MapItemRow = from_item(&self.tables.runs, item)?;
+                items.push(ItemRecord {
+                    output: row.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
+                    index: row.index,
+                    status: row.status,
+                    attempts: row.attempts,
+                    text: row.text,
+                    usage: row.usage,
+                    cost: row.cost,
+                    calls: row.calls,
+                    error: row.error,
+                    lost: row.lost,
+                    in_flight: row.in_flight,
+                });
+            }
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => break,
+            }
+        }
+        Ok(items)
     }
 
     #[instrument(skip_all, fields(run_id = %run.id, status = ?run.status))]

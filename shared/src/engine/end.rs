@@ -3,6 +3,7 @@
 //! cannot go on (the runner for lost runners and store errors, the dead-letter consumer).
 
 use super::journal::Journal;
+use super::step::Leftover;
 use super::{EngineError, Outcome};
 use crate::budget::BudgetLimits;
 use crate::graph::Limits;
@@ -88,7 +89,14 @@ impl Ender {
         async move {
             let saved = self.store.get_steps(&run.id).await?;
             let (settled, unsettled): (Vec<StepRecord>, Vec<StepRecord>) = saved.into_iter().partition(|r| r.status.is_settled());
-            let carried: HashMap<StepId, Carried> = unsettled.iter().filter_map(|r| Carried::of(r).map(|c| (r.step_id.clone(), c))).collect();
+            // What dead runners spent on unsettled steps, a map's items included (this path
+            // has no graph to say which steps are maps: each unsettled step is asked).
+            let mut carried: HashMap<StepId, Carried> = HashMap::new();
+            for r in &unsettled {
+                let items = self.store.get_items(&run.id, &r.step_id).await?;
+                let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items };
+                carried.insert(r.step_id.clone(), left.total());
+            }
             let mut spent = Totals::of_checkpoints(&settled);
             carried.values().for_each(|c| spent.add_carried(c));
             let last_seq = self.sink.last_seq(&run.id).await?;

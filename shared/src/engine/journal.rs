@@ -14,7 +14,7 @@ use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::{Checkpoint, JournalError, Lease, ProgressSink, RunStore};
 use crate::pricing::Usage;
-use crate::run::{Event, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::run::{Event, ItemRecord, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
 use crate::wire::events::EventBody;
 use chrono::Utc;
 use std::sync::Arc;
@@ -120,6 +120,22 @@ impl Journal {
                 Ok(()) => return Ok(()),
                 Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
                     warn!(error = %e, step_id = %record.step_id, "checkpoint write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                    tries += 1;
+                }
+                Err(e) => return Err(JournalError::Store(e)),
+            }
+        }
+    }
+
+    /// Writes a map item's checkpoint, under the lease.
+    pub async fn save_item(&self, step: &StepId, item: &ItemRecord) -> Result<(), JournalError> {
+        let mut tries = 1;
+        loop {
+            match self.store.save_item(&self.run_id, &self.lease, step, item).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
+                    warn!(error = %e, step_id = %step, index = item.index, "item checkpoint write failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100 << tries)).await;
                     tries += 1;
                 }

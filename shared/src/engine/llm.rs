@@ -7,7 +7,7 @@
 
 use super::EngineError;
 use super::daily::DayReservation;
-use super::running::Running;
+use super::running::Hold;
 use super::step::{Scope, StepContext, Work};
 use crate::budget::{self, Reservation};
 use crate::codes::ErrorCode;
@@ -43,16 +43,16 @@ struct Admitted {
 
 impl StepContext {
     /// A model call with retries. `item` is the map item index when run inside a map.
-    /// `running` is the step's `RUNNING` checkpoint (none for a map item): each call's
-    /// reservation is written there before the call is made, the first together with the
-    /// step's `STEP_STARTED`.
+    /// `hold` is where each call's reservation is written before the call is made: the
+    /// step's `RUNNING` checkpoint (the first together with `STEP_STARTED`), or a map
+    /// item's checkpoint.
     pub async fn run_llm(
         &self,
         id: &StepId,
         spec: &LlmSpec,
         scope: &impl Scope,
         item: Option<usize>,
-        mut running: Option<&mut Running>,
+        mut hold: Hold<'_>,
     ) -> Result<Work, EngineError> {
         let Some(model_info) = self.models.get(spec.model.as_str()) else {
             return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
@@ -96,11 +96,7 @@ impl StepContext {
             };
             // The reservation is durable before the call: a runner that takes over after a
             // crash counts this call at its worst case.
-            match running.as_deref_mut() {
-                Some(running) if !running.announced() => running.announce(&self.journal, Some(worst)).await?,
-                Some(running) => running.hold(&self.journal, &work, worst).await?,
-                None => {}
-            }
+            hold.before_call(&self.journal, &work, worst).await?;
             let call_started = Instant::now();
             // On an engine error the reservation is dropped unreleased: the call's spend is
             // unknown, so the run keeps it held (the run stops on that error anyway).

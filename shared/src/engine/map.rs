@@ -1,21 +1,30 @@
 //! A map step: its sub-step fanned out over a list, `max_concurrency` items at a time;
 //! results keep the list's order.
+//!
+//! Each item that calls a model is checkpointed on its own: before each of its calls (the
+//! reservation, see [`super::running`]) and when it settles. A map resumed after its
+//! runner died reuses every settled item and runs only the others, so a crash mid-map
+//! pays again for at most the items whose calls were in flight.
 
 use super::EngineError;
+use super::running::{Hold, item_record};
 use super::step::{Inputs, Scope, StepContext, Work, short};
 use super::transform;
 use crate::codes::ErrorCode;
 use crate::graph::{ItemStep, MapSpec};
 use crate::ids::StepId;
 use crate::limits::MAX_MAP_ITEMS;
-use crate::run::ErrorInfo;
+use crate::run::{ErrorInfo, ItemRecord};
 use crate::wire::{ItemFailed, MapDetail, StepDetail};
 use crate::workflow::ItemFailure;
 use futures::StreamExt;
 use serde_json::Value;
+use std::collections::HashMap;
+use tracing::info;
 
 impl StepContext {
-    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs) -> Result<Work, EngineError> {
+    /// `checkpointed`: the items a dead runner checkpointed (settled ones are reused).
+    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs, checkpointed: Vec<ItemRecord>) -> Result<Work, EngineError> {
         let items = match spec.over.evaluate(&inputs.to_json()) {
             Ok(Value::Array(items)) => items,
             Ok(other) => return Ok(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other)))),
@@ -25,20 +34,37 @@ impl StepContext {
             return Ok(Work::failed(ErrorCode::MapTooLarge, format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len())));
         }
         let total = items.len();
-        let results: Vec<(usize, Work)> = futures::stream::iter(items.into_iter().enumerate())
-            .map(|(index, item)| async move {
-                let scope = inputs.with_item(&item, index);
-                let work = match &spec.step {
-                    ItemStep::Llm(llm) => self.run_llm(id, llm, &scope, Some(index), None).await,
-                    ItemStep::Transform(t) => Ok(transform::run(t, &scope)),
-                };
-                work.map(|w| (index, w))
-            })
-            .buffer_unordered(spec.max_concurrency as usize)
-            .collect::<Vec<Result<(usize, Work), EngineError>>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let mut checkpointed: HashMap<usize, ItemRecord> = checkpointed.into_iter().filter(|r| r.index < total).map(|r| (r.index, r)).collect();
+        let reused = checkpointed.values().filter(|r| r.status.is_settled()).count();
+        if !checkpointed.is_empty() {
+            info!(step_id = %id, reused, in_flight = checkpointed.len() - reused, "resuming a map from its item checkpoints");
+        }
+        let results: Vec<(usize, Work)> =
+            futures::stream::iter(items.into_iter().enumerate().map(|(index, item)| (index, item, checkpointed.remove(&index))))
+                .map(|(index, item, saved)| async move {
+                    if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
+                        return Ok((index, reuse(saved)));
+                    }
+                    let scope = inputs.with_item(&item, index);
+                    let work = match &spec.step {
+                        ItemStep::Llm(llm) => {
+                            let carried = saved.map(|r| r.carried()).unwrap_or_default();
+                            let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
+                            let record = item_record(index, &work, &carried);
+                            self.journal.save_item(id, &record).await?;
+                            work.add_spend(carried.usage, carried.cost, carried.calls);
+                            work.lost.add(carried.lost);
+                            work
+                        }
+                        ItemStep::Transform(t) => transform::run(t, &scope),
+                    };
+                    Ok((index, work))
+                })
+                .buffer_unordered(spec.max_concurrency as usize)
+                .collect::<Vec<Result<(usize, Work), EngineError>>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
         let mut ordered: Vec<Option<Work>> = (0..total).map(|_| None).collect();
         for (index, work) in results {
             ordered[index] = Some(work);
@@ -50,6 +76,7 @@ impl StepContext {
         for (index, work) in ordered.into_iter().enumerate() {
             let Some(work) = work else { continue };
             map.add_spend(work.usage, work.cost, work.calls);
+            map.lost.add(work.lost);
             map.attempts = map.attempts.max(work.attempts);
             match work.output {
                 Ok((_, value)) => outputs.push(value),
@@ -77,4 +104,18 @@ impl StepContext {
         map.output = Ok((value.to_string(), value));
         Ok(map)
     }
+}
+
+/// A settled item's work, from its checkpoint: nothing runs, and its charges are already
+/// in the run's ledger (counted when the run resumed).
+fn reuse(saved: &ItemRecord) -> Work {
+    let output = match (&saved.output, &saved.error) {
+        (Some(value), _) => Ok((saved.text.clone().unwrap_or_default(), value.clone())),
+        (None, Some(error)) => Err(error.clone()),
+        (None, None) => Err(ErrorInfo::terminal(ErrorCode::Internal, "an item checkpoint has neither an output nor an error")),
+    };
+    let mut work = Work { output, attempts: saved.attempts, ..Work::done(String::new(), Value::Null) };
+    work.add_spend(saved.usage, saved.cost, saved.calls);
+    work.lost = saved.lost;
+    work
 }

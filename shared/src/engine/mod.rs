@@ -33,7 +33,7 @@ mod transform;
 
 use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
-use crate::graph::ValidatedGraph;
+use crate::graph::{StepKind, ValidatedGraph};
 use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
@@ -48,7 +48,7 @@ use schedule::{Decision, Schedule};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use step::{Inputs, StepContext, run_output};
+use step::{Inputs, Leftover, StepContext, run_output};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
@@ -204,9 +204,12 @@ impl Engine {
             let (records, mut carried) = self.checkpoints(&run, &graph).await?;
             let last_seq = self.sink.last_seq(&run.id).await?;
             // Spend already checkpointed counts against the budget of a resumed run, and so
-            // does what dead runners spent on steps they did not settle.
+            // does what dead runners spent on steps they did not settle (a map's items too).
             let mut spent = Totals::of_checkpoints(records.iter().flatten());
-            carried.iter().flatten().for_each(|c| spent.add_carried(c));
+            for left in carried.iter().flatten() {
+                spent.add_carried(&left.carried);
+                left.items.iter().for_each(|item| spent.add_carried(&item.carried()));
+            }
             let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, graph.budget()));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
@@ -288,7 +291,7 @@ impl Engine {
                 let reason = format!("step {} failed", graph.steps()[i].id);
                 for (j, (slot, step)) in records.iter_mut().zip(graph.steps()).enumerate() {
                     if slot.is_none() {
-                        *slot = Some(Arc::new(end::cancel(&journal, step.id.clone(), &reason, carried[j].take()).await?));
+                        *slot = Some(Arc::new(end::cancel(&journal, step.id.clone(), &reason, carried[j].take().map(Leftover::total)).await?));
                     }
                 }
                 let message = format!("step {} failed: {}", graph.steps()[i].id, error.message);
@@ -315,19 +318,24 @@ impl Engine {
     }
 
     /// The run's settled checkpoints by step index (a resumed run starts from them), and
-    /// what dead runners spent on the steps they did not settle.
-    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<(Vec<Option<StepRecord>>, Vec<Option<Carried>>), EngineError> {
+    /// what dead runners left of the steps they did not settle (a map's item checkpoints
+    /// among it).
+    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<(Vec<Option<StepRecord>>, Vec<Option<Leftover>>), EngineError> {
         let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps().len()];
-        let mut carried: Vec<Option<Carried>> = vec![None; graph.steps().len()];
+        let mut left: Vec<Option<Leftover>> = (0..graph.steps().len()).map(|_| None).collect();
         let index: HashMap<&str, usize> = graph.steps().iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         for saved in self.store.get_steps(&run.id).await? {
             let Some(&i) = index.get(saved.step_id.as_str()) else { continue };
             if saved.status.is_settled() {
                 records[i] = Some(saved);
-            } else {
-                carried[i] = Carried::of(&saved);
+                continue;
             }
+            let items = match graph.steps()[i].kind {
+                StepKind::Map(_) => self.store.get_items(&run.id, &saved.step_id).await?,
+                _ => Vec::new(),
+            };
+            left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items });
         }
-        Ok((records, carried))
+        Ok((records, left))
     }
 }

@@ -13,7 +13,7 @@ use super::journal::Journal;
 use super::step::Work;
 use crate::budget::Amount;
 use crate::ids::{ModelId, StepId};
-use crate::run::{Carried, InFlight, StepRecord, StepStatus};
+use crate::run::{Carried, InFlight, ItemRecord, StepRecord, StepStatus};
 use crate::wire::events::{EventBody, StepStarted};
 use chrono::{DateTime, Utc};
 
@@ -78,5 +78,51 @@ impl Running {
     pub async fn hold(&self, journal: &Journal, work: &Work, in_flight: Amount) -> Result<(), EngineError> {
         journal.checkpoint(&self.checkpoint(Some(work), Some(in_flight))).await?;
         Ok(())
+    }
+}
+
+/// Where a model call's reservation is written before the call is made.
+pub enum Hold<'a> {
+    /// The step's `RUNNING` checkpoint (the first call's goes with `STEP_STARTED`).
+    Step(&'a mut Running),
+    /// A map item's checkpoint, `carried` being what dead runners spent on the item.
+    Item { step: &'a StepId, index: usize, carried: Carried },
+}
+
+impl Hold<'_> {
+    pub async fn before_call(&mut self, journal: &Journal, work: &Work, worst: Amount) -> Result<(), EngineError> {
+        match self {
+            Hold::Step(running) if !running.announced() => running.announce(journal, Some(worst)).await,
+            Hold::Step(running) => running.hold(journal, work, worst).await,
+            Hold::Item { step, index, carried } => {
+                let mut record = item_record(*index, work, carried);
+                record.status = StepStatus::Running;
+                record.in_flight = Some(InFlight { tokens: worst.tokens, cost: worst.cost });
+                journal.save_item(step, &record).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A map item's checkpoint: `work` so far (its result once it is done) plus what dead
+/// runners spent on it.
+pub fn item_record(index: usize, work: &Work, carried: &Carried) -> ItemRecord {
+    let (status, output, text, error) = match &work.output {
+        Ok((text, value)) => (StepStatus::Completed, Some(value.clone()), Some(text.clone()), None),
+        Err(e) => (StepStatus::Failed, None, None, Some(e.clone())),
+    };
+    ItemRecord {
+        index,
+        status,
+        attempts: work.attempts,
+        output,
+        text,
+        usage: work.usage.plus(&carried.usage),
+        cost: work.cost.saturating_add(carried.cost),
+        calls: work.calls + carried.calls,
+        error,
+        lost: carried.lost,
+        in_flight: None,
     }
 }

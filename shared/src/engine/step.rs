@@ -5,7 +5,7 @@
 
 use super::daily::OwnerCap;
 use super::journal::Journal;
-use super::running::Running;
+use super::running::{Hold, Running};
 use super::{EngineConfig, EngineError, router, transform};
 use crate::codes::ErrorCode;
 use crate::graph::{ItemStep, MapSpec, Step, StepKind, ValidatedGraph};
@@ -13,7 +13,7 @@ use crate::ids::RunId;
 use crate::money::Usd;
 use crate::ports::ModelClient;
 use crate::pricing::{ModelRegistry, Usage};
-use crate::run::{Carried, ErrorInfo, StepRecord, StepStatus};
+use crate::run::{Carried, ErrorInfo, ItemRecord, Lost, StepRecord, StepStatus};
 use crate::template::{self, Resolve, Slot, walk};
 use crate::wire::StepDetail;
 use crate::wire::events::{EventBody, StepCompleted, StepFailed};
@@ -44,16 +44,49 @@ pub struct Work {
     pub attempts: u32,
     /// Model calls charged.
     pub calls: u32,
+    /// Calls lost to runners that died mid-call (a map's items').
+    pub lost: Lost,
     pub detail: Option<StepDetail>,
+}
+
+/// What runners that died while a step ran left of it: their charges and lost calls, and
+/// a map's item checkpoints.
+#[derive(Debug, Default)]
+pub struct Leftover {
+    pub carried: Carried,
+    pub items: Vec<ItemRecord>,
+}
+
+impl Leftover {
+    /// All of it as one step's carried spend (for a step cancelled before it runs again).
+    pub fn total(self) -> Carried {
+        let mut total = self.carried;
+        for item in &self.items {
+            let c = item.carried();
+            total.usage = total.usage.plus(&c.usage);
+            total.cost = total.cost.saturating_add(c.cost);
+            total.calls += c.calls;
+            total.lost.add(c.lost);
+        }
+        total
+    }
 }
 
 impl Work {
     pub fn done(text: String, value: Value) -> Self {
-        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, detail: None }
+        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, lost: Lost::default(), detail: None }
     }
 
     pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { output: Err(ErrorInfo::terminal(code, message)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, detail: None }
+        Self {
+            output: Err(ErrorInfo::terminal(code, message)),
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            attempts: 1,
+            calls: 0,
+            lost: Lost::default(),
+            detail: None,
+        }
     }
 
     /// Adds what `calls` more calls (an attempt, a map item's) were charged.
@@ -65,8 +98,9 @@ impl Work {
 }
 
 impl StepContext {
-    /// Runs `step`; `carried` is what runners that died while it ran spent on it.
-    pub async fn run_step(&self, step: &Step, inputs: Inputs, carried: Option<Carried>) -> Result<StepRecord, EngineError> {
+    /// Runs `step`; `left` is what runners that died while it ran left of it.
+    pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<StepRecord, EngineError> {
+        let Leftover { carried, items } = left.unwrap_or_default();
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
             let started_at = Utc::now();
@@ -76,10 +110,10 @@ impl StepContext {
                 StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => Some(spec.model.clone()),
                 _ => None,
             };
-            let mut running = Running::new(step.id.clone(), model.clone(), started_at, carried);
+            let mut running = Running::new(step.id.clone(), model.clone(), started_at, Some(carried));
             let mut work = match &step.kind {
                 // A model call announces the step itself, with its first call's reservation.
-                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &inputs, None, Some(&mut running)).await?,
+                StepKind::Llm(spec) => self.run_llm(&step.id, spec, &inputs, None, Hold::Step(&mut running)).await?,
                 StepKind::Transform(spec) => {
                     running.announce(&self.journal, None).await?;
                     transform::run(spec, &inputs)
@@ -90,7 +124,7 @@ impl StepContext {
                 }
                 StepKind::Map(spec) => {
                     running.announce(&self.journal, None).await?;
-                    self.run_map(&step.id, spec, &inputs).await?
+                    self.run_map(&step.id, spec, &inputs, items).await?
                 }
             };
             // A step that failed before calling a model has not announced itself yet.
@@ -107,6 +141,7 @@ impl StepContext {
             }
             let carried = *running.carried();
             work.add_spend(carried.usage, carried.cost, carried.calls);
+            work.lost.add(carried.lost);
             let (status, text, output, error) = match work.output {
                 Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
                 Err(e) => (StepStatus::Failed, None, None, Some(e)),
@@ -126,7 +161,7 @@ impl StepContext {
                 started_at: Some(started_at),
                 finished_at: Some(Utc::now()),
                 calls: work.calls,
-                lost: carried.lost,
+                lost: work.lost,
                 in_flight: None,
             };
             let body = match record.status {
