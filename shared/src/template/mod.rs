@@ -28,7 +28,9 @@ pub use slots::{Resolve, Slot, walk};
 
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use serde::Serialize;
-use slots::{Slots, slot_paths};
+#[cfg(test)]
+use slots::slot_paths;
+use slots::{Slots, analyse};
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
@@ -170,15 +172,20 @@ impl Template {
                 None => {}
             }
         };
-        match slot_paths(source) {
-            Some(paths) => paths.into_iter().for_each(&mut note),
-            None => compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path)),
-        }
+        let slots = match analyse(source) {
+            Some((paths, slots)) => {
+                paths.into_iter().for_each(&mut note);
+                slots
+            }
+            None => {
+                compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path));
+                None
+            }
+        };
         let body = match keep {
             Keep::Bytecode => Body::Bytecode(compiled),
             Keep::Source => Body::Source(compiled.into_owner()),
         };
-        let slots = Slots::parse(source);
         Ok(Template(Arc::new(Inner { body, slots, references, roots, reads_roots })))
     }
 
@@ -208,7 +215,7 @@ impl Template {
     /// Renders against `context` (strict: an undefined value is an error), within [`FUEL`]
     /// and [`MAX_RENDERED_BYTES`].
     pub fn render<S: Serialize + Resolve>(&self, context: &S) -> Result<String, TemplateError> {
-        if let Some(text) = self.0.slots.as_ref().and_then(|slots| slots.render(context, MAX_RENDERED_BYTES)) {
+        if let Some(text) = self.0.slots.as_ref().and_then(|slots| slots.render(self.source(), context, MAX_RENDERED_BYTES)) {
             return Ok(text);
         }
         let mut out = Bounded { text: Vec::with_capacity(self.source().len()), limit: MAX_RENDERED_BYTES };
@@ -432,7 +439,7 @@ mod tests {
         fn the_slot_renderer_prints_what_minijinja_prints(source in slot_templates(), context in every_kind()) {
             let slots = Slots::parse(&source).expect("a slot template");
             let by_minijinja = environment().template_from_str(&source).unwrap().render(&context);
-            if let Some(fast) = slots.render(&context, MAX_RENDERED_BYTES) {
+            if let Some(fast) = slots.render(&source, &context, MAX_RENDERED_BYTES) {
                 proptest::prop_assert_eq!(Ok(fast), by_minijinja.map_err(|e| e.to_string()), "{}", source);
             }
         }
@@ -441,7 +448,7 @@ mod tests {
     #[test]
     fn slot_templates_of_plain_values_skip_minijinja_and_others_fall_back_to_it() {
         let ctx = json!({ "input": { "s": "x", "n": 3, "b": true, "f": 1.5, "obj": {} } });
-        let fast = |source: &str| Slots::parse(source).and_then(|s| s.render(&ctx, MAX_RENDERED_BYTES));
+        let fast = |source: &str| Slots::parse(source).and_then(|s| s.render(source, &ctx, MAX_RENDERED_BYTES));
         assert_eq!(fast("{{ input.s }}-{{input.n}} {{ input.b }}\n").as_deref(), Some("x-3 True"));
         for other in ["{{ input.f }}", "{{ input.obj }}", "{{ input.missing }}", "{{- input.s }}", "{% if 1 %}{% endif %}"] {
             assert_eq!(fast(other), None, "{other}");
@@ -449,7 +456,7 @@ mod tests {
             let t = Template::compile(other, &STEP_ROOTS, Keep::Source).unwrap();
             assert_eq!(t.render(&ctx).is_ok(), other != "{{ input.missing }}", "{other}");
         }
-        assert_eq!(Slots::parse("{{ input.s }}").unwrap().render(&ctx, 0), None, "over the size limit minijinja makes the error");
+        assert_eq!(Slots::parse("{{ input.s }}").unwrap().render("{{ input.s }}", &ctx, 0), None, "over the size limit minijinja makes the error");
     }
 
     #[test]

@@ -55,14 +55,6 @@ fn path_of(inner: &str) -> &str {
     path.strip_suffix('-').unwrap_or(path).trim()
 }
 
-/// What a slot template reads: each slot's path, exactly what minijinja's
-/// `undeclared_variables(true)` finds in it, but without parsing the template a second
-/// time. `None` for any other template, which gets the full analysis. Only called on a
-/// template that compiled, so every `{{` has its `}}`.
-pub(super) fn slot_paths(source: &str) -> Option<Vec<&str>> {
-    scan(source).map(|(slots, _)| slots.into_iter().map(|s| path_of(s.inner)).collect())
-}
-
 /// A value a slot's path resolved to.
 pub enum Slot<'a> {
     Text(&'a str),
@@ -89,9 +81,11 @@ pub fn walk<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
     path.iter().try_fold(value, |v, key| v.as_object()?.get(*key))
 }
 
+/// A piece of a slot template, as byte offsets into its source (no copies: a graph of
+/// 10,000 prompts keeps only these).
 enum Piece {
-    Text(Box<str>),
-    Path(Box<[Box<str>]>),
+    Text(u32, u32),
+    Path(u32, u32),
 }
 
 /// A slot template split once into text and paths.
@@ -101,46 +95,70 @@ pub(super) struct Slots {
     text_len: usize,
 }
 
-impl Slots {
-    /// `None` unless `source` is a slot template without whitespace control (`{{-`), which
-    /// is left to minijinja.
-    pub(super) fn parse(source: &str) -> Option<Slots> {
-        // minijinja drops one trailing newline of the source (`keep_trailing_newline` off).
-        let source = source.strip_suffix('\n').unwrap_or(source);
-        let source = source.strip_suffix('\r').unwrap_or(source);
-        let (slots, tail) = scan(source)?;
+/// What a slot template reads (each slot's path, exactly what minijinja's
+/// `undeclared_variables(true)` finds in it) and, when it uses no whitespace control
+/// (`{{-`, left to minijinja), its pieces for rendering without minijinja; one scan for
+/// both. `None` for any other template. Only called on a template that compiled, so every
+/// `{{` has its `}}`.
+pub(super) fn analyse(source: &str) -> Option<(Vec<&str>, Option<Slots>)> {
+    // minijinja drops one trailing newline of the source (`keep_trailing_newline` off).
+    let trimmed = source.strip_suffix('\n').unwrap_or(source);
+    let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+    let (slots, tail) = scan(trimmed)?;
+    let paths: Vec<&str> = slots.iter().map(|s| path_of(s.inner)).collect();
+    let plain = slots.iter().all(|s| !s.inner.starts_with('-') && !s.inner.ends_with('-'));
+    let offset = |part: &str| (part.as_ptr() as usize - source.as_ptr() as usize) as u32;
+    let span = |part: &str| (offset(part), offset(part) + part.len() as u32);
+    let pieces = plain.then(|| {
         let mut pieces = Vec::with_capacity(slots.len() * 2 + 1);
-        for slot in slots {
-            if slot.inner.starts_with('-') || slot.inner.ends_with('-') {
-                return None;
-            }
+        for slot in &slots {
             if !slot.text.is_empty() {
-                pieces.push(Piece::Text(slot.text.into()));
+                let (a, b) = span(slot.text);
+                pieces.push(Piece::Text(a, b));
             }
-            pieces.push(Piece::Path(path_of(slot.inner).split('.').map(Box::from).collect()));
+            let (a, b) = span(path_of(slot.inner));
+            pieces.push(Piece::Path(a, b));
         }
         if !tail.is_empty() {
-            pieces.push(Piece::Text(tail.into()));
+            let (a, b) = span(tail);
+            pieces.push(Piece::Text(a, b));
         }
-        let text_len = pieces.iter().map(|p| if let Piece::Text(t) = p { t.len() } else { 0 }).sum();
-        Some(Slots { pieces: pieces.into(), text_len })
+        let text_len = slots.iter().map(|s| s.text.len()).sum::<usize>() + tail.len();
+        Slots { pieces: pieces.into(), text_len }
+    });
+    Some((paths, pieces))
+}
+
+/// What a slot template reads (see [`analyse`]).
+#[cfg(test)]
+pub(super) fn slot_paths(source: &str) -> Option<Vec<&str>> {
+    analyse(source).map(|(paths, _)| paths)
+}
+
+impl Slots {
+    /// `None` unless `source` is a slot template without whitespace control.
+    #[cfg(test)]
+    pub(super) fn parse(source: &str) -> Option<Slots> {
+        analyse(source).and_then(|(_, slots)| slots)
     }
 
-    /// The rendering, or `None` when a slot does not resolve to a string, an integer or a
-    /// boolean, or the text would exceed `limit` bytes: minijinja renders it then.
-    pub(super) fn render(&self, context: &impl Resolve, limit: usize) -> Option<String> {
+    /// The rendering of `source` (the template these pieces were made from), or `None` when
+    /// a slot does not resolve to a string, an integer or a boolean, or the text would
+    /// exceed `limit` bytes: minijinja renders it then.
+    pub(super) fn render(&self, source: &str, context: &impl Resolve, limit: usize) -> Option<String> {
         let mut out = String::with_capacity(self.text_len + 16);
         let mut path: Vec<&str> = Vec::new();
         for piece in &self.pieces {
-            match piece {
-                Piece::Text(text) => out.push_str(text),
-                Piece::Path(keys) => {
+            match *piece {
+                Piece::Text(a, b) => out.push_str(source.get(a as usize..b as usize)?),
+                Piece::Path(a, b) => {
                     path.clear();
-                    path.extend(keys.iter().map(|k| &**k));
+                    path.extend(source.get(a as usize..b as usize)?.split('.'));
                     match context.resolve(&path)? {
                         Slot::Text(text) => out.push_str(text),
                         Slot::Number(n) => write!(out, "{n}").ok()?,
                         Slot::Json(Value::String(text)) => out.push_str(text),
+                        // minijinja prints booleans as Python does.
                         Slot::Json(Value::Bool(b)) => out.push_str(if *b { "True" } else { "False" }),
                         Slot::Json(Value::Number(n)) if n.is_i64() || n.is_u64() => write!(out, "{n}").ok()?,
                         // Floats, null, lists and maps print as minijinja formats them.
