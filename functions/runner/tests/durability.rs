@@ -363,3 +363,36 @@ async fn a_map_resumed_after_its_runner_died_runs_only_the_items_without_a_resul
     assert_eq!((stored.totals.model_calls, stored.totals.lost.calls), (6, 2), "two calls lost with the runner, counted apart");
     assert_eq!(stored.totals.total_tokens(), 6 * 12);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_map_that_does_not_fit_one_invocation_continues_in_the_next_from_its_item_checkpoints() {
+    let s = setup(vec![Script::reply("ITEM", "done").with_latency(Duration::from_secs(10))], 3, None);
+    let map = json!([{ "id": "m", "type": "map", "over": "input.xs", "max_concurrency": 2,
+                       "step": { "type": "llm", "prompt": "ITEM {{ item }}" } }]);
+    let def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": map });
+    let xs: Vec<usize> = (0..10).collect();
+    let mut run = RunRecord::new(
+        "t".parse().unwrap(),
+        def.clone(),
+        json!({ "xs": xs }),
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into())],
+        Utc::now(),
+    );
+    run.step_order = chainrun_core::graph::validate_json(&def, &ModelRegistry::builtin()).unwrap().step_order();
+    s.store.create_run(&run).await.unwrap();
+    // 45 s with a margin of a quarter: items start until 33.75 s, so 0–7 run (two at a
+    // time, 10 s each) and 8–9 are left for the next invocation.
+    let short = Utc::now() + chrono::Duration::seconds(45);
+    let handled = s.runner.handle(RunnerEvent::new(run.id.clone(), Cause::Start), "inv-1", short, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(handled, Handled::Suspended);
+    assert_eq!((0..10).map(|i| s.model.calls_matching(&format!("ITEM {i}"))).sum::<usize>(), 8);
+    assert_eq!(deliver(&s, &run.id, "inv-2", Cause::Continue).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let calls: Vec<usize> = (0..10).map(|i| s.model.calls_matching(&format!("ITEM {i}"))).collect();
+    assert_eq!(calls, [1; 10], "every item once, across two invocations");
+    let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(stored.output.unwrap()["m"].as_array().unwrap().len(), 10);
+    assert_eq!((stored.totals.model_calls, stored.totals.lost.calls), (10, 0));
+    let kinds = kinds(&s.progress.events(&run.id));
+    assert!(kinds.contains(&EventType::RunSuspended) && kinds.contains(&EventType::RunResumed));
+}

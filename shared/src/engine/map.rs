@@ -23,15 +23,17 @@ use std::collections::HashMap;
 use tracing::info;
 
 impl StepContext {
-    /// `checkpointed`: the items a dead runner checkpointed (settled ones are reused).
-    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs, checkpointed: Vec<ItemRecord>) -> Result<Work, EngineError> {
+    /// `checkpointed`: the items an earlier runner checkpointed (settled ones are reused).
+    /// `None` when the deadline came with items not started: the map continues in the next
+    /// invocation from its item checkpoints.
+    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs, checkpointed: Vec<ItemRecord>) -> Result<Option<Work>, EngineError> {
         let items = match spec.over.evaluate(&inputs.to_json()) {
             Ok(Value::Array(items)) => items,
-            Ok(other) => return Ok(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other)))),
-            Err(e) => return Ok(Work::failed(ErrorCode::MapOver, format!("`over`: {e}"))),
+            Ok(other) => return Ok(Some(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other))))),
+            Err(e) => return Ok(Some(Work::failed(ErrorCode::MapOver, format!("`over`: {e}")))),
         };
         if items.len() > MAX_MAP_ITEMS {
-            return Ok(Work::failed(ErrorCode::MapTooLarge, format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len())));
+            return Ok(Some(Work::failed(ErrorCode::MapTooLarge, format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len()))));
         }
         let total = items.len();
         let mut checkpointed: HashMap<usize, ItemRecord> = checkpointed.into_iter().filter(|r| r.index < total).map(|r| (r.index, r)).collect();
@@ -39,11 +41,15 @@ impl StepContext {
         if !checkpointed.is_empty() {
             info!(step_id = %id, reused, in_flight = checkpointed.len() - reused, "resuming a map from its item checkpoints");
         }
-        let results: Vec<(usize, Work)> =
+        let results: Vec<(usize, Option<Work>)> =
             futures::stream::iter(items.into_iter().enumerate().map(|(index, item)| (index, item, checkpointed.remove(&index))))
                 .map(|(index, item, saved)| async move {
                     if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
-                        return Ok((index, reuse(saved)));
+                        return Ok((index, Some(reuse(saved))));
+                    }
+                    if self.out_of_time() {
+                        // Not started: the next invocation runs it.
+                        return Ok((index, None));
                     }
                     let scope = inputs.with_item(&item, index);
                     let work = match &spec.step {
@@ -58,16 +64,21 @@ impl StepContext {
                         }
                         ItemStep::Transform(t) => transform::run(t, &scope),
                     };
-                    Ok((index, work))
+                    Ok((index, Some(work)))
                 })
                 .buffer_unordered(spec.max_concurrency as usize)
-                .collect::<Vec<Result<(usize, Work), EngineError>>>()
+                .collect::<Vec<Result<(usize, Option<Work>), EngineError>>>()
                 .await
                 .into_iter()
                 .collect::<Result<_, _>>()?;
+        let left = results.iter().filter(|(_, work)| work.is_none()).count();
+        if left > 0 {
+            info!(step_id = %id, left, of = total, "deadline near: the map continues in the next invocation");
+            return Ok(None);
+        }
         let mut ordered: Vec<Option<Work>> = (0..total).map(|_| None).collect();
         for (index, work) in results {
-            ordered[index] = Some(work);
+            ordered[index] = work;
         }
         let mut map = Work::done(String::new(), Value::Null);
         map.attempts = 0;
@@ -98,11 +109,11 @@ impl StepContext {
             && spec.on_item_failure == ItemFailure::Fail
         {
             map.output = Err(ErrorInfo::terminal(error.code, format!("{count} of {total} items failed; item {index}: {}", error.message)));
-            return Ok(map);
+            return Ok(Some(map));
         }
         let value = Value::Array(outputs);
         map.output = Ok((value.to_string(), value));
-        Ok(map)
+        Ok(Some(map))
     }
 }
 

@@ -234,6 +234,7 @@ impl Engine {
                 config: self.config.clone(),
                 journal: journal.clone(),
                 run_id: run.id.clone(),
+                deadline,
             });
 
             let mut schedule = Schedule::new(graph.clone(), records);
@@ -242,7 +243,7 @@ impl Engine {
             // Step futures run inside this task (one runtime thread either way): spawning a
             // task per step cost a cache-aligned allocation and a wake-up each, a measurable
             // share of the per-step overhead. A panicking step is caught here instead.
-            let mut running: FuturesUnordered<BoxFuture<'static, std::thread::Result<(usize, Result<StepRecord, EngineError>)>>> =
+            let mut running: FuturesUnordered<BoxFuture<'static, std::thread::Result<(usize, Result<Option<StepRecord>, EngineError>)>>> =
                 FuturesUnordered::new();
             let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
@@ -257,11 +258,7 @@ impl Engine {
                         schedule.settle(i, record);
                     }
                 }
-                if failure.is_none()
-                    && !out_of_time
-                    && let Some(d) = deadline
-                    && d.saturating_duration_since(Instant::now()) < self.config.deadline_margin
-                {
+                if failure.is_none() && !out_of_time && shared.out_of_time() {
                     info!("deadline near: starting no more steps");
                     out_of_time = true;
                 }
@@ -286,7 +283,11 @@ impl Engine {
                         continue;
                     }
                 };
-                let record = result?;
+                let Some(record) = result? else {
+                    // A map the deadline interrupted: it continues in the next invocation.
+                    out_of_time = true;
+                    continue;
+                };
                 if record.status == StepStatus::Failed && graph.steps()[i].required && failure.is_none() {
                     let error = record.error.clone().unwrap_or_else(|| ErrorInfo::terminal(ErrorCode::StepFailed, "failed"));
                     failure = Some((i, error));

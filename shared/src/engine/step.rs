@@ -34,6 +34,15 @@ pub struct StepContext {
     pub config: EngineConfig,
     pub journal: Arc<Journal>,
     pub run_id: RunId,
+    /// The invocation's deadline, if it has one.
+    pub deadline: Option<Instant>,
+}
+
+impl StepContext {
+    /// Whether less than the deadline margin is left: no new work starts then.
+    pub fn out_of_time(&self) -> bool {
+        self.deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < self.config.deadline_margin)
+    }
 }
 
 /// The result of running a unit of work (a step, or one map item).
@@ -98,8 +107,10 @@ impl Work {
 }
 
 impl StepContext {
-    /// Runs `step`; `left` is what runners that died while it ran left of it.
-    pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<StepRecord, EngineError> {
+    /// Runs `step`; `left` is what runners that died while it ran left of it. `None` when
+    /// the deadline came before the step could finish (a map with items left): what it
+    /// finished is checkpointed, and it continues in the next invocation.
+    pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Option<StepRecord>, EngineError> {
         let Leftover { carried, items } = left.unwrap_or_default();
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
@@ -124,7 +135,10 @@ impl StepContext {
                 }
                 StepKind::Map(spec) => {
                     running.announce(&self.journal, None).await?;
-                    self.run_map(&step.id, spec, &inputs, items).await?
+                    match self.run_map(&step.id, spec, &inputs, items).await? {
+                        Some(work) => work,
+                        None => return Ok(None),
+                    }
                 }
             };
             // A step that failed before calling a model has not announced itself yet.
@@ -190,7 +204,7 @@ impl StepContext {
                     }
                 })
                 .await?;
-            Ok(record)
+            Ok(Some(record))
         }
         .instrument(span)
         .await
