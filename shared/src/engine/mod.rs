@@ -56,6 +56,10 @@ use step::{Inputs, Leftover, StepContext, run_output};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
+/// A running step: its index and how it ended (`None`: the deadline interrupted it), or
+/// the panic it raised.
+type StepTask = BoxFuture<'static, std::thread::Result<(usize, Result<Option<StepRecord>, EngineError>)>>;
+
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -243,8 +247,7 @@ impl Engine {
             // Step futures run inside this task (one runtime thread either way): spawning a
             // task per step cost a cache-aligned allocation and a wake-up each, a measurable
             // share of the per-step overhead. A panicking step is caught here instead.
-            let mut running: FuturesUnordered<BoxFuture<'static, std::thread::Result<(usize, Result<Option<StepRecord>, EngineError>)>>> =
-                FuturesUnordered::new();
+            let mut running: FuturesUnordered<StepTask> = FuturesUnordered::new();
             let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
             let mut out_of_time = false;
