@@ -48,8 +48,14 @@ pub fn bedrock_client(config: &SdkConfig) -> aws_sdk_bedrockruntime::Client {
     aws_sdk_bedrockruntime::Client::from_conf(conf)
 }
 
+/// A DynamoDB client whose every attempt is bounded: a request that hangs becomes a
+/// retryable error (the SDK retries it, with the same client token for transactions)
+/// instead of holding the runner until its deadline.
 pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
-    aws_sdk_dynamodb::Client::new(config)
+    let conf = aws_sdk_dynamodb::config::Builder::from(config)
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(10)).build())
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
 }
 
 pub fn lambda_client(config: &SdkConfig) -> aws_sdk_lambda::Client {

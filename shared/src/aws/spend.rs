@@ -4,22 +4,26 @@
 //! `pk = SPEND#<owner>`, `sk = DAY#<yyyy-mm-dd>`, with `committed_pico` (charged plus held by
 //! calls in flight) and `charged_pico`, both numbers.
 //!
-//! Reserving is one conditional `UpdateItem`: `ADD committed_pico :amount` if the item does
+//! Reserving is one conditional update: `ADD committed_pico :amount` if the item does
 //! not exist yet or `committed_pico <= cap - amount`. DynamoDB conditions cannot add two
 //! attributes, which is why the counter keeps their sum and the room is computed here. The
 //! write is atomic, so two runners reserving at once never both pass on the same room.
 //! Settling is one unconditional `ADD` of `charged - reserved` (negative when the call
 //! cost less than its worst case) and of the charge.
+//!
+//! An `ADD` is not idempotent: an SDK retry of one whose reply was lost would count it
+//! twice. So each is a one-item `TransactWriteItems`, whose client request token the SDK
+//! sets once per call and keeps across its retries: DynamoDB applies a token once.
 
 use super::dynamo::{expires_after, n, s};
-use super::dynamo_error::{corrupt_item, is_condition_failure, store_err};
+use super::dynamo_error::{corrupt_item, defect, is_condition_failure, store_err};
 use crate::config::Tables;
 use crate::money::Usd;
 use crate::ports::{DailySpend, StoreError};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 use chrono::NaiveDate;
 use std::collections::HashMap;
 use tracing::instrument;
@@ -68,9 +72,7 @@ impl DailySpend for DynamoDailySpend {
         let Some(room) = cap.pico().checked_sub(amount.pico()) else {
             return self.day(owner, day).await.map(Err);
         };
-        let result = self
-            .client
-            .update_item()
+        let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(Self::key(owner, day)))
             .update_expression("ADD committed_pico :amount SET expires_at = :expires")
@@ -78,8 +80,9 @@ impl DailySpend for DynamoDailySpend {
             .expression_attribute_values(":amount", n(amount.pico()))
             .expression_attribute_values(":expires", n(expires_at(day)))
             .expression_attribute_values(":room", n(room))
-            .send()
-            .await;
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("a daily spend reservation", e)))?;
+        let result = self.client.transact_write_items().transact_items(TransactWriteItem::builder().update(update).build()).send().await;
         match result {
             Ok(_) => Ok(Ok(())),
             Err(e) if is_condition_failure(&e) => self.day(owner, day).await.map(Err),
@@ -90,14 +93,18 @@ impl DailySpend for DynamoDailySpend {
     #[instrument(skip(self), fields(reserved_pico = reserved.pico(), charged_pico = charged.pico()))]
     async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError> {
         let delta = i128::from(charged.pico()) - i128::from(reserved.pico());
-        self.client
-            .update_item()
+        let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(Self::key(owner, day)))
             .update_expression("ADD committed_pico :delta, charged_pico :charged SET expires_at = :expires")
             .expression_attribute_values(":delta", n(delta))
             .expression_attribute_values(":charged", n(charged.pico()))
             .expression_attribute_values(":expires", n(expires_at(day)))
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("a daily spend settlement", e)))?;
+        self.client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(update).build())
             .send()
             .await
             .map_err(store_err(&self.table))?;
