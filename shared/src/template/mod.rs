@@ -11,12 +11,15 @@
 //! compiled template reserves room for 256 instructions and 128 line records (about 9 KB),
 //! and a kept tiny template still dirties two pages. For a 10,000-step graph that was 52 MB
 //! more memory, and the page faults made validation and execution slower than compiling
-//! each template again when it renders (about 1 µs, on memory just freed). So only a
-//! template rendered many times per run (a map's step, once per item) keeps its bytecode:
-//! its source and minijinja's compiled form side by side (a self-referential pair, hence
-//! `self_cell`), against one process-wide [`Environment`]. (Adding templates to an
-//! environment of their graph instead, `add_template_owned`, costs the same memory and two
-//! to four times as much time.)
+//! each template again when it renders (about 1 µs, on memory just freed). Most templates
+//! need neither: a template of text and `{{ a.b }}` slots renders without minijinja
+//! ([`slots`]). So the bytecode is kept for every other template, and for a slot template
+//! rendered many times per run (a map's step, once per item, in case its slots do not
+//! print plainly); a slot template of a single step keeps only its source, compiled again
+//! only if its slots need minijinja. The bytecode sits beside its source (a
+//! self-referential pair, hence `self_cell`), against one process-wide [`Environment`].
+//! (Adding templates to an environment of their graph instead, `add_template_owned`, costs
+//! the same memory and two to four times as much time.)
 //!
 //! A template is untrusted code: every rendering runs on a budget of [`FUEL`] operations
 //! and may produce at most [`MAX_RENDERED_BYTES`], so a hostile loop fails the step in
@@ -119,7 +122,8 @@ self_cell::self_cell!(
 /// What a compiled template keeps (see the module docs for the trade-off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
-    /// The source: each rendering compiles it again. For a template rendered once per run.
+    /// For a template rendered once per run: a slot template keeps only its source (it
+    /// renders without minijinja, or compiles again if it must); any other keeps its bytecode.
     Source,
     /// The bytecode: for a template rendered many times per run.
     Bytecode,
@@ -182,9 +186,9 @@ impl Template {
                 None
             }
         };
-        let body = match keep {
-            Keep::Bytecode => Body::Bytecode(compiled),
-            Keep::Source => Body::Source(compiled.into_owner()),
+        let body = match (keep, &slots) {
+            (Keep::Source, Some(_)) => Body::Source(compiled.into_owner()),
+            _ => Body::Bytecode(compiled),
         };
         Ok(Template(Arc::new(Inner { body, slots, references, roots, reads_roots })))
     }
