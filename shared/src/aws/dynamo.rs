@@ -287,6 +287,31 @@ impl DynamoStore {
         self
     }
 
+    /// Every item of the run whose sort key starts with `prefix`, in key order.
+    async fn query_run(&self, id: &RunId, prefix: &str) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.tables.runs)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+                .expression_attribute_values(":pk", s(run_pk(id)))
+                .expression_attribute_values(":prefix", s(prefix))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(store_err(&self.tables.runs))?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => return Ok(items),
+            }
+        }
+    }
+
     /// The run's META item as stored, lease included.
     async fn get_meta(&self, id: &RunId) -> Result<Option<RunItem>, StoreError> {
         let out = self
@@ -385,8 +410,13 @@ pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step
         &format!("the checkpoint of step {} of run {id}", step.step_id),
     )?;
     check_size(&item, &format!("the checkpoint of step {}", step.step_id))?;
-    // The checkpoint only lands while our lease stands: a runner that lost its lease
-    // (and whose run was taken over) cannot overwrite the new runner's work.
+    fenced_put(tables, id, lease, item)
+}
+
+/// A put that only lands while `lease` holds the run, as two transaction items: the lease
+/// check (first), and the put. A runner that lost its lease (and whose run was taken over)
+/// cannot overwrite the new runner's work.
+fn fenced_put(tables: &Tables, id: &RunId, lease: &Lease, item: Item) -> Result<[TransactWriteItem; 2], StoreError> {
     let lease_check = ConditionCheck::builder()
         .table_name(&tables.runs)
         .set_key(Some(meta_key(id)))
@@ -437,46 +467,27 @@ impl RunStore for DynamoStore {
 
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
         let mut steps = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.tables.runs)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(run_pk(id)))
-                .expression_attribute_values(":prefix", s("STEP#"))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(store_err(&self.tables.runs))?;
-            for item in out.items.unwrap_or_default() {
-                let name = item_name(&self.tables.runs, &item);
-                let step: StepItem = from_item(&self.tables.runs, item)?;
-                steps.push(StepRecord {
-                    output: step.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
-                    detail: step.detail.as_deref().map(|d| parse_json(d, &name, "detail")).transpose()?,
-                    step_id: step.step_id,
-                    status: step.status,
-                    attempts: step.attempts,
-                    model: step.model,
-                    text: step.text,
-                    usage: step.usage,
-                    cost: step.cost,
-                    latency_ms: step.latency_ms,
-                    error: step.error,
-                    started_at: step.started_at,
-                    finished_at: step.finished_at,
-                    calls: step.calls,
-                    lost: step.lost,
-                    in_flight: step.in_flight,
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
+        for item in self.query_run(id, "STEP#").await? {
+            let name = item_name(&self.tables.runs, &item);
+            let step: StepItem = from_item(&self.tables.runs, item)?;
+            steps.push(StepRecord {
+                output: step.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
+                detail: step.detail.as_deref().map(|d| parse_json(d, &name, "detail")).transpose()?,
+                step_id: step.step_id,
+                status: step.status,
+                attempts: step.attempts,
+                model: step.model,
+                text: step.text,
+                usage: step.usage,
+                cost: step.cost,
+                latency_ms: step.latency_ms,
+                error: step.error,
+                started_at: step.started_at,
+                finished_at: step.finished_at,
+                calls: step.calls,
+                lost: step.lost,
+                in_flight: step.in_flight,
+            });
         }
         Ok(steps)
     }
@@ -619,25 +630,8 @@ impl RunStore for DynamoStore {
         };
         let row = to_item(&row, &what)?;
         check_size(&row, &what)?;
-        let lease_check = ConditionCheck::builder()
-            .table_name(&self.tables.runs)
-            .set_key(Some(meta_key(id)))
-            .condition_expression("lease_holder = :holder")
-            .expression_attribute_values(":holder", s(&lease.holder))
-            .build()
-            .map_err(|e| StoreError::Rejected(defect("the lease check of an item checkpoint", e)))?;
-        let put = Put::builder()
-            .table_name(&self.tables.runs)
-            .set_item(Some(row))
-            .build()
-            .map_err(|e| StoreError::Rejected(defect("an item checkpoint", e)))?;
-        let result = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().condition_check(lease_check).build())
-            .transact_items(TransactWriteItem::builder().put(put).build())
-            .send()
-            .await;
+        let [lease_check, put] = fenced_put(&self.tables, id, lease, row)?;
+        let result = self.client.transact_write_items().transact_items(lease_check).transact_items(put).send().await;
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
@@ -647,41 +641,22 @@ impl RunStore for DynamoStore {
 
     async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
         let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.tables.runs)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(run_pk(id)))
-                .expression_attribute_values(":prefix", s(item_prefix(step)))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(store_err(&self.tables.runs))?;
-            for item in out.items.unwrap_or_default() {
-                let name = item_name(&self.tables.runs, &item);
-                let row: MapItemRow = from_item(&self.tables.runs, item)?;
-                items.push(ItemRecord {
-                    output: row.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
-                    index: row.index,
-                    status: row.status,
-                    attempts: row.attempts,
-                    text: row.text,
-                    usage: row.usage,
-                    cost: row.cost,
-                    calls: row.calls,
-                    error: row.error,
-                    lost: row.lost,
-                    in_flight: row.in_flight,
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
+        for item in self.query_run(id, &item_prefix(step)).await? {
+            let name = item_name(&self.tables.runs, &item);
+            let row: MapItemRow = from_item(&self.tables.runs, item)?;
+            items.push(ItemRecord {
+                output: row.output.as_deref().map(|o| parse_json(o, &name, "output")).transpose()?,
+                index: row.index,
+                status: row.status,
+                attempts: row.attempts,
+                text: row.text,
+                usage: row.usage,
+                cost: row.cost,
+                calls: row.calls,
+                error: row.error,
+                lost: row.lost,
+                in_flight: row.in_flight,
+            });
         }
         Ok(items)
     }
