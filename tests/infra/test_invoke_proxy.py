@@ -142,6 +142,44 @@ def test_event_invoke_failures_are_counted_not_raised(proxy, backend):
     assert stats["dropped"] == 1  # no on-failure destination configured
 
 
+def test_a_drop_rule_loses_the_matching_event_invokes_it_counts(proxy, backend):
+    status, _, state = http("POST", proxy.url + "/_proxy/drops",
+                            body={"function": "chainrun-runner", "match": {"cause": "start"}, "count": 1})
+    assert status == 200 and state["drops"] == [{"function": "chainrun-runner", "match": {"cause": "start"}, "count": 1}]
+    event = {"X-Amz-Invocation-Type": "Event"}
+    lost = json.dumps({"run_id": "R1", "cause": "start"}).encode()
+    other = json.dumps({"run_id": "R2", "cause": "sweep"}).encode()
+    for payload in (other, lost, lost):
+        status, headers, _ = http("POST", proxy.url + INVOKE, raw=payload, headers=event)
+        assert status == 202 and headers.get("x-amzn-RequestId")
+    assert proxy.wait_idle(10)
+    # the first "start" is lost; the rule is used up, so the second is delivered
+    assert sorted(r["body"] for r in backend.requests) == sorted([other, lost])
+    stats = proxy.stats()
+    assert stats["lost"] == 1 and stats["accepted"] == 2 and stats["succeeded"] == 2
+    status, _, state = http("GET", proxy.url + "/_proxy/drops")
+    assert state == {"drops": [], "lost": 1}
+    status, _, answer = http("POST", proxy.url + "/_proxy/drops", body={"function": "fn", "count": 0})
+    assert status == 400 and "count" in answer["message"]
+    http("POST", proxy.url + "/_proxy/drops", body={"function": "fn"})
+    status, _, state = http("DELETE", proxy.url + "/_proxy/drops")
+    assert status == 200 and state["drops"] == []
+
+
+def test_a_burst_of_100_event_invokes_is_accepted_whole(proxy, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def invoke(i):
+        return http("POST", proxy.url + INVOKE, raw=json.dumps({"run_id": f"R{i}"}),
+                    headers={"X-Amz-Invocation-Type": "Event"})[0]
+
+    with ThreadPoolExecutor(100) as pool:
+        statuses = list(pool.map(invoke, range(100)))
+    assert statuses == [202] * 100
+    assert proxy.wait_idle(30)
+    assert proxy.stats()["succeeded"] == 100
+
+
 def test_event_invoke_to_a_dead_backend_is_still_accepted(backend):
     dead = f"http://127.0.0.1:{free_port()}"
     srv, thread = invoke_proxy.start_in_thread(dead, retry_delays=(0.05,))
