@@ -61,7 +61,8 @@ does that:
 
 Function async config (per function, else the default): `timeout_s` (900),
 `maximum_retry_attempts` (2), `maximum_event_age_s` (21600), `on_failure` (SQS queue
-URL or null). Given as a JSON file (`--config`, the stack writes one):
+URL or null), `max_concurrency` (deliveries in flight at once; the others wait their
+turn in the proxy, as in Lambda's async queue; default no limit). Given as a JSON file (`--config`, the stack writes one):
     {"region": "us-east-1", "retry_delays": [1, 2],
      "default": {...}, "functions": {"chainrun-runner": {"timeout_s": 900, "on_failure": URL}},
      "event_sources": {"sqs": [...], "schedules": [...]}}
@@ -149,6 +150,11 @@ class AsyncConfig:
     maximum_event_age_s: float = 21600.0
     on_failure: str | None = None  # SQS queue URL
     runtime_shim: bool = True  # read by infra/runtime_shim.py: False runs the function bare
+    # Event deliveries of this function in flight at once (None: no limit). Lambda runs an
+    # async event only when the function has concurrency to spare and keeps the rest in
+    # its queue; the stack sets watch's --concurrency here, since cargo lambda watch
+    # (1.9.2) wedges, every function at once, when some 200 invocations queue up in it.
+    max_concurrency: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.maximum_retry_attempts <= 2:
@@ -157,6 +163,8 @@ class AsyncConfig:
             raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}], got {self.timeout_s}")
         if self.maximum_event_age_s <= 0:
             raise ValueError(f"maximum_event_age_s must be positive, got {self.maximum_event_age_s}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
 
     @classmethod
     def from_dict(cls, d: dict, base: "AsyncConfig | None" = None) -> "AsyncConfig":
@@ -228,6 +236,17 @@ class ProxyServer(ThreadingHTTPServer):
         self._lock = threading.Condition()
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
         self.drops: list[dict] = []  # see "Lost dispatches" in the module docstring
+        self._slots: dict[str, threading.BoundedSemaphore] = {}  # per function, see max_concurrency
+
+    def slot(self, function: str) -> threading.BoundedSemaphore | None:
+        """The semaphore bounding the function's deliveries in flight (None: unbounded)."""
+        limit = self.config(function).max_concurrency
+        if limit is None:
+            return None
+        with self._lock:
+            if function not in self._slots:
+                self._slots[function] = threading.BoundedSemaphore(limit)
+            return self._slots[function]
 
     # -- lost dispatches ----------------------------------------------------
     def add_drop(self, rule) -> None:
@@ -385,8 +404,19 @@ class ProxyServer(ThreadingHTTPServer):
             while True:
                 attempts += 1
                 self._count(attempts=1, retries=1 if attempts > 1 else 0)
+                slot = self.slot(function)
+                if slot is not None:
+                    while not slot.acquire(timeout=0.5):  # queued until the function has concurrency
+                        if self.closing.is_set():
+                            _log(f"event {request_id} {function}: proxy closing, queued event abandoned")
+                            self._count(dropped=1)
+                            return
                 t0 = time.monotonic()
-                last = self.attempt(function, target, headers, body, request_id)
+                try:
+                    last = self.attempt(function, target, headers, body, request_id)
+                finally:
+                    if slot is not None:
+                        slot.release()
                 ms = int((time.monotonic() - t0) * 1000)
                 if last.kind == "ok":
                     _log(f"event {request_id} {function}: done {last.status} in {ms} ms (attempt {attempts})")

@@ -545,7 +545,8 @@ class Stack:
         """Each function's timeout and async config, and the event sources (the invoke
         proxy's --config; the runtime shim reads the timeouts from it too)."""
         runner = {"timeout_s": self.runner_timeout_s, "maximum_retry_attempts": self.runner_retries,
-                  "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url}
+                  "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url,
+                  "max_concurrency": WATCH_CONCURRENCY}
         sources: dict[str, list] = {"sqs": [], "schedules": []}
         if self.dead_letter_function in self.bins:
             sources["sqs"].append({"queue_url": self.dlq_url, "function": self.dead_letter_function,
@@ -555,7 +556,9 @@ class Stack:
                                          "payload": SWEEP_PAYLOAD})
         return {"region": self.region, "retry_delays": self.retry_delays,
                 "shim_state_dir": str(self.shim_state_dir),
-                "default": {"timeout_s": 900},
+                # watch runs at most WATCH_CONCURRENCY instances of a function and wedges when
+                # a few hundred invocations queue up in it (infra/invoke_proxy.py)
+                "default": {"timeout_s": 900, "max_concurrency": WATCH_CONCURRENCY},
                 "functions": {API_FUNCTION: {"timeout_s": API_TIMEOUT_S, "runtime_shim": False}, RUNNER_FUNCTION: runner},
                 "event_sources": sources}
 

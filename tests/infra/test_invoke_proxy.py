@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -178,6 +179,27 @@ def test_a_burst_of_100_event_invokes_is_accepted_whole(proxy, backend):
     assert statuses == [202] * 100
     assert proxy.wait_idle(30)
     assert proxy.stats()["succeeded"] == 100
+
+
+def test_max_concurrency_bounds_the_deliveries_in_flight_and_queues_the_rest(backend):
+    srv, thread = invoke_proxy.start_in_thread(backend.url, retry_delays=(0.05,),
+                                               functions={"chainrun-runner": {"max_concurrency": 2}})
+    try:
+        backend.gate.clear()  # the backend holds every delivery
+        for i in range(5):
+            assert http("POST", srv.url + INVOKE, raw=f'{{"i": {i}}}', headers={"X-Amz-Invocation-Type": "Event"})[0] == 202
+        assert backend.received.wait(5)
+        time.sleep(0.5)
+        assert len(backend.requests) == 2  # the other three wait in the proxy
+        assert srv.stats()["inflight"] == 5
+        backend.gate.set()
+        assert srv.wait_idle(10)
+        assert len(backend.requests) == 5 and srv.stats()["succeeded"] == 5
+    finally:
+        backend.gate.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
 
 
 def test_event_invoke_to_a_dead_backend_is_still_accepted(backend):
