@@ -137,6 +137,7 @@ class CallCheck:
     problems: list = dataclasses.field(default_factory=list)
     calls_per_key: dict = dataclasses.field(default_factory=dict)
     executions_per_key: dict = dataclasses.field(default_factory=dict)
+    all_failed: set = dataclasses.field(default_factory=set)  # keys with calls, none answered
 
 
 def check_calls(calls: list[Call], checkpoints: dict, kills: list[Kill], takeovers: list[float],
@@ -157,6 +158,8 @@ def check_calls(calls: list[Call], checkpoints: dict, kills: list[Kill], takeove
         if stored is None and key[1] is not None:
             stored = checkpoints.get((key[0], None))
         answered = [c for c in cs if c.status == 200]
+        if not answered:
+            out.all_failed.add(key)
         out.failed_calls += len(cs) - len(answered)
         out.paid_calls += len(answered)
         out.executions_per_key[key] = 1

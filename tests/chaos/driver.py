@@ -203,9 +203,14 @@ class Harness:
                 return s["pid"], cur.get("request_id")
         return None
 
-    def kill_run(self, run_id: str, phase: str, confirm_s: float = 5.0) -> Kill | None:
-        """SIGKILL the runner process running run_id now; None if no process runs it."""
+    def kill_run(self, run_id: str, phase: str, confirm_s: float = 5.0, find_s: float = 1.0) -> Kill | None:
+        """SIGKILL the runner process running run_id now (looking for it up to find_s: the
+        run may be between two deliveries); None if no process runs it."""
+        deadline = time.monotonic() + find_s
         found = self.process_of(run_id)
+        while not found and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = self.process_of(run_id)
         if not found:
             return None
         pid, request_id = found

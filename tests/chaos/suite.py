@@ -2,7 +2,7 @@
 
     main    the default stack (kill, duplicates, storm, lost)
     faults  Stack(dynamodb_faults=True): the fault proxy between the functions and moto
-    chain   the runner's timeout at 8 s (CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS) and a 1 s
+    chain   the runner's timeout at 8 s (CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS) and a 2 s
             deadline margin, so a long run continues across invocations
 
 Each stack lives in a temp dir; its logs are kept (and their path printed) when a
@@ -27,7 +27,7 @@ from .scenarios import RUNNERS, SAFE_PHASES, SCENARIOS, STACK_OF, ScenarioResult
 STACK_ENV = {
     "main": {},
     "faults": {},
-    "chain": {"CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS": "8", "CHAINRUN_LOCAL_DEADLINE_MARGIN_SECS": "1"},
+    "chain": {"CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS": "8", "CHAINRUN_LOCAL_DEADLINE_MARGIN_SECS": "2"},
 }
 
 
@@ -103,11 +103,16 @@ def run_scenario(stacks: Stacks, name: str, runs: int, seed: int, options: dict 
     h = stacks.harness(kind)
     rng = random.Random(f"{seed}:{name}")
     log(f"chaos[{name}]: {runs} runs, seed {seed}")
+    t0 = time.monotonic()
     try:
         result = RUNNERS[name](h, rng, runs, log, **(options or {}))
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - the scenario fails; the others still run
+        import traceback
+
         stacks.failed.add(kind)
-        raise
+        log(traceback.format_exc())
+        result = ScenarioResult(name, trials=runs, violations=1, seconds=time.monotonic() - t0,
+                                problems=[f"the scenario stopped: {type(e).__name__}: {e}"])
     if not result.ok:
         stacks.failed.add(kind)
     return result
