@@ -95,6 +95,8 @@ class Verdict:
     failed_calls: int
     error: dict | None
     all_failed: set  # keys none of whose calls was answered
+    paid_pico: int  # the answered calls' cost by the dev model server's usage
+    charged_pico: int  # the run's totals
 
 
 @dataclasses.dataclass
@@ -175,9 +177,14 @@ def evaluate(h: Harness, t: Trial) -> Verdict:
     ev = check_events(events, status)
     problems = list(ev.problems)
     items = h.run_items(t.run_id)
-    cc = check_calls(calls_of(h.calls(t.tag), t.tag, t.latency_s) if not t.shared_tag else [],
-                     checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
+    calls = calls_of(h.calls(t.tag), t.tag, t.latency_s) if not t.shared_tag else []
+    cc = check_calls(calls, checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
                      map_steps={wf.FAN_MAP_STEP})
+    # What the model provider was paid for this run, against what the run was charged: the
+    # difference is calls made again after a crash that no budget saw (until reservations
+    # lost with a crashed runner are recorded).
+    paid = sum(wf.paid_pico(c.usage) for c in calls if c.status == 200)
+    charged = int((view.get("totals") or {}).get("cost_pico_usd", 0))
     problems += cc.problems
     over = overrun(view.get("totals") or {}, t.budget)
     if over:
@@ -195,7 +202,7 @@ def evaluate(h: Harness, t: Trial) -> Verdict:
             problems.append(f"completed without a model call for {never}")
     return Verdict(t, status, completed, stuck, ev.duplicated, cc.double_paid, cc.repeated, over, problems, events,
                    dict(ev.counts), cc.calls_per_key, cc.executions_per_key, cc.paid_calls, cc.failed_calls,
-                   view.get("error"), cc.all_failed)
+                   view.get("error"), cc.all_failed, paid, charged)
 
 
 def _finish(h: Harness, trials: list[Trial], res: ScenarioResult, log, *, quiesce: float = 60.0) -> list[Verdict]:
@@ -327,9 +334,10 @@ def scenario_kill(h: Harness, rng: random.Random, runs: int, log, *, phases=PHAS
                 f.result()
         h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
         all_trials += trials
-    _finish(h, all_trials, res, log)
+    verdicts = _finish(h, all_trials, res, log)
     kills = [k for t in all_trials for k in t.kills]
     res.info.update(kills=sum(k.hit for k in kills), kills_missed=sum(len(t.missed) for t in all_trials),
+                    paid_not_charged_usd=_usd(sum(max(0, v.paid_pico - v.charged_pico) for v in verdicts)),
                     phases="/".join(f"{p}:{sum(k.phase == p and k.hit for k in kills)}" for p in PHASES
                                     if any(k.phase == p for k in kills)),
                     median_recovery_s=f"{_median(res.recoveries):.1f}")
@@ -338,6 +346,12 @@ def scenario_kill(h: Harness, rng: random.Random, runs: int, log, *, phases=PHAS
             res.problems.append(f"run {t.run_id} ({t.label}): kill missed ({m})")
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _usd(pico: int) -> str:
+    from decimal import Decimal
+
+    return format((Decimal(pico) / Decimal(10) ** 12).normalize(), "f")
 
 
 def _median(xs: list[float]) -> float:

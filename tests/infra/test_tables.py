@@ -41,7 +41,7 @@ def test_tables_are_created_as_tables_json_says(moto_endpoint):
         for g in t["gsis"]:
             gk = {k["KeyType"]: k["AttributeName"] for k in gsis[g["name"]]["KeySchema"]}
             assert gk == {"HASH": g["hash"], "RANGE": g["range"]}
-            assert gsis[g["name"]]["Projection"]["ProjectionType"] == "ALL"
+            assert gsis[g["name"]]["Projection"]["ProjectionType"] == g.get("projection", "ALL")
         ttl = ddb.describe_time_to_live(TableName=t["local_name"])["TimeToLiveDescription"]
         if t["ttl"]:
             assert ttl["TimeToLiveStatus"] == "ENABLED" and ttl["AttributeName"] == t["ttl"]
