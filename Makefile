@@ -2,8 +2,10 @@
 #
 #   make demo    bring a local stack up on free ports, run a sample workflow end to end
 #                with live progress, stop everything again
-#   make test    cargo test --workspace, then the local stack's tests and the end-to-end
-#                tests (each suite starts its own stack)
+#   make test    cargo test --workspace, then the local stack's tests, the end-to-end
+#                tests and a short seeded chaos suite (each suite starts its own stacks)
+#   make chaos   the full chaos suite: runners killed, duplicate deliveries, throttling,
+#                DynamoDB faults, lost dispatches, long runs over short invocations
 #   make up / make down / make token USER=alice GROUPS=eng,ops
 #
 # The stack (DynamoDB via moto, dev Bedrock server, async-invoke proxy, cargo lambda
@@ -23,11 +25,12 @@ USER    ?= dev
 GROUPS  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv build up down token demo test bench cost-check
+.PHONY: help venv build up down token demo test chaos bench cost-check
 
 help:
 	@echo "make demo                          local stack + sample workflow with live progress"
-	@echo "make test                          cargo unit tests + end-to-end tests"
+	@echo "make test                          cargo unit tests + end-to-end tests + a short seeded chaos suite"
+	@echo "make chaos [TRIALS=20 SEED=1 SCENARIOS=kill,…]  fault injection on local stacks (kills, duplicates, storms, …)"
 	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
 	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead), store requests per step"
@@ -65,7 +68,19 @@ test: venv
 	cargo check -q -p chainrun-core --no-default-features || rc=1; \
 	CHAINRUN_MOTO=1 cargo test --workspace || rc=1; \
 	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
+	$(PY) -m pytest tests/chaos -q || rc=1; \
 	exit $$rc
+
+# The full chaos suite (tests/chaos): every scenario on its own local stack, real binaries,
+# no person acting. Its last line: chaos: trials=N completed=N stuck=0 duplicated_events=0
+# double_paid_calls=0 overruns=0 max_recovery_s=X; non-zero exit if any count is not 0.
+TRIALS    ?= 20
+SEED      ?= 1
+SCENARIOS ?= kill,duplicates,storm,dynamodb,lost,chain
+# Progress and problems go to stderr and the scenario lines to stdout, the summary last
+# (make's own "Error 1" note on a failure goes to stderr after it).
+chaos: venv
+	@$(PY) -m tests.chaos --trials $(TRIALS) --seed $(SEED) --scenarios $(SCENARIOS)
 
 # 1. Scheduler: a release build of the pure core only (no AWS crates), the engine with the
 #    in-memory adapters.

@@ -47,7 +47,13 @@ does that:
   `accepted`, `completed` (settled), `succeeded`, `failed` (settled without success),
   `attempts`, `retries`, `function_errors`, `crashes`, `timeouts`, `connection_errors`,
   `retries_exhausted`, `event_age_exceeded`, `dead_lettered`, `dead_letter_failures`,
-  `dropped`; and `event_sources` {name: counters} when it runs any (below).
+  `dropped`, `lost`; and `event_sources` {name: counters} when it runs any (below).
+* Lost dispatches (the chaos suite): `POST /_proxy/drops` with
+  `{"function": NAME, "match": {...}, "count": N}` makes the next N Event invokes of that
+  function whose JSON payload holds every key/value of `match` (default {}: any) be
+  answered 202 as usual and then never delivered, as if the invoker had died before
+  the event was queued (counted as `lost`). `GET /_proxy/drops` -> `{"drops": [rules
+  with what is left of their count], "lost": N}`; `DELETE /_proxy/drops` removes them.
 * Event sources (infra/event_sources.py), from the config's "event_sources" section:
   SQS event source mappings (poll a queue, invoke a function synchronously with Lambda's
   SQS event, delete what succeeded) and schedules (invoke a function asynchronously
@@ -55,7 +61,8 @@ does that:
 
 Function async config (per function, else the default): `timeout_s` (900),
 `maximum_retry_attempts` (2), `maximum_event_age_s` (21600), `on_failure` (SQS queue
-URL or null). Given as a JSON file (`--config`, the stack writes one):
+URL or null), `max_concurrency` (deliveries in flight at once; the others wait their
+turn in the proxy, as in Lambda's async queue; default no limit). Given as a JSON file (`--config`, the stack writes one):
     {"region": "us-east-1", "retry_delays": [1, 2],
      "default": {...}, "functions": {"chainrun-runner": {"timeout_s": 900, "on_failure": URL}},
      "event_sources": {"sqs": [...], "schedules": [...]}}
@@ -143,6 +150,11 @@ class AsyncConfig:
     maximum_event_age_s: float = 21600.0
     on_failure: str | None = None  # SQS queue URL
     runtime_shim: bool = True  # read by infra/runtime_shim.py: False runs the function bare
+    # Event deliveries of this function in flight at once (None: no limit). Lambda runs an
+    # async event only when the function has concurrency to spare and keeps the rest in
+    # its queue; the stack sets watch's --concurrency here, since cargo lambda watch
+    # (1.9.2) wedges, every function at once, when some 200 invocations queue up in it.
+    max_concurrency: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.maximum_retry_attempts <= 2:
@@ -151,6 +163,8 @@ class AsyncConfig:
             raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:.0f}], got {self.timeout_s}")
         if self.maximum_event_age_s <= 0:
             raise ValueError(f"maximum_event_age_s must be positive, got {self.maximum_event_age_s}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
 
     @classmethod
     def from_dict(cls, d: dict, base: "AsyncConfig | None" = None) -> "AsyncConfig":
@@ -175,7 +189,7 @@ _KIND_STAT = {"function_error": "function_errors", "crash": "crashes", "timeout"
               "connection": "connection_errors"}
 _STAT_KEYS = ("inflight", "accepted", "completed", "succeeded", "failed", "attempts", "retries",
               "function_errors", "crashes", "timeouts", "connection_errors", "retries_exhausted",
-              "event_age_exceeded", "dead_lettered", "dead_letter_failures", "dropped")
+              "event_age_exceeded", "dead_lettered", "dead_letter_failures", "dropped", "lost")
 
 
 def _log(msg: str) -> None:
@@ -192,6 +206,9 @@ def _iso_now() -> str:
 class ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # Lambda takes a burst of invokes at once (the chaos suite sends 100 together); the
+    # socketserver default backlog of 5 had the kernel reset most of such a burst.
+    request_queue_size = 256
 
     def __init__(self, addr, backend: str, verbose: bool = False, *, functions: dict | None = None,
                  default: AsyncConfig | None = None, retry_delays=DEFAULT_RETRY_DELAYS,
@@ -218,6 +235,60 @@ class ProxyServer(ThreadingHTTPServer):
         self.workers: list = []  # event sources started by main(), reported in stats()
         self._lock = threading.Condition()
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
+        self.drops: list[dict] = []  # see "Lost dispatches" in the module docstring
+        self._slots: dict[str, threading.BoundedSemaphore] = {}  # per function, see max_concurrency
+
+    def slot(self, function: str) -> threading.BoundedSemaphore | None:
+        """The semaphore bounding the function's deliveries in flight (None: unbounded)."""
+        limit = self.config(function).max_concurrency
+        if limit is None:
+            return None
+        with self._lock:
+            if function not in self._slots:
+                self._slots[function] = threading.BoundedSemaphore(limit)
+            return self._slots[function]
+
+    # -- lost dispatches ----------------------------------------------------
+    def add_drop(self, rule) -> None:
+        if not isinstance(rule, dict) or not isinstance(rule.get("function"), str):
+            raise ValueError("a drop rule needs \"function\" (a function name)")
+        unknown = set(rule) - {"function", "match", "count"}
+        if unknown:
+            raise ValueError(f"unknown drop rule keys {sorted(unknown)}")
+        match = rule.get("match") or {}
+        count = rule.get("count", 1)
+        if not isinstance(match, dict):
+            raise ValueError("match must be an object")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError("count must be an integer >= 1")
+        with self._lock:
+            self.drops.append({"function": rule["function"], "match": match, "count": count})
+
+    def take_drop(self, function: str, body: bytes) -> bool:
+        """Whether this Event invoke is to be lost (uses up one of a rule's count)."""
+        with self._lock:
+            if not self.drops:
+                return False
+            try:
+                payload = json.loads(body or b"null")
+            except ValueError:
+                payload = None
+            for rule in self.drops:
+                if rule["function"] != function:
+                    continue
+                if rule["match"] and not (isinstance(payload, dict)
+                                          and all(payload.get(k) == v for k, v in rule["match"].items())):
+                    continue
+                rule["count"] -= 1
+                if rule["count"] <= 0:
+                    self.drops.remove(rule)
+                self._stats["lost"] += 1
+                return True
+            return False
+
+    def drops_state(self) -> dict:
+        with self._lock:
+            return {"drops": [dict(r) for r in self.drops], "lost": self._stats["lost"]}
 
     @property
     def url(self) -> str:
@@ -333,8 +404,19 @@ class ProxyServer(ThreadingHTTPServer):
             while True:
                 attempts += 1
                 self._count(attempts=1, retries=1 if attempts > 1 else 0)
+                slot = self.slot(function)
+                if slot is not None:
+                    while not slot.acquire(timeout=0.5):  # queued until the function has concurrency
+                        if self.closing.is_set():
+                            _log(f"event {request_id} {function}: proxy closing, queued event abandoned")
+                            self._count(dropped=1)
+                            return
                 t0 = time.monotonic()
-                last = self.attempt(function, target, headers, body, request_id)
+                try:
+                    last = self.attempt(function, target, headers, body, request_id)
+                finally:
+                    if slot is not None:
+                        slot.release()
                 ms = int((time.monotonic() - t0) * 1000)
                 if last.kind == "ok":
                     _log(f"event {request_id} {function}: done {last.status} in {ms} ms (attempt {attempts})")
@@ -460,6 +542,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._json(200, {"ok": True, "backend": self.server.backend})
         if path in ("/_proxy/inflight", "/_proxy/stats"):
             return self._json(200, self.server.stats())
+        if path == "/_proxy/drops":
+            if self.command == "POST":
+                try:
+                    self.server.add_drop(json.loads(body or b"null"))
+                except ValueError as e:
+                    return self._json(400, {"message": str(e)})
+            elif self.command == "DELETE":
+                with self.server._lock:
+                    self.server.drops.clear()
+            return self._json(200, self.server.drops_state())
 
         fwd_headers = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP]
         m = INVOKE_PATH.match(path)
@@ -473,6 +565,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             fwd = [(k, v) for k, v in fwd_headers if k.lower() != "x-amz-invocation-type"]
             fwd.append(("X-Amz-Invocation-Type", "RequestResponse"))
             function = urllib.parse.unquote(m.group("name"))
+            if self.server.take_drop(function, body):
+                _log(f"event {request_id} {function}: accepted ({len(body)} bytes) and LOST (a drop rule)")
+                return self._send(202, b"", headers=[("x-amzn-RequestId", request_id)])
             _log(f"event {request_id} {function}: accepted ({len(body)} bytes), delivering in background")
             self.server.forward_async(function, self.path, fwd, body, request_id)
             return self._send(202, b"", headers=[("x-amzn-RequestId", request_id)])

@@ -36,6 +36,13 @@ The shim serves the Runtime API to the function itself, on a loopback port of it
     wedges. An invocation watch handed out while no process was alive waits for the
     next one. A process that keeps dying without an invocation is restarted with a
     growing delay (up to RESTART_BACKOFF_MAX_S).
+With "shim_state_dir" in the config, each shim keeps a JSON file there,
+FUNCTION-SHIMPID.json, saying what its function process is doing (written atomically on
+every change): {"function", "shim_pid", "pid" (the live process, or null), "current"
+(the invocation it runs: {"request_id", "payload" (the event, parsed when JSON), "since"}
+or null), "deaths" (the last few processes that died: {"pid", "how", "request_id",
+"at"})}. The chaos suite (tests/chaos) reads them to SIGKILL the process that runs a
+given run, as a crash would, and to confirm what the kill hit.
 A function whose entry in the config says "runtime_shim": false is exec'd bare (the
 stack does that for chainrun-api: its Function URL invocations through the shim got
 intermittent 500s from watch, cause not yet found).
@@ -62,6 +69,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .serve import read_body
 
 DEFAULT_TIMEOUT_S = 900.0
+DEATHS_KEPT = 20  # dead processes remembered in the state file
 RESTART_BACKOFF_MAX_S = 5.0
 # A process that ran at least this long before it died is restarted at once.
 HEALTHY_RUN_S = 2.0
@@ -105,12 +113,13 @@ class Invocation:
         self.headers = headers
         self.body = body
         self.deadline = 0.0  # wall clock, s
+        self.since = 0.0  # wall clock, s: when the function took it
         self.generation = 0
 
 
 class Shim:
     def __init__(self, upstream: str, function: str, timeout_s: float, command: list[str],
-                 region: str = "us-east-1", account: str = "123456789012"):
+                 region: str = "us-east-1", account: str = "123456789012", state_dir: str | None = None):
         if "://" not in upstream:
             upstream = "http://" + upstream
         u = urllib.parse.urlsplit(upstream)
@@ -131,6 +140,43 @@ class Shim:
         self.upstream_gone = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
+        self.state_file = None
+        if state_dir:
+            os.makedirs(state_dir, exist_ok=True)
+            self.state_file = os.path.join(state_dir, f"{function}-{os.getpid()}.json")
+        self.deaths: deque[dict] = deque(maxlen=DEATHS_KEPT)
+
+    # -- the state file (see the module docstring) ----------------------------------------
+    def write_state(self) -> None:
+        """Called with self.cond held (or before other threads start)."""
+        if not self.state_file:
+            return
+        child = self.child
+        inv = self.current
+        current = None
+        if inv is not None:
+            try:
+                payload = json.loads(inv.body or b"null")
+            except ValueError:
+                payload = inv.body.decode("utf-8", "replace")[:1000]
+            current = {"request_id": inv.request_id, "payload": payload, "since": inv.since}
+        state = {"function": self.function, "shim_pid": os.getpid(),
+                 "pid": child.pid if child is not None and child.poll() is None else None,
+                 "current": current, "deaths": list(self.deaths)}
+        tmp = f"{self.state_file}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            _log(f"could not write {self.state_file}: {e}")
+
+    def remove_state(self) -> None:
+        if self.state_file:
+            try:
+                os.unlink(self.state_file)
+            except OSError:
+                pass
 
     # -- upstream (watch's Runtime API) ----------------------------------------------------
     def upstream(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
@@ -219,10 +265,12 @@ class Shim:
                     return None
                 if self.queue:
                     inv = self.queue.popleft()
-                    inv.deadline = time.time() + self.timeout_s
+                    inv.since = time.time()
+                    inv.deadline = inv.since + self.timeout_s
                     inv.generation = generation
                     self.current = inv
                     self.ids[inv.request_id] = inv.watch_id
+                    self.write_state()
                     return inv
                 if not self.polling:
                     self.polling = True
@@ -236,6 +284,7 @@ class Shim:
                 self.current = None
                 self.ids.pop(inv.request_id, None)
                 self.queue.appendleft(inv)
+                self.write_state()
                 self.cond.notify_all()
 
     def finished(self, request_id: str) -> str:
@@ -244,6 +293,7 @@ class Shim:
             watch_id = self.ids.pop(request_id, request_id)
             if self.current is not None and self.current.request_id == request_id:
                 self.current = None
+                self.write_state()
             return watch_id
 
     def report_error(self, inv: Invocation, error_type: str, message: str) -> None:
@@ -272,6 +322,7 @@ class Shim:
             with self.cond:
                 self.generation += 1
                 self.child = subprocess.Popen(self.command, env=self.child_env())
+                self.write_state()
                 self.cond.notify_all()
             _log(f"{self.function}: process {self.child.pid} started (timeout {self.timeout_s:g}s)")
             timed_out = None
@@ -295,15 +346,18 @@ class Shim:
                     _log(f"{self.function}: {inv.request_id} still running at its {self.timeout_s:g}s timeout; "
                          f"killing process {self.child.pid}")
                     self.child.kill()
+            how = f"signal: {_signal_name(-rc)}" if rc < 0 else f"exit status {rc}"
             with self.cond:
                 self.generation += 1  # a /next of the dead process must not take an invocation
                 inv, self.current = self.current, None
                 if inv is not None:
                     self.ids.pop(inv.request_id, None)
+                self.deaths.append({"pid": self.child.pid, "how": how, "at": time.time(),
+                                    "request_id": inv.request_id if inv is not None else None})
+                self.write_state()
                 self.cond.notify_all()
             if self.stopping.is_set():
                 break
-            how = f"signal: {_signal_name(-rc)}" if rc < 0 else f"exit status {rc}"
             if inv is not None:
                 if timed_out is inv:
                     self.report_error(inv, "Sandbox.Timedout",
@@ -319,6 +373,7 @@ class Shim:
                 backoff = min(RESTART_BACKOFF_MAX_S, max(0.2, backoff * 2))
                 self.stopping.wait(backoff)
         self.server.shutdown()
+        self.remove_state()
         return 128 - rc if rc < 0 else rc
 
     def stop(self, sig: int) -> None:
@@ -417,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items() if not (k.startswith("CARGO_TARGET_") and k.endswith("_RUNNER"))}
         os.execve(command[0], command, env)
     shim = Shim(upstream, function, function_timeout(config, function), command,
-                region=os.environ.get("AWS_REGION") or config.get("region") or "us-east-1")
+                region=os.environ.get("AWS_REGION") or config.get("region") or "us-east-1",
+                state_dir=config.get("shim_state_dir"))
 
     def on_signal(signum, frame):
         shim.stop(signum)

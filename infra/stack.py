@@ -32,6 +32,8 @@ Lambda behaviour (infra/invoke_proxy.py, infra/runtime_shim.py, infra/event_sour
     (chainrun-sweeper; CHAINRUN_LOCAL_DEAD_LETTER_FUNCTION, default chainrun-dead-letter)
     is a bin target of the workspace.
 Each function's timeout, async config and the event sources are in DIR/lambda-config.json.
+Each runtime shim keeps a state file in DIR/shims/ naming its function process and the
+invocation it runs (infra/runtime_shim.py; the chaos suite kills runners through it).
 
 CLI (from the repository root, with the project venv's python; see the Makefile):
     python -m infra.stack up   [--dir .local] [--no-build] [--timeout 600]
@@ -70,6 +72,8 @@ Environment knobs:
     CHAINRUN_LOCAL_SWEEP_SECS             the sweeper schedule's period (default 5)
     CHAINRUN_LOCAL_LEASE_SECS             the runner's lease, CHAINRUN_LEASE_SECS (default 6)
     CHAINRUN_LOCAL_QUEUED_GRACE_SECS      CHAINRUN_QUEUED_GRACE_SECS (default 10)
+    CHAINRUN_LOCAL_DEADLINE_MARGIN_SECS   the runner's CHAINRUN_DEADLINE_MARGIN_SECS (default: the
+                                          runner's own, 90 s, at most a quarter of an invocation)
     CHAINRUN_LOCAL_DEAD_LETTER_FUNCTION   consumer of the runner's failure queue (default
                                           chainrun-dead-letter)
     CHAINRUN_LOCAL_DEAD_LETTER_BATCH_SIZE its event source mapping's batch size (default 10)
@@ -78,7 +82,7 @@ Environment knobs:
                                           watch's own behaviour: past deadlines, no recovery)
 
 stack.env also holds AWS_ENDPOINT_URL_SQS, CHAINRUN_RUNNER_DLQ_URL,
-CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS and LAMBDA_CONFIG_FILE; the functions get
+CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS, LAMBDA_CONFIG_FILE and SHIM_STATE_DIR; the functions get
 AWS_ENDPOINT_URL_SQS and CHAINRUN_RUNNER_DLQ_URL too.
 """
 
@@ -515,6 +519,8 @@ class Stack:
         # runner's lease lapses in seconds, a lost dispatch is swept soon after.
         fe["CHAINRUN_LEASE_SECS"] = self.base_env.get("CHAINRUN_LOCAL_LEASE_SECS") or str(LOCAL_LEASE_S)
         fe["CHAINRUN_QUEUED_GRACE_SECS"] = self.base_env.get("CHAINRUN_LOCAL_QUEUED_GRACE_SECS") or str(LOCAL_QUEUED_GRACE_S)
+        if self.base_env.get("CHAINRUN_LOCAL_DEADLINE_MARGIN_SECS"):
+            fe["CHAINRUN_DEADLINE_MARGIN_SECS"] = self.base_env["CHAINRUN_LOCAL_DEADLINE_MARGIN_SECS"]
         fe["RUST_LOG"] = self.base_env.get("RUST_LOG") or DEFAULT_RUST_LOG
         fe["NO_COLOR"] = "1"
         return fe
@@ -522,6 +528,10 @@ class Stack:
     @property
     def lambda_config_file(self) -> Path:
         return self.dir / "lambda-config.json"
+
+    @property
+    def shim_state_dir(self) -> Path:
+        return self.dir / "shims"
 
     def _bin_targets(self) -> set[str]:
         """The bin targets of the workspace (what watch can run)."""
@@ -535,7 +545,8 @@ class Stack:
         """Each function's timeout and async config, and the event sources (the invoke
         proxy's --config; the runtime shim reads the timeouts from it too)."""
         runner = {"timeout_s": self.runner_timeout_s, "maximum_retry_attempts": self.runner_retries,
-                  "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url}
+                  "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url,
+                  "max_concurrency": WATCH_CONCURRENCY}
         sources: dict[str, list] = {"sqs": [], "schedules": []}
         if self.dead_letter_function in self.bins:
             sources["sqs"].append({"queue_url": self.dlq_url, "function": self.dead_letter_function,
@@ -544,7 +555,10 @@ class Stack:
             sources["schedules"].append({"function": SWEEPER_FUNCTION, "every_s": self.sweep_s,
                                          "payload": SWEEP_PAYLOAD})
         return {"region": self.region, "retry_delays": self.retry_delays,
-                "default": {"timeout_s": 900},
+                "shim_state_dir": str(self.shim_state_dir),
+                # watch runs at most WATCH_CONCURRENCY instances of a function and wedges when
+                # a few hundred invocations queue up in it (infra/invoke_proxy.py)
+                "default": {"timeout_s": 900, "max_concurrency": WATCH_CONCURRENCY},
                 "functions": {API_FUNCTION: {"timeout_s": API_TIMEOUT_S, "runtime_shim": False}, RUNNER_FUNCTION: runner},
                 "event_sources": sources}
 
@@ -552,6 +566,8 @@ class Stack:
         cargo_lambda = find_cargo_lambda()
         self.bins = self._bin_targets()
         config = self.lambda_config()
+        shutil.rmtree(self.shim_state_dir, ignore_errors=True)  # a previous stack's
+        self.shim_state_dir.mkdir(parents=True, exist_ok=True)
         self.lambda_config_file.write_text(json.dumps(config, indent=2) + "\n")
         for kind, what in (("sqs", "polls {queue_url} for {function}"), ("schedules", "invokes {function} every {every_s:g}s")):
             for source in config["event_sources"][kind]:
@@ -688,6 +704,7 @@ class Stack:
             "CHAINRUN_RUNNER_DLQ_URL": self.dlq_url,
             "CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS": f"{self.runner_timeout_s:g}",
             "LAMBDA_CONFIG_FILE": str(self.lambda_config_file),
+            "SHIM_STATE_DIR": str(self.shim_state_dir),
         }
         if self.bedrock_url:
             env["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -140,6 +141,65 @@ def test_event_invoke_failures_are_counted_not_raised(proxy, backend):
     stats = proxy.stats()
     assert stats["failed"] == 1 and stats["attempts"] == 3 and stats["function_errors"] == 3
     assert stats["dropped"] == 1  # no on-failure destination configured
+
+
+def test_a_drop_rule_loses_the_matching_event_invokes_it_counts(proxy, backend):
+    status, _, state = http("POST", proxy.url + "/_proxy/drops",
+                            body={"function": "chainrun-runner", "match": {"cause": "start"}, "count": 1})
+    assert status == 200 and state["drops"] == [{"function": "chainrun-runner", "match": {"cause": "start"}, "count": 1}]
+    event = {"X-Amz-Invocation-Type": "Event"}
+    lost = json.dumps({"run_id": "R1", "cause": "start"}).encode()
+    other = json.dumps({"run_id": "R2", "cause": "sweep"}).encode()
+    for payload in (other, lost, lost):
+        status, headers, _ = http("POST", proxy.url + INVOKE, raw=payload, headers=event)
+        assert status == 202 and headers.get("x-amzn-RequestId")
+    assert proxy.wait_idle(10)
+    # the first "start" is lost; the rule is used up, so the second is delivered
+    assert sorted(r["body"] for r in backend.requests) == sorted([other, lost])
+    stats = proxy.stats()
+    assert stats["lost"] == 1 and stats["accepted"] == 2 and stats["succeeded"] == 2
+    status, _, state = http("GET", proxy.url + "/_proxy/drops")
+    assert state == {"drops": [], "lost": 1}
+    status, _, answer = http("POST", proxy.url + "/_proxy/drops", body={"function": "fn", "count": 0})
+    assert status == 400 and "count" in answer["message"]
+    http("POST", proxy.url + "/_proxy/drops", body={"function": "fn"})
+    status, _, state = http("DELETE", proxy.url + "/_proxy/drops")
+    assert status == 200 and state["drops"] == []
+
+
+def test_a_burst_of_100_event_invokes_is_accepted_whole(proxy, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def invoke(i):
+        return http("POST", proxy.url + INVOKE, raw=json.dumps({"run_id": f"R{i}"}),
+                    headers={"X-Amz-Invocation-Type": "Event"})[0]
+
+    with ThreadPoolExecutor(100) as pool:
+        statuses = list(pool.map(invoke, range(100)))
+    assert statuses == [202] * 100
+    assert proxy.wait_idle(30)
+    assert proxy.stats()["succeeded"] == 100
+
+
+def test_max_concurrency_bounds_the_deliveries_in_flight_and_queues_the_rest(backend):
+    srv, thread = invoke_proxy.start_in_thread(backend.url, retry_delays=(0.05,),
+                                               functions={"chainrun-runner": {"max_concurrency": 2}})
+    try:
+        backend.gate.clear()  # the backend holds every delivery
+        for i in range(5):
+            assert http("POST", srv.url + INVOKE, raw=f'{{"i": {i}}}', headers={"X-Amz-Invocation-Type": "Event"})[0] == 202
+        assert backend.received.wait(5)
+        time.sleep(0.5)
+        assert len(backend.requests) == 2  # the other three wait in the proxy
+        assert srv.stats()["inflight"] == 5
+        backend.gate.set()
+        assert srv.wait_idle(10)
+        assert len(backend.requests) == 5 and srv.stats()["succeeded"] == 5
+    finally:
+        backend.gate.set()
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
 
 
 def test_event_invoke_to_a_dead_backend_is_still_accepted(backend):

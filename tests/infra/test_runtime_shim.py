@@ -103,13 +103,14 @@ def shim(tmp_path):
     fn = tmp_path / "function.py"
     fn.write_text(FUNCTION)
     config = tmp_path / "lambda-config.json"
-    config.write_text(json.dumps({"default": {"timeout_s": 900}, "functions": {"fn": {"timeout_s": 2}}}))
+    config.write_text(json.dumps({"default": {"timeout_s": 900}, "functions": {"fn": {"timeout_s": 2}},
+                                  "shim_state_dir": str(tmp_path / "shims")}))
     env = dict(os.environ, AWS_LAMBDA_RUNTIME_API=api.url, AWS_LAMBDA_FUNCTION_NAME="fn", AWS_REGION="us-east-1")
     p = subprocess.Popen([sys.executable, "-m", "infra.runtime_shim", "--config", str(config), "--",
                           sys.executable, str(fn)], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(iter(p.stderr.readline, "")), daemon=True).start()
-    yield api, log
+    yield api, log, tmp_path / "shims"
     p.terminate()
     try:
         p.wait(10)
@@ -124,7 +125,7 @@ def answer(q: queue.Queue, timeout: float = 10.0):
 
 
 def test_deadline_is_now_plus_the_configured_timeout_and_the_arn_is_real(shim):
-    api, _ = shim
+    api, _, _ = shim
     before = int(time.time() * 1000)
     what, seen = answer(api.invoke({}))
     assert what == "response"
@@ -135,7 +136,7 @@ def test_deadline_is_now_plus_the_configured_timeout_and_the_arn_is_real(shim):
 
 
 def test_the_function_sees_the_invokers_request_id_and_watch_gets_its_own_back(shim):
-    api, _ = shim
+    api, _, _ = shim
     what, seen = answer(api.invoke({}, request_id="req-1"))
     assert what == "response"  # delivered to watch under watch's id (the queue is keyed by it)
     assert seen["request_id"] == "req-1"
@@ -145,7 +146,7 @@ def test_the_function_sees_the_invokers_request_id_and_watch_gets_its_own_back(s
 
 
 def test_a_killed_process_fails_its_invocation_and_a_fresh_one_takes_the_next(shim):
-    api, log = shim
+    api, log, _ = shim
     _, first = answer(api.invoke({}))
     t0 = time.monotonic()
     what, err = answer(api.invoke({"die": True}, request_id="req-die"))
@@ -161,7 +162,7 @@ def test_a_killed_process_fails_its_invocation_and_a_fresh_one_takes_the_next(sh
 
 
 def test_an_invocation_past_its_timeout_is_killed_and_reported_as_timed_out(shim):
-    api, _ = shim
+    api, _, _ = shim
     _, first = answer(api.invoke({}))
     t0 = time.monotonic()
     what, err = answer(api.invoke({"sleep": 30}, request_id="req-slow"))
@@ -171,3 +172,28 @@ def test_an_invocation_past_its_timeout_is_killed_and_reported_as_timed_out(shim
     assert 1.5 <= time.monotonic() - t0 < 6
     what, after = answer(api.invoke({}))
     assert what == "response" and after["pid"] != first["pid"]
+
+
+def test_the_state_file_names_the_process_and_the_invocation_it_runs_and_what_a_kill_hit(shim):
+    api, _, state_dir = shim
+    _, first = answer(api.invoke({}))
+
+    def state():
+        files = list(state_dir.glob("fn-*.json"))
+        return json.loads(files[0].read_text()) if len(files) == 1 else None
+
+    pending = api.invoke({"sleep": 30, "run_id": "R1"}, request_id="req-slow")
+    assert wait_until(lambda: (state() or {}).get("current"), 5)
+    s = state()
+    assert s["function"] == "fn" and s["pid"] == first["pid"]
+    assert s["current"]["request_id"] == "req-slow"
+    assert s["current"]["payload"] == {"sleep": 30, "run_id": "R1"}
+    os.kill(s["pid"], 9)
+    what, err = answer(pending)
+    assert what == "error" and err["errorType"] == "Runtime.ExitError"
+    assert wait_until(lambda: (state() or {}).get("pid") not in (None, first["pid"]), 5)
+    s = state()
+    assert s["current"] is None
+    assert s["deaths"][-1]["pid"] == first["pid"]
+    assert s["deaths"][-1]["request_id"] == "req-slow"
+    assert s["deaths"][-1]["how"] == "signal: killed"

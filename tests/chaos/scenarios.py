@@ -1,0 +1,601 @@
+"""The chaos scenarios. Each drives the real binaries on a local stack (a Harness) with no
+person acting, then checks every run it started (tests/chaos/checks.py) and reports its
+own counts (a ScenarioResult).
+
+    kill         runs of the fan workflow (parallel steps, a map over the input's list with
+                 an llm sub-step, a join, a budget); the runner process running each is
+                 SIGKILLed once or twice at seeded points (a phase of the run plus a seeded
+                 delay); every run must complete, each kill's recovery (kill -> the run's
+                 next event) is measured.
+    duplicates   one run delivered 100 more times at once, straight through the invoke
+                 proxy's Invoke API (Event): every model call made once.
+    storm        the dev model server throttles half the run's calls (seeded fail_rate):
+                 runs finish, no step or item makes more attempts than its retry policy.
+    dynamodb     DynamoDB writes (and some reads) fail: throttled, 500, applied with the
+                 reply lost, held and dropped (the fault proxy): runs finish consistent.
+    lost         the API's dispatch is lost (the proxy drops it): the sweeper starts the run.
+    chain        100 sequential steps under an 8 s runner timeout: the run suspends and
+                 continues across invocations, paying every call once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import workflows as wf
+from .checks import (CHECKPOINT_GRACE_S, calls_of, check_calls, check_events, checkpoint_times, fmt_key, key_of,
+                     overrun, ts)
+from .driver import TERMINAL, Harness
+
+# The local stack's recovery timings (infra/stack.py): lease 6 s, sweep every 5 s, queued
+# grace 10 s. A crashed run is resumed within lease + sweep (+ a cold start).
+LEASE_S = 6.0
+SWEEP_S = 5.0
+QUEUED_GRACE_S = 10.0
+PER_CRASH_S = LEASE_S + SWEEP_S + 14.0  # slack: a loaded 2-core machine, a retry's delay
+
+SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "chain")
+# Which stack each scenario needs (infra.stack.Stack keyword arguments / environment).
+STACK_OF = {"kill": "main", "duplicates": "main", "storm": "main", "lost": "main",
+            "dynamodb": "faults", "chain": "chain"}
+
+# Kill phases of the fan workflow, in the order a run passes them. "mid-map" waits until
+# an item's answer is older than CHECKPOINT_GRACE_S (so it should have been checkpointed,
+# DESIGN.md: "map items one by one"); "time" is a seeded delay after the run (re)started.
+PHASES = ("parallel", "between", "map-first-wave", "mid-map", "join", "time")
+ORDER = {p: i for i, p in enumerate(PHASES)}
+# Phases whose kills no missing capability turns into double payments today.
+SAFE_PHASES = ("parallel", "between", "map-first-wave", "join")
+
+
+@dataclasses.dataclass
+class Trial:
+    scenario: str
+    label: str
+    tag: str
+    run_id: str
+    definition: dict
+    keys: set
+    latency_s: float
+    created: float
+    bound_s: float
+    expected: str = "COMPLETED"
+    max_attempts: int = 3
+    kills: list = dataclasses.field(default_factory=list)
+    plan: list = dataclasses.field(default_factory=list)
+    missed: list = dataclasses.field(default_factory=list)
+    finished_in: float | None = None
+    shared_tag: bool = False  # another run has the same prompts (a retried POST): skip call counts
+
+    @property
+    def budget(self) -> dict:
+        return self.definition.get("budget") or {}
+
+
+@dataclasses.dataclass
+class Verdict:
+    trial: Trial
+    status: str | None
+    completed: bool
+    stuck: bool
+    duplicated: int
+    double_paid: int
+    repeated: int
+    overrun: str | None
+    problems: list
+    events: list
+    event_counts: dict
+    calls_per_key: dict
+    executions_per_key: dict
+    paid_calls: int
+    failed_calls: int
+    error: dict | None
+    all_failed: set  # keys none of whose calls was answered
+    paid_pico: int  # the answered calls' cost by the dev model server's usage
+    charged_pico: int  # the run's totals
+
+
+@dataclasses.dataclass
+class ScenarioResult:
+    name: str
+    trials: int = 0
+    completed: int = 0
+    stuck: int = 0
+    duplicated_events: int = 0
+    double_paid_calls: int = 0
+    repeated_calls: int = 0
+    overruns: int = 0
+    violations: int = 0  # the scenario's own invariants (attempt bounds, suspensions, …)
+    recoveries: list = dataclasses.field(default_factory=list)
+    info: dict = dataclasses.field(default_factory=dict)
+    problems: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, v: Verdict) -> None:
+        self.trials += 1
+        self.completed += int(v.completed)
+        self.stuck += int(v.stuck)
+        self.duplicated_events += v.duplicated
+        self.double_paid_calls += v.double_paid
+        self.repeated_calls += v.repeated
+        self.overruns += int(v.overrun is not None)
+        self.recoveries.extend(k.recovery_s for k in v.trial.kills if k.recovery_s is not None)
+        for p in v.problems:
+            self.problems.append(f"run {v.trial.run_id} ({v.trial.label}): {p}")
+
+    def violate(self, run_id: str, what: str) -> None:
+        self.violations += 1
+        self.problems.append(f"run {run_id}: {what}")
+
+    @property
+    def ok(self) -> bool:
+        return (self.completed == self.trials and not (self.stuck or self.duplicated_events or self.double_paid_calls
+                                                       or self.overruns or self.violations))
+
+    @property
+    def max_recovery_s(self) -> float:
+        return max(self.recoveries, default=0.0)
+
+    def line(self) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in self.info.items())
+        return (f"chaos[{self.name}]: trials={self.trials} completed={self.completed} stuck={self.stuck} "
+                f"duplicated_events={self.duplicated_events} double_paid_calls={self.double_paid_calls} "
+                f"repeated_calls={self.repeated_calls} overruns={self.overruns} violations={self.violations} "
+                f"max_recovery_s={self.max_recovery_s:.1f} {extra} ({self.seconds:.0f}s)").rstrip()
+
+
+def summary_line(results: list[ScenarioResult]) -> str:
+    t = sum(r.trials for r in results)
+    c = sum(r.completed for r in results)
+    s = sum(r.stuck for r in results)
+    d = sum(r.duplicated_events for r in results)
+    p = sum(r.double_paid_calls for r in results)
+    o = sum(r.overruns for r in results)
+    rec = max((r.max_recovery_s for r in results), default=0.0)
+    return (f"chaos: trials={t} completed={c} stuck={s} duplicated_events={d} double_paid_calls={p} "
+            f"overruns={o} max_recovery_s={rec:.1f}")
+
+
+def passed(results: list[ScenarioResult]) -> bool:
+    return all(r.ok for r in results) and bool(results)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluating one run
+
+
+def evaluate(h: Harness, t: Trial) -> Verdict:
+    view = h.run_view(t.run_id)
+    status = view.get("status")
+    if status in TERMINAL and view.get("finished_at"):
+        t.finished_in = ts(view["finished_at"]) - t.created
+    events = h.events(t.run_id)
+    ev = check_events(events, status)
+    problems = list(ev.problems)
+    items = h.run_items(t.run_id)
+    calls = calls_of(h.calls(t.tag), t.tag, t.latency_s) if not t.shared_tag else []
+    cc = check_calls(calls, checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
+                     map_steps={wf.FAN_MAP_STEP})
+    # What the model provider was paid for this run, against what the run was charged: the
+    # difference is calls made again after a crash that no budget saw (until reservations
+    # lost with a crashed runner are recorded).
+    paid = sum(wf.paid_pico(c.usage) for c in calls if c.status == 200)
+    charged = int((view.get("totals") or {}).get("cost_pico_usd", 0))
+    problems += cc.problems
+    over = overrun(view.get("totals") or {}, t.budget)
+    if over:
+        problems.append(f"over budget: {over}")
+    stuck = t.finished_in is None or t.finished_in > t.bound_s
+    if stuck:
+        problems.append(f"not finished within its bound of {t.bound_s:.0f}s "
+                        f"(finished in {'-' if t.finished_in is None else f'{t.finished_in:.1f}s'}; status {status})")
+    completed = status == t.expected
+    if not completed:
+        problems.append(f"ended {status}, expected {t.expected}: {view.get('error')}")
+    if status == "COMPLETED" and not t.shared_tag:
+        never = sorted(fmt_key(k) for k in t.keys if cc.calls_per_key.get(k, 0) == 0)
+        if never:
+            problems.append(f"completed without a model call for {never}")
+    return Verdict(t, status, completed, stuck, ev.duplicated, cc.double_paid, cc.repeated, over, problems, events,
+                   dict(ev.counts), cc.calls_per_key, cc.executions_per_key, cc.paid_calls, cc.failed_calls,
+                   view.get("error"), cc.all_failed, paid, charged)
+
+
+def _finish(h: Harness, trials: list[Trial], res: ScenarioResult, log, *, quiesce: float = 60.0) -> list[Verdict]:
+    """Waits for every trial's run to end (each within a hard cap past its bound), lets
+    async deliveries settle, evaluates each run."""
+    t0 = time.monotonic()
+    for t in trials:
+        # a hard cap past the bound; `stuck` itself is judged from the run's finished_at
+        h.wait_terminal([t.run_id], max(1.0, t.created + t.bound_s + 60.0 - time.time()))
+    if not h.c.wait_quiescent(quiesce):
+        res.problems.append(f"async deliveries still in flight {quiesce:.0f}s after the runs ended: {h.proxy_stats()}")
+    verdicts = [evaluate(h, t) for t in trials]
+    for v in verdicts:
+        res.add(v)
+    log(f"chaos[{res.name}]: evaluated {len(verdicts)} runs in {time.monotonic() - t0:.1f}s")
+    return verdicts
+
+
+def _start(h: Harness, scenario: str, label: str, definition: dict, input_: dict, tag: str, keys: set,
+           latency_s: float, bound_s: float, **kw) -> Trial:
+    created = time.time()
+    run_id = h.create_run(definition, input_)
+    return Trial(scenario, label, tag, run_id, definition, keys, latency_s, created, bound_s, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# kill
+
+
+def kill_plan(rng: random.Random, phases: tuple[str, ...], max_kills: int = 2) -> list[tuple[str, float]]:
+    """One or two (phase, delay s) kills, the second at a later phase (or a time)."""
+    first = rng.choice(phases)
+    plan = [first]
+    if max_kills > 1 and rng.random() < 0.5:
+        later = [p for p in phases if p == "time" or ORDER[p] > ORDER[first]]
+        if later:
+            plan.append(rng.choice(later))
+    return [(p, phase_delay(rng, p)) for p in plan]
+
+
+def phase_delay(rng: random.Random, phase: str) -> float:
+    return {"parallel": rng.uniform(0, 0.1), "between": rng.uniform(0, 0.03),
+            "map-first-wave": rng.uniform(0, 0.08), "mid-map": rng.uniform(0, 0.08),
+            "join": rng.uniform(0, 0.15), "time": rng.uniform(0.2, 3.0)}[phase]
+
+
+def triggered(phase: str, calls: list[dict], tag: str, items: int, latency_s: float, now: float) -> bool:
+    """Whether the run (its calls since it last started) is at `phase`."""
+    by: dict[str, list[dict]] = {}
+    for c in calls:
+        k = key_of(c.get("prompt", ""), tag)
+        if k:
+            by.setdefault(k[0], []).append(c)
+    ab = by.get("a", []) + by.get("b", [])
+    fan = by.get(wf.FAN_MAP_STEP, [])
+    join = by.get("join", [])
+    if phase == "parallel":
+        return any(c["status"] is None for c in ab)
+    if phase == "between":
+        return any(c["status"] == 200 for c in ab)
+    if phase == "map-first-wave":
+        return bool(fan) and all(c["status"] is None for c in fan)
+    if phase == "mid-map":
+        answered = [ts(c["at"]) + latency_s for c in fan if c["status"] == 200]
+        pending = len({key_of(c["prompt"], tag) for c in fan}) < items or any(c["status"] is None for c in fan)
+        return bool(answered) and pending and now - min(answered) >= CHECKPOINT_GRACE_S + 0.2
+    if phase == "join":
+        return any(c["status"] is None for c in join)
+    return phase == "time"
+
+
+def drive_kills(h: Harness, t: Trial, items: int, log) -> None:
+    since = t.created - 0.5
+    for phase, delay in t.plan:
+        fired = None
+        deadline = time.monotonic() + 60
+        polls = 0
+        while time.monotonic() < deadline:
+            if polls % 10 == 0 and h.status(t.run_id) in TERMINAL:
+                break
+            polls += 1
+            calls = [c for c in h.calls(t.tag) if ts(c["at"]) > since]
+            if triggered(phase, calls, t.tag, items, t.latency_s, time.time()):
+                fired = time.time()
+                break
+            time.sleep(0.04)
+        if fired is None:
+            t.missed.append(f"{phase}: the run ended first")
+            return
+        time.sleep(delay)
+        kill = h.kill_run(t.run_id, phase)
+        if kill is None:
+            t.missed.append(f"{phase}: no runner process had the run")
+            continue
+        t.kills.append(kill)
+        if not kill.hit:
+            t.missed.append(f"{phase}: process {kill.pid} was no longer running the run")
+            continue
+        nxt = h.next_event_after(t.run_id, kill.at, timeout=PER_CRASH_S + 30)
+        if nxt is None:
+            log(f"chaos[kill]: run {t.run_id}: no event within {PER_CRASH_S + 30:.0f}s of the kill at {phase}")
+            return
+        kill.recovery_s = ts(nxt["at"]) - kill.at
+        since = ts(nxt["at"])
+        log(f"chaos[kill]: {t.label} run {t.run_id}: killed pid {kill.pid} at {phase}; "
+            f"next event {nxt['type']} after {kill.recovery_s:.1f}s")
+
+
+def scenario_kill(h: Harness, rng: random.Random, runs: int, log, *, phases=PHASES, max_kills: int = 2,
+                  batch: int = 4, items: int = 10, latency_ms: int = 400, name: str = "kill") -> ScenarioResult:
+    res = ScenarioResult(name)
+    t0 = time.monotonic()
+    all_trials: list[Trial] = []
+    for start in range(0, runs, batch):
+        trials: list[Trial] = []
+        for i in range(start, min(runs, start + batch)):
+            tag = wf.new_tag()
+            definition, input_ = wf.fan_workflow(tag, items, budget_usd="0.01")
+            h.add_rules([wf.rule(tag, latency_ms)])
+            plan = kill_plan(rng, phases, max_kills)
+            bound = 45.0 + PER_CRASH_S * len(plan)
+            t = _start(h, name, f"{name}#{i}", definition, input_, tag, wf.fan_keys(items), latency_ms / 1000, bound,
+                       plan=plan)
+            trials.append(t)
+        log(f"chaos[{name}]: runs {start}..{start + len(trials) - 1}: " +
+            "; ".join(f"{t.run_id} kills at {[p for p, _ in t.plan]}" for t in trials))
+        with ThreadPoolExecutor(len(trials)) as pool:
+            for f in [pool.submit(drive_kills, h, t, items, log) for t in trials]:
+                f.result()
+        h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+        all_trials += trials
+    verdicts = _finish(h, all_trials, res, log)
+    kills = [k for t in all_trials for k in t.kills]
+    res.info.update(kills=sum(k.hit for k in kills), kills_missed=sum(len(t.missed) for t in all_trials),
+                    paid_not_charged_usd=_usd(sum(max(0, v.paid_pico - v.charged_pico) for v in verdicts)),
+                    phases="/".join(f"{p}:{sum(k.phase == p and k.hit for k in kills)}" for p in PHASES
+                                    if any(k.phase == p for k in kills)),
+                    median_recovery_s=f"{_median(res.recoveries):.1f}")
+    for t in all_trials:
+        for m in t.missed:
+            res.problems.append(f"run {t.run_id} ({t.label}): kill missed ({m})")
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _usd(pico: int) -> str:
+    from decimal import Decimal
+
+    return format((Decimal(pico) / Decimal(10) ** 12).normalize(), "f")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# duplicates
+
+
+def scenario_duplicates(h: Harness, rng: random.Random, runs: int, log, *, copies: int = 100,
+                        items: int = 4, latency_ms: int = 300) -> ScenarioResult:
+    res = ScenarioResult("duplicates")
+    t0 = time.monotonic()
+    trials = []
+    before = h.proxy_stats()
+    accepted = 0
+    for i in range(runs):
+        tag = wf.new_tag()
+        definition, input_ = wf.fan_workflow(tag, items)
+        h.add_rules([wf.rule(tag, latency_ms)])
+        t = _start(h, "duplicates", f"duplicates#{i}", definition, input_, tag, wf.fan_keys(items),
+                   latency_ms / 1000, 60.0)
+        trials.append(t)
+        # 100 more deliveries of the same run at once, straight to the runner's Invoke API.
+        with ThreadPoolExecutor(copies) as pool:
+            statuses = list(pool.map(lambda _: h.invoke_event("chainrun-runner", {"run_id": t.run_id}), range(copies)))
+        accepted += sum(s == 202 for s in statuses)
+        if any(s != 202 for s in statuses):
+            res.violate(t.run_id, f"duplicate deliveries not all accepted: {sorted(set(statuses))}")
+        h.wait_terminal([t.run_id], 90)
+        h.c.wait_quiescent(60)  # one run's burst at a time
+    verdicts = _finish(h, trials, res, log)
+    after = h.proxy_stats()
+    for v in verdicts:
+        more = {fmt_key(k): n for k, n in v.calls_per_key.items() if n != 1}
+        if more:
+            res.violate(v.trial.run_id, f"model calls not made exactly once: {more}")
+    log_text = _read(h.c.logs / "lambda-watch.log")
+    held = sum(_count_lines(log_text, t.run_id, "held by another runner") for t in trials)
+    finished = sum(_count_lines(log_text, t.run_id, "run already finished") for t in trials)
+    res.info.update(deliveries=accepted + runs, already_running=held, already_finished=finished,
+                    failed_deliveries=after["failed"] - before["failed"],
+                    calls=sum(v.paid_calls for v in verdicts))
+    if after["failed"] != before["failed"]:
+        res.violate(",".join(t.run_id for t in trials), f"{after['failed'] - before['failed']} deliveries failed")
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _count_lines(text: str, run_id: str, needle: str) -> int:
+    return sum(1 for line in text.splitlines() if run_id in line and needle in line)
+
+
+# ---------------------------------------------------------------------------------------
+# throttle storm
+
+
+def scenario_storm(h: Harness, rng: random.Random, runs: int, log, *, items: int = 4, latency_ms: int = 100,
+                   rate: float = 0.5, max_attempts: int = 8) -> ScenarioResult:
+    res = ScenarioResult("storm")
+    t0 = time.monotonic()
+    retry = {"max_attempts": max_attempts, "initial_backoff_ms": 50, "max_backoff_ms": 400}
+    trials = []
+    for i in range(runs):
+        tag = wf.new_tag()
+        definition, input_ = wf.fan_workflow(tag, items, retry=retry)
+        h.add_rules([wf.rule(tag, latency_ms, fail_rate=rate, seed=rng.randrange(1 << 30))])
+        trials.append(_start(h, "storm", f"storm#{i}", definition, input_, tag, wf.fan_keys(items),
+                             latency_ms / 1000, 90.0, max_attempts=max_attempts))
+    h.wait_terminal([t.run_id for t in trials], 120)
+    # A step or item whose every attempt was throttled fails, and fails the run: expected.
+    for t in trials:
+        calls = calls_of(h.calls(t.tag), t.tag, t.latency_s)
+        by: dict = {}
+        for c in calls:
+            by.setdefault(c.key, []).append(c)
+        if any(len(cs) >= max_attempts and all(c.status != 200 for c in cs) for cs in by.values()):
+            t.expected = "FAILED"
+    verdicts = _finish(h, trials, res, log)
+    throttled = sum(v.failed_calls for v in verdicts)
+    for v in verdicts:
+        for k, n in v.calls_per_key.items():
+            bound = max_attempts * v.executions_per_key.get(k, 1)
+            if n > bound:
+                res.violate(v.trial.run_id, f"{fmt_key(k)}: {n} calls, its retry policy allows {bound}")
+        # Every failed attempt is announced by one STEP_RETRYING, but the last of a step or
+        # item that ran out of attempts (which fails the run).
+        retrying = v.event_counts.get("STEP_RETRYING", 0)
+        exhausted = sum(1 for k, n in v.calls_per_key.items() if n >= max_attempts and k in v.all_failed)
+        if retrying != v.failed_calls - exhausted:
+            res.violate(v.trial.run_id, f"{retrying} STEP_RETRYING events for {v.failed_calls} throttled calls "
+                                        f"({exhausted} steps or items out of attempts)")
+    res.info.update(throttled_calls=throttled, paid_calls=sum(v.paid_calls for v in verdicts),
+                    failed_as_expected=sum(v.trial.expected == "FAILED" and v.completed for v in verdicts),
+                    max_attempts_seen=max((n for v in verdicts for n in v.calls_per_key.values()), default=0))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# DynamoDB faults
+
+WRITE_OPS = ["PutItem", "UpdateItem", "TransactWriteItems", "DeleteItem"]
+READ_OPS = ["GetItem", "Query"]
+
+
+def fault_config(seed: int) -> dict:
+    """About a third of the write attempts fail (the SDK tries each request 3 times, so
+    now and then a write fails for good and the runner's own recovery has to step in)."""
+    return {"seed": seed, "faults": [
+        {"kind": "throttle", "rate": 0.15, "operations": WRITE_OPS},
+        {"kind": "error500", "rate": 0.08, "operations": WRITE_OPS},
+        {"kind": "lost_reply", "rate": 0.08, "operations": WRITE_OPS},
+        {"kind": "timeout", "rate": 0.03, "delay_ms": 1500, "operations": WRITE_OPS},
+        {"kind": "timeout", "rate": 0.03, "delay_ms": 1500, "forward": True, "operations": WRITE_OPS},
+        {"kind": "throttle", "rate": 0.05, "operations": READ_OPS},
+        {"kind": "latency", "rate": 0.2, "delay_ms": 30},
+    ]}
+
+
+def scenario_dynamodb(h: Harness, rng: random.Random, runs: int, log, *, items: int = 4,
+                      latency_ms: int = 200) -> ScenarioResult:
+    res = ScenarioResult("dynamodb")
+    t0 = time.monotonic()
+    h.c.set_faults(fault_config(rng.randrange(1 << 30)))
+    trials = []
+    try:
+        for i in range(runs):
+            tag = wf.new_tag()
+            definition, input_ = wf.fan_workflow(tag, items)
+            h.add_rules([wf.rule(tag, latency_ms)])
+            trials.append(_start(h, "dynamodb", f"dynamodb#{i}", definition, input_, tag, wf.fan_keys(items),
+                                 latency_ms / 1000, 90.0 + PER_CRASH_S))
+        h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+        h.c.wait_quiescent(60)
+    finally:
+        faults = h.c.faults()
+        h.c.set_faults({"faults": []})
+    # A POST /runs the client tried again may have stored its run twice: check them all.
+    for t in list(trials):
+        ids = h.runs_of_workflow(t.definition["name"])
+        if len(ids) > 1:
+            t.shared_tag = True
+            for extra in ids:
+                if extra != t.run_id:
+                    trials.append(dataclasses.replace(t, run_id=extra, label=t.label + "'", finished_in=None))
+            res.problems.append(f"{t.label}: POST /runs stored {len(ids)} runs: {ids}")
+    _finish(h, trials, res, log)
+    res.info.update(requests=faults.get("requests"),
+                    fired="/".join(f"{k}:{v}" for k, v in sorted((faults.get("fired") or {}).items())),
+                    idempotent_replays=(faults.get("tokens") or {}).get("replayed"))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# lost dispatch
+
+
+def scenario_lost(h: Harness, rng: random.Random, runs: int, log, *, items: int = 2,
+                  latency_ms: int = 100) -> ScenarioResult:
+    res = ScenarioResult("lost")
+    t0 = time.monotonic()
+    lost_before = h.drops()["lost"]
+    h.add_drop({"function": "chainrun-runner", "match": {"cause": "start"}, "count": runs})
+    trials = []
+    for i in range(runs):
+        tag = wf.new_tag()
+        definition, input_ = wf.fan_workflow(tag, items)
+        h.add_rules([wf.rule(tag, latency_ms)])
+        trials.append(_start(h, "lost", f"lost#{i}", definition, input_, tag, wf.fan_keys(items), latency_ms / 1000,
+                             QUEUED_GRACE_S + SWEEP_S + 25.0))
+    h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+    lost = h.drops()["lost"] - lost_before
+    verdicts = _finish(h, trials, res, log)
+    starts = []
+    log_text = _read(h.c.logs / "lambda-watch.log")
+    for v in verdicts:
+        first = v.events[0] if v.events else None
+        if first:
+            starts.append(ts(first["at"]) - v.trial.created)
+        if not _count_lines(log_text, v.trial.run_id, "Sweep"):
+            res.violate(v.trial.run_id, "no delivery with cause Sweep in the runner's log")
+    if lost != runs:
+        res.violate(",".join(t.run_id for t in trials), f"{lost} dispatches lost, {runs} meant to be")
+    res.info.update(dispatches_lost=lost, max_start_s=f"{max(starts, default=0):.1f}",
+                    min_start_s=f"{min(starts, default=0):.1f}")
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# continuation chain
+
+
+def scenario_chain(h: Harness, rng: random.Random, runs: int, log, *, steps: int = 100,
+                   latency_ms: int = 100) -> ScenarioResult:
+    res = ScenarioResult("chain")
+    t0 = time.monotonic()
+    before = h.proxy_stats()
+    trials = []
+    for i in range(runs):
+        tag = wf.new_tag()
+        definition, input_, keys = wf.chain_workflow(tag, steps)
+        h.add_rules([wf.rule(tag, latency_ms)])
+        trials.append(_start(h, "chain", f"chain#{i}", definition, input_, tag, keys, latency_ms / 1000,
+                             steps * 1.5 + 60))
+    h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+    verdicts = _finish(h, trials, res, log)
+    after = h.proxy_stats()
+    suspended = resumed = taken = 0
+    for v in verdicts:
+        s, r = v.event_counts.get("RUN_SUSPENDED", 0), v.event_counts.get("RUN_RESUMED", 0)
+        causes = [e["data"].get("cause") for e in v.events if e["type"] == "RUN_RESUMED"]
+        # An invocation that overran its timeout (a step started just before the margin and
+        # took longer) is killed like a crash and taken over: allowed, and counted.
+        takeovers = sum(1 for e in v.events if e["type"] == "RUN_RESUMED" and e["data"].get("takeover"))
+        suspended += s
+        resumed += r
+        taken += takeovers
+        if s < 1:
+            res.violate(v.trial.run_id, "never suspended: the runner timeout did not bite (the chain is too short?)")
+        if r != s + takeovers:
+            res.violate(v.trial.run_id, f"{s} RUN_SUSPENDED and {takeovers} takeovers but {r} RUN_RESUMED: {causes}")
+        more = {fmt_key(k): n for k, n in v.calls_per_key.items() if n != 1}
+        if more:
+            res.problems.append(f"run {v.trial.run_id}: calls made more than once (see repeated/double paid): {more}")
+        if any(c not in ("continue", "sweep") for c in causes):
+            res.violate(v.trial.run_id, f"resumed other than by its continuation or a takeover: {causes}")
+    res.info.update(steps=steps, suspended=suspended, resumed=resumed, takeovers=taken,
+                    timeouts=after["timeouts"] - before["timeouts"],
+                    invocations=sum(1 + v.event_counts.get("RUN_RESUMED", 0) for v in verdicts))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
+RUNNERS = {"kill": scenario_kill, "duplicates": scenario_duplicates, "storm": scenario_storm,
+           "dynamodb": scenario_dynamodb, "lost": scenario_lost, "chain": scenario_chain}

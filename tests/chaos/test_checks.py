@@ -1,0 +1,186 @@
+"""The chaos suite's checks on made-up runs (no stack): what each count counts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from .checks import (CHECKPOINT_GRACE_S, Call, Kill, check_calls, check_events, checkpoint_times, key_of, overrun,
+                     reserved_lost_pico, ts)
+from .scenarios import PHASES, SAFE_PHASES, ScenarioResult, kill_plan, summary_line, triggered
+from .workflows import chain_workflow, fan_keys, fan_workflow, marker
+
+T0 = 1_800_000_000.0
+
+
+def ev(seq, kind, step=None, attempt=None, at=None, **data):
+    e = {"seq": seq, "type": kind, "at": at or f"2027-01-15T08:00:{seq:02d}.000000000Z", "data": data}
+    if step:
+        e["step_id"] = step
+    if attempt is not None:
+        e["attempt"] = attempt
+    return e
+
+
+def clean_log():
+    return [ev(1, "RUN_STARTED"), ev(2, "STEP_STARTED", "a", 1), ev(3, "STEP_RETRYING", "a", 2, item=None),
+            ev(4, "STEP_COMPLETED", "a", 2), ev(5, "RUN_COMPLETED")]
+
+
+def test_rfc3339_times_keep_nanoseconds_and_zones():
+    assert ts("2027-01-15T08:00:00.123456789Z") == pytest.approx(ts("2027-01-15T08:00:00Z") + 0.123456789)
+    assert ts("2027-01-15T09:00:00.5+01:00") == pytest.approx(ts("2027-01-15T08:00:00.5Z"))
+
+
+def test_a_clean_event_log_counts_nothing():
+    out = check_events(clean_log(), "COMPLETED")
+    assert out.duplicated == 0, out.problems
+
+
+def test_a_seq_gap_a_second_settling_event_and_events_after_the_end_are_counted():
+    log = clean_log()
+    log[2]["seq"] = 7
+    assert check_events(log, "COMPLETED").duplicated == 1
+    log = clean_log()[:4] + [ev(5, "STEP_COMPLETED", "a", 2), ev(6, "RUN_COMPLETED"), ev(7, "RUN_FAILED")]
+    out = check_events(log, "COMPLETED")
+    assert out.duplicated == 3, out.problems  # a second STEP_COMPLETED, RUN_FAILED after the end, status
+
+
+def test_a_step_restarted_by_a_resumed_runner_is_no_duplicate_but_one_restarted_without_a_resume_is():
+    resumed = [ev(1, "RUN_STARTED"), ev(2, "STEP_STARTED", "a", 1),
+               ev(3, "RUN_RESUMED", cause="sweep", takeover={"from": "x"}), ev(4, "STEP_STARTED", "a", 1),
+               ev(5, "STEP_COMPLETED", "a", 1), ev(6, "RUN_COMPLETED")]
+    out = check_events(resumed, "COMPLETED")
+    assert out.duplicated == 0 and len(out.takeovers) == 1
+    again = [e for e in resumed if e["type"] != "RUN_RESUMED"]
+    for i, e in enumerate(again, start=1):
+        e["seq"] = i
+    assert check_events(again, "COMPLETED").duplicated == 1
+
+
+def test_a_status_the_last_event_does_not_say_is_counted():
+    assert check_events(clean_log(), "FAILED").duplicated == 1
+    assert check_events(clean_log()[:-1], "RUNNING").duplicated == 0
+    assert check_events(clean_log()[:-1], "COMPLETED").duplicated == 1
+
+
+def call(key, at, status=200, latency=0.3):
+    return Call(key, T0 + at, status, None, {"inputTokens": 10, "outputTokens": 5}, latency)
+
+
+def kill(at, hit=True):
+    return Kill("R", T0 + at, "test", 1, "req", hit=hit)
+
+
+def test_each_call_once_is_clean():
+    out = check_calls([call(("a", None), 0), call(("fan", 0), 1), call(("fan", 1), 1)],
+                      {("a", None): T0 + 0.5, ("fan", None): T0 + 2}, [], [])
+    assert (out.double_paid, out.repeated, out.paid_calls) == (0, 0, 3)
+
+
+def test_a_call_after_its_checkpoint_is_double_paid():
+    out = check_calls([call(("a", None), 0), call(("a", None), 5)], {("a", None): T0 + 0.5}, [kill(4)], [])
+    assert out.double_paid == 1
+
+
+def test_a_call_in_flight_when_the_runner_died_may_be_repeated_once():
+    out = check_calls([call(("a", None), 0), call(("a", None), 10)], {("a", None): T0 + 10.5}, [kill(0.1)], [T0 + 9])
+    assert (out.double_paid, out.repeated) == (0, 1)
+    # answered just before the kill, not yet checkpointed: allowed too
+    out = check_calls([call(("a", None), 0), call(("a", None), 10)], {("a", None): T0 + 10.5},
+                      [kill(0.3 + CHECKPOINT_GRACE_S / 2)], [])
+    assert (out.double_paid, out.repeated) == (0, 1)
+
+
+def test_a_map_item_answered_long_before_the_kill_and_paid_again_is_double_paid():
+    calls = [call(("fan", 0), 0), call(("fan", 1), 2), call(("fan", 0), 10), call(("fan", 1), 10)]
+    out = check_calls(calls, {("fan", None): T0 + 11}, [kill(2.1)], [T0 + 9], map_steps={"fan"})
+    assert (out.double_paid, out.repeated) == (1, 1)
+    assert "not checkpointed" in out.problems[0]
+
+
+def test_a_repeat_without_any_crash_or_takeover_is_double_paid_and_one_after_a_takeover_is_not():
+    calls = [call(("a", None), 0), call(("a", None), 3)]
+    assert check_calls(calls, {}, [], []).double_paid == 1
+    out = check_calls(calls, {}, [], [T0 + 2])
+    assert (out.double_paid, out.repeated) == (0, 1)
+
+
+def test_failed_calls_are_not_paid_and_a_kill_that_missed_justifies_nothing():
+    calls = [call(("a", None), 0, status=429), call(("a", None), 0.5), call(("a", None), 3)]
+    out = check_calls(calls, {}, [kill(0.6, hit=False)], [])
+    assert (out.failed_calls, out.paid_calls, out.double_paid) == (1, 2, 1)
+
+
+def test_item_checkpoints_take_over_from_the_maps_once_they_exist():
+    items = [{"sk": "STEP#fan", "status": "COMPLETED", "finished_at": "2027-01-15T08:00:10Z"},
+             {"sk": "ITEM#fan#3", "status": "COMPLETED", "finished_at": "2027-01-15T08:00:02Z"},
+             {"sk": "STEP#b", "status": "RUNNING", "finished_at": None}, {"sk": "META", "status": "RUNNING"}]
+    cps = checkpoint_times(items)
+    assert set(cps) == {("fan", None), ("fan", 3)}
+    t3 = cps[("fan", 3)]
+    calls = [Call(("fan", 3), t3 - 1, 200, None, None, 0.3), Call(("fan", 3), t3 + 1, 200, None, None, 0.3)]
+    assert check_calls(calls, cps, [], []).double_paid == 1
+
+
+def test_charges_over_the_budget_count_reserved_lost_included():
+    budget = {"max_cost_usd": "0.00001", "max_total_tokens": 1000}
+    assert overrun({"cost_pico_usd": 10_000_000, "total_tokens": 1000}, budget) is None
+    assert overrun({"cost_pico_usd": 10_000_001, "total_tokens": 10}, budget)
+    assert overrun({"cost_pico_usd": 1, "total_tokens": 1001}, budget)
+    lost = {"cost_pico_usd": 9_000_000, "total_tokens": 10, "reserved_lost_cost_pico_usd": 2_000_000}
+    assert reserved_lost_pico(lost) == 2_000_000 and overrun(lost, budget)
+    assert reserved_lost_pico({"reserved_lost": {"cost_pico_usd": 5, "cost_usd": "0.000000000005"}}) == 5
+
+
+def test_every_prompt_names_its_run_step_and_item():
+    definition, input_ = fan_workflow("tabc", 3)
+    prompts = [s.get("prompt") or s.get("step", {}).get("prompt") for s in definition["steps"]]
+    assert key_of(prompts[0], "tabc") == ("a", None)
+    assert key_of(prompts[2].replace("{{ index }}", "2"), "tabc") == ("fan", 2)
+    assert key_of(marker("tother", "a"), "tabc") is None
+    assert fan_keys(3) == {("a", None), ("b", None), ("join", None), ("fan", 0), ("fan", 1), ("fan", 2)}
+    assert len(input_["items"]) == 3
+    chain, _, keys = chain_workflow("tabc", 100)
+    assert len(chain["steps"]) == 100 and len(keys) == 90
+    assert all(s.get("depends_on") == [chain["steps"][i - 1]["id"]] for i, s in enumerate(chain["steps"]) if i)
+
+
+def test_kill_plans_are_seeded_and_a_second_kill_comes_later():
+    a = [kill_plan(random.Random(5), PHASES) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    for seed in range(200):
+        plan = kill_plan(random.Random(seed), SAFE_PHASES)
+        assert 1 <= len(plan) <= 2 and all(p in SAFE_PHASES for p, _ in plan)
+        if len(plan) == 2:
+            assert PHASES.index(plan[1][0]) > PHASES.index(plan[0][0])
+
+
+def test_phases_are_recognised_from_the_call_log():
+    tag = "tabc"
+
+    def c(step, status, at=T0, item=None):
+        return {"prompt": marker(tag, step, item) + " x", "status": status,
+                "at": _iso(at)}
+
+    assert triggered("parallel", [c("a", None), c("b", 200)], tag, 4, 0.3, T0)
+    assert not triggered("parallel", [c("a", 200), c("b", 200)], tag, 4, 0.3, T0)
+    assert triggered("map-first-wave", [c("fan", None, item="0")], tag, 4, 0.3, T0)
+    fan = [c("fan", 200, T0, "0"), c("fan", None, T0 + 0.4, "1")]
+    assert not triggered("mid-map", fan, tag, 4, 0.3, T0 + 0.5)
+    assert triggered("mid-map", fan, tag, 4, 0.3, T0 + 0.3 + CHECKPOINT_GRACE_S + 0.3)
+
+
+def _iso(t: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def test_the_summary_line_adds_up_the_scenarios():
+    a = ScenarioResult("kill", trials=2, completed=2, recoveries=[3.25, 9.5])
+    b = ScenarioResult("storm", trials=3, completed=2, double_paid_calls=1)
+    assert summary_line([a, b]) == ("chaos: trials=5 completed=4 stuck=0 duplicated_events=0 double_paid_calls=1 "
+                                    "overruns=0 max_recovery_s=9.5")
+    assert a.ok and not b.ok

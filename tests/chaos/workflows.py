@@ -1,0 +1,114 @@
+"""The chaos suite's workflows and dev model rules.
+
+Every prompt carries a marker, `[cr:TAG:STEP]` (a map item: `[cr:TAG:STEP:INDEX]`),
+with TAG unique per run, so the dev model server's call log says exactly which run,
+step and item each call was for, however many runs are in flight (tests/chaos/checks.py).
+Each run gets its own dev model rule keyed on `[cr:TAG:` (POST /_dev/rules prepends it):
+its latency, and for the throttle storm its seeded fail_rate.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+MODEL = "amazon.nova-micro-v1:0"
+# Nova Micro, shared/models.json: $0.000035 / $0.00014 per 1k tokens, in pico-dollars per token.
+PRICE_IN_PICO = 35_000
+PRICE_OUT_PICO = 140_000
+MAX_TOKENS = 64
+
+
+def new_tag() -> str:
+    return "t" + secrets.token_hex(5)
+
+
+def marker(tag: str, step: str, item: str | None = None) -> str:
+    return f"[cr:{tag}:{step}]" if item is None else f"[cr:{tag}:{step}:{item}]"
+
+
+def rule(tag: str, latency_ms: int, fail_rate: float | None = None, seed: int = 0) -> dict:
+    r = {"name": f"chaos-{tag}", "match": {"prompt_contains": f"[cr:{tag}:"},
+         "text": f"ok {tag}", "latency_ms": latency_ms}
+    if fail_rate:
+        r["fail_rate"] = {"rate": fail_rate, "seed": seed, "error": "ThrottlingException",
+                          "message": "Too many requests (chaos storm)"}
+    return r
+
+
+def fan_workflow(tag: str, items: int, *, retry: dict | None = None, budget_usd: str = "0.05",
+                 item_concurrency: int = 2) -> tuple[dict, dict]:
+    """Parallel steps, a map over a list from the input (an llm sub-step), a join and a
+    transform, under a budget:
+
+        a ─┐
+           ├─▶ fan (map over input.items, llm) ─▶ join (llm) ─▶ report (transform)
+        b ─┘
+
+    `fan` waits for both a and b (explicit depends_on), so a kill can be aimed at the
+    parallel steps, the map's first wave, the middle of the map or the join.
+    Returns (definition, input)."""
+    m = lambda step, item=None: marker(tag, step, item)  # noqa: E731
+    definition = {
+        "name": f"chaos-fan-{tag}",
+        "defaults": {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+                     "retry": retry or {"max_attempts": 3, "initial_backoff_ms": 100, "max_backoff_ms": 1000}},
+        "budget": {"max_cost_usd": budget_usd, "max_total_tokens": 200_000},
+        "max_concurrency": 8,
+        "steps": [
+            {"id": "a", "type": "llm", "prompt": f"{m('a')} Name one colour for {{{{ input.topic }}}}."},
+            {"id": "b", "type": "llm", "prompt": f"{m('b')} Name one fruit for {{{{ input.topic }}}}."},
+            {"id": "fan", "type": "map", "over": "input.items", "depends_on": ["a", "b"],
+             "max_concurrency": item_concurrency,
+             "step": {"type": "llm", "prompt": f"{m('fan', '{{ index }}')} Suggest one fix for {{{{ item }}}}."}},
+            {"id": "join", "type": "llm",
+             "prompt": f"{m('join')} Combine {{{{ steps.a.text }}}}, {{{{ steps.b.text }}}} and "
+                       f"{{{{ steps.fan.output | join('; ') }}}}."},
+            {"id": "report", "type": "transform", "expression": "size(steps.fan.output)",
+             "depends_on": ["join"]},
+        ],
+        "output": "{{ steps.join.text }} ({{ steps.report.output }} fixes)",
+    }
+    return definition, {"topic": f"chaos {tag}", "items": [f"issue {i} of {tag}" for i in range(items)]}
+
+
+FAN_LLM_STEPS = ("a", "b", "join")
+FAN_MAP_STEP = "fan"
+
+
+def fan_keys(items: int) -> set[tuple[str, int | None]]:
+    return {(s, None) for s in FAN_LLM_STEPS} | {(FAN_MAP_STEP, i) for i in range(items)}
+
+
+def chain_workflow(tag: str, steps: int = 100, transform_every: int = 10) -> tuple[dict, dict, set]:
+    """`steps` sequential steps, each reading the one before; every `transform_every`-th
+    a transform, the rest llm calls. Returns (definition, input, llm step keys)."""
+    out = []
+    keys = set()
+    for i in range(1, steps + 1):
+        sid = f"s{i:03d}"
+        prev = f"s{i - 1:03d}" if i > 1 else None
+        if i % transform_every == 0:
+            step = {"id": sid, "type": "transform", "template": f"{sid} after {{{{ steps.{prev}.output }}}}"}
+        else:
+            tail = f" after {{{{ steps.{prev}.output }}}}" if prev else ""
+            step = {"id": sid, "type": "llm", "prompt": f"{marker(tag, sid)} step {i}{tail}"}
+            keys.add((sid, None))
+        if prev:
+            step["depends_on"] = [prev]
+        out.append(step)
+    definition = {
+        "name": f"chaos-chain-{tag}",
+        "defaults": {"model": MODEL, "temperature": 0, "max_tokens": 16,
+                     "retry": {"max_attempts": 3, "initial_backoff_ms": 100, "max_backoff_ms": 1000}},
+        "max_concurrency": 4,
+        "steps": out,
+        "output": f"{{{{ steps.s{steps:03d}.text }}}}",
+    }
+    return definition, {"n": steps}, keys
+
+
+def paid_pico(usage: dict | None) -> int:
+    """What a call with this (Converse) usage costs on Nova Micro."""
+    if not usage:
+        return 0
+    return int(usage.get("inputTokens", 0)) * PRICE_IN_PICO + int(usage.get("outputTokens", 0)) * PRICE_OUT_PICO
