@@ -277,8 +277,8 @@ impl ProgressSink for MemoryProgress {
         Ok(())
     }
 
-    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
-        Ok(lock(&self.events).get(run).and_then(|l| l.last()).map_or(0, |e| e.seq))
+    async fn last_event(&self, run: &RunId) -> Result<Option<Event>, ProgressError> {
+        Ok(lock(&self.events).get(run).and_then(|l| l.last()).cloned())
     }
 }
 

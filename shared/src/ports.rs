@@ -260,7 +260,12 @@ pub trait ProgressSink: Send + Sync {
     }
 
     /// The highest `seq` in the run's log (0 when empty).
-    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError>;
+    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
+        Ok(self.last_event(run).await?.map_or(0, |e| e.seq))
+    }
+
+    /// The run's latest event, if it has any (a finished run's should be its end).
+    async fn last_event(&self, run: &RunId) -> Result<Option<Event>, ProgressError>;
 }
 
 /// Reads for clients: the run's log after a cursor, and a principal's feed.

@@ -59,9 +59,6 @@ class ItemsPaidTwice(AssertionError):
     """A map's items answered before a crash were paid for again after it."""
 
 
-@pytest.mark.xfail(strict=True, raises=ItemsPaidTwice,
-                   reason="per-item map checkpoints have not landed: a map checkpoints only at its end, so a runner "
-                          "killed mid-map has its finished items paid for again by the runner that takes over")
 def test_a_runner_killed_mid_map_does_not_pay_again_for_items_it_had(stacks):
     r = scenario(stacks, "kill", runs=1, phases=("mid-map",), max_kills=1)
     others = (r.completed == r.trials and not (r.stuck or r.duplicated_events or r.overruns or r.violations))

@@ -136,7 +136,15 @@ impl Runner {
             Claim::Finished => {
                 info!(run_id = %run_id, "duplicate delivery: run already finished");
                 // The delivery may be Lambda's retry of an invocation that stopped between
-                // finishing the run and rolling it up.
+                // finishing the run and announcing it, or rolling it up.
+                if let Some(run) = self.store.get_run(&run_id).await?
+                    && let Err(e) = self.engine.announce_end(&run).await
+                {
+                    if e.retryable() {
+                        return Err(e.into());
+                    }
+                    error!(run_id = %run_id, error = %e, "could not announce the run's end");
+                }
                 self.roll_up(&run_id).await?;
                 return Ok(Handled::AlreadyFinished);
             }
@@ -210,7 +218,8 @@ impl Runner {
                 match store.renew(&run_id, &renewed).await {
                     Ok(()) => debug!(run_id = %run_id, expires_at = %renewed.expires_at, "lease renewed"),
                     Err(StoreError::LeaseLost(_)) => {
-                        warn!(run_id = %run_id, "lease lost; no longer renewing");
+                        // Also how a finished or suspended run's heartbeat ends.
+                        info!(run_id = %run_id, "lease no longer held; no longer renewing");
                         return;
                     }
                     // The lease outlives two failed renewals; the next tick tries again.

@@ -134,6 +134,13 @@ async fn a_run_whose_runners_keep_dying_fails_with_runner_lost_and_its_takeover_
     assert_eq!(steps.iter().find(|r| r.step_id.as_str() == "b").unwrap().status, StepStatus::Cancelled);
 }
 
+/// A store whose `finish_run` is applied but answered as an outage, `lost` times: a write
+/// whose reply was lost.
+fn losing_finish(lost: usize) -> (Arc<Refusing>, Arc<MemoryStore>) {
+    let inner = Arc::new(MemoryStore::new());
+    (Arc::new(Refusing { inner: inner.clone(), step: "", error: StoreError::Unavailable("reply lost".into()), times: Mutex::new(lost) }), inner)
+}
+
 /// A store that refuses one step's result (its `COMPLETED` checkpoint) with `error`, `times` times.
 struct Refusing {
     inner: Arc<MemoryStore>,
@@ -187,7 +194,14 @@ impl RunStore for Refusing {
         self.inner.get_items(id, step).await
     }
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
-        self.inner.finish_run(run, lease).await
+        self.inner.finish_run(run, lease).await?;
+        let lose = self.step.is_empty() && {
+            let mut times = self.times.lock().unwrap();
+            let lose = *times > 0;
+            *times -= usize::from(lose);
+            lose
+        };
+        if lose { Err(self.error.clone()) } else { Ok(()) }
     }
     async fn release(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
         self.inner.release(id, lease).await
@@ -395,4 +409,25 @@ async fn a_map_that_does_not_fit_one_invocation_continues_in_the_next_from_its_i
     assert_eq!((stored.totals.model_calls, stored.totals.lost.calls), (10, 0));
     let kinds = kinds(&s.progress.events(&run.id));
     assert!(kinds.contains(&EventType::RunSuspended) && kinds.contains(&EventType::RunResumed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_whose_end_was_stored_but_not_announced_is_announced_by_the_next_delivery() {
+    let (store, inner) = losing_finish(1);
+    let mut s = setup(vec![Script::reply("FIRST", "1")], 3, Some(store.clone()));
+    s.store = inner;
+    let run = queue(store.as_ref(), json!([{ "id": "a", "type": "llm", "prompt": "FIRST" }])).await;
+    let (runner, id) = (s.runner.clone(), run.id.clone());
+    let err = runner.handle(RunnerEvent::new(id.clone(), Cause::Start), "inv-1", deadline(), Duration::from_secs(90)).await.unwrap_err();
+    assert!(err.retryable(), "{err}");
+    assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Completed, "the end is stored");
+    assert_ne!(kinds(&s.progress.events(&run.id)).last(), Some(&EventType::RunCompleted), "but not announced");
+    // Lambda's retry finds the run finished, and announces it.
+    assert_eq!(deliver(&s, &run.id, "inv-2", Cause::Start).await.unwrap(), Handled::AlreadyFinished);
+    let events = s.progress.events(&run.id);
+    assert_eq!(kinds(&events).last(), Some(&EventType::RunCompleted));
+    assert_eq!(events.last().unwrap().seq, events.len() as u64, "gap-free");
+    assert_eq!(deliver(&s, &run.id, "inv-3", Cause::Start).await.unwrap(), Handled::AlreadyFinished);
+    assert_eq!(s.progress.events(&run.id).len(), events.len(), "announced once");
+    assert_eq!(s.model.calls_matching("FIRST"), 1);
 }

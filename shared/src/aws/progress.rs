@@ -252,7 +252,7 @@ impl ProgressSink for DynamoProgress {
         }
     }
 
-    async fn last_seq(&self, run: &RunId) -> Result<u64, ProgressError> {
+    async fn last_event(&self, run: &RunId) -> Result<Option<Event>, ProgressError> {
         let out = self
             .client
             .query()
@@ -265,10 +265,7 @@ impl ProgressSink for DynamoProgress {
             .send()
             .await
             .map_err(progress_err(&self.tables.events))?;
-        match out.items.unwrap_or_default().into_iter().next() {
-            None => Ok(0),
-            Some(item) => Ok(to_event(&self.tables.events, item)?.seq),
-        }
+        out.items.unwrap_or_default().into_iter().next().map(|item| to_event(&self.tables.events, item)).transpose()
     }
 }
 

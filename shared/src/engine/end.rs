@@ -10,7 +10,7 @@ use crate::graph::Limits;
 use crate::ids::StepId;
 use crate::ports::{Lease, ProgressSink, RunStore};
 use crate::pricing::ModelRegistry;
-use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::run::{Carried, ErrorInfo, EventType, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::wire::TotalsView;
 use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
 use chrono::Utc;
@@ -41,20 +41,24 @@ pub(super) async fn finish(
     run.output = output;
     run.error = error;
     store.finish_run(run, lease).await?;
-    let totals = TotalsView::from(&run.totals);
-    let body = match status {
-        RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
-        RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
-        _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
-    };
     journal
-        .emit_with(body, None, None, None, |s| {
+        .emit_with(end_event(run), None, None, None, |s| {
             s.status = status;
             s.current_step = None;
         })
         .await?;
     info!(status = ?status, cost_pico = run.totals.cost.pico(), tokens = run.totals.total_tokens(), "run finished");
     Ok(Outcome::Finished(status))
+}
+
+/// The event announcing a finished run's end.
+fn end_event(run: &RunRecord) -> EventBody {
+    let totals = TotalsView::from(&run.totals);
+    match run.status {
+        RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
+        RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
+        _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
+    }
 }
 
 /// Checkpoints a step that will not run as `CANCELLED`, with the event that says why. What
@@ -80,6 +84,31 @@ pub struct Ender {
 }
 
 impl Ender {
+    /// Writes a finished run's end event if its log lacks it: the run's end is stored
+    /// before it is announced, so a runner that died (or whose write's reply was lost)
+    /// between the two leaves the announcement to the next delivery. Returns whether it
+    /// was missing.
+    pub async fn announce_end(&self, run: &RunRecord) -> Result<bool, EngineError> {
+        let last = self.sink.last_event(&run.id).await?;
+        let ended = last.as_ref().is_some_and(|e| matches!(e.kind, EventType::RunCompleted | EventType::RunFailed | EventType::RunCancelled));
+        if !run.status.is_terminal() || ended {
+            return Ok(false);
+        }
+        // Announcing writes no checkpoint, so no lease is checked: the run has ended.
+        let lease = Lease { holder: "announce-end".into(), expires_at: Utc::now() };
+        let last_seq = last.map_or(0, |e| e.seq);
+        let journal = Journal::new(self.sink.clone(), self.store.clone(), lease, run, last_seq, run.totals, BudgetLimits::UNLIMITED);
+        let status = run.status;
+        journal
+            .emit_with(end_event(run), None, None, None, |s| {
+                s.status = status;
+                s.current_step = None;
+            })
+            .await?;
+        warn!(run_id = %run.id, status = ?status, "the run's end was stored but not announced; announced it now");
+        Ok(true)
+    }
+
     /// Ends a run claimed under `lease` `RUN_FAILED` with `error`, without running
     /// anything: its unsettled steps are cancelled and its totals are what its checkpoints
     /// spent. For a run that cannot go on (its runners keep dying, its data cannot be

@@ -177,8 +177,16 @@ impl Engine {
     /// Ends a run this runner has claimed `RUN_FAILED` with `error`, without running
     /// anything (see [`end::fail_run`]).
     pub async fn fail_run(&self, run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
-        let ender = end::Ender { store: self.store.clone(), sink: self.sink.clone(), models: self.models.clone(), limits: self.config.limits };
-        ender.fail_run(run, lease, error).await
+        self.ender().fail_run(run, lease, error).await
+    }
+
+    /// Announces a finished run's end if its log lacks it (see [`end::Ender::announce_end`]).
+    pub async fn announce_end(&self, run: &RunRecord) -> Result<bool, EngineError> {
+        self.ender().announce_end(run).await
+    }
+
+    fn ender(&self) -> end::Ender {
+        end::Ender { store: self.store.clone(), sink: self.sink.clone(), models: self.models.clone(), limits: self.config.limits }
     }
 
     /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
