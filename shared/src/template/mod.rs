@@ -154,7 +154,11 @@ impl Template {
     /// Compiles `source` and lists what it reads; `roots` are the names available where it
     /// runs (see [`Template::references`]), at most 64.
     pub fn compile(source: &str, roots: &'static [&'static str], keep: Keep) -> Result<Template, TemplateError> {
-        let compiled = Owned::try_new(source.into(), |source| environment().template_from_str(source))?;
+        let analysed = analyse(source);
+        // A plain slot template is valid Jinja by construction (text and `{{ a.b }}`), and
+        // one that keeps only its source need not be compiled to be checked.
+        let plain = matches!(&analysed, Some((_, Some(_)))) && keep == Keep::Source;
+        let compiled = if plain { None } else { Some(Owned::try_new(source.into(), |source| environment().template_from_str(source))?) };
         let mut references = References::default();
         let mut reads_roots = 0u64;
         let mut note = |path: &str| {
@@ -176,20 +180,20 @@ impl Template {
                 None => {}
             }
         };
-        let slots = match analyse(source) {
+        let slots = match analysed {
             Some((paths, slots)) => {
                 paths.into_iter().for_each(&mut note);
                 slots
             }
             None => {
-                compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path));
+                if let Some(compiled) = &compiled {
+                    compiled.borrow_dependent().undeclared_variables(true).iter().for_each(|path| note(path));
+                }
                 None
             }
         };
-        let body = match (keep, &slots) {
-            (Keep::Source, Some(_)) => Body::Source(compiled.into_owner()),
-            _ => Body::Bytecode(compiled),
-        };
+        // Only a plain slot template of a single step keeps just its source.
+        let body = compiled.map_or_else(|| Body::Source(source.into()), Body::Bytecode);
         Ok(Template(Arc::new(Inner { body, slots, references, roots, reads_roots })))
     }
 
@@ -370,6 +374,9 @@ mod tests {
         let body = prop::sample::select(
             &[
                 "steps.a.text",
+                "not",
+                "and.x",
+                "x.not",
                 "steps",
                 "input.x",
                 "item",
@@ -461,6 +468,25 @@ mod tests {
             assert_eq!(t.render(&ctx).is_ok(), other != "{{ input.missing }}", "{other}");
         }
         assert_eq!(Slots::parse("{{ input.s }}").unwrap().render("{{ input.s }}", &ctx, 0), None, "over the size limit minijinja makes the error");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_template_read_as_plain_slots_is_valid_jinja(source in pieces()) {
+            // Such a template is not compiled when it is checked, so minijinja must agree.
+            if let Some((_, Some(_))) = analyse(&source) {
+                proptest::prop_assert!(environment().template_from_str(&source).is_ok(), "{}", source);
+            }
+        }
+    }
+
+    #[test]
+    fn keywords_are_not_slots() {
+        for keyword in ["and", "or", "not", "in", "is", "if", "else", "none", "true", "self"] {
+            let source = format!("{{{{ {keyword} }}}}");
+            assert!(analyse(&source).is_none(), "{source}");
+        }
+        assert!(Template::compile("{{ not }}", &STEP_ROOTS, Keep::Source).is_err(), "still a syntax error, found when checked");
     }
 
     #[test]

@@ -40,8 +40,11 @@ fn scan(source: &str) -> Option<(Vec<Scanned<'_>>, &str)> {
             chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         };
         let root = path.split('.').next().unwrap_or_default();
-        // Constants, and `self`, which every template defines.
-        if matches!(root, "true" | "false" | "none" | "True" | "False" | "None" | "self") || !path.split('.').all(is_ident) {
+        // Constants, `self` (which every template defines) and the keywords of expressions:
+        // not variables, so not slots.
+        let keyword =
+            matches!(root, "true" | "false" | "none" | "True" | "False" | "None" | "self" | "and" | "or" | "not" | "in" | "is" | "if" | "else");
+        if keyword || !path.split('.').all(is_ident) {
             return None;
         }
         slots.push(Scanned { text: &rest[..start], inner });
