@@ -121,9 +121,8 @@ impl RequestCounter {
         match (op, table) {
             ("UpdateItem", "runs") if text("ConditionExpression").contains(":queued") => "claim".into(),
             ("UpdateItem", "runs") if text("UpdateExpression").contains("#finished") => "finish_run".into(),
-            ("UpdateItem", "runs") if text("UpdateExpression").starts_with("REMOVE lease_holder") => "release".into(),
-            ("UpdateItem", "rollups") if text("UpdateExpression").contains("charged_pico") => "daily_spend.settle".into(),
-            ("UpdateItem", "rollups") if text("UpdateExpression").contains("committed_pico") => "daily_spend.reserve".into(),
+            ("UpdateItem", "runs") if text("UpdateExpression").contains("REMOVE lease_holder") => "release".into(),
+            ("UpdateItem", "runs") if text("ConditionExpression").starts_with("#holder = :holder") => "renew".into(),
             ("GetItem", "rollups") => "daily_spend.day".into(),
             ("Query", "runs") if text("KeyConditionExpression").contains("STEP#") || body.to_string().contains("STEP#") => "get_steps".into(),
             ("Query", "events") if body["Limit"] == 1 && body["ScanIndexForward"] == false => "last_seq".into(),
@@ -147,6 +146,16 @@ impl RequestCounter {
                 }
                 if kind == "Put" && role == "events" {
                     parts.push(format!("event.{}", spec["Item"]["type"]["S"].as_str().unwrap_or("?")));
+                }
+                if kind == "Put" && role == "runs" && spec["Item"]["sk"]["S"].as_str().is_some_and(|sk| sk.starts_with("ITEM#")) {
+                    parts.push(format!("item.{}", spec["Item"]["status"]["S"].as_str().unwrap_or("?")));
+                }
+                // The daily spend counter's one-item transactions.
+                let update = spec["UpdateExpression"].as_str().unwrap_or_default();
+                if kind == "Update" && role == "rollups" && update.contains("charged_pico") {
+                    parts.push("daily_spend.settle".into());
+                } else if kind == "Update" && role == "rollups" && update.contains("committed_pico") {
+                    parts.push("daily_spend.reserve".into());
                 }
                 roles.push(role);
             }
