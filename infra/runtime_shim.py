@@ -66,6 +66,7 @@ import urllib.parse
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .invoke_proxy import request_id_from_marker
 from .serve import read_body
 
 DEFAULT_TIMEOUT_S = 900.0
@@ -77,7 +78,6 @@ STOP_GRACE_S = 3.0
 POST_LINGER_S = 10.0  # see Shim.upstream  # after SIGTERM, before SIGKILL
 NEXT_PATH = "/2018-06-01/runtime/invocation/next"
 INVOCATION_PREFIX = "/2018-06-01/runtime/invocation/"
-REQUEST_ID_POOL = "chainrun-local-invoke"  # see invoke_proxy.request_id_marker
 
 
 def _log(msg: str) -> None:
@@ -85,18 +85,6 @@ def _log(msg: str) -> None:
     sys.stderr.write(f"{ts} runtime-shim[{os.getpid()}] {msg}\n")
     sys.stderr.flush()
 
-
-def _marker_request_id(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        obj = json.loads(value)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("cognitoIdentityPoolId") != REQUEST_ID_POOL:
-        return None
-    ident = str(obj.get("cognitoIdentityId") or "")
-    return ident.split(":", 1)[1] if ":" in ident else None
 
 
 def function_timeout(config: dict, function: str) -> float:
@@ -240,7 +228,7 @@ class Shim:
                 continue
             h = {k.lower(): v for k, v in headers}
             watch_id = h.get("lambda-runtime-aws-request-id", "")
-            marker = _marker_request_id(h.get("lambda-runtime-cognito-identity"))
+            marker = request_id_from_marker(h.get("lambda-runtime-cognito-identity"))
             keep = [(k, v) for k, v in headers
                     if k.lower() not in ("lambda-runtime-aws-request-id", "lambda-runtime-deadline-ms",
                                          "lambda-runtime-invoked-function-arn", "content-length",
