@@ -15,8 +15,8 @@
 //! need neither: a template of text and `{{ a.b }}` slots renders without minijinja
 //! ([`slots`]). So the bytecode is kept for every other template, and for a slot template
 //! rendered many times per run (a map's step, once per item, in case its slots do not
-//! print plainly); a slot template of a single step keeps only its source, compiled again
-//! only if its slots need minijinja. The bytecode sits beside its source (a
+//! print plainly); a slot template of a single step keeps only its source, and is compiled
+//! (once, then kept) only if its slots need minijinja. The bytecode sits beside its source (a
 //! self-referential pair, hence `self_cell`), against one process-wide [`Environment`].
 //! (Adding templates to an environment of their graph instead, `add_template_owned`, costs
 //! the same memory and two to four times as much time.)
@@ -123,7 +123,8 @@ self_cell::self_cell!(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keep {
     /// For a template rendered once per run: a slot template keeps only its source (it
-    /// renders without minijinja, or compiles again if it must); any other keeps its bytecode.
+    /// renders without minijinja, or is compiled once the first time it must); any other
+    /// keeps its bytecode.
     Source,
     /// The bytecode: for a template rendered many times per run.
     Bytecode,
@@ -144,6 +145,9 @@ struct Inner {
     /// Set for a template of text and `{{ a.b }}` slots only, which renders without
     /// minijinja when its slots print plainly (see [`slots`]).
     slots: Option<Slots>,
+    /// A source-only template's bytecode, compiled the first time its slots need minijinja
+    /// (a value that does not print plainly), then kept: never compiled twice.
+    fallback: OnceLock<Owned>,
     references: References,
     /// The names available where it runs, and (bit `i` for `roots[i]`) which it reads.
     roots: &'static [&'static str],
@@ -194,7 +198,7 @@ impl Template {
         };
         // Only a plain slot template of a single step keeps just its source.
         let body = compiled.map_or_else(|| Body::Source(source.into()), Body::Bytecode);
-        Ok(Template(Arc::new(Inner { body, slots, references, roots, reads_roots })))
+        Ok(Template(Arc::new(Inner { body, slots, fallback: OnceLock::new(), references, roots, reads_roots })))
     }
 
     pub fn source(&self) -> &str {
@@ -228,7 +232,16 @@ impl Template {
         }
         let mut out = Bounded { text: Vec::with_capacity(self.source().len()), limit: MAX_RENDERED_BYTES };
         match &self.0.body {
-            Body::Source(source) => environment().template_from_str(source)?.render_captured_to(context, &mut out).map(drop)?,
+            Body::Source(source) => {
+                let compiled = match self.0.fallback.get() {
+                    Some(compiled) => compiled,
+                    None => {
+                        let compiled = Owned::try_new(source.clone(), |source| environment().template_from_str(source))?;
+                        self.0.fallback.get_or_init(|| compiled)
+                    }
+                };
+                compiled.borrow_dependent().render_captured_to(context, &mut out).map(drop)?
+            }
             Body::Bytecode(compiled) => compiled.borrow_dependent().render_captured_to(context, &mut out).map(drop)?,
         }
         // minijinja writes whole `str`s and `Bounded` takes each whole or not at all.
@@ -468,6 +481,13 @@ mod tests {
             assert_eq!(t.render(&ctx).is_ok(), other != "{{ input.missing }}", "{other}");
         }
         assert_eq!(Slots::parse("{{ input.s }}").unwrap().render("{{ input.s }}", &ctx, 0), None, "over the size limit minijinja makes the error");
+        // A source-only slot template that needs minijinja compiles once and keeps it.
+        let t = Template::compile("{{ input.f }}!", &STEP_ROOTS, Keep::Source).unwrap();
+        assert!(t.0.fallback.get().is_none(), "not compiled when checked");
+        for _ in 0..2 {
+            assert_eq!(t.render(&ctx).unwrap(), "1.5!");
+        }
+        assert!(t.0.fallback.get().is_some());
     }
 
     proptest::proptest! {
