@@ -76,8 +76,7 @@ impl RunStore for MemoryStore {
         let mut runs = lock(&self.runs);
         if let Some(stored) = runs.get(&run.id) {
             // As the DynamoDB store: the same run again is a retry whose reply was lost.
-            let same = stored.run.created_at == run.created_at && stored.run.caller == run.caller && stored.run.definition == run.definition;
-            return if same { Ok(()) } else { Err(StoreError::AlreadyExists(run.id.clone())) };
+            return if stored.run.is_same_run(run) { Ok(()) } else { Err(StoreError::AlreadyExists(run.id.clone())) };
         }
         let due_at = Some(run.created_at + self.queued_grace);
         runs.insert(run.id.clone(), Slot { run: run.clone(), lease: None, due_at });

@@ -131,12 +131,24 @@ pub struct Carried {
 impl Carried {
     /// What an unsettled (`RUNNING`) checkpoint carries; `None` if it spent nothing.
     pub fn of(running: &StepRecord) -> Option<Carried> {
-        let mut lost = running.lost;
-        if let Some(call) = running.in_flight {
+        let carried = Carried::left(running.usage, running.cost, running.calls, running.lost, running.in_flight);
+        (carried != Carried::default()).then_some(carried)
+    }
+
+    /// What a checkpoint left: its charges, and its lost calls with the one in flight.
+    fn left(usage: Usage, cost: Usd, calls: u32, mut lost: Lost, in_flight: Option<InFlight>) -> Carried {
+        if let Some(call) = in_flight {
             lost.add(Lost { calls: 1, tokens: call.tokens, cost: call.cost });
         }
-        let carried = Carried { usage: running.usage, cost: running.cost, calls: running.calls, lost };
-        (carried != Carried::default()).then_some(carried)
+        Carried { usage, cost, calls, lost }
+    }
+
+    /// Adds `other` to this.
+    pub fn add(&mut self, other: &Carried) {
+        self.usage = self.usage.plus(&other.usage);
+        self.cost = self.cost.saturating_add(other.cost);
+        self.calls += other.calls;
+        self.lost.add(other.lost);
     }
 }
 
@@ -167,11 +179,7 @@ pub struct ItemRecord {
 impl ItemRecord {
     /// What a dead runner spent on this item, if it had not settled it.
     pub fn carried(&self) -> Carried {
-        let mut lost = self.lost;
-        if let Some(call) = self.in_flight {
-            lost.add(Lost { calls: 1, tokens: call.tokens, cost: call.cost });
-        }
-        Carried { usage: self.usage, cost: self.cost, calls: self.calls, lost }
+        Carried::left(self.usage, self.cost, self.calls, self.lost, self.in_flight)
     }
 }
 
@@ -316,6 +324,12 @@ impl RunRecord {
             error: None,
             totals: Totals::default(),
         }
+    }
+
+    /// Whether `other` is this run stored again (a retried write whose reply was lost)
+    /// rather than another run with its id.
+    pub fn is_same_run(&self, other: &RunRecord) -> bool {
+        self.id == other.id && self.created_at == other.created_at && self.caller == other.caller && self.definition == other.definition
     }
 
     pub fn may_see(&self, principals: &[Principal]) -> bool {

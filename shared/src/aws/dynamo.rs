@@ -445,7 +445,7 @@ impl RunStore for DynamoStore {
             Ok(_) => Ok(()),
             Err(e) if is_condition_failure(&e) => match self.get_run(&run.id).await? {
                 // The SDK's retry of our own write whose reply was lost: it is stored.
-                Some(stored) if stored.created_at == run.created_at && stored.caller == run.caller && stored.definition == run.definition => Ok(()),
+                Some(stored) if stored.is_same_run(run) => Ok(()),
                 _ => Err(StoreError::AlreadyExists(run.id.clone())),
             },
             Err(e) => Err(store_err(&self.tables.runs)(e)),

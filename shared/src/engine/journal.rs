@@ -114,34 +114,12 @@ impl Journal {
     /// Writes a checkpoint without an event (a model step's `RUNNING` checkpoint before a
     /// retry: see [`super::running`]), under the lease.
     pub async fn checkpoint(&self, record: &StepRecord) -> Result<(), JournalError> {
-        let mut tries = 1;
-        loop {
-            match self.store.save_step(&self.run_id, &self.lease, record).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
-                    warn!(error = %e, step_id = %record.step_id, "checkpoint write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(JournalError::Store(e)),
-            }
-        }
+        retrying("checkpoint", || async { Ok(self.store.save_step(&self.run_id, &self.lease, record).await?) }).await
     }
 
     /// Writes a map item's checkpoint, under the lease.
     pub async fn save_item(&self, step: &StepId, item: &ItemRecord) -> Result<(), JournalError> {
-        let mut tries = 1;
-        loop {
-            match self.store.save_item(&self.run_id, &self.lease, step, item).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
-                    warn!(error = %e, step_id = %step, index = item.index, "item checkpoint write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(JournalError::Store(e)),
-            }
-        }
+        retrying("item checkpoint", || async { Ok(self.store.save_item(&self.run_id, &self.lease, step, item).await?) }).await
     }
 
     /// Appends an event without changing what the rows show.
@@ -176,27 +154,39 @@ impl Journal {
             last_seq: seq,
             updated_at: now,
         };
-        let mut tries = 1;
-        loop {
-            let written = match checkpoint {
+        retrying("progress", || async {
+            match checkpoint {
                 Some(step) => {
                     let checkpoint = Checkpoint { store: self.store.as_ref(), lease: &self.lease, step };
                     self.sink.publish_checkpointed(&event, &row, &self.owners, checkpoint).await
                 }
-                None => self.sink.publish(&event, &row, &self.owners).await.map_err(JournalError::from),
-            };
-            match written {
-                Ok(()) => break,
-                Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
-                    warn!(error = %e, seq, "progress write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
-                    tries += 1;
-                }
-                Err(e) => return Err(e),
+                None => Ok(self.sink.publish(&event, &row, &self.owners).await?),
             }
-        }
+        })
+        .await?;
         state.last_seq = seq;
         debug!(seq, event = ?kind, step_id = step.map(StepId::as_str), "event published");
         Ok(())
+    }
+}
+
+/// Runs `write` until it succeeds, fails terminally, or has failed retryably
+/// [`PUBLISH_TRIES`] times, backing off between tries.
+async fn retrying<F, Fut>(what: &str, mut write: F) -> Result<(), JournalError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), JournalError>>,
+{
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.retryable() && tries < PUBLISH_TRIES => {
+                warn!(error = %e, what, "write failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }

@@ -58,8 +58,7 @@ impl StepContext {
                             let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
                             let record = item_record(index, &work, &carried);
                             self.journal.save_item(id, &record).await?;
-                            work.add_spend(carried.usage, carried.cost, carried.calls);
-                            work.lost.add(carried.lost);
+                            work.add_carried(&carried);
                             work
                         }
                         ItemStep::Transform(t) => transform::run(t, &scope),

@@ -70,13 +70,7 @@ impl Leftover {
     /// All of it as one step's carried spend (for a step cancelled before it runs again).
     pub fn total(self) -> Carried {
         let mut total = self.carried;
-        for item in &self.items {
-            let c = item.carried();
-            total.usage = total.usage.plus(&c.usage);
-            total.cost = total.cost.saturating_add(c.cost);
-            total.calls += c.calls;
-            total.lost.add(c.lost);
-        }
+        self.items.iter().for_each(|item| total.add(&item.carried()));
         total
     }
 }
@@ -96,6 +90,12 @@ impl Work {
             lost: Lost::default(),
             detail: None,
         }
+    }
+
+    /// Adds what dead runners spent on this work.
+    pub fn add_carried(&mut self, carried: &Carried) {
+        self.add_spend(carried.usage, carried.cost, carried.calls);
+        self.lost.add(carried.lost);
     }
 
     /// Adds what `calls` more calls (an attempt, a map item's) were charged.
@@ -153,9 +153,7 @@ impl StepContext {
                     work.output = Err(ErrorInfo::terminal(ErrorCode::OutputTooLarge, message));
                 }
             }
-            let carried = *running.carried();
-            work.add_spend(carried.usage, carried.cost, carried.calls);
-            work.lost.add(carried.lost);
+            work.add_carried(running.carried());
             let (status, text, output, error) = match work.output {
                 Ok((text, value)) => (StepStatus::Completed, Some(text), Some(value), None),
                 Err(e) => (StepStatus::Failed, None, None, Some(e)),
