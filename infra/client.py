@@ -76,3 +76,10 @@ class StackClient:
 
         return boto3.client("dynamodb", endpoint_url=self.dynamodb_url, region_name=self.region,
                             aws_access_key_id="test", aws_secret_access_key="test")
+
+    def s3(self):
+        """A boto3 S3 client for the stack's outputs bucket (self.env["CHAINRUN_OUTPUTS_BUCKET"])."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env.get("AWS_ENDPOINT_URL_S3") or self.dynamodb_url,
+                            region_name=self.region, aws_access_key_id="test", aws_secret_access_key="test")

@@ -109,7 +109,7 @@ from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
 from .processes import OWNER_SLOT, SlotTaken, StackLock, signal_group, spawn
 from .processes import stop as stop_children
 from .sqs import Sqs
-from .tables import create_tables, load_tables
+from .tables import create_bucket, create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
 RUNNER_FUNCTION = "chainrun-runner"
@@ -122,6 +122,8 @@ LOCAL_QUEUED_GRACE_S = 10
 DEAD_LETTER_FUNCTION = "chainrun-dead-letter"
 SWEEP_PAYLOAD = {"source": "chainrun.schedule", "action": "sweep"}
 RUNNER_DLQ_NAME = "chainrun-runner-failures"
+# Where outputs too large for one DynamoDB item go (template.yaml: OutputsBucket).
+OUTPUTS_BUCKET = "chainrun-outputs-local"
 API_TIMEOUT_S = 29  # template.yaml's; the runner's (900) and its async config are below
 WATCH_CONCURRENCY = 4
 DEFAULT_RUST_LOG = "info,chainrun=debug"
@@ -457,6 +459,10 @@ class Stack:
                 RUNNER_DLQ_NAME, {"VisibilityTimeout": str(self.dlq_visibility_s), "MessageRetentionPeriod": "1209600"})
         except Exception as e:  # noqa: BLE001
             self._fail("moto", f"creating the SQS queue {RUNNER_DLQ_NAME} failed: {e}")
+        try:
+            create_bucket(self.dynamodb_url, OUTPUTS_BUCKET, self.region)
+        except Exception as e:  # noqa: BLE001
+            self._fail("moto", f"creating the S3 bucket {OUTPUTS_BUCKET} failed: {e}")
         self.timings["dynamodb"] = time.monotonic() - t0
         self.log(f"stack: DynamoDB (moto) at {self.dynamodb_url}, tables: {', '.join(self.tables.values())}")
 
@@ -502,6 +508,8 @@ class Stack:
             fe = local_aws_env(self.region)  # keeps the developer's ~/.aws (profiles, endpoint_url) out
         fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.fault_proxy_url or self.dynamodb_url
         fe["AWS_ENDPOINT_URL_SQS"] = self.dynamodb_url  # moto serves both
+        fe["AWS_ENDPOINT_URL_S3"] = self.dynamodb_url  # and S3
+        fe["CHAINRUN_OUTPUTS_BUCKET"] = OUTPUTS_BUCKET
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
         fe["CHAINRUN_RUNNER_DLQ_URL"] = self.dlq_url
         if self.bedrock_url:
@@ -700,6 +708,8 @@ class Stack:
             "AWS_DEFAULT_REGION": self.region,  # boto3 / aws CLI read this one
             "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb_url,
             "AWS_ENDPOINT_URL_SQS": self.dynamodb_url,
+            "AWS_ENDPOINT_URL_S3": self.dynamodb_url,
+            "CHAINRUN_OUTPUTS_BUCKET": OUTPUTS_BUCKET,
             "AWS_ENDPOINT_URL_LAMBDA": self.proxy_url,
             "CHAINRUN_RUNNER_DLQ_URL": self.dlq_url,
             "CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS": f"{self.runner_timeout_s:g}",

@@ -33,6 +33,16 @@ def create_tables(endpoint: str, region: str = DEFAULT_REGION, tables_json: Path
         return names
 
 
+def create_bucket(endpoint: str, name: str, region: str = DEFAULT_REGION) -> None:
+    """Create the outputs bucket at an S3 endpoint (idempotent); moto stores objects in memory."""
+    with local_aws(region):
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+        if name not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=name)
+
+
 def _create(ddb, t: dict) -> None:
     name = t["local_name"]
     kwargs = dict(

@@ -71,6 +71,8 @@ pub struct CoreConfig {
     pub daily_caps: DailyCaps,
     /// Leases, the queued grace and the takeover bound (see [`crate::durability`]).
     pub durability: Durability,
+    /// The S3 bucket (`CHAINRUN_OUTPUTS_BUCKET`) for outputs too large for one DynamoDB item.
+    pub outputs_bucket: String,
 }
 
 impl CoreConfig {
@@ -93,7 +95,8 @@ impl CoreConfig {
         let daily_caps = DailyCaps::parse(default.as_deref(), env.get("CHAINRUN_OWNER_DAILY_CAPS").as_deref())
             .map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAPS", reason })?;
         let durability = Durability::from_source(env)?;
-        Ok(Self { tables, retention_days, models, daily_caps, durability })
+        let outputs_bucket = env.required("CHAINRUN_OUTPUTS_BUCKET")?.trim().to_owned();
+        Ok(Self { tables, retention_days, models, daily_caps, durability, outputs_bucket })
     }
 }
 
@@ -105,12 +108,13 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    const TABLES: [(&str, &str); 5] = [
+    const TABLES: [(&str, &str); 6] = [
         ("CHAINRUN_RUNS_TABLE", "r"),
         ("CHAINRUN_EVENTS_TABLE", "e"),
         ("CHAINRUN_PROGRESS_TABLE", "p"),
         ("CHAINRUN_WORKFLOWS_TABLE", "w"),
         ("CHAINRUN_ROLLUPS_TABLE", "u"),
+        ("CHAINRUN_OUTPUTS_BUCKET", "o"),
     ];
 
     #[test]
@@ -119,6 +123,8 @@ mod tests {
         assert_eq!(err, ConfigError::Missing("CHAINRUN_PROGRESS_TABLE"));
         let err = CoreConfig::from_source(&env(&TABLES[..4])).unwrap_err();
         assert_eq!(err, ConfigError::Missing("CHAINRUN_ROLLUPS_TABLE"));
+        let err = CoreConfig::from_source(&env(&TABLES[..5])).unwrap_err();
+        assert_eq!(err, ConfigError::Missing("CHAINRUN_OUTPUTS_BUCKET"));
     }
 
     #[test]
@@ -154,6 +160,7 @@ mod tests {
         let c = CoreConfig::from_source(&env(&TABLES)).unwrap();
         assert_eq!(c.tables.events, "e");
         assert_eq!(c.tables.rollups, "u");
+        assert_eq!(c.outputs_bucket, "o");
         assert_eq!(c.retention_days, 30);
     }
 }

@@ -5,11 +5,28 @@
 //! rules exclude. Keeping them here lets `estimate` reason about replies without knowing
 //! the engine exists.
 
-/// A map fans out over at most this many items (each is a model call or more).
-pub const MAX_MAP_ITEMS: usize = 1000;
+/// A map fans out over at most this many items (each is a model call or more). Every item
+/// is checkpointed on its own, and a map that does not fit one invocation continues in the
+/// next, so the bound is about what one run should do, not about what fits.
+pub const MAX_MAP_ITEMS: usize = 10_000;
 
-/// A step's output is refused past this size: a checkpoint is one DynamoDB item (400 KB).
-pub const MAX_OUTPUT_BYTES: usize = 160 * 1024;
+/// A step's output (and the run's) is refused past this size. What does not fit one
+/// DynamoDB item (400 KB) is stored in S3, so the bound is what one API response may carry:
+/// Lambda answers at most 6 MB, and `GET /runs/{id}/steps/{step}/output` returns one output.
+pub const MAX_OUTPUT_BYTES: usize = 4 * 1024 * 1024;
+
+/// A document (an output or text) larger than this is not inlined in `GET /runs/{id}`;
+/// the view links to it instead (see [`VIEW_DOCUMENT_BYTES`]).
+pub const INLINE_DOCUMENT_BYTES: usize = 256 * 1024;
+
+/// `GET /runs/{id}` inlines documents, in order, while they add up to at most this; the
+/// rest are linked. With the input (at most 256 KiB) and the steps' fields the answer
+/// stays under Lambda's 6 MB.
+pub const VIEW_DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// `RUN_COMPLETED` carries the run's output when it has at most this many bytes, and a
+/// link to it otherwise: events are polled, often, and each is one DynamoDB item.
+pub const EVENT_OUTPUT_BYTES: usize = 64 * 1024;
 
 /// A reply longer than this many bytes per `max_tokens` token is refused. English runs
 /// about 4 bytes a token and code about 3; a reply averaging 32 over its whole length is a
@@ -42,6 +59,7 @@ mod tests {
     #[test]
     fn a_reply_is_limited_by_its_tokens_and_by_the_checkpoint() {
         assert_eq!(reply_limit(10, MAX_OUTPUT_BYTES), 320);
+        assert_eq!(reply_limit(1 << 20, 160 * 1024), 160 * 1024);
         assert_eq!(reply_limit(u32::MAX, MAX_OUTPUT_BYTES), MAX_OUTPUT_BYTES);
         assert_eq!(reply_limit(0, MAX_OUTPUT_BYTES), 0);
     }

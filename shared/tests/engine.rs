@@ -276,7 +276,7 @@ async fn a_reply_longer_than_32_bytes_per_max_tokens_token_is_refused_so_estimat
     assert!(error.message.contains("129 bytes") && error.message.contains("max_tokens 4 is 128"), "{}", error.message);
     assert!(long.cost > chainrun_core::money::Usd::ZERO, "the refused reply was still charged");
     assert_eq!(h.model.calls_matching("LONG"), 1);
-    assert_eq!(EngineConfig::default().reply_limit(1_000_000), 160 * 1024, "the checkpoint limit still applies");
+    assert_eq!(EngineConfig::default().reply_limit(1_000_000), 4 * 1024 * 1024, "the output limit still applies");
 }
 
 #[tokio::test(start_paused = true)]
@@ -531,4 +531,35 @@ async fn a_step_output_too_large_for_its_checkpoint_fails_the_step_whatever_its_
     assert!(big.output.is_none(), "nothing too large is stored");
     assert_eq!(step("after").status, StepStatus::Skipped, "its dependent does not run");
     assert_gap_free(&events);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_runs_ten_thousand_items_each_checkpointed_and_refuses_one_more() {
+    let limit = chainrun_core::limits::MAX_MAP_ITEMS;
+    assert!(limit >= 10_000);
+    let h = harness(vec![Script::reply("ITEM", "ok")]);
+    let definition = |n: usize| {
+        let mut w = workflow(json!([
+            { "id": "each", "type": "map", "over": "input.items", "max_concurrency": 32,
+              "step": { "type": "llm", "prompt": "ITEM {{ item }}", "max_tokens": 5 } }
+        ]));
+        w["output"] = json!("{{ steps.each.output | length }}");
+        (w, json!({ "items": (0..n).collect::<Vec<_>>() }))
+    };
+
+    let (w, input) = definition(limit);
+    let (run, _) = h.run(w, input).await;
+    assert_eq!((run.status, run.output.clone()), (RunStatus::Completed, Some(json!(limit.to_string()))), "{:?}", run.error);
+    assert_eq!(h.model.calls_matching("ITEM"), limit);
+    let items = h.store.get_items(&run.id, &chainrun_core::ids::StepId::parse("each").unwrap()).await.unwrap();
+    assert_eq!(items.len(), limit, "every item has its own checkpoint");
+    assert!(items.iter().enumerate().all(|(i, item)| item.index == i && item.status == StepStatus::Completed));
+    assert_eq!(run.totals.model_calls, limit as u64);
+
+    let (w, input) = definition(limit + 1);
+    let (run, _) = h.run(w, input).await;
+    let error = run.error.unwrap();
+    assert_eq!((run.status, error.code.as_str()), (RunStatus::Failed, "MAP_TOO_LARGE"));
+    assert!(error.message.contains(&format!("{} items; a map takes at most {limit}", limit + 1)), "{}", error.message);
+    assert_eq!(h.model.calls_matching("ITEM"), limit, "no item of the refused map ran");
 }

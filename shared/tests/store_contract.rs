@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::analytics::CostSums;
-use chainrun_core::aws::{DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore};
+use chainrun_core::aws::{DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, S3Blobs};
 use chainrun_core::config::Tables;
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryProgress, MemoryStore};
@@ -202,6 +202,149 @@ async fn contract(s: Subject) {
 #[tokio::test]
 async fn memory_adapters_honour_the_contract() {
     contract(Subject { store: Arc::new(MemoryStore::new()), progress: Arc::new(MemoryProgress::new()) }).await;
+}
+
+// ---------------------------------------------------------------- documents larger than one item
+
+/// A JSON document of about `kib` KiB: a list of distinct strings (no compression helps).
+fn big_document(kib: usize, tag: &str) -> Value {
+    Value::Array((0..kib * 16).map(|i| json!(format!("{tag}-{i:08}-{}", "é".repeat(20)))).collect())
+}
+
+/// Outputs far beyond DynamoDB's 400 KB item — a step's, a map item's, one written with
+/// its event, the run's own — are stored whole and read back exactly.
+async fn large_documents_contract(s: Subject) {
+    let run = new_run();
+    s.store.create_run(&run).await.unwrap();
+    let ours = lease("one", 5);
+    assert!(matches!(s.store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+
+    let mut big = step("a", big_document(1024, "a"));
+    big.text = Some("t".repeat(900 * 1024));
+    big.detail = Some(big_document(500, "detail"));
+    s.store.save_step(&run.id, &ours, &big).await.unwrap();
+    // Written twice (a retried checkpoint): still one record, read back whole.
+    s.store.save_step(&run.id, &ours, &big).await.unwrap();
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    assert_eq!(steps.len(), 1);
+    assert_eq!((&steps[0].output, &steps[0].text, &steps[0].detail), (&big.output, &big.text, &big.detail));
+
+    // A later small checkpoint of the same step replaces the large one entirely.
+    let small = step("a", json!({ "short": true }));
+    s.store.save_step(&run.id, &ours, &small).await.unwrap();
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    assert_eq!((&steps[0].output, &steps[0].text, &steps[0].detail), (&small.output, &small.text, &small.detail));
+
+    let map = StepId::parse("m").unwrap();
+    let item = ItemRecord {
+        index: 7,
+        status: StepStatus::Completed,
+        attempts: 1,
+        output: Some(big_document(600, "item")),
+        text: Some("x".repeat(300 * 1024)),
+        usage: Usage { input_tokens: 1, output_tokens: 2, ..Usage::default() },
+        cost: Usd::from_pico(5),
+        calls: 1,
+        error: None,
+        lost: Lost::default(),
+        in_flight: None,
+    };
+    s.store.save_item(&run.id, &ours, &map, &item).await.unwrap();
+    assert_eq!(s.store.get_items(&run.id, &map).await.unwrap(), vec![item]);
+
+    let with_event = step("b", big_document(700, "b"));
+    let checkpoint = Checkpoint { store: s.store.as_ref(), lease: &ours, step: &with_event };
+    s.progress.publish_checkpointed(&event(&run.id, 1), &row(&run.id, 1), &[alice()], checkpoint).await.unwrap();
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    let b = steps.iter().find(|r| r.step_id.as_str() == "b").expect("step b");
+    assert_eq!(b.output, with_event.output);
+
+    let mut done = s.store.get_run(&run.id).await.unwrap().unwrap();
+    done.status = RunStatus::Completed;
+    done.finished_at = Some(Utc::now());
+    done.output = Some(big_document(1200, "run"));
+    s.store.finish_run(&done, &ours).await.unwrap();
+    let finished = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((finished.status, &finished.output), (RunStatus::Completed, &done.output));
+}
+
+#[tokio::test]
+async fn memory_adapters_keep_large_documents_whole() {
+    large_documents_contract(Subject { store: Arc::new(MemoryStore::new()), progress: Arc::new(MemoryProgress::new()) }).await;
+}
+
+/// The outputs bucket on moto, and the S3 client the tests inspect it with.
+async fn moto_bucket(moto: &Moto) -> (aws_sdk_s3::Client, S3Blobs) {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(&moto.url)
+        .force_path_style(true)
+        .build();
+    let client = aws_sdk_s3::Client::from_conf(config);
+    client.create_bucket().bucket("outputs").send().await.unwrap();
+    (client.clone(), S3Blobs::new(client, "outputs"))
+}
+
+async fn object_keys(s3: &aws_sdk_s3::Client) -> Vec<String> {
+    let out = s3.list_objects_v2().bucket("outputs").send().await.unwrap();
+    out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect()
+}
+
+#[tokio::test]
+async fn dynamodb_adapters_keep_large_documents_whole_in_s3() {
+    let Some(moto) = moto("dynamodb_adapters_keep_large_documents_whole_in_s3").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    let (s3, blobs) = moto_bucket(&moto).await;
+    large_documents_contract(Subject {
+        store: Arc::new(DynamoStore::new(client.clone(), tables.clone()).with_blobs(blobs.clone())),
+        progress: Arc::new(DynamoProgress::new(client, tables, 30).with_blobs(blobs)),
+    })
+    .await;
+    // Content-addressed: the checkpoint written twice stored its documents once.
+    let keys = object_keys(&s3).await;
+    // a's output, text and detail; the item's output (its text then fits beside the rest);
+    // b's output; the run's output.
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("runs/")), "{keys:?}");
+}
+
+#[tokio::test]
+async fn dynamodb_reads_a_missing_or_altered_document_as_corrupt() {
+    let Some(moto) = moto("dynamodb_reads_a_missing_or_altered_document_as_corrupt").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    let (s3, blobs) = moto_bucket(&moto).await;
+    let store = DynamoStore::new(client, tables).with_blobs(blobs);
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let l = lease("one", 5);
+    store.claim(&run.id, &l, Utc::now()).await.unwrap();
+    store.save_step(&run.id, &l, &step("a", big_document(500, "a"))).await.unwrap();
+    let (key,) = <[String; 1]>::try_from(object_keys(&s3).await).map(|[k]| (k,)).unwrap();
+
+    s3.put_object().bucket("outputs").key(&key).body(b"[\"swapped\"]".to_vec().into()).send().await.unwrap();
+    let err = store.get_steps(&run.id).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(m) if m.contains(&key) && m.contains("STEP#a")), "{err:?}");
+
+    s3.delete_object().bucket("outputs").key(&key).send().await.unwrap();
+    let err = store.get_steps(&run.id).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt(m) if m.contains(&key) && m.contains("missing")), "{err:?}");
+    assert!(!err.retryable());
+}
+
+#[tokio::test]
+async fn dynamodb_names_a_missing_outputs_bucket() {
+    let Some(moto) = moto("dynamodb_names_a_missing_outputs_bucket").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    let (s3, _) = moto_bucket(&moto).await;
+    let store = DynamoStore::new(client, tables).with_blobs(S3Blobs::new(s3, "no-such-bucket"));
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let l = lease("one", 5);
+    store.claim(&run.id, &l, Utc::now()).await.unwrap();
+    let err = store.save_step(&run.id, &l, &step("a", big_document(500, "a"))).await.unwrap_err();
+    assert!(matches!(&err, StoreError::Rejected(m) if m.contains("no-such-bucket") && m.contains("CHAINRUN_OUTPUTS_BUCKET")), "{err:?}");
 }
 
 // ---------------------------------------------------------------- a checkpoint with its event

@@ -466,8 +466,11 @@ def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_rout
 def dynamodb_tables_granted(props: dict[str, Any]) -> set[str]:
     tables = set()
     for name, args in policy_templates(props):
-        assert name in ("DynamoDBCrudPolicy", "DynamoDBReadPolicy", "DynamoDBWritePolicy"), f"unexpected policy template {name}"
-        tables.add(args["TableName"]["Ref"])
+        assert name in ("DynamoDBCrudPolicy", "DynamoDBReadPolicy", "DynamoDBWritePolicy", "S3ReadPolicy", "S3WritePolicy"), (
+            f"unexpected policy template {name}"
+        )
+        if name.startswith("DynamoDB"):
+            tables.add(args["TableName"]["Ref"])
     return tables
 
 
@@ -475,7 +478,8 @@ def dynamodb_grants(props: dict[str, Any]) -> dict[str, set[str]]:
     """Table logical id -> the policy templates granting access to it."""
     grants: dict[str, set[str]] = {}
     for name, args in policy_templates(props):
-        grants.setdefault(args["TableName"]["Ref"], set()).add(name)
+        if name.startswith("DynamoDB"):
+            grants.setdefault(args["TableName"]["Ref"], set()).add(name)
     return grants
 
 
@@ -496,6 +500,30 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
             assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (
                 "DynamoDB access is granted only through table-scoped policy templates"
             )
+
+
+def s3_grants(props: dict[str, Any]) -> set[str]:
+    return {name for name, args in policy_templates(props) if name.startswith("S3") and args == {"BucketName": {"Ref": "OutputsBucket"}}}
+
+
+def test_large_outputs_go_to_a_private_kms_encrypted_bucket_only_the_runner_writes(template, resources):
+    bucket = resources["OutputsBucket"]
+    assert bucket["Type"] == "AWS::S3::Bucket" and bucket["DeletionPolicy"] == "Retain"
+    props = bucket["Properties"]
+    (rule,) = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
+    assert all(props["PublicAccessBlockConfiguration"].values()) and len(props["PublicAccessBlockConfiguration"]) == 4
+    denial = resources["OutputsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    assert denial["Effect"] == "Deny" and denial["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert template["Globals"]["Function"]["Environment"]["Variables"]["CHAINRUN_OUTPUTS_BUCKET"] == {"Ref": "OutputsBucket"}
+    grants = {f: s3_grants(effective_function_props(template, f)) for f in FUNCTIONS}
+    assert grants == {
+        "ApiFunction": {"S3ReadPolicy"},
+        "RunnerFunction": {"S3ReadPolicy", "S3WritePolicy"},
+        "SweeperFunction": set(),
+        "DeadLetterFunction": {"S3ReadPolicy"},
+    }
+    assert template["Outputs"]["OutputsBucketName"]["Value"] == {"Ref": "OutputsBucket"}
 
 
 @pytest.mark.parametrize("function", list(FUNCTIONS))

@@ -71,6 +71,8 @@ pub fn app(state: AppState) -> Router {
         .route("/runs", get(history::list_runs).post(start_run).fallback(method_not_allowed))
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
+        .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
+        .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
@@ -221,6 +223,39 @@ async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Pa
         &run.step_order
     };
     Ok(Json(RunView::new(&run, order, &steps)).into_response())
+}
+
+/// `GET /runs/{id}/output`: the run's output, whole — what `GET /runs/{id}` and
+/// `RUN_COMPLETED` link to when it is too large to inline.
+async fn get_run_output(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let run = visible_run(&state, &identity, &id).await?;
+    match run.output {
+        Some(output) => Ok(Json(output).into_response()),
+        None => Err(ApiError::NotFound(format!("run {id} has no output (it is {:?})", run.status))),
+    }
+}
+
+/// `GET /runs/{id}/steps/{step}/output` (JSON) or `…/text` (plain text): one step's
+/// document, whole — what `GET /runs/{id}` links to when it is too large to inline.
+async fn get_step_document(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path((id, step, part)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    if part != "output" && part != "text" {
+        return Err(ApiError::NotFound(format!("no route for {part:?}: a step has an `output` and a `text`")));
+    }
+    let run = visible_run(&state, &identity, &id).await?;
+    let steps = state.store.get_steps(&run.id).await?;
+    let no_step = || ApiError::NotFound(format!("run {id} has no checkpoint of step {step:?}"));
+    let record = steps.into_iter().find(|r| r.step_id.as_str() == step).ok_or_else(no_step)?;
+    let missing = || ApiError::NotFound(format!("step {step} of run {id} has no {part} (it is {:?})", record.status));
+    if part == "text" {
+        let text = record.text.clone().ok_or_else(missing)?;
+        return Ok(([(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
+    }
+    let output = record.output.clone().ok_or_else(missing)?;
+    Ok(Json(output).into_response())
 }
 
 #[derive(Deserialize)]

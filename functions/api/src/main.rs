@@ -2,7 +2,7 @@
 
 use chainrun_api::{ApiConfig, AppState, app};
 use chainrun_core::aws::{
-    DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, dynamodb_client, lambda_client, sdk_config,
+    DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
@@ -13,8 +13,14 @@ async fn main() -> Result<(), lambda_http::Error> {
     let config = ApiConfig::from_source(&ProcessEnv)?;
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
-    let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
-    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()).with_queued_grace(config.core.durability.queued_grace));
+    let outputs = S3Blobs::new(s3_client(&sdk), config.core.outputs_bucket.clone());
+    let progress =
+        Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days).with_blobs(outputs.clone()));
+    let store = Arc::new(
+        DynamoStore::new(dynamodb.clone(), config.core.tables.clone())
+            .with_blobs(outputs.clone())
+            .with_queued_grace(config.core.durability.queued_grace),
+    );
     let state = AppState {
         store: store.clone(),
         progress,

@@ -506,3 +506,70 @@ async fn the_caller_sees_todays_spend_against_their_daily_cap() {
     let (status, _, _) = api.call("GET", "/analytics/spend", None, None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+// ---------------------------------------------------------------- documents too large to inline
+
+#[tokio::test]
+async fn outputs_too_large_to_inline_are_linked_and_served_whole() {
+    let api = api();
+    let reply = "long answer ".repeat(25_000); // 300 KB: over the 256 KiB inlined per document
+    let body = json!({
+        "workflow": {
+            "name": "long",
+            "defaults": { "model": "amazon.nova-micro-v1:0" },
+            "steps": [
+                { "id": "big", "type": "llm", "prompt": "WRITE LONG", "max_tokens": 10000 },
+                { "id": "small", "type": "llm", "prompt": "SUM {{ steps.big.text | length }}" }
+            ],
+            "output": "{{ steps.big.text }}"
+        }
+    });
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("WRITE LONG", &reply), Script::reply("SUM", "short")]));
+    let id = api.run_to_end("alice", body, model).await;
+
+    let (status, run) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((status, run["status"].as_str()), (StatusCode::OK, Some("COMPLETED")), "{run}");
+    let bytes = json!(reply).to_string().len() as u64;
+    assert_eq!((&run["output"], &run["output_ref"]), (&Value::Null, &json!({ "href": format!("/runs/{id}/output"), "bytes": bytes })));
+    let big = &run["steps"][0];
+    assert_eq!((&big["output"], &big["text"]), (&Value::Null, &Value::Null));
+    assert_eq!(big["output_ref"]["href"], format!("/runs/{id}/steps/big/output"));
+    assert_eq!(big["text_ref"], json!({ "href": format!("/runs/{id}/steps/big/text"), "bytes": bytes }));
+    let small = &run["steps"][1];
+    assert_eq!((small["text"].as_str(), small.get("text_ref")), (Some("short"), None), "small documents stay inline");
+
+    // Each link serves the document whole.
+    assert_eq!(api.get("alice", &format!("/runs/{id}/output")).await, (StatusCode::OK, json!(reply)));
+    assert_eq!(api.get("alice", &format!("/runs/{id}/steps/big/output")).await, (StatusCode::OK, json!(reply)));
+    let (status, headers, text) = api.call("GET", &format!("/runs/{id}/steps/big/text"), Some(&token("alice")), None).await;
+    assert_eq!((status, headers["content-type"].to_str().unwrap()), (StatusCode::OK, "text/plain; charset=utf-8"));
+    assert_eq!(text, Value::String(reply.clone()));
+
+    // The end event links to the output too rather than carrying 300 KB.
+    let (_, events) = api.get("alice", &format!("/runs/{id}/events?limit=100")).await;
+    let end = events["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!((end["type"].as_str(), &end["data"]["output"]), (Some("RUN_COMPLETED"), &Value::Null), "{end}");
+    assert_eq!(end["data"]["output_ref"]["href"], format!("/runs/{id}/output"));
+
+    // What is not there, or not the caller's, is a 404 that says so.
+    for (user, path, needle) in [
+        ("alice", format!("/runs/{id}/steps/nope/output"), "no checkpoint of step"),
+        ("alice", format!("/runs/{id}/steps/big/bogus"), "`output` and a `text`"),
+        ("mallory", format!("/runs/{id}/output"), "no run"),
+        ("mallory", format!("/runs/{id}/steps/big/text"), "no run"),
+    ] {
+        let (status, problem) = api.get(user, &path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(needle), "{path}: {problem}");
+    }
+}
+
+#[tokio::test]
+async fn a_run_without_an_output_says_so() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", sample()).await;
+    let id = accepted["run_id"].as_str().unwrap();
+    let (status, problem) = api.get("alice", &format!("/runs/{id}/output")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(problem["detail"].as_str().unwrap().contains("has no output (it is Queued)"), "{problem}");
+}

@@ -1,8 +1,8 @@
 //! Wires the runner function: telemetry, config, AWS clients, then serve.
 
 use chainrun_core::aws::{
-    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, bedrock_client, dynamodb_client,
-    lambda_client, sdk_config,
+    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, RunnerEvent, S3Blobs, bedrock_client,
+    dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use chainrun_core::durability::SystemClock;
@@ -20,8 +20,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let config = RunnerConfig::from_source(&ProcessEnv)?;
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
-    let store = Arc::new(DynamoStore::new(dynamodb.clone(), config.core.tables.clone()).with_queued_grace(config.core.durability.queued_grace));
-    let progress = Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days));
+    let outputs = S3Blobs::new(s3_client(&sdk), config.core.outputs_bucket.clone());
+    let store = Arc::new(
+        DynamoStore::new(dynamodb.clone(), config.core.tables.clone())
+            .with_blobs(outputs.clone())
+            .with_queued_grace(config.core.durability.queued_grace),
+    );
+    let progress =
+        Arc::new(DynamoProgress::new(dynamodb.clone(), config.core.tables.clone(), config.core.retention_days).with_blobs(outputs.clone()));
     let analytics = Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone()));
     let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone()));
     let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));

@@ -11,11 +11,13 @@
 //! DynamoDB rejects expression attribute values that an expression does not use (the local
 //! moto server does not), so every expression below uses exactly the values it passes.
 
+use super::blobs::S3Blobs;
 use super::dynamo_error::{defect, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
 use crate::durability::{sweep_shard, sweep_shards};
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
+use crate::output::json_len;
 use crate::ports::*;
 use crate::pricing::Usage;
 use crate::run::*;
@@ -258,6 +260,29 @@ fn check_size(item: &Item, what: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// `item` made to fit one DynamoDB item: with an outputs bucket, its largest documents move
+/// to S3 (see [`super::blobs`]); whatever still does not fit is refused, naming `what`.
+pub(super) async fn fit(blobs: Option<&S3Blobs>, run: &RunId, mut item: Item, what: &str) -> Result<Item, StoreError> {
+    if let Some(blobs) = blobs {
+        blobs.offload(run, &mut item, MAX_ITEM_BYTES, what).await?;
+    }
+    check_size(&item, what)?;
+    Ok(item)
+}
+
+/// A stored item with its offloaded documents put back (see [`super::blobs`]).
+pub(super) async fn restored(blobs: Option<&S3Blobs>, table: &str, mut item: Item) -> Result<Item, StoreError> {
+    let has_references = item.keys().any(|k| k.ends_with("_s3"));
+    if has_references {
+        let name = item_name(table, &item);
+        let blobs = blobs.ok_or_else(|| {
+            StoreError::Rejected(format!("{name} keeps documents in S3, but no outputs bucket is configured (CHAINRUN_OUTPUTS_BUCKET)"))
+        })?;
+        blobs.restore(&mut item, &name).await?;
+    }
+    Ok(item)
+}
+
 #[derive(Clone)]
 pub struct DynamoStore {
     client: Client,
@@ -265,6 +290,8 @@ pub struct DynamoStore {
     history: HistoryPaging,
     /// How long a queued or released run waits before the sweeper dispatches it.
     queued_grace: chrono::Duration,
+    /// Where documents too large for an item go; without it they are refused (`TooLarge`).
+    blobs: Option<S3Blobs>,
 }
 
 /// How much of a history index one `list_runs` call reads at most: `max_pages` query pages
@@ -278,7 +305,18 @@ struct HistoryPaging {
 impl DynamoStore {
     pub fn new(client: Client, tables: Tables) -> Self {
         let queued_grace = chrono::Duration::from_std(crate::durability::Durability::default().queued_grace).unwrap_or(chrono::Duration::MAX);
-        Self { client, tables, history: HistoryPaging { page_size: 100, max_pages: 5 }, queued_grace }
+        Self { client, tables, history: HistoryPaging { page_size: 100, max_pages: 5 }, queued_grace, blobs: None }
+    }
+
+    /// Documents too large for one item go to this bucket, and are read back from it.
+    pub fn with_blobs(mut self, blobs: S3Blobs) -> Self {
+        self.blobs = Some(blobs);
+        self
+    }
+
+    /// A run's META item read back as the record, its output restored.
+    async fn read_run(&self, item: Item) -> Result<RunRecord, StoreError> {
+        read_run(&self.tables.runs, restored(self.blobs.as_ref(), &self.tables.runs, item).await?)
     }
 
     /// Queued or released runs become due for the sweeper `grace` after (default 60 s).
@@ -359,7 +397,7 @@ impl DynamoStore {
         match result {
             Ok(out) => {
                 let item = out.attributes.ok_or_else(|| StoreError::Corrupt(format!("the takeover of run {id} returned no record")))?;
-                Ok(Claim::Acquired(Box::new(read_run(&self.tables.runs, item)?)))
+                Ok(Claim::Acquired(Box::new(self.read_run(item).await?)))
             }
             // Another runner took it over (or renewed) between our read and this write.
             Err(e) if is_condition_failure(&e) => Ok(Claim::HeldElsewhere),
@@ -385,7 +423,13 @@ fn meta_key(id: &RunId) -> Item {
 /// A step checkpoint as two transaction items: the check that `lease` still holds the run
 /// (first), and the step's item. Shared by [`DynamoStore::save_step`] and the event log,
 /// which writes a checkpoint in the same transaction as the event announcing it.
-pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<[TransactWriteItem; 2], StoreError> {
+pub(super) async fn checkpoint_writes(
+    tables: &Tables,
+    blobs: Option<&S3Blobs>,
+    id: &RunId,
+    lease: &Lease,
+    step: &StepRecord,
+) -> Result<[TransactWriteItem; 2], StoreError> {
     let item = to_item(
         &StepItem {
             pk: run_pk(id),
@@ -409,7 +453,7 @@ pub(super) fn checkpoint_writes(tables: &Tables, id: &RunId, lease: &Lease, step
         },
         &format!("the checkpoint of step {} of run {id}", step.step_id),
     )?;
-    check_size(&item, &format!("the checkpoint of step {}", step.step_id))?;
+    let item = fit(blobs, id, item, &format!("the checkpoint of step {}", step.step_id)).await?;
     fenced_put(tables, id, lease, item)
 }
 
@@ -462,12 +506,16 @@ impl RunStore for DynamoStore {
             .send()
             .await
             .map_err(store_err(&self.tables.runs))?;
-        out.item.map(|item| read_run(&self.tables.runs, item)).transpose()
+        match out.item {
+            Some(item) => Ok(Some(self.read_run(item).await?)),
+            None => Ok(None),
+        }
     }
 
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
         let mut steps = Vec::new();
         for item in self.query_run(id, "STEP#").await? {
+            let item = restored(self.blobs.as_ref(), &self.tables.runs, item).await?;
             let name = item_name(&self.tables.runs, &item);
             let step: StepItem = from_item(&self.tables.runs, item)?;
             steps.push(StepRecord {
@@ -523,7 +571,7 @@ impl RunStore for DynamoStore {
         match result {
             Ok(out) => {
                 let item = out.attributes.ok_or_else(|| StoreError::Corrupt(format!("the claim of run {id} returned no record")))?;
-                Ok(Claim::Acquired(Box::new(read_run(&self.tables.runs, item)?)))
+                Ok(Claim::Acquired(Box::new(self.read_run(item).await?)))
             }
             Err(e) if is_condition_failure(&e) => {
                 let Some(stored) = self.get_meta(id).await? else { return Ok(Claim::NotFound) };
@@ -601,7 +649,7 @@ impl RunStore for DynamoStore {
 
     #[instrument(skip_all, fields(run_id = %id, step_id = %step.step_id))]
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
-        let [lease_check, put] = checkpoint_writes(&self.tables, id, lease, step)?;
+        let [lease_check, put] = checkpoint_writes(&self.tables, self.blobs.as_ref(), id, lease, step).await?;
         let result = self.client.transact_write_items().transact_items(lease_check).transact_items(put).send().await;
         match result {
             Ok(_) => Ok(()),
@@ -628,8 +676,7 @@ impl RunStore for DynamoStore {
             lost: item.lost,
             in_flight: item.in_flight,
         };
-        let row = to_item(&row, &what)?;
-        check_size(&row, &what)?;
+        let row = fit(self.blobs.as_ref(), id, to_item(&row, &what)?, &what).await?;
         let [lease_check, put] = fenced_put(&self.tables, id, lease, row)?;
         let result = self.client.transact_write_items().transact_items(lease_check).transact_items(put).send().await;
         match result {
@@ -642,6 +689,7 @@ impl RunStore for DynamoStore {
     async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
         let mut items = Vec::new();
         for item in self.query_run(id, &item_prefix(step)).await? {
+            let item = restored(self.blobs.as_ref(), &self.tables.runs, item).await?;
             let name = item_name(&self.tables.runs, &item);
             let row: MapItemRow = from_item(&self.tables.runs, item)?;
             items.push(ItemRecord {
@@ -687,21 +735,29 @@ impl RunStore for DynamoStore {
             .expression_attribute_names("#totals", "totals")
             .expression_attribute_names("#output", "output")
             .expression_attribute_names("#error", "error");
+        update = update.expression_attribute_names("#output_s3", "output_s3");
         match &run.output {
-            Some(output) => {
-                let output = json_string(output);
-                if output.len() > MAX_ITEM_BYTES / 2 {
+            // Half the item stays for the definition and input beside it.
+            Some(output) if json_len(output) > MAX_ITEM_BYTES / 2 => {
+                let what = format!("the output of run {}", run.id);
+                let Some(blobs) = &self.blobs else {
                     return Err(StoreError::TooLarge(format!(
-                        "the output of run {} is {} bytes; at most {} fit in its record (DynamoDB items are limited to 400 KB)",
-                        run.id,
-                        output.len(),
+                        "{what} is {} bytes; at most {} fit in its record without an outputs bucket (DynamoDB items are limited to 400 KB)",
+                        json_len(output),
                         MAX_ITEM_BYTES / 2
                     )));
-                }
-                update = update.expression_attribute_values(":output", s(output));
-                set.push("#output = :output");
+                };
+                let key = blobs.store(&run.id, json_string(output), &what).await?;
+                update = update.expression_attribute_values(":output_s3", s(key));
+                set.push("#output_s3 = :output_s3");
+                remove.push("#output");
             }
-            None => remove.push("#output"),
+            Some(output) => {
+                update = update.expression_attribute_values(":output", s(json_string(output)));
+                set.push("#output = :output");
+                remove.push("#output_s3");
+            }
+            None => remove.extend(["#output", "#output_s3"]),
         }
         match &run.error {
             Some(error) => {

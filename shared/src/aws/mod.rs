@@ -5,6 +5,7 @@
 //! `aws-config` reads), so the same code runs against AWS and the local stack.
 
 mod bedrock;
+mod blobs;
 mod dynamo;
 mod dynamo_error;
 mod lambda;
@@ -13,6 +14,7 @@ mod rollups;
 mod spend;
 
 pub use bedrock::BedrockModel;
+pub use blobs::S3Blobs;
 pub use dynamo::DynamoStore;
 pub use lambda::{LambdaDispatcher, RunnerEvent};
 pub use progress::DynamoProgress;
@@ -56,6 +58,17 @@ pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
         .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(10)).build())
         .build();
     aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
+/// An S3 client for the outputs bucket. Path-style addressing: virtual-host names would
+/// need DNS for `<bucket>.<endpoint>`, which a local endpoint (moto) does not have; AWS
+/// serves both.
+pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(true)
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(30)).build())
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
 }
 
 pub fn lambda_client(config: &SdkConfig) -> aws_sdk_lambda::Client {

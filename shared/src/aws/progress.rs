@@ -16,6 +16,7 @@
 //! Any failed condition cancels the whole transaction: the event is not the next one, or
 //! another writer is ahead — a [`ProgressError::Conflict`] either way.
 
+use super::blobs::S3Blobs;
 use super::dynamo::{Item, MAX_ITEM_BYTES, checkpoint_writes, item_size, n, run_pk, s, stored_instant};
 use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, is_token_reuse, progress_err};
 use crate::config::Tables;
@@ -35,11 +36,19 @@ pub struct DynamoProgress {
     client: Client,
     tables: Tables,
     retention: chrono::Duration,
+    /// Where a checkpoint's documents too large for an item go (see [`super::blobs`]).
+    blobs: Option<S3Blobs>,
 }
 
 impl DynamoProgress {
     pub fn new(client: Client, tables: Tables, retention_days: u32) -> Self {
-        Self { client, tables, retention: chrono::Duration::days(i64::from(retention_days)) }
+        Self { client, tables, retention: chrono::Duration::days(i64::from(retention_days)), blobs: None }
+    }
+
+    /// Checkpoints written with events move documents too large for an item to this bucket.
+    pub fn with_blobs(mut self, blobs: S3Blobs) -> Self {
+        self.blobs = Some(blobs);
+        self
     }
 }
 
@@ -235,7 +244,7 @@ impl ProgressSink for DynamoProgress {
         owners: &[Principal],
         checkpoint: Checkpoint<'_>,
     ) -> Result<(), JournalError> {
-        let mut writes = checkpoint_writes(&self.tables, &event.run_id, checkpoint.lease, checkpoint.step)?.to_vec();
+        let mut writes = checkpoint_writes(&self.tables, self.blobs.as_ref(), &event.run_id, checkpoint.lease, checkpoint.step).await?.to_vec();
         writes.extend(self.event_writes(event, row, owners)?);
         match self.transaction(event, writes).send().await {
             Ok(_) => {

@@ -8,11 +8,13 @@ use super::{EngineError, Outcome};
 use crate::budget::BudgetLimits;
 use crate::graph::Limits;
 use crate::ids::StepId;
+use crate::limits::EVENT_OUTPUT_BYTES;
+use crate::output::json_len;
 use crate::ports::{Lease, ProgressSink, RunStore};
 use crate::pricing::ModelRegistry;
 use crate::run::{Carried, ErrorInfo, EventType, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
-use crate::wire::TotalsView;
 use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
+use crate::wire::{DocumentRef, TotalsView};
 use chrono::Utc;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -55,7 +57,14 @@ pub(super) async fn finish(
 fn end_event(run: &RunRecord) -> EventBody {
     let totals = TotalsView::from(&run.totals);
     match run.status {
-        RunStatus::Completed => EventBody::RunCompleted(RunCompleted { output: run.output.clone(), totals }),
+        RunStatus::Completed => {
+            // A large output stays out of the event (one DynamoDB item, polled often).
+            let (output, output_ref) = match &run.output {
+                Some(output) if json_len(output) > EVENT_OUTPUT_BYTES => (None, Some(DocumentRef::run_output(&run.id, json_len(output)))),
+                output => (output.clone(), None),
+            };
+            EventBody::RunCompleted(RunCompleted { output, output_ref, totals })
+        }
         RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
         _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
     }

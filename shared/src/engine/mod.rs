@@ -69,7 +69,7 @@ pub struct EngineConfig {
     pub stream_flush_bytes: usize,
     /// Stop starting steps when less than this remains before the deadline.
     pub deadline_margin: Duration,
-    /// Larger outputs are refused (a checkpoint is one DynamoDB item). A step's own limit
+    /// Larger outputs are refused (see [`limits::MAX_OUTPUT_BYTES`]). A step's own limit
     /// can be lower: see [`EngineConfig::reply_limit`].
     pub max_output_bytes: usize,
     /// Definition limits applied when the run's snapshot is validated.
@@ -326,6 +326,15 @@ impl Engine {
                 return Ok(Outcome::Suspended);
             }
             match run_output(&input, &graph, &records) {
+                Ok(output) if crate::output::json_len(&output) > self.config.max_output_bytes => {
+                    let message = format!(
+                        "the run's output is {} bytes; an output may have at most {}",
+                        crate::output::json_len(&output),
+                        self.config.max_output_bytes
+                    );
+                    let error = ErrorInfo::terminal(ErrorCode::OutputTooLarge, message);
+                    end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
+                }
                 Ok(output) => end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Completed, Some(output), None).await,
                 Err(e) => {
                     let error = ErrorInfo::terminal(ErrorCode::OutputTemplate, format!("the workflow output template failed: {e}"));

@@ -144,12 +144,10 @@ impl StepContext {
             // A step that failed before calling a model has not announced itself yet.
             running.announce(&self.journal, None).await?;
             if let Ok((text, value)) = &work.output {
-                let size = text.len().max(json_len(value));
+                let size = text.len().max(crate::output::json_len(value));
                 if size > self.config.max_output_bytes {
-                    let message = format!(
-                        "the output of step {} is {size} bytes; a step's output may have at most {} (its checkpoint is one DynamoDB item)",
-                        step.id, self.config.max_output_bytes
-                    );
+                    let message =
+                        format!("the output of step {} is {size} bytes; a step's output may have at most {}", step.id, self.config.max_output_bytes);
                     work.output = Err(ErrorInfo::terminal(ErrorCode::OutputTooLarge, message));
                 }
             }
@@ -342,24 +340,6 @@ pub fn run_output(input: &Arc<Value>, graph: &ValidatedGraph, records: &[Option<
             Ok(Value::Object(out))
         }
     }
-}
-
-/// The length of `value` as JSON, without writing it out.
-fn json_len(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing JSON values to a counter cannot fail.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 /// A value shortened for an error message.

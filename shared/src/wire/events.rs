@@ -169,7 +169,11 @@ pub struct StepFailed {
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RunCompleted {
+    /// The run's output, when it has at most 64 KiB as JSON; otherwise `null`, and
+    /// `output_ref` says where to read it.
     pub output: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_ref: Option<super::DocumentRef>,
     pub totals: TotalsView,
 }
 

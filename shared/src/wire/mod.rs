@@ -19,6 +19,25 @@ use money::{CommittedToday, Cost, MaxCost, Money, OwnerDailyCost};
 use schemars::JsonSchema;
 use serde::Serialize;
 
+/// A document too large to go inline (in an event, or in `GET /runs/{id}`): where to
+/// read it whole, and its size in bytes as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct DocumentRef {
+    pub href: String,
+    pub bytes: u64,
+}
+
+impl DocumentRef {
+    pub fn run_output(run: &crate::ids::RunId, bytes: usize) -> Self {
+        Self { href: format!("/runs/{run}/output"), bytes: bytes as u64 }
+    }
+
+    /// `part`: `output` or `text`.
+    pub fn step(run: &crate::ids::RunId, step: &crate::ids::StepId, part: &str, bytes: usize) -> Self {
+        Self { href: format!("/runs/{run}/steps/{step}/{part}"), bytes: bytes as u64 }
+    }
+}
+
 /// A call's or a step's tokens by kind.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct UsageView {

@@ -1,10 +1,12 @@
 //! API bodies: what the HTTP API answers, built from domain types.
 
 use super::money::{AvgCost, Cost, Money, Name, TotalCost};
-use super::{AmountView, TotalsView, UsageView};
+use super::{AmountView, DocumentRef, TotalsView, UsageView};
 use crate::analytics::{CostSums, WorkflowCosts};
 use crate::estimate::{Estimate, StepEstimate};
 use crate::ids::{ModelId, RunId, StepId};
+use crate::limits::{INLINE_DOCUMENT_BYTES, VIEW_DOCUMENT_BYTES};
+use crate::output::json_len;
 use crate::ports::RunSummary;
 use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -54,13 +56,21 @@ pub struct StepCheckpoint<'a> {
     pub latency_ms: u64,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub output: &'a Option<Value>,
-    pub text: &'a Option<String>,
+    /// `null` with `output_ref` when the output is linked rather than inlined.
+    pub output: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_ref: Option<DocumentRef>,
+    pub text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_ref: Option<DocumentRef>,
     pub error: &'a Option<ErrorInfo>,
 }
 
-impl<'a> From<&'a StepRecord> for StepCheckpoint<'a> {
-    fn from(r: &'a StepRecord) -> Self {
+impl<'a> StepCheckpoint<'a> {
+    /// The step's view, its documents inlined as far as `inline` allows.
+    fn new(run: &RunId, r: &'a StepRecord, inline: &mut Inline) -> Self {
+        let (output, output_ref) = inline.place(r.output.as_ref(), |bytes| DocumentRef::step(run, &r.step_id, "output", bytes));
+        let (text, text_ref) = inline.place(r.text.as_deref(), |bytes| DocumentRef::step(run, &r.step_id, "text", bytes));
         Self {
             id: &r.step_id,
             status: r.status,
@@ -71,9 +81,35 @@ impl<'a> From<&'a StepRecord> for StepCheckpoint<'a> {
             latency_ms: r.latency_ms,
             started_at: r.started_at,
             finished_at: r.finished_at,
-            output: &r.output,
-            text: &r.text,
+            output,
+            output_ref,
+            text,
+            text_ref,
             error: &r.error,
+        }
+    }
+}
+
+/// Which documents a run view inlines: each of at most [`INLINE_DOCUMENT_BYTES`], in view
+/// order, while they add up to at most [`VIEW_DOCUMENT_BYTES`]; the others are linked, so
+/// the answer fits what Lambda may return whatever the run produced.
+struct Inline {
+    left: usize,
+}
+
+impl Inline {
+    fn place<'d, T: Serialize + ?Sized>(
+        &mut self,
+        document: Option<&'d T>,
+        link: impl FnOnce(usize) -> DocumentRef,
+    ) -> (Option<&'d T>, Option<DocumentRef>) {
+        let Some(document) = document else { return (None, None) };
+        let bytes = json_len(document);
+        if bytes <= INLINE_DOCUMENT_BYTES && bytes <= self.left {
+            self.left -= bytes;
+            (Some(document), None)
+        } else {
+            (None, Some(link(bytes)))
         }
     }
 }
@@ -84,7 +120,10 @@ pub struct RunView<'a> {
     #[serde(flatten)]
     pub summary: RunSummaryView<'a>,
     pub input: &'a Value,
-    pub output: &'a Option<Value>,
+    /// `null` with `output_ref` when the output is linked rather than inlined.
+    pub output: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_ref: Option<DocumentRef>,
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -93,10 +132,13 @@ impl<'a> RunView<'a> {
     /// without a checkpoint yet are `PENDING`.
     pub fn new(run: &'a RunRecord, order: &'a [StepId], records: &'a [StepRecord]) -> Self {
         let by_id: std::collections::HashMap<&StepId, &StepRecord> = records.iter().map(|r| (&r.step_id, r)).collect();
+        let mut inline = Inline { left: VIEW_DOCUMENT_BYTES };
+        // The run's output first: it is what most callers came for.
+        let (output, output_ref) = inline.place(run.output.as_ref(), |bytes| DocumentRef::run_output(&run.id, bytes));
         let steps = order
             .iter()
             .map(|id| match by_id.get(id) {
-                Some(r) => StepView::Checkpointed((*r).into()),
+                Some(r) => StepView::Checkpointed(StepCheckpoint::new(&run.id, r, &mut inline)),
                 None => StepView::Pending { id, status: StepStatus::Pending, attempts: 0 },
             })
             .collect();
@@ -113,7 +155,7 @@ impl<'a> RunView<'a> {
             error: &run.error,
             totals: (&totals).into(),
         };
-        Self { summary, input: &run.input, output: &run.output, steps }
+        Self { summary, input: &run.input, output, output_ref, steps }
     }
 }
 
