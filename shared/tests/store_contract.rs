@@ -310,6 +310,50 @@ async fn dynamodb_adapters_keep_large_documents_whole_in_s3() {
     assert!(keys.iter().all(|k| k.starts_with("runs/")), "{keys:?}");
 }
 
+/// What a resumed run relies on: an upstream output an earlier invocation checkpointed in
+/// S3 is read back whole by the next invocation's templates.
+#[tokio::test]
+async fn a_resumed_run_reads_an_upstream_output_kept_in_s3_through_its_templates() {
+    use chainrun_core::engine::{Engine, EngineConfig, Outcome};
+    use chainrun_core::memory::{Script, ScriptedModel};
+    use chainrun_core::pricing::ModelRegistry;
+
+    let Some(moto) = moto("a_resumed_run_reads_an_upstream_output_kept_in_s3_through_its_templates").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    let (s3, blobs) = moto_bucket(&moto).await;
+    let store = Arc::new(DynamoStore::new(client.clone(), tables.clone()).with_blobs(blobs.clone()));
+    let progress = Arc::new(DynamoProgress::new(client, tables, 30).with_blobs(blobs));
+    let definition = json!({
+        "name": "wf",
+        "defaults": { "model": "amazon.nova-micro-v1:0" },
+        "steps": [
+            { "id": "a", "type": "transform", "template": "{{ input.text }}" },
+            { "id": "b", "type": "llm", "prompt": "B {{ steps.a.text }} END" }
+        ],
+        "output": "{{ steps.b.text }}"
+    });
+    let big = "every word counts ".repeat(40_000); // 720 KB
+    let run = RunRecord::new("wf".parse().unwrap(), definition, json!({ "text": "unused" }), "alice".parse().unwrap(), vec![alice()], Utc::now());
+    store.create_run(&run).await.unwrap();
+    // An earlier invocation settled `a` with the large text, then stopped.
+    let earlier = lease("earlier", 5);
+    store.claim(&run.id, &earlier, Utc::now()).await.unwrap();
+    let mut a = StepRecord::settled(StepId::parse("a").unwrap(), StepStatus::Completed, None, Utc::now());
+    (a.text, a.output) = (Some(big.clone()), Some(json!(big)));
+    store.save_step(&run.id, &earlier, &a).await.unwrap();
+    store.release(&run.id, &earlier).await.unwrap();
+    assert!(!object_keys(&s3).await.is_empty(), "a's documents went to S3");
+
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("B ", "read it")]));
+    let engine = Engine::new(model.clone(), store.clone(), progress, Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+    let next = lease("next", 5);
+    let Claim::Acquired(resumed) = store.claim(&run.id, &next, Utc::now()).await.unwrap() else { panic!("claim") };
+    assert!(matches!(engine.execute(*resumed, next, None).await.unwrap(), Outcome::Finished(RunStatus::Completed)));
+    let calls = model.calls();
+    assert_eq!(calls.len(), 1, "a is not run again");
+    assert_eq!(calls[0].prompt, format!("B {big} END"), "b's template pasted the whole of a's text");
+}
+
 #[tokio::test]
 async fn dynamodb_reads_a_missing_or_altered_document_as_corrupt() {
     let Some(moto) = moto("dynamodb_reads_a_missing_or_altered_document_as_corrupt").await else { return };
