@@ -10,7 +10,7 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
-use crate::run::{Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
+use crate::run::{ControlRequest, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -114,13 +114,27 @@ impl RunStore for MemoryStore {
         Ok(Claim::Acquired(Box::new(slot.run.clone())))
     }
 
-    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         self.check_lease(id, lease)?;
-        if let Some(slot) = lock(&self.runs).get_mut(id) {
-            slot.lease = Some(lease.clone());
-            slot.due_at = Some(lease.expires_at);
-        }
-        Ok(())
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Err(StoreError::LeaseLost(id.clone())) };
+        slot.lease = Some(lease.clone());
+        slot.due_at = Some(lease.expires_at);
+        Ok(slot.run.control.clone())
+    }
+
+    async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Ok(ControlOutcome::NotFound) };
+        Ok(match &slot.run.control {
+            _ if slot.run.status.is_terminal() => ControlOutcome::Finished(slot.run.status),
+            Some(stored) if stored == request => ControlOutcome::Recorded,
+            Some(stored) => ControlOutcome::AlreadyRequested(stored.clone()),
+            None => {
+                slot.run.control = Some(request.clone());
+                ControlOutcome::Recorded
+            }
+        })
     }
 
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {

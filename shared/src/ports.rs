@@ -8,7 +8,7 @@ use crate::analytics::WorkflowCosts;
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
-use crate::run::{ErrorInfo, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
+use crate::run::{ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
 use crate::spend::DaySpend;
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -130,6 +130,17 @@ pub struct Lease {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What became of a control request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ControlOutcome {
+    Recorded,
+    /// An earlier request stands.
+    AlreadyRequested(ControlRequest),
+    /// The run had already ended, with this status.
+    Finished(RunStatus),
+    NotFound,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// This runner now holds the run.
@@ -153,8 +164,14 @@ pub trait RunStore: Send + Sync {
     /// record, so the returned record says whether this claim was one.
     async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError>;
     /// Extends our lease to `lease.expires_at` (the heartbeat); `LeaseLost` if it is no
-    /// longer ours.
-    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError>;
+    /// longer ours. Returns the run's pending control request, if any: the heartbeat is
+    /// how a working runner learns it was asked to stop.
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError>;
+    /// Records `request` on an unfinished run, whoever holds it; the runner holding it (or
+    /// the next to claim it) acts on it. The first request stands: a later one gets
+    /// `AlreadyRequested` with it (the same request again, e.g. a retry whose reply was
+    /// lost, gets `Recorded`).
+    async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError>;
     /// Runs the sweeper must hand to a runner: unfinished, and either under a lease that
     /// expired by `now` or released/queued for longer than the queued grace. At most
     /// `limit`, read from an index of unfinished runs (never a scan of all runs).

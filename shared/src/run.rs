@@ -260,6 +260,28 @@ pub enum Cause {
     Sweep,
     /// The dead-letter consumer, for an event that exhausted Lambda's retries.
     DeadLetter,
+    /// The API, after a control request (a cancel) on the run.
+    Control,
+}
+
+/// A request to steer a run, recorded on the run until the runner holding it acts on it
+/// (see [`crate::ports::RunStore::request_control`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ControlRequest {
+    pub kind: ControlKind,
+    /// Who asked, and when.
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+    /// Why, as the caller put it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlKind {
+    /// Stop the run: steps in flight stop, nothing new starts, it ends `CANCELLED`.
+    Cancel,
 }
 
 /// A runner taking a run over from one whose lease expired (a crash, a timeout, a stall).
@@ -303,6 +325,9 @@ pub struct RunRecord {
     /// first; bounded (see [`crate::durability::Durability::max_takeovers`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub takeovers: Vec<Takeover>,
+    /// A control request not yet acted on, or the one the run ended by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlRequest>,
 }
 
 impl RunRecord {
@@ -311,6 +336,7 @@ impl RunRecord {
             id: RunId::new(),
             step_order: Vec::new(),
             takeovers: Vec::new(),
+            control: None,
             workflow,
             definition,
             input,

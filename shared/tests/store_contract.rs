@@ -576,6 +576,58 @@ fn whole_ms(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap()
 }
 
+/// What cancelling relies on: a request recorded on any unfinished run, the first one
+/// standing, and seen by the runner holding the run through its heartbeat.
+async fn control_contract(store: Arc<dyn RunStore>) {
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let request =
+        |by: &str| ControlRequest { kind: ControlKind::Cancel, by: by.parse().unwrap(), at: Utc::now(), reason: Some("wrong input".into()) };
+
+    let ours = lease("one", 5);
+    assert!(matches!(store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    assert_eq!(store.renew(&run.id, &lease("one", 6)).await.unwrap(), None, "nothing asked yet");
+
+    let first = request("alice");
+    assert_eq!(store.request_control(&run.id, &first).await.unwrap(), ControlOutcome::Recorded);
+    assert_eq!(store.request_control(&run.id, &first).await.unwrap(), ControlOutcome::Recorded, "the same request again (a retry)");
+    assert_eq!(store.request_control(&run.id, &request("bob")).await.unwrap(), ControlOutcome::AlreadyRequested(first.clone()));
+    assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().control, Some(first.clone()));
+
+    // The holder learns of it when it renews, and keeps its lease while it acts on it.
+    assert_eq!(store.renew(&run.id, &lease("one", 7)).await.unwrap(), Some(first.clone()));
+    assert_eq!(store.claim(&run.id, &lease("dup", 5), Utc::now()).await.unwrap(), Claim::HeldElsewhere);
+    assert_eq!(store.renew(&run.id, &lease("stranger", 7)).await, Err(StoreError::LeaseLost(run.id.clone())));
+
+    let mut done = store.get_run(&run.id).await.unwrap().unwrap();
+    done.status = RunStatus::Cancelled;
+    done.finished_at = Some(Utc::now());
+    store.finish_run(&done, &ours).await.unwrap();
+    let ended = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((ended.status, ended.control), (RunStatus::Cancelled, Some(first)), "the run keeps the request it ended by");
+    assert_eq!(store.request_control(&run.id, &request("alice")).await.unwrap(), ControlOutcome::Finished(RunStatus::Cancelled));
+    assert_eq!(store.request_control(&RunId::new(), &request("alice")).await.unwrap(), ControlOutcome::NotFound);
+
+    // A queued run takes a request too; the runner that claims it sees it on the record.
+    let queued = new_run();
+    store.create_run(&queued).await.unwrap();
+    assert_eq!(store.request_control(&queued.id, &request("alice")).await.unwrap(), ControlOutcome::Recorded);
+    let Claim::Acquired(claimed) = store.claim(&queued.id, &lease("two", 5), Utc::now()).await.unwrap() else { panic!("claim") };
+    assert_eq!(claimed.control.map(|c| c.kind), Some(ControlKind::Cancel));
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_control_contract() {
+    control_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_control_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_control_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    control_contract(Arc::new(DynamoStore::new(client, tables))).await;
+}
+
 async fn lease_and_finish_contract(store: Arc<dyn RunStore>) {
     let t = whole_ms(Utc::now());
     let run = RunRecord::new("wf".parse().unwrap(), json!({ "name": "wf" }), json!({ "x": 1 }), "alice".parse().unwrap(), vec![alice()], t);

@@ -25,11 +25,12 @@ use chainrun_core::durability::{Clock, Durability};
 use chainrun_core::engine::{Engine, EngineError, Outcome};
 use chainrun_core::ids::RunId;
 use chainrun_core::ports::{Analytics, AnalyticsError, Claim, DispatchError, Dispatcher, Lease, ProgressError, RunStore, StoreError};
-use chainrun_core::run::{Cause, ErrorInfo, RunRecord, RunStatus, RunnerEvent};
+use chainrun_core::run::{Cause, ControlKind, ControlRequest, ErrorInfo, RunRecord, RunStatus, RunnerEvent};
 use chrono::{DateTime, Utc};
 use lambda_runtime::Diagnostic;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 #[derive(Debug, Clone)]
@@ -153,6 +154,10 @@ impl Runner {
                 return Ok(Handled::UnknownRun);
             }
         };
+        if run.control.as_ref().is_some_and(|c| c.kind == ControlKind::Cancel) {
+            // Cancelled while no runner held it (queued, or its runner gone): end it now.
+            return self.end_with(run, &lease, End::Cancel).await;
+        }
         if run.takeovers.len() > self.durability.max_takeovers as usize {
             let error = runner_lost(&run);
             warn!(run_id = %run_id, takeovers = run.takeovers.len(), "the run's runners keep stopping; failing it");
@@ -163,8 +168,8 @@ impl Runner {
         // timeout (or a local emulator's) cannot make every invocation suspend at once.
         let margin = margin.min(remaining / 4);
         let deadline_instant = tokio::time::Instant::now() + remaining;
-        let heartbeat = self.heartbeat(&run_id, &lease);
-        let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause);
+        let (heartbeat, control) = self.heartbeat(&run_id, &lease, run.control.clone());
+        let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause).with_control(control);
         let outcome = engine.execute(run.clone(), lease.clone(), Some(deadline_instant)).await;
         drop(heartbeat);
         match outcome {
@@ -205,18 +210,31 @@ impl Runner {
     }
 
     /// Renews the lease every heartbeat until dropped (or the lease is lost, which the
-    /// engine's next fenced write then reports).
-    fn heartbeat(&self, run_id: &RunId, lease: &Lease) -> Heartbeat {
+    /// engine's next fenced write then reports), publishing the run's control request on
+    /// the returned channel as each renewal reads it: how a working run learns it was
+    /// cancelled.
+    fn heartbeat(&self, run_id: &RunId, lease: &Lease, control: Option<ControlRequest>) -> (Heartbeat, watch::Receiver<Option<ControlRequest>>) {
         let (store, clock, run_id, holder) = (self.store.clone(), self.clock.clone(), run_id.clone(), lease.holder.clone());
         let (every, length) = (self.durability.heartbeat, self.lease_length());
-        Heartbeat(tokio::spawn(async move {
+        let (tx, rx) = watch::channel(control);
+        let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
                 let renewed = Lease { holder: holder.clone(), expires_at: clock.now() + length };
                 match store.renew(&run_id, &renewed).await {
-                    Ok(()) => debug!(run_id = %run_id, expires_at = %renewed.expires_at, "lease renewed"),
+                    Ok(request) => {
+                        debug!(run_id = %run_id, expires_at = %renewed.expires_at, "lease renewed");
+                        if request.is_some() && tx.borrow().is_none() {
+                            info!(run_id = %run_id, ?request, "control request received");
+                        }
+                        tx.send_if_modified(|current| {
+                            let changed = *current != request;
+                            *current = request;
+                            changed
+                        });
+                    }
                     Err(StoreError::LeaseLost(_)) => {
                         // Also how a finished or suspended run's heartbeat ends.
                         info!(run_id = %run_id, "lease no longer held; no longer renewing");
@@ -226,18 +244,32 @@ impl Runner {
                     Err(e) => warn!(run_id = %run_id, error = %e, "lease renewal failed"),
                 }
             }
-        }))
+        });
+        (Heartbeat(task), rx)
     }
 
-    /// Ends the run `RUN_FAILED` with `error`. A run whose failure cannot be recorded
-    /// either is left to expire its lease: the sweeper hands it over again, bounded by
-    /// the takeover limit.
+    /// Ends the run `RUN_FAILED` with `error`.
     async fn fail(&self, run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Handled, RunnerError> {
+        self.end_with(run, lease, End::Fail(error)).await
+    }
+
+    /// Ends the run without running it, with `end` (a failure, a cancel). A run whose end
+    /// cannot be recorded either is left to expire its lease: the sweeper hands it over
+    /// again, bounded by the takeover limit.
+    async fn end_with(&self, run: RunRecord, lease: &Lease, end: End) -> Result<Handled, RunnerError> {
         let run_id = run.id.clone();
-        match self.engine.fail_run(run, lease, error).await {
-            Ok(_) => {
+        let ended = match end {
+            End::Fail(error) => self.engine.fail_run(run, lease, error).await,
+            End::Cancel => self.engine.cancel_run(run, lease).await,
+        };
+        match ended {
+            Ok(outcome) => {
                 self.roll_up(&run_id).await?;
-                Ok(Handled::Finished(RunStatus::Failed))
+                let status = match outcome {
+                    Outcome::Finished(status) => status,
+                    Outcome::Suspended => RunStatus::Running,
+                };
+                Ok(Handled::Finished(status))
             }
             Err(e) if e.retryable() => {
                 if let Err(release) = self.store.release(&run_id, lease).await {
@@ -246,7 +278,7 @@ impl Runner {
                 Err(e.into())
             }
             Err(e) => {
-                error!(run_id = %run_id, error = %e, "could not record the run's failure either; leaving it to the sweeper");
+                error!(run_id = %run_id, error = %e, "could not record the run's end either; leaving it to the sweeper");
                 Ok(Handled::Abandoned)
             }
         }
@@ -260,6 +292,12 @@ impl Runner {
         info!(run_id = %run_id, added = recorded.added, already = recorded.already, cost_pico = run.totals.cost.pico(), "run rolled up");
         Ok(())
     }
+}
+
+/// How [`Runner::end_with`] ends a run it does not run.
+enum End {
+    Fail(ErrorInfo),
+    Cancel,
 }
 
 /// The task renewing a lease; it stops when this is dropped, however the invocation's work

@@ -10,9 +10,9 @@ use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
-use chainrun_core::ports::{Claim, Lease, RunStore, StoreError};
+use chainrun_core::ports::{Claim, ControlOutcome, Lease, RunStore, StoreError};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, Event, EventType, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus};
+use chainrun_core::run::{Cause, ControlRequest, Event, EventType, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus};
 use chainrun_runner::{Handled, Runner};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -163,8 +163,11 @@ impl RunStore for Refusing {
     async fn claim(&self, id: &RunId, lease: &Lease, now: DateTime<Utc>) -> Result<Claim, StoreError> {
         self.inner.claim(id, lease, now).await
     }
-    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         self.inner.renew(id, lease).await
+    }
+    async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
+        self.inner.request_control(id, request).await
     }
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {
         self.inner.due(now, limit).await

@@ -90,6 +90,8 @@ struct RunItem {
     step_order: Vec<StepId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     takeovers: Vec<Takeover>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    control: Option<ControlRequest>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -124,6 +126,7 @@ impl RunItem {
             totals: run.totals,
             step_order: run.step_order.clone(),
             takeovers: run.takeovers.clone(),
+            control: run.control.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -154,6 +157,7 @@ impl RunItem {
             error: self.error,
             step_order: self.step_order,
             takeovers: self.takeovers,
+            control: self.control,
             totals: self.totals,
         })
     }
@@ -588,24 +592,76 @@ impl RunStore for DynamoStore {
         }
     }
 
-    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
+    async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
+        // The usual case, one conditional write: our lease, and nothing asked of the run.
+        let renew = |condition: &str| {
+            self.client
+                .update_item()
+                .table_name(&self.tables.runs)
+                .set_key(Some(self.meta_key(id)))
+                .update_expression("SET #expires = :expires, #sweep_at = :expires")
+                .condition_expression(condition)
+                .expression_attribute_names("#holder", "lease_holder")
+                .expression_attribute_names("#expires", "lease_expires")
+                .expression_attribute_names("#sweep_at", "sweep_at")
+                .expression_attribute_values(":holder", s(&lease.holder))
+                .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
+        };
+        let quiet = renew("#holder = :holder AND attribute_not_exists(#control)").expression_attribute_names("#control", "control").send().await;
+        match quiet {
+            Ok(_) => return Ok(None),
+            Err(e) if is_condition_failure(&e) => {}
+            Err(e) => return Err(store_err(&self.tables.runs)(e)),
+        }
+        // Either the lease is gone or a control request waits: renew on the lease alone and
+        // read the request back (rare: only while a request is being acted on).
+        match renew("#holder = :holder").return_values(ReturnValue::AllNew).send().await {
+            Ok(out) => {
+                let item = out.attributes.unwrap_or_default();
+                let name = item_name(&self.tables.runs, &item);
+                match item.get("control") {
+                    None => Ok(None),
+                    Some(value) => serde_dynamo::aws_sdk_dynamodb_1::from_attribute_value(value.clone())
+                        .map(Some)
+                        .map_err(|e| StoreError::Corrupt(format!("{name}: control: {e}"))),
+                }
+            }
+            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, kind = ?request.kind))]
+    async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
+        let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(request)
+            .map_err(|e| StoreError::Rejected(defect(&format!("the control request on run {id}"), e)))?;
         let result = self
             .client
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("SET #expires = :expires, #sweep_at = :expires")
-            .condition_expression("#holder = :holder")
-            .expression_attribute_names("#holder", "lease_holder")
-            .expression_attribute_names("#expires", "lease_expires")
-            .expression_attribute_names("#sweep_at", "sweep_at")
-            .expression_attribute_values(":holder", s(&lease.holder))
-            .expression_attribute_values(":expires", n(lease.expires_at.timestamp_millis()))
+            .update_expression("SET #control = :request")
+            .condition_expression("attribute_exists(pk) AND #status IN (:queued, :running) AND attribute_not_exists(#control)")
+            .expression_attribute_names("#control", "control")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":request", value)
+            .expression_attribute_values(":queued", s("QUEUED"))
+            .expression_attribute_values(":running", s("RUNNING"))
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Ok(_) => Ok(ControlOutcome::Recorded),
+            // Why not: the run is gone, has ended, or has a request already.
+            Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {
+                None => ControlOutcome::NotFound,
+                Some(run) if run.status.is_terminal() => ControlOutcome::Finished(run.status),
+                // The SDK's retry of our own write whose reply was lost.
+                Some(run) if run.control.as_ref() == Some(request) => ControlOutcome::Recorded,
+                Some(run) => match run.control {
+                    Some(stored) => ControlOutcome::AlreadyRequested(stored),
+                    None => return Err(StoreError::Corrupt(format!("run {id} refused a control request in status {:?}", run.status))),
+                },
+            }),
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }

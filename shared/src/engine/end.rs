@@ -65,7 +65,10 @@ fn end_event(run: &RunRecord) -> EventBody {
             };
             EventBody::RunCompleted(RunCompleted { output, output_ref, totals })
         }
-        RunStatus::Cancelled => EventBody::RunCancelled(RunCancelled { totals }),
+        RunStatus::Cancelled => {
+            let (by, reason) = run.control.as_ref().map(|c| (Some(c.by.clone()), c.reason.clone())).unwrap_or_default();
+            EventBody::RunCancelled(RunCancelled { by, reason, totals })
+        }
         _ => EventBody::RunFailed(RunFailed { error: run.error.clone(), totals }),
     }
 }
@@ -122,7 +125,33 @@ impl Ender {
     /// anything: its unsettled steps are cancelled and its totals are what its checkpoints
     /// spent. For a run that cannot go on (its runners keep dying, its data cannot be
     /// stored, Lambda gave up delivering it).
-    pub async fn fail_run(&self, mut run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
+    pub async fn fail_run(&self, run: RunRecord, lease: &Lease, error: ErrorInfo) -> Result<Outcome, EngineError> {
+        let reason = format!("the run failed: {}", error.code);
+        self.end_unrun(run, lease, RunStatus::Failed, Some(error), &reason).await
+    }
+
+    /// Ends a run claimed under `lease` `RUN_CANCELLED`, as its control request asked: its
+    /// unsettled steps (those a runner was running included) are cancelled, keeping what
+    /// their checkpoints say they spent, the call in flight at its worst case.
+    pub async fn cancel_run(&self, run: RunRecord, lease: &Lease) -> Result<Outcome, EngineError> {
+        let reason = match &run.control {
+            Some(c) => format!("the run was cancelled by {}", c.by),
+            None => "the run was cancelled".to_owned(),
+        };
+        info!(run_id = %run.id, "cancelling the run");
+        self.end_unrun(run, lease, RunStatus::Cancelled, None, &reason).await
+    }
+
+    /// Ends a run with `status` without running anything more: unsettled steps are
+    /// cancelled with `reason`, and the totals are what the checkpoints spent.
+    async fn end_unrun(
+        &self,
+        mut run: RunRecord,
+        lease: &Lease,
+        status: RunStatus,
+        error: Option<ErrorInfo>,
+        reason: &str,
+    ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
             let saved = self.store.get_steps(&run.id).await?;
@@ -140,7 +169,6 @@ impl Ender {
             let last_seq = self.sink.last_seq(&run.id).await?;
             let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, BudgetLimits::UNLIMITED);
             let done: Vec<&str> = settled.iter().map(|r| r.step_id.as_str()).collect();
-            let reason = format!("the run failed: {}", error.code);
             // Records stored before the step order was kept name their steps only in the definition.
             let order = match run.step_order.is_empty() {
                 true => crate::graph::validate_json_with(&run.definition, &self.models, self.limits).map(|g| g.step_order()).unwrap_or_default(),
@@ -148,9 +176,9 @@ impl Ender {
             };
             for id in order.into_iter().filter(|id| !done.contains(&id.as_str())) {
                 let carried = carried.get(&id).copied();
-                cancel(&journal, id, &reason, carried).await?;
+                cancel(&journal, id, reason, carried).await?;
             }
-            finish(self.store.as_ref(), &mut run, lease, &journal, RunStatus::Failed, None, Some(error)).await
+            finish(self.store.as_ref(), &mut run, lease, &journal, status, None, error).await
         }
         .instrument(span)
         .await

@@ -37,8 +37,8 @@ use crate::graph::{StepKind, ValidatedGraph};
 use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
-use crate::run::Cause;
 use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::run::{Cause, ControlKind, ControlRequest};
 use crate::spend::DailyCaps;
 use crate::wire::events::{EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
 use chrono::Utc;
@@ -53,6 +53,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use step::{Inputs, Leftover, StepContext, run_output};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -141,6 +142,8 @@ pub struct Engine {
     daily: Option<(Arc<dyn DailySpend>, Arc<DailyCaps>)>,
     /// Why this invocation has the run; shown when it resumes one.
     cause: Cause,
+    /// The run's pending control request, as the runner's heartbeat last read it.
+    control: Option<watch::Receiver<Option<ControlRequest>>>,
 }
 
 impl Engine {
@@ -151,7 +154,7 @@ impl Engine {
         models: Arc<ModelRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self { model, store, sink, models, config, daily: None, cause: Cause::Start }
+        Self { model, store, sink, models, config, daily: None, cause: Cause::Start, control: None }
     }
 
     /// The same engine, also checking every model call against its run's caller's daily
@@ -172,6 +175,19 @@ impl Engine {
     pub fn with_cause(mut self, cause: Cause) -> Self {
         self.cause = cause;
         self
+    }
+
+    /// The same engine, stopping the run when `control` says it was cancelled: steps in
+    /// flight stop, nothing new starts, and the run ends `RUN_CANCELLED`.
+    pub fn with_control(mut self, control: watch::Receiver<Option<ControlRequest>>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Ends a run this runner has claimed, whose control request asks it to stop, without
+    /// running anything (see [`end::Ender::cancel_run`]).
+    pub async fn cancel_run(&self, run: RunRecord, lease: &Lease) -> Result<Outcome, EngineError> {
+        self.ender().cancel_run(run, lease).await
     }
 
     /// Ends a run this runner has claimed `RUN_FAILED` with `error`, without running
@@ -249,6 +265,11 @@ impl Engine {
                 deadline,
             });
 
+            let mut control = self.control.clone();
+            if let Some(request) = cancel_requested(control.as_ref()).or_else(|| run.control.clone()) {
+                run.control = Some(request);
+                return self.cancel_run(run, &lease).await;
+            }
             let mut schedule = Schedule::new(graph.clone(), records);
             // Shared by every step's inputs.
             let input = Arc::new(run.input.clone());
@@ -284,7 +305,25 @@ impl Engine {
                         running.push(AssertUnwindSafe(step).catch_unwind().boxed());
                     }
                 }
-                let Some(joined) = running.next().await else { break };
+                let next = match control.as_mut() {
+                    Some(control) => tokio::select! {
+                        joined = running.next() => Some(joined),
+                        // A closed channel (the heartbeat stopped) asks nothing.
+                        Ok(()) = control.changed() => None,
+                    },
+                    None => Some(running.next().await),
+                };
+                let Some(next) = next else {
+                    if let Some(request) = cancel_requested(control.as_ref()) {
+                        // Dropping the step futures stops them, model calls included; what
+                        // they spent is in their checkpoints, which the end reads.
+                        drop(running);
+                        run.control = Some(request);
+                        return self.cancel_run(run, &lease).await;
+                    }
+                    continue;
+                };
+                let Some(joined) = next else { break };
                 let (i, result) = match joined {
                     Ok(r) => r,
                     Err(_) => {
@@ -367,4 +406,9 @@ impl Engine {
         }
         Ok((records, left))
     }
+}
+
+/// The cancel request `control` holds, if any.
+fn cancel_requested(control: Option<&watch::Receiver<Option<ControlRequest>>>) -> Option<ControlRequest> {
+    control.and_then(|c| c.borrow().clone()).filter(|r| r.kind == ControlKind::Cancel)
 }

@@ -7,7 +7,7 @@
 use super::money::{Cost, Money};
 use super::{StepDetail, TotalsView, UsageView};
 use crate::codes::ErrorCode;
-use crate::ids::{ModelId, RunId, StepId, WorkflowName};
+use crate::ids::{ModelId, RunId, StepId, UserId, WorkflowName};
 use crate::run::{Cause, ErrorInfo, EventType, Takeover};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
@@ -185,6 +185,10 @@ pub struct RunFailed {
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RunCancelled {
+    /// Who cancelled the run, and why if they said.
+    pub by: Option<UserId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub totals: TotalsView,
 }
 
