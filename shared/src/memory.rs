@@ -11,7 +11,7 @@ use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
 use crate::run::{ControlRequest, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
-use crate::spend::DaySpend;
+use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -359,11 +359,27 @@ impl Analytics for MemoryAnalytics {
 
 // ---------------------------------------------------------------- daily spend
 
-/// Daily spend counters in memory, keyed by (owner, day), with the DynamoDB adapter's
-/// rule: a reservation is admitted only if the counter stays within the cap.
+/// Daily spend counters and holds in memory, with the DynamoDB adapter's rules: a
+/// reservation is admitted only if the counter stays within the cap, and writes its hold
+/// with the counter; settling removes the hold with the counter's change, and a hold
+/// already gone changes nothing. One lock over both keeps each of these atomic.
 #[derive(Default)]
 pub struct MemoryDailySpend {
-    days: Mutex<HashMap<(String, NaiveDate), DaySpend>>,
+    state: Mutex<DailyState>,
+}
+
+#[derive(Default)]
+struct DailyState {
+    days: HashMap<(String, NaiveDate), DaySpend>,
+    /// By run, then by the call's name (see [`DayHold`]).
+    holds: HashMap<RunId, BTreeMap<HoldName, DayHold>>,
+}
+
+/// What names a call's hold within its run: step, item, attempt, holder.
+type HoldName = (StepId, Option<usize>, u32, String);
+
+fn hold_name(hold: &DayHold) -> HoldName {
+    (hold.step.clone(), hold.item, hold.attempt, hold.holder.clone())
 }
 
 impl MemoryDailySpend {
@@ -374,28 +390,48 @@ impl MemoryDailySpend {
 
 #[async_trait]
 impl DailySpend for MemoryDailySpend {
-    async fn reserve(&self, owner: &str, day: NaiveDate, amount: Usd, cap: Usd) -> Result<Result<(), DaySpend>, StoreError> {
-        let mut days = lock(&self.days);
-        let counter = days.entry((owner.to_owned(), day)).or_default();
-        match counter.committed.checked_add(amount) {
+    async fn reserve(&self, hold: &DayHold, cap: Usd) -> Result<Result<(), DaySpend>, StoreError> {
+        let mut state = lock(&self.state);
+        let DailyState { days, holds } = &mut *state;
+        let run_holds = holds.entry(hold.run.clone()).or_default();
+        if run_holds.contains_key(&hold_name(hold)) {
+            return Err(StoreError::Rejected(format!("a daily spend hold named {:?} already exists", hold_name(hold))));
+        }
+        let counter = days.entry((hold.owner.clone(), hold.day)).or_default();
+        match counter.committed.checked_add(hold.amount) {
             Some(committed) if committed <= cap => {
                 counter.committed = committed;
+                run_holds.insert(hold_name(hold), hold.clone());
                 Ok(Ok(()))
             }
             _ => Ok(Err(*counter)),
         }
     }
 
-    async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError> {
-        let mut days = lock(&self.days);
-        let counter = days.entry((owner.to_owned(), day)).or_default();
-        counter.committed = Usd::from_pico(counter.committed.pico().saturating_sub(reserved.pico()).saturating_add(charged.pico()));
-        counter.charged = counter.charged.saturating_add(charged);
+    async fn settle(&self, hold: &DayHold, settlement: Settlement) -> Result<(), StoreError> {
+        let mut state = lock(&self.state);
+        let DailyState { days, holds } = &mut *state;
+        // As in DynamoDB, the counter moves by the hold as the settler names it.
+        if holds.get_mut(&hold.run).and_then(|run_holds| run_holds.remove(&hold_name(hold))).is_none() {
+            return Ok(());
+        }
+        let counter = days.entry((hold.owner.clone(), hold.day)).or_default();
+        match settlement {
+            Settlement::Charged(charged) => {
+                counter.committed = Usd::from_pico(counter.committed.pico().saturating_sub(hold.amount.pico()).saturating_add(charged.pico()));
+                counter.charged = counter.charged.saturating_add(charged);
+            }
+            Settlement::Lost => counter.lost = counter.lost.saturating_add(hold.amount),
+        }
         Ok(())
     }
 
+    async fn holds(&self, run: &RunId) -> Result<Vec<DayHold>, StoreError> {
+        Ok(lock(&self.state).holds.get(run).map(|run_holds| run_holds.values().cloned().collect()).unwrap_or_default())
+    }
+
     async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError> {
-        Ok(lock(&self.days).get(&(owner.to_owned(), day)).copied().unwrap_or_default())
+        Ok(lock(&self.state).days.get(&(owner.to_owned(), day)).copied().unwrap_or_default())
     }
 }
 

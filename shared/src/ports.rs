@@ -9,7 +9,7 @@ use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use crate::run::{ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
-use crate::spend::DaySpend;
+use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::mpsc;
@@ -434,16 +434,24 @@ pub trait Analytics: Send + Sync {
 
 // ---------------------------------------------------------------- daily spend
 
-/// Per-owner, per-UTC-day spend counters shared by every runner (see [`crate::spend`]).
+/// Per-owner, per-UTC-day spend counters shared by every runner, and the holds calls in
+/// flight have on them (see [`crate::spend`]).
 #[async_trait]
 pub trait DailySpend: Send + Sync {
-    /// Adds `amount` to `owner`'s committed spend (charged plus held) for `day` if the sum
-    /// stays within `cap`, atomically; otherwise changes nothing and returns the day's
-    /// counter.
-    async fn reserve(&self, owner: &str, day: NaiveDate, amount: Usd, cap: Usd) -> Result<Result<(), DaySpend>, StoreError>;
+    /// Adds `hold.amount` to `hold.owner`'s committed spend for `hold.day` if the sum stays
+    /// within `cap`, and records the hold, atomically; otherwise changes nothing and returns
+    /// the day's counter. A hold already recorded under the same name is a defect
+    /// (`Rejected`): the counter would count the call twice.
+    async fn reserve(&self, hold: &DayHold, cap: Usd) -> Result<Result<(), DaySpend>, StoreError>;
 
-    /// Replaces a reservation of `reserved` made on `day` by the `charged` cost.
-    async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError>;
+    /// Replaces `hold` on its day's counter by `settlement` and removes it, atomically. A hold
+    /// no longer recorded (settled already, by this runner or by the one that took its run
+    /// over) changes nothing: settling is idempotent, and of two settlers only the first
+    /// counts.
+    async fn settle(&self, hold: &DayHold, settlement: Settlement) -> Result<(), StoreError>;
+
+    /// The holds recorded for `run` and not yet settled.
+    async fn holds(&self, run: &RunId) -> Result<Vec<DayHold>, StoreError>;
 
     /// `owner`'s counter for `day` (zero if nothing was reserved that day).
     async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError>;

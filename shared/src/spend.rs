@@ -11,12 +11,21 @@
 //! the cap, across any number of concurrent runs and runners — under the same bounds on
 //! input and output the run budget rests on.
 //!
-//! A runner that crashes between reserving and settling leaves its reservation held until
-//! the day ends: the cap errs towards refusing, never towards overspending.
+//! Each reservation is a durable, named record, a [`DayHold`], written in the same atomic
+//! write as the counter, and settling deletes it in the same atomic write that moves the
+//! counter. So a hold is settled at most once, whoever settles it. A runner that crashes
+//! between reserving and settling leaves its hold until the run is taken over or ended
+//! (when its lease expires): the runner (or dead-letter consumer) that takes the run then
+//! lists the run's holds and settles each by the run's checkpoints. A call the checkpoint
+//! shows in flight may have been made and billed: it stays counted at its worst case, as
+//! [`Settlement::Lost`]. A call the checkpoint does not show was never made: its hold is
+//! released. A dead runner that wakes up and settles late finds its hold gone and changes
+//! nothing. Either way the cap errs towards refusing, never towards overspending.
 //!
 //! The day is the UTC day the reservation is made; its settlement goes to the same day.
 
 use crate::budget::Amount;
+use crate::ids::{RunId, StepId};
 use crate::money::Usd;
 use chrono::NaiveDate;
 use serde_json::Value;
@@ -67,8 +76,57 @@ impl DailyCaps {
 pub struct DaySpend {
     /// What the day's calls were charged.
     pub charged: Usd,
-    /// Charged plus what calls in flight hold.
+    /// Charged, plus what calls in flight hold, plus what lost calls count.
     pub committed: Usd,
+    /// Calls whose runner died while they may have been in flight, at their worst case:
+    /// what they were billed is unknown, so they stay counted (see [`Settlement::Lost`]).
+    pub lost: Usd,
+}
+
+impl DaySpend {
+    /// What calls in flight hold now.
+    pub fn held(&self) -> Usd {
+        Usd::from_pico(self.committed.pico().saturating_sub(self.charged.pico()).saturating_sub(self.lost.pico()))
+    }
+}
+
+/// One model call's hold on its owner's day: what a reservation records, and what settles
+/// it. `(run, step, item, attempt, holder)` names the call: `attempt` restarts at 1 in each
+/// runner that takes a step on, and `holder` (the lease holder) tells those runners apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayHold {
+    pub run: RunId,
+    pub step: StepId,
+    /// The map item the call is for, if any.
+    pub item: Option<usize>,
+    pub attempt: u32,
+    pub holder: String,
+    pub owner: String,
+    pub day: NaiveDate,
+    /// The call's worst-case cost, held until it is settled.
+    pub amount: Usd,
+}
+
+/// What replaces a hold when it is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// The call returned and was charged this (zero for one that failed without usage, or
+    /// that was never made).
+    Charged(Usd),
+    /// The call may have been made, but its runner died before it returned: it stays
+    /// counted at its worst case, moved from held to lost (committed is unchanged).
+    Lost,
+}
+
+impl Settlement {
+    /// For logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Settlement::Charged(c) if *c == Usd::ZERO => "released",
+            Settlement::Charged(_) => "charged",
+            Settlement::Lost => "lost",
+        }
+    }
 }
 
 /// A call refused because it does not fit its owner's daily cap. Terminal for the step:

@@ -18,7 +18,7 @@ use chainrun_core::money::Usd;
 use chainrun_core::ports::*;
 use chainrun_core::pricing::Usage;
 use chainrun_core::run::*;
-use chainrun_core::spend::DaySpend;
+use chainrun_core::spend::{DayHold, DaySpend, Settlement};
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -1198,40 +1198,58 @@ async fn dynamodb_analytics_honour_the_contract() {
 
 // ---------------------------------------------------------------- daily spend
 
+/// A hold of `run`'s call (step `s`, attempt 1, by runner `holder`) on `owner`'s `day`.
+fn day_hold(run: &RunId, owner: &str, day: NaiveDate, holder: &str, amount: u64) -> DayHold {
+    DayHold {
+        run: run.clone(),
+        step: StepId::parse("s").unwrap(),
+        item: None,
+        attempt: 1,
+        holder: holder.into(),
+        owner: owner.into(),
+        day,
+        amount: Usd::from_pico(amount),
+    }
+}
+
 /// `atomic`: whether the backend serializes conditional writes to one item, as DynamoDB
 /// does. The local moto server does not (measured: 11 of 20 concurrent holds admitted
 /// against room for 10 in 2 of 25 runs), so against it the concurrent part is skipped.
 async fn daily_spend_contract(spend: Arc<dyn DailySpend>, atomic: bool) {
     let today = day();
     let usd = Usd::from_pico;
-    let counter = |charged: u64, committed: u64| DaySpend { charged: usd(charged), committed: usd(committed) };
+    let counter = |charged: u64, committed: u64| DaySpend { charged: usd(charged), committed: usd(committed), lost: Usd::ZERO };
+    let run = RunId::new();
+    // Each call is named by its holder here (the rest of the name stays the same).
+    let hold = |owner: &str, day: NaiveDate, holder: &str, amount: u64| day_hold(&run, owner, day, holder, amount);
     assert_eq!(spend.day("alice", today).await.unwrap(), DaySpend::default(), "no counter yet is zero");
     // Holds up to the cap are admitted; one pico-dollar more is not, and changes nothing.
-    assert_eq!(spend.reserve("alice", today, usd(600), usd(1_000)).await.unwrap(), Ok(()));
-    assert_eq!(spend.reserve("alice", today, usd(400), usd(1_000)).await.unwrap(), Ok(()));
-    assert_eq!(spend.reserve("alice", today, usd(1), usd(1_000)).await.unwrap(), Err(counter(0, 1_000)));
-    assert_eq!(spend.reserve("alice", today, usd(2_000), usd(1_000)).await.unwrap(), Err(counter(0, 1_000)), "larger than the cap itself");
+    assert_eq!(spend.reserve(&hold("alice", today, "r1", 600), usd(1_000)).await.unwrap(), Ok(()));
+    assert_eq!(spend.reserve(&hold("alice", today, "r2", 400), usd(1_000)).await.unwrap(), Ok(()));
+    assert_eq!(spend.reserve(&hold("alice", today, "r3", 1), usd(1_000)).await.unwrap(), Err(counter(0, 1_000)));
+    assert_eq!(spend.reserve(&hold("alice", today, "r4", 2_000), usd(1_000)).await.unwrap(), Err(counter(0, 1_000)), "larger than the cap itself");
     // Settling replaces a hold by its charge, also when the charge is smaller or zero.
-    spend.settle("alice", today, usd(600), usd(250)).await.unwrap();
-    spend.settle("alice", today, usd(400), usd(0)).await.unwrap();
+    spend.settle(&hold("alice", today, "r1", 600), Settlement::Charged(usd(250))).await.unwrap();
+    spend.settle(&hold("alice", today, "r2", 400), Settlement::Charged(Usd::ZERO)).await.unwrap();
     assert_eq!(spend.day("alice", today).await.unwrap(), counter(250, 250));
-    assert_eq!(spend.reserve("alice", today, usd(750), usd(1_000)).await.unwrap(), Ok(()));
-    assert_eq!(spend.reserve("alice", today, usd(1), usd(1_000)).await.unwrap(), Err(counter(250, 1_000)));
+    assert_eq!(spend.reserve(&hold("alice", today, "r5", 750), usd(1_000)).await.unwrap(), Ok(()));
+    assert_eq!(spend.reserve(&hold("alice", today, "r6", 1), usd(1_000)).await.unwrap(), Err(counter(250, 1_000)));
     // Owners and days are separate counters.
-    assert_eq!(spend.reserve("bob", today, usd(1_000), usd(1_000)).await.unwrap(), Ok(()));
+    assert_eq!(spend.reserve(&hold("bob", today, "r7", 1_000), usd(1_000)).await.unwrap(), Ok(()));
     let tomorrow = today.succ_opt().unwrap();
-    assert_eq!(spend.reserve("alice", tomorrow, usd(1_000), usd(1_000)).await.unwrap(), Ok(()));
+    assert_eq!(spend.reserve(&hold("alice", tomorrow, "r8", 1_000), usd(1_000)).await.unwrap(), Ok(()));
     assert_eq!(spend.day("alice", today).await.unwrap(), counter(250, 1_000));
 
     if !atomic {
         return;
     }
     // Concurrent holds never pass on the same room: of 20 holds of 100 against a cap of
-    // 1,000, exactly 10 are admitted.
+    // 1,000, exactly 10 are admitted, and exactly their 10 holds are recorded.
+    let concurrent = RunId::new();
     let tasks: Vec<_> = (0..20)
-        .map(|_| {
-            let spend = spend.clone();
-            tokio::spawn(async move { spend.reserve("carol", today, usd(100), usd(1_000)).await.unwrap().is_ok() })
+        .map(|i| {
+            let (spend, hold) = (spend.clone(), day_hold(&concurrent, "carol", today, &format!("c{i}"), 100));
+            tokio::spawn(async move { spend.reserve(&hold, usd(1_000)).await.unwrap().is_ok() })
         })
         .collect();
     let mut admitted = 0;
@@ -1240,6 +1258,63 @@ async fn daily_spend_contract(spend: Arc<dyn DailySpend>, atomic: bool) {
     }
     assert_eq!(admitted, 10);
     assert_eq!(spend.day("carol", today).await.unwrap(), counter(0, 1_000));
+    assert_eq!(spend.holds(&concurrent).await.unwrap().len(), 10);
+}
+
+/// Holds are durable and named: listed by run until settled, settled once whoever settles
+/// them, and a lost call stays counted.
+async fn day_holds_contract(spend: Arc<dyn DailySpend>) {
+    let today = day();
+    let usd = Usd::from_pico;
+    let (run, other) = (RunId::new(), RunId::new());
+    assert_eq!(spend.holds(&run).await.unwrap(), [], "no holds yet");
+
+    // A reservation records its hold, named and read back whole; another run's list is its own.
+    let mut first = day_hold(&run, "dave", today, "inv-1/01J", 300);
+    first.item = Some(7);
+    first.attempt = 2;
+    let second = day_hold(&run, "dave", today, "inv-1/01J", 200);
+    spend.reserve(&first, usd(1_000)).await.unwrap().unwrap();
+    spend.reserve(&second, usd(1_000)).await.unwrap().unwrap();
+    spend.reserve(&day_hold(&other, "dave", today, "inv-9/01K", 100), usd(1_000)).await.unwrap().unwrap();
+    let mut listed = spend.holds(&run).await.unwrap();
+    listed.sort_by_key(|h| h.amount);
+    assert_eq!(listed, [second.clone(), first.clone()]);
+    assert_eq!(spend.holds(&other).await.unwrap().len(), 1, "holds of one run are not another's");
+
+    // The same call reserved twice would count it twice: refused, and nothing changes.
+    let err = spend.reserve(&first, usd(1_000)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
+    assert_eq!(spend.day("dave", today).await.unwrap().committed, usd(600));
+
+    // A refused reservation records no hold.
+    let refused = day_hold(&run, "dave", today, "inv-2/01L", 500);
+    assert_eq!(spend.reserve(&refused, usd(1_000)).await.unwrap().map_err(|c| c.committed), Err(usd(600)));
+    assert_eq!(spend.holds(&run).await.unwrap().len(), 2);
+
+    // Settling removes the hold, and settling it again (a zombie after its successor)
+    // changes nothing, whatever it says.
+    spend.settle(&second, Settlement::Charged(usd(150))).await.unwrap();
+    let after = DaySpend { charged: usd(150), committed: usd(550), lost: Usd::ZERO };
+    assert_eq!(spend.day("dave", today).await.unwrap(), after);
+    assert_eq!(spend.holds(&run).await.unwrap(), [first.clone()]);
+    spend.settle(&second, Settlement::Charged(usd(150))).await.unwrap();
+    spend.settle(&second, Settlement::Lost).await.unwrap();
+    assert_eq!(spend.day("dave", today).await.unwrap(), after, "a hold settled already changes nothing");
+
+    // A lost call stays committed at its worst case, moved from held to lost.
+    spend.settle(&first, Settlement::Lost).await.unwrap();
+    let lost = DaySpend { charged: usd(150), committed: usd(550), lost: usd(300) };
+    assert_eq!(spend.day("dave", today).await.unwrap(), lost);
+    assert_eq!(lost.held(), usd(100), "only the other run's hold is held");
+    spend.settle(&first, Settlement::Charged(usd(10))).await.unwrap();
+    assert_eq!(spend.day("dave", today).await.unwrap(), lost, "the zombie's late charge changes nothing");
+    assert_eq!(spend.holds(&run).await.unwrap(), []);
+    assert_eq!(
+        spend.reserve(&day_hold(&run, "dave", today, "inv-3/01M", 451), usd(1_000)).await.unwrap().map_err(|c| c.committed),
+        Err(usd(550)),
+        "the cap still counts the lost call"
+    );
 }
 
 #[tokio::test]
@@ -1252,4 +1327,16 @@ async fn dynamodb_daily_spend_honours_the_contract() {
     let Some(moto) = moto("dynamodb_daily_spend_honours_the_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     daily_spend_contract(Arc::new(DynamoDailySpend::new(client, tables)), false).await;
+}
+
+#[tokio::test]
+async fn memory_day_holds_honour_the_contract() {
+    day_holds_contract(Arc::new(MemoryDailySpend::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_day_holds_honour_the_contract() {
+    let Some(moto) = moto("dynamodb_day_holds_honour_the_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    day_holds_contract(Arc::new(DynamoDailySpend::new(client, tables))).await;
 }

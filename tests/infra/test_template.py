@@ -348,7 +348,7 @@ def test_the_dead_letter_consumer_reads_the_runners_failure_queue_reporting_item
     queue = resources[dlq["Fn::GetAtt"][0]]["Properties"]
     assert queue["VisibilityTimeout"] >= 6 * props["Timeout"], "a batch in progress would be delivered twice"
     crud = {"DynamoDBCrudPolicy"}
-    assert dynamodb_grants(props) == {"RunsTable": crud, "EventsTable": crud, "ProgressTable": crud}
+    assert dynamodb_grants(props) == {"RunsTable": crud, "EventsTable": crud, "ProgressTable": crud, "RollupsTable": crud}
 
 
 def test_architecture_defaults_to_arm64_and_drives_every_function(template):
@@ -493,8 +493,12 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
         assert dynamodb_grants(api)[table] == crud and dynamodb_grants(runner)[table] == crud
     # Cost rollups: only the runner writes them (when a run ends); the API only reads them.
     assert dynamodb_grants(api)["RollupsTable"] == {"DynamoDBReadPolicy"}
-    # Writes rollups and daily spend counters; reads a counter only to report a refusal.
-    assert dynamodb_grants(runner)["RollupsTable"] == {"DynamoDBWritePolicy", "DynamoDBReadPolicy"}
+    # Writes rollups, daily spend counters and their holds (a settled hold is deleted);
+    # reads a counter to report a refusal, and a run's holds when it is taken over.
+    assert dynamodb_grants(runner)["RollupsTable"] == crud
+    # The dead-letter consumer settles the holds of a run it ends.
+    dead_letter = effective_function_props(template, "DeadLetterFunction")
+    assert dynamodb_grants(dead_letter)["RollupsTable"] == crud
     for props in (api, runner):
         for statement in inline_statements(props):
             assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (

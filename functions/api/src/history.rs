@@ -135,11 +135,11 @@ pub async fn costs(
 }
 
 /// `GET /analytics/spend`: the caller's spend today (UTC) against their daily cap: what was
-/// charged, what calls in flight hold, the cap and what is left (`null` without a cap).
+/// charged, what calls in flight hold, what lost calls count, the cap and what is left
+/// (`null` without a cap).
 pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> Result<Response, ApiError> {
     let day = Utc::now().date_naive();
     let counter = state.daily.day(identity.user.as_str(), day).await?;
-    let held = Usd::from_pico(counter.committed.pico().saturating_sub(counter.charged.pico()));
     let cap = state.daily_caps.cap_for(identity.user.as_str());
     let remaining = cap.map(|cap| Usd::from_pico(cap.pico().saturating_sub(counter.committed.pico())));
     Ok(Json(SpendToday {
@@ -147,7 +147,8 @@ pub async fn spend_today(State(state): State<AppState>, identity: Identity) -> R
         day,
         cap: MaybeMoney(cap.map(Into::into)),
         charged: counter.charged.into(),
-        held: held.into(),
+        held: counter.held().into(),
+        lost: counter.lost.into(),
         remaining: MaybeMoney(remaining.map(Into::into)),
     })
     .into_response())

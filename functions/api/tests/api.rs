@@ -5,12 +5,12 @@ use axum::body::Body;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, MAX_BODY_BYTES, app};
 use chainrun_core::engine::{Engine, EngineConfig};
-use chainrun_core::ids::RunId;
+use chainrun_core::ids::{RunId, StepId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::{Analytics, Claim, DailySpend, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::spend::DailyCaps;
+use chainrun_core::spend::{DailyCaps, DayHold, Settlement};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -487,15 +487,29 @@ async fn an_invalid_definition_gets_the_same_400_from_estimate_as_from_starting_
 async fn the_caller_sees_todays_spend_against_their_daily_cap() {
     let api = api();
     let today = chrono::Utc::now().date_naive();
-    // alice's cap is $0.01: $0.002 charged, $0.003 still held by a call in flight.
+    // alice's cap is $0.01: $0.002 charged, $0.003 still held by a call in flight, $0.001
+    // lost with a runner that died.
     let usd = |s: &str| Usd::parse_decimal(s).unwrap();
-    api.daily.reserve("alice", today, usd("0.004"), usd("0.01")).await.unwrap().unwrap();
-    api.daily.settle("alice", today, usd("0.004"), usd("0.002")).await.unwrap();
-    api.daily.reserve("alice", today, usd("0.003"), usd("0.01")).await.unwrap().unwrap();
+    let run = RunId::new();
+    let hold = |attempt: u32, amount: &str| DayHold {
+        run: run.clone(),
+        step: StepId::parse("a").unwrap(),
+        item: None,
+        attempt,
+        holder: "runner".into(),
+        owner: "alice".into(),
+        day: today,
+        amount: usd(amount),
+    };
+    api.daily.reserve(&hold(1, "0.004"), usd("0.01")).await.unwrap().unwrap();
+    api.daily.settle(&hold(1, "0.004"), Settlement::Charged(usd("0.002"))).await.unwrap();
+    api.daily.reserve(&hold(2, "0.001"), usd("0.01")).await.unwrap().unwrap();
+    api.daily.settle(&hold(2, "0.001"), Settlement::Lost).await.unwrap();
+    api.daily.reserve(&hold(3, "0.003"), usd("0.01")).await.unwrap().unwrap();
     let (status, _, body) = api.call("GET", "/analytics/spend", Some(&token("alice")), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!((body["owner"].as_str(), body["day"].as_str()), (Some("alice"), Some(today.to_string().as_str())));
-    let pairs = [("cap", "0.01"), ("charged", "0.002"), ("held", "0.003"), ("remaining", "0.005")];
+    let pairs = [("cap", "0.01"), ("charged", "0.002"), ("held", "0.003"), ("lost", "0.001"), ("remaining", "0.004")];
     for (name, value) in pairs {
         assert_eq!(body[format!("{name}_usd")], value, "{name}: {body}");
         assert_eq!(body[format!("{name}_pico_usd")], usd(value).pico(), "{name}: {body}");

@@ -8,11 +8,13 @@ use chainrun_core::codes::ErrorCode;
 use chainrun_core::durability::{Clock, Durability};
 use chainrun_core::engine::end::Ender;
 use chainrun_core::engine::{Engine, EngineConfig};
-use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
-use chainrun_core::ports::{DispatchError, Dispatcher, Lease, RunStore};
+use chainrun_core::ids::{Principal, RunId, StepId};
+use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
+use chainrun_core::money::Usd;
+use chainrun_core::ports::{DailySpend, DispatchError, Dispatcher, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, EventType, RunRecord, RunStatus, RunnerEvent};
+use chainrun_core::run::{Cause, EventType, InFlight, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus};
+use chainrun_core::spend::{DayHold, DaySpend};
 use chainrun_recovery::{DeadLetters, Sweeper};
 use chainrun_runner::{Handled, Runner};
 use serde_json::{Value, json};
@@ -29,6 +31,7 @@ struct Setup {
     clock: Arc<PausedClock>,
     model: Arc<ScriptedModel>,
     runner: Runner,
+    daily: Arc<MemoryDailySpend>,
 }
 
 fn setup() -> Setup {
@@ -47,7 +50,7 @@ fn setup() -> Setup {
         durability,
         clock: clock.clone(),
     };
-    Setup { store, progress, dispatcher, clock, model, runner }
+    Setup { store, progress, dispatcher, clock, model, runner, daily: Arc::new(MemoryDailySpend::new()) }
 }
 
 impl Setup {
@@ -56,8 +59,13 @@ impl Setup {
     }
 
     fn dead_letters(&self) -> DeadLetters {
-        let ender =
-            Ender { store: self.store.clone(), sink: self.progress.clone(), models: Arc::new(ModelRegistry::builtin()), limits: Default::default() };
+        let ender = Ender {
+            store: self.store.clone(),
+            sink: self.progress.clone(),
+            models: Arc::new(ModelRegistry::builtin()),
+            limits: Default::default(),
+            daily: Some(self.daily.clone()),
+        };
         DeadLetters {
             store: self.store.clone(),
             dispatcher: self.dispatcher.clone(),
@@ -199,6 +207,44 @@ async fn a_terminal_dead_letter_fails_the_run_at_once_and_a_run_held_by_a_runner
     assert!(s.dispatcher.events().is_empty());
     assert_eq!(s.store.get_run(&failed.id).await.unwrap().unwrap().status, RunStatus::Failed);
     assert_eq!(s.store.get_run(&held.id).await.unwrap().unwrap().status, RunStatus::Running, "its runner goes on");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_lettered_run_settles_the_daily_holds_its_dead_runner_left() {
+    let s = setup();
+    let run = s.stored_run().await;
+    // A runner held two calls of step `a` on alice's day and died: the first with its
+    // checkpoint written (the call may have been made), the second before it.
+    let dead = Lease { holder: "dead".into(), expires_at: s.clock.now() + chrono::Duration::seconds(30) };
+    s.store.claim(&run.id, &dead, s.clock.now()).await.unwrap();
+    let mut running = StepRecord::settled(StepId::parse("a").unwrap(), StepStatus::Running, None, s.clock.now());
+    (running.finished_at, running.attempts) = (None, 1);
+    running.in_flight = Some(InFlight { tokens: 100, cost: Usd::from_pico(300) });
+    s.store.save_step(&run.id, &dead, &running).await.unwrap();
+    let hold = |attempt: u32, amount: u64| DayHold {
+        run: run.id.clone(),
+        step: StepId::parse("a").unwrap(),
+        item: None,
+        attempt,
+        holder: "dead".into(),
+        owner: "alice".into(),
+        day: s.clock.now().date_naive(),
+        amount: Usd::from_pico(amount),
+    };
+    let cap = Usd::from_pico(10_000);
+    s.daily.reserve(&hold(1, 300), cap).await.unwrap().unwrap();
+    s.daily.reserve(&hold(2, 500), cap).await.unwrap().unwrap();
+    tokio::time::sleep(LEASE).await;
+
+    s.dead_letters().handle(batch(vec![dead_letter("m1", payload(&run.id, 0), "chainrun.Terminal")])).await;
+    assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Failed);
+    let today = s.daily.day("alice", s.clock.now().date_naive()).await.unwrap();
+    assert_eq!(
+        today,
+        DaySpend { charged: Usd::ZERO, committed: Usd::from_pico(300), lost: Usd::from_pico(300) },
+        "the first lost, the second released"
+    );
+    assert!(s.daily.holds(&run.id).await.unwrap().is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,30 +1,45 @@
-//! DynamoDB implementation of [`DailySpend`]: one counter item per owner and UTC day.
+//! DynamoDB implementation of [`DailySpend`]: one counter item per owner and UTC day, and
+//! one marker item per hold a call in flight has on it.
 //!
 //! Layout (rollups table; TTL `expires_at`, a week after the day):
-//! `pk = SPEND#<owner>`, `sk = DAY#<yyyy-mm-dd>`, with `committed_pico` (charged plus held by
-//! calls in flight) and `charged_pico`, both numbers.
+//! - counter: `pk = SPEND#<owner>`, `sk = DAY#<yyyy-mm-dd>`, with `committed_pico`
+//!   (charged plus held by calls in flight plus lost), `charged_pico` and `lost_pico`, all
+//!   numbers;
+//! - hold: `pk = HOLDS#<run id>`, `sk = <step>#<item index or ->#<attempt>#<holder>`, with
+//!   the call's owner, day and worst case (`amount_pico`). Keyed by run, so the runner that
+//!   takes a run over finds its holds with one Query, never a scan.
 //!
-//! Reserving is one conditional update: `ADD committed_pico :amount` if the item does
-//! not exist yet or `committed_pico <= cap - amount`. DynamoDB conditions cannot add two
-//! attributes, which is why the counter keeps their sum and the room is computed here. The
-//! write is atomic, so two runners reserving at once never both pass on the same room.
-//! Settling is one unconditional `ADD` of `charged - reserved` (negative when the call
-//! cost less than its worst case) and of the charge.
+//! Reserving is one `TransactWriteItems`: the counter's conditional update, `ADD
+//! committed_pico :amount` if the item does not exist yet or `committed_pico <= cap -
+//! amount`, and the hold's `Put` if no hold of that name exists. DynamoDB conditions cannot
+//! add two attributes, which is why the counter keeps their sum and the room is computed
+//! here. The write is atomic, so two runners reserving at once never both pass on the same
+//! room, and a refused reservation leaves no hold.
 //!
-//! An `ADD` is not idempotent: an SDK retry of one whose reply was lost would count it
-//! twice. So each is a one-item `TransactWriteItems`, whose client request token the SDK
-//! sets once per call and keeps across its retries: DynamoDB applies a token once.
+//! Settling is one `TransactWriteItems` too: the hold's `Delete` on condition that it
+//! exists, and the counter's unconditional `ADD` (of `charged - amount` to the sum and
+//! of the charge, or of the amount to `lost_pico` for a lost call). When the hold is gone,
+//! settled already by this runner or by one that took the run over, the transaction is
+//! cancelled and changes nothing: that is the settlement's idempotency, and what makes
+//! only the first of a dead runner and its successor count.
+//!
+//! An `ADD` is not idempotent on its own: an SDK retry of one whose reply was lost would
+//! count it twice. The SDK sets a transaction's client request token once per call and
+//! keeps it across its retries, and DynamoDB applies a token once; the hold's condition
+//! guards against everything else.
 
 use super::dynamo::{expires_after, n, s};
-use super::dynamo_error::{corrupt_item, defect, is_condition_failure, store_err};
+use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_condition_failure, item_name, store_err};
 use crate::config::Tables;
+use crate::ids::{RunId, StepId};
 use crate::money::Usd;
 use crate::ports::{DailySpend, StoreError};
-use crate::spend::DaySpend;
+use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
 use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use tracing::instrument;
 
@@ -45,6 +60,66 @@ impl DynamoDailySpend {
     fn key(owner: &str, day: NaiveDate) -> HashMap<String, AttributeValue> {
         HashMap::from([("pk".to_owned(), s(format!("SPEND#{owner}"))), ("sk".to_owned(), s(format!("DAY#{day}")))])
     }
+
+    fn hold_key(hold: &DayHold) -> HashMap<String, AttributeValue> {
+        HashMap::from([("pk".to_owned(), s(holds_pk(&hold.run))), ("sk".to_owned(), s(hold_sk(hold)))])
+    }
+}
+
+fn holds_pk(run: &RunId) -> String {
+    format!("HOLDS#{run}")
+}
+
+/// Unique per call: a step id has no `#`, and the holder names the runner.
+fn hold_sk(hold: &DayHold) -> String {
+    let item = hold.item.map_or_else(|| "-".to_owned(), |i| i.to_string());
+    format!("{}#{item}#{}#{}", hold.step, hold.attempt, hold.holder)
+}
+
+/// A hold's marker item.
+#[derive(Serialize, Deserialize)]
+struct HoldRow {
+    pk: String,
+    sk: String,
+    step: StepId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    item: Option<usize>,
+    attempt: u32,
+    holder: String,
+    owner: String,
+    day: NaiveDate,
+    amount_pico: u64,
+    expires_at: i64,
+}
+
+impl HoldRow {
+    fn of(hold: &DayHold) -> Self {
+        Self {
+            pk: holds_pk(&hold.run),
+            sk: hold_sk(hold),
+            step: hold.step.clone(),
+            item: hold.item,
+            attempt: hold.attempt,
+            holder: hold.holder.clone(),
+            owner: hold.owner.clone(),
+            day: hold.day,
+            amount_pico: hold.amount.pico(),
+            expires_at: expires_at(hold.day),
+        }
+    }
+
+    fn into_hold(self, run: &RunId) -> DayHold {
+        DayHold {
+            run: run.clone(),
+            step: self.step,
+            item: self.item,
+            attempt: self.attempt,
+            holder: self.holder,
+            owner: self.owner,
+            day: self.day,
+            amount: Usd::from_pico(self.amount_pico),
+        }
+    }
 }
 
 fn expires_at(day: NaiveDate) -> i64 {
@@ -56,8 +131,8 @@ fn pico(table: &str, item: &HashMap<String, AttributeValue>, name: &str) -> Resu
     match item.get(name) {
         None => Ok(Usd::ZERO),
         Some(AttributeValue::N(raw)) => {
-            // Settlements may briefly take the sum below zero only if a reservation was lost;
-            // read that as nothing committed.
+            // Below zero only if a settlement ever ran without its reservation (which the
+            // hold's condition rules out): read that as nothing committed.
             let value: i128 = raw.parse().map_err(|e| StoreError::Corrupt(corrupt_item(table, item, format!("counter {name} = {raw:?}: {e}"))))?;
             Ok(Usd::from_pico(u64::try_from(value.max(0)).unwrap_or(u64::MAX)))
         }
@@ -67,48 +142,109 @@ fn pico(table: &str, item: &HashMap<String, AttributeValue>, name: &str) -> Resu
 
 #[async_trait]
 impl DailySpend for DynamoDailySpend {
-    #[instrument(skip(self), fields(amount_pico = amount.pico(), cap_pico = cap.pico()))]
-    async fn reserve(&self, owner: &str, day: NaiveDate, amount: Usd, cap: Usd) -> Result<Result<(), DaySpend>, StoreError> {
-        let Some(room) = cap.pico().checked_sub(amount.pico()) else {
-            return self.day(owner, day).await.map(Err);
+    #[instrument(skip_all, fields(run_id = %hold.run, step_id = %hold.step, item = hold.item, attempt = hold.attempt, amount_pico = hold.amount.pico(), cap_pico = cap.pico()))]
+    async fn reserve(&self, hold: &DayHold, cap: Usd) -> Result<Result<(), DaySpend>, StoreError> {
+        let Some(room) = cap.pico().checked_sub(hold.amount.pico()) else {
+            return self.day(&hold.owner, hold.day).await.map(Err);
         };
-        let update = Update::builder()
+        let counter = Update::builder()
             .table_name(&self.table)
-            .set_key(Some(Self::key(owner, day)))
+            .set_key(Some(Self::key(&hold.owner, hold.day)))
             .update_expression("ADD committed_pico :amount SET expires_at = :expires")
             .condition_expression("attribute_not_exists(committed_pico) OR committed_pico <= :room")
-            .expression_attribute_values(":amount", n(amount.pico()))
-            .expression_attribute_values(":expires", n(expires_at(day)))
+            .expression_attribute_values(":amount", n(hold.amount.pico()))
+            .expression_attribute_values(":expires", n(expires_at(hold.day)))
             .expression_attribute_values(":room", n(room))
             .build()
             .map_err(|e| StoreError::Rejected(defect("a daily spend reservation", e)))?;
-        let result = self.client.transact_write_items().transact_items(TransactWriteItem::builder().update(update).build()).send().await;
+        let item = serde_dynamo::aws_sdk_dynamodb_1::to_item(HoldRow::of(hold)).map_err(|e| StoreError::Rejected(defect("a daily spend hold", e)))?;
+        let marker = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("a daily spend hold", e)))?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().update(counter).build())
+            .transact_items(TransactWriteItem::builder().put(marker).build())
+            .send()
+            .await;
         match result {
             Ok(_) => Ok(Ok(())),
-            Err(e) if is_condition_failure(&e) => self.day(owner, day).await.map(Err),
+            Err(e) if failed_condition_at(&e, 1) => Err(StoreError::Rejected(format!(
+                "a daily spend hold {} already exists in table {} (a defect in chainrun; please report it)",
+                hold_sk(hold),
+                self.table
+            ))),
+            Err(e) if is_condition_failure(&e) => self.day(&hold.owner, hold.day).await.map(Err),
             Err(e) => Err(store_err(&self.table)(e)),
         }
     }
 
-    #[instrument(skip(self), fields(reserved_pico = reserved.pico(), charged_pico = charged.pico()))]
-    async fn settle(&self, owner: &str, day: NaiveDate, reserved: Usd, charged: Usd) -> Result<(), StoreError> {
-        let delta = i128::from(charged.pico()) - i128::from(reserved.pico());
-        let update = Update::builder()
+    #[instrument(skip_all, fields(run_id = %hold.run, step_id = %hold.step, item = hold.item, attempt = hold.attempt, amount_pico = hold.amount.pico(), settlement = settlement.name()))]
+    async fn settle(&self, hold: &DayHold, settlement: Settlement) -> Result<(), StoreError> {
+        let marker = Delete::builder()
             .table_name(&self.table)
-            .set_key(Some(Self::key(owner, day)))
-            .update_expression("ADD committed_pico :delta, charged_pico :charged SET expires_at = :expires")
-            .expression_attribute_values(":delta", n(delta))
-            .expression_attribute_values(":charged", n(charged.pico()))
-            .expression_attribute_values(":expires", n(expires_at(day)))
+            .set_key(Some(Self::hold_key(hold)))
+            .condition_expression("attribute_exists(pk)")
             .build()
             .map_err(|e| StoreError::Rejected(defect("a daily spend settlement", e)))?;
-        self.client
+        let counter = Update::builder().table_name(&self.table).set_key(Some(Self::key(&hold.owner, hold.day)));
+        let counter = match settlement {
+            Settlement::Charged(charged) => counter
+                .update_expression("ADD committed_pico :delta, charged_pico :charged SET expires_at = :expires")
+                .expression_attribute_values(":delta", n(i128::from(charged.pico()) - i128::from(hold.amount.pico())))
+                .expression_attribute_values(":charged", n(charged.pico())),
+            Settlement::Lost => {
+                counter.update_expression("ADD lost_pico :lost SET expires_at = :expires").expression_attribute_values(":lost", n(hold.amount.pico()))
+            }
+        };
+        let counter = counter
+            .expression_attribute_values(":expires", n(expires_at(hold.day)))
+            .build()
+            .map_err(|e| StoreError::Rejected(defect("a daily spend settlement", e)))?;
+        let result = self
+            .client
             .transact_write_items()
-            .transact_items(TransactWriteItem::builder().update(update).build())
+            .transact_items(TransactWriteItem::builder().delete(marker).build())
+            .transact_items(TransactWriteItem::builder().update(counter).build())
             .send()
-            .await
-            .map_err(store_err(&self.table))?;
-        Ok(())
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // The hold is gone: settled already, by this runner or the one that took its run over.
+            Err(e) if failed_condition_at(&e, 0) => Ok(()),
+            Err(e) => Err(store_err(&self.table)(e)),
+        }
+    }
+
+    async fn holds(&self, run: &RunId) -> Result<Vec<DayHold>, StoreError> {
+        let mut holds = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(holds_pk(run)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(store_err(&self.table))?;
+            for item in out.items.unwrap_or_default() {
+                let name = item_name(&self.table, &item);
+                let row: HoldRow = serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+                holds.push(row.into_hold(run));
+            }
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => return Ok(holds),
+            }
+        }
     }
 
     async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError> {
@@ -122,6 +258,10 @@ impl DailySpend for DynamoDailySpend {
             .await
             .map_err(store_err(&self.table))?;
         let item = out.item.unwrap_or_default();
-        Ok(DaySpend { charged: pico(&self.table, &item, "charged_pico")?, committed: pico(&self.table, &item, "committed_pico")? })
+        Ok(DaySpend {
+            charged: pico(&self.table, &item, "charged_pico")?,
+            committed: pico(&self.table, &item, "committed_pico")?,
+            lost: pico(&self.table, &item, "lost_pico")?,
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! each with its event. Also used without a model client, by whatever must end a run that
 //! cannot go on (the runner for lost runners and store errors, the dead-letter consumer).
 
+use super::daily::{Reached, resolve_holds};
 use super::journal::Journal;
 use super::step::Leftover;
 use super::{EngineError, Outcome};
@@ -10,7 +11,7 @@ use crate::graph::Limits;
 use crate::ids::StepId;
 use crate::limits::EVENT_OUTPUT_BYTES;
 use crate::output::json_len;
-use crate::ports::{Lease, ProgressSink, RunStore};
+use crate::ports::{DailySpend, Lease, ProgressSink, RunStore};
 use crate::pricing::ModelRegistry;
 use crate::run::{Carried, ErrorInfo, EventType, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
@@ -86,13 +87,15 @@ pub(super) async fn cancel(journal: &Journal, id: StepId, reason: &str, carried:
     Ok(record)
 }
 
-/// What ending a run needs: the store and the event log, and (for records stored before
-/// the step order was kept) the registry to read the step order from the definition.
+/// What ending a run needs: the store and the event log, (for records stored before the
+/// step order was kept) the registry to read the step order from the definition, and
+/// (where daily caps apply) the counters whose holds the run's dead runners left.
 pub struct Ender {
     pub store: Arc<dyn RunStore>,
     pub sink: Arc<dyn ProgressSink>,
     pub models: Arc<ModelRegistry>,
     pub limits: Limits,
+    pub daily: Option<Arc<dyn DailySpend>>,
 }
 
 impl Ender {
@@ -155,14 +158,22 @@ impl Ender {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
             let saved = self.store.get_steps(&run.id).await?;
+            let mut reached = Reached::default();
+            saved.iter().for_each(|r| reached.step(r));
             let (settled, unsettled): (Vec<StepRecord>, Vec<StepRecord>) = saved.into_iter().partition(|r| r.status.is_settled());
             // What dead runners spent on unsettled steps, a map's items included (this path
             // has no graph to say which steps are maps: each unsettled step is asked).
             let mut carried: HashMap<StepId, Carried> = HashMap::new();
             for r in &unsettled {
                 let items = self.store.get_items(&run.id, &r.step_id).await?;
+                items.iter().for_each(|item| reached.item(&r.step_id, item));
                 let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items };
                 carried.insert(r.step_id.clone(), left.total());
+            }
+            // The run's calls end here: the holds its dead runners left on the caller's day
+            // are settled now, not when the day ends.
+            if let Some(spend) = &self.daily {
+                resolve_holds(spend.as_ref(), &run.id, &reached).await?;
             }
             let mut spent = Totals::of_checkpoints(&settled);
             carried.values().for_each(|c| spent.add_carried(c));

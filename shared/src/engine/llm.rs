@@ -6,7 +6,7 @@
 //! does not fit either is never made and the step fails `BUDGET_EXCEEDED` with the numbers.
 
 use super::EngineError;
-use super::daily::DayReservation;
+use super::daily::CallName;
 use super::running::Hold;
 use super::step::{Scope, StepContext, Work};
 use crate::budget::{self, Reservation};
@@ -18,6 +18,7 @@ use crate::money::Usd;
 use crate::output;
 use crate::ports::{ModelError, ModelErrorKind, ModelReply, ModelRequest};
 use crate::run::ErrorInfo;
+use crate::spend::{DayHold, Settlement};
 use crate::template::Template;
 use crate::wire::events::{EventBody, StepRetrying, Streaming};
 use crate::wire::{Refusal, Refused, StepDetail};
@@ -38,7 +39,7 @@ enum AttemptError {
 /// What admission holds for one call until it is settled.
 struct Admitted {
     reservation: Reservation,
-    day: Option<DayReservation>,
+    day: Option<DayHold>,
 }
 
 impl StepContext {
@@ -85,7 +86,7 @@ impl StepContext {
             // against what earlier attempts were charged.
             let worst =
                 budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
-            let admitted = match self.admit(worst, attempt, item).await? {
+            let admitted = match self.admit(worst, CallName { step: id, item, attempt }).await? {
                 Ok(admitted) => admitted,
                 Err((refusal, message)) => {
                     work.attempts = attempt - 1;
@@ -96,17 +97,25 @@ impl StepContext {
             };
             // The reservation is durable before the call: a runner that takes over after a
             // crash counts this call at its worst case.
-            hold.before_call(&self.journal, &work, worst).await?;
+            if let Err(e) = hold.before_call(&self.journal, &work, worst).await {
+                // The call is not made: its holds go back now. The day's would otherwise wait
+                // for the next runner, which may have taken the run already (this runner's
+                // lease lost) and settled the holds it found before this one was taken.
+                self.journal.release(admitted.reservation);
+                self.settle_day(admitted.day, Settlement::Charged(Usd::ZERO)).await;
+                return Err(e);
+            }
             let call_started = Instant::now();
             // On an engine error the reservation is dropped unreleased: the call's spend is
-            // unknown, so the run keeps it held (the run stops on that error anyway).
+            // unknown, so the run keeps it held (the run stops on that error anyway), and
+            // its day hold stays for the next runner to count as lost.
             let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
             let outcome = match reply {
                 Ok(reply) => {
                     let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
                     work.add_spend(reply.usage, cost, 1);
                     self.journal.settle(admitted.reservation, &reply.usage, cost);
-                    self.settle_day(admitted.day, cost).await;
+                    self.settle_day(admitted.day, Settlement::Charged(cost)).await;
                     info!(
                         attempt,
                         item,
@@ -120,7 +129,7 @@ impl StepContext {
                 Err(e) => {
                     // The port reports no usage with an error: nothing to charge.
                     self.journal.release(admitted.reservation);
-                    self.settle_day(admitted.day, Usd::ZERO).await;
+                    self.settle_day(admitted.day, Settlement::Charged(Usd::ZERO)).await;
                     Err(AttemptError::Model(e))
                 }
             };
@@ -154,7 +163,8 @@ impl StepContext {
 
     /// Holds `worst` against the run's budget and its caller's day, or says why not (with
     /// the refusal's message). Nothing is held when the call is refused.
-    async fn admit(&self, worst: budget::Amount, attempt: u32, item: Option<usize>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
+    async fn admit(&self, worst: budget::Amount, call: CallName<'_>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
+        let (attempt, item) = (call.attempt, call.item);
         let reservation = match self.journal.reserve(worst) {
             Ok(reservation) => reservation,
             Err(exceeded) => {
@@ -173,7 +183,7 @@ impl StepContext {
             }
         };
         let Some(owner_cap) = &self.owner_cap else { return Ok(Ok(Admitted { reservation, day: None })) };
-        match owner_cap.reserve(worst).await {
+        match owner_cap.reserve(call, worst).await {
             Ok(Ok(day)) => Ok(Ok(Admitted { reservation, day: Some(day) })),
             Ok(Err(exceeded)) => {
                 self.journal.release(reservation);
@@ -196,10 +206,10 @@ impl StepContext {
         }
     }
 
-    /// Replaces a call's hold on its owner's day (if it took one) by what it was charged.
-    async fn settle_day(&self, hold: Option<DayReservation>, charged: Usd) {
+    /// Replaces a call's hold on its owner's day (if it took one) by `settlement`.
+    async fn settle_day(&self, hold: Option<DayHold>, settlement: Settlement) {
         if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, hold) {
-            owner_cap.settle(hold, charged).await;
+            owner_cap.settle(hold, settlement).await;
         }
     }
 

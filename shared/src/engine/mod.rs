@@ -11,7 +11,7 @@
 //! | `step` | one step: announce, run its kind, checkpoint, announce the result |
 //! | `running` | a model step's `RUNNING` checkpoint: its reservation durable before each call, what dead runners spent carried on |
 //! | `llm` | model calls: admission against budgets (the one refusal path), attempts, streaming, backoff |
-//! | `daily` | the caller's daily spend cap as a call holds and settles it |
+//! | `daily` | the caller's daily spend cap as a call holds and settles it; the holds dead runners left, settled by the checkpoints |
 //! | `map` | fan-out of a sub-step over a list |
 //! | `transform`, `router` | the steps that make no model call |
 //!
@@ -42,7 +42,7 @@ use crate::run::{Cause, ControlKind, ControlRequest};
 use crate::spend::DailyCaps;
 use crate::wire::events::{EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
 use chrono::Utc;
-use daily::OwnerCap;
+use daily::{OwnerCap, Reached};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -56,6 +56,10 @@ use step::{Inputs, Leftover, StepContext, run_output};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
+
+/// What [`Engine::checkpoints`] reads: settled records and leftovers by step index, and
+/// how far each step and item got.
+type Checkpoints = (Vec<Option<StepRecord>>, Vec<Option<Leftover>>, Reached);
 
 /// A running step: its index and how it ended (`None`: the deadline interrupted it), or
 /// the panic it raised.
@@ -202,7 +206,13 @@ impl Engine {
     }
 
     fn ender(&self) -> end::Ender {
-        end::Ender { store: self.store.clone(), sink: self.sink.clone(), models: self.models.clone(), limits: self.config.limits }
+        end::Ender {
+            store: self.store.clone(),
+            sink: self.sink.clone(),
+            models: self.models.clone(),
+            limits: self.config.limits,
+            daily: self.daily.as_ref().map(|(spend, _)| spend.clone()),
+        }
     }
 
     /// Executes a run this runner has claimed under `lease`: validates its snapshot, then
@@ -232,8 +242,15 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            let (records, mut carried) = self.checkpoints(&run, &graph).await?;
+            let (records, mut carried, reached) = self.checkpoints(&run, &graph).await?;
             let last_seq = self.sink.last_seq(&run.id).await?;
+            // Holds on the caller's day that runners before this one left. A run with no
+            // events yet has made no call, so has none.
+            if let Some((spend, _)) = &self.daily
+                && last_seq > 0
+            {
+                daily::resolve_holds(spend.as_ref(), &run.id, &reached).await?;
+            }
             // Spend already checkpointed counts against the budget of a resumed run, and so
             // does what dead runners spent on steps they did not settle (a map's items too).
             let mut spent = Totals::of_checkpoints(records.iter().flatten());
@@ -253,7 +270,13 @@ impl Engine {
                 journal.emit(EventBody::RunResumed(body), None, None).await?;
             }
             let owner_cap = self.daily.as_ref().and_then(|(spend, caps)| {
-                caps.cap_for(run.caller.as_str()).map(|cap| OwnerCap { spend: spend.clone(), owner: run.caller.to_string(), cap })
+                caps.cap_for(run.caller.as_str()).map(|cap| OwnerCap {
+                    spend: spend.clone(),
+                    owner: run.caller.to_string(),
+                    cap,
+                    run: run.id.clone(),
+                    holder: lease.holder.clone(),
+                })
             });
             let shared = Arc::new(StepContext {
                 owner_cap,
@@ -385,15 +408,17 @@ impl Engine {
         .await
     }
 
-    /// The run's settled checkpoints by step index (a resumed run starts from them), and
-    /// what dead runners left of the steps they did not settle (a map's item checkpoints
-    /// among it).
-    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<(Vec<Option<StepRecord>>, Vec<Option<Leftover>>), EngineError> {
+    /// The run's settled checkpoints by step index (a resumed run starts from them), what
+    /// dead runners left of the steps they did not settle (a map's item checkpoints among
+    /// it), and how far each step and item got (what their daily holds are settled by).
+    async fn checkpoints(&self, run: &RunRecord, graph: &ValidatedGraph) -> Result<Checkpoints, EngineError> {
         let mut records: Vec<Option<StepRecord>> = vec![None; graph.steps().len()];
         let mut left: Vec<Option<Leftover>> = (0..graph.steps().len()).map(|_| None).collect();
+        let mut reached = Reached::default();
         let index: HashMap<&str, usize> = graph.steps().iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
         for saved in self.store.get_steps(&run.id).await? {
             let Some(&i) = index.get(saved.step_id.as_str()) else { continue };
+            reached.step(&saved);
             if saved.status.is_settled() {
                 records[i] = Some(saved);
                 continue;
@@ -402,9 +427,10 @@ impl Engine {
                 StepKind::Map(_) => self.store.get_items(&run.id, &saved.step_id).await?,
                 _ => Vec::new(),
             };
+            items.iter().for_each(|item| reached.item(&saved.step_id, item));
             left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items });
         }
-        Ok((records, left))
+        Ok((records, left, reached))
     }
 }
 

@@ -107,6 +107,8 @@ names! {
     Charged = "charged";
     /// `held_usd`: what a caller's calls in flight hold today.
     Held = "held";
+    /// `lost_usd`: what calls of a caller's dead runners count today, at their worst case.
+    Lost = "lost";
     /// `remaining_usd`: what is left of a caller's cap today.
     Remaining = "remaining";
 }

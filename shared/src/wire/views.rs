@@ -328,6 +328,10 @@ pub struct SpendToday<'a> {
     pub charged: Money<super::money::Charged>,
     #[serde(flatten)]
     pub held: Money<super::money::Held>,
+    /// Calls whose runner died while they may have been in flight: billed or not, they
+    /// count at their worst case.
+    #[serde(flatten)]
+    pub lost: Money<super::money::Lost>,
     #[serde(flatten)]
     pub remaining: MaybeMoney<super::money::Remaining>,
 }

@@ -1,7 +1,9 @@
 //! Wires the dead-letter consumer: config, AWS clients, then serve SQS batches.
 
 use aws_lambda_events::event::sqs::SqsEvent;
-use chainrun_core::aws::{DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config};
+use chainrun_core::aws::{
+    DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
+};
 use chainrun_core::config::{CoreConfig, ProcessEnv, Source};
 use chainrun_core::durability::SystemClock;
 use chainrun_core::engine::end::Ender;
@@ -21,8 +23,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let outputs = S3Blobs::new(s3_client(&sdk), core.outputs_bucket.clone());
     let store =
         Arc::new(DynamoStore::new(dynamodb.clone(), core.tables.clone()).with_blobs(outputs.clone()).with_queued_grace(core.durability.queued_grace));
-    let sink = Arc::new(DynamoProgress::new(dynamodb, core.tables.clone(), core.retention_days).with_blobs(outputs.clone()));
-    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default() };
+    let sink = Arc::new(DynamoProgress::new(dynamodb.clone(), core.tables.clone(), core.retention_days).with_blobs(outputs.clone()));
+    // A run ended here settles the daily-cap holds its dead runners left.
+    let daily = Arc::new(DynamoDailySpend::new(dynamodb, core.tables.clone()));
+    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default(), daily: Some(daily) };
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), runner_function));
     let consumer = Arc::new(DeadLetters { store, dispatcher, ender, durability: core.durability, clock: Arc::new(SystemClock) });
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
