@@ -20,6 +20,9 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The request does not fit the state of what it acts on (a cancel of an ended run).
+    #[error("{0}")]
+    Conflict(String),
     /// A dependency is unavailable; the client may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -39,6 +42,7 @@ impl ApiError {
             ApiError::BadRequest { title, .. } => (StatusCode::BAD_REQUEST, "bad-request", title),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }

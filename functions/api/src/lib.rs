@@ -17,9 +17,9 @@ use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::ports::{Analytics, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
+use chainrun_core::ports::{Analytics, ControlOutcome, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, RunRecord, RunnerEvent};
+use chainrun_core::run::{Cause, ControlKind, ControlRequest, RunRecord, RunnerEvent};
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use error::ApiError;
@@ -72,6 +72,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
+        .route("/runs/{id}/cancel", post(cancel_run).fallback(method_not_allowed))
         .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
@@ -225,13 +226,60 @@ async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Pa
     Ok(Json(RunView::new(&run, order, &steps)).into_response())
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelRun {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The longest `reason` a control request keeps.
+const MAX_REASON_CHARS: usize = 1000;
+
+/// `POST /runs/{id}/cancel` (body optional: `{ "reason": … }`): asks the run to stop. The
+/// request is recorded on the run at once; the runner holding it stops its steps within a
+/// heartbeat, and a run no runner holds is ended by the runner this hands it to. `202`
+/// with the request standing on the run, again for a repeated cancel; `409` if the run
+/// has ended.
+async fn cancel_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let request: CancelRun = if body.iter().all(u8::is_ascii_whitespace) { CancelRun::default() } else { parse_body(&body)? };
+    if request.reason.as_ref().is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
+        return Err(ApiError::bad_request("Invalid request body", format!("reason: at most {MAX_REASON_CHARS} characters")));
+    }
+    let run = visible_run(&state, &identity, &id).await?;
+    let control = ControlRequest { kind: ControlKind::Cancel, by: identity.user.clone(), at: chrono::Utc::now(), reason: request.reason };
+    let standing = match state.store.request_control(&run.id, &control).await? {
+        ControlOutcome::Recorded => {
+            info!(run_id = %run.id, user = %identity.user, "cancel requested");
+            // A runner holding the run sees the request at its next heartbeat; otherwise
+            // this hand-over (or, if it is lost, the sweeper) ends the run.
+            if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(run.id.clone(), Cause::Control)).await {
+                warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will end the run");
+            }
+            control
+        }
+        ControlOutcome::AlreadyRequested(standing) => standing,
+        ControlOutcome::Finished(status) => {
+            return Err(ApiError::Conflict(format!("run {id} has already ended ({}); there is nothing to cancel", status.as_str())));
+        }
+        ControlOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
+    };
+    let body = json!({
+        "run_id": run.id,
+        "status": run.status,
+        "control": standing,
+        "links": { "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) },
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
 /// `GET /runs/{id}/output`: the run's output, whole — what `GET /runs/{id}` and
 /// `RUN_COMPLETED` link to when it is too large to inline.
 async fn get_run_output(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run = visible_run(&state, &identity, &id).await?;
     match run.output {
         Some(output) => Ok(Json(output).into_response()),
-        None => Err(ApiError::NotFound(format!("run {id} has no output (it is {:?})", run.status))),
+        None => Err(ApiError::NotFound(format!("run {id} has no output (it is {})", run.status.as_str()))),
     }
 }
 
@@ -249,7 +297,7 @@ async fn get_step_document(
     let steps = state.store.get_steps(&run.id).await?;
     let no_step = || ApiError::NotFound(format!("run {id} has no checkpoint of step {step:?}"));
     let record = steps.into_iter().find(|r| r.step_id.as_str() == step).ok_or_else(no_step)?;
-    let missing = || ApiError::NotFound(format!("step {step} of run {id} has no {part} (it is {:?})", record.status));
+    let missing = || ApiError::NotFound(format!("step {step} of run {id} has no {part} (it is {})", record.status.as_str()));
     if part == "text" {
         let text = record.text.clone().ok_or_else(missing)?;
         return Ok(([(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());

@@ -585,5 +585,68 @@ async fn a_run_without_an_output_says_so() {
     let id = accepted["run_id"].as_str().unwrap();
     let (status, problem) = api.get("alice", &format!("/runs/{id}/output")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(problem["detail"].as_str().unwrap().contains("has no output (it is Queued)"), "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("has no output (it is QUEUED)"), "{problem}");
+}
+
+// ---------------------------------------------------------------- control
+
+#[tokio::test]
+async fn cancelling_a_run_records_who_asked_hands_it_to_the_runner_and_repeats_safely() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", sample()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let dispatched = api.dispatcher.events().len();
+
+    let body = json!({ "reason": "wrong customer" }).to_string().into_bytes();
+    let (status, _, cancelled) = api.call("POST", &format!("/runs/{id}/cancel"), Some(&token("alice")), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
+    assert_eq!((cancelled["control"]["kind"].as_str(), cancelled["control"]["by"].as_str()), (Some("cancel"), Some("alice")));
+    assert_eq!(cancelled["control"]["reason"], "wrong customer");
+    let sent = api.dispatcher.events();
+    assert_eq!(sent.len(), dispatched + 1, "the runner is handed the run to end it");
+    assert_eq!(serde_json::to_value(sent.last().unwrap()).unwrap()["cause"], "control");
+
+    // Again (a retry, or a second click): the first request stands, nothing more is sent.
+    let (status, _, again) = api.call("POST", &format!("/runs/{id}/cancel"), Some(&token("alice")), None).await;
+    assert_eq!((status, &again["control"]), (StatusCode::ACCEPTED, &cancelled["control"]));
+    assert_eq!(api.dispatcher.events().len(), dispatched + 1);
+    let (_, run) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(run["control"], cancelled["control"]);
+
+    // The runner ends it; a cancel after that is a conflict that says why.
+    let engine = Engine::new(
+        Arc::new(ScriptedModel::new(vec![])),
+        api.store.clone(),
+        api.progress.clone(),
+        Arc::new(ModelRegistry::builtin()),
+        EngineConfig::default(),
+    );
+    let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+    let Claim::Acquired(claimed) = api.store.claim(&RunId::parse(&id).unwrap(), &lease, chrono::Utc::now()).await.unwrap() else { panic!() };
+    engine.cancel_run(*claimed, &lease).await.unwrap();
+    let (status, _, problem) = api.call("POST", &format!("/runs/{id}/cancel"), Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("has already ended (CANCELLED)"), "{problem}");
+}
+
+#[tokio::test]
+async fn a_cancel_of_someone_elses_or_no_run_or_with_a_bad_body_changes_nothing() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", sample()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    for (user, path, body, expected) in [
+        ("mallory", format!("/runs/{id}/cancel"), None, StatusCode::NOT_FOUND),
+        ("alice", format!("/runs/{}/cancel", RunId::new()), None, StatusCode::NOT_FOUND),
+        ("alice", "/runs/not-a-run/cancel".to_owned(), None, StatusCode::NOT_FOUND),
+        ("alice", format!("/runs/{id}/cancel"), Some(b"{\"why\": 1}".to_vec()), StatusCode::BAD_REQUEST),
+        ("alice", format!("/runs/{id}/cancel"), Some(b"{not json".to_vec()), StatusCode::BAD_REQUEST),
+        ("alice", format!("/runs/{id}/cancel"), Some(json!({ "reason": "x".repeat(1001) }).to_string().into_bytes()), StatusCode::BAD_REQUEST),
+    ] {
+        let (status, _, problem) = api.call("POST", &path, Some(&token(user)), body).await;
+        assert_eq!(status, expected, "{user} {path}: {problem}");
+    }
+    let (status, _, _) = api.call("GET", &format!("/runs/{id}/cancel"), Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let run = api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap();
+    assert_eq!(run.control, None, "nothing was recorded");
 }

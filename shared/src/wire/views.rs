@@ -8,7 +8,7 @@ use crate::ids::{ModelId, RunId, StepId};
 use crate::limits::{INLINE_DOCUMENT_BYTES, VIEW_DOCUMENT_BYTES};
 use crate::output::json_len;
 use crate::ports::RunSummary;
-use crate::run::{ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -124,6 +124,9 @@ pub struct RunView<'a> {
     pub output: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_ref: Option<DocumentRef>,
+    /// A control request on the run (a cancel asked for, or the one it ended by).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<&'a ControlRequest>,
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -155,7 +158,7 @@ impl<'a> RunView<'a> {
             error: &run.error,
             totals: (&totals).into(),
         };
-        Self { summary, input: &run.input, output, output_ref, steps }
+        Self { summary, input: &run.input, output, output_ref, control: run.control.as_ref(), steps }
     }
 }
 

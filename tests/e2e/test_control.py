@@ -1,0 +1,81 @@
+"""End-to-end: steering a run through the real API and runner on the local stack."""
+
+from __future__ import annotations
+
+import time
+
+from test_runs import add_rules, calls_with, follow, marker, start, workflow
+
+
+def wait_for_event(api, token, run_id, kind, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=token)
+        if any(e["type"] == kind and e.get("step_id") for e in page["events"]):
+            return page["events"]
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} in run {run_id} within {timeout}s")
+
+
+def test_a_cancelled_run_stops_its_slow_step_starts_nothing_more_and_says_who(api, stack, devmodel):
+    m = marker("cancel")
+    add_rules(devmodel,
+              {"name": m + "-a", "match": {"prompt_contains": m + " A"}, "reply": {"text": "alpha"}},
+              {"name": m + "-b", "match": {"prompt_contains": m + " B"}, "reply": {"text": "beta"}, "latency_ms": 60_000},
+              {"name": m + "-c", "match": {"prompt_contains": m + " C"}, "reply": {"text": "gamma"}})
+    token = stack.token("alice")
+    wf = workflow("e2e-cancel", [
+        {"id": "a", "type": "llm", "prompt": m + " A"},
+        {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
+        {"id": "c", "type": "llm", "prompt": m + " C {{ steps.b.text }}"},
+    ])
+    run_id = start(api, token, wf)["run_id"]
+    events = wait_for_event(api, token, run_id, "STEP_STARTED")
+    while not any(e["type"] == "STEP_STARTED" and e["step_id"] == "b" for e in events):
+        events = wait_for_event(api, token, run_id, "STEP_STARTED")
+    t0 = time.monotonic()
+
+    status, _, asked = api("POST", f"/runs/{run_id}/cancel", token=token, body={"reason": "wrong input"})
+    assert status == 202, asked
+    assert asked["control"]["by"] == "alice" and asked["control"]["kind"] == "cancel"
+    # Another user cannot see it, so cannot cancel it; a repeat is harmless.
+    status, _, _ = api("POST", f"/runs/{run_id}/cancel", token=stack.token("mallory"))
+    assert status == 404
+    status, _, again = api("POST", f"/runs/{run_id}/cancel", token=token)
+    assert status == 202 and again["control"] == asked["control"]
+
+    events = follow(api, token, run_id, timeout=30, limit=100)
+    elapsed = time.monotonic() - t0
+    assert events[-1]["type"] == "RUN_CANCELLED", [e["type"] for e in events]
+    assert events[-1]["data"]["by"] == "alice" and events[-1]["data"]["reason"] == "wrong input"
+    # Stopped within a heartbeat or two (the local lease is 6 s), not after b's 60 s reply.
+    assert elapsed < 15, f"cancel took {elapsed:.1f}s"
+    cancelled = [e["step_id"] for e in events if e["type"] == "STEP_CANCELLED"]
+    assert cancelled == ["b", "c"]
+    assert len(calls_with(devmodel, m + " B")) == 1 and calls_with(devmodel, m + " C") == []
+
+    _, _, run = api("GET", f"/runs/{run_id}", token=token)
+    assert run["status"] == "CANCELLED" and run["control"] == asked["control"]
+    assert [s["status"] for s in run["steps"]] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+    # b's call in flight is reported at its worst case, apart from a's exact charge.
+    assert run["totals"]["reserved_lost"]["calls"] == 1, run["totals"]
+
+    status, _, problem = api("POST", f"/runs/{run_id}/cancel", token=token)
+    assert status == 409 and "already ended (CANCELLED)" in problem["detail"]
+
+
+def test_a_run_cancelled_before_it_starts_never_calls_a_model(api, stack, devmodel):
+    m = marker("cancel-queued")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "x"}, "latency_ms": 3000})
+    token = stack.token("alice")
+    wf = workflow("e2e-cancel-early", [
+        {"id": "slow", "type": "llm", "prompt": m + " first"},
+        {"id": "after", "type": "llm", "prompt": m + " then {{ steps.slow.text }}"},
+    ])
+    run_id = start(api, token, wf)["run_id"]
+    status, _, _ = api("POST", f"/runs/{run_id}/cancel", token=token)
+    assert status == 202
+    events = follow(api, token, run_id, timeout=30, limit=100)
+    assert events[-1]["type"] == "RUN_CANCELLED"
+    assert len(calls_with(devmodel, m)) <= 1, "at most the first call, if the runner had started it"
+    assert calls_with(devmodel, m + " then") == []
