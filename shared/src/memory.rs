@@ -10,7 +10,9 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
-use crate::run::{ControlRequest, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover};
+use crate::run::{
+    ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover, Waiting,
+};
 use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -97,6 +99,9 @@ impl RunStore for MemoryStore {
         if slot.run.status.is_terminal() {
             return Ok(Claim::Finished);
         }
+        if slot.run.status == RunStatus::AwaitingInput {
+            return Ok(Claim::Waiting);
+        }
         // Compared to the millisecond, as DynamoDB stores the lease: a lease is live until
         // the instant it expires, not at it.
         // Our own lease: as the DynamoDB store, this is a retry of the same claim.
@@ -126,15 +131,61 @@ impl RunStore for MemoryStore {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         let mut runs = lock(&self.runs);
         let Some(slot) = runs.get_mut(id) else { return Ok(ControlOutcome::NotFound) };
-        Ok(match &slot.run.control {
-            _ if slot.run.status.is_terminal() => ControlOutcome::Finished(slot.run.status),
+        let run = &mut slot.run;
+        Ok(match &run.control {
+            _ if run.status.is_terminal() => ControlOutcome::Finished(run.status),
             Some(stored) if stored == request => ControlOutcome::Recorded,
-            Some(stored) => ControlOutcome::AlreadyRequested(stored.clone()),
-            None => {
-                slot.run.control = Some(request.clone());
+            // A cancel overrides a pause not yet acted on.
+            Some(stored) if !(stored.kind == ControlKind::Pause && request.kind == ControlKind::Cancel) => {
+                ControlOutcome::AlreadyRequested(stored.clone())
+            }
+            _ if run.status == RunStatus::AwaitingInput && request.kind == ControlKind::Pause => ControlOutcome::AlreadyWaiting,
+            _ => {
+                if run.status == RunStatus::AwaitingInput {
+                    // Nobody holds a waiting run: queue it for the runner that ends it.
+                    run.status = RunStatus::Queued;
+                    run.waiting = None;
+                    slot.due_at = Some(request.at + self.queued_grace);
+                }
+                run.control = Some(request.clone());
                 ControlOutcome::Recorded
             }
         })
+    }
+
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
+        if let Err(lost) = self.check_lease(id, lease) {
+            // As the DynamoDB store: the same park again is a retry whose reply was lost.
+            let runs = lock(&self.runs);
+            return match runs.get(id) {
+                Some(slot) if slot.run.waiting.as_ref() == Some(waiting) => Ok(()),
+                _ => Err(lost),
+            };
+        }
+        if let Some(slot) = lock(&self.runs).get_mut(id) {
+            slot.run.status = RunStatus::AwaitingInput;
+            slot.run.waiting = Some(waiting.clone());
+            slot.run.control = None;
+            slot.lease = None;
+            slot.due_at = None;
+        }
+        Ok(())
+    }
+
+    async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Ok(ResumeOutcome::NotFound) };
+        if slot.run.resumed.as_ref() == Some(resumption) {
+            return Ok(ResumeOutcome::Resumed);
+        }
+        if slot.run.status != RunStatus::AwaitingInput {
+            return Ok(ResumeOutcome::NotWaiting(slot.run.status));
+        }
+        slot.run.status = RunStatus::Queued;
+        slot.run.waiting = None;
+        slot.run.resumed = Some(resumption.clone());
+        slot.due_at = Some(resumption.at + self.queued_grace);
+        Ok(ResumeOutcome::Resumed)
     }
 
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {

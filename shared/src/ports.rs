@@ -8,7 +8,9 @@ use crate::analytics::WorkflowCosts;
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
-use crate::run::{ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals};
+use crate::run::{
+    ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals, Waiting,
+};
 use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
@@ -138,6 +140,18 @@ pub enum ControlOutcome {
     AlreadyRequested(ControlRequest),
     /// The run had already ended, with this status.
     Finished(RunStatus),
+    /// A pause of a run that already waits.
+    AlreadyWaiting,
+    NotFound,
+}
+
+/// What became of a resume.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResumeOutcome {
+    /// The run is queued again; a runner continues it.
+    Resumed,
+    /// The run was not waiting: it is in this status.
+    NotWaiting(RunStatus),
     NotFound,
 }
 
@@ -150,6 +164,8 @@ pub enum Claim {
     /// The run already ended.
     Finished,
     NotFound,
+    /// The run waits for a person (`AWAITING_INPUT`): nothing to run until it is resumed.
+    Waiting,
 }
 
 #[async_trait]
@@ -172,6 +188,12 @@ pub trait RunStore: Send + Sync {
     /// `AlreadyRequested` with it (the same request again, e.g. a retry whose reply was
     /// lost, gets `Recorded`).
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError>;
+    /// Puts the run we hold in `AWAITING_INPUT` for `waiting` and gives the lease up: it
+    /// holds no runner, and the sweeper leaves it alone, until it is resumed. Clears the
+    /// control request that asked for it.
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError>;
+    /// Queues a waiting run again (any runner may claim it), recording `resumption`.
+    async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError>;
     /// Runs the sweeper must hand to a runner: unfinished, and either under a lease that
     /// expired by `now` or released/queued for longer than the queued grace. At most
     /// `limit`, read from an index of unfinished runs (never a scan of all runs).

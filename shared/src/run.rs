@@ -14,6 +14,9 @@ use serde_json::Value;
 pub enum RunStatus {
     Queued,
     Running,
+    /// Waiting for a person (a pause, for now), holding no runner: `POST /runs/{id}/resume`
+    /// continues it, on any runner, any time later.
+    AwaitingInput,
     Completed,
     Failed,
     Cancelled,
@@ -25,6 +28,7 @@ impl RunStatus {
         match self {
             RunStatus::Queued => "QUEUED",
             RunStatus::Running => "RUNNING",
+            RunStatus::AwaitingInput => "AWAITING_INPUT",
             RunStatus::Completed => "COMPLETED",
             RunStatus::Failed => "FAILED",
             RunStatus::Cancelled => "CANCELLED",
@@ -273,6 +277,8 @@ pub enum Cause {
     DeadLetter,
     /// The API, after a control request (a cancel) on the run.
     Control,
+    /// The API, resuming a waiting run.
+    Resume,
 }
 
 /// A request to steer a run, recorded on the run until the runner holding it acts on it
@@ -293,6 +299,35 @@ pub struct ControlRequest {
 pub enum ControlKind {
     /// Stop the run: steps in flight stop, nothing new starts, it ends `CANCELLED`.
     Cancel,
+    /// Hold the run: steps in flight finish, nothing new starts, and it waits
+    /// (`AWAITING_INPUT`) holding no runner until it is resumed.
+    Pause,
+}
+
+/// What a run in `AWAITING_INPUT` waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Waiting {
+    pub kind: WaitKind,
+    /// Who put it there (for a pause), and since when it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<UserId>,
+    pub since: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitKind {
+    /// Paused by `POST /runs/{id}/pause`.
+    Paused,
+}
+
+/// A resume of a waiting run: who, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Resumption {
+    pub by: UserId,
+    pub at: DateTime<Utc>,
 }
 
 /// A runner taking a run over from one whose lease expired (a crash, a timeout, a stall).
@@ -339,6 +374,12 @@ pub struct RunRecord {
     /// A control request not yet acted on, or the one the run ended by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<ControlRequest>,
+    /// What the run waits for while `AWAITING_INPUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
+    /// The last resume of the run, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumption>,
 }
 
 impl RunRecord {
@@ -348,6 +389,8 @@ impl RunRecord {
             step_order: Vec::new(),
             takeovers: Vec::new(),
             control: None,
+            waiting: None,
+            resumed: None,
             workflow,
             definition,
             input,
@@ -482,7 +525,8 @@ mod tests {
 
     #[test]
     fn statuses_name_themselves_as_they_serialize() {
-        for status in [RunStatus::Queued, RunStatus::Running, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled] {
+        for status in [RunStatus::Queued, RunStatus::Running, RunStatus::AwaitingInput, RunStatus::Completed, RunStatus::Failed, RunStatus::Cancelled]
+        {
             assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
         }
         for status in

@@ -616,6 +616,71 @@ async fn control_contract(store: Arc<dyn RunStore>) {
     assert_eq!(claimed.control.map(|c| c.kind), Some(ControlKind::Cancel));
 }
 
+/// What pausing relies on: a parked run holds no runner, cannot be claimed or swept, and
+/// a resume queues it again, once.
+async fn pause_contract(store: Arc<dyn RunStore>) {
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let ours = lease("one", 5);
+    assert!(matches!(store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let pause = ControlRequest { kind: ControlKind::Pause, by: "alice".parse().unwrap(), at: Utc::now(), reason: None };
+    assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::Recorded);
+    assert_eq!(store.renew(&run.id, &lease("one", 6)).await.unwrap(), Some(pause.clone()));
+
+    let waiting = Waiting { kind: WaitKind::Paused, by: Some("alice".parse().unwrap()), since: Utc::now(), reason: Some("lunch".into()) };
+    assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting).await, Err(StoreError::LeaseLost(run.id.clone())));
+    store.park(&run.id, &ours, &waiting).await.unwrap();
+    store.park(&run.id, &ours, &waiting).await.unwrap(); // a retry whose reply was lost
+    let parked = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((parked.status, parked.waiting.clone(), parked.control.clone()), (RunStatus::AwaitingInput, Some(waiting.clone()), None));
+    assert_eq!(store.claim(&run.id, &lease("two", 5), Utc::now() + Duration::hours(1)).await.unwrap(), Claim::Waiting);
+    assert!(!store.due(Utc::now() + Duration::days(30), 100).await.unwrap().contains(&run.id), "nobody sweeps a waiting run");
+    assert_eq!(store.renew(&run.id, &ours).await, Err(StoreError::LeaseLost(run.id.clone())), "the lease was given up");
+    assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::AlreadyWaiting, "a pause of a paused run");
+
+    let resumption = Resumption { by: "bob".parse().unwrap(), at: Utc::now() };
+    assert_eq!(store.resume(&run.id, &resumption).await.unwrap(), ResumeOutcome::Resumed);
+    assert_eq!(store.resume(&run.id, &resumption).await.unwrap(), ResumeOutcome::Resumed, "the same resume again (a retry)");
+    let other = Resumption { by: "carol".parse().unwrap(), at: Utc::now() };
+    assert_eq!(store.resume(&run.id, &other).await.unwrap(), ResumeOutcome::NotWaiting(RunStatus::Queued));
+    assert_eq!(store.resume(&RunId::new(), &other).await.unwrap(), ResumeOutcome::NotFound);
+    let queued = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((queued.status, queued.waiting, queued.resumed), (RunStatus::Queued, None, Some(resumption)));
+    assert!(store.due(Utc::now() + Duration::days(1), 100).await.unwrap().contains(&run.id), "a lost dispatch is swept");
+    assert!(matches!(store.claim(&run.id, &lease("three", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
+
+    // A cancel overrides a pause not yet acted on, and ends a waiting run through a runner.
+    let pause = ControlRequest { at: Utc::now(), ..pause };
+    assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::Recorded);
+    let cancel = ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None };
+    assert_eq!(store.request_control(&run.id, &cancel).await.unwrap(), ControlOutcome::Recorded);
+    assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().control, Some(cancel.clone()));
+    assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::AlreadyRequested(cancel));
+
+    let other_run = new_run();
+    store.create_run(&other_run).await.unwrap();
+    let l = lease("four", 5);
+    store.claim(&other_run.id, &l, Utc::now()).await.unwrap();
+    store.park(&other_run.id, &l, &waiting).await.unwrap();
+    let cancel = ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None };
+    assert_eq!(store.request_control(&other_run.id, &cancel).await.unwrap(), ControlOutcome::Recorded);
+    let requeued = store.get_run(&other_run.id).await.unwrap().unwrap();
+    assert_eq!((requeued.status, requeued.waiting, requeued.control), (RunStatus::Queued, None, Some(cancel)));
+    assert!(matches!(store.claim(&other_run.id, &lease("five", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_pause_contract() {
+    pause_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_pause_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_pause_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    pause_contract(Arc::new(DynamoStore::new(client, tables))).await;
+}
+
 #[tokio::test]
 async fn memory_store_honours_the_control_contract() {
     control_contract(Arc::new(MemoryStore::new())).await;

@@ -79,3 +79,47 @@ def test_a_run_cancelled_before_it_starts_never_calls_a_model(api, stack, devmod
     assert events[-1]["type"] == "RUN_CANCELLED"
     assert len(calls_with(devmodel, m)) <= 1, "at most the first call, if the runner had started it"
     assert calls_with(devmodel, m + " then") == []
+
+
+def test_a_paused_run_waits_holding_no_runner_and_a_resume_continues_it_on_another(api, stack, devmodel):
+    m = marker("pause")
+    add_rules(devmodel,
+              {"name": m + "-a", "match": {"prompt_contains": m + " A"}, "reply": {"text": "alpha"}, "latency_ms": 2000},
+              {"name": m + "-b", "match": {"prompt_contains": m + " B"}, "reply": {"text": "beta"}})
+    token = stack.token("alice")
+    wf = workflow("e2e-pause", [
+        {"id": "a", "type": "llm", "prompt": m + " A"},
+        {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
+    ], output="{{ steps.b.text }}")
+    run_id = start(api, token, wf)["run_id"]
+    wait_for_event(api, token, run_id, "STEP_STARTED")
+    status, _, paused = api("POST", f"/runs/{run_id}/pause", token=token, body={"reason": "review a"})
+    assert status == 202, paused
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, _, run = api("GET", f"/runs/{run_id}", token=token)
+        if run["status"] == "AWAITING_INPUT":
+            break
+        time.sleep(0.2)
+    assert run["status"] == "AWAITING_INPUT", run
+    assert run["waiting"]["kind"] == "paused" and run["waiting"]["reason"] == "review a"
+    assert [s["status"] for s in run["steps"]] == ["COMPLETED", "PENDING"], "a finished, b did not start"
+    _, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=token)
+    assert page["events"][-1]["type"] == "AWAITING_INPUT"
+
+    # Longer than a lease and a sweep: nothing takes a waiting run over or runs it.
+    time.sleep(8)
+    assert calls_with(devmodel, m + " B") == []
+    _, _, run = api("GET", f"/runs/{run_id}", token=token)
+    assert run["status"] == "AWAITING_INPUT"
+
+    status, _, resumed = api("POST", f"/runs/{run_id}/resume", token=token)
+    assert status == 202, resumed
+    status, _, problem = api("POST", f"/runs/{run_id}/resume", token=token)
+    assert status == 409 and "not waiting" in problem["detail"], "a second resume is refused, saying why"
+    events = follow(api, token, run_id, timeout=30, limit=100)
+    assert events[-1]["type"] == "RUN_COMPLETED" and events[-1]["data"]["output"] == "beta"
+    resumed_event = next(e for e in events if e["type"] == "RUN_RESUMED")
+    assert resumed_event["data"]["cause"] == "resume" and resumed_event["data"]["by"] == "alice"
+    assert len(calls_with(devmodel, m + " A")) == 1 and len(calls_with(devmodel, m + " B")) == 1

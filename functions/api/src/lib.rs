@@ -17,9 +17,9 @@ use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::ports::{Analytics, ControlOutcome, DailySpend, Dispatcher, ProgressReader, RunHistory, RunStore};
+use chainrun_core::ports::{Analytics, ControlOutcome, DailySpend, Dispatcher, ProgressReader, ResumeOutcome, RunHistory, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, ControlKind, ControlRequest, RunRecord, RunnerEvent};
+use chainrun_core::run::{Cause, ControlKind, ControlRequest, Resumption, RunRecord, RunStatus, RunnerEvent};
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use error::ApiError;
@@ -73,6 +73,8 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
         .route("/runs/{id}/cancel", post(cancel_run).fallback(method_not_allowed))
+        .route("/runs/{id}/pause", post(pause_run).fallback(method_not_allowed))
+        .route("/runs/{id}/resume", post(resume_run).fallback(method_not_allowed))
         .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
@@ -228,7 +230,7 @@ async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Pa
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct CancelRun {
+struct ControlBody {
     #[serde(default)]
     reason: Option<String>,
 }
@@ -236,31 +238,61 @@ struct CancelRun {
 /// The longest `reason` a control request keeps.
 const MAX_REASON_CHARS: usize = 1000;
 
-/// `POST /runs/{id}/cancel` (body optional: `{ "reason": … }`): asks the run to stop. The
-/// request is recorded on the run at once; the runner holding it stops its steps within a
-/// heartbeat, and a run no runner holds is ended by the runner this hands it to. `202`
-/// with the request standing on the run, again for a repeated cancel; `409` if the run
-/// has ended.
-async fn cancel_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
-    let request: CancelRun = if body.iter().all(u8::is_ascii_whitespace) { CancelRun::default() } else { parse_body(&body)? };
+/// An optional JSON body `{ "reason": … }`; none at all is fine.
+fn control_body(body: &Bytes) -> Result<ControlBody, ApiError> {
+    let request: ControlBody = if body.iter().all(u8::is_ascii_whitespace) { ControlBody::default() } else { parse_body(body)? };
     if request.reason.as_ref().is_some_and(|r| r.chars().count() > MAX_REASON_CHARS) {
         return Err(ApiError::bad_request("Invalid request body", format!("reason: at most {MAX_REASON_CHARS} characters")));
     }
-    let run = visible_run(&state, &identity, &id).await?;
-    let control = ControlRequest { kind: ControlKind::Cancel, by: identity.user.clone(), at: chrono::Utc::now(), reason: request.reason };
+    Ok(request)
+}
+
+/// `POST /runs/{id}/cancel` (body optional: `{ "reason": … }`): asks the run to stop. The
+/// request is recorded on the run at once; the runner holding it stops its steps within a
+/// heartbeat, and a run no runner holds is ended by the runner this hands it to.
+async fn cancel_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    control_run(&state, &identity, &id, ControlKind::Cancel, control_body(&body)?).await
+}
+
+/// `POST /runs/{id}/pause` (body optional: `{ "reason": … }`): asks the run to wait. Steps
+/// in flight finish, nothing new starts, and the run waits (`AWAITING_INPUT`) holding no
+/// runner until `POST /runs/{id}/resume`.
+async fn pause_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    control_run(&state, &identity, &id, ControlKind::Pause, control_body(&body)?).await
+}
+
+/// Records a control request and hands the run to the runner. `202` with the request
+/// standing on the run (again for a repeat); `409` if the run has ended, already waits, or
+/// has another request standing.
+async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: ControlKind, body: ControlBody) -> Result<Response, ApiError> {
+    let run = visible_run(state, identity, id).await?;
+    let control = ControlRequest { kind, by: identity.user.clone(), at: chrono::Utc::now(), reason: body.reason };
+    let verb = match kind {
+        ControlKind::Cancel => "cancel",
+        ControlKind::Pause => "pause",
+    };
     let standing = match state.store.request_control(&run.id, &control).await? {
         ControlOutcome::Recorded => {
-            info!(run_id = %run.id, user = %identity.user, "cancel requested");
+            info!(run_id = %run.id, user = %identity.user, ?kind, "control requested");
             // A runner holding the run sees the request at its next heartbeat; otherwise
-            // this hand-over (or, if it is lost, the sweeper) ends the run.
+            // this hand-over (or, if it is lost, the sweeper) acts on it.
             if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(run.id.clone(), Cause::Control)).await {
-                warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will end the run");
+                warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will hand the run over");
             }
             control
         }
-        ControlOutcome::AlreadyRequested(standing) => standing,
+        ControlOutcome::AlreadyRequested(standing) if standing.kind == kind => standing,
+        ControlOutcome::AlreadyRequested(standing) => {
+            return Err(ApiError::Conflict(format!(
+                "run {id} already has a {:?} request standing (by {} at {}); it is acted on first",
+                standing.kind, standing.by, standing.at
+            )));
+        }
         ControlOutcome::Finished(status) => {
-            return Err(ApiError::Conflict(format!("run {id} has already ended ({}); there is nothing to cancel", status.as_str())));
+            return Err(ApiError::Conflict(format!("run {id} has already ended ({}); there is nothing to {verb}", status.as_str())));
+        }
+        ControlOutcome::AlreadyWaiting => {
+            return Err(ApiError::Conflict(format!("run {id} is already paused; resume it with POST /runs/{id}/resume")));
         }
         ControlOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
     };
@@ -272,6 +304,39 @@ async fn cancel_run(State(state): State<AppState>, identity: Identity, Path(id):
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
+
+/// `POST /runs/{id}/resume` (body optional, `{}`): continues a paused run on any runner.
+/// `202`; `409` saying what the run is doing if it does not wait.
+async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let _: EmptyBody = parse_body(&body)?;
+    }
+    let run = visible_run(&state, &identity, &id).await?;
+    let resumption = Resumption { by: identity.user.clone(), at: chrono::Utc::now() };
+    match state.store.resume(&run.id, &resumption).await? {
+        ResumeOutcome::Resumed => {}
+        ResumeOutcome::NotWaiting(status) => {
+            return Err(ApiError::Conflict(format!("run {id} is not waiting ({}); only a paused run can be resumed", status.as_str())));
+        }
+        ResumeOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
+    }
+    info!(run_id = %run.id, user = %identity.user, "run resumed");
+    if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(run.id.clone(), Cause::Resume)).await {
+        warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will continue the run");
+    }
+    let body = json!({
+        "run_id": run.id,
+        "status": RunStatus::Queued,
+        "resumed": resumption,
+        "links": { "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) },
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// A body that must be an empty JSON object, when there is one.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
 
 /// `GET /runs/{id}/output`: the run's output, whole — what `GET /runs/{id}` and
 /// `RUN_COMPLETED` link to when it is too large to inline.

@@ -650,3 +650,49 @@ async fn a_cancel_of_someone_elses_or_no_run_or_with_a_bad_body_changes_nothing(
     let run = api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap();
     assert_eq!(run.control, None, "nothing was recorded");
 }
+
+#[tokio::test]
+async fn a_paused_run_waits_shows_what_for_and_resumes_once() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", sample()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let body = json!({ "reason": "budget review" }).to_string().into_bytes();
+    let (status, _, paused) = api.call("POST", &format!("/runs/{id}/pause"), Some(&token("alice")), Some(body)).await;
+    assert_eq!((status, paused["control"]["kind"].as_str()), (StatusCode::ACCEPTED, Some("pause")), "{paused}");
+    let (status, _, again) = api.call("POST", &format!("/runs/{id}/pause"), Some(&token("alice")), None).await;
+    assert_eq!((status, &again["control"]), (StatusCode::ACCEPTED, &paused["control"]), "a repeat is the same request");
+
+    // The runner acts on it: nothing starts, the run waits.
+    let engine = Engine::new(
+        Arc::new(ScriptedModel::new(vec![])),
+        api.store.clone(),
+        api.progress.clone(),
+        Arc::new(ModelRegistry::builtin()),
+        EngineConfig::default(),
+    );
+    let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+    let Claim::Acquired(claimed) = api.store.claim(&RunId::parse(&id).unwrap(), &lease, chrono::Utc::now()).await.unwrap() else { panic!() };
+    assert_eq!(engine.execute(*claimed, lease, None).await.unwrap(), chainrun_core::engine::Outcome::Waiting);
+
+    let (_, run) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(run["status"], "AWAITING_INPUT");
+    assert_eq!((run["waiting"]["kind"].as_str(), run["waiting"]["by"].as_str()), (Some("paused"), Some("alice")), "{run}");
+    let (_, feed) = api.get("alice", "/progress").await;
+    assert_eq!(feed["items"][0]["status"], "AWAITING_INPUT");
+    let (status, _, problem) = api.call("POST", &format!("/runs/{id}/pause"), Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("already paused"), "{problem}");
+
+    for (user, body, expected) in [("mallory", None, StatusCode::NOT_FOUND), ("alice", Some(b"{\"step\": 1}".to_vec()), StatusCode::BAD_REQUEST)] {
+        let (status, _, problem) = api.call("POST", &format!("/runs/{id}/resume"), Some(&token(user)), body).await;
+        assert_eq!(status, expected, "{user}: {problem}");
+    }
+    let dispatched = api.dispatcher.events().len();
+    let (status, _, resumed) = api.call("POST", &format!("/runs/{id}/resume"), Some(&token("alice")), Some(b"{}".to_vec())).await;
+    assert_eq!((status, resumed["status"].as_str(), resumed["resumed"]["by"].as_str()), (StatusCode::ACCEPTED, Some("QUEUED"), Some("alice")));
+    let sent = api.dispatcher.events();
+    assert_eq!((sent.len(), serde_json::to_value(sent.last().unwrap()).unwrap()["cause"].as_str()), (dispatched + 1, Some("resume")));
+    let (status, _, problem) = api.call("POST", &format!("/runs/{id}/resume"), Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("is not waiting (QUEUED)"), "{problem}");
+}

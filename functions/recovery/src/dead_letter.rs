@@ -125,6 +125,7 @@ impl DeadLetters {
                 self.ender.fail_run(*run, &lease, ErrorInfo::terminal(ErrorCode::DeliveryFailed, reason)).await?;
             }
             Claim::HeldElsewhere => info!(run_id = %event.run_id, "a runner holds the run now; nothing to do"),
+            Claim::Waiting => info!(run_id = %event.run_id, "the run waits for a person now; nothing to do"),
             Claim::Finished | Claim::NotFound => info!(run_id = %event.run_id, "the run has ended (or is gone); nothing to do"),
         }
         Ok(())

@@ -64,6 +64,8 @@ pub enum Handled {
     Superseded,
     /// A terminal error, and the run's failure could not be stored either.
     Abandoned,
+    /// The run waits for a person (paused): it holds no runner until it is resumed.
+    Waiting,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +155,10 @@ impl Runner {
                 warn!(run_id = %run_id, "no such run");
                 return Ok(Handled::UnknownRun);
             }
+            Claim::Waiting => {
+                info!(run_id = %run_id, "the run waits for a person; nothing to run");
+                return Ok(Handled::Waiting);
+            }
         };
         if run.control.as_ref().is_some_and(|c| c.kind == ControlKind::Cancel) {
             // Cancelled while no runner held it (queued, or its runner gone): end it now.
@@ -177,6 +183,7 @@ impl Runner {
                 self.roll_up(&run_id).await?;
                 Ok(Handled::Finished(status))
             }
+            Ok(Outcome::Waiting) => Ok(Handled::Waiting),
             Ok(Outcome::Suspended) => {
                 // The lease is released: if this dispatch fails, Lambda's retry of this
                 // delivery (or the sweeper) continues the run.
@@ -268,6 +275,7 @@ impl Runner {
                 let status = match outcome {
                     Outcome::Finished(status) => status,
                     Outcome::Suspended => RunStatus::Running,
+                    Outcome::Waiting => RunStatus::AwaitingInput,
                 };
                 Ok(Handled::Finished(status))
             }

@@ -130,3 +130,92 @@ async fn a_run_whose_runner_died_is_cancelled_by_the_next_claim() {
     let stored = s.store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!((stored.totals.lost.calls, s.model.calls().len()), (1, 1), "the dead runner's call counts as lost; nothing is called again");
 }
+
+fn pause_by(who: &str) -> ControlRequest {
+    ControlRequest { kind: ControlKind::Pause, by: who.parse().unwrap(), at: Utc::now(), reason: Some("checking the draft".into()) }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_run_lets_its_steps_in_flight_finish_waits_holding_no_runner_and_resumes_where_it_stopped() {
+    let s = setup(vec![Script::reply("FIRST", "1"), Script::reply("SLOW", "2").with_latency(Duration::from_secs(20)), Script::reply("LAST", "3")]);
+    let run = queue(
+        s.store.as_ref(),
+        json!([
+            { "id": "a", "type": "llm", "prompt": "FIRST" },
+            { "id": "b", "type": "llm", "prompt": "SLOW {{ steps.a.text }}" },
+            { "id": "c", "type": "llm", "prompt": "LAST {{ steps.b.text }}" }
+        ]),
+    )
+    .await;
+    let delivery = deliver(&s, &run.id, Cause::Start);
+    tokio::time::sleep(Duration::from_secs(5)).await; // `b` in flight
+    assert_eq!(s.store.request_control(&run.id, &pause_by("alice")).await.unwrap(), ControlOutcome::Recorded);
+    assert_eq!(delivery.await.unwrap(), Handled::Waiting);
+    assert_eq!((s.model.calls_matching("SLOW"), s.model.calls_matching("LAST")), (1, 0), "b finished, c did not start");
+    let parked = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(parked.status, RunStatus::AwaitingInput);
+    assert_eq!(parked.waiting.as_ref().and_then(|w| w.by.as_ref()).map(|u| u.as_str()), Some("alice"));
+    let waiting = s.progress.events(&run.id).last().unwrap().clone();
+    assert_eq!(waiting.kind, EventType::AwaitingInput);
+    assert_eq!(
+        (waiting.data["kind"].as_str(), waiting.data["settled_steps"].as_u64(), waiting.data["steps"].as_u64()),
+        (Some("paused"), Some(2), Some(3))
+    );
+    assert_eq!(waiting.data["reason"], "checking the draft");
+
+    // Days later, nothing has run, and no delivery (a sweep, a duplicate) runs it.
+    tokio::time::sleep(Duration::from_secs(3 * 86_400)).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Waiting);
+    assert_eq!(s.model.calls().len(), 2);
+
+    let resumption = chainrun_core::run::Resumption { by: "bob".parse().unwrap(), at: Utc::now() };
+    assert_eq!(s.store.resume(&run.id, &resumption).await.unwrap(), chainrun_core::ports::ResumeOutcome::Resumed);
+    assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!((s.model.calls_matching("FIRST"), s.model.calls_matching("SLOW"), s.model.calls_matching("LAST")), (1, 1, 1), "each call once");
+    let events = s.progress.events(&run.id);
+    let resumed = events.iter().find(|e| e.kind == EventType::RunResumed).unwrap();
+    assert_eq!(
+        (resumed.data["cause"].as_str(), resumed.data["by"].as_str(), resumed.data["settled_steps"].as_u64()),
+        (Some("resume"), Some("bob"), Some(2))
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "gap-free across the pause");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_map_paused_midway_keeps_its_settled_items_and_runs_only_the_rest_after_resume() {
+    let s = setup(vec![Script::reply("ITEM", "ok").with_latency(Duration::from_secs(4))]);
+    let run = queue(
+        s.store.as_ref(),
+        json!([{ "id": "m", "type": "map", "over": "[1, 2, 3, 4, 5, 6, 7, 8]", "max_concurrency": 2,
+                 "step": { "type": "llm", "prompt": "ITEM {{ item }}" } }]),
+    )
+    .await;
+    let delivery = deliver(&s, &run.id, Cause::Start);
+    tokio::time::sleep(Duration::from_secs(9)).await; // two pairs done, a third in flight
+    s.store.request_control(&run.id, &pause_by("alice")).await.unwrap();
+    assert_eq!(delivery.await.unwrap(), Handled::Waiting);
+    let before = s.model.calls_matching("ITEM");
+    assert!((4..8).contains(&before), "{before} items called before the pause took hold");
+
+    let resumption = chainrun_core::run::Resumption { by: "alice".parse().unwrap(), at: Utc::now() };
+    s.store.resume(&run.id, &resumption).await.unwrap();
+    assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!(s.model.calls_matching("ITEM"), 8, "every item called exactly once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_run_can_be_cancelled_and_ends_without_running_anything() {
+    let s = setup(vec![Script::reply("FIRST", "1"), Script::reply("LAST", "3")]);
+    let run = queue(
+        s.store.as_ref(),
+        json!([{ "id": "a", "type": "llm", "prompt": "FIRST" }, { "id": "c", "type": "llm", "prompt": "LAST {{ steps.a.text }}" }]),
+    )
+    .await;
+    s.store.request_control(&run.id, &pause_by("alice")).await.unwrap();
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting, "paused before it started: nothing runs");
+    assert_eq!(s.model.calls().len(), 0);
+    assert_eq!(s.store.request_control(&run.id, &cancel_by("alice")).await.unwrap(), ControlOutcome::Recorded);
+    assert_eq!(deliver(&s, &run.id, Cause::Control).await.unwrap(), Handled::Finished(RunStatus::Cancelled));
+    assert_eq!(s.model.calls().len(), 0);
+}

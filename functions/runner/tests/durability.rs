@@ -10,9 +10,9 @@ use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
-use chainrun_core::ports::{Claim, ControlOutcome, Lease, RunStore, StoreError};
+use chainrun_core::ports::{Claim, ControlOutcome, Lease, ResumeOutcome, RunStore, StoreError};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, ControlRequest, Event, EventType, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus};
+use chainrun_core::run::{Cause, ControlRequest, Event, EventType, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus, Waiting};
 use chainrun_runner::{Handled, Runner};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -168,6 +168,12 @@ impl RunStore for Refusing {
     }
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         self.inner.request_control(id, request).await
+    }
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
+        self.inner.park(id, lease, waiting).await
+    }
+    async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {
+        self.inner.resume(id, resumption).await
     }
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError> {
         self.inner.due(now, limit).await

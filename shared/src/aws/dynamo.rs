@@ -92,6 +92,10 @@ struct RunItem {
     takeovers: Vec<Takeover>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     control: Option<ControlRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waiting: Option<Waiting>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resumed: Option<Resumption>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -127,6 +131,8 @@ impl RunItem {
             step_order: run.step_order.clone(),
             takeovers: run.takeovers.clone(),
             control: run.control.clone(),
+            waiting: run.waiting.clone(),
+            resumed: run.resumed.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -158,6 +164,8 @@ impl RunItem {
             step_order: self.step_order,
             takeovers: self.takeovers,
             control: self.control,
+            waiting: self.waiting,
+            resumed: self.resumed,
             totals: self.totals,
         })
     }
@@ -582,6 +590,9 @@ impl RunStore for DynamoStore {
                 if stored.status.is_terminal() {
                     return Ok(Claim::Finished);
                 }
+                if stored.status == RunStatus::AwaitingInput {
+                    return Ok(Claim::Waiting);
+                }
                 match stored.lease() {
                     // Live until the instant it expires, to the millisecond (as stored).
                     Some(held) if held.expires_at.timestamp_millis() <= now.timestamp_millis() => self.take_over(id, lease, &held, now).await,
@@ -635,32 +646,125 @@ impl RunStore for DynamoStore {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(request)
             .map_err(|e| StoreError::Rejected(defect(&format!("the control request on run {id}"), e)))?;
+        let update = |expression: &str, condition: &str| {
+            self.client
+                .update_item()
+                .table_name(&self.tables.runs)
+                .set_key(Some(self.meta_key(id)))
+                .update_expression(expression)
+                .condition_expression(condition)
+                .expression_attribute_names("#control", "control")
+                .expression_attribute_names("#status", "status")
+                .expression_attribute_values(":request", value.clone())
+        };
+        // Each write is conditional on the state it was chosen for; a race sends us round
+        // again, and the states only move forward, so this ends.
+        for _ in 0..4 {
+            let Some(run) = self.get_run(id).await? else { return Ok(ControlOutcome::NotFound) };
+            let attempt = match &run.control {
+                _ if run.status.is_terminal() => return Ok(ControlOutcome::Finished(run.status)),
+                // The same request again: the SDK's retry of our write whose reply was lost.
+                Some(stored) if stored == request => return Ok(ControlOutcome::Recorded),
+                // A cancel overrides a pause not yet acted on; otherwise the first stands.
+                Some(stored) if stored.kind == ControlKind::Pause && request.kind == ControlKind::Cancel => {
+                    update("SET #control = :request", "#status IN (:queued, :running) AND #control.#kind = :pause")
+                        .expression_attribute_names("#kind", "kind")
+                        .expression_attribute_values(":queued", s("QUEUED"))
+                        .expression_attribute_values(":running", s("RUNNING"))
+                        .expression_attribute_values(":pause", s("pause"))
+                }
+                Some(stored) => return Ok(ControlOutcome::AlreadyRequested(stored.clone())),
+                None if run.status == RunStatus::AwaitingInput && request.kind == ControlKind::Pause => return Ok(ControlOutcome::AlreadyWaiting),
+                // Nobody holds a waiting run: queue it, due for the sweeper at once, for
+                // the runner that ends it.
+                None if run.status == RunStatus::AwaitingInput => update(
+                    "SET #control = :request, #status = :queued, #shard = :shard, #sweep_at = :now REMOVE #waiting",
+                    "#status = :waiting AND attribute_not_exists(#control)",
+                )
+                .expression_attribute_names("#shard", "sweep_shard")
+                .expression_attribute_names("#sweep_at", "sweep_at")
+                .expression_attribute_names("#waiting", "waiting")
+                .expression_attribute_values(":queued", s("QUEUED"))
+                .expression_attribute_values(":waiting", s("AWAITING_INPUT"))
+                .expression_attribute_values(":shard", s(sweep_shard(id)))
+                .expression_attribute_values(":now", n(request.at.timestamp_millis())),
+                None => update("SET #control = :request", "#status IN (:queued, :running) AND attribute_not_exists(#control)")
+                    .expression_attribute_values(":queued", s("QUEUED"))
+                    .expression_attribute_values(":running", s("RUNNING")),
+            };
+            match attempt.send().await {
+                Ok(_) => return Ok(ControlOutcome::Recorded),
+                Err(e) if is_condition_failure(&e) => continue,
+                Err(e) => return Err(store_err(&self.tables.runs)(e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!("run {id} kept changing while a control request was recorded; try again")))
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, kind = ?waiting.kind))]
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
+        let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(waiting)
+            .map_err(|e| StoreError::Rejected(defect(&format!("what run {id} waits for"), e)))?;
+        // Out of the sweep index too: a waiting run is nobody's to take over.
         let result = self
             .client
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("SET #control = :request")
-            .condition_expression("attribute_exists(pk) AND #status IN (:queued, :running) AND attribute_not_exists(#control)")
-            .expression_attribute_names("#control", "control")
+            .update_expression(
+                "SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control",
+            )
+            .condition_expression("lease_holder = :holder")
             .expression_attribute_names("#status", "status")
-            .expression_attribute_values(":request", value)
-            .expression_attribute_values(":queued", s("QUEUED"))
-            .expression_attribute_values(":running", s("RUNNING"))
+            .expression_attribute_names("#waiting", "waiting")
+            .expression_attribute_names("#control", "control")
+            .expression_attribute_values(":holder", s(&lease.holder))
+            .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+            .expression_attribute_values(":waiting", value)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(ControlOutcome::Recorded),
-            // Why not: the run is gone, has ended, or has a request already.
-            Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {
-                None => ControlOutcome::NotFound,
-                Some(run) if run.status.is_terminal() => ControlOutcome::Finished(run.status),
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => match self.get_run(id).await? {
                 // The SDK's retry of our own write whose reply was lost.
-                Some(run) if run.control.as_ref() == Some(request) => ControlOutcome::Recorded,
-                Some(run) => match run.control {
-                    Some(stored) => ControlOutcome::AlreadyRequested(stored),
-                    None => return Err(StoreError::Corrupt(format!("run {id} refused a control request in status {:?}", run.status))),
-                },
+                Some(stored) if stored.waiting.as_ref() == Some(waiting) => Ok(()),
+                _ => Err(StoreError::LeaseLost(id.clone())),
+            },
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, by = %resumption.by))]
+    async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {
+        let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(resumption)
+            .map_err(|e| StoreError::Rejected(defect(&format!("the resume of run {id}"), e)))?;
+        let due = resumption.at + self.queued_grace;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .update_expression("SET #status = :queued, #resumed = :resumed, #shard = :shard, #sweep_at = :due REMOVE #waiting")
+            .condition_expression("#status = :waiting_status")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#resumed", "resumed")
+            .expression_attribute_names("#shard", "sweep_shard")
+            .expression_attribute_names("#sweep_at", "sweep_at")
+            .expression_attribute_names("#waiting", "waiting")
+            .expression_attribute_values(":queued", s("QUEUED"))
+            .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+            .expression_attribute_values(":resumed", value)
+            .expression_attribute_values(":shard", s(sweep_shard(id)))
+            .expression_attribute_values(":due", n(due.timestamp_millis()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(ResumeOutcome::Resumed),
+            Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {
+                None => ResumeOutcome::NotFound,
+                // The SDK's retry of our own write whose reply was lost.
+                Some(run) if run.resumed.as_ref() == Some(resumption) => ResumeOutcome::Resumed,
+                Some(run) => ResumeOutcome::NotWaiting(run.status),
             }),
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }

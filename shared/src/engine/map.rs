@@ -47,7 +47,7 @@ impl StepContext {
                     if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
                         return Ok((index, Some(reuse(saved))));
                     }
-                    if self.out_of_time() {
+                    if self.stopping() {
                         // Not started: the next invocation runs it.
                         return Ok((index, None));
                     }

@@ -38,9 +38,9 @@ use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
 use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
-use crate::run::{Cause, ControlKind, ControlRequest};
+use crate::run::{Cause, ControlKind, ControlRequest, WaitKind, Waiting};
 use crate::spend::DailyCaps;
-use crate::wire::events::{EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
+use crate::wire::events::{AwaitingInput, EventBody, RunResumed, RunStarted, RunSuspended, StepSkipped};
 use chrono::Utc;
 use daily::{OwnerCap, Reached};
 use futures::future::BoxFuture;
@@ -106,6 +106,9 @@ pub enum Outcome {
     /// The deadline came first: checkpoints are saved and the lease released; the caller
     /// dispatches the run again to continue.
     Suspended,
+    /// The run waits for a person (`AWAITING_INPUT`), holding no runner; a resume
+    /// dispatches it again.
+    Waiting,
 }
 
 /// Infrastructure failures that stop the engine (model failures are step outcomes, not these).
@@ -266,7 +269,8 @@ impl Engine {
                 // The store appended a takeover to the record if this claim was one.
                 let takeover = run.takeovers.last().filter(|t| t.by == lease.holder).cloned();
                 info!(settled_steps, last_seq, cause = ?self.cause, takeover = takeover.is_some(), "resuming run");
-                let body = RunResumed { cause: self.cause, settled_steps, takeover, takeovers: run.takeovers.len() };
+                let by = run.resumed.as_ref().filter(|_| self.cause == Cause::Resume).map(|r| r.by.clone());
+                let body = RunResumed { cause: self.cause, settled_steps, takeover, takeovers: run.takeovers.len(), by };
                 journal.emit(EventBody::RunResumed(body), None, None).await?;
             }
             let owner_cap = self.daily.as_ref().and_then(|(spend, caps)| {
@@ -286,12 +290,19 @@ impl Engine {
                 journal: journal.clone(),
                 run_id: run.id.clone(),
                 deadline,
+                pausing: Default::default(),
             });
 
             let mut control = self.control.clone();
-            if let Some(request) = cancel_requested(control.as_ref()).or_else(|| run.control.clone()) {
+            if let Some(request) = cancel_requested(control.as_ref()).or_else(|| run.control.clone().filter(|c| c.kind == ControlKind::Cancel)) {
                 run.control = Some(request);
                 return self.cancel_run(run, &lease).await;
+            }
+            // A pause asked before this runner had the run: start nothing, and wait.
+            let mut pausing: Option<ControlRequest> = None;
+            if let Some(request) = run.control.clone().filter(|c| c.kind == ControlKind::Pause) {
+                shared.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
+                pausing = Some(request);
             }
             let mut schedule = Schedule::new(graph.clone(), records);
             // Shared by every step's inputs.
@@ -317,7 +328,7 @@ impl Engine {
                     info!("deadline near: starting no more steps");
                     out_of_time = true;
                 }
-                if failure.is_none() && !out_of_time {
+                if failure.is_none() && !out_of_time && pausing.is_none() {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
@@ -337,12 +348,21 @@ impl Engine {
                     None => Some(running.next().await),
                 };
                 let Some(next) = next else {
-                    if let Some(request) = cancel_requested(control.as_ref()) {
-                        // Dropping the step futures stops them, model calls included; what
-                        // they spent is in their checkpoints, which the end reads.
-                        drop(running);
-                        run.control = Some(request);
-                        return self.cancel_run(run, &lease).await;
+                    let request = control.as_ref().and_then(|c| c.borrow().clone());
+                    match request {
+                        Some(request) if request.kind == ControlKind::Cancel => {
+                            // Dropping the step futures stops them, model calls included;
+                            // what they spent is in their checkpoints, which the end reads.
+                            drop(running);
+                            run.control = Some(request);
+                            return self.cancel_run(run, &lease).await;
+                        }
+                        Some(request) if pausing.is_none() => {
+                            info!(by = %request.by, "pause requested: starting no more steps");
+                            shared.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
+                            pausing = Some(request);
+                        }
+                        _ => {}
                     }
                     continue;
                 };
@@ -357,8 +377,8 @@ impl Engine {
                     }
                 };
                 let Some(record) = result? else {
-                    // A map the deadline interrupted: it continues in the next invocation.
-                    out_of_time = true;
+                    // A map the deadline (or a pause) interrupted: it continues later.
+                    out_of_time |= pausing.is_none();
                     continue;
                 };
                 if record.status == StepStatus::Failed && graph.steps()[i].required && failure.is_none() {
@@ -381,6 +401,19 @@ impl Engine {
                 return end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
             }
             let settled_steps = records.iter().flatten().count();
+            if let Some(request) = pausing.filter(|_| settled_steps < records.len()) {
+                let waiting = Waiting { kind: WaitKind::Paused, by: Some(request.by), since: Utc::now(), reason: request.reason };
+                let body = EventBody::AwaitingInput(AwaitingInput { waiting: waiting.clone(), settled_steps, steps: records.len() });
+                journal
+                    .emit_with(body, None, None, None, |s| {
+                        s.status = RunStatus::AwaitingInput;
+                        s.current_step = None;
+                    })
+                    .await?;
+                self.store.park(&run.id, &lease, &waiting).await?;
+                info!(settled_steps, "paused: waiting, holding no runner");
+                return Ok(Outcome::Waiting);
+            }
             if settled_steps < records.len() {
                 journal.emit(EventBody::RunSuspended(RunSuspended { settled_steps, steps: records.len() }), None, None).await?;
                 self.store.release(&run.id, &lease).await?;

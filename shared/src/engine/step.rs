@@ -36,12 +36,20 @@ pub struct StepContext {
     pub run_id: RunId,
     /// The invocation's deadline, if it has one.
     pub deadline: Option<Instant>,
+    /// Set when the run was asked to pause: work in flight finishes, nothing new starts.
+    pub pausing: std::sync::atomic::AtomicBool,
 }
 
 impl StepContext {
     /// Whether less than the deadline margin is left: no new work starts then.
     pub fn out_of_time(&self) -> bool {
         self.deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < self.config.deadline_margin)
+    }
+
+    /// Whether new work (a step, a map item) may not start: the deadline is near or the
+    /// run is pausing. What is under way finishes and is checkpointed.
+    pub fn stopping(&self) -> bool {
+        self.pausing.load(std::sync::atomic::Ordering::Relaxed) || self.out_of_time()
     }
 }
 

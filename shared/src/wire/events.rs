@@ -26,6 +26,7 @@ pub enum EventBody {
     Streaming(Streaming),
     StepRetrying(StepRetrying),
     StepSkipped(StepSkipped),
+    AwaitingInput(AwaitingInput),
     StepCompleted(StepCompleted),
     StepFailed(StepFailed),
     StepCancelled(StepCancelled),
@@ -44,6 +45,7 @@ impl EventBody {
             EventBody::Streaming(_) => EventType::Streaming,
             EventBody::StepRetrying(_) => EventType::StepRetrying,
             EventBody::StepSkipped(_) => EventType::StepSkipped,
+            EventBody::AwaitingInput(_) => EventType::AwaitingInput,
             EventBody::StepCompleted(_) => EventType::StepCompleted,
             EventBody::StepFailed(_) => EventType::StepFailed,
             EventBody::StepCancelled(_) => EventType::StepCancelled,
@@ -63,6 +65,7 @@ impl EventBody {
             EventBody::Streaming(d) => serde_json::to_value(d),
             EventBody::StepRetrying(d) => serde_json::to_value(d),
             EventBody::StepSkipped(d) => serde_json::to_value(d),
+            EventBody::AwaitingInput(d) => serde_json::to_value(d),
             EventBody::StepCompleted(d) => serde_json::to_value(d),
             EventBody::StepFailed(d) => serde_json::to_value(d),
             EventBody::StepCancelled(d) => serde_json::to_value(d),
@@ -86,7 +89,8 @@ pub struct RunStarted {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RunResumed {
     /// Who handed the run over: `continue` (the runner itself, after suspending), `sweep`
-    /// (the sweeper), `dead_letter`, or `start` (a redelivery of the first dispatch).
+    /// (the sweeper), `dead_letter`, `resume` (a person, after a pause), `control`, or
+    /// `start` (a redelivery of the first dispatch).
     pub cause: Cause,
     /// Steps already settled, which do not run again.
     pub settled_steps: usize,
@@ -95,6 +99,21 @@ pub struct RunResumed {
     pub takeover: Option<Takeover>,
     /// Takeovers so far, this one included.
     pub takeovers: usize,
+    /// Who resumed the run (`cause: resume`), when a person did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<UserId>,
+}
+
+/// The run waits for a person, holding no runner: steps in flight have finished and
+/// nothing new starts until `POST /runs/{id}/resume`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AwaitingInput {
+    /// What it waits for (`paused`), who asked, and why.
+    #[serde(flatten)]
+    pub waiting: crate::run::Waiting,
+    /// Steps settled so far, of the run's steps.
+    pub settled_steps: usize,
+    pub steps: usize,
 }
 
 /// The invocation's deadline came near: settled steps are checkpointed and the run is

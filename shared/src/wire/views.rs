@@ -8,7 +8,7 @@ use crate::ids::{ModelId, RunId, StepId};
 use crate::limits::{INLINE_DOCUMENT_BYTES, VIEW_DOCUMENT_BYTES};
 use crate::output::json_len;
 use crate::ports::RunSummary;
-use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, Resumption, RunRecord, RunStatus, StepRecord, StepStatus, Totals, Waiting};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -127,6 +127,12 @@ pub struct RunView<'a> {
     /// A control request on the run (a cancel asked for, or the one it ended by).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control: Option<&'a ControlRequest>,
+    /// What an `AWAITING_INPUT` run waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<&'a Waiting>,
+    /// Who last resumed the run, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<&'a Resumption>,
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -158,7 +164,16 @@ impl<'a> RunView<'a> {
             error: &run.error,
             totals: (&totals).into(),
         };
-        Self { summary, input: &run.input, output, output_ref, control: run.control.as_ref(), steps }
+        Self {
+            summary,
+            input: &run.input,
+            output,
+            output_ref,
+            control: run.control.as_ref(),
+            waiting: run.waiting.as_ref(),
+            resumed: run.resumed.as_ref(),
+            steps,
+        }
     }
 }
 
