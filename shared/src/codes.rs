@@ -66,6 +66,8 @@ codes! {
     MapOver = "MAP_OVER",
     /// A map's list is longer than a map may fan out over.
     MapTooLarge = "MAP_TOO_LARGE",
+    /// A reviewer rejected a review step.
+    ReviewRejected = "REVIEW_REJECTED",
     /// A transform expression failed to evaluate.
     ExpressionError = "EXPRESSION_ERROR",
     /// A router condition failed or was not a bool.

@@ -198,6 +198,9 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
                 Bounds::NONE
             }
             StepKind::Transform(TransformSpec::Expression(_)) => Bounds::NONE,
+            // No model call. Approved, its text is what `show` renders, but an edit can put
+            // anything there: what reads it is bounded by its model's window.
+            StepKind::Review(_) => Bounds::NONE,
             StepKind::Router(_) => {
                 bounds.0 = Some(ROUTER_TEXT_BYTES);
                 Bounds::NONE

@@ -4,7 +4,7 @@
 
 use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
-use crate::ids::{ModelId, StepId, WorkflowName};
+use crate::ids::{ModelId, Principal, StepId, WorkflowName};
 use crate::output::Schema;
 use crate::pricing::ModelRegistry;
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
@@ -90,6 +90,17 @@ pub struct Route {
     pub to: Vec<StepId>,
 }
 
+/// A human gate: what to show, and who may decide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReviewSpec {
+    pub show: Template,
+    /// Empty: the run's starter decides.
+    pub reviewers: Vec<Principal>,
+}
+
+/// The most principals a review names.
+pub const MAX_REVIEWERS: usize = 20;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterSpec {
     pub routes: Vec<Route>,
@@ -124,6 +135,7 @@ pub enum StepKind {
     Transform(TransformSpec),
     Router(RouterSpec),
     Map(MapSpec),
+    Review(ReviewSpec),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -431,6 +443,17 @@ fn unusable() -> Template {
     EMPTY.get_or_init(|| Template::compile("", &[], Keep::Source).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
 }
 
+/// `user:<id>` or `group:<name>`, as a principal.
+fn reviewer(raw: &str) -> Option<Principal> {
+    let (kind, name) = raw.split_once(':')?;
+    let valid = !name.is_empty() && name.len() <= 128 && !name.chars().any(|c| c.is_control() || c == '#' || c.is_whitespace());
+    match kind {
+        "user" if valid => Some(Principal::User(name.to_owned())),
+        "group" if valid => Some(Principal::Group(name.to_owned())),
+        _ => None,
+    }
+}
+
 struct Checked<'a> {
     id: &'a str,
     kind: StepKind,
@@ -570,6 +593,20 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                     Some(over) => StepKind::Map(MapSpec { over, max_concurrency, on_item_failure: m.on_item_failure, step }),
                     None => StepKind::Transform(TransformSpec::Template(unusable())), // reported above
                 }
+            }
+            StepDef::Review(r) => {
+                let show = c.template(IN_STEP, "show", &r.show).unwrap_or_else(unusable);
+                if r.reviewers.len() > MAX_REVIEWERS {
+                    c.found.push(id, "reviewers", format!("{} reviewers; the limit is {MAX_REVIEWERS}", r.reviewers.len()));
+                }
+                let mut reviewers = Vec::new();
+                for (n, raw) in r.reviewers.iter().enumerate() {
+                    match reviewer(raw) {
+                        Some(p) => reviewers.push(p),
+                        None => c.found.push(id, &format!("reviewers[{n}]"), format!("{raw:?}: name a reviewer as `user:<id>` or `group:<name>`")),
+                    }
+                }
+                StepKind::Review(ReviewSpec { show, reviewers })
             }
         };
         let mut deps = c.deps;
@@ -771,6 +808,42 @@ mod tests {
         assert_eq!(g.steps[1].deps, vec![0]);
         assert_eq!(g.dependents[0], vec![1]);
         assert_eq!(g.sinks().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn a_review_reads_what_it_shows_and_names_its_reviewers() {
+        let g = validate_json(
+            &wf(json!([
+                { "id": "draft", "type": "llm", "prompt": "x" },
+                { "id": "check", "type": "review", "show": "{{ steps.draft.text }}", "reviewers": ["user:bob", "group:leads"] }
+            ])),
+            &registry(),
+        )
+        .unwrap();
+        assert_eq!(g.steps[1].deps, vec![0], "what a review shows is a dependency");
+        let StepKind::Review(spec) = &g.steps[1].kind else { panic!("a review") };
+        assert_eq!(spec.reviewers, vec![Principal::User("bob".into()), Principal::Group("leads".into())]);
+    }
+
+    #[test]
+    fn rejects_malformed_reviews_naming_each_field() {
+        let p = problems(wf(json!([
+            { "id": "a", "type": "review", "show": "{{ steps.ghost.text }}", "reviewers": ["bob", "user:", "group:a b", "user:ok"] },
+            { "id": "b", "type": "review" },
+            { "id": "m", "type": "map", "over": "[1]", "step": { "type": "review", "show": "x" } }
+        ])));
+        let at: Vec<(Option<&str>, &str)> = p.iter().map(|p| (p.step.as_deref(), p.field.as_str())).collect();
+        for expected in [
+            (Some("a"), "show"),
+            (Some("a"), "reviewers[0]"),
+            (Some("a"), "reviewers[1]"),
+            (Some("a"), "reviewers[2]"),
+            (Some("b"), "step"),
+            (Some("m"), "step.type"),
+        ] {
+            assert!(at.contains(&expected), "{expected:?} not in {p:?}");
+        }
+        assert!(!at.contains(&(Some("a"), "reviewers[3]")), "{p:?}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
 use crate::run::{
-    ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover, Waiting,
+    ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover,
+    Waiting,
 };
 use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
@@ -153,23 +154,45 @@ impl RunStore for MemoryStore {
         })
     }
 
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
         if let Err(lost) = self.check_lease(id, lease) {
             // As the DynamoDB store: the same park again is a retry whose reply was lost.
             let runs = lock(&self.runs);
             return match runs.get(id) {
-                Some(slot) if slot.run.waiting.as_ref() == Some(waiting) => Ok(()),
+                Some(slot) if slot.run.waiting.as_ref() == Some(waiting) => Ok(true),
                 _ => Err(lost),
             };
         }
-        if let Some(slot) = lock(&self.runs).get_mut(id) {
-            slot.run.status = RunStatus::AwaitingInput;
-            slot.run.waiting = Some(waiting.clone());
-            slot.run.control = None;
-            slot.lease = None;
-            slot.due_at = None;
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Err(StoreError::LeaseLost(id.clone())) };
+        if slot.run.decisions.len() != decisions {
+            return Ok(false);
         }
-        Ok(())
+        slot.run.status = RunStatus::AwaitingInput;
+        slot.run.waiting = Some(waiting.clone());
+        slot.run.control = None;
+        slot.lease = None;
+        slot.due_at = None;
+        Ok(true)
+    }
+
+    async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Ok(DecideOutcome::NotFound) };
+        if let Some(stored) = slot.run.decisions.get(step) {
+            return Ok(DecideOutcome::AlreadyDecided(stored.clone()));
+        }
+        if slot.run.status.is_terminal() {
+            return Ok(DecideOutcome::Finished(slot.run.status));
+        }
+        slot.run.decisions.insert(step.clone(), decision.clone());
+        let requeued = slot.run.status == RunStatus::AwaitingInput;
+        if requeued {
+            slot.run.status = RunStatus::Queued;
+            slot.run.waiting = None;
+            slot.due_at = Some(decision.at + self.queued_grace);
+        }
+        Ok(DecideOutcome::Recorded { requeued })
     }
 
     async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {

@@ -9,7 +9,8 @@ use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
 use crate::run::{
-    ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals, Waiting,
+    ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals,
+    Waiting,
 };
 use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
@@ -145,6 +146,20 @@ pub enum ControlOutcome {
     NotFound,
 }
 
+/// What became of a review decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecideOutcome {
+    /// Recorded; `requeued` when the run was waiting and is queued again.
+    Recorded {
+        requeued: bool,
+    },
+    /// The step was decided already, so.
+    AlreadyDecided(ReviewDecision),
+    /// The run had already ended, with this status.
+    Finished(RunStatus),
+    NotFound,
+}
+
 /// What became of a resume.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResumeOutcome {
@@ -190,8 +205,13 @@ pub trait RunStore: Send + Sync {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError>;
     /// Puts the run we hold in `AWAITING_INPUT` for `waiting` and gives the lease up: it
     /// holds no runner, and the sweeper leaves it alone, until it is resumed. Clears the
-    /// control request that asked for it.
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError>;
+    /// control request that asked for it. Only if the run still has `decisions` review
+    /// decisions: one that arrived since the runner read the run makes this return
+    /// `Ok(false)` and change nothing (the runner continues with it instead).
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError>;
+    /// Records the decision on review step `step` of an unfinished run, once per step; a
+    /// waiting run is queued again for any runner to continue.
+    async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError>;
     /// Queues a waiting run again (any runner may claim it), recording `resumption`.
     async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError>;
     /// Runs the sweeper must hand to a runner: unfinished, and either under a lease that

@@ -45,6 +45,8 @@ impl RunStatus {
 pub enum StepStatus {
     Pending,
     Running,
+    /// A review waiting for its decision.
+    Waiting,
     Completed,
     Failed,
     Skipped,
@@ -57,6 +59,7 @@ impl StepStatus {
         match self {
             StepStatus::Pending => "PENDING",
             StepStatus::Running => "RUNNING",
+            StepStatus::Waiting => "WAITING",
             StepStatus::Completed => "COMPLETED",
             StepStatus::Failed => "FAILED",
             StepStatus::Skipped => "SKIPPED",
@@ -65,7 +68,7 @@ impl StepStatus {
     }
 
     pub fn is_settled(self) -> bool {
-        !matches!(self, StepStatus::Pending | StepStatus::Running)
+        !matches!(self, StepStatus::Pending | StepStatus::Running | StepStatus::Waiting)
     }
 }
 
@@ -314,6 +317,46 @@ pub struct Waiting {
     pub since: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The steps waiting for a person (reviews).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepId>,
+}
+
+/// A reviewer's decision on a review step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReviewDecision {
+    pub decision: Verdict,
+    /// The reviewer's replacement output (`edit` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Who decided (`auto_approve` for the run option), and when.
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Approve,
+    Reject,
+    Edit,
+}
+
+/// Options a run is started with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunOptions {
+    /// Approve every review step at once (recorded as decided by `auto_approve`).
+    #[serde(default)]
+    pub auto_approve: bool,
+}
+
+impl RunOptions {
+    pub fn is_default(&self) -> bool {
+        self == &RunOptions::default()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -321,6 +364,8 @@ pub struct Waiting {
 pub enum WaitKind {
     /// Paused by `POST /runs/{id}/pause`.
     Paused,
+    /// Review steps wait for their decisions (`steps`).
+    Review,
 }
 
 /// A resume of a waiting run: who, and when.
@@ -380,6 +425,11 @@ pub struct RunRecord {
     /// The last resume of the run, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed: Option<Resumption>,
+    #[serde(default, skip_serializing_if = "RunOptions::is_default")]
+    pub options: RunOptions,
+    /// Decisions on its review steps, by step.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub decisions: std::collections::BTreeMap<StepId, ReviewDecision>,
 }
 
 impl RunRecord {
@@ -391,6 +441,8 @@ impl RunRecord {
             control: None,
             waiting: None,
             resumed: None,
+            options: RunOptions::default(),
+            decisions: Default::default(),
             workflow,
             definition,
             input,
@@ -529,9 +581,15 @@ mod tests {
         {
             assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
         }
-        for status in
-            [StepStatus::Pending, StepStatus::Running, StepStatus::Completed, StepStatus::Failed, StepStatus::Skipped, StepStatus::Cancelled]
-        {
+        for status in [
+            StepStatus::Pending,
+            StepStatus::Running,
+            StepStatus::Waiting,
+            StepStatus::Completed,
+            StepStatus::Failed,
+            StepStatus::Skipped,
+            StepStatus::Cancelled,
+        ] {
             assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
         }
     }

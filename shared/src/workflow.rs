@@ -111,6 +111,9 @@ pub enum StepDef {
     Router(RouterStepDef),
     /// Runs a sub-step for every item of a list, results collected in order.
     Map(MapStepDef),
+    /// A person approves, rejects or edits what `show` renders; the run waits meanwhile,
+    /// holding no runner.
+    Review(ReviewStepDef),
 }
 
 /// What every step has. Inside a map, the sub-step has none of these.
@@ -134,6 +137,7 @@ impl StepDef {
             StepDef::Transform(s) => common!(s),
             StepDef::Router(s) => common!(s),
             StepDef::Map(s) => common!(s),
+            StepDef::Review(s) => common!(s),
         }
     }
 
@@ -143,6 +147,7 @@ impl StepDef {
             StepDef::Transform(_) => "transform",
             StepDef::Router(_) => "router",
             StepDef::Map(_) => "map",
+            StepDef::Review(_) => "review",
         }
     }
 }
@@ -240,6 +245,26 @@ pub struct MapStepDef {
     pub on_item_failure: ItemFailure,
     /// The sub-step run per item (`llm` or `transform`), which may read `item` and `index`.
     pub step: Box<StepDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewStepDef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// When false, a rejection does not fail the run; dependents see the step failed.
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub join: Join,
+    /// What is to be reviewed, a template (e.g. `{{ steps.draft.text }}`). Approved, it is
+    /// the step's output; edited, the reviewer's output replaces it.
+    pub show: String,
+    /// Who may decide: `user:<id>` or `group:<name>`. Default: the run's starter.
+    #[serde(default)]
+    pub reviewers: Vec<String>,
 }
 
 fn default_true() -> bool {

@@ -627,10 +627,11 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
     assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::Recorded);
     assert_eq!(store.renew(&run.id, &lease("one", 6)).await.unwrap(), Some(pause.clone()));
 
-    let waiting = Waiting { kind: WaitKind::Paused, by: Some("alice".parse().unwrap()), since: Utc::now(), reason: Some("lunch".into()) };
-    assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting).await, Err(StoreError::LeaseLost(run.id.clone())));
-    store.park(&run.id, &ours, &waiting).await.unwrap();
-    store.park(&run.id, &ours, &waiting).await.unwrap(); // a retry whose reply was lost
+    let waiting =
+        Waiting { kind: WaitKind::Paused, by: Some("alice".parse().unwrap()), since: Utc::now(), reason: Some("lunch".into()), steps: Vec::new() };
+    assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting, 0).await, Err(StoreError::LeaseLost(run.id.clone())));
+    assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap());
+    assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a retry whose reply was lost");
     let parked = store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!((parked.status, parked.waiting.clone(), parked.control.clone()), (RunStatus::AwaitingInput, Some(waiting.clone()), None));
     assert_eq!(store.claim(&run.id, &lease("two", 5), Utc::now() + Duration::hours(1)).await.unwrap(), Claim::Waiting);
@@ -661,12 +662,65 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
     store.create_run(&other_run).await.unwrap();
     let l = lease("four", 5);
     store.claim(&other_run.id, &l, Utc::now()).await.unwrap();
-    store.park(&other_run.id, &l, &waiting).await.unwrap();
+    assert!(store.park(&other_run.id, &l, &waiting, 0).await.unwrap());
     let cancel = ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None };
     assert_eq!(store.request_control(&other_run.id, &cancel).await.unwrap(), ControlOutcome::Recorded);
     let requeued = store.get_run(&other_run.id).await.unwrap().unwrap();
     assert_eq!((requeued.status, requeued.waiting, requeued.control), (RunStatus::Queued, None, Some(cancel)));
     assert!(matches!(store.claim(&other_run.id, &lease("five", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
+}
+
+/// What review steps rely on: a decision recorded once per step on an unfinished run,
+/// queueing a waiting run again, and a park that notices a decision it did not see.
+async fn decisions_contract(store: Arc<dyn RunStore>) {
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let ours = lease("one", 5);
+    assert!(matches!(store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let step = |id: &str| StepId::parse(id).unwrap();
+    let decision = |verdict: Verdict, output: Option<Value>| ReviewDecision {
+        decision: verdict,
+        output,
+        comment: Some("fine ✓".into()),
+        by: "bob".parse().unwrap(),
+        at: Utc::now(),
+    };
+    // While the run runs: recorded, nothing requeued; the runner's park then notices it.
+    let edit = decision(Verdict::Edit, Some(json!({ "n": 1.5e300, "s": "", "l": [1, null] })));
+    assert_eq!(store.decide(&run.id, &step("a"), &edit).await.unwrap(), DecideOutcome::Recorded { requeued: false });
+    assert_eq!(store.decide(&run.id, &step("a"), &decision(Verdict::Reject, None)).await.unwrap(), DecideOutcome::AlreadyDecided(edit.clone()));
+    let waiting = Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: vec![step("b")] };
+    assert!(!store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a decision arrived that the runner did not see");
+    assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Running, "nothing changed");
+    assert!(store.park(&run.id, &ours, &waiting, 1).await.unwrap());
+
+    // While it waits: recorded, and the run is queued again for any runner.
+    let approve = decision(Verdict::Approve, None);
+    assert_eq!(store.decide(&run.id, &step("b"), &approve).await.unwrap(), DecideOutcome::Recorded { requeued: true });
+    let stored = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.waiting), (RunStatus::Queued, None));
+    assert_eq!(stored.decisions.get(&step("a")), Some(&edit), "documents round-trip exactly");
+    assert_eq!(stored.decisions.get(&step("b")), Some(&approve));
+    assert!(matches!(store.claim(&run.id, &lease("two", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
+
+    let mut done = store.get_run(&run.id).await.unwrap().unwrap();
+    done.status = RunStatus::Completed;
+    done.finished_at = Some(Utc::now());
+    store.finish_run(&done, &lease("two", 5)).await.unwrap();
+    assert_eq!(store.decide(&run.id, &step("c"), &approve).await.unwrap(), DecideOutcome::Finished(RunStatus::Completed));
+    assert_eq!(store.decide(&RunId::new(), &step("c"), &approve).await.unwrap(), DecideOutcome::NotFound);
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_decisions_contract() {
+    decisions_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_decisions_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_decisions_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    decisions_contract(Arc::new(DynamoStore::new(client, tables))).await;
 }
 
 #[tokio::test]

@@ -123,3 +123,52 @@ def test_a_paused_run_waits_holding_no_runner_and_a_resume_continues_it_on_anoth
     resumed_event = next(e for e in events if e["type"] == "RUN_RESUMED")
     assert resumed_event["data"]["cause"] == "resume" and resumed_event["data"]["by"] == "alice"
     assert len(calls_with(devmodel, m + " A")) == 1 and len(calls_with(devmodel, m + " B")) == 1
+
+
+def wait_for_status(api, token, run_id, status, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, _, run = api("GET", f"/runs/{run_id}", token=token)
+        if run["status"] == status:
+            return run
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} is {run['status']}, not {status}, after {timeout}s")
+
+
+def test_a_review_gate_waits_for_its_reviewer_who_edits_and_the_edit_goes_downstream(api, stack, devmodel):
+    m = marker("review")
+    add_rules(devmodel,
+              {"name": m + "-d", "match": {"prompt_contains": m + " DRAFT"}, "reply": {"text": "Dear customer, no."}},
+              {"name": m + "-s", "match": {"prompt_contains": m + " SEND"}, "reply": {"text": "sent"}})
+    alice, bob = stack.token("alice"), stack.token("bob")
+    wf = workflow("e2e-review", [
+        {"id": "draft", "type": "llm", "prompt": m + " DRAFT"},
+        {"id": "check", "type": "review", "show": "{{ steps.draft.text }}", "reviewers": ["user:bob"]},
+        {"id": "send", "type": "llm", "prompt": m + " SEND {{ steps.check.text }}"},
+    ], output="{{ steps.send.text }}")
+    run_id = start(api, alice, wf)["run_id"]
+    run = wait_for_status(api, bob, run_id, "AWAITING_INPUT")
+    assert run["waiting"]["kind"] == "review" and run["waiting"]["steps"] == ["check"]
+    _, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=bob)
+    asked = next(e for e in page["events"] if e["type"] == "AWAITING_INPUT" and e.get("step_id") == "check")
+    assert asked["data"]["show"] == "Dear customer, no." and asked["data"]["reviewers"] == ["user:bob"]
+
+    # Nothing moves while nobody decides (longer than a lease and a sweep).
+    time.sleep(8)
+    assert calls_with(devmodel, m + " SEND") == []
+
+    status, _, problem = api("POST", f"/runs/{run_id}/resume", token=stack.token("mallory"),
+                             body={"step": "check", "decision": "approve"})
+    assert status == 404, problem
+    decision = {"step": "check", "decision": "edit", "output": "Dear customer, yes.", "comment": "kinder"}
+    status, _, decided = api("POST", f"/runs/{run_id}/resume", token=bob, body=decision)
+    assert status == 202, decided
+    status, _, again = api("POST", f"/runs/{run_id}/resume", token=bob, body=decision)
+    assert status == 202 and again["decision"] == decided["decision"], "a resume arriving twice is answered once"
+    events = follow(api, alice, run_id, timeout=30, limit=100)
+    assert events[-1]["type"] == "RUN_COMPLETED" and events[-1]["data"]["output"] == "sent"
+    (send,) = calls_with(devmodel, m + " SEND")
+    assert "Dear customer, yes." in send["prompt"]
+    _, _, run = api("GET", f"/runs/{run_id}", token=alice)
+    check = next(s for s in run["steps"] if s["id"] == "check")
+    assert check["status"] == "COMPLETED" and check["output"] == "Dear customer, yes."

@@ -15,11 +15,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
-use chainrun_core::graph::{ValidatedGraph, validate_json};
-use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::ports::{Analytics, ControlOutcome, DailySpend, Dispatcher, ProgressReader, ResumeOutcome, RunHistory, RunStore};
+use chainrun_core::graph::{StepKind, ValidatedGraph, validate_json};
+use chainrun_core::ids::{Principal, RunId, StepId};
+use chainrun_core::ports::{
+    Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
+};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, ControlKind, ControlRequest, Resumption, RunRecord, RunStatus, RunnerEvent};
+use chainrun_core::run::{
+    Cause, ControlKind, ControlRequest, Resumption, ReviewDecision, RunOptions, RunRecord, RunStatus, RunnerEvent, StepStatus, Verdict, WaitKind,
+};
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use error::ApiError;
@@ -130,21 +134,31 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
 
 async fn start_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: StartRun = parse_body(&body)?;
-    if let Some(options) = &request.options
-        && !options.as_object().is_some_and(|o| o.is_empty())
-    {
-        return Err(ApiError::bad_request("Invalid request body", "options: no run options are supported yet; send {} or omit it"));
-    }
+    let options: RunOptions = match request.options {
+        None => RunOptions::default(),
+        Some(options) => serde_json::from_value(options).map_err(|e| ApiError::bad_request("Invalid request body", format!("options: {e}")))?,
+    };
     let graph = validated(&state, &request.workflow, &request.input)?;
-    let mut run = RunRecord::new(
-        graph.name().clone(),
-        request.workflow,
-        request.input,
-        identity.user.clone(),
-        vec![Principal::User(identity.user.to_string())],
-        chrono::Utc::now(),
-    );
+    // The run is seen by its starter and by everyone who may decide one of its reviews.
+    let mut owners = vec![Principal::User(identity.user.to_string())];
+    for step in graph.steps() {
+        if let StepKind::Review(spec) = &step.kind {
+            for reviewer in &spec.reviewers {
+                if !owners.contains(reviewer) {
+                    owners.push(reviewer.clone());
+                }
+            }
+        }
+    }
+    if owners.len() > MAX_OWNERS {
+        return Err(ApiError::bad_request(
+            "Invalid workflow",
+            format!("reviewers: {} people and groups would see this run; at most {MAX_OWNERS} may", owners.len()),
+        ));
+    }
+    let mut run = RunRecord::new(graph.name().clone(), request.workflow, request.input, identity.user.clone(), owners, chrono::Utc::now());
     run.step_order = graph.step_order();
+    run.options = options;
     state.store.create_run(&run).await?;
     // The run is stored: it will run even if this hand-over fails, because the sweeper
     // dispatches a run still queued after the grace period. Failing the request now would
@@ -305,38 +319,137 @@ async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: Cont
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// `POST /runs/{id}/resume` (body optional, `{}`): continues a paused run on any runner.
-/// `202`; `409` saying what the run is doing if it does not wait.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResumeBody {
+    step: Option<String>,
+    decision: Option<Verdict>,
+    output: Option<Value>,
+    comment: Option<String>,
+}
+
+/// `POST /runs/{id}/resume`. With no body (or `{}`): continues a paused run on any runner.
+/// With `{ "step", "decision": "approve" | "reject" | "edit", "output"?, "comment"? }`:
+/// decides a review step waiting for it (`output` only with `edit`). `202`; `409` saying
+/// what the run or step is doing if it does not wait.
 async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let _: EmptyBody = parse_body(&body)?;
-    }
+    let request: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) { ResumeBody::default() } else { parse_body(&body)? };
     let run = visible_run(&state, &identity, &id).await?;
+    match request.step {
+        Some(step) => {
+            let decision = Decision { step, decision: request.decision, output: request.output, comment: request.comment };
+            decide_review(&state, &identity, run, decision).await
+        }
+        None if request.decision.is_some() || request.output.is_some() || request.comment.is_some() => {
+            Err(ApiError::bad_request("Invalid request body", "decision, output and comment decide a review: name its `step`"))
+        }
+        None => resume_paused(&state, &identity, run).await,
+    }
+}
+
+async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord) -> Result<Response, ApiError> {
     let resumption = Resumption { by: identity.user.clone(), at: chrono::Utc::now() };
-    match state.store.resume(&run.id, &resumption).await? {
+    let id = &run.id;
+    match state.store.resume(id, &resumption).await? {
         ResumeOutcome::Resumed => {}
         ResumeOutcome::NotWaiting(status) => {
             return Err(ApiError::Conflict(format!("run {id} is not waiting ({}); only a paused run can be resumed", status.as_str())));
         }
         ResumeOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
     }
-    info!(run_id = %run.id, user = %identity.user, "run resumed");
-    if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(run.id.clone(), Cause::Resume)).await {
-        warn!(run_id = %run.id, error = %e, "dispatch failed; the sweeper will continue the run");
+    if run.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Review) {
+        info!(run_id = %id, "a run waiting for reviews was resumed: it waits again unless they are decided");
+    }
+    info!(run_id = %id, user = %identity.user, "run resumed");
+    if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Resume)).await {
+        warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will continue the run");
     }
     let body = json!({
-        "run_id": run.id,
+        "run_id": id,
         "status": RunStatus::Queued,
         "resumed": resumption,
-        "links": { "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) },
+        "links": { "run": format!("/runs/{id}"), "events": format!("/runs/{id}/events") },
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// A body that must be an empty JSON object, when there is one.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EmptyBody {}
+/// A reviewer's answer to a review step, as the resume body gives it.
+struct Decision {
+    step: String,
+    decision: Option<Verdict>,
+    output: Option<Value>,
+    comment: Option<String>,
+}
+
+/// Records a reviewer's decision on a review step that waits for one.
+async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, answer: Decision) -> Result<Response, ApiError> {
+    let Decision { step, decision, output, comment } = answer;
+    let invalid = |detail: String| ApiError::bad_request("Invalid request body", detail);
+    let decision = decision.ok_or_else(|| invalid("decision: required with a step: approve, reject or edit".into()))?;
+    match (decision, &output) {
+        (Verdict::Edit, None) => return Err(invalid("output: an edit needs the output that replaces the step's".into())),
+        (Verdict::Approve | Verdict::Reject, Some(_)) => return Err(invalid("output: only an edit has one".into())),
+        _ => {}
+    }
+    if comment.as_ref().is_some_and(|c| c.chars().count() > MAX_REASON_CHARS) {
+        return Err(invalid(format!("comment: at most {MAX_REASON_CHARS} characters")));
+    }
+    let id = run.id.clone();
+    // Who may decide: the step's reviewers (default: the run's starter). Anyone else is
+    // told there is no such review, as for a run they may not see.
+    let no_review = || ApiError::NotFound(format!("run {id} has no review step {step:?} that you may decide"));
+    let graph = validate_json(&run.definition, &state.models).map_err(|_| no_review())?;
+    let spec = graph.steps().iter().find(|s| s.id.as_str() == step).and_then(|s| match &s.kind {
+        StepKind::Review(spec) => Some(spec),
+        _ => None,
+    });
+    let spec = spec.ok_or_else(no_review)?;
+    let deciders = if spec.reviewers.is_empty() { vec![Principal::User(run.caller.to_string())] } else { spec.reviewers.clone() };
+    if !identity.principals().iter().any(|p| deciders.contains(p)) {
+        return Err(no_review());
+    }
+    let step_id = StepId::parse(&step).map_err(|_| no_review())?;
+    let decided = ReviewDecision { decision, output, comment, by: identity.user.clone(), at: chrono::Utc::now() };
+    if !run.decisions.contains_key(&step_id) {
+        let steps = state.store.get_steps(&id).await?;
+        let status = steps.iter().find(|r| r.step_id == step_id).map_or(StepStatus::Pending, |r| r.status);
+        if status != StepStatus::Waiting {
+            return Err(ApiError::Conflict(format!("step {step} of run {id} is not waiting for a decision (it is {})", status.as_str())));
+        }
+    }
+    let standing = match state.store.decide(&id, &step_id, &decided).await? {
+        DecideOutcome::Recorded { requeued } => {
+            info!(run_id = %id, step_id = %step_id, decision = ?decided.decision, user = %identity.user, requeued, "review decided");
+            if requeued && let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Resume)).await {
+                warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will continue the run");
+            }
+            decided
+        }
+        // The same decision again (a retry, a double click) is answered as the first.
+        DecideOutcome::AlreadyDecided(existing)
+            if existing.decision == decided.decision && existing.output == decided.output && existing.by == decided.by =>
+        {
+            existing
+        }
+        DecideOutcome::AlreadyDecided(existing) => {
+            return Err(ApiError::Conflict(format!(
+                "step {step} of run {id} was already decided: {:?} by {} at {}",
+                existing.decision, existing.by, existing.at
+            )));
+        }
+        DecideOutcome::Finished(status) => {
+            return Err(ApiError::Conflict(format!("run {id} has already ended ({}); its reviews are closed", status.as_str())));
+        }
+        DecideOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
+    };
+    let body = json!({
+        "run_id": id,
+        "step": step_id,
+        "decision": standing,
+        "links": { "run": format!("/runs/{id}"), "events": format!("/runs/{id}/events") },
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
 
 /// `GET /runs/{id}/output`: the run's output, whole — what `GET /runs/{id}` and
 /// `RUN_COMPLETED` link to when it is too large to inline.

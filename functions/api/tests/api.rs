@@ -696,3 +696,100 @@ async fn a_paused_run_waits_shows_what_for_and_resumes_once() {
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(problem["detail"].as_str().unwrap().contains("is not waiting (QUEUED)"), "{problem}");
 }
+
+fn reviewed() -> Value {
+    json!({
+        "workflow": {
+            "name": "reviewed",
+            "defaults": { "model": "amazon.nova-micro-v1:0" },
+            "steps": [
+                { "id": "draft", "type": "llm", "prompt": "DRAFT" },
+                { "id": "check", "type": "review", "show": "Send? {{ steps.draft.text }}", "reviewers": ["user:bob"] },
+                { "id": "send", "type": "llm", "prompt": "SEND {{ steps.check.text }}" }
+            ]
+        }
+    })
+}
+
+impl Api {
+    /// Runs `id` as the runner would, until it ends or waits.
+    async fn execute(&self, id: &str, model: Arc<ScriptedModel>) -> chainrun_core::engine::Outcome {
+        let engine = Engine::new(model, self.store.clone(), self.progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+        let lease = Lease { holder: RunId::new().to_string(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+        let Claim::Acquired(run) = self.store.claim(&RunId::parse(id).unwrap(), &lease, chrono::Utc::now()).await.unwrap() else { panic!() };
+        engine.execute(*run, lease, None).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_reviewer_sees_what_to_review_and_decides_once_and_only_reviewers_may() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", reviewed()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let model = || Arc::new(ScriptedModel::new(vec![Script::reply("DRAFT", "hello"), Script::reply("SEND", "sent")]));
+    assert_eq!(api.execute(&id, model()).await, chainrun_core::engine::Outcome::Waiting);
+
+    // The reviewer sees the run, what it waits for, and the content in their feed.
+    let (status, run) = api.get("bob", &format!("/runs/{id}")).await;
+    assert_eq!((status, run["status"].as_str(), run["waiting"]["kind"].as_str()), (StatusCode::OK, Some("AWAITING_INPUT"), Some("review")), "{run}");
+    let check = run["steps"].as_array().unwrap().iter().find(|s| s["id"] == "check").unwrap().clone();
+    assert_eq!((check["status"].as_str(), check["output"].as_str()), (Some("WAITING"), Some("Send? hello")));
+    let (_, feed) = api.get("bob", "/progress").await;
+    assert_eq!(feed["items"][0]["status"], "AWAITING_INPUT");
+
+    let resume = |user: &'static str, body: Value| {
+        let path = format!("/runs/{id}/resume");
+        let api = &api;
+        async move { api.call("POST", &path, Some(&token(user)), Some(body.to_string().into_bytes())).await }
+    };
+    // Not a reviewer: no such review for them. Bad bodies: 400 naming the field.
+    let (status, _, problem) = resume("alice", json!({ "step": "check", "decision": "approve" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+    for (body, needle) in [
+        (json!({ "step": "check" }), "decision"),
+        (json!({ "step": "check", "decision": "edit" }), "output"),
+        (json!({ "step": "check", "decision": "approve", "output": "x" }), "only an edit"),
+        (json!({ "step": "check", "decision": "maybe" }), "unknown variant"),
+        (json!({ "decision": "approve" }), "name its `step`"),
+    ] {
+        let (status, _, problem) = resume("bob", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(needle), "{body}: {problem}");
+    }
+    let (status, _, problem) = resume("bob", json!({ "step": "send", "decision": "approve" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not a review step: {problem}");
+
+    let dispatched = api.dispatcher.events().len();
+    let edit = json!({ "step": "check", "decision": "edit", "output": "Send? hello, kindly", "comment": "softer" });
+    let (status, _, decided) = resume("bob", edit.clone()).await;
+    assert_eq!((status, decided["decision"]["by"].as_str()), (StatusCode::ACCEPTED, Some("bob")), "{decided}");
+    assert_eq!(api.dispatcher.events().len(), dispatched + 1, "the waiting run is handed to a runner");
+    // The same decision again is answered as the first; a different one is a conflict.
+    let (status, _, again) = resume("bob", edit).await;
+    assert_eq!((status, &again["decision"]), (StatusCode::ACCEPTED, &decided["decision"]));
+    let (status, _, problem) = resume("bob", json!({ "step": "check", "decision": "reject" })).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("already decided: Edit by bob"), "{problem}");
+
+    assert_eq!(api.execute(&id, model()).await, chainrun_core::engine::Outcome::Finished(chainrun_core::run::RunStatus::Completed));
+    let (_, run) = api.get("alice", &format!("/runs/{id}")).await;
+    let send = run["steps"].as_array().unwrap().iter().find(|s| s["id"] == "send").unwrap().clone();
+    assert_eq!(send["status"], "COMPLETED");
+    let (status, _, problem) = resume("bob", json!({ "step": "check", "decision": "approve" })).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+}
+
+#[tokio::test]
+async fn run_options_take_auto_approve_and_refuse_anything_else_by_name() {
+    let api = api();
+    let mut body = reviewed();
+    body["options"] = json!({ "auto_approve": true });
+    let (status, _, accepted) = api.start("alice", body.clone()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let id = accepted["run_id"].as_str().unwrap();
+    assert!(api.store.get_run(&RunId::parse(id).unwrap()).await.unwrap().unwrap().options.auto_approve);
+    body["options"] = json!({ "auto_aprove": true });
+    let (status, _, problem) = api.start("alice", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(problem["detail"].as_str().unwrap().contains("options: unknown field `auto_aprove`"), "{problem}");
+}

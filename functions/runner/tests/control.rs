@@ -219,3 +219,100 @@ async fn a_paused_run_can_be_cancelled_and_ends_without_running_anything() {
     assert_eq!(deliver(&s, &run.id, Cause::Control).await.unwrap(), Handled::Finished(RunStatus::Cancelled));
     assert_eq!(s.model.calls().len(), 0);
 }
+
+// ---------------------------------------------------------------- review steps
+
+fn decide(verdict: chainrun_core::run::Verdict, output: Option<Value>) -> chainrun_core::run::ReviewDecision {
+    chainrun_core::run::ReviewDecision { decision: verdict, output, comment: Some("looks right".into()), by: "bob".parse().unwrap(), at: Utc::now() }
+}
+
+fn review_flow() -> Value {
+    json!([
+        { "id": "draft", "type": "llm", "prompt": "DRAFT" },
+        { "id": "approve", "type": "review", "show": "Send this? {{ steps.draft.text }}", "reviewers": ["user:bob"] },
+        { "id": "send", "type": "llm", "prompt": "SEND {{ steps.approve.text }}" },
+        { "id": "side", "type": "llm", "prompt": "SIDE" }
+    ])
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_review_waits_for_its_decision_while_other_branches_finish_then_downstream_reads_the_approved_content() {
+    use chainrun_core::ports::DecideOutcome;
+    use chainrun_core::run::Verdict;
+    let s = setup(vec![Script::reply("DRAFT", "Dear customer"), Script::reply("SIDE", "x"), Script::reply("SEND", "sent")]);
+    let run = queue(s.store.as_ref(), review_flow()).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    assert_eq!((s.model.calls_matching("SIDE"), s.model.calls_matching("SEND")), (1, 0), "the other branch ran; send waits");
+    let parked = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(parked.status, RunStatus::AwaitingInput);
+    assert_eq!(parked.waiting.as_ref().map(|w| w.steps.iter().map(|s| s.to_string()).collect::<Vec<_>>()), Some(vec!["approve".to_owned()]));
+    let events = s.progress.events(&run.id);
+    let asked = events.iter().find(|e| e.kind == EventType::AwaitingInput && e.step_id.is_some()).unwrap();
+    assert_eq!((asked.data["show"].as_str(), &asked.data["reviewers"]), (Some("Send this? Dear customer"), &json!(["user:bob"])));
+    let step = s.store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "approve").unwrap();
+    assert_eq!(step.status, StepStatus::Waiting);
+
+    // A week later, a decision queues the run; the next runner continues it.
+    tokio::time::sleep(Duration::from_secs(7 * 86_400)).await;
+    let id = chainrun_core::ids::StepId::parse("approve").unwrap();
+    assert_eq!(s.store.decide(&run.id, &id, &decide(Verdict::Approve, None)).await.unwrap(), DecideOutcome::Recorded { requeued: true });
+    assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let prompts: Vec<String> = s.model.calls().into_iter().map(|c| c.prompt).collect();
+    assert!(prompts.contains(&"SEND Send this? Dear customer".to_owned()), "{prompts:?}");
+    assert_eq!(s.model.calls().len(), 3, "each call once");
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    let approve = steps.iter().find(|r| r.step_id.as_str() == "approve").unwrap();
+    assert_eq!((approve.status, approve.detail.as_ref().map(|d| d["by"].clone())), (StepStatus::Completed, Some(json!("bob"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_edited_review_passes_the_reviewers_output_downstream_and_a_rejection_fails_the_run() {
+    use chainrun_core::run::Verdict;
+    let s = setup(vec![Script::reply("DRAFT", "Dear customer"), Script::reply("SIDE", "x"), Script::reply("SEND", "sent")]);
+    let edited = queue(s.store.as_ref(), review_flow()).await;
+    assert_eq!(deliver(&s, &edited.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    let id = chainrun_core::ids::StepId::parse("approve").unwrap();
+    s.store.decide(&edited.id, &id, &decide(Verdict::Edit, Some(json!("Dear valued customer")))).await.unwrap();
+    assert_eq!(deliver(&s, &edited.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!(s.model.calls_matching("SEND Dear valued customer"), 1);
+
+    let rejected = queue(s.store.as_ref(), review_flow()).await;
+    assert_eq!(deliver(&s, &rejected.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    s.store.decide(&rejected.id, &id, &decide(Verdict::Reject, None)).await.unwrap();
+    assert_eq!(deliver(&s, &rejected.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Failed));
+    let run = s.store.get_run(&rejected.id).await.unwrap().unwrap();
+    let error = run.error.unwrap();
+    assert_eq!(error.code, "REVIEW_REJECTED");
+    assert!(error.message.contains("rejected by bob: looks right"), "{}", error.message);
+    assert_eq!(s.model.calls_matching("SEND"), 1, "nothing was sent for the rejected draft");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_decision_made_while_the_run_still_works_is_used_without_waiting() {
+    use chainrun_core::run::Verdict;
+    let s = setup(vec![Script::reply("DRAFT", "d"), Script::reply("SIDE", "x").with_latency(Duration::from_secs(30)), Script::reply("SEND", "sent")]);
+    let run = queue(s.store.as_ref(), review_flow()).await;
+    let delivery = deliver(&s, &run.id, Cause::Start);
+    tokio::time::sleep(Duration::from_secs(5)).await; // the review waits, `side` still runs
+    let id = chainrun_core::ids::StepId::parse("approve").unwrap();
+    s.store.decide(&run.id, &id, &decide(Verdict::Approve, None)).await.unwrap();
+    // The runner does not park over the decision: it hands the run on to continue.
+    assert_eq!(delivery.await.unwrap(), Handled::Suspended);
+    assert_eq!(deliver(&s, &run.id, Cause::Continue).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!(s.model.calls_matching("SEND"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn auto_approve_approves_every_review_at_once_and_records_it() {
+    let s = setup(vec![Script::reply("DRAFT", "d"), Script::reply("SIDE", "x"), Script::reply("SEND", "sent")]);
+    let def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": review_flow() });
+    let mut run =
+        RunRecord::new("t".parse().unwrap(), def.clone(), json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
+    run.options.auto_approve = true;
+    s.store.create_run(&run).await.unwrap();
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let steps = s.store.get_steps(&run.id).await.unwrap();
+    let approve = steps.iter().find(|r| r.step_id.as_str() == "approve").unwrap();
+    assert_eq!(approve.detail.as_ref().map(|d| d["by"].clone()), Some(json!("auto_approve")));
+    assert!(!s.progress.events(&run.id).iter().any(|e| e.kind == EventType::AwaitingInput));
+}

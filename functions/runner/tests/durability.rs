@@ -8,11 +8,13 @@ use async_trait::async_trait;
 use chainrun_core::codes::ErrorCode;
 use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineConfig};
-use chainrun_core::ids::{Principal, RunId};
+use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
-use chainrun_core::ports::{Claim, ControlOutcome, Lease, ResumeOutcome, RunStore, StoreError};
+use chainrun_core::ports::{Claim, ControlOutcome, DecideOutcome, Lease, ResumeOutcome, RunStore, StoreError};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::run::{Cause, ControlRequest, Event, EventType, Resumption, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus, Waiting};
+use chainrun_core::run::{
+    Cause, ControlRequest, Event, EventType, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus, Waiting,
+};
 use chainrun_runner::{Handled, Runner};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -169,8 +171,11 @@ impl RunStore for Refusing {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         self.inner.request_control(id, request).await
     }
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
-        self.inner.park(id, lease, waiting).await
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
+        self.inner.park(id, lease, waiting, decisions).await
+    }
+    async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError> {
+        self.inner.decide(id, step, decision).await
     }
     async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {
         self.inner.resume(id, resumption).await

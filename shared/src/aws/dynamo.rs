@@ -27,7 +27,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, ReturnValue, 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tracing::{debug, instrument};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
@@ -64,6 +64,32 @@ fn parse_json(raw: &str, item: &str, attribute: &str) -> Result<Value, StoreErro
     serde_json::from_str(raw).map_err(|e| StoreError::Corrupt(format!("{item}: {attribute} is not JSON: {e}")))
 }
 
+/// A review decision as stored in the run's META item: the edited output as a JSON string,
+/// like every other document (DynamoDB numbers would not round-trip every JSON number).
+#[derive(Serialize, Deserialize)]
+struct StoredDecision {
+    decision: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
+    by: UserId,
+    at: DateTime<Utc>,
+}
+
+impl From<&ReviewDecision> for StoredDecision {
+    fn from(d: &ReviewDecision) -> Self {
+        Self { decision: d.decision, output: d.output.as_ref().map(json_string), comment: d.comment.clone(), by: d.by.clone(), at: d.at }
+    }
+}
+
+impl StoredDecision {
+    fn into_decision(self, item: &str, step: &StepId) -> Result<ReviewDecision, StoreError> {
+        let output = self.output.as_deref().map(|o| parse_json(o, item, &format!("decisions.{step}.output"))).transpose()?;
+        Ok(ReviewDecision { decision: self.decision, output, comment: self.comment, by: self.by, at: self.at })
+    }
+}
+
 /// A run's META item, as stored.
 #[derive(Serialize, Deserialize)]
 struct RunItem {
@@ -96,6 +122,10 @@ struct RunItem {
     waiting: Option<Waiting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resumed: Option<Resumption>,
+    #[serde(default, skip_serializing_if = "RunOptions::is_default")]
+    options: RunOptions,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    decisions: BTreeMap<StepId, StoredDecision>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -133,6 +163,8 @@ impl RunItem {
             control: run.control.clone(),
             waiting: run.waiting.clone(),
             resumed: run.resumed.clone(),
+            options: run.options.clone(),
+            decisions: run.decisions.iter().map(|(step, d)| (step.clone(), StoredDecision::from(d))).collect(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -166,6 +198,8 @@ impl RunItem {
             control: self.control,
             waiting: self.waiting,
             resumed: self.resumed,
+            options: self.options,
+            decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             totals: self.totals,
         })
     }
@@ -702,7 +736,7 @@ impl RunStore for DynamoStore {
     }
 
     #[instrument(skip_all, fields(run_id = %id, kind = ?waiting.kind))]
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting) -> Result<(), StoreError> {
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
         let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(waiting)
             .map_err(|e| StoreError::Rejected(defect(&format!("what run {id} waits for"), e)))?;
         // Out of the sweep index too: a waiting run is nobody's to take over.
@@ -714,24 +748,88 @@ impl RunStore for DynamoStore {
             .update_expression(
                 "SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control",
             )
-            .condition_expression("lease_holder = :holder")
+            .condition_expression("lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided)")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#waiting", "waiting")
             .expression_attribute_names("#control", "control")
+            .expression_attribute_names("#decisions", "decisions")
             .expression_attribute_values(":holder", s(&lease.holder))
             .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
             .expression_attribute_values(":waiting", value)
+            .expression_attribute_values(":decided", n(decisions))
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
-            Err(e) if is_condition_failure(&e) => match self.get_run(id).await? {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failure(&e) => match self.get_meta(id).await? {
                 // The SDK's retry of our own write whose reply was lost.
-                Some(stored) if stored.waiting.as_ref() == Some(waiting) => Ok(()),
+                Some(stored) if stored.waiting.as_ref() == Some(waiting) => Ok(true),
+                // A decision arrived since we read the run: go on with it instead.
+                Some(stored) if stored.lease_holder.as_deref() == Some(lease.holder.as_str()) && stored.decisions.len() != decisions => Ok(false),
                 _ => Err(StoreError::LeaseLost(id.clone())),
             },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, step_id = %step, decision = ?decision.decision))]
+    async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError> {
+        let stored = StoredDecision::from(decision);
+        let encode = |e: serde_dynamo::Error| StoreError::Rejected(defect(&format!("the decision on step {step} of run {id}"), e));
+        let one = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(&stored).map_err(encode)?;
+        let map = AttributeValue::M(HashMap::from([(step.to_string(), one.clone())]));
+        // Each write is conditional on the state it was chosen for; a race sends us round
+        // again, and the states only move forward, so this ends.
+        for _ in 0..4 {
+            let Some(run) = self.get_run(id).await? else { return Ok(DecideOutcome::NotFound) };
+            if let Some(existing) = run.decisions.get(step) {
+                return Ok(DecideOutcome::AlreadyDecided(existing.clone()));
+            }
+            if run.status.is_terminal() {
+                return Ok(DecideOutcome::Finished(run.status));
+            }
+            let first = run.decisions.is_empty();
+            let requeue = run.status == RunStatus::AwaitingInput;
+            let (set_decision, decision_absent) = match first {
+                true => ("#decisions = :decisions", "attribute_not_exists(#decisions)"),
+                false => ("#decisions.#step = :decision", "attribute_not_exists(#decisions.#step)"),
+            };
+            let mut update = self
+                .client
+                .update_item()
+                .table_name(&self.tables.runs)
+                .set_key(Some(self.meta_key(id)))
+                .expression_attribute_names("#decisions", "decisions")
+                .expression_attribute_names("#status", "status");
+            update = match first {
+                true => update.expression_attribute_values(":decisions", map.clone()),
+                false => update.expression_attribute_names("#step", step.as_str()).expression_attribute_values(":decision", one.clone()),
+            };
+            update = match requeue {
+                // Nobody holds a waiting run: queue it for the next runner.
+                true => update
+                    .update_expression(format!("SET {set_decision}, #status = :queued, #shard = :shard, #sweep_at = :due REMOVE #waiting"))
+                    .condition_expression(format!("{decision_absent} AND #status = :waiting_status"))
+                    .expression_attribute_names("#shard", "sweep_shard")
+                    .expression_attribute_names("#sweep_at", "sweep_at")
+                    .expression_attribute_names("#waiting", "waiting")
+                    .expression_attribute_values(":queued", s("QUEUED"))
+                    .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+                    .expression_attribute_values(":shard", s(sweep_shard(id)))
+                    .expression_attribute_values(":due", n((decision.at + self.queued_grace).timestamp_millis())),
+                false => update
+                    .update_expression(format!("SET {set_decision}"))
+                    .condition_expression(format!("{decision_absent} AND #status IN (:queued, :running)"))
+                    .expression_attribute_values(":queued", s("QUEUED"))
+                    .expression_attribute_values(":running", s("RUNNING")),
+            };
+            match update.send().await {
+                Ok(_) => return Ok(DecideOutcome::Recorded { requeued: requeue }),
+                Err(e) if is_condition_failure(&e) => continue,
+                Err(e) => return Err(store_err(&self.tables.runs)(e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!("run {id} kept changing while a decision was recorded; try again")))
     }
 
     #[instrument(skip_all, fields(run_id = %id, by = %resumption.by))]

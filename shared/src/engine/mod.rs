@@ -25,6 +25,7 @@ pub mod end;
 pub mod journal;
 mod llm;
 mod map;
+mod review;
 mod router;
 mod running;
 pub mod schedule;
@@ -34,6 +35,7 @@ mod transform;
 use crate::budget::BudgetLimits;
 use crate::codes::ErrorCode;
 use crate::graph::{StepKind, ValidatedGraph};
+use crate::ids::StepId;
 use crate::limits;
 use crate::ports::{DailySpend, JournalError, Lease, ModelClient, ProgressError, ProgressSink, RunStore, StoreError};
 use crate::pricing::ModelRegistry;
@@ -52,7 +54,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use step::{Inputs, Leftover, StepContext, run_output};
+use step::{Inputs, Leftover, Ran, StepContext, run_output};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
@@ -63,7 +65,7 @@ type Checkpoints = (Vec<Option<StepRecord>>, Vec<Option<Leftover>>, Reached);
 
 /// A running step: its index and how it ended (`None`: the deadline interrupted it), or
 /// the panic it raised.
-type StepTask = BoxFuture<'static, std::thread::Result<(usize, Result<Option<StepRecord>, EngineError>)>>;
+type StepTask = BoxFuture<'static, std::thread::Result<(usize, Result<Ran, EngineError>)>>;
 
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
@@ -291,6 +293,11 @@ impl Engine {
                 run_id: run.id.clone(),
                 deadline,
                 pausing: Default::default(),
+                reviews: review::Reviews {
+                    decisions: run.decisions.clone(),
+                    auto_approve: run.options.auto_approve,
+                    starter: Some(run.caller.clone()),
+                },
             });
 
             let mut control = self.control.clone();
@@ -314,6 +321,8 @@ impl Engine {
             let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
             let mut out_of_time = false;
+            // Review steps waiting for their decisions.
+            let mut reviews_waiting: Vec<StepId> = Vec::new();
             loop {
                 // Decide every step whose dependencies have settled; skips cascade through here.
                 while let Some((i, decision)) = schedule.decide_next() {
@@ -376,10 +385,17 @@ impl Engine {
                         continue;
                     }
                 };
-                let Some(record) = result? else {
-                    // A map the deadline (or a pause) interrupted: it continues later.
-                    out_of_time |= pausing.is_none();
-                    continue;
+                let record = match result? {
+                    Ran::Settled(record) => record,
+                    Ran::Interrupted => {
+                        // A map the deadline (or a pause) interrupted: it continues later.
+                        out_of_time |= pausing.is_none();
+                        continue;
+                    }
+                    Ran::Waiting => {
+                        reviews_waiting.push(graph.steps()[i].id.clone());
+                        continue;
+                    }
                 };
                 if record.status == StepStatus::Failed && graph.steps()[i].required && failure.is_none() {
                     let error = record.error.clone().unwrap_or_else(|| ErrorInfo::terminal(ErrorCode::StepFailed, "failed"));
@@ -401,18 +417,40 @@ impl Engine {
                 return end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await;
             }
             let settled_steps = records.iter().flatten().count();
-            if let Some(request) = pausing.filter(|_| settled_steps < records.len()) {
-                let waiting = Waiting { kind: WaitKind::Paused, by: Some(request.by), since: Utc::now(), reason: request.reason };
-                let body = EventBody::AwaitingInput(AwaitingInput { waiting: waiting.clone(), settled_steps, steps: records.len() });
+            // Nothing more can run now: paused, or every way on waits for a review.
+            let waits = match pausing {
+                Some(request) => {
+                    Some(Waiting { kind: WaitKind::Paused, by: Some(request.by), since: Utc::now(), reason: request.reason, steps: reviews_waiting })
+                }
+                None if !out_of_time && !reviews_waiting.is_empty() => {
+                    Some(Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: reviews_waiting })
+                }
+                None => None,
+            };
+            if let Some(waiting) = waits.filter(|_| settled_steps < records.len()) {
+                let (settled, steps) = (Some(settled_steps), Some(records.len()));
+                let body = EventBody::AwaitingInput(AwaitingInput {
+                    waiting: waiting.clone(),
+                    show: None,
+                    reviewers: Vec::new(),
+                    settled_steps: settled,
+                    steps,
+                });
                 journal
                     .emit_with(body, None, None, None, |s| {
                         s.status = RunStatus::AwaitingInput;
                         s.current_step = None;
                     })
                     .await?;
-                self.store.park(&run.id, &lease, &waiting).await?;
-                info!(settled_steps, "paused: waiting, holding no runner");
-                return Ok(Outcome::Waiting);
+                if self.store.park(&run.id, &lease, &waiting, run.decisions.len()).await? {
+                    info!(settled_steps, kind = ?waiting.kind, "waiting for a person, holding no runner");
+                    return Ok(Outcome::Waiting);
+                }
+                // A decision arrived while this runner worked: continue with it, in a
+                // fresh invocation that reads it.
+                info!("a review decision arrived meanwhile; continuing");
+                self.store.release(&run.id, &lease).await?;
+                return Ok(Outcome::Suspended);
             }
             if settled_steps < records.len() {
                 journal.emit(EventBody::RunSuspended(RunSuspended { settled_steps, steps: records.len() }), None, None).await?;
@@ -461,7 +499,8 @@ impl Engine {
                 _ => Vec::new(),
             };
             items.iter().for_each(|item| reached.item(&saved.step_id, item));
-            left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items });
+            let waiting = saved.status == StepStatus::Waiting;
+            left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items, waiting });
         }
         Ok((records, left, reached))
     }

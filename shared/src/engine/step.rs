@@ -38,6 +38,8 @@ pub struct StepContext {
     pub deadline: Option<Instant>,
     /// Set when the run was asked to pause: work in flight finishes, nothing new starts.
     pub pausing: std::sync::atomic::AtomicBool,
+    /// Review steps: the decisions made so far, and what applies to the others.
+    pub reviews: super::review::Reviews,
 }
 
 impl StepContext {
@@ -72,6 +74,20 @@ pub struct Work {
 pub struct Leftover {
     pub carried: Carried,
     pub items: Vec<ItemRecord>,
+    /// The step is a review that already announced it waits.
+    pub waiting: bool,
+}
+
+/// How running a step ended.
+// `Settled` is nearly every step's end: boxing it would cost an allocation per step on the
+// path the overhead benchmark measures, to save stack space in the rare other cases.
+#[allow(clippy::large_enum_variant)]
+pub enum Ran {
+    Settled(StepRecord),
+    /// Stopped before it finished (a map near the deadline or pausing); it continues later.
+    Interrupted,
+    /// A review waiting for its decision.
+    Waiting,
 }
 
 impl Leftover {
@@ -118,8 +134,8 @@ impl StepContext {
     /// Runs `step`; `left` is what runners that died while it ran left of it. `None` when
     /// the deadline came before the step could finish (a map with items left): what it
     /// finished is checkpointed, and it continues in the next invocation.
-    pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Option<StepRecord>, EngineError> {
-        let Leftover { carried, items } = left.unwrap_or_default();
+    pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Ran, EngineError> {
+        let Leftover { carried, items, waiting } = left.unwrap_or_default();
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
         async move {
             let started_at = Utc::now();
@@ -145,9 +161,13 @@ impl StepContext {
                     running.announce(&self.journal, None).await?;
                     match self.run_map(&step.id, spec, &inputs, items).await? {
                         Some(work) => work,
-                        None => return Ok(None),
+                        None => return Ok(Ran::Interrupted),
                     }
                 }
+                StepKind::Review(spec) => match self.review(&step.id, spec, &inputs, waiting, &mut running).await? {
+                    Some(work) => work,
+                    None => return Ok(Ran::Waiting),
+                },
             };
             // A step that failed before calling a model has not announced itself yet.
             running.announce(&self.journal, None).await?;
@@ -208,7 +228,7 @@ impl StepContext {
                     }
                 })
                 .await?;
-            Ok(Some(record))
+            Ok(Ran::Settled(record))
         }
         .instrument(span)
         .await

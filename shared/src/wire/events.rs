@@ -104,16 +104,25 @@ pub struct RunResumed {
     pub by: Option<UserId>,
 }
 
-/// The run waits for a person, holding no runner: steps in flight have finished and
-/// nothing new starts until `POST /runs/{id}/resume`.
+/// Something waits for a person. With a `step_id`: a review step waits for its decision
+/// (`show` is what is to be reviewed, `reviewers` who may decide); other branches of the
+/// run go on. Without: the run itself waits, holding no runner, until
+/// `POST /runs/{id}/resume` (or the decisions it waits for).
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct AwaitingInput {
-    /// What it waits for (`paused`), who asked, and why.
+    /// What it waits for (`paused`, `review`), who asked, and why.
     #[serde(flatten)]
     pub waiting: crate::run::Waiting,
-    /// Steps settled so far, of the run's steps.
-    pub settled_steps: usize,
-    pub steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub show: Option<String>,
+    /// `user:<id>` / `group:<name>`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reviewers: Vec<String>,
+    /// Steps settled so far, of the run's steps (the run-level event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
 }
 
 /// The invocation's deadline came near: settled steps are checkpointed and the run is

@@ -126,6 +126,8 @@ pub enum StepDetail {
     Route(RouteDetail),
     Map(MapDetail),
     Refused(Refused),
+    /// A review step's decision: who decided what, and why.
+    Review(crate::run::ReviewDecision),
 }
 
 impl StepDetail {
