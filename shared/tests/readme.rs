@@ -104,3 +104,49 @@ async fn the_readme_example_runs_the_negative_branch_end_to_end() {
     assert_eq!(status["escalate"], StepStatus::Completed);
     assert_eq!(model.calls_matching("thank-you"), 0, "the branch not chosen never calls the model");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_readme_content_pipeline_waits_for_its_editor_and_publishes_the_edit() {
+    use chainrun_core::engine::Outcome;
+    use chainrun_core::run::{ReviewDecision, Verdict};
+    let definition: Value = serde_json::from_str(&readme_block("A content pipeline with a review gate:", 0)).expect("valid JSON");
+    let registry = Arc::new(ModelRegistry::builtin());
+    let graph = validate_json(&definition, &registry).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let model = Arc::new(ScriptedModel::new(vec![
+        Script::reply("Outline", "1. why 2. how"),
+        Script::reply("Write the post", "A draft post."),
+        Script::reply("social posts", "#launch"),
+    ]));
+    let engine = Engine::new(model.clone(), store.clone(), Arc::new(MemoryProgress::new()), registry, EngineConfig::default());
+    let mut run = RunRecord::new(
+        graph.name().clone(),
+        definition,
+        json!({ "topic": "review gates" }),
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into()), Principal::Group("editors".into())],
+        Utc::now(),
+    );
+    run.step_order = graph.step_order();
+    store.create_run(&run).await.unwrap();
+    let execute = || async {
+        let lease = Lease { holder: chainrun_core::ids::RunId::new().to_string(), expires_at: Utc::now() + chrono::Duration::minutes(5) };
+        let Claim::Acquired(claimed) = store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim") };
+        engine.execute(*claimed, lease, None).await.unwrap()
+    };
+    assert_eq!(execute().await, Outcome::Waiting, "the draft waits for its editor");
+    let waiting = store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "editor").unwrap();
+    assert_eq!((waiting.status, waiting.output), (StepStatus::Waiting, Some(json!("A draft post."))));
+    let edit = ReviewDecision {
+        decision: Verdict::Edit,
+        output: Some(json!("The corrected post.")),
+        comment: Some("tightened the intro".into()),
+        by: "erin".parse().unwrap(),
+        at: Utc::now(),
+    };
+    store.decide(&run.id, &chainrun_core::ids::StepId::parse("editor").unwrap(), &edit).await.unwrap();
+    assert_eq!(execute().await, Outcome::Finished(RunStatus::Completed));
+    assert_eq!(model.calls_matching("announcing:\nThe corrected post."), 1, "social is written from the edit");
+    let done = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(done.output, Some(json!("The corrected post.\n\n---\n#launch")));
+}
