@@ -664,3 +664,56 @@ impl ModelClient for ScriptedModel {
         Ok(reply)
     }
 }
+
+// ---------------------------------------------------------------- idempotency keys
+
+enum KeyState {
+    Pending { fingerprint: String, until: DateTime<Utc> },
+    Done { fingerprint: String, response: StoredResponse },
+}
+
+/// Idempotency keys in memory, with the DynamoDB adapter's semantics.
+#[derive(Default)]
+pub struct MemoryIdempotency {
+    keys: Mutex<HashMap<(String, String), KeyState>>,
+}
+
+impl MemoryIdempotency {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Idempotency for MemoryIdempotency {
+    async fn begin(&self, scope: &str, key: &str, fingerprint: &str, now: DateTime<Utc>) -> Result<KeyClaim, StoreError> {
+        let mut keys = lock(&self.keys);
+        let slot = (scope.to_owned(), key.to_owned());
+        let claim = match keys.get(&slot) {
+            Some(KeyState::Done { fingerprint: f, .. } | KeyState::Pending { fingerprint: f, .. }) if f != fingerprint => KeyClaim::Mismatch,
+            Some(KeyState::Done { response, .. }) => KeyClaim::Replay(response.clone()),
+            Some(KeyState::Pending { until, .. }) if *until > now => KeyClaim::InProgress,
+            _ => KeyClaim::New,
+        };
+        if claim == KeyClaim::New {
+            let until = now + chrono::Duration::seconds(KEY_PENDING_SECS);
+            keys.insert(slot, KeyState::Pending { fingerprint: fingerprint.to_owned(), until });
+        }
+        Ok(claim)
+    }
+
+    async fn complete(&self, scope: &str, key: &str, fingerprint: &str, response: &StoredResponse) -> Result<(), StoreError> {
+        let done = KeyState::Done { fingerprint: fingerprint.to_owned(), response: response.clone() };
+        lock(&self.keys).insert((scope.to_owned(), key.to_owned()), done);
+        Ok(())
+    }
+
+    async fn abandon(&self, scope: &str, key: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let mut keys = lock(&self.keys);
+        let slot = (scope.to_owned(), key.to_owned());
+        if matches!(keys.get(&slot), Some(KeyState::Pending { fingerprint: f, .. }) if f == fingerprint) {
+            keys.remove(&slot);
+        }
+        Ok(())
+    }
+}

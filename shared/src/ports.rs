@@ -498,3 +498,45 @@ pub trait DailySpend: Send + Sync {
     /// `owner`'s counter for `day` (zero if nothing was reserved that day).
     async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError>;
 }
+
+// ---------------------------------------------------------------- idempotency keys
+
+/// A response kept for an idempotency key, to answer a repeat of its request with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// What a request carrying an idempotency key may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyClaim {
+    /// First use (or an earlier attempt that never finished): handle the request.
+    New,
+    /// Handled before: answer with this.
+    Replay(StoredResponse),
+    /// Another request with this key is being handled right now.
+    InProgress,
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// Idempotency keys (`Idempotency-Key`), per caller: a request repeated with the same key
+/// gets the first one's answer instead of acting twice. Keys are kept a day.
+#[async_trait]
+pub trait Idempotency: Send + Sync {
+    /// Claims `key` of `scope` (the caller) for a request whose `fingerprint` is given. A
+    /// claim left pending longer than a request can take is taken over.
+    async fn begin(&self, scope: &str, key: &str, fingerprint: &str, now: DateTime<Utc>) -> Result<KeyClaim, StoreError>;
+    /// Keeps the response of the request that claimed `key`.
+    async fn complete(&self, scope: &str, key: &str, fingerprint: &str, response: &StoredResponse) -> Result<(), StoreError>;
+    /// Gives the claim up (the request failed in a way a retry may fix).
+    async fn abandon(&self, scope: &str, key: &str, fingerprint: &str) -> Result<(), StoreError>;
+}
+
+/// How long a claimed key waits for its request's answer before another may take it (the
+/// API function's timeout is 29 s).
+pub const KEY_PENDING_SECS: i64 = 60;
+
+/// How long a key and its response are kept.
+pub const KEY_RETENTION_HOURS: i64 = 24;

@@ -1459,3 +1459,38 @@ async fn dynamodb_day_holds_honour_the_contract() {
     let (client, tables) = moto_tables(&moto).await;
     day_holds_contract(Arc::new(DynamoDailySpend::new(client, tables))).await;
 }
+
+// ---------------------------------------------------------------- idempotency keys
+
+async fn idempotency_contract(keys: Arc<dyn Idempotency>) {
+    let now = Utc::now();
+    let answer = StoredResponse { status: 202, body: r#"{"run_id":"01J…","é":"✓"}"#.into() };
+    assert_eq!(keys.begin("alice", "k1", "fp-a", now).await.unwrap(), KeyClaim::New);
+    assert_eq!(keys.begin("alice", "k1", "fp-a", now).await.unwrap(), KeyClaim::InProgress, "a repeat while the first is handled");
+    assert_eq!(keys.begin("alice", "k1", "fp-b", now).await.unwrap(), KeyClaim::Mismatch, "the key names another request");
+    assert_eq!(keys.begin("bob", "k1", "fp-b", now).await.unwrap(), KeyClaim::New, "keys are per caller");
+    keys.complete("alice", "k1", "fp-a", &answer).await.unwrap();
+    assert_eq!(keys.begin("alice", "k1", "fp-a", now).await.unwrap(), KeyClaim::Replay(answer.clone()));
+    assert_eq!(keys.begin("alice", "k1", "fp-b", now).await.unwrap(), KeyClaim::Mismatch);
+    keys.abandon("alice", "k1", "fp-a").await.unwrap();
+    assert_eq!(keys.begin("alice", "k1", "fp-a", now).await.unwrap(), KeyClaim::Replay(answer), "an answered key is never given up");
+
+    // A claim given up, or left pending past its time (its request died), is free again.
+    assert_eq!(keys.begin("alice", "k2", "fp", now).await.unwrap(), KeyClaim::New);
+    keys.abandon("alice", "k2", "fp").await.unwrap();
+    assert_eq!(keys.begin("alice", "k2", "fp", now).await.unwrap(), KeyClaim::New);
+    let later = now + Duration::seconds(KEY_PENDING_SECS + 1);
+    assert_eq!(keys.begin("alice", "k2", "fp", later).await.unwrap(), KeyClaim::New);
+}
+
+#[tokio::test]
+async fn memory_idempotency_honours_the_contract() {
+    idempotency_contract(Arc::new(chainrun_core::memory::MemoryIdempotency::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_idempotency_honours_the_contract() {
+    let Some(moto) = moto("dynamodb_idempotency_honours_the_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    idempotency_contract(Arc::new(chainrun_core::aws::DynamoIdempotency::new(client, tables))).await;
+}

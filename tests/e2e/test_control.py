@@ -172,3 +172,26 @@ def test_a_review_gate_waits_for_its_reviewer_who_edits_and_the_edit_goes_downst
     _, _, run = api("GET", f"/runs/{run_id}", token=alice)
     check = next(s for s in run["steps"] if s["id"] == "check")
     assert check["status"] == "COMPLETED" and check["output"] == "Dear customer, yes."
+
+
+def test_a_start_and_a_cancel_repeated_with_an_idempotency_key_act_once(api, stack, devmodel):
+    m = marker("idem")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "ok"}, "latency_ms": 5000})
+    token = stack.token("alice")
+    body = {"workflow": workflow("e2e-idempotent", [{"id": "a", "type": "llm", "prompt": m + " go"}]), "input": {}}
+    key = {"Idempotency-Key": m}
+    first = api("POST", "/runs", token=token, body=body, headers=key)
+    again = api("POST", "/runs", token=token, body=body, headers=key)
+    assert first[0] == again[0] == 202 and first[2] == again[2], (first, again)
+    assert again[1].get("Idempotent-Replayed") == "true"
+    other = dict(body, input={"x": 1})
+    status, _, problem = api("POST", "/runs", token=token, body=other, headers=key)
+    assert status == 422, problem
+    run_id = first[2]["run_id"]
+    cancel = {"Idempotency-Key": m + "-cancel"}
+    c1 = api("POST", f"/runs/{run_id}/cancel", token=token, headers=cancel)
+    c2 = api("POST", f"/runs/{run_id}/cancel", token=token, headers=cancel)
+    assert c1[0] == c2[0] == 202 and c1[2] == c2[2]
+    events = follow(api, token, run_id, timeout=30, limit=100)
+    assert events[-1]["type"] == "RUN_CANCELLED"
+    assert len(calls_with(devmodel, m)) <= 1, "one run, at most its one call"

@@ -23,6 +23,10 @@ pub enum ApiError {
     /// The request does not fit the state of what it acts on (a cancel of an ended run).
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed, but not something that can be done (an idempotency key reused for
+    /// another request).
+    #[error("{0}")]
+    Unprocessable(String),
     /// A dependency is unavailable; the client may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -43,6 +47,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", "Unprocessable request"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod error;
 mod history;
+pub mod idempotency;
 
 use auth::{Authenticator, Identity};
 use axum::body::Bytes;
@@ -18,7 +19,7 @@ use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{StepKind, ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::ports::{
-    Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
+    Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, Idempotency, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
 };
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{
@@ -68,6 +69,8 @@ pub struct AppState {
     /// The daily spend counters the runner keeps, and the caps it enforces.
     pub daily: Arc<dyn DailySpend>,
     pub daily_caps: Arc<DailyCaps>,
+    /// `Idempotency-Key`s and the answers they replay.
+    pub idempotency: Arc<dyn Idempotency>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -85,7 +88,10 @@ pub fn app(state: AppState) -> Router {
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .fallback(not_found);
-    routes.layer(axum::extract::DefaultBodyLimit::disable()).with_state(state)
+    routes
+        .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
 }
 
 async fn not_found() -> ApiError {

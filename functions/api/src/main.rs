@@ -2,7 +2,8 @@
 
 use chainrun_api::{ApiConfig, AppState, app};
 use chainrun_core::aws::{
-    DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
+    DynamoAnalytics, DynamoDailySpend, DynamoIdempotency, DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client,
+    s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ async fn main() -> Result<(), lambda_http::Error> {
             .with_queued_grace(config.core.durability.queued_grace),
     );
     let state = AppState {
+        idempotency: Arc::new(DynamoIdempotency::new(dynamodb.clone(), config.core.tables.clone())),
         store: store.clone(),
         progress,
         history: store,

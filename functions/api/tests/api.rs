@@ -35,6 +35,7 @@ fn api() -> Api {
     let analytics = Arc::new(MemoryAnalytics::new());
     let daily = Arc::new(MemoryDailySpend::new());
     let state = AppState {
+        idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
         store: store.clone(),
         progress: progress.clone(),
         history: store.clone(),
@@ -792,4 +793,67 @@ async fn run_options_take_auto_approve_and_refuse_anything_else_by_name() {
     let (status, _, problem) = api.start("alice", body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(problem["detail"].as_str().unwrap().contains("options: unknown field `auto_aprove`"), "{problem}");
+}
+
+// ---------------------------------------------------------------- idempotency keys
+
+impl Api {
+    async fn post_keyed(&self, user: &str, path: &str, key: &str, body: &Value) -> (StatusCode, http::HeaderMap, Value) {
+        let req = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("authorization", format!("Bearer {}", token(user)))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = app(self.state.clone()).oneshot(req).await.unwrap();
+        let (status, headers) = (res.status(), res.headers().clone());
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn a_start_repeated_with_its_idempotency_key_starts_one_run_and_answers_the_same() {
+    let api = api();
+    let (status, headers, first) = api.post_keyed("alice", "/runs", "start-1", &sample()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = api.post_keyed("alice", "/runs", "start-1", &sample()).await;
+    assert_eq!((status, &again), (StatusCode::ACCEPTED, &first), "the same answer, the same run");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(api.dispatcher.events().len(), 1, "dispatched once");
+    let (_, page) = api.get("alice", "/runs").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "one run stored");
+
+    // The key is the caller's: bob's same key is his own request.
+    let (status, _, bobs) = api.post_keyed("bob", "/runs", "start-1", &sample()).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_ne!(bobs["run_id"], first["run_id"]);
+    // The same key for another request is refused and starts nothing.
+    let mut other = sample();
+    other["input"]["name"] = json!("Grace");
+    let (status, _, problem) = api.post_keyed("alice", "/runs", "start-1", &other).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("different request"), "{problem}");
+    // A refused request's answer is kept too; a malformed key is a 400.
+    let bad = json!({ "workflow": { "name": "x", "steps": [] } });
+    let (first_bad, _, _) = api.post_keyed("alice", "/runs", "bad-1", &bad).await;
+    let (again_bad, headers, _) = api.post_keyed("alice", "/runs", "bad-1", &bad).await;
+    assert_eq!((first_bad, again_bad, headers["idempotent-replayed"].to_str().unwrap()), (StatusCode::BAD_REQUEST, StatusCode::BAD_REQUEST, "true"));
+    let (status, _, problem) = api.post_keyed("alice", "/runs", "with space", &sample()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{problem}");
+    assert_eq!(api.dispatcher.events().len(), 2, "alice's and bob's runs only");
+}
+
+#[tokio::test]
+async fn a_control_call_repeated_with_its_idempotency_key_is_answered_once() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", sample()).await;
+    let id = accepted["run_id"].as_str().unwrap();
+    let (status, _, first) = api.post_keyed("alice", &format!("/runs/{id}/cancel"), "cancel-1", &json!({ "reason": "r" })).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, headers, again) = api.post_keyed("alice", &format!("/runs/{id}/cancel"), "cancel-1", &json!({ "reason": "r" })).await;
+    assert_eq!((status, &again, headers["idempotent-replayed"].to_str().unwrap()), (StatusCode::ACCEPTED, &first, "true"));
 }

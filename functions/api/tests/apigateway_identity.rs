@@ -32,6 +32,7 @@ fn api() -> Api {
     let store = Arc::new(MemoryStore::new());
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let state = AppState {
+        idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
         store: store.clone(),
         progress: Arc::new(MemoryProgress::new()),
         history: store.clone(),
