@@ -96,6 +96,69 @@ pub struct ReviewSpec {
     pub show: Template,
     /// Empty: the run's starter decides.
     pub reviewers: Vec<Principal>,
+    /// How long it may wait for a decision, and what its deadline does.
+    pub timeout: Option<(std::time::Duration, OnTimeout)>,
+}
+
+/// What a review's deadline does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnTimeout {
+    Approve,
+    Reject,
+    /// Hands the review to `to` as well, with a new deadline `timeout` after, and `then`.
+    Escalate {
+        to: Vec<Principal>,
+        timeout: std::time::Duration,
+        then: Box<OnTimeout>,
+    },
+}
+
+impl OnTimeout {
+    /// What the deadline does after `level` escalations: the outcome, and who may decide
+    /// by then beside the review's own reviewers.
+    pub fn at_level(&self, level: u32) -> (&OnTimeout, Vec<Principal>) {
+        let (mut at, mut added) = (self, Vec::new());
+        for _ in 0..level {
+            match at {
+                OnTimeout::Escalate { to, then, .. } => {
+                    added.extend(to.iter().cloned());
+                    at = then;
+                }
+                _ => break,
+            }
+        }
+        (at, added)
+    }
+
+    /// Every principal any escalation hands the review to.
+    pub fn principals(&self) -> Vec<Principal> {
+        match self {
+            OnTimeout::Escalate { to, then, .. } => to.iter().cloned().chain(then.principals()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The most escalations one review's deadline chain has.
+pub const MAX_ESCALATIONS: usize = 3;
+
+/// `90s`, `30m`, `48h`, `7d`: from 1 minute to 30 days.
+pub fn parse_timeout(raw: &str) -> Result<std::time::Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{raw:?}: a number then s, m, h or d (e.g. \"48h\")"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("{raw:?}: a number then s, m, h or d (e.g. \"48h\")")),
+    };
+    if !(60..=30 * 86_400).contains(&seconds) {
+        return Err(format!("{raw:?}: between 1 minute and 30 days"));
+    }
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 /// The most principals a review names.
@@ -443,6 +506,45 @@ fn unusable() -> Template {
     EMPTY.get_or_init(|| Template::compile("", &[], Keep::Source).unwrap_or_else(|e| unreachable!("the empty template compiles: {e}"))).clone()
 }
 
+/// An `on_timeout` value at `field`, `depth` escalations deep.
+fn on_timeout_of(value: &Value, field: &str, depth: usize) -> Result<OnTimeout, (String, String)> {
+    let wrong = |why: &str| Err((field.to_owned(), why.to_owned()));
+    match value {
+        Value::String(s) if s == "approve" => Ok(OnTimeout::Approve),
+        Value::String(s) if s == "reject" => Ok(OnTimeout::Reject),
+        Value::Object(o) => {
+            if depth >= MAX_ESCALATIONS {
+                return Err((field.to_owned(), format!("at most {MAX_ESCALATIONS} escalations")));
+            }
+            if let Some(unknown) = o.keys().find(|k| !["escalate_to", "timeout", "then"].contains(&k.as_str())) {
+                return Err((format!("{field}.{unknown}"), "unknown field: an escalation has escalate_to, timeout and then".into()));
+            }
+            let to = match o.get("escalate_to") {
+                Some(Value::Array(list)) if !list.is_empty() && list.len() <= MAX_REVIEWERS => list
+                    .iter()
+                    .enumerate()
+                    .map(|(n, v)| {
+                        v.as_str()
+                            .and_then(reviewer)
+                            .ok_or_else(|| (format!("{field}.escalate_to[{n}]"), format!("{v}: name a reviewer as `user:<id>` or `group:<name>`")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => return Err((format!("{field}.escalate_to"), format!("1 to {MAX_REVIEWERS} reviewers to hand the review to"))),
+            };
+            let timeout = match o.get("timeout").and_then(Value::as_str) {
+                Some(raw) => parse_timeout(raw).map_err(|why| (format!("{field}.timeout"), why))?,
+                None => return Err((format!("{field}.timeout"), "required: how long the escalated review may wait".into())),
+            };
+            let then = match o.get("then") {
+                Some(v) => on_timeout_of(v, &format!("{field}.then"), depth + 1)?,
+                None => OnTimeout::Reject,
+            };
+            Ok(OnTimeout::Escalate { to, timeout, then: Box::new(then) })
+        }
+        _ => wrong("\"approve\", \"reject\" or { \"escalate_to\": [...], \"timeout\": \"24h\", \"then\": ... }"),
+    }
+}
+
 /// `user:<id>` or `group:<name>`, as a principal.
 fn reviewer(raw: &str) -> Option<Principal> {
     let (kind, name) = raw.split_once(':')?;
@@ -606,7 +708,23 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                         None => c.found.push(id, &format!("reviewers[{n}]"), format!("{raw:?}: name a reviewer as `user:<id>` or `group:<name>`")),
                     }
                 }
-                StepKind::Review(ReviewSpec { show, reviewers })
+                let timeout = match (&r.timeout, &r.on_timeout) {
+                    (None, None) => None,
+                    (None, Some(_)) => {
+                        c.found.push(id, "on_timeout", "a deadline needs a `timeout` to fire");
+                        None
+                    }
+                    (Some(raw), on_timeout) => {
+                        let timeout = parse_timeout(raw).map_err(|why| c.found.push(id, "timeout", why)).ok();
+                        let outcome = match on_timeout {
+                            // Safe by default: nobody approved it.
+                            None => Some(OnTimeout::Reject),
+                            Some(v) => on_timeout_of(v, "on_timeout", 0).map_err(|(field, why)| c.found.push(id, &field, why)).ok(),
+                        };
+                        timeout.zip(outcome)
+                    }
+                };
+                StepKind::Review(ReviewSpec { show, reviewers, timeout })
             }
         };
         let mut deps = c.deps;
@@ -844,6 +962,47 @@ mod tests {
             assert!(at.contains(&expected), "{expected:?} not in {p:?}");
         }
         assert!(!at.contains(&(Some("a"), "reviewers[3]")), "{p:?}");
+    }
+
+    #[test]
+    fn review_deadlines_parse_and_their_mistakes_are_named() {
+        assert_eq!(parse_timeout("48h"), Ok(std::time::Duration::from_secs(48 * 3600)));
+        assert_eq!(parse_timeout("90s"), Ok(std::time::Duration::from_secs(90)));
+        for bad in ["59s", "31d", "h", "2w", "-1h", ""] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} accepted");
+        }
+        let g = validate_json(
+            &wf(json!([{ "id": "r", "type": "review", "show": "x", "timeout": "1h",
+                          "on_timeout": { "escalate_to": ["group:leads"], "timeout": "2h", "then": "approve" } }])),
+            &registry(),
+        )
+        .unwrap();
+        let StepKind::Review(ReviewSpec { timeout: Some((after, on_timeout)), .. }) = &g.steps[0].kind else { panic!("a timed review") };
+        assert_eq!(*after, std::time::Duration::from_secs(3600));
+        assert_eq!(on_timeout.at_level(1), (&OnTimeout::Approve, vec![Principal::Group("leads".into())]));
+        let defaulted = validate_json(&wf(json!([{ "id": "r", "type": "review", "show": "x", "timeout": "1h" }])), &registry()).unwrap();
+        assert!(matches!(&defaulted.steps[0].kind, StepKind::Review(ReviewSpec { timeout: Some((_, OnTimeout::Reject)), .. })), "safe by default");
+
+        let deep = json!({ "escalate_to": ["user:a"], "timeout": "1h", "then": { "escalate_to": ["user:b"], "timeout": "1h", "then":
+                    { "escalate_to": ["user:c"], "timeout": "1h", "then": { "escalate_to": ["user:d"], "timeout": "1h" } } } });
+        let p = problems(wf(json!([
+            { "id": "a", "type": "review", "show": "x", "on_timeout": "approve" },
+            { "id": "b", "type": "review", "show": "x", "timeout": "soon", "on_timeout": "maybe" },
+            { "id": "c", "type": "review", "show": "x", "timeout": "1h", "on_timeout": { "escalate_to": ["bob"], "timeout": "1h" } },
+            { "id": "d", "type": "review", "show": "x", "timeout": "1h", "on_timeout": { "escalate_to": ["user:x"] } },
+            { "id": "e", "type": "review", "show": "x", "timeout": "1h", "on_timeout": deep }
+        ])));
+        let at: Vec<(Option<&str>, &str)> = p.iter().map(|p| (p.step.as_deref(), p.field.as_str())).collect();
+        for expected in [
+            (Some("a"), "on_timeout"),
+            (Some("b"), "timeout"),
+            (Some("b"), "on_timeout"),
+            (Some("c"), "on_timeout.escalate_to[0]"),
+            (Some("d"), "on_timeout.timeout"),
+            (Some("e"), "on_timeout.then.then.then"),
+        ] {
+            assert!(at.contains(&expected), "{expected:?} not in {p:?}");
+        }
     }
 
     #[test]

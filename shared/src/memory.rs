@@ -101,7 +101,11 @@ impl RunStore for MemoryStore {
             return Ok(Claim::Finished);
         }
         if slot.run.status == RunStatus::AwaitingInput {
-            return Ok(Claim::Waiting);
+            // Nothing to do until a person answers, or its deadline passes.
+            match slot.run.waiting.as_ref().and_then(|w| w.deadline) {
+                Some(deadline) if deadline.timestamp_millis() <= now.timestamp_millis() => slot.run.waiting = None,
+                _ => return Ok(Claim::Waiting),
+            }
         }
         // Compared to the millisecond, as DynamoDB stores the lease: a lease is live until
         // the instant it expires, not at it.
@@ -172,7 +176,8 @@ impl RunStore for MemoryStore {
         slot.run.waiting = Some(waiting.clone());
         slot.run.control = None;
         slot.lease = None;
-        slot.due_at = None;
+        // The sweeper hands it over when its deadline passes, if it has one.
+        slot.due_at = waiting.deadline;
         Ok(true)
     }
 

@@ -320,6 +320,21 @@ pub struct Waiting {
     /// The steps waiting for a person (reviews).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepId>,
+    /// The earliest deadline among them: the run is handed to a runner then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+/// Where a waiting review stands, kept in its `WAITING` checkpoint's `detail`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ReviewWait {
+    /// Escalations so far.
+    pub level: u32,
+    /// When its deadline fires, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// Who may decide now: `user:<id>` / `group:<name>`.
+    pub deciders: Vec<String>,
 }
 
 /// A reviewer's decision on a review step.

@@ -265,6 +265,13 @@ pub struct ReviewStepDef {
     /// Who may decide: `user:<id>` or `group:<name>`. Default: the run's starter.
     #[serde(default)]
     pub reviewers: Vec<String>,
+    /// How long the review may wait: `90s`, `30m`, `48h`, `7d` (1 minute to 30 days).
+    pub timeout: Option<String>,
+    /// What its deadline does (needs `timeout`): `"approve"`, `"reject"` (the default), or
+    /// `{ "escalate_to": [reviewers], "timeout": "24h", "then": <on_timeout> }`, which hands
+    /// the review to more reviewers with a new deadline (at most 3 escalations).
+    #[schemars(with = "Option<Value>")]
+    pub on_timeout: Option<Value>,
 }
 
 fn default_true() -> bool {

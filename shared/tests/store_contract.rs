@@ -627,8 +627,14 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
     assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::Recorded);
     assert_eq!(store.renew(&run.id, &lease("one", 6)).await.unwrap(), Some(pause.clone()));
 
-    let waiting =
-        Waiting { kind: WaitKind::Paused, by: Some("alice".parse().unwrap()), since: Utc::now(), reason: Some("lunch".into()), steps: Vec::new() };
+    let waiting = Waiting {
+        kind: WaitKind::Paused,
+        by: Some("alice".parse().unwrap()),
+        since: Utc::now(),
+        reason: Some("lunch".into()),
+        steps: Vec::new(),
+        deadline: None,
+    };
     assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting, 0).await, Err(StoreError::LeaseLost(run.id.clone())));
     assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap());
     assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a retry whose reply was lost");
@@ -689,7 +695,7 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     let edit = decision(Verdict::Edit, Some(json!({ "n": 1.5e300, "s": "", "l": [1, null] })));
     assert_eq!(store.decide(&run.id, &step("a"), &edit).await.unwrap(), DecideOutcome::Recorded { requeued: false });
     assert_eq!(store.decide(&run.id, &step("a"), &decision(Verdict::Reject, None)).await.unwrap(), DecideOutcome::AlreadyDecided(edit.clone()));
-    let waiting = Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: vec![step("b")] };
+    let waiting = Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: vec![step("b")], deadline: None };
     assert!(!store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a decision arrived that the runner did not see");
     assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Running, "nothing changed");
     assert!(store.park(&run.id, &ours, &waiting, 1).await.unwrap());
@@ -703,10 +709,21 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     assert_eq!(stored.decisions.get(&step("b")), Some(&approve));
     assert!(matches!(store.claim(&run.id, &lease("two", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
 
+    // A waiting run with a deadline: nobody claims it before, the sweeper finds it after.
+    let deadline = whole_ms(Utc::now() + Duration::hours(48));
+    let two = lease("two", 5);
+    let timed = Waiting { deadline: Some(deadline), steps: vec![step("c")], ..waiting };
+    assert!(store.park(&run.id, &two, &timed, 2).await.unwrap());
+    assert_eq!(store.claim(&run.id, &lease("early", 5), deadline - Duration::seconds(1)).await.unwrap(), Claim::Waiting);
+    assert!(!store.due(deadline - Duration::seconds(1), 100).await.unwrap().contains(&run.id));
+    assert!(store.due(deadline, 100).await.unwrap().contains(&run.id), "due at its deadline");
+    let Claim::Acquired(late) = store.claim(&run.id, &lease("late", 5), deadline).await.unwrap() else { panic!("claimed at the deadline") };
+    assert_eq!((late.status, late.waiting), (RunStatus::Running, None));
+
     let mut done = store.get_run(&run.id).await.unwrap().unwrap();
     done.status = RunStatus::Completed;
     done.finished_at = Some(Utc::now());
-    store.finish_run(&done, &lease("two", 5)).await.unwrap();
+    store.finish_run(&done, &lease("late", 5)).await.unwrap();
     assert_eq!(store.decide(&run.id, &step("c"), &approve).await.unwrap(), DecideOutcome::Finished(RunStatus::Completed));
     assert_eq!(store.decide(&RunId::new(), &step("c"), &approve).await.unwrap(), DecideOutcome::NotFound);
 }

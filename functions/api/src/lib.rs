@@ -16,14 +16,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
-use chainrun_core::graph::{StepKind, ValidatedGraph, validate_json};
+use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::ports::{
     Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, Idempotency, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
 };
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{
-    Cause, ControlKind, ControlRequest, Resumption, ReviewDecision, RunOptions, RunRecord, RunStatus, RunnerEvent, StepStatus, Verdict, WaitKind,
+    Cause, ControlKind, ControlRequest, Resumption, ReviewDecision, ReviewWait, RunOptions, RunRecord, RunStatus, RunnerEvent, StepStatus, Verdict,
+    WaitKind,
 };
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
@@ -149,7 +150,8 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     let mut owners = vec![Principal::User(identity.user.to_string())];
     for step in graph.steps() {
         if let StepKind::Review(spec) = &step.kind {
-            for reviewer in &spec.reviewers {
+            let escalations = spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.principals()).unwrap_or_default();
+            for reviewer in spec.reviewers.iter().chain(&escalations) {
                 if !owners.contains(reviewer) {
                     owners.push(reviewer.clone());
                 }
@@ -410,17 +412,52 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
         _ => None,
     });
     let spec = spec.ok_or_else(no_review)?;
-    let deciders = if spec.reviewers.is_empty() { vec![Principal::User(run.caller.to_string())] } else { spec.reviewers.clone() };
-    if !identity.principals().iter().any(|p| deciders.contains(p)) {
-        return Err(no_review());
-    }
     let step_id = StepId::parse(&step).map_err(|_| no_review())?;
     let decided = ReviewDecision { decision, output, comment, by: identity.user.clone(), at: chrono::Utc::now() };
-    if !run.decisions.contains_key(&step_id) {
+    let principal = |name: &str| match name.split_once(':') {
+        Some(("user", u)) => Some(Principal::User(u.to_owned())),
+        Some(("group", g)) => Some(Principal::Group(g.to_owned())),
+        _ => None,
+    };
+    // Who may decide: as the waiting step says (its reviewers, and those its deadlines
+    // escalated to); once decided, anyone it could ever have been handed to.
+    let everyone = || {
+        let mut who = if spec.reviewers.is_empty() { vec![Principal::User(run.caller.to_string())] } else { spec.reviewers.clone() };
+        who.extend(spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.principals()).unwrap_or_default());
+        who
+    };
+    if run.decisions.contains_key(&step_id) {
+        if !identity.principals().iter().any(|p| everyone().contains(p)) {
+            return Err(no_review());
+        }
+    } else {
         let steps = state.store.get_steps(&id).await?;
-        let status = steps.iter().find(|r| r.step_id == step_id).map_or(StepStatus::Pending, |r| r.status);
+        let record = steps.iter().find(|r| r.step_id == step_id);
+        let wait: Option<ReviewWait> = record.and_then(|r| r.detail.clone()).and_then(|d| serde_json::from_value(d).ok());
+        let deciders: Vec<Principal> = match &wait {
+            Some(wait) if !wait.deciders.is_empty() => wait.deciders.iter().filter_map(|d| principal(d)).collect(),
+            _ => everyone(),
+        };
+        if !identity.principals().iter().any(|p| deciders.contains(p)) {
+            return Err(no_review());
+        }
+        let status = record.map_or(StepStatus::Pending, |r| r.status);
         if status != StepStatus::Waiting {
             return Err(ApiError::Conflict(format!("step {step} of run {id} is not waiting for a decision (it is {})", status.as_str())));
+        }
+        if let Some(deadline) = wait.as_ref().and_then(|w| w.deadline).filter(|d| *d <= decided.at) {
+            // Too late: the deadline decides. Hand the run over so it does so now.
+            if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Sweep)).await {
+                warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will apply the deadline");
+            }
+            let what = match spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.at_level(wait.as_ref().map_or(0, |w| w.level)).0) {
+                Some(OnTimeout::Approve) => "it approves the review".to_owned(),
+                Some(OnTimeout::Escalate { to, .. }) => {
+                    format!("it hands the review to {}", to.iter().map(chainrun_core::engine::principal_name).collect::<Vec<_>>().join(", "))
+                }
+                _ => "it rejects the review".to_owned(),
+            };
+            return Err(ApiError::Conflict(format!("step {step} of run {id}: its deadline passed at {deadline}, and {what}")));
         }
     }
     let standing = match state.store.decide(&id, &step_id, &decided).await? {

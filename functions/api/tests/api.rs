@@ -64,6 +64,17 @@ fn token(sub: &str) -> String {
     token_with(SECRET, sub, 3600)
 }
 
+/// A token for `sub` in `groups`.
+fn token_in(sub: &str, groups: &[&str]) -> String {
+    let claims = json!({ "sub": sub, "groups": groups, "iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 3600 });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
 impl Api {
     async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (StatusCode, http::HeaderMap, Value) {
         let mut req = Request::builder().method(method).uri(path);
@@ -856,4 +867,41 @@ async fn a_control_call_repeated_with_its_idempotency_key_is_answered_once() {
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, headers, again) = api.post_keyed("alice", &format!("/runs/{id}/cancel"), "cancel-1", &json!({ "reason": "r" })).await;
     assert_eq!((status, &again, headers["idempotent-replayed"].to_str().unwrap()), (StatusCode::ACCEPTED, &first, "true"));
+}
+
+struct Then(chrono::DateTime<chrono::Utc>);
+
+impl chainrun_core::durability::Clock for Then {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn a_decision_after_the_deadline_is_refused_saying_what_the_deadline_does() {
+    let api = api();
+    let mut body = reviewed();
+    body["workflow"]["steps"][1]["timeout"] = json!("1h");
+    body["workflow"]["steps"][1]["on_timeout"] = json!({ "escalate_to": ["group:leads"], "timeout": "1h", "then": "approve" });
+    let (_, _, accepted) = api.start("alice", body).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    // The review started waiting two hours ago: its one-hour deadline has passed.
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("DRAFT", "hello")]));
+    let engine = Engine::new(model, api.store.clone(), api.progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default())
+        .with_clock(Arc::new(Then(chrono::Utc::now() - chrono::Duration::hours(2))));
+    let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+    let Claim::Acquired(run) = api.store.claim(&RunId::parse(&id).unwrap(), &lease, chrono::Utc::now()).await.unwrap() else { panic!() };
+    assert_eq!(engine.execute(*run, lease, None).await.unwrap(), chainrun_core::engine::Outcome::Waiting);
+
+    let dispatched = api.dispatcher.events().len();
+    let decision = json!({ "step": "check", "decision": "approve" }).to_string().into_bytes();
+    let (status, _, problem) = api.call("POST", &format!("/runs/{id}/resume"), Some(&token("bob")), Some(decision)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("its deadline passed at") && detail.contains("it hands the review to group:leads"), "{detail}");
+    let sent = api.dispatcher.events();
+    assert_eq!((sent.len(), serde_json::to_value(sent.last().unwrap()).unwrap()["cause"].as_str()), (dispatched + 1, Some("sweep")));
+    // The escalation's reviewers can see the run from the start.
+    let (status, _, _) = api.call("GET", &format!("/runs/{id}"), Some(&token_in("carol", &["leads"])), None).await;
+    assert_eq!(status, StatusCode::OK);
 }

@@ -175,7 +175,7 @@ impl Runner {
         let margin = margin.min(remaining / 4);
         let deadline_instant = tokio::time::Instant::now() + remaining;
         let (heartbeat, control) = self.heartbeat(&run_id, &lease, run.control.clone());
-        let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause).with_control(control);
+        let engine = self.engine.clone().with_deadline_margin(margin).with_cause(cause).with_control(control).with_clock(self.clock.clone());
         let outcome = engine.execute(run.clone(), lease.clone(), Some(deadline_instant)).await;
         drop(heartbeat);
         match outcome {

@@ -316,3 +316,56 @@ async fn auto_approve_approves_every_review_at_once_and_records_it() {
     assert_eq!(approve.detail.as_ref().map(|d| d["by"].clone()), Some(json!("auto_approve")));
     assert!(!s.progress.events(&run.id).iter().any(|e| e.kind == EventType::AwaitingInput));
 }
+
+// ---------------------------------------------------------------- review deadlines
+
+fn timed_review(on_timeout: Value) -> Value {
+    json!([
+        { "id": "draft", "type": "llm", "prompt": "DRAFT" },
+        { "id": "approve", "type": "review", "show": "{{ steps.draft.text }}", "reviewers": ["user:bob"],
+          "timeout": "1h", "on_timeout": on_timeout },
+        { "id": "send", "type": "llm", "prompt": "SEND {{ steps.approve.text }}" }
+    ])
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_review_nobody_decides_is_approved_by_its_deadline_without_anyone_polling() {
+    let s = setup(vec![Script::reply("DRAFT", "d"), Script::reply("SEND", "sent")]);
+    let run = queue(s.store.as_ref(), timed_review(json!("approve"))).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    let parked = s.store.get_run(&run.id).await.unwrap().unwrap();
+    let deadline = parked.waiting.as_ref().and_then(|w| w.deadline).expect("a deadline");
+    // Before it, the sweeper has nothing to hand over; after it, it hands the run on.
+    tokio::time::sleep(Duration::from_secs(3599)).await;
+    assert!(s.store.due(s.runner.clock.now(), 10).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.store.due(s.runner.clock.now(), 10).await.unwrap(), vec![run.id.clone()]);
+    assert!(s.runner.clock.now() >= deadline);
+    assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!(s.model.calls_matching("SEND d"), 1);
+    let decided = s.store.get_run(&run.id).await.unwrap().unwrap().decisions;
+    let by_deadline = &decided[&chainrun_core::ids::StepId::parse("approve").unwrap()];
+    assert_eq!((by_deadline.decision, by_deadline.by.as_str()), (chainrun_core::run::Verdict::Approve, "deadline"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_escalates_to_more_reviewers_with_a_new_deadline_then_rejects() {
+    let s = setup(vec![Script::reply("DRAFT", "d"), Script::reply("SEND", "sent")]);
+    let escalate = json!({ "escalate_to": ["group:leads"], "timeout": "2h", "then": "reject" });
+    let run = queue(s.store.as_ref(), timed_review(escalate)).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    tokio::time::sleep(Duration::from_secs(3601)).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Waiting, "escalated, waiting again");
+    let escalated = s.progress.events(&run.id).into_iter().filter(|e| e.kind == EventType::AwaitingInput && e.step_id.is_some()).last().unwrap();
+    assert_eq!(escalated.data["reviewers"], json!(["user:bob", "group:leads"]));
+    assert!(escalated.data["reason"].as_str().unwrap().contains("escalated"), "{}", escalated.data);
+    let waiting = s.store.get_run(&run.id).await.unwrap().unwrap().waiting.unwrap();
+    assert_eq!(waiting.deadline.map(|d| (d - s.runner.clock.now()).num_seconds()), Some(7200));
+
+    tokio::time::sleep(Duration::from_secs(7201)).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Failed));
+    let error = s.store.get_run(&run.id).await.unwrap().unwrap().error.unwrap();
+    assert_eq!(error.code, "REVIEW_REJECTED");
+    assert!(error.message.contains("rejected by deadline"), "{}", error.message);
+    assert_eq!(s.model.calls_matching("SEND"), 0);
+}

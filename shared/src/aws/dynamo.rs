@@ -596,9 +596,16 @@ impl RunStore for DynamoStore {
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
             .update_expression(
-                "SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso), #shard = :shard, #sweep_at = :expires",
+                "SET #status = :running, #holder = :holder, #expires = :expires, #started = if_not_exists(#started, :now_iso), #shard = :shard, #sweep_at = :expires REMOVE #waiting, #deadline",
             )
-            .condition_expression("attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#holder) OR #holder = :holder)))")
+            // A waiting run is claimed only once its deadline has passed.
+            .condition_expression(
+                "attribute_exists(pk) AND (#status = :queued OR (#status = :running AND (attribute_not_exists(#holder) OR #holder = :holder)) OR (#status = :waiting_status AND #deadline <= :now_ms))",
+            )
+            .expression_attribute_names("#waiting", "waiting")
+            .expression_attribute_names("#deadline", "deadline_at")
+            .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+            .expression_attribute_values(":now_ms", n(now.timestamp_millis()))
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#holder", "lease_holder")
             .expression_attribute_names("#expires", "lease_expires")
@@ -739,15 +746,20 @@ impl RunStore for DynamoStore {
     async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
         let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(waiting)
             .map_err(|e| StoreError::Rejected(defect(&format!("what run {id} waits for"), e)))?;
-        // Out of the sweep index too: a waiting run is nobody's to take over.
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.tables.runs)
-            .set_key(Some(self.meta_key(id)))
-            .update_expression(
-                "SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control",
-            )
+        // Out of the sweep index — a waiting run is nobody's to take over — until its
+        // deadline, if it has one: then the sweeper hands it to a runner.
+        let mut update = self.client.update_item().table_name(&self.tables.runs).set_key(Some(self.meta_key(id)));
+        update = match waiting.deadline {
+            Some(deadline) => update
+                .update_expression(
+                    "SET #status = :waiting_status, #waiting = :waiting, #deadline = :deadline, sweep_shard = :shard, sweep_at = :deadline REMOVE lease_holder, lease_expires, #control",
+                )
+                .expression_attribute_names("#deadline", "deadline_at")
+                .expression_attribute_values(":deadline", n(deadline.timestamp_millis()))
+                .expression_attribute_values(":shard", s(sweep_shard(id))),
+            None => update.update_expression("SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control"),
+        };
+        let result = update
             .condition_expression("lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided)")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#waiting", "waiting")

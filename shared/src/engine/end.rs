@@ -167,7 +167,7 @@ impl Ender {
             for r in &unsettled {
                 let items = self.store.get_items(&run.id, &r.step_id).await?;
                 items.iter().for_each(|item| reached.item(&r.step_id, item));
-                let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items, waiting: false };
+                let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items, waiting: None };
                 carried.insert(r.step_id.clone(), left.total());
             }
             // The run's calls end here: the holds its dead runners left on the caller's day

@@ -26,6 +26,7 @@ pub mod journal;
 mod llm;
 mod map;
 mod review;
+pub use review::principal_name;
 mod router;
 mod running;
 pub mod schedule;
@@ -153,6 +154,8 @@ pub struct Engine {
     cause: Cause,
     /// The run's pending control request, as the runner's heartbeat last read it.
     control: Option<watch::Receiver<Option<ControlRequest>>>,
+    /// Wall-clock time, for review deadlines (paused time in tests).
+    clock: Arc<dyn crate::durability::Clock>,
 }
 
 impl Engine {
@@ -163,7 +166,7 @@ impl Engine {
         models: Arc<ModelRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self { model, store, sink, models, config, daily: None, cause: Cause::Start, control: None }
+        Self { model, store, sink, models, config, daily: None, cause: Cause::Start, control: None, clock: Arc::new(crate::durability::SystemClock) }
     }
 
     /// The same engine, also checking every model call against its run's caller's daily
@@ -190,6 +193,12 @@ impl Engine {
     /// flight stop, nothing new starts, and the run ends `RUN_CANCELLED`.
     pub fn with_control(mut self, control: watch::Receiver<Option<ControlRequest>>) -> Self {
         self.control = Some(control);
+        self
+    }
+
+    /// The same engine reading wall-clock time from `clock` (review deadlines).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::durability::Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -297,6 +306,9 @@ impl Engine {
                     decisions: run.decisions.clone(),
                     auto_approve: run.options.auto_approve,
                     starter: Some(run.caller.clone()),
+                    clock: self.clock.clone(),
+                    store: self.store.clone(),
+                    run_id: run.id.clone(),
                 },
             });
 
@@ -321,8 +333,9 @@ impl Engine {
             let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
             let mut out_of_time = false;
-            // Review steps waiting for their decisions.
+            // Review steps waiting for their decisions, and the earliest of their deadlines.
             let mut reviews_waiting: Vec<StepId> = Vec::new();
+            let mut deadline: Option<chrono::DateTime<Utc>> = None;
             loop {
                 // Decide every step whose dependencies have settled; skips cascade through here.
                 while let Some((i, decision)) = schedule.decide_next() {
@@ -392,8 +405,12 @@ impl Engine {
                         out_of_time |= pausing.is_none();
                         continue;
                     }
-                    Ran::Waiting => {
+                    Ran::Waiting(until) => {
                         reviews_waiting.push(graph.steps()[i].id.clone());
+                        deadline = match (deadline, until) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
                         continue;
                     }
                 };
@@ -419,11 +436,16 @@ impl Engine {
             let settled_steps = records.iter().flatten().count();
             // Nothing more can run now: paused, or every way on waits for a review.
             let waits = match pausing {
-                Some(request) => {
-                    Some(Waiting { kind: WaitKind::Paused, by: Some(request.by), since: Utc::now(), reason: request.reason, steps: reviews_waiting })
-                }
+                Some(request) => Some(Waiting {
+                    kind: WaitKind::Paused,
+                    by: Some(request.by),
+                    since: Utc::now(),
+                    reason: request.reason,
+                    steps: reviews_waiting,
+                    deadline,
+                }),
                 None if !out_of_time && !reviews_waiting.is_empty() => {
-                    Some(Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: reviews_waiting })
+                    Some(Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: reviews_waiting, deadline })
                 }
                 None => None,
             };
@@ -499,7 +521,9 @@ impl Engine {
                 _ => Vec::new(),
             };
             items.iter().for_each(|item| reached.item(&saved.step_id, item));
-            let waiting = saved.status == StepStatus::Waiting;
+            let waiting = (saved.status == StepStatus::Waiting).then(|| saved.detail.clone().and_then(|d| serde_json::from_value(d).ok())).map(
+                |wait: Option<crate::run::ReviewWait>| wait.unwrap_or(crate::run::ReviewWait { level: 0, deadline: None, deciders: Vec::new() }),
+            );
             left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items, waiting });
         }
         Ok((records, left, reached))

@@ -10,18 +10,23 @@ use super::EngineError;
 use super::running::Running;
 use super::step::{Scope, StepContext, Work};
 use crate::codes::ErrorCode;
+use crate::durability::Clock;
+use crate::graph::OnTimeout;
 use crate::graph::ReviewSpec;
+use crate::ids::RunId;
 use crate::ids::{Principal, StepId, UserId};
-use crate::run::{ReviewDecision, StepRecord, StepStatus, Verdict, WaitKind, Waiting};
+use crate::ports::{DecideOutcome, RunStore};
+use crate::run::{ReviewDecision, ReviewWait, StepRecord, StepStatus, Verdict, WaitKind, Waiting};
 use crate::wire::StepDetail;
 use crate::wire::events::{AwaitingInput, EventBody};
+use chrono::DateTime;
 use chrono::Utc;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tracing::info;
 
 /// What a run's review steps are decided by.
-#[derive(Debug, Default)]
 pub struct Reviews {
     /// Recorded decisions, by step.
     pub decisions: BTreeMap<StepId, ReviewDecision>,
@@ -29,6 +34,11 @@ pub struct Reviews {
     pub auto_approve: bool,
     /// Who decides a review that names no reviewers: the run's starter.
     pub starter: Option<UserId>,
+    /// Deadlines are wall-clock times.
+    pub clock: Arc<dyn Clock>,
+    /// Where a deadline's decision is recorded, like a reviewer's.
+    pub store: Arc<dyn RunStore>,
+    pub run_id: RunId,
 }
 
 impl Reviews {
@@ -52,7 +62,23 @@ impl Reviews {
             _ => reviewers.to_vec(),
         }
     }
+
+    /// Who may decide `spec` after `level` escalations.
+    fn deciders_at(&self, spec: &ReviewSpec, level: u32) -> Vec<String> {
+        let mut who = self.deciders(&spec.reviewers);
+        if let Some((_, on_timeout)) = &spec.timeout {
+            for p in on_timeout.at_level(level).1 {
+                if !who.contains(&p) {
+                    who.push(p);
+                }
+            }
+        }
+        who.iter().map(principal_name).collect()
+    }
 }
+
+/// Who a deadline's decision is recorded as.
+pub const DEADLINE: &str = "deadline";
 
 /// Who an automatic approval is recorded as.
 pub const AUTO_APPROVE: &str = "auto_approve";
@@ -67,26 +93,47 @@ pub fn principal_name(p: &Principal) -> String {
     }
 }
 
+fn after_chrono(after: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX)
+}
+
 impl StepContext {
-    /// A review step: its work once decided, or `None` while it waits. `announced`: its
-    /// `WAITING` checkpoint and event were written by an earlier invocation.
+    /// A review step: its work once decided, or (`Err`) its deadline while it waits.
+    /// `waiting`: where it stood when an earlier invocation left it waiting.
     pub async fn review(
         &self,
         id: &StepId,
         spec: &ReviewSpec,
         scope: &impl Scope,
-        announced: bool,
+        waiting: Option<ReviewWait>,
         running: &mut Running,
-    ) -> Result<Option<Work>, EngineError> {
+    ) -> Result<Result<Work, Option<DateTime<Utc>>>, EngineError> {
         let shown = match spec.show.render(scope) {
             Ok(text) => text,
-            Err(e) => return Ok(Some(Work::failed(ErrorCode::TemplateError, format!("show: {e}")))),
+            Err(e) => return Ok(Ok(Work::failed(ErrorCode::TemplateError, format!("show: {e}")))),
         };
-        let Some(decision) = self.reviews.decision(id) else {
-            if !announced {
-                self.wait_for_review(id, spec, &shown).await?;
+        let now = self.reviews.clock.now();
+        let decision = match (self.reviews.decision(id), waiting) {
+            (Some(decision), _) => decision,
+            (None, None) => {
+                let deadline = spec.timeout.as_ref().map(|(after, _)| now + after_chrono(*after));
+                self.wait_for_review(id, spec, &shown, ReviewWait { level: 0, deadline, deciders: self.reviews.deciders_at(spec, 0) }).await?;
+                return Ok(Err(deadline));
             }
-            return Ok(None);
+            (None, Some(wait)) => match (wait.deadline, &spec.timeout) {
+                (Some(deadline), Some((_, on_timeout))) if now >= deadline => match on_timeout.at_level(wait.level).0 {
+                    OnTimeout::Escalate { timeout, .. } => {
+                        let level = wait.level + 1;
+                        let deadline = Some(now + after_chrono(*timeout));
+                        info!(step_id = %id, level, "review deadline passed: escalated");
+                        self.wait_for_review(id, spec, &shown, ReviewWait { level, deadline, deciders: self.reviews.deciders_at(spec, level) })
+                            .await?;
+                        return Ok(Err(deadline));
+                    }
+                    outcome => self.decide_at_deadline(id, deadline, matches!(outcome, OnTimeout::Approve), now).await?,
+                },
+                (deadline, _) => return Ok(Err(deadline)),
+            },
         };
         running.announce(&self.journal, None).await?;
         info!(step_id = %id, decision = ?decision.decision, by = %decision.by, "review decided");
@@ -106,20 +153,53 @@ impl StepContext {
             }
         };
         work.detail = Some(StepDetail::Review(decision));
-        Ok(Some(work))
+        Ok(Ok(work))
     }
 
-    /// Checkpoints the step `WAITING` (showing `shown`) with its `AWAITING_INPUT` event.
-    async fn wait_for_review(&self, id: &StepId, spec: &ReviewSpec, shown: &str) -> Result<(), EngineError> {
+    /// Checkpoints the step `WAITING` (showing `shown`, `wait` as its detail) with its
+    /// `AWAITING_INPUT` event: when it starts waiting, and again at each escalation.
+    async fn wait_for_review(&self, id: &StepId, _spec: &ReviewSpec, shown: &str, wait: ReviewWait) -> Result<(), EngineError> {
         let now = Utc::now();
         let mut record = StepRecord::settled(id.clone(), StepStatus::Waiting, None, now);
         (record.started_at, record.finished_at) = (Some(now), None);
         (record.text, record.output) = (Some(shown.to_owned()), Some(Value::String(shown.to_owned())));
-        let reviewers = self.reviews.deciders(&spec.reviewers).iter().map(principal_name).collect();
-        let waiting = Waiting { kind: WaitKind::Review, by: None, since: now, reason: None, steps: vec![id.clone()] };
-        let body = EventBody::AwaitingInput(AwaitingInput { waiting, show: Some(shown.to_owned()), reviewers, settled_steps: None, steps: None });
+        record.detail = Some(StepDetail::Waiting(wait.clone()).to_value());
+        let waiting = Waiting { kind: WaitKind::Review, by: None, since: now, reason: None, steps: vec![id.clone()], deadline: wait.deadline };
+        let reason = (wait.level > 0).then(|| format!("escalated ({} of its deadlines passed)", wait.level));
+        let waiting = Waiting { reason, ..waiting };
+        let body = EventBody::AwaitingInput(AwaitingInput {
+            waiting,
+            show: Some(shown.to_owned()),
+            reviewers: wait.deciders,
+            settled_steps: None,
+            steps: None,
+        });
         self.journal.emit_with(body, Some(id), None, Some(&record), |_| {}).await?;
-        info!(step_id = %id, "review waiting for a decision");
+        info!(step_id = %id, level = wait.level, deadline = ?wait.deadline, "review waiting for a decision");
         Ok(())
+    }
+
+    /// The deadline's own decision, recorded like a reviewer's so a late reviewer is told
+    /// what happened; a reviewer's decision that got in first stands instead.
+    async fn decide_at_deadline(
+        &self,
+        id: &StepId,
+        deadline: DateTime<Utc>,
+        approve: bool,
+        now: DateTime<Utc>,
+    ) -> Result<ReviewDecision, EngineError> {
+        let verdict = if approve { Verdict::Approve } else { Verdict::Reject };
+        let decision = ReviewDecision {
+            decision: verdict,
+            output: None,
+            comment: Some(format!("no decision by the deadline ({deadline})")),
+            by: UserId::parse(DEADLINE).unwrap_or_else(|_| unreachable!("{DEADLINE} is a valid user id")),
+            at: now,
+        };
+        info!(step_id = %id, ?verdict, "review deadline passed");
+        Ok(match self.reviews.store.decide(&self.reviews.run_id, id, &decision).await? {
+            DecideOutcome::AlreadyDecided(first) => first,
+            _ => decision,
+        })
     }
 }

@@ -74,8 +74,8 @@ pub struct Work {
 pub struct Leftover {
     pub carried: Carried,
     pub items: Vec<ItemRecord>,
-    /// The step is a review that already announced it waits.
-    pub waiting: bool,
+    /// The step is a review that already announced it waits, and where it stands.
+    pub waiting: Option<crate::run::ReviewWait>,
 }
 
 /// How running a step ended.
@@ -86,8 +86,8 @@ pub enum Ran {
     Settled(StepRecord),
     /// Stopped before it finished (a map near the deadline or pausing); it continues later.
     Interrupted,
-    /// A review waiting for its decision.
-    Waiting,
+    /// A review waiting for its decision, until its deadline if it has one.
+    Waiting(Option<chrono::DateTime<chrono::Utc>>),
 }
 
 impl Leftover {
@@ -165,8 +165,8 @@ impl StepContext {
                     }
                 }
                 StepKind::Review(spec) => match self.review(&step.id, spec, &inputs, waiting, &mut running).await? {
-                    Some(work) => work,
-                    None => return Ok(Ran::Waiting),
+                    Ok(work) => work,
+                    Err(until) => return Ok(Ran::Waiting(until)),
                 },
             };
             // A step that failed before calling a model has not announced itself yet.

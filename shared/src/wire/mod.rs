@@ -128,6 +128,8 @@ pub enum StepDetail {
     Refused(Refused),
     /// A review step's decision: who decided what, and why.
     Review(crate::run::ReviewDecision),
+    /// A review step waiting: who may decide, and until when.
+    Waiting(crate::run::ReviewWait),
 }
 
 impl StepDetail {
