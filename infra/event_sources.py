@@ -28,6 +28,7 @@ Both run in a daemon thread: start() / stop(); stats() gives their counters.
 
 from __future__ import annotations
 
+import calendar
 import json
 import threading
 import time
@@ -208,10 +209,78 @@ class Schedule(_Worker):
                 _log(f"{self.function}: scheduled invoke refused ({status}): {str(body)[:200]}")
 
 
+class OneTimeSchedules(_Worker):
+    """EventBridge Scheduler's one-time schedules, `at(yyyy-mm-ddThh:mm:ss)` in UTC, of one
+    schedule group on moto (which stores them but fires nothing): every poll_s seconds, each
+    schedule that is due is fired — an async invoke of its target function with its Input,
+    through the proxy's Event path — and, with ActionAfterCompletion DELETE, deleted."""
+
+    def __init__(self, endpoint: str, group: str, lambda_endpoint: str, poll_s: float = 1.0, region: str = "us-east-1"):
+        super().__init__()
+        self.endpoint = endpoint.rstrip("/")
+        self.group = group
+        self.lambda_endpoint = lambda_endpoint
+        self.poll_s = poll_s
+        self.region = region
+        self.name = f"one-time-schedules-{group}"
+        self._stats = {"fired": 0, "failed": 0}
+
+    def _call(self, method: str, path: str, query: dict) -> dict:
+        # moto routes by the service named in the credential scope; it checks no signature.
+        auth = f"AWS4-HMAC-SHA256 Credential=test/20240101/{self.region}/scheduler/aws4_request, SignedHeaders=host, Signature=0"
+        url = f"{self.endpoint}{path}?{urllib.parse.urlencode(query)}"
+        status, _, body = http(method, url, headers={"Authorization": auth}, timeout=10)
+        if status != 200:
+            raise OSError(f"scheduler {method} {path} answered {status}: {str(body)[:200]}")
+        return body if isinstance(body, dict) else {}
+
+    def poll_once(self, now: float | None = None) -> int:
+        """Fires every schedule due by `now` (epoch seconds); returns how many fired."""
+        now = time.time() if now is None else now
+        fired = 0
+        for listed in self._call("GET", "/schedules", {"ScheduleGroup": self.group}).get("Schedules") or []:
+            expression = listed.get("ScheduleExpression") or ""
+            if not (expression.startswith("at(") and expression.endswith(")")):
+                continue
+            due = calendar.timegm(time.strptime(expression[3:-1], "%Y-%m-%dT%H:%M:%S"))
+            if due > now:
+                continue
+            name = urllib.parse.quote(listed["Name"], safe="")
+            schedule = self._call("GET", f"/schedules/{name}", {"groupName": self.group})
+            target = schedule.get("Target") or {}
+            function = (target.get("Arn") or "").rsplit(":function:", 1)[-1]
+            payload = json.loads(target.get("Input") or "{}")
+            try:
+                status, _, body = http("POST", invoke_url(self.lambda_endpoint, function), body=payload, timeout=10,
+                                       headers={"X-Amz-Invocation-Type": "Event"})
+            except OSError as e:
+                status, body = None, f"{type(e).__name__}: {e}"
+            if status != 202:
+                self._count(failed=1)
+                _log(f"{listed['Name']}: invoke of {function} refused ({status}): {str(body)[:200]}")
+                continue
+            self._count(fired=1)
+            fired += 1
+            _log(f"{listed['Name']}: fired {function} with {json.dumps(payload)}")
+            if schedule.get("ActionAfterCompletion") == "DELETE":
+                self._call("DELETE", f"/schedules/{name}", {"groupName": self.group})
+        return fired
+
+    def _run(self) -> None:
+        _log(f"one-time schedules of group {self.group}: polled every {self.poll_s:g}s")
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll_once()
+            except (OSError, ValueError, KeyError) as e:
+                self._count(failed=1)
+                _log(f"one-time schedules of group {self.group}: {type(e).__name__}: {e}")
+
+
 def from_config(config: dict, lambda_endpoint: str, region: str = "us-east-1") -> list[_Worker]:
     """The workers of an "event_sources" config section:
         {"sqs": [{"queue_url", "function", "batch_size"?, "report_batch_item_failures"?}],
-         "schedules": [{"function", "every_s", "payload"}]}"""
+         "schedules": [{"function", "every_s", "payload"}],
+         "one_time_schedules": [{"endpoint", "group", "poll_s"?}]}"""
     workers: list[_Worker] = []
     for m in config.get("sqs") or []:
         workers.append(SqsEventSource(m["queue_url"], m["function"], lambda_endpoint,
@@ -220,4 +289,6 @@ def from_config(config: dict, lambda_endpoint: str, region: str = "us-east-1") -
                                       region=region))
     for s in config.get("schedules") or []:
         workers.append(Schedule(s["function"], lambda_endpoint, float(s["every_s"]), s.get("payload") or {}))
+    for o in config.get("one_time_schedules") or []:
+        workers.append(OneTimeSchedules(o["endpoint"], o["group"], lambda_endpoint, float(o.get("poll_s", 1.0)), region))
     return workers

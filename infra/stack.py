@@ -109,7 +109,7 @@ from .net import LOOPBACK, answers, free_port, http, port_open, wait_until
 from .processes import OWNER_SLOT, SlotTaken, StackLock, signal_group, spawn
 from .processes import stop as stop_children
 from .sqs import Sqs
-from .tables import create_bucket, create_tables, load_tables
+from .tables import create_bucket, create_schedule_group, create_tables, load_tables
 
 API_FUNCTION = "chainrun-api"
 RUNNER_FUNCTION = "chainrun-runner"
@@ -124,6 +124,10 @@ SWEEP_PAYLOAD = {"source": "chainrun.schedule", "action": "sweep"}
 RUNNER_DLQ_NAME = "chainrun-runner-failures"
 # Where outputs too large for one DynamoDB item go (template.yaml: OutputsBucket).
 OUTPUTS_BUCKET = "chainrun-outputs-local"
+# Review deadlines' one-time schedules (template.yaml: DeadlineScheduleGroup), on moto;
+# the invoke proxy fires them when due.
+DEADLINE_GROUP = "chainrun-deadlines-local"
+LOCAL_ACCOUNT = "123456789012"
 API_TIMEOUT_S = 29  # template.yaml's; the runner's (900) and its async config are below
 WATCH_CONCURRENCY = 4
 DEFAULT_RUST_LOG = "info,chainrun=debug"
@@ -463,6 +467,10 @@ class Stack:
             create_bucket(self.dynamodb_url, OUTPUTS_BUCKET, self.region)
         except Exception as e:  # noqa: BLE001
             self._fail("moto", f"creating the S3 bucket {OUTPUTS_BUCKET} failed: {e}")
+        try:
+            create_schedule_group(self.dynamodb_url, DEADLINE_GROUP, self.region)
+        except Exception as e:  # noqa: BLE001
+            self._fail("moto", f"creating the schedule group {DEADLINE_GROUP} failed: {e}")
         self.timings["dynamodb"] = time.monotonic() - t0
         self.log(f"stack: DynamoDB (moto) at {self.dynamodb_url}, tables: {', '.join(self.tables.values())}")
 
@@ -509,7 +517,11 @@ class Stack:
         fe["AWS_ENDPOINT_URL_DYNAMODB"] = self.fault_proxy_url or self.dynamodb_url
         fe["AWS_ENDPOINT_URL_SQS"] = self.dynamodb_url  # moto serves both
         fe["AWS_ENDPOINT_URL_S3"] = self.dynamodb_url  # and S3
+        fe["AWS_ENDPOINT_URL_SCHEDULER"] = self.dynamodb_url  # and EventBridge Scheduler
         fe["CHAINRUN_OUTPUTS_BUCKET"] = OUTPUTS_BUCKET
+        fe["CHAINRUN_DEADLINE_SCHEDULE_GROUP"] = DEADLINE_GROUP
+        fe["CHAINRUN_DEADLINE_TARGET_ARN"] = f"arn:aws:lambda:{self.region}:{LOCAL_ACCOUNT}:function:{RUNNER_FUNCTION}"
+        fe["CHAINRUN_DEADLINE_ROLE_ARN"] = f"arn:aws:iam::{LOCAL_ACCOUNT}:role/chainrun-deadlines-local"
         fe["AWS_ENDPOINT_URL_LAMBDA"] = self.proxy_url
         fe["CHAINRUN_RUNNER_DLQ_URL"] = self.dlq_url
         if self.bedrock_url:
@@ -555,7 +567,8 @@ class Stack:
         runner = {"timeout_s": self.runner_timeout_s, "maximum_retry_attempts": self.runner_retries,
                   "maximum_event_age_s": self.runner_max_event_age_s, "on_failure": self.dlq_url,
                   "max_concurrency": WATCH_CONCURRENCY}
-        sources: dict[str, list] = {"sqs": [], "schedules": []}
+        sources: dict[str, list] = {"sqs": [], "schedules": [],
+                                    "one_time_schedules": [{"endpoint": self.dynamodb_url, "group": DEADLINE_GROUP, "poll_s": 1.0}]}
         if self.dead_letter_function in self.bins:
             sources["sqs"].append({"queue_url": self.dlq_url, "function": self.dead_letter_function,
                                    "batch_size": self.dead_letter_batch, "report_batch_item_failures": True})
@@ -709,6 +722,7 @@ class Stack:
             "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb_url,
             "AWS_ENDPOINT_URL_SQS": self.dynamodb_url,
             "AWS_ENDPOINT_URL_S3": self.dynamodb_url,
+            "AWS_ENDPOINT_URL_SCHEDULER": self.dynamodb_url,
             "CHAINRUN_OUTPUTS_BUCKET": OUTPUTS_BUCKET,
             "AWS_ENDPOINT_URL_LAMBDA": self.proxy_url,
             "CHAINRUN_RUNNER_DLQ_URL": self.dlq_url,

@@ -43,6 +43,16 @@ def create_bucket(endpoint: str, name: str, region: str = DEFAULT_REGION) -> Non
             s3.create_bucket(Bucket=name)
 
 
+def create_schedule_group(endpoint: str, name: str, region: str = DEFAULT_REGION) -> None:
+    """Create an EventBridge Scheduler schedule group (idempotent)."""
+    with local_aws(region):
+        import boto3
+
+        scheduler = boto3.client("scheduler", endpoint_url=endpoint, region_name=region)
+        if name not in {g["Name"] for g in scheduler.list_schedule_groups().get("ScheduleGroups", [])}:
+            scheduler.create_schedule_group(Name=name)
+
+
 def _create(ddb, t: dict) -> None:
     name = t["local_name"]
     kwargs = dict(

@@ -722,3 +722,30 @@ impl Idempotency for MemoryIdempotency {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------- timers
+
+/// Records wake-ups; a test fires them by delivering the runs.
+#[derive(Default)]
+pub struct MemoryTimers {
+    set: Mutex<Vec<(RunId, DateTime<Utc>)>>,
+}
+
+impl MemoryTimers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every wake-up set, in order.
+    pub fn set(&self) -> Vec<(RunId, DateTime<Utc>)> {
+        lock(&self.set).clone()
+    }
+}
+
+#[async_trait]
+impl Timers for MemoryTimers {
+    async fn wake_at(&self, run: &RunId, at: DateTime<Utc>) -> Result<(), TimerError> {
+        lock(&self.set).push((run.clone(), at));
+        Ok(())
+    }
+}

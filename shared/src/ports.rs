@@ -540,3 +540,23 @@ pub const KEY_PENDING_SECS: i64 = 60;
 
 /// How long a key and its response are kept.
 pub const KEY_RETENTION_HOURS: i64 = 24;
+
+// ---------------------------------------------------------------- timers
+
+/// One-time wake-ups: the run is handed to the runner at a given time (a review's
+/// deadline), so the deadline fires on time without anyone polling. The sweeper, which
+/// also finds runs whose deadline passed, is the backstop if a wake-up is lost.
+#[async_trait]
+pub trait Timers: Send + Sync {
+    async fn wake_at(&self, run: &RunId, at: DateTime<Utc>) -> Result<(), TimerError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimerError {
+    /// A retry can succeed.
+    #[error("timer service unavailable: {0}")]
+    Unavailable(String),
+    /// Refused; the message says what to fix.
+    #[error("timer refused: {0}")]
+    Rejected(String),
+}

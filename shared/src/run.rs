@@ -282,6 +282,8 @@ pub enum Cause {
     Control,
     /// The API, resuming a waiting run.
     Resume,
+    /// A review's deadline (a one-time schedule).
+    Deadline,
 }
 
 /// A request to steer a run, recorded on the run until the runner holding it acts on it

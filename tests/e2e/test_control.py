@@ -195,3 +195,35 @@ def test_a_start_and_a_cancel_repeated_with_an_idempotency_key_act_once(api, sta
     events = follow(api, token, run_id, timeout=30, limit=100)
     assert events[-1]["type"] == "RUN_CANCELLED"
     assert len(calls_with(devmodel, m)) <= 1, "one run, at most its one call"
+
+
+def test_a_review_deadline_fires_while_nobody_polls_and_a_late_decision_is_told_what_it_did(api, stack, devmodel):
+    m = marker("deadline")
+    add_rules(devmodel,
+              {"name": m + "-d", "match": {"prompt_contains": m + " DRAFT"}, "reply": {"text": "draft"}},
+              {"name": m + "-s", "match": {"prompt_contains": m + " SEND"}, "reply": {"text": "sent"}})
+    alice = stack.token("alice")
+    wf = workflow("e2e-deadline", [
+        {"id": "draft", "type": "llm", "prompt": m + " DRAFT"},
+        {"id": "check", "type": "review", "show": "{{ steps.draft.text }}", "timeout": "1m", "on_timeout": "approve"},
+        {"id": "send", "type": "llm", "prompt": m + " SEND {{ steps.check.text }}"},
+    ])
+    run_id = start(api, alice, wf)["run_id"]
+    run = wait_for_status(api, alice, run_id, "AWAITING_INPUT")
+    deadline = run["waiting"]["deadline"]
+    # The runner set a one-time schedule at the deadline (EventBridge Scheduler, on moto).
+    import boto3
+    scheduler = boto3.client("scheduler", endpoint_url=stack.env.get("AWS_ENDPOINT_URL_SCHEDULER") or stack.dynamodb_url,
+                             region_name=stack.region, aws_access_key_id="t", aws_secret_access_key="t")
+    names = [x["Name"] for x in scheduler.list_schedules(GroupName="chainrun-deadlines-local")["Schedules"]]
+    assert any(n.startswith(f"run-{run_id}-") for n in names), names
+    # Nobody polls: the deadline's one-time schedule (or the sweeper) hands the run on.
+    time.sleep(68)
+    assert len(calls_with(devmodel, m + " SEND")) == 1, "the deadline approved the review and send ran"
+    _, _, run = api("GET", f"/runs/{run_id}", token=alice)
+    assert run["status"] == "COMPLETED", run
+    check = next(s for s in run["steps"] if s["id"] == "check")
+    assert check["status"] == "COMPLETED"
+    status, _, problem = api("POST", f"/runs/{run_id}/resume", token=alice, body={"step": "check", "decision": "reject"})
+    assert status == 409 and "already decided: Approve by deadline" in problem["detail"], problem
+    assert deadline

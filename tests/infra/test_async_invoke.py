@@ -405,3 +405,32 @@ def test_the_proxy_cli_runs_the_event_sources_of_its_config(tmp_path, stubs):
     finally:
         p.terminate()
         p.wait(10)
+
+
+def test_one_time_schedules_fire_when_due_once_and_are_deleted(moto_url, proxies, stubs):
+    """The local stand-in for EventBridge Scheduler's at() schedules, against moto."""
+    import boto3
+
+    from infra.event_sources import OneTimeSchedules
+    from infra.tables import create_schedule_group
+
+    runner = stubs(then=OK)
+    proxy = proxies(runner.url)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    create_schedule_group(moto_url, group)
+    client = boto3.client("scheduler", endpoint_url=moto_url, region_name="us-east-1",
+                          aws_access_key_id="t", aws_secret_access_key="t")
+    for name, at in (("past", "2020-01-01T00:00:00"), ("future", "2999-01-01T00:00:00")):
+        client.create_schedule(Name=name, GroupName=group, ScheduleExpression=f"at({at})", ScheduleExpressionTimezone="UTC",
+                               FlexibleTimeWindow={"Mode": "OFF"}, ActionAfterCompletion="DELETE",
+                               Target={"Arn": "arn:aws:lambda:us-east-1:123456789012:function:chainrun-runner",
+                                       "RoleArn": "arn:aws:iam::123456789012:role/r",
+                                       "Input": json.dumps({"run_id": name, "cause": "deadline"})})
+    worker = OneTimeSchedules(moto_url, group, proxy.url)
+    assert worker.poll_once() == 1
+    assert worker.poll_once() == 0, "fired once, then deleted"
+    assert proxy.wait_for(lambda st: st["succeeded"] >= 1, 10)
+    req = runner.requests[0]
+    assert req["path"] == "/2015-03-31/functions/chainrun-runner/invocations"
+    assert json.loads(req["body"]) == {"run_id": "past", "cause": "deadline"}
+    assert [x["Name"] for x in client.list_schedules(GroupName=group)["Schedules"]] == ["future"]

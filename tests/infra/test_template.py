@@ -506,6 +506,27 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
             )
 
 
+def test_review_deadlines_are_one_time_schedules_whose_role_may_only_invoke_the_runner(template, resources):
+    runner = effective_function_props(template, "RunnerFunction")
+    env = runner["Environment"]["Variables"]
+    assert env["CHAINRUN_DEADLINE_SCHEDULE_GROUP"] == {"Ref": "DeadlineScheduleGroup"}
+    assert env["CHAINRUN_DEADLINE_ROLE_ARN"] == {"Fn::GetAtt": ["DeadlineSchedulerRole", "Arn"]}
+    assert env["CHAINRUN_DEADLINE_TARGET_ARN"]["Fn::Sub"].endswith(":function:${AWS::StackName}-runner")
+    assert resources["DeadlineScheduleGroup"]["Type"] == "AWS::Scheduler::ScheduleGroup"
+    role = resources["DeadlineSchedulerRole"]["Properties"]
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "scheduler.amazonaws.com"} and "aws:SourceAccount" in trust["Condition"]["StringEquals"]
+    (policy,) = role["Policies"]
+    (grant,) = policy["PolicyDocument"]["Statement"]
+    assert grant["Action"] == "lambda:InvokeFunction" and grant["Resource"]["Fn::Sub"].endswith(":function:${AWS::StackName}-runner")
+    statements = {s["Sid"]: s for s in inline_statements(runner)}
+    assert statements["ScheduleReviewDeadlines"]["Action"] == "scheduler:CreateSchedule"
+    assert "${DeadlineScheduleGroup}/*" in statements["ScheduleReviewDeadlines"]["Resource"]["Fn::Sub"]
+    passing = statements["HandTheSchedulerItsRole"]
+    assert passing["Resource"] == {"Fn::GetAtt": ["DeadlineSchedulerRole", "Arn"]}
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "scheduler.amazonaws.com"}}
+
+
 def s3_grants(props: dict[str, Any]) -> set[str]:
     return {name for name, args in policy_templates(props) if name.startswith("S3") and args == {"BucketName": {"Ref": "OutputsBucket"}}}
 

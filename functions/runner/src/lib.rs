@@ -39,6 +39,18 @@ pub struct RunnerConfig {
     /// The function's own name, for re-dispatching a suspended run (set by Lambda).
     pub self_function: String,
     pub deadline_margin: Duration,
+    /// Where review deadlines' one-time schedules go: `CHAINRUN_DEADLINE_SCHEDULE_GROUP`,
+    /// `CHAINRUN_DEADLINE_TARGET_ARN` (this function) and `CHAINRUN_DEADLINE_ROLE_ARN`,
+    /// all or none. None: the sweeper alone fires deadlines (within its period).
+    pub deadlines: Option<DeadlineSchedules>,
+}
+
+/// The EventBridge Scheduler settings review deadlines use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadlineSchedules {
+    pub group: String,
+    pub target_arn: String,
+    pub role_arn: String,
 }
 
 impl RunnerConfig {
@@ -47,7 +59,21 @@ impl RunnerConfig {
             core: CoreConfig::from_source(env)?,
             self_function: env.required("AWS_LAMBDA_FUNCTION_NAME")?,
             deadline_margin: Duration::from_secs(env.parsed("CHAINRUN_DEADLINE_MARGIN_SECS", 90u64)?),
+            deadlines: deadline_schedules(env)?,
         })
+    }
+}
+
+fn deadline_schedules(env: &impl Source) -> Result<Option<DeadlineSchedules>, ConfigError> {
+    let get = |name: &str| env.get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let names = ["CHAINRUN_DEADLINE_SCHEDULE_GROUP", "CHAINRUN_DEADLINE_TARGET_ARN", "CHAINRUN_DEADLINE_ROLE_ARN"];
+    match names.map(get) {
+        [Some(group), Some(target_arn), Some(role_arn)] => Ok(Some(DeadlineSchedules { group, target_arn, role_arn })),
+        [None, None, None] => Ok(None),
+        set => {
+            let missing = names.iter().zip(&set).find(|(_, v)| v.is_none()).map_or(names[0], |(n, _)| *n);
+            Err(ConfigError::Invalid { name: missing, reason: "the three CHAINRUN_DEADLINE_* settings go together: set all or none".into() })
+        }
     }
 }
 
@@ -337,4 +363,37 @@ fn terminal_error(e: &EngineError) -> ErrorInfo {
 
 fn ulid_suffix() -> String {
     chainrun_core::ids::RunId::new().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let base = [
+            ("CHAINRUN_RUNS_TABLE", "r"),
+            ("CHAINRUN_EVENTS_TABLE", "e"),
+            ("CHAINRUN_PROGRESS_TABLE", "p"),
+            ("CHAINRUN_WORKFLOWS_TABLE", "w"),
+            ("CHAINRUN_ROLLUPS_TABLE", "u"),
+            ("CHAINRUN_OUTPUTS_BUCKET", "o"),
+            ("AWS_LAMBDA_FUNCTION_NAME", "runner"),
+        ];
+        base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn deadline_schedules_are_set_all_together_or_not_at_all() {
+        assert_eq!(RunnerConfig::from_source(&env(&[])).unwrap().deadlines, None);
+        let all = [
+            ("CHAINRUN_DEADLINE_SCHEDULE_GROUP", "g"),
+            ("CHAINRUN_DEADLINE_TARGET_ARN", "arn:aws:lambda:us-east-1:1:function:runner"),
+            ("CHAINRUN_DEADLINE_ROLE_ARN", "arn:aws:iam::1:role/r"),
+        ];
+        let set = RunnerConfig::from_source(&env(&all)).unwrap().deadlines.unwrap();
+        assert_eq!((set.group.as_str(), set.role_arn.as_str()), ("g", "arn:aws:iam::1:role/r"));
+        let err = RunnerConfig::from_source(&env(&all[..2])).unwrap_err().to_string();
+        assert!(err.contains("CHAINRUN_DEADLINE_ROLE_ARN") && err.contains("all or none"), "{err}");
+    }
 }

@@ -22,13 +22,16 @@ struct Setup {
     model: Arc<ScriptedModel>,
     store: Arc<MemoryStore>,
     progress: Arc<MemoryProgress>,
+    timers: Arc<chainrun_core::memory::MemoryTimers>,
 }
 
 fn setup(scripts: Vec<Script>) -> Setup {
     let model = Arc::new(ScriptedModel::new(scripts));
     let store = Arc::new(MemoryStore::new());
     let progress = Arc::new(MemoryProgress::new());
-    let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+    let timers = Arc::new(chainrun_core::memory::MemoryTimers::new());
+    let engine = Engine::new(model.clone(), store.clone(), progress.clone(), Arc::new(ModelRegistry::builtin()), EngineConfig::default())
+        .with_timers(timers.clone());
     let runner = Arc::new(Runner {
         store: store.clone(),
         engine,
@@ -37,7 +40,7 @@ fn setup(scripts: Vec<Script>) -> Setup {
         durability: Durability::with_lease(LEASE),
         clock: Arc::new(PausedClock::default()),
     });
-    Setup { runner, model, store, progress }
+    Setup { runner, model, store, progress, timers }
 }
 
 async fn queue(store: &dyn RunStore, steps: Value) -> RunRecord {
@@ -335,6 +338,7 @@ async fn a_review_nobody_decides_is_approved_by_its_deadline_without_anyone_poll
     assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
     let parked = s.store.get_run(&run.id).await.unwrap().unwrap();
     let deadline = parked.waiting.as_ref().and_then(|w| w.deadline).expect("a deadline");
+    assert_eq!(s.timers.set(), vec![(run.id.clone(), deadline)], "a one-time wake-up at the deadline");
     // Before it, the sweeper has nothing to hand over; after it, it hands the run on.
     tokio::time::sleep(Duration::from_secs(3599)).await;
     assert!(s.store.due(s.runner.clock.now(), 10).await.unwrap().is_empty());

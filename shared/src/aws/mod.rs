@@ -12,6 +12,7 @@ mod idempotency;
 mod lambda;
 mod progress;
 mod rollups;
+mod scheduler;
 mod spend;
 
 pub use bedrock::BedrockModel;
@@ -21,6 +22,7 @@ pub use idempotency::DynamoIdempotency;
 pub use lambda::{LambdaDispatcher, RunnerEvent};
 pub use progress::DynamoProgress;
 pub use rollups::DynamoAnalytics;
+pub use scheduler::{ScheduleTarget, SchedulerTimers};
 pub use spend::DynamoDailySpend;
 
 use aws_config::retry::RetryConfig;
@@ -71,6 +73,10 @@ pub fn s3_client(config: &SdkConfig) -> aws_sdk_s3::Client {
         .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(30)).build())
         .build();
     aws_sdk_s3::Client::from_conf(conf)
+}
+
+pub fn scheduler_client(config: &SdkConfig) -> aws_sdk_scheduler::Client {
+    aws_sdk_scheduler::Client::new(config)
 }
 
 pub fn lambda_client(config: &SdkConfig) -> aws_sdk_lambda::Client {

@@ -156,6 +156,8 @@ pub struct Engine {
     control: Option<watch::Receiver<Option<ControlRequest>>>,
     /// Wall-clock time, for review deadlines (paused time in tests).
     clock: Arc<dyn crate::durability::Clock>,
+    /// Wake-ups at review deadlines (without them, the sweeper finds the run).
+    timers: Option<Arc<dyn crate::ports::Timers>>,
 }
 
 impl Engine {
@@ -166,7 +168,18 @@ impl Engine {
         models: Arc<ModelRegistry>,
         config: EngineConfig,
     ) -> Self {
-        Self { model, store, sink, models, config, daily: None, cause: Cause::Start, control: None, clock: Arc::new(crate::durability::SystemClock) }
+        Self {
+            model,
+            store,
+            sink,
+            models,
+            config,
+            daily: None,
+            cause: Cause::Start,
+            control: None,
+            clock: Arc::new(crate::durability::SystemClock),
+            timers: None,
+        }
     }
 
     /// The same engine, also checking every model call against its run's caller's daily
@@ -193,6 +206,12 @@ impl Engine {
     /// flight stop, nothing new starts, and the run ends `RUN_CANCELLED`.
     pub fn with_control(mut self, control: watch::Receiver<Option<ControlRequest>>) -> Self {
         self.control = Some(control);
+        self
+    }
+
+    /// The same engine setting a wake-up at each deadline a waiting run has.
+    pub fn with_timers(mut self, timers: Arc<dyn crate::ports::Timers>) -> Self {
+        self.timers = Some(timers);
         self
     }
 
@@ -465,7 +484,13 @@ impl Engine {
                     })
                     .await?;
                 if self.store.park(&run.id, &lease, &waiting, run.decisions.len()).await? {
-                    info!(settled_steps, kind = ?waiting.kind, "waiting for a person, holding no runner");
+                    info!(settled_steps, kind = ?waiting.kind, deadline = ?waiting.deadline, "waiting for a person, holding no runner");
+                    if let (Some(timers), Some(deadline)) = (&self.timers, waiting.deadline)
+                        && let Err(e) = timers.wake_at(&run.id, deadline).await
+                    {
+                        // The sweeper finds the run at its deadline all the same.
+                        warn!(error = %e, %deadline, "could not set the deadline's wake-up");
+                    }
                     return Ok(Outcome::Waiting);
                 }
                 // A decision arrived while this runner worked: continue with it, in a
