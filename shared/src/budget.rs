@@ -386,7 +386,7 @@ mod tests {
     use serde_json::json;
 
     fn budget(cost: Option<Value>, tokens: Option<Value>) -> Budget {
-        Budget { max_cost_usd: cost, max_total_tokens: tokens }
+        Budget { max_cost_usd: cost, max_total_tokens: tokens, on_exceeded: None }
     }
 
     fn limits(cost: Option<Value>, tokens: Option<Value>) -> Result<BudgetLimits, Vec<BudgetProblem>> {

@@ -229,6 +229,7 @@ pub struct ValidatedGraph {
     input_schema: Option<Schema>,
     /// The run's cost and token limits.
     budget: BudgetLimits,
+    pause_on_budget: bool,
 }
 
 impl ValidatedGraph {
@@ -258,6 +259,12 @@ impl ValidatedGraph {
 
     pub fn budget(&self) -> BudgetLimits {
         self.budget
+    }
+
+    /// Whether a call the budget refuses pauses the run (`budget.on_exceeded: pause`)
+    /// rather than failing its step.
+    pub fn pauses_on_budget(&self) -> bool {
+        self.pause_on_budget
     }
 
     /// The step ids in the graph's order, as a run stores them.
@@ -802,7 +809,8 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
         }
     }
     let Some(name) = name else { return Err(InvalidWorkflow { problems: found.0 }) };
-    Ok(ValidatedGraph { name, steps, dependents, output, max_concurrency, input_schema, budget })
+    let pause_on_budget = def.budget.as_ref().and_then(|b| b.on_exceeded) == Some(crate::workflow::OnExceeded::Pause);
+    Ok(ValidatedGraph { name, steps, dependents, output, max_concurrency, input_schema, budget, pause_on_budget })
 }
 
 /// Why a call of this step could never be admitted, even as the run's first and with an

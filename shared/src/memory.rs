@@ -212,6 +212,7 @@ impl RunStore for MemoryStore {
         slot.run.status = RunStatus::Queued;
         slot.run.waiting = None;
         slot.run.resumed = Some(resumption.clone());
+        slot.run.budget_raises.extend(resumption.budget.clone());
         slot.due_at = Some(resumption.at + self.queued_grace);
         Ok(ResumeOutcome::Resumed)
     }

@@ -383,6 +383,40 @@ pub enum WaitKind {
     Paused,
     /// Review steps wait for their decisions (`steps`).
     Review,
+    /// A model call did not fit the budget (`budget.on_exceeded: pause`): the run waits
+    /// for a resume that raises it. `reason` says what was spent and attempted.
+    Budget,
+}
+
+/// A budget raised when a run was resumed: who, when, and from what to what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetRaise {
+    pub by: UserId,
+    pub at: DateTime<Utc>,
+    pub from: BudgetView,
+    pub to: BudgetView,
+}
+
+/// A run's limits as a raise records them (money as an exact pico-dollar count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BudgetView {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<u64>")]
+    pub max_cost_pico_usd: Option<crate::money::Usd>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_total_tokens: Option<u64>,
+}
+
+impl From<crate::budget::BudgetLimits> for BudgetView {
+    fn from(b: crate::budget::BudgetLimits) -> Self {
+        Self { max_cost_pico_usd: b.max_cost, max_total_tokens: b.max_total_tokens }
+    }
+}
+
+impl From<BudgetView> for crate::budget::BudgetLimits {
+    fn from(b: BudgetView) -> Self {
+        Self { max_cost: b.max_cost_pico_usd, max_total_tokens: b.max_total_tokens }
+    }
 }
 
 /// A resume of a waiting run: who, and when.
@@ -390,6 +424,9 @@ pub enum WaitKind {
 pub struct Resumption {
     pub by: UserId,
     pub at: DateTime<Utc>,
+    /// The budget it raised, for a run waiting on its budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetRaise>,
 }
 
 /// A runner taking a run over from one whose lease expired (a crash, a timeout, a stall).
@@ -447,6 +484,16 @@ pub struct RunRecord {
     /// Decisions on its review steps, by step.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub decisions: std::collections::BTreeMap<StepId, ReviewDecision>,
+    /// Every raise of its budget, oldest first; the last one's `to` is the budget it runs under.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budget_raises: Vec<BudgetRaise>,
+}
+
+impl RunRecord {
+    /// The budget the run runs under: the last raise's, else its definition's (`defined`).
+    pub fn budget(&self, defined: crate::budget::BudgetLimits) -> crate::budget::BudgetLimits {
+        self.budget_raises.last().map_or(defined, |raise| raise.to.into())
+    }
 }
 
 impl RunRecord {
@@ -460,6 +507,7 @@ impl RunRecord {
             resumed: None,
             options: RunOptions::default(),
             decisions: Default::default(),
+            budget_raises: Vec::new(),
             workflow,
             definition,
             input,

@@ -73,6 +73,18 @@ pub struct Budget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(with = "Option<u64>")]
     pub max_total_tokens: Option<Value>,
+    /// What a call the budget refuses does: `fail` its step (the default), or `pause` the
+    /// run until it is resumed with a larger budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_exceeded: Option<OnExceeded>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceeded {
+    #[default]
+    Fail,
+    Pause,
 }
 
 fn dollar_amount_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

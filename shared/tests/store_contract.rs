@@ -645,14 +645,21 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
     assert_eq!(store.renew(&run.id, &ours).await, Err(StoreError::LeaseLost(run.id.clone())), "the lease was given up");
     assert_eq!(store.request_control(&run.id, &pause).await.unwrap(), ControlOutcome::AlreadyWaiting, "a pause of a paused run");
 
-    let resumption = Resumption { by: "bob".parse().unwrap(), at: Utc::now() };
+    let raise = BudgetRaise {
+        by: "bob".parse().unwrap(),
+        at: Utc::now(),
+        from: BudgetView { max_cost_pico_usd: Some(Usd::from_pico(5)), max_total_tokens: None },
+        to: BudgetView { max_cost_pico_usd: Some(Usd::from_pico(9)), max_total_tokens: None },
+    };
+    let resumption = Resumption { by: "bob".parse().unwrap(), at: Utc::now(), budget: Some(raise.clone()) };
     assert_eq!(store.resume(&run.id, &resumption).await.unwrap(), ResumeOutcome::Resumed);
     assert_eq!(store.resume(&run.id, &resumption).await.unwrap(), ResumeOutcome::Resumed, "the same resume again (a retry)");
-    let other = Resumption { by: "carol".parse().unwrap(), at: Utc::now() };
+    let other = Resumption { by: "carol".parse().unwrap(), at: Utc::now(), budget: None };
     assert_eq!(store.resume(&run.id, &other).await.unwrap(), ResumeOutcome::NotWaiting(RunStatus::Queued));
     assert_eq!(store.resume(&RunId::new(), &other).await.unwrap(), ResumeOutcome::NotFound);
     let queued = store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!((queued.status, queued.waiting, queued.resumed), (RunStatus::Queued, None, Some(resumption)));
+    assert_eq!(queued.budget_raises, vec![raise], "the raise is kept with the run");
     assert!(store.due(Utc::now() + Duration::days(1), 100).await.unwrap().contains(&run.id), "a lost dispatch is swept");
     assert!(matches!(store.claim(&run.id, &lease("three", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)));
 

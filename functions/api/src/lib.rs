@@ -15,6 +15,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chainrun_core::budget::BudgetLimits;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, validate_json};
 use chainrun_core::ids::{Principal, RunId, StepId};
@@ -23,11 +24,12 @@ use chainrun_core::ports::{
 };
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{
-    Cause, ControlKind, ControlRequest, Resumption, ReviewDecision, ReviewWait, RunOptions, RunRecord, RunStatus, RunnerEvent, StepStatus, Verdict,
-    WaitKind,
+    BudgetRaise, Cause, ControlKind, ControlRequest, Resumption, ReviewDecision, ReviewWait, RunOptions, RunRecord, RunStatus, RunnerEvent,
+    StepStatus, Verdict, WaitKind,
 };
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
+use chainrun_core::workflow::Budget;
 use error::ApiError;
 use http::StatusCode;
 use http::request::Parts;
@@ -334,6 +336,8 @@ struct ResumeBody {
     decision: Option<Verdict>,
     output: Option<Value>,
     comment: Option<String>,
+    /// A larger budget, for a run waiting on its budget: `{ max_cost_usd, max_total_tokens }`.
+    budget: Option<Value>,
 }
 
 /// `POST /runs/{id}/resume`. With no body (or `{}`): continues a paused run on any runner.
@@ -344,6 +348,7 @@ async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id):
     let request: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) { ResumeBody::default() } else { parse_body(&body)? };
     let run = visible_run(&state, &identity, &id).await?;
     match request.step {
+        Some(_) if request.budget.is_some() => Err(ApiError::bad_request("Invalid request body", "budget: raise it without a `step`")),
         Some(step) => {
             let decision = Decision { step, decision: request.decision, output: request.output, comment: request.comment };
             decide_review(&state, &identity, run, decision).await
@@ -351,13 +356,26 @@ async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id):
         None if request.decision.is_some() || request.output.is_some() || request.comment.is_some() => {
             Err(ApiError::bad_request("Invalid request body", "decision, output and comment decide a review: name its `step`"))
         }
-        None => resume_paused(&state, &identity, run).await,
+        None => resume_paused(&state, &identity, run, request.budget).await,
     }
 }
 
-async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord) -> Result<Response, ApiError> {
-    let resumption = Resumption { by: identity.user.clone(), at: chrono::Utc::now() };
+async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, budget: Option<Value>) -> Result<Response, ApiError> {
     let id = &run.id;
+    let at = chrono::Utc::now();
+    let waits_for_budget = run.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Budget);
+    let raise = match budget {
+        None if waits_for_budget => {
+            let why = run.waiting.as_ref().and_then(|w| w.reason.clone()).unwrap_or_default();
+            return Err(ApiError::Conflict(format!("run {id} waits for a larger budget ({why}); resume it with `budget`")));
+        }
+        None => None,
+        Some(_) if !waits_for_budget => {
+            return Err(ApiError::Conflict(format!("run {id} does not wait for its budget ({}); send no `budget`", run.status.as_str())));
+        }
+        Some(raw) => Some(budget_raise(state, identity, &run, raw, at)?),
+    };
+    let resumption = Resumption { by: identity.user.clone(), at, budget: raise };
     match state.store.resume(id, &resumption).await? {
         ResumeOutcome::Resumed => {}
         ResumeOutcome::NotWaiting(status) => {
@@ -379,6 +397,33 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord) ->
         "links": { "run": format!("/runs/{id}"), "events": format!("/runs/{id}/events") },
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// The budget a resume raises `run`'s to: parsed like a definition's, and no lower than
+/// the one it runs under in any limit.
+fn budget_raise(
+    state: &AppState,
+    identity: &Identity,
+    run: &RunRecord,
+    raw: Value,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<BudgetRaise, ApiError> {
+    let invalid = |detail: String| ApiError::bad_request("Invalid request body", detail);
+    let def: Budget = serde_json::from_value(raw).map_err(|e| invalid(format!("budget: {e}")))?;
+    let to = BudgetLimits::from_def(Some(&def))
+        .map_err(|problems| invalid(problems.into_iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ")))?;
+    let defined = validate_json(&run.definition, &state.models).map(|g| g.budget()).unwrap_or(BudgetLimits::UNLIMITED);
+    let from = run.budget(defined);
+    // Unset is unlimited: a raise may lift a limit, never lower or add one.
+    let lower = |new: Option<u64>, old: Option<u64>| match (new, old) {
+        (Some(new), Some(old)) => new < old,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if lower(to.max_cost.map(|u| u.pico()), from.max_cost.map(|u| u.pico())) || lower(to.max_total_tokens, from.max_total_tokens) {
+        return Err(invalid("budget: a resume may only raise the budget (or lift a limit), not lower it".into()));
+    }
+    Ok(BudgetRaise { by: identity.user.clone(), at, from: from.into(), to: to.into() })
 }
 
 /// A reviewer's answer to a review step, as the resume body gives it.

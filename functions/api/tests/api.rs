@@ -905,3 +905,50 @@ async fn a_decision_after_the_deadline_is_refused_saying_what_the_deadline_does(
     let (status, _, _) = api.call("GET", &format!("/runs/{id}"), Some(&token_in("carol", &["leads"])), None).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_run_waiting_for_its_budget_resumes_only_with_a_raise_which_is_recorded() {
+    let api = api();
+    let body = json!({
+        "workflow": {
+            "name": "budgeted",
+            "defaults": { "model": "amazon.nova-micro-v1:0", "max_tokens": 100 },
+            "budget": { "max_total_tokens": 400, "on_exceeded": "pause" },
+            "steps": [
+                { "id": "a", "type": "llm", "prompt": "FIRST" },
+                { "id": "b", "type": "llm", "prompt": "SECOND {{ steps.a.text }}" }
+            ]
+        }
+    });
+    let (_, _, accepted) = api.start("alice", body).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("FIRST", &"word ".repeat(60))]));
+    assert_eq!(api.execute(&id, model).await, chainrun_core::engine::Outcome::Waiting);
+    let (_, run) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(run["waiting"]["kind"], "budget", "{run}");
+
+    let resume = |body: Option<Value>| {
+        let path = format!("/runs/{id}/resume");
+        let api = &api;
+        async move { api.call("POST", &path, Some(&token("alice")), body.map(|b| b.to_string().into_bytes())).await }
+    };
+    let (status, _, problem) = resume(None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("waits for a larger budget"), "{problem}");
+    for (body, needle) in [
+        (json!({ "budget": { "max_total_tokens": 100 } }), "only raise"),
+        (json!({ "budget": { "max_cost_usd": "0.01" } }), "only raise"),
+        (json!({ "budget": { "max_total_tokens": "lots" } }), "max_total_tokens"),
+        (json!({ "step": "a", "budget": { "max_total_tokens": 1000 } }), "without a `step`"),
+    ] {
+        let (status, _, problem) = resume(Some(body.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(needle), "{body}: {problem}");
+    }
+    let (status, _, resumed) = resume(Some(json!({ "budget": { "max_total_tokens": 1000 } }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resumed}");
+    assert_eq!(resumed["resumed"]["budget"]["from"]["max_total_tokens"], 400);
+    assert_eq!(resumed["resumed"]["budget"]["to"]["max_total_tokens"], 1000);
+    let stored = api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap();
+    assert_eq!(stored.budget_raises.len(), 1);
+}

@@ -171,7 +171,7 @@ async fn a_paused_run_lets_its_steps_in_flight_finish_waits_holding_no_runner_an
     assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Waiting);
     assert_eq!(s.model.calls().len(), 2);
 
-    let resumption = chainrun_core::run::Resumption { by: "bob".parse().unwrap(), at: Utc::now() };
+    let resumption = chainrun_core::run::Resumption { by: "bob".parse().unwrap(), at: Utc::now(), budget: None };
     assert_eq!(s.store.resume(&run.id, &resumption).await.unwrap(), chainrun_core::ports::ResumeOutcome::Resumed);
     assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
     assert_eq!((s.model.calls_matching("FIRST"), s.model.calls_matching("SLOW"), s.model.calls_matching("LAST")), (1, 1, 1), "each call once");
@@ -201,7 +201,7 @@ async fn a_map_paused_midway_keeps_its_settled_items_and_runs_only_the_rest_afte
     let before = s.model.calls_matching("ITEM");
     assert!((4..8).contains(&before), "{before} items called before the pause took hold");
 
-    let resumption = chainrun_core::run::Resumption { by: "alice".parse().unwrap(), at: Utc::now() };
+    let resumption = chainrun_core::run::Resumption { by: "alice".parse().unwrap(), at: Utc::now(), budget: None };
     s.store.resume(&run.id, &resumption).await.unwrap();
     assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
     assert_eq!(s.model.calls_matching("ITEM"), 8, "every item called exactly once");
@@ -372,4 +372,63 @@ async fn a_deadline_escalates_to_more_reviewers_with_a_new_deadline_then_rejects
     assert_eq!(error.code, "REVIEW_REJECTED");
     assert!(error.message.contains("rejected by deadline"), "{}", error.message);
     assert_eq!(s.model.calls_matching("SEND"), 0);
+}
+
+// ---------------------------------------------------------------- budget pause
+
+async fn queue_with_budget(store: &dyn RunStore, budget: Value, steps: Value) -> RecordAndDef {
+    let def = json!({ "name": "t", "defaults": { "model": "amazon.nova-micro-v1:0", "max_tokens": 100 }, "budget": budget, "steps": steps });
+    let mut run =
+        RunRecord::new("t".parse().unwrap(), def.clone(), json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
+    run.step_order = chainrun_core::graph::validate_json(&def, &ModelRegistry::builtin()).unwrap().step_order();
+    store.create_run(&run).await.unwrap();
+    RecordAndDef(run)
+}
+
+struct RecordAndDef(RunRecord);
+
+#[tokio::test(start_paused = true)]
+async fn a_call_the_budget_refuses_pauses_the_run_and_a_raised_budget_continues_it_where_it_stopped() {
+    use chainrun_core::run::{BudgetRaise, Resumption, WaitKind};
+    let s = setup(vec![Script::reply("FIRST", &"word ".repeat(60)), Script::reply("SECOND", "done")]);
+    let RecordAndDef(run) = queue_with_budget(
+        s.store.as_ref(),
+        json!({ "max_total_tokens": 400, "on_exceeded": "pause" }),
+        json!([{ "id": "a", "type": "llm", "prompt": "FIRST" }, { "id": "b", "type": "llm", "prompt": "SECOND {{ steps.a.text }}" }]),
+    )
+    .await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
+    assert_eq!((s.model.calls_matching("FIRST"), s.model.calls_matching("SECOND")), (1, 0), "b's call was refused, not made");
+    let parked = s.store.get_run(&run.id).await.unwrap().unwrap();
+    let waiting = parked.waiting.clone().unwrap();
+    assert_eq!((parked.status, waiting.kind), (RunStatus::AwaitingInput, WaitKind::Budget));
+    assert!(waiting.reason.as_deref().unwrap_or_default().contains("max_total_tokens"), "{waiting:?}");
+    let b = s.store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "b").unwrap();
+    assert_eq!(b.status, StepStatus::Waiting);
+    let asked = s.progress.events(&run.id).last().unwrap().clone();
+    assert_eq!((asked.kind, asked.data["kind"].as_str()), (EventType::AwaitingInput, Some("budget")));
+
+    let from = parked.budget(chainrun_core::budget::BudgetLimits { max_cost: None, max_total_tokens: Some(400) });
+    let to = chainrun_core::budget::BudgetLimits { max_cost: None, max_total_tokens: Some(1000) };
+    let raise = BudgetRaise { by: "bob".parse().unwrap(), at: Utc::now(), from: from.into(), to: to.into() };
+    let resumption = Resumption { by: "bob".parse().unwrap(), at: Utc::now(), budget: Some(raise.clone()) };
+    s.store.resume(&run.id, &resumption).await.unwrap();
+    assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    assert_eq!((s.model.calls_matching("FIRST"), s.model.calls_matching("SECOND")), (1, 1), "a is not paid again");
+    let done = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(done.budget_raises, vec![raise]);
+    assert!(done.totals.total_tokens() <= 1000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_on_exceeded_a_refused_call_still_fails_its_step() {
+    let s = setup(vec![Script::reply("FIRST", &"word ".repeat(60)), Script::reply("SECOND", "done")]);
+    let RecordAndDef(run) = queue_with_budget(
+        s.store.as_ref(),
+        json!({ "max_total_tokens": 400 }),
+        json!([{ "id": "a", "type": "llm", "prompt": "FIRST" }, { "id": "b", "type": "llm", "prompt": "SECOND {{ steps.a.text }}" }]),
+    )
+    .await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Finished(RunStatus::Failed));
+    assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().error.unwrap().code, "BUDGET_EXCEEDED");
 }

@@ -126,6 +126,8 @@ struct RunItem {
     options: RunOptions,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     decisions: BTreeMap<StepId, StoredDecision>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    budget_raises: Vec<BudgetRaise>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -165,6 +167,7 @@ impl RunItem {
             resumed: run.resumed.clone(),
             options: run.options.clone(),
             decisions: run.decisions.iter().map(|(step, d)| (step.clone(), StoredDecision::from(d))).collect(),
+            budget_raises: run.budget_raises.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -199,6 +202,7 @@ impl RunItem {
             waiting: self.waiting,
             resumed: self.resumed,
             options: self.options,
+            budget_raises: self.budget_raises,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             totals: self.totals,
         })
@@ -849,12 +853,15 @@ impl RunStore for DynamoStore {
         let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(resumption)
             .map_err(|e| StoreError::Rejected(defect(&format!("the resume of run {id}"), e)))?;
         let due = resumption.at + self.queued_grace;
-        let result = self
+        let update = self
             .client
             .update_item()
             .table_name(&self.tables.runs)
             .set_key(Some(self.meta_key(id)))
-            .update_expression("SET #status = :queued, #resumed = :resumed, #shard = :shard, #sweep_at = :due REMOVE #waiting")
+            .update_expression(match resumption.budget {
+                Some(_) => "SET #status = :queued, #resumed = :resumed, #shard = :shard, #sweep_at = :due, #raises = list_append(if_not_exists(#raises, :none), :raise) REMOVE #waiting",
+                None => "SET #status = :queued, #resumed = :resumed, #shard = :shard, #sweep_at = :due REMOVE #waiting",
+            })
             .condition_expression("#status = :waiting_status")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#resumed", "resumed")
@@ -865,9 +872,19 @@ impl RunStore for DynamoStore {
             .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
             .expression_attribute_values(":resumed", value)
             .expression_attribute_values(":shard", s(sweep_shard(id)))
-            .expression_attribute_values(":due", n(due.timestamp_millis()))
-            .send()
-            .await;
+            .expression_attribute_values(":due", n(due.timestamp_millis()));
+        let update = match &resumption.budget {
+            Some(raise) => {
+                let raise = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(vec![raise.clone()])
+                    .map_err(|e| StoreError::Rejected(defect(&format!("the budget raise of run {id}"), e)))?;
+                update
+                    .expression_attribute_names("#raises", "budget_raises")
+                    .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+                    .expression_attribute_values(":raise", raise)
+            }
+            None => update,
+        };
+        let result = update.send().await;
         match result {
             Ok(_) => Ok(ResumeOutcome::Resumed),
             Err(e) if is_condition_failure(&e) => Ok(match self.get_run(id).await? {

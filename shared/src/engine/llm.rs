@@ -89,6 +89,11 @@ impl StepContext {
             let admitted = match self.admit(worst, CallName { step: id, item, attempt }).await? {
                 Ok(admitted) => admitted,
                 Err((refusal, message)) => {
+                    if self.budget_pauses(&refusal) {
+                        // The run waits for a larger budget: nothing new starts meanwhile.
+                        self.budget_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_with(|| message.clone());
+                        self.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     work.attempts = attempt - 1;
                     work.output = Err(refusal.error(message));
                     work.detail = Some(StepDetail::Refused(Refused { budget: refusal }));

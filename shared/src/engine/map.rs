@@ -56,7 +56,14 @@ impl StepContext {
                         ItemStep::Llm(llm) => {
                             let carried = saved.map(|r| r.carried()).unwrap_or_default();
                             let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
-                            let record = item_record(index, &work, &carried);
+                            let mut record = item_record(index, &work, &carried);
+                            if self.paused_for_budget(&work) {
+                                // Unsettled, with what it was charged: it runs again once the
+                                // budget is raised.
+                                (record.status, record.error) = (crate::run::StepStatus::Running, None);
+                                self.journal.save_item(id, &record).await?;
+                                return Ok((index, None));
+                            }
                             self.journal.save_item(id, &record).await?;
                             work.add_carried(&carried);
                             work

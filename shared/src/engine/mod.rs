@@ -291,7 +291,9 @@ impl Engine {
                 spent.add_carried(&left.carried);
                 left.items.iter().for_each(|item| spent.add_carried(&item.carried()));
             }
-            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, graph.budget()));
+            // The definition's budget, or the last one a resume raised it to.
+            let budget = run.budget(graph.budget());
+            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
             } else {
@@ -321,6 +323,8 @@ impl Engine {
                 run_id: run.id.clone(),
                 deadline,
                 pausing: Default::default(),
+                pause_on_budget: graph.pauses_on_budget(),
+                budget_refused: Default::default(),
                 reviews: review::Reviews {
                     decisions: run.decisions.clone(),
                     auto_approve: run.options.auto_approve,
@@ -369,7 +373,7 @@ impl Engine {
                     info!("deadline near: starting no more steps");
                     out_of_time = true;
                 }
-                if failure.is_none() && !out_of_time && pausing.is_none() {
+                if failure.is_none() && !out_of_time && !shared.pausing.load(std::sync::atomic::Ordering::Relaxed) {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
@@ -454,6 +458,7 @@ impl Engine {
             }
             let settled_steps = records.iter().flatten().count();
             // Nothing more can run now: paused, or every way on waits for a review.
+            let budget_refused = shared.budget_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             let waits = match pausing {
                 Some(request) => Some(Waiting {
                     kind: WaitKind::Paused,
@@ -463,6 +468,9 @@ impl Engine {
                     steps: reviews_waiting,
                     deadline,
                 }),
+                None if let Some(refused) = budget_refused => {
+                    Some(Waiting { kind: WaitKind::Budget, by: None, since: Utc::now(), reason: Some(refused), steps: reviews_waiting, deadline })
+                }
                 None if !out_of_time && !reviews_waiting.is_empty() => {
                     Some(Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: reviews_waiting, deadline })
                 }

@@ -40,12 +40,27 @@ pub struct StepContext {
     pub pausing: std::sync::atomic::AtomicBool,
     /// Review steps: the decisions made so far, and what applies to the others.
     pub reviews: super::review::Reviews,
+    /// `budget.on_exceeded: pause`: a call the run's budget refuses pauses the run.
+    pub pause_on_budget: bool,
+    /// The first such refusal's message, once one happened.
+    pub budget_refused: std::sync::Mutex<Option<String>>,
 }
 
 impl StepContext {
     /// Whether less than the deadline margin is left: no new work starts then.
     pub fn out_of_time(&self) -> bool {
         self.deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < self.config.deadline_margin)
+    }
+
+    /// Whether `refusal` pauses the run rather than failing the call's step.
+    pub fn budget_pauses(&self, refusal: &crate::wire::Refusal) -> bool {
+        self.pause_on_budget && matches!(refusal, crate::wire::Refusal::Run(_))
+    }
+
+    /// Whether `work` is a call the run's budget refused while the run pauses for it: its
+    /// step (or map item) does not settle, and runs again once the budget is raised.
+    pub fn paused_for_budget(&self, work: &Work) -> bool {
+        matches!(&work.detail, Some(crate::wire::StepDetail::Refused(r)) if self.budget_pauses(&r.budget))
     }
 
     /// Whether new work (a step, a map item) may not start: the deadline is near or the
@@ -169,6 +184,17 @@ impl StepContext {
                     Err(until) => return Ok(Ran::Waiting(until)),
                 },
             };
+            if self.paused_for_budget(&work) {
+                // What it was charged so far stays on its checkpoint; it runs again, from its
+                // first attempt, when the budget is raised.
+                let mut record = StepRecord::settled(step.id.clone(), StepStatus::Waiting, None, started_at);
+                (record.started_at, record.finished_at, record.model) = (Some(started_at), None, model.clone());
+                work.add_carried(running.carried());
+                (record.usage, record.cost, record.calls, record.lost) = (work.usage, work.cost, work.calls, work.lost);
+                record.detail = work.detail.as_ref().map(StepDetail::to_value);
+                self.journal.checkpoint(&record).await?;
+                return Ok(Ran::Interrupted);
+            }
             // A step that failed before calling a model has not announced itself yet.
             running.announce(&self.journal, None).await?;
             if let Ok((text, value)) = &work.output {

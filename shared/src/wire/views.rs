@@ -133,6 +133,9 @@ pub struct RunView<'a> {
     /// Who last resumed the run, and when.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed: Option<&'a Resumption>,
+    /// Every raise of its budget, oldest first.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub budget_raises: &'a [crate::run::BudgetRaise],
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -172,6 +175,7 @@ impl<'a> RunView<'a> {
             control: run.control.as_ref(),
             waiting: run.waiting.as_ref(),
             resumed: run.resumed.as_ref(),
+            budget_raises: &run.budget_raises,
             steps,
         }
     }
