@@ -634,6 +634,9 @@ pub struct ProgressRow {
     pub totals: Totals,
     pub last_seq: u64,
     pub updated_at: DateTime<Utc>,
+    /// What an `AWAITING_INPUT` run waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
 }
 
 #[cfg(test)]

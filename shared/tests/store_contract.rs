@@ -150,6 +150,15 @@ async fn contract(s: Subject) {
             totals: Totals::default(),
             last_seq: seq,
             updated_at: Utc::now(),
+            // The last row says what the run waits for; rows move forward with the events.
+            waiting: (seq == 5).then(|| Waiting {
+                kind: WaitKind::Review,
+                by: None,
+                since: Utc::now(),
+                reason: None,
+                steps: vec![StepId::parse("a").unwrap()],
+                deadline: Some(Utc::now()),
+            }),
         };
         s.progress.publish(&event, &row, &owners).await.unwrap();
     }
@@ -162,6 +171,7 @@ async fn contract(s: Subject) {
         totals: Totals::default(),
         last_seq: 3,
         updated_at: Utc::now(),
+        waiting: None,
     };
     assert!(matches!(s.progress.publish(&dup, &row, &owners).await, Err(ProgressError::Conflict { seq: 3, .. })));
     assert_eq!(s.progress.last_seq(&run.id).await.unwrap(), 5);
@@ -173,6 +183,7 @@ async fn contract(s: Subject) {
     for owner in &owners {
         let row = s.progress.progress_of(owner, &run.id).await.unwrap().expect("row per owner");
         assert_eq!((row.last_seq, row.status, row.current_step.as_ref().map(StepId::as_str)), (5, RunStatus::Running, Some("a")));
+        assert_eq!(row.waiting.map(|w| (w.kind, w.steps)), Some((WaitKind::Review, vec![StepId::parse("a").unwrap()])));
     }
     assert!(s.progress.progress_of(&Principal::User("mallory".into()), &run.id).await.unwrap().is_none());
 
@@ -193,6 +204,7 @@ async fn contract(s: Subject) {
         totals: Totals::default(),
         last_seq: 1,
         updated_at: Utc::now(),
+        waiting: None,
     };
     s.progress.publish(&event, &row, &[alice()]).await.unwrap();
     let feed = s.progress.feed(&alice(), 10).await.unwrap();
@@ -463,6 +475,7 @@ fn row(run: &RunId, last_seq: u64) -> ProgressRow {
         totals: Totals::default(),
         last_seq,
         updated_at: Utc::now(),
+        waiting: None,
     }
 }
 

@@ -748,6 +748,7 @@ async fn a_reviewer_sees_what_to_review_and_decides_once_and_only_reviewers_may(
     assert_eq!((check["status"].as_str(), check["output"].as_str()), (Some("WAITING"), Some("Send? hello")));
     let (_, feed) = api.get("bob", "/progress").await;
     assert_eq!(feed["items"][0]["status"], "AWAITING_INPUT");
+    assert_eq!((feed["items"][0]["waiting"]["kind"].as_str(), &feed["items"][0]["waiting"]["steps"]), (Some("review"), &json!(["check"])));
 
     let resume = |user: &'static str, body: Value| {
         let path = format!("/runs/{id}/resume");

@@ -22,7 +22,7 @@ use super::dynamo_error::{corrupt_item, defect, failed_condition_at, is_conditio
 use crate::config::Tables;
 use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::ports::{Checkpoint, JournalError, MAX_OWNERS, ProgressError, ProgressReader, ProgressSink, StoreError};
-use crate::run::{Event, EventType, ProgressRow, RunStatus, Totals};
+use crate::run::{Event, EventType, ProgressRow, RunStatus, Totals, Waiting};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::types::{ConditionCheck, Put, TransactWriteItem, Update};
@@ -81,6 +81,8 @@ struct ProgressItem {
     last_seq: u64,
     updated_at: DateTime<Utc>,
     expires_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waiting: Option<Waiting>,
 }
 
 fn to_event(table: &str, item: Item) -> Result<Event, ProgressError> {
@@ -98,6 +100,7 @@ fn to_row(table: &str, item: Item) -> Result<ProgressRow, ProgressError> {
         workflow: p.workflow,
         status: p.status,
         current_step: p.current_step,
+        waiting: p.waiting,
         totals: p.totals,
         last_seq: p.last_seq,
         updated_at: p.updated_at,
@@ -206,14 +209,29 @@ impl DynamoProgress {
             .expression_attribute_values(":totals", totals)
             .expression_attribute_values(":updated", s(stored_instant(&row.updated_at)))
             .expression_attribute_values(":expires", n(expires_at));
-        let mut expression =
-            "SET #run_id = :run_id, #workflow = :workflow, #status = :status, #totals = :totals, #last_seq = :seq, #updated = :updated, #expires = :expires".to_owned();
+        let mut set = vec!["#run_id = :run_id", "#workflow = :workflow", "#status = :status", "#totals = :totals", "#last_seq = :seq"];
+        set.extend(["#updated = :updated", "#expires = :expires"]);
+        let mut remove = Vec::new();
         match &row.current_step {
             Some(step) => {
                 update = update.expression_attribute_values(":step", s(step.as_str()));
-                expression.push_str(", #step = :step");
+                set.push("#step = :step");
             }
-            None => expression.push_str(" REMOVE #step"),
+            None => remove.push("#step"),
+        }
+        update = update.expression_attribute_names("#waiting", "waiting");
+        match &row.waiting {
+            Some(waiting) => {
+                let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(waiting)
+                    .map_err(|e| ProgressError::Rejected(defect(&format!("what run {} waits for", row.run_id), e)))?;
+                update = update.expression_attribute_values(":waiting", value);
+                set.push("#waiting = :waiting");
+            }
+            None => remove.push("#waiting"),
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
         }
         let update = update.update_expression(expression).build().map_err(|e| ProgressError::Rejected(defect("a progress row update", e)))?;
         Ok(TransactWriteItem::builder().update(update).build())

@@ -46,6 +46,8 @@ pub struct JournalState {
     pub current_step: Option<StepId>,
     /// Sum of step latencies; everything else in the run's totals is the ledger's.
     pub step_latency_ms: u64,
+    /// What the run waits for, once it waits.
+    pub waiting: Option<crate::run::Waiting>,
 }
 
 impl Journal {
@@ -68,7 +70,13 @@ impl Journal {
             run_id: run.id.clone(),
             workflow: run.workflow.clone(),
             owners: run.owners.clone(),
-            state: Mutex::new(JournalState { last_seq, status: RunStatus::Running, current_step: None, step_latency_ms: spent.step_latency_ms }),
+            state: Mutex::new(JournalState {
+                last_seq,
+                status: RunStatus::Running,
+                current_step: None,
+                step_latency_ms: spent.step_latency_ms,
+                waiting: None,
+            }),
             ledger: std::sync::Mutex::new(Ledger::new(budget, spent)),
         }
     }
@@ -153,6 +161,7 @@ impl Journal {
             totals: self.totals_with(&state),
             last_seq: seq,
             updated_at: now,
+            waiting: state.waiting.clone(),
         };
         retrying("progress", || async {
             match checkpoint {

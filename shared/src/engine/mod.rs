@@ -489,6 +489,7 @@ impl Engine {
                     .emit_with(body, None, None, None, |s| {
                         s.status = RunStatus::AwaitingInput;
                         s.current_step = None;
+                        s.waiting = Some(waiting.clone());
                     })
                     .await?;
                 if self.store.park(&run.id, &lease, &waiting, run.decisions.len()).await? {

@@ -201,6 +201,9 @@ pub struct ProgressRowView<'a> {
     pub totals: TotalsView,
     pub last_seq: u64,
     pub updated_at: DateTime<Utc>,
+    /// What an `AWAITING_INPUT` run waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<&'a Waiting>,
 }
 
 impl<'a> From<&'a ProgressRow> for ProgressRowView<'a> {
@@ -213,6 +216,7 @@ impl<'a> From<&'a ProgressRow> for ProgressRowView<'a> {
             totals: (&r.totals).into(),
             last_seq: r.last_seq,
             updated_at: r.updated_at,
+            waiting: r.waiting.as_ref(),
         }
     }
 }
