@@ -227,3 +227,48 @@ def test_a_review_deadline_fires_while_nobody_polls_and_a_late_decision_is_told_
     status, _, problem = api("POST", f"/runs/{run_id}/resume", token=alice, body={"step": "check", "decision": "reject"})
     assert status == 409 and "already decided: Approve by deadline" in problem["detail"], problem
     assert deadline
+
+
+def test_a_decision_racing_a_cancel_ends_the_run_once_and_consistently(api, stack, devmodel):
+    import threading
+
+    m = marker("race")
+    add_rules(devmodel,
+              {"name": m + "-d", "match": {"prompt_contains": m + " DRAFT"}, "reply": {"text": "draft"}},
+              {"name": m + "-s", "match": {"prompt_contains": m + " SEND"}, "reply": {"text": "sent"}})
+    alice = stack.token("alice")
+    wf = workflow("e2e-race", [
+        {"id": "draft", "type": "llm", "prompt": m + " DRAFT"},
+        {"id": "check", "type": "review", "show": "{{ steps.draft.text }}"},
+        {"id": "send", "type": "llm", "prompt": m + " SEND {{ steps.check.text }}"},
+    ])
+    run_id = start(api, alice, wf)["run_id"]
+    wait_for_status(api, alice, run_id, "AWAITING_INPUT")
+    answers = {}
+    barrier = threading.Barrier(2)
+
+    def call(name, path, body):
+        barrier.wait()
+        answers[name] = api("POST", path, token=alice, body=body)
+
+    threads = [threading.Thread(target=call, args=("decide", f"/runs/{run_id}/resume", {"step": "check", "decision": "approve"})),
+               threading.Thread(target=call, args=("cancel", f"/runs/{run_id}/cancel", {"reason": "changed my mind"}))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers["cancel"][0] in (202, 409), answers
+    assert answers["decide"][0] in (202, 409), answers
+    events = follow(api, alice, run_id, timeout=30, limit=100)
+    ends = [e["type"] for e in events if e["type"] in ("RUN_COMPLETED", "RUN_FAILED", "RUN_CANCELLED")]
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(seqs) + 1)), "gap-free and duplicate-free"
+    _, _, run = api("GET", f"/runs/{run_id}", token=alice)
+    sent = calls_with(devmodel, m + " SEND")
+    # One end, and what happened agrees with it: cancelled before send ran (nothing sent),
+    # or the decision's runner finished first (sent once; the cancel came too late).
+    if ends == ["RUN_CANCELLED"]:
+        assert run["status"] == "CANCELLED" and sent == [] and answers["cancel"][0] == 202
+    else:
+        assert ends == ["RUN_COMPLETED"] and run["status"] == "COMPLETED" and len(sent) == 1, (ends, answers)
+        assert answers["decide"][0] == 202
