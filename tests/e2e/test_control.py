@@ -7,14 +7,22 @@ import time
 from test_runs import add_rules, calls_with, follow, marker, start, workflow
 
 
-def wait_for_event(api, token, run_id, kind, timeout=30.0):
+def wait_for(what, probe, timeout=30.0):
+    """Polls probe() until it returns something truthy; returns that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=token)
-        if any(e["type"] == kind and e.get("step_id") for e in page["events"]):
-            return page["events"]
+        found = probe()
+        if found:
+            return found
         time.sleep(0.1)
-    raise AssertionError(f"no {kind} in run {run_id} within {timeout}s")
+    raise AssertionError(f"no {what} within {timeout}s")
+
+
+def wait_for_event(api, token, run_id, kind, timeout=30.0):
+    def probe():
+        _, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=token)
+        return page["events"] if any(e["type"] == kind and e.get("step_id") for e in page["events"]) else None
+    return wait_for(f"{kind} in run {run_id}", probe, timeout)
 
 
 def test_a_cancelled_run_stops_its_slow_step_starts_nothing_more_and_says_who(api, stack, devmodel):
@@ -126,13 +134,10 @@ def test_a_paused_run_waits_holding_no_runner_and_a_resume_continues_it_on_anoth
 
 
 def wait_for_status(api, token, run_id, status, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, _, run = api("GET", f"/runs/{run_id}", token=token)
-        if run["status"] == status:
-            return run
-        time.sleep(0.2)
-    raise AssertionError(f"run {run_id} is {run['status']}, not {status}, after {timeout}s")
+    def probe():
+        run = api("GET", f"/runs/{run_id}", token=token)[2]
+        return run if run["status"] == status else None
+    return wait_for(f"status {status} of run {run_id}", probe, timeout)
 
 
 def test_a_review_gate_waits_for_its_reviewer_who_edits_and_the_edit_goes_downstream(api, stack, devmodel):

@@ -58,22 +58,27 @@ fn deliver(s: &Setup, run: &RunId, cause: Cause) -> tokio::task::JoinHandle<Hand
     tokio::spawn(async move { runner.handle(RunnerEvent::new(run, cause), "inv", deadline, Duration::from_secs(90)).await.unwrap() })
 }
 
+/// `a`, then a slow `b`, then `c`: a run with a step in flight and one not started.
+fn a_slow_b_then_c() -> Value {
+    json!([
+        { "id": "a", "type": "llm", "prompt": "FIRST" },
+        { "id": "b", "type": "llm", "prompt": "SLOW {{ steps.a.text }}" },
+        { "id": "c", "type": "llm", "prompt": "LAST {{ steps.b.text }}" }
+    ])
+}
+
+fn asked(kind: ControlKind, who: &str, reason: &str) -> ControlRequest {
+    ControlRequest { kind, by: who.parse().unwrap(), at: Utc::now(), reason: Some(reason.into()) }
+}
+
 fn cancel_by(who: &str) -> ControlRequest {
-    ControlRequest { kind: ControlKind::Cancel, by: who.parse().unwrap(), at: Utc::now(), reason: Some("no longer needed".into()) }
+    asked(ControlKind::Cancel, who, "no longer needed")
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_run_stops_its_steps_in_flight_starts_nothing_and_keeps_its_spend_exact() {
     let s = setup(vec![Script::reply("FIRST", "1"), Script::reply("SLOW", "2").with_latency(Duration::from_secs(600)), Script::reply("LAST", "3")]);
-    let run = queue(
-        s.store.as_ref(),
-        json!([
-            { "id": "a", "type": "llm", "prompt": "FIRST" },
-            { "id": "b", "type": "llm", "prompt": "SLOW {{ steps.a.text }}" },
-            { "id": "c", "type": "llm", "prompt": "LAST {{ steps.b.text }}" }
-        ]),
-    )
-    .await;
+    let run = queue(s.store.as_ref(), a_slow_b_then_c()).await;
     let delivery = deliver(&s, &run.id, Cause::Start);
     tokio::time::sleep(Duration::from_secs(5)).await; // `a` settled, `b` in flight
     assert_eq!(s.store.request_control(&run.id, &cancel_by("alice")).await.unwrap(), ControlOutcome::Recorded);
@@ -135,21 +140,13 @@ async fn a_run_whose_runner_died_is_cancelled_by_the_next_claim() {
 }
 
 fn pause_by(who: &str) -> ControlRequest {
-    ControlRequest { kind: ControlKind::Pause, by: who.parse().unwrap(), at: Utc::now(), reason: Some("checking the draft".into()) }
+    asked(ControlKind::Pause, who, "checking the draft")
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_paused_run_lets_its_steps_in_flight_finish_waits_holding_no_runner_and_resumes_where_it_stopped() {
     let s = setup(vec![Script::reply("FIRST", "1"), Script::reply("SLOW", "2").with_latency(Duration::from_secs(20)), Script::reply("LAST", "3")]);
-    let run = queue(
-        s.store.as_ref(),
-        json!([
-            { "id": "a", "type": "llm", "prompt": "FIRST" },
-            { "id": "b", "type": "llm", "prompt": "SLOW {{ steps.a.text }}" },
-            { "id": "c", "type": "llm", "prompt": "LAST {{ steps.b.text }}" }
-        ]),
-    )
-    .await;
+    let run = queue(s.store.as_ref(), a_slow_b_then_c()).await;
     let delivery = deliver(&s, &run.id, Cause::Start);
     tokio::time::sleep(Duration::from_secs(5)).await; // `b` in flight
     assert_eq!(s.store.request_control(&run.id, &pause_by("alice")).await.unwrap(), ControlOutcome::Recorded);
