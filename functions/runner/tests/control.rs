@@ -429,3 +429,26 @@ async fn without_on_exceeded_a_refused_call_still_fails_its_step() {
     assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Finished(RunStatus::Failed));
     assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().error.unwrap().code, "BUDGET_EXCEEDED");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_router_branches_on_the_decision_of_an_optional_review() {
+    use chainrun_core::run::Verdict;
+    let flow = json!([
+        { "id": "draft", "type": "llm", "prompt": "DRAFT" },
+        { "id": "check", "type": "review", "show": "{{ steps.draft.text }}", "required": false },
+        { "id": "route", "type": "router", "depends_on": ["draft", "check"], "join": "any",
+          "routes": [{ "when": "steps.check.status == 'COMPLETED'", "to": ["send"] }], "default": ["rework"] },
+        { "id": "send", "type": "llm", "depends_on": ["route"], "prompt": "SEND" },
+        { "id": "rework", "type": "llm", "depends_on": ["route"], "prompt": "REWORK {{ steps.draft.text }}" }
+    ]);
+    for (verdict, called, skipped) in [(Verdict::Approve, "SEND", "REWORK"), (Verdict::Reject, "REWORK", "SEND")] {
+        let s = setup(vec![Script::reply("DRAFT", "d"), Script::reply("SEND", "sent"), Script::reply("REWORK", "again")]);
+        let run = queue(s.store.as_ref(), flow.clone()).await;
+        assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
+        let id = chainrun_core::ids::StepId::parse("check").unwrap();
+        let decision = chainrun_core::run::ReviewDecision { by: "alice".parse().unwrap(), ..decide(verdict, None) };
+        s.store.decide(&run.id, &id, &decision).await.unwrap();
+        assert_eq!(deliver(&s, &run.id, Cause::Resume).await.unwrap(), Handled::Finished(RunStatus::Completed), "{verdict:?}");
+        assert_eq!((s.model.calls_matching(called), s.model.calls_matching(skipped)), (1, 0), "{verdict:?}");
+    }
+}
