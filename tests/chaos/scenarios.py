@@ -38,9 +38,9 @@ SWEEP_S = 5.0
 QUEUED_GRACE_S = 10.0
 PER_CRASH_S = LEASE_S + SWEEP_S + 14.0  # slack: a loaded 2-core machine, a retry's delay
 
-SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "chain")
+SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "steer", "chain")
 # Which stack each scenario needs (infra.stack.Stack keyword arguments / environment).
-STACK_OF = {"kill": "main", "duplicates": "main", "storm": "main", "lost": "main",
+STACK_OF = {"kill": "main", "duplicates": "main", "storm": "main", "lost": "main", "steer": "main",
             "dynamodb": "faults", "chain": "chain"}
 
 # Kill phases of the fan workflow, in the order a run passes them. "mid-map" waits until
@@ -597,5 +597,71 @@ def scenario_chain(h: Harness, rng: random.Random, runs: int, log, *, steps: int
     return res
 
 
+# ---------------------------------------------------------------------------------------
+# steer: runs paused (and resumed) or cancelled mid-way, some with their runner killed
+
+
+def steer_run(h: Harness, t: Trial, rng: random.Random, cancel: bool, kill: bool, log) -> None:
+    """Drives one run: after a seeded delay maybe SIGKILLs its runner, then pauses it,
+    waits until it waits, and resumes it a little later — or cancels it."""
+    time.sleep(rng.uniform(0.3, 2.0))
+    if kill:
+        k = h.kill_run(t.run_id, "time")
+        if k is not None:
+            t.kills.append(k)
+    action = "cancel" if cancel else "pause"
+    status, _, body = h.api("POST", f"/runs/{t.run_id}/{action}", body={"reason": "chaos"})
+    if status not in (202, 409):
+        t.missed.append(f"{action} answered {status}: {body}")
+        return
+    if cancel or status == 409:  # 409: it had ended already
+        return
+    deadline = time.monotonic() + t.bound_s
+    while time.monotonic() < deadline and h.status(t.run_id) not in ("AWAITING_INPUT", *TERMINAL):
+        time.sleep(0.2)
+    if h.status(t.run_id) != "AWAITING_INPUT":
+        return  # it finished before the pause took hold
+    time.sleep(rng.uniform(0.5, 2.0))
+    status, _, body = h.api("POST", f"/runs/{t.run_id}/resume")
+    if status != 202:
+        t.missed.append(f"resume answered {status}: {body}")
+    else:
+        log(f"chaos[steer]: {t.run_id} paused and resumed")
+
+
+def scenario_steer(h: Harness, rng: random.Random, runs: int, log, *, items: int = 6, latency_ms: int = 400,
+                   name: str = "steer") -> ScenarioResult:
+    """Every fourth run is cancelled, the others paused and resumed; every other run also
+    loses its runner to a SIGKILL first. Each must end as asked, with the usual checks:
+    no call paid twice for a checkpointed step, a gap-free log, within its budget."""
+    res = ScenarioResult(name)
+    t0 = time.monotonic()
+    trials: list[Trial] = []
+    plans = []
+    for i in range(runs):
+        tag = wf.new_tag()
+        definition, input_ = wf.fan_workflow(tag, items, budget_usd="0.01")
+        h.add_rules([wf.rule(tag, latency_ms)])
+        cancel, kill = i % 4 == 3, i % 2 == 1
+        t = _start(h, name, f"{name}#{i}", definition, input_, tag, wf.fan_keys(items), latency_ms / 1000,
+                   60.0 + PER_CRASH_S * kill, expected="CANCELLED" if cancel else "COMPLETED")
+        trials.append(t)
+        plans.append((cancel, kill))
+    log(f"chaos[{name}]: " + "; ".join(f"{t.run_id} {'cancel' if c else 'pause+resume'}{' +kill' if k else ''}"
+                                      for t, (c, k) in zip(trials, plans)))
+    seeds = [rng.random() for _ in trials]
+    with ThreadPoolExecutor(len(trials)) as pool:
+        for f in [pool.submit(steer_run, h, t, random.Random(seed), c, k, log) for t, seed, (c, k) in zip(trials, seeds, plans)]:
+            f.result()
+    _finish(h, trials, res, log)
+    for t in trials:
+        for m in t.missed:
+            res.problems.append(f"run {t.run_id} ({t.label}): {m}")
+    res.info.update(cancelled=sum(c for c, _ in plans), paused=sum(not c for c, _ in plans),
+                    kills=sum(k.hit for t in trials for k in t.kills))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
 RUNNERS = {"kill": scenario_kill, "duplicates": scenario_duplicates, "storm": scenario_storm,
-           "dynamodb": scenario_dynamodb, "lost": scenario_lost, "chain": scenario_chain}
+           "dynamodb": scenario_dynamodb, "lost": scenario_lost, "steer": scenario_steer, "chain": scenario_chain}

@@ -86,6 +86,12 @@ def test_a_lost_dispatch_is_started_by_the_sweeper(stacks):
     assert r.info["dispatches_lost"] == 1, report(r)
 
 
+def test_paused_resumed_and_cancelled_runs_end_as_asked_even_with_their_runner_killed(stacks):
+    r = scenario(stacks, "steer")
+    assert r.ok, report(r)
+    assert r.info["paused"] >= 1 and r.info["cancelled"] >= 1, report(r)
+
+
 def test_dynamodb_faults_leave_every_run_consistent_and_finished(stacks):
     r = scenario(stacks, "dynamodb")
     assert r.ok, report(r)
