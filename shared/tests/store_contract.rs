@@ -739,6 +739,15 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     assert!(store.due(deadline, 100).await.unwrap().contains(&run.id), "due at its deadline");
     let Claim::Acquired(late) = store.claim(&run.id, &lease("late", 5), deadline).await.unwrap() else { panic!("claimed at the deadline") };
     assert_eq!((late.status, late.waiting), (RunStatus::Running, None));
+    // Waiting again, now without a deadline: the old one does not let anyone claim it.
+    let untimed = Waiting { deadline: None, ..timed.clone() };
+    assert!(store.park(&run.id, &lease("late", 5), &untimed, 2).await.unwrap());
+    assert_eq!(store.claim(&run.id, &lease("later", 5), deadline + Duration::days(1)).await.unwrap(), Claim::Waiting);
+    store
+        .request_control(&run.id, &ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None })
+        .await
+        .unwrap();
+    assert!(matches!(store.claim(&run.id, &lease("late", 5), Utc::now()).await.unwrap(), Claim::Acquired(_)), "a cancel queues it");
 
     let mut done = store.get_run(&run.id).await.unwrap().unwrap();
     done.status = RunStatus::Completed;

@@ -761,7 +761,10 @@ impl RunStore for DynamoStore {
                 .expression_attribute_names("#deadline", "deadline_at")
                 .expression_attribute_values(":deadline", n(deadline.timestamp_millis()))
                 .expression_attribute_values(":shard", s(sweep_shard(id))),
-            None => update.update_expression("SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control"),
+            // A deadline an earlier wait had must not let this one be claimed.
+            None => update
+                .update_expression("SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control, #deadline")
+                .expression_attribute_names("#deadline", "deadline_at"),
         };
         let result = update
             .condition_expression("lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided)")
