@@ -375,6 +375,10 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
         }
         Some(raw) => Some(budget_raise(state, identity, &run, raw, at)?),
     };
+    if let Some(waiting) = run.waiting.as_ref().filter(|w| w.kind == WaitKind::Review) {
+        let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
+        return Err(ApiError::Conflict(format!("run {id} waits for review decisions on {}: resume it with `step` and `decision`", steps.join(", "))));
+    }
     let resumption = Resumption { by: identity.user.clone(), at, budget: raise };
     match state.store.resume(id, &resumption).await? {
         ResumeOutcome::Resumed => {}
@@ -382,9 +386,6 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
             return Err(ApiError::Conflict(format!("run {id} is not waiting ({}); only a paused run can be resumed", status.as_str())));
         }
         ResumeOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
-    }
-    if run.waiting.as_ref().is_some_and(|w| w.kind == WaitKind::Review) {
-        info!(run_id = %id, "a run waiting for reviews was resumed: it waits again unless they are decided");
     }
     info!(run_id = %id, user = %identity.user, "run resumed");
     if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Resume)).await {

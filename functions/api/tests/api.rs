@@ -755,6 +755,10 @@ async fn a_reviewer_sees_what_to_review_and_decides_once_and_only_reviewers_may(
         let api = &api;
         async move { api.call("POST", &path, Some(&token(user)), Some(body.to_string().into_bytes())).await }
     };
+    // A plain resume does not decide anything: it says what to send.
+    let (status, _, problem) = resume("alice", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("waits for review decisions on check"), "{problem}");
     // Not a reviewer: no such review for them. Bad bodies: 400 naming the field.
     let (status, _, problem) = resume("alice", json!({ "step": "check", "decision": "approve" })).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
