@@ -113,6 +113,26 @@ pub enum OnTimeout {
     },
 }
 
+impl ReviewSpec {
+    /// Who may decide: its reviewers (the run's `starter` when it names none), and those
+    /// its deadlines escalated it to after `level` escalations (`None`: at any level).
+    pub fn deciders(&self, starter: &crate::ids::UserId, level: Option<u32>) -> Vec<Principal> {
+        let mut who = if self.reviewers.is_empty() { vec![Principal::User(starter.to_string())] } else { self.reviewers.clone() };
+        if let Some((_, on_timeout)) = &self.timeout {
+            let added = match level {
+                Some(level) => on_timeout.at_level(level).1,
+                None => on_timeout.principals(),
+            };
+            for p in added {
+                if !who.contains(&p) {
+                    who.push(p);
+                }
+            }
+        }
+        who
+    }
+}
+
 impl OnTimeout {
     /// What the deadline does after `level` escalations: the outcome, and who may decide
     /// by then beside the review's own reviewers.
@@ -552,6 +572,16 @@ fn on_timeout_of(value: &Value, field: &str, depth: usize) -> Result<OnTimeout, 
     }
 }
 
+/// A principal as a review names it: `user:<id>`, `group:<name>`.
+pub fn reviewer_name(p: &Principal) -> String {
+    match p {
+        Principal::User(u) => format!("user:{u}"),
+        Principal::Group(g) => format!("group:{g}"),
+        Principal::Admin => "admin".into(),
+        Principal::Public => "public".into(),
+    }
+}
+
 /// `user:<id>` or `group:<name>`, as a principal.
 fn reviewer(raw: &str) -> Option<Principal> {
     let (kind, name) = raw.split_once(':')?;
@@ -988,6 +1018,12 @@ mod tests {
         let StepKind::Review(ReviewSpec { timeout: Some((after, on_timeout)), .. }) = &g.steps[0].kind else { panic!("a timed review") };
         assert_eq!(*after, std::time::Duration::from_secs(3600));
         assert_eq!(on_timeout.at_level(1), (&OnTimeout::Approve, vec![Principal::Group("leads".into())]));
+        let StepKind::Review(spec) = &g.steps[0].kind else { panic!("a review") };
+        let alice: crate::ids::UserId = "alice".parse().unwrap();
+        let (starter, leads) = (Principal::User("alice".into()), Principal::Group("leads".into()));
+        assert_eq!(spec.deciders(&alice, Some(0)), vec![starter.clone()], "no reviewers named: the starter");
+        assert_eq!(spec.deciders(&alice, Some(1)), vec![starter.clone(), leads.clone()], "and those it escalated to");
+        assert_eq!(spec.deciders(&alice, None), vec![starter, leads]);
         let defaulted = validate_json(&wf(json!([{ "id": "r", "type": "review", "show": "x", "timeout": "1h" }])), &registry()).unwrap();
         assert!(matches!(&defaulted.steps[0].kind, StepKind::Review(ReviewSpec { timeout: Some((_, OnTimeout::Reject)), .. })), "safe by default");
 

@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chainrun_core::budget::BudgetLimits;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
-use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, validate_json};
+use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, reviewer_name, validate_json};
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::ports::{
     Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, Idempotency, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
@@ -152,10 +152,9 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
     let mut owners = vec![Principal::User(identity.user.to_string())];
     for step in graph.steps() {
         if let StepKind::Review(spec) = &step.kind {
-            let escalations = spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.principals()).unwrap_or_default();
-            for reviewer in spec.reviewers.iter().chain(&escalations) {
-                if !owners.contains(reviewer) {
-                    owners.push(reviewer.clone());
+            for reviewer in spec.deciders(&identity.user, None) {
+                if !owners.contains(&reviewer) {
+                    owners.push(reviewer);
                 }
             }
         }
@@ -373,7 +372,7 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
         Some(_) if !waits_for_budget => {
             return Err(ApiError::Conflict(format!("run {id} does not wait for its budget ({}); send no `budget`", run.status.as_str())));
         }
-        Some(raw) => Some(budget_raise(state, identity, &run, raw, at)?),
+        Some(raw) => Some(budget_raise(identity, &run, raw, at)?),
     };
     if let Some(waiting) = run.waiting.as_ref().filter(|w| w.kind == WaitKind::Review) {
         let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
@@ -402,18 +401,14 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
 
 /// The budget a resume raises `run`'s to: parsed like a definition's, and no lower than
 /// the one it runs under in any limit.
-fn budget_raise(
-    state: &AppState,
-    identity: &Identity,
-    run: &RunRecord,
-    raw: Value,
-    at: chrono::DateTime<chrono::Utc>,
-) -> Result<BudgetRaise, ApiError> {
+fn budget_raise(identity: &Identity, run: &RunRecord, raw: Value, at: chrono::DateTime<chrono::Utc>) -> Result<BudgetRaise, ApiError> {
     let invalid = |detail: String| ApiError::bad_request("Invalid request body", detail);
     let def: Budget = serde_json::from_value(raw).map_err(|e| invalid(format!("budget: {e}")))?;
     let to = BudgetLimits::from_def(Some(&def))
         .map_err(|problems| invalid(problems.into_iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ")))?;
-    let defined = validate_json(&run.definition, &state.models).map(|g| g.budget()).unwrap_or(BudgetLimits::UNLIMITED);
+    // The snapshot was validated at start: its budget parses (no need to validate it all again).
+    let defined = run.definition.get("budget").and_then(|b| serde_json::from_value::<Budget>(b.clone()).ok());
+    let defined = defined.and_then(|b| BudgetLimits::from_def(Some(&b)).ok()).unwrap_or(BudgetLimits::UNLIMITED);
     let from = run.budget(defined);
     // Unset is unlimited: a raise may lift a limit, never lower or add one.
     let lower = |new: Option<u64>, old: Option<u64>| match (new, old) {
@@ -460,31 +455,18 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
     let spec = spec.ok_or_else(no_review)?;
     let step_id = StepId::parse(&step).map_err(|_| no_review())?;
     let decided = ReviewDecision { decision, output, comment, by: identity.user.clone(), at: chrono::Utc::now() };
-    let principal = |name: &str| match name.split_once(':') {
-        Some(("user", u)) => Some(Principal::User(u.to_owned())),
-        Some(("group", g)) => Some(Principal::Group(g.to_owned())),
-        _ => None,
-    };
-    // Who may decide: as the waiting step says (its reviewers, and those its deadlines
-    // escalated to); once decided, anyone it could ever have been handed to.
-    let everyone = || {
-        let mut who = if spec.reviewers.is_empty() { vec![Principal::User(run.caller.to_string())] } else { spec.reviewers.clone() };
-        who.extend(spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.principals()).unwrap_or_default());
-        who
-    };
+    let may_decide = |level: Option<u32>| identity.principals().iter().any(|p| spec.deciders(&run.caller, level).contains(p));
     if run.decisions.contains_key(&step_id) {
-        if !identity.principals().iter().any(|p| everyone().contains(p)) {
+        // Decided: anyone it could ever have been handed to may hear so.
+        if !may_decide(None) {
             return Err(no_review());
         }
     } else {
         let steps = state.store.get_steps(&id).await?;
         let record = steps.iter().find(|r| r.step_id == step_id);
         let wait: Option<ReviewWait> = record.and_then(|r| r.detail.clone()).and_then(|d| serde_json::from_value(d).ok());
-        let deciders: Vec<Principal> = match &wait {
-            Some(wait) if !wait.deciders.is_empty() => wait.deciders.iter().filter_map(|d| principal(d)).collect(),
-            _ => everyone(),
-        };
-        if !identity.principals().iter().any(|p| deciders.contains(p)) {
+        // Waiting: its reviewers, and those its deadlines have escalated it to so far.
+        if !may_decide(Some(wait.as_ref().map_or(0, |w| w.level))) {
             return Err(no_review());
         }
         let status = record.map_or(StepStatus::Pending, |r| r.status);
@@ -499,7 +481,7 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
             let what = match spec.timeout.as_ref().map(|(_, on_timeout)| on_timeout.at_level(wait.as_ref().map_or(0, |w| w.level)).0) {
                 Some(OnTimeout::Approve) => "it approves the review".to_owned(),
                 Some(OnTimeout::Escalate { to, .. }) => {
-                    format!("it hands the review to {}", to.iter().map(chainrun_core::engine::principal_name).collect::<Vec<_>>().join(", "))
+                    format!("it hands the review to {}", to.iter().map(reviewer_name).collect::<Vec<_>>().join(", "))
                 }
                 _ => "it rejects the review".to_owned(),
             };

@@ -26,7 +26,6 @@ pub mod journal;
 mod llm;
 mod map;
 mod review;
-pub use review::principal_name;
 mod router;
 mod running;
 pub mod schedule;
@@ -328,7 +327,7 @@ impl Engine {
                 reviews: review::Reviews {
                     decisions: run.decisions.clone(),
                     auto_approve: run.options.auto_approve,
-                    starter: Some(run.caller.clone()),
+                    starter: run.caller.clone(),
                     clock: self.clock.clone(),
                     store: self.store.clone(),
                     run_id: run.id.clone(),

@@ -11,10 +11,8 @@ use super::running::Running;
 use super::step::{Scope, StepContext, Work};
 use crate::codes::ErrorCode;
 use crate::durability::Clock;
-use crate::graph::OnTimeout;
-use crate::graph::ReviewSpec;
-use crate::ids::RunId;
-use crate::ids::{Principal, StepId, UserId};
+use crate::graph::{OnTimeout, ReviewSpec, reviewer_name};
+use crate::ids::{RunId, StepId, UserId};
 use crate::ports::{DecideOutcome, RunStore};
 use crate::run::{ReviewDecision, ReviewWait, StepRecord, StepStatus, Verdict, WaitKind, Waiting};
 use crate::wire::StepDetail;
@@ -33,7 +31,7 @@ pub struct Reviews {
     /// The run option `auto_approve`: every review is approved at once.
     pub auto_approve: bool,
     /// Who decides a review that names no reviewers: the run's starter.
-    pub starter: Option<UserId>,
+    pub starter: UserId,
     /// Deadlines are wall-clock times.
     pub clock: Arc<dyn Clock>,
     /// Where a deadline's decision is recorded, like a reviewer's.
@@ -55,25 +53,9 @@ impl Reviews {
         })
     }
 
-    /// Who may decide a review with `reviewers` (empty: the run's starter).
-    pub fn deciders(&self, reviewers: &[Principal]) -> Vec<Principal> {
-        match (reviewers.is_empty(), &self.starter) {
-            (true, Some(starter)) => vec![Principal::User(starter.to_string())],
-            _ => reviewers.to_vec(),
-        }
-    }
-
-    /// Who may decide `spec` after `level` escalations.
-    fn deciders_at(&self, spec: &ReviewSpec, level: u32) -> Vec<String> {
-        let mut who = self.deciders(&spec.reviewers);
-        if let Some((_, on_timeout)) = &spec.timeout {
-            for p in on_timeout.at_level(level).1 {
-                if !who.contains(&p) {
-                    who.push(p);
-                }
-            }
-        }
-        who.iter().map(principal_name).collect()
+    /// Where a review waits after `level` escalations, until `deadline`.
+    fn wait(&self, spec: &ReviewSpec, level: u32, deadline: Option<DateTime<Utc>>) -> ReviewWait {
+        ReviewWait { level, deadline, deciders: spec.deciders(&self.starter, Some(level)).iter().map(reviewer_name).collect() }
     }
 }
 
@@ -82,16 +64,6 @@ pub const DEADLINE: &str = "deadline";
 
 /// Who an automatic approval is recorded as.
 pub const AUTO_APPROVE: &str = "auto_approve";
-
-/// A principal as a review names it: `user:<id>`, `group:<name>`.
-pub fn principal_name(p: &Principal) -> String {
-    match p {
-        Principal::User(u) => format!("user:{u}"),
-        Principal::Group(g) => format!("group:{g}"),
-        Principal::Admin => "admin".into(),
-        Principal::Public => "public".into(),
-    }
-}
 
 fn after_chrono(after: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX)
@@ -117,7 +89,7 @@ impl StepContext {
             (Some(decision), _) => decision,
             (None, None) => {
                 let deadline = spec.timeout.as_ref().map(|(after, _)| now + after_chrono(*after));
-                self.wait_for_review(id, spec, &shown, ReviewWait { level: 0, deadline, deciders: self.reviews.deciders_at(spec, 0) }).await?;
+                self.wait_for_review(id, &shown, self.reviews.wait(spec, 0, deadline)).await?;
                 return Ok(Err(deadline));
             }
             (None, Some(wait)) => match (wait.deadline, &spec.timeout) {
@@ -126,8 +98,7 @@ impl StepContext {
                         let level = wait.level + 1;
                         let deadline = Some(now + after_chrono(*timeout));
                         info!(step_id = %id, level, "review deadline passed: escalated");
-                        self.wait_for_review(id, spec, &shown, ReviewWait { level, deadline, deciders: self.reviews.deciders_at(spec, level) })
-                            .await?;
+                        self.wait_for_review(id, &shown, self.reviews.wait(spec, level, deadline)).await?;
                         return Ok(Err(deadline));
                     }
                     outcome => self.decide_at_deadline(id, deadline, matches!(outcome, OnTimeout::Approve), now).await?,
@@ -158,15 +129,14 @@ impl StepContext {
 
     /// Checkpoints the step `WAITING` (showing `shown`, `wait` as its detail) with its
     /// `AWAITING_INPUT` event: when it starts waiting, and again at each escalation.
-    async fn wait_for_review(&self, id: &StepId, _spec: &ReviewSpec, shown: &str, wait: ReviewWait) -> Result<(), EngineError> {
+    async fn wait_for_review(&self, id: &StepId, shown: &str, wait: ReviewWait) -> Result<(), EngineError> {
         let now = Utc::now();
         let mut record = StepRecord::settled(id.clone(), StepStatus::Waiting, None, now);
         (record.started_at, record.finished_at) = (Some(now), None);
         (record.text, record.output) = (Some(shown.to_owned()), Some(Value::String(shown.to_owned())));
         record.detail = Some(StepDetail::Waiting(wait.clone()).to_value());
-        let waiting = Waiting { kind: WaitKind::Review, by: None, since: now, reason: None, steps: vec![id.clone()], deadline: wait.deadline };
         let reason = (wait.level > 0).then(|| format!("escalated ({} of its deadlines passed)", wait.level));
-        let waiting = Waiting { reason, ..waiting };
+        let waiting = Waiting { kind: WaitKind::Review, by: None, since: now, reason, steps: vec![id.clone()], deadline: wait.deadline };
         let body = EventBody::AwaitingInput(AwaitingInput {
             waiting,
             show: Some(shown.to_owned()),
