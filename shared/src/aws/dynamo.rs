@@ -705,7 +705,8 @@ impl RunStore for DynamoStore {
         // Each write is conditional on the state it was chosen for; a race sends us round
         // again, and the states only move forward, so this ends.
         for _ in 0..4 {
-            let Some(run) = self.get_run(id).await? else { return Ok(ControlOutcome::NotFound) };
+            // The META item as stored: status and request, without the run's documents.
+            let Some(run) = self.get_meta(id).await? else { return Ok(ControlOutcome::NotFound) };
             let attempt = match &run.control {
                 _ if run.status.is_terminal() => return Ok(ControlOutcome::Finished(run.status)),
                 // The same request again: the SDK's retry of our write whose reply was lost.
@@ -800,9 +801,10 @@ impl RunStore for DynamoStore {
         // Each write is conditional on the state it was chosen for; a race sends us round
         // again, and the states only move forward, so this ends.
         for _ in 0..4 {
-            let Some(run) = self.get_run(id).await? else { return Ok(DecideOutcome::NotFound) };
-            if let Some(existing) = run.decisions.get(step) {
-                return Ok(DecideOutcome::AlreadyDecided(existing.clone()));
+            // The META item as stored: status and decisions, without the run's documents.
+            let Some(mut run) = self.get_meta(id).await? else { return Ok(DecideOutcome::NotFound) };
+            if let Some(existing) = run.decisions.remove(step) {
+                return Ok(DecideOutcome::AlreadyDecided(existing.into_decision(&format!("{} META of run {id}", self.tables.runs), step)?));
             }
             if run.status.is_terminal() {
                 return Ok(DecideOutcome::Finished(run.status));
