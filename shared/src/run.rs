@@ -328,7 +328,7 @@ pub struct Waiting {
 }
 
 /// Where a waiting review stands, kept in its `WAITING` checkpoint's `detail`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ReviewWait {
     /// Escalations so far.
     pub level: u32,

@@ -335,16 +335,10 @@ impl Engine {
             });
 
             let mut control = self.control.clone();
-            if let Some(request) = cancel_requested(control.as_ref()).or_else(|| run.control.clone().filter(|c| c.kind == ControlKind::Cancel)) {
-                run.control = Some(request);
-                return self.cancel_run(run, &lease).await;
-            }
-            // A pause asked before this runner had the run: start nothing, and wait.
+            // A request on the run when it was claimed, then each one the heartbeat reads.
+            let mut asked = control.as_ref().and_then(|c| c.borrow().clone()).or_else(|| run.control.clone());
+            // The pause being acted on: nothing new starts, and the run then waits.
             let mut pausing: Option<ControlRequest> = None;
-            if let Some(request) = run.control.clone().filter(|c| c.kind == ControlKind::Pause) {
-                shared.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
-                pausing = Some(request);
-            }
             let mut schedule = Schedule::new(graph.clone(), records);
             // Shared by every step's inputs.
             let input = Arc::new(run.input.clone());
@@ -359,6 +353,21 @@ impl Engine {
             let mut reviews_waiting: Vec<StepId> = Vec::new();
             let mut deadline: Option<chrono::DateTime<Utc>> = None;
             loop {
+                match asked.take() {
+                    Some(request) if request.kind == ControlKind::Cancel => {
+                        // Dropping the step futures stops them, model calls included; what
+                        // they spent is in their checkpoints, which the end reads.
+                        drop(running);
+                        run.control = Some(request);
+                        return self.cancel_run(run, &lease).await;
+                    }
+                    Some(request) if pausing.is_none() => {
+                        info!(by = %request.by, "pause requested: starting no more steps");
+                        shared.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
+                        pausing = Some(request);
+                    }
+                    _ => {}
+                }
                 // Decide every step whose dependencies have settled; skips cascade through here.
                 while let Some((i, decision)) = schedule.decide_next() {
                     if let Decision::Skip(reason) = decision {
@@ -392,22 +401,7 @@ impl Engine {
                     None => Some(running.next().await),
                 };
                 let Some(next) = next else {
-                    let request = control.as_ref().and_then(|c| c.borrow().clone());
-                    match request {
-                        Some(request) if request.kind == ControlKind::Cancel => {
-                            // Dropping the step futures stops them, model calls included;
-                            // what they spent is in their checkpoints, which the end reads.
-                            drop(running);
-                            run.control = Some(request);
-                            return self.cancel_run(run, &lease).await;
-                        }
-                        Some(request) if pausing.is_none() => {
-                            info!(by = %request.by, "pause requested: starting no more steps");
-                            shared.pausing.store(true, std::sync::atomic::Ordering::Relaxed);
-                            pausing = Some(request);
-                        }
-                        _ => {}
-                    }
+                    asked = control.as_ref().and_then(|c| c.borrow().clone());
                     continue;
                 };
                 let Some(joined) = next else { break };
@@ -424,15 +418,12 @@ impl Engine {
                     Ran::Settled(record) => record,
                     Ran::Interrupted => {
                         // A map the deadline (or a pause) interrupted: it continues later.
-                        out_of_time |= pausing.is_none();
+                        out_of_time |= !shared.pausing.load(std::sync::atomic::Ordering::Relaxed);
                         continue;
                     }
                     Ran::Waiting(until) => {
                         reviews_waiting.push(graph.steps()[i].id.clone());
-                        deadline = match (deadline, until) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
+                        deadline = deadline.into_iter().chain(until).min();
                         continue;
                     }
                 };
@@ -458,23 +449,13 @@ impl Engine {
             let settled_steps = records.iter().flatten().count();
             // Nothing more can run now: paused, or every way on waits for a review.
             let budget_refused = shared.budget_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            let waits = match pausing {
-                Some(request) => Some(Waiting {
-                    kind: WaitKind::Paused,
-                    by: Some(request.by),
-                    since: Utc::now(),
-                    reason: request.reason,
-                    steps: reviews_waiting,
-                    deadline,
-                }),
-                None if let Some(refused) = budget_refused => {
-                    Some(Waiting { kind: WaitKind::Budget, by: None, since: Utc::now(), reason: Some(refused), steps: reviews_waiting, deadline })
-                }
-                None if !out_of_time && !reviews_waiting.is_empty() => {
-                    Some(Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: reviews_waiting, deadline })
-                }
-                None => None,
+            let why = match (pausing, budget_refused) {
+                (Some(request), _) => Some((WaitKind::Paused, Some(request.by), request.reason)),
+                (None, Some(refused)) => Some((WaitKind::Budget, None, Some(refused))),
+                (None, None) if !out_of_time && !reviews_waiting.is_empty() => Some((WaitKind::Review, None, None)),
+                (None, None) => None,
             };
+            let waits = why.map(|(kind, by, reason)| Waiting { kind, by, since: Utc::now(), reason, steps: reviews_waiting, deadline });
             if let Some(waiting) = waits.filter(|_| settled_steps < records.len()) {
                 let (settled, steps) = (Some(settled_steps), Some(records.len()));
                 let body = EventBody::AwaitingInput(AwaitingInput {
@@ -515,11 +496,8 @@ impl Engine {
             }
             match run_output(&input, &graph, &records) {
                 Ok(output) if crate::output::json_len(&output) > self.config.max_output_bytes => {
-                    let message = format!(
-                        "the run's output is {} bytes; an output may have at most {}",
-                        crate::output::json_len(&output),
-                        self.config.max_output_bytes
-                    );
+                    let (size, limit) = (crate::output::json_len(&output), self.config.max_output_bytes);
+                    let message = format!("the run's output is {size} bytes; an output may have at most {limit}");
                     let error = ErrorInfo::terminal(ErrorCode::OutputTooLarge, message);
                     end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
                 }
@@ -554,16 +532,11 @@ impl Engine {
                 _ => Vec::new(),
             };
             items.iter().for_each(|item| reached.item(&saved.step_id, item));
-            let waiting = (saved.status == StepStatus::Waiting).then(|| saved.detail.clone().and_then(|d| serde_json::from_value(d).ok())).map(
-                |wait: Option<crate::run::ReviewWait>| wait.unwrap_or(crate::run::ReviewWait { level: 0, deadline: None, deciders: Vec::new() }),
-            );
+            // Where a waiting review stands (a step waiting for its budget has no use for it).
+            let waiting =
+                (saved.status == StepStatus::Waiting).then(|| saved.detail.clone().and_then(|d| serde_json::from_value(d).ok()).unwrap_or_default());
             left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items, waiting });
         }
         Ok((records, left, reached))
     }
-}
-
-/// The cancel request `control` holds, if any.
-fn cancel_requested(control: Option<&watch::Receiver<Option<ControlRequest>>>) -> Option<ControlRequest> {
-    control.and_then(|c| c.borrow().clone()).filter(|r| r.kind == ControlKind::Cancel)
 }

@@ -146,9 +146,10 @@ impl Work {
 }
 
 impl StepContext {
-    /// Runs `step`; `left` is what runners that died while it ran left of it. `None` when
-    /// the deadline came before the step could finish (a map with items left): what it
-    /// finished is checkpointed, and it continues in the next invocation.
+    /// Runs `step`; `left` is what runners that died while it ran left of it. It settles, or
+    /// is interrupted (a map with items left at the deadline or a pause; a call the budget
+    /// refused, when that pauses the run) with what it finished checkpointed, or waits for a
+    /// review's decision.
     pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Ran, EngineError> {
         let Leftover { carried, items, waiting } = left.unwrap_or_default();
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
