@@ -377,27 +377,15 @@ impl DynamoStore {
 
     /// Every item of the run whose sort key starts with `prefix`, in key order.
     async fn query_run(&self, id: &RunId, prefix: &str) -> Result<Vec<Item>, StoreError> {
-        let mut items = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.tables.runs)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-                .expression_attribute_values(":pk", s(run_pk(id)))
-                .expression_attribute_values(":prefix", s(prefix))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(store_err(&self.tables.runs))?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => return Ok(items),
-            }
-        }
+        let query = self
+            .client
+            .query()
+            .table_name(&self.tables.runs)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", s(run_pk(id)))
+            .expression_attribute_values(":prefix", s(prefix))
+            .consistent_read(true);
+        super::query_all(query, |e| store_err(&self.tables.runs)(e)).await
     }
 
     /// The run's META item as stored, lease included.

@@ -83,6 +83,25 @@ pub fn lambda_client(config: &SdkConfig) -> aws_sdk_lambda::Client {
     aws_sdk_lambda::Client::new(config)
 }
 
+/// Every item `query` finds, page after page, in key order; a failed page is `fail`ed.
+async fn query_all<E>(
+    query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    fail: impl Fn(
+        aws_smithy_runtime_api_compat::SdkError<aws_sdk_dynamodb::operation::query::QueryError, aws_smithy_runtime_api_compat::HttpResponse>,
+    ) -> E,
+) -> Result<Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>, E> {
+    let mut items = Vec::new();
+    let mut start = None;
+    loop {
+        let out = query.clone().set_exclusive_start_key(start).send().await.map_err(&fail)?;
+        items.extend(out.items.unwrap_or_default());
+        match out.last_evaluated_key {
+            Some(key) => start = Some(key),
+            None => return Ok(items),
+        }
+    }
+}
+
 /// The error code and a readable message of any SDK error.
 fn describe<E, R>(err: &aws_smithy_runtime_api_compat::SdkError<E, R>) -> (Option<String>, String)
 where

@@ -237,29 +237,16 @@ impl Analytics for DynamoAnalytics {
         }
         // `DAY#<to + 1>` sorts after every `DAY#<to>#…` key and before the next day's rows.
         let end = to.succ_opt().map_or_else(|| format!("{}~", day_sk(to)), day_sk);
-        let mut rows = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
-                .expression_attribute_values(":pk", s(rollup_pk(principal)))
-                .expression_attribute_values(":from", s(day_sk(from)))
-                .expression_attribute_values(":to", s(end.clone()))
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(analytics_err(&self.table))?;
-            for item in out.items.unwrap_or_default() {
-                rows.push(row_costs(&self.table, &item)?);
-            }
-            match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => break,
-            }
-        }
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
+            .expression_attribute_values(":pk", s(rollup_pk(principal)))
+            .expression_attribute_values(":from", s(day_sk(from)))
+            .expression_attribute_values(":to", s(end));
+        let items = super::query_all(query, |e| analytics_err(&self.table)(e)).await?;
+        let rows = items.iter().map(|item| row_costs(&self.table, item)).collect::<Result<Vec<_>, _>>()?;
         Ok(merge_by_workflow(rows))
     }
 }

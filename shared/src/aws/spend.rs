@@ -221,30 +221,22 @@ impl DailySpend for DynamoDailySpend {
     }
 
     async fn holds(&self, run: &RunId) -> Result<Vec<DayHold>, StoreError> {
-        let mut holds = Vec::new();
-        let mut start = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
-                .expression_attribute_values(":pk", s(holds_pk(run)))
-                .consistent_read(true)
-                .set_exclusive_start_key(start)
-                .send()
-                .await
-                .map_err(store_err(&self.table))?;
-            for item in out.items.unwrap_or_default() {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(holds_pk(run)))
+            .consistent_read(true);
+        let items = super::query_all(query, |e| store_err(&self.table)(e)).await?;
+        items
+            .into_iter()
+            .map(|item| {
                 let name = item_name(&self.table, &item);
                 let row: HoldRow = serde_dynamo::aws_sdk_dynamodb_1::from_item(item).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
-                holds.push(row.into_hold(run));
-            }
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => return Ok(holds),
-            }
-        }
+                Ok(row.into_hold(run))
+            })
+            .collect()
     }
 
     async fn day(&self, owner: &str, day: NaiveDate) -> Result<DaySpend, StoreError> {
