@@ -189,6 +189,11 @@ pub trait RunStore: Send + Sync {
     /// its id. Storing the same run again succeeds (a retry whose reply was lost).
     async fn create_run(&self, run: &RunRecord) -> Result<(), StoreError>;
     async fn get_run(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError>;
+    /// The run's record without its output (`None`): what checking access or reading the
+    /// run's state needs. A store that keeps large outputs elsewhere skips reading them.
+    async fn get_run_head(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.get_run(id).await?.map(|run| RunRecord { output: None, ..run }))
+    }
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError>;
     /// Takes the run if it is queued, released, or running under an expired lease (a
     /// crashed runner). Taking an expired lease over appends a [`Takeover`] to the run's

@@ -278,6 +278,9 @@ async fn large_documents_contract(s: Subject) {
     s.store.finish_run(&done, &ours).await.unwrap();
     let finished = s.store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!((finished.status, &finished.output), (RunStatus::Completed, &done.output));
+    // The head is the same record without its output.
+    let head = s.store.get_run_head(&run.id).await.unwrap().unwrap();
+    assert_eq!(head, RunRecord { output: None, ..finished });
 }
 
 #[tokio::test]
@@ -299,6 +302,11 @@ async fn moto_bucket(moto: &Moto) -> (aws_sdk_s3::Client, S3Blobs) {
     (client.clone(), S3Blobs::new(client, "outputs"))
 }
 
+/// The run the objects under `runs/<run>/…` belong to (one run's).
+fn runs_of_bucket(keys: &[String]) -> RunId {
+    RunId::parse(keys[0].split('/').nth(1).unwrap()).unwrap()
+}
+
 async fn object_keys(s3: &aws_sdk_s3::Client) -> Vec<String> {
     let out = s3.list_objects_v2().bucket("outputs").send().await.unwrap();
     out.contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect()
@@ -309,6 +317,7 @@ async fn dynamodb_adapters_keep_large_documents_whole_in_s3() {
     let Some(moto) = moto("dynamodb_adapters_keep_large_documents_whole_in_s3").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     let (s3, blobs) = moto_bucket(&moto).await;
+    let (client_for_head, tables_for_head) = (client.clone(), tables.clone());
     large_documents_contract(Subject {
         store: Arc::new(DynamoStore::new(client.clone(), tables.clone()).with_blobs(blobs.clone())),
         progress: Arc::new(DynamoProgress::new(client, tables, 30).with_blobs(blobs)),
@@ -320,6 +329,14 @@ async fn dynamodb_adapters_keep_large_documents_whole_in_s3() {
     // b's output; the run's output.
     assert_eq!(keys.len(), 6, "{keys:?}");
     assert!(keys.iter().all(|k| k.starts_with("runs/")), "{keys:?}");
+    // The head reads nothing from S3: it answers with the bucket emptied.
+    for key in &keys {
+        s3.delete_object().bucket("outputs").key(key).send().await.unwrap();
+    }
+    let runs = chainrun_core::aws::DynamoStore::new(client_for_head, tables_for_head);
+    let run_id = runs_of_bucket(&keys);
+    let head = runs.get_run_head(&run_id).await.unwrap().unwrap();
+    assert_eq!((head.status, head.output), (RunStatus::Completed, None));
 }
 
 /// What a resumed run relies on: an upstream output an earlier invocation checkpointed in

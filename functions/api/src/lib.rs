@@ -222,12 +222,25 @@ async fn estimate_run(State(state): State<AppState>, identity: Identity, body: B
     Ok(Json(EstimateView::from(&estimate)).into_response())
 }
 
+/// How much of a run a route reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// With its output (which may be kept in S3).
+    Whole,
+    /// Without it: access, status and what it waits for.
+    Head,
+}
+
 /// Loads a run the caller may see; anything else is a 404, so ids of other people's runs
 /// cannot be probed.
-async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str) -> Result<RunRecord, ApiError> {
+async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: Part) -> Result<RunRecord, ApiError> {
     let not_found = || ApiError::NotFound(format!("no run {raw_id:?}"));
     let id = RunId::parse(raw_id).map_err(|_| not_found())?;
-    let run = state.store.get_run(&id).await?.ok_or_else(not_found)?;
+    let run = match part {
+        Part::Whole => state.store.get_run(&id).await?,
+        Part::Head => state.store.get_run_head(&id).await?,
+    };
+    let run = run.ok_or_else(not_found)?;
     if !run.may_see(&identity.principals()) {
         return Err(not_found());
     }
@@ -235,7 +248,7 @@ async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str) -> Res
 }
 
 async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let run = visible_run(&state, &identity, &id).await?;
+    let run = visible_run(&state, &identity, &id, Part::Whole).await?;
     let steps = state.store.get_steps(&run.id).await?;
     let legacy_order;
     let order = if run.step_order.is_empty() {
@@ -288,7 +301,7 @@ async fn pause_run(State(state): State<AppState>, identity: Identity, Path(id): 
 /// standing on the run (again for a repeat); `409` if the run has ended, already waits, or
 /// has another request standing.
 async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: ControlKind, body: ControlBody) -> Result<Response, ApiError> {
-    let run = visible_run(state, identity, id).await?;
+    let run = visible_run(state, identity, id, Part::Head).await?;
     let control = ControlRequest { kind, by: identity.user.clone(), at: chrono::Utc::now(), reason: body.reason };
     let verb = match kind {
         ControlKind::Cancel => "cancel",
@@ -345,7 +358,7 @@ struct ResumeBody {
 /// what the run or step is doing if it does not wait.
 async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) { ResumeBody::default() } else { parse_body(&body)? };
-    let run = visible_run(&state, &identity, &id).await?;
+    let run = visible_run(&state, &identity, &id, Part::Head).await?;
     match request.step {
         Some(_) if request.budget.is_some() => Err(ApiError::bad_request("Invalid request body", "budget: raise it without a `step`")),
         Some(step) => {
@@ -525,7 +538,7 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
 /// `GET /runs/{id}/output`: the run's output, whole — what `GET /runs/{id}` and
 /// `RUN_COMPLETED` link to when it is too large to inline.
 async fn get_run_output(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let run = visible_run(&state, &identity, &id).await?;
+    let run = visible_run(&state, &identity, &id, Part::Whole).await?;
     match run.output {
         Some(output) => Ok(Json(output).into_response()),
         None => Err(ApiError::NotFound(format!("run {id} has no output (it is {})", run.status.as_str()))),
@@ -542,7 +555,7 @@ async fn get_step_document(
     if part != "output" && part != "text" {
         return Err(ApiError::NotFound(format!("no route for {part:?}: a step has an `output` and a `text`")));
     }
-    let run = visible_run(&state, &identity, &id).await?;
+    let run = visible_run(&state, &identity, &id, Part::Head).await?;
     let steps = state.store.get_steps(&run.id).await?;
     let no_step = || ApiError::NotFound(format!("run {id} has no checkpoint of step {step:?}"));
     let record = steps.into_iter().find(|r| r.step_id.as_str() == step).ok_or_else(no_step)?;
@@ -578,7 +591,7 @@ async fn get_events(
     if !(1..=1000).contains(&query.limit) {
         return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
     }
-    let run = visible_run(&state, &identity, &id).await?;
+    let run = visible_run(&state, &identity, &id, Part::Head).await?;
     let events = state.progress.events_after(&run.id, query.after, query.limit).await?;
     let last_seq = events.last().map_or(query.after, |e| e.seq);
     Ok(Json(EventsPage { run_id: &run.id, status: run.status, events: &events, last_seq }).into_response())

@@ -550,6 +550,25 @@ impl RunStore for DynamoStore {
         }
     }
 
+    async fn get_run_head(&self, id: &RunId) -> Result<Option<RunRecord>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(store_err(&self.tables.runs))?;
+        // Without the output, nothing needs reading back from S3.
+        let head = |mut item: Item| {
+            item.remove("output");
+            item.remove("output_s3");
+            read_run(&self.tables.runs, item)
+        };
+        out.item.map(head).transpose()
+    }
+
     async fn get_steps(&self, id: &RunId) -> Result<Vec<StepRecord>, StoreError> {
         let mut steps = Vec::new();
         for item in self.query_run(id, "STEP#").await? {
