@@ -8,7 +8,7 @@ use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::{RunId, StepId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
 use chainrun_core::money::Usd;
-use chainrun_core::ports::{Analytics, Claim, DailySpend, Lease, RunStore};
+use chainrun_core::ports::{Analytics, Claim, DailySpend, KeyClaim, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::spend::{DailyCaps, DayHold, Settlement};
 use http::{Request, StatusCode};
@@ -956,4 +956,58 @@ async fn a_run_waiting_for_its_budget_resumes_only_with_a_raise_which_is_recorde
     assert_eq!(resumed["resumed"]["budget"]["to"]["max_total_tokens"], 1000);
     let stored = api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap();
     assert_eq!(stored.budget_raises.len(), 1);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_is_refused_while_its_first_request_runs_and_freed_by_a_server_error() {
+    use axum::routing::post;
+    let api = api();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // A route that fails once with a 503, then answers: behind the real middleware.
+    let counted = failures.clone();
+    let flaky = axum::Router::new()
+        .route(
+            "/flaky",
+            post(move || {
+                let counted = counted.clone();
+                async move {
+                    if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::ACCEPTED
+                    }
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(api.state.clone(), chainrun_api::idempotency::keyed))
+        .with_state(api.state.clone());
+    let send = |key: &'static str| {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/flaky")
+            .header("authorization", format!("Bearer {}", token("alice")))
+            .header("idempotency-key", key)
+            .body(Body::from("{}"))
+            .unwrap();
+        flaky.clone().oneshot(req)
+    };
+    assert_eq!(send("k-503").await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retried = send("k-503").await.unwrap();
+    assert_eq!(retried.status(), StatusCode::ACCEPTED, "a 5xx freed the key: the retry acted anew");
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // A key whose first request is still being handled (claimed, not answered): 409, and
+    // nothing runs.
+    let body = sample().to_string();
+    let fingerprint: String = {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new().chain_update(b"POST /runs\n").chain_update(body.as_bytes()).finalize();
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    assert_eq!(api.state.idempotency.begin("alice", "k-busy", &fingerprint, chrono::Utc::now()).await.unwrap(), KeyClaim::New);
+    let (status, _, problem) = api.post_keyed("alice", "/runs", "k-busy", &sample()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("still being handled"), "{problem}");
+    assert!(api.dispatcher.events().is_empty(), "no run was started");
 }
