@@ -282,3 +282,17 @@ async fn ending_a_run_without_running_it_settles_the_holds_its_dead_runners_left
     assert_eq!(c.today("alice").await, DaySpend { charged: Usd::ZERO, committed: lost, lost });
     assert!(c.spend.holds(&run.id).await.unwrap().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_daily_cap_refusal_fails_its_step_even_when_the_run_budget_pauses() {
+    let cap = FIFTY_IN_HUNDRED_OUT_PICO + ONE_BYTE_CALL_PICO - 1;
+    let c = capped(vec![Script::reply("A", "a").with_usage(50, 100)], cap);
+    let mut pausing = workflow(json!([{ "id": "a", "type": "llm", "prompt": "A" }]));
+    pausing["budget"] = json!({ "max_total_tokens": 100000, "on_exceeded": "pause" });
+    let (first, _) = c.run("alice", pausing.clone()).await;
+    assert_eq!(first.status, RunStatus::Completed);
+    // The day's cap comes back only with the next day: nothing to wait for.
+    let (second, _) = c.run("alice", pausing).await;
+    assert_eq!((second.status, second.waiting), (RunStatus::Failed, None));
+    assert!(second.error.unwrap().message.contains("daily spend cap"));
+}

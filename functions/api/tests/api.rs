@@ -1011,3 +1011,22 @@ async fn an_idempotency_key_is_refused_while_its_first_request_runs_and_freed_by
     assert!(problem["detail"].as_str().unwrap().contains("still being handled"), "{problem}");
     assert!(api.dispatcher.events().is_empty(), "no run was started");
 }
+
+#[tokio::test]
+async fn a_run_view_inlines_at_most_four_mib_of_documents_and_links_the_rest() {
+    let api = api();
+    let steps: Vec<Value> =
+        (0..14).map(|i| json!({ "id": format!("s{i}"), "type": "llm", "prompt": format!("PART {i}"), "max_tokens": 10000 })).collect();
+    let body = json!({ "workflow": { "name": "wide", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": steps, "output": "done" } });
+    // 14 replies of 200,000 bytes: each under the 256 KiB a document may have inline, 2.8 MB in all.
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("PART", &"x".repeat(200_000))]));
+    let id = api.run_to_end("alice", body, model).await;
+    let (status, run) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let steps = run["steps"].as_array().unwrap();
+    // Output and text of each step are 200,002 bytes as JSON: 20 of them fit 4 MiB.
+    let inline = steps.iter().flat_map(|s| [&s["output"], &s["text"]]).filter(|d| d.is_string()).count();
+    let linked = steps.iter().flat_map(|s| [&s["output_ref"], &s["text_ref"]]).filter(|d| d.is_object()).count();
+    assert_eq!((inline, linked), (20, 8), "inlined in step order while they fit, then linked");
+    assert!(serde_json::to_vec(&run).unwrap().len() < 6 * 1024 * 1024, "the answer fits what Lambda may return");
+}
