@@ -68,6 +68,8 @@ pub struct StepRollup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRollup {
     pub run_id: RunId,
+    /// The run's revision it rolls up: each revision adds what it spent, once.
+    pub revision: u32,
     pub workflow: String,
     /// The UTC day the run finished.
     pub day: NaiveDate,
@@ -84,15 +86,19 @@ impl RunRollup {
     /// Steps count when they executed (`attempts > 0` and settled), which is exactly what
     /// the run's totals are charged from, so per-step costs add up to the run's cost.
     /// Skipped and cancelled steps never ran and are left out of their step's averages.
+    ///
+    /// A later revision of the run (see [`crate::revision`]) adds only what it ran and
+    /// spent, and counts no new run: a workflow's cost per run includes its revisions.
     pub fn of(run: &RunRecord, steps: &[StepRecord]) -> Option<RunRollup> {
         if !run.status.is_terminal() {
             return None;
         }
         let finished = run.finished_at.unwrap_or(run.created_at);
-        let started = run.started_at.unwrap_or(run.created_at);
+        // A revision's wall clock starts when it was asked for.
+        let started = run.revisions.last().map(|r| r.at).or(run.started_at).unwrap_or(run.created_at);
         let latency_ms = u64::try_from((finished - started).num_milliseconds()).unwrap_or(0);
         let mut by_step: BTreeMap<StepId, CostSums> = BTreeMap::new();
-        for s in steps.iter().filter(|s| s.attempts > 0 && s.status.is_settled()) {
+        for s in steps.iter().filter(|s| s.attempts > 0 && s.status.is_settled() && s.revision == run.revision) {
             by_step.entry(s.step_id.clone()).or_default().add(&CostSums {
                 runs: 1,
                 failures: u64::from(s.status == StepStatus::Failed),
@@ -100,11 +106,14 @@ impl RunRollup {
                 latency_ms: s.latency_ms,
             });
         }
+        let first = run.revision == 0;
+        let cost = run.totals.cost.saturating_sub(run.spent_before(run.revision).cost);
         Some(RunRollup {
             run_id: run.id.clone(),
+            revision: run.revision,
             workflow: run.workflow.to_string(),
             day: finished.date_naive(),
-            run: CostSums { runs: 1, failures: u64::from(run.status == RunStatus::Failed), cost: run.totals.cost, latency_ms },
+            run: CostSums { runs: u64::from(first), failures: u64::from(first && run.status == RunStatus::Failed), cost, latency_ms },
             steps: by_step.into_iter().map(|(step_id, sums)| StepRollup { step_id, sums }).collect(),
         })
     }

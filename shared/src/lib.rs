@@ -21,6 +21,7 @@ pub mod money;
 pub mod output;
 pub mod ports;
 pub mod pricing;
+pub mod revision;
 pub mod run;
 pub mod spend;
 pub mod template;

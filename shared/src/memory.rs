@@ -10,6 +10,7 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::Usage;
+use crate::revision::Revision;
 use crate::run::{
     ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover,
     Waiting,
@@ -31,10 +32,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub struct MemoryStore {
     runs: Mutex<HashMap<RunId, Slot>>,
-    steps: Mutex<HashMap<RunId, BTreeMap<StepId, StepRecord>>>,
-    items: Mutex<HashMap<(RunId, StepId), BTreeMap<usize, ItemRecord>>>,
+    /// Checkpoints by step and revision: no revision overwrites another's.
+    steps: Mutex<HashMap<RunId, BTreeMap<Revised, StepRecord>>>,
+    items: Mutex<HashMap<(RunId, Revised), BTreeMap<usize, ItemRecord>>>,
     queued_grace: chrono::Duration,
 }
+
+/// A step in one revision of its run.
+type Revised = (StepId, u32);
 
 /// A run as the store holds it: the record, the lease on it, and when it is due for the
 /// sweeper (the DynamoDB store's sparse index entry; `None` once the run ended).
@@ -229,18 +234,42 @@ impl RunStore for MemoryStore {
 
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError> {
         self.check_lease(id, lease)?;
-        lock(&self.steps).entry(id.clone()).or_default().insert(step.step_id.clone(), step.clone());
+        lock(&self.steps).entry(id.clone()).or_default().insert((step.step_id.clone(), step.revision), step.clone());
         Ok(())
     }
 
-    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError> {
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, revision: u32, item: &ItemRecord) -> Result<(), StoreError> {
         self.check_lease(id, lease)?;
-        lock(&self.items).entry((id.clone(), step.clone())).or_default().insert(item.index, item.clone());
+        lock(&self.items).entry((id.clone(), (step.clone(), revision))).or_default().insert(item.index, item.clone());
         Ok(())
     }
 
-    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
-        Ok(lock(&self.items).get(&(id.clone(), step.clone())).map(|m| m.values().cloned().collect()).unwrap_or_default())
+    async fn get_items(&self, id: &RunId, step: &StepId, revision: u32) -> Result<Vec<ItemRecord>, StoreError> {
+        Ok(lock(&self.items).get(&(id.clone(), (step.clone(), revision))).map(|m| m.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn start_revision(&self, id: &RunId, revision: &Revision, overridden: Option<&StepRecord>) -> Result<RevisionOutcome, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Ok(RevisionOutcome::NotFound) };
+        let run = &mut slot.run;
+        match run.revisions.get(revision.revision.saturating_sub(1) as usize) {
+            // As the DynamoDB store: the same revision again is a retry whose reply was lost.
+            Some(started) if started == revision => return Ok(RevisionOutcome::Started),
+            _ if run.revision + 1 != revision.revision => return Ok(RevisionOutcome::Moved(run.revision)),
+            _ if !run.status.is_terminal() => return Ok(RevisionOutcome::NotFinished(run.status)),
+            _ => {}
+        }
+        if let Some(record) = overridden {
+            lock(&self.steps).entry(id.clone()).or_default().insert((record.step_id.clone(), record.revision), record.clone());
+        }
+        run.revision = revision.revision;
+        run.revisions.push(revision.clone());
+        run.budget_raises.extend(revision.budget.clone());
+        run.decisions.retain(|step, _| !revision.rerun.contains(step));
+        run.status = RunStatus::Queued;
+        (run.finished_at, run.output, run.error, run.control, run.waiting) = (None, None, None, None, None);
+        slot.due_at = Some(revision.at + self.queued_grace);
+        Ok(RevisionOutcome::Started)
     }
 
     /// Records exactly what the DynamoDB store's update does: the end (status, output,
@@ -402,7 +431,7 @@ impl ProgressReader for MemoryProgress {
 #[derive(Default)]
 pub struct MemoryAnalytics {
     rows: Mutex<BTreeMap<(Principal, NaiveDate, String), WorkflowCosts>>,
-    recorded: Mutex<HashSet<(RunId, Principal)>>,
+    recorded: Mutex<HashSet<(RunId, u32, Principal)>>,
 }
 
 impl MemoryAnalytics {
@@ -419,7 +448,7 @@ impl Analytics for MemoryAnalytics {
         let mut rows = lock(&self.rows);
         let mut outcome = Recorded::default();
         for owner in &run.owners {
-            if !recorded.insert((run.id.clone(), owner.clone())) {
+            if !recorded.insert((run.id.clone(), run.revision, owner.clone())) {
                 outcome.already += 1;
                 continue;
             }

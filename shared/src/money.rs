@@ -37,6 +37,11 @@ impl Usd {
         Usd(self.0.saturating_add(other.0))
     }
 
+    /// What is left of `self` after `other`, never below zero.
+    pub fn saturating_sub(self, other: Usd) -> Usd {
+        Usd(self.0.saturating_sub(other.0))
+    }
+
     pub fn checked_mul(self, n: u64) -> Option<Usd> {
         self.0.checked_mul(n).map(Usd)
     }

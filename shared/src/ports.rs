@@ -8,6 +8,7 @@ use crate::analytics::WorkflowCosts;
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
+use crate::revision::Revision;
 use crate::run::{
     ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals,
     Waiting,
@@ -170,6 +171,18 @@ pub enum ResumeOutcome {
     NotFound,
 }
 
+/// What became of a new revision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RevisionOutcome {
+    /// Queued: a runner runs it.
+    Started,
+    /// The run has not ended: it is in this status.
+    NotFinished(RunStatus),
+    /// Another revision started first: the run is now at this one.
+    Moved(u32),
+    NotFound,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// This runner now holds the run.
@@ -225,10 +238,17 @@ pub trait RunStore: Send + Sync {
     async fn due(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<RunId>, StoreError>;
     /// Checkpoints a step, only while `lease` is still ours.
     async fn save_step(&self, id: &RunId, lease: &Lease, step: &StepRecord) -> Result<(), StoreError>;
-    /// Checkpoints one item of map step `step`, only while `lease` is still ours.
-    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError>;
-    /// The item checkpoints of map step `step`, by index.
-    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError>;
+    /// Checkpoints one item of map step `step` in the run's `revision`, only while `lease`
+    /// is still ours.
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, revision: u32, item: &ItemRecord) -> Result<(), StoreError>;
+    /// The item checkpoints of map step `step` in the run's `revision`, by index.
+    async fn get_items(&self, id: &RunId, step: &StepId, revision: u32) -> Result<Vec<ItemRecord>, StoreError>;
+    /// Starts the next revision of a finished run (see [`crate::revision`]): records
+    /// `revision` (whose number must be the run's next) and queues the run again, clearing
+    /// its end; with `overridden`, that step's record in the new revision is written in the
+    /// same request. Only if the run has ended and is still at the revision before
+    /// `revision` (a concurrent retry or override of the same run gets `Moved`).
+    async fn start_revision(&self, id: &RunId, revision: &Revision, overridden: Option<&StepRecord>) -> Result<RevisionOutcome, StoreError>;
     /// Records the run's end (status, output, error, totals) and releases the lease.
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError>;
     /// Gives the lease up without finishing (the run continues in another invocation,

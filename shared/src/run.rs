@@ -224,6 +224,22 @@ impl Totals {
         totals
     }
 
+    /// Adds `other` (what another revision of the run spent).
+    pub fn add(&mut self, other: &Totals) {
+        self.add_usage(
+            &Usage {
+                input_tokens: other.input_tokens,
+                output_tokens: other.output_tokens,
+                cache_read_tokens: other.cache_read_tokens,
+                cache_write_tokens: other.cache_write_tokens,
+            },
+            other.cost,
+        );
+        self.model_calls += other.model_calls;
+        self.step_latency_ms += other.step_latency_ms;
+        self.lost.add(other.lost);
+    }
+
     /// Adds what a dead runner spent on a step it did not settle.
     pub fn add_carried(&mut self, carried: &Carried) {
         self.add_usage(&carried.usage, carried.cost);
@@ -284,6 +300,8 @@ pub enum Cause {
     Resume,
     /// A review's deadline (a one-time schedule).
     Deadline,
+    /// The API, starting a revision of a finished run (a step retried or overridden).
+    Revision,
 }
 
 /// A request to steer a run, recorded on the run until the runner holding it acts on it
@@ -487,6 +505,12 @@ pub struct RunRecord {
     /// Every raise of its budget, oldest first; the last one's `to` is the budget it runs under.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budget_raises: Vec<BudgetRaise>,
+    /// The revision it runs (0 as started; see [`crate::revision`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u32,
+    /// Every revision after the first, oldest first (`revisions[n - 1]` started revision `n`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<crate::revision::Revision>,
 }
 
 impl RunRecord {
@@ -508,6 +532,8 @@ impl RunRecord {
             options: RunOptions::default(),
             decisions: Default::default(),
             budget_raises: Vec::new(),
+            revision: 0,
+            revisions: Vec::new(),
             workflow,
             definition,
             input,
@@ -565,6 +591,9 @@ pub struct StepRecord {
     /// call is made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlight>,
+    /// The run's revision this checkpoint belongs to (see [`crate::revision`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u32,
 }
 
 impl StepRecord {
@@ -586,6 +615,7 @@ impl StepRecord {
             calls: 0,
             lost: Lost::default(),
             in_flight: None,
+            revision: 0,
         }
     }
 }
@@ -607,6 +637,15 @@ pub enum EventType {
     RunCompleted,
     RunFailed,
     RunCancelled,
+    RevisionStarted,
+    StepOverridden,
+}
+
+impl EventType {
+    /// Whether the event ends the run (or its revision).
+    pub fn ends_run(self) -> bool {
+        matches!(self, EventType::RunCompleted | EventType::RunFailed | EventType::RunCancelled)
+    }
 }
 
 /// A progress event. `seq` is gap-free and strictly increasing per run.
@@ -621,6 +660,9 @@ pub struct Event {
     pub step_id: Option<StepId>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub attempt: Option<u32>,
+    /// The run's revision the event belongs to (see [`crate::revision`]).
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub revision: u32,
     pub data: Value,
 }
 

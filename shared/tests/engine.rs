@@ -551,7 +551,7 @@ async fn a_map_runs_ten_thousand_items_each_checkpointed_and_refuses_one_more() 
     let (run, _) = h.run(w, input).await;
     assert_eq!((run.status, run.output.clone()), (RunStatus::Completed, Some(json!(limit.to_string()))), "{:?}", run.error);
     assert_eq!(h.model.calls_matching("ITEM"), limit);
-    let items = h.store.get_items(&run.id, &chainrun_core::ids::StepId::parse("each").unwrap()).await.unwrap();
+    let items = h.store.get_items(&run.id, &chainrun_core::ids::StepId::parse("each").unwrap(), 0).await.unwrap();
     assert_eq!(items.len(), limit, "every item has its own checkpoint");
     assert!(items.iter().enumerate().all(|(i, item)| item.index == i && item.status == StepStatus::Completed));
     assert_eq!(run.totals.model_calls, limit as u64);

@@ -140,6 +140,7 @@ async fn contract(s: Subject) {
             kind: EventType::StepStarted,
             step_id: Some(StepId::parse("a").unwrap()),
             attempt: Some(1),
+            revision: 0,
             data: json!({ "seq": seq, "s": "" }),
         };
         let row = ProgressRow {
@@ -162,7 +163,16 @@ async fn contract(s: Subject) {
         };
         s.progress.publish(&event, &row, &owners).await.unwrap();
     }
-    let dup = Event { run_id: run.id.clone(), seq: 3, at: Utc::now(), kind: EventType::RunFailed, step_id: None, attempt: None, data: json!({}) };
+    let dup = Event {
+        run_id: run.id.clone(),
+        seq: 3,
+        at: Utc::now(),
+        kind: EventType::RunFailed,
+        step_id: None,
+        attempt: None,
+        revision: 0,
+        data: json!({}),
+    };
     let row = ProgressRow {
         run_id: run.id.clone(),
         workflow: "wf".parse().unwrap(),
@@ -194,8 +204,16 @@ async fn contract(s: Subject) {
     let ts = ulid::Ulid::from_string(run.id.as_str()).unwrap().timestamp_ms() + 1;
     newer.id = RunId::parse(&ulid::Ulid::from_parts(ts, 0).to_string()).unwrap();
     s.store.create_run(&newer).await.unwrap();
-    let event =
-        Event { run_id: newer.id.clone(), seq: 1, at: Utc::now(), kind: EventType::RunStarted, step_id: None, attempt: None, data: json!({}) };
+    let event = Event {
+        run_id: newer.id.clone(),
+        seq: 1,
+        at: Utc::now(),
+        kind: EventType::RunStarted,
+        step_id: None,
+        attempt: None,
+        revision: 0,
+        data: json!({}),
+    };
     let row = ProgressRow {
         run_id: newer.id.clone(),
         workflow: "wf".parse().unwrap(),
@@ -261,8 +279,8 @@ async fn large_documents_contract(s: Subject) {
         lost: Lost::default(),
         in_flight: None,
     };
-    s.store.save_item(&run.id, &ours, &map, &item).await.unwrap();
-    assert_eq!(s.store.get_items(&run.id, &map).await.unwrap(), vec![item]);
+    s.store.save_item(&run.id, &ours, &map, 0, &item).await.unwrap();
+    assert_eq!(s.store.get_items(&run.id, &map, 0).await.unwrap(), vec![item]);
 
     let with_event = step("b", big_document(700, "b"));
     let checkpoint = Checkpoint { store: s.store.as_ref(), lease: &ours, step: &with_event };
@@ -480,7 +498,16 @@ async fn dynamodb_adapters_write_a_checkpoint_with_its_event_in_one_transaction(
 // ---------------------------------------------------------------- progress: the log and the rows
 
 fn event(run: &RunId, seq: u64) -> Event {
-    Event { run_id: run.clone(), seq, at: Utc::now(), kind: EventType::StepStarted, step_id: None, attempt: None, data: json!({ "seq": seq }) }
+    Event {
+        run_id: run.clone(),
+        seq,
+        at: Utc::now(),
+        kind: EventType::StepStarted,
+        step_id: None,
+        attempt: None,
+        revision: 0,
+        data: json!({ "seq": seq }),
+    }
 }
 
 fn row(run: &RunId, last_seq: u64) -> ProgressRow {
@@ -929,17 +956,17 @@ async fn durability_contract(store: Arc<dyn RunStore>) {
         in_flight: (status == StepStatus::Running).then_some(InFlight { tokens: 100, cost: Usd::from_pico(200) }),
     };
     for index in [10, 2, 1] {
-        store.save_item(&run.id, &three, &map, &item(index, StepStatus::Completed)).await.unwrap();
+        store.save_item(&run.id, &three, &map, 0, &item(index, StepStatus::Completed)).await.unwrap();
     }
-    store.save_item(&run.id, &three, &map, &item(2, StepStatus::Running)).await.unwrap();
+    store.save_item(&run.id, &three, &map, 0, &item(2, StepStatus::Running)).await.unwrap();
     assert_eq!(
-        store.save_item(&run.id, &two, &map, &item(3, StepStatus::Completed)).await,
+        store.save_item(&run.id, &two, &map, 0, &item(3, StepStatus::Completed)).await,
         Err(StoreError::LeaseLost(run.id.clone())),
         "an old holder cannot write items"
     );
-    let items = store.get_items(&run.id, &map).await.unwrap();
+    let items = store.get_items(&run.id, &map, 0).await.unwrap();
     assert_eq!(items, vec![item(1, StepStatus::Completed), item(2, StepStatus::Running), item(10, StepStatus::Completed)]);
-    assert!(store.get_items(&run.id, &StepId::parse("other").unwrap()).await.unwrap().is_empty());
+    assert!(store.get_items(&run.id, &StepId::parse("other").unwrap(), 0).await.unwrap().is_empty());
     assert!(store.get_steps(&run.id).await.unwrap().is_empty(), "items are not step checkpoints");
 
     // Finished: never due again; a retried finish (its reply lost) succeeds.
@@ -1556,4 +1583,119 @@ async fn dynamodb_idempotency_honours_the_contract() {
     let Some(moto) = moto("dynamodb_idempotency_honours_the_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     idempotency_contract(Arc::new(chainrun_core::aws::DynamoIdempotency::new(client, tables))).await;
+}
+
+/// Revisions: a finished run is queued again at its next revision, conditionally, its
+/// checkpoints and map items kept apart per revision, an override's record written with it.
+async fn revisions_contract(store: Arc<dyn RunStore>) {
+    use chainrun_core::revision::{Revision, RevisionEnd, RevisionKind};
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let one = lease("one", 5);
+    assert!(matches!(store.claim(&run.id, &one, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let (a, b, map) = (StepId::parse("a").unwrap(), StepId::parse("b").unwrap(), StepId::parse("m").unwrap());
+    store.save_step(&run.id, &one, &step("a", json!("first a"))).await.unwrap();
+    store.save_step(&run.id, &one, &step("b", json!({ "first": "b" }))).await.unwrap();
+    let item = |text: &str| ItemRecord {
+        index: 0,
+        status: StepStatus::Completed,
+        attempts: 1,
+        output: Some(json!(text)),
+        text: Some(text.into()),
+        usage: Usage::default(),
+        cost: Usd::from_pico(1),
+        calls: 1,
+        error: None,
+        lost: Lost::default(),
+        in_flight: None,
+    };
+    store.save_item(&run.id, &one, &map, 0, &item("first item")).await.unwrap();
+    let approve = ReviewDecision { decision: Verdict::Approve, output: None, comment: None, by: "bob".parse().unwrap(), at: Utc::now() };
+    store.decide(&run.id, &b, &approve).await.unwrap();
+    store.decide(&run.id, &a, &approve).await.unwrap();
+
+    let revision = |n: u32, kind: RevisionKind, rerun: Vec<StepId>| Revision {
+        revision: n,
+        kind,
+        step: b.clone(),
+        by: "alice".parse().unwrap(),
+        at: whole_ms(Utc::now()),
+        comment: Some("again ✓".into()),
+        rerun,
+        previous: RevisionEnd {
+            status: RunStatus::Completed,
+            finished_at: None,
+            error: None,
+            totals: Totals { model_calls: 2, ..Totals::default() },
+        },
+        budget: None,
+    };
+    let first = revision(1, RevisionKind::Retry, vec![b.clone(), map.clone()]);
+    assert_eq!(store.start_revision(&run.id, &first, None).await.unwrap(), RevisionOutcome::NotFinished(RunStatus::Running), "a running run");
+    let mut done = store.get_run(&run.id).await.unwrap().unwrap();
+    (done.status, done.finished_at, done.output) = (RunStatus::Completed, Some(Utc::now()), Some(json!("the end")));
+    done.totals.model_calls = 2;
+    store.finish_run(&done, &one).await.unwrap();
+    assert_eq!(store.start_revision(&run.id, &revision(2, RevisionKind::Retry, vec![]), None).await.unwrap(), RevisionOutcome::Moved(0));
+    assert_eq!(store.start_revision(&RunId::new(), &first, None).await.unwrap(), RevisionOutcome::NotFound);
+
+    assert_eq!(store.start_revision(&run.id, &first, None).await.unwrap(), RevisionOutcome::Started);
+    assert_eq!(store.start_revision(&run.id, &first, None).await.unwrap(), RevisionOutcome::Started, "a retried write (its reply lost)");
+    let queued = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((queued.status, queued.revision, queued.finished_at, queued.output.as_ref()), (RunStatus::Queued, 1, None, None));
+    assert_eq!(queued.revisions, vec![first.clone()]);
+    assert_eq!(queued.totals.model_calls, 2, "the totals so far stay");
+    assert_eq!((queued.decisions.contains_key(&a), queued.decisions.contains_key(&b)), (true, false), "a review run again is asked again");
+    assert!(store.due(Utc::now() + Duration::hours(1), 100).await.unwrap().contains(&run.id), "queued for the sweeper too");
+    assert_eq!(
+        store.start_revision(&run.id, &revision(2, RevisionKind::Retry, vec![]), None).await.unwrap(),
+        RevisionOutcome::NotFinished(RunStatus::Queued)
+    );
+
+    // Revision 1's checkpoints overwrite nothing of revision 0's.
+    let two = lease("two", 5);
+    let Claim::Acquired(claimed) = store.claim(&run.id, &two, Utc::now()).await.unwrap() else { panic!("claim the revision") };
+    assert_eq!(claimed.revision, 1);
+    let mut again = step("b", json!({ "second": "b" }));
+    again.revision = 1;
+    store.save_step(&run.id, &two, &again).await.unwrap();
+    store.save_item(&run.id, &two, &map, 1, &item("second item")).await.unwrap();
+    let all = store.get_steps(&run.id).await.unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    let now = claimed.records_at(all.clone(), 1);
+    let outputs = |records: &[StepRecord]| {
+        let mut v: Vec<(String, u32, Value)> = records.iter().map(|r| (r.step_id.to_string(), r.revision, r.output.clone().unwrap())).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    assert_eq!(outputs(&now), [("a".into(), 0, json!("first a")), ("b".into(), 1, json!({ "second": "b" }))]);
+    assert_eq!(outputs(&claimed.records_at(all, 0)), [("a".into(), 0, json!("first a")), ("b".into(), 0, json!({ "first": "b" }))]);
+    assert_eq!(store.get_items(&run.id, &map, 0).await.unwrap()[0].text.as_deref(), Some("first item"));
+    assert_eq!(store.get_items(&run.id, &map, 1).await.unwrap()[0].text.as_deref(), Some("second item"));
+
+    // An override writes the step's record of the new revision with it.
+    let mut end = store.get_run(&run.id).await.unwrap().unwrap();
+    (end.status, end.finished_at) = (RunStatus::Failed, Some(Utc::now()));
+    store.finish_run(&end, &two).await.unwrap();
+    let second =
+        Revision { previous: RevisionEnd { status: RunStatus::Failed, ..first.previous.clone() }, ..revision(2, RevisionKind::Override, vec![]) };
+    let mut set = StepRecord::settled(b.clone(), StepStatus::Completed, None, Utc::now());
+    (set.output, set.text, set.revision) = (Some(json!({ "by": "hand", "n": 1.5e300 })), Some("by hand".into()), 2);
+    assert_eq!(store.start_revision(&run.id, &second, Some(&set)).await.unwrap(), RevisionOutcome::Started);
+    let stored = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((stored.revision, stored.revisions.len(), stored.error.as_ref()), (2, 2, None));
+    let at_two = stored.records_at(store.get_steps(&run.id).await.unwrap(), 2);
+    assert_eq!(at_two.iter().find(|r| r.step_id == b).unwrap(), &set, "documents round-trip exactly");
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_revisions_contract() {
+    revisions_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_revisions_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_revisions_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    revisions_contract(Arc::new(DynamoStore::new(client, tables))).await;
 }

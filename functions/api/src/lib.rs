@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 mod history;
 pub mod idempotency;
+mod revisions;
 
 use auth::{Authenticator, Identity};
 use axum::body::Bytes;
@@ -85,7 +86,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}/cancel", post(cancel_run).fallback(method_not_allowed))
         .route("/runs/{id}/pause", post(pause_run).fallback(method_not_allowed))
         .route("/runs/{id}/resume", post(resume_run).fallback(method_not_allowed))
-        .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
+        .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).post(post_step).put(put_step).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
@@ -247,9 +248,40 @@ async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: 
     Ok(run)
 }
 
-async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let run = visible_run(&state, &identity, &id, Part::Whole).await?;
-    let steps = state.store.get_steps(&run.id).await?;
+/// `?revision=N`: which revision of the run to show (default: the one it runs now).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RevisionQuery {
+    revision: Option<u32>,
+}
+
+fn revision_query(query: Result<Query<RevisionQuery>, axum::extract::rejection::QueryRejection>) -> Result<Option<u32>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
+    Ok(query.revision)
+}
+
+/// The revision `asked` of `run` (default: its current one); `404` if it has none such.
+fn revision_of(run: &RunRecord, asked: Option<u32>) -> Result<u32, ApiError> {
+    match asked {
+        Some(n) if n > run.revision => Err(ApiError::NotFound(format!("run {} has no revision {n} (it is at revision {})", run.id, run.revision))),
+        Some(n) => Ok(n),
+        None => Ok(run.revision),
+    }
+}
+
+async fn get_run(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path(id): Path<String>,
+    query: Result<Query<RevisionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let asked = revision_query(query)?;
+    let mut run = visible_run(&state, &identity, &id, Part::Whole).await?;
+    let view = revision_of(&run, asked)?;
+    let steps = run.records_at(state.store.get_steps(&run.id).await?, view);
+    if view < run.revision {
+        run = as_of(&state, run, view, &steps);
+    }
     let legacy_order;
     let order = if run.step_order.is_empty() {
         // Runs stored before the order was: validate the snapshot once more for it.
@@ -262,6 +294,32 @@ async fn get_run(State(state): State<AppState>, identity: Identity, Path(id): Pa
         &run.step_order
     };
     Ok(Json(RunView::new(&run, order, &steps)).into_response())
+}
+
+/// `run` as it stood at the end of its earlier revision `view`: its end as the next
+/// revision recorded it, and its output computed again from that revision's checkpoints
+/// (the output template is a pure function of them), so no output is ever stored twice.
+fn as_of(state: &AppState, run: RunRecord, view: u32, steps: &[chainrun_core::run::StepRecord]) -> RunRecord {
+    let Some(end) = run.revisions.get(view as usize).map(|next| next.previous.clone()) else { return run };
+    let output = match (end.status, validate_json(&run.definition, &state.models)) {
+        (RunStatus::Completed, Ok(graph)) => {
+            let by_step: std::collections::HashMap<&StepId, &chainrun_core::run::StepRecord> = steps.iter().map(|r| (&r.step_id, r)).collect();
+            let records: Vec<_> = graph.steps().iter().map(|s| by_step.get(&s.id).map(|r| Arc::new((*r).clone()))).collect();
+            chainrun_core::engine::run_output(&Arc::new(run.input.clone()), &graph, &records).ok()
+        }
+        _ => None,
+    };
+    RunRecord {
+        status: end.status,
+        finished_at: end.finished_at,
+        error: end.error,
+        totals: end.totals,
+        output,
+        revision: view,
+        control: None,
+        waiting: None,
+        ..run
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -475,7 +533,7 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
             return Err(no_review());
         }
     } else {
-        let steps = state.store.get_steps(&id).await?;
+        let steps = run.records_at(state.store.get_steps(&id).await?, run.revision);
         let record = steps.iter().find(|r| r.step_id == step_id);
         let wait: Option<ReviewWait> = record.and_then(|r| r.detail.clone()).and_then(|d| serde_json::from_value(d).ok());
         // Waiting: its reviewers, and those its deadlines have escalated it to so far.
@@ -551,12 +609,14 @@ async fn get_step_document(
     State(state): State<AppState>,
     identity: Identity,
     Path((id, step, part)): Path<(String, String, String)>,
+    query: Result<Query<RevisionQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     if part != "output" && part != "text" {
         return Err(ApiError::NotFound(format!("no route for {part:?}: a step has an `output` and a `text`")));
     }
     let run = visible_run(&state, &identity, &id, Part::Head).await?;
-    let steps = state.store.get_steps(&run.id).await?;
+    let view = revision_of(&run, revision_query(query)?)?;
+    let steps = run.records_at(state.store.get_steps(&run.id).await?, view);
     let no_step = || ApiError::NotFound(format!("run {id} has no checkpoint of step {step:?}"));
     let record = steps.into_iter().find(|r| r.step_id.as_str() == step).ok_or_else(no_step)?;
     let missing = || ApiError::NotFound(format!("step {step} of run {id} has no {part} (it is {})", record.status.as_str()));
@@ -568,6 +628,34 @@ async fn get_step_document(
     Ok(Json(output).into_response())
 }
 
+/// `POST /runs/{id}/steps/{step}/retry`: re-runs the step of a finished run and exactly
+/// its dependents, as the run's next revision.
+async fn post_step(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path((id, step, action)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match action.as_str() {
+        "retry" => revisions::retry_step(&state, &identity, &id, step, &body).await,
+        _ => Err(ApiError::NotFound(format!("no route for POST …/steps/{step}/{action}: a step is retried with POST …/steps/{step}/retry"))),
+    }
+}
+
+/// `PUT /runs/{id}/steps/{step}/output`: sets the step's output by hand and re-runs
+/// exactly its dependents, as the run's next revision.
+async fn put_step(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path((id, step, part)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match part.as_str() {
+        "output" => revisions::override_output(&state, &identity, &id, step, &body).await,
+        _ => Err(ApiError::NotFound(format!("no route for PUT …/steps/{step}/{part}: a step's output is set with PUT …/steps/{step}/output"))),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
@@ -575,6 +663,8 @@ struct EventsQuery {
     after: u64,
     #[serde(default = "default_limit")]
     limit: u32,
+    /// Only the events of this revision of the run (the cursor still moves over all).
+    revision: Option<u32>,
 }
 
 fn default_limit() -> u32 {
@@ -592,9 +682,13 @@ async fn get_events(
         return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
     }
     let run = visible_run(&state, &identity, &id, Part::Head).await?;
-    let events = state.progress.events_after(&run.id, query.after, query.limit).await?;
+    let only = query.revision.map(|n| revision_of(&run, Some(n))).transpose()?;
+    let mut events = state.progress.events_after(&run.id, query.after, query.limit).await?;
     let last_seq = events.last().map_or(query.after, |e| e.seq);
-    Ok(Json(EventsPage { run_id: &run.id, status: run.status, events: &events, last_seq }).into_response())
+    if let Some(n) = only {
+        events.retain(|e| e.revision == n);
+    }
+    Ok(Json(EventsPage { run_id: &run.id, status: run.status, events: &events, last_seq, revision: run.revision }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -1030,3 +1030,267 @@ async fn a_run_view_inlines_at_most_four_mib_of_documents_and_links_the_rest() {
     assert_eq!((inline, linked), (20, 8), "inlined in step order while they fit, then linked");
     assert!(serde_json::to_vec(&run).unwrap().len() < 6 * 1024 * 1024, "the answer fits what Lambda may return");
 }
+
+// ---------------------------------------------------------------- revisions
+
+/// `a` feeds `b` feeds `c`; `d` reads only `a`: retrying `b` must run `b` and `c` again, no more.
+fn diamond() -> Value {
+    json!({
+        "workflow": {
+            "name": "chain",
+            "defaults": { "model": "amazon.nova-micro-v1:0" },
+            "steps": [
+                { "id": "a", "type": "llm", "prompt": "EXTRACT" },
+                { "id": "b", "type": "llm", "prompt": "CLASSIFY {{ steps.a.text }}" },
+                { "id": "c", "type": "llm", "prompt": "RESPOND {{ steps.b.text }}" },
+                { "id": "d", "type": "llm", "prompt": "TAG {{ steps.a.text }}" }
+            ],
+            "output": "{{ steps.c.text }} / {{ steps.d.text }}"
+        }
+    })
+}
+
+fn chain_model(classified: &str) -> Arc<ScriptedModel> {
+    Arc::new(ScriptedModel::new(vec![
+        Script::reply("EXTRACT", "order 42").with_usage(100, 10),
+        Script::reply("CLASSIFY", classified).with_usage(200, 20),
+        Script::reply("RESPOND billing", "refund sent").with_usage(300, 30),
+        Script::reply("RESPOND", "escalated").with_usage(300, 30),
+        Script::reply("TAG", "urgent").with_usage(50, 5),
+    ]))
+}
+
+impl Api {
+    async fn send(&self, user: &str, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let (status, _, body) = self.call(method, path, Some(&token(user)), body.map(|b| b.to_string().into_bytes())).await;
+        (status, body)
+    }
+
+    async fn events_of(&self, user: &str, path: &str) -> Vec<Value> {
+        let (status, page) = self.get(user, path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        page["events"].as_array().unwrap().clone()
+    }
+}
+
+fn step<'v>(run: &'v Value, id: &str) -> &'v Value {
+    run["steps"].as_array().unwrap().iter().find(|s| s["id"] == id).unwrap()
+}
+
+fn cost(v: &Value) -> u64 {
+    v["cost_pico_usd"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn retrying_a_middle_step_runs_it_and_exactly_its_dependents_as_a_new_revision_keeping_the_old_one() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", diamond()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    api.execute(&id, chain_model("other")).await;
+    let (_, first) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((first["output"].as_str(), first["revision"].as_u64()), (Some("escalated / urgent"), Some(0)), "{first}");
+
+    let (status, accepted) = api.send("alice", "POST", &format!("/runs/{id}/steps/b/retry"), Some(json!({ "comment": "wrong class" }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!((accepted["revision"].as_u64(), &accepted["rerun"]), (Some(1), &json!(["b", "c"])));
+    let sent = api.dispatcher.events();
+    assert_eq!(serde_json::to_value(sent.last().unwrap()).unwrap()["cause"], "revision");
+    let model = chain_model("billing");
+    assert_eq!(api.execute(&id, model.clone()).await, chainrun_core::engine::Outcome::Finished(chainrun_core::run::RunStatus::Completed));
+    // Exactly `b` and `c` were called again.
+    let prompts: Vec<String> = model.calls().iter().map(|c| c.prompt.split(' ').next().unwrap().to_owned()).collect();
+    assert_eq!(prompts, ["CLASSIFY", "RESPOND"]);
+
+    let (_, now) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(
+        (now["status"].as_str(), now["output"].as_str(), now["revision"].as_u64()),
+        (Some("COMPLETED"), Some("refund sent / urgent"), Some(1))
+    );
+    assert_eq!((now["revisions"][0]["by"].as_str(), now["revisions"][0]["previous_status"].as_str()), (Some("alice"), Some("COMPLETED")));
+    // Costs of every revision add up: revision 1 paid for b and c once more.
+    let again = cost(step(&first, "b")) + cost(step(&first, "c"));
+    assert!(again > 0);
+    assert_eq!(cost(&now["totals"]), cost(&first["totals"]) + again, "{now}");
+    assert_eq!(now["totals"]["model_calls"].as_u64(), Some(6));
+    // The earlier revision stays readable, as it was.
+    let (status, old) = api.get("alice", &format!("/runs/{id}?revision=0")).await;
+    assert_eq!(status, StatusCode::OK, "{old}");
+    assert_eq!((old["output"].as_str(), old["revision"].as_u64()), (Some("escalated / urgent"), Some(0)));
+    assert_eq!(old["totals"], first["totals"]);
+    assert_eq!((step(&old, "b")["text"].as_str(), step(&now, "b")["text"].as_str()), (Some("other"), Some("billing")));
+    let (status, _) = api.get("alice", &format!("/runs/{id}/steps/b/text?revision=0")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, problem) = api.get("alice", &format!("/runs/{id}?revision=2")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+
+    // One gap-free log; each event says its revision, and a revision's events can be read alone.
+    let all = api.events_of("alice", &format!("/runs/{id}/events?limit=1000")).await;
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    let second = api.events_of("alice", &format!("/runs/{id}/events?revision=1&limit=1000")).await;
+    let kinds: Vec<&str> = second.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"REVISION_STARTED"));
+    assert_eq!(kinds.last(), Some(&"RUN_COMPLETED"));
+    assert_eq!(second[0]["data"]["rerun"], json!(["b", "c"]));
+    assert_eq!(second[0]["data"]["comment"], "wrong class");
+    assert!(second.iter().all(|e| e["revision"] == 1));
+    assert_eq!(all.len(), second.len() + api.events_of("alice", &format!("/runs/{id}/events?revision=0&limit=1000")).await.len());
+
+    // Analytics: one run, whose cost includes its revision.
+    let run = api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap();
+    api.analytics.record_run(&run, &api.store.get_steps(&run.id).await.unwrap()).await.unwrap();
+    let mut first_revision = run.clone();
+    (first_revision.revision, first_revision.totals) = (0, run.revisions[0].previous.totals);
+    api.analytics.record_run(&first_revision, &api.store.get_steps(&run.id).await.unwrap()).await.unwrap();
+    let today = chrono::Utc::now().date_naive();
+    let costs = api.analytics.costs(&chainrun_core::ids::Principal::User("alice".into()), today, today).await.unwrap();
+    assert_eq!((costs[0].totals.runs, costs[0].totals.cost.pico()), (1, cost(&now["totals"])));
+}
+
+#[tokio::test]
+async fn overriding_an_output_sets_it_by_hand_and_runs_only_its_dependents() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", diamond()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    api.execute(&id, chain_model("other")).await;
+
+    let body = json!({ "output": "billing", "comment": "it is a refund" });
+    let (status, accepted) = api.send("alice", "PUT", &format!("/runs/{id}/steps/b/output"), Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["rerun"], json!(["c"]));
+    let model = chain_model("never asked");
+    api.execute(&id, model.clone()).await;
+    assert_eq!(model.calls().len(), 1, "only c runs");
+    assert!(model.calls()[0].prompt.contains("RESPOND billing"), "c reads the output set by hand");
+
+    let (_, now) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(now["output"], "refund sent / urgent");
+    let b = step(&now, "b");
+    assert_eq!(
+        (b["status"].as_str(), b["output"].as_str(), b["detail"]["overridden_by"].as_str()),
+        (Some("COMPLETED"), Some("billing"), Some("alice")),
+        "{b}"
+    );
+    assert_eq!(b["detail"]["replaces_revision"], 0);
+    let events = api.events_of("alice", &format!("/runs/{id}/events?revision=1")).await;
+    let overridden = events.iter().find(|e| e["type"] == "STEP_OVERRIDDEN").unwrap();
+    assert_eq!(
+        (overridden["step_id"].as_str(), overridden["data"]["output"].as_str(), overridden["data"]["by"].as_str()),
+        (Some("b"), Some("billing"), Some("alice"))
+    );
+    // A JSON output gets its JSON as text.
+    let (status, _) = api.send("alice", "PUT", &format!("/runs/{id}/steps/b/output"), Some(json!({ "output": { "class": "billing" } }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    api.execute(&id, chain_model("x")).await;
+    let (_, latest) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((latest["revision"].as_u64(), step(&latest, "b")["text"].as_str()), (Some(2), Some(r#"{"class":"billing"}"#)));
+    assert_eq!(step(&latest, "b")["detail"]["replaces_revision"], 1);
+}
+
+#[tokio::test]
+async fn retrying_the_step_a_run_failed_on_runs_it_and_the_steps_the_failure_cancelled() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", diamond()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let failing = Arc::new(ScriptedModel::new(vec![
+        Script::reply("EXTRACT", "order 42"),
+        Script::failing_first(
+            "CLASSIFY",
+            chainrun_core::ports::ModelError::new(chainrun_core::ports::ModelErrorKind::Invalid, "ValidationException", "bad"),
+            9,
+            "x",
+        ),
+        Script::reply("TAG", "urgent").with_latency(std::time::Duration::from_millis(50)),
+    ]));
+    api.execute(&id, failing).await;
+    let (_, failed) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+
+    let (status, accepted) = api.send("alice", "POST", &format!("/runs/{id}/steps/b/retry"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let rerun: Vec<&str> = accepted["rerun"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(rerun.starts_with(&["b", "c"]), "{rerun:?}");
+    assert!(!rerun.contains(&"a"), "a completed: it keeps its result");
+    api.execute(&id, chain_model("billing")).await;
+    let (_, now) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((now["status"].as_str(), now["error"].is_null()), (Some("COMPLETED"), true), "{now}");
+    assert_eq!((now["revisions"][0]["previous_status"].as_str(), step(&now, "d")["status"].as_str()), (Some("FAILED"), Some("COMPLETED")));
+}
+
+#[tokio::test]
+async fn steering_a_run_refuses_what_does_not_fit_naming_why_and_changes_nothing() {
+    let api = api();
+    let (_, _, accepted) = api.start("alice", diamond()).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let retry = format!("/runs/{id}/steps/b/retry");
+    // Not ended yet.
+    let (status, problem) = api.send("alice", "POST", &retry, None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("once the run has ended"), "{problem}");
+    api.execute(&id, chain_model("other")).await;
+    let dispatched = api.dispatcher.events().len();
+    for (user, method, path, body, expected, needle) in [
+        ("mallory", "POST", retry.clone(), None, StatusCode::NOT_FOUND, "no run"),
+        ("alice", "POST", format!("/runs/{id}/steps/ghost/retry"), None, StatusCode::NOT_FOUND, "no step \"ghost\""),
+        ("alice", "POST", format!("/runs/{id}/steps/b/redo"), None, StatusCode::NOT_FOUND, "retry"),
+        ("alice", "PUT", format!("/runs/{id}/steps/b/text"), Some(json!({ "output": 1 })), StatusCode::NOT_FOUND, "output"),
+        ("alice", "POST", retry.clone(), Some(json!({ "revision": 3 })), StatusCode::CONFLICT, "is at revision 0, not 3"),
+        ("alice", "POST", retry.clone(), Some(json!({ "again": true })), StatusCode::BAD_REQUEST, "unknown field"),
+        ("alice", "POST", retry.clone(), Some(json!({ "budget": { "max_total_tokens": 1 } })), StatusCode::BAD_REQUEST, "only raise"),
+        ("alice", "PUT", format!("/runs/{id}/steps/b/output"), Some(json!({ "text": "x" })), StatusCode::BAD_REQUEST, "missing field `output`"),
+        ("alice", "PUT", format!("/runs/{id}/steps/b/output"), None, StatusCode::BAD_REQUEST, "empty"),
+    ] {
+        let (status, problem) = api.send(user, method, &path, body.clone()).await;
+        assert_eq!(status, expected, "{user} {method} {path} {body:?}: {problem}");
+        assert!(problem["detail"].as_str().unwrap().contains(needle), "{path} {body:?}: {problem}");
+    }
+    assert_eq!(api.dispatcher.events().len(), dispatched, "nothing was started");
+    assert_eq!(api.store.get_run(&RunId::parse(&id).unwrap()).await.unwrap().unwrap().revision, 0);
+
+    // Two people steering from the same revision: the first starts it, the second is told.
+    let (status, _) = api.send("alice", "POST", &retry, Some(json!({ "revision": 0 }))).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, problem) = api.send("alice", "POST", &retry, Some(json!({ "revision": 0 }))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("is at revision 1, not 0"), "{problem}");
+    // And while the revision runs, nothing more.
+    let (status, problem) = api.send("alice", "PUT", &format!("/runs/{id}/steps/b/output"), Some(json!({ "output": "x" }))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+}
+
+#[tokio::test]
+async fn a_retry_counts_what_earlier_revisions_spent_against_the_budget_unless_it_raises_it() {
+    let api = api();
+    let mut body = diamond();
+    body["workflow"]["budget"] = json!({ "max_total_tokens": 700 });
+    body["workflow"]["defaults"]["max_tokens"] = json!(100);
+    let (_, _, accepted) = api.start("alice", body).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    // Every call is charged 110 tokens and reserves 213 (its prompt's worst case and 100 for its reply).
+    let model = |classified: &str| {
+        let reply = |prompt: &str, text: &str| Script::reply(prompt, text).with_usage(10, 100);
+        let replies =
+            [("EXTRACT", "order 42"), ("CLASSIFY", classified), ("RESPOND billing", "refund sent"), ("RESPOND", "escalated"), ("TAG", "urgent")];
+        Arc::new(ScriptedModel::new(replies.into_iter().map(|(p, t)| reply(p, t)).collect()))
+    };
+    api.execute(&id, model("other")).await;
+    let (_, first) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((first["status"].as_str(), first["totals"]["total_tokens"].as_u64()), (Some("COMPLETED"), Some(440)), "{first}");
+    // Retrying b and c: b fits (440 + 213), then c does not (550 + 213 > 700) and is refused.
+    let (status, _) = api.send("alice", "POST", &format!("/runs/{id}/steps/b/retry"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    api.execute(&id, model("billing")).await;
+    let (_, refused) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((refused["status"].as_str(), refused["totals"]["total_tokens"].as_u64()), (Some("FAILED"), Some(550)), "{refused}");
+    assert_eq!(step(&refused, "c")["error"]["code"], "BUDGET_EXCEEDED", "{refused}");
+    // A retry that raises the budget records it and runs.
+    let raise = json!({ "budget": { "max_total_tokens": 3000 } });
+    let (status, accepted) = api.send("alice", "POST", &format!("/runs/{id}/steps/b/retry"), Some(raise)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    api.execute(&id, model("billing")).await;
+    let (_, now) = api.get("alice", &format!("/runs/{id}")).await;
+    assert_eq!((now["status"].as_str(), now["output"].as_str()), (Some("COMPLETED"), Some("refund sent / urgent")), "{now}");
+    assert_eq!(now["totals"]["total_tokens"].as_u64(), Some(770));
+    assert_eq!(now["budget_raises"][0]["to"]["max_total_tokens"], 3000);
+    assert_eq!(now["revisions"][1]["budget"]["by"], "alice");
+}

@@ -200,12 +200,26 @@ impl RunStore for Refusing {
         id: &RunId,
         lease: &Lease,
         step: &chainrun_core::ids::StepId,
+        revision: u32,
         item: &chainrun_core::run::ItemRecord,
     ) -> Result<(), StoreError> {
-        self.inner.save_item(id, lease, step, item).await
+        self.inner.save_item(id, lease, step, revision, item).await
     }
-    async fn get_items(&self, id: &RunId, step: &chainrun_core::ids::StepId) -> Result<Vec<chainrun_core::run::ItemRecord>, StoreError> {
-        self.inner.get_items(id, step).await
+    async fn get_items(
+        &self,
+        id: &RunId,
+        step: &chainrun_core::ids::StepId,
+        revision: u32,
+    ) -> Result<Vec<chainrun_core::run::ItemRecord>, StoreError> {
+        self.inner.get_items(id, step, revision).await
+    }
+    async fn start_revision(
+        &self,
+        id: &RunId,
+        revision: &chainrun_core::revision::Revision,
+        overridden: Option<&StepRecord>,
+    ) -> Result<chainrun_core::ports::RevisionOutcome, StoreError> {
+        self.inner.start_revision(id, revision, overridden).await
     }
     async fn finish_run(&self, run: &RunRecord, lease: &Lease) -> Result<(), StoreError> {
         self.inner.finish_run(run, lease).await?;

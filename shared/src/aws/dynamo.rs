@@ -20,6 +20,7 @@ use crate::money::Usd;
 use crate::output::json_len;
 use crate::ports::*;
 use crate::pricing::Usage;
+use crate::revision::Revision;
 use crate::run::*;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
@@ -53,6 +54,19 @@ pub(super) fn expires_after(day: chrono::NaiveDate, days: u64) -> i64 {
 
 pub(super) fn run_pk(id: &RunId) -> String {
     format!("RUN#{id}")
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A step checkpoint's sort key: `STEP#<id>` in the run as started, `STEP#<id>#<n>` in its
+/// revision `n` (step ids have no `#`), so no revision overwrites another's.
+fn step_sk(step: &StepId, revision: u32) -> String {
+    match revision {
+        0 => format!("STEP#{step}"),
+        n => format!("STEP#{step}#{n}"),
+    }
 }
 
 fn json_string(v: &Value) -> String {
@@ -128,6 +142,10 @@ struct RunItem {
     decisions: BTreeMap<StepId, StoredDecision>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     budget_raises: Vec<BudgetRaise>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    revision: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revisions: Vec<crate::revision::Revision>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -168,6 +186,8 @@ impl RunItem {
             options: run.options.clone(),
             decisions: run.decisions.iter().map(|(step, d)| (step.clone(), StoredDecision::from(d))).collect(),
             budget_raises: run.budget_raises.clone(),
+            revision: run.revision,
+            revisions: run.revisions.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -203,6 +223,8 @@ impl RunItem {
             resumed: self.resumed,
             options: self.options,
             budget_raises: self.budget_raises,
+            revision: self.revision,
+            revisions: self.revisions,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             totals: self.totals,
         })
@@ -240,6 +262,8 @@ struct StepItem {
     lost: Lost,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     in_flight: Option<InFlight>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    revision: u32,
 }
 
 /// A map item checkpoint (`sk = ITEM#<step>#<index>`, apart from the `STEP#` items).
@@ -265,10 +289,14 @@ struct MapItemRow {
     in_flight: Option<InFlight>,
 }
 
-/// The sort-key prefix of a map step's item checkpoints; indexes are zero-padded so they
-/// read back in order.
-fn item_prefix(step: &StepId) -> String {
-    format!("ITEM#{step}#")
+/// The sort-key prefix of a map step's item checkpoints in a revision of the run (the
+/// run as started: `ITEM#<step>#`, revision `n`: `ITEM#<step>@<n>#`, which the first
+/// does not prefix); indexes are zero-padded so they read back in order.
+fn item_prefix(step: &StepId, revision: u32) -> String {
+    match revision {
+        0 => format!("ITEM#{step}#"),
+        n => format!("ITEM#{step}@{n}#"),
+    }
 }
 
 /// `what` as an item. Our records always encode, so a failure is a defect, not bad data.
@@ -468,10 +496,17 @@ pub(super) async fn checkpoint_writes(
     lease: &Lease,
     step: &StepRecord,
 ) -> Result<[TransactWriteItem; 2], StoreError> {
+    let item = step_item(blobs, id, step).await?;
+    fenced_put(tables, id, lease, item)
+}
+
+/// A step checkpoint as its item, its largest documents moved to S3 if it would not fit.
+async fn step_item(blobs: Option<&S3Blobs>, id: &RunId, step: &StepRecord) -> Result<Item, StoreError> {
     let item = to_item(
         &StepItem {
             pk: run_pk(id),
-            sk: format!("STEP#{}", step.step_id),
+            sk: step_sk(&step.step_id, step.revision),
+            revision: step.revision,
             step_id: step.step_id.clone(),
             status: step.status,
             attempts: step.attempts,
@@ -491,8 +526,7 @@ pub(super) async fn checkpoint_writes(
         },
         &format!("the checkpoint of step {} of run {id}", step.step_id),
     )?;
-    let item = fit(blobs, id, item, &format!("the checkpoint of step {}", step.step_id)).await?;
-    fenced_put(tables, id, lease, item)
+    fit(blobs, id, item, &format!("the checkpoint of step {}", step.step_id)).await
 }
 
 /// A put that only lands while `lease` holds the run, as two transaction items: the lease
@@ -592,6 +626,7 @@ impl RunStore for DynamoStore {
                 calls: step.calls,
                 lost: step.lost,
                 in_flight: step.in_flight,
+                revision: step.revision,
             });
         }
         Ok(steps)
@@ -958,11 +993,11 @@ impl RunStore for DynamoStore {
     }
 
     #[instrument(skip_all, fields(run_id = %id, step_id = %step, index = item.index))]
-    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, item: &ItemRecord) -> Result<(), StoreError> {
+    async fn save_item(&self, id: &RunId, lease: &Lease, step: &StepId, revision: u32, item: &ItemRecord) -> Result<(), StoreError> {
         let what = format!("the checkpoint of item {} of step {step} of run {id}", item.index);
         let row = MapItemRow {
             pk: run_pk(id),
-            sk: format!("{}{:06}", item_prefix(step), item.index),
+            sk: format!("{}{:06}", item_prefix(step, revision), item.index),
             index: item.index,
             status: item.status,
             attempts: item.attempts,
@@ -985,9 +1020,9 @@ impl RunStore for DynamoStore {
         }
     }
 
-    async fn get_items(&self, id: &RunId, step: &StepId) -> Result<Vec<ItemRecord>, StoreError> {
+    async fn get_items(&self, id: &RunId, step: &StepId, revision: u32) -> Result<Vec<ItemRecord>, StoreError> {
         let mut items = Vec::new();
-        for item in self.query_run(id, &item_prefix(step)).await? {
+        for item in self.query_run(id, &item_prefix(step, revision)).await? {
             let item = restored(self.blobs.as_ref(), &self.tables.runs, item).await?;
             let name = item_name(&self.tables.runs, &item);
             let row: MapItemRow = from_item(&self.tables.runs, item)?;
@@ -1105,6 +1140,97 @@ impl RunStore for DynamoStore {
             },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, revision = revision.revision, step_id = %revision.step))]
+    async fn start_revision(&self, id: &RunId, revision: &Revision, overridden: Option<&StepRecord>) -> Result<RevisionOutcome, StoreError> {
+        let encode = |e: serde_dynamo::Error| StoreError::Rejected(defect(&format!("revision {} of run {id}", revision.revision), e));
+        let entry = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(vec![revision.clone()]).map_err(encode)?;
+        let Some(stored) = self.get_meta(id).await? else { return Ok(RevisionOutcome::NotFound) };
+        let previous = revision.revision.saturating_sub(1);
+        if stored.revision != previous || !stored.status.is_terminal() {
+            return Ok(revision_refused(&stored, revision));
+        }
+        // The decisions of reviews the revision runs again are asked for again (each
+        // revision's checkpoints keep the decisions it ran with).
+        let decided: Vec<&StepId> = revision.rerun.iter().filter(|s| stored.decisions.contains_key(*s)).collect();
+        let mut remove = ["finished_at", "#output", "output_s3", "#error", "#control", "#waiting"].join(", ");
+        for n in 0..decided.len() {
+            remove.push_str(&format!(", #decisions.#d{n}"));
+        }
+        let mut set = "#status = :queued, #revision = :revision, #revisions = list_append(if_not_exists(#revisions, :none), :entry), #shard = :shard, #sweep_at = :due".to_owned();
+        if revision.budget.is_some() {
+            set.push_str(", #raises = list_append(if_not_exists(#raises, :none), :raise)");
+        }
+        let same_revision = match previous {
+            0 => "attribute_not_exists(#revision)",
+            _ => "#revision = :previous",
+        };
+        let mut update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .update_expression(format!("SET {set} REMOVE {remove}"))
+            .condition_expression(format!("{same_revision} AND #status IN (:completed, :failed, :cancelled)"))
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#revision", "revision")
+            .expression_attribute_names("#revisions", "revisions")
+            .expression_attribute_names("#shard", "sweep_shard")
+            .expression_attribute_names("#sweep_at", "sweep_at")
+            .expression_attribute_names("#output", "output")
+            .expression_attribute_names("#error", "error")
+            .expression_attribute_names("#control", "control")
+            .expression_attribute_names("#waiting", "waiting")
+            .expression_attribute_values(":queued", s("QUEUED"))
+            .expression_attribute_values(":completed", s("COMPLETED"))
+            .expression_attribute_values(":failed", s("FAILED"))
+            .expression_attribute_values(":cancelled", s("CANCELLED"))
+            .expression_attribute_values(":revision", n(revision.revision))
+            .expression_attribute_values(":none", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(":entry", entry)
+            .expression_attribute_values(":shard", s(sweep_shard(id)))
+            .expression_attribute_values(":due", n((revision.at + self.queued_grace).timestamp_millis()));
+        if previous > 0 {
+            update = update.expression_attribute_values(":previous", n(previous));
+        }
+        if !decided.is_empty() {
+            update = update.expression_attribute_names("#decisions", "decisions");
+            for (n, step) in decided.iter().enumerate() {
+                update = update.expression_attribute_names(format!("#d{n}"), step.as_str());
+            }
+        }
+        if let Some(raise) = &revision.budget {
+            let raise = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(vec![raise.clone()]).map_err(encode)?;
+            update = update.expression_attribute_names("#raises", "budget_raises").expression_attribute_values(":raise", raise);
+        }
+        let update = update.build().map_err(|e| StoreError::Rejected(defect("the update starting a revision", e)))?;
+        let mut request = self.client.transact_write_items().transact_items(TransactWriteItem::builder().update(update).build());
+        if let Some(record) = overridden {
+            let item = step_item(self.blobs.as_ref(), id, record).await?;
+            let put = Put::builder()
+                .table_name(&self.tables.runs)
+                .set_item(Some(item))
+                .build()
+                .map_err(|e| StoreError::Rejected(defect("the overridden step's checkpoint", e)))?;
+            request = request.transact_items(TransactWriteItem::builder().put(put).build());
+        }
+        match request.send().await {
+            Ok(_) => Ok(RevisionOutcome::Started),
+            Err(e) if is_condition_failure(&e) => match self.get_meta(id).await? {
+                Some(stored) => Ok(revision_refused(&stored, revision)),
+                None => Ok(RevisionOutcome::NotFound),
+            },
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+}
+
+/// Why a revision did not start on the run as `stored`; `Started` if it is this very
+/// revision (the SDK's retry of our own write whose reply was lost).
+fn revision_refused(stored: &RunItem, revision: &Revision) -> RevisionOutcome {
+    match stored.revisions.get(revision.revision.saturating_sub(1) as usize) {
+        Some(started) if started == revision => RevisionOutcome::Started,
+        _ if stored.revision + 1 != revision.revision => RevisionOutcome::Moved(stored.revision),
+        _ => RevisionOutcome::NotFinished(stored.status),
     }
 }
 

@@ -64,8 +64,14 @@ struct EventItem {
     step_id: Option<StepId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    revision: u32,
     data: String,
     expires_at: i64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -89,7 +95,7 @@ fn to_event(table: &str, item: Item) -> Result<Event, ProgressError> {
     let corrupt = |item: &Item, problem: String| ProgressError::Corrupt(corrupt_item(table, item, problem));
     let e: EventItem = serde_dynamo::aws_sdk_dynamodb_1::from_item(item.clone()).map_err(|e| corrupt(&item, e.to_string()))?;
     let data = serde_json::from_str(&e.data).map_err(|err| corrupt(&item, format!("data is not JSON: {err}")))?;
-    Ok(Event { run_id: e.run_id, seq: e.seq, at: e.at, kind: e.kind, step_id: e.step_id, attempt: e.attempt, data })
+    Ok(Event { run_id: e.run_id, seq: e.seq, at: e.at, kind: e.kind, step_id: e.step_id, attempt: e.attempt, revision: e.revision, data })
 }
 
 fn to_row(table: &str, item: Item) -> Result<ProgressRow, ProgressError> {
@@ -139,6 +145,7 @@ impl DynamoProgress {
             kind: event.kind,
             step_id: event.step_id.clone(),
             attempt: event.attempt,
+            revision: event.revision,
             data: event.data.to_string(),
             expires_at,
         })

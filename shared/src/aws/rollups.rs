@@ -170,7 +170,13 @@ impl DynamoAnalytics {
         let marker = Put::builder()
             .table_name(&self.table)
             .item("pk", s(run_pk(&rollup.run_id)))
-            .item("sk", s(format!("ROLLED_UP#{}", owner.key())))
+            .item(
+                "sk",
+                s(match rollup.revision {
+                    0 => format!("ROLLED_UP#{}", owner.key()),
+                    n => format!("ROLLED_UP#{}#{n}", owner.key()),
+                }),
+            )
             .item("expires_at", n(expires_at(rollup.day)))
             .condition_expression("attribute_not_exists(pk)")
             .build()
@@ -260,6 +266,7 @@ mod tests {
 
     fn rollup(step_count: usize) -> RunRollup {
         RunRollup {
+            revision: 0,
             run_id: crate::ids::RunId::new(),
             workflow: "w".repeat(128),
             day: NaiveDate::from_ymd_opt(2025, 6, 30).unwrap(),

@@ -13,7 +13,7 @@ use crate::limits::EVENT_OUTPUT_BYTES;
 use crate::output::json_len;
 use crate::ports::{DailySpend, Lease, ProgressSink, RunStore};
 use crate::pricing::ModelRegistry;
-use crate::run::{Carried, ErrorInfo, EventType, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
+use crate::run::{Carried, ErrorInfo, RunRecord, RunStatus, StepRecord, StepStatus, Totals};
 use crate::wire::events::{EventBody, RunCancelled, RunCompleted, RunFailed, StepCancelled};
 use crate::wire::{DocumentRef, TotalsView};
 use chrono::Utc;
@@ -105,7 +105,7 @@ impl Ender {
     /// was missing.
     pub async fn announce_end(&self, run: &RunRecord) -> Result<bool, EngineError> {
         let last = self.sink.last_event(&run.id).await?;
-        let ended = last.as_ref().is_some_and(|e| matches!(e.kind, EventType::RunCompleted | EventType::RunFailed | EventType::RunCancelled));
+        let ended = last.as_ref().is_some_and(|e| e.kind.ends_run());
         if !run.status.is_terminal() || ended {
             return Ok(false);
         }
@@ -157,7 +157,8 @@ impl Ender {
     ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            let saved = self.store.get_steps(&run.id).await?;
+            // The checkpoints of the revision it runs (each revision keeps its own).
+            let saved = run.records_at(self.store.get_steps(&run.id).await?, run.revision);
             let mut reached = Reached::default();
             saved.iter().for_each(|r| reached.step(r));
             let (settled, unsettled): (Vec<StepRecord>, Vec<StepRecord>) = saved.into_iter().partition(|r| r.status.is_settled());
@@ -165,7 +166,7 @@ impl Ender {
             // has no graph to say which steps are maps: each unsettled step is asked).
             let mut carried: HashMap<StepId, Carried> = HashMap::new();
             for r in &unsettled {
-                let items = self.store.get_items(&run.id, &r.step_id).await?;
+                let items = self.store.get_items(&run.id, &r.step_id, r.revision).await?;
                 items.iter().for_each(|item| reached.item(&r.step_id, item));
                 let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items, waiting: None };
                 carried.insert(r.step_id.clone(), left.total());
@@ -175,7 +176,10 @@ impl Ender {
             if let Some(spend) = &self.daily {
                 resolve_holds(spend.as_ref(), &run.id, &reached).await?;
             }
-            let mut spent = Totals::of_checkpoints(&settled);
+            // What earlier revisions spent, and this one's own checkpoints (the results it
+            // kept from earlier revisions are in the first).
+            let mut spent = run.spent_before(run.revision);
+            spent.add(&Totals::of_checkpoints(settled.iter().filter(|r| r.revision == run.revision)));
             carried.values().for_each(|c| spent.add_carried(c));
             let last_seq = self.sink.last_seq(&run.id).await?;
             let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, BudgetLimits::UNLIMITED);

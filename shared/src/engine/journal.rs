@@ -17,6 +17,7 @@ use crate::pricing::Usage;
 use crate::run::{Event, ItemRecord, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
 use crate::wire::events::EventBody;
 use chrono::Utc;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -31,6 +32,8 @@ pub struct Journal {
     store: Arc<dyn RunStore>,
     lease: Lease,
     run_id: RunId,
+    /// The run's revision: every event and checkpoint written here belongs to it.
+    revision: u32,
     workflow: WorkflowName,
     owners: Vec<Principal>,
     state: Mutex<JournalState>,
@@ -68,6 +71,7 @@ impl Journal {
             store,
             lease,
             run_id: run.id.clone(),
+            revision: run.revision,
             workflow: run.workflow.clone(),
             owners: run.owners.clone(),
             state: Mutex::new(JournalState {
@@ -79,6 +83,11 @@ impl Journal {
             }),
             ledger: std::sync::Mutex::new(Ledger::new(budget, spent)),
         }
+    }
+
+    /// The run's revision this journal writes.
+    pub fn revision(&self) -> u32 {
+        self.revision
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -122,12 +131,21 @@ impl Journal {
     /// Writes a checkpoint without an event (a model step's `RUNNING` checkpoint before a
     /// retry: see [`super::running`]), under the lease.
     pub async fn checkpoint(&self, record: &StepRecord) -> Result<(), JournalError> {
+        let record = &*self.stamped(record);
         retrying("checkpoint", || async { Ok(self.store.save_step(&self.run_id, &self.lease, record).await?) }).await
     }
 
     /// Writes a map item's checkpoint, under the lease.
     pub async fn save_item(&self, step: &StepId, item: &ItemRecord) -> Result<(), JournalError> {
-        retrying("item checkpoint", || async { Ok(self.store.save_item(&self.run_id, &self.lease, step, item).await?) }).await
+        retrying("item checkpoint", || async { Ok(self.store.save_item(&self.run_id, &self.lease, step, self.revision, item).await?) }).await
+    }
+
+    /// `record` as a checkpoint of this journal's revision.
+    fn stamped<'r>(&self, record: &'r StepRecord) -> Cow<'r, StepRecord> {
+        match record.revision == self.revision {
+            true => Cow::Borrowed(record),
+            false => Cow::Owned(StepRecord { revision: self.revision, ..record.clone() }),
+        }
     }
 
     /// Appends an event without changing what the rows show.
@@ -152,7 +170,9 @@ impl Journal {
         let seq = state.last_seq + 1;
         let now = Utc::now();
         let kind = body.kind();
-        let event = Event { run_id: self.run_id.clone(), seq, at: now, kind, step_id: step.cloned(), attempt, data: body.data() };
+        let checkpoint = checkpoint.map(|r| self.stamped(r));
+        let event =
+            Event { run_id: self.run_id.clone(), seq, at: now, kind, step_id: step.cloned(), attempt, revision: self.revision, data: body.data() };
         let row = ProgressRow {
             run_id: self.run_id.clone(),
             workflow: self.workflow.clone(),
@@ -164,7 +184,7 @@ impl Journal {
             waiting: state.waiting.clone(),
         };
         retrying("progress", || async {
-            match checkpoint {
+            match checkpoint.as_deref() {
                 Some(step) => {
                     let checkpoint = Checkpoint { store: self.store.as_ref(), lease: &self.lease, step };
                     self.sink.publish_checkpointed(&event, &row, &self.owners, checkpoint).await

@@ -26,10 +26,12 @@ pub mod journal;
 mod llm;
 mod map;
 mod review;
+mod revision;
 mod router;
 mod running;
 pub mod schedule;
 mod step;
+pub use step::run_output;
 mod transform;
 
 use crate::budget::BudgetLimits;
@@ -54,7 +56,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use step::{Inputs, Leftover, Ran, StepContext, run_output};
+use step::{Inputs, Leftover, Ran, StepContext};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
@@ -275,7 +277,10 @@ impl Engine {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
             let (records, mut carried, reached) = self.checkpoints(&run, &graph).await?;
-            let last_seq = self.sink.last_seq(&run.id).await?;
+            let last = self.sink.last_event(&run.id).await?;
+            let last_seq = last.as_ref().map_or(0, |e| e.seq);
+            // The first invocation of a revision finds only the revisions before it in the log.
+            let revision_starts = run.revision > 0 && last.is_some_and(|e| e.revision < run.revision);
             // Holds on the caller's day that runners before this one left. A run with no
             // events yet has made no call, so has none.
             if let Some((spend, _)) = &self.daily
@@ -285,7 +290,9 @@ impl Engine {
             }
             // Spend already checkpointed counts against the budget of a resumed run, and so
             // does what dead runners spent on steps they did not settle (a map's items too).
-            let mut spent = Totals::of_checkpoints(records.iter().flatten());
+            // A revision's budget counts what the revisions before it spent.
+            let mut spent = run.spent_before(run.revision);
+            spent.add(&Totals::of_checkpoints(records.iter().flatten().filter(|r| r.revision == run.revision)));
             for left in carried.iter().flatten() {
                 spent.add_carried(&left.carried);
                 left.items.iter().for_each(|item| spent.add_carried(&item.carried()));
@@ -295,6 +302,8 @@ impl Engine {
             let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
+            } else if revision_starts {
+                revision::announce(&journal, &run, &records).await?;
             } else {
                 let settled_steps = records.iter().flatten().count();
                 // The store appended a takeover to the record if this claim was one.
@@ -520,7 +529,8 @@ impl Engine {
         let mut left: Vec<Option<Leftover>> = (0..graph.steps().len()).map(|_| None).collect();
         let mut reached = Reached::default();
         let index: HashMap<&str, usize> = graph.steps().iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
-        for saved in self.store.get_steps(&run.id).await? {
+        // Each revision keeps its own checkpoints: those of the revision it runs.
+        for saved in run.records_at(self.store.get_steps(&run.id).await?, run.revision) {
             let Some(&i) = index.get(saved.step_id.as_str()) else { continue };
             reached.step(&saved);
             if saved.status.is_settled() {
@@ -528,7 +538,7 @@ impl Engine {
                 continue;
             }
             let items = match graph.steps()[i].kind {
-                StepKind::Map(_) => self.store.get_items(&run.id, &saved.step_id).await?,
+                StepKind::Map(_) => self.store.get_items(&run.id, &saved.step_id, saved.revision).await?,
                 _ => Vec::new(),
             };
             items.iter().for_each(|item| reached.item(&saved.step_id, item));

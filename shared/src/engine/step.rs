@@ -228,6 +228,7 @@ impl StepContext {
                 calls: work.calls,
                 lost: work.lost,
                 in_flight: None,
+                revision: self.journal.revision(),
             };
             let body = match record.status {
                 StepStatus::Completed => EventBody::StepCompleted(StepCompleted {

@@ -33,6 +33,8 @@ pub enum EventBody {
     RunCompleted(RunCompleted),
     RunFailed(RunFailed),
     RunCancelled(RunCancelled),
+    RevisionStarted(RevisionStarted),
+    StepOverridden(StepOverridden),
 }
 
 impl EventBody {
@@ -52,6 +54,8 @@ impl EventBody {
             EventBody::RunCompleted(_) => EventType::RunCompleted,
             EventBody::RunFailed(_) => EventType::RunFailed,
             EventBody::RunCancelled(_) => EventType::RunCancelled,
+            EventBody::RevisionStarted(_) => EventType::RevisionStarted,
+            EventBody::StepOverridden(_) => EventType::StepOverridden,
         }
     }
 
@@ -72,6 +76,8 @@ impl EventBody {
             EventBody::RunCompleted(d) => serde_json::to_value(d),
             EventBody::RunFailed(d) => serde_json::to_value(d),
             EventBody::RunCancelled(d) => serde_json::to_value(d),
+            EventBody::RevisionStarted(d) => serde_json::to_value(d),
+            EventBody::StepOverridden(d) => serde_json::to_value(d),
         };
         // These shapes have string keys and JSON values only: serializing cannot fail.
         data.unwrap_or(Value::Null)
@@ -220,6 +226,39 @@ pub struct RunCancelled {
     pub totals: TotalsView,
 }
 
+/// A finished run runs again as a new revision (a step retried or overridden): `rerun`
+/// are the steps it runs again; every other step keeps its result. Its events carry its
+/// `revision`; the events before it stay in the log.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RevisionStarted {
+    pub revision: u32,
+    pub kind: crate::revision::RevisionKind,
+    pub step: StepId,
+    pub by: UserId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    pub rerun: Vec<StepId>,
+    /// How the revision before ended, and the run's totals by then.
+    pub previous_status: crate::run::RunStatus,
+    pub previous_totals: TotalsView,
+}
+
+/// A step's output was set by hand (`PUT /runs/{id}/steps/{step}/output`); its
+/// dependents run again.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StepOverridden {
+    pub by: UserId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The output set, when it has at most 64 KiB as JSON; otherwise `output_ref` says
+    /// where to read it.
+    pub output: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_ref: Option<super::DocumentRef>,
+    /// The revision whose output it replaces.
+    pub replaces_revision: u32,
+}
+
 /// An event as the API returns it; the published event schema describes this.
 #[derive(Debug, Serialize, JsonSchema)]
 #[schemars(title = "chainrun progress event")]
@@ -233,6 +272,9 @@ pub struct PublishedEvent {
     /// The step's attempt (1-based) the event belongs to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// The run's revision the event belongs to (absent: 0, the run as started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
     #[serde(flatten)]
     pub body: EventBody,
 }

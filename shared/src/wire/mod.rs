@@ -130,6 +130,8 @@ pub enum StepDetail {
     Review(crate::run::ReviewDecision),
     /// A review step waiting: who may decide, and until when.
     Waiting(crate::run::ReviewWait),
+    /// A step whose output was set by hand.
+    Overridden(crate::revision::Overridden),
 }
 
 impl StepDetail {

@@ -8,7 +8,7 @@ use crate::ids::{ModelId, RunId, StepId};
 use crate::limits::{INLINE_DOCUMENT_BYTES, VIEW_DOCUMENT_BYTES};
 use crate::output::json_len;
 use crate::ports::RunSummary;
-use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, Resumption, RunRecord, RunStatus, StepRecord, StepStatus, Totals, Waiting};
+use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, Resumption, RunRecord, RunStatus, StepRecord, StepStatus, Waiting};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -64,6 +64,10 @@ pub struct StepCheckpoint<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_ref: Option<DocumentRef>,
     pub error: &'a Option<ErrorInfo>,
+    /// What only some kinds report (a router's choice, a map's items, a review's decision,
+    /// an output set by hand), when it fits the view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a Value>,
 }
 
 impl<'a> StepCheckpoint<'a> {
@@ -71,6 +75,9 @@ impl<'a> StepCheckpoint<'a> {
     fn new(run: &RunId, r: &'a StepRecord, inline: &mut Inline) -> Self {
         let (output, output_ref) = inline.place(r.output.as_ref(), |bytes| DocumentRef::step(run, &r.step_id, "output", bytes));
         let (text, text_ref) = inline.place(r.text.as_deref(), |bytes| DocumentRef::step(run, &r.step_id, "text", bytes));
+        // A detail is not served on its own: shown when it fits, and otherwise in the events.
+        let detail = r.detail.as_ref().filter(|d| json_len(*d) <= INLINE_DOCUMENT_BYTES && json_len(*d) <= inline.left);
+        inline.left -= detail.map_or(0, json_len);
         Self {
             id: &r.step_id,
             status: r.status,
@@ -86,6 +93,7 @@ impl<'a> StepCheckpoint<'a> {
             text,
             text_ref,
             error: &r.error,
+            detail,
         }
     }
 }
@@ -136,7 +144,48 @@ pub struct RunView<'a> {
     /// Every raise of its budget, oldest first.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub budget_raises: &'a [crate::run::BudgetRaise],
+    /// The revision shown (0: the run as started; see `revisions`).
+    pub revision: u32,
+    /// Every revision after the first: who started it, how, what it ran again, and how the
+    /// one before it ended. `GET /runs/{id}?revision=N` shows revision `N`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionView<'a>>,
     pub steps: Vec<StepView<'a>>,
+}
+
+/// One revision of a run, as its view lists it.
+#[derive(Debug, Serialize)]
+pub struct RevisionView<'a> {
+    pub revision: u32,
+    pub kind: crate::revision::RevisionKind,
+    pub step: &'a StepId,
+    pub by: &'a str,
+    pub at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<&'a str>,
+    pub rerun: &'a [StepId],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<&'a crate::run::BudgetRaise>,
+    /// How the revision before it ended, and the run's totals by then.
+    pub previous_status: RunStatus,
+    pub previous_totals: TotalsView,
+}
+
+impl<'a> From<&'a crate::revision::Revision> for RevisionView<'a> {
+    fn from(r: &'a crate::revision::Revision) -> Self {
+        Self {
+            revision: r.revision,
+            kind: r.kind,
+            step: &r.step,
+            by: r.by.as_str(),
+            at: r.at,
+            comment: r.comment.as_deref(),
+            rerun: &r.rerun,
+            budget: r.budget.as_ref(),
+            previous_status: r.previous.status,
+            previous_totals: (&r.previous.totals).into(),
+        }
+    }
 }
 
 impl<'a> RunView<'a> {
@@ -154,8 +203,9 @@ impl<'a> RunView<'a> {
                 None => StepView::Pending { id, status: StepStatus::Pending, attempts: 0 },
             })
             .collect();
-        // Totals are final only at the end; meanwhile show what the checkpoints add up to.
-        let totals = if run.status.is_terminal() { run.totals } else { Totals::of_checkpoints(records) };
+        // Totals are final only at the end; meanwhile show what the checkpoints add up to
+        // (and what the revisions before this one spent).
+        let totals = run.totals_at(run.revision, records);
         let summary = RunSummaryView {
             run_id: &run.id,
             workflow: run.workflow.as_str(),
@@ -176,6 +226,8 @@ impl<'a> RunView<'a> {
             waiting: run.waiting.as_ref(),
             resumed: run.resumed.as_ref(),
             budget_raises: &run.budget_raises,
+            revision: run.revision,
+            revisions: run.revisions.iter().map(RevisionView::from).collect(),
             steps,
         }
     }
@@ -189,6 +241,8 @@ pub struct EventsPage<'a> {
     pub events: &'a [Event],
     /// The cursor for the next page.
     pub last_seq: u64,
+    /// The run's revision now (each event says its own; see `?revision=`).
+    pub revision: u32,
 }
 
 /// One row of a caller's progress feed.
