@@ -3,7 +3,12 @@ revisions, through the real API and runner on the local stack."""
 
 from __future__ import annotations
 
-from test_runs import add_rules, calls_with, follow, marker, start, workflow
+import time
+
+import pytest
+from test_runs import add_rules, calls_with, marker, start, workflow
+
+ENDS = ("RUN_COMPLETED", "RUN_FAILED", "RUN_CANCELLED")
 
 
 def chain(m: str) -> dict:
@@ -34,8 +39,21 @@ def step(run: dict, id_: str) -> dict:
     return next(s for s in run["steps"] if s["id"] == id_)
 
 
-def finished(api, token, run_id) -> dict:
-    follow(api, token, run_id, timeout=60, limit=1000)
+def follow_revision(api, token, run_id, revision: int, timeout: float = 60.0) -> list:
+    """The run's whole log, once the end of `revision` is in it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, page = api("GET", f"/runs/{run_id}/events?limit=1000", token=token)
+        assert status == 200, page
+        events = page["events"]
+        if any(e["type"] in ENDS and e.get("revision", 0) == revision for e in events):
+            return events
+        time.sleep(0.1)
+    pytest.fail(f"revision {revision} of run {run_id} did not end in {timeout}s")
+
+
+def finished(api, token, run_id, revision: int = 0) -> dict:
+    follow_revision(api, token, run_id, revision)
     _, _, run = api("GET", f"/runs/{run_id}", token=token)
     return run
 
@@ -61,7 +79,7 @@ def test_a_retried_middle_step_reruns_exactly_its_dependents_and_every_revision_
     status, _, again = api("POST", f"/runs/{run_id}/steps/classify/retry", token=token, body={"comment": "new prompt"}, headers=key)
     assert status == 202 and again == accepted
 
-    events = follow(api, token, run_id, timeout=60, limit=1000)
+    events = follow_revision(api, token, run_id, 1)
     _, _, now = api("GET", f"/runs/{run_id}", token=token)
     assert now["status"] == "COMPLETED" and now["output"] == "refund sent / urgent", now
     assert now["revision"] == 1 and now["revisions"][0]["by"] == "alice"
@@ -69,7 +87,7 @@ def test_a_retried_middle_step_reruns_exactly_its_dependents_and_every_revision_
     assert counts(devmodel, m) == {"EXTRACT": 1, "CLASSIFY": 2, "RESPOND": 2, "TAG": 1}
 
     # Costs of both revisions add up in the run's totals.
-    again_cost = step(first, "classify")["cost_pico_usd"] + step(first, "respond")["cost_pico_usd"]
+    again_cost = step(now, "classify")["cost_pico_usd"] + step(now, "respond")["cost_pico_usd"]
     assert now["totals"]["cost_pico_usd"] == first["totals"]["cost_pico_usd"] + again_cost
     assert now["totals"]["model_calls"] == 6
     # Revision 0 is readable as it was: its output, its steps, its totals.
@@ -99,7 +117,7 @@ def test_an_output_set_by_hand_reruns_only_its_dependents(api, stack, devmodel):
                               body={"output": "billing", "comment": "it is a refund"})
     assert status == 202, accepted
     assert accepted["rerun"] == ["respond"]
-    now = finished(api, token, run_id)
+    now = finished(api, token, run_id, 1)
     assert now["output"] == "refund sent / urgent", now
     assert counts(devmodel, m) == {"EXTRACT": 1, "CLASSIFY": 1, "RESPOND": 2, "TAG": 1}
     assert calls_with(devmodel, m + " RESPOND billing"), "respond read the output set by hand"
