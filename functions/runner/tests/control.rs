@@ -452,3 +452,70 @@ async fn a_router_branches_on_the_decision_of_an_optional_review() {
         assert_eq!((s.model.calls_matching(called), s.model.calls_matching(skipped)), (1, 0), "{verdict:?}");
     }
 }
+
+/// Starts the next revision of a finished run as the API does: `step` retried.
+async fn retry(s: &Setup, run: &RunId, step: &str) -> chainrun_core::revision::Revision {
+    use chainrun_core::revision::{Revision, RevisionEnd, RevisionKind, rerun_set};
+    let stored = s.store.get_run(run).await.unwrap().unwrap();
+    let graph = chainrun_core::graph::validate_json(&stored.definition, &ModelRegistry::builtin()).unwrap();
+    let records = stored.records_at(s.store.get_steps(run).await.unwrap(), stored.revision);
+    let step = chainrun_core::ids::StepId::parse(step).unwrap();
+    let revision = Revision {
+        revision: stored.revision + 1,
+        kind: RevisionKind::Retry,
+        rerun: rerun_set(&graph, &records, RevisionKind::Retry, &step).unwrap(),
+        step,
+        by: "alice".parse().unwrap(),
+        at: Utc::now(),
+        comment: None,
+        previous: RevisionEnd { status: stored.status, finished_at: stored.finished_at, error: stored.error.clone(), totals: stored.totals },
+        budget: None,
+    };
+    assert_eq!(s.store.start_revision(run, &revision, None).await.unwrap(), chainrun_core::ports::RevisionOutcome::Started);
+    revision
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revision_whose_runner_dies_is_taken_over_announced_once_and_its_map_items_stay_its_own() {
+    let s = setup(vec![Script::reply("FIRST", "1"), Script::reply("ITEM", "i").with_latency(Duration::from_secs(20)), Script::reply("LAST", "3")]);
+    let run = queue(
+        s.store.as_ref(),
+        json!([
+            { "id": "a", "type": "llm", "prompt": "FIRST" },
+            { "id": "m", "type": "map", "over": "[1, 2, 3, 4]", "max_concurrency": 1, "step": { "type": "llm", "prompt": "ITEM {{ item }} {{ steps.a.text }}" } },
+            { "id": "c", "type": "llm", "prompt": "LAST {{ steps.m.output }}" }
+        ]),
+    )
+    .await;
+    assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Finished(RunStatus::Completed));
+    let first = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(s.model.calls().len(), 6);
+
+    let revision = retry(&s, &run.id, "m").await;
+    assert_eq!(revision.rerun, ["m", "c"].map(|id| chainrun_core::ids::StepId::parse(id).unwrap()));
+    // The revision's runner dies in its third item; the next delivery takes over.
+    let crashed = deliver(&s, &run.id, Cause::Revision);
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    crashed.abort();
+    let _ = crashed.await;
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(deliver(&s, &run.id, Cause::Sweep).await.unwrap(), Handled::Finished(RunStatus::Completed));
+
+    // Items 1 and 2 of the revision ran once; the one in flight again; a never again.
+    assert_eq!((s.model.calls_matching("FIRST"), s.model.calls_matching("ITEM"), s.model.calls_matching("LAST")), (1, 4 + 5, 2));
+    let m = chainrun_core::ids::StepId::parse("m").unwrap();
+    assert_eq!(s.store.get_items(&run.id, &m, 0).await.unwrap().len(), 4, "revision 0's items are untouched");
+    assert_eq!(s.store.get_items(&run.id, &m, 1).await.unwrap().len(), 4);
+    let events = s.progress.events(&run.id);
+    let kinds: Vec<EventType> = events.iter().filter(|e| e.revision == 1).map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == EventType::RevisionStarted).count(), 1, "announced once: {kinds:?}");
+    assert_eq!(kinds.first(), Some(&EventType::RevisionStarted));
+    assert!(kinds.contains(&EventType::RunResumed), "the takeover is a resume of the revision");
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "one gap-free log");
+    // Totals: both revisions, the lost call at its worst case apart from exact charges.
+    let now = s.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!(now.totals.model_calls, first.totals.model_calls + 5, "4 items (one of them twice… its lost call apart) and c");
+    assert_eq!(now.totals.lost.calls, 1);
+    assert_eq!(now.revisions[0].previous.totals, first.totals);
+}
