@@ -19,9 +19,9 @@ own counts (a ScenarioResult).
     steer        runs paused and resumed, or cancelled, some with their runner killed first.
     review       runs with a review step: decided once, twice at once, racing a cancel,
                  while the runner is busy (and then killed), with the runner that picks
-                 the decision up killed, followed by a budget pause the driver raises, or
-                 by a short deadline nobody waits on; each ends as its answers say, with
-                 exact spend.
+                 the decision up killed, followed by a budget pause the driver raises (and
+                 then, once, kills the runner that continues), or by a short deadline
+                 nobody waits on; each ends as its answers say, with exact spend.
 """
 
 from __future__ import annotations
@@ -667,9 +667,7 @@ def scenario_steer(h: Harness, rng: random.Random, runs: int, log, *, items: int
         for m in t.missed:
             res.problems.append(f"run {t.run_id} ({t.label}): {m}")
     res.info.update(cancelled=sum(c for c, _ in plans), paused=sum(not c for c, _ in plans),
-                    kills=sum(k.hit for t in trials for k in t.kills),
-                    kills_missed=sum(n["kills_missed"] + sum(not k.hit for k in t.kills)
-                                     for t, n in ((t, notes[t.run_id]) for t in trials)))
+                    kills=sum(k.hit for t in trials for k in t.kills))
     res.seconds = time.monotonic() - t0
     return res
 
@@ -681,8 +679,9 @@ def scenario_steer(h: Harness, rng: random.Random, runs: int, log, *, items: int
 # Modes in the order a scenario of n runs uses them (then again from the start). The short
 # suite's runs stop before "deadline": a review's deadline is at least a minute.
 REVIEW_MODES = ("approve", "reject", "edit", "twice", "cancel-race", "early-kill", "kill-after", "budget",
-                "deadline")
-REVIEW_KILLS = ("early-kill", "kill-after")
+                "budget-kill", "deadline")
+REVIEW_KILLS = ("early-kill", "kill-after", "budget-kill")
+REVIEW_BUDGET = ("budget", "budget-kill")
 # The budget mode's numbers: draft's and then side's worst cases (under 10 µUSD each) fit
 # 40 µUSD; send's, whose prompt carries 1,000 bytes of padding, does not (about 50 µUSD),
 # so the run waits for its budget after the review until the driver raises it
@@ -780,7 +779,7 @@ def review_run(h: Harness, t: Trial, rng: random.Random, mode: str, note: dict, 
     if not parked():
         return
     time.sleep(rng.uniform(0.1, 0.8))
-    if mode in ("approve", "reject", "budget"):
+    if mode in ("approve", "reject", *REVIEW_BUDGET):
         decide("reject" if mode == "reject" else "approve")
     elif mode == "edit":
         decide("edit", note["edited"])
@@ -797,7 +796,7 @@ def review_run(h: Harness, t: Trial, rng: random.Random, mode: str, note: dict, 
     elif mode == "kill-after":
         decide("approve")
         killed(h.kill_run(run, "after-decision", find_s=3.0))
-    if mode == "budget":
+    if mode in REVIEW_BUDGET:
         if not parked("budget"):
             return
         time.sleep(rng.uniform(0.1, 0.5))
@@ -805,6 +804,10 @@ def review_run(h: Harness, t: Trial, rng: random.Random, mode: str, note: dict, 
         note["raise"] = status
         if status != 202:
             t.missed.append(f"the budget raise answered {status}: {answer}")
+        elif mode == "budget-kill":
+            # The runner that continues after the raise dies (before or during send).
+            time.sleep(rng.uniform(0.0, 0.5))
+            killed(h.kill_run(run, "after-raise", find_s=3.0))
 
 
 def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_ms: int = 300,
@@ -823,7 +826,7 @@ def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_m
         kw = {}
         if mode == "deadline":
             kw = {"timeout": "1m", "on_timeout": rng.choice(["approve", "reject"])}
-        elif mode == "budget":
+        elif mode in REVIEW_BUDGET:
             kw = {"budget_usd": REVIEW_TIGHT_USD, "pause_on_budget": True, "send_pad": REVIEW_PAD}
         definition, input_ = wf.review_workflow(tag, **kw)
         h.add_rules([{"name": f"chaos-{tag}-side", "match": {"prompt_contains": wf.marker(tag, "side")},
@@ -874,7 +877,7 @@ def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_m
             prompts = [c.get("prompt", "") for c in h.calls(t.tag) if key_of(c.get("prompt", ""), t.tag) == ("send", None)]
             if not prompts or not all(note["edited"] in p for p in prompts):
                 res.violate(t.run_id, f"(edit) send did not get the reviewer's edit: {prompts}")
-        if note["mode"] == "budget":
+        if note["mode"] in REVIEW_BUDGET:
             raises = view.get("budget_raises") or []
             if note["raise"] != 202 or len(raises) != 1 or raises[0].get("by") != h.user:
                 res.violate(t.run_id, f"(budget) raise answered {note['raise']}, recorded {raises}")
@@ -888,8 +891,7 @@ def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_m
     res.info.update(modes="/".join(f"{m}:{modes.count(m)}" for m in REVIEW_MODES if m in modes),
                     ends="/".join(f"{s}:{n}" for s, n in sorted(Counter(v.status for v in verdicts).items())),
                     kills=sum(k.hit for t in trials for k in t.kills),
-                    kills_missed=sum(n["kills_missed"] + sum(not k.hit for k in t.kills)
-                                     for t, n in ((t, notes[t.run_id]) for t in trials)))
+                    kills_missed=sum(notes[t.run_id]["kills_missed"] + sum(not k.hit for k in t.kills) for t in trials))
     res.seconds = time.monotonic() - t0
     return res
 
