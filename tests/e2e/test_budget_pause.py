@@ -280,6 +280,33 @@ def test_a_step_refused_on_a_retry_keeps_what_its_first_attempt_was_charged_and_
     assert totals["total_tokens"] == 150 + 2 * 100 + 90 <= 2000 and totals["model_calls"] == 4
 
 
+def test_a_resume_may_lift_a_limit_and_the_run_then_runs_without_it(api, stack, devmodel):
+    m = marker("budget-lift")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "y" * 100},
+                         "usage": {"input_tokens": 50, "output_tokens": 100}})
+    alice = stack.token("alice")
+    wf = {
+        "name": "e2e-budget-lift",
+        "defaults": {"model": MODEL, "max_tokens": MAX_TOKENS, "retry": {"max_attempts": 1}},
+        "budget": {"max_total_tokens": 400, "on_exceeded": "pause"},
+        "steps": [
+            {"id": "a", "type": "llm", "prompt": m + " A"},
+            {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
+            {"id": "c", "type": "llm", "prompt": m + " C {{ steps.b.text }}"},
+        ],
+    }
+    run_id = start(api, alice, wf)["run_id"]
+    assert wait_for_status(api, alice, run_id, "AWAITING_INPUT")["waiting"]["kind"] == "budget"
+    status, _, resumed = resume(api, alice, run_id, {})
+    assert status == 202, resumed
+    assert resumed["resumed"]["budget"]["from"] == {"max_total_tokens": 400} and resumed["resumed"]["budget"]["to"] == {}
+    events = follow(api, alice, run_id, timeout=60, limit=100)
+    assert events[-1]["type"] == "RUN_COMPLETED", [e["type"] for e in events]
+    assert len(calls_with(devmodel, m)) == 3, "b and c ran without a limit, a was not called again"
+    run = api("GET", f"/runs/{run_id}", token=alice)[2]
+    assert run["totals"]["total_tokens"] == 450 > 400 and [r["to"] for r in run["budget_raises"]] == [{}]
+
+
 VIEW_TOTALS_BUG = ("GET /runs/{id} of a run waiting for its budget leaves out what its unsettled steps were charged "
                    "(Totals::of_checkpoints counts settled checkpoints only, wire/views.rs RunView::new): a map whose "
                    "items were paid shows 0, while the progress row and the refusal say what was spent")
