@@ -76,7 +76,7 @@ test: venv
 # double_paid_calls=0 overruns=0 max_recovery_s=X; non-zero exit if any count is not 0.
 TRIALS    ?= 20
 SEED      ?= 1
-SCENARIOS ?= kill,duplicates,storm,dynamodb,lost,steer,chain
+SCENARIOS ?= kill,duplicates,storm,dynamodb,lost,steer,review,chain
 # Progress and problems go to stderr and the scenario lines to stdout, the summary last
 # (make's own "Error 1" note on a failure goes to stderr after it).
 chaos: venv

@@ -97,13 +97,17 @@ class Call:
     latency_s: float
 
 
-def calls_of(log: list[dict], tag: str, latency_s: float) -> list[Call]:
+def calls_of(log: list[dict], tag: str, latency_s: float, step_latency_s: dict | None = None) -> list[Call]:
+    """The run's calls from the model server's log, each with the latency its rule
+    scripted: `step_latency_s` for the steps it names, else `latency_s` (when a call was
+    answered decides whether a kill came before or after its answer)."""
     out = []
     for c in log:
         key = key_of(c.get("prompt", ""), tag)
         if key is None:
             continue
-        out.append(Call(key, ts(c["at"]), c.get("status"), c.get("error"), c.get("usage"), latency_s))
+        latency = (step_latency_s or {}).get(key[0], latency_s)
+        out.append(Call(key, ts(c["at"]), c.get("status"), c.get("error"), c.get("usage"), latency))
     out.sort(key=lambda c: c.at)
     return out
 
@@ -325,3 +329,48 @@ def usd_to_pico(value) -> int:
     from decimal import Decimal
 
     return int(Decimal(str(value)) * Decimal(10) ** 12)
+
+
+# What a review decision makes of its run.
+VERDICT_END = {"approve": "COMPLETED", "edit": "COMPLETED", "reject": "FAILED"}
+
+
+def review_ends(decisions: list[tuple[str, int]], cancel: int | None = None,
+                on_timeout: str | None = None) -> tuple[set[str], list[str]]:
+    """The end states a run with one review step may reach, from the answers its requests
+    got: `decisions` as (verdict, HTTP status) in the order sent, `cancel` the status of a
+    cancel sent alongside (None: none was), `on_timeout` what the review's deadline decides
+    if nobody does. Also returns what is wrong with the answers themselves: a status other
+    than 202/409, two different verdicts both accepted, nothing that could end the run."""
+    problems = [f"{verdict} answered {status}" for verdict, status in decisions if status not in (202, 409)]
+    if cancel is not None and cancel not in (202, 409):
+        problems.append(f"cancel answered {cancel}")
+    accepted = [verdict for verdict, status in decisions if status == 202]
+    if len(set(accepted)) > 1:
+        problems.append(f"different decisions all accepted: {accepted}")
+    ends: set[str] = set()
+    if accepted:
+        ends.add(VERDICT_END[accepted[0]])
+    elif on_timeout and cancel != 202:
+        ends.add(VERDICT_END[on_timeout])
+    if cancel == 202:
+        ends.add("CANCELLED")
+    if not ends:
+        problems.append("no decision or cancel was accepted: nothing could end the run")
+    return ends, problems
+
+
+def spend_problem(paid_pico: int, totals: dict, exact: bool) -> str | None:
+    """Whether what the model server was paid for a run's calls (`paid_pico`) and what
+    the run was charged (its totals) disagree. A run no runner died in and nobody
+    cancelled mid-call is charged exactly what was paid; otherwise what was paid for calls
+    whose runner was gone is within what the run counts as reserved and lost."""
+    charged = int((totals or {}).get("cost_pico_usd", 0))
+    lost = reserved_lost_pico(totals)
+    if charged > paid_pico:
+        return f"charged {charged} pico-USD, more than the {paid_pico} the model server was paid"
+    if exact and charged != paid_pico:
+        return f"charged {charged} pico-USD, the model server was paid {paid_pico}"
+    if paid_pico > charged + lost:
+        return f"paid {paid_pico} pico-USD, charged {charged} and {lost} reserved and lost: {paid_pico - charged - lost} unaccounted"
+    return None

@@ -16,19 +16,27 @@ own counts (a ScenarioResult).
     lost         the API's dispatch is lost (the proxy drops it): the sweeper starts the run.
     chain        100 sequential steps under an 8 s runner timeout: the run suspends and
                  continues across invocations, paying every call once.
+    steer        runs paused and resumed, or cancelled, some with their runner killed first.
+    review       runs with a review step: decided once, twice at once, racing a cancel,
+                 while the runner is busy (and then killed), with the runner that picks
+                 the decision up killed, followed by a budget pause the driver raises (and
+                 then, once, kills the runner that continues), or by a short deadline
+                 nobody waits on; each ends as its answers say, with exact spend.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import workflows as wf
 from .checks import (CHECKPOINT_GRACE_S, calls_of, check_calls, check_events, checkpoint_times, fmt_key, key_of,
-                     overrun, ts)
+                     overrun, review_ends, spend_problem, ts)
 from .driver import TERMINAL, Harness
 
 # The local stack's recovery timings (infra/stack.py): lease 6 s, sweep every 5 s, queued
@@ -38,10 +46,10 @@ SWEEP_S = 5.0
 QUEUED_GRACE_S = 10.0
 PER_CRASH_S = LEASE_S + SWEEP_S + 14.0  # slack: a loaded 2-core machine, a retry's delay
 
-SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "steer", "chain")
+SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "steer", "review", "chain")
 # Which stack each scenario needs (infra.stack.Stack keyword arguments / environment).
 STACK_OF = {"kill": "main", "duplicates": "main", "storm": "main", "lost": "main", "steer": "main",
-            "dynamodb": "faults", "chain": "chain"}
+            "review": "main", "dynamodb": "faults", "chain": "chain"}
 
 # Kill phases of the fan workflow, in the order a run passes them. "mid-map" waits until
 # an item's answer is older than CHECKPOINT_GRACE_S (so it should have been checkpointed,
@@ -70,6 +78,7 @@ class Trial:
     missed: list = dataclasses.field(default_factory=list)
     finished_in: float | None = None
     shared_tag: bool = False  # another run has the same prompts (a retried POST): skip call counts
+    step_latency_s: dict = dataclasses.field(default_factory=dict)  # steps whose latency is not latency_s
 
     @property
     def budget(self) -> dict:
@@ -177,7 +186,7 @@ def evaluate(h: Harness, t: Trial) -> Verdict:
     ev = check_events(events, status)
     problems = list(ev.problems)
     items = h.run_items(t.run_id)
-    calls = calls_of(h.calls(t.tag), t.tag, t.latency_s) if not t.shared_tag else []
+    calls = calls_of(h.calls(t.tag), t.tag, t.latency_s, t.step_latency_s) if not t.shared_tag else []
     cc = check_calls(calls, checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
                      map_steps={wf.FAN_MAP_STEP})
     # What the model provider was paid for this run, against what the run was charged: the
@@ -663,5 +672,230 @@ def scenario_steer(h: Harness, rng: random.Random, runs: int, log, *, items: int
     return res
 
 
+# ---------------------------------------------------------------------------------------
+# review: runs waiting for a person, decided in every awkward way
+
+
+# Modes in the order a scenario of n runs uses them (then again from the start). The short
+# suite's runs stop before "deadline": a review's deadline is at least a minute.
+REVIEW_MODES = ("approve", "reject", "edit", "twice", "cancel-race", "early-kill", "kill-after", "budget",
+                "budget-kill", "deadline")
+REVIEW_KILLS = ("early-kill", "kill-after", "budget-kill")
+REVIEW_BUDGET = ("budget", "budget-kill")
+# The budget mode's numbers: draft's and then side's worst cases (under 10 µUSD each) fit
+# 40 µUSD; send's, whose prompt carries 1,000 bytes of padding, does not (about 50 µUSD),
+# so the run waits for its budget after the review until the driver raises it
+# (tests/chaos/test_checks.py checks the arithmetic).
+REVIEW_TIGHT_USD = "0.00004"
+REVIEW_RAISED_USD = "0.001"
+REVIEW_PAD = 1000
+
+
+def review_mode(i: int) -> str:
+    return REVIEW_MODES[i % len(REVIEW_MODES)]
+
+
+def wait_until(probe, timeout: float, poll: float = 0.1):
+    """probe() until it returns something truthy (returned), or None after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(poll)
+    return None
+
+
+def step_status(h: Harness, run_id: str, step: str) -> str | None:
+    for it in h.run_items(run_id):
+        if it.get("sk") == f"STEP#{step}":
+            return it.get("status")
+    return None
+
+
+def review_run(h: Harness, t: Trial, rng: random.Random, mode: str, note: dict, log) -> None:
+    """Drives one run of the review workflow as `mode` says; records every answer in `note`."""
+    run, step = t.run_id, wf.REVIEW_STEP
+    path = f"/runs/{run}/resume"
+
+    def decide(verdict: str, output: str | None = None):
+        body = {"step": step, "decision": verdict}
+        if output is not None:
+            body["output"] = output
+        status, _, answer = h.api("POST", path, body=body)
+        note["decisions"].append((verdict, status))
+        if status not in (202, 409):
+            t.missed.append(f"{verdict} answered {status}: {answer}")
+        return status, answer
+
+    def parked(kind: str = "review") -> bool:
+        def probe():
+            view = h.run_view(run)
+            if view["status"] in TERMINAL:
+                return "ended"
+            return "yes" if view["status"] == "AWAITING_INPUT" and (view.get("waiting") or {}).get("kind") == kind else None
+        got = wait_until(probe, t.bound_s, poll=0.2)
+        if got != "yes":
+            t.missed.append(f"never waited for {kind} ({got or 'timeout'})")
+        return got == "yes"
+
+    def together(*calls):
+        barrier = threading.Barrier(len(calls))
+
+        def go(fn):
+            barrier.wait()
+            return fn()
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return [f.result() for f in [pool.submit(go, fn) for fn in calls]]
+
+    def cancel():
+        status, _, answer = h.api("POST", f"/runs/{run}/cancel", body={"reason": "chaos"})
+        note["cancel"] = status
+        return status, answer
+
+    def killed(k) -> None:
+        """Records a kill and how long the run took to show life again (its next event)."""
+        if k is None:
+            note["kills_missed"] += 1  # the run was between two invocations: no fault of the run
+            return
+        t.kills.append(k)
+        nxt = h.next_event_after(run, k.at, timeout=PER_CRASH_S + 30) if k.hit else None
+        if nxt is not None:
+            k.recovery_s = ts(nxt["at"]) - k.at
+            log(f"chaos[review]: {t.label} run {run}: killed pid {k.pid}; next event {nxt['type']} "
+                f"after {k.recovery_s:.1f}s")
+
+    if mode == "deadline":
+        return  # nobody decides, nobody polls the API: the deadline's wake-up ends it
+    if mode == "early-kill":
+        # Decided while the runner still runs side (the run is not parked yet), then killed.
+        if not wait_until(lambda: step_status(h, run, step) == "WAITING", t.bound_s):
+            t.missed.append("the review never waited")
+            return
+        decide("approve")
+        time.sleep(rng.uniform(0.05, 0.4))
+        killed(h.kill_run(run, "early"))
+        return
+    if not parked():
+        return
+    time.sleep(rng.uniform(0.1, 0.8))
+    if mode in ("approve", "reject", *REVIEW_BUDGET):
+        decide("reject" if mode == "reject" else "approve")
+    elif mode == "edit":
+        decide("edit", note["edited"])
+    elif mode == "twice":
+        second = rng.choice(["approve", "reject"])
+        together(lambda: decide("approve"), lambda: decide(second))
+        winners = [v for v, s in note["decisions"] if s == 202]
+        if winners:  # the winner repeated (a retry, a double click) is answered as the first
+            status, _ = decide(winners[0])
+            if status != 202:
+                t.missed.append(f"the accepted {winners[0]} sent again answered {status}")
+    elif mode == "cancel-race":
+        together(lambda: decide("approve"), cancel)
+    elif mode == "kill-after":
+        decide("approve")
+        killed(h.kill_run(run, "after-decision", find_s=3.0))
+    if mode in REVIEW_BUDGET:
+        if not parked("budget"):
+            return
+        time.sleep(rng.uniform(0.1, 0.5))
+        status, _, answer = h.api("POST", path, body={"budget": {"max_cost_usd": REVIEW_RAISED_USD}})
+        note["raise"] = status
+        if status != 202:
+            t.missed.append(f"the budget raise answered {status}: {answer}")
+        elif mode == "budget-kill":
+            # The runner that continues after the raise dies (before or during send).
+            time.sleep(rng.uniform(0.0, 0.5))
+            killed(h.kill_run(run, "after-raise", find_s=3.0))
+
+
+def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_ms: int = 300,
+                    side_ms: int = 1500, name: str = "review") -> ScenarioResult:
+    """Runs of the review workflow, each in one REVIEW_MODES mode, all at once. Each must end
+    as the answers to its requests say (review_ends), with the usual checks and exact spend
+    (spend_problem); a rejected run fails REVIEW_REJECTED without sending, an edited one
+    sends the edit, a budget-paused one records its raise."""
+    res = ScenarioResult(name)
+    t0 = time.monotonic()
+    trials: list[Trial] = []
+    notes: dict[str, dict] = {}
+    for i in range(runs):
+        mode = review_mode(i)
+        tag = wf.new_tag()
+        kw = {}
+        if mode == "deadline":
+            kw = {"timeout": "1m", "on_timeout": rng.choice(["approve", "reject"])}
+        elif mode in REVIEW_BUDGET:
+            kw = {"budget_usd": REVIEW_TIGHT_USD, "pause_on_budget": True, "send_pad": REVIEW_PAD}
+        definition, input_ = wf.review_workflow(tag, **kw)
+        h.add_rules([{"name": f"chaos-{tag}-side", "match": {"prompt_contains": wf.marker(tag, "side")},
+                      "text": f"side {tag}", "latency_ms": side_ms}, wf.rule(tag, latency_ms)])
+        bound = 45.0 + PER_CRASH_S * (mode in REVIEW_KILLS) + 60.0 * (mode == "deadline")
+        t = _start(h, name, f"{name}#{i}:{mode}", definition, input_, tag, wf.review_keys(), latency_ms / 1000, bound,
+                   step_latency_s={"side": side_ms / 1000})
+        trials.append(t)
+        notes[t.run_id] = {"mode": mode, "decisions": [], "cancel": None, "raise": None, "kills_missed": 0,
+                           "on_timeout": kw.get("on_timeout"), "edited": f"edited {tag}"}
+    log(f"chaos[{name}]: " + "; ".join(f"{t.run_id} {notes[t.run_id]['mode']}" for t in trials))
+    seeds = [rng.random() for _ in trials]
+    with ThreadPoolExecutor(len(trials)) as pool:
+        for f in [pool.submit(review_run, h, t, random.Random(seed), notes[t.run_id]["mode"], notes[t.run_id], log)
+                  for t, seed in zip(trials, seeds)]:
+            f.result()
+    h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+    for t in trials:
+        note = notes[t.run_id]
+        ends, problems = review_ends(note["decisions"], note["cancel"], note["on_timeout"])
+        for p in problems:
+            res.violate(t.run_id, f"({note['mode']}) {p}")
+        status = h.status(t.run_id)
+        t.expected = status if status in ends else "|".join(sorted(ends)) or "-"
+        if note["raise"] == 202:
+            # Judged against the budget it was raised to (the overrun check reads it here).
+            t.definition = dict(t.definition, budget=dict(t.definition["budget"], max_cost_usd=REVIEW_RAISED_USD))
+    verdicts = _finish(h, trials, res, log)
+    for v in verdicts:
+        t, note = v.trial, notes[v.trial.run_id]
+        view = h.run_view(t.run_id)
+        crashed = any(k.hit for k in t.kills)
+        why = spend_problem(v.paid_pico, view.get("totals") or {}, exact=not crashed and v.status != "CANCELLED")
+        if why:
+            res.violate(t.run_id, f"({note['mode']}) {why}")
+        sends = v.calls_per_key.get(("send", None), 0)
+        check = next((s for s in view.get("steps") or [] if s["id"] == wf.REVIEW_STEP), {})
+        if v.status == "FAILED":
+            if (v.error or {}).get("code") != "REVIEW_REJECTED" or check.get("status") != "FAILED":
+                res.violate(t.run_id, f"({note['mode']}) failed other than by its rejection: {v.error}")
+            if sends:
+                res.violate(t.run_id, f"({note['mode']}) rejected, yet send was called {sends} times")
+        if v.status == "COMPLETED" and check.get("status") != "COMPLETED":
+            res.violate(t.run_id, f"({note['mode']}) completed with its review {check.get('status')}")
+        if v.status == "CANCELLED" and not any(s == 202 for _, s in note["decisions"]) and sends:
+            res.violate(t.run_id, f"({note['mode']}) cancelled before any decision, yet send was called")
+        if note["mode"] == "edit" and v.status == "COMPLETED":
+            prompts = [c.get("prompt", "") for c in h.calls(t.tag) if key_of(c.get("prompt", ""), t.tag) == ("send", None)]
+            if not prompts or not all(note["edited"] in p for p in prompts):
+                res.violate(t.run_id, f"(edit) send did not get the reviewer's edit: {prompts}")
+        if note["mode"] in REVIEW_BUDGET:
+            raises = view.get("budget_raises") or []
+            if note["raise"] != 202 or len(raises) != 1 or raises[0].get("by") != h.user:
+                res.violate(t.run_id, f"(budget) raise answered {note['raise']}, recorded {raises}")
+            if not any(e["type"] == "AWAITING_INPUT" and (e.get("data") or {}).get("kind") == "budget" for e in v.events):
+                res.violate(t.run_id, "(budget) never waited for its budget")
+    for t in trials:
+        # Whatever the driver could not do as planned, the run did not do as it should.
+        for m in t.missed:
+            res.violate(t.run_id, f"({t.label}) {m}")
+    modes = [notes[t.run_id]["mode"] for t in trials]
+    res.info.update(modes="/".join(f"{m}:{modes.count(m)}" for m in REVIEW_MODES if m in modes),
+                    ends="/".join(f"{s}:{n}" for s, n in sorted(Counter(v.status for v in verdicts).items())),
+                    kills=sum(k.hit for t in trials for k in t.kills),
+                    kills_missed=sum(notes[t.run_id]["kills_missed"] + sum(not k.hit for k in t.kills) for t in trials))
+    res.seconds = time.monotonic() - t0
+    return res
+
+
 RUNNERS = {"kill": scenario_kill, "duplicates": scenario_duplicates, "storm": scenario_storm,
-           "dynamodb": scenario_dynamodb, "lost": scenario_lost, "steer": scenario_steer, "chain": scenario_chain}
+           "dynamodb": scenario_dynamodb, "lost": scenario_lost, "steer": scenario_steer, "review": scenario_review,
+           "chain": scenario_chain}

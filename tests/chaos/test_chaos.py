@@ -92,6 +92,14 @@ def test_paused_resumed_and_cancelled_runs_end_as_asked_even_with_their_runner_k
     assert r.info["paused"] >= 1 and r.info["cancelled"] >= 1, report(r)
 
 
+def test_reviews_decided_twice_racing_a_cancel_or_with_their_runner_killed_end_as_decided_with_exact_spend(stacks):
+    r = scenario(stacks, "review")
+    assert r.ok, report(r)
+    assert r.info["kills"] >= 1, report(r)
+    for end in ("COMPLETED", "FAILED"):
+        assert end in r.info["ends"], report(r)
+
+
 def test_dynamodb_faults_leave_every_run_consistent_and_finished(stacks):
     r = scenario(stacks, "dynamodb")
     assert r.ok, report(r)

@@ -6,10 +6,14 @@ import random
 
 import pytest
 
-from .checks import (CHECKPOINT_GRACE_S, Call, Kill, check_calls, check_events, checkpoint_times, key_of, overrun,
-                     reserved_lost_pico, ts)
-from .scenarios import PHASES, SAFE_PHASES, ScenarioResult, kill_plan, summary_line, triggered
-from .workflows import chain_workflow, fan_keys, fan_workflow, marker
+from .checks import (CHECKPOINT_GRACE_S, Call, Kill, calls_of, check_calls, check_events, checkpoint_times, key_of, overrun,
+                     reserved_lost_pico, review_ends, spend_problem, ts,
+                     usd_to_pico)
+from .scenarios import (PHASES, REVIEW_MODES, REVIEW_PAD, REVIEW_RAISED_USD, REVIEW_TIGHT_USD, SAFE_PHASES, ScenarioResult, kill_plan, review_mode, summary_line,
+                        triggered)
+from .suite import short_plan
+from .workflows import (REVIEW_STEP, chain_workflow, fan_keys, fan_workflow, marker, review_keys, review_workflow,
+                        worst_case_pico)
 
 T0 = 1_800_000_000.0
 
@@ -184,3 +188,96 @@ def test_the_summary_line_adds_up_the_scenarios():
     assert summary_line([a, b]) == ("chaos: trials=5 completed=4 stuck=0 duplicated_events=0 double_paid_calls=1 "
                                     "overruns=0 max_recovery_s=9.5")
     assert a.ok and not b.ok
+
+
+def test_a_decision_accepted_decides_the_end_and_a_refused_one_decides_nothing():
+    assert review_ends([("approve", 202)]) == ({"COMPLETED"}, [])
+    assert review_ends([("edit", 202)]) == ({"COMPLETED"}, [])
+    assert review_ends([("reject", 202)]) == ({"FAILED"}, [])
+    # Two at once: the one accepted wins, the other is told it was decided already.
+    assert review_ends([("approve", 409), ("reject", 202)]) == ({"FAILED"}, [])
+    # The same decision twice (a double click) is answered as the first, both 202.
+    assert review_ends([("approve", 202), ("approve", 202)]) == ({"COMPLETED"}, [])
+
+
+def test_two_different_decisions_both_accepted_or_none_at_all_is_a_problem():
+    _, problems = review_ends([("approve", 202), ("reject", 202)])
+    assert problems == ["different decisions all accepted: ['approve', 'reject']"]
+    ends, problems = review_ends([("approve", 409)])
+    assert ends == set() and "nothing could end the run" in problems[0]
+    _, problems = review_ends([("approve", 500)])
+    assert "approve answered 500" in problems
+
+
+def test_a_cancel_racing_a_decision_allows_either_end_only_if_both_were_accepted():
+    assert review_ends([("approve", 202)], cancel=202) == ({"COMPLETED", "CANCELLED"}, [])
+    assert review_ends([("approve", 409)], cancel=202) == ({"CANCELLED"}, [])
+    assert review_ends([("reject", 202)], cancel=409) == ({"FAILED"}, [])
+    assert review_ends([("approve", 409)], cancel=409)[0] == set()
+
+
+def test_a_deadline_decides_only_when_nobody_did():
+    assert review_ends([], on_timeout="approve") == ({"COMPLETED"}, [])
+    assert review_ends([], on_timeout="reject") == ({"FAILED"}, [])
+    assert review_ends([("reject", 202)], on_timeout="approve") == ({"FAILED"}, [])
+    assert review_ends([], cancel=202, on_timeout="approve") == ({"CANCELLED"}, [])
+
+
+def test_spend_is_exact_without_crashes_and_otherwise_accounted_for_by_what_was_lost():
+    assert spend_problem(1_000, {"cost_pico_usd": 1_000}, exact=True) is None
+    assert spend_problem(1_001, {"cost_pico_usd": 1_000}, exact=True) == \
+        "charged 1000 pico-USD, the model server was paid 1001"
+    assert spend_problem(1_001, {"cost_pico_usd": 1_000}, exact=False).endswith("1 unaccounted")
+    assert "more than" in spend_problem(999, {"cost_pico_usd": 1_000}, exact=False)
+    lost = {"cost_pico_usd": 1_000, "reserved_lost": {"calls": 1, "tokens": 9, "cost_pico_usd": 500}}
+    assert spend_problem(1_400, lost, exact=False) is None
+    assert "100 unaccounted" in spend_problem(1_600, lost, exact=False)
+    assert spend_problem(1_400, lost, exact=True) is not None
+
+
+def test_the_review_workflow_marks_every_call_and_waits_for_one_review():
+    definition, input_ = review_workflow("tabc", timeout="1m", on_timeout="approve")
+    steps = {s["id"]: s for s in definition["steps"]}
+    assert steps[REVIEW_STEP]["type"] == "review" and steps[REVIEW_STEP]["timeout"] == "1m"
+    assert steps[REVIEW_STEP]["on_timeout"] == "approve"
+    assert {key_of(s["prompt"], "tabc") for s in steps.values() if s["type"] == "llm"} == review_keys()
+    assert set(steps["send"]["depends_on"]) == {REVIEW_STEP, "side"} and input_["pad"] == ""
+    assert "on_exceeded" not in definition["budget"]
+    paused, input_ = review_workflow("tabc", budget_usd="0.00004", pause_on_budget=True, send_pad=1000)
+    assert paused["budget"] == {"max_cost_usd": "0.00004", "on_exceeded": "pause"} and len(input_["pad"]) == 1000
+
+
+def test_every_review_mode_but_the_deadline_is_in_the_short_suite_and_the_full_one_has_all():
+    short = {review_mode(i) for i in range(short_plan().runs["review"])}
+    assert short == set(REVIEW_MODES) - {"deadline"}
+    assert {review_mode(i) for i in range(len(REVIEW_MODES))} == set(REVIEW_MODES)
+
+
+def test_the_budget_modes_send_does_not_fit_after_draft_and_side_and_fits_the_raise():
+    tag = "t0123456789"
+    definition, input_ = review_workflow(tag, budget_usd=REVIEW_TIGHT_USD, pause_on_budget=True, send_pad=REVIEW_PAD)
+    prompts = {s["id"]: s["prompt"] for s in definition["steps"] if s["type"] == "llm"}
+    reply = f"ok {tag}"  # wf.rule's text; side's own rule answers "side TAG"
+    draft = prompts["draft"].replace("{{ input.topic }}", input_["topic"])
+    side = prompts["side"].replace("{{ steps.draft.text }}", reply)
+    send = (prompts["send"].replace("{{ steps.check.text }}", reply).replace("{{ steps.side.text }}", f"side {tag}")
+            .replace("{{ input.pad }}", input_["pad"]))
+    tight, raised = usd_to_pico(REVIEW_TIGHT_USD), usd_to_pico(REVIEW_RAISED_USD)
+    # draft, then side (after draft's charge, at most its worst case) fit; send never does.
+    assert worst_case_pico(draft) + worst_case_pico(side) <= tight < worst_case_pico(send)
+    assert worst_case_pico(draft) + worst_case_pico(side) + worst_case_pico(send) <= raised
+    # Validation refuses a step whose empty prompt alone is over the budget: send's is not.
+    assert worst_case_pico("") < tight
+
+
+def test_a_slow_steps_call_still_in_flight_at_a_kill_may_be_repeated_by_its_own_latency():
+    tag = "tabc"
+    log = [{"prompt": marker(tag, "side") + " x", "at": _iso(T0), "status": 200, "usage": None},
+           {"prompt": marker(tag, "side") + " x", "at": _iso(T0 + 9), "status": 200, "usage": None},
+           {"prompt": marker("tother", "side"), "at": _iso(T0), "status": 200, "usage": None}]
+    # Killed 1 s into a call scripted to take 1.5 s: in flight, so its repeat is allowed...
+    slow = calls_of(log, tag, 0.3, {"side": 1.5})
+    assert [c.latency_s for c in slow] == [1.5, 1.5]
+    assert (check_calls(slow, {}, [kill(1.0)], []).double_paid, check_calls(slow, {}, [kill(1.0)], []).repeated) == (0, 1)
+    # ...which the run's default latency would call an answer lost 0.7 s after it arrived.
+    assert check_calls(calls_of(log, tag, 0.3), {}, [kill(1.0)], []).double_paid == 1

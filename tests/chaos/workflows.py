@@ -107,8 +107,61 @@ def chain_workflow(tag: str, steps: int = 100, transform_every: int = 10) -> tup
     return definition, {"n": steps}, keys
 
 
+def worst_case_pico(prompt: str, max_tokens: int = MAX_TOKENS) -> int:
+    """What the runner reserves for one Nova Micro call with this prompt (no system prompt):
+    (64 + 32 + its UTF-8 bytes) input tokens and max_tokens of output (shared/src/budget.rs)."""
+    return (64 + 32 + len(prompt.encode())) * PRICE_IN_PICO + max_tokens * PRICE_OUT_PICO
+
+
 def paid_pico(usage: dict | None) -> int:
     """What a call with this (Converse) usage costs on Nova Micro."""
     if not usage:
         return 0
     return int(usage.get("inputTokens", 0)) * PRICE_IN_PICO + int(usage.get("outputTokens", 0)) * PRICE_OUT_PICO
+
+
+REVIEW_STEP = "check"
+# The llm steps of the review workflow that every completed run calls.
+REVIEW_LLM_STEPS = ("draft", "side", "send")
+
+
+def review_workflow(tag: str, *, timeout: str | None = None, on_timeout: str | None = None,
+                    budget_usd: str = "0.01", pause_on_budget: bool = False, send_pad: int = 0) -> tuple[dict, dict]:
+    """A draft a person reviews before it is sent, beside a slower step that does not wait:
+
+        draft (llm) ─▶ check (review of draft.text) ─┐
+              └──────▶ side (llm) ───────────────────┴─▶ send (llm: check.text, side.text)
+
+    The run waits once check waits and side has settled; a decision that arrives while
+    side still runs is picked up by the runner that holds the run. `timeout`/`on_timeout`
+    give the review a deadline (nobody need decide). `pause_on_budget` sets
+    `budget.on_exceeded: pause`; `send_pad` bytes of the input go into send's prompt, so
+    its worst case can be made not to fit what is left. Returns (definition, input)."""
+    m = lambda step: marker(tag, step)  # noqa: E731
+    check = {"id": REVIEW_STEP, "type": "review", "show": "{{ steps.draft.text }}"}
+    if timeout:
+        check["timeout"] = timeout
+    if on_timeout:
+        check["on_timeout"] = on_timeout
+    budget = {"max_cost_usd": budget_usd}
+    if pause_on_budget:
+        budget["on_exceeded"] = "pause"
+    definition = {
+        "name": f"chaos-review-{tag}",
+        "defaults": {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+                     "retry": {"max_attempts": 3, "initial_backoff_ms": 100, "max_backoff_ms": 1000}},
+        "budget": budget,
+        "steps": [
+            {"id": "draft", "type": "llm", "prompt": f"{m('draft')} Draft a reply about {{{{ input.topic }}}}."},
+            {"id": "side", "type": "llm", "depends_on": ["draft"], "prompt": f"{m('side')} Tag {{{{ steps.draft.text }}}}."},
+            check,
+            {"id": "send", "type": "llm", "depends_on": [REVIEW_STEP, "side"],
+             "prompt": f"{m('send')} Send {{{{ steps.check.text }}}} tagged {{{{ steps.side.text }}}}{{{{ input.pad }}}}."},
+        ],
+        "output": "{{ steps.send.text }}",
+    }
+    return definition, {"topic": f"chaos {tag}", "pad": "." * send_pad}
+
+
+def review_keys() -> set[tuple[str, int | None]]:
+    return {(s, None) for s in REVIEW_LLM_STEPS}
