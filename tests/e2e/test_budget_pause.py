@@ -307,12 +307,6 @@ def test_a_resume_may_lift_a_limit_and_the_run_then_runs_without_it(api, stack, 
     assert run["totals"]["total_tokens"] == 450 > 400 and [r["to"] for r in run["budget_raises"]] == [{}]
 
 
-VIEW_TOTALS_BUG = ("GET /runs/{id} of a run waiting for its budget leaves out what its unsettled steps were charged "
-                   "(Totals::of_checkpoints counts settled checkpoints only, wire/views.rs RunView::new): a map whose "
-                   "items were paid shows 0, while the progress row and the refusal say what was spent")
-
-
-@pytest.mark.xfail(strict=True, reason=VIEW_TOTALS_BUG)
 def test_a_run_waiting_for_its_budget_shows_in_its_view_everything_it_was_charged(api, stack, devmodel):
     m = marker("budget-view")
     usage = {"input_tokens": 50, "output_tokens": 100}

@@ -293,7 +293,15 @@ async fn get_run(
     } else {
         &run.step_order
     };
-    Ok(Json(RunView::new(&run, order, &steps)).into_response())
+    let mut body = RunView::new(&run, order, &steps);
+    if view == run.revision && !run.status.is_terminal() {
+        // In flight or waiting, the owners' progress row has the journal's ledger: every
+        // charge so far, those of steps and map items not settled yet included.
+        if let Some(row) = state.progress.progress_of(&Principal::User(run.caller.to_string()), &run.id).await? {
+            body.summary.totals = (&row.totals).into();
+        }
+    }
+    Ok(Json(body).into_response())
 }
 
 /// `run` as it stood at the end of its earlier revision `view`: its end as the next
