@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import pytest
 
 from test_control import wait_for_status
 from test_runs import MODEL, add_rules, calls_with, follow, marker, start
