@@ -296,7 +296,10 @@ def test_a_resume_may_lift_a_limit_and_the_run_then_runs_without_it(api, stack, 
     }
     run_id = start(api, alice, wf)["run_id"]
     assert wait_for_status(api, alice, run_id, "AWAITING_INPUT")["waiting"]["kind"] == "budget"
-    status, _, resumed = resume(api, alice, run_id, {})
+    # An empty raise names nothing to raise; null lifts a limit.
+    status, _, problem = resume(api, alice, run_id, {})
+    assert status == 400 and "name the limits to raise" in problem["detail"], problem
+    status, _, resumed = resume(api, alice, run_id, {"max_total_tokens": None})
     assert status == 202, resumed
     assert resumed["resumed"]["budget"]["from"] == {"max_total_tokens": 400} and resumed["resumed"]["budget"]["to"] == {}
     events = follow(api, alice, run_id, timeout=60, limit=100)

@@ -482,13 +482,27 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
 /// the one it runs under in any limit.
 fn budget_raise(identity: &Identity, run: &RunRecord, raw: Value, at: chrono::DateTime<chrono::Utc>) -> Result<BudgetRaise, ApiError> {
     let invalid = |detail: String| ApiError::bad_request("Invalid request body", detail);
+    let names = |key: &str| raw.as_object().is_some_and(|o| o.contains_key(key));
+    if names("on_exceeded") {
+        return Err(invalid("budget.on_exceeded: a raise changes the limits only".into()));
+    }
+    let (cost_named, tokens_named) = (names("max_cost_usd"), names("max_total_tokens"));
+    if raw.is_object() && !cost_named && !tokens_named {
+        return Err(invalid("budget: name the limits to raise (max_cost_usd, max_total_tokens), or set one to null to lift it".into()));
+    }
     let def: Budget = serde_json::from_value(raw).map_err(|e| invalid(format!("budget: {e}")))?;
-    let to = BudgetLimits::from_def(Some(&def))
+    let given = BudgetLimits::from_def(Some(&def))
         .map_err(|problems| invalid(problems.into_iter().map(|p| format!("{}: {}", p.field, p.message)).collect::<Vec<_>>().join("; ")))?;
     // The snapshot was validated at start: its budget parses (no need to validate it all again).
     let defined = run.definition.get("budget").and_then(|b| serde_json::from_value::<Budget>(b.clone()).ok());
     let defined = defined.and_then(|b| BudgetLimits::from_def(Some(&b)).ok()).unwrap_or(BudgetLimits::UNLIMITED);
     let from = run.budget(defined);
+    // A limit the raise does not name stays as it was: raising the cost never silently
+    // lifts the token limit. `null` lifts one.
+    let to = BudgetLimits {
+        max_cost: if cost_named { given.max_cost } else { from.max_cost },
+        max_total_tokens: if tokens_named { given.max_total_tokens } else { from.max_total_tokens },
+    };
     // Unset is unlimited: a raise may lift a limit, never lower or add one.
     let lower = |new: Option<u64>, old: Option<u64>| match (new, old) {
         (Some(new), Some(old)) => new < old,

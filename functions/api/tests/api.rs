@@ -945,6 +945,8 @@ async fn a_run_waiting_for_its_budget_resumes_only_with_a_raise_which_is_recorde
         (json!({ "budget": { "max_cost_usd": "0.01" } }), "only raise"),
         (json!({ "budget": { "max_total_tokens": "lots" } }), "max_total_tokens"),
         (json!({ "step": "a", "budget": { "max_total_tokens": 1000 } }), "without a `step`"),
+        (json!({ "budget": {} }), "name the limits to raise"),
+        (json!({ "budget": { "max_total_tokens": 1000, "on_exceeded": "fail" } }), "limits only"),
     ] {
         let (status, _, problem) = resume(Some(body.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {problem}");
@@ -1293,4 +1295,30 @@ async fn a_retry_counts_what_earlier_revisions_spent_against_the_budget_unless_i
     assert_eq!(now["totals"]["total_tokens"].as_u64(), Some(770));
     assert_eq!(now["budget_raises"][0]["to"]["max_total_tokens"], 3000);
     assert_eq!(now["revisions"][1]["budget"]["by"], "alice");
+}
+
+#[tokio::test]
+async fn a_raise_changes_only_the_limits_it_names_and_null_lifts_one() {
+    let api = api();
+    let body = json!({
+        "workflow": {
+            "name": "two-limits",
+            "defaults": { "model": "amazon.nova-micro-v1:0", "max_tokens": 100 },
+            "budget": { "max_total_tokens": 400, "max_cost_usd": "0.001", "on_exceeded": "pause" },
+            "steps": [
+                { "id": "a", "type": "llm", "prompt": "FIRST" },
+                { "id": "b", "type": "llm", "prompt": "SECOND {{ steps.a.text }}" }
+            ]
+        }
+    });
+    for (raise, tokens) in [(json!({ "max_total_tokens": 1000 }), Some(1000)), (json!({ "max_total_tokens": null }), None)] {
+        let (_, _, accepted) = api.start("alice", body.clone()).await;
+        let id = accepted["run_id"].as_str().unwrap().to_owned();
+        let model = Arc::new(ScriptedModel::new(vec![Script::reply("FIRST", &"word ".repeat(60))]));
+        assert_eq!(api.execute(&id, model).await, chainrun_core::engine::Outcome::Waiting);
+        let (status, resumed) = api.send("alice", "POST", &format!("/runs/{id}/resume"), Some(json!({ "budget": raise }))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{resumed}");
+        let to = &resumed["resumed"]["budget"]["to"];
+        assert_eq!((to["max_total_tokens"].as_u64(), to["max_cost_pico_usd"].as_u64()), (tokens, Some(1_000_000_000)), "the cost limit stays: {to}");
+    }
 }
