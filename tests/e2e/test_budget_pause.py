@@ -196,20 +196,25 @@ def test_a_map_paused_by_its_budget_keeps_the_items_it_paid_for_and_runs_only_th
     assert [r["to"] for r in run["budget_raises"]] == [{"max_total_tokens": 1000}]
 
 
-def test_a_run_waiting_for_its_budget_can_be_cancelled_and_its_refused_step_never_runs(api, stack, devmodel):
-    m = marker("budget-cancel")
+def chain_of_150_token_calls(devmodel, m: str, name: str, steps: int) -> dict:
+    """`steps` model steps in a chain, each call charged 150 tokens, under a pausing 400-token budget."""
     add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "x" * 100},
                          "usage": {"input_tokens": 50, "output_tokens": 100}})
-    alice = stack.token("alice")
-    wf = {
-        "name": "e2e-budget-cancel",
+    ids = "abcdefgh"[:steps]
+    chain = [{"id": ids[0], "type": "llm", "prompt": m + " A"}]
+    chain += [{"id": ids[i], "type": "llm", "prompt": f"{m} {ids[i].upper()} {{{{ steps.{ids[i - 1]}.text }}}}"} for i in range(1, steps)]
+    return {
+        "name": name,
         "defaults": {"model": MODEL, "max_tokens": MAX_TOKENS, "retry": {"max_attempts": 1}},
         "budget": {"max_total_tokens": 400, "on_exceeded": "pause"},
-        "steps": [
-            {"id": "a", "type": "llm", "prompt": m + " A"},
-            {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
-        ],
+        "steps": chain,
     }
+
+
+def test_a_run_waiting_for_its_budget_can_be_cancelled_and_its_refused_step_never_runs(api, stack, devmodel):
+    m = marker("budget-cancel")
+    alice = stack.token("alice")
+    wf = chain_of_150_token_calls(devmodel, m, "e2e-budget-cancel", 2)
     run_id = start(api, alice, wf)["run_id"]
     assert wait_for_status(api, alice, run_id, "AWAITING_INPUT")["waiting"]["kind"] == "budget"
     status, _, asked = api("POST", f"/runs/{run_id}/cancel", token=alice, body={"reason": "too dear"})
@@ -281,19 +286,8 @@ def test_a_step_refused_on_a_retry_keeps_what_its_first_attempt_was_charged_and_
 
 def test_a_resume_may_lift_a_limit_and_the_run_then_runs_without_it(api, stack, devmodel):
     m = marker("budget-lift")
-    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "y" * 100},
-                         "usage": {"input_tokens": 50, "output_tokens": 100}})
     alice = stack.token("alice")
-    wf = {
-        "name": "e2e-budget-lift",
-        "defaults": {"model": MODEL, "max_tokens": MAX_TOKENS, "retry": {"max_attempts": 1}},
-        "budget": {"max_total_tokens": 400, "on_exceeded": "pause"},
-        "steps": [
-            {"id": "a", "type": "llm", "prompt": m + " A"},
-            {"id": "b", "type": "llm", "prompt": m + " B {{ steps.a.text }}"},
-            {"id": "c", "type": "llm", "prompt": m + " C {{ steps.b.text }}"},
-        ],
-    }
+    wf = chain_of_150_token_calls(devmodel, m, "e2e-budget-lift", 3)
     run_id = start(api, alice, wf)["run_id"]
     assert wait_for_status(api, alice, run_id, "AWAITING_INPUT")["waiting"]["kind"] == "budget"
     # An empty raise names nothing to raise; null lifts a limit.

@@ -175,8 +175,8 @@ async fn a_paused_run_lets_its_steps_in_flight_finish_waits_holding_no_runner_an
     let events = s.progress.events(&run.id);
     let resumed = events.iter().find(|e| e.kind == EventType::RunResumed).unwrap();
     assert_eq!(
-        (resumed.data["cause"].as_str(), resumed.data["by"].as_str(), resumed.data["settled_steps"].as_u64()),
-        (Some("resume"), Some("bob"), Some(2))
+        (resumed.data["cause"].as_str(), resumed.data["by"].as_str(), resumed.data["what"].as_str(), resumed.data["settled_steps"].as_u64()),
+        (Some("resume"), Some("bob"), Some("resumed the paused run"), Some(2))
     );
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "gap-free across the pause");
@@ -263,6 +263,12 @@ async fn a_review_waits_for_its_decision_while_other_branches_finish_then_downst
     let steps = s.store.get_steps(&run.id).await.unwrap();
     let approve = steps.iter().find(|r| r.step_id.as_str() == "approve").unwrap();
     assert_eq!((approve.status, approve.detail.as_ref().map(|d| d["by"].clone())), (StepStatus::Completed, Some(json!("bob"))));
+    let resumed = s.progress.events(&run.id).into_iter().find(|e| e.kind == EventType::RunResumed).unwrap();
+    assert_eq!(
+        (resumed.data["by"].as_str(), resumed.data["what"].as_str()),
+        (Some("bob"), Some("decided approve on review approve")),
+        "who, and what"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -161,6 +161,23 @@ pub struct Engine {
     timers: Option<Arc<dyn crate::ports::Timers>>,
 }
 
+/// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
+/// larger budget) and its review decisions.
+fn resumed_by(run: &RunRecord) -> Option<(crate::ids::UserId, String)> {
+    let resume = run.resumed.as_ref().map(|r| {
+        let what = match &r.budget {
+            Some(_) => "raised the budget".to_owned(),
+            None => "resumed the paused run".to_owned(),
+        };
+        (r.at, r.by.clone(), what)
+    });
+    let decisions = run
+        .decisions
+        .iter()
+        .map(|(step, d)| (d.at, d.by.clone(), format!("decided {} on review {step}", format!("{:?}", d.decision).to_lowercase())));
+    resume.into_iter().chain(decisions).max_by_key(|(at, ..)| *at).map(|(_, by, what)| (by, what))
+}
+
 impl Engine {
     pub fn new(
         model: Arc<dyn ModelClient>,
@@ -309,8 +326,11 @@ impl Engine {
                 // The store appended a takeover to the record if this claim was one.
                 let takeover = run.takeovers.last().filter(|t| t.by == lease.holder).cloned();
                 info!(settled_steps, last_seq, cause = ?self.cause, takeover = takeover.is_some(), "resuming run");
-                let by = run.resumed.as_ref().filter(|_| self.cause == Cause::Resume).map(|r| r.by.clone());
-                let body = RunResumed { cause: self.cause, settled_steps, takeover, takeovers: run.takeovers.len(), by };
+                let (by, what) = match self.cause {
+                    Cause::Resume => resumed_by(&run).unzip(),
+                    _ => (None, None),
+                };
+                let body = RunResumed { cause: self.cause, settled_steps, takeover, takeovers: run.takeovers.len(), by, what };
                 journal.emit(EventBody::RunResumed(body), None, None).await?;
             }
             let owner_cap = self.daily.as_ref().and_then(|(spend, caps)| {

@@ -105,9 +105,13 @@ pub struct RunResumed {
     pub takeover: Option<Takeover>,
     /// Takeovers so far, this one included.
     pub takeovers: usize,
-    /// Who resumed the run (`cause: resume`), when a person did.
+    /// Who resumed the run (`cause: resume`), when a person did…
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by: Option<UserId>,
+    /// …and what they did: `resumed the paused run`, `raised the budget`, `decided approve
+    /// on review check`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub what: Option<String>,
 }
 
 /// Something waits for a person. With a `step_id`: a review step waits for its decision
