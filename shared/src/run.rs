@@ -386,6 +386,8 @@ pub enum WaitKind {
     /// A model call did not fit the budget (`budget.on_exceeded: pause`): the run waits
     /// for a resume that raises it. `reason` says what was spent and attempted.
     Budget,
+    /// Input steps wait for their values (`steps`).
+    Input,
 }
 
 /// A budget raised when a run was resumed: who, when, and from what to what.
@@ -487,6 +489,9 @@ pub struct RunRecord {
     /// Every raise of its budget, oldest first; the last one's `to` is the budget it runs under.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budget_raises: Vec<BudgetRaise>,
+    /// The answers to its input steps and what they kept, by step.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inputs: std::collections::BTreeMap<StepId, crate::input::InputState>,
 }
 
 impl RunRecord {
@@ -508,6 +513,7 @@ impl RunRecord {
             options: RunOptions::default(),
             decisions: Default::default(),
             budget_raises: Vec::new(),
+            inputs: Default::default(),
             workflow,
             definition,
             input,

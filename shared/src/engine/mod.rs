@@ -22,6 +22,7 @@
 
 mod daily;
 pub mod end;
+mod input;
 pub mod journal;
 mod llm;
 mod map;
@@ -332,6 +333,13 @@ impl Engine {
                     store: self.store.clone(),
                     run_id: run.id.clone(),
                 },
+                collecting: input::Collecting {
+                    states: run.inputs.clone(),
+                    starter: run.caller.clone(),
+                    clock: self.clock.clone(),
+                    store: self.store.clone(),
+                    run_id: run.id.clone(),
+                },
             });
 
             let mut control = self.control.clone();
@@ -351,6 +359,8 @@ impl Engine {
             let mut out_of_time = false;
             // Review steps waiting for their decisions, and the earliest of their deadlines.
             let mut reviews_waiting: Vec<StepId> = Vec::new();
+            // Whether a review is among them (else they are all input steps).
+            let mut review_waits = false;
             let mut deadline: Option<chrono::DateTime<Utc>> = None;
             loop {
                 match asked.take() {
@@ -422,6 +432,7 @@ impl Engine {
                         continue;
                     }
                     Ran::Waiting(until) => {
+                        review_waits |= !matches!(graph.steps()[i].kind, StepKind::Input(_));
                         reviews_waiting.push(graph.steps()[i].id.clone());
                         deadline = deadline.into_iter().chain(until).min();
                         continue;
@@ -452,7 +463,9 @@ impl Engine {
             let why = match (pausing, budget_refused) {
                 (Some(request), _) => Some((WaitKind::Paused, Some(request.by), request.reason)),
                 (None, Some(refused)) => Some((WaitKind::Budget, None, Some(refused))),
-                (None, None) if !out_of_time && !reviews_waiting.is_empty() => Some((WaitKind::Review, None, None)),
+                (None, None) if !out_of_time && !reviews_waiting.is_empty() => {
+                    Some((if review_waits { WaitKind::Review } else { WaitKind::Input }, None, None))
+                }
                 (None, None) => None,
             };
             let waits = why.map(|(kind, by, reason)| Waiting { kind, by, since: Utc::now(), reason, steps: reviews_waiting, deadline });
@@ -464,6 +477,7 @@ impl Engine {
                     reviewers: Vec::new(),
                     settled_steps: settled,
                     steps,
+                    input: None,
                 });
                 journal
                     .emit_with(body, None, None, None, |s| {
@@ -472,7 +486,7 @@ impl Engine {
                         s.waiting = Some(waiting.clone());
                     })
                     .await?;
-                if self.store.park(&run.id, &lease, &waiting, run.decisions.len()).await? {
+                if self.store.park(&run.id, &lease, &waiting, crate::ports::Answered::of(&run)).await? {
                     info!(settled_steps, kind = ?waiting.kind, deadline = ?waiting.deadline, "waiting for a person, holding no runner");
                     if let (Some(timers), Some(deadline)) = (&self.timers, waiting.deadline)
                         && let Err(e) = timers.wake_at(&run.id, deadline).await
@@ -482,9 +496,9 @@ impl Engine {
                     }
                     return Ok(Outcome::Waiting);
                 }
-                // A decision arrived while this runner worked: continue with it, in a
-                // fresh invocation that reads it.
-                info!("a review decision arrived meanwhile; continuing");
+                // A decision (or an answer) arrived while this runner worked: continue with
+                // it, in a fresh invocation that reads it.
+                info!("a review decision or an input answer arrived meanwhile; continuing");
                 self.store.release(&run.id, &lease).await?;
                 return Ok(Outcome::Suspended);
             }
