@@ -79,6 +79,10 @@ codes! {
     StoreError = "STORE_ERROR",
     /// Lambda gave up delivering the run (its retries and event age ran out).
     DeliveryFailed = "DELIVERY_FAILED",
+    /// An input step used every answer it allows (`max_attempts`) without getting its values.
+    InputIncomplete = "INPUT_INCOMPLETE",
+    /// An input step's deadline passed without its values.
+    InputTimedOut = "INPUT_TIMED_OUT",
 }
 
 impl fmt::Display for ErrorCode {

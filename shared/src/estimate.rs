@@ -201,6 +201,41 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
             // No model call. Approved, its text is what `show` renders, but an edit can put
             // anything there: what reads it is bounded by its model's window.
             StepKind::Review(_) => Bounds::NONE,
+            // Up to `max_attempts` answers, each free text read by one extraction call (and
+            // its corrective retry). Its values are bounded only by what an answer may hold.
+            StepKind::Input(spec) => match &spec.extract {
+                None => Bounds::NONE,
+                Some(extract) => match slots.render(&spec.ask, &json!({ "input": input }), true) {
+                    Rendered::Fails => {
+                        all_render = false;
+                        Bounds::NONE
+                    }
+                    asked => {
+                        // The longest answer, every character at its widest in UTF-8.
+                        let text = "x".repeat(crate::input::MAX_TEXT_CHARS * 4);
+                        let ask = "x".repeat(asked.max().unwrap_or(0) as usize);
+                        let scope = json!({ "fields": spec.fields.document().to_string(), "ask": ask, "text": text });
+                        match llm_call(&extract.call, &scope, true, &slots, models) {
+                            Some(call) => {
+                                let mut call = Bounds { max: times(call.max, u64::from(spec.max_attempts)), ..call };
+                                if asked.max().is_none() {
+                                    // What is asked has no bound: each call up to the model's window.
+                                    call.max_basis = MaxBasis::ContextWindow;
+                                    call.max = models.get(extract.model.as_str()).map_or(call.max, |m| {
+                                        let per_call = worst_case(&m, u64::from(m.context_window), extract.max_tokens);
+                                        times(per_call, u64::from(spec.max_attempts) * u64::from(extract.call.retry.max_attempts))
+                                    });
+                                }
+                                call
+                            }
+                            None => {
+                                all_render = false;
+                                Bounds::NONE
+                            }
+                        }
+                    }
+                },
+            },
             StepKind::Router(_) => {
                 bounds.0 = Some(ROUTER_TEXT_BYTES);
                 Bounds::NONE

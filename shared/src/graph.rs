@@ -8,7 +8,7 @@ use crate::ids::{ModelId, Principal, StepId, WorkflowName};
 use crate::output::Schema;
 use crate::pricing::ModelRegistry;
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
-use crate::workflow::{Defaults, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
+use crate::workflow::{Defaults, InputStepDef, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cmp::Reverse;
@@ -219,6 +219,7 @@ pub enum StepKind {
     Router(RouterSpec),
     Map(MapSpec),
     Review(ReviewSpec),
+    Input(crate::input::InputSpec),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -507,6 +508,103 @@ impl Checker<'_> {
         }
     }
 
+    /// An input step: what it asks, its fields, who answers, how free text is read, and
+    /// its deadline (which cannot approve: nothing would have been given).
+    fn input(&mut self, i: &InputStepDef, defaults: &Defaults, models: &ModelRegistry) -> crate::input::InputSpec {
+        use crate::input::{DEFAULT_ATTEMPTS, DEFAULT_EXTRACT_TOKENS, EXTRACT_PROMPT, EXTRACT_ROOTS, Extract, Fields, InputSpec, MAX_ATTEMPTS};
+        let id = self.step;
+        let ask = self.template(IN_STEP, "ask", &i.ask).unwrap_or_else(unusable);
+        let fields = Fields::compile(&i.fields).map_err(|wrong| {
+            for w in wrong {
+                let field = if w.field.is_empty() { "fields".to_owned() } else { format!("fields.{}", w.field) };
+                self.found.push(id, &field, w.message);
+            }
+        });
+        if i.from.len() > MAX_REVIEWERS {
+            self.found.push(id, "from", format!("{} principals; the limit is {MAX_REVIEWERS}", i.from.len()));
+        }
+        let mut from = Vec::new();
+        for (n, raw) in i.from.iter().enumerate() {
+            match reviewer(raw) {
+                Some(p) => from.push(p),
+                None => self.found.push(id, &format!("from[{n}]"), format!("{raw:?}: name who answers as `user:<id>` or `group:<name>`")),
+            }
+        }
+        let max_attempts = i.max_attempts.unwrap_or(DEFAULT_ATTEMPTS);
+        if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+            self.found.push(id, "max_attempts", format!("must be 1 to {MAX_ATTEMPTS}"));
+        }
+        let extract = i.extract.as_ref().map(|e| {
+            let model = e.model.as_ref().or(defaults.model.as_ref());
+            let max_tokens = e.max_tokens.unwrap_or(DEFAULT_EXTRACT_TOKENS);
+            match model.map(|m| (m, models.get(m))) {
+                None => self.found.push(id, "extract.model", "no model: set it on extract or in defaults.model"),
+                Some((m, None)) => {
+                    self.found.push(id, "extract.model", format!("unknown model {m:?}: no price is known for it (add it with CHAINRUN_MODEL_PRICES)"))
+                }
+                Some((m, Some(info))) if max_tokens > info.max_output_tokens => self.found.push(
+                    id,
+                    "extract.max_tokens",
+                    format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens),
+                ),
+                Some(_) if max_tokens == 0 => self.found.push(id, "extract.max_tokens", "must be at least 1"),
+                Some(_) => {}
+            }
+            let model = model.and_then(|m| ModelId::parse(m).ok()).unwrap_or_else(unknown_model);
+            let prompt = Template::compile(EXTRACT_PROMPT, &EXTRACT_ROOTS, Keep::Source)
+                .unwrap_or_else(|e| unreachable!("the extraction prompt compiles: {e}"));
+            let call = LlmSpec {
+                model: model.clone(),
+                system: None,
+                prompt,
+                temperature: Some(0.0),
+                max_tokens,
+                stop_sequences: Vec::new(),
+                stream: false,
+                format: OutputFormat::Json,
+                // A reply that is JSON but not an object is a failed reading, not a retry:
+                // without a schema the corrective hint, and so the estimate, stays bounded.
+                schema: None,
+                // One corrective retry for a reply that is not JSON.
+                retry: RetryPolicy { max_attempts: 2, ..RetryPolicy::default() },
+            };
+            Extract { model, max_tokens, call }
+        });
+        let timeout = match (&i.timeout, &i.on_timeout) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                self.found.push(id, "on_timeout", "a deadline needs a `timeout` to fire");
+                None
+            }
+            (Some(raw), on_timeout) => {
+                let timeout = parse_timeout(raw).map_err(|why| self.found.push(id, "timeout", why)).ok();
+                let outcome = match on_timeout {
+                    None => Some(OnTimeout::Reject),
+                    Some(v) => on_timeout_of(v, "on_timeout", 0).map_err(|(field, why)| self.found.push(id, &field, why)).ok(),
+                };
+                if let Some(outcome) = &outcome
+                    && approves(outcome)
+                {
+                    self.found.push(
+                        id,
+                        "on_timeout",
+                        "an input step's deadline cannot approve it: nothing was given to approve; use \"reject\" or an escalation",
+                    );
+                }
+                timeout.zip(outcome)
+            }
+        };
+        InputSpec {
+            ask,
+            // Reported when it does not compile; the graph is then rejected.
+            fields: fields.unwrap_or_else(|()| unusable_fields()),
+            from,
+            extract,
+            max_attempts,
+            timeout,
+        }
+    }
+
     /// Step ids named in a route or default: they must exist.
     fn targets(&mut self, field: &str, names: &[String]) -> Vec<StepId> {
         let mut ids = Vec::new();
@@ -526,6 +624,21 @@ impl Checker<'_> {
 /// Stands in for a template that was reported as broken, in a graph that is then rejected.
 fn unknown_model() -> ModelId {
     ModelId::parse("unknown").unwrap_or_else(|e| unreachable!("a plain word is a model id: {e}"))
+}
+
+/// Stands in for `fields` that were reported as broken, in a graph that is then rejected.
+fn unusable_fields() -> crate::input::Fields {
+    crate::input::Fields::compile(&serde_json::json!({ "type": "object", "properties": { "x": {} } }))
+        .unwrap_or_else(|e| unreachable!("a one-field schema compiles: {e:?}"))
+}
+
+/// Whether a deadline (after any escalations) approves.
+fn approves(outcome: &OnTimeout) -> bool {
+    match outcome {
+        OnTimeout::Approve => true,
+        OnTimeout::Reject => false,
+        OnTimeout::Escalate { then, .. } => approves(then),
+    }
 }
 
 fn unusable() -> Template {
@@ -763,6 +876,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                 };
                 StepKind::Review(ReviewSpec { show, reviewers, timeout })
             }
+            StepDef::Input(i) => StepKind::Input(c.input(i, &def.defaults, models)),
         };
         let mut deps = c.deps;
         deps.sort_unstable_by_key(|&d| parsed[d].0);
@@ -776,6 +890,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
     for step in &checked {
         let (prefix, spec) = match &step.kind {
             StepKind::Llm(spec) => ("", spec),
+            StepKind::Input(crate::input::InputSpec { extract: Some(extract), .. }) => ("extract.", &extract.call),
             StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => ("step.", spec),
             _ => continue,
         };

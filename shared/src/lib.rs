@@ -15,6 +15,7 @@ pub mod estimate;
 pub mod expr;
 pub mod graph;
 pub mod ids;
+pub mod input;
 pub mod limits;
 pub mod memory;
 pub mod money;

@@ -163,7 +163,7 @@ impl RunStore for MemoryStore {
         })
     }
 
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, seen: Answered) -> Result<bool, StoreError> {
         if let Err(lost) = self.check_lease(id, lease) {
             // As the DynamoDB store: the same park again is a retry whose reply was lost.
             let runs = lock(&self.runs);
@@ -174,7 +174,7 @@ impl RunStore for MemoryStore {
         }
         let mut runs = lock(&self.runs);
         let Some(slot) = runs.get_mut(id) else { return Err(StoreError::LeaseLost(id.clone())) };
-        if slot.run.decisions.len() != decisions {
+        if Answered::of(&slot.run) != seen {
             return Ok(false);
         }
         slot.run.status = RunStatus::AwaitingInput;
@@ -203,6 +203,37 @@ impl RunStore for MemoryStore {
             slot.due_at = Some(decision.at + self.queued_grace);
         }
         Ok(DecideOutcome::Recorded { requeued })
+    }
+
+    async fn record_input(
+        &self,
+        id: &RunId,
+        step: &StepId,
+        expected: u32,
+        next: &crate::input::InputState,
+        requeue: bool,
+    ) -> Result<AnswerOutcome, StoreError> {
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Ok(AnswerOutcome::NotFound) };
+        let stored = slot.run.inputs.get(step).cloned().unwrap_or_default();
+        if stored == *next {
+            // As the DynamoDB store: the same write again is a retry whose reply was lost.
+            return Ok(AnswerOutcome::Recorded { requeued: false });
+        }
+        if slot.run.status.is_terminal() {
+            return Ok(AnswerOutcome::Finished(slot.run.status));
+        }
+        if stored.version != expected {
+            return Ok(AnswerOutcome::Stale(stored));
+        }
+        slot.run.inputs.insert(step.clone(), next.clone());
+        let requeued = requeue && slot.run.status == RunStatus::AwaitingInput;
+        if requeued {
+            slot.run.status = RunStatus::Queued;
+            slot.run.waiting = None;
+            slot.due_at = Some(Utc::now() + self.queued_grace);
+        }
+        Ok(AnswerOutcome::Recorded { requeued })
     }
 
     async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError> {
@@ -266,6 +297,7 @@ impl RunStore for MemoryStore {
         run.revisions.push(revision.clone());
         run.budget_raises.extend(revision.budget.clone());
         run.decisions.retain(|step, _| !revision.rerun.contains(step));
+        run.inputs.retain(|step, _| !revision.rerun.contains(step));
         run.status = RunStatus::Queued;
         (run.finished_at, run.output, run.error, run.control, run.waiting) = (None, None, None, None, None);
         slot.due_at = Some(revision.at + self.queued_grace);

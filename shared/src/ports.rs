@@ -161,6 +161,36 @@ pub enum DecideOutcome {
     NotFound,
 }
 
+/// What became of an answer to an input step (see [`RunStore::record_input`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnswerOutcome {
+    /// Recorded; `requeued` when the run was waiting and is queued again.
+    Recorded {
+        requeued: bool,
+    },
+    /// The step's state is no longer the one the answer was checked against: this is it now.
+    Stale(crate::input::InputState),
+    /// The run had already ended, with this status.
+    Finished(RunStatus),
+    NotFound,
+}
+
+/// The answers a runner saw on the run it parks: a park only stands if no other arrived
+/// since (see [`RunStore::park`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answered {
+    /// Review decisions recorded.
+    pub decisions: usize,
+    /// Answers to input steps, over all of them.
+    pub input_turns: usize,
+}
+
+impl Answered {
+    pub fn of(run: &RunRecord) -> Self {
+        Self { decisions: run.decisions.len(), input_turns: run.inputs.values().map(|s| s.turns.len()).sum() }
+    }
+}
+
 /// What became of a resume.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResumeOutcome {
@@ -223,13 +253,24 @@ pub trait RunStore: Send + Sync {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError>;
     /// Puts the run we hold in `AWAITING_INPUT` for `waiting` and gives the lease up: it
     /// holds no runner, and the sweeper leaves it alone, until it is resumed. Clears the
-    /// control request that asked for it. Only if the run still has `decisions` review
-    /// decisions: one that arrived since the runner read the run makes this return
-    /// `Ok(false)` and change nothing (the runner continues with it instead).
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError>;
+    /// control request that asked for it. Only if the run still has the review decisions
+    /// and input answers `seen` counts: one that arrived since the runner read the run makes
+    /// this return `Ok(false)` and change nothing (the runner continues with it instead).
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, seen: Answered) -> Result<bool, StoreError>;
     /// Records the decision on review step `step` of an unfinished run, once per step; a
     /// waiting run is queued again for any runner to continue.
     async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError>;
+    /// Replaces input step `step`'s state on an unfinished run with `next`, only if its
+    /// stored state has version `expected` (0: none yet); otherwise `Stale` with the stored
+    /// one. With `requeue`, a waiting run is queued again for any runner to continue.
+    async fn record_input(
+        &self,
+        id: &RunId,
+        step: &StepId,
+        expected: u32,
+        next: &crate::input::InputState,
+        requeue: bool,
+    ) -> Result<AnswerOutcome, StoreError>;
     /// Queues a waiting run again (any runner may claim it), recording `resumption`.
     async fn resume(&self, id: &RunId, resumption: &Resumption) -> Result<ResumeOutcome, StoreError>;
     /// Runs the sweeper must hand to a runner: unfinished, and either under a lease that

@@ -404,6 +404,8 @@ pub enum WaitKind {
     /// A model call did not fit the budget (`budget.on_exceeded: pause`): the run waits
     /// for a resume that raises it. `reason` says what was spent and attempted.
     Budget,
+    /// Input steps wait for their values (`steps`).
+    Input,
 }
 
 /// A budget raised when a run was resumed: who, when, and from what to what.
@@ -511,6 +513,9 @@ pub struct RunRecord {
     /// Every revision after the first, oldest first (`revisions[n - 1]` started revision `n`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<crate::revision::Revision>,
+    /// The answers to its input steps and what they kept, by step.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub inputs: std::collections::BTreeMap<StepId, crate::input::InputState>,
 }
 
 impl RunRecord {
@@ -534,6 +539,7 @@ impl RunRecord {
             budget_raises: Vec::new(),
             revision: 0,
             revisions: Vec::new(),
+            inputs: Default::default(),
             workflow,
             definition,
             input,

@@ -126,6 +126,9 @@ pub enum StepDef {
     /// A person approves, rejects or edits what `show` renders; the run waits meanwhile,
     /// holding no runner.
     Review(ReviewStepDef),
+    /// Asks a person for named, validated values (`fields`), over as many answers as
+    /// `max_attempts` allows; the run waits meanwhile, holding no runner.
+    Input(InputStepDef),
 }
 
 /// What every step has. Inside a map, the sub-step has none of these.
@@ -150,6 +153,7 @@ impl StepDef {
             StepDef::Router(s) => common!(s),
             StepDef::Map(s) => common!(s),
             StepDef::Review(s) => common!(s),
+            StepDef::Input(s) => common!(s),
         }
     }
 
@@ -160,6 +164,7 @@ impl StepDef {
             StepDef::Router(_) => "router",
             StepDef::Map(_) => "map",
             StepDef::Review(_) => "review",
+            StepDef::Input(_) => "input",
         }
     }
 }
@@ -284,6 +289,50 @@ pub struct ReviewStepDef {
     /// the review to more reviewers with a new deadline (at most 3 escalations).
     #[schemars(with = "Option<Value>")]
     pub on_timeout: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputStepDef {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// When false, a step that ends without its values does not fail the run.
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub join: Join,
+    /// What is asked, a template (e.g. `Which account, {{ input.name }}?`), shown with the
+    /// step's `AWAITING_INPUT`.
+    pub ask: String,
+    /// The values asked for: a JSON Schema object (`type: object`, `properties` (at most
+    /// 50), `required`). The collected object is the step's output.
+    pub fields: Value,
+    /// Who may answer: `user:<id>` or `group:<name>`. Default: the run's starter.
+    #[serde(default)]
+    pub from: Vec<String>,
+    /// The model that reads the values out of a free-text answer (`text`); without it the
+    /// step takes `values` only.
+    pub extract: Option<ExtractDef>,
+    /// Answers allowed before the step fails `INPUT_INCOMPLETE` (1 to 10, default 3).
+    pub max_attempts: Option<u32>,
+    /// How long the step may wait for its values: `90s`, `30m`, `48h`, `7d`.
+    pub timeout: Option<String>,
+    /// What its deadline does (needs `timeout`): `"reject"` (the default: the step fails
+    /// `INPUT_TIMED_OUT`) or `{ "escalate_to": [...], "timeout": "24h", "then": ... }`.
+    #[schemars(with = "Option<Value>")]
+    pub on_timeout: Option<Value>,
+}
+
+/// The model call that reads values from free text; charged and budgeted like any call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractDef {
+    /// Default: `defaults.model`.
+    pub model: Option<String>,
+    /// Default 512.
+    pub max_tokens: Option<u32>,
 }
 
 fn default_true() -> bool {

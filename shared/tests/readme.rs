@@ -150,3 +150,20 @@ async fn the_readme_content_pipeline_waits_for_its_editor_and_publishes_the_edit
     let done = store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!(done.output, Some(json!("The corrected post.\n\n---\n#launch")));
 }
+
+#[test]
+fn the_readme_input_example_validates_and_its_confirmation_reads_the_collected_values() {
+    let def: Value = serde_json::from_str(&readme_block("**Input steps.**", 0)).expect("the input example is valid JSON");
+    let graph = validate_json(&def, &ModelRegistry::builtin()).unwrap();
+    let confirm = &graph.steps()[graph.index_of("confirm").unwrap()];
+    assert_eq!(confirm.deps, vec![graph.index_of("account").unwrap()]);
+    let chainrun_core::graph::StepKind::Input(spec) = &graph.steps()[graph.index_of("account").unwrap()].kind else { panic!("an input step") };
+    let given = json!({ "account_id": "AC-12", "seats": 12 });
+    let checked = spec.fields.check(&serde_json::Map::new(), given.as_object().unwrap());
+    let errors: Vec<(String, String)> = checked.errors.into_iter().map(|e| (e.field, e.message)).collect();
+    assert_eq!(
+        errors,
+        [("account_id".to_owned(), "\"AC-12\" does not match \"^AC-[0-9]{6}$\"".to_owned()), ("plan".to_owned(), "required".to_owned())],
+        "the README's 422 example"
+    );
+}

@@ -692,9 +692,9 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
         steps: Vec::new(),
         deadline: None,
     };
-    assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting, 0).await, Err(StoreError::LeaseLost(run.id.clone())));
-    assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap());
-    assert!(store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a retry whose reply was lost");
+    assert_eq!(store.park(&run.id, &lease("stranger", 5), &waiting, Answered::default()).await, Err(StoreError::LeaseLost(run.id.clone())));
+    assert!(store.park(&run.id, &ours, &waiting, Answered::default()).await.unwrap());
+    assert!(store.park(&run.id, &ours, &waiting, Answered::default()).await.unwrap(), "a retry whose reply was lost");
     let parked = store.get_run(&run.id).await.unwrap().unwrap();
     assert_eq!((parked.status, parked.waiting.clone(), parked.control.clone()), (RunStatus::AwaitingInput, Some(waiting.clone()), None));
     assert_eq!(store.claim(&run.id, &lease("two", 5), Utc::now() + Duration::hours(1)).await.unwrap(), Claim::Waiting);
@@ -732,7 +732,7 @@ async fn pause_contract(store: Arc<dyn RunStore>) {
     store.create_run(&other_run).await.unwrap();
     let l = lease("four", 5);
     store.claim(&other_run.id, &l, Utc::now()).await.unwrap();
-    assert!(store.park(&other_run.id, &l, &waiting, 0).await.unwrap());
+    assert!(store.park(&other_run.id, &l, &waiting, Answered::default()).await.unwrap());
     let cancel = ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None };
     assert_eq!(store.request_control(&other_run.id, &cancel).await.unwrap(), ControlOutcome::Recorded);
     let requeued = store.get_run(&other_run.id).await.unwrap().unwrap();
@@ -760,9 +760,9 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     assert_eq!(store.decide(&run.id, &step("a"), &edit).await.unwrap(), DecideOutcome::Recorded { requeued: false });
     assert_eq!(store.decide(&run.id, &step("a"), &decision(Verdict::Reject, None)).await.unwrap(), DecideOutcome::AlreadyDecided(edit.clone()));
     let waiting = Waiting { kind: WaitKind::Review, by: None, since: Utc::now(), reason: None, steps: vec![step("b")], deadline: None };
-    assert!(!store.park(&run.id, &ours, &waiting, 0).await.unwrap(), "a decision arrived that the runner did not see");
+    assert!(!store.park(&run.id, &ours, &waiting, Answered::default()).await.unwrap(), "a decision arrived that the runner did not see");
     assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Running, "nothing changed");
-    assert!(store.park(&run.id, &ours, &waiting, 1).await.unwrap());
+    assert!(store.park(&run.id, &ours, &waiting, decided(1)).await.unwrap());
 
     // While it waits: recorded, and the run is queued again for any runner.
     let approve = decision(Verdict::Approve, None);
@@ -777,7 +777,7 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     let deadline = whole_ms(Utc::now() + Duration::hours(48));
     let two = lease("two", 5);
     let timed = Waiting { deadline: Some(deadline), steps: vec![step("c")], ..waiting };
-    assert!(store.park(&run.id, &two, &timed, 2).await.unwrap());
+    assert!(store.park(&run.id, &two, &timed, decided(2)).await.unwrap());
     assert_eq!(store.claim(&run.id, &lease("early", 5), deadline - Duration::seconds(1)).await.unwrap(), Claim::Waiting);
     assert!(!store.due(deadline - Duration::seconds(1), 100).await.unwrap().contains(&run.id));
     assert!(store.due(deadline, 100).await.unwrap().contains(&run.id), "due at its deadline");
@@ -785,7 +785,7 @@ async fn decisions_contract(store: Arc<dyn RunStore>) {
     assert_eq!((late.status, late.waiting), (RunStatus::Running, None));
     // Waiting again, now without a deadline: the old one does not let anyone claim it.
     let untimed = Waiting { deadline: None, ..timed.clone() };
-    assert!(store.park(&run.id, &lease("late", 5), &untimed, 2).await.unwrap());
+    assert!(store.park(&run.id, &lease("late", 5), &untimed, decided(2)).await.unwrap());
     assert_eq!(store.claim(&run.id, &lease("later", 5), deadline + Duration::days(1)).await.unwrap(), Claim::Waiting);
     store
         .request_control(&run.id, &ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None })
@@ -811,6 +811,106 @@ async fn dynamodb_store_honours_the_decisions_contract() {
     let Some(moto) = moto("dynamodb_store_honours_the_decisions_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     decisions_contract(Arc::new(DynamoStore::new(client, tables))).await;
+}
+
+fn decided(decisions: usize) -> Answered {
+    Answered { decisions, input_turns: 0 }
+}
+
+fn input_turn(values: Value, text: Option<&str>) -> chainrun_core::input::InputTurn {
+    chainrun_core::input::InputTurn {
+        by: "bob".parse().unwrap(),
+        at: whole_ms(Utc::now()),
+        values: values.as_object().cloned(),
+        text: text.map(str::to_owned),
+        extracted: None,
+        read: text.is_none(),
+        accepted: Vec::new(),
+        errors: Vec::new(),
+    }
+}
+
+/// What input steps rely on: an answer recorded only over the state it was checked
+/// against (so of two at once only the first counts), documents kept exactly, a waiting
+/// run queued again when asked, and a park that notices an answer it did not see.
+async fn inputs_contract(store: Arc<dyn RunStore>) {
+    use chainrun_core::input::{FieldError, InputEnd, InputState};
+    let run = new_run();
+    store.create_run(&run).await.unwrap();
+    let ours = lease("one", 5);
+    assert!(matches!(store.claim(&run.id, &ours, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    let step = |id: &str| StepId::parse(id).unwrap();
+    // While the run runs: recorded, nothing requeued; the runner's park then notices it.
+    let mut first = InputState { version: 1, ..InputState::default() };
+    first.values.insert("n".into(), json!(1.5e300));
+    first.values.insert("s".into(), json!(""));
+    let mut answered = input_turn(json!({ "n": 1.5e300, "s": "", "bad": [1, null] }), None);
+    answered.errors.push(FieldError { field: "bad".into(), message: "not a field ✓".into() });
+    first.turns.push(answered);
+    assert_eq!(store.record_input(&run.id, &step("a"), 0, &first, true).await.unwrap(), AnswerOutcome::Recorded { requeued: false });
+    assert_eq!(store.record_input(&run.id, &step("a"), 0, &first, true).await.unwrap(), AnswerOutcome::Recorded { requeued: false }, "a retry");
+    let rival = InputState { version: 1, ..InputState::default() };
+    assert_eq!(store.record_input(&run.id, &step("a"), 0, &rival, true).await.unwrap(), AnswerOutcome::Stale(first.clone()), "the first counts");
+    let waiting = Waiting { kind: WaitKind::Input, by: None, since: Utc::now(), reason: None, steps: vec![step("a")], deadline: None };
+    assert!(!store.park(&run.id, &ours, &waiting, Answered::default()).await.unwrap(), "an answer arrived that the runner did not see");
+    assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Running, "nothing changed");
+    let seen = Answered::of(&store.get_run(&run.id).await.unwrap().unwrap());
+    assert_eq!(seen, Answered { decisions: 0, input_turns: 1 });
+    assert!(store.park(&run.id, &ours, &waiting, seen).await.unwrap());
+
+    // While it waits: an answer that leaves it waiting changes nothing else…
+    let mut second = first.clone();
+    second.version = 2;
+    second.turns.push(input_turn(json!({ "s": "x" }), None));
+    assert_eq!(store.record_input(&run.id, &step("a"), 1, &second, false).await.unwrap(), AnswerOutcome::Recorded { requeued: false });
+    assert_eq!(store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::AwaitingInput);
+    // …free text queues it again for any runner, as does a second step's first answer.
+    let mut third = second.clone();
+    third.version = 3;
+    third.turns.push(input_turn(json!(null), Some("it is \"x\" ✓")));
+    assert_eq!(store.record_input(&run.id, &step("a"), 2, &third, true).await.unwrap(), AnswerOutcome::Recorded { requeued: true });
+    let stored = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.waiting), (RunStatus::Queued, None));
+    assert_eq!(stored.inputs.get(&step("a")), Some(&third), "documents round-trip exactly");
+    let two = lease("two", 5);
+    let Claim::Acquired(claimed) = store.claim(&run.id, &two, Utc::now()).await.unwrap() else { panic!("claim") };
+    assert_eq!(Answered::of(&claimed).input_turns, 3);
+    let other = InputState { version: 1, end: Some(InputEnd::Complete), ..InputState::default() };
+    assert_eq!(store.record_input(&run.id, &step("b"), 0, &other, true).await.unwrap(), AnswerOutcome::Recorded { requeued: false });
+    // The runner reads the text: a write that counts no answer.
+    let mut read = third.clone();
+    read.version = 4;
+    read.turns.last_mut().unwrap().read = true;
+    assert_eq!(store.record_input(&run.id, &step("a"), 3, &read, false).await.unwrap(), AnswerOutcome::Recorded { requeued: false });
+    let stored = store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((stored.inputs.len(), Answered::of(&stored).input_turns), (2, 3));
+    assert!(store.park(&run.id, &two, &waiting, Answered::of(&stored)).await.unwrap(), "reading text is not a new answer");
+
+    let mut done = stored;
+    done.status = RunStatus::Completed;
+    done.finished_at = Some(whole_ms(Utc::now()));
+    let three = lease("three", 5);
+    store
+        .request_control(&run.id, &ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None })
+        .await
+        .unwrap();
+    assert!(matches!(store.claim(&run.id, &three, Utc::now()).await.unwrap(), Claim::Acquired(_)));
+    store.finish_run(&done, &three).await.unwrap();
+    let late = InputState { version: 5, ..read };
+    assert_eq!(store.record_input(&run.id, &step("a"), 4, &late, true).await.unwrap(), AnswerOutcome::Finished(RunStatus::Completed));
+    assert_eq!(store.record_input(&RunId::new(), &step("a"), 0, &late, true).await.unwrap(), AnswerOutcome::NotFound);
+}
+
+#[tokio::test]
+async fn memory_store_honours_the_inputs_contract() {
+    inputs_contract(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_store_honours_the_inputs_contract() {
+    let Some(moto) = moto("dynamodb_store_honours_the_inputs_contract").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    inputs_contract(Arc::new(DynamoStore::new(client, tables))).await;
 }
 
 #[tokio::test]
@@ -1613,6 +1713,14 @@ async fn revisions_contract(store: Arc<dyn RunStore>) {
     let approve = ReviewDecision { decision: Verdict::Approve, output: None, comment: None, by: "bob".parse().unwrap(), at: Utc::now() };
     store.decide(&run.id, &b, &approve).await.unwrap();
     store.decide(&run.id, &a, &approve).await.unwrap();
+    // Input answers: on `m` (run again below) and on `a` (kept).
+    let answer = |n: i64| {
+        let mut state = chainrun_core::input::InputState { version: 1, ..Default::default() };
+        state.turns.push(input_turn(json!({ "n": n }), None));
+        state
+    };
+    store.record_input(&run.id, &map, 0, &answer(1), false).await.unwrap();
+    store.record_input(&run.id, &a, 0, &answer(2), false).await.unwrap();
 
     let revision = |n: u32, kind: RevisionKind, rerun: Vec<StepId>| Revision {
         revision: n,
@@ -1646,6 +1754,7 @@ async fn revisions_contract(store: Arc<dyn RunStore>) {
     assert_eq!(queued.revisions, vec![first.clone()]);
     assert_eq!(queued.totals.model_calls, 2, "the totals so far stay");
     assert_eq!((queued.decisions.contains_key(&a), queued.decisions.contains_key(&b)), (true, false), "a review run again is asked again");
+    assert_eq!((queued.inputs.contains_key(&a), queued.inputs.contains_key(&map)), (true, false), "and so is an input step");
     assert!(store.due(Utc::now() + Duration::hours(1), 100).await.unwrap().contains(&run.id), "queued for the sweeper too");
     assert_eq!(
         store.start_revision(&run.id, &revision(2, RevisionKind::Retry, vec![]), None).await.unwrap(),
@@ -1660,6 +1769,14 @@ async fn revisions_contract(store: Arc<dyn RunStore>) {
     again.revision = 1;
     store.save_step(&run.id, &two, &again).await.unwrap();
     store.save_item(&run.id, &two, &map, 1, &item("second item")).await.unwrap();
+    // The answers the revision kept are all its runner saw: it may park.
+    let waiting = Waiting { kind: WaitKind::Paused, by: None, since: Utc::now(), reason: None, steps: vec![], deadline: None };
+    assert!(store.park(&run.id, &two, &waiting, Answered::of(&claimed)).await.unwrap());
+    store
+        .request_control(&run.id, &ControlRequest { kind: ControlKind::Cancel, by: "alice".parse().unwrap(), at: Utc::now(), reason: None })
+        .await
+        .unwrap();
+    let Claim::Acquired(_) = store.claim(&run.id, &two, Utc::now()).await.unwrap() else { panic!("claimed again") };
     let all = store.get_steps(&run.id).await.unwrap();
     assert_eq!(all.len(), 3, "{all:?}");
     let now = claimed.records_at(all.clone(), 1);

@@ -27,6 +27,10 @@ pub enum ApiError {
     /// another request).
     #[error("{0}")]
     Unprocessable(String),
+    /// An answer to an input step that left fields without a valid value: each named,
+    /// with why (`errors`), and how many answers the step still takes.
+    #[error("{detail}")]
+    InvalidAnswer { detail: String, errors: Vec<chainrun_core::input::FieldError>, attempts_left: u32 },
     /// A dependency is unavailable; the client may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -48,6 +52,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", "Unprocessable request"),
+            ApiError::InvalidAnswer { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-answer", "Invalid answer"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -73,6 +78,10 @@ impl IntoResponse for ApiError {
             && !problems.is_empty()
         {
             body["problems"] = json!(problems);
+        }
+        if let ApiError::InvalidAnswer { errors, attempts_left, .. } = &self {
+            body["errors"] = json!(errors);
+            body["attempts_left"] = json!(attempts_left);
         }
         let mut response = (status, Json(body)).into_response();
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));

@@ -4,6 +4,7 @@
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
 //! in-memory adapters, and `main` hands the same router to `lambda_http`.
 
+mod answer;
 pub mod auth;
 pub mod error;
 mod history;
@@ -149,14 +150,18 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
         Some(options) => serde_json::from_value(options).map_err(|e| ApiError::bad_request("Invalid request body", format!("options: {e}")))?,
     };
     let graph = validated(&state, &request.workflow, &request.input)?;
-    // The run is seen by its starter and by everyone who may decide one of its reviews.
+    // The run is seen by its starter and by everyone who may decide one of its reviews or
+    // answer one of its input steps.
     let mut owners = vec![Principal::User(identity.user.to_string())];
     for step in graph.steps() {
-        if let StepKind::Review(spec) = &step.kind {
-            for reviewer in spec.deciders(&identity.user, None) {
-                if !owners.contains(&reviewer) {
-                    owners.push(reviewer);
-                }
+        let people = match &step.kind {
+            StepKind::Review(spec) => spec.deciders(&identity.user, None),
+            StepKind::Input(spec) => spec.answerers(&identity.user, None),
+            _ => continue,
+        };
+        for reviewer in people {
+            if !owners.contains(&reviewer) {
+                owners.push(reviewer);
             }
         }
     }
@@ -416,23 +421,40 @@ struct ResumeBody {
     comment: Option<String>,
     /// A larger budget, for a run waiting on its budget: `{ max_cost_usd, max_total_tokens }`.
     budget: Option<Value>,
+    /// An input step's field values (with `step`).
+    values: Option<Value>,
+    /// Free text an input step's `extract` model reads its values from (with `step`).
+    text: Option<String>,
 }
 
 /// `POST /runs/{id}/resume`. With no body (or `{}`): continues a paused run on any runner.
 /// With `{ "step", "decision": "approve" | "reject" | "edit", "output"?, "comment"? }`:
-/// decides a review step waiting for it (`output` only with `edit`). `202`; `409` saying
-/// what the run or step is doing if it does not wait.
+/// decides a review step waiting for it (`output` only with `edit`). With `{ "step",
+/// "values": {…} }` or `{ "step", "text": "…" }`: answers an input step (see [`answer`]).
+/// `202`; `409` saying what the run or step is doing if it does not wait.
 async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) { ResumeBody::default() } else { parse_body(&body)? };
     let run = visible_run(&state, &identity, &id, Part::Head).await?;
     match request.step {
         Some(_) if request.budget.is_some() => Err(ApiError::bad_request("Invalid request body", "budget: raise it without a `step`")),
+        Some(_)
+            if (request.values.is_some() || request.text.is_some())
+                && (request.decision.is_some() || request.output.is_some() || request.comment.is_some()) =>
+        {
+            Err(ApiError::bad_request("Invalid request body", "values and text answer an input step; decision, output and comment decide a review"))
+        }
+        Some(step) if request.values.is_some() || request.text.is_some() => {
+            answer::answer_input(&state, &identity, run, answer::Answer { step, values: request.values, text: request.text }).await
+        }
         Some(step) => {
             let decision = Decision { step, decision: request.decision, output: request.output, comment: request.comment };
             decide_review(&state, &identity, run, decision).await
         }
         None if request.decision.is_some() || request.output.is_some() || request.comment.is_some() => {
             Err(ApiError::bad_request("Invalid request body", "decision, output and comment decide a review: name its `step`"))
+        }
+        None if request.values.is_some() || request.text.is_some() => {
+            Err(ApiError::bad_request("Invalid request body", "values and text answer an input step: name its `step`"))
         }
         None => resume_paused(&state, &identity, run, request.budget).await,
     }
@@ -456,6 +478,10 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
     if let Some(waiting) = run.waiting.as_ref().filter(|w| w.kind == WaitKind::Review) {
         let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
         return Err(ApiError::Conflict(format!("run {id} waits for review decisions on {}: resume it with `step` and `decision`", steps.join(", "))));
+    }
+    if let Some(waiting) = run.waiting.as_ref().filter(|w| w.kind == WaitKind::Input) {
+        let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
+        return Err(ApiError::Conflict(format!("run {id} waits for input on {}: resume it with `step` and `values` or `text`", steps.join(", "))));
     }
     let resumption = Resumption { by: identity.user.clone(), at, budget: raise };
     match state.store.resume(id, &resumption).await? {

@@ -10,7 +10,7 @@ use chainrun_core::durability::Durability;
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::memory::{MemoryAnalytics, MemoryDispatcher, MemoryProgress, MemoryStore, PausedClock, Script, ScriptedModel};
-use chainrun_core::ports::{Claim, ControlOutcome, DecideOutcome, Lease, ResumeOutcome, RunStore, StoreError};
+use chainrun_core::ports::{AnswerOutcome, Answered, Claim, ControlOutcome, DecideOutcome, Lease, ResumeOutcome, RunStore, StoreError};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{
     Cause, ControlRequest, Event, EventType, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, StepStatus, Waiting,
@@ -171,8 +171,18 @@ impl RunStore for Refusing {
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         self.inner.request_control(id, request).await
     }
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
-        self.inner.park(id, lease, waiting, decisions).await
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, seen: Answered) -> Result<bool, StoreError> {
+        self.inner.park(id, lease, waiting, seen).await
+    }
+    async fn record_input(
+        &self,
+        id: &RunId,
+        step: &StepId,
+        expected: u32,
+        next: &chainrun_core::input::InputState,
+        requeue: bool,
+    ) -> Result<AnswerOutcome, StoreError> {
+        self.inner.record_input(id, step, expected, next, requeue).await
     }
     async fn decide(&self, id: &RunId, step: &StepId, decision: &ReviewDecision) -> Result<DecideOutcome, StoreError> {
         self.inner.decide(id, step, decision).await

@@ -104,6 +104,28 @@ impl StoredDecision {
     }
 }
 
+/// An input step's state in the run's META item: the state as a JSON string (its values
+/// are documents), beside its version, which answers are recorded conditionally on.
+#[derive(Serialize, Deserialize)]
+struct StoredInput {
+    version: u32,
+    state: String,
+}
+
+impl StoredInput {
+    fn from_state(state: &crate::input::InputState) -> Self {
+        Self { version: state.version, state: serde_json::to_string(state).unwrap_or_default() }
+    }
+
+    fn into_state(self, item: &str, step: &StepId) -> Result<crate::input::InputState, StoreError> {
+        serde_json::from_str(&self.state).map_err(|e| StoreError::Corrupt(format!("{item}: inputs.{step} is not an input state: {e}")))
+    }
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A run's META item, as stored.
 #[derive(Serialize, Deserialize)]
 struct RunItem {
@@ -146,6 +168,11 @@ struct RunItem {
     revision: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     revisions: Vec<crate::revision::Revision>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    inputs: BTreeMap<StepId, StoredInput>,
+    /// Answers recorded on its input steps, over all of them: what a park checks it saw.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    input_turns: u64,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -188,6 +215,8 @@ impl RunItem {
             budget_raises: run.budget_raises.clone(),
             revision: run.revision,
             revisions: run.revisions.clone(),
+            inputs: run.inputs.iter().map(|(step, state)| (step.clone(), StoredInput::from_state(state))).collect(),
+            input_turns: run.inputs.values().map(|state| state.turns.len() as u64).sum(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -226,6 +255,7 @@ impl RunItem {
             revision: self.revision,
             revisions: self.revisions,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
+            inputs: self.inputs.into_iter().map(|(step, i)| i.into_state(name, &step).map(|i| (step, i))).collect::<Result<_, _>>()?,
             totals: self.totals,
         })
     }
@@ -790,7 +820,8 @@ impl RunStore for DynamoStore {
     }
 
     #[instrument(skip_all, fields(run_id = %id, kind = ?waiting.kind))]
-    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, decisions: usize) -> Result<bool, StoreError> {
+    async fn park(&self, id: &RunId, lease: &Lease, waiting: &Waiting, seen: Answered) -> Result<bool, StoreError> {
+        let decisions = seen.decisions;
         let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(waiting)
             .map_err(|e| StoreError::Rejected(defect(&format!("what run {id} waits for"), e)))?;
         // Out of the sweep index — a waiting run is nobody's to take over — until its
@@ -809,8 +840,19 @@ impl RunStore for DynamoStore {
                 .update_expression("SET #status = :waiting_status, #waiting = :waiting REMOVE lease_holder, lease_expires, sweep_shard, sweep_at, #control, #deadline")
                 .expression_attribute_names("#deadline", "deadline_at"),
         };
+        // Nor an input answer: the counter exists once the first was recorded.
+        update = match seen.input_turns {
+            0 => update.condition_expression(
+                "lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided) AND attribute_not_exists(#turns)",
+            ),
+            turns => update
+                .condition_expression(
+                    "lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided) AND #turns = :turns",
+                )
+                .expression_attribute_values(":turns", n(turns)),
+        };
         let result = update
-            .condition_expression("lease_holder = :holder AND (attribute_not_exists(#decisions) OR size(#decisions) = :decided)")
+            .expression_attribute_names("#turns", "input_turns")
             .expression_attribute_names("#status", "status")
             .expression_attribute_names("#waiting", "waiting")
             .expression_attribute_names("#control", "control")
@@ -827,7 +869,12 @@ impl RunStore for DynamoStore {
                 // The SDK's retry of our own write whose reply was lost.
                 Some(stored) if stored.waiting.as_ref() == Some(waiting) => Ok(true),
                 // A decision arrived since we read the run: go on with it instead.
-                Some(stored) if stored.lease_holder.as_deref() == Some(lease.holder.as_str()) && stored.decisions.len() != decisions => Ok(false),
+                Some(stored)
+                    if stored.lease_holder.as_deref() == Some(lease.holder.as_str())
+                        && (stored.decisions.len() != decisions || stored.input_turns != seen.input_turns as u64) =>
+                {
+                    Ok(false)
+                }
                 _ => Err(StoreError::LeaseLost(id.clone())),
             },
             Err(e) => Err(store_err(&self.tables.runs)(e)),
@@ -893,6 +940,95 @@ impl RunStore for DynamoStore {
             }
         }
         Err(StoreError::Unavailable(format!("run {id} kept changing while a decision was recorded; try again")))
+    }
+
+    #[instrument(skip_all, fields(run_id = %id, step_id = %step, expected))]
+    async fn record_input(
+        &self,
+        id: &RunId,
+        step: &StepId,
+        expected: u32,
+        next: &crate::input::InputState,
+        requeue: bool,
+    ) -> Result<AnswerOutcome, StoreError> {
+        let item_of = |run_item: &str| format!("{} META of run {id}{run_item}", self.tables.runs);
+        let encode = |e: serde_dynamo::Error| StoreError::Rejected(defect(&format!("the input state of step {step} of run {id}"), e));
+        let one = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(StoredInput::from_state(next)).map_err(encode)?;
+        let map = AttributeValue::M(HashMap::from([(step.to_string(), one.clone())]));
+        // Each write is conditional on the state it was chosen for; a race sends us round
+        // again, and versions only grow, so this ends.
+        for _ in 0..4 {
+            // The META item as stored: status and input states, without the run's documents.
+            let Some(mut run) = self.get_meta(id).await? else { return Ok(AnswerOutcome::NotFound) };
+            let first = run.inputs.is_empty();
+            let stored = run.inputs.remove(step).map(|i| i.into_state(&item_of(""), step)).transpose()?.unwrap_or_default();
+            if stored == *next {
+                // The SDK's retry of our own write whose reply was lost.
+                return Ok(AnswerOutcome::Recorded { requeued: false });
+            }
+            if run.status.is_terminal() {
+                return Ok(AnswerOutcome::Finished(run.status));
+            }
+            if stored.version != expected {
+                return Ok(AnswerOutcome::Stale(stored));
+            }
+            let requeued = requeue && run.status == RunStatus::AwaitingInput;
+            let turns = next.turns.len().saturating_sub(stored.turns.len());
+            let (set_state, state_is) = match (first, expected) {
+                (true, _) => ("#inputs = :inputs", "attribute_not_exists(#inputs)"),
+                (false, 0) => ("#inputs.#step = :state", "attribute_not_exists(#inputs.#step)"),
+                (false, _) => ("#inputs.#step = :state", "#inputs.#step.#version = :expected"),
+            };
+            let mut update = self
+                .client
+                .update_item()
+                .table_name(&self.tables.runs)
+                .set_key(Some(self.meta_key(id)))
+                .expression_attribute_names("#inputs", "inputs")
+                .expression_attribute_names("#status", "status");
+            update = match (first, expected) {
+                (true, _) => update.expression_attribute_values(":inputs", map.clone()),
+                (false, 0) => update.expression_attribute_names("#step", step.as_str()).expression_attribute_values(":state", one.clone()),
+                (false, _) => update
+                    .expression_attribute_names("#step", step.as_str())
+                    .expression_attribute_names("#version", "version")
+                    .expression_attribute_values(":state", one.clone())
+                    .expression_attribute_values(":expected", n(expected)),
+            };
+            // An answer counts for the park check; reading free text or applying the deadline does not.
+            let count = match turns {
+                0 => "",
+                _ => {
+                    update = update.expression_attribute_names("#turns", "input_turns").expression_attribute_values(":turns", n(turns));
+                    " ADD #turns :turns"
+                }
+            };
+            update = match requeued {
+                // Nobody holds a waiting run: queue it for the next runner.
+                true => update
+                    .update_expression(format!("SET {set_state}, #status = :queued, #shard = :shard, #sweep_at = :due REMOVE #waiting{count}"))
+                    .condition_expression(format!("{state_is} AND #status = :waiting_status"))
+                    .expression_attribute_names("#shard", "sweep_shard")
+                    .expression_attribute_names("#sweep_at", "sweep_at")
+                    .expression_attribute_names("#waiting", "waiting")
+                    .expression_attribute_values(":queued", s("QUEUED"))
+                    .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+                    .expression_attribute_values(":shard", s(sweep_shard(id)))
+                    .expression_attribute_values(":due", n((Utc::now() + self.queued_grace).timestamp_millis())),
+                false => update
+                    .update_expression(format!("SET {set_state}{count}"))
+                    .condition_expression(format!("{state_is} AND #status IN (:queued, :running, :waiting_status)"))
+                    .expression_attribute_values(":queued", s("QUEUED"))
+                    .expression_attribute_values(":running", s("RUNNING"))
+                    .expression_attribute_values(":waiting_status", s("AWAITING_INPUT")),
+            };
+            match update.send().await {
+                Ok(_) => return Ok(AnswerOutcome::Recorded { requeued }),
+                Err(e) if is_condition_failure(&e) => continue,
+                Err(e) => return Err(store_err(&self.tables.runs)(e)),
+            }
+        }
+        Err(StoreError::Unavailable(format!("run {id} kept changing while an answer was recorded; try again")))
     }
 
     #[instrument(skip_all, fields(run_id = %id, by = %resumption.by))]
@@ -1154,11 +1290,29 @@ impl RunStore for DynamoStore {
         // The decisions of reviews the revision runs again are asked for again (each
         // revision's checkpoints keep the decisions it ran with).
         let decided: Vec<&StepId> = revision.rerun.iter().filter(|s| stored.decisions.contains_key(*s)).collect();
+        // So are input steps, whose answers leave the park's count of answers with them.
+        let answered: Vec<&StepId> = revision.rerun.iter().filter(|s| stored.inputs.contains_key(*s)).collect();
+        let mut dropped_turns = 0u64;
+        for step in &answered {
+            let name = format!("{} META of run {id}", self.tables.runs);
+            let state = StoredInput { version: 0, state: stored.inputs[*step].state.clone() }.into_state(&name, step)?;
+            dropped_turns += state.turns.len() as u64;
+        }
         let mut remove = ["finished_at", "#output", "output_s3", "#error", "#control", "#waiting"].join(", ");
         for n in 0..decided.len() {
             remove.push_str(&format!(", #decisions.#d{n}"));
         }
+        for n in 0..answered.len() {
+            remove.push_str(&format!(", #inputs.#i{n}"));
+        }
         let mut set = "#status = :queued, #revision = :revision, #revisions = list_append(if_not_exists(#revisions, :none), :entry), #shard = :shard, #sweep_at = :due".to_owned();
+        // The park checks the count exists only once an answer was recorded: none left, none.
+        let turns_left = stored.input_turns.saturating_sub(dropped_turns);
+        match (answered.is_empty(), turns_left) {
+            (true, _) => {}
+            (false, 0) => remove.push_str(", #turns"),
+            (false, _) => set.push_str(", #turns = :turns"),
+        }
         if revision.budget.is_some() {
             set.push_str(", #raises = list_append(if_not_exists(#raises, :none), :raise)");
         }
@@ -1196,6 +1350,15 @@ impl RunStore for DynamoStore {
             update = update.expression_attribute_names("#decisions", "decisions");
             for (n, step) in decided.iter().enumerate() {
                 update = update.expression_attribute_names(format!("#d{n}"), step.as_str());
+            }
+        }
+        if !answered.is_empty() {
+            update = update.expression_attribute_names("#inputs", "inputs").expression_attribute_names("#turns", "input_turns");
+            if turns_left > 0 {
+                update = update.expression_attribute_values(":turns", n(turns_left));
+            }
+            for (n, step) in answered.iter().enumerate() {
+                update = update.expression_attribute_names(format!("#i{n}"), step.as_str());
             }
         }
         if let Some(raise) = &revision.budget {

@@ -14,6 +14,8 @@
 //! | `daily` | the caller's daily spend cap as a call holds and settles it; the holds dead runners left, settled by the checkpoints |
 //! | `map` | fan-out of a sub-step over a list |
 //! | `transform`, `router` | the steps that make no model call |
+//! | `review`, `input` | the steps a person decides or fills in: waiting, deadlines, escalation |
+//! | `revision` | the first runner of a revision announces it (`REVISION_STARTED`, `STEP_OVERRIDDEN`) |
 //!
 //! Each step runs as its own task, at most `max_concurrency` at once; the schedule only
 //! decides what may start and what is skipped. Every settled step is checkpointed before
@@ -22,6 +24,7 @@
 
 mod daily;
 pub mod end;
+mod input;
 pub mod journal;
 mod llm;
 mod map;
@@ -361,6 +364,13 @@ impl Engine {
                     store: self.store.clone(),
                     run_id: run.id.clone(),
                 },
+                collecting: input::Collecting {
+                    states: run.inputs.clone(),
+                    starter: run.caller.clone(),
+                    clock: self.clock.clone(),
+                    store: self.store.clone(),
+                    run_id: run.id.clone(),
+                },
             });
 
             let mut control = self.control.clone();
@@ -380,6 +390,8 @@ impl Engine {
             let mut out_of_time = false;
             // Review steps waiting for their decisions, and the earliest of their deadlines.
             let mut reviews_waiting: Vec<StepId> = Vec::new();
+            // Whether a review is among them (else they are all input steps).
+            let mut review_waits = false;
             let mut deadline: Option<chrono::DateTime<Utc>> = None;
             loop {
                 match asked.take() {
@@ -451,6 +463,7 @@ impl Engine {
                         continue;
                     }
                     Ran::Waiting(until) => {
+                        review_waits |= !matches!(graph.steps()[i].kind, StepKind::Input(_));
                         reviews_waiting.push(graph.steps()[i].id.clone());
                         deadline = deadline.into_iter().chain(until).min();
                         continue;
@@ -481,7 +494,9 @@ impl Engine {
             let why = match (pausing, budget_refused) {
                 (Some(request), _) => Some((WaitKind::Paused, Some(request.by), request.reason)),
                 (None, Some(refused)) => Some((WaitKind::Budget, None, Some(refused))),
-                (None, None) if !out_of_time && !reviews_waiting.is_empty() => Some((WaitKind::Review, None, None)),
+                (None, None) if !out_of_time && !reviews_waiting.is_empty() => {
+                    Some((if review_waits { WaitKind::Review } else { WaitKind::Input }, None, None))
+                }
                 (None, None) => None,
             };
             let waits = why.map(|(kind, by, reason)| Waiting { kind, by, since: Utc::now(), reason, steps: reviews_waiting, deadline });
@@ -493,6 +508,7 @@ impl Engine {
                     reviewers: Vec::new(),
                     settled_steps: settled,
                     steps,
+                    input: None,
                 });
                 journal
                     .emit_with(body, None, None, None, |s| {
@@ -501,7 +517,7 @@ impl Engine {
                         s.waiting = Some(waiting.clone());
                     })
                     .await?;
-                if self.store.park(&run.id, &lease, &waiting, run.decisions.len()).await? {
+                if self.store.park(&run.id, &lease, &waiting, crate::ports::Answered::of(&run)).await? {
                     info!(settled_steps, kind = ?waiting.kind, deadline = ?waiting.deadline, "waiting for a person, holding no runner");
                     if let (Some(timers), Some(deadline)) = (&self.timers, waiting.deadline)
                         && let Err(e) = timers.wake_at(&run.id, deadline).await
@@ -511,9 +527,9 @@ impl Engine {
                     }
                     return Ok(Outcome::Waiting);
                 }
-                // A decision arrived while this runner worked: continue with it, in a
-                // fresh invocation that reads it.
-                info!("a review decision arrived meanwhile; continuing");
+                // A decision (or an answer) arrived while this runner worked: continue with
+                // it, in a fresh invocation that reads it.
+                info!("a review decision or an input answer arrived meanwhile; continuing");
                 self.store.release(&run.id, &lease).await?;
                 return Ok(Outcome::Suspended);
             }

@@ -143,6 +143,7 @@ impl StepContext {
             reviewers: wait.deciders,
             settled_steps: None,
             steps: None,
+            input: None,
         });
         self.journal.emit_with(body, Some(id), None, Some(&record), |_| {}).await?;
         info!(step_id = %id, level = wait.level, deadline = ?wait.deadline, "review waiting for a decision");

@@ -40,6 +40,8 @@ pub struct StepContext {
     pub pausing: std::sync::atomic::AtomicBool,
     /// Review steps: the decisions made so far, and what applies to the others.
     pub reviews: super::review::Reviews,
+    /// Input steps: the answers so far.
+    pub collecting: super::input::Collecting,
     /// `budget.on_exceeded: pause`: a call the run's budget refuses pauses the run.
     pub pause_on_budget: bool,
     /// The first such refusal's message, once one happened.
@@ -101,7 +103,8 @@ pub enum Ran {
     Settled(StepRecord),
     /// Stopped before it finished (a map near the deadline or pausing); it continues later.
     Interrupted,
-    /// A review waiting for its decision, until its deadline if it has one.
+    /// A review waiting for its decision (or an input step for its values), until its
+    /// deadline if it has one.
     Waiting(Option<chrono::DateTime<chrono::Utc>>),
 }
 
@@ -159,6 +162,7 @@ impl StepContext {
             let model = match &step.kind {
                 StepKind::Llm(spec) => Some(spec.model.clone()),
                 StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => Some(spec.model.clone()),
+                StepKind::Input(spec) => spec.extract.as_ref().map(|e| e.model.clone()),
                 _ => None,
             };
             let mut running = Running::new(step.id.clone(), model.clone(), started_at, Some(carried));
@@ -181,6 +185,10 @@ impl StepContext {
                     }
                 }
                 StepKind::Review(spec) => match self.review(&step.id, spec, &inputs, waiting, &mut running).await? {
+                    Ok(work) => work,
+                    Err(until) => return Ok(Ran::Waiting(until)),
+                },
+                StepKind::Input(spec) => match self.input(&step.id, spec, &inputs, waiting, &mut running).await? {
                     Ok(work) => work,
                     Err(until) => return Ok(Ran::Waiting(until)),
                 },

@@ -115,7 +115,9 @@ pub struct RunResumed {
 }
 
 /// Something waits for a person. With a `step_id`: a review step waits for its decision
-/// (`show` is what is to be reviewed, `reviewers` who may decide); other branches of the
+/// (`show` is what is to be reviewed, `reviewers` who may decide), or an input step for its
+/// values (`show` is what it asks, `reviewers` who may answer, `missing` the fields still
+/// without a value); other branches of the
 /// run go on. Without: the run itself waits, holding no runner, until
 /// `POST /runs/{id}/resume` (or the decisions it waits for).
 #[derive(Debug, Serialize, JsonSchema)]
@@ -133,6 +135,10 @@ pub struct AwaitingInput {
     pub settled_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
+    /// An input step: the fields it still asks for, what its last answer gave that was
+    /// refused, and how many answers it still takes.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub input: Option<super::InputAsked>,
 }
 
 /// The invocation's deadline came near: settled steps are checkpointed and the run is

@@ -132,6 +132,32 @@ pub enum StepDetail {
     Waiting(crate::run::ReviewWait),
     /// A step whose output was set by hand.
     Overridden(crate::revision::Overridden),
+    /// An input step waiting: who may answer and until when, what it still asks for.
+    InputWaiting(InputWait),
+    /// An input step's answers, turn by turn, and the values they gave.
+    Input(crate::input::InputState),
+}
+
+/// Where a waiting input step stands, kept in its `WAITING` checkpoint's `detail`. Its
+/// first fields are a review's ([`crate::run::ReviewWait`]): deadlines escalate both alike.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+pub struct InputWait {
+    #[serde(flatten)]
+    pub wait: crate::run::ReviewWait,
+    #[serde(flatten)]
+    pub asked: InputAsked,
+}
+
+/// What an input step still asks for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+pub struct InputAsked {
+    /// The required fields without a valid value yet.
+    pub missing: Vec<String>,
+    /// The values of the last answer that were refused, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<crate::input::FieldError>,
+    /// Answers it still takes before it fails.
+    pub attempts_left: u32,
 }
 
 impl StepDetail {
