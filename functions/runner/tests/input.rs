@@ -161,6 +161,8 @@ async fn complete_values_make_the_step_output_and_a_downstream_step_reads_them()
     assert_eq!((step.status, step.output.clone()), (StepStatus::Completed, Some(json!({ "account_id": "AC-123456", "plan": "pro" }))));
     assert_eq!(serde_json::from_str::<Value>(step.text.as_deref().unwrap()).unwrap(), step.output.unwrap(), "its text is the values as JSON");
     assert_eq!(step.detail.unwrap()["turns"][0]["by"], "alice", "the detail records each turn");
+    let resumed = s.progress.events(&run.id).into_iter().find(|e| e.kind == chainrun_core::run::EventType::RunResumed).unwrap();
+    assert_eq!((resumed.data["by"].as_str(), resumed.data["what"].as_str()), (Some("alice"), Some("answered input account")));
 }
 
 #[tokio::test(start_paused = true)]

@@ -165,7 +165,7 @@ pub struct Engine {
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
-/// larger budget) and its review decisions.
+/// larger budget), its review decisions and the answers to its input steps.
 fn resumed_by(run: &RunRecord) -> Option<(crate::ids::UserId, String)> {
     let resume = run.resumed.as_ref().map(|r| {
         let what = match &r.budget {
@@ -178,7 +178,8 @@ fn resumed_by(run: &RunRecord) -> Option<(crate::ids::UserId, String)> {
         .decisions
         .iter()
         .map(|(step, d)| (d.at, d.by.clone(), format!("decided {} on review {step}", format!("{:?}", d.decision).to_lowercase())));
-    resume.into_iter().chain(decisions).max_by_key(|(at, ..)| *at).map(|(_, by, what)| (by, what))
+    let answers = run.inputs.iter().filter_map(|(step, state)| state.turns.last().map(|t| (t.at, t.by.clone(), format!("answered input {step}"))));
+    resume.into_iter().chain(decisions).chain(answers).max_by_key(|(at, ..)| *at).map(|(_, by, what)| (by, what))
 }
 
 impl Engine {

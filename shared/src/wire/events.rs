@@ -109,7 +109,7 @@ pub struct RunResumed {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub by: Option<UserId>,
     /// …and what they did: `resumed the paused run`, `raised the budget`, `decided approve
-    /// on review check`.
+    /// on review check`, `answered input account`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub what: Option<String>,
 }
