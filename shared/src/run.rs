@@ -511,6 +511,10 @@ pub struct RunRecord {
     /// Every revision after the first, oldest first (`revisions[n - 1]` started revision `n`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<crate::revision::Revision>,
+    /// The stored workflow and version it was started from (`POST /workflows/{id}/runs`);
+    /// `None` for a run of an inline definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<crate::stored::Pinned>,
 }
 
 impl RunRecord {
@@ -534,6 +538,7 @@ impl RunRecord {
             budget_raises: Vec::new(),
             revision: 0,
             revisions: Vec::new(),
+            pinned: None,
             workflow,
             definition,
             input,

@@ -146,6 +146,8 @@ struct RunItem {
     revision: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     revisions: Vec<crate::revision::Revision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pinned: Option<crate::stored::Pinned>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -188,6 +190,7 @@ impl RunItem {
             budget_raises: run.budget_raises.clone(),
             revision: run.revision,
             revisions: run.revisions.clone(),
+            pinned: run.pinned.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -225,6 +228,7 @@ impl RunItem {
             budget_raises: self.budget_raises,
             revision: self.revision,
             revisions: self.revisions,
+            pinned: self.pinned,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             totals: self.totals,
         })
