@@ -132,6 +132,16 @@ async fn memory_workflow_store_lists_an_owners_workflows_newest_first() {
     listing_contract(Arc::new(MemoryWorkflows::new())).await;
 }
 
+fn client(moto: &moto::Moto) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(&moto.url)
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
 /// The DynamoDB store on a fresh moto server, when the moto half runs (`CHAINRUN_MOTO=1`).
 async fn dynamodb(test: &str) -> Option<(moto::Moto, Arc<dyn WorkflowStore>)> {
     if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
@@ -140,13 +150,7 @@ async fn dynamodb(test: &str) -> Option<(moto::Moto, Arc<dyn WorkflowStore>)> {
         return None;
     }
     let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(&moto.url)
-        .build();
-    let client = aws_sdk_dynamodb::Client::from_conf(config);
+    let client = client(&moto);
     let tables = create_tables(&client).await.unwrap();
     Some((moto, Arc::new(DynamoWorkflows::new(client, tables))))
 }
@@ -161,4 +165,41 @@ async fn dynamodb_workflow_store_keeps_versions_and_refuses_lost_updates() {
 async fn dynamodb_workflow_store_lists_an_owners_workflows_newest_first() {
     let Some((_moto, store)) = dynamodb("dynamodb_workflow_store_lists_an_owners_workflows_newest_first").await else { return };
     listing_contract(store).await;
+}
+
+async fn pinned_run_contract(runs: Arc<dyn chainrun_core::ports::RunStore>) {
+    let definition = definition("triage", "v1");
+    let mut run = chainrun_core::run::RunRecord::new(
+        "triage".parse().unwrap(),
+        definition,
+        json!({}),
+        user("alice"),
+        vec![chainrun_core::ids::Principal::User("alice".into())],
+        Utc::now(),
+    );
+    let pinned = chainrun_core::stored::Pinned { workflow_id: WorkflowId::new(), version: 7 };
+    run.pinned = Some(pinned.clone());
+    runs.create_run(&run).await.unwrap();
+    assert_eq!(runs.get_run(&run.id).await.unwrap().unwrap().pinned, Some(pinned), "the run remembers the version it ran");
+    let inline = chainrun_core::run::RunRecord { id: chainrun_core::ids::RunId::new(), pinned: None, ..run };
+    runs.create_run(&inline).await.unwrap();
+    assert_eq!(runs.get_run(&inline.id).await.unwrap().unwrap().pinned, None);
+}
+
+#[tokio::test]
+async fn memory_run_store_keeps_the_workflow_version_a_run_pinned() {
+    pinned_run_contract(Arc::new(chainrun_core::memory::MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn dynamodb_run_store_keeps_the_workflow_version_a_run_pinned() {
+    if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped dynamodb_run_store_keeps_the_workflow_version_a_run_pinned: needs CHAINRUN_MOTO=1");
+        return;
+    }
+    let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
+    let client = client(&moto);
+    let tables = create_tables(&client).await.unwrap();
+    pinned_run_contract(Arc::new(chainrun_core::aws::DynamoStore::new(client, tables))).await;
 }
