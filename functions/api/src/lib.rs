@@ -1,4 +1,4 @@
-//! chainrun's HTTP API: access checks, starting runs, reading runs and their progress,
+//! chainrun's HTTP API: access checks, stored workflows, starting runs, reading runs and their progress,
 //! run history, cost analytics, the caller's daily spend and cost estimates.
 //!
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and

@@ -354,3 +354,21 @@ async fn an_oversize_definition_is_refused_before_anything_is_written() {
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.body);
     assert!(api.workflows.list(&"alice".parse().unwrap(), 10, None).await.unwrap().items.is_empty());
 }
+
+#[tokio::test]
+async fn a_put_retried_with_its_idempotency_key_gets_its_first_answer_not_a_conflict() {
+    let api = api();
+    let id = api.create("alice", greet("Hello")).await;
+    let path = format!("/workflows/{id}");
+    let body = json!({ "workflow": greet("Bonjour") });
+    let first = api.send("alice", "PUT", &path, Some(body.clone()), &[("if-match", "\"1\""), ("idempotency-key", "k-1")]).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    // The answer was lost; the client sends the same request again.
+    let again = api.send("alice", "PUT", &path, Some(body.clone()), &[("if-match", "\"1\""), ("idempotency-key", "k-1")]).await;
+    assert_eq!((again.status, again.body["version"].clone()), (StatusCode::OK, json!(2)), "{}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(api.call("alice", "GET", &path, None).await.body["latest_version"], 2, "written once");
+    // The same key and body replacing another version is another request.
+    let other = api.send("alice", "PUT", &path, Some(body), &[("if-match", "\"2\""), ("idempotency-key", "k-1")]).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", other.body);
+}
