@@ -227,6 +227,9 @@ async fn update(
 ) -> Result<Response, ApiError> {
     let header = if_match(&headers)?;
     let request: UpdateBody = parse_body(&body)?;
+    if let Some(n) = request.version.filter(|n| !(1..=MAX_VERSION).contains(n)) {
+        return Err(ApiError::bad_request("Invalid request body", format!("version: the version you read, 1 to {MAX_VERSION}; got {n}")));
+    }
     let (head, _) = visible(&state, &identity, &id, None).await?;
     let expected = match (header, request.version) {
         (Some(Expected::Version(h)), Some(b)) if h != b => {

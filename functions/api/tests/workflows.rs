@@ -183,6 +183,10 @@ async fn a_lost_update_is_refused_with_409_naming_the_current_version() {
     assert_eq!(mixed.status, StatusCode::BAD_REQUEST, "{}", mixed.body);
     let bad = api.send("alice", "PUT", &path, Some(json!({ "workflow": greet("x") })), &[("if-match", "two")]).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    for version in [json!(0), json!(-1), json!("2"), json!(1_000_000)] {
+        let bad = api.call("alice", "PUT", &path, Some(json!({ "workflow": greet("x"), "version": version }))).await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST, "version {version}: {}", bad.body);
+    }
     let any = api.send("alice", "PUT", &path, Some(json!({ "workflow": greet("star") })), &[("if-match", "*")]).await;
     assert_eq!((any.status, any.body["version"].clone()), (StatusCode::OK, json!(3)));
 }
