@@ -9,7 +9,8 @@
 //! and at most its model's context window (Bedrock rejects a longer prompt unbilled), and
 //! its output tokens at most the step's `max_tokens`. Every attempt is charged, so a step's
 //! `max` is its worst call ([`worst_case`]) times `retry.max_attempts`, times the items of
-//! a map. Every step that could run is counted, whatever a router may choose. `max` always
+//! a map. Every step that could run is counted, whatever a router may choose; a step
+//! switched off (`enabled: false`), and what cannot run without it, is not. `max` always
 //! exists; each step says what bounded it (`max_basis`).
 //!
 //! The unknown is the prompt: it is rendered from upstream outputs that do not exist yet.
@@ -172,11 +173,17 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let mut reply_bound: Vec<Option<u64>> = vec![None; n];
     let mut per_step: Vec<Bounds> = Vec::with_capacity(n);
     let mut all_render = true;
+    let off = switched_off(graph);
     for (i, step) in graph.steps().iter().enumerate() {
         let slots = Slots { graph, text: &text_bound, output: &output_bound };
         // What `steps.<this>.text` and `.output` can render to, for the steps after it.
         let mut bounds: (Option<u64>, Option<u64>) = (None, None);
         let bound = match &step.kind {
+            // Never runs: costs nothing, and reads as nothing downstream.
+            _ if off[i] => {
+                bounds = (Some(NONE_BYTES), Some(NONE_BYTES));
+                Bounds::NONE
+            }
             StepKind::Llm(spec) => {
                 let reply = (reply_limit(spec.max_tokens, MAX_OUTPUT_BYTES) as u64).max(NONE_BYTES);
                 reply_bound[i] = Some(reply);
@@ -288,7 +295,8 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let certain = all_render
         && !budget_binds
         && graph.steps().iter().all(|s| {
-            s.required
+            s.enabled
+                && s.required
                 && s.join == Join::All
                 && match &s.kind {
                     StepKind::Llm(spec) => matches!(spec.format, OutputFormat::Text | OutputFormat::Markdown),
@@ -326,6 +334,21 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let expected = steps.iter().fold(Amount::ZERO, |sum, s| add(sum, s.expected));
     let expected = Amount { tokens: expected.tokens.min(max.tokens), cost: expected.cost.min(max.cost) };
     Estimate { steps, min, expected, max, max_unclamped, basis, history_runs: workflow_runs }
+}
+
+/// The steps that never run whatever happens: those switched off (`enabled: false`), and
+/// those whose join they make impossible (`all`: one of its dependencies never runs;
+/// `any`: none of them can). Steps are in topological order, so one pass decides all.
+fn switched_off(graph: &ValidatedGraph) -> Vec<bool> {
+    let mut off = vec![false; graph.steps().len()];
+    for (i, step) in graph.steps().iter().enumerate() {
+        off[i] = !step.enabled
+            || match step.join {
+                Join::All => step.deps.iter().any(|&d| off[d]),
+                Join::Any => !step.deps.is_empty() && step.deps.iter().all(|&d| off[d]),
+            };
+    }
+    off
 }
 
 /// How the estimator sees upstream values while rendering one template.

@@ -231,6 +231,8 @@ pub struct Step {
     pub deps: Vec<usize>,
     pub required: bool,
     pub join: Join,
+    /// False when the definition switched it off (`enabled: false`): it never runs.
+    pub enabled: bool,
 }
 
 /// A workflow that passed validation: ids unique and well-formed, every reference known,
@@ -713,6 +715,7 @@ struct Checked<'a> {
     deps: Vec<usize>,
     required: bool,
     join: Join,
+    enabled: bool,
 }
 
 /// Validates `def` whose steps are `steps` (`def.steps` itself is not read).
@@ -826,8 +829,8 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                     c.found.push(id, "max_concurrency", format!("must be 1 to {MAX_CONCURRENCY}"));
                 }
                 let inner = m.step.common();
-                if !inner.id.is_empty() || !inner.depends_on.is_empty() || !inner.required || inner.join != Join::All {
-                    c.found.push(id, "step", "a map's step has no id, depends_on, required or join of its own: set them on the map");
+                if !inner.id.is_empty() || !inner.depends_on.is_empty() || !inner.required || inner.join != Join::All || !inner.enabled {
+                    c.found.push(id, "step", "a map's step has no id, depends_on, required, join or enabled of its own: set them on the map");
                 }
                 let step = match m.step.as_ref() {
                     StepDef::Llm(llm) => ItemStep::Llm(c.llm(IN_MAP_ITEM, llm, &def.defaults, models)),
@@ -881,7 +884,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
         let mut deps = c.deps;
         deps.sort_unstable_by_key(|&d| parsed[d].0);
         deps.dedup();
-        checked.push(Checked { id, kind, deps, required: common.required, join: common.join });
+        checked.push(Checked { id, kind, deps, required: common.required, join: common.join, enabled: common.enabled });
     }
     let output = def.output.as_ref().and_then(|out| {
         let mut c = Checker { found: &mut found, ids: &ids, step: "", deps: Vec::new() };
@@ -945,7 +948,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
         let Some(c) = slots[s].take() else { continue };
         let Ok(id) = StepId::parse(c.id) else { continue }; // checked above
         let deps = c.deps.iter().map(|&d| position[d]).collect();
-        steps.push(Step { id, kind: c.kind, deps, required: c.required, join: c.join });
+        steps.push(Step { id, kind: c.kind, deps, required: c.required, join: c.join, enabled: c.enabled });
     }
     let mut dependents = vec![Vec::new(); steps.len()];
     for (i, s) in steps.iter().enumerate() {

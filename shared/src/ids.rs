@@ -39,6 +39,41 @@ impl fmt::Display for RunId {
     }
 }
 
+/// A stored workflow's id: a ULID, like a run's, so ids sort by creation time and cannot
+/// be guessed from one another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub struct WorkflowId(Arc<str>);
+
+impl WorkflowId {
+    pub fn new() -> Self {
+        Self(ulid::Ulid::new().to_string().into())
+    }
+
+    /// Parses an id that came from outside (a path segment, a stored item).
+    pub fn parse(raw: &str) -> Result<Self, InvalidId> {
+        ulid::Ulid::from_string(raw)
+            .map(|u| Self(u.to_string().into()))
+            .map_err(|_| InvalidId { kind: "workflow id", value: raw.chars().take(64).collect() })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for WorkflowId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for WorkflowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A step's id inside one workflow: `[A-Za-z][A-Za-z0-9_]*`, so it is addressable
 /// as `steps.<id>` in templates and expressions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -89,7 +124,7 @@ macro_rules! parsed_string {
     )*};
 }
 
-parsed_string!(RunId, StepId);
+parsed_string!(RunId, WorkflowId, StepId);
 
 macro_rules! string_schema {
     ($($ty:ident: $pattern:literal, $doc:literal;)*) => {$(
@@ -107,6 +142,7 @@ macro_rules! string_schema {
 
 string_schema! {
     RunId: "^[0-9A-HJKMNP-TV-Z]{26}$", "A run id (a ULID).";
+    WorkflowId: "^[0-9A-HJKMNP-TV-Z]{26}$", "A stored workflow's id (a ULID).";
     StepId: "^[A-Za-z][A-Za-z0-9_]{0,63}$", "A step id, addressable as `steps.<id>`.";
 }
 

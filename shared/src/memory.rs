@@ -811,3 +811,100 @@ impl Timers for MemoryTimers {
         Ok(())
     }
 }
+
+// ---------------------------------------------------------------- stored workflows
+
+/// A stored workflow in memory: its head, every version by number, and whether it was
+/// deleted (versions stay, as in the DynamoDB store; no call here reads them then).
+struct StoredSlot {
+    head: crate::stored::StoredWorkflow,
+    versions: BTreeMap<u32, crate::stored::WorkflowVersion>,
+    deleted: bool,
+}
+
+/// Stored workflows in memory, with the DynamoDB adapter's semantics: conditional new
+/// versions, deletes that hide a workflow from every read, lists newest updated first.
+#[derive(Default)]
+pub struct MemoryWorkflows {
+    workflows: Mutex<HashMap<crate::ids::WorkflowId, StoredSlot>>,
+}
+
+impl MemoryWorkflows {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl WorkflowStore for MemoryWorkflows {
+    async fn create(&self, head: &crate::stored::StoredWorkflow, first: &crate::stored::WorkflowVersion) -> Result<(), StoreError> {
+        let mut workflows = lock(&self.workflows);
+        if let Some(slot) = workflows.get(&head.id) {
+            // The same create again (a retry whose reply was lost) succeeds; any other is refused.
+            if slot.head == *head && slot.versions.get(&first.version) == Some(first) {
+                return Ok(());
+            }
+            return Err(StoreError::Rejected(format!("workflow {} already exists", head.id)));
+        }
+        let slot = StoredSlot { head: head.clone(), versions: BTreeMap::from([(first.version, first.clone())]), deleted: false };
+        workflows.insert(head.id.clone(), slot);
+        Ok(())
+    }
+
+    async fn get(
+        &self,
+        id: &crate::ids::WorkflowId,
+        version: Option<u32>,
+    ) -> Result<Option<(crate::stored::StoredWorkflow, crate::stored::WorkflowVersion)>, StoreError> {
+        let workflows = lock(&self.workflows);
+        let Some(slot) = workflows.get(id).filter(|s| !s.deleted) else { return Ok(None) };
+        Ok(slot.versions.get(&version.unwrap_or(slot.head.version)).map(|v| (slot.head.clone(), v.clone())))
+    }
+
+    async fn save_version(
+        &self,
+        id: &crate::ids::WorkflowId,
+        expected: u32,
+        name: &crate::ids::WorkflowName,
+        next: &crate::stored::WorkflowVersion,
+    ) -> Result<SaveOutcome, StoreError> {
+        let mut workflows = lock(&self.workflows);
+        let Some(slot) = workflows.get_mut(id).filter(|s| !s.deleted) else { return Ok(SaveOutcome::NotFound) };
+        if slot.head.version != expected || next.version != expected + 1 {
+            return Ok(SaveOutcome::Stale { current: slot.head.version });
+        }
+        slot.versions.insert(next.version, next.clone());
+        slot.head.version = next.version;
+        slot.head.name = name.clone();
+        slot.head.updated_at = next.written_at;
+        Ok(SaveOutcome::Saved(slot.head.clone()))
+    }
+
+    async fn delete(&self, id: &crate::ids::WorkflowId, _at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let mut workflows = lock(&self.workflows);
+        match workflows.get_mut(id) {
+            Some(slot) if !slot.deleted => {
+                slot.deleted = true;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list(&self, owner: &crate::ids::UserId, limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError> {
+        let workflows = lock(&self.workflows);
+        let mut heads: Vec<&crate::stored::StoredWorkflow> =
+            workflows.values().filter(|s| !s.deleted && &s.head.owner == owner).map(|s| &s.head).collect();
+        // Newest updated first; the id breaks ties, as the DynamoDB index's key does.
+        heads.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id)));
+        let start = match after {
+            Some(c) => heads.iter().position(|h| (h.updated_at, &h.id) < (c.updated_at, &c.id)).unwrap_or(heads.len()),
+            None => 0,
+        };
+        let limit = limit.max(1) as usize;
+        let rest = &heads[start..];
+        let items: Vec<_> = rest.iter().take(limit).map(|h| (*h).clone()).collect();
+        let next = (rest.len() > limit).then(|| items.last().map(|h| WorkflowCursor { updated_at: h.updated_at, id: h.id.clone() })).flatten();
+        Ok(WorkflowPage { items, next })
+    }
+}

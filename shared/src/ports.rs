@@ -626,3 +626,60 @@ pub enum TimerError {
     #[error("timer refused: {0}")]
     Rejected(String),
 }
+
+// ---------------------------------------------------------------- stored workflows
+
+/// What became of a new version of a stored workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SaveOutcome {
+    /// Written: the workflow's head as it now stands.
+    Saved(crate::stored::StoredWorkflow),
+    /// Another version landed first (a lost update): the workflow is at this version now,
+    /// and nothing was written.
+    Stale { current: u32 },
+    /// No such workflow, or it was deleted.
+    NotFound,
+}
+
+/// A position in an owner's list of workflows: the last one a page covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowCursor {
+    pub updated_at: DateTime<Utc>,
+    pub id: crate::ids::WorkflowId,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowPage {
+    pub items: Vec<crate::stored::StoredWorkflow>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<WorkflowCursor>,
+}
+
+/// Stored workflows and their immutable versions (see [`crate::stored`]). A deleted
+/// workflow is gone for every call here; the runs that ran it keep their snapshots.
+#[async_trait]
+pub trait WorkflowStore: Send + Sync {
+    /// Stores a new workflow (at version 1) with its first version. Storing the same again
+    /// succeeds (a retry whose reply was lost); another workflow with its id is `Rejected`.
+    async fn create(&self, head: &crate::stored::StoredWorkflow, first: &crate::stored::WorkflowVersion) -> Result<(), StoreError>;
+    /// The workflow's head and its version `version` (default: the latest); `None` if the
+    /// workflow does not exist, was deleted, or has no such version.
+    async fn get(
+        &self,
+        id: &crate::ids::WorkflowId,
+        version: Option<u32>,
+    ) -> Result<Option<(crate::stored::StoredWorkflow, crate::stored::WorkflowVersion)>, StoreError>;
+    /// Writes `next` (whose number must be `expected + 1`) as the workflow's latest
+    /// version, named `name`, only if the workflow is still at version `expected`.
+    async fn save_version(
+        &self,
+        id: &crate::ids::WorkflowId,
+        expected: u32,
+        name: &WorkflowName,
+        next: &crate::stored::WorkflowVersion,
+    ) -> Result<SaveOutcome, StoreError>;
+    /// Deletes the workflow; `false` if there was none (or it was deleted already).
+    async fn delete(&self, id: &crate::ids::WorkflowId, at: DateTime<Utc>) -> Result<bool, StoreError>;
+    /// The owner's workflows, most recently updated first, deleted ones left out.
+    async fn list(&self, owner: &UserId, limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError>;
+}

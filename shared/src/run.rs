@@ -516,6 +516,10 @@ pub struct RunRecord {
     /// The answers to its input steps and what they kept, by step.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub inputs: std::collections::BTreeMap<StepId, crate::input::InputState>,
+    /// The stored workflow and version it was started from (`POST /workflows/{id}/runs`);
+    /// `None` for a run of an inline definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<crate::stored::Pinned>,
 }
 
 impl RunRecord {
@@ -540,6 +544,7 @@ impl RunRecord {
             revision: 0,
             revisions: Vec::new(),
             inputs: Default::default(),
+            pinned: None,
             workflow,
             definition,
             input,

@@ -138,13 +138,14 @@ pub struct Common<'a> {
     pub depends_on: &'a [String],
     pub required: bool,
     pub join: Join,
+    pub enabled: bool,
 }
 
 impl StepDef {
     pub fn common(&self) -> Common<'_> {
         macro_rules! common {
             ($s:expr) => {
-                Common { id: &$s.id, depends_on: &$s.depends_on, required: $s.required, join: $s.join }
+                Common { id: &$s.id, depends_on: &$s.depends_on, required: $s.required, join: $s.join, enabled: $s.enabled }
             };
         }
         match self {
@@ -182,6 +183,10 @@ pub struct LlmStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     pub model: Option<String>,
     /// System prompt (a template).
     pub system: Option<String>,
@@ -210,6 +215,10 @@ pub struct TransformStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// A Jinja template; the output is the rendered text. Exactly one of `template` and `expression`.
     pub template: Option<String>,
     /// A CEL expression; the output is its value as JSON.
@@ -227,6 +236,10 @@ pub struct RouterStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// Tried in order; the first whose condition holds chooses its steps.
     pub routes: Vec<RouteDef>,
     /// Chosen when no route's condition holds.
@@ -254,6 +267,10 @@ pub struct MapStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// A CEL expression giving the list to fan out over.
     pub over: String,
     /// Items processed at once (default 4).
@@ -276,6 +293,10 @@ pub struct ReviewStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// What is to be reviewed, a template (e.g. `{{ steps.draft.text }}`). Approved, it is
     /// the step's output; edited, the reviewer's output replaces it.
     pub show: String,
@@ -303,6 +324,10 @@ pub struct InputStepDef {
     pub required: bool,
     #[serde(default)]
     pub join: Join,
+    /// When false, the step is switched off: it is skipped as a step its router did not
+    /// choose is, and so are the steps that need it (`join: all`).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub enabled: bool,
     /// What is asked, a template (e.g. `Which account, {{ input.name }}?`), shown with the
     /// step's `AWAITING_INPUT`.
     pub ask: String,
@@ -333,6 +358,10 @@ pub struct ExtractDef {
     pub model: Option<String>,
     /// Default 512.
     pub max_tokens: Option<u32>,
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 fn default_true() -> bool {

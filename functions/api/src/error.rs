@@ -23,6 +23,10 @@ pub enum ApiError {
     /// The request does not fit the state of what it acts on (a cancel of an ended run).
     #[error("{0}")]
     Conflict(String),
+    /// A conditional request sent without its condition (a `PUT` of a stored workflow that
+    /// does not say which version it replaces).
+    #[error("{0}")]
+    PreconditionRequired(String),
     /// Well-formed, but not something that can be done (an idempotency key reused for
     /// another request).
     #[error("{0}")]
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "precondition-required", "Precondition required"),
             ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unprocessable", "Unprocessable request"),
             ApiError::InvalidAnswer { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-answer", "Invalid answer"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),

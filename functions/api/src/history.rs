@@ -36,7 +36,7 @@ fn invalid(detail: impl Into<String>) -> ApiError {
 }
 
 /// An optional integer query parameter in `range`; the problem names the parameter.
-fn bounded(name: &str, raw: Option<&str>, default: u32, range: RangeInclusive<u32>) -> Result<u32, ApiError> {
+pub(crate) fn bounded(name: &str, raw: Option<&str>, default: u32, range: RangeInclusive<u32>) -> Result<u32, ApiError> {
     let Some(raw) = raw else { return Ok(default) };
     raw.trim()
         .parse::<u32>()

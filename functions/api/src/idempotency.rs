@@ -2,7 +2,7 @@
 //! retry after a lost answer, a double click) gets the first one's answer and acts once.
 //!
 //! Keys are per caller and kept a day. A key names one request: the same key with another
-//! method, path or body is a `422`; a repeat while the first is still being handled is a
+//! method, path, body or `If-Match` is a `422`; a repeat while the first is still being handled is a
 //! `409`. Answers below 500 are kept and replayed (marked `Idempotent-Replayed: true`); a
 //! 5xx gives the key up, so a retry acts anew. Requests without the header are untouched.
 
@@ -42,6 +42,12 @@ pub async fn keyed(State(state): State<AppState>, request: Request, next: Next) 
     let mut digest = Sha256::new();
     for part in [parts.method.as_str().as_bytes(), b" ", parts.uri.path().as_bytes(), b"\n", &bytes] {
         digest.update(part);
+    }
+    // A conditional request's condition is part of what it asks: the same body replacing
+    // another version is another request.
+    if let Some(condition) = parts.headers.get(http::header::IF_MATCH) {
+        digest.update(b"\nif-match: ");
+        digest.update(condition.as_bytes());
     }
     let fingerprint: String = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let scope = identity.user.as_str();

@@ -1,4 +1,4 @@
-//! chainrun's HTTP API: access checks, starting runs, reading runs and their progress,
+//! chainrun's HTTP API: access checks, stored workflows, starting runs, reading runs and their progress,
 //! run history, cost analytics, the caller's daily spend and cost estimates.
 //!
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
@@ -10,6 +10,7 @@ pub mod error;
 mod history;
 pub mod idempotency;
 mod revisions;
+mod workflows;
 
 use auth::{Authenticator, Identity};
 use axum::body::Bytes;
@@ -23,6 +24,7 @@ use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, reviewer_name, v
 use chainrun_core::ids::{Principal, RunId, StepId};
 use chainrun_core::ports::{
     Analytics, ControlOutcome, DailySpend, DecideOutcome, Dispatcher, Idempotency, MAX_OWNERS, ProgressReader, ResumeOutcome, RunHistory, RunStore,
+    WorkflowStore,
 };
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::{
@@ -76,6 +78,8 @@ pub struct AppState {
     pub daily_caps: Arc<DailyCaps>,
     /// `Idempotency-Key`s and the answers they replay.
     pub idempotency: Arc<dyn Idempotency>,
+    /// Stored workflows and their versions.
+    pub workflows: Arc<dyn WorkflowStore>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -92,6 +96,7 @@ pub fn app(state: AppState) -> Router {
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
+        .merge(workflows::routes())
         .fallback(not_found);
     routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))
@@ -103,7 +108,7 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())
 }
 
-async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed("this route does not accept that method".into())
 }
 
@@ -125,12 +130,12 @@ struct StartRun {
     options: Option<Value>,
 }
 
-fn empty_object() -> Value {
+pub(crate) fn empty_object() -> Value {
     json!({})
 }
 
 /// Parses a JSON body ourselves so every malformed body gets a problem that says where.
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     if body.len() > MAX_BODY_BYTES {
         return Err(ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES });
     }
@@ -145,11 +150,24 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
 
 async fn start_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: StartRun = parse_body(&body)?;
-    let options: RunOptions = match request.options {
+    queue_run(&state, &identity, request.workflow, request.input, request.options, None).await
+}
+
+/// Validates and stores a run of `workflow` on `input` and hands it to the runner: `202`
+/// with its id and links. `pinned`: the stored workflow version it runs, if any.
+pub(crate) async fn queue_run(
+    state: &AppState,
+    identity: &Identity,
+    workflow: Value,
+    input: Value,
+    options: Option<Value>,
+    pinned: Option<chainrun_core::stored::Pinned>,
+) -> Result<Response, ApiError> {
+    let options: RunOptions = match options {
         None => RunOptions::default(),
         Some(options) => serde_json::from_value(options).map_err(|e| ApiError::bad_request("Invalid request body", format!("options: {e}")))?,
     };
-    let graph = validated(&state, &request.workflow, &request.input)?;
+    let graph = validated(state, &workflow, &input)?;
     // The run is seen by its starter and by everyone who may decide one of its reviews or
     // answer one of its input steps.
     let mut owners = vec![Principal::User(identity.user.to_string())];
@@ -171,9 +189,10 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
             format!("reviewers: {} people and groups would see this run; at most {MAX_OWNERS} may", owners.len()),
         ));
     }
-    let mut run = RunRecord::new(graph.name().clone(), request.workflow, request.input, identity.user.clone(), owners, chrono::Utc::now());
+    let mut run = RunRecord::new(graph.name().clone(), workflow, input, identity.user.clone(), owners, chrono::Utc::now());
     run.step_order = graph.step_order();
     run.options = options;
+    run.pinned = pinned;
     state.store.create_run(&run).await?;
     // The run is stored: it will run even if this hand-over fails, because the sweeper
     // dispatches a run still queued after the grace period. Failing the request now would
@@ -188,12 +207,8 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
 
 /// Validates a definition and an input as every route that takes them must: `400` with
 /// every problem of the definition, or with where the input breaks it.
-fn validated(state: &AppState, workflow: &Value, input: &Value) -> Result<ValidatedGraph, ApiError> {
-    let graph = validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
-        title: "Invalid workflow",
-        detail: invalid.to_string(),
-        problems: invalid.problems,
-    })?;
+pub(crate) fn validated(state: &AppState, workflow: &Value, input: &Value) -> Result<ValidatedGraph, ApiError> {
+    let graph = validated_definition(state, workflow)?;
     if !input.is_object() {
         return Err(ApiError::bad_request("Invalid input", "input must be a JSON object"));
     }
@@ -201,6 +216,15 @@ fn validated(state: &AppState, workflow: &Value, input: &Value) -> Result<Valida
         return Err(ApiError::bad_request("Invalid input", format!("input does not match the workflow's input_schema: {}", violations.join("; "))));
     }
     Ok(graph)
+}
+
+/// Validates a definition as every route that takes one must: `400` naming every problem.
+pub(crate) fn validated_definition(state: &AppState, workflow: &Value) -> Result<ValidatedGraph, ApiError> {
+    validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
+        title: "Invalid workflow",
+        detail: invalid.to_string(),
+        problems: invalid.problems,
+    })
 }
 
 #[derive(Deserialize)]
@@ -219,12 +243,17 @@ pub const ESTIMATE_HISTORY_DAYS: u64 = 30;
 /// from the caller's own runs of a workflow of that name in the last 30 days when there are any.
 async fn estimate_run(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: EstimateRun = parse_body(&body)?;
-    let graph = validated(&state, &request.workflow, &request.input)?;
+    estimate_of(&state, &identity, &request.workflow, &request.input).await
+}
+
+/// The estimate of running `workflow` on `input`, for `identity`.
+pub(crate) async fn estimate_of(state: &AppState, identity: &Identity, workflow: &Value, input: &Value) -> Result<Response, ApiError> {
+    let graph = validated(state, workflow, input)?;
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Days::new(ESTIMATE_HISTORY_DAYS - 1);
     let history = state.analytics.costs(&Principal::User(identity.user.to_string()), from, to).await?;
     let history = history.into_iter().find(|w| graph.name() == w.workflow.as_str());
-    let estimate = chainrun_core::estimate::estimate(&graph, &request.input, &state.models, history.as_ref());
+    let estimate = chainrun_core::estimate::estimate(&graph, input, &state.models, history.as_ref());
     Ok(Json(EstimateView::from(&estimate)).into_response())
 }
 

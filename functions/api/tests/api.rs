@@ -36,6 +36,7 @@ fn api() -> Api {
     let daily = Arc::new(MemoryDailySpend::new());
     let state = AppState {
         idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
+        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
         store: store.clone(),
         progress: progress.clone(),
         history: store.clone(),

@@ -33,6 +33,7 @@ fn api() -> Api {
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let state = AppState {
         idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
+        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
         store: store.clone(),
         progress: Arc::new(MemoryProgress::new()),
         history: store.clone(),

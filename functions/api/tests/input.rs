@@ -32,6 +32,7 @@ fn api() -> Api {
     let progress = Arc::new(MemoryProgress::new());
     let dispatcher = Arc::new(MemoryDispatcher::new());
     let state = AppState {
+        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
         idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
         store: store.clone(),
         progress: progress.clone(),

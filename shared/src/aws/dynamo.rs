@@ -173,6 +173,8 @@ struct RunItem {
     /// Answers recorded on its input steps, over all of them: what a park checks it saw.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     input_turns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pinned: Option<crate::stored::Pinned>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -217,6 +219,7 @@ impl RunItem {
             revisions: run.revisions.clone(),
             inputs: run.inputs.iter().map(|(step, state)| (step.clone(), StoredInput::from_state(state))).collect(),
             input_turns: run.inputs.values().map(|state| state.turns.len() as u64).sum(),
+            pinned: run.pinned.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -254,6 +257,7 @@ impl RunItem {
             budget_raises: self.budget_raises,
             revision: self.revision,
             revisions: self.revisions,
+            pinned: self.pinned,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             inputs: self.inputs.into_iter().map(|(step, i)| i.into_state(name, &step).map(|i| (step, i))).collect::<Result<_, _>>()?,
             totals: self.totals,

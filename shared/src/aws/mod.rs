@@ -14,6 +14,7 @@ mod progress;
 mod rollups;
 mod scheduler;
 mod spend;
+mod workflows;
 
 pub use bedrock::BedrockModel;
 pub use blobs::S3Blobs;
@@ -24,6 +25,7 @@ pub use progress::DynamoProgress;
 pub use rollups::DynamoAnalytics;
 pub use scheduler::{ScheduleTarget, SchedulerTimers};
 pub use spend::DynamoDailySpend;
+pub use workflows::DynamoWorkflows;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;

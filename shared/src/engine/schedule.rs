@@ -22,6 +22,9 @@ pub enum Decision {
     Skip(String),
 }
 
+/// Why a step with `enabled: false` is skipped.
+pub const SWITCHED_OFF: &str = "switched off (enabled: false)";
+
 /// One run's scheduling state: each step's record once settled, and the queues.
 pub struct Schedule {
     graph: Arc<ValidatedGraph>,
@@ -83,6 +86,10 @@ impl Schedule {
 /// Whether a step whose dependencies have all settled runs or is skipped.
 fn decide(graph: &ValidatedGraph, i: usize, records: &[Option<Arc<StepRecord>>]) -> Decision {
     let step = &graph.steps()[i];
+    // Switched off in the definition: skipped as an unchosen route is, whatever the join.
+    if !step.enabled {
+        return Decision::Skip(SWITCHED_OFF.into());
+    }
     let settled = |d: usize| records[d].as_ref().map(|r| r.status);
     // A router that did not choose this step switches it off, whatever the join.
     for &d in &step.deps {
@@ -214,6 +221,22 @@ mod tests {
         let (ran, skipped) = drain(&mut s);
         assert_eq!(ran, vec![index(&g, "yes")]);
         assert_eq!(skipped, vec![(index(&g, "no"), "not chosen by router r".into())]);
+    }
+
+    #[test]
+    fn a_switched_off_step_is_skipped_like_an_unchosen_route_and_so_is_what_needs_it() {
+        let g = graph(json!([
+            { "id": "a", "type": "transform", "template": "x", "enabled": false },
+            t("b", &[]),
+            t("needs_a", &["a"]),
+            { "id": "either", "type": "transform", "template": "x", "depends_on": ["a", "b"], "join": "any" }
+        ]));
+        let mut s = Schedule::new(g.clone(), vec![None; 4]);
+        let (ran, skipped) = drain(&mut s);
+        assert_eq!(ran, vec![index(&g, "b")]);
+        assert_eq!(skipped, vec![(index(&g, "a"), SWITCHED_OFF.into()), (index(&g, "needs_a"), "dependency a is skipped".into())]);
+        s.settle(index(&g, "b"), record("b", StepStatus::Completed, None));
+        assert_eq!(drain(&mut s).0, vec![index(&g, "either")], "join any runs on what did complete");
     }
 
     #[test]

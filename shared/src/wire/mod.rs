@@ -9,6 +9,7 @@
 pub mod events;
 pub mod money;
 pub mod views;
+pub mod workflows;
 
 use crate::budget::{Amount, BudgetExceeded, Limit};
 use crate::codes::ErrorCode;

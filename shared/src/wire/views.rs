@@ -150,6 +150,9 @@ pub struct RunView<'a> {
     /// one before it ended. `GET /runs/{id}?revision=N` shows revision `N`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<RevisionView<'a>>,
+    /// The stored workflow and the version of it the run was started from, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_ref: Option<&'a crate::stored::Pinned>,
     pub steps: Vec<StepView<'a>>,
 }
 
@@ -228,6 +231,7 @@ impl<'a> RunView<'a> {
             budget_raises: &run.budget_raises,
             revision: run.revision,
             revisions: run.revisions.iter().map(RevisionView::from).collect(),
+            workflow_ref: run.pinned.as_ref(),
             steps,
         }
     }
