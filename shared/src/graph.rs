@@ -117,20 +117,27 @@ impl ReviewSpec {
     /// Who may decide: its reviewers (the run's `starter` when it names none), and those
     /// its deadlines escalated it to after `level` escalations (`None`: at any level).
     pub fn deciders(&self, starter: &crate::ids::UserId, level: Option<u32>) -> Vec<Principal> {
-        let mut who = if self.reviewers.is_empty() { vec![Principal::User(starter.to_string())] } else { self.reviewers.clone() };
-        if let Some((_, on_timeout)) = &self.timeout {
-            let added = match level {
-                Some(level) => on_timeout.at_level(level).1,
-                None => on_timeout.principals(),
-            };
-            for p in added {
-                if !who.contains(&p) {
-                    who.push(p);
-                }
+        people_asked(&self.reviewers, self.timeout.as_ref().map(|(_, on)| on), starter, level)
+    }
+}
+
+/// Who a person step (a review, an input) asks after `level` escalations of its deadline
+/// (`None`: at any level): `named` (the run's `starter` when it names nobody), and those
+/// `on_timeout` handed it to by then.
+pub fn people_asked(named: &[Principal], on_timeout: Option<&OnTimeout>, starter: &crate::ids::UserId, level: Option<u32>) -> Vec<Principal> {
+    let mut who = if named.is_empty() { vec![Principal::User(starter.to_string())] } else { named.to_vec() };
+    if let Some(on_timeout) = on_timeout {
+        let added = match level {
+            Some(level) => on_timeout.at_level(level).1,
+            None => on_timeout.principals(),
+        };
+        for p in added {
+            if !who.contains(&p) {
+                who.push(p);
             }
         }
-        who
     }
+    who
 }
 
 impl OnTimeout {

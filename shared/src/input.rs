@@ -73,19 +73,7 @@ impl InputSpec {
     /// Who may answer after `level` escalations of its deadline (`None`: at any level):
     /// `from` (the run's `starter` when it names nobody), and those its deadlines handed it to.
     pub fn answerers(&self, starter: &UserId, level: Option<u32>) -> Vec<Principal> {
-        let mut who = if self.from.is_empty() { vec![Principal::User(starter.to_string())] } else { self.from.clone() };
-        if let Some((_, on_timeout)) = &self.timeout {
-            let added = match level {
-                Some(level) => on_timeout.at_level(level).1,
-                None => on_timeout.principals(),
-            };
-            for p in added {
-                if !who.contains(&p) {
-                    who.push(p);
-                }
-            }
-        }
-        who
+        crate::graph::people_asked(&self.from, self.timeout.as_ref().map(|(_, on)| on), starter, level)
     }
 }
 

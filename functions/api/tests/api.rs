@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use axum::body::Body;
-use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
+use chainrun_api::auth::Authenticator;
 use chainrun_api::{AppState, MAX_BODY_BYTES, app};
 use chainrun_core::engine::{Engine, EngineConfig};
 use chainrun_core::ids::{RunId, StepId};
@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-const SECRET: &str = "test-secret-test-secret-test-secret!";
+mod support;
+use support::SECRET;
 
 struct Api {
     store: Arc<MemoryStore>,
@@ -29,36 +30,13 @@ struct Api {
 }
 
 fn api() -> Api {
-    let store = Arc::new(MemoryStore::new());
-    let progress = Arc::new(MemoryProgress::new());
-    let dispatcher = Arc::new(MemoryDispatcher::new());
-    let analytics = Arc::new(MemoryAnalytics::new());
-    let daily = Arc::new(MemoryDailySpend::new());
-    let state = AppState {
-        idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
-        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
-        store: store.clone(),
-        progress: progress.clone(),
-        history: store.clone(),
-        analytics: analytics.clone(),
-        dispatcher: dispatcher.clone(),
-        models: Arc::new(ModelRegistry::builtin()),
-        auth: Authenticator::local(SECRET.as_bytes()),
-        daily: daily.clone(),
-        daily_caps: Arc::new(DailyCaps::parse(None, Some(r#"{"alice": "0.01"}"#)).unwrap()),
-    };
-    Api { store, progress, dispatcher, analytics, daily, state }
+    let caps = DailyCaps::parse(None, Some(r#"{"alice": "0.01"}"#)).unwrap();
+    let p = support::ports(Authenticator::local(SECRET.as_bytes()), caps);
+    Api { store: p.store, progress: p.progress, dispatcher: p.dispatcher, analytics: p.analytics, daily: p.daily, state: p.state }
 }
 
 fn token_with(secret: &str, sub: &str, exp_offset: i64) -> String {
-    let claims =
-        json!({ "sub": sub, "groups": ["eng"], "iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "exp": chrono::Utc::now().timestamp() + exp_offset });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    support::token_signed(secret, sub, &["eng"], exp_offset)
 }
 
 fn token(sub: &str) -> String {
@@ -67,13 +45,7 @@ fn token(sub: &str) -> String {
 
 /// A token for `sub` in `groups`.
 fn token_in(sub: &str, groups: &[&str]) -> String {
-    let claims = json!({ "sub": sub, "groups": groups, "iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 3600 });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::token_signed(SECRET, sub, groups, 3600)
 }
 
 impl Api {

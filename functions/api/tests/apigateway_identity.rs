@@ -10,9 +10,8 @@ use base64::Engine as _;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, app};
 use chainrun_core::ids::{Principal, RunId};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore};
+use chainrun_core::memory::{MemoryDispatcher, MemoryStore};
 use chainrun_core::ports::RunStore;
-use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::run::RunRecord;
 use chainrun_core::spend::DailyCaps;
 use http::StatusCode;
@@ -20,6 +19,8 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
+
+mod support;
 
 struct Api {
     store: Arc<MemoryStore>,
@@ -29,22 +30,8 @@ struct Api {
 
 /// The API as deployed: identities from the JWT authorizer's claims.
 fn api() -> Api {
-    let store = Arc::new(MemoryStore::new());
-    let dispatcher = Arc::new(MemoryDispatcher::new());
-    let state = AppState {
-        idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
-        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
-        store: store.clone(),
-        progress: Arc::new(MemoryProgress::new()),
-        history: store.clone(),
-        analytics: Arc::new(MemoryAnalytics::new()),
-        dispatcher: dispatcher.clone(),
-        models: Arc::new(ModelRegistry::builtin()),
-        auth: Authenticator::ApiGatewayJwt,
-        daily: Arc::new(MemoryDailySpend::new()),
-        daily_caps: Arc::new(DailyCaps::parse(None, None).unwrap()),
-    };
-    Api { store, dispatcher, state }
+    let p = support::ports(Authenticator::ApiGatewayJwt, DailyCaps::parse(None, None).unwrap());
+    Api { store: p.store, dispatcher: p.dispatcher, state: p.state }
 }
 
 /// An API Gateway HTTP API event (payload format 2.0) for `method path`, with `headers`, a JSON

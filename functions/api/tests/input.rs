@@ -3,22 +3,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use axum::body::Body;
-use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, app};
 use chainrun_core::durability::Clock;
 use chainrun_core::engine::{Engine, EngineConfig, Outcome};
 use chainrun_core::ids::{RunId, StepId};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
+use chainrun_core::memory::{MemoryDispatcher, MemoryProgress, MemoryStore, Script, ScriptedModel};
 use chainrun_core::ports::{Claim, Lease, RunStore};
 use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::spend::DailyCaps;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-const SECRET: &str = "test-secret-test-secret-test-secret!";
+mod support;
 
 struct Api {
     store: Arc<MemoryStore>,
@@ -28,33 +26,12 @@ struct Api {
 }
 
 fn api() -> Api {
-    let store = Arc::new(MemoryStore::new());
-    let progress = Arc::new(MemoryProgress::new());
-    let dispatcher = Arc::new(MemoryDispatcher::new());
-    let state = AppState {
-        workflows: Arc::new(chainrun_core::memory::MemoryWorkflows::new()),
-        idempotency: Arc::new(chainrun_core::memory::MemoryIdempotency::new()),
-        store: store.clone(),
-        progress: progress.clone(),
-        history: store.clone(),
-        analytics: Arc::new(MemoryAnalytics::new()),
-        dispatcher: dispatcher.clone(),
-        models: Arc::new(ModelRegistry::builtin()),
-        auth: Authenticator::local(SECRET.as_bytes()),
-        daily: Arc::new(MemoryDailySpend::new()),
-        daily_caps: Arc::new(DailyCaps::parse(None, None).unwrap()),
-    };
-    Api { store, progress, dispatcher, state }
+    let p = support::local_ports();
+    Api { store: p.store, progress: p.progress, dispatcher: p.dispatcher, state: p.state }
 }
 
 fn token(sub: &str, groups: &[&str]) -> String {
-    let claims = json!({ "sub": sub, "groups": groups, "iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 3600 });
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    support::token_signed(support::SECRET, sub, groups, 3600)
 }
 
 /// The wall clock at a fixed time, to start a wait in the past.

@@ -3,13 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use axum::body::Body;
-use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_api::{AppState, app};
 use chainrun_core::ids::{RunId, WorkflowId};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryStore, MemoryWorkflows};
+use chainrun_core::memory::{MemoryDispatcher, MemoryStore, MemoryWorkflows};
 use chainrun_core::ports::{RunStore, WorkflowStore};
-use chainrun_core::pricing::ModelRegistry;
-use chainrun_core::spend::DailyCaps;
 use chainrun_core::stored::Pinned;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -17,7 +14,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-const SECRET: &str = "test-secret-test-secret-test-secret!";
+mod support;
 
 struct Api {
     store: Arc<MemoryStore>,
@@ -27,29 +24,12 @@ struct Api {
 }
 
 fn api() -> Api {
-    let store = Arc::new(MemoryStore::new());
-    let workflows = Arc::new(MemoryWorkflows::new());
-    let dispatcher = Arc::new(MemoryDispatcher::new());
-    let state = AppState {
-        idempotency: Arc::new(MemoryIdempotency::new()),
-        workflows: workflows.clone(),
-        store: store.clone(),
-        progress: Arc::new(MemoryProgress::new()),
-        history: store.clone(),
-        analytics: Arc::new(MemoryAnalytics::new()),
-        dispatcher: dispatcher.clone(),
-        models: Arc::new(ModelRegistry::builtin()),
-        auth: Authenticator::local(SECRET.as_bytes()),
-        daily: Arc::new(MemoryDailySpend::new()),
-        daily_caps: Arc::new(DailyCaps::parse(None, None).unwrap()),
-    };
-    Api { store, workflows, dispatcher, state }
+    let p = support::local_ports();
+    Api { store: p.store, workflows: p.workflows, dispatcher: p.dispatcher, state: p.state }
 }
 
 fn token(sub: &str) -> String {
-    let claims = json!({ "sub": sub, "groups": [], "iss": LOCAL_ISSUER, "aud": LOCAL_AUDIENCE, "exp": chrono::Utc::now().timestamp() + 3600 });
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).unwrap()
+    support::token_signed(support::SECRET, sub, &[], 3600)
 }
 
 struct Answer {
