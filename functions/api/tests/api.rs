@@ -1295,3 +1295,23 @@ async fn a_raise_changes_only_the_limits_it_names_and_null_lifts_one() {
         assert_eq!((to["max_total_tokens"].as_u64(), to["max_cost_pico_usd"].as_u64()), (tokens, Some(1_000_000_000)), "the cost limit stays: {to}");
     }
 }
+
+#[tokio::test]
+async fn a_run_takes_at_most_fifty_revisions() {
+    let api = api();
+    let body = json!({ "workflow": { "name": "one", "defaults": { "model": "amazon.nova-micro-v1:0" }, "steps": [{ "id": "a", "type": "llm", "prompt": "ONE" }] } });
+    let (_, _, accepted) = api.start("alice", body).await;
+    let id = accepted["run_id"].as_str().unwrap().to_owned();
+    let model = || Arc::new(ScriptedModel::new(vec![Script::reply("ONE", "1")]));
+    api.execute(&id, model()).await;
+    for n in 1..=50 {
+        let (status, accepted) = api.send("alice", "POST", &format!("/runs/{id}/steps/a/retry"), None).await;
+        assert_eq!((status, accepted["revision"].as_u64()), (StatusCode::ACCEPTED, Some(n)), "{accepted}");
+        api.execute(&id, model()).await;
+    }
+    let (status, problem) = api.send("alice", "POST", &format!("/runs/{id}/steps/a/retry"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["detail"].as_str().unwrap().contains("50 revisions"), "{problem}");
+    let (_, run) = api.get("alice", &format!("/runs/{id}?revision=0")).await;
+    assert_eq!(run["status"], "COMPLETED", "the first revision is still there");
+}

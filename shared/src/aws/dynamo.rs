@@ -921,16 +921,9 @@ impl RunStore for DynamoStore {
             };
             update = match requeue {
                 // Nobody holds a waiting run: queue it for the next runner.
-                true => update
-                    .update_expression(format!("SET {set_decision}, #status = :queued, #shard = :shard, #sweep_at = :due REMOVE #waiting"))
-                    .condition_expression(format!("{decision_absent} AND #status = :waiting_status"))
-                    .expression_attribute_names("#shard", "sweep_shard")
-                    .expression_attribute_names("#sweep_at", "sweep_at")
-                    .expression_attribute_names("#waiting", "waiting")
-                    .expression_attribute_values(":queued", s("QUEUED"))
-                    .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
-                    .expression_attribute_values(":shard", s(sweep_shard(id)))
-                    .expression_attribute_values(":due", n((decision.at + self.queued_grace).timestamp_millis())),
+                true => queue_waiting(update, id, decision.at + self.queued_grace)
+                    .update_expression(format!("SET {set_decision}, {QUEUE_WAITING} REMOVE #waiting"))
+                    .condition_expression(format!("{decision_absent} AND #status = :waiting_status")),
                 false => update
                     .update_expression(format!("SET {set_decision}"))
                     .condition_expression(format!("{decision_absent} AND #status IN (:queued, :running)"))
@@ -1009,16 +1002,9 @@ impl RunStore for DynamoStore {
             };
             update = match requeued {
                 // Nobody holds a waiting run: queue it for the next runner.
-                true => update
-                    .update_expression(format!("SET {set_state}, #status = :queued, #shard = :shard, #sweep_at = :due REMOVE #waiting{count}"))
-                    .condition_expression(format!("{state_is} AND #status = :waiting_status"))
-                    .expression_attribute_names("#shard", "sweep_shard")
-                    .expression_attribute_names("#sweep_at", "sweep_at")
-                    .expression_attribute_names("#waiting", "waiting")
-                    .expression_attribute_values(":queued", s("QUEUED"))
-                    .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
-                    .expression_attribute_values(":shard", s(sweep_shard(id)))
-                    .expression_attribute_values(":due", n((Utc::now() + self.queued_grace).timestamp_millis())),
+                true => queue_waiting(update, id, Utc::now() + self.queued_grace)
+                    .update_expression(format!("SET {set_state}, {QUEUE_WAITING} REMOVE #waiting{count}"))
+                    .condition_expression(format!("{state_is} AND #status = :waiting_status")),
                 false => update
                     .update_expression(format!("SET {set_state}{count}"))
                     .condition_expression(format!("{state_is} AND #status IN (:queued, :running, :waiting_status)"))
@@ -1389,6 +1375,27 @@ impl RunStore for DynamoStore {
             Err(e) => Err(store_err(&self.tables.runs)(e)),
         }
     }
+}
+
+/// The `SET` clause that queues a waiting run again for any runner, due for the sweeper at
+/// `:due`; [`queue_waiting`] names what it uses (and `#waiting`, `:waiting_status`, which
+/// the callers' `REMOVE #waiting` and condition use).
+const QUEUE_WAITING: &str = "#status = :queued, #shard = :shard, #sweep_at = :due";
+
+/// The names and values of [`QUEUE_WAITING`], for a run due at `due` unless claimed first.
+fn queue_waiting(
+    update: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    id: &RunId,
+    due: DateTime<Utc>,
+) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+    update
+        .expression_attribute_names("#shard", "sweep_shard")
+        .expression_attribute_names("#sweep_at", "sweep_at")
+        .expression_attribute_names("#waiting", "waiting")
+        .expression_attribute_values(":queued", s("QUEUED"))
+        .expression_attribute_values(":waiting_status", s("AWAITING_INPUT"))
+        .expression_attribute_values(":shard", s(sweep_shard(id)))
+        .expression_attribute_values(":due", n(due.timestamp_millis()))
 }
 
 /// Why a revision did not start on the run as `stored`; `Started` if it is this very
