@@ -227,6 +227,26 @@ name_newtype! {
     ModelId: "model id", max 256;
 }
 
+impl UserId {
+    /// The caller of a request that carries no token (allowed only where a `PUBLIC`
+    /// workflow lets anyone in). No token may claim it: a subject starting with `~` is refused.
+    pub const ANONYMOUS: &'static str = "~anonymous";
+
+    pub fn anonymous() -> Self {
+        Self(Self::ANONYMOUS.into())
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        &*self.0 == Self::ANONYMOUS
+    }
+
+    /// Whose limits and spend a run of this caller counts against: the user, or the
+    /// shared `PUBLIC` tenant for anonymous callers.
+    pub fn tenant(&self) -> Principal {
+        if self.is_anonymous() { Principal::Public } else { Principal::User(self.0.to_string()) }
+    }
+}
+
 /// Who may see a run's progress: a user, a group, or one of the shared feeds.
 /// Rendered as the progress table's partition key (`USER#alice`, `GROUP#eng`, `ADMIN`, `PUBLIC`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -116,6 +116,9 @@ fn identity(user: String, groups: Vec<String>) -> Result<Identity, AuthError> {
     if user.trim().is_empty() {
         return Err(AuthError::Invalid("the token has an empty subject".into()));
     }
+    if user.starts_with('~') {
+        return Err(AuthError::Invalid("subjects starting with `~` are reserved".into()));
+    }
     let user = UserId::parse(&user).map_err(|e| AuthError::Invalid(format!("the token's subject is not a user id: {e}")))?;
     Ok(Identity { user, groups })
 }
