@@ -225,7 +225,7 @@ async fn contract(s: Subject) {
         waiting: None,
     };
     s.progress.publish(&event, &row, &[alice()]).await.unwrap();
-    let feed = s.progress.feed(&alice(), 10).await.unwrap();
+    let feed = s.progress.feed(&alice(), 10, None).await.unwrap();
     assert_eq!(feed.iter().map(|r| r.run_id.clone()).collect::<Vec<_>>(), vec![newer.id.clone(), run.id.clone()]);
 }
 
@@ -561,7 +561,7 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     published.totals.add_call(&Usage { input_tokens: 5, output_tokens: 7, ..Usage::default() }, Usd::from_pico(12_345));
     p.publish(&event(&run, 4), &published, &[alice(), eng(), alice()]).await.unwrap();
     assert_eq!(p.progress_of(&alice(), &run).await.unwrap(), Some(published.clone()));
-    assert_eq!(p.feed(&alice(), 10).await.unwrap().iter().filter(|r| r.run_id == run).count(), 1);
+    assert_eq!(p.feed(&alice(), 10, None).await.unwrap().iter().filter(|r| r.run_id == run).count(), 1);
 
     // Rows only move forward. A row ahead of the log (here published with an event it runs
     // ahead of) is never overwritten by an older one: that event is refused whole.
@@ -579,7 +579,7 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
 
     // Pages hold at least one item, whatever limit is asked for.
     assert_eq!(p.events_after(&run, 0, 0).await.unwrap().len(), 1);
-    assert_eq!(p.feed(&alice(), 0).await.unwrap().len(), 1);
+    assert_eq!(p.feed(&alice(), 0, None).await.unwrap().len(), 1);
 
     // One event updates at most MAX_OWNERS rows (a DynamoDB transaction holds 100 items,
     // a checkpoint and the log's own checks among them); more is refused up front,

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::aws::DynamoWorkflows;
-use chainrun_core::ids::{UserId, WorkflowId, WorkflowName};
+use chainrun_core::ids::{Principal, UserId, WorkflowId, WorkflowName};
 use chainrun_core::memory::MemoryWorkflows;
 use chainrun_core::ports::{SaveOutcome, StoreError, WorkflowStore};
 use chainrun_core::stored::{StoredWorkflow, WorkflowVersion};
@@ -88,7 +88,7 @@ async fn walk(store: &dyn WorkflowStore, owner: &str, limit: u32) -> Vec<Vec<Wor
     let mut pages = Vec::new();
     let mut after = None;
     loop {
-        let page = store.list(&user(owner), limit, after.as_ref()).await.unwrap();
+        let page = store.list(&[Principal::User(owner.into())], limit, after.as_ref()).await.unwrap();
         pages.push(page.items.iter().map(|h| h.id.clone()).collect());
         match page.next {
             Some(next) => after = Some(next),
@@ -116,7 +116,7 @@ async fn listing_contract(store: Arc<dyn WorkflowStore>) {
     let v2 = version(2, definition("a", "v2"), "alice", at(30));
     assert!(matches!(store.save_version(&a.id, 1, &"a".parse().unwrap(), &v2).await.unwrap(), SaveOutcome::Saved(_)));
     assert!(store.delete(&b.id, at(31)).await.unwrap());
-    let page = store.list(&user("alice"), 10, None).await.unwrap();
+    let page = store.list(&[Principal::User("alice".into())], 10, None).await.unwrap();
     assert_eq!(page.items.iter().map(|h| h.id.clone()).collect::<Vec<_>>(), vec![a.id.clone(), c_then_d, d_then_c]);
     assert_eq!((page.items[0].version, page.items[0].updated_at), (2, at(30)));
     assert_eq!(page.next, None);
