@@ -621,6 +621,41 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     assert_eq!(seqs(p.as_ref(), &run).await.len(), 7);
 }
 
+/// A shared feed (the admin feed, a group's) is spread over shards; read, it is one feed:
+/// every run once, newest first, in pages that lose and repeat nothing, and each run's row
+/// found by `progress_of` where its events put it.
+async fn feed_pages_contract(p: Arc<dyn Progress>) {
+    let group = Principal::Group(format!("g{}", RunId::new()));
+    let base = ulid::Ulid::new().timestamp_ms();
+    // 40 runs a millisecond apart, so their ids (ULIDs) sort as their starts.
+    let runs: Vec<RunId> = (0..40u64).map(|i| RunId::parse(&ulid::Ulid::from_parts(base + i, u128::from(i)).to_string()).unwrap()).collect();
+    for run in &runs {
+        p.publish(&event(run, 1), &row(run, 1), &[alice(), group.clone()]).await.unwrap();
+    }
+    let mut read = Vec::new();
+    let mut before: Option<RunId> = None;
+    loop {
+        let page = p.feed(&group, 7, before.as_ref()).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|r| r.run_id.clone());
+        read.extend(page.into_iter().map(|r| r.run_id));
+    }
+    let newest_first: Vec<RunId> = runs.iter().rev().cloned().collect();
+    assert_eq!(read, newest_first, "the group feed, merged from its shards");
+    for run in &runs {
+        assert_eq!(last_seq_of(p.as_ref(), &group, run).await, Some(1));
+    }
+    let mine = p.feed(&alice(), 1000, None).await.unwrap();
+    assert!(runs.iter().all(|r| mine.iter().any(|row| &row.run_id == r)), "the user feed is one key");
+}
+
+#[tokio::test]
+async fn memory_progress_reads_a_sharded_feed_in_pages() {
+    feed_pages_contract(Arc::new(MemoryProgress::new())).await;
+}
+
 #[tokio::test]
 async fn memory_progress_honours_the_log_and_row_contract() {
     progress_contract(Arc::new(MemoryProgress::new()), true).await;
@@ -1144,6 +1179,13 @@ async fn dynamodb_progress_honours_the_log_and_row_contract() {
     let Some(moto) = moto("dynamodb_progress_honours_the_log_and_row_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     progress_contract(Arc::new(DynamoProgress::new(client, tables, 30)), false).await;
+}
+
+#[tokio::test]
+async fn dynamodb_progress_reads_a_sharded_feed_in_pages() {
+    let Some(moto) = moto("dynamodb_progress_reads_a_sharded_feed_in_pages").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    feed_pages_contract(Arc::new(DynamoProgress::new(client, tables, 30))).await;
 }
 
 #[tokio::test]
