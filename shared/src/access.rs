@@ -249,6 +249,22 @@ pub fn run_role(access: &Access, starter: &UserId, workflow_owner: Option<&UserI
     }
 }
 
+/// Everyone whose progress feed shows a run: its starter (unless anonymous), its
+/// workflow's owner, the people its person steps ask, and the feeds its access names — each
+/// once, in that order.
+pub fn run_owners(starter: &UserId, workflow_owner: Option<&UserId>, people: &[Principal], access: &Access) -> Vec<Principal> {
+    let mut owners = Vec::new();
+    if !starter.is_anonymous() {
+        owners.push(Principal::User(starter.to_string()));
+    }
+    owners.extend(workflow_owner.map(|o| Principal::User(o.to_string())));
+    owners.extend(people.iter().cloned());
+    owners.extend(access.feeds());
+    let mut seen = std::collections::HashSet::new();
+    owners.retain(|o| seen.insert(o.clone()));
+    owners
+}
+
 /// A run's access as it stands: its own (`None`: as its workflow's) bounded by its
 /// workflow's now, so a workflow made narrower narrows its runs at once.
 pub fn effective(run: Option<&Access>, workflow: Option<&Access>) -> Access {

@@ -134,6 +134,14 @@ impl RunStore for MemoryStore {
         Ok(Claim::Acquired(Box::new(slot.run.clone())))
     }
 
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[Principal]) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Err(StoreError::LeaseLost(id.clone())) };
+        slot.run.owners = owners.to_vec();
+        Ok(())
+    }
+
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         self.check_lease(id, lease)?;
         let mut runs = lock(&self.runs);
@@ -409,6 +417,14 @@ fn page_limit(limit: u32) -> usize {
 impl ProgressSink for MemoryProgress {
     /// The DynamoDB adapter's transaction, all or nothing: the event must be the log's next
     /// one, and no owner's row may already be at or past it.
+    async fn forget(&self, run: &RunId, principals: &[Principal]) -> Result<(), ProgressError> {
+        let mut rows = lock(&self.rows);
+        for p in principals {
+            rows.remove(&(p.clone(), run.clone()));
+        }
+        Ok(())
+    }
+
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
         let owners: HashSet<&Principal> = owners.iter().collect();
         if owners.len() > MAX_OWNERS {

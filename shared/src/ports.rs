@@ -246,6 +246,9 @@ pub trait RunStore: Send + Sync {
     /// longer ours. Returns the run's pending control request, if any: the heartbeat is
     /// how a working runner learns it was asked to stop.
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError>;
+    /// Replaces whose feeds show the run (its workflow's access changed), while `lease`
+    /// holds it; `LeaseLost` otherwise.
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[Principal]) -> Result<(), StoreError>;
     /// Records `request` on an unfinished run, whoever holds it; the runner holding it (or
     /// the next to claim it) acts on it. The first request stands: a later one gets
     /// `AlreadyRequested` with it (the same request again, e.g. a retry whose reply was
@@ -366,6 +369,9 @@ pub trait ProgressSink: Send + Sync {
     /// Appends `event` to the run's log and replaces `row` in each owner's feed,
     /// atomically: a reader never sees a progress row ahead of the log.
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError>;
+
+    /// Removes the run's row from each of `principals`' feeds (they may no longer see it).
+    async fn forget(&self, run: &RunId, principals: &[Principal]) -> Result<(), ProgressError>;
 
     /// Checkpoints a step of the event's run (only while the checkpoint's lease holds the
     /// run) and publishes `event` as [`ProgressSink::publish`] does. An adapter that can
