@@ -53,9 +53,8 @@ impl Builtin {
         static PARSED: OnceLock<Vec<(Value, Value)>> = OnceLock::new();
         // The files are compiled in and a unit test parses every one: a failure here is a
         // defect of the build, not of a request.
-        let parse = |id: &str, raw: &str| -> Value {
-            serde_json::from_str(raw).unwrap_or_else(|e| panic!("built-in template {id} is not valid JSON: {e}"))
-        };
+        let parse =
+            |id: &str, raw: &str| -> Value { serde_json::from_str(raw).unwrap_or_else(|e| panic!("built-in template {id} is not valid JSON: {e}")) };
         let all = PARSED.get_or_init(|| BUILTINS.iter().map(|b| (parse(b.id, b.source), parse(b.id, b.example_input))).collect());
         let index = BUILTINS.iter().position(|b| b.id == self.id).unwrap_or_default();
         &all[index]

@@ -10,6 +10,7 @@ pub mod error;
 mod history;
 pub mod idempotency;
 mod revisions;
+mod templates;
 mod workflows;
 
 use auth::{Authenticator, Identity};
@@ -80,6 +81,8 @@ pub struct AppState {
     pub idempotency: Arc<dyn Idempotency>,
     /// Stored workflows and their versions.
     pub workflows: Arc<dyn WorkflowStore>,
+    /// Saved templates (built-ins are compiled in).
+    pub templates: Arc<dyn chainrun_core::ports::TemplateStore>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -97,6 +100,7 @@ pub fn app(state: AppState) -> Router {
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
+        .merge(templates::routes())
         .fallback(not_found);
     routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))

@@ -122,14 +122,33 @@ async fn store_new(state: &AppState, identity: &Identity, definition: Value) -> 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
-    workflow: Value,
+    #[serde(default)]
+    workflow: Option<Value>,
+    /// A template's id, instead of a definition (see `crate::templates`).
+    #[serde(default)]
+    template: Option<String>,
+    /// With `template`: the new workflow's name.
+    #[serde(default)]
+    name: Option<String>,
 }
 
 /// `POST /workflows`: `201` with the new workflow at version 1, and its `Location`.
 async fn create(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: CreateBody = parse_body(&body)?;
-    let (head, first) = store_new(&state, &identity, request.workflow).await?;
+    let definition = crate::templates::definition_to_create(&state, &identity, request.workflow, request.template, request.name).await?;
+    let (head, first) = store_new(&state, &identity, definition).await?;
     Ok(answer(StatusCode::CREATED, &head, &first, true))
+}
+
+/// [`visible`], for routes outside this file that read a stored workflow (saving a version
+/// as a template), so one access rule covers them all.
+pub(crate) async fn readable(
+    state: &AppState,
+    identity: &Identity,
+    raw_id: &str,
+    version: Option<u32>,
+) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
+    visible(state, identity, raw_id, version).await
 }
 
 #[derive(Deserialize)]

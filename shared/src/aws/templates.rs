@@ -170,14 +170,8 @@ impl TemplateStore for DynamoTemplates {
 
     #[instrument(skip(self), fields(template_id = %id))]
     async fn delete(&self, id: &TemplateId) -> Result<bool, StoreError> {
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(key(id)))
-            .condition_expression("attribute_exists(pk)")
-            .send()
-            .await;
+        let result =
+            self.client.delete_item().table_name(&self.table).set_key(Some(key(id))).condition_expression("attribute_exists(pk)").send().await;
         match result {
             Ok(_) => Ok(true),
             Err(e) if is_condition_failure(&e) => Ok(false),
