@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::aws::{DynamoTemplates, DynamoWorkflows};
-use chainrun_core::ids::{UserId, WorkflowId};
+use chainrun_core::ids::{Principal, UserId, WorkflowId};
 use chainrun_core::memory::{MemoryTemplates, MemoryWorkflows};
 use chainrun_core::ports::{StoreError, TemplateStore, WorkflowStore};
 use chainrun_core::stored::{Pinned, StoredWorkflow, WorkflowVersion};
@@ -150,7 +150,7 @@ async fn separate_key_spaces_contract(workflows: Arc<dyn WorkflowStore>, templat
     let saved = SavedTemplate { source: Pinned { workflow_id: head.id.clone(), version: 1 }, ..template("alice", "Triage", at(1)) };
     templates.save(&saved).await.unwrap();
 
-    let listed = workflows.list(&user("alice"), 10, None).await.unwrap();
+    let listed = workflows.list(&[Principal::User("alice".into())], 10, None).await.unwrap();
     assert_eq!(listed.items.iter().map(|h| h.id.clone()).collect::<Vec<_>>(), vec![head.id.clone()]);
     let listed = templates.list(&user("alice"), 10, None).await.unwrap();
     assert_eq!(listed.items, vec![saved]);

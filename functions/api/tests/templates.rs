@@ -47,7 +47,8 @@ impl Answer {
 impl Api {
     async fn call(&self, user: &str, method: &str, path: &str, body: Option<Value>) -> Answer {
         let token = support::token_signed(support::SECRET, user, &[], 3600);
-        let req = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {token}")).header("content-type", "application/json");
+        let req =
+            Request::builder().method(method).uri(path).header("authorization", format!("Bearer {token}")).header("content-type", "application/json");
         let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
         let res = app(self.state.clone()).oneshot(req.body(body).unwrap()).await.unwrap();
         let (status, headers) = (res.status(), res.headers().clone());
@@ -71,7 +72,7 @@ impl Api {
     }
 
     async fn workflow_count(&self, user: &str) -> usize {
-        self.workflows.list(&user.parse().unwrap(), 100, None).await.unwrap().items.len()
+        self.workflows.list(&[chainrun_core::ids::Principal::User(user.into())], 100, None).await.unwrap().items.len()
     }
 }
 
@@ -115,7 +116,8 @@ async fn a_builtin_reads_whole_with_its_definition_and_an_example_input_it_accep
         assert_eq!(&a.body["workflow"], b.definition());
         assert_eq!(&a.body["example_input"], b.example_input());
         // The example is a valid input: an estimate of the definition on it is answered.
-        let estimate = api.call("bob", "POST", "/workflows/estimate", Some(json!({ "workflow": a.body["workflow"], "input": a.body["example_input"] }))).await;
+        let estimate =
+            api.call("bob", "POST", "/workflows/estimate", Some(json!({ "workflow": a.body["workflow"], "input": a.body["example_input"] }))).await;
         assert_eq!(estimate.status, StatusCode::OK, "{}: {}", b.id, estimate.body);
     }
 }
@@ -153,7 +155,11 @@ async fn saving_a_workflow_version_as_a_template_answers_201_and_it_lists_after_
     let id = a.body["id"].as_str().unwrap().to_owned();
     assert_eq!(a.headers["location"], format!("/templates/{id}").as_str());
     assert_eq!(a.body["kind"], "saved");
-    assert_eq!((a.body["title"].as_str(), a.body["description"].as_str()), (Some("Greeter"), Some("Greets someone")), "the definition's description by default");
+    assert_eq!(
+        (a.body["title"].as_str(), a.body["description"].as_str()),
+        (Some("Greeter"), Some("Greets someone")),
+        "the definition's description by default"
+    );
     assert_eq!((a.body["owner"].as_str(), &a.body["source"]), (Some("alice"), &json!({ "workflow_id": wf, "version": 1 })));
     assert_eq!(a.body["workflow"], greet("greet", "Hello"));
 

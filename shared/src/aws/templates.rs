@@ -1,20 +1,23 @@
 //! DynamoDB implementation of [`TemplateStore`], in the workflows table (see
 //! `infra/tables.json`), in a key space of its own beside the stored workflows':
-//! - `pk = TPL#<id>`, `sk = META`: one item per saved template — owner, title,
-//!   description, the workflow name, the stored workflow and version it came from, the
-//!   definition (a JSON string, like a workflow version's, so every number round-trips
-//!   exactly) and when it was saved.
-//! - `template_owner` and `template_listed_at` (`<created_at>#<id>`) key the GSI
-//!   `templates-by-owner`, which lists an owner's templates newest first. They are not the
-//!   workflows' `owner` / `listed_at`: a template must never appear in the `by-owner`
-//!   listing of workflows, and that index is sparse on exactly those attributes.
+//! - `pk = TPL#<id>`, `sk = META`: one item per saved template — its owner
+//!   (`template_owner`), title, description, the workflow name, the stored workflow and
+//!   version it came from, the definition (a JSON string, like a workflow version's, so
+//!   every number round-trips exactly) and when it was saved.
+//! - `grantee = TEMPLATE#<principal>` and `listed_at` (`<created_at>#<id>`) put it in the
+//!   table's GSI `by-grantee`, under a partition of its own: the workflows' grants use the
+//!   bare principal (`USER#alice`), so `GET /workflows` never meets a template, and
+//!   templates need no index of their own (CloudFormation adds one GSI per table update,
+//!   and that index is the one workflow visibility already keys by principal). Today the
+//!   only grantee is the owner; sharing a template later is more grant items, as for
+//!   workflows.
 //!
 //! A template is written once (conditional on its id being new) and never updated.
 
 use super::dynamo::{Item, MAX_ITEM_BYTES, item_size, s};
 use super::dynamo_error::{corrupt_item, is_condition_failure, store_err};
 use crate::config::Tables;
-use crate::ids::{UserId, WorkflowId, WorkflowName};
+use crate::ids::{Principal, UserId, WorkflowId, WorkflowName};
 use crate::ports::{StoreError, TemplateCursor, TemplatePage, TemplateStore};
 use crate::stored::Pinned;
 use crate::templates::{SavedTemplate, TemplateId};
@@ -25,7 +28,7 @@ use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use tracing::instrument;
 
-const OWNER_INDEX: &str = "templates-by-owner";
+const GRANTEE_INDEX: &str = "by-grantee";
 const META: &str = "META";
 
 #[derive(Clone)]
@@ -47,10 +50,16 @@ fn listed_at(created_at: &DateTime<Utc>, id: &TemplateId) -> String {
     format!("{}#{id}", stored_time(created_at))
 }
 
+/// The `by-grantee` partition of the templates `owner` may see.
+fn grantee(owner: &UserId) -> String {
+    format!("TEMPLATE#{}", Principal::User(owner.to_string()).key())
+}
+
 fn item(template: &SavedTemplate) -> Result<Item, StoreError> {
     let mut item = key(&template.id);
     item.insert("template_owner".into(), s(template.owner.as_str()));
-    item.insert("template_listed_at".into(), s(listed_at(&template.created_at, &template.id)));
+    item.insert("grantee".into(), s(grantee(&template.owner)));
+    item.insert("listed_at".into(), s(listed_at(&template.created_at, &template.id)));
     item.insert("title".into(), s(&template.title));
     if let Some(description) = &template.description {
         item.insert("description".into(), s(description));
@@ -184,8 +193,8 @@ impl TemplateStore for DynamoTemplates {
         let limit = limit.max(1);
         let start = after.map(|c| {
             let mut start = key(&c.id);
-            start.insert("template_owner".into(), s(owner.as_str()));
-            start.insert("template_listed_at".into(), s(listed_at(&c.created_at, &c.id)));
+            start.insert("grantee".into(), s(grantee(owner)));
+            start.insert("listed_at".into(), s(listed_at(&c.created_at, &c.id)));
             start
         });
         // One more than asked: whether it comes back says if there is a next page, so a
@@ -194,9 +203,9 @@ impl TemplateStore for DynamoTemplates {
             .client
             .query()
             .table_name(&self.table)
-            .index_name(OWNER_INDEX)
-            .key_condition_expression("template_owner = :owner")
-            .expression_attribute_values(":owner", s(owner.as_str()))
+            .index_name(GRANTEE_INDEX)
+            .key_condition_expression("grantee = :grantee")
+            .expression_attribute_values(":grantee", s(grantee(owner)))
             .scan_index_forward(false)
             .limit(i32::try_from(limit.saturating_add(1)).unwrap_or(i32::MAX))
             .set_exclusive_start_key(start)
