@@ -138,11 +138,12 @@ async fn a_workflow_created_from_each_builtin_is_stored_at_version_1_with_its_de
 }
 
 #[tokio::test]
-async fn a_workflow_created_from_a_template_can_be_given_its_own_name() {
+async fn a_workflow_created_from_a_template_can_be_given_its_own_name_and_visibility() {
     let api = api();
-    let a = api.call("alice", "POST", "/workflows", Some(json!({ "template": "code-review", "name": "rust-review" }))).await;
+    let a = api.call("alice", "POST", "/workflows", Some(json!({ "template": "code-review", "name": "rust-review", "visibility": "AUTHED" }))).await;
     assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
     assert_eq!((a.body["name"].as_str(), a.body["workflow"]["name"].as_str()), (Some("rust-review"), Some("rust-review")));
+    assert_eq!(a.body["visibility"], "AUTHED", "who may see it is chosen as for any new workflow");
     assert_eq!(a.body["workflow"]["steps"], BUILTINS[1].definition()["steps"]);
 }
 
