@@ -699,3 +699,35 @@ pub trait WorkflowStore: Send + Sync {
     /// most recently updated first, each once, deleted ones left out.
     async fn list(&self, visible_to: &[Principal], limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError>;
 }
+
+// ---------------------------------------------------------------- saved templates
+
+/// A position in an owner's list of saved templates: the last one a page covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: crate::templates::TemplateId,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplatePage {
+    pub items: Vec<crate::templates::SavedTemplate>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<TemplateCursor>,
+}
+
+/// Saved templates (see [`crate::templates`]). A template is written once and never
+/// changed; it can be deleted.
+#[async_trait]
+pub trait TemplateStore: Send + Sync {
+    /// Stores a new template. Storing the same again succeeds (a retry whose reply was
+    /// lost); another template with its id is `Rejected`; one too large for the store is
+    /// `TooLarge`.
+    async fn save(&self, template: &crate::templates::SavedTemplate) -> Result<(), StoreError>;
+    /// The template, if it exists.
+    async fn get(&self, id: &crate::templates::TemplateId) -> Result<Option<crate::templates::SavedTemplate>, StoreError>;
+    /// Deletes the template; `false` if there was none.
+    async fn delete(&self, id: &crate::templates::TemplateId) -> Result<bool, StoreError>;
+    /// The owner's templates, newest first.
+    async fn list(&self, owner: &UserId, limit: u32, after: Option<&TemplateCursor>) -> Result<TemplatePage, StoreError>;
+}

@@ -11,6 +11,7 @@ pub mod error;
 mod history;
 pub mod idempotency;
 mod revisions;
+mod templates;
 mod workflows;
 
 use auth::{Authenticator, Identity};
@@ -82,6 +83,8 @@ pub struct AppState {
     pub idempotency: Arc<dyn Idempotency>,
     /// Stored workflows and their versions.
     pub workflows: Arc<dyn WorkflowStore>,
+    /// Saved templates (built-ins are compiled in).
+    pub templates: Arc<dyn chainrun_core::ports::TemplateStore>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -99,6 +102,7 @@ pub fn app(state: AppState) -> Router {
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
+        .merge(templates::routes())
         .nest("/public", public_routes())
         .fallback(not_found);
     routes
