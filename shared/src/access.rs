@@ -128,11 +128,10 @@ impl Access {
     /// would lock themselves out).
     pub fn validate(&self, by_admin: bool) -> Result<(), InvalidAccess> {
         match self.visibility {
-            Visibility::Shared => {
-                if self.shares.is_empty() {
-                    return Err(InvalidAccess("shares: SHARED needs at least one share ({\"user\": …} or {\"group\": …} with a role)".into()));
-                }
+            Visibility::Shared if self.shares.is_empty() => {
+                return Err(InvalidAccess("shares: SHARED needs at least one share ({\"user\": …} or {\"group\": …} with a role)".into()));
             }
+            Visibility::Shared => {}
             _ if !self.shares.is_empty() => {
                 return Err(InvalidAccess(format!("shares: only a SHARED visibility has shares, not {}", self.visibility.name())));
             }
