@@ -127,6 +127,7 @@ fn access_of(visibility: &str) -> Value {
 
 struct Api {
     store: Arc<MemoryStore>,
+    progress: Arc<chainrun_core::memory::MemoryProgress>,
     state: AppState,
 }
 
@@ -139,7 +140,7 @@ struct Answer {
 impl Api {
     fn new() -> Self {
         let p = support::local_ports();
-        Self { store: p.store, state: p.state }
+        Self { store: p.store, progress: p.progress, state: p.state }
     }
 
     /// `path` as `caller`: with their token, or without any under `/public` (where a
@@ -183,6 +184,35 @@ impl Api {
         let a = self.send(Caller::Owner, "POST", &format!("/workflows/{id}/runs"), Some(json!({ "input": { "q": "?" } })), false).await;
         assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
         a.body["run_id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Api {
+    /// Publishes a run's first event to its owners' feeds, as the runner does.
+    async fn publish_start(&self, run: &chainrun_core::run::RunRecord) {
+        use chainrun_core::ports::ProgressSink;
+        use chainrun_core::run::{Event, EventType, ProgressRow, RunStatus, Totals};
+        let event = Event {
+            run_id: run.id.clone(),
+            seq: 1,
+            at: chrono::Utc::now(),
+            kind: EventType::RunStarted,
+            step_id: None,
+            attempt: None,
+            revision: 0,
+            data: json!({}),
+        };
+        let row = ProgressRow {
+            run_id: run.id.clone(),
+            workflow: run.workflow.clone(),
+            status: RunStatus::Running,
+            current_step: None,
+            totals: Totals::default(),
+            last_seq: 1,
+            updated_at: chrono::Utc::now(),
+            waiting: None,
+        };
+        self.progress.publish(&event, &row, &run.owners).await.unwrap();
     }
 }
 
@@ -292,6 +322,19 @@ async fn every_visibility_caller_and_route_answers_as_the_roles_say() {
                 cell("progress rows"),
                 stored.owners
             );
+            // What the runner writes for the run's first event; then the caller's feeds
+            // (their own and the shared ones) and history show it exactly when they may see it.
+            api.publish_start(&stored).await;
+            let feeds = api.send(caller, "GET", "/progress?limit=1000&include=shared", None, public).await;
+            assert_eq!(feeds.status, S::OK, "{}: {}", cell("GET progress"), feeds.body);
+            let listed = feeds.body["items"].as_array().unwrap().iter().any(|row| row["run_id"] == run.as_str());
+            assert_eq!(listed, run_role.is_some(), "{}", cell("GET progress shows the run"));
+            if caller != Caller::Anonymous {
+                let history = api.send(caller, "GET", "/runs?workflow=triage&limit=100", None, false).await;
+                assert_eq!(history.status, S::OK, "{}: {}", cell("GET runs"), history.body);
+                let listed = history.body["items"].as_array().unwrap().iter().any(|r| r["run_id"] == run.as_str());
+                assert_eq!(listed, run_role.is_some(), "{}", cell("GET runs lists the run"));
+            }
 
             if caller == Caller::Anonymous {
                 for path in [r("/cancel"), r("/pause"), r("/resume"), r("/steps/answer/retry")] {
