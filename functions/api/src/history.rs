@@ -100,15 +100,16 @@ pub struct CostParams {
 }
 
 /// Whose rollups to read: `me` (default), `group:<name>` for a group the caller is in,
-/// `admin` for admins, `public`.
+/// `admin` for admins, `authed` (runs every signed-in caller may see), `public`.
 fn scope(identity: &Identity, raw: Option<&str>) -> Result<Principal, ApiError> {
     let principal = match raw.unwrap_or("me") {
         "me" => Principal::User(identity.user.to_string()),
         "admin" => Principal::Admin,
         "public" => Principal::Public,
+        "authed" => Principal::Authed,
         other => match other.strip_prefix("group:") {
             Some(group) if !group.is_empty() => Principal::Group(group.to_owned()),
-            _ => return Err(invalid(format!("scope: expected me, group:<name>, admin or public, got {:?}", truncate(other)))),
+            _ => return Err(invalid(format!("scope: expected me, group:<name>, admin, authed or public, got {:?}", truncate(other)))),
         },
     };
     if !identity.principals().contains(&principal) {
