@@ -261,11 +261,11 @@ pub fn document() -> Value {
         rename_refs(&mut schema, &every);
         schema
     };
-    let mut apart: HashSet<&String> = answers.iter().filter(|(n, v)| schemas.get(*n).is_some_and(|r| *r != as_request(*v))).map(|(n, _)| n).collect();
+    let mut apart: HashSet<&String> = answers.iter().filter(|(n, v)| schemas.get(*n).is_some_and(|r| *r != as_request(v))).map(|(n, _)| n).collect();
     loop {
         let refers = |v: &Value| apart.iter().any(|a| v.to_string().contains(&format!("\"#{ANSWERS}/{a}\"")));
         let more: Vec<&String> =
-            answers.iter().filter(|(n, v)| schemas.contains_key(*n) && !apart.contains(n) && refers(*v)).map(|(n, _)| n).collect();
+            answers.iter().filter(|(n, v)| schemas.contains_key(*n) && !apart.contains(n) && refers(v)).map(|(n, _)| n).collect();
         if more.is_empty() {
             break;
         }
