@@ -700,6 +700,7 @@ pub fn reviewer_name(p: &Principal) -> String {
         Principal::User(u) => format!("user:{u}"),
         Principal::Group(g) => format!("group:{g}"),
         Principal::Admin => "admin".into(),
+        Principal::Authed => "authed".into(),
         Principal::Public => "public".into(),
     }
 }

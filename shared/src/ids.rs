@@ -248,13 +248,15 @@ impl UserId {
 }
 
 /// Who may see a run's progress: a user, a group, or one of the shared feeds.
-/// Rendered as the progress table's partition key (`USER#alice`, `GROUP#eng`, `ADMIN`, `PUBLIC`).
+/// Rendered as the progress table's partition key (`USER#alice`, `GROUP#eng`, `ADMIN`, `AUTHED`, `PUBLIC`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub enum Principal {
     User(String),
     Group(String),
     Admin,
+    /// Every signed-in caller (runs of `AUTHED` workflows).
+    Authed,
     Public,
 }
 
@@ -264,6 +266,7 @@ impl Principal {
             Principal::User(u) => format!("USER#{u}"),
             Principal::Group(g) => format!("GROUP#{g}"),
             Principal::Admin => "ADMIN".to_owned(),
+            Principal::Authed => "AUTHED".to_owned(),
             Principal::Public => "PUBLIC".to_owned(),
         }
     }
@@ -281,6 +284,7 @@ impl TryFrom<String> for Principal {
         match s.as_str() {
             "ADMIN" => Ok(Principal::Admin),
             "PUBLIC" => Ok(Principal::Public),
+            "AUTHED" => Ok(Principal::Authed),
             _ => {
                 if let Some(u) = s.strip_prefix("USER#") {
                     Ok(Principal::User(u.to_owned()))
@@ -342,7 +346,7 @@ mod tests {
 
     #[test]
     fn principals_round_trip_through_their_keys() {
-        for p in [Principal::User("a".into()), Principal::Group("g".into()), Principal::Admin, Principal::Public] {
+        for p in [Principal::User("a".into()), Principal::Group("g".into()), Principal::Admin, Principal::Authed, Principal::Public] {
             assert_eq!(Principal::try_from(p.key()), Ok(p));
         }
     }

@@ -1,10 +1,11 @@
 //! chainrun-core: the workflow model, validation, engine, pricing, ports and adapters.
 //!
-//! Dependencies point one way. Pure modules ([`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`spend`], [`estimate`], [`workflow`],
+//! Dependencies point one way. Pure modules ([`access`], [`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`spend`], [`estimate`], [`workflow`],
 //! [`graph`], [`template`], [`output`], [`run`], [`stored`]) know nothing of async or AWS. The
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
 
+pub mod access;
 pub mod analytics;
 pub mod budget;
 pub mod codes;
@@ -24,6 +25,7 @@ pub mod ports;
 pub mod pricing;
 pub mod revision;
 pub mod run;
+pub mod shards;
 pub mod spend;
 pub mod stored;
 pub mod template;

@@ -68,6 +68,11 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// How many runs it holds (tests check a refused request stored none).
+    pub fn run_count(&self) -> usize {
+        lock(&self.runs).len()
+    }
+
     /// A store whose queued (or released) runs become due for the sweeper after `grace`.
     pub fn with_queued_grace(grace: std::time::Duration) -> Self {
         Self {
@@ -470,9 +475,10 @@ impl ProgressReader for MemoryProgress {
         Ok(lock(&self.rows).get(&(principal.clone(), run.clone())).cloned())
     }
 
-    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError> {
+    async fn feed(&self, principal: &Principal, limit: u32, before: Option<&RunId>) -> Result<Vec<ProgressRow>, ProgressError> {
         let rows = lock(&self.rows);
-        let mut mine: Vec<ProgressRow> = rows.iter().filter(|((p, _), _)| p == principal).map(|(_, r)| r.clone()).collect();
+        let mut mine: Vec<ProgressRow> =
+            rows.iter().filter(|((p, run), _)| p == principal && before.is_none_or(|b| run < b)).map(|(_, r)| r.clone()).collect();
         mine.sort_by(|a, b| b.run_id.cmp(&a.run_id));
         mine.truncate(page_limit(limit));
         Ok(mine)
@@ -922,10 +928,21 @@ impl WorkflowStore for MemoryWorkflows {
         }
     }
 
-    async fn list(&self, owner: &crate::ids::UserId, limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError> {
+    async fn set_access(&self, id: &crate::ids::WorkflowId, access: &crate::access::Access) -> Result<bool, StoreError> {
+        let mut workflows = lock(&self.workflows);
+        match workflows.get_mut(id) {
+            Some(slot) if !slot.deleted => {
+                slot.head.access = access.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list(&self, visible_to: &[Principal], limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError> {
         let workflows = lock(&self.workflows);
         let mut heads: Vec<&crate::stored::StoredWorkflow> =
-            workflows.values().filter(|s| !s.deleted && &s.head.owner == owner).map(|s| &s.head).collect();
+            workflows.values().filter(|s| !s.deleted && s.head.grantees().iter().any(|g| visible_to.contains(g))).map(|s| &s.head).collect();
         // Newest updated first; the id breaks ties, as the DynamoDB index's key does.
         heads.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id)));
         let start = match after {

@@ -398,7 +398,9 @@ pub trait ProgressSink: Send + Sync {
 pub trait ProgressReader: Send + Sync {
     async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<Event>, ProgressError>;
     async fn progress_of(&self, principal: &Principal, run: &RunId) -> Result<Option<ProgressRow>, ProgressError>;
-    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError>;
+    /// Up to `limit` rows of `principal`'s feed, newest run first, of runs older than
+    /// `before` when given (the cursor of a feed's pages: run ids sort by creation).
+    async fn feed(&self, principal: &Principal, limit: u32, before: Option<&RunId>) -> Result<Vec<ProgressRow>, ProgressError>;
 }
 
 // ---------------------------------------------------------------- dispatch
@@ -669,6 +671,10 @@ pub trait WorkflowStore: Send + Sync {
         id: &crate::ids::WorkflowId,
         version: Option<u32>,
     ) -> Result<Option<(crate::stored::StoredWorkflow, crate::stored::WorkflowVersion)>, StoreError>;
+    /// The workflow's head alone; `None` if it does not exist or was deleted.
+    async fn head(&self, id: &crate::ids::WorkflowId) -> Result<Option<crate::stored::StoredWorkflow>, StoreError> {
+        Ok(self.get(id, None).await?.map(|(head, _)| head))
+    }
     /// Writes `next` (whose number must be `expected + 1`) as the workflow's latest
     /// version, named `name`, only if the workflow is still at version `expected`.
     async fn save_version(
@@ -680,6 +686,10 @@ pub trait WorkflowStore: Send + Sync {
     ) -> Result<SaveOutcome, StoreError>;
     /// Deletes the workflow; `false` if there was none (or it was deleted already).
     async fn delete(&self, id: &crate::ids::WorkflowId, at: DateTime<Utc>) -> Result<bool, StoreError>;
-    /// The owner's workflows, most recently updated first, deleted ones left out.
-    async fn list(&self, owner: &UserId, limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError>;
+    /// Replaces the workflow's visibility and shares (no new version); `false` if there is
+    /// no such workflow.
+    async fn set_access(&self, id: &crate::ids::WorkflowId, access: &crate::access::Access) -> Result<bool, StoreError>;
+    /// The workflows any of `visible_to` is a grantee of ([`crate::stored::StoredWorkflow::grantees`]),
+    /// most recently updated first, each once, deleted ones left out.
+    async fn list(&self, visible_to: &[Principal], limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError>;
 }

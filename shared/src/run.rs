@@ -520,6 +520,18 @@ pub struct RunRecord {
     /// `None` for a run of an inline definition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned: Option<crate::stored::Pinned>,
+    /// The visibility and shares it started with (`None`: a run from before they existed,
+    /// `PRIVATE`). A run of a stored workflow is bounded by the workflow's access as it is
+    /// when asked (see [`crate::access::effective`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<crate::access::Access>,
+    /// Whether it takes its workflow's access as it is whenever asked (started without a
+    /// visibility of its own), rather than its own narrowed by it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inherits_access: bool,
+    /// Who owned its stored workflow when it started: they control every run of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_owner: Option<UserId>,
 }
 
 impl RunRecord {
@@ -545,6 +557,9 @@ impl RunRecord {
             revisions: Vec::new(),
             inputs: Default::default(),
             pinned: None,
+            access: None,
+            inherits_access: false,
+            workflow_owner: None,
             workflow,
             definition,
             input,

@@ -10,10 +10,8 @@
 //! write is refused if another landed since (a lost update), rather than silently
 //! overwriting it.
 //!
-//! Access: in this increment a stored workflow is seen and used by its owner only. The
-//! head is where visibility (`PRIVATE`, `SHARED`, `AUTHED`, `PUBLIC`, `ADMIN_ONLY`) and
-//! shares will live when they are added: they describe the workflow, not one version, and
-//! the runs of a workflow inherit them. Nothing here assumes a workflow has one reader.
+//! Access: the head holds the workflow's visibility and shares ([`crate::access::Access`]):
+//! they describe the workflow, not one version, and the runs of a workflow inherit them.
 
 use crate::ids::{UserId, WorkflowId, WorkflowName};
 use chrono::{DateTime, Utc};
@@ -28,8 +26,10 @@ pub const MAX_VERSION: u32 = 999_999;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredWorkflow {
     pub id: WorkflowId,
-    /// Who created it; the only one who may see it (for now — see the module docs).
+    /// Who created it: holds every role on it and its runs.
     pub owner: UserId,
+    /// Who else may see, run, edit or control it.
+    pub access: crate::access::Access,
     /// The latest version's name.
     pub name: WorkflowName,
     /// The latest version's number (1 for a new workflow).
@@ -42,7 +42,22 @@ pub struct StoredWorkflow {
 impl StoredWorkflow {
     /// A new workflow owned by `owner`, at version 1, written at `at`.
     pub fn new(owner: UserId, name: WorkflowName, at: DateTime<Utc>) -> Self {
-        Self { id: WorkflowId::new(), owner, name, version: 1, created_at: at, updated_at: at }
+        Self { id: WorkflowId::new(), owner, access: crate::access::Access::private(), name, version: 1, created_at: at, updated_at: at }
+    }
+}
+
+impl StoredWorkflow {
+    /// Every principal whose list of workflows shows this one: its owner, the admin group,
+    /// and whoever its access lets see it (the `AUTHED` and `PUBLIC` feeds stand for
+    /// everyone signed in and everyone).
+    pub fn grantees(&self) -> Vec<crate::ids::Principal> {
+        let mut grantees = vec![crate::ids::Principal::User(self.owner.to_string())];
+        for p in self.access.feeds() {
+            if !grantees.contains(&p) {
+                grantees.push(p);
+            }
+        }
+        grantees
     }
 }
 

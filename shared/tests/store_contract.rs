@@ -225,7 +225,7 @@ async fn contract(s: Subject) {
         waiting: None,
     };
     s.progress.publish(&event, &row, &[alice()]).await.unwrap();
-    let feed = s.progress.feed(&alice(), 10).await.unwrap();
+    let feed = s.progress.feed(&alice(), 10, None).await.unwrap();
     assert_eq!(feed.iter().map(|r| r.run_id.clone()).collect::<Vec<_>>(), vec![newer.id.clone(), run.id.clone()]);
 }
 
@@ -561,7 +561,7 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     published.totals.add_call(&Usage { input_tokens: 5, output_tokens: 7, ..Usage::default() }, Usd::from_pico(12_345));
     p.publish(&event(&run, 4), &published, &[alice(), eng(), alice()]).await.unwrap();
     assert_eq!(p.progress_of(&alice(), &run).await.unwrap(), Some(published.clone()));
-    assert_eq!(p.feed(&alice(), 10).await.unwrap().iter().filter(|r| r.run_id == run).count(), 1);
+    assert_eq!(p.feed(&alice(), 10, None).await.unwrap().iter().filter(|r| r.run_id == run).count(), 1);
 
     // Rows only move forward. A row ahead of the log (here published with an event it runs
     // ahead of) is never overwritten by an older one: that event is refused whole.
@@ -579,7 +579,7 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
 
     // Pages hold at least one item, whatever limit is asked for.
     assert_eq!(p.events_after(&run, 0, 0).await.unwrap().len(), 1);
-    assert_eq!(p.feed(&alice(), 0).await.unwrap().len(), 1);
+    assert_eq!(p.feed(&alice(), 0, None).await.unwrap().len(), 1);
 
     // One event updates at most MAX_OWNERS rows (a DynamoDB transaction holds 100 items,
     // a checkpoint and the log's own checks among them); more is refused up front,
@@ -619,6 +619,41 @@ async fn progress_contract(p: Arc<dyn Progress>, atomic: bool) {
     }
     assert_eq!(won, 1);
     assert_eq!(seqs(p.as_ref(), &run).await.len(), 7);
+}
+
+/// A shared feed (the admin feed, a group's) is spread over shards; read, it is one feed:
+/// every run once, newest first, in pages that lose and repeat nothing, and each run's row
+/// found by `progress_of` where its events put it.
+async fn feed_pages_contract(p: Arc<dyn Progress>) {
+    let group = Principal::Group(format!("g{}", RunId::new()));
+    let base = ulid::Ulid::new().timestamp_ms();
+    // 40 runs a millisecond apart, so their ids (ULIDs) sort as their starts.
+    let runs: Vec<RunId> = (0..40u64).map(|i| RunId::parse(&ulid::Ulid::from_parts(base + i, u128::from(i)).to_string()).unwrap()).collect();
+    for run in &runs {
+        p.publish(&event(run, 1), &row(run, 1), &[alice(), group.clone()]).await.unwrap();
+    }
+    let mut read = Vec::new();
+    let mut before: Option<RunId> = None;
+    loop {
+        let page = p.feed(&group, 7, before.as_ref()).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|r| r.run_id.clone());
+        read.extend(page.into_iter().map(|r| r.run_id));
+    }
+    let newest_first: Vec<RunId> = runs.iter().rev().cloned().collect();
+    assert_eq!(read, newest_first, "the group feed, merged from its shards");
+    for run in &runs {
+        assert_eq!(last_seq_of(p.as_ref(), &group, run).await, Some(1));
+    }
+    let mine = p.feed(&alice(), 1000, None).await.unwrap();
+    assert!(runs.iter().all(|r| mine.iter().any(|row| &row.run_id == r)), "the user feed is one key");
+}
+
+#[tokio::test]
+async fn memory_progress_reads_a_sharded_feed_in_pages() {
+    feed_pages_contract(Arc::new(MemoryProgress::new())).await;
 }
 
 #[tokio::test]
@@ -1144,6 +1179,13 @@ async fn dynamodb_progress_honours_the_log_and_row_contract() {
     let Some(moto) = moto("dynamodb_progress_honours_the_log_and_row_contract").await else { return };
     let (client, tables) = moto_tables(&moto).await;
     progress_contract(Arc::new(DynamoProgress::new(client, tables, 30)), false).await;
+}
+
+#[tokio::test]
+async fn dynamodb_progress_reads_a_sharded_feed_in_pages() {
+    let Some(moto) = moto("dynamodb_progress_reads_a_sharded_feed_in_pages").await else { return };
+    let (client, tables) = moto_tables(&moto).await;
+    feed_pages_contract(Arc::new(DynamoProgress::new(client, tables, 30))).await;
 }
 
 #[tokio::test]

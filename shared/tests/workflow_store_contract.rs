@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
 use chainrun_core::aws::DynamoWorkflows;
-use chainrun_core::ids::{UserId, WorkflowId, WorkflowName};
+use chainrun_core::ids::{Principal, UserId, WorkflowId, WorkflowName};
 use chainrun_core::memory::MemoryWorkflows;
 use chainrun_core::ports::{SaveOutcome, StoreError, WorkflowStore};
 use chainrun_core::stored::{StoredWorkflow, WorkflowVersion};
@@ -88,7 +88,7 @@ async fn walk(store: &dyn WorkflowStore, owner: &str, limit: u32) -> Vec<Vec<Wor
     let mut pages = Vec::new();
     let mut after = None;
     loop {
-        let page = store.list(&user(owner), limit, after.as_ref()).await.unwrap();
+        let page = store.list(&[Principal::User(owner.into())], limit, after.as_ref()).await.unwrap();
         pages.push(page.items.iter().map(|h| h.id.clone()).collect());
         match page.next {
             Some(next) => after = Some(next),
@@ -116,10 +116,71 @@ async fn listing_contract(store: Arc<dyn WorkflowStore>) {
     let v2 = version(2, definition("a", "v2"), "alice", at(30));
     assert!(matches!(store.save_version(&a.id, 1, &"a".parse().unwrap(), &v2).await.unwrap(), SaveOutcome::Saved(_)));
     assert!(store.delete(&b.id, at(31)).await.unwrap());
-    let page = store.list(&user("alice"), 10, None).await.unwrap();
+    let page = store.list(&[Principal::User("alice".into())], 10, None).await.unwrap();
     assert_eq!(page.items.iter().map(|h| h.id.clone()).collect::<Vec<_>>(), vec![a.id.clone(), c_then_d, d_then_c]);
     assert_eq!((page.items[0].version, page.items[0].updated_at), (2, at(30)));
     assert_eq!(page.next, None);
+}
+
+fn ids(page: &chainrun_core::ports::WorkflowPage) -> Vec<WorkflowId> {
+    page.items.iter().map(|h| h.id.clone()).collect()
+}
+
+/// Who sees a workflow in lists follows its access: set, changed, and kept through new
+/// versions and deletes; a caller acting as several grantees sees each workflow once.
+async fn access_contract(store: Arc<dyn WorkflowStore>) {
+    use chainrun_core::access::{Access, Grantee, Role, Share, Visibility};
+    let (alice, bob, support) = (Principal::User("alice".into()), Principal::User("bob".into()), Principal::Group("support".into()));
+    let private = new_workflow(&*store, "alice", "private", at(0)).await;
+    let shared = new_workflow(&*store, "alice", "shared", at(1)).await;
+    let public = new_workflow(&*store, "alice", "public", at(2)).await;
+    let to_bob_and_support = Access {
+        visibility: Visibility::Shared,
+        shares: vec![
+            Share { to: Grantee::User(user("bob")), role: Role::Edit },
+            Share { to: Grantee::Group("support".into()), role: Role::View },
+        ],
+    };
+    assert!(store.set_access(&shared.id, &to_bob_and_support).await.unwrap());
+    assert!(store.set_access(&public.id, &Access { visibility: Visibility::Public, shares: vec![] }).await.unwrap());
+    assert!(!store.set_access(&WorkflowId::new(), &Access::private()).await.unwrap(), "no such workflow");
+    assert_eq!(store.get(&shared.id, None).await.unwrap().unwrap().0.access, to_bob_and_support, "the head reads back its access");
+
+    let list = |who: Vec<Principal>, limit: u32| {
+        let store = store.clone();
+        async move { store.list(&who, limit, None).await.unwrap() }
+    };
+    assert_eq!(ids(&list(vec![alice.clone()], 10).await), vec![public.id.clone(), shared.id.clone(), private.id.clone()]);
+    assert_eq!(ids(&list(vec![bob.clone(), Principal::Public], 10).await), vec![public.id.clone(), shared.id.clone()]);
+    assert_eq!(ids(&list(vec![support.clone()], 10).await), vec![shared.id.clone()]);
+    assert_eq!(ids(&list(vec![Principal::Admin], 10).await).len(), 3, "admins see everything");
+    // Acting as every grantee at once: each workflow once, in pages that lose nothing.
+    let everyone = vec![alice.clone(), bob.clone(), support.clone(), Principal::Public, Principal::Admin];
+    let first = store.list(&everyone, 2, None).await.unwrap();
+    assert_eq!(ids(&first), vec![public.id.clone(), shared.id.clone()]);
+    let second = store.list(&everyone, 2, first.next.as_ref()).await.unwrap();
+    assert_eq!((ids(&second), second.next), (vec![private.id.clone()], None));
+
+    // A new version moves the workflow up every list it is in, and keeps it out of others.
+    let v2 = version(2, definition("shared", "v2"), "bob", at(50));
+    assert!(matches!(store.save_version(&shared.id, 1, &"shared".parse().unwrap(), &v2).await.unwrap(), SaveOutcome::Saved(_)));
+    assert_eq!(ids(&list(vec![bob.clone()], 10).await), vec![shared.id.clone()]);
+    assert_eq!(list(vec![bob.clone()], 10).await.items[0].version, 2, "a grantee's list shows the latest version");
+    assert_eq!(ids(&list(vec![alice.clone()], 10).await)[0], shared.id);
+
+    // Narrowed: bob and support no longer see it; alice and admins still do.
+    assert!(store.set_access(&shared.id, &Access::private()).await.unwrap());
+    assert!(list(vec![bob.clone(), support.clone()], 10).await.items.is_empty());
+    assert_eq!(ids(&list(vec![alice.clone()], 10).await).len(), 3);
+    // Deleted: gone from every list.
+    assert!(store.delete(&public.id, at(60)).await.unwrap());
+    assert!(list(vec![Principal::Public], 10).await.items.is_empty());
+    assert_eq!(ids(&list(vec![Principal::Admin], 10).await), vec![shared.id.clone(), private.id.clone()]);
+}
+
+#[tokio::test]
+async fn memory_workflow_store_lists_what_each_grantee_may_see() {
+    access_contract(Arc::new(MemoryWorkflows::new())).await;
 }
 
 #[tokio::test]
@@ -165,6 +226,12 @@ async fn dynamodb_workflow_store_keeps_versions_and_refuses_lost_updates() {
 async fn dynamodb_workflow_store_lists_an_owners_workflows_newest_first() {
     let Some((_moto, store)) = dynamodb("dynamodb_workflow_store_lists_an_owners_workflows_newest_first").await else { return };
     listing_contract(store).await;
+}
+
+#[tokio::test]
+async fn dynamodb_workflow_store_lists_what_each_grantee_may_see() {
+    let Some((_moto, store)) = dynamodb("dynamodb_workflow_store_lists_what_each_grantee_may_see").await else { return };
+    access_contract(store).await;
 }
 
 async fn pinned_run_contract(runs: Arc<dyn chainrun_core::ports::RunStore>) {

@@ -438,7 +438,7 @@ def test_each_function_has_a_log_group_with_retention(template, resources):
 # --------------------------------------------------------------------------- HTTP API
 
 
-def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_route(template, resources):
+def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_route_but_public(template, resources):
     api = resources["HttpApi"]
     assert api["Type"] == "AWS::Serverless::HttpApi"
     auth = api["Properties"]["Auth"]
@@ -455,9 +455,13 @@ def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_rout
             props = event["Properties"]
             assert function == "ApiFunction", f"{function} is exposed on the HTTP API"
             assert props["ApiId"] == {"Ref": "HttpApi"}
-            assert "Auth" not in props, "a route overrides the default JWT authorizer"
+            if props["Path"].startswith("/public/"):
+                # The function serves everything under /public as anonymous (no token vouched for).
+                assert props["Auth"] == {"Authorizer": "NONE"}, "the /public routes have no authorizer"
+            else:
+                assert "Auth" not in props, "a route overrides the default JWT authorizer"
             routes.add((props["Method"].upper(), props["Path"]))
-    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}")}
+    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}"), ("ANY", "/public/{proxy+}")}
 
 
 # --------------------------------------------------------------------------- IAM
@@ -735,11 +739,14 @@ def test_deployed_roles_grant_lambda_invoke_only_on_runner_and_dlq_send_only_to_
             assert resource != "*", statement
 
 
-def test_deployed_http_api_routes_all_require_the_jwt_authorizer(transformed):
+def test_deployed_http_api_routes_all_require_the_jwt_authorizer_but_public(transformed):
     body = transformed["Resources"]["HttpApi"]["Properties"]["Body"]
-    assert set(body["paths"]) == {"/", "/{proxy+}"}
+    assert set(body["paths"]) == {"/", "/{proxy+}", "/public/{proxy+}"}
     for path, methods in body["paths"].items():
         for method, operation in methods.items():
+            if path.startswith("/public/"):
+                assert operation.get("security", []) in ([], [{"NONE": []}]), f"{method} {path}: {operation.get('security')}"
+                continue
             assert operation["security"] == [{"JwtAuthorizer": []}], f"{method} {path} is not JWT-protected"
             assert operation["x-amazon-apigateway-integration"]["payloadFormatVersion"] == "2.0"
     scheme = body["components"]["securitySchemes"]["JwtAuthorizer"]["x-amazon-apigateway-authorizer"]

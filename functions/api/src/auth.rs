@@ -22,19 +22,49 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
+/// Marks a request that came in under `/public/`: its caller is anonymous whatever it
+/// sends, because in AWS those routes have no authorizer to vouch for a token.
+#[derive(Debug, Clone, Copy)]
+pub struct Anonymous;
+
 impl Identity {
-    pub fn is_admin(&self) -> bool {
-        self.groups.iter().any(|g| g == ADMIN_GROUP)
+    /// A caller without a token (the `/public/` routes).
+    pub fn anonymous() -> Self {
+        Self { user: UserId::anonymous(), groups: Vec::new() }
     }
 
-    /// Every principal this caller acts as, for visibility checks.
+    pub fn is_anonymous(&self) -> bool {
+        self.user.is_anonymous()
+    }
+
+    pub fn is_admin(&self) -> bool {
+        !self.is_anonymous() && self.groups.iter().any(|g| g == ADMIN_GROUP)
+    }
+
+    /// This caller as the access rules see it.
+    pub fn viewer(&self) -> chainrun_core::access::Viewer<'_> {
+        chainrun_core::access::Viewer { user: &self.user, groups: &self.groups, admin: self.is_admin() }
+    }
+
+    /// Every principal this caller acts as, for visibility checks: anyone is `PUBLIC`; a
+    /// signed-in caller is also themself, `AUTHED` and their groups; admins are `ADMIN`.
     pub fn principals(&self) -> Vec<Principal> {
-        let mut p = vec![Principal::User(self.user.to_string()), Principal::Public];
+        if self.is_anonymous() {
+            return vec![Principal::Public];
+        }
+        let mut p = vec![Principal::User(self.user.to_string()), Principal::Authed, Principal::Public];
         p.extend(self.groups.iter().cloned().map(Principal::Group));
         if self.is_admin() {
             p.push(Principal::Admin);
         }
         p
+    }
+
+    /// The feeds `GET /progress` reads by default: the caller's own, their groups' and (for
+    /// admins) the admin feed; the `AUTHED` and `PUBLIC` feeds only when asked for, since
+    /// every run anyone makes visible to all would drown the caller's own.
+    pub fn own_feeds(&self) -> Vec<Principal> {
+        self.principals().into_iter().filter(|p| !matches!(p, Principal::Authed | Principal::Public) || self.is_anonymous()).collect()
     }
 }
 

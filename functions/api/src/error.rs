@@ -39,6 +39,9 @@ pub enum ApiError {
     /// Also what a caller gets for a run they may not see: existence is not disclosed.
     #[error("{0}")]
     NotFound(String),
+    /// The caller may see what they act on but lacks the role the act needs.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{detail}")]
     BadRequest { title: &'static str, detail: String, problems: Vec<Problem> },
     #[error("request body is larger than {limit} bytes")]
@@ -76,6 +79,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::BadRequest { title, .. } => (StatusCode::BAD_REQUEST, "bad-request", title),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),

@@ -4,6 +4,7 @@
 //! [`app`] builds an axum `Router` from ports, so tests call it with `oneshot` and
 //! in-memory adapters, and `main` hands the same router to `lambda_http`.
 
+mod access;
 mod answer;
 pub mod auth;
 pub mod error;
@@ -19,6 +20,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use chainrun_core::access::{Access, Role};
 use chainrun_core::budget::BudgetLimits;
 use chainrun_core::config::{ConfigError, CoreConfig, Source};
 use chainrun_core::graph::{OnTimeout, StepKind, ValidatedGraph, reviewer_name, validate_json};
@@ -100,12 +102,31 @@ pub fn app(state: AppState) -> Router {
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
         .merge(openapi::routes())
+        .nest("/public", public_routes())
         .fallback(not_found);
     routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))
         .layer(axum::middleware::from_fn(error::problem_documents))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// What a caller without a token may do: read and run `PUBLIC` workflows, read the runs
+/// they may see (a `PUBLIC` run's id is its capability) and the public feed. Every request
+/// here is anonymous whatever it carries: in AWS these routes have no authorizer, so a
+/// token on them is vouched for by nobody.
+fn public_routes() -> Router<AppState> {
+    Router::new()
+        .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
+        .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
+        .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
+        .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
+        .route("/progress", get(get_progress).fallback(method_not_allowed))
+        .merge(workflows::public_routes())
+        .layer(axum::middleware::map_request(|mut request: axum::extract::Request| async move {
+            request.extensions_mut().insert(auth::Anonymous);
+            request
+        }))
 }
 
 async fn not_found() -> ApiError {
@@ -120,6 +141,9 @@ impl FromRequestParts<AppState> for Identity {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if parts.extensions.get::<auth::Anonymous>().is_some() {
+            return Ok(Identity::anonymous());
+        }
         state.auth.identify(parts).map_err(|e| ApiError::Unauthorized(e.to_string()))
     }
 }
@@ -133,7 +157,7 @@ pub(crate) struct StartRun {
     #[schemars(with = "serde_json::Map<String, Value>")]
     input: Value,
     #[serde(default)]
-    #[schemars(with = "Option<RunOptions>")]
+    #[schemars(with = "Option<crate::openapi::StartOptions>")]
     options: Option<Value>,
 }
 
@@ -161,45 +185,94 @@ async fn start_run(State(state): State<AppState>, identity: Identity, body: Byte
 }
 
 /// Validates and stores a run of `workflow` on `input` and hands it to the runner: `202`
-/// with its id and links. `pinned`: the stored workflow version it runs, if any.
+/// with its id and links. `stored`: the stored workflow and the version it runs, if any.
 pub(crate) async fn queue_run(
     state: &AppState,
     identity: &Identity,
     workflow: Value,
     input: Value,
     options: Option<Value>,
-    pinned: Option<chainrun_core::stored::Pinned>,
+    stored: Option<(&chainrun_core::stored::StoredWorkflow, u32)>,
 ) -> Result<Response, ApiError> {
-    let options: RunOptions = match options {
-        None => RunOptions::default(),
-        Some(options) => serde_json::from_value(options).map_err(|e| ApiError::bad_request("Invalid request body", format!("options: {e}")))?,
+    let invalid_options = |detail: String| ApiError::bad_request("Invalid request body", format!("options: {detail}"));
+    // `visibility` and `shares` say who sees the run; the rest is how it runs.
+    let (chosen, options) = match options {
+        None => (None, RunOptions::default()),
+        Some(Value::Object(mut fields)) => {
+            let visibility = fields.remove("visibility");
+            let shares = fields.remove("shares");
+            let chosen = match (visibility, shares) {
+                (None, None) => None,
+                (None, Some(_)) => return Err(invalid_options("shares: only with \"visibility\": \"SHARED\"".into())),
+                (Some(visibility), shares) => Some(Access {
+                    visibility: serde_json::from_value(visibility).map_err(|e| invalid_options(format!("visibility: {e}")))?,
+                    shares: serde_json::from_value(shares.unwrap_or_else(|| json!([]))).map_err(|e| invalid_options(format!("shares: {e}")))?,
+                }),
+            };
+            (chosen, serde_json::from_value(Value::Object(fields)).map_err(|e| invalid_options(e.to_string()))?)
+        }
+        Some(_) => return Err(invalid_options("an object".into())),
     };
+    if let Some(chosen) = &chosen {
+        chosen.validate(identity.is_admin()).map_err(|e| invalid_options(e.0))?;
+    }
     let graph = validated(state, &workflow, &input)?;
-    // The run is seen by its starter and by everyone who may decide one of its reviews or
-    // answer one of its input steps.
-    let mut owners = vec![Principal::User(identity.user.to_string())];
+    // A stored workflow's runs inherit its access; one may be narrower, never wider.
+    let (access, inherits) = match (stored, chosen) {
+        (Some((head, _)), Some(chosen)) => {
+            chosen.within(&head.access).map_err(|e| invalid_options(e.0))?;
+            (chosen, false)
+        }
+        (Some((head, _)), None) => (head.access.clone(), true),
+        (None, chosen) => (chosen.unwrap_or_default(), false),
+    };
+    if identity.is_anonymous() && access.visibility != chainrun_core::access::Visibility::Public {
+        return Err(invalid_options(format!(
+            "visibility: a run started without a token must be PUBLIC, or no one could read it (asked for {})",
+            access.visibility.name()
+        )));
+    }
+    // The run is seen by its starter, its workflow's owner, everyone who may decide one of
+    // its reviews or answer one of its input steps, and the feeds its access names.
+    let mut owners = Vec::new();
+    if !identity.is_anonymous() {
+        owners.push(Principal::User(identity.user.to_string()));
+    }
+    if let Some((head, _)) = stored {
+        owners.push(Principal::User(head.owner.to_string()));
+    }
     for step in graph.steps() {
         let people = match &step.kind {
             StepKind::Review(spec) => spec.deciders(&identity.user, None),
             StepKind::Input(spec) => spec.answerers(&identity.user, None),
             _ => continue,
         };
-        for reviewer in people {
-            if !owners.contains(&reviewer) {
-                owners.push(reviewer);
-            }
+        if identity.is_anonymous()
+            && people.iter().any(|p| p == &identity.user.tenant() || matches!(p, Principal::User(u) if *u == identity.user.as_str()))
+        {
+            return Err(ApiError::bad_request(
+                "Invalid workflow",
+                format!("step {}: it asks the run's starter, and a caller without a token cannot answer; name its reviewers", step.id),
+            ));
         }
+        owners.extend(people);
     }
+    owners.extend(access.feeds());
+    let mut seen = std::collections::HashSet::new();
+    owners.retain(|o| seen.insert(o.clone()));
     if owners.len() > MAX_OWNERS {
         return Err(ApiError::bad_request(
             "Invalid workflow",
-            format!("reviewers: {} people and groups would see this run; at most {MAX_OWNERS} may", owners.len()),
+            format!("reviewers and shares: {} people, groups and feeds would see this run; at most {MAX_OWNERS} may", owners.len()),
         ));
     }
     let mut run = RunRecord::new(graph.name().clone(), workflow, input, identity.user.clone(), owners, chrono::Utc::now());
     run.step_order = graph.step_order();
     run.options = options;
-    run.pinned = pinned;
+    run.pinned = stored.map(|(head, version)| chainrun_core::stored::Pinned { workflow_id: head.id.clone(), version });
+    run.workflow_owner = stored.map(|(head, _)| head.owner.clone());
+    run.access = Some(access);
+    run.inherits_access = inherits;
     state.store.create_run(&run).await?;
     // The run is stored: it will run even if this hand-over fails, because the sweeper
     // dispatches a run still queued after the grace period. Failing the request now would
@@ -278,6 +351,11 @@ enum Part {
 /// Loads a run the caller may see; anything else is a 404, so ids of other people's runs
 /// cannot be probed.
 async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: Part) -> Result<RunRecord, ApiError> {
+    Ok(run_with_role(state, identity, raw_id, part).await?.0)
+}
+
+/// [`visible_run`] and the role the caller holds on it.
+async fn run_with_role(state: &AppState, identity: &Identity, raw_id: &str, part: Part) -> Result<(RunRecord, Role), ApiError> {
     let not_found = || ApiError::NotFound(format!("no run {raw_id:?}"));
     let id = RunId::parse(raw_id).map_err(|_| not_found())?;
     let run = match part {
@@ -285,9 +363,14 @@ async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: 
         Part::Head => state.store.get_run_head(&id).await?,
     };
     let run = run.ok_or_else(not_found)?;
-    if !run.may_see(&identity.principals()) {
-        return Err(not_found());
-    }
+    let role = access::role_on_run(state, &run, identity).await?.ok_or_else(not_found)?;
+    Ok((run, role))
+}
+
+/// A run the caller may steer (cancel, pause, resume, retry, override): `control` on it.
+pub(crate) async fn controlled_run(state: &AppState, identity: &Identity, raw_id: &str, what: &str) -> Result<RunRecord, ApiError> {
+    let (run, role) = run_with_role(state, identity, raw_id, Part::Head).await?;
+    access::require(role, Role::Control, what)?;
     Ok(run)
 }
 
@@ -410,7 +493,11 @@ async fn pause_run(State(state): State<AppState>, identity: Identity, Path(id): 
 /// standing on the run (again for a repeat); `409` if the run has ended, already waits, or
 /// has another request standing.
 async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: ControlKind, body: ControlBody) -> Result<Response, ApiError> {
-    let run = visible_run(state, identity, id, Part::Head).await?;
+    let what = match kind {
+        ControlKind::Cancel => "cancelling a run",
+        ControlKind::Pause => "pausing a run",
+    };
+    let run = controlled_run(state, identity, id, what).await?;
     let control = ControlRequest { kind, by: identity.user.clone(), at: chrono::Utc::now(), reason: body.reason };
     let verb = match kind {
         ControlKind::Cancel => "cancel",
@@ -474,7 +561,9 @@ pub(crate) struct ResumeBody {
 /// `202`; `409` saying what the run or step is doing if it does not wait.
 async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: ResumeBody = if body.iter().all(u8::is_ascii_whitespace) { ResumeBody::default() } else { parse_body(&body)? };
-    let run = visible_run(&state, &identity, &id, Part::Head).await?;
+    // Deciding a review or answering an input is for the people the step asks (checked
+    // there); a plain resume or a budget raise steers the run.
+    let (run, role) = run_with_role(&state, &identity, &id, Part::Head).await?;
     match request.step {
         Some(_) if request.budget.is_some() => Err(ApiError::bad_request("Invalid request body", "budget: raise it without a `step`")),
         Some(_)
@@ -496,7 +585,10 @@ async fn resume_run(State(state): State<AppState>, identity: Identity, Path(id):
         None if request.values.is_some() || request.text.is_some() => {
             Err(ApiError::bad_request("Invalid request body", "values and text answer an input step: name its `step`"))
         }
-        None => resume_paused(&state, &identity, run, request.budget).await,
+        None => {
+            access::require(role, Role::Control, "resuming a run")?;
+            resume_paused(&state, &identity, run, request.budget).await
+        }
     }
 }
 
@@ -614,7 +706,8 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
     let spec = spec.ok_or_else(no_review)?;
     let step_id = StepId::parse(&step).map_err(|_| no_review())?;
     let decided = ReviewDecision { decision, output, comment, by: identity.user.clone(), at: chrono::Utc::now() };
-    let may_decide = |level: Option<u32>| identity.principals().iter().any(|p| spec.deciders(&run.caller, level).contains(p));
+    // Admins control everything, reviews included.
+    let may_decide = |level: Option<u32>| identity.is_admin() || identity.principals().iter().any(|p| spec.deciders(&run.caller, level).contains(p));
     if run.decisions.contains_key(&step_id) {
         // Decided: anyone it could ever have been handed to may hear so.
         if !may_decide(None) {
@@ -784,8 +877,15 @@ async fn get_events(
 pub(crate) struct ProgressQuery {
     #[serde(default = "default_limit")]
     limit: u32,
+    /// The `next` of the previous page: rows of runs older than it.
+    next: Option<String>,
+    /// `shared`: the `AUTHED` and `PUBLIC` feeds too (every run anyone made visible to all).
+    include: Option<String>,
 }
 
+/// `GET /progress?limit=N&next=CURSOR[&include=shared]`: one row per run the caller may
+/// see, merged from the feeds of every principal they act as (their own, their groups',
+/// the admin feed for admins), each run once, newest first, in pages.
 async fn get_progress(
     State(state): State<AppState>,
     identity: Identity,
@@ -795,13 +895,25 @@ async fn get_progress(
     if !(1..=1000).contains(&query.limit) {
         return Err(ApiError::bad_request("Invalid query", "limit must be 1 to 1000"));
     }
-    let mut rows = Vec::new();
-    for principal in identity.principals() {
-        rows.extend(state.progress.feed(&principal, query.limit).await?);
-    }
+    let before = match &query.next {
+        None => None,
+        Some(raw) => {
+            Some(RunId::parse(raw).map_err(|_| ApiError::bad_request("Invalid query", "next: pass the `next` of the previous page unchanged"))?)
+        }
+    };
+    let feeds = match query.include.as_deref() {
+        None => identity.own_feeds(),
+        Some("shared") => identity.principals(),
+        Some(other) => return Err(ApiError::bad_request("Invalid query", format!("include: {other:?}; the only value is \"shared\""))),
+    };
+    // One more row than asked per feed says whether a next page exists.
+    let reads = feeds.iter().map(|principal| state.progress.feed(principal, query.limit + 1, before.as_ref()));
+    let mut rows: Vec<_> = futures::future::try_join_all(reads).await?.into_iter().flatten().collect();
     // A run shared with several of the caller's principals appears once, newest first.
     rows.sort_by(|a, b| b.run_id.cmp(&a.run_id).then(b.last_seq.cmp(&a.last_seq)));
     rows.dedup_by(|a, b| a.run_id == b.run_id);
+    let more = rows.len() > query.limit as usize;
     rows.truncate(query.limit as usize);
-    Ok(Json(Page { items: rows.iter().map(ProgressRowView::from).collect(), next: None }).into_response())
+    let next = if more { rows.last().map(|r| r.run_id.to_string()) } else { None };
+    Ok(Json(Page { items: rows.iter().map(ProgressRowView::from).collect(), next }).into_response())
 }

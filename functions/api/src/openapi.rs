@@ -49,6 +49,20 @@ async fn workflow_schema() -> Response {
     ([(header::CONTENT_TYPE, "application/schema+json")], SCHEMA.as_str()).into_response()
 }
 
+/// A run start's `options` as the handlers read them: how the run runs, and who sees it
+/// (`visibility`, `shares`; taken out before the rest is read as `RunOptions`). Only its
+/// schema is used.
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+pub(crate) struct StartOptions {
+    #[serde(flatten)]
+    options: chainrun_core::run::RunOptions,
+    /// Who sees the run: no wider than its stored workflow's.
+    visibility: Option<chainrun_core::access::Visibility>,
+    /// With `SHARED`: whom it is shared with, and in which role.
+    shares: Option<Vec<chainrun_core::access::Share>>,
+}
+
 type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
 
 fn schema<T: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
@@ -205,6 +219,22 @@ pub fn operations() -> Vec<Operation> {
         op(M::POST, "/workflows/{id}/runs", "Start a run of a stored workflow").body::<RunBody>().answers::<RunAccepted>(202),
         op(M::POST, "/workflows/{id}/estimate", "Estimate a run of a stored workflow").body::<EstimateBody>().answers::<EstimateView<'static>>(200),
         op(M::POST, "/workflows/{id}/duplicate", "Copy a stored workflow").optional_body::<DuplicateBody>().answers::<WorkflowView<'static>>(201),
+        op(M::PUT, "/workflows/{id}/access", "Set who may see, run, edit or control a stored workflow")
+            .body::<chainrun_core::access::Access>()
+            .answers::<WorkflowView<'static>>(200),
+        // Without a token: what anyone may do with `PUBLIC` workflows and runs.
+        op(M::GET, "/public/runs/{id}", "A public run").public().query::<RevisionQuery>().answers::<RunView<'static>>(200),
+        op(M::GET, "/public/runs/{id}/events", "A public run's progress events").public().query::<EventsQuery>().answers::<EventsPage<'static>>(200),
+        op(M::GET, "/public/runs/{id}/output", "A public run's output, whole").public(),
+        op(M::GET, "/public/runs/{id}/steps/{step}/output", "A public run's step output, whole").public().query::<RevisionQuery>(),
+        op(M::GET, "/public/runs/{id}/steps/{step}/text", "A public run's step text, whole").public().query::<RevisionQuery>().answers_text(),
+        op(M::GET, "/public/progress", "The public progress feed").public().query::<ProgressQuery>().answers::<Page<ProgressRowView<'static>>>(200),
+        op(M::GET, "/public/workflows/{id}", "A public stored workflow").public().query::<VersionQuery>().answers::<WorkflowView<'static>>(200),
+        op(M::POST, "/public/workflows/{id}/runs", "Start a run of a public stored workflow").public().body::<RunBody>().answers::<RunAccepted>(202),
+        op(M::POST, "/public/workflows/{id}/estimate", "Estimate a run of a public stored workflow")
+            .public()
+            .body::<EstimateBody>()
+            .answers::<EstimateView<'static>>(200),
         op(M::GET, "/openapi.json", "This document").public().answers_object(200, "the OpenAPI 3.1 document of this API"),
         op(M::GET, "/schemas/workflow.json", "The workflow language's JSON Schema").public().answers_schema(),
     ]
@@ -221,6 +251,10 @@ fn refusals(op: &Operation) -> Vec<u16> {
     }
     if op.path.contains('{') {
         statuses.push(404);
+        if !op.public {
+            // Seen, but not to be done by this caller (its role does not allow it).
+            statuses.push(403);
+        }
     }
     if is_write(&op.method) {
         // A reused Idempotency-Key: still in flight (409), or for another request (422).
@@ -398,6 +432,7 @@ fn operation(op: &Operation, generators: &mut Generators, problem: &Schema) -> V
 /// The id parameters are the ids of what the path names.
 fn path_parameter(path: &str, name: &str, generator: &mut SchemaGenerator) -> Schema {
     use chainrun_core::ids::{RunId, StepId, WorkflowId};
+    let path = path.strip_prefix("/public").unwrap_or(path);
     match name {
         "step" => schema::<StepId>(generator),
         "id" if path.starts_with("/workflows") => schema::<WorkflowId>(generator),

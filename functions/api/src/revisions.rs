@@ -3,7 +3,7 @@
 //! hand and re-runs exactly its dependents. Each starts the run's next revision (see
 //! `chainrun_core::revision`): nothing of the earlier ones is overwritten.
 
-use super::{AppState, MAX_REASON_CHARS, Part, budget_raise, parse_body, visible_run};
+use super::{AppState, MAX_REASON_CHARS, budget_raise, controlled_run, parse_body};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use axum::Json;
@@ -88,7 +88,8 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
     if steer.comment.as_ref().is_some_and(|c| c.chars().count() > MAX_REASON_CHARS) {
         return Err(ApiError::bad_request("Invalid request body", format!("comment: at most {MAX_REASON_CHARS} characters")));
     }
-    let run = visible_run(state, identity, id, Part::Head).await?;
+    let what = if steer.kind == RevisionKind::Retry { "retrying a step" } else { "overriding a step's output" };
+    let run = controlled_run(state, identity, id, what).await?;
     let id = run.id.clone();
     let graph =
         validate_json(&run.definition, &state.models).map_err(|e| ApiError::Conflict(format!("run {id}'s definition no longer validates: {e}")))?;

@@ -14,12 +14,16 @@
 //! meant to prevent, and making the check opt-in would leave every naive client exposed. A
 //! client that means to overwrite whatever is there says so with `If-Match: *`.
 //!
-//! Access, for now: a stored workflow is seen and used by its owner only; to anyone else
-//! every route answers `404`, as for an id that does not exist, so ids cannot be probed.
+//! Access (see `chainrun_core::access`): reading takes `view`, running and estimating
+//! `run`, writing a version `edit`; changing who sees it (`PUT /workflows/{id}/access`) and
+//! deleting it are for its owner and admins. To a caller who may not see it every route
+//! answers `404`, as for an id that does not exist, so ids cannot be probed. Reading,
+//! running and estimating are also served under `/public/` for callers without a token.
 //!
 //! `DELETE` takes no `Idempotency-Key` (the middleware keys only `POST` and `PUT`): it is
 //! idempotent by itself — a repeat deletes nothing more, and answers `404`.
 
+use crate::access::{may_administer, require, workflow_role};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::history::bounded;
@@ -32,9 +36,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chainrun_core::access::{Access, Role};
 use chainrun_core::ids::{WorkflowId, WorkflowName};
 use chainrun_core::ports::{SaveOutcome, StoreError, WorkflowCursor};
-use chainrun_core::stored::{MAX_VERSION, Pinned, StoredWorkflow, WorkflowVersion};
+use chainrun_core::stored::{MAX_VERSION, StoredWorkflow, WorkflowVersion};
 use chainrun_core::wire::views::Page;
 use chainrun_core::wire::workflows::{WorkflowSummaryView, WorkflowView};
 use chrono::{DateTime, SubsecRound, Utc};
@@ -55,6 +60,15 @@ pub fn routes() -> Router<AppState> {
         .route("/workflows/{id}/runs", post(run).fallback(method_not_allowed))
         .route("/workflows/{id}/estimate", post(estimate).fallback(method_not_allowed))
         .route("/workflows/{id}/duplicate", post(duplicate).fallback(method_not_allowed))
+        .route("/workflows/{id}/access", axum::routing::put(set_access).fallback(method_not_allowed))
+}
+
+/// What callers without a token may do with a `PUBLIC` workflow (mounted under `/public`).
+pub fn public_routes() -> Router<AppState> {
+    Router::new()
+        .route("/workflows/{id}", get(read).fallback(method_not_allowed))
+        .route("/workflows/{id}/runs", post(run).fallback(method_not_allowed))
+        .route("/workflows/{id}/estimate", post(estimate).fallback(method_not_allowed))
 }
 
 /// Now, to the millisecond: what the store keeps, so an answer shows what a read returns.
@@ -74,14 +88,20 @@ fn write_failed(e: StoreError) -> ApiError {
     }
 }
 
-/// The workflow `raw_id` at `version` (default: its latest), if the caller may see it;
-/// anything else is the same `404`.
-async fn visible(state: &AppState, identity: &Identity, raw_id: &str, version: Option<u32>) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
+/// The workflow `raw_id` at `version` (default: its latest), if the caller may see it
+/// (anything else is the same `404`) and holds `needed` on it (`403` naming `what` if not).
+async fn visible(
+    state: &AppState,
+    identity: &Identity,
+    raw_id: &str,
+    version: Option<u32>,
+    needed: Role,
+    what: &str,
+) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
     let id = WorkflowId::parse(raw_id).map_err(|_| no_workflow(raw_id))?;
     let (head, latest) = state.workflows.get(&id, None).await?.ok_or_else(|| no_workflow(raw_id))?;
-    if head.owner != identity.user {
-        return Err(no_workflow(raw_id));
-    }
+    let role = workflow_role(&head, identity).ok_or_else(|| no_workflow(raw_id))?;
+    require(role, needed, what)?;
     match version {
         None => Ok((head, latest)),
         Some(n) if n == head.version => Ok((head, latest)),
@@ -110,10 +130,10 @@ fn name_of(state: &AppState, definition: &Value) -> Result<WorkflowName, ApiErro
 }
 
 /// Stores `definition` as a new workflow owned by the caller, at version 1.
-async fn store_new(state: &AppState, identity: &Identity, definition: Value) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
+async fn store_new(state: &AppState, identity: &Identity, definition: Value, access: Access) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
     let name = name_of(state, &definition)?;
     let at = now();
-    let head = StoredWorkflow::new(identity.user.clone(), name, at);
+    let head = StoredWorkflow { access, ..StoredWorkflow::new(identity.user.clone(), name, at) };
     let first = WorkflowVersion { version: 1, definition, written_by: identity.user.clone(), written_at: at };
     state.workflows.create(&head, &first).await.map_err(write_failed)?;
     info!(workflow_id = %head.id, user = %identity.user, "workflow created");
@@ -125,12 +145,19 @@ async fn store_new(state: &AppState, identity: &Identity, definition: Value) -> 
 pub(crate) struct CreateBody {
     #[schemars(with = "chainrun_core::workflow::WorkflowDef")]
     workflow: Value,
+    #[serde(default)]
+    visibility: chainrun_core::access::Visibility,
+    #[serde(default)]
+    shares: Vec<chainrun_core::access::Share>,
 }
 
-/// `POST /workflows`: `201` with the new workflow at version 1, and its `Location`.
+/// `POST /workflows` `{ workflow, visibility?, shares? }`: `201` with the new workflow at
+/// version 1 (`PRIVATE` unless said otherwise), and its `Location`.
 async fn create(State(state): State<AppState>, identity: Identity, body: Bytes) -> Result<Response, ApiError> {
     let request: CreateBody = parse_body(&body)?;
-    let (head, first) = store_new(&state, &identity, request.workflow).await?;
+    let access = Access { visibility: request.visibility, shares: request.shares };
+    checked_access(&access, &identity)?;
+    let (head, first) = store_new(&state, &identity, request.workflow, access).await?;
     Ok(answer(StatusCode::CREATED, &head, &first, true))
 }
 
@@ -154,12 +181,14 @@ fn decode_cursor(raw: &str) -> Result<WorkflowCursor, ApiError> {
     Ok(WorkflowCursor { updated_at, id: WorkflowId::parse(id).map_err(|_| bad())? })
 }
 
-/// `GET /workflows?limit=N&next=CURSOR`: the caller's workflows, most recently updated first.
+/// `GET /workflows?limit=N&next=CURSOR`: the workflows the caller may see (their own,
+/// shared with them or their groups, `AUTHED`, `PUBLIC`; admins: all), most recently
+/// updated first.
 async fn list(State(state): State<AppState>, identity: Identity, params: Result<Query<ListParams>, QueryRejection>) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::bad_request("Invalid query", e.body_text()))?;
     let limit = bounded("limit", params.limit.as_deref(), DEFAULT_LIST_LIMIT, LIST_LIMITS)?;
     let after = params.next.as_deref().map(decode_cursor).transpose()?;
-    let page = state.workflows.list(&identity.user, limit, after.as_ref()).await?;
+    let page = state.workflows.list(&identity.principals(), limit, after.as_ref()).await?;
     let items = page.items.iter().map(WorkflowSummaryView::from).collect();
     Ok(axum::Json(Page { items, next: page.next.as_ref().map(encode_cursor) }).into_response())
 }
@@ -186,7 +215,7 @@ async fn read(
     query: Result<Query<VersionQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let version = version_param(query)?;
-    let (head, shown) = visible(&state, &identity, &id, version).await?;
+    let (head, shown) = visible(&state, &identity, &id, version, Role::View, "reading a workflow").await?;
     Ok(answer(StatusCode::OK, &head, &shown, false))
 }
 
@@ -235,7 +264,7 @@ async fn update(
     if let Some(n) = request.version.filter(|n| !(1..=MAX_VERSION).contains(n)) {
         return Err(ApiError::bad_request("Invalid request body", format!("version: the version you read, 1 to {MAX_VERSION}; got {n}")));
     }
-    let (head, _) = visible(&state, &identity, &id, None).await?;
+    let (head, _) = visible(&state, &identity, &id, None, Role::Edit, "writing a workflow's new version").await?;
     let expected = match (header, request.version) {
         (Some(Expected::Version(h)), Some(b)) if h != b => {
             return Err(ApiError::bad_request(
@@ -274,7 +303,10 @@ async fn update(
 
 /// `DELETE /workflows/{id}`: `204`. Runs that ran it keep their snapshots.
 async fn delete(State(state): State<AppState>, identity: Identity, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let (head, _) = visible(&state, &identity, &id, None).await?;
+    let (head, _) = visible(&state, &identity, &id, None, Role::View, "deleting a workflow").await?;
+    if !may_administer(&head, &identity) {
+        return Err(ApiError::Forbidden("only a workflow's owner and admins delete it".into()));
+    }
     if !state.workflows.delete(&head.id, now()).await? {
         return Err(no_workflow(&id));
     }
@@ -291,7 +323,7 @@ pub(crate) struct RunBody {
     #[serde(default)]
     version: Option<u32>,
     #[serde(default)]
-    #[schemars(with = "Option<chainrun_core::run::RunOptions>")]
+    #[schemars(with = "Option<crate::openapi::StartOptions>")]
     options: Option<Value>,
 }
 
@@ -299,9 +331,8 @@ pub(crate) struct RunBody {
 /// latest), exactly as `POST /runs` would with its definition, pinned to that version.
 async fn run(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: RunBody = parse_body(&body)?;
-    let (head, version) = visible(&state, &identity, &id, request.version).await?;
-    let pinned = Pinned { workflow_id: head.id, version: version.version };
-    queue_run(&state, &identity, version.definition, request.input, request.options, Some(pinned)).await
+    let (head, version) = visible(&state, &identity, &id, request.version, Role::Run, "running a workflow").await?;
+    queue_run(&state, &identity, version.definition, request.input, request.options, Some((&head, version.version))).await
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -317,7 +348,7 @@ pub(crate) struct EstimateBody {
 /// `POST /workflows/{id}/estimate`: `POST /workflows/estimate` for a stored version.
 async fn estimate(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: EstimateBody = parse_body(&body)?;
-    let (_, version) = visible(&state, &identity, &id, request.version).await?;
+    let (_, version) = visible(&state, &identity, &id, request.version, Role::Run, "estimating a workflow's runs").await?;
     estimate_of(&state, &identity, &version.definition, &request.input).await
 }
 
@@ -332,14 +363,38 @@ pub(crate) struct DuplicateBody {
 /// given) as a new workflow the caller owns, at version 1.
 async fn duplicate(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let request: DuplicateBody = if body.iter().all(u8::is_ascii_whitespace) { DuplicateBody::default() } else { parse_body(&body)? };
-    let (_, source) = visible(&state, &identity, &id, None).await?;
+    let (_, source) = visible(&state, &identity, &id, None, Role::View, "duplicating a workflow").await?;
     let mut definition = source.definition;
     // A stored definition passed validation, so it is an object with a name to replace.
     if let (Some(name), Some(object)) = (request.name, definition.as_object_mut()) {
         object.insert("name".into(), Value::String(name));
     }
-    let (head, first) = store_new(&state, &identity, definition).await?;
+    // A copy is the caller's own, private until they share it.
+    let (head, first) = store_new(&state, &identity, definition, Access::private()).await?;
     Ok(answer(StatusCode::CREATED, &head, &first, true))
+}
+
+/// `400` naming what is wrong with an access a client sent.
+fn checked_access(access: &Access, identity: &Identity) -> Result<(), ApiError> {
+    access.validate(identity.is_admin()).map_err(|e| ApiError::bad_request("Invalid request body", e.0))
+}
+
+/// `PUT /workflows/{id}/access` `{ visibility, shares? }`: who else may see, run, edit or
+/// control the workflow and its runs, from now on (runs started narrower stay narrower).
+/// Its owner and admins only; `200` with the workflow.
+async fn set_access(State(state): State<AppState>, identity: Identity, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let access: Access = parse_body(&body)?;
+    let (head, _) = visible(&state, &identity, &id, None, Role::View, "changing a workflow's access").await?;
+    if !may_administer(&head, &identity) {
+        return Err(ApiError::Forbidden("only a workflow's owner and admins change who may see it".into()));
+    }
+    checked_access(&access, &identity)?;
+    if !state.workflows.set_access(&head.id, &access).await? {
+        return Err(no_workflow(&id));
+    }
+    info!(workflow_id = %head.id, user = %identity.user, visibility = access.visibility.name(), shares = access.shares.len(), "workflow access changed");
+    let (head, latest) = state.workflows.get(&head.id, None).await?.ok_or_else(|| no_workflow(&id))?;
+    Ok(answer(StatusCode::OK, &head, &latest, false))
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ async fn the_authorizers_claims_are_the_caller_and_spoofed_headers_are_ignored()
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         let id = RunId::parse(body["run_id"].as_str().unwrap()).unwrap();
         let run = api.store.get_run(&id).await.unwrap().unwrap();
-        assert_eq!((run.caller.as_str(), run.owners.clone()), ("alice-sub-1", vec![Principal::User("alice-sub-1".into())]));
+        assert_eq!((run.caller.as_str(), run.owners.clone()), ("alice-sub-1", vec![Principal::User("alice-sub-1".into()), Principal::Admin]));
 
         // alice's run is hers; the spoofed identity gets no further reading it either.
         let path = format!("/runs/{id}");
@@ -147,8 +147,9 @@ async fn the_authorizers_claims_are_the_caller_and_spoofed_headers_are_ignored()
 #[tokio::test]
 async fn group_claims_grant_what_is_shared_with_the_group_in_both_shapes_api_gateway_sends() {
     let api = api();
-    let shared =
+    let mut shared =
         RunRecord::new("wf".parse().unwrap(), json!({}), json!({}), "bob".parse().unwrap(), vec![Principal::Group("eng".into())], chrono::Utc::now());
+    shared.access = Some(serde_json::from_value(json!({ "visibility": "SHARED", "shares": [{ "group": "eng", "role": "view" }] })).unwrap());
     api.store.create_run(&shared).await.unwrap();
     let path = format!("/runs/{}", shared.id);
     // API Gateway flattens array claims: Cognito's `cognito:groups` as `[a b]`, others as JSON.

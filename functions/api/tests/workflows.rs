@@ -101,7 +101,7 @@ async fn an_invalid_definition_is_refused_with_the_same_400_as_post_runs_and_not
     assert_eq!(a.body["title"], "Invalid workflow");
     assert_eq!(a.body["problems"], runs.body["problems"], "the same problems as POST /runs");
     assert!(a.body["problems"].to_string().contains("nope"), "{}", a.body);
-    assert!(api.workflows.list(&"alice".parse().unwrap(), 10, None).await.unwrap().items.is_empty());
+    assert!(api.workflows.list(&[chainrun_core::ids::Principal::User("alice".into())], 10, None).await.unwrap().items.is_empty());
 
     // A new version is validated the same way, and a refused one changes nothing.
     let id = api.create("alice", greet("Hello")).await;
@@ -326,7 +326,11 @@ async fn another_users_workflow_is_404_on_every_route_and_unchanged() {
     let mine = api.call("alice", "GET", &path, None).await;
     assert_eq!((mine.status, mine.body["version"].clone(), mine.body["workflow"].clone()), (StatusCode::OK, json!(1), greet("Hello")));
     assert!(api.dispatcher.dispatched().is_empty(), "nothing ran");
-    assert_eq!(api.workflows.list(&"mallory".parse().unwrap(), 10, None).await.unwrap().items.len(), 0, "nothing was duplicated");
+    assert_eq!(
+        api.workflows.list(&[chainrun_core::ids::Principal::User("mallory".into())], 10, None).await.unwrap().items.len(),
+        0,
+        "nothing was duplicated"
+    );
 }
 
 #[tokio::test]
@@ -336,7 +340,7 @@ async fn an_oversize_definition_is_refused_before_anything_is_written() {
     big["description"] = json!("x".repeat(chainrun_api::MAX_BODY_BYTES));
     let a = api.call("alice", "POST", "/workflows", Some(json!({ "workflow": big }))).await;
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.body);
-    assert!(api.workflows.list(&"alice".parse().unwrap(), 10, None).await.unwrap().items.is_empty());
+    assert!(api.workflows.list(&[chainrun_core::ids::Principal::User("alice".into())], 10, None).await.unwrap().items.is_empty());
 }
 
 #[tokio::test]

@@ -175,6 +175,12 @@ struct RunItem {
     input_turns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pinned: Option<crate::stored::Pinned>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access: Option<crate::access::Access>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    inherits_access: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    workflow_owner: Option<UserId>,
     /// The lease (absent while queued, released or finished).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     lease_holder: Option<String>,
@@ -220,6 +226,9 @@ impl RunItem {
             inputs: run.inputs.iter().map(|(step, state)| (step.clone(), StoredInput::from_state(state))).collect(),
             input_turns: run.inputs.values().map(|state| state.turns.len() as u64).sum(),
             pinned: run.pinned.clone(),
+            access: run.access.clone(),
+            inherits_access: run.inherits_access,
+            workflow_owner: run.workflow_owner.clone(),
             lease_holder: None,
             lease_expires: None,
             sweep_shard: None,
@@ -258,6 +267,9 @@ impl RunItem {
             revision: self.revision,
             revisions: self.revisions,
             pinned: self.pinned,
+            access: self.access,
+            inherits_access: self.inherits_access,
+            workflow_owner: self.workflow_owner,
             decisions: self.decisions.into_iter().map(|(step, d)| d.into_decision(name, &step).map(|d| (step, d))).collect::<Result<_, _>>()?,
             inputs: self.inputs.into_iter().map(|(step, i)| i.into_state(name, &step).map(|i| (step, i))).collect::<Result<_, _>>()?,
             totals: self.totals,

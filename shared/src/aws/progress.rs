@@ -197,7 +197,7 @@ impl DynamoProgress {
         let status = serde_json::to_value(row.status).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         let mut update = Update::builder()
             .table_name(&self.tables.progress)
-            .key("pk", s(owner.key()))
+            .key("pk", s(crate::shards::feed_key(owner, &row.run_id)))
             .key("sk", s(run_pk(&row.run_id)))
             // Rows only move forward: an older event never overwrites a newer row.
             .condition_expression("attribute_not_exists(#last_seq) OR #last_seq < :seq")
@@ -332,7 +332,7 @@ impl ProgressReader for DynamoProgress {
             .client
             .get_item()
             .table_name(&self.tables.progress)
-            .key("pk", s(principal.key()))
+            .key("pk", s(crate::shards::feed_key(principal, run)))
             .key("sk", s(run_pk(run)))
             .consistent_read(true)
             .send()
@@ -341,19 +341,33 @@ impl ProgressReader for DynamoProgress {
         out.item.map(|item| to_row(&self.tables.progress, item)).transpose()
     }
 
-    async fn feed(&self, principal: &Principal, limit: u32) -> Result<Vec<ProgressRow>, ProgressError> {
-        let out = self
-            .client
-            .query()
-            .table_name(&self.tables.progress)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", s(principal.key()))
-            .scan_index_forward(false)
-            .limit(page_limit(limit))
-            .send()
-            .await
-            .map_err(progress_err(&self.tables.progress))?;
-        out.items.unwrap_or_default().into_iter().map(|item| to_row(&self.tables.progress, item)).collect()
+    /// Queries every shard of the feed at once (see [`crate::shards`]) and keeps the
+    /// newest `limit` runs of them all.
+    async fn feed(&self, principal: &Principal, limit: u32, before: Option<&RunId>) -> Result<Vec<ProgressRow>, ProgressError> {
+        let queries = crate::shards::feed_keys(principal).into_iter().map(|key| {
+            let mut query = self
+                .client
+                .query()
+                .table_name(&self.tables.progress)
+                .expression_attribute_values(":pk", s(key))
+                .scan_index_forward(false)
+                .limit(page_limit(limit));
+            query = match before {
+                Some(before) => query.key_condition_expression("pk = :pk AND sk < :before").expression_attribute_values(":before", s(run_pk(before))),
+                // `RUN#` and nothing else lives under a feed's key.
+                None => query.key_condition_expression("pk = :pk"),
+            };
+            async move { query.send().await.map_err(progress_err(&self.tables.progress)) }
+        });
+        let mut rows = Vec::new();
+        for out in futures::future::try_join_all(queries).await? {
+            for item in out.items.unwrap_or_default() {
+                rows.push(to_row(&self.tables.progress, item)?);
+            }
+        }
+        rows.sort_by(|a, b| b.run_id.cmp(&a.run_id));
+        rows.truncate(page_limit(limit) as usize);
+        Ok(rows)
     }
 }
 

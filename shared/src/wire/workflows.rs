@@ -16,6 +16,9 @@ pub struct WorkflowSummaryView<'a> {
     /// The latest version.
     pub version: u32,
     pub owner: &'a UserId,
+    /// Who else may see, run, edit or control it: `visibility` and `shares`.
+    #[serde(flatten)]
+    pub access: &'a crate::access::Access,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub links: WorkflowLinks,
@@ -43,6 +46,7 @@ impl<'a> From<&'a StoredWorkflow> for WorkflowSummaryView<'a> {
             name: &head.name,
             version: head.version,
             owner: &head.owner,
+            access: &head.access,
             created_at: head.created_at,
             updated_at: head.updated_at,
             links: WorkflowLinks::of(&head.id),
@@ -60,6 +64,8 @@ pub struct WorkflowView<'a> {
     pub version: u32,
     pub latest_version: u32,
     pub owner: &'a UserId,
+    #[serde(flatten)]
+    pub access: &'a crate::access::Access,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Who wrote the version shown, and when.
@@ -78,6 +84,7 @@ impl<'a> WorkflowView<'a> {
             version: version.version,
             latest_version: head.version,
             owner: &head.owner,
+            access: &head.access,
             created_at: head.created_at,
             updated_at: head.updated_at,
             written_by: &version.written_by,
