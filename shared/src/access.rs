@@ -128,11 +128,10 @@ impl Access {
     /// would lock themselves out).
     pub fn validate(&self, by_admin: bool) -> Result<(), InvalidAccess> {
         match self.visibility {
-            Visibility::Shared => {
-                if self.shares.is_empty() {
-                    return Err(InvalidAccess("shares: SHARED needs at least one share ({\"user\": …} or {\"group\": …} with a role)".into()));
-                }
+            Visibility::Shared if self.shares.is_empty() => {
+                return Err(InvalidAccess("shares: SHARED needs at least one share ({\"user\": …} or {\"group\": …} with a role)".into()));
             }
+            Visibility::Shared => {}
             _ if !self.shares.is_empty() => {
                 return Err(InvalidAccess(format!("shares: only a SHARED visibility has shares, not {}", self.visibility.name())));
             }
@@ -247,6 +246,22 @@ pub fn run_role(access: &Access, starter: &UserId, workflow_owner: Option<&UserI
         Some(_) => Some(Role::View),
         None => asked.then_some(Role::View),
     }
+}
+
+/// Everyone whose progress feed shows a run: its starter (unless anonymous), its
+/// workflow's owner, the people its person steps ask, and the feeds its access names — each
+/// once, in that order.
+pub fn run_owners(starter: &UserId, workflow_owner: Option<&UserId>, people: &[Principal], access: &Access) -> Vec<Principal> {
+    let mut owners = Vec::new();
+    if !starter.is_anonymous() {
+        owners.push(Principal::User(starter.to_string()));
+    }
+    owners.extend(workflow_owner.map(|o| Principal::User(o.to_string())));
+    owners.extend(people.iter().cloned());
+    owners.extend(access.feeds());
+    let mut seen = std::collections::HashSet::new();
+    owners.retain(|o| seen.insert(o.clone()));
+    owners
 }
 
 /// A run's access as it stands: its own (`None`: as its workflow's) bounded by its

@@ -272,6 +272,19 @@ impl ValidatedGraph {
         &self.steps
     }
 
+    /// Everyone its person steps (reviews, inputs) may ask, at any escalation, for a run
+    /// started by `starter`: they read the run.
+    pub fn people(&self, starter: &crate::ids::UserId) -> Vec<(StepId, Vec<Principal>)> {
+        self.steps
+            .iter()
+            .filter_map(|step| match &step.kind {
+                StepKind::Review(spec) => Some((step.id.clone(), spec.deciders(starter, None))),
+                StepKind::Input(spec) => Some((step.id.clone(), spec.answerers(starter, None))),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The steps that depend on step `i`.
     pub fn dependents(&self, i: usize) -> &[usize] {
         &self.dependents[i]

@@ -1,7 +1,7 @@
 //! chainrun-core: the workflow model, validation, engine, pricing, ports and adapters.
 //!
 //! Dependencies point one way. Pure modules ([`access`], [`ids`], [`money`], [`pricing`], [`analytics`], [`budget`], [`spend`], [`estimate`], [`workflow`],
-//! [`graph`], [`template`], [`output`], [`run`], [`stored`]) know nothing of async or AWS. The
+//! [`graph`], [`template`], [`output`], [`run`], [`stored`], [`templates`]) know nothing of async or AWS. The
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
 
@@ -29,6 +29,7 @@ pub mod shards;
 pub mod spend;
 pub mod stored;
 pub mod template;
+pub mod templates;
 pub mod wire;
 pub mod workflow;
 

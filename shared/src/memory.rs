@@ -151,6 +151,14 @@ impl RunStore for MemoryStore {
         Ok(Claim::Acquired(Box::new(slot.run.clone())))
     }
 
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[Principal]) -> Result<(), StoreError> {
+        self.check_lease(id, lease)?;
+        let mut runs = lock(&self.runs);
+        let Some(slot) = runs.get_mut(id) else { return Err(StoreError::LeaseLost(id.clone())) };
+        slot.run.owners = owners.to_vec();
+        Ok(())
+    }
+
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         self.check_lease(id, lease)?;
         let mut runs = lock(&self.runs);
@@ -433,6 +441,14 @@ fn page_limit(limit: u32) -> usize {
 impl ProgressSink for MemoryProgress {
     /// The DynamoDB adapter's transaction, all or nothing: the event must be the log's next
     /// one, and no owner's row may already be at or past it.
+    async fn forget(&self, run: &RunId, principals: &[Principal]) -> Result<(), ProgressError> {
+        let mut rows = lock(&self.rows);
+        for p in principals {
+            rows.remove(&(p.clone(), run.clone()));
+        }
+        Ok(())
+    }
+
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
         let owners: HashSet<&Principal> = owners.iter().collect();
         if owners.len() > MAX_OWNERS {
@@ -954,5 +970,68 @@ impl WorkflowStore for MemoryWorkflows {
         let items: Vec<_> = rest.iter().take(limit).map(|h| (*h).clone()).collect();
         let next = (rest.len() > limit).then(|| items.last().map(|h| WorkflowCursor { updated_at: h.updated_at, id: h.id.clone() })).flatten();
         Ok(WorkflowPage { items, next })
+    }
+}
+
+// ---------------------------------------------------------------- saved templates
+
+/// Saved templates in memory, with the DynamoDB adapter's semantics: a create that is
+/// refused for a taken id unless it is the same template, lists newest first.
+#[derive(Default)]
+pub struct MemoryTemplates {
+    templates: Mutex<HashMap<crate::templates::TemplateId, crate::templates::SavedTemplate>>,
+}
+
+impl MemoryTemplates {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many templates are stored (for tests that prove nothing was written).
+    pub fn len(&self) -> usize {
+        lock(&self.templates).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl TemplateStore for MemoryTemplates {
+    async fn save(&self, template: &crate::templates::SavedTemplate) -> Result<(), StoreError> {
+        let mut templates = lock(&self.templates);
+        match templates.get(&template.id) {
+            Some(stored) if stored == template => Ok(()),
+            Some(_) => Err(StoreError::Rejected(format!("template {} already exists", template.id))),
+            None => {
+                templates.insert(template.id.clone(), template.clone());
+                Ok(())
+            }
+        }
+    }
+
+    async fn get(&self, id: &crate::templates::TemplateId) -> Result<Option<crate::templates::SavedTemplate>, StoreError> {
+        Ok(lock(&self.templates).get(id).cloned())
+    }
+
+    async fn delete(&self, id: &crate::templates::TemplateId) -> Result<bool, StoreError> {
+        Ok(lock(&self.templates).remove(id).is_some())
+    }
+
+    async fn list(&self, owner: &crate::ids::UserId, limit: u32, after: Option<&TemplateCursor>) -> Result<TemplatePage, StoreError> {
+        let templates = lock(&self.templates);
+        let mut mine: Vec<&crate::templates::SavedTemplate> = templates.values().filter(|t| &t.owner == owner).collect();
+        // Newest first; the id breaks ties, as the DynamoDB index's key does.
+        mine.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        let start = match after {
+            Some(c) => mine.iter().position(|t| (t.created_at, &t.id) < (c.created_at, &c.id)).unwrap_or(mine.len()),
+            None => 0,
+        };
+        let limit = limit.max(1) as usize;
+        let rest = &mine[start..];
+        let items: Vec<_> = rest.iter().take(limit).map(|t| (*t).clone()).collect();
+        let next = (rest.len() > limit).then(|| items.last().map(|t| TemplateCursor { created_at: t.created_at, id: t.id.clone() })).flatten();
+        Ok(TemplatePage { items, next })
     }
 }

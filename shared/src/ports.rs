@@ -246,6 +246,9 @@ pub trait RunStore: Send + Sync {
     /// longer ours. Returns the run's pending control request, if any: the heartbeat is
     /// how a working runner learns it was asked to stop.
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError>;
+    /// Replaces whose feeds show the run (its workflow's access changed), while `lease`
+    /// holds it; `LeaseLost` otherwise.
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[Principal]) -> Result<(), StoreError>;
     /// Records `request` on an unfinished run, whoever holds it; the runner holding it (or
     /// the next to claim it) acts on it. The first request stands: a later one gets
     /// `AlreadyRequested` with it (the same request again, e.g. a retry whose reply was
@@ -366,6 +369,9 @@ pub trait ProgressSink: Send + Sync {
     /// Appends `event` to the run's log and replaces `row` in each owner's feed,
     /// atomically: a reader never sees a progress row ahead of the log.
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError>;
+
+    /// Removes the run's row from each of `principals`' feeds (they may no longer see it).
+    async fn forget(&self, run: &RunId, principals: &[Principal]) -> Result<(), ProgressError>;
 
     /// Checkpoints a step of the event's run (only while the checkpoint's lease holds the
     /// run) and publishes `event` as [`ProgressSink::publish`] does. An adapter that can
@@ -692,4 +698,36 @@ pub trait WorkflowStore: Send + Sync {
     /// The workflows any of `visible_to` is a grantee of ([`crate::stored::StoredWorkflow::grantees`]),
     /// most recently updated first, each once, deleted ones left out.
     async fn list(&self, visible_to: &[Principal], limit: u32, after: Option<&WorkflowCursor>) -> Result<WorkflowPage, StoreError>;
+}
+
+// ---------------------------------------------------------------- saved templates
+
+/// A position in an owner's list of saved templates: the last one a page covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: crate::templates::TemplateId,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplatePage {
+    pub items: Vec<crate::templates::SavedTemplate>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<TemplateCursor>,
+}
+
+/// Saved templates (see [`crate::templates`]). A template is written once and never
+/// changed; it can be deleted.
+#[async_trait]
+pub trait TemplateStore: Send + Sync {
+    /// Stores a new template. Storing the same again succeeds (a retry whose reply was
+    /// lost); another template with its id is `Rejected`; one too large for the store is
+    /// `TooLarge`.
+    async fn save(&self, template: &crate::templates::SavedTemplate) -> Result<(), StoreError>;
+    /// The template, if it exists.
+    async fn get(&self, id: &crate::templates::TemplateId) -> Result<Option<crate::templates::SavedTemplate>, StoreError>;
+    /// Deletes the template; `false` if there was none.
+    async fn delete(&self, id: &crate::templates::TemplateId) -> Result<bool, StoreError>;
+    /// The owner's templates, newest first.
+    async fn list(&self, owner: &UserId, limit: u32, after: Option<&TemplateCursor>) -> Result<TemplatePage, StoreError>;
 }

@@ -136,10 +136,7 @@ async fn access_contract(store: Arc<dyn WorkflowStore>) {
     let public = new_workflow(&*store, "alice", "public", at(2)).await;
     let to_bob_and_support = Access {
         visibility: Visibility::Shared,
-        shares: vec![
-            Share { to: Grantee::User(user("bob")), role: Role::Edit },
-            Share { to: Grantee::Group("support".into()), role: Role::View },
-        ],
+        shares: vec![Share { to: Grantee::User(user("bob")), role: Role::Edit }, Share { to: Grantee::Group("support".into()), role: Role::View }],
     };
     assert!(store.set_access(&shared.id, &to_bob_and_support).await.unwrap());
     assert!(store.set_access(&public.id, &Access { visibility: Visibility::Public, shares: vec![] }).await.unwrap());

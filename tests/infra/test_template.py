@@ -492,7 +492,9 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
     runner = effective_function_props(template, "RunnerFunction")
     crud = {"DynamoDBCrudPolicy"}
     assert dynamodb_tables_granted(api) == {"RunsTable", "EventsTable", "ProgressTable", "WorkflowsTable", "RollupsTable"}
-    assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable", "RollupsTable"}
+    assert dynamodb_tables_granted(runner) == {"RunsTable", "EventsTable", "ProgressTable", "RollupsTable", "WorkflowsTable"}
+    # A run of a stored workflow follows the workflow's access: the runner reads its head.
+    assert dynamodb_grants(runner)["WorkflowsTable"] == {"DynamoDBReadPolicy"}
     for table in ("RunsTable", "EventsTable", "ProgressTable"):
         assert dynamodb_grants(api)[table] == crud and dynamodb_grants(runner)[table] == crud
     # Cost rollups: only the runner writes them (when a run ends); the API only reads them.

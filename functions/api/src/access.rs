@@ -9,7 +9,7 @@ use crate::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
 use chainrun_core::access::{Access, Role, effective, run_role};
-use chainrun_core::graph::{StepKind, validate_json};
+use chainrun_core::graph::validate_json;
 use chainrun_core::ids::Principal;
 use chainrun_core::run::RunRecord;
 use chainrun_core::stored::StoredWorkflow;
@@ -61,16 +61,7 @@ pub(crate) async fn run_access(state: &AppState, run: &RunRecord) -> Result<Acce
 /// Everyone a run's person steps (reviews, inputs) ask, at any escalation: they read it.
 pub(crate) fn people_of(state: &AppState, run: &RunRecord) -> Vec<Principal> {
     let Ok(graph) = validate_json(&run.definition, &state.models) else { return Vec::new() };
-    let mut people = Vec::new();
-    for step in graph.steps() {
-        let asked = match &step.kind {
-            StepKind::Review(spec) => spec.deciders(&run.caller, None),
-            StepKind::Input(spec) => spec.answerers(&run.caller, None),
-            _ => continue,
-        };
-        people.extend(asked);
-    }
-    people
+    graph.people(&run.caller).into_iter().flat_map(|(_, people)| people).collect()
 }
 
 /// The role `identity` holds on `run` now; `None`: they may not see it.

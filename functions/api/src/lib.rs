@@ -12,6 +12,7 @@ mod history;
 pub mod idempotency;
 pub mod openapi;
 mod revisions;
+mod templates;
 mod workflows;
 
 use auth::{Authenticator, Identity};
@@ -84,6 +85,8 @@ pub struct AppState {
     pub idempotency: Arc<dyn Idempotency>,
     /// Stored workflows and their versions.
     pub workflows: Arc<dyn WorkflowStore>,
+    /// Saved templates (built-ins are compiled in).
+    pub templates: Arc<dyn chainrun_core::ports::TemplateStore>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -101,6 +104,7 @@ pub fn app(state: AppState) -> Router {
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
+        .merge(templates::routes())
         .merge(openapi::routes())
         .nest("/public", public_routes())
         .fallback(not_found);
@@ -234,32 +238,17 @@ pub(crate) async fn queue_run(
     }
     // The run is seen by its starter, its workflow's owner, everyone who may decide one of
     // its reviews or answer one of its input steps, and the feeds its access names.
-    let mut owners = Vec::new();
-    if !identity.is_anonymous() {
-        owners.push(Principal::User(identity.user.to_string()));
-    }
-    if let Some((head, _)) = stored {
-        owners.push(Principal::User(head.owner.to_string()));
-    }
-    for step in graph.steps() {
-        let people = match &step.kind {
-            StepKind::Review(spec) => spec.deciders(&identity.user, None),
-            StepKind::Input(spec) => spec.answerers(&identity.user, None),
-            _ => continue,
-        };
-        if identity.is_anonymous()
-            && people.iter().any(|p| p == &identity.user.tenant() || matches!(p, Principal::User(u) if *u == identity.user.as_str()))
-        {
+    let mut people = Vec::new();
+    for (step, asked) in graph.people(&identity.user) {
+        if identity.is_anonymous() && asked.iter().any(|p| matches!(p, Principal::User(u) if *u == identity.user.as_str())) {
             return Err(ApiError::bad_request(
                 "Invalid workflow",
-                format!("step {}: it asks the run's starter, and a caller without a token cannot answer; name its reviewers", step.id),
+                format!("step {step}: it asks the run's starter, and a caller without a token cannot answer; name its reviewers"),
             ));
         }
-        owners.extend(people);
+        people.extend(asked);
     }
-    owners.extend(access.feeds());
-    let mut seen = std::collections::HashSet::new();
-    owners.retain(|o| seen.insert(o.clone()));
+    let owners = chainrun_core::access::run_owners(&identity.user, stored.map(|(head, _)| &head.owner), &people, &access);
     if owners.len() > MAX_OWNERS {
         return Err(ApiError::bad_request(
             "Invalid workflow",

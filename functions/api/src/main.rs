@@ -2,8 +2,8 @@
 
 use chainrun_api::{ApiConfig, AppState, app};
 use chainrun_core::aws::{
-    DynamoAnalytics, DynamoDailySpend, DynamoIdempotency, DynamoProgress, DynamoStore, DynamoWorkflows, LambdaDispatcher, S3Blobs, dynamodb_client,
-    lambda_client, s3_client, sdk_config,
+    DynamoAnalytics, DynamoDailySpend, DynamoIdempotency, DynamoProgress, DynamoStore, DynamoTemplates, DynamoWorkflows, LambdaDispatcher, S3Blobs,
+    dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
@@ -25,6 +25,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let state = AppState {
         idempotency: Arc::new(DynamoIdempotency::new(dynamodb.clone(), config.core.tables.clone())),
         workflows: Arc::new(DynamoWorkflows::new(dynamodb.clone(), config.core.tables.clone())),
+        templates: Arc::new(DynamoTemplates::new(dynamodb.clone(), config.core.tables.clone())),
         store: store.clone(),
         progress,
         history: store,

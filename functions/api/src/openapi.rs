@@ -173,9 +173,11 @@ impl Operation {
 pub fn operations() -> Vec<Operation> {
     use crate::history::{CostParams, HistoryParams};
     use crate::revisions::{OverrideBody, RetryBody};
+    use crate::templates::SaveBody;
     use crate::workflows::{CreateBody, DuplicateBody, EstimateBody, ListParams, RunBody, UpdateBody, VersionQuery};
     use crate::{ControlBody, EstimateRun, EventsQuery, ProgressQuery, ResumeBody, RevisionQuery, StartRun};
     use Method as M;
+    use chainrun_core::wire::templates::TemplateView;
     const CONTROL: &str = "`{ run_id, status, control: { kind, by, at, reason }, links }`";
     const RESUMED: &str = "a paused run: `{ run_id, status: \"QUEUED\", resumed, links }`; a review: `{ run_id, step, decision, links }`; an input step: `{ run_id, step, state, values, attempts_left, links }`";
     const REVISION: &str = "`{ run_id, revision, kind, step, rerun, links }`";
@@ -222,6 +224,12 @@ pub fn operations() -> Vec<Operation> {
         op(M::PUT, "/workflows/{id}/access", "Set who may see, run, edit or control a stored workflow")
             .body::<chainrun_core::access::Access>()
             .answers::<WorkflowView<'static>>(200),
+        op(M::GET, "/templates", "Built-in templates, then your saved ones")
+            .query::<crate::templates::ListParams>()
+            .answers::<Page<TemplateView<'static>>>(200),
+        op(M::POST, "/templates", "Save a version of a stored workflow as a template").body::<SaveBody>().answers::<TemplateView<'static>>(201),
+        op(M::GET, "/templates/{id}", "A template, with its definition").answers::<TemplateView<'static>>(200),
+        op(M::DELETE, "/templates/{id}", "Delete a saved template"),
         // Without a token: what anyone may do with `PUBLIC` workflows and runs.
         op(M::GET, "/public/runs/{id}", "A public run").public().query::<RevisionQuery>().answers::<RunView<'static>>(200),
         op(M::GET, "/public/runs/{id}/events", "A public run's progress events").public().query::<EventsQuery>().answers::<EventsPage<'static>>(200),

@@ -143,8 +143,15 @@ async fn store_new(state: &AppState, identity: &Identity, definition: Value, acc
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateBody {
-    #[schemars(with = "chainrun_core::workflow::WorkflowDef")]
-    workflow: Value,
+    #[serde(default)]
+    #[schemars(with = "Option<chainrun_core::workflow::WorkflowDef>")]
+    workflow: Option<Value>,
+    /// A template's id, instead of a definition (see `crate::templates`).
+    #[serde(default)]
+    template: Option<String>,
+    /// With `template`: the new workflow's name.
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     visibility: chainrun_core::access::Visibility,
     #[serde(default)]
@@ -157,8 +164,20 @@ async fn create(State(state): State<AppState>, identity: Identity, body: Bytes) 
     let request: CreateBody = parse_body(&body)?;
     let access = Access { visibility: request.visibility, shares: request.shares };
     checked_access(&access, &identity)?;
-    let (head, first) = store_new(&state, &identity, request.workflow, access).await?;
+    let definition = crate::templates::definition_to_create(&state, &identity, request.workflow, request.template, request.name).await?;
+    let (head, first) = store_new(&state, &identity, definition, access).await?;
     Ok(answer(StatusCode::CREATED, &head, &first, true))
+}
+
+/// [`visible`] with the role duplicating needs (`view`: a template copies the definition,
+/// as a duplicate does), for saving a version as a template, so one access rule covers both.
+pub(crate) async fn readable(
+    state: &AppState,
+    identity: &Identity,
+    raw_id: &str,
+    version: Option<u32>,
+) -> Result<(StoredWorkflow, WorkflowVersion), ApiError> {
+    visible(state, identity, raw_id, version, Role::View, "saving a workflow as a template").await
 }
 
 #[derive(Deserialize, JsonSchema)]

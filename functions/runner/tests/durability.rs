@@ -168,6 +168,9 @@ impl RunStore for Refusing {
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         self.inner.renew(id, lease).await
     }
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[chainrun_core::ids::Principal]) -> Result<(), StoreError> {
+        self.inner.set_owners(id, lease, owners).await
+    }
     async fn request_control(&self, id: &RunId, request: &ControlRequest) -> Result<ControlOutcome, StoreError> {
         self.inner.request_control(id, request).await
     }

@@ -736,6 +736,29 @@ impl RunStore for DynamoStore {
         }
     }
 
+    #[instrument(skip_all, fields(run_id = %id, owners = owners.len()))]
+    async fn set_owners(&self, id: &RunId, lease: &Lease, owners: &[Principal]) -> Result<(), StoreError> {
+        let value = serde_dynamo::aws_sdk_dynamodb_1::to_attribute_value(owners).map_err(|e| StoreError::Rejected(defect("a run's owners", e)))?;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.tables.runs)
+            .set_key(Some(self.meta_key(id)))
+            .update_expression("SET #owners = :owners")
+            .condition_expression("#holder = :holder")
+            .expression_attribute_names("#owners", "owners")
+            .expression_attribute_names("#holder", "lease_holder")
+            .expression_attribute_values(":owners", value)
+            .expression_attribute_values(":holder", s(&lease.holder))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => Err(StoreError::LeaseLost(id.clone())),
+            Err(e) => Err(store_err(&self.tables.runs)(e)),
+        }
+    }
+
     async fn renew(&self, id: &RunId, lease: &Lease) -> Result<Option<ControlRequest>, StoreError> {
         // The usual case, one conditional write: our lease, and nothing asked of the run.
         let renew = |condition: &str| {

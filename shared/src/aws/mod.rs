@@ -14,6 +14,7 @@ mod progress;
 mod rollups;
 mod scheduler;
 mod spend;
+mod templates;
 mod workflows;
 
 pub use bedrock::BedrockModel;
@@ -25,6 +26,7 @@ pub use progress::DynamoProgress;
 pub use rollups::DynamoAnalytics;
 pub use scheduler::{ScheduleTarget, SchedulerTimers};
 pub use spend::DynamoDailySpend;
+pub use templates::DynamoTemplates;
 pub use workflows::DynamoWorkflows;
 
 use aws_config::retry::RetryConfig;

@@ -247,7 +247,18 @@ impl DynamoProgress {
 
 #[async_trait]
 impl ProgressSink for DynamoProgress {
+    #[instrument(skip_all, fields(run_id = %run, principals = principals.len()))]
+    async fn forget(&self, run: &RunId, principals: &[Principal]) -> Result<(), ProgressError> {
+        // Rare (an access change), and a handful of keys: one delete each, in parallel.
+        let deletes = distinct(principals).into_iter().map(|p| {
+            self.client.delete_item().table_name(&self.tables.progress).key("pk", s(crate::shards::feed_key(p, run))).key("sk", s(run_pk(run))).send()
+        });
+        futures::future::try_join_all(deletes).await.map_err(progress_err(&self.tables.progress))?;
+        Ok(())
+    }
+
     #[instrument(skip_all, fields(run_id = %event.run_id, seq = event.seq))]
+
     async fn publish(&self, event: &Event, row: &ProgressRow, owners: &[Principal]) -> Result<(), ProgressError> {
         let writes = self.event_writes(event, row, owners)?;
         match self.transaction(event, writes).send().await {

@@ -57,8 +57,21 @@ impl DynamoAnalytics {
     }
 }
 
-fn rollup_pk(principal: &Principal) -> String {
-    format!("ROLLUP#{}", principal.key())
+/// The rollup key a run adds to: a user's one key, or for a shared principal (the admin
+/// feed, `PUBLIC`, a group) one of its shards, chosen by the run (see [`crate::shards`]),
+/// so concurrent completions neither exceed one key's write rate nor queue on one item.
+fn rollup_pk(principal: &Principal, run: &crate::ids::RunId) -> String {
+    format!("ROLLUP#{}", crate::shards::feed_key(principal, run))
+}
+
+/// Every key a principal's rollups live under: its shards, and the unsharded key that
+/// rollups written before sharding used.
+fn rollup_pks(principal: &Principal) -> Vec<String> {
+    let mut keys: Vec<String> = crate::shards::feed_keys(principal).into_iter().map(|k| format!("ROLLUP#{k}")).collect();
+    if crate::shards::is_sharded(principal) {
+        keys.push(format!("ROLLUP#{}", principal.key()));
+    }
+    keys
 }
 
 fn day_sk(day: NaiveDate) -> String {
@@ -183,8 +196,11 @@ impl DynamoAnalytics {
             .map_err(build_err)?;
         let mut items = vec![TransactWriteItem::builder().put(marker).build()];
         for part in parts {
-            let mut update =
-                Update::builder().table_name(&self.table).key("pk", s(rollup_pk(owner))).key("sk", s(&part.sk)).update_expression(&part.expression);
+            let mut update = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(rollup_pk(owner, &rollup.run_id)))
+                .key("sk", s(&part.sk))
+                .update_expression(&part.expression);
             for (k, v) in &part.names {
                 update = update.expression_attribute_names(k, v);
             }
@@ -243,15 +259,19 @@ impl Analytics for DynamoAnalytics {
         }
         // `DAY#<to + 1>` sorts after every `DAY#<to>#…` key and before the next day's rows.
         let end = to.succ_opt().map_or_else(|| format!("{}~", day_sk(to)), day_sk);
-        let query = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
-            .expression_attribute_values(":pk", s(rollup_pk(principal)))
-            .expression_attribute_values(":from", s(day_sk(from)))
-            .expression_attribute_values(":to", s(end));
-        let items = super::query_all(query, |e| analytics_err(&self.table)(e)).await?;
+        // A shared principal's rollups are spread over shards: query them all at once.
+        let queries = rollup_pks(principal).into_iter().map(|pk| {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
+                .expression_attribute_values(":pk", s(pk))
+                .expression_attribute_values(":from", s(day_sk(from)))
+                .expression_attribute_values(":to", s(end.clone()));
+            super::query_all(query, |e| analytics_err(&self.table)(e))
+        });
+        let items: Vec<Item> = futures::future::try_join_all(queries).await?.into_iter().flatten().collect();
         let rows = items.iter().map(|item| row_costs(&self.table, item)).collect::<Result<Vec<_>, _>>()?;
         Ok(merge_by_workflow(rows))
     }

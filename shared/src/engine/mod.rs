@@ -22,6 +22,7 @@
 //! its event is published, so a runner that takes over a crashed run resumes from
 //! checkpoints and never re-runs a completed step.
 
+mod audience;
 mod daily;
 pub mod end;
 mod input;
@@ -162,6 +163,8 @@ pub struct Engine {
     clock: Arc<dyn crate::durability::Clock>,
     /// Wake-ups at review deadlines (without them, the sweeper finds the run).
     timers: Option<Arc<dyn crate::ports::Timers>>,
+    /// Stored workflows, whose access decides who a run of one is shown to (see [`audience`]).
+    workflows: Option<Arc<dyn crate::ports::WorkflowStore>>,
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
@@ -201,11 +204,18 @@ impl Engine {
             control: None,
             clock: Arc::new(crate::durability::SystemClock),
             timers: None,
+            workflows: None,
         }
     }
 
     /// The same engine, also checking every model call against its run's caller's daily
     /// spend cap (see [`crate::spend`]). Without caps for anyone, nothing changes.
+    /// Runs of stored workflows follow their workflow's access (see [`audience`]).
+    pub fn with_workflows(mut self, workflows: Arc<dyn crate::ports::WorkflowStore>) -> Self {
+        self.workflows = Some(workflows);
+        self
+    }
+
     pub fn with_daily_caps(mut self, spend: Arc<dyn DailySpend>, caps: DailyCaps) -> Self {
         self.daily = (!caps.is_none()).then(|| (spend, Arc::new(caps)));
         self
@@ -297,6 +307,9 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
+            if let Some(workflows) = &self.workflows {
+                audience::retarget(workflows.as_ref(), self.store.as_ref(), self.sink.as_ref(), &mut run, &graph, &lease).await?;
+            }
             let (records, mut carried, reached) = self.checkpoints(&run, &graph).await?;
             let last = self.sink.last_event(&run.id).await?;
             let last_seq = last.as_ref().map_or(0, |e| e.seq);

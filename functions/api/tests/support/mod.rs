@@ -4,7 +4,9 @@
 
 use chainrun_api::AppState;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryStore, MemoryWorkflows};
+use chainrun_core::memory::{
+    MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryStore, MemoryTemplates, MemoryWorkflows,
+};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::spend::DailyCaps;
 use serde_json::json;
@@ -20,6 +22,7 @@ pub struct Ports {
     pub analytics: Arc<MemoryAnalytics>,
     pub daily: Arc<MemoryDailySpend>,
     pub workflows: Arc<MemoryWorkflows>,
+    pub templates: Arc<MemoryTemplates>,
     pub state: AppState,
 }
 
@@ -31,9 +34,11 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
     let analytics = Arc::new(MemoryAnalytics::new());
     let daily = Arc::new(MemoryDailySpend::new());
     let workflows = Arc::new(MemoryWorkflows::new());
+    let templates = Arc::new(MemoryTemplates::new());
     let state = AppState {
         idempotency: Arc::new(MemoryIdempotency::new()),
         workflows: workflows.clone(),
+        templates: templates.clone(),
         store: store.clone(),
         progress: progress.clone(),
         history: store.clone(),
@@ -44,7 +49,7 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
         daily: daily.clone(),
         daily_caps: Arc::new(caps),
     };
-    Ports { store, progress, dispatcher, analytics, daily, workflows, state }
+    Ports { store, progress, dispatcher, analytics, daily, workflows, templates, state }
 }
 
 /// Ports whose tokens are signed locally with [`SECRET`], nobody capped.
