@@ -196,11 +196,8 @@ impl DynamoAnalytics {
             .map_err(build_err)?;
         let mut items = vec![TransactWriteItem::builder().put(marker).build()];
         for part in parts {
-            let mut update = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(rollup_pk(owner, &rollup.run_id)))
-                .key("sk", s(&part.sk))
-                .update_expression(&part.expression);
+            let mut update =
+                Update::builder().table_name(&self.table).key("pk", s(rollup_pk(owner, &rollup.run_id))).key("sk", s(&part.sk)).update_expression(&part.expression);
             for (k, v) in &part.names {
                 update = update.expression_attribute_names(k, v);
             }
