@@ -38,7 +38,7 @@ impl Default for Limits {
 }
 
 /// One thing wrong with a definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,

@@ -28,6 +28,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Everything an adapter holds as one text, entries sorted: equal before and after a
+/// request exactly when it wrote nothing (what the API's fuzz test checks).
+fn canonical(entries: impl IntoIterator<Item = String>) -> String {
+    let mut entries: Vec<String> = entries.into_iter().collect();
+    entries.sort();
+    entries.join("\n")
+}
+
 // ---------------------------------------------------------------- store
 
 pub struct MemoryStore {
@@ -73,6 +81,15 @@ impl MemoryStore {
             items: Mutex::default(),
             queued_grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX),
         }
+    }
+
+    /// Every run, checkpoint and item record held (see [`canonical`]).
+    pub fn snapshot(&self) -> String {
+        let runs =
+            lock(&self.runs).iter().map(|(id, slot)| format!("run {id} {:?} {:?} {:?}", slot.run, slot.lease, slot.due_at)).collect::<Vec<_>>();
+        let steps = lock(&self.steps).iter().map(|(id, steps)| format!("steps {id} {steps:?}")).collect::<Vec<_>>();
+        let items = lock(&self.items).iter().map(|(key, items)| format!("items {key:?} {items:?}")).collect::<Vec<_>>();
+        canonical(runs.into_iter().chain(steps).chain(items))
     }
 
     fn check_lease(&self, id: &RunId, lease: &Lease) -> Result<(), StoreError> {
@@ -400,6 +417,13 @@ pub struct MemoryProgress {
 impl MemoryProgress {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every event and progress row held (see [`canonical`]).
+    pub fn snapshot(&self) -> String {
+        let events = lock(&self.events).iter().map(|(id, events)| format!("events {id} {events:?}")).collect::<Vec<_>>();
+        let rows = lock(&self.rows).iter().map(|(key, row)| format!("row {key:?} {row:?}")).collect::<Vec<_>>();
+        canonical(events.into_iter().chain(rows))
     }
 
     /// Every event of a run, in seq order.
@@ -854,6 +878,13 @@ pub struct MemoryWorkflows {
 impl MemoryWorkflows {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every workflow and version held, deleted ones too (see [`canonical`]).
+    pub fn snapshot(&self) -> String {
+        canonical(
+            lock(&self.workflows).iter().map(|(id, slot)| format!("workflow {id} {:?} {:?} deleted={}", slot.head, slot.versions, slot.deleted)),
+        )
     }
 }
 

@@ -73,7 +73,7 @@ pub struct WorkflowVersion {
 
 /// What a run started from a stored workflow remembers of it: which workflow, and the
 /// version it ran.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Pinned {
     pub workflow_id: WorkflowId,
     pub version: u32,

@@ -5,7 +5,32 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use chainrun_core::graph::Problem;
 use http::StatusCode;
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Serialize;
+
+/// What every refusal answers, as `application/problem+json` (RFC 9457). The OpenAPI
+/// document publishes its schema, so clients can rely on these fields.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ProblemDocument {
+    /// `urn:chainrun:problem:<kind>`: what went wrong, for programs.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The kind of problem, for people.
+    pub title: String,
+    /// The HTTP status, repeated.
+    pub status: u16,
+    /// What went wrong with this request, and what to do about it.
+    pub detail: String,
+    /// An invalid workflow: everything wrong with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+    /// An invalid answer to an input step: each field without a valid value, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<chainrun_core::input::FieldError>>,
+    /// An invalid answer to an input step: how many answers the step still takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts_left: Option<u32>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -82,23 +107,31 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = json!({ "type": format!("urn:chainrun:problem:{kind}"), "title": title, "status": status.as_u16(), "detail": detail });
-        if let ApiError::BadRequest { problems, .. } = &self
-            && !problems.is_empty()
-        {
-            body["problems"] = json!(problems);
-        }
-        if let ApiError::InvalidAnswer { errors, attempts_left, .. } = &self {
-            body["errors"] = json!(errors);
-            body["attempts_left"] = json!(attempts_left);
-        }
-        let mut response = (status, Json(body)).into_response();
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));
-        if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
-        }
-        response
+        let (problems, errors, attempts_left) = match self {
+            ApiError::BadRequest { problems, .. } => (problems, None, None),
+            ApiError::InvalidAnswer { errors, attempts_left, .. } => (Vec::new(), Some(errors), Some(attempts_left)),
+            _ => (Vec::new(), None, None),
+        };
+        let body = ProblemDocument {
+            kind: format!("urn:chainrun:problem:{kind}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail,
+            problems,
+            errors,
+            attempts_left,
+        };
+        respond(status, body)
     }
+}
+
+fn respond(status: StatusCode, body: ProblemDocument) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 impl From<chainrun_core::ports::StoreError> for ApiError {
@@ -122,4 +155,39 @@ impl From<chainrun_core::ports::AnalyticsError> for ApiError {
     fn from(e: chainrun_core::ports::AnalyticsError) -> Self {
         if e.retryable() { ApiError::Unavailable(e.to_string()) } else { ApiError::Internal(e.to_string()) }
     }
+}
+
+/// The most of a plain refusal's text kept as the problem's detail.
+const MAX_PLAIN_DETAIL: usize = 1024;
+
+/// Makes every refusal a problem document. The API's own errors already are; axum's
+/// extractor rejections (a path segment that is not UTF-8 after percent-decoding) answer
+/// `text/plain`, and are rewrapped here with their text as the detail.
+pub async fn problem_documents(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), MAX_PLAIN_DETAIL * 4).await.unwrap_or_default();
+    let detail: String = String::from_utf8_lossy(&text).chars().take(MAX_PLAIN_DETAIL).collect();
+    let error = match status {
+        StatusCode::BAD_REQUEST => ApiError::bad_request("Invalid request", detail),
+        StatusCode::NOT_FOUND => ApiError::NotFound(detail),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(detail),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: crate::MAX_BODY_BYTES },
+        StatusCode::UNAUTHORIZED => ApiError::Unauthorized(detail),
+        StatusCode::CONFLICT => ApiError::Conflict(detail),
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::Unavailable(detail),
+        StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(detail),
+        s if s.is_server_error() => ApiError::Internal(detail),
+        // Any other refusal keeps its status, named by its number.
+        s => {
+            let title = s.canonical_reason().unwrap_or("Refused").to_owned();
+            let kind = format!("urn:chainrun:problem:http-{}", s.as_u16());
+            return respond(s, ProblemDocument { kind, title, status: s.as_u16(), detail, problems: Vec::new(), errors: None, attempts_left: None });
+        }
+    };
+    error.into_response()
 }

@@ -21,6 +21,7 @@ use chainrun_core::money::Usd;
 use chainrun_core::ports::{RunCursor, RunIndex, RunQuery};
 use chainrun_core::wire::views::{CostsReport, MaybeMoney, Page, RunSummaryView, SpendToday, WorkflowCostsView};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::ops::RangeInclusive;
 
@@ -63,10 +64,11 @@ fn decode_cursor(raw: &str) -> Result<RunCursor, ApiError> {
     Ok(RunCursor { created_at, run_id: RunId::parse(id).map_err(|_| bad())? })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryParams {
     workflow: Option<String>,
+    #[schemars(with = "Option<u32>")]
     limit: Option<String>,
     next: Option<String>,
 }
@@ -92,9 +94,10 @@ pub async fn list_runs(
     Ok(Json(Page { items: page.items.iter().map(RunSummaryView::from).collect(), next: page.next.as_ref().map(encode_cursor) }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CostParams {
+    #[schemars(with = "Option<u32>")]
     days: Option<String>,
     scope: Option<String>,
 }

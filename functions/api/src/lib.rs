@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod history;
 pub mod idempotency;
+pub mod openapi;
 mod revisions;
 mod templates;
 mod workflows;
@@ -40,6 +41,7 @@ use chainrun_core::workflow::Budget;
 use error::ApiError;
 use http::StatusCode;
 use http::request::Parts;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -103,10 +105,12 @@ pub fn app(state: AppState) -> Router {
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
         .merge(templates::routes())
+        .merge(openapi::routes())
         .nest("/public", public_routes())
         .fallback(not_found);
     routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))
+        .layer(axum::middleware::from_fn(error::problem_documents))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -148,13 +152,16 @@ impl FromRequestParts<AppState> for Identity {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct StartRun {
+pub(crate) struct StartRun {
+    #[schemars(with = "chainrun_core::workflow::WorkflowDef")]
     workflow: Value,
     #[serde(default = "empty_object")]
+    #[schemars(with = "serde_json::Map<String, Value>")]
     input: Value,
     #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::StartOptions>")]
     options: Option<Value>,
 }
 
@@ -289,11 +296,13 @@ pub(crate) fn validated_definition(state: &AppState, workflow: &Value) -> Result
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EstimateRun {
+pub(crate) struct EstimateRun {
+    #[schemars(with = "chainrun_core::workflow::WorkflowDef")]
     workflow: Value,
     #[serde(default = "empty_object")]
+    #[schemars(with = "serde_json::Map<String, Value>")]
     input: Value,
 }
 
@@ -355,9 +364,9 @@ pub(crate) async fn controlled_run(state: &AppState, identity: &Identity, raw_id
 }
 
 /// `?revision=N`: which revision of the run to show (default: the one it runs now).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct RevisionQuery {
+pub(crate) struct RevisionQuery {
     revision: Option<u32>,
 }
 
@@ -436,9 +445,9 @@ fn as_of(state: &AppState, run: RunRecord, view: u32, steps: &[chainrun_core::ru
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct ControlBody {
+pub(crate) struct ControlBody {
     #[serde(default)]
     reason: Option<String>,
 }
@@ -517,16 +526,18 @@ async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: Cont
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct ResumeBody {
+pub(crate) struct ResumeBody {
     step: Option<String>,
     decision: Option<Verdict>,
     output: Option<Value>,
     comment: Option<String>,
     /// A larger budget, for a run waiting on its budget: `{ max_cost_usd, max_total_tokens }`.
+    #[schemars(with = "Option<Budget>")]
     budget: Option<Value>,
     /// An input step's field values (with `step`).
+    #[schemars(with = "Option<serde_json::Map<String, Value>>")]
     values: Option<Value>,
     /// Free text an input step's `extract` model reads its values from (with `step`).
     text: Option<String>,
@@ -815,9 +826,9 @@ async fn put_step(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+pub(crate) struct EventsQuery {
     #[serde(default)]
     after: u64,
     #[serde(default = "default_limit")]
@@ -850,9 +861,9 @@ async fn get_events(
     Ok(Json(EventsPage { run_id: &run.id, status: run.status, events: &events, last_seq, revision: run.revision }).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ProgressQuery {
+pub(crate) struct ProgressQuery {
     #[serde(default = "default_limit")]
     limit: u32,
     /// The `next` of the previous page: rows of runs older than it.

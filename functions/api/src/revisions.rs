@@ -18,16 +18,18 @@ use chainrun_core::revision::{MAX_REVISIONS, Overridden, Revision, RevisionEnd, 
 use chainrun_core::run::{Cause, RunRecord, RunnerEvent, StepRecord, StepStatus};
 use chainrun_core::wire::StepDetail;
 use http::StatusCode;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
 /// `POST /runs/{id}/steps/{step}/retry`, body optional.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RetryBody {
+pub(crate) struct RetryBody {
     comment: Option<String>,
     /// A larger budget for the run (its budget covers every revision), raised like a resume's.
+    #[schemars(with = "Option<chainrun_core::workflow::Budget>")]
     budget: Option<Value>,
     /// The revision the caller saw: a retry of an older one is refused (`409`), so two
     /// people steering the same run cannot both start a revision unknowingly.
@@ -35,9 +37,9 @@ struct RetryBody {
 }
 
 /// `PUT /runs/{id}/steps/{step}/output`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct OverrideBody {
+pub(crate) struct OverrideBody {
     /// The step's new output (`steps.<id>.output`): any JSON.
     output: Value,
     /// Its text (`steps.<id>.text`); by default the output itself if it is a string, else

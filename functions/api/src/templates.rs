@@ -31,6 +31,7 @@ use chainrun_core::wire::templates::TemplateView;
 use chainrun_core::wire::views::Page;
 use chrono::{DateTime, SubsecRound, Utc};
 use http::{HeaderValue, StatusCode};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::ops::RangeInclusive;
@@ -141,9 +142,10 @@ fn decode_cursor(raw: &str) -> Result<Cursor, ApiError> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub(crate) struct ListParams {
+    #[schemars(with = "Option<u32>")]
     limit: Option<String>,
     next: Option<String>,
 }
@@ -203,9 +205,9 @@ async fn delete(State(state): State<AppState>, identity: Identity, Path(id): Pat
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SaveBody {
+pub(crate) struct SaveBody {
     workflow_id: String,
     /// Default: the latest.
     #[serde(default)]

@@ -44,6 +44,7 @@ use chainrun_core::wire::views::Page;
 use chainrun_core::wire::workflows::{WorkflowSummaryView, WorkflowView};
 use chrono::{DateTime, SubsecRound, Utc};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::ops::RangeInclusive;
@@ -139,10 +140,11 @@ async fn store_new(state: &AppState, identity: &Identity, definition: Value, acc
     Ok((head, first))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
     #[serde(default)]
+    #[schemars(with = "Option<chainrun_core::workflow::WorkflowDef>")]
     workflow: Option<Value>,
     /// A template's id, instead of a definition (see `crate::templates`).
     #[serde(default)]
@@ -178,9 +180,10 @@ pub(crate) async fn readable(
     visible(state, identity, raw_id, version, Role::View, "saving a workflow as a template").await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
+pub(crate) struct ListParams {
+    #[schemars(with = "Option<u32>")]
     limit: Option<String>,
     next: Option<String>,
 }
@@ -209,9 +212,10 @@ async fn list(State(state): State<AppState>, identity: Identity, params: Result<
     Ok(axum::Json(Page { items, next: page.next.as_ref().map(encode_cursor) }).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct VersionQuery {
+pub(crate) struct VersionQuery {
+    #[schemars(with = "Option<u32>")]
     version: Option<String>,
 }
 
@@ -234,9 +238,10 @@ async fn read(
     Ok(answer(StatusCode::OK, &head, &shown, false))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct UpdateBody {
+pub(crate) struct UpdateBody {
+    #[schemars(with = "chainrun_core::workflow::WorkflowDef")]
     workflow: Value,
     /// The version the writer read (or `If-Match`).
     #[serde(default)]
@@ -328,14 +333,16 @@ async fn delete(State(state): State<AppState>, identity: Identity, Path(id): Pat
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RunBody {
+pub(crate) struct RunBody {
     #[serde(default = "empty_object")]
+    #[schemars(with = "serde_json::Map<String, Value>")]
     input: Value,
     #[serde(default)]
     version: Option<u32>,
     #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::StartOptions>")]
     options: Option<Value>,
 }
 
@@ -347,10 +354,11 @@ async fn run(State(state): State<AppState>, identity: Identity, Path(id): Path<S
     queue_run(&state, &identity, version.definition, request.input, request.options, Some((&head, version.version))).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct EstimateBody {
+pub(crate) struct EstimateBody {
     #[serde(default = "empty_object")]
+    #[schemars(with = "serde_json::Map<String, Value>")]
     input: Value,
     #[serde(default)]
     version: Option<u32>,
@@ -363,9 +371,9 @@ async fn estimate(State(state): State<AppState>, identity: Identity, Path(id): P
     estimate_of(&state, &identity, &version.definition, &request.input).await
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct DuplicateBody {
+pub(crate) struct DuplicateBody {
     #[serde(default)]
     name: Option<String>,
 }

@@ -5,10 +5,11 @@ use crate::ids::UserId;
 use crate::stored::Pinned;
 use crate::templates::{Builtin, SavedTemplate};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
     /// Shipped with chainrun; everyone sees it.
@@ -19,7 +20,7 @@ pub enum TemplateKind {
 
 /// Where to read a template, and where to create a workflow from it (`POST` with
 /// `{ "template": <id> }`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TemplateLinks {
     #[serde(rename = "self")]
     pub this: String,
@@ -29,7 +30,7 @@ pub struct TemplateLinks {
 /// A template. Every field is always present (`null` where it does not apply), so
 /// clients read one shape for both kinds; `workflow` and `example_input` only when the
 /// template is read whole (`GET /templates/{id}`, and what a save answers).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TemplateView<'a> {
     pub id: &'a str,
     pub kind: TemplateKind,
@@ -45,6 +46,7 @@ pub struct TemplateView<'a> {
     pub source: Option<&'a Pinned>,
     pub created_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::workflow::WorkflowDef>")]
     pub workflow: Option<&'a Value>,
     /// An input a built-in's definition accepts (`null` for saved ones).
     #[serde(skip_serializing_if = "Option::is_none")]

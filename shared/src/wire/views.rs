@@ -10,19 +10,20 @@ use crate::output::json_len;
 use crate::ports::RunSummary;
 use crate::run::{ControlRequest, ErrorInfo, Event, ProgressRow, Resumption, RunRecord, RunStatus, StepRecord, StepStatus, Waiting};
 use chrono::{DateTime, NaiveDate, Utc};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
 /// `202` to a run start: where to poll.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RunAccepted {
     pub run_id: RunId,
     pub status: RunStatus,
     pub links: RunLinks,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RunLinks {
     pub run: String,
     pub events: String,
@@ -36,14 +37,14 @@ impl RunAccepted {
 }
 
 /// One step in a run snapshot; a step without a checkpoint yet is `PENDING`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum StepView<'a> {
     Pending { id: &'a StepId, status: StepStatus, attempts: u32 },
     Checkpointed(StepCheckpoint<'a>),
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct StepCheckpoint<'a> {
     pub id: &'a StepId,
     pub status: StepStatus,
@@ -123,7 +124,7 @@ impl Inline {
 }
 
 /// `GET /runs/{id}`: the run with per-step status, tokens, cost and latency.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RunView<'a> {
     #[serde(flatten)]
     pub summary: RunSummaryView<'a>,
@@ -157,7 +158,7 @@ pub struct RunView<'a> {
 }
 
 /// One revision of a run, as its view lists it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RevisionView<'a> {
     pub revision: u32,
     pub kind: crate::revision::RevisionKind,
@@ -238,10 +239,11 @@ impl<'a> RunView<'a> {
 }
 
 /// `GET /runs/{id}/events`: a page of events after the cursor.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct EventsPage<'a> {
     pub run_id: &'a RunId,
     pub status: RunStatus,
+    #[schemars(with = "Vec<super::events::PublishedEvent>")]
     pub events: &'a [Event],
     /// The cursor for the next page.
     pub last_seq: u64,
@@ -250,7 +252,7 @@ pub struct EventsPage<'a> {
 }
 
 /// One row of a caller's progress feed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ProgressRowView<'a> {
     pub run_id: &'a RunId,
     pub workflow: &'a str,
@@ -280,7 +282,8 @@ impl<'a> From<&'a ProgressRow> for ProgressRowView<'a> {
 }
 
 /// A list page with an opaque cursor for the next one.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(rename = "Page_of_{T}")]
 pub struct Page<T> {
     pub items: Vec<T>,
     /// `null` on the last page.
@@ -288,7 +291,7 @@ pub struct Page<T> {
 }
 
 /// A run in a history list: no input, output or steps (`GET /runs/{id}` has those).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RunSummaryView<'a> {
     pub run_id: &'a RunId,
     pub workflow: &'a str,
@@ -318,7 +321,7 @@ impl<'a> From<&'a RunSummary> for RunSummaryView<'a> {
 }
 
 /// Counts, sums and averages; averages round down, and the sums are there to check them.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CostSumsView {
     pub runs: u64,
     pub failures: u64,
@@ -346,7 +349,7 @@ impl From<&CostSums> for CostSumsView {
 }
 
 /// One workflow's costs, its steps most expensive on average first.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct WorkflowCostsView<'a> {
     pub workflow: &'a str,
     #[serde(flatten)]
@@ -354,7 +357,7 @@ pub struct WorkflowCostsView<'a> {
     pub steps: Vec<StepCostsView<'a>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct StepCostsView<'a> {
     pub step_id: &'a StepId,
     #[serde(flatten)]
@@ -369,7 +372,7 @@ impl<'a> From<&'a WorkflowCosts> for WorkflowCostsView<'a> {
 }
 
 /// `GET /analytics/costs`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CostsReport<'a> {
     pub days: u32,
     pub from: NaiveDate,
@@ -395,6 +398,30 @@ impl<N: Name> Serialize for MaybeMoney<N> {
     }
 }
 
+impl<N: Name> JsonSchema for MaybeMoney<N> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        format!("MaybeMoney_{}", N::NAME).into()
+    }
+
+    fn inline_schema() -> bool {
+        // Flattened into its parent, as `Money` is.
+        true
+    }
+
+    /// `Money`'s two properties, each `null` when there is no amount.
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut schema = Money::<N>::json_schema(generator);
+        if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            for property in properties.values_mut() {
+                if let Some(kind) = property.get("type").cloned() {
+                    property["type"] = serde_json::json!([kind, "null"]);
+                }
+            }
+        }
+        schema
+    }
+}
+
 impl<N: Name> std::fmt::Debug for MaybeMoney<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("MaybeMoney").field(&self.0).finish()
@@ -402,7 +429,7 @@ impl<N: Name> std::fmt::Debug for MaybeMoney<N> {
 }
 
 /// `GET /analytics/spend`: the caller's spend today against their daily cap.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct SpendToday<'a> {
     pub owner: &'a str,
     pub day: NaiveDate,
@@ -420,7 +447,7 @@ pub struct SpendToday<'a> {
     pub remaining: MaybeMoney<super::money::Remaining>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct StepEstimateView<'a> {
     pub step_id: &'a StepId,
     pub min: AmountView,
@@ -445,7 +472,7 @@ impl<'a> From<&'a StepEstimate> for StepEstimateView<'a> {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct EstimateBounds {
     pub min: AmountView,
     pub expected: AmountView,
@@ -453,7 +480,7 @@ pub struct EstimateBounds {
 }
 
 /// `POST …/estimate`: per-step and total cost ranges.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct EstimateView<'a> {
     pub steps: Vec<StepEstimateView<'a>>,
     pub total: EstimateBounds,

@@ -4,11 +4,12 @@
 use crate::ids::{UserId, WorkflowId, WorkflowName};
 use crate::stored::{StoredWorkflow, WorkflowVersion};
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::Value;
 
 /// A stored workflow in `GET /workflows`: its head, no definition.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct WorkflowSummaryView<'a> {
     pub id: &'a WorkflowId,
     pub name: &'a WorkflowName,
@@ -24,7 +25,7 @@ pub struct WorkflowSummaryView<'a> {
 }
 
 /// Where to read, run and estimate a stored workflow.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct WorkflowLinks {
     #[serde(rename = "self")]
     pub this: String,
@@ -54,7 +55,7 @@ impl<'a> From<&'a StoredWorkflow> for WorkflowSummaryView<'a> {
 }
 
 /// One version of a stored workflow, whole (`GET /workflows/{id}`, and what a write answers).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct WorkflowView<'a> {
     pub id: &'a WorkflowId,
     /// The name of the version shown.
@@ -70,6 +71,7 @@ pub struct WorkflowView<'a> {
     /// Who wrote the version shown, and when.
     pub written_by: &'a UserId,
     pub written_at: DateTime<Utc>,
+    #[schemars(with = "crate::workflow::WorkflowDef")]
     pub workflow: &'a Value,
     pub links: WorkflowLinks,
 }
