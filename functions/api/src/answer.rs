@@ -19,9 +19,9 @@ use chainrun_core::ids::StepId;
 use chainrun_core::input::{InputEnd, InputSpec, InputState, InputTurn, MAX_TEXT_CHARS};
 use chainrun_core::ports::AnswerOutcome;
 use chainrun_core::run::{Cause, ReviewWait, RunRecord, RunnerEvent, StepStatus};
+use chainrun_core::wire::steering::{AnswerState, InputAccepted};
 use chainrun_core::wire::views::RunLinks;
 use http::StatusCode;
-use serde::Serialize;
 use serde_json::{Map, Value};
 use tracing::{info, warn};
 
@@ -34,20 +34,6 @@ pub struct Answer {
     pub step: String,
     pub values: Option<Value>,
     pub text: Option<String>,
-}
-
-/// What a `202` to an answer says.
-#[derive(Serialize)]
-struct Answered<'a> {
-    run_id: &'a chainrun_core::ids::RunId,
-    step: &'a StepId,
-    /// `complete`: the values are the step's output; `reading`: the text is being read,
-    /// and the step says what it still asks for once it has been (`AWAITING_INPUT`).
-    state: &'static str,
-    /// The values kept so far.
-    values: &'a Map<String, Value>,
-    attempts_left: u32,
-    links: RunLinks,
 }
 
 /// Records an answer to an input step that waits for one.
@@ -200,13 +186,13 @@ fn answered(id: &chainrun_core::ids::RunId, step: &StepId, spec: &InputSpec, sta
         };
         return Err(ApiError::InvalidAnswer { detail, errors: last.errors.clone(), attempts_left });
     }
-    let body = Answered {
-        run_id: id,
-        step,
-        state: if complete { "complete" } else { "reading" },
-        values: &state.values,
+    let body = InputAccepted {
+        run_id: id.clone(),
+        step: step.clone(),
+        state: if complete { AnswerState::Complete } else { AnswerState::Reading },
+        values: state.values.clone(),
         attempts_left,
-        links: RunLinks { run: format!("/runs/{id}"), events: format!("/runs/{id}/events") },
+        links: RunLinks::of(&id),
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

@@ -36,6 +36,8 @@ use chainrun_core::run::{
     StepStatus, Verdict, WaitKind,
 };
 use chainrun_core::spend::DailyCaps;
+use chainrun_core::wire::steering::{ControlAccepted, DecisionAccepted, ResumeAccepted};
+use chainrun_core::wire::views::RunLinks;
 use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
 use chainrun_core::workflow::Budget;
 use error::ApiError;
@@ -517,12 +519,7 @@ async fn control_run(state: &AppState, identity: &Identity, id: &str, kind: Cont
         }
         ControlOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
     };
-    let body = json!({
-        "run_id": run.id,
-        "status": run.status,
-        "control": standing,
-        "links": { "run": format!("/runs/{}", run.id), "events": format!("/runs/{}/events", run.id) },
-    });
+    let body = ControlAccepted { links: RunLinks::of(&run.id), run_id: run.id, status: run.status, control: standing };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -616,12 +613,7 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
     if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Resume)).await {
         warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will continue the run");
     }
-    let body = json!({
-        "run_id": id,
-        "status": RunStatus::Queued,
-        "resumed": resumption,
-        "links": { "run": format!("/runs/{id}"), "events": format!("/runs/{id}/events") },
-    });
+    let body = ResumeAccepted { run_id: id.clone(), status: RunStatus::Queued, resumed: resumption, links: RunLinks::of(id) };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -754,12 +746,7 @@ async fn decide_review(state: &AppState, identity: &Identity, run: RunRecord, an
         }
         DecideOutcome::NotFound => return Err(ApiError::NotFound(format!("no run {id:?}"))),
     };
-    let body = json!({
-        "run_id": id,
-        "step": step_id,
-        "decision": standing,
-        "links": { "run": format!("/runs/{id}"), "events": format!("/runs/{id}/events") },
-    });
+    let body = DecisionAccepted { links: RunLinks::of(&id), run_id: id, step: step_id, decision: standing };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 

@@ -178,30 +178,28 @@ pub fn operations() -> Vec<Operation> {
     use crate::{ControlBody, EstimateRun, EventsQuery, ProgressQuery, ResumeBody, RevisionQuery, StartRun};
     use Method as M;
     use chainrun_core::wire::templates::TemplateView;
-    const CONTROL: &str = "`{ run_id, status, control: { kind, by, at, reason }, links }`";
-    const RESUMED: &str = "a paused run: `{ run_id, status: \"QUEUED\", resumed, links }`; a review: `{ run_id, step, decision, links }`; an input step: `{ run_id, step, state, values, attempts_left, links }`";
-    const REVISION: &str = "`{ run_id, revision, kind, step, rerun, links }`";
+    use chainrun_core::wire::steering::{ControlAccepted, ResumeAnswer, RevisionAccepted};
     vec![
         op(M::POST, "/runs", "Start a run of an inline definition").body::<StartRun>().answers::<RunAccepted>(202),
         op(M::GET, "/runs", "Runs you may see, newest first").query::<HistoryParams>().answers::<Page<RunSummaryView<'static>>>(200),
         op(M::GET, "/runs/{id}", "A run: status, totals, and every step").query::<RevisionQuery>().answers::<RunView<'static>>(200),
         op(M::GET, "/runs/{id}/events", "Progress events after a cursor").query::<EventsQuery>().answers::<EventsPage<'static>>(200),
         op(M::GET, "/runs/{id}/output", "A run's output, whole"),
-        op(M::POST, "/runs/{id}/cancel", "Ask a run to stop").optional_body::<ControlBody>().answers_object(202, CONTROL).refuses(&[409]),
-        op(M::POST, "/runs/{id}/pause", "Ask a run to wait").optional_body::<ControlBody>().answers_object(202, CONTROL).refuses(&[409]),
+        op(M::POST, "/runs/{id}/cancel", "Ask a run to stop").optional_body::<ControlBody>().answers::<ControlAccepted>(202).refuses(&[409]),
+        op(M::POST, "/runs/{id}/pause", "Ask a run to wait").optional_body::<ControlBody>().answers::<ControlAccepted>(202).refuses(&[409]),
         op(M::POST, "/runs/{id}/resume", "Resume a paused run, decide a review, or answer an input step")
             .optional_body::<ResumeBody>()
-            .answers_object(202, RESUMED)
+            .answers::<ResumeAnswer>(202)
             .refuses(&[409]),
         op(M::GET, "/runs/{id}/steps/{step}/output", "A step's output, whole").query::<RevisionQuery>(),
         op(M::GET, "/runs/{id}/steps/{step}/text", "A step's text, whole").query::<RevisionQuery>().answers_text(),
         op(M::POST, "/runs/{id}/steps/{step}/retry", "Run a step of an ended run and its dependents again")
             .optional_body::<RetryBody>()
-            .answers_object(202, REVISION)
+            .answers::<RevisionAccepted>(202)
             .refuses(&[409]),
         op(M::PUT, "/runs/{id}/steps/{step}/output", "Set a step's output by hand and run its dependents again")
             .body::<OverrideBody>()
-            .answers_object(202, REVISION)
+            .answers::<RevisionAccepted>(202)
             .refuses(&[409]),
         op(M::GET, "/progress", "Your progress rows, newest run first").query::<ProgressQuery>().answers::<Page<ProgressRowView<'static>>>(200),
         op(M::GET, "/analytics/costs", "Cost, latency and failures per workflow and step").query::<CostParams>().answers::<CostsReport<'static>>(200),

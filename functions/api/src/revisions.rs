@@ -3,6 +3,7 @@
 //! hand and re-runs exactly its dependents. Each starts the run's next revision (see
 //! `chainrun_core::revision`): nothing of the earlier ones is overwritten.
 
+use chainrun_core::wire::steering::{RevisionAccepted, RevisionLinks};
 use super::{AppState, MAX_REASON_CHARS, budget_raise, controlled_run, parse_body};
 use crate::auth::Identity;
 use crate::error::ApiError;
@@ -20,7 +21,7 @@ use chainrun_core::wire::StepDetail;
 use http::StatusCode;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::{info, warn};
 
 /// `POST /runs/{id}/steps/{step}/retry`, body optional.
@@ -151,18 +152,8 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
     if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Revision)).await {
         warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will run the revision");
     }
-    let body = json!({
-        "run_id": id,
-        "revision": next,
-        "kind": revision.kind,
-        "step": step,
-        "rerun": revision.rerun,
-        "links": {
-            "run": format!("/runs/{id}"),
-            "events": format!("/runs/{id}/events"),
-            "previous": format!("/runs/{id}?revision={}", run.revision),
-        },
-    });
+    let links = RevisionLinks { run: format!("/runs/{id}"), events: format!("/runs/{id}/events"), previous: format!("/runs/{id}?revision={}", run.revision) };
+    let body = RevisionAccepted { run_id: id, revision: next, kind: revision.kind, step, rerun: revision.rerun, links };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 

@@ -8,6 +8,7 @@
 
 pub mod events;
 pub mod money;
+pub mod steering;
 pub mod templates;
 pub mod views;
 pub mod workflows;
