@@ -22,6 +22,7 @@ pub mod money;
 pub mod output;
 pub mod ports;
 pub mod pricing;
+pub mod quota;
 pub mod revision;
 pub mod run;
 pub mod spend;

@@ -18,6 +18,13 @@ pub enum ApiError {
     BadRequest { title: &'static str, detail: String, problems: Vec<Problem> },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A workflow definition over its size limit, measured as compact JSON.
+    #[error("the workflow definition is {size} bytes; a definition may have at most {limit}")]
+    DefinitionTooLarge { size: usize, limit: usize },
+    /// A tenant's limit is reached (starts per minute, concurrent runs); the answer carries
+    /// `Retry-After`. Nothing was stored.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     #[error("{0}")]
     MethodNotAllowed(String),
     /// The request does not fit the state of what it acts on (a cancel of an ended run).
@@ -53,6 +60,8 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::BadRequest { title, .. } => (StatusCode::BAD_REQUEST, "bad-request", title),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
+            ApiError::DefinitionTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "definition-too-large", "Workflow definition too large"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", "Too many requests"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "precondition-required", "Precondition required"),
@@ -84,17 +93,28 @@ impl IntoResponse for ApiError {
         {
             body["problems"] = json!(problems);
         }
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            body["retry_after"] = json!(retry_after);
+        }
         if let ApiError::InvalidAnswer { errors, attempts_left, .. } = &self {
             body["errors"] = json!(errors);
             body["attempts_left"] = json!(attempts_left);
         }
         let mut response = (status, Json(body)).into_response();
         response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));
+        if let ApiError::TooManyRequests { retry_after, .. } = &self {
+            set_retry_after(&mut response, *retry_after);
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         }
         response
     }
+}
+
+/// `Retry-After` in whole seconds, as RFC 9110 allows.
+fn set_retry_after(response: &mut Response, seconds: u64) {
+    response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
 }
 
 impl From<chainrun_core::ports::StoreError> for ApiError {

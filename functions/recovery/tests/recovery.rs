@@ -65,6 +65,7 @@ impl Setup {
             models: Arc::new(ModelRegistry::builtin()),
             limits: Default::default(),
             daily: Some(self.daily.clone()),
+            tenancy: None,
         };
         DeadLetters {
             store: self.store.clone(),

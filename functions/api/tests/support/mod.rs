@@ -4,7 +4,9 @@
 
 use chainrun_api::AppState;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
-use chainrun_core::memory::{MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryStore, MemoryWorkflows};
+use chainrun_core::memory::{
+    MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryQuota, MemoryStore, MemoryWorkflows,
+};
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::spend::DailyCaps;
 use serde_json::json;
@@ -20,6 +22,7 @@ pub struct Ports {
     pub analytics: Arc<MemoryAnalytics>,
     pub daily: Arc<MemoryDailySpend>,
     pub workflows: Arc<MemoryWorkflows>,
+    pub quota: Arc<MemoryQuota>,
     pub state: AppState,
 }
 
@@ -31,7 +34,11 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
     let analytics = Arc::new(MemoryAnalytics::new());
     let daily = Arc::new(MemoryDailySpend::new());
     let workflows = Arc::new(MemoryWorkflows::new());
+    let quota = Arc::new(MemoryQuota::new());
     let state = AppState {
+        // The deployment's defaults: tests of the limits set their own.
+        limits: Arc::new(chainrun_core::quota::TenantLimits::default()),
+        quota: quota.clone(),
         idempotency: Arc::new(MemoryIdempotency::new()),
         workflows: workflows.clone(),
         store: store.clone(),
@@ -44,7 +51,7 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
         daily: daily.clone(),
         daily_caps: Arc::new(caps),
     };
-    Ports { store, progress, dispatcher, analytics, daily, workflows, state }
+    Ports { store, progress, dispatcher, analytics, daily, workflows, quota, state }
 }
 
 /// Ports whose tokens are signed locally with [`SECRET`], nobody capped.
