@@ -239,3 +239,26 @@ async fn anonymous_callers_share_the_public_tenant_whose_limit_holds_across_its_
     }
     assert!((8..=12).contains(&slots), "slots {slots}");
 }
+
+#[tokio::test]
+async fn a_429_does_not_keep_its_idempotency_key_so_the_retry_after_it_acts() {
+    let api = api(limits(None, Some(1)));
+    let first = api.start("alice").await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let token = support::token_signed(support::SECRET, "alice", &[], 3600);
+    let keyed = || {
+        Request::builder()
+            .method("POST")
+            .uri("/runs")
+            .header("authorization", format!("Bearer {token}"))
+            .header("idempotency-key", "retry-me")
+            .body(Body::from(json!({ "workflow": workflow("x"), "input": {} }).to_string()))
+            .unwrap()
+    };
+    let refused = app(api.state.clone()).oneshot(keyed()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    api.end(&RunId::parse(first.body["run_id"].as_str().unwrap()).unwrap()).await;
+    let retried = app(api.state.clone()).oneshot(keyed()).await.unwrap();
+    assert_eq!(retried.status(), StatusCode::ACCEPTED, "the retry was handled anew, not the 429 replayed");
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+}
