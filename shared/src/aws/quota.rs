@@ -23,8 +23,10 @@
 //! counts twice, erring towards refusing. A set's `ADD`/`DELETE` of a member is.
 //!
 //! moto does not apply a conditional update atomically (it checks, then writes, without a
-//! lock across concurrent requests): the contract's concurrency proofs run against the
-//! in-memory adapter, and on moto only sequentially (see `shared/tests/quota_contract.rs`).
+//! lock across concurrent requests, and can lose concurrent `ADD`s): the contract's
+//! concurrency proof holds against the in-memory adapter and is only reported on moto,
+//! whose contract runs sequentially (see `shared/tests/quota_contract.rs`). The local
+//! stack's limits are therefore approximate under concurrent requests; DynamoDB's are exact.
 
 use super::dynamo::{n, s};
 use super::dynamo_error::{is_condition_failure, store_err};
