@@ -134,7 +134,14 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
         record.detail = Some(StepDetail::Overridden(detail).to_value());
         record
     });
-    match state.store.start_revision(&id, &revision, overridden.as_ref()).await? {
+    // A revision runs the run again: it counts as a start of the run's tenant and takes a
+    // concurrency slot (given back when the revision ends), or is refused with `429`.
+    let admitted = crate::limits::admit_start(state, &run).await?;
+    let outcome = state.store.start_revision(&id, &revision, overridden.as_ref()).await;
+    if !matches!(outcome, Ok(RevisionOutcome::Started)) {
+        admitted.abandon(state).await;
+    }
+    match outcome? {
         RevisionOutcome::Started => {}
         RevisionOutcome::NotFinished(status) => {
             return Err(ApiError::Conflict(format!("run {id} is {}: it can be steered again once it has ended", status.as_str())));

@@ -21,6 +21,7 @@ mod support;
 
 struct Api {
     store: Arc<MemoryStore>,
+    progress: Arc<chainrun_core::memory::MemoryProgress>,
     dispatcher: Arc<MemoryDispatcher>,
     quota: Arc<MemoryQuota>,
     state: chainrun_api::AppState,
@@ -29,7 +30,7 @@ struct Api {
 fn api(limits: TenantLimits) -> Api {
     let mut p = support::local_ports();
     p.state.limits = Arc::new(limits);
-    Api { store: p.store, dispatcher: p.dispatcher, quota: p.quota, state: p.state }
+    Api { store: p.store, progress: p.progress, dispatcher: p.dispatcher, quota: p.quota, state: p.state }
 }
 
 fn limits(starts: Option<u64>, concurrent: Option<u64>) -> TenantLimits {
@@ -261,4 +262,31 @@ async fn a_429_does_not_keep_its_idempotency_key_so_the_retry_after_it_acts() {
     let retried = app(api.state.clone()).oneshot(keyed()).await.unwrap();
     assert_eq!(retried.status(), StatusCode::ACCEPTED, "the retry was handled anew, not the 429 replayed");
     assert!(retried.headers().get("idempotent-replayed").is_none());
+}
+
+#[tokio::test]
+async fn a_revision_runs_again_so_it_needs_a_slot_and_is_refused_without_one() {
+    use chainrun_core::engine::{Engine, EngineConfig};
+    use chainrun_core::memory::{Script, ScriptedModel};
+    let api = api(limits(None, Some(1)));
+    let first = api.start("alice").await;
+    let id = RunId::parse(first.body["run_id"].as_str().unwrap()).unwrap();
+    // Run it to its end (the engine alone: its slot is not given back, as if the release was lost).
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("x", "ok")]));
+    let registry = Arc::new(chainrun_core::pricing::ModelRegistry::builtin());
+    let engine = Engine::new(model, api.store.clone(), api.progress.clone(), registry, EngineConfig::default());
+    let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+    let Claim::Acquired(run) = api.store.claim(&id, &lease, chrono::Utc::now()).await.unwrap() else { panic!("not claimed") };
+    engine.execute(*run, lease, None).await.unwrap();
+    // Another run takes the tenant's one slot (reclaiming the ended run's).
+    let second = api.start("alice").await;
+    assert_eq!(second.status, StatusCode::ACCEPTED, "{}", second.body);
+    let retry = format!("/runs/{id}/steps/a/retry");
+    assert_too_many(&api.call("alice", "POST", &retry, json!({})).await, 60);
+    assert_eq!(api.store.get_run(&id).await.unwrap().unwrap().revision, 0, "no revision started");
+    // Once the other run has ended, the revision starts.
+    api.end(&RunId::parse(second.body["run_id"].as_str().unwrap()).unwrap()).await;
+    let started = api.call("alice", "POST", &retry, json!({})).await;
+    assert_eq!(started.status, StatusCode::ACCEPTED, "{}", started.body);
+    assert_eq!(api.store.get_run(&id).await.unwrap().unwrap().revision, 1);
 }
