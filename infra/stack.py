@@ -62,6 +62,8 @@ Environment knobs:
     CHAINRUN_STACK_TIMEOUT                readiness timeout in seconds (default 600)
     CHAINRUN_OWNER_DAILY_CAP_USD          per-caller daily spend cap, passed to the runner
     CHAINRUN_OWNER_DAILY_CAPS             per-user daily caps (JSON), passed to the runner
+    CHAINRUN_TENANT_*, CHAINRUN_MAX_REQUEST_BYTES, CHAINRUN_MAX_DEFINITION_BYTES,
+    CHAINRUN_PUBLIC_SHARDS                the tenant limits (README, Limits), passed to every function
     CHAINRUN_STACK_DYNAMODB_FAULTS=1      put the fault proxy between the functions and moto
                                           (Stack(dynamodb_faults=True)); stack.env gets
                                           FAULT_PROXY_URL
@@ -118,6 +120,16 @@ FUNCTIONS = (API_FUNCTION, RUNNER_FUNCTION)
 SWEEPER_FUNCTION = "chainrun-sweeper"
 # The functions' CHAINRUN_LEASE_SECS and CHAINRUN_QUEUED_GRACE_SECS here (AWS: 30 and 60).
 LOCAL_LEASE_S = 6
+# The deployment's tenant limits (README, Limits): passed from the caller to every function.
+TENANT_LIMIT_VARS = (
+    "CHAINRUN_TENANT_STARTS_PER_MINUTE",
+    "CHAINRUN_TENANT_CONCURRENT_RUNS",
+    "CHAINRUN_TENANT_TOKENS_PER_MINUTE",
+    "CHAINRUN_TENANT_TOKENS_PER_MINUTE_BY_MODEL",
+    "CHAINRUN_MAX_REQUEST_BYTES",
+    "CHAINRUN_MAX_DEFINITION_BYTES",
+    "CHAINRUN_PUBLIC_SHARDS",
+)
 LOCAL_QUEUED_GRACE_S = 10
 DEAD_LETTER_FUNCTION = "chainrun-dead-letter"
 SWEEP_PAYLOAD = {"source": "chainrun.schedule", "action": "sweep"}
@@ -532,7 +544,7 @@ class Stack:
         fe["CHAINRUN_LOCAL_JWT_SECRET"] = self.secret
         # The one deployment setting the local stack takes from its caller (children get no
         # CHAINRUN_* of the caller's otherwise): README, Budgets.
-        for name in ("CHAINRUN_OWNER_DAILY_CAP_USD", "CHAINRUN_OWNER_DAILY_CAPS"):
+        for name in ("CHAINRUN_OWNER_DAILY_CAP_USD", "CHAINRUN_OWNER_DAILY_CAPS", *TENANT_LIMIT_VARS):
             if self.base_env.get(name):
                 fe[name] = self.base_env[name]
         # Recovery timings scaled down like the retry delays and the sweep period: a crashed

@@ -56,7 +56,8 @@ codes! {
     TemplateError = "TEMPLATE_ERROR",
     /// `retry.max_attempts` is 0: the step could not try.
     NoAttempts = "NO_ATTEMPTS",
-    /// A model call did not fit the run's budget or its caller's daily cap; it was not made.
+    /// A model call did not fit the run's budget or its caller's daily cap, or is larger than
+    /// its tenant's whole token allowance for a minute; it was not made.
     BudgetExceeded = "BUDGET_EXCEEDED",
     /// A reply was not the JSON its step asked for (retried with a corrective hint).
     InvalidOutput = "INVALID_OUTPUT",

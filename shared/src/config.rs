@@ -73,6 +73,10 @@ pub struct CoreConfig {
     pub durability: Durability,
     /// The S3 bucket (`CHAINRUN_OUTPUTS_BUCKET`) for outputs too large for one DynamoDB item.
     pub outputs_bucket: String,
+    /// Fair limits per tenant: starts, concurrent runs, tokens per minute, sizes (see
+    /// [`crate::quota`]). The API and the runner enforce them; the dead-letter consumer
+    /// gives back the slot of a run it ends.
+    pub limits: crate::quota::TenantLimits,
 }
 
 impl CoreConfig {
@@ -96,7 +100,8 @@ impl CoreConfig {
             .map_err(|reason| ConfigError::Invalid { name: "CHAINRUN_OWNER_DAILY_CAPS", reason })?;
         let durability = Durability::from_source(env)?;
         let outputs_bucket = env.required("CHAINRUN_OUTPUTS_BUCKET")?.trim().to_owned();
-        Ok(Self { tables, retention_days, models, daily_caps, durability, outputs_bucket })
+        let limits = crate::quota::TenantLimits::from_source(env)?;
+        Ok(Self { tables, retention_days, models, daily_caps, durability, outputs_bucket, limits })
     }
 }
 

@@ -23,6 +23,7 @@ pub mod money;
 pub mod output;
 pub mod ports;
 pub mod pricing;
+pub mod quota;
 pub mod revision;
 pub mod run;
 pub mod shards;

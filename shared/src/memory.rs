@@ -23,6 +23,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+pub use crate::quota::memory::MemoryQuota;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock means a test already panicked; keep going to report that panic.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -731,3 +731,25 @@ pub trait TemplateStore: Send + Sync {
     /// The owner's templates, newest first.
     async fn list(&self, owner: &UserId, limit: u32, after: Option<&TemplateCursor>) -> Result<TemplatePage, StoreError>;
 }
+
+// ---------------------------------------------------------------- tenant limits
+
+/// The counters and slot sets behind fair limits per tenant (see [`crate::quota`]), shared
+/// by every API function and runner. Each call is one conditional write: two callers never
+/// both pass on the same room.
+#[async_trait]
+pub trait TenantQuota: Send + Sync {
+    /// Adds `amount` to `counter` if it then holds at most `limit`; `false`: refused, and
+    /// nothing changed.
+    async fn take(&self, counter: &crate::quota::Counter, amount: u64, limit: u64) -> Result<bool, StoreError>;
+    /// Takes `amount` back from `counter` (what a reservation did not use). A counter that
+    /// no longer exists (its window expired) stays gone.
+    async fn give_back(&self, counter: &crate::quota::Counter, amount: u64) -> Result<(), StoreError>;
+    /// What `counter` holds now (0 if it does not exist).
+    async fn used(&self, counter: &crate::quota::Counter) -> Result<u64, StoreError>;
+    /// Puts `run` in `slots` if it then holds at most `capacity` runs. A run already there
+    /// is admitted again (a retried start) without counting twice.
+    async fn occupy(&self, slots: &crate::quota::Slots, run: &RunId, capacity: u64) -> Result<crate::quota::Occupied, StoreError>;
+    /// Takes `run` out of `slots`; whether it was there (a repeated end finds it gone).
+    async fn vacate(&self, slots: &crate::quota::Slots, run: &RunId) -> Result<bool, StoreError>;
+}

@@ -388,6 +388,55 @@ def test_every_function_gets_the_daily_spend_caps(template, function):
     assert env["CHAINRUN_OWNER_DAILY_CAPS"] == {"Ref": "OwnerDailyCapsJson"}
 
 
+TENANT_LIMITS = {
+    "CHAINRUN_TENANT_STARTS_PER_MINUTE": "TenantStartsPerMinute",
+    "CHAINRUN_TENANT_CONCURRENT_RUNS": "TenantConcurrentRuns",
+    "CHAINRUN_TENANT_TOKENS_PER_MINUTE": "TenantTokensPerMinute",
+    "CHAINRUN_TENANT_TOKENS_PER_MINUTE_BY_MODEL": "TenantTokensPerMinuteByModelJson",
+    "CHAINRUN_MAX_REQUEST_BYTES": "MaxRequestBytes",
+    "CHAINRUN_MAX_DEFINITION_BYTES": "MaxDefinitionBytes",
+    "CHAINRUN_PUBLIC_SHARDS": "PublicShards",
+}
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_every_function_gets_the_tenant_limits_from_parameters(template, function):
+    env = effective_function_props(template, function)["Environment"]["Variables"]
+    for var, param in TENANT_LIMITS.items():
+        assert env[var] == {"Ref": param}, var
+        assert param in template["Parameters"], param
+
+
+def test_tenant_limit_defaults_match_the_code(template):
+    params = template["Parameters"]
+    defaults = {name: str(params[name]["Default"]) for name in TENANT_LIMITS.values()}
+    assert defaults == {
+        "TenantStartsPerMinute": "300",
+        "TenantConcurrentRuns": "100",
+        "TenantTokensPerMinute": "0",
+        "TenantTokensPerMinuteByModelJson": "",
+        "MaxRequestBytes": "262144",
+        "MaxDefinitionBytes": "131072",
+        "PublicShards": "8",
+    }
+
+
+def test_runner_reserved_concurrency_is_a_parameter(template):
+    props = effective_function_props(template, "RunnerFunction")
+    assert props["ReservedConcurrentExecutions"] == {
+        "Fn::If": ["ReservesRunnerConcurrency", {"Ref": "RunnerReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    }
+    assert str(template["Parameters"]["RunnerReservedConcurrency"]["Default"]) == "-1"
+
+
+def test_api_may_write_only_quota_keys_of_the_rollups_table(template):
+    policies = template["Resources"]["ApiFunction"]["Properties"]["Policies"]
+    statements = [st for p in policies if "Statement" in p for st in p["Statement"]]
+    (quota,) = [st for st in statements if st.get("Sid") == "TenantQuotaCounters"]
+    assert sorted(quota["Action"]) == ["dynamodb:GetItem", "dynamodb:UpdateItem"]
+    assert quota["Condition"] == {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": ["QUOTA#*"]}}
+
+
 def test_the_daily_cap_parameter_takes_only_dollar_amounts(template):
     pattern = re.compile(template["Parameters"]["OwnerDailyCapUsd"]["AllowedPattern"])
     assert all(pattern.fullmatch(v) for v in ["", "5", "0.25"])
@@ -507,6 +556,10 @@ def test_each_function_gets_only_the_table_access_it_needs(template):
     assert dynamodb_grants(dead_letter)["RollupsTable"] == crud
     for props in (api, runner):
         for statement in inline_statements(props):
+            if statement.get("Sid") == "TenantQuotaCounters":
+                # Narrower than any policy template: two actions, one table, QUOTA# keys only
+                # (test_api_may_write_only_quota_keys_of_the_rollups_table).
+                continue
             assert not any(str(a).startswith("dynamodb:") for a in as_list(statement["Action"])), (
                 "DynamoDB access is granted only through table-scoped policy templates"
             )

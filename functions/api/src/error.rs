@@ -30,6 +30,9 @@ pub struct ProblemDocument {
     /// An invalid answer to an input step: how many answers the step still takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts_left: Option<u32>,
+    /// A `429`: seconds until a retry may be admitted (also the `Retry-After` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,13 @@ pub enum ApiError {
     BadRequest { title: &'static str, detail: String, problems: Vec<Problem> },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A workflow definition over its size limit, measured as compact JSON.
+    #[error("the workflow definition is {size} bytes; a definition may have at most {limit}")]
+    DefinitionTooLarge { size: usize, limit: usize },
+    /// A tenant's limit is reached (starts per minute, concurrent runs); the answer carries
+    /// `Retry-After`. Nothing was stored.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     #[error("{0}")]
     MethodNotAllowed(String),
     /// The request does not fit the state of what it acts on (a cancel of an ended run).
@@ -82,6 +92,8 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::BadRequest { title, .. } => (StatusCode::BAD_REQUEST, "bad-request", title),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Request body too large"),
+            ApiError::DefinitionTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "definition-too-large", "Workflow definition too large"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too-many-requests", "Too many requests"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::PreconditionRequired(_) => (StatusCode::PRECONDITION_REQUIRED, "precondition-required", "Precondition required"),
@@ -107,6 +119,10 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
+        let retry_after = match &self {
+            ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let (problems, errors, attempts_left) = match self {
             ApiError::BadRequest { problems, .. } => (problems, None, None),
             ApiError::InvalidAnswer { errors, attempts_left, .. } => (Vec::new(), Some(errors), Some(attempts_left)),
@@ -120,8 +136,14 @@ impl IntoResponse for ApiError {
             problems,
             errors,
             attempts_left,
+            retry_after,
         };
-        respond(status, body)
+        let mut response = respond(status, body);
+        if let Some(seconds) = retry_after {
+            // `Retry-After` in whole seconds, as RFC 9110 allows.
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -186,7 +208,19 @@ pub async fn problem_documents(request: axum::extract::Request, next: axum::midd
         s => {
             let title = s.canonical_reason().unwrap_or("Refused").to_owned();
             let kind = format!("urn:chainrun:problem:http-{}", s.as_u16());
-            return respond(s, ProblemDocument { kind, title, status: s.as_u16(), detail, problems: Vec::new(), errors: None, attempts_left: None });
+            return respond(
+                s,
+                ProblemDocument {
+                    kind,
+                    title,
+                    status: s.as_u16(),
+                    detail,
+                    problems: Vec::new(),
+                    errors: None,
+                    attempts_left: None,
+                    retry_after: None,
+                },
+            );
         }
     };
     error.into_response()

@@ -4,7 +4,8 @@
 //! Keys are per caller and kept a day. A key names one request: the same key with another
 //! method, path, body or `If-Match` is a `422`; a repeat while the first is still being handled is a
 //! `409`. Answers below 500 are kept and replayed (marked `Idempotent-Replayed: true`); a
-//! 5xx gives the key up, so a retry acts anew. Requests without the header are untouched.
+//! 5xx or a `429` (a tenant's limit, which did nothing and tells the client to retry) gives
+//! the key up, so a retry acts anew. Requests without the header are untouched.
 
 use crate::error::ApiError;
 use crate::{AppState, MAX_BODY_BYTES};
@@ -73,7 +74,7 @@ pub async fn keyed(State(state): State<AppState>, request: Request, next: Next) 
         let _ = state.idempotency.abandon(scope, &key, &fingerprint).await;
         return ApiError::Internal("the answer could not be read".into()).into_response();
     };
-    let kept = if head.status.is_server_error() {
+    let kept = if head.status.is_server_error() || head.status == StatusCode::TOO_MANY_REQUESTS {
         state.idempotency.abandon(scope, &key, &fingerprint).await
     } else {
         let stored = StoredResponse { status: head.status.as_u16(), body: String::from_utf8_lossy(&answer).into_owned() };

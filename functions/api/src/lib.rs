@@ -10,6 +10,7 @@ pub mod auth;
 pub mod error;
 mod history;
 pub mod idempotency;
+mod limits;
 pub mod openapi;
 mod revisions;
 mod templates;
@@ -89,6 +90,9 @@ pub struct AppState {
     pub workflows: Arc<dyn WorkflowStore>,
     /// Saved templates (built-ins are compiled in).
     pub templates: Arc<dyn chainrun_core::ports::TemplateStore>,
+    /// Fair limits per tenant (see `limits`) and the counters they are checked against.
+    pub limits: Arc<chainrun_core::quota::TenantLimits>,
+    pub quota: Arc<dyn chainrun_core::ports::TenantQuota>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -113,6 +117,7 @@ pub fn app(state: AppState) -> Router {
     routes
         .layer(axum::middleware::from_fn_with_state(state.clone(), idempotency::keyed))
         .layer(axum::middleware::from_fn(error::problem_documents))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::body_size))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
@@ -264,7 +269,12 @@ pub(crate) async fn queue_run(
     run.workflow_owner = stored.map(|(head, _)| head.owner.clone());
     run.access = Some(access);
     run.inherits_access = inherits;
-    state.store.create_run(&run).await?;
+    // 429 when the caller's tenant has no slot or no start left this minute: nothing stored.
+    let admitted = limits::admit_start(state, &run).await?;
+    if let Err(e) = state.store.create_run(&run).await {
+        admitted.abandon(state).await;
+        return Err(e.into());
+    }
     // The run is stored: it will run even if this hand-over fails, because the sweeper
     // dispatches a run still queued after the grace period. Failing the request now would
     // only make the client start it twice.
@@ -291,6 +301,7 @@ pub(crate) fn validated(state: &AppState, workflow: &Value, input: &Value) -> Re
 
 /// Validates a definition as every route that takes one must: `400` naming every problem.
 pub(crate) fn validated_definition(state: &AppState, workflow: &Value) -> Result<ValidatedGraph, ApiError> {
+    limits::check_definition_size(state, workflow)?;
     validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
         title: "Invalid workflow",
         detail: invalid.to_string(),

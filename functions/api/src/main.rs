@@ -2,8 +2,8 @@
 
 use chainrun_api::{ApiConfig, AppState, app};
 use chainrun_core::aws::{
-    DynamoAnalytics, DynamoDailySpend, DynamoIdempotency, DynamoProgress, DynamoStore, DynamoTemplates, DynamoWorkflows, LambdaDispatcher, S3Blobs,
-    dynamodb_client, lambda_client, s3_client, sdk_config,
+    DynamoAnalytics, DynamoDailySpend, DynamoIdempotency, DynamoProgress, DynamoQuota, DynamoStore, DynamoTemplates, DynamoWorkflows,
+    LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use std::sync::Arc;
@@ -30,6 +30,8 @@ async fn main() -> Result<(), lambda_http::Error> {
         progress,
         history: store,
         analytics: Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone())),
+        quota: Arc::new(DynamoQuota::new(dynamodb.clone(), config.core.tables.clone())),
+        limits: Arc::new(config.core.limits.clone()),
         daily: Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone())),
         daily_caps: Arc::new(config.core.daily_caps.clone()),
         dispatcher: Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.runner_function.clone())),

@@ -177,8 +177,8 @@ pub fn operations() -> Vec<Operation> {
     use crate::workflows::{CreateBody, DuplicateBody, EstimateBody, ListParams, RunBody, UpdateBody, VersionQuery};
     use crate::{ControlBody, EstimateRun, EventsQuery, ProgressQuery, ResumeBody, RevisionQuery, StartRun};
     use Method as M;
-    use chainrun_core::wire::templates::TemplateView;
     use chainrun_core::wire::steering::{ControlAccepted, ResumeAnswer, RevisionAccepted};
+    use chainrun_core::wire::templates::TemplateView;
     vec![
         op(M::POST, "/runs", "Start a run of an inline definition").body::<StartRun>().answers::<RunAccepted>(202),
         op(M::GET, "/runs", "Runs you may see, newest first").query::<HistoryParams>().answers::<Page<RunSummaryView<'static>>>(200),

@@ -3,7 +3,6 @@
 //! hand and re-runs exactly its dependents. Each starts the run's next revision (see
 //! `chainrun_core::revision`): nothing of the earlier ones is overwritten.
 
-use chainrun_core::wire::steering::{RevisionAccepted, RevisionLinks};
 use super::{AppState, MAX_REASON_CHARS, budget_raise, controlled_run, parse_body};
 use crate::auth::Identity;
 use crate::error::ApiError;
@@ -18,6 +17,7 @@ use chainrun_core::ports::RevisionOutcome;
 use chainrun_core::revision::{MAX_REVISIONS, Overridden, Revision, RevisionEnd, RevisionKind, RevisionRefused, rerun_set};
 use chainrun_core::run::{Cause, RunRecord, RunnerEvent, StepRecord, StepStatus};
 use chainrun_core::wire::StepDetail;
+use chainrun_core::wire::steering::{RevisionAccepted, RevisionLinks};
 use http::StatusCode;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -138,7 +138,14 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
         record.detail = Some(StepDetail::Overridden(detail).to_value());
         record
     });
-    match state.store.start_revision(&id, &revision, overridden.as_ref()).await? {
+    // A revision runs the run again: it counts as a start of the run's tenant and takes a
+    // concurrency slot (given back when the revision ends), or is refused with `429`.
+    let admitted = crate::limits::admit_start(state, &run).await?;
+    let outcome = state.store.start_revision(&id, &revision, overridden.as_ref()).await;
+    if !matches!(outcome, Ok(RevisionOutcome::Started)) {
+        admitted.abandon(state).await;
+    }
+    match outcome? {
         RevisionOutcome::Started => {}
         RevisionOutcome::NotFinished(status) => {
             return Err(ApiError::Conflict(format!("run {id} is {}: it can be steered again once it has ended", status.as_str())));
@@ -152,7 +159,8 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
     if let Err(e) = state.dispatcher.dispatch(&RunnerEvent::new(id.clone(), Cause::Revision)).await {
         warn!(run_id = %id, error = %e, "dispatch failed; the sweeper will run the revision");
     }
-    let links = RevisionLinks { run: format!("/runs/{id}"), events: format!("/runs/{id}/events"), previous: format!("/runs/{id}?revision={}", run.revision) };
+    let links =
+        RevisionLinks { run: format!("/runs/{id}"), events: format!("/runs/{id}/events"), previous: format!("/runs/{id}?revision={}", run.revision) };
     let body = RevisionAccepted { run_id: id, revision: next, kind: revision.kind, step, rerun: revision.rerun, links };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

@@ -122,7 +122,10 @@ impl DeadLetters {
                     if event.redeliveries > 0 { format!(" after {} redeliveries", event.redeliveries) } else { String::new() },
                 );
                 warn!(run_id = %event.run_id, %reason, "failing the run");
+                let ended = (*run).clone();
                 self.ender.fail_run(*run, &lease, ErrorInfo::terminal(ErrorCode::DeliveryFailed, reason)).await?;
+                // Its tenant gets its concurrency slot back.
+                self.ender.release_slot(&ended).await;
             }
             Claim::HeldElsewhere => info!(run_id = %event.run_id, "a runner holds the run now; nothing to do"),
             Claim::Waiting => info!(run_id = %event.run_id, "the run waits for a person now; nothing to do"),

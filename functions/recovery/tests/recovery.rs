@@ -65,6 +65,7 @@ impl Setup {
             models: Arc::new(ModelRegistry::builtin()),
             limits: Default::default(),
             daily: Some(self.daily.clone()),
+            tenancy: None,
         };
         DeadLetters {
             store: self.store.clone(),
@@ -258,4 +259,19 @@ async fn a_message_that_is_not_a_runner_events_record_is_dropped_and_one_that_ca
     let response = consumer.handle(batch(vec![garbage, dead_letter("m1", payload(&run.id, 0), "Runtime.ExitError")])).await;
     let failures: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
     assert_eq!(failures, ["m1"], "the garbage is dropped; the run's record waits for the dispatcher");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_the_dead_letter_consumer_ends_gives_its_tenants_slot_back() {
+    use chainrun_core::quota::{Slots, TenantLimits, gate};
+    let s = setup();
+    let run = s.stored_run().await;
+    let quota = Arc::new(chainrun_core::memory::MemoryQuota::new());
+    let limits = Arc::new(TenantLimits { concurrent_runs: Some(3), ..TenantLimits::unlimited() });
+    gate::occupy_slot(quota.as_ref(), &limits, &run.caller.tenant(), &run.id).await.unwrap().unwrap();
+    let mut consumer = s.dead_letters();
+    consumer.ender.tenancy = Some(chainrun_core::engine::Tenancy { quota: quota.clone(), limits });
+    consumer.handle(batch(vec![dead_letter("m1", payload(&run.id, 0), "chainrun.Terminal")])).await;
+    assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().status, RunStatus::Failed);
+    assert!(quota.holders(&Slots { tenant: Principal::User("alice".into()), shard: 0 }).is_empty(), "the slot came back");
 }

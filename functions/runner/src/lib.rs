@@ -321,6 +321,11 @@ impl Runner {
     /// Adds a finished run to its owners' cost rollups, from what the store holds.
     async fn roll_up(&self, run_id: &RunId) -> Result<(), RunnerError> {
         let Some(run) = self.store.get_run(run_id).await? else { return Ok(()) };
+        // Every end the runner sees passes here (a redelivery of an ended run too): the run's
+        // tenant gets its concurrency slot back. Idempotent.
+        if run.status.is_terminal() {
+            self.engine.release_slot(&run).await;
+        }
         let steps = self.store.get_steps(run_id).await?;
         let recorded = self.analytics.record_run(&run, &steps).await?;
         info!(run_id = %run_id, added = recorded.added, already = recorded.already, cost_pico = run.totals.cost.pico(), "run rolled up");

@@ -96,9 +96,18 @@ pub struct Ender {
     pub models: Arc<ModelRegistry>,
     pub limits: Limits,
     pub daily: Option<Arc<dyn DailySpend>>,
+    /// Tenant limits: the concurrency slot a run ended here gives back.
+    pub tenancy: Option<super::throttle::Tenancy>,
 }
 
 impl Ender {
+    /// Gives back the concurrency slot of `run`, which has ended (see [`super::Tenancy`]).
+    pub async fn release_slot(&self, run: &RunRecord) {
+        if let Some(tenancy) = &self.tenancy {
+            tenancy.release_slot(run).await;
+        }
+    }
+
     /// Writes a finished run's end event if its log lacks it: the run's end is stored
     /// before it is announced, so a runner that died (or whose write's reply was lost)
     /// between the two leaves the announcement to the next delivery. Returns whether it

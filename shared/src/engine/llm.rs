@@ -9,6 +9,7 @@ use super::EngineError;
 use super::daily::CallName;
 use super::running::Hold;
 use super::step::{Scope, StepContext, Work};
+use super::throttle::Throttled;
 use crate::budget::{self, Reservation};
 use crate::codes::ErrorCode;
 use crate::graph::LlmSpec;
@@ -86,9 +87,32 @@ impl StepContext {
             // against what earlier attempts were charged.
             let worst =
                 budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
+            // The tenant's token allowance first: a call may wait here for the next minute,
+            // and should hold nothing of the run's budget or its caller's day meanwhile.
+            let tokens = match self.throttle(&spec.model, worst.tokens).await? {
+                Throttled::Admitted(tokens) => tokens,
+                Throttled::HandOver => {
+                    work.attempts = attempt - 1;
+                    work.handed_over = true;
+                    return Ok(work);
+                }
+                Throttled::Never(never) => {
+                    warn!(
+                        attempt,
+                        item,
+                        tokens = never.tokens,
+                        allowance = never.allowance,
+                        "the call is larger than its tenant's token allowance per minute: it is not made"
+                    );
+                    work.attempts = attempt - 1;
+                    work.output = Err(ErrorInfo::terminal(ErrorCode::BudgetExceeded, never.to_string()));
+                    return Ok(work);
+                }
+            };
             let admitted = match self.admit(worst, CallName { step: id, item, attempt }).await? {
                 Ok(admitted) => admitted,
                 Err((refusal, message)) => {
+                    self.settle_tokens(tokens, 0).await;
                     if self.budget_pauses(&refusal) {
                         // The run waits for a larger budget: nothing new starts meanwhile.
                         self.budget_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_with(|| message.clone());
@@ -108,6 +132,7 @@ impl StepContext {
                 // lease lost) and settled the holds it found before this one was taken.
                 self.journal.release(admitted.reservation);
                 self.settle_day(admitted.day, Settlement::Charged(Usd::ZERO)).await;
+                self.settle_tokens(tokens, 0).await;
                 return Err(e);
             }
             let call_started = Instant::now();
@@ -121,6 +146,7 @@ impl StepContext {
                     work.add_spend(reply.usage, cost, 1);
                     self.journal.settle(admitted.reservation, &reply.usage, cost);
                     self.settle_day(admitted.day, Settlement::Charged(cost)).await;
+                    self.settle_tokens(tokens, reply.usage.total_tokens()).await;
                     info!(
                         attempt,
                         item,
@@ -135,6 +161,7 @@ impl StepContext {
                     // The port reports no usage with an error: nothing to charge.
                     self.journal.release(admitted.reservation);
                     self.settle_day(admitted.day, Settlement::Charged(Usd::ZERO)).await;
+                    self.settle_tokens(tokens, 0).await;
                     Err(AttemptError::Model(e))
                 }
             };

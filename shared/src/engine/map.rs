@@ -57,7 +57,7 @@ impl StepContext {
                             let carried = saved.map(|r| r.carried()).unwrap_or_default();
                             let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
                             let mut record = item_record(index, &work, &carried);
-                            if self.paused_for_budget(&work) {
+                            if self.interrupted(&work) {
                                 // Unsettled, with what it was charged: it runs again once the
                                 // budget is raised.
                                 (record.status, record.error) = (crate::run::StepStatus::Running, None);

@@ -11,6 +11,7 @@
 //! | `step` | one step: announce, run its kind, checkpoint, announce the result |
 //! | `running` | a model step's `RUNNING` checkpoint: its reservation durable before each call, what dead runners spent carried on |
 //! | `llm` | model calls: admission against budgets (the one refusal path), attempts, streaming, backoff |
+//! | `throttle` | fair limits per tenant: each call's tokens reserved in its tenant's allowance per minute (waiting for the next minute), a run's concurrency slot given back when it ends |
 //! | `daily` | the caller's daily spend cap as a call holds and settles it; the holds dead runners left, settled by the checkpoints |
 //! | `map` | fan-out of a sub-step over a list |
 //! | `transform`, `router` | the steps that make no model call |
@@ -36,6 +37,8 @@ mod running;
 pub mod schedule;
 mod step;
 pub use step::run_output;
+mod throttle;
+pub use throttle::Tenancy;
 mod transform;
 
 use crate::budget::BudgetLimits;
@@ -165,6 +168,8 @@ pub struct Engine {
     timers: Option<Arc<dyn crate::ports::Timers>>,
     /// Stored workflows, whose access decides who a run of one is shown to (see [`audience`]).
     workflows: Option<Arc<dyn crate::ports::WorkflowStore>>,
+    /// Fair limits per tenant: token allowances per minute, concurrency slots.
+    tenancy: Option<Tenancy>,
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
@@ -205,17 +210,33 @@ impl Engine {
             clock: Arc::new(crate::durability::SystemClock),
             timers: None,
             workflows: None,
+            tenancy: None,
         }
     }
 
-    /// The same engine, also checking every model call against its run's caller's daily
-    /// spend cap (see [`crate::spend`]). Without caps for anyone, nothing changes.
+    /// The same engine, reserving each model call's tokens in its run's tenant's allowance
+    /// per minute (see [`crate::quota`]), and giving back a run's concurrency slot when
+    /// asked ([`Engine::release_slot`]).
+    pub fn with_tenant_limits(mut self, quota: Arc<dyn crate::ports::TenantQuota>, limits: Arc<crate::quota::TenantLimits>) -> Self {
+        self.tenancy = Some(Tenancy { quota, limits });
+        self
+    }
+
+    /// Gives back the concurrency slot of `run`, which has ended. Idempotent.
+    pub async fn release_slot(&self, run: &RunRecord) {
+        if let Some(tenancy) = &self.tenancy {
+            tenancy.release_slot(run).await;
+        }
+    }
+
     /// Runs of stored workflows follow their workflow's access (see [`audience`]).
     pub fn with_workflows(mut self, workflows: Arc<dyn crate::ports::WorkflowStore>) -> Self {
         self.workflows = Some(workflows);
         self
     }
 
+    /// The same engine, also checking every model call against its run's caller's daily
+    /// spend cap (see [`crate::spend`]). Without caps for anyone, nothing changes.
     pub fn with_daily_caps(mut self, spend: Arc<dyn DailySpend>, caps: DailyCaps) -> Self {
         self.daily = (!caps.is_none()).then(|| (spend, Arc::new(caps)));
         self
@@ -277,6 +298,7 @@ impl Engine {
             models: self.models.clone(),
             limits: self.config.limits,
             daily: self.daily.as_ref().map(|(spend, _)| spend.clone()),
+            tenancy: self.tenancy.clone(),
         }
     }
 
@@ -359,8 +381,15 @@ impl Engine {
                     holder: lease.holder.clone(),
                 })
             });
+            let throttle = self.tenancy.as_ref().filter(|t| t.limits.throttles_tokens()).map(|tenancy| throttle::TokenThrottle {
+                tenancy: tenancy.clone(),
+                tenant: run.caller.tenant(),
+                run: run.id.clone(),
+                clock: self.clock.clone(),
+            });
             let shared = Arc::new(StepContext {
                 owner_cap,
+                throttle,
                 model: self.model.clone(),
                 models: self.models.clone(),
                 config: self.config.clone(),

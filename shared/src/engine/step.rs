@@ -29,6 +29,8 @@ use tracing::{Instrument, info_span};
 pub struct StepContext {
     /// The run's caller's daily cap, if one applies.
     pub owner_cap: Option<OwnerCap>,
+    /// The run's tenant's token allowances, if any apply.
+    pub throttle: Option<super::throttle::TokenThrottle>,
     pub model: Arc<dyn ModelClient>,
     pub models: Arc<ModelRegistry>,
     pub config: EngineConfig,
@@ -65,6 +67,13 @@ impl StepContext {
         matches!(&work.detail, Some(crate::wire::StepDetail::Refused(r)) if self.budget_pauses(&r.budget))
     }
 
+    /// Whether `work` did not settle and runs again later, from its first attempt: a call the
+    /// budget refused while the run pauses for it, or one handed over to the next invocation
+    /// to wait for its tenant's token allowance.
+    pub fn interrupted(&self, work: &Work) -> bool {
+        work.handed_over || self.paused_for_budget(work)
+    }
+
     /// Whether new work (a step, a map item) may not start: the deadline is near or the
     /// run is pausing. What is under way finishes and is checkpointed.
     pub fn stopping(&self) -> bool {
@@ -83,6 +92,9 @@ pub struct Work {
     /// Calls lost to runners that died mid-call (a map's items').
     pub lost: Lost,
     pub detail: Option<StepDetail>,
+    /// The call was handed over to the next invocation (its tenant's token allowance could
+    /// not be waited for in this one): the work did not settle.
+    pub handed_over: bool,
 }
 
 /// What runners that died while a step ran left of it: their charges and lost calls, and
@@ -119,7 +131,16 @@ impl Leftover {
 
 impl Work {
     pub fn done(text: String, value: Value) -> Self {
-        Self { output: Ok((text, value)), usage: Usage::default(), cost: Usd::ZERO, attempts: 1, calls: 0, lost: Lost::default(), detail: None }
+        Self {
+            output: Ok((text, value)),
+            usage: Usage::default(),
+            cost: Usd::ZERO,
+            attempts: 1,
+            calls: 0,
+            lost: Lost::default(),
+            detail: None,
+            handed_over: false,
+        }
     }
 
     pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -131,6 +152,7 @@ impl Work {
             calls: 0,
             lost: Lost::default(),
             detail: None,
+            handed_over: false,
         }
     }
 
@@ -193,7 +215,7 @@ impl StepContext {
                     Err(until) => return Ok(Ran::Waiting(until)),
                 },
             };
-            if self.paused_for_budget(&work) {
+            if self.interrupted(&work) {
                 // What it was charged so far stays on its checkpoint; it runs again, from its
                 // first attempt, when the budget is raised.
                 let mut record = StepRecord::settled(step.id.clone(), StepStatus::Waiting, None, started_at);

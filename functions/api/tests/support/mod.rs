@@ -5,7 +5,8 @@
 use chainrun_api::AppState;
 use chainrun_api::auth::{Authenticator, LOCAL_AUDIENCE, LOCAL_ISSUER};
 use chainrun_core::memory::{
-    MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryStore, MemoryTemplates, MemoryWorkflows,
+    MemoryAnalytics, MemoryDailySpend, MemoryDispatcher, MemoryIdempotency, MemoryProgress, MemoryQuota, MemoryStore, MemoryTemplates,
+    MemoryWorkflows,
 };
 use chainrun_core::pricing::ModelRegistry;
 use chainrun_core::spend::DailyCaps;
@@ -23,6 +24,7 @@ pub struct Ports {
     pub daily: Arc<MemoryDailySpend>,
     pub workflows: Arc<MemoryWorkflows>,
     pub templates: Arc<MemoryTemplates>,
+    pub quota: Arc<MemoryQuota>,
     pub state: AppState,
 }
 
@@ -35,7 +37,11 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
     let daily = Arc::new(MemoryDailySpend::new());
     let workflows = Arc::new(MemoryWorkflows::new());
     let templates = Arc::new(MemoryTemplates::new());
+    let quota = Arc::new(MemoryQuota::new());
     let state = AppState {
+        // The deployment's defaults: tests of the limits set their own.
+        limits: Arc::new(chainrun_core::quota::TenantLimits::default()),
+        quota: quota.clone(),
         idempotency: Arc::new(MemoryIdempotency::new()),
         workflows: workflows.clone(),
         templates: templates.clone(),
@@ -49,7 +55,7 @@ pub fn ports(auth: Authenticator, caps: DailyCaps) -> Ports {
         daily: daily.clone(),
         daily_caps: Arc::new(caps),
     };
-    Ports { store, progress, dispatcher, analytics, daily, workflows, templates, state }
+    Ports { store, progress, dispatcher, analytics, daily, workflows, templates, quota, state }
 }
 
 /// Ports whose tokens are signed locally with [`SECRET`], nobody capped.

@@ -2,10 +2,11 @@
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use chainrun_core::aws::{
-    DynamoDailySpend, DynamoProgress, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
+    DynamoDailySpend, DynamoProgress, DynamoQuota, DynamoStore, LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::{CoreConfig, ProcessEnv, Source};
 use chainrun_core::durability::SystemClock;
+use chainrun_core::engine::Tenancy;
 use chainrun_core::engine::end::Ender;
 use chainrun_recovery::DeadLetters;
 use lambda_runtime::{LambdaEvent, service_fn};
@@ -25,8 +26,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         Arc::new(DynamoStore::new(dynamodb.clone(), core.tables.clone()).with_blobs(outputs.clone()).with_queued_grace(core.durability.queued_grace));
     let sink = Arc::new(DynamoProgress::new(dynamodb.clone(), core.tables.clone(), core.retention_days).with_blobs(outputs.clone()));
     // A run ended here settles the daily-cap holds its dead runners left.
-    let daily = Arc::new(DynamoDailySpend::new(dynamodb, core.tables.clone()));
-    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default(), daily: Some(daily) };
+    let daily = Arc::new(DynamoDailySpend::new(dynamodb.clone(), core.tables.clone()));
+    // …and gives back its tenant's concurrency slot.
+    let quota = Arc::new(DynamoQuota::new(dynamodb, core.tables.clone()));
+    let tenancy = Some(Tenancy { quota, limits: Arc::new(core.limits.clone()) });
+    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default(), daily: Some(daily), tenancy };
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), runner_function));
     let consumer = Arc::new(DeadLetters { store, dispatcher, ender, durability: core.durability, clock: Arc::new(SystemClock) });
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
