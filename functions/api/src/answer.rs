@@ -192,7 +192,7 @@ fn answered(id: &chainrun_core::ids::RunId, step: &StepId, spec: &InputSpec, sta
         state: if complete { AnswerState::Complete } else { AnswerState::Reading },
         values: state.values.clone(),
         attempts_left,
-        links: RunLinks::of(&id),
+        links: RunLinks::of(id),
     };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }

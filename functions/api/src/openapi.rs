@@ -180,7 +180,7 @@ pub fn operations() -> Vec<Operation> {
     use chainrun_core::wire::steering::{ControlAccepted, ResumeAnswer, RevisionAccepted};
     use chainrun_core::wire::templates::TemplateView;
     vec![
-        op(M::POST, "/runs", "Start a run of an inline definition").body::<StartRun>().answers::<RunAccepted>(202),
+        op(M::POST, "/runs", "Start a run of an inline definition").body::<StartRun>().answers::<RunAccepted>(202).refuses(&[429]),
         op(M::GET, "/runs", "Runs you may see, newest first").query::<HistoryParams>().answers::<Page<RunSummaryView<'static>>>(200),
         op(M::GET, "/runs/{id}", "A run: status, totals, and every step").query::<RevisionQuery>().answers::<RunView<'static>>(200),
         op(M::GET, "/runs/{id}/events", "Progress events after a cursor").query::<EventsQuery>().answers::<EventsPage<'static>>(200),
@@ -196,11 +196,11 @@ pub fn operations() -> Vec<Operation> {
         op(M::POST, "/runs/{id}/steps/{step}/retry", "Run a step of an ended run and its dependents again")
             .optional_body::<RetryBody>()
             .answers::<RevisionAccepted>(202)
-            .refuses(&[409]),
+            .refuses(&[409, 429]),
         op(M::PUT, "/runs/{id}/steps/{step}/output", "Set a step's output by hand and run its dependents again")
             .body::<OverrideBody>()
             .answers::<RevisionAccepted>(202)
-            .refuses(&[409]),
+            .refuses(&[409, 429]),
         op(M::GET, "/progress", "Your progress rows, newest run first").query::<ProgressQuery>().answers::<Page<ProgressRowView<'static>>>(200),
         op(M::GET, "/analytics/costs", "Cost, latency and failures per workflow and step").query::<CostParams>().answers::<CostsReport<'static>>(200),
         op(M::GET, "/analytics/spend", "Your spend today against your daily cap").answers::<SpendToday<'static>>(200),
@@ -216,7 +216,7 @@ pub fn operations() -> Vec<Operation> {
             .answers::<WorkflowView<'static>>(200)
             .refuses(&[409, 428]),
         op(M::DELETE, "/workflows/{id}", "Delete a stored workflow"),
-        op(M::POST, "/workflows/{id}/runs", "Start a run of a stored workflow").body::<RunBody>().answers::<RunAccepted>(202),
+        op(M::POST, "/workflows/{id}/runs", "Start a run of a stored workflow").body::<RunBody>().answers::<RunAccepted>(202).refuses(&[429]),
         op(M::POST, "/workflows/{id}/estimate", "Estimate a run of a stored workflow").body::<EstimateBody>().answers::<EstimateView<'static>>(200),
         op(M::POST, "/workflows/{id}/duplicate", "Copy a stored workflow").optional_body::<DuplicateBody>().answers::<WorkflowView<'static>>(201),
         op(M::PUT, "/workflows/{id}/access", "Set who may see, run, edit or control a stored workflow")
@@ -236,7 +236,11 @@ pub fn operations() -> Vec<Operation> {
         op(M::GET, "/public/runs/{id}/steps/{step}/text", "A public run's step text, whole").public().query::<RevisionQuery>().answers_text(),
         op(M::GET, "/public/progress", "The public progress feed").public().query::<ProgressQuery>().answers::<Page<ProgressRowView<'static>>>(200),
         op(M::GET, "/public/workflows/{id}", "A public stored workflow").public().query::<VersionQuery>().answers::<WorkflowView<'static>>(200),
-        op(M::POST, "/public/workflows/{id}/runs", "Start a run of a public stored workflow").public().body::<RunBody>().answers::<RunAccepted>(202),
+        op(M::POST, "/public/workflows/{id}/runs", "Start a run of a public stored workflow")
+            .public()
+            .body::<RunBody>()
+            .answers::<RunAccepted>(202)
+            .refuses(&[429]),
         op(M::POST, "/public/workflows/{id}/estimate", "Estimate a run of a public stored workflow")
             .public()
             .body::<EstimateBody>()
