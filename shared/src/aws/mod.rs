@@ -12,6 +12,7 @@ mod idempotency;
 mod lambda;
 mod progress;
 mod quota;
+mod reader;
 mod rollups;
 mod scheduler;
 mod spend;

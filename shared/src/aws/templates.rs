@@ -15,7 +15,8 @@
 //! A template is written once (conditional on its id being new) and never updated.
 
 use super::dynamo::{Item, MAX_ITEM_BYTES, item_size, s};
-use super::dynamo_error::{corrupt_item, is_condition_failure, store_err};
+use super::dynamo_error::{is_condition_failure, store_err};
+use super::reader::Reader;
 use crate::config::Tables;
 use crate::ids::{Principal, UserId, WorkflowId, WorkflowName};
 use crate::ports::{StoreError, TemplateCursor, TemplatePage, TemplateStore};
@@ -79,54 +80,18 @@ fn item(template: &SavedTemplate) -> Result<Item, StoreError> {
     Ok(item)
 }
 
-/// Reads a stored template, naming the item when an attribute is missing or malformed.
-struct Reader<'a> {
-    table: &'a str,
-    item: &'a Item,
-}
-
-impl Reader<'_> {
-    fn corrupt(&self, problem: impl std::fmt::Display) -> StoreError {
-        StoreError::Corrupt(corrupt_item(self.table, self.item, problem))
-    }
-
-    fn text(&self, name: &str) -> Result<&str, StoreError> {
-        match self.item.get(name) {
-            Some(AttributeValue::S(v)) => Ok(v),
-            _ => Err(self.corrupt(format!("no {name}"))),
-        }
-    }
-
-    fn time(&self, name: &str) -> Result<DateTime<Utc>, StoreError> {
-        let raw = self.text(name)?;
-        DateTime::parse_from_rfc3339(raw).map(|t| t.with_timezone(&Utc)).map_err(|e| self.corrupt(format!("{name} {raw:?} is not a time: {e}")))
-    }
-
-    fn parsed<T>(&self, name: &str, parse: impl Fn(&str) -> Result<T, crate::ids::InvalidId>) -> Result<T, StoreError> {
-        parse(self.text(name)?).map_err(|e| self.corrupt(format!("{name}: {e}")))
-    }
-
-    fn template(&self) -> Result<SavedTemplate, StoreError> {
-        let version = match self.item.get("source_version") {
-            Some(AttributeValue::N(v)) => v.parse().map_err(|_| self.corrupt(format!("source_version {v:?} is not a version number")))?,
-            _ => return Err(self.corrupt("no source_version")),
-        };
-        let description = match self.item.get("description") {
-            Some(AttributeValue::S(v)) => Some(v.clone()),
-            _ => None,
-        };
-        let definition = self.text("definition")?;
-        Ok(SavedTemplate {
-            id: self.parsed("pk", |pk| TemplateId::parse(pk.strip_prefix("TPL#").unwrap_or(pk)))?,
-            owner: self.parsed("template_owner", UserId::parse)?,
-            title: self.text("title")?.to_owned(),
-            description,
-            name: self.parsed("name", WorkflowName::parse)?,
-            source: Pinned { workflow_id: self.parsed("source_workflow", WorkflowId::parse)?, version },
-            definition: serde_json::from_str(definition).map_err(|e| self.corrupt(format!("definition is not JSON: {e}")))?,
-            created_at: self.time("created_at")?,
-        })
-    }
+/// A stored template from its item.
+fn template(r: &Reader) -> Result<SavedTemplate, StoreError> {
+    Ok(SavedTemplate {
+        id: r.parsed("pk", |pk| TemplateId::parse(pk.strip_prefix("TPL#").unwrap_or(pk)))?,
+        owner: r.parsed("template_owner", UserId::parse)?,
+        title: r.text("title")?.to_owned(),
+        description: r.optional_text("description").map(str::to_owned),
+        name: r.parsed("name", WorkflowName::parse)?,
+        source: Pinned { workflow_id: r.parsed("source_workflow", WorkflowId::parse)?, version: r.number("source_version")? },
+        definition: r.json("definition")?,
+        created_at: r.time("created_at")?,
+    })
 }
 
 impl DynamoTemplates {
@@ -174,7 +139,7 @@ impl TemplateStore for DynamoTemplates {
             .send()
             .await
             .map_err(store_err(&self.table))?;
-        out.item.as_ref().map(|item| self.reader(item).template()).transpose()
+        out.item.as_ref().map(|item| template(&self.reader(item))).transpose()
     }
 
     #[instrument(skip(self), fields(template_id = %id))]
@@ -214,7 +179,7 @@ impl TemplateStore for DynamoTemplates {
             .map_err(store_err(&self.table))?;
         let mut items = Vec::new();
         for item in out.items.unwrap_or_default() {
-            items.push(self.reader(&item).template()?);
+            items.push(template(&self.reader(&item))?);
         }
         let more = items.len() > limit as usize;
         items.truncate(limit as usize);

@@ -21,7 +21,8 @@
 //! an SDK retry of a transaction that did land succeeds instead of reporting a conflict.
 
 use super::dynamo::{Item, MAX_ITEM_BYTES, item_size, s};
-use super::dynamo_error::{corrupt_item, defect, is_condition_failure, is_token_reuse, store_err};
+use super::dynamo_error::{defect, is_condition_failure, is_token_reuse, store_err};
+use super::reader::Reader;
 use crate::access::Access;
 use crate::config::Tables;
 use crate::ids::{Principal, UserId, WorkflowId, WorkflowName};
@@ -110,71 +111,35 @@ fn version_item(id: &WorkflowId, version: &WorkflowVersion) -> Result<Item, Stor
     Ok(item)
 }
 
-/// Reads the attributes of a stored item, naming the item when one is missing or malformed.
-struct Reader<'a> {
-    table: &'a str,
-    item: &'a Item,
+fn deleted(r: &Reader) -> bool {
+    r.item.contains_key("deleted_at")
 }
 
-impl Reader<'_> {
-    fn corrupt(&self, problem: impl std::fmt::Display) -> StoreError {
-        StoreError::Corrupt(corrupt_item(self.table, self.item, problem))
-    }
+/// A workflow's head from its META item, or from one of its grants (a copy of it).
+fn head_of(r: &Reader) -> Result<StoredWorkflow, StoreError> {
+    let owner = if r.item.contains_key("owner") { "owner" } else { "owned_by" };
+    let access = match r.optional_text("access") {
+        Some(raw) => serde_json::from_str(raw).map_err(|e| r.corrupt(format!("access: {e}")))?,
+        None => Access::private(),
+    };
+    Ok(StoredWorkflow {
+        id: r.parsed("pk", |pk| WorkflowId::parse(pk.strip_prefix("WF#").unwrap_or(pk)))?,
+        owner: r.parsed(owner, UserId::parse)?,
+        access,
+        name: r.parsed("name", WorkflowName::parse)?,
+        version: r.number("version")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
 
-    fn text(&self, name: &str) -> Result<&str, StoreError> {
-        match self.item.get(name) {
-            Some(AttributeValue::S(v)) => Ok(v),
-            _ => Err(self.corrupt(format!("no {name}"))),
-        }
-    }
-
-    fn number(&self, name: &str) -> Result<u32, StoreError> {
-        match self.item.get(name) {
-            Some(AttributeValue::N(v)) => v.parse().map_err(|_| self.corrupt(format!("{name} {v:?} is not a version number"))),
-            _ => Err(self.corrupt(format!("no {name}"))),
-        }
-    }
-
-    fn time(&self, name: &str) -> Result<DateTime<Utc>, StoreError> {
-        let raw = self.text(name)?;
-        DateTime::parse_from_rfc3339(raw).map(|t| t.with_timezone(&Utc)).map_err(|e| self.corrupt(format!("{name} {raw:?} is not a time: {e}")))
-    }
-
-    fn parsed<T>(&self, name: &str, parse: impl Fn(&str) -> Result<T, crate::ids::InvalidId>) -> Result<T, StoreError> {
-        parse(self.text(name)?).map_err(|e| self.corrupt(format!("{name}: {e}")))
-    }
-
-    fn deleted(&self) -> bool {
-        self.item.contains_key("deleted_at")
-    }
-
-    fn head(&self) -> Result<StoredWorkflow, StoreError> {
-        let id = self.parsed("pk", |pk| WorkflowId::parse(pk.strip_prefix("WF#").unwrap_or(pk)))?;
-        let owner = if self.item.contains_key("owner") { "owner" } else { "owned_by" };
-        let access = match self.item.get("access") {
-            Some(AttributeValue::S(raw)) => serde_json::from_str(raw).map_err(|e| self.corrupt(format!("access: {e}")))?,
-            _ => Access::private(),
-        };
-        Ok(StoredWorkflow {
-            id,
-            owner: self.parsed(owner, UserId::parse)?,
-            access,
-            name: self.parsed("name", WorkflowName::parse)?,
-            version: self.number("version")?,
-            created_at: self.time("created_at")?,
-            updated_at: self.time("updated_at")?,
-        })
-    }
-
-    fn version(&self) -> Result<WorkflowVersion, StoreError> {
-        let raw = self.text("definition")?;
-        Ok(WorkflowVersion {
-            version: self.number("version")?,
-            definition: serde_json::from_str(raw).map_err(|e| self.corrupt(format!("definition is not JSON: {e}")))?,
-            written_by: self.parsed("written_by", UserId::parse)?,
-            written_at: self.time("written_at")?,
-        })
-    }
+fn version_of(r: &Reader) -> Result<WorkflowVersion, StoreError> {
+    Ok(WorkflowVersion {
+        version: r.number("version")?,
+        definition: r.json("definition")?,
+        written_by: r.parsed("written_by", UserId::parse)?,
+        written_at: r.time("written_at")?,
+    })
 }
 
 impl DynamoWorkflows {
@@ -202,7 +167,7 @@ impl DynamoWorkflows {
     /// The live head of workflow `id`, if any.
     async fn live_head(&self, id: &WorkflowId) -> Result<Option<StoredWorkflow>, StoreError> {
         match self.read(id, META).await? {
-            Some(item) if !self.reader(&item).deleted() => Ok(Some(self.reader(&item).head()?)),
+            Some(item) if !deleted(&self.reader(&item)) => Ok(Some(head_of(&self.reader(&item))?)),
             _ => Ok(None),
         }
     }
@@ -259,7 +224,7 @@ impl WorkflowStore for DynamoWorkflows {
     async fn get(&self, id: &WorkflowId, version: Option<u32>) -> Result<Option<(StoredWorkflow, WorkflowVersion)>, StoreError> {
         let Some(head) = self.live_head(id).await? else { return Ok(None) };
         let Some(item) = self.read(id, &version_key(version.unwrap_or(head.version))).await? else { return Ok(None) };
-        let version = self.reader(&item).version()?;
+        let version = version_of(&self.reader(&item))?;
         Ok(Some((head, version)))
     }
 
@@ -472,7 +437,7 @@ impl DynamoWorkflows {
     /// Whether version `next.version` of workflow `id` is `next` (our write, landed).
     async fn version_is(&self, id: &WorkflowId, next: &WorkflowVersion) -> Result<bool, StoreError> {
         match self.read(id, &version_key(next.version)).await? {
-            Some(item) => Ok(self.reader(&item).version()? == *next),
+            Some(item) => Ok(version_of(&self.reader(&item))? == *next),
             None => Ok(false),
         }
     }
@@ -498,6 +463,6 @@ impl DynamoWorkflows {
             .send()
             .await
             .map_err(store_err(&self.table))?;
-        out.items.unwrap_or_default().iter().map(|item| self.reader(item).head()).collect()
+        out.items.unwrap_or_default().iter().map(|item| head_of(&self.reader(item))).collect()
     }
 }
