@@ -56,7 +56,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let model = Arc::new(ScriptedModel::new(vec![Script::reply("DRAFT", "Dear customer"), Script::reply("SEND", "sent")]));
+    setup_with(vec![Script::reply("DRAFT", "Dear customer"), Script::reply("SEND", "sent")])
+}
+
+fn setup_with(scripts: Vec<Script>) -> Setup {
+    let model = Arc::new(ScriptedModel::new(scripts));
     let store = Arc::new(MemoryStore::new());
     let progress = Arc::new(MemoryProgress::new());
     let checking = Arc::new(Checking { inner: progress.clone(), checked: Mutex::new(0) });
@@ -171,4 +175,24 @@ async fn a_run_started_narrower_stays_narrower_when_its_workflow_is_widened() {
     assert_eq!(deliver(&s, &run.id, Cause::Start).await.unwrap(), Handled::Waiting);
     assert_eq!(s.store.get_run(&run.id).await.unwrap().unwrap().owners, run.owners, "still private");
     assert_eq!(s.progress.progress_of(&Principal::Authed, &run.id).await.unwrap(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_narrowed_while_its_run_works_retargets_the_run_within_a_refresh() {
+    // The draft takes ten minutes: the run is mid-invocation when the workflow goes private.
+    let s = setup_with(vec![Script::reply("DRAFT", "Dear customer").with_latency(Duration::from_secs(600)), Script::reply("SEND", "sent")]);
+    let (head, run) = public_run(&s).await;
+    let delivery = deliver(&s, &run.id, Cause::Start);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(s.progress.progress_of(&Principal::Public, &run.id).await.unwrap().is_some(), "RUN_STARTED reached the public feed");
+    assert!(s.workflows.set_access(&head.id, &Access::private()).await.unwrap());
+
+    tokio::time::sleep(chainrun_core::engine::AUDIENCE_REFRESH).await;
+    assert_eq!(s.progress.progress_of(&Principal::Public, &run.id).await.unwrap(), None, "gone from the public feed within a refresh");
+    assert!(!s.store.get_run(&run.id).await.unwrap().unwrap().owners.contains(&Principal::Public));
+
+    assert_eq!(delivery.await.unwrap(), Handled::Waiting, "the draft settled, and the review waits");
+    assert_eq!(s.progress.progress_of(&Principal::Public, &run.id).await.unwrap(), None, "no later event wrote it back");
+    let last = s.progress.events(&run.id).last().unwrap().seq;
+    assert_eq!(s.progress.progress_of(&user("olivia"), &run.id).await.unwrap().map(|r| r.last_seq), Some(last));
 }

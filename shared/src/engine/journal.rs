@@ -35,7 +35,6 @@ pub struct Journal {
     /// The run's revision: every event and checkpoint written here belongs to it.
     revision: u32,
     workflow: WorkflowName,
-    owners: Vec<Principal>,
     state: Mutex<JournalState>,
     /// A plain mutex: it is only ever held for a few integer operations, never across an
     /// await. `emit` takes it while holding `state`; nothing takes them the other way round.
@@ -45,6 +44,8 @@ pub struct Journal {
 /// What the owners' progress rows show besides totals.
 pub struct JournalState {
     last_seq: u64,
+    /// Whose rows each event updates; changed between events (see [`Journal::retarget`]).
+    owners: Vec<Principal>,
     pub status: RunStatus,
     pub current_step: Option<StepId>,
     /// Sum of step latencies; everything else in the run's totals is the ledger's.
@@ -73,9 +74,9 @@ impl Journal {
             run_id: run.id.clone(),
             revision: run.revision,
             workflow: run.workflow.clone(),
-            owners: run.owners.clone(),
             state: Mutex::new(JournalState {
                 last_seq,
+                owners: run.owners.clone(),
                 status: RunStatus::Running,
                 current_step: None,
                 step_latency_ms: spent.step_latency_ms,
@@ -148,6 +149,24 @@ impl Journal {
         }
     }
 
+    /// Sends the events after this one to `owners`: records them on the run (under the
+    /// lease) and removes the run's rows from the feeds no longer among them. Done under the
+    /// journal's lock, between two events, so no event in flight writes a removed row back.
+    /// Returns those removed.
+    pub async fn retarget(&self, owners: Vec<Principal>) -> Result<Vec<Principal>, JournalError> {
+        let mut state = self.state.lock().await;
+        if state.owners == owners {
+            return Ok(Vec::new());
+        }
+        let gone: Vec<Principal> = state.owners.iter().filter(|o| !owners.contains(o)).cloned().collect();
+        self.store.set_owners(&self.run_id, &self.lease, &owners).await?;
+        if !gone.is_empty() {
+            self.sink.forget(&self.run_id, &gone).await?;
+        }
+        state.owners = owners;
+        Ok(gone)
+    }
+
     /// Appends an event without changing what the rows show.
     pub async fn emit(&self, body: EventBody, step: Option<&StepId>, attempt: Option<u32>) -> Result<(), JournalError> {
         self.emit_with(body, step, attempt, None, |_| {}).await
@@ -187,9 +206,9 @@ impl Journal {
             match checkpoint.as_deref() {
                 Some(step) => {
                     let checkpoint = Checkpoint { store: self.store.as_ref(), lease: &self.lease, step };
-                    self.sink.publish_checkpointed(&event, &row, &self.owners, checkpoint).await
+                    self.sink.publish_checkpointed(&event, &row, &state.owners, checkpoint).await
                 }
-                None => Ok(self.sink.publish(&event, &row, &self.owners).await?),
+                None => Ok(self.sink.publish(&event, &row, &state.owners).await?),
             }
         })
         .await?;

@@ -24,6 +24,8 @@
 //! checkpoints and never re-runs a completed step.
 
 mod audience;
+/// How often a running invocation reads its workflow's access again.
+pub use audience::REFRESH as AUDIENCE_REFRESH;
 mod daily;
 pub mod end;
 mod input;
@@ -356,6 +358,8 @@ impl Engine {
             // The definition's budget, or the last one a resume raised it to.
             let budget = run.budget(graph.budget());
             let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget));
+            // Dropped when this invocation's run loop ends, which stops it.
+            let _audience = self.workflows.clone().and_then(|workflows| audience::refresh(workflows, journal.clone(), &run, &graph));
             if last_seq == 0 {
                 journal.emit(EventBody::RunStarted(RunStarted { workflow: run.workflow.clone(), steps: graph.steps().len() }), None, None).await?;
             } else if revision_starts {
