@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 #[path = "support/moto.rs"]
 mod moto;
-use moto::{create_tables, start_moto};
 
 fn counter(tenant: Principal, measure: Measure, window: i64, shard: u16) -> Counter {
     Counter { tenant, measure, window: Window { index: window }, shard }
@@ -140,26 +139,9 @@ async fn memory_quota_never_admits_past_the_limit_under_concurrency() {
     }
 }
 
-fn client(moto: &moto::Moto) -> aws_sdk_dynamodb::Client {
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(&moto.url)
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(config)
-}
-
 /// The DynamoDB adapter on a fresh moto server, when the moto half runs (`CHAINRUN_MOTO=1`).
 async fn dynamodb(test: &str) -> Option<(moto::Moto, Arc<dyn TenantQuota>)> {
-    if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "skipped {test}: the DynamoDB half runs against moto only with CHAINRUN_MOTO=1");
-        return None;
-    }
-    let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
-    let client = client(&moto);
-    let tables = create_tables(&client).await.unwrap();
+    let (moto, client, tables) = moto::moto_with_tables(test).await?;
     Some((moto, Arc::new(DynamoQuota::new(client, tables))))
 }
 

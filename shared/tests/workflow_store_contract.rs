@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 #[path = "support/moto.rs"]
 mod moto;
-use moto::{create_tables, start_moto};
 
 fn user(name: &str) -> UserId {
     name.parse().unwrap()
@@ -190,26 +189,9 @@ async fn memory_workflow_store_lists_an_owners_workflows_newest_first() {
     listing_contract(Arc::new(MemoryWorkflows::new())).await;
 }
 
-fn client(moto: &moto::Moto) -> aws_sdk_dynamodb::Client {
-    let config = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
-        .endpoint_url(&moto.url)
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(config)
-}
-
 /// The DynamoDB store on a fresh moto server, when the moto half runs (`CHAINRUN_MOTO=1`).
 async fn dynamodb(test: &str) -> Option<(moto::Moto, Arc<dyn WorkflowStore>)> {
-    if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "skipped {test}: the DynamoDB half runs against moto only with CHAINRUN_MOTO=1");
-        return None;
-    }
-    let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
-    let client = client(&moto);
-    let tables = create_tables(&client).await.unwrap();
+    let (moto, client, tables) = moto::moto_with_tables(test).await?;
     Some((moto, Arc::new(DynamoWorkflows::new(client, tables))))
 }
 
@@ -257,13 +239,6 @@ async fn memory_run_store_keeps_the_workflow_version_a_run_pinned() {
 
 #[tokio::test]
 async fn dynamodb_run_store_keeps_the_workflow_version_a_run_pinned() {
-    if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "skipped dynamodb_run_store_keeps_the_workflow_version_a_run_pinned: needs CHAINRUN_MOTO=1");
-        return;
-    }
-    let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
-    let client = client(&moto);
-    let tables = create_tables(&client).await.unwrap();
+    let Some((_moto, client, tables)) = moto::moto_with_tables("dynamodb_run_store_keeps_the_workflow_version_a_run_pinned").await else { return };
     pinned_run_contract(Arc::new(chainrun_core::aws::DynamoStore::new(client, tables))).await;
 }

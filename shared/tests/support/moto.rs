@@ -103,3 +103,31 @@ pub async fn create_tables(client: &aws_sdk_dynamodb::Client) -> Result<Tables, 
         rollups: table("CHAINRUN_ROLLUPS_TABLE")?,
     })
 }
+
+/// A DynamoDB client for `moto`'s endpoint, with test credentials.
+#[allow(dead_code)] // each file that includes this module uses part of it
+pub fn dynamodb_client(moto: &Moto) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(&moto.url)
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// A fresh moto server with chainrun's tables and a client for it, when the moto half of
+/// a contract runs (`CHAINRUN_MOTO=1`, as `make test` sets); `None`, said on stderr, when
+/// it does not. `test` names the test that skipped.
+#[allow(dead_code)] // each file that includes this module uses part of it
+pub async fn moto_with_tables(test: &str) -> Option<(Moto, aws_sdk_dynamodb::Client, Tables)> {
+    if !std::env::var("CHAINRUN_MOTO").is_ok_and(|v| v == "1") {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped {test}: the DynamoDB half runs against moto only with CHAINRUN_MOTO=1");
+        return None;
+    }
+    let moto = start_moto().unwrap_or_else(|e| panic!("CHAINRUN_MOTO=1, but moto could not start: {e}"));
+    let client = dynamodb_client(&moto);
+    let tables = create_tables(&client).await.unwrap_or_else(|e| panic!("moto tables: {e}"));
+    Some((moto, client, tables))
+}
