@@ -581,6 +581,12 @@ impl RunRecord {
         self.id == other.id && self.created_at == other.created_at && self.caller == other.caller && self.definition == other.definition
     }
 
+    /// A feed every event of the run updates: its starter's, or for a run started without a
+    /// token its workflow owner's (see [`crate::access::run_owners`]; neither ever leaves).
+    pub fn steady_feed(&self) -> Option<&Principal> {
+        self.owners.first()
+    }
+
     pub fn may_see(&self, principals: &[Principal]) -> bool {
         self.owners.iter().any(|o| principals.contains(o))
     }

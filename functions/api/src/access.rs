@@ -72,5 +72,11 @@ pub(crate) async fn role_on_run(state: &AppState, run: &RunRecord, identity: &Id
         return Ok(Some(Role::Control));
     }
     let access = run_access(state, run).await?;
+    let role = run_role(&access, &run.caller, run.workflow_owner.as_ref(), &[], &viewer);
+    if role.is_some() || identity.is_anonymous() {
+        return Ok(role);
+    }
+    // Only now can the run's person steps matter (they read it): validating its definition
+    // to find them is the costly part of this check, so polls by shares never pay it.
     Ok(run_role(&access, &run.caller, run.workflow_owner.as_ref(), &people_of(state, run), &viewer))
 }

@@ -38,8 +38,7 @@ use chainrun_core::run::{
 };
 use chainrun_core::spend::DailyCaps;
 use chainrun_core::wire::steering::{ControlAccepted, DecisionAccepted, ResumeAccepted};
-use chainrun_core::wire::views::RunLinks;
-use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunView};
+use chainrun_core::wire::views::{EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunLinks, RunView};
 use chainrun_core::workflow::Budget;
 use error::ApiError;
 use http::StatusCode;
@@ -425,7 +424,9 @@ async fn get_run(
     if view == run.revision && !run.status.is_terminal() {
         // In flight or waiting, the owners' progress row has the journal's ledger: every
         // charge so far, those of steps and map items not settled yet included.
-        if let Some(row) = state.progress.progress_of(&Principal::User(run.caller.to_string()), &run.id).await? {
+        if let Some(feed) = run.steady_feed()
+            && let Some(row) = state.progress.progress_of(feed, &run.id).await?
+        {
             body.summary.totals = (&row.totals).into();
         }
     }

@@ -10,7 +10,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use chainrun_core::graph::{StepKind, validate_json};
-use chainrun_core::ids::{Principal, StepId};
+use chainrun_core::ids::StepId;
 use chainrun_core::limits::MAX_OUTPUT_BYTES;
 use chainrun_core::output::json_len;
 use chainrun_core::ports::RevisionOutcome;
@@ -168,7 +168,8 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
 /// `409` until the run's end is in its log: the runner stores a run's end before it
 /// announces it, and a revision's events must follow its predecessor's end.
 async fn announced(state: &AppState, run: &RunRecord) -> Result<(), ApiError> {
-    let row = state.progress.progress_of(&Principal::User(run.caller.to_string()), &run.id).await?;
+    let Some(feed) = run.steady_feed() else { return Ok(()) };
+    let row = state.progress.progress_of(feed, &run.id).await?;
     match row {
         Some(row) if row.status.is_terminal() => Ok(()),
         _ => Err(ApiError::Conflict(format!("run {} has ended, but its end is still being recorded: try again in a moment", run.id))),

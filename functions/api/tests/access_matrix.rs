@@ -476,3 +476,33 @@ async fn a_caller_without_a_token_may_not_start_a_run_that_asks_its_starter() {
     assert!(a.body["detail"].as_str().unwrap().contains("step approve"), "{}", a.body);
     assert_eq!(api.store.run_count(), before);
 }
+
+#[tokio::test]
+async fn a_run_started_without_a_token_can_be_retried_by_its_workflows_owner_once_it_ended() {
+    use chainrun_core::engine::{Engine, EngineConfig};
+    use chainrun_core::memory::{Script, ScriptedModel};
+    use chainrun_core::ports::{Claim, Lease};
+    let api = Api::new();
+    let id = api.workflow("PUBLIC").await;
+    let a = api.send(Caller::Anonymous, "POST", &format!("/workflows/{id}/runs"), Some(json!({ "input": { "q": "?" } })), true).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    let run = RunId::parse(a.body["run_id"].as_str().unwrap()).unwrap();
+    // The runner runs it to its end, publishing to its feeds (its starter has none).
+    let model = Arc::new(ScriptedModel::new(vec![Script::reply("Answer", "42")]));
+    let engine = Engine::new(
+        model,
+        api.store.clone(),
+        api.progress.clone(),
+        Arc::new(chainrun_core::pricing::ModelRegistry::builtin()),
+        EngineConfig::default(),
+    );
+    let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::minutes(5) };
+    let Claim::Acquired(claimed) = api.store.claim(&run, &lease, chrono::Utc::now()).await.unwrap() else { panic!("not claimed") };
+    engine.execute(*claimed, lease, None).await.unwrap();
+
+    // Its end is on the feeds it has, so the owner's retry starts revision 1 (not a 409 waiting
+    // for an end on the feed of a starter who has none).
+    let a = api.send(Caller::Owner, "POST", &format!("/runs/{run}/steps/answer/retry"), None, false).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(a.body["revision"], 1);
+}

@@ -13,7 +13,7 @@ use super::journal::Journal;
 use crate::access::{effective, run_owners};
 use crate::graph::ValidatedGraph;
 use crate::ids::Principal;
-use crate::ports::{Lease, ProgressSink, RunStore, StoreError, WorkflowStore};
+use crate::ports::{StoreError, WorkflowStore};
 use crate::run::RunRecord;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,25 +76,19 @@ pub(super) fn refresh(workflows: Arc<dyn WorkflowStore>, journal: Arc<Journal>, 
     })))
 }
 
-/// Brings `run.owners` up to date with its workflow's access.
-pub(super) async fn retarget(
+/// Brings the run's owners up to date with its workflow's access before the invocation's
+/// first event (through the journal, as every later change goes).
+pub(super) async fn bring_up_to_date(
     workflows: &dyn WorkflowStore,
-    store: &dyn RunStore,
-    sink: &dyn ProgressSink,
+    journal: &Journal,
     run: &mut RunRecord,
     graph: &ValidatedGraph,
-    lease: &Lease,
 ) -> Result<(), EngineError> {
     let Some(owners) = owners_now(workflows, run, &people(graph, run)).await? else { return Ok(()) };
-    if owners == run.owners {
-        return Ok(());
+    let gone = journal.retarget(owners.clone()).await?;
+    if owners != run.owners {
+        info!(run_id = %run.id, owners = owners.len(), removed = gone.len(), "the run's audience follows its workflow's access");
+        run.owners = owners;
     }
-    let gone: Vec<_> = run.owners.iter().filter(|o| !owners.contains(o)).cloned().collect();
-    store.set_owners(&run.id, lease, &owners).await?;
-    if !gone.is_empty() {
-        sink.forget(&run.id, &gone).await?;
-    }
-    info!(run_id = %run.id, owners = owners.len(), removed = gone.len(), "the run's audience follows its workflow's access");
-    run.owners = owners;
     Ok(())
 }

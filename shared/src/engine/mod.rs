@@ -331,9 +331,6 @@ impl Engine {
     ) -> Result<Outcome, EngineError> {
         let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
         async move {
-            if let Some(workflows) = &self.workflows {
-                audience::retarget(workflows.as_ref(), self.store.as_ref(), self.sink.as_ref(), &mut run, &graph, &lease).await?;
-            }
             let (records, mut carried, reached) = self.checkpoints(&run, &graph).await?;
             let last = self.sink.last_event(&run.id).await?;
             let last_seq = last.as_ref().map_or(0, |e| e.seq);
@@ -358,6 +355,9 @@ impl Engine {
             // The definition's budget, or the last one a resume raised it to.
             let budget = run.budget(graph.budget());
             let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget));
+            if let Some(workflows) = &self.workflows {
+                audience::bring_up_to_date(workflows.as_ref(), &journal, &mut run, &graph).await?;
+            }
             // Dropped when this invocation's run loop ends, which stops it.
             let _audience = self.workflows.clone().and_then(|workflows| audience::refresh(workflows, journal.clone(), &run, &graph));
             if last_seq == 0 {

@@ -10,12 +10,6 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-impl RunLinks {
-    pub fn of(run: &RunId) -> Self {
-        Self { run: format!("/runs/{run}"), events: format!("/runs/{run}/events") }
-    }
-}
-
 /// `POST /runs/{id}/cancel` and `…/pause`: the request standing on the run.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ControlAccepted {

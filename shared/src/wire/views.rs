@@ -29,10 +29,15 @@ pub struct RunLinks {
     pub events: String,
 }
 
+impl RunLinks {
+    pub fn of(run: &RunId) -> Self {
+        Self { run: format!("/runs/{run}"), events: format!("/runs/{run}/events") }
+    }
+}
+
 impl RunAccepted {
     pub fn new(run_id: RunId) -> Self {
-        let links = RunLinks { run: format!("/runs/{run_id}"), events: format!("/runs/{run_id}/events") };
-        Self { run_id, status: RunStatus::Queued, links }
+        Self { links: RunLinks::of(&run_id), run_id, status: RunStatus::Queued }
     }
 }
 
