@@ -82,7 +82,7 @@ pub(crate) async fn admit_start(state: &AppState, run: &RunRecord) -> Result<Adm
 async fn reclaim(state: &AppState, tenant: &Principal, holders: Vec<RunId>) -> Result<usize, ApiError> {
     let mut freed = 0;
     for run in holders.into_iter().take(RECLAIM_CHECKS) {
-        let ended = state.store.get_run(&run).await?.is_none_or(|r| r.status.is_terminal());
+        let ended = state.store.get_run_head(&run).await?.is_none_or(|r| r.status.is_terminal());
         if ended && gate::vacate_slot(state.quota.as_ref(), &state.limits, tenant, &run).await? {
             info!(run_id = %run, tenant = %tenant.key(), "reclaimed the slot of a run that had ended");
             freed += 1;
