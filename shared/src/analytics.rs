@@ -166,6 +166,23 @@ pub fn merge_by_workflow(rows: impl IntoIterator<Item = WorkflowCosts>) -> Vec<W
     out
 }
 
+/// One workflow's sums on one UTC day (the day its runs finished).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayCosts {
+    pub day: NaiveDate,
+    pub costs: WorkflowCosts,
+}
+
+/// Merges rows into one entry per day and workflow: by day, oldest first, and within a
+/// day most expensive first (ties by name).
+pub fn merge_by_day(rows: impl IntoIterator<Item = DayCosts>) -> Vec<DayCosts> {
+    let mut days: BTreeMap<NaiveDate, Vec<WorkflowCosts>> = BTreeMap::new();
+    for row in rows {
+        days.entry(row.day).or_default().push(row.costs);
+    }
+    days.into_iter().flat_map(|(day, rows)| merge_by_workflow(rows).into_iter().map(move |costs| DayCosts { day, costs })).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 //! means something. [`ScriptedModel`] plays a model: replies, usage, latency and failures
 //! are scripted per prompt substring, and every call is recorded.
 
-use crate::analytics::{RunRollup, WorkflowCosts, merge_by_workflow};
+use crate::analytics::{DayCosts, RunRollup, WorkflowCosts, merge_by_day, merge_by_workflow};
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
@@ -543,6 +543,12 @@ impl Analytics for MemoryAnalytics {
     async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError> {
         let rows = lock(&self.rows);
         Ok(merge_by_workflow(rows.iter().filter(|((p, day, _), _)| p == principal && (from..=to).contains(day)).map(|(_, row)| row.clone())))
+    }
+
+    async fn costs_by_day(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayCosts>, AnalyticsError> {
+        let rows = lock(&self.rows);
+        let mine = rows.iter().filter(|((p, day, _), _)| p == principal && (from..=to).contains(day));
+        Ok(merge_by_day(mine.map(|((_, day, _), row)| DayCosts { day: *day, costs: row.clone() })))
     }
 }
 

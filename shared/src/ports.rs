@@ -4,7 +4,7 @@
 //! Every error says at its source whether retrying can help, so callers decide with
 //! `retryable()` instead of matching on messages.
 
-use crate::analytics::WorkflowCosts;
+use crate::analytics::{DayCosts, WorkflowCosts};
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::Usage;
@@ -546,6 +546,17 @@ pub trait Analytics: Send + Sync {
     /// Sums per workflow of the runs `principal` owns that finished on a UTC day in
     /// `from..=to`, most expensive workflow first. Reads rollup rows only.
     async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError>;
+
+    /// The same sums one UTC day at a time: one entry per day and workflow that had runs,
+    /// by day (see [`crate::analytics::merge_by_day`]). This default reads each day with
+    /// [`Analytics::costs`]; an adapter that reads the whole period at once overrides it.
+    async fn costs_by_day(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayCosts>, AnalyticsError> {
+        let mut rows = Vec::new();
+        for day in from.iter_days().take_while(|day| *day <= to) {
+            rows.extend(self.costs(principal, day, day).await?.into_iter().map(|costs| DayCosts { day, costs }));
+        }
+        Ok(rows)
+    }
 }
 
 // ---------------------------------------------------------------- daily spend

@@ -1517,6 +1517,13 @@ async fn analytics_contract(analytics: Arc<dyn Analytics>) {
     assert_eq!(step(&both[1], "extract"), sums(3, 0, 611, 310));
     assert!(!both[1].steps.contains_key(&StepId::parse("skip").unwrap()), "a skipped step never ran");
     assert!(analytics.costs(&alice, today + chrono::Days::new(1), today + chrono::Days::new(3)).await.unwrap().is_empty());
+    // by day: one entry per day and workflow, oldest day first, each day's as costs gives it
+    let by_day = analytics.costs_by_day(&alice, yesterday, today).await.unwrap();
+    let entries: Vec<(chrono::NaiveDate, &str)> = by_day.iter().map(|d| (d.day, d.costs.workflow.as_str())).collect();
+    assert_eq!(entries, [(yesterday, "triage"), (today, odd), (today, "triage")], "within a day, most expensive first");
+    assert_eq!(by_day[0].costs, analytics.costs(&alice, yesterday, yesterday).await.unwrap()[0]);
+    assert_eq!(by_day[2].costs, costs[0]);
+    assert!(analytics.costs_by_day(&alice, today + chrono::Days::new(1), today + chrono::Days::new(3)).await.unwrap().is_empty());
 
     // a 200-step run keeps every step (its counters span several rows). Recorded one after
     // another: moto does not serialise concurrent writes to one item (it loses ADDs, even

@@ -16,10 +16,11 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chainrun_core::analytics::merge_by_workflow;
 use chainrun_core::ids::{Principal, RunId};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::{RunCursor, RunIndex, RunQuery};
-use chainrun_core::wire::views::{CostsReport, MaybeMoney, Page, RunSummaryView, SpendToday, WorkflowCostsView};
+use chainrun_core::wire::views::{CostsReport, DayCostsView, MaybeMoney, Page, RunSummaryView, SpendToday, WorkflowCostsView};
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -122,7 +123,8 @@ fn scope(identity: &Identity, raw: Option<&str>) -> Result<Principal, ApiError> 
 }
 
 /// `GET /analytics/costs?days=N&scope=S`: per workflow and per step, over the last `days`
-/// UTC days (today included), from the rollups of one principal.
+/// UTC days (today included), and per workflow and day, from the rollups of one principal
+/// (read once, by day, and merged here for the period).
 pub async fn costs(
     State(state): State<AppState>,
     identity: Identity,
@@ -133,9 +135,17 @@ pub async fn costs(
     let principal = scope(&identity, params.scope.as_deref())?;
     let to = Utc::now().date_naive();
     let from = to - chrono::Days::new(u64::from(days - 1));
-    let workflows = state.analytics.costs(&principal, from, to).await?;
-    Ok(Json(CostsReport { days, from, to, scope: principal.key(), workflows: workflows.iter().map(WorkflowCostsView::from).collect() })
-        .into_response())
+    let daily = state.analytics.costs_by_day(&principal, from, to).await?;
+    let workflows = merge_by_workflow(daily.iter().map(|d| d.costs.clone()));
+    Ok(Json(CostsReport {
+        days,
+        from,
+        to,
+        scope: principal.key(),
+        workflows: workflows.iter().map(WorkflowCostsView::from).collect(),
+        daily: daily.iter().map(DayCostsView::from).collect(),
+    })
+    .into_response())
 }
 
 /// `GET /analytics/spend`: the caller's spend today (UTC) against their daily cap: what was

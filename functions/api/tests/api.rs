@@ -402,6 +402,12 @@ async fn cost_analytics_report_each_workflow_and_step_of_the_callers_runs() {
     let step_total: u64 = greet["steps"].as_array().unwrap().iter().map(|s| s["total_cost_pico_usd"].as_u64().unwrap()).sum();
     assert_eq!(step_total, total);
     assert_eq!(greet["steps"][0]["runs"], 3);
+    // The same runs per day (all finished today), for the cost page's chart.
+    let today = chrono::Utc::now().date_naive().to_string();
+    assert_eq!(
+        report["daily"],
+        json!([{ "day": today, "workflow": "greet", "runs": 3, "failures": 0, "total_cost_usd": greet["total_cost_usd"], "total_cost_pico_usd": total }])
+    );
 
     let (_, eng) = api.get("alice", "/analytics/costs?days=1&scope=group:eng").await;
     assert_eq!((eng["days"].as_u64(), eng["workflows"].clone()), (Some(1), json!([])), "runs are not owned by the group");

@@ -22,7 +22,7 @@
 
 use super::dynamo::{Item, expires_after, n, run_pk, s};
 use super::dynamo_error::{analytics_err, corrupt_item, defect, is_condition_failure};
-use crate::analytics::{CostSums, ROLLUP_RETENTION_DAYS, RunRollup, StepRollup, WorkflowCosts, merge_by_workflow};
+use crate::analytics::{CostSums, DayCosts, ROLLUP_RETENTION_DAYS, RunRollup, StepRollup, WorkflowCosts, merge_by_day, merge_by_workflow};
 use crate::config::Tables;
 use crate::ids::{Principal, StepId};
 use crate::money::Usd;
@@ -168,6 +168,14 @@ fn row_costs(table: &str, item: &Item) -> Result<WorkflowCosts, AnalyticsError> 
     Ok(costs)
 }
 
+/// The UTC day a rollup row counts, from its `day` attribute.
+fn row_day(table: &str, item: &Item) -> Result<NaiveDate, AnalyticsError> {
+    match item.get("day") {
+        Some(AttributeValue::S(day)) => day.parse().map_err(|_| AnalyticsError::Corrupt(corrupt_item(table, item, format!("rollup day {day:?}")))),
+        _ => Err(AnalyticsError::Corrupt(corrupt_item(table, item, "no day"))),
+    }
+}
+
 fn is_conflict(err: &SdkError<impl ProvideErrorMetadata, HttpResponse>) -> bool {
     matches!(err.code(), Some("TransactionConflictException"))
         || (err.code() == Some("TransactionCanceledException") && err.message().unwrap_or_default().contains("TransactionConflict"))
@@ -254,6 +262,22 @@ impl Analytics for DynamoAnalytics {
 
     #[instrument(skip_all, fields(principal = %principal, %from, %to))]
     async fn costs(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<WorkflowCosts>, AnalyticsError> {
+        let items = self.rows(principal, from, to).await?;
+        let rows = items.iter().map(|item| row_costs(&self.table, item)).collect::<Result<Vec<_>, _>>()?;
+        Ok(merge_by_workflow(rows))
+    }
+
+    #[instrument(skip_all, fields(principal = %principal, %from, %to))]
+    async fn costs_by_day(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<DayCosts>, AnalyticsError> {
+        let items = self.rows(principal, from, to).await?;
+        let rows = items.iter().map(|item| Ok(DayCosts { day: row_day(&self.table, item)?, costs: row_costs(&self.table, item)? }));
+        Ok(merge_by_day(rows.collect::<Result<Vec<_>, AnalyticsError>>()?))
+    }
+}
+
+impl DynamoAnalytics {
+    /// Every rollup row of `principal` for a day in `from..=to`.
+    async fn rows(&self, principal: &Principal, from: NaiveDate, to: NaiveDate) -> Result<Vec<Item>, AnalyticsError> {
         if from > to {
             return Ok(Vec::new());
         }
@@ -271,9 +295,7 @@ impl Analytics for DynamoAnalytics {
                 .expression_attribute_values(":to", s(end.clone()));
             super::query_all(query, |e| analytics_err(&self.table)(e))
         });
-        let items: Vec<Item> = futures::future::try_join_all(queries).await?.into_iter().flatten().collect();
-        let rows = items.iter().map(|item| row_costs(&self.table, item)).collect::<Result<Vec<_>, _>>()?;
-        Ok(merge_by_workflow(rows))
+        Ok(futures::future::try_join_all(queries).await?.into_iter().flatten().collect())
     }
 }
 

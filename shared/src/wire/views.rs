@@ -2,7 +2,7 @@
 
 use super::money::{AvgCost, Cost, Money, Name, TotalCost};
 use super::{AmountView, DocumentRef, TotalsView, UsageView};
-use crate::analytics::{CostSums, WorkflowCosts};
+use crate::analytics::{CostSums, DayCosts, WorkflowCosts};
 use crate::estimate::{Estimate, StepEstimate};
 use crate::ids::{ModelId, RunId, StepId};
 use crate::limits::{INLINE_DOCUMENT_BYTES, VIEW_DOCUMENT_BYTES};
@@ -384,6 +384,32 @@ pub struct CostsReport<'a> {
     pub to: NaiveDate,
     pub scope: String,
     pub workflows: Vec<WorkflowCostsView<'a>>,
+    /// The same runs per UTC day (the day each finished) and workflow, oldest day first:
+    /// what a chart of cost per day draws. A day or workflow without runs has no entry.
+    pub daily: Vec<DayCostsView<'a>>,
+}
+
+/// One workflow's runs, failures and cost on one UTC day.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DayCostsView<'a> {
+    pub day: NaiveDate,
+    pub workflow: &'a str,
+    pub runs: u64,
+    pub failures: u64,
+    #[serde(flatten)]
+    pub total_cost: Money<TotalCost>,
+}
+
+impl<'a> From<&'a DayCosts> for DayCostsView<'a> {
+    fn from(d: &'a DayCosts) -> Self {
+        Self {
+            day: d.day,
+            workflow: &d.costs.workflow,
+            runs: d.costs.totals.runs,
+            failures: d.costs.totals.failures,
+            total_cost: d.costs.totals.cost.into(),
+        }
+    }
 }
 
 /// An amount that may not exist (no cap): both keys are `null` then.
