@@ -13,6 +13,7 @@ mod history;
 pub mod idempotency;
 mod limits;
 pub mod openapi;
+mod pages;
 mod revisions;
 mod templates;
 mod workflows;
@@ -101,6 +102,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
         .route("/runs/{id}/graph", get(graph::get_graph).fallback(method_not_allowed))
+        .route("/runs/{id}/view", get(pages::run_view).fallback(method_not_allowed))
         .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
         .route("/runs/{id}/cancel", post(cancel_run).fallback(method_not_allowed))
         .route("/runs/{id}/pause", post(pause_run).fallback(method_not_allowed))
@@ -109,6 +111,7 @@ pub fn app(state: AppState) -> Router {
         .route("/progress", get(get_progress).fallback(method_not_allowed))
         .route("/analytics/costs", get(history::costs).fallback(method_not_allowed))
         .route("/analytics/spend", get(history::spend_today).fallback(method_not_allowed))
+        .route("/analytics/view", get(pages::cost_view).fallback(method_not_allowed))
         .route("/workflows/estimate", post(estimate_run).fallback(method_not_allowed))
         .merge(workflows::routes())
         .merge(templates::routes())

@@ -88,6 +88,8 @@ enum Answer {
     Text,
     /// A JSON Schema (the workflow language's).
     JsonSchema,
+    /// An HTML page (the run view, the cost page).
+    Html,
     /// No body.
     Empty,
 }
@@ -156,6 +158,11 @@ impl Operation {
 
     fn answers_schema(mut self) -> Self {
         self.answer = Answer::JsonSchema;
+        self
+    }
+
+    fn answers_html(mut self) -> Self {
+        self.answer = Answer::Html;
         self
     }
 
@@ -248,6 +255,11 @@ pub fn operations() -> Vec<Operation> {
             .public()
             .body::<EstimateBody>()
             .answers::<EstimateView<'static>>(200),
+        // Pages a browser opens without a token; their script calls the API with one.
+        op(M::GET, "/runs/{id}/view", "A run as a page: graph, timeline, costs, followed live (the token goes in the URL fragment)")
+            .public()
+            .answers_html(),
+        op(M::GET, "/analytics/view", "Cost per workflow per day and the most expensive steps, as a page").public().answers_html(),
         op(M::GET, "/openapi.json", "This document").public().answers_object(200, "the OpenAPI 3.1 document of this API"),
         op(M::GET, "/schemas/workflow.json", "The workflow language's JSON Schema").public().answers_schema(),
     ]
@@ -419,6 +431,7 @@ fn operation(op: &Operation, generators: &mut Generators, problem: &Schema) -> V
         Answer::JsonSchema => {
             json!({ "description": "a JSON Schema (2020-12)", "content": { "application/schema+json": { "schema": { "type": "object" } } } })
         }
+        Answer::Html => json!({ "description": "an HTML page", "content": { "text/html": { "schema": { "type": "string" } } } }),
         Answer::Empty => json!({ "description": reason(op.status) }),
     };
     responses.insert(op.status.to_string(), success);
