@@ -25,6 +25,7 @@ chromium` (with `sudo -n` when not root). When that is impossible it raises
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -145,6 +146,8 @@ class Page:
         self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.console: list[str] = []
         self._next_id = 0
+        self._resources = contextlib.ExitStack()
+        self.ws = None
         try:
             # Chromium writes the port it chose (and the browser target's path) here.
             port_file = Path(self.profile) / "DevToolsActivePort"
@@ -157,7 +160,7 @@ class Page:
             pages = [t for t in targets if t.get("type") == "page"] if status == 200 else []
             if not pages:
                 raise BrowserError(f"chromium has no page target: {status} {targets}")
-            self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+            self.ws = self._resources.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
             self.send("Page.enable")
             self.send("Runtime.enable")
         except BaseException:
@@ -177,10 +180,8 @@ class Page:
             return ""
 
     def close(self) -> None:
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
-            self.ws = None
+        self._resources.close()
+        self.ws = None
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -232,19 +233,19 @@ class Page:
             raise BrowserError(f"{expression!r} threw: {result['exceptionDetails'].get('exception', {}).get('description')}")
         return result.get("result", {}).get("value")
 
-    def wait_for(self, expression: str, timeout_s: float = 30.0, interval_s: float = 0.1):
-        """Evaluates `expression` until it is truthy and returns its value."""
+    def wait_for(self, expression: str, timeout_s: float = 30.0, interval_s: float = 0.1) -> None:
+        """Evaluates `expression` until it is truthy (as the page's script sees it)."""
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
             try:
-                last = self.evaluate(expression)
+                last = self.evaluate(f"Boolean({expression})")
             except BrowserError as e:
                 # The document may be between two navigations.
                 last = str(e)
             else:
-                if last:
-                    return last
+                if last is True:
+                    return
             time.sleep(interval_s)
         state = self.evaluate("document.body ? JSON.stringify(document.body.dataset) : 'no body'")
         raise BrowserError(f"{expression!r} did not hold in {timeout_s}s (last: {last!r}; body: {state}; console: {self.console})")

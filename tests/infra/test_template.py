@@ -35,6 +35,8 @@ DEFAULT_MODEL_IDS = ["amazon.nova-micro-v1:0", "amazon.nova-lite-v1:0"]
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 STACK = "chainrun"
+# The two pages a browser opens by following a link (so without a token): GET only.
+PAGES = {("GET", "/runs/{id}/view"), ("GET", "/analytics/view")}
 
 
 # --------------------------------------------------------------------------- loading
@@ -504,13 +506,25 @@ def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_rout
             props = event["Properties"]
             assert function == "ApiFunction", f"{function} is exposed on the HTTP API"
             assert props["ApiId"] == {"Ref": "HttpApi"}
-            if props["Path"].startswith("/public/"):
+            if props["Path"].startswith("/public/") or (props["Method"].upper(), props["Path"]) in PAGES:
                 # The function serves everything under /public as anonymous (no token vouched for).
-                assert props["Auth"] == {"Authorizer": "NONE"}, "the /public routes have no authorizer"
+                assert props["Auth"] == {"Authorizer": "NONE"}, "the /public routes and the pages have no authorizer"
             else:
                 assert "Auth" not in props, "a route overrides the default JWT authorizer"
             routes.add((props["Method"].upper(), props["Path"]))
-    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}"), ("ANY", "/public/{proxy+}")}
+    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}"), ("ANY", "/public/{proxy+}")} | PAGES
+
+
+
+def test_the_pages_are_the_only_routes_besides_public_without_an_authorizer_and_only_for_get(resources):
+    events = resources["ApiFunction"]["Properties"]["Events"]
+    open_routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in events.values()
+                   if e["Type"] == "HttpApi" and e["Properties"].get("Auth") == {"Authorizer": "NONE"}}
+    assert open_routes == {("ANY", "/public/{proxy+}")} | PAGES
+    # The pages' paths are routed by the function, which answers them with HTML.
+    lib = (ROOT / "functions" / "api" / "src" / "lib.rs").read_text()
+    for _, path in PAGES:
+        assert f'.route("{path}", get(pages::' in lib, path
 
 
 # --------------------------------------------------------------------------- IAM
@@ -794,12 +808,14 @@ def test_deployed_roles_grant_lambda_invoke_only_on_runner_and_dlq_send_only_to_
             assert resource != "*", statement
 
 
-def test_deployed_http_api_routes_all_require_the_jwt_authorizer_but_public(transformed):
+def test_deployed_http_api_routes_all_require_the_jwt_authorizer_but_public_and_the_pages(transformed):
     body = transformed["Resources"]["HttpApi"]["Properties"]["Body"]
-    assert set(body["paths"]) == {"/", "/{proxy+}", "/public/{proxy+}"}
+    assert set(body["paths"]) == {"/", "/{proxy+}", "/public/{proxy+}"} | {path for _, path in PAGES}
     for path, methods in body["paths"].items():
         for method, operation in methods.items():
-            if path.startswith("/public/"):
+            if (method.upper(), path) in PAGES:
+                assert set(methods) == {"get"}, f"{path}: {set(methods)}"
+            if path.startswith("/public/") or (method.upper(), path) in PAGES:
                 assert operation.get("security", []) in ([], [{"NONE": []}]), f"{method} {path}: {operation.get('security')}"
                 continue
             assert operation["security"] == [{"JwtAuthorizer": []}], f"{method} {path} is not JWT-protected"
