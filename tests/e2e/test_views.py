@@ -196,6 +196,51 @@ def test_the_run_view_follows_a_run_live_then_shows_every_step_attempt_token_and
         assert token not in log.read_text(errors="replace"), f"{log} holds the token"
 
 
+def test_a_failed_run_shows_each_failed_attempt_the_map_items_retried_and_what_never_ran(api, stack, devmodel, page, tmp_path):
+    m = marker("views-failed")
+    user = f"viewer-{m}"
+    token = stack.token(user)
+    add_rules(devmodel,
+              {"name": m + "-b", "match": {"prompt_contains": m + " ITEM b"}, "reply": {"text": "fixed b"}, "fail_first": {"count": 1}},
+              {"name": m + "-item", "match": {"prompt_contains": m + " ITEM"}, "reply": {"text": "fixed"}},
+              {"name": m + "-broken", "match": {"prompt_contains": m + " BROKEN"},
+               "error": {"type": "ThrottlingException", "message": "slow down"}})
+    workflow = {"name": "e2e-views-failed",
+                "defaults": {"model": MODEL, "max_tokens": 100, "retry": {"max_attempts": 3, "initial_backoff_ms": 50}},
+                "steps": [
+                    {"id": "items", "type": "transform", "expression": "['a', 'b', 'c']"},
+                    {"id": "per_item", "type": "map", "over": "steps.items.output", "max_concurrency": 1,
+                     "step": {"type": "llm", "prompt": m + " ITEM {{ item }}"}},
+                    {"id": "broken", "type": "llm", "depends_on": ["per_item"], "prompt": m + " BROKEN"},
+                    {"id": "after", "type": "transform", "template": "{{ steps.broken.text }}"},
+                ]}
+    run_id = start(api, token, workflow)
+    run = wait_for_end(api, token, run_id)
+    assert run["status"] == "FAILED", run
+
+    page.open(f"{stack.api_url}/runs/{run_id}/view#token={token}")
+    page.wait_for("document.body.dataset.state === 'done'", timeout_s=30)
+    snapshot(page, tmp_path, "failed-run")
+    assert statuses(page) == {s["id"]: s["status"] for s in run["steps"]}
+    assert statuses(page)["broken"] == "FAILED" and statuses(page)["per_item"] == "COMPLETED"
+    drawn = bars(page)
+    assert drawn["broken"] == [[1, "retried"], [2, "retried"], [3, "failed"]], drawn
+    assert "after" not in drawn, "a step that never ran has no bar"
+    # A map item's retry is a mark on its map's row, not an attempt of the map.
+    assert drawn["per_item"] == [[1, "completed"]], drawn
+    marks = page.evaluate("[...document.querySelectorAll('#timeline line.item-retry')].map(l => [l.dataset.step, l.dataset.item])")
+    assert marks == [["per_item", "1"]], marks
+    # Coloured by status: the same status, the same colour, wherever the run's own status is.
+    fills = page.evaluate("Object.fromEntries([...document.querySelectorAll('#graph g.step')].map(g => [g.dataset.step, getComputedStyle(g.querySelector('rect.node')).fill]))")
+    badges = page.evaluate("Object.fromEntries([...document.querySelectorAll('#steps tbody tr')].map(tr => [tr.dataset.step, getComputedStyle(tr.querySelector('.badge')).color]))")
+    for colours in (fills, badges):
+        assert colours["items"] == colours["per_item"], colours
+        assert len({colours["items"], colours["broken"], colours["after"]}) == 3, colours
+    assert "ThrottlingException" in text(page, "#steps tr[data-step=broken] td.error")
+    assert text(page, "#run-error"), "the run's error is shown"
+    assert page.console == [], page.console
+
+
 def test_a_public_run_opens_without_a_token_and_a_private_one_asks_for_it(api, stack, devmodel, page, tmp_path):
     m = marker("views-public")
     add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "hello"}})
