@@ -67,7 +67,9 @@ impl Spinners {
     fn show(&mut self, note: Note) {
         match note {
             Note::Started { step, line } => {
-                let bar = self.multi.add(ProgressBar::new_spinner().with_style(self.style.clone()).with_prefix(line));
+                // The spinner stands where a plain line has its dot.
+                let prefix = line.trim_start_matches("· ").to_owned();
+                let bar = self.multi.add(ProgressBar::new_spinner().with_style(self.style.clone()).with_prefix(prefix));
                 bar.enable_steady_tick(Duration::from_millis(100));
                 if let Some(old) = self.running.insert(step, bar) {
                     old.finish_and_clear();

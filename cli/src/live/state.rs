@@ -122,9 +122,11 @@ impl Follow {
                 self.partial.remove(&step);
                 // Inside a map, the item that failed (the only item-level events there are).
                 let item = data.get("item").and_then(Value::as_u64).map(|i| format!("item {i} ")).unwrap_or_default();
-                let attempt = event.attempt.map(|a| format!(" {a}")).unwrap_or_default();
+                // The event belongs to the attempt to come; the one before it failed.
+                let next = event.attempt.unwrap_or(2);
                 let message = format!(
-                    "{item}attempt{attempt} failed ({}: {}); retrying in {}",
+                    "{item}attempt {} failed ({}: {}); attempt {next} in {}",
+                    next.saturating_sub(1),
                     text(data, "reason"),
                     short(&text(data, "message"), 80),
                     latency(num(data, "delay_ms"))
@@ -380,8 +382,10 @@ mod tests {
     fn a_retry_drops_the_failed_attempts_streamed_text() {
         let mut follow = Follow::new(["draft"]);
         follow.apply(&event("STREAMING", Some("draft"), json!({"delta": "half a rep"})));
-        let retry = follow.apply(&event("STEP_RETRYING", Some("draft"), json!({"reason": "THROTTLED", "message": "slow down", "delay_ms": 200})));
-        assert_eq!(lines(&retry), ["↻ draft  RETRYING   attempt 1 failed (THROTTLED: slow down); retrying in 200 ms"]);
+        let mut retrying = event("STEP_RETRYING", Some("draft"), json!({"reason": "THROTTLED", "message": "slow down", "delay_ms": 200}));
+        retrying.attempt = Some(2);
+        let retry = follow.apply(&retrying);
+        assert_eq!(lines(&retry), ["↻ draft  RETRYING   attempt 1 failed (THROTTLED: slow down); attempt 2 in 200 ms"]);
         let done = follow.apply(&event("STEP_COMPLETED", Some("draft"), json!({"attempts": 2})));
         assert!(!done.iter().any(|n| matches!(n, Note::Streamed { .. })), "{done:?}");
     }
