@@ -132,8 +132,9 @@ fn accepted_line(run: &str, answer: &Value) -> String {
         let rerun: Vec<&str> = answer.get("rerun").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
         parts.push(format!("{kind} of {} starts revision {revision}; runs again: {}", field("step").unwrap_or_default(), rerun.join(", ")));
     }
-    if let Some(decision) = field("decision") {
-        parts.push(format!("{decision} recorded on {}", field("step").unwrap_or_default()));
+    if let Some(decided) = answer.get("decision") {
+        let of = |key: &str| decided.get(key).and_then(Value::as_str).unwrap_or("?");
+        parts.push(format!("{} by {} recorded on {}", of("decision"), of("by"), field("step").unwrap_or_default()));
     }
     if let Some(state) = field("state") {
         parts.push(format!("answer to {} is {state}", field("step").unwrap_or_default()));
