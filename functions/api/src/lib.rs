@@ -8,6 +8,7 @@ mod access;
 mod answer;
 pub mod auth;
 pub mod error;
+mod graph;
 mod history;
 pub mod idempotency;
 mod limits;
@@ -99,6 +100,7 @@ pub fn app(state: AppState) -> Router {
         .route("/runs", get(history::list_runs).post(start_run).fallback(method_not_allowed))
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
+        .route("/runs/{id}/graph", get(graph::get_graph).fallback(method_not_allowed))
         .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
         .route("/runs/{id}/cancel", post(cancel_run).fallback(method_not_allowed))
         .route("/runs/{id}/pause", post(pause_run).fallback(method_not_allowed))
@@ -129,6 +131,7 @@ fn public_routes() -> Router<AppState> {
     Router::new()
         .route("/runs/{id}", get(get_run).fallback(method_not_allowed))
         .route("/runs/{id}/events", get(get_events).fallback(method_not_allowed))
+        .route("/runs/{id}/graph", get(graph::get_graph).fallback(method_not_allowed))
         .route("/runs/{id}/output", get(get_run_output).fallback(method_not_allowed))
         .route("/runs/{id}/steps/{step}/{part}", get(get_step_document).fallback(method_not_allowed))
         .route("/progress", get(get_progress).fallback(method_not_allowed))
@@ -342,7 +345,7 @@ pub(crate) async fn estimate_of(state: &AppState, identity: &Identity, workflow:
 
 /// How much of a run a route reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Part {
+pub(crate) enum Part {
     /// With its output (which may be kept in S3).
     Whole,
     /// Without it: access, status and what it waits for.
@@ -351,7 +354,7 @@ enum Part {
 
 /// Loads a run the caller may see; anything else is a 404, so ids of other people's runs
 /// cannot be probed.
-async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: Part) -> Result<RunRecord, ApiError> {
+pub(crate) async fn visible_run(state: &AppState, identity: &Identity, raw_id: &str, part: Part) -> Result<RunRecord, ApiError> {
     Ok(run_with_role(state, identity, raw_id, part).await?.0)
 }
 

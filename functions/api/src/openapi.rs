@@ -20,6 +20,7 @@ use crate::{AppState, method_not_allowed};
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use chainrun_core::wire::graph::GraphView;
 use chainrun_core::wire::views::{CostsReport, EstimateView, EventsPage, Page, ProgressRowView, RunAccepted, RunSummaryView, RunView, SpendToday};
 use chainrun_core::wire::workflows::{WorkflowSummaryView, WorkflowView};
 use http::{Method, StatusCode, header};
@@ -184,6 +185,7 @@ pub fn operations() -> Vec<Operation> {
         op(M::GET, "/runs", "Runs you may see, newest first").query::<HistoryParams>().answers::<Page<RunSummaryView<'static>>>(200),
         op(M::GET, "/runs/{id}", "A run: status, totals, and every step").query::<RevisionQuery>().answers::<RunView<'static>>(200),
         op(M::GET, "/runs/{id}/events", "Progress events after a cursor").query::<EventsQuery>().answers::<EventsPage<'static>>(200),
+        op(M::GET, "/runs/{id}/graph", "A run's steps and the edges between them, to draw it").answers::<GraphView>(200),
         op(M::GET, "/runs/{id}/output", "A run's output, whole"),
         op(M::POST, "/runs/{id}/cancel", "Ask a run to stop").optional_body::<ControlBody>().answers::<ControlAccepted>(202).refuses(&[409]),
         op(M::POST, "/runs/{id}/pause", "Ask a run to wait").optional_body::<ControlBody>().answers::<ControlAccepted>(202).refuses(&[409]),
@@ -231,6 +233,7 @@ pub fn operations() -> Vec<Operation> {
         // Without a token: what anyone may do with `PUBLIC` workflows and runs.
         op(M::GET, "/public/runs/{id}", "A public run").public().query::<RevisionQuery>().answers::<RunView<'static>>(200),
         op(M::GET, "/public/runs/{id}/events", "A public run's progress events").public().query::<EventsQuery>().answers::<EventsPage<'static>>(200),
+        op(M::GET, "/public/runs/{id}/graph", "A public run's steps and edges").public().answers::<GraphView>(200),
         op(M::GET, "/public/runs/{id}/output", "A public run's output, whole").public(),
         op(M::GET, "/public/runs/{id}/steps/{step}/output", "A public run's step output, whole").public().query::<RevisionQuery>(),
         op(M::GET, "/public/runs/{id}/steps/{step}/text", "A public run's step text, whole").public().query::<RevisionQuery>().answers_text(),

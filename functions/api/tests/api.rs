@@ -135,6 +135,24 @@ async fn another_users_run_is_not_found() {
 }
 
 #[tokio::test]
+async fn a_runs_graph_lists_its_steps_with_their_edges_to_those_who_may_see_the_run() {
+    let api = api();
+    let (_, _, body) = api.start("alice", sample()).await;
+    let path = format!("/runs/{}/graph", body["run_id"].as_str().unwrap());
+    let (status, _, graph) = api.call("GET", &path, Some(&token("alice")), None).await;
+    assert_eq!(status, StatusCode::OK, "{graph}");
+    assert_eq!(graph["workflow"], "greet");
+    assert_eq!(graph["steps"][0]["id"], "hello");
+    assert_eq!(graph["steps"][0]["depends_on"], json!([]));
+    assert_eq!(graph["steps"][1]["id"], "shout");
+    assert_eq!(graph["steps"][1]["kind"], "llm");
+    assert_eq!(graph["steps"][1]["depends_on"], json!(["hello"]), "a template reference is an edge");
+    assert_eq!(graph["steps"][1]["model"], "amazon.nova-micro-v1:0");
+    let (status, _, problem) = api.call("GET", &path, Some(&token("mallory")), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
+}
+
+#[tokio::test]
 async fn malformed_json_is_a_400_that_says_where_and_changes_nothing() {
     let api = api();
     let (status, headers, problem) = api.call("POST", "/runs", Some(&token("alice")), Some(b"{\"workflow\": {".to_vec())).await;

@@ -7,6 +7,7 @@
 //! the API serialize.
 
 pub mod events;
+pub mod graph;
 pub mod money;
 pub mod steering;
 pub mod templates;
