@@ -76,17 +76,26 @@ fn shape(kind: &str) -> (&'static str, &'static str) {
 fn label(step: &GraphStep, checkpoint: Option<&Step>) -> String {
     let status = checkpoint.map_or("PENDING", |c| c.status.as_str());
     let mut lines = vec![format!("<b>{}</b>", escape(&step.id))];
-    let mut kind = step.kind.clone();
+    let mut kind = match &step.item {
+        Some(item) => format!("{} of {item}", step.kind),
+        None => step.kind.clone(),
+    };
     if let Some(model) = &step.model {
         kind.push_str(&format!(" · {model}"));
     }
-    if !step.required {
-        kind.push_str(", optional");
-    }
-    if !step.enabled {
-        kind.push_str(", switched off");
-    }
     lines.push(escape(&kind));
+    let flags: Vec<&str> = [
+        (step.stream, "streamed"),
+        (step.join.as_deref() == Some("any"), "join any"),
+        (!step.required, "optional"),
+        (!step.enabled, "switched off"),
+    ]
+    .into_iter()
+    .filter_map(|(on, flag)| on.then_some(flag))
+    .collect();
+    if !flags.is_empty() {
+        lines.push(flags.join(", "));
+    }
     lines.push(status.to_owned());
     if let Some(c) = checkpoint.filter(|c| c.latency_ms.is_some_and(|ms| ms > 0) || c.attempts > 0) {
         let mut figures = vec![latency(c.latency_ms.unwrap_or(0))];
@@ -103,7 +112,7 @@ fn label(step: &GraphStep, checkpoint: Option<&Step>) -> String {
 
 /// Which of `router`'s routes lead to `target` (`default` for its default).
 fn route_label(router: &GraphStep, target: &str) -> String {
-    let mut labels: Vec<String> = router.routes.iter().filter(|r| r.to.iter().any(|t| t == target)).map(|r| short(&r.label, ROUTE_LABEL_CHARS)).collect();
+    let mut labels: Vec<String> = router.routes.iter().filter(|r| r.to.iter().any(|t| t == target)).map(|r| short(&r.when, ROUTE_LABEL_CHARS)).collect();
     if router.default.iter().any(|t| t == target) {
         labels.push("default".to_owned());
     }
@@ -125,9 +134,12 @@ mod tests {
             id: id.to_owned(),
             kind: kind.to_owned(),
             depends_on: depends_on.iter().map(|s| s.to_string()).collect(),
+            join: Some("all".to_owned()),
             required: true,
             enabled: true,
             model: None,
+            stream: false,
+            item: None,
             routes: Vec::new(),
             default: Vec::new(),
         }
@@ -155,7 +167,7 @@ mod tests {
     #[test]
     fn a_routed_run_shows_each_step_with_its_status_timing_and_cost_and_the_route_taken() {
         let mut route = graph_step("route", "router", &["classify"]);
-        route.routes = vec![Route { label: "steps.classify.output == 'negative'".to_owned(), to: vec!["escalate".to_owned()] }];
+        route.routes = vec![Route { when: "steps.classify.output == 'negative'".to_owned(), to: vec!["escalate".to_owned()] }];
         route.default = vec!["reply".to_owned()];
         let graph = Graph {
             workflow: "triage".to_owned(),
@@ -194,7 +206,7 @@ flowchart TD
         let graph = Graph { workflow: "w".to_owned(), steps: vec![graph_step("a", "map", &[]), off] };
         let chart = flowchart(&graph, &run(vec![step("a", "RUNNING", 0, "0")]));
         assert!(chart.contains("    s_a[[\"<b>a</b><br/>map<br/>RUNNING<br/>0 ms\"]]\n"), "{chart}");
-        assert!(chart.contains("    s_extra[\"<b>extra</b><br/>transform, optional, switched off<br/>PENDING\"]\n"), "{chart}");
+        assert!(chart.contains("    s_extra[\"<b>extra</b><br/>transform<br/>optional, switched off<br/>PENDING\"]\n"), "{chart}");
         assert!(chart.contains("    class s_extra pending\n"), "{chart}");
     }
 

@@ -153,12 +153,20 @@ pub struct GraphStep {
     pub kind: String,
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// `all` or `any`.
+    #[serde(default)]
+    pub join: Option<String>,
     #[serde(default = "yes")]
     pub required: bool,
     #[serde(default = "yes")]
     pub enabled: bool,
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    /// A map: what each of its items is (`llm` or `transform`).
+    #[serde(default)]
+    pub item: Option<String>,
     /// A router's routes, in order.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -169,7 +177,8 @@ pub struct GraphStep {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Route {
-    pub label: String,
+    /// The route's CEL condition, as written.
+    pub when: String,
     #[serde(default)]
     pub to: Vec<String>,
 }

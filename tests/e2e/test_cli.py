@@ -333,3 +333,32 @@ def test_on_a_terminal_output_is_coloured_unless_no_progress(cli, stack, devmode
 
     assert ANSI.search(on_a_terminal("show", run)), "a terminal gets colours"
     assert not ANSI.search(on_a_terminal("--no-progress", "show", run)), "--no-progress stays plain"
+
+
+def test_show_mermaid_draws_the_runs_graph_with_statuses_timings_and_the_route_taken(cli, stack, devmodel, write):
+    m = marker("cli-mermaid")
+    add_rules(devmodel,
+              {"name": m + "-c", "match": {"prompt_contains": m + " CLASSIFY"}, "reply": {"json": {"label": "happy"}}, "latency_ms": 200},
+              {"name": m + "-r", "match": {"prompt_contains": m + " REPLY"}, "reply": {"text": "thanks"}})
+    token = stack.token("cli-alice")
+    wf = workflow("cli-mermaid", [
+        {"id": "classify", "type": "llm", "prompt": m + " CLASSIFY", "output": {"format": "json"}},
+        {"id": "route", "type": "router", "routes": [{"when": "steps.classify.output.label == 'angry'", "to": ["escalate"]}],
+         "default": ["reply"]},
+        {"id": "escalate", "type": "review", "depends_on": ["route"], "show": "angry"},
+        {"id": "reply", "type": "llm", "depends_on": ["route"], "prompt": m + " REPLY"},
+    ])
+    run = run_id_in(cli("run", write("wf.json", wf), token=token).out)
+    result = cli("show", run, "--mermaid", token=token)
+    chart = plain(result)
+    assert result.code == 0, result
+    assert chart.startswith(f'---\ntitle: "cli-mermaid · run {run} · COMPLETED"\n---\nflowchart TD\n'), chart
+    assert re.search(r'^    s_classify\("<b>classify</b><br/>llm · amazon\.nova-micro-v1:0<br/>COMPLETED<br/>\d+ ms · \$0\.\d+"\)$', chart, re.M), chart
+    assert re.search(r'^    s_route\{"<b>route</b><br/>router<br/>COMPLETED<br/>\d+ ms"\}$', chart, re.M), chart
+    assert '    s_escalate{{"<b>escalate</b><br/>review<br/>SKIPPED"}}\n' in chart
+    assert "    s_classify --> s_route\n" in chart
+    assert "    s_route -.->|\"steps.classify.output.label == 'angry'\"| s_escalate\n" in chart
+    assert '    s_route -->|"default"| s_reply\n' in chart
+    assert "    class s_classify,s_route,s_reply completed\n" in chart and "    class s_escalate skipped\n" in chart
+    as_json = cli("--json", "show", run, "--mermaid", token=token).json()
+    assert as_json == {"run_id": run, "revision": 0, "mermaid": chart}

@@ -2,7 +2,7 @@
 //! refusals turned into [`Problem`]s.
 //!
 //! Reads are retried a few times on what a moment's wait can mend (no answer, `429`,
-//! `502`–`504`); writes are sent once, since only the caller knows whether acting twice is
+//! `5xx`); writes are sent once, since only the caller knows whether acting twice is
 //! harmless.
 
 mod problem;
@@ -135,11 +135,13 @@ impl Api {
     }
 }
 
-/// What a read tried again a moment later may get past.
+/// What a read tried again a moment later may get past. A `500` too: a read changes
+/// nothing, and one that met a write half done (moto applies an update in steps) answers
+/// the next time.
 fn transient(e: &CliError) -> bool {
     match e {
         CliError::Unreachable { .. } => true,
-        CliError::Api(p) => matches!(p.status, 429 | 502 | 503 | 504),
+        CliError::Api(p) => matches!(p.status, 429 | 500 | 502 | 503 | 504),
         _ => false,
     }
 }
