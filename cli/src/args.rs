@@ -55,9 +55,7 @@ pub enum Command {
     /// Start a run and follow it live until it ends or waits for input.
     Run(RunArgs),
     /// Follow a run live (from its first event) until it ends or waits for input.
-    Watch {
-        run: String,
-    },
+    Watch { run: String },
     /// A run's steps, totals and output.
     Show(ShowArgs),
     /// Runs you started, or the runs of one workflow, newest first.

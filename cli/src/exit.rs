@@ -44,9 +44,7 @@ pub enum CliError {
     /// A flag, file or value the command cannot use.
     #[error("{0}")]
     Usage(String),
-    #[error(
-        "no API URL: pass --api-url or set API_URL, or start a local stack (`make up`) so that .local/stack.env exists"
-    )]
+    #[error("no API URL: pass --api-url or set API_URL, or start a local stack (`make up`) so that .local/stack.env exists")]
     NoApiUrl,
     #[error(
         "`{command}` needs a token: pass --token or set CHAINRUN_TOKEN (for a local stack: `make token USER=you`), \
@@ -56,8 +54,9 @@ pub enum CliError {
     #[error("the token command `{command}` failed: {message}")]
     TokenCommand { command: String, message: String },
     /// The API answered with a problem document (or something it had to be made from).
+    /// Boxed: it is large, and every `Result` of the CLI carries this type.
     #[error("{}", .0.title)]
-    Api(Problem),
+    Api(Box<Problem>),
     /// No answer at all: refused, reset, timed out, a bad URL.
     #[error("cannot reach {url}: {message}")]
     Unreachable { url: String, message: String },

@@ -12,8 +12,8 @@
 //! | `report`, `mermaid` | a run as a table, and as a Mermaid flowchart |
 //! | `commands` | one file per group of commands |
 
-pub mod args;
 mod api;
+pub mod args;
 mod commands;
 mod connect;
 mod exit;

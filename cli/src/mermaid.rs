@@ -84,15 +84,11 @@ fn label(step: &GraphStep, checkpoint: Option<&Step>) -> String {
         kind.push_str(&format!(" · {model}"));
     }
     lines.push(escape(&kind));
-    let flags: Vec<&str> = [
-        (step.stream, "streamed"),
-        (step.join.as_deref() == Some("any"), "join any"),
-        (!step.required, "optional"),
-        (!step.enabled, "switched off"),
-    ]
-    .into_iter()
-    .filter_map(|(on, flag)| on.then_some(flag))
-    .collect();
+    let flags: Vec<&str> =
+        [(step.stream, "streamed"), (step.join.as_deref() == Some("any"), "join any"), (!step.required, "optional"), (!step.enabled, "switched off")]
+            .into_iter()
+            .filter_map(|(on, flag)| on.then_some(flag))
+            .collect();
     if !flags.is_empty() {
         lines.push(flags.join(", "));
     }
@@ -112,7 +108,8 @@ fn label(step: &GraphStep, checkpoint: Option<&Step>) -> String {
 
 /// Which of `router`'s routes lead to `target` (`default` for its default).
 fn route_label(router: &GraphStep, target: &str) -> String {
-    let mut labels: Vec<String> = router.routes.iter().filter(|r| r.to.iter().any(|t| t == target)).map(|r| short(&r.when, ROUTE_LABEL_CHARS)).collect();
+    let mut labels: Vec<String> =
+        router.routes.iter().filter(|r| r.to.iter().any(|t| t == target)).map(|r| short(&r.when, ROUTE_LABEL_CHARS)).collect();
     if router.default.iter().any(|t| t == target) {
         labels.push("default".to_owned());
     }
@@ -171,7 +168,12 @@ mod tests {
         route.default = vec!["reply".to_owned()];
         let graph = Graph {
             workflow: "triage".to_owned(),
-            steps: vec![graph_step("classify", "llm", &[]), route, graph_step("escalate", "review", &["route"]), graph_step("reply", "llm", &["route"])],
+            steps: vec![
+                graph_step("classify", "llm", &[]),
+                route,
+                graph_step("escalate", "review", &["route"]),
+                graph_step("reply", "llm", &["route"]),
+            ],
         };
         let run = run(vec![
             step("classify", "COMPLETED", 905, "0.0000136"),

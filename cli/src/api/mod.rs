@@ -103,8 +103,8 @@ impl Api {
                 self.dressed(request, headers).call()
             }
             (_, body) => {
-                let bytes = serde_json::to_vec(&body.unwrap_or(&Value::Null))
-                    .map_err(|e| CliError::Usage(format!("cannot encode the request: {e}")))?;
+                let bytes =
+                    serde_json::to_vec(&body.unwrap_or(&Value::Null)).map_err(|e| CliError::Usage(format!("cannot encode the request: {e}")))?;
                 let request = match method {
                     "PUT" => self.agent.put(&url),
                     _ => self.agent.post(&url),
@@ -116,7 +116,7 @@ impl Api {
         let status = response.status().as_u16();
         let text = response.body_mut().with_config().limit(MAX_ANSWER_BYTES).read_to_string().map_err(unreachable)?;
         if !(200..300).contains(&status) {
-            return Err(CliError::Api(Problem::from_answer(status, &text)));
+            return Err(CliError::Api(Box::new(Problem::from_answer(status, &text))));
         }
         if text.trim().is_empty() {
             // `204 No Content`.

@@ -2,8 +2,8 @@
 //! raised), `cancel` and `pause`, `retry` and `override` (a new revision). With `--follow`
 //! the run is followed from that moment on, and the command exits as `run` does.
 
-use super::run::{follow_and_report, follower};
 use super::Ctx;
+use super::run::{follow_and_report, follower};
 use crate::args::{OverrideArgs, ResumeArgs, RetryArgs};
 use crate::exit::{CliError, Exit};
 use crate::source::{json_arg, json_object_arg};

@@ -50,7 +50,13 @@ pub fn costs(ctx: &Ctx, days: u32, scope: Option<String>) -> Result<Exit, CliErr
     }
     println!(
         "{}",
-        bold(&format!("costs over {} days, {} to {} (scope {})", num(&report, "days"), text(&report, "from"), text(&report, "to"), text(&report, "scope")))
+        bold(&format!(
+            "costs over {} days, {} to {} (scope {})",
+            num(&report, "days"),
+            text(&report, "from"),
+            text(&report, "to"),
+            text(&report, "scope")
+        ))
     );
     let mut rows = table(&["workflow / step", "runs", "failures", "failure rate", "total cost", "avg cost", "avg latency"], &[1, 2, 3, 4, 5, 6]);
     let workflows = report.get("workflows").and_then(Value::as_array).cloned().unwrap_or_default();

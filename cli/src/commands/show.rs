@@ -18,8 +18,8 @@ pub fn show(ctx: &Ctx, args: ShowArgs) -> Result<Exit, CliError> {
     }
     let query: Vec<(&str, String)> = args.revision.map(|n| ("revision", n.to_string())).into_iter().collect();
     let document = ctx.api.get(&ctx.api.scoped(&format!("/runs/{id}")), &query)?;
-    let run: Run = serde_json::from_value(document.clone())
-        .map_err(|e| CliError::Unexpected { what: format!("GET /runs/{id}"), message: e.to_string() })?;
+    let run: Run =
+        serde_json::from_value(document.clone()).map_err(|e| CliError::Unexpected { what: format!("GET /runs/{id}"), message: e.to_string() })?;
     if args.mermaid {
         let graph: Graph = ctx.api.get_as(&ctx.api.scoped(&format!("/runs/{id}/graph")), &[])?;
         let chart = mermaid::flowchart(&graph, &run);

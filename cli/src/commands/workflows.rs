@@ -20,7 +20,14 @@ pub fn workflows(ctx: &Ctx, command: WorkflowsCommand) -> Result<Exit, CliError>
             }
             let mut rows = table(&["id", "name", "version", "visibility", "owner", "updated"], &[2]);
             for w in items(&page) {
-                rows.add_row(vec![text(w, "id"), text(w, "name"), text(w, "version"), text(w, "visibility"), text(w, "owner"), text(w, "updated_at")]);
+                rows.add_row(vec![
+                    text(w, "id"),
+                    text(w, "name"),
+                    text(w, "version"),
+                    text(w, "visibility"),
+                    text(w, "owner"),
+                    text(w, "updated_at"),
+                ]);
             }
             println!("{rows}");
             next_page_hint(&page, "chainrun workflows list");

@@ -24,7 +24,11 @@ struct Claims<'a> {
 pub fn mint(secret: &str, user: &str, groups: &[String]) -> Result<String, jsonwebtoken::errors::Error> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let claims = Claims { sub: user, groups, iss: ISSUER, aud: AUDIENCE, iat: now, exp: now + TTL_SECS };
-    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
 }
 
 #[cfg(test)]

@@ -34,8 +34,7 @@ pub fn resolve(global: &Global) -> Result<Connection, CliError> {
         // (a deployed stack) gets no local token, which it would refuse anyway.
         _ => match (stack.get("CHAINRUN_LOCAL_JWT_SECRET"), stack.get("API_URL")) {
             (Some(secret), Some(url)) if same_url(url, &api_url) => Some(
-                local_token::mint(secret, &user(global), &global.groups)
-                    .map_err(|e| CliError::Usage(format!("cannot sign a local token: {e}")))?,
+                local_token::mint(secret, &user(global), &global.groups).map_err(|e| CliError::Usage(format!("cannot sign a local token: {e}")))?,
             ),
             _ => None,
         },
@@ -64,12 +63,7 @@ fn same_url(a: &str, b: &str) -> bool {
 
 /// `--user`, else the login name, else `dev` (as `make token`'s default).
 fn user(global: &Global) -> String {
-    global
-        .user
-        .clone()
-        .filter(|u| !u.is_empty())
-        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
-        .unwrap_or_else(|| "dev".to_owned())
+    global.user.clone().filter(|u| !u.is_empty()).or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty())).unwrap_or_else(|| "dev".to_owned())
 }
 
 /// Runs the command through the shell; its trimmed stdout is the token.

@@ -37,13 +37,7 @@ pub struct Follower<'a> {
 impl<'a> Follower<'a> {
     /// `step_ids`: the run's steps (to line up their columns).
     pub fn new(api: &'a Api, ui: Ui, run_id: &str, step_ids: &[String]) -> Self {
-        Self {
-            api,
-            run_id: run_id.to_owned(),
-            state: Follow::new(step_ids.iter().map(String::as_str)),
-            screen: Screen::new(ui),
-            after: 0,
-        }
+        Self { api, run_id: run_id.to_owned(), state: Follow::new(step_ids.iter().map(String::as_str)), screen: Screen::new(ui), after: 0 }
     }
 
     /// Reads the events so far without showing them: what follows is only what happens
@@ -56,7 +50,7 @@ impl<'a> Follower<'a> {
             }
             self.after = self.after.max(page.last_seq);
             if page.events.len() < PAGE {
-                self.state.from_now();
+                self.state.forget_standing();
                 return Ok(());
             }
         }

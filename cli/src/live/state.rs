@@ -74,7 +74,7 @@ impl Follow {
 
     /// Forgets how the run stood: only events still to come may say it ended or waits
     /// (the events read so far said so of the revision or the wait a steering call ends).
-    pub fn from_now(&mut self) {
+    pub fn forget_standing(&mut self) {
         self.standing = None;
     }
 
