@@ -80,6 +80,19 @@ def test_run_follows_a_run_live_line_by_line_and_ends_with_its_table_and_output(
     assert out.rstrip().endswith("output:\nDear reader,\nthe first line.\nThe last"), out
 
 
+def test_a_maps_items_are_counted_as_they_settle(cli, stack, devmodel, write):
+    m = marker("cli-map")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "fixed"}, "latency_ms": 500})
+    wf = workflow("cli-map", [{"id": "fixes", "type": "map", "over": "input.issues", "max_concurrency": 1,
+                               "step": {"type": "llm", "prompt": m + " {{ item }}"}}])
+    result = cli("run", write("wf.json", {"workflow": wf, "input": {"issues": ["a", "b", "c"]}}), token=stack.token("cli-alice"))
+    out = plain(result)
+    assert result.code == 0, result
+    counts = re.findall(r"^  fixes │ items (\d)/3$", out, re.M)
+    assert counts[:2] == ["0", "1"] and counts == sorted(counts), out
+    assert re.search(r"^✓ fixes\s+COMPLETED\s+1 attempt .* items 3/3$", out, re.M), out
+
+
 def test_a_failed_run_exits_1_with_the_failure_on_its_step_and_the_run(cli, stack, devmodel, write):
     m = marker("cli-fail")
     add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "error": {"type": "ValidationException", "message": "model says no"}})

@@ -20,6 +20,8 @@ pub enum Note {
     Started { step: String, line: String },
     /// What a running step is doing now (retrying, the tail of its streamed text).
     Activity { step: String, message: String },
+    /// How far a map is: items settled (failed among them) of all.
+    Items { step: String, done: u64, failed: u64, total: u64 },
     /// Whole lines a streamed step wrote, as they arrive.
     Streamed { step: String, lines: Vec<String> },
     /// A step settled, or waits for a person: its spinner goes, its line stays.
@@ -117,6 +119,7 @@ impl Follow {
                 vec![Note::Started { line: format!("· {}  {}{model}", self.pad(&step), status_padded("RUNNING", STATUS_WIDTH)), step }]
             }
             ("STREAMING", true) => self.streamed(&step, data.get("delta").and_then(Value::as_str).unwrap_or_default()),
+            ("MAP_PROGRESS", true) => vec![Note::Items { step, done: num(data, "done"), failed: num(data, "failed"), total: num(data, "total") }],
             ("STEP_RETRYING", true) => {
                 // The failed attempt's text is not part of the step's: start afresh.
                 self.partial.remove(&step);
@@ -399,6 +402,13 @@ mod tests {
             json!({"attempts": 1, "detail": {"items": 3, "failed": [{"index": 1, "error": {"code": "X", "message": "m"}}]}}),
         ));
         assert!(lines(&notes)[0].ends_with("items 2/3, 1 failed"), "{:?}", lines(&notes));
+    }
+
+    #[test]
+    fn a_maps_progress_is_items_settled_of_all() {
+        let mut follow = Follow::new(["fixes"]);
+        let notes = follow.apply(&event("MAP_PROGRESS", Some("fixes"), json!({"done": 4, "failed": 1, "total": 10})));
+        assert_eq!(notes, [Note::Items { step: "fixes".into(), done: 4, failed: 1, total: 10 }]);
     }
 
     #[test]
