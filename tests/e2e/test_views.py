@@ -230,6 +230,7 @@ def test_a_failed_run_shows_each_failed_attempt_the_map_items_retried_and_what_n
     assert drawn["per_item"] == [[1, "completed"]], drawn
     marks = page.evaluate("[...document.querySelectorAll('#timeline line.item-retry')].map(l => [l.dataset.step, l.dataset.item])")
     assert marks == [["per_item", "1"]], marks
+    assert "3 items" in text(page, "#graph g.step[data-step=per_item] text.status"), "how many items the map ran over"
     # Coloured by status: the same status, the same colour, wherever the run's own status is.
     fills = page.evaluate("Object.fromEntries([...document.querySelectorAll('#graph g.step')].map(g => [g.dataset.step, getComputedStyle(g.querySelector('rect.node')).fill]))")
     badges = page.evaluate("Object.fromEntries([...document.querySelectorAll('#steps tbody tr')].map(tr => [tr.dataset.step, getComputedStyle(tr.querySelector('.badge')).color]))")
