@@ -496,7 +496,9 @@ impl Engine {
                     info!("deadline near: starting no more steps");
                     out_of_time = true;
                 }
-                if failure.is_none() && !out_of_time && !shared.pausing.load(std::sync::atomic::Ordering::Relaxed) {
+                // Steps that ended during a skip's write are settled first: a failure among
+                // them must start nothing new.
+                if failure.is_none() && !out_of_time && !shared.pausing.load(std::sync::atomic::Ordering::Relaxed) && ended.is_empty() {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
