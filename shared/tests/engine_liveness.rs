@@ -77,7 +77,14 @@ async fn run_rich(write_ms: u64, model_ms: u64) -> Option<(RunRecord, Vec<Event>
     // Small flushes: the streamed step writes often, as a long generation does.
     let config = EngineConfig { stream_flush_bytes: 16, ..EngineConfig::default() };
     let engine = Engine::new(model, store.clone(), sink, Arc::new(ModelRegistry::builtin()), config);
-    let run = RunRecord::new("rich".parse().unwrap(), rich_workflow(), json!({}), "alice".parse().unwrap(), vec![Principal::User("alice".into())], Utc::now());
+    let run = RunRecord::new(
+        "rich".parse().unwrap(),
+        rich_workflow(),
+        json!({}),
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into())],
+        Utc::now(),
+    );
     store.create_run(&run).await.unwrap();
     let lease = support::lease("runner-1");
     let Claim::Acquired(run) = store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };
