@@ -61,7 +61,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use journal::Journal;
 use schedule::{Decision, Schedule};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,9 +74,30 @@ use tracing::{Instrument, info, info_span, warn};
 /// how far each step and item got.
 type Checkpoints = (Vec<Option<StepRecord>>, Vec<Option<Leftover>>, Reached);
 
-/// A running step: its index and how it ended (`None`: the deadline interrupted it), or
-/// the panic it raised.
-type StepTask = BoxFuture<'static, std::thread::Result<(usize, Result<Ran, EngineError>)>>;
+/// How a running step ended: its index and result (`Ran::Interrupted`: the deadline
+/// interrupted it), or the panic it raised.
+type StepEnd = std::thread::Result<(usize, Result<Ran, EngineError>)>;
+
+/// A running step.
+type StepTask = BoxFuture<'static, StepEnd>;
+
+/// Awaits `write` while polling the `running` steps, keeping those that end in `ended`.
+///
+/// The run loop's own journal writes need the journal's lock, which a step future may hold
+/// across its write or be next in line for; that step only gets to release it when polled.
+/// Awaiting the write alone would leave both waiting on each other forever (the run
+/// stalls while the heartbeat keeps its lease, and a cancel is never read).
+async fn polling<T>(write: impl Future<Output = T>, running: &mut FuturesUnordered<StepTask>, ended: &mut VecDeque<StepEnd>) -> T {
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut write => return done,
+            // With no step left the branch is disabled and only the write is awaited.
+            Some(end) = running.next() => ended.push_back(end),
+        }
+    }
+}
 
 /// Tunables with production defaults; tests shrink them.
 #[derive(Debug, Clone)]
@@ -432,6 +453,11 @@ impl Engine {
             // task per step cost a cache-aligned allocation and a wake-up each, a measurable
             // share of the per-step overhead. A panicking step is caught here instead.
             let mut running: FuturesUnordered<StepTask> = FuturesUnordered::new();
+            // A step future runs only while this loop polls `running`: one holding (or next in
+            // line for) the journal's lock cannot release it while this loop awaits anything
+            // else. So every other await here that can need the lock polls `running` meanwhile
+            // (see [`polling`]); the steps that end then wait here for their turn.
+            let mut ended: VecDeque<StepEnd> = VecDeque::new();
             let max_running = graph.max_concurrency() as usize;
             let mut failure: Option<(usize, ErrorInfo)> = None;
             let mut out_of_time = false;
@@ -461,7 +487,8 @@ impl Engine {
                     if let Decision::Skip(reason) = decision {
                         let record = StepRecord::settled(graph.steps()[i].id.clone(), StepStatus::Skipped, None, Utc::now());
                         let body = EventBody::StepSkipped(StepSkipped { reason });
-                        journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {}).await?;
+                        let write = journal.emit_with(body, Some(&record.step_id), None, Some(&record), |_| {});
+                        polling(write, &mut running, &mut ended).await?;
                         schedule.settle(i, record);
                     }
                 }
@@ -469,7 +496,9 @@ impl Engine {
                     info!("deadline near: starting no more steps");
                     out_of_time = true;
                 }
-                if failure.is_none() && !out_of_time && !shared.pausing.load(std::sync::atomic::Ordering::Relaxed) {
+                // Steps that ended during a skip's write are settled first: a failure among
+                // them must start nothing new.
+                if failure.is_none() && !out_of_time && !shared.pausing.load(std::sync::atomic::Ordering::Relaxed) && ended.is_empty() {
                     while running.len() < max_running
                         && let Some(i) = schedule.next_ready()
                     {
@@ -481,6 +510,7 @@ impl Engine {
                     }
                 }
                 let next = match control.as_mut() {
+                    _ if !ended.is_empty() => Some(ended.pop_front()),
                     Some(control) => tokio::select! {
                         joined = running.next() => Some(joined),
                         // A closed channel (the heartbeat stopped) asks nothing.
