@@ -37,6 +37,10 @@ REGION = "us-east-1"
 STACK = "chainrun"
 # The two pages a browser opens by following a link (so without a token): GET only.
 PAGES = {("GET", "/runs/{id}/view"), ("GET", "/analytics/view")}
+# What describes the API (its OpenAPI document, the workflow language's schema) is read by
+# tools before they hold a token: GET only, no authorizer.
+DOCUMENTS = {("GET", "/openapi.json"), ("GET", "/schemas/workflow.json")}
+OPEN = PAGES | DOCUMENTS
 
 
 # --------------------------------------------------------------------------- loading
@@ -506,25 +510,28 @@ def test_http_api_requires_jwt_from_configured_issuer_and_audience_on_every_rout
             props = event["Properties"]
             assert function == "ApiFunction", f"{function} is exposed on the HTTP API"
             assert props["ApiId"] == {"Ref": "HttpApi"}
-            if props["Path"].startswith("/public/") or (props["Method"].upper(), props["Path"]) in PAGES:
+            if props["Path"].startswith("/public/") or (props["Method"].upper(), props["Path"]) in OPEN:
                 # The function serves everything under /public as anonymous (no token vouched for).
                 assert props["Auth"] == {"Authorizer": "NONE"}, "the /public routes and the pages have no authorizer"
             else:
                 assert "Auth" not in props, "a route overrides the default JWT authorizer"
             routes.add((props["Method"].upper(), props["Path"]))
-    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}"), ("ANY", "/public/{proxy+}")} | PAGES
+    assert routes == {("ANY", "/"), ("ANY", "/{proxy+}"), ("ANY", "/public/{proxy+}")} | OPEN
 
 
 
-def test_the_pages_are_the_only_routes_besides_public_without_an_authorizer_and_only_for_get(resources):
+def test_the_pages_and_the_api_documents_are_the_only_routes_besides_public_without_an_authorizer_and_only_for_get(resources):
     events = resources["ApiFunction"]["Properties"]["Events"]
     open_routes = {(e["Properties"]["Method"], e["Properties"]["Path"]) for e in events.values()
                    if e["Type"] == "HttpApi" and e["Properties"].get("Auth") == {"Authorizer": "NONE"}}
-    assert open_routes == {("ANY", "/public/{proxy+}")} | PAGES
+    assert open_routes == {("ANY", "/public/{proxy+}")} | OPEN
     # The pages' paths are routed by the function, which answers them with HTML.
     lib = (ROOT / "functions" / "api" / "src" / "lib.rs").read_text()
     for _, path in PAGES:
         assert f'.route("{path}", get(pages::' in lib, path
+    openapi = (ROOT / "functions" / "api" / "src" / "openapi.rs").read_text()
+    for _, path in DOCUMENTS:
+        assert f'.route("{path}", get(' in openapi, path
 
 
 # --------------------------------------------------------------------------- IAM
@@ -810,12 +817,12 @@ def test_deployed_roles_grant_lambda_invoke_only_on_runner_and_dlq_send_only_to_
 
 def test_deployed_http_api_routes_all_require_the_jwt_authorizer_but_public_and_the_pages(transformed):
     body = transformed["Resources"]["HttpApi"]["Properties"]["Body"]
-    assert set(body["paths"]) == {"/", "/{proxy+}", "/public/{proxy+}"} | {path for _, path in PAGES}
+    assert set(body["paths"]) == {"/", "/{proxy+}", "/public/{proxy+}"} | {path for _, path in OPEN}
     for path, methods in body["paths"].items():
         for method, operation in methods.items():
-            if (method.upper(), path) in PAGES:
+            if (method.upper(), path) in OPEN:
                 assert set(methods) == {"get"}, f"{path}: {set(methods)}"
-            if path.startswith("/public/") or (method.upper(), path) in PAGES:
+            if path.startswith("/public/") or (method.upper(), path) in OPEN:
                 assert operation.get("security", []) in ([], [{"NONE": []}]), f"{method} {path}: {operation.get('security')}"
                 continue
             assert operation["security"] == [{"JwtAuthorizer": []}], f"{method} {path} is not JWT-protected"
