@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     say()
     say(f"$ chainrun show {run_id} --mermaid    # paste into a ```mermaid block")
     chainrun("show", run_id, "--mermaid")
+    say()
+    say(f"cost page: {os.environ['API_URL'].rstrip('/')}/analytics/view")
+    say("This stack stops with the demo. To open the pages in a browser, keep one running with")
+    say("`make up`, run a workflow with `chainrun run FILE`, and open the URL that")
+    say("`chainrun show RUN --open --with-token` prints (the token rides in the URL's fragment).")
     return rc
 
 
