@@ -20,7 +20,7 @@ use crate::workflow::ItemFailure;
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::HashMap;
-use tracing::info;
+use tracing::{Instrument, info, info_span};
 
 impl StepContext {
     /// `checkpointed`: the items an earlier runner checkpointed (settled ones are reused).
@@ -43,34 +43,39 @@ impl StepContext {
         }
         let results: Vec<(usize, Option<Work>)> =
             futures::stream::iter(items.into_iter().enumerate().map(|(index, item)| (index, item, checkpointed.remove(&index))))
-                .map(|(index, item, saved)| async move {
-                    if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
-                        return Ok((index, Some(reuse(saved))));
-                    }
-                    if self.stopping() {
-                        // Not started: the next invocation runs it.
-                        return Ok((index, None));
-                    }
-                    let scope = inputs.with_item(&item, index);
-                    let work = match &spec.step {
-                        ItemStep::Llm(llm) => {
-                            let carried = saved.map(|r| r.carried()).unwrap_or_default();
-                            let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
-                            let mut record = item_record(index, &work, &carried);
-                            if self.interrupted(&work) {
-                                // Unsettled, with what it was charged: it runs again once the
-                                // budget is raised.
-                                (record.status, record.error) = (crate::run::StepStatus::Running, None);
-                                self.journal.save_item(id, &record).await?;
-                                return Ok((index, None));
-                            }
-                            self.journal.save_item(id, &record).await?;
-                            work.add_carried(&carried);
-                            work
+                .map(|(index, item, saved)| {
+                    // Each item's lines carry its index, and its own attempt (see `llm`).
+                    let span = info_span!("item", item = index, attempt = tracing::field::Empty);
+                    async move {
+                        if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
+                            return Ok((index, Some(reuse(saved))));
                         }
-                        ItemStep::Transform(t) => transform::run(t, &scope),
-                    };
-                    Ok((index, Some(work)))
+                        if self.stopping() {
+                            // Not started: the next invocation runs it.
+                            return Ok((index, None));
+                        }
+                        let scope = inputs.with_item(&item, index);
+                        let work = match &spec.step {
+                            ItemStep::Llm(llm) => {
+                                let carried = saved.map(|r| r.carried()).unwrap_or_default();
+                                let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
+                                let mut record = item_record(index, &work, &carried);
+                                if self.interrupted(&work) {
+                                    // Unsettled, with what it was charged: it runs again once the
+                                    // budget is raised.
+                                    (record.status, record.error) = (crate::run::StepStatus::Running, None);
+                                    self.journal.save_item(id, &record).await?;
+                                    return Ok((index, None));
+                                }
+                                self.journal.save_item(id, &record).await?;
+                                work.add_carried(&carried);
+                                work
+                            }
+                            ItemStep::Transform(t) => transform::run(t, &scope),
+                        };
+                        Ok((index, Some(work)))
+                    }
+                    .instrument(span)
                 })
                 .buffer_unordered(spec.max_concurrency as usize)
                 .collect::<Vec<Result<(usize, Option<Work>), EngineError>>>()
