@@ -155,6 +155,12 @@ async fn every_line_a_run_prints_is_json_carrying_the_run_and_inside_a_step_the_
     items.sort();
     assert_eq!(items, [0, 1], "each map item's call carries its index");
     assert!(calls.iter().all(|l| l["attempt"].as_u64().is_some()), "{calls:?}");
+    // A line that names no attempt itself gets it from the step's span.
+    let announced = logs.iter().find(|l| l["message"] == "event published" && l["event"] == "StepCompleted" && l["step_id"] == "extract").unwrap();
+    assert_eq!(announced["attempt"], 2, "{announced}");
+    for line in logs.iter().filter(|l| l["spans"].as_array().unwrap().contains(&json!("item"))) {
+        assert!(line["item"].is_u64() && line["attempt"].is_u64() && line["step_id"] == "fixes", "{line}");
+    }
 
     // One metric document per settled step, holding its checkpoint's numbers.
     let steps = s.store.get_steps(&run.id).await.unwrap();
