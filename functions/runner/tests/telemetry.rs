@@ -86,7 +86,7 @@ fn metric_docs(lines: &[Value]) -> Vec<&Value> {
 }
 
 /// The metric documents publishing `metric`.
-fn publishing<'a>(lines: &'a [Value], metric: Metric) -> Vec<&'a Value> {
+fn publishing(lines: &[Value], metric: Metric) -> Vec<&Value> {
     metric_docs(lines)
         .into_iter()
         .filter(|d| {
