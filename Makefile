@@ -1,7 +1,7 @@
 # chainrun — local development front door. Needs only Rust (cargo) and Python 3.
 #
 #   make demo    bring a local stack up on free ports, run a sample workflow end to end
-#                with live progress, stop everything again
+#                through the `chainrun` CLI with live progress, stop everything again
 #   make test    cargo test --workspace, then the local stack's tests, the end-to-end
 #                tests and a short seeded chaos suite (each suite starts its own stacks)
 #   make chaos   the full chaos suite: runners killed, duplicate deliveries, throttling,
@@ -35,7 +35,7 @@ help:
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
 	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead), store requests per step"
 	@echo "make cost-check                    1,000 random budgeted runs: no overrun, estimate brackets each"
-	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins"
+	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins and the chainrun CLI"
 
 # Re-install only when requirements.txt is newer than the stamp.
 venv: $(STAMP)
@@ -45,8 +45,14 @@ $(STAMP): infra/requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r infra/requirements.txt
 	@touch $@
 
+# The CLI (cli/) is a workspace of its own, so `cargo lambda watch` does not serve it; it
+# builds into the same target/ (target/debug/chainrun).
+CLI_CARGO := CARGO_TARGET_DIR=$(CURDIR)/target cargo
+CLI_MANIFEST := --manifest-path cli/Cargo.toml
+
 build:
 	cargo build --bins
+	$(CLI_CARGO) build $(CLI_MANIFEST)
 
 up: venv build
 	$(PY) -m infra.stack up --dir $(LOCAL) --no-build
@@ -59,14 +65,16 @@ token: venv
 	@$(PY) -m infra.local_token --user "$(USER)" --groups "$(GROUPS)" --env-file $(LOCAL)/stack.env
 
 # Own stack in .local/demo on its own free ports; `infra.stack run` stops it on exit, failure
-# or Ctrl-C and returns the demo's exit code.
+# or Ctrl-C and returns the demo's exit code: `chainrun run`'s (0 completed, 1 failed, 2 not
+# started, 3 waiting for input).
 demo: venv build
-	$(PY) -m infra.stack run --dir $(DEMO_DIR) --no-build -- $(PY) -m infra.demo --env-file $(DEMO_DIR)/stack.env
+	$(PY) -m infra.stack run --dir $(DEMO_DIR) --no-build -- $(PY) -m infra.demo --cli target/debug/chainrun
 
 test: venv
 	@rc=0; \
 	cargo check -q -p chainrun-core --no-default-features || rc=1; \
 	CHAINRUN_MOTO=1 cargo test --workspace || rc=1; \
+	$(CLI_CARGO) test $(CLI_MANIFEST) || rc=1; \
 	$(PY) -m pytest tests/infra tests/e2e -q || rc=1; \
 	$(PY) -m pytest tests/chaos -q || rc=1; \
 	exit $$rc

@@ -660,6 +660,7 @@ pub enum EventType {
     RunSuspended,
     StepStarted,
     Streaming,
+    MapProgress,
     StepRetrying,
     StepSkipped,
     AwaitingInput,

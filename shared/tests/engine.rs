@@ -442,6 +442,36 @@ async fn a_map_fans_out_with_bounded_concurrency_and_keeps_input_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_map_tells_its_progress_when_it_starts_and_about_every_quarter_second_after() {
+    // One item at a time, 100 ms each; item e fails at once (and is not retried).
+    let denied = ModelError::new(ModelErrorKind::Invalid, "ValidationException", "bad item");
+    let h = harness(vec![Script::failing_first("DO e", denied, 9, "never"), Script::reply("DO ", "done").with_latency(Duration::from_millis(100))]);
+    let (run, events) = h
+        .run(
+            workflow(json!([
+                { "id": "m", "type": "map", "over": "input.items", "max_concurrency": 1, "on_item_failure": "continue",
+                  "step": { "type": "llm", "prompt": "DO {{ item }}" } }
+            ])),
+            json!({ "items": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"] }),
+        )
+        .await;
+    assert_eq!(run.status, RunStatus::Completed);
+    let progress: Vec<(u64, u64, u64)> = events
+        .iter()
+        .filter(|e| e.kind == EventType::MapProgress)
+        .inspect(|e| assert_eq!(e.step_id.as_ref().map(|s| s.as_str()), Some("m")))
+        .map(|e| (e.data["done"].as_u64().unwrap(), e.data["failed"].as_u64().unwrap(), e.data["total"].as_u64().unwrap()))
+        .collect();
+    // Settled at 100, 200, 300, 400 (d), 400 (e, failed), 500, …, 900 ms. Told: at the start,
+    // then at the first settling 250 ms after the last told (300 and 600 ms); the last item's
+    // settling is the step's STEP_COMPLETED.
+    assert_eq!(progress, vec![(0, 0, 10), (3, 0, 10), (7, 1, 10)]);
+    let last_progress = events.iter().rposition(|e| e.kind == EventType::MapProgress).unwrap();
+    let completed = events.iter().position(|e| e.kind == EventType::StepCompleted).unwrap();
+    assert!(last_progress < completed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_map_item_failure_fails_the_step_or_is_reported_per_policy() {
     let denied = ModelError::new(ModelErrorKind::Invalid, "ValidationException", "bad item");
     for (policy, expected) in [("fail", RunStatus::Failed), ("continue", RunStatus::Completed)] {

@@ -146,6 +146,7 @@ async fn every_event_a_run_writes_matches_the_published_schema() {
         EventType::RunStarted,
         EventType::StepStarted,
         EventType::Streaming,
+        EventType::MapProgress,
         EventType::StepRetrying,
         EventType::StepSkipped,
         EventType::StepCompleted,

@@ -15,11 +15,15 @@ use crate::graph::{ItemStep, MapSpec};
 use crate::ids::StepId;
 use crate::limits::MAX_MAP_ITEMS;
 use crate::run::{ErrorInfo, ItemRecord};
+use crate::wire::events::{EventBody, MapProgress};
 use crate::wire::{ItemFailed, MapDetail, StepDetail};
 use crate::workflow::ItemFailure;
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{Instrument, info, info_span};
 
 impl StepContext {
@@ -41,6 +45,10 @@ impl StepContext {
         if !checkpointed.is_empty() {
             info!(step_id = %id, reused, in_flight = checkpointed.len() - reused, "resuming a map from its item checkpoints");
         }
+        let reused_failed = checkpointed.values().filter(|r| r.status.is_settled() && r.error.is_some()).count();
+        let tally = Tally::new(reused, reused_failed, total);
+        self.journal.emit(EventBody::MapProgress(tally.now()), Some(id), None).await?;
+        let tally = &tally;
         let results: Vec<(usize, Option<Work>)> =
             futures::stream::iter(items.into_iter().enumerate().map(|(index, item)| (index, item, checkpointed.remove(&index))))
                 .map(|(index, item, saved)| {
@@ -73,6 +81,9 @@ impl StepContext {
                             }
                             ItemStep::Transform(t) => transform::run(t, &scope),
                         };
+                        if let Some(progress) = tally.settled(work.output.is_err(), self.config.stream_flush_interval) {
+                            self.journal.emit(EventBody::MapProgress(progress), Some(id), None).await?;
+                        }
                         Ok((index, Some(work)))
                     }
                     .instrument(span)
@@ -125,6 +136,37 @@ impl StepContext {
         let value = Value::Array(outputs);
         map.output = Ok((value.to_string(), value));
         Ok(Some(map))
+    }
+}
+
+/// Items settled so far, and when the last `MAP_PROGRESS` told them.
+struct Tally {
+    counts: Mutex<(MapProgress, Instant)>,
+}
+
+impl Tally {
+    fn new(done: usize, failed: usize, total: usize) -> Self {
+        Self { counts: Mutex::new((MapProgress { done, failed, total }, Instant::now())) }
+    }
+
+    fn now(&self) -> MapProgress {
+        let counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        counts.0
+    }
+
+    /// Counts one more settled item; the progress to send when `every` has passed since the
+    /// last was sent (so a large map sends about one event a second, not one per item).
+    fn settled(&self, failed: bool, every: Duration) -> Option<MapProgress> {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (progress, sent) = &mut *counts;
+        progress.done += 1;
+        progress.failed += usize::from(failed);
+        if progress.done == progress.total || sent.elapsed() < every {
+            // The last item's settling is the step's own STEP_COMPLETED / STEP_FAILED.
+            return None;
+        }
+        *sent = Instant::now();
+        Some(*progress)
     }
 }
 

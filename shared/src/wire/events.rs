@@ -24,6 +24,7 @@ pub enum EventBody {
     RunSuspended(RunSuspended),
     StepStarted(StepStarted),
     Streaming(Streaming),
+    MapProgress(MapProgress),
     StepRetrying(StepRetrying),
     StepSkipped(StepSkipped),
     AwaitingInput(AwaitingInput),
@@ -45,6 +46,7 @@ impl EventBody {
             EventBody::RunSuspended(_) => EventType::RunSuspended,
             EventBody::StepStarted(_) => EventType::StepStarted,
             EventBody::Streaming(_) => EventType::Streaming,
+            EventBody::MapProgress(_) => EventType::MapProgress,
             EventBody::StepRetrying(_) => EventType::StepRetrying,
             EventBody::StepSkipped(_) => EventType::StepSkipped,
             EventBody::AwaitingInput(_) => EventType::AwaitingInput,
@@ -67,6 +69,7 @@ impl EventBody {
             EventBody::RunSuspended(d) => serde_json::to_value(d),
             EventBody::StepStarted(d) => serde_json::to_value(d),
             EventBody::Streaming(d) => serde_json::to_value(d),
+            EventBody::MapProgress(d) => serde_json::to_value(d),
             EventBody::StepRetrying(d) => serde_json::to_value(d),
             EventBody::StepSkipped(d) => serde_json::to_value(d),
             EventBody::AwaitingInput(d) => serde_json::to_value(d),
@@ -169,6 +172,19 @@ pub struct Streaming {
     pub delta: String,
     /// Characters streamed so far in this attempt, this delta included.
     pub chars: usize,
+}
+
+/// How far a map step is: sent when it starts (or resumes) and then as its items settle, at
+/// most about once a second (the cadence of streamed text), so a client can draw a bar.
+/// The last items' settling is told by the step's own `STEP_COMPLETED` / `STEP_FAILED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct MapProgress {
+    /// Items settled so far (completed or failed), those reused from checkpoints included.
+    pub done: usize,
+    /// Of `done`, the items that failed.
+    pub failed: usize,
+    /// Items the map runs over.
+    pub total: usize,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
