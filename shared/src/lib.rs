@@ -4,6 +4,8 @@
 //! [`graph`], [`template`], [`output`], [`run`], [`stored`], [`templates`]) know nothing of async or AWS. The
 //! [`engine`] knows only the [`ports`]. The adapters implement the ports: [`memory`] for
 //! hermetic tests, and `aws` (feature `aws`) — the only code that names an `aws_sdk_*` type.
+//! [`telemetry`] is what the functions print for operators: metrics from what the engine
+//! reports to its observer, and (feature `aws`) the JSON log subscriber.
 
 pub mod access;
 pub mod analytics;
@@ -29,6 +31,7 @@ pub mod run;
 pub mod shards;
 pub mod spend;
 pub mod stored;
+pub mod telemetry;
 pub mod template;
 pub mod templates;
 pub mod wire;

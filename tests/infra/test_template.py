@@ -158,11 +158,16 @@ class Resolver:
         if key == "Fn::Equals":
             left, right = self.resolve(arg)
             return left == right
+        if key == "Fn::Not":
+            (value,) = self.resolve(arg)
+            return not value
         if key == "Condition":
             return self.condition(arg)
         return {key: self.resolve(arg)}
 
     def _ref(self, name: str) -> Any:
+        if name == "AWS::NoValue":
+            return {"Ref": name}  # the property is left out
         if name in self.values:
             return self.values[name]
         resource = self.template["Resources"].get(name)
@@ -738,6 +743,176 @@ def test_samconfig_deploys_stack_chainrun_with_iam_capability_and_lints_on_valid
     assert "cached" in config["default"]["build"]["parameters"]
 
 
+# --------------------------------------------------------------------------- operators' view
+
+METRICS_CATALOG = json.loads((ROOT / "schemas" / "metrics.json").read_text())
+# Metric name -> the dimension sets it is published under (schemas/metrics.json, generated
+# from shared/src/telemetry/catalog.rs, which the functions' metric lines are built from).
+PUBLISHED: dict[str, list[list[str]]] = {
+    m["name"]: d["dimensions"] for d in METRICS_CATALOG["directives"] for m in d["metrics"]
+}
+ALARMS = {
+    "DeadLetterQueueNotEmptyAlarm", "StuckRunsAlarm",
+    "ApiErrorRateAlarm", "RunnerErrorRateAlarm", "SweeperErrorRateAlarm", "DeadLetterErrorRateAlarm",
+}
+ERROR_RATE_ALARMS = {
+    "ApiFunction": "ApiErrorRateAlarm",
+    "RunnerFunction": "RunnerErrorRateAlarm",
+    "SweeperFunction": "SweeperErrorRateAlarm",
+    "DeadLetterFunction": "DeadLetterErrorRateAlarm",
+}
+LAMBDA_LEVELS = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"]  # most verbose first
+
+
+def alarms(resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v["Properties"] for k, v in resources.items() if v["Type"] == "AWS::CloudWatch::Alarm"}
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_every_function_is_traced_by_xray(template, function):
+    assert effective_function_props(template, function)["Tracing"] == "Active"
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_every_function_logs_json_into_its_default_log_group(template, resources, function):
+    logging = effective_function_props(template, function)["LoggingConfig"]
+    assert logging["LogFormat"] == "JSON"
+    assert logging["SystemLogLevel"] == "WARN"
+    # The default group, /aws/lambda/<function>, is the one the template creates with a
+    # retention (test_each_function_has_a_log_group_with_retention): naming a group here
+    # would need the function's name from the group that is named after the function.
+    assert "LogGroup" not in logging
+    assert logging["ApplicationLogLevel"] == {"Fn::FindInMap": ["ApplicationLogLevels", {"Ref": "LogLevel"}, "Level"]}
+
+
+def test_lambdas_level_filter_follows_log_level_but_never_drops_metric_lines(template):
+    levels = template["Mappings"]["ApplicationLogLevels"]
+    assert set(levels) == set(template["Parameters"]["LogLevel"]["AllowedValues"])
+    for rust_level, entry in levels.items():
+        lambda_level = entry["Level"]
+        # EMF lines have no "level": Lambda files them as INFO.
+        assert LAMBDA_LEVELS.index(lambda_level) <= LAMBDA_LEVELS.index("INFO"), rust_level
+        # What RUST_LOG lets through, Lambda does not drop.
+        assert LAMBDA_LEVELS.index(lambda_level) <= LAMBDA_LEVELS.index(rust_level.upper()), rust_level
+
+
+def test_the_alarms_are_the_dead_letter_queue_stuck_runs_and_each_functions_error_rate(resources):
+    assert set(alarms(resources)) == ALARMS
+
+
+def test_the_dead_letter_queue_alarm_fires_on_any_visible_message(resources):
+    alarm = alarms(resources)["DeadLetterQueueNotEmptyAlarm"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["RunnerDeadLetterQueue", "QueueName"]}}]
+    dlq = resources["RunnerFunction"]["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"]["Destination"]
+    assert dlq == {"Fn::GetAtt": ["RunnerDeadLetterQueue", "Arn"]}, "the alarm watches the runner's on-failure destination"
+    assert (alarm["Statistic"], alarm["ComparisonOperator"], alarm["Threshold"]) == ("Maximum", "GreaterThanThreshold", 0)
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
+def test_the_stuck_runs_alarm_reads_the_sweepers_metric_and_a_silent_sweeper_breaches(resources):
+    alarm = alarms(resources)["StuckRunsAlarm"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (METRICS_CATALOG["namespace"], "StuckRuns")
+    assert "Dimensions" not in alarm
+    assert [] in PUBLISHED["StuckRuns"], "published without dimensions, as the alarm reads it"
+    assert (alarm["Statistic"], alarm["ComparisonOperator"], alarm["Threshold"]) == ("Maximum", "GreaterThanThreshold", 0)
+    assert alarm["Period"] == 60, "one sweep a minute"
+    assert (alarm["DatapointsToAlarm"], alarm["EvaluationPeriods"]) == (3, 5)
+    assert alarm["TreatMissingData"] == "breaching"
+
+
+@pytest.mark.parametrize(("function", "name"), list(ERROR_RATE_ALARMS.items()))
+def test_each_function_has_an_error_rate_alarm_of_errors_over_invocations(template, resources, function, name):
+    alarm = alarms(resources)[name]
+    queries = {q["Id"]: q for q in alarm["Metrics"]}
+    for query_id, metric in (("errors", "Errors"), ("invocations", "Invocations")):
+        stat = queries[query_id]["MetricStat"]
+        assert stat["Metric"] == {"Namespace": "AWS/Lambda", "MetricName": metric,
+                                  "Dimensions": [{"Name": "FunctionName", "Value": {"Ref": function}}]}
+        assert (stat["Stat"], stat["Period"], queries[query_id]["ReturnData"]) == ("Sum", 300, False)
+    (returned,) = [q for q in alarm["Metrics"] if q.get("ReturnData", True)]
+    assert re.sub(r"\s", "", returned["Expression"]) == "IF(invocations>0,100*errors/invocations,0)"
+    assert alarm["Threshold"] == {"Ref": "FunctionErrorRatePercent"}
+    assert int(template["Parameters"]["FunctionErrorRatePercent"]["Default"]) == 5
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching", "no invocations is not an error"
+
+
+@pytest.mark.parametrize("name", sorted(ALARMS))
+def test_alarms_notify_the_topic_only_when_one_is_given(template, resources, name):
+    alarm = alarms(resources)[name]
+    assert template["Parameters"]["AlarmTopicArn"]["Default"] == ""
+    for actions in ("AlarmActions", "OKActions"):
+        without = Resolver(template).resolve(alarm[actions])
+        assert without == {"Ref": "AWS::NoValue"}, f"{name}.{actions} without a topic: {without}"
+        topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:ops"
+        assert Resolver(template, AlarmTopicArn=topic).resolve(alarm[actions]) == [topic]
+
+
+def dashboard_body(template: dict[str, Any]) -> dict[str, Any]:
+    """The dashboard's JSON with every ${…} substituted (resources as <Name> placeholders)."""
+    body = template["Resources"]["OperationsDashboard"]["Properties"]["DashboardBody"]
+    assert "Fn::Sub" in body and isinstance(body["Fn::Sub"], str)
+    return json.loads(Resolver(template).resolve(body))
+
+
+def dashboard_metrics(body: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(namespace, metric, dimension names, stat) of every metric the dashboard graphs,
+    those its SEARCH expressions ask for included."""
+    found = []
+    for widget in body["widgets"]:
+        for entry in widget["properties"].get("metrics", []):
+            options = entry[-1] if isinstance(entry[-1], dict) else {}
+            names = [e for e in entry if not isinstance(e, dict)]
+            if names:
+                namespace, metric, *dims = names
+                assert namespace != ".", "no shorthand: every entry names its namespace"
+                found.append((namespace, metric, tuple(dims[0::2]), options.get("stat", "")))
+            for match in re.finditer(r"SEARCH\('\{([^}]*)\} MetricName=\"(\w+)\"', '(\w+)'", options.get("expression", "")):
+                namespace, *dims = match.group(1).split(",")
+                found.append((namespace, match.group(2), tuple(dims), match.group(3)))
+    return found
+
+
+def test_the_dashboard_body_is_json_and_names_only_metrics_the_code_publishes(template):
+    body = dashboard_body(template)
+    graphed = dashboard_metrics(body)
+    ours = [(metric, dims) for namespace, metric, dims, _ in graphed if namespace == METRICS_CATALOG["namespace"]]
+    assert ours, "the dashboard shows none of chainrun's metrics"
+    for metric, dims in ours:
+        assert metric in PUBLISHED, f"{metric} is not a metric the functions publish (schemas/metrics.json)"
+        assert sorted(dims) in [sorted(s) for s in PUBLISHED[metric]], f"{metric} is not published by {list(dims)}"
+    for namespace, _, _, _ in graphed:
+        assert namespace in (METRICS_CATALOG["namespace"], "AWS/Lambda", "AWS/SQS"), namespace
+
+
+def test_the_dashboard_shows_runs_cost_tokens_latency_recovery_the_queue_and_every_function(template):
+    body = dashboard_body(template)
+    graphed = {(ns, metric, stat) for ns, metric, _, stat in dashboard_metrics(body)}
+    wanted = {
+        ("chainrun", "Runs", "Sum"), ("chainrun", "RunCostPicoUsd", "Sum"),
+        ("chainrun", "RunInputTokens", "Sum"), ("chainrun", "RunOutputTokens", "Sum"),
+        ("chainrun", "StepLatency", "p50"), ("chainrun", "StepLatency", "p95"),
+        ("chainrun", "Takeovers", "Sum"), ("chainrun", "BudgetRefusals", "Sum"), ("chainrun", "StuckRuns", "Maximum"),
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible", "Maximum"),
+    }
+    assert wanted <= graphed, wanted - graphed
+    by_workflow = {(metric, stat) for ns, metric, dims, stat in dashboard_metrics(body) if dims == ("Workflow",)}
+    assert {("StepLatency", "p50"), ("StepLatency", "p95")} <= by_workflow, "step latency by workflow"
+    for widget in body["widgets"]:
+        for entry in widget["properties"].get("metrics", []):
+            if entry[0] == "AWS/SQS":
+                assert entry[2:4] == ["QueueName", "<RunnerDeadLetterQueue.QueueName>"]
+    shown = {(metric, entry[3]) for widget in body["widgets"] for entry in widget["properties"].get("metrics", [])
+             if entry[0] == "AWS/Lambda" for metric in [entry[1]]}
+    for function in FUNCTIONS:
+        name = Resolver(template).resolve({"Ref": function})
+        assert {("Errors", name), ("Duration", name)} <= shown, f"{function}'s errors and durations"
+    (alarm_widget,) = [w for w in body["widgets"] if w["type"] == "alarm"]
+    assert set(alarm_widget["properties"]["alarms"]) == {f"<{a}.Arn>" for a in ALARMS}
+    assert template["Outputs"]["OperationsDashboardName"]["Value"] == {"Ref": "OperationsDashboard"}
+
+
 # --------------------------------------------------------------------------- linters and SAM transform
 
 
@@ -813,6 +988,15 @@ def test_deployed_roles_grant_lambda_invoke_only_on_runner_and_dlq_send_only_to_
     for statement in api + runner:
         for resource in as_list(resolver.resolve(statement["Resource"])):
             assert resource != "*", statement
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_deployed_functions_trace_actively_may_write_to_xray_and_log_json(transformed, function):
+    props = transformed["Resources"][function]["Properties"]
+    assert props["TracingConfig"] == {"Mode": "Active"}
+    assert props["LoggingConfig"]["LogFormat"] == "JSON"
+    role = transformed["Resources"][props["Role"]["Fn::GetAtt"][0]]["Properties"]
+    assert any(str(arn).endswith(":policy/AWSXrayWriteOnlyAccess") for arn in role.get("ManagedPolicyArns", [])), role.get("ManagedPolicyArns")
 
 
 def test_deployed_http_api_routes_all_require_the_jwt_authorizer_but_public_and_the_pages(transformed):

@@ -6,11 +6,14 @@ use chainrun_core::aws::{
     LambdaDispatcher, S3Blobs, dynamodb_client, lambda_client, s3_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
+use chainrun_core::telemetry::logs::{self, LogConfig};
+use chainrun_core::telemetry::spans;
 use std::sync::Arc;
+use tracing::Instrument;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    lambda_http::tracing::init_default_subscriber();
+    logs::init(&LogConfig::from_source(&ProcessEnv)?)?;
     let config = ApiConfig::from_source(&ProcessEnv)?;
     let sdk = sdk_config().await;
     let dynamodb = dynamodb_client(&sdk);
@@ -38,5 +41,12 @@ async fn main() -> Result<(), lambda_http::Error> {
         models: Arc::new(config.core.models.clone()),
         auth: config.auth.clone(),
     };
-    lambda_http::run(app(state)).await
+    lambda_http::run(app(state).layer(axum::middleware::from_fn(traced))).await
+}
+
+/// Every line printed while a request is handled carries its method and path, and the run
+/// (and step) the path names.
+async fn traced(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let span = spans::request(request.method().as_str(), request.uri().path());
+    next.run(request).instrument(span).await
 }

@@ -16,10 +16,11 @@ use chainrun_core::engine::EngineError;
 use chainrun_core::engine::end::Ender;
 use chainrun_core::ports::{Claim, DispatchError, Dispatcher, Lease, RunStore, StoreError};
 use chainrun_core::run::{Cause, ErrorInfo, RunnerEvent};
+use chainrun_core::telemetry::spans;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 /// The invocation record Lambda sends to an on-failure destination (the fields used here).
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +100,12 @@ impl DeadLetters {
             error!(message_id, payload = %record.request_payload, "not a runner event; dropped");
             return Ok(());
         };
+        let span = spans::run(&event.run_id);
+        self.settle(message_id, record, event).instrument(span).await
+    }
+
+    /// Hands the run back to the runner, or ends it.
+    async fn settle(&self, message_id: &str, record: DestinationRecord, event: RunnerEvent) -> Result<(), DeadLetterError> {
         let (error_type, error_message) = (record.reported("errorType"), record.reported("errorMessage"));
         let ctx = &record.request_context;
         if record.retryable() && event.redeliveries < self.durability.max_takeovers {

@@ -66,6 +66,7 @@ impl Setup {
             limits: Default::default(),
             daily: Some(self.daily.clone()),
             tenancy: None,
+            observer: None,
         };
         DeadLetters {
             store: self.store.clone(),

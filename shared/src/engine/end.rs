@@ -98,6 +98,8 @@ pub struct Ender {
     pub daily: Option<Arc<dyn DailySpend>>,
     /// Tenant limits: the concurrency slot a run ended here gives back.
     pub tenancy: Option<super::throttle::Tenancy>,
+    /// Told of the runs ended here (see [`crate::telemetry`]).
+    pub observer: Option<Arc<dyn crate::telemetry::Observer>>,
 }
 
 impl Ender {
@@ -121,7 +123,8 @@ impl Ender {
         // Announcing writes no checkpoint, so no lease is checked: the run has ended.
         let lease = Lease { holder: "announce-end".into(), expires_at: Utc::now() };
         let last_seq = last.map_or(0, |e| e.seq);
-        let journal = Journal::new(self.sink.clone(), self.store.clone(), lease, run, last_seq, run.totals, BudgetLimits::UNLIMITED);
+        let journal = Journal::new(self.sink.clone(), self.store.clone(), lease, run, last_seq, run.totals, BudgetLimits::UNLIMITED)
+            .observed(self.observer.clone());
         let status = run.status;
         journal
             .emit_with(end_event(run), None, None, None, |s| {
@@ -164,7 +167,7 @@ impl Ender {
         error: Option<ErrorInfo>,
         reason: &str,
     ) -> Result<Outcome, EngineError> {
-        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
+        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow, revision = run.revision);
         async move {
             // The checkpoints of the revision it runs (each revision keeps its own).
             let saved = run.records_at(self.store.get_steps(&run.id).await?, run.revision);
@@ -191,7 +194,8 @@ impl Ender {
             spent.add(&Totals::of_checkpoints(settled.iter().filter(|r| r.revision == run.revision)));
             carried.values().for_each(|c| spent.add_carried(c));
             let last_seq = self.sink.last_seq(&run.id).await?;
-            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, BudgetLimits::UNLIMITED);
+            let journal = Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, BudgetLimits::UNLIMITED)
+                .observed(self.observer.clone());
             let done: Vec<&str> = settled.iter().map(|r| r.step_id.as_str()).collect();
             // Records stored before the step order was kept name their steps only in the definition.
             let order = match run.step_order.is_empty() {

@@ -8,13 +8,19 @@
 //! were charged: totals in events, progress rows and the run record are read from it, so
 //! they are computed in one place. Every model call reserves its worst case here first and
 //! is not made if that does not fit (see [`crate::budget`]).
+//!
+//! Every event passes here, so this is where the run's [`Observer`] hears of it: once an
+//! event is published, what it announces (a step settled, the run ended, a takeover) is
+//! reported with the step's checkpoint or the run's totals, so a metric never counts what
+//! the run's log does not hold.
 
 use crate::budget::{self, BudgetExceeded, BudgetLimits, Ledger, Reservation};
 use crate::ids::{Principal, RunId, StepId, WorkflowName};
 use crate::money::Usd;
 use crate::ports::{Checkpoint, JournalError, Lease, ProgressSink, RunStore};
 use crate::pricing::Usage;
-use crate::run::{Event, ItemRecord, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::run::{Event, EventType, ItemRecord, ProgressRow, RunRecord, RunStatus, StepRecord, Totals};
+use crate::telemetry::{Observer, RunFacts, Seen};
 use crate::wire::events::EventBody;
 use chrono::Utc;
 use std::borrow::Cow;
@@ -39,6 +45,10 @@ pub struct Journal {
     /// A plain mutex: it is only ever held for a few integer operations, never across an
     /// await. `emit` takes it while holding `state`; nothing takes them the other way round.
     ledger: std::sync::Mutex<Ledger>,
+    /// Told what the published events announce (see [`Journal::observed`]).
+    observer: Option<Arc<dyn Observer>>,
+    /// The run as observations describe it.
+    facts: RunFacts,
 }
 
 /// What the owners' progress rows show besides totals.
@@ -83,6 +93,26 @@ impl Journal {
                 waiting: None,
             }),
             ledger: std::sync::Mutex::new(Ledger::new(budget, spent)),
+            observer: None,
+            facts: RunFacts::of(run),
+        }
+    }
+
+    /// The same journal, telling `observer` what its events announce, and what the engine
+    /// reports through [`Journal::observe`].
+    pub fn observed(mut self, observer: Option<Arc<dyn Observer>>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Reports `seen` about this journal's run, now.
+    pub fn observe(&self, seen: Seen<'_>) {
+        self.observe_at(seen, Utc::now());
+    }
+
+    fn observe_at(&self, seen: Seen<'_>, at: chrono::DateTime<Utc>) {
+        if let Some(observer) = &self.observer {
+            observer.observe(&self.facts, &seen, at);
         }
     }
 
@@ -189,6 +219,7 @@ impl Journal {
         let seq = state.last_seq + 1;
         let now = Utc::now();
         let kind = body.kind();
+        let took_over = matches!(&body, EventBody::RunResumed(resumed) if resumed.takeover.is_some());
         let checkpoint = checkpoint.map(|r| self.stamped(r));
         let event =
             Event { run_id: self.run_id.clone(), seq, at: now, kind, step_id: step.cloned(), attempt, revision: self.revision, data: body.data() };
@@ -214,6 +245,16 @@ impl Journal {
         .await?;
         state.last_seq = seq;
         debug!(seq, event = ?kind, step_id = step.map(StepId::as_str), "event published");
+        let seen = match (kind, checkpoint.as_deref()) {
+            (EventType::StepCompleted | EventType::StepFailed, Some(step)) => Some(Seen::StepSettled(step)),
+            (kind, _) if kind.ends_run() => Some(Seen::RunEnded { status: state.status, totals: &row.totals }),
+            (EventType::RunResumed, _) if took_over => Some(Seen::TakenOver),
+            _ => None,
+        };
+        if let Some(seen) = seen {
+            // At the event's time: a run's latency ends when its end event says it ended.
+            self.observe_at(seen, now);
+        }
         Ok(())
     }
 }

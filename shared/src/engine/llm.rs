@@ -20,6 +20,7 @@ use crate::output;
 use crate::ports::{ModelError, ModelErrorKind, ModelReply, ModelRequest};
 use crate::run::ErrorInfo;
 use crate::spend::{DayHold, Settlement};
+use crate::telemetry::Seen;
 use crate::template::Template;
 use crate::wire::events::{EventBody, StepRetrying, Streaming};
 use crate::wire::{Refusal, Refused, StepDetail};
@@ -72,6 +73,8 @@ impl StepContext {
         let mut hint: Option<String> = None;
         for attempt in 1..=spec.retry.max_attempts {
             work.attempts = attempt;
+            // The step's span (a map item's, inside a map): every line of this attempt carries it.
+            tracing::Span::current().record("attempt", attempt);
             let request = ModelRequest {
                 model: spec.model.clone(),
                 system: system.clone(),
@@ -89,7 +92,7 @@ impl StepContext {
                 budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
             // The tenant's token allowance first: a call may wait here for the next minute,
             // and should hold nothing of the run's budget or its caller's day meanwhile.
-            let tokens = match self.throttle(&spec.model, worst.tokens).await? {
+            let tokens = match self.throttle(id, &spec.model, worst.tokens).await? {
                 Throttled::Admitted(tokens) => tokens,
                 Throttled::HandOver => {
                     work.attempts = attempt - 1;
@@ -196,7 +199,7 @@ impl StepContext {
     /// Holds `worst` against the run's budget and its caller's day, or says why not (with
     /// the refusal's message). Nothing is held when the call is refused.
     async fn admit(&self, worst: budget::Amount, call: CallName<'_>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
-        let (attempt, item) = (call.attempt, call.item);
+        let (attempt, item, step) = (call.attempt, call.item, call.step);
         let reservation = match self.journal.reserve(worst) {
             Ok(reservation) => reservation,
             Err(exceeded) => {
@@ -211,6 +214,7 @@ impl StepContext {
                     attempted_tokens = exceeded.attempted.tokens,
                     "budget exceeded: the model call is not made"
                 );
+                self.journal.observe(Seen::BudgetRefused { step, limit: exceeded.limit.name() });
                 return Ok(Err((Refusal::Run((&exceeded).into()), exceeded.to_string())));
             }
         };
@@ -228,6 +232,7 @@ impl StepContext {
                     attempted_pico = exceeded.attempted.cost.pico(),
                     "daily spend cap reached: the model call is not made"
                 );
+                self.journal.observe(Seen::BudgetRefused { step, limit: "daily_cap" });
                 Ok(Err((Refusal::DailyCap((&exceeded).into()), exceeded.to_string())))
             }
             Err(e) => {

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{Instrument, info, info_span};
 
 impl StepContext {
     /// `checkpointed`: the items an earlier runner checkpointed (settled ones are reused).
@@ -51,37 +51,42 @@ impl StepContext {
         let tally = &tally;
         let results: Vec<(usize, Option<Work>)> =
             futures::stream::iter(items.into_iter().enumerate().map(|(index, item)| (index, item, checkpointed.remove(&index))))
-                .map(|(index, item, saved)| async move {
-                    if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
-                        return Ok((index, Some(reuse(saved))));
-                    }
-                    if self.stopping() {
-                        // Not started: the next invocation runs it.
-                        return Ok((index, None));
-                    }
-                    let scope = inputs.with_item(&item, index);
-                    let work = match &spec.step {
-                        ItemStep::Llm(llm) => {
-                            let carried = saved.map(|r| r.carried()).unwrap_or_default();
-                            let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
-                            let mut record = item_record(index, &work, &carried);
-                            if self.interrupted(&work) {
-                                // Unsettled, with what it was charged: it runs again once the
-                                // budget is raised.
-                                (record.status, record.error) = (crate::run::StepStatus::Running, None);
-                                self.journal.save_item(id, &record).await?;
-                                return Ok((index, None));
-                            }
-                            self.journal.save_item(id, &record).await?;
-                            work.add_carried(&carried);
-                            work
+                .map(|(index, item, saved)| {
+                    // Each item's lines carry its index, and its own attempt (see `llm`).
+                    let span = info_span!("item", item = index, attempt = tracing::field::Empty);
+                    async move {
+                        if let Some(saved) = saved.as_ref().filter(|r| r.status.is_settled()) {
+                            return Ok((index, Some(reuse(saved))));
                         }
-                        ItemStep::Transform(t) => transform::run(t, &scope),
-                    };
-                    if let Some(progress) = tally.settled(work.output.is_err(), self.config.stream_flush_interval) {
-                        self.journal.emit(EventBody::MapProgress(progress), Some(id), None).await?;
+                        if self.stopping() {
+                            // Not started: the next invocation runs it.
+                            return Ok((index, None));
+                        }
+                        let scope = inputs.with_item(&item, index);
+                        let work = match &spec.step {
+                            ItemStep::Llm(llm) => {
+                                let carried = saved.map(|r| r.carried()).unwrap_or_default();
+                                let mut work = self.run_llm(id, llm, &scope, Some(index), Hold::Item { step: id, index, carried }).await?;
+                                let mut record = item_record(index, &work, &carried);
+                                if self.interrupted(&work) {
+                                    // Unsettled, with what it was charged: it runs again once the
+                                    // budget is raised.
+                                    (record.status, record.error) = (crate::run::StepStatus::Running, None);
+                                    self.journal.save_item(id, &record).await?;
+                                    return Ok((index, None));
+                                }
+                                self.journal.save_item(id, &record).await?;
+                                work.add_carried(&carried);
+                                work
+                            }
+                            ItemStep::Transform(t) => transform::run(t, &scope),
+                        };
+                        if let Some(progress) = tally.settled(work.output.is_err(), self.config.stream_flush_interval) {
+                            self.journal.emit(EventBody::MapProgress(progress), Some(id), None).await?;
+                        }
+                        Ok((index, Some(work)))
                     }
-                    Ok((index, Some(work)))
+                    .instrument(span)
                 })
                 .buffer_unordered(spec.max_concurrency as usize)
                 .collect::<Vec<Result<(usize, Option<Work>), EngineError>>>()

@@ -193,6 +193,8 @@ pub struct Engine {
     workflows: Option<Arc<dyn crate::ports::WorkflowStore>>,
     /// Fair limits per tenant: token allowances per minute, concurrency slots.
     tenancy: Option<Tenancy>,
+    /// Told what each run does (see [`crate::telemetry`]): the runner prints it as metrics.
+    observer: Option<Arc<dyn crate::telemetry::Observer>>,
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
@@ -234,7 +236,15 @@ impl Engine {
             timers: None,
             workflows: None,
             tenancy: None,
+            observer: None,
         }
+    }
+
+    /// The same engine, telling `observer` what its runs do: steps settled, runs ended,
+    /// takeovers, budget refusals, throttle waits (see [`crate::telemetry::Seen`]).
+    pub fn with_observer(mut self, observer: Arc<dyn crate::telemetry::Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The same engine, reserving each model call's tokens in its run's tenant's allowance
@@ -322,6 +332,7 @@ impl Engine {
             limits: self.config.limits,
             daily: self.daily.as_ref().map(|(spend, _)| spend.clone()),
             tenancy: self.tenancy.clone(),
+            observer: self.observer.clone(),
         }
     }
 
@@ -335,7 +346,8 @@ impl Engine {
                 let error = ErrorInfo::terminal(ErrorCode::InvalidWorkflow, invalid.to_string());
                 let last_seq = self.sink.last_seq(&run.id).await?;
                 let journal =
-                    Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, Totals::default(), BudgetLimits::UNLIMITED);
+                    Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, Totals::default(), BudgetLimits::UNLIMITED)
+                        .observed(self.observer.clone());
                 end::finish(self.store.as_ref(), &mut run, &lease, &journal, RunStatus::Failed, None, Some(error)).await
             }
         }
@@ -350,7 +362,7 @@ impl Engine {
         lease: Lease,
         deadline: Option<Instant>,
     ) -> Result<Outcome, EngineError> {
-        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow);
+        let span = info_span!("run", run_id = %run.id, workflow = %run.workflow, revision = run.revision);
         async move {
             let (records, mut carried, reached) = self.checkpoints(&run, &graph).await?;
             let last = self.sink.last_event(&run.id).await?;
@@ -375,7 +387,9 @@ impl Engine {
             }
             // The definition's budget, or the last one a resume raised it to.
             let budget = run.budget(graph.budget());
-            let journal = Arc::new(Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget));
+            let journal = Arc::new(
+                Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget).observed(self.observer.clone()),
+            );
             if let Some(workflows) = &self.workflows {
                 audience::bring_up_to_date(workflows.as_ref(), &journal, &mut run, &graph).await?;
             }

@@ -177,7 +177,8 @@ impl StepContext {
     /// review's decision.
     pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Ran, EngineError> {
         let Leftover { carried, items, waiting } = left.unwrap_or_default();
-        let span = info_span!("step", run_id = %self.run_id, step_id = %step.id);
+        // `attempt` is set by each model call (see `llm`); a map's items have their own.
+        let span = info_span!("step", run_id = %self.run_id, step_id = %step.id, attempt = tracing::field::Empty);
         async move {
             let started_at = Utc::now();
             let clock = Instant::now();

@@ -21,10 +21,11 @@
 
 use super::EngineError;
 use super::step::StepContext;
-use crate::ids::{ModelId, Principal, RunId};
+use crate::ids::{ModelId, Principal, RunId, StepId};
 use crate::ports::TenantQuota;
 use crate::quota::{NeverFits, TenantLimits, TokenHold, gate};
 use crate::run::RunRecord;
+use crate::telemetry::Seen;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +80,7 @@ pub enum Throttled {
 impl StepContext {
     /// Reserves `tokens` for a call to `model` in its tenant's allowance, waiting for later
     /// minutes while this invocation has time (see the module docs).
-    pub(super) async fn throttle(&self, model: &ModelId, tokens: u64) -> Result<Throttled, EngineError> {
+    pub(super) async fn throttle(&self, step: &StepId, model: &ModelId, tokens: u64) -> Result<Throttled, EngineError> {
         let Some(throttle) = &self.throttle else { return Ok(Throttled::Admitted(None)) };
         let Some(allowance) = throttle.tenancy.limits.tokens_for(model.as_str()) else { return Ok(Throttled::Admitted(None)) };
         if tokens > allowance {
@@ -91,7 +92,9 @@ impl StepContext {
             let window = match gate::reserve_tokens(throttle.tenancy.quota.as_ref(), &throttle.tenant, model, tokens, allowance, now).await? {
                 Ok(hold) => {
                     if !waited.is_zero() {
-                        info!(tenant = %throttle.tenant.key(), model = %model, tokens, waited_ms = waited.as_millis() as u64, "tokens reserved after waiting");
+                        let waited_ms = waited.as_millis() as u64;
+                        info!(tenant = %throttle.tenant.key(), model = %model, tokens, waited_ms, "tokens reserved after waiting");
+                        self.journal.observe(Seen::ThrottleWaited { step, model, waited_ms });
                     }
                     return Ok(Throttled::Admitted(Some(hold)));
                 }

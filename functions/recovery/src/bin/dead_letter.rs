@@ -1,4 +1,4 @@
-//! Wires the dead-letter consumer: config, AWS clients, then serve SQS batches.
+//! Wires the dead-letter consumer: telemetry, config, AWS clients, then serve SQS batches.
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use chainrun_core::aws::{
@@ -8,6 +8,8 @@ use chainrun_core::config::{CoreConfig, ProcessEnv, Source};
 use chainrun_core::durability::SystemClock;
 use chainrun_core::engine::Tenancy;
 use chainrun_core::engine::end::Ender;
+use chainrun_core::telemetry::logs::{self, LogConfig};
+use chainrun_core::telemetry::metrics::Emf;
 use chainrun_recovery::DeadLetters;
 use lambda_runtime::{LambdaEvent, service_fn};
 use std::convert::Infallible;
@@ -15,8 +17,8 @@ use std::sync::Arc;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    lambda_runtime::tracing::init_default_subscriber();
     let env = ProcessEnv;
+    logs::init(&LogConfig::from_source(&env)?)?;
     let core = CoreConfig::from_source(&env)?;
     let runner_function = env.required("CHAINRUN_RUNNER_FUNCTION")?;
     let sdk = sdk_config().await;
@@ -30,7 +32,17 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // …and gives back its tenant's concurrency slot.
     let quota = Arc::new(DynamoQuota::new(dynamodb, core.tables.clone()));
     let tenancy = Some(Tenancy { quota, limits: Arc::new(core.limits.clone()) });
-    let ender = Ender { store: store.clone(), sink, models: Arc::new(core.models.clone()), limits: Default::default(), daily: Some(daily), tenancy };
+    // The runs it ends are counted like the runner's (`Runs`, `RunCostPicoUsd`, …).
+    let observer = Some(Arc::new(Emf::stdout()) as _);
+    let ender = Ender {
+        store: store.clone(),
+        sink,
+        models: Arc::new(core.models.clone()),
+        limits: Default::default(),
+        daily: Some(daily),
+        tenancy,
+        observer,
+    };
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), runner_function));
     let consumer = Arc::new(DeadLetters { store, dispatcher, ender, durability: core.durability, clock: Arc::new(SystemClock) });
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
