@@ -104,20 +104,27 @@ pub enum Command {
     },
 }
 
+/// What a run (or an estimate) is of: a file, or a stored workflow, and its input.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub struct SourceArgs {
     /// A workflow definition, or a request body `{"workflow": …, "input": …, "options": …}`.
     #[arg(required_unless_present = "workflow", conflicts_with = "workflow")]
     pub file: Option<PathBuf>,
-    /// The run's input: JSON, or @FILE (@- for stdin). Default: the file's `input`, else {}.
+    /// The input: JSON, or @FILE (@- for stdin). Default: the file's `input`, else {}.
     #[arg(long, value_name = "JSON|@FILE")]
     pub input: Option<String>,
-    /// Run a stored workflow by id instead of a file.
+    /// A stored workflow's id, instead of a file.
     #[arg(long, value_name = "ID")]
     pub workflow: Option<String>,
     /// The stored workflow's version (default: its latest).
     #[arg(long, requires = "workflow")]
     pub version: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
     /// Approve every review step of the run at once.
     #[arg(long)]
     pub auto_approve: bool,
@@ -165,17 +172,8 @@ pub struct PageArgs {
 
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
-    /// A workflow definition, or a request body with `workflow` and `input`.
-    #[arg(required_unless_present = "workflow", conflicts_with = "workflow")]
-    pub file: Option<PathBuf>,
-    /// The input: JSON, or @FILE (@- for stdin). Default: the file's `input`, else {}.
-    #[arg(long, value_name = "JSON|@FILE")]
-    pub input: Option<String>,
-    /// Estimate a stored workflow by id instead of a file.
-    #[arg(long, value_name = "ID")]
-    pub workflow: Option<String>,
-    #[arg(long, requires = "workflow")]
-    pub version: Option<u32>,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 /// After a steering call: follow the run as `run` does (and exit as it does).

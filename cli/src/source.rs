@@ -6,6 +6,7 @@
 //! `infra/samples/feedback-analysis.json`), so the samples and the curl examples run as
 //! they are.
 
+use crate::args::SourceArgs;
 use crate::exit::CliError;
 use serde_json::{Map, Value};
 use std::io::Read;
@@ -50,6 +51,31 @@ impl Request {
             return Err("the input must be a JSON object".to_owned());
         }
         Ok(Self { workflow, input, options })
+    }
+}
+
+/// What `run` and `estimate` were given: a stored workflow (with the body its route takes:
+/// `input`, and `version` when asked) or a file's request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Stored { id: String, body: Value },
+    File(Request),
+}
+
+impl Source {
+    pub fn of(args: &SourceArgs) -> Result<Self, CliError> {
+        match (&args.workflow, &args.file) {
+            (Some(id), _) => {
+                let input = args.input.as_deref().map(|i| json_object_arg(i, "--input")).transpose()?.unwrap_or_else(|| Value::Object(Map::new()));
+                let mut body = Map::from_iter([("input".to_owned(), input)]);
+                if let Some(version) = args.version {
+                    body.insert("version".to_owned(), Value::from(version));
+                }
+                Ok(Self::Stored { id: id.clone(), body: Value::Object(body) })
+            }
+            (None, Some(file)) => Ok(Self::File(Request::read(file, args.input.as_deref())?)),
+            (None, None) => Err(CliError::Usage("give a workflow FILE or --workflow ID".to_owned())),
+        }
     }
 }
 

@@ -5,26 +5,17 @@ use super::{Ctx, text};
 use crate::args::EstimateArgs;
 use crate::exit::{CliError, Exit};
 use crate::format::usd;
-use crate::source::{Request, json_object_arg};
+use crate::source::Source;
 use crate::term::{dim, table};
 use serde_json::{Value, json};
 
 pub fn estimate(ctx: &Ctx, args: EstimateArgs) -> Result<Exit, CliError> {
-    let (path, body) = match (&args.workflow, &args.file) {
-        (Some(id), _) => {
-            let input = args.input.as_deref().map(|i| json_object_arg(i, "--input")).transpose()?.unwrap_or_else(|| json!({}));
-            let mut body = json!({ "input": input });
-            if let Some(version) = args.version {
-                body["version"] = json!(version);
-            }
-            (ctx.api.scoped(&format!("/workflows/{id}/estimate")), body)
-        }
-        (None, Some(file)) => {
+    let (path, body) = match Source::of(&args.source)? {
+        Source::Stored { id, body } => (ctx.api.scoped(&format!("/workflows/{id}/estimate")), body),
+        Source::File(request) => {
             ctx.api.require_token("chainrun estimate FILE")?;
-            let request = Request::read(file, args.input.as_deref())?;
             ("/workflows/estimate".to_owned(), json!({ "workflow": request.workflow, "input": request.input }))
         }
-        (None, None) => return Err(CliError::Usage("give a workflow FILE or --workflow ID".to_owned())),
     };
     let estimate = ctx.api.post(&path, &body)?;
     if ctx.ui.json {

@@ -6,29 +6,23 @@ use crate::args::RunArgs;
 use crate::exit::{CliError, Exit};
 use crate::live::Follower;
 use crate::report;
-use crate::source::{Request, json_object_arg};
+use crate::source::Source;
 use crate::term::{bold, dim};
 use crate::wire::{Run, is_terminal};
 use serde_json::{Value, json};
 
 pub fn run(ctx: &Ctx, args: RunArgs) -> Result<Exit, CliError> {
-    let (path, body) = match (&args.workflow, &args.file) {
-        (Some(id), _) => {
-            let input = args.input.as_deref().map(|i| json_object_arg(i, "--input")).transpose()?.unwrap_or_else(|| json!({}));
-            let mut body = json!({ "input": input });
-            if let Some(version) = args.version {
-                body["version"] = json!(version);
-            }
+    let (path, body) = match Source::of(&args.source)? {
+        Source::Stored { id, mut body } => {
             if args.auto_approve {
                 body["options"] = json!({ "auto_approve": true });
             }
             // Without a token: a PUBLIC workflow may still be run, under /public.
             (ctx.api.scoped(&format!("/workflows/{id}/runs")), body)
         }
-        (None, Some(file)) => {
+        Source::File(request) => {
             // An inline definition has no owner who could have made it public.
             ctx.api.require_token("chainrun run FILE")?;
-            let request = Request::read(file, args.input.as_deref())?;
             let mut body = json!({ "workflow": request.workflow, "input": request.input });
             let mut options = request.options;
             if args.auto_approve {
@@ -39,7 +33,6 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<Exit, CliError> {
             }
             ("/runs".to_owned(), body)
         }
-        (None, None) => return Err(CliError::Usage("give a workflow FILE or --workflow ID".to_owned())),
     };
     let accepted = ctx.api.post(&path, &body)?;
     let run_id = id_in(&accepted, "run_id", "POST /runs")?;

@@ -18,6 +18,14 @@ const chainrun = (() => {
     return sessionStorage.getItem(TOKEN_KEY);
   }
 
+  // A link with another token, opened in this tab, does not reload the page: `then` gets
+  // the new token and draws again.
+  function onTokenLink(then) {
+    window.addEventListener('hashchange', () => {
+      if (/(?:^#|&)token=/.test(location.hash)) then(takeToken());
+    });
+  }
+
   function forgetToken() {
     sessionStorage.removeItem(TOKEN_KEY);
   }
@@ -167,5 +175,5 @@ const chainrun = (() => {
     return text.length > max ? text.slice(0, max - 1) + '…' : text;
   }
 
-  return { takeToken, forgetToken, ApiError, get, setState, askToken, showProblem, clearProblem, notice, svg, el, clear, usd, picoOf, usdOf, count, duration, clip };
+  return { takeToken, onTokenLink, forgetToken, ApiError, get, setState, askToken, showProblem, clearProblem, notice, svg, el, clear, usd, picoOf, usdOf, count, duration, clip };
 })();
