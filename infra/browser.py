@@ -163,6 +163,8 @@ class Page:
             self.ws = self._resources.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
             self.send("Page.enable")
             self.send("Runtime.enable")
+            # The browser's own messages: a script the policy blocked, a failed request.
+            self.send("Log.enable")
         except BaseException:
             self.close()
             raise
@@ -199,6 +201,9 @@ class Page:
             details = params.get("exceptionDetails", {})
             text = details.get("exception", {}).get("description") or details.get("text", "")
             self.console.append(f"exception: {text}")
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") in ("error", "warning"):
+            entry = params["entry"]
+            self.console.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".rstrip())
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
             args = " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
             self.console.append(f"console.{params['type']}: {args}")
@@ -223,8 +228,26 @@ class Page:
                 return message.get("result", {})
             self._note(message)
 
-    def open(self, url: str) -> None:
-        self.send("Page.navigate", url=url)
+    def open(self, url: str, tries: int = 3) -> None:
+        """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all):
+        the local stack's `cargo lambda watch` now and then answers 500 without invoking the
+        function at all, as a user's reload would get past; the retry is noted in `console`."""
+        for attempt in range(1, tries + 1):
+            result = self.send("Page.navigate", url=url)
+            if result.get("errorText"):
+                raise BrowserError(f"navigating to {url} failed: {result['errorText']}")
+            wait_until(self._loaded, 30, 0.05)
+            status = self.evaluate("(performance.getEntriesByType('navigation')[0] || {}).responseStatus || 0")
+            if not (isinstance(status, int) and status >= 500) or attempt == tries:
+                return
+            self.console.append(f"open: {url} answered {status}; loading it again")
+            time.sleep(0.5)
+
+    def _loaded(self) -> bool:
+        try:
+            return self.evaluate("document.readyState") == "complete"
+        except BrowserError:  # between two documents
+            return False
 
     def evaluate(self, expression: str):
         """The JSON value of a script expression in the page (promises are awaited)."""
@@ -247,7 +270,8 @@ class Page:
                 if last is True:
                     return
             time.sleep(interval_s)
-        state = self.evaluate("document.body ? JSON.stringify(document.body.dataset) : 'no body'")
+        state = self.evaluate("JSON.stringify({href: location.href, title: document.title, "
+                              "dataset: document.body ? document.body.dataset : null})")
         raise BrowserError(f"{expression!r} did not hold in {timeout_s}s (last: {last!r}; body: {state}; console: {self.console})")
 
     def dom(self) -> str:

@@ -377,17 +377,24 @@ def test_show_mermaid_draws_the_runs_graph_with_statuses_timings_and_the_route_t
     assert as_json == {"run_id": run, "revision": 0, "mermaid": chart}
 
 
-def test_without_a_token_a_public_workflow_runs_and_is_followed_through_the_public_routes(cli, stack, devmodel, write):
+def test_without_a_token_a_public_workflow_runs_and_is_followed_through_the_public_routes(cli, stack, api, devmodel, write):
     m = marker("cli-public")
     add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "hello, anyone"}})
     path = write("wf.json", workflow("cli-public", [{"id": "greet", "type": "llm", "prompt": m}], output="{{ steps.greet.text }}"))
-    pushed = cli("--json", "workflows", "push", path, "--visibility", "PUBLIC", token=stack.token("cli-alice"))
+    owner = stack.token("cli-alice")
+    pushed = cli("--json", "workflows", "push", path, "--visibility", "PUBLIC", token=owner)
     assert pushed.code == 0 and pushed.json()["visibility"] == "PUBLIC", pushed
-    ran = cli("run", "--workflow", pushed.json()["id"])
-    out = plain(ran)
-    assert ran.code == 0 and re.search(r"^✓ greet\s+COMPLETED", out, re.M) and out.rstrip().endswith("output:\nhello, anyone"), ran
-    run = run_id_in(out)
-    assert cli("--json", "show", run).json()["status"] == "COMPLETED"
-    assert "s_greet(" in cli("show", run, "--mermaid").out
-    inline = cli("run", path)
-    assert inline.code == 2 and "`chainrun run FILE` needs a token" in inline.err, inline
+    try:
+        ran = cli("run", "--workflow", pushed.json()["id"])
+        out = plain(ran)
+        assert ran.code == 0 and re.search(r"^✓ greet\s+COMPLETED", out, re.M) and out.rstrip().endswith("output:\nhello, anyone"), ran
+        run = run_id_in(out)
+        assert cli("--json", "show", run).json()["status"] == "COMPLETED"
+        assert "s_greet(" in cli("show", run, "--mermaid").out
+        inline = cli("run", path)
+        assert inline.code == 2 and "`chainrun run FILE` needs a token" in inline.err, inline
+    finally:
+        # A PUBLIC workflow is listed to everyone on this session's stack: other modules'
+        # listings must not see it.
+        status, _, _ = api("DELETE", f"/workflows/{pushed.json()['id']}", token=owner)
+        assert status == 204, status

@@ -31,9 +31,18 @@ poll();
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # `/flaky/N`: answers 500 to the first N loads of that path, then the page.
+    failures: dict[str, int] = {}
+
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        body, kind = (PAGE, "text/html") if self.path == "/" else (json.dumps({"value": "forty-two"}).encode(), "application/json")
-        self.send_response(200)
+        status = 200
+        if self.path.startswith("/flaky/"):
+            seen = _Handler.failures.get(self.path, 0)
+            _Handler.failures[self.path] = seen + 1
+            status = 500 if seen < int(self.path.rsplit("/", 1)[1]) else 200
+        page = self.path == "/" or self.path.startswith("/flaky/")
+        body, kind = (PAGE, "text/html") if page else (json.dumps({"value": "forty-two"}).encode(), "application/json")
+        self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -74,6 +83,16 @@ def test_a_page_is_waited_for_on_a_condition_then_read_and_photographed(chromium
         page.evaluate("console.error('something broke'); true")
         page.evaluate("1")  # the console event arrives with the next answer
         assert any("something broke" in line for line in page.console), page.console
+
+
+def test_a_document_answered_with_a_5xx_is_loaded_again_a_bounded_number_of_times(chromium, site):
+    with browser.Page(width=800, height=600) as page:
+        page.open(site + "flaky/1")
+        assert _Handler.failures["/flaky/1"] == 2
+        assert any("answered 500; loading it again" in line for line in page.console), page.console
+        page.wait_for("document.body.dataset.state === 'done'", timeout_s=20)
+        page.open(site + "flaky/9", tries=3)
+        assert _Handler.failures["/flaky/9"] == 3, "three loads, then the 500 is left for the test to see"
 
 
 def test_the_headless_commands_see_the_page_after_its_virtual_time(chromium, site, tmp_path):
