@@ -203,12 +203,8 @@ pub struct ResumeArgs {
     pub text: Option<String>,
     #[arg(long)]
     pub comment: Option<String>,
-    /// Raise the run's budget to this many dollars (a decimal, read exactly).
-    #[arg(long, value_name = "USD")]
-    pub max_cost_usd: Option<String>,
-    /// Raise the run's token budget.
-    #[arg(long, value_name = "TOKENS")]
-    pub max_total_tokens: Option<u64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     #[command(flatten)]
     pub follow: FollowArg,
 }
@@ -239,11 +235,8 @@ pub struct RetryArgs {
     /// The revision you saw; a stale one is refused instead of starting another.
     #[arg(long)]
     pub revision: Option<u32>,
-    /// Raise the run's budget for the new revision (dollars, read exactly).
-    #[arg(long, value_name = "USD")]
-    pub max_cost_usd: Option<String>,
-    #[arg(long, value_name = "TOKENS")]
-    pub max_total_tokens: Option<u64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     #[command(flatten)]
     pub follow: FollowArg,
 }
@@ -290,4 +283,16 @@ pub enum WorkflowsCommand {
         #[arg(long)]
         version: Option<u32>,
     },
+}
+
+/// A raise of the run's budget (a resume of a run paused on its budget, or a retry's new
+/// revision).
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    /// Raise the run's budget to this many dollars (a decimal, read exactly).
+    #[arg(long, value_name = "USD")]
+    pub max_cost_usd: Option<String>,
+    /// Raise the run's token budget.
+    #[arg(long, value_name = "TOKENS")]
+    pub max_total_tokens: Option<u64>,
 }

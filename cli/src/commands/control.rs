@@ -4,7 +4,7 @@
 
 use super::Ctx;
 use super::run::{follow_and_report, follower};
-use crate::args::{OverrideArgs, ResumeArgs, RetryArgs};
+use crate::args::{BudgetArgs, OverrideArgs, ResumeArgs, RetryArgs};
 use crate::exit::{CliError, Exit};
 use crate::source::{json_arg, json_object_arg};
 use crate::term::bold;
@@ -31,7 +31,7 @@ pub fn resume(ctx: &Ctx, args: ResumeArgs) -> Result<Exit, CliError> {
     if let Some(comment) = &args.comment {
         body.insert("comment".into(), json!(comment));
     }
-    if let Some(budget) = budget(&args.max_cost_usd, args.max_total_tokens) {
+    if let Some(budget) = budget(&args.budget) {
         body.insert("budget".into(), budget);
     }
     if args.step.is_some() && args.decision.is_none() && args.values.is_none() && args.text.is_none() {
@@ -59,7 +59,7 @@ pub fn retry(ctx: &Ctx, args: RetryArgs) -> Result<Exit, CliError> {
     if let Some(revision) = args.revision {
         body.insert("revision".into(), json!(revision));
     }
-    if let Some(budget) = budget(&args.max_cost_usd, args.max_total_tokens) {
+    if let Some(budget) = budget(&args.budget) {
         body.insert("budget".into(), budget);
     }
     steer(ctx, &args.run, &format!("/runs/{}/steps/{}/retry", args.run, args.step), Value::Object(body), args.follow.follow, Method::Post)
@@ -149,12 +149,12 @@ fn accepted_line(run: &str, answer: &Value) -> String {
 }
 
 /// A budget raise: `max_cost_usd` is sent as the decimal string given, read exactly.
-fn budget(max_cost_usd: &Option<String>, max_total_tokens: Option<u64>) -> Option<Value> {
+fn budget(raise: &BudgetArgs) -> Option<Value> {
     let mut budget = Map::new();
-    if let Some(usd) = max_cost_usd {
+    if let Some(usd) = &raise.max_cost_usd {
         budget.insert("max_cost_usd".into(), json!(usd));
     }
-    if let Some(tokens) = max_total_tokens {
+    if let Some(tokens) = raise.max_total_tokens {
         budget.insert("max_total_tokens".into(), json!(tokens));
     }
     (!budget.is_empty()).then_some(Value::Object(budget))
