@@ -31,12 +31,15 @@ use std::sync::LazyLock;
 
 const STYLE: &str = include_str!("../assets/page.css");
 const COMMON: &str = include_str!("../assets/page.js");
+const MESSAGES: &str = include_str!("../assets/messages.html");
 const RUN_PAGE: &str = include_str!("../assets/run.html");
 const COST_PAGE: &str = include_str!("../assets/costs.html");
 
 /// Where a page's HTML takes the shared stylesheet and script.
 const STYLE_SLOT: &str = "/*chainrun:style*/";
 const COMMON_SLOT: &str = "/*chainrun:common*/";
+/// …and the notice, token form and problem box the shared script fills (`page.js`).
+const MESSAGES_SLOT: &str = "<!--chainrun:messages-->";
 
 /// A page as served: its HTML, and the policy allowing exactly its inline blocks.
 struct Page {
@@ -49,7 +52,7 @@ static COSTS: LazyLock<Page> = LazyLock::new(|| Page::assemble(COST_PAGE));
 
 impl Page {
     fn assemble(template: &str) -> Self {
-        let html = template.replacen(STYLE_SLOT, STYLE, 1).replacen(COMMON_SLOT, COMMON, 1);
+        let html = template.replacen(STYLE_SLOT, STYLE, 1).replacen(COMMON_SLOT, COMMON, 1).replacen(MESSAGES_SLOT, MESSAGES, 1);
         let hashes = |tag: &str| {
             inline_blocks(&html, tag).map(|block| format!("'sha256-{}'", STANDARD.encode(Sha256::digest(block)))).collect::<Vec<_>>().join(" ")
         };
@@ -121,10 +124,10 @@ mod tests {
     }
 
     #[test]
-    fn the_shared_style_and_script_are_spliced_into_both_pages() {
+    fn the_shared_style_script_and_messages_are_spliced_into_both_pages() {
         for page in [&*RUN, &*COSTS] {
-            assert!(!page.html.contains(STYLE_SLOT) && !page.html.contains(COMMON_SLOT));
-            assert!(page.html.contains(COMMON.trim()) && page.html.contains(STYLE.trim()));
+            assert!(!page.html.contains(STYLE_SLOT) && !page.html.contains(COMMON_SLOT) && !page.html.contains(MESSAGES_SLOT));
+            assert!(page.html.contains(COMMON.trim()) && page.html.contains(STYLE.trim()) && page.html.contains(MESSAGES.trim()));
         }
     }
 }
