@@ -16,6 +16,7 @@
 use crate::money::{MoneyError, Usd};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use chrono::NaiveDate;
 use std::collections::BTreeMap;
 
 const BUILTIN: &str = include_str!("../models.json");
@@ -63,6 +64,96 @@ pub struct ModelInfo {
     pub streaming: bool,
     /// Whether the Converse API accepts tool definitions for this model.
     pub tools: bool,
+    /// Explicit prompt caching (Converse `cachePoint`), where the model offers it.
+    pub cache: Option<CacheRules>,
+    /// The service tiers beyond `default` the model offers, as a percent of these prices.
+    pub tiers: BTreeMap<ServiceTier, u64>,
+    /// Batch inference, where the model offers it.
+    pub batch: Option<BatchRules>,
+    /// Whether Converse accepts `outputConfig.textFormat` (a JSON Schema) for this model.
+    pub structured_output: bool,
+    pub lifecycle: Lifecycle,
+}
+
+/// What a Converse `cachePoint` needs on this model. Bedrock counts a checkpoint's prefix
+/// from the start of the request and ignores (without an error) one placed before the
+/// prefix reaches the minimum: the n-th checkpoint needs `n × min_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRules {
+    pub min_tokens: u32,
+    pub max_points: u8,
+}
+
+/// Batch inference: a model invocation job over a JSONL file, at `pct` percent of the
+/// on-demand price, refused by Bedrock below `min_records` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRules {
+    pub pct: u64,
+    pub min_records: u32,
+}
+
+/// Bedrock's on-demand service tiers (`reserved` needs a reservation and is not offered).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    #[default]
+    Default,
+    Flex,
+    Priority,
+}
+
+impl ServiceTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Default => "default",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+        }
+    }
+}
+
+/// Where a model stands in Bedrock's lifecycle (Active, Legacy, End-of-Life), by date.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// The day AWS listed the model as Legacy.
+    pub deprecated_after: Option<NaiveDate>,
+    /// The first day Bedrock no longer serves it.
+    pub end_of_life: Option<NaiveDate>,
+}
+
+/// How far ahead of its end of life a model is warned about when nothing else says so.
+pub const END_OF_LIFE_NOTICE_DAYS: i64 = 90;
+
+/// What validation says about a model's lifecycle on a given day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LifecycleStatus {
+    Active,
+    /// Still served; the message says why a workflow should move off it.
+    Warn(String),
+    /// No longer served: a call would fail.
+    Retired(String),
+}
+
+impl Lifecycle {
+    pub fn status(&self, model: &str, today: NaiveDate) -> LifecycleStatus {
+        if let Some(eol) = self.end_of_life {
+            if today >= eol {
+                return LifecycleStatus::Retired(format!("{model} reached its end of life on Bedrock on {eol} and is no longer served"));
+            }
+            let left = (eol - today).num_days();
+            if left <= END_OF_LIFE_NOTICE_DAYS || self.deprecated_after.is_some_and(|d| today >= d) {
+                return LifecycleStatus::Warn(format!("{model} is a legacy model: Bedrock stops serving it on {eol} ({left} days from now)"));
+            }
+        }
+        match self.deprecated_after {
+            Some(since) if today >= since => {
+                LifecycleStatus::Warn(format!("{model} is a legacy model on Bedrock since {since}: move to a current model before its end of life is announced"))
+            }
+            _ => LifecycleStatus::Active,
+        }
+    }
 }
 
 impl ModelInfo {
@@ -99,6 +190,19 @@ impl ModelInfo {
             },
             ..self.clone()
         })
+    }
+
+    /// This model called in `tier`; `None` when the model does not offer it.
+    pub fn in_tier(&self, tier: ServiceTier) -> Option<Cow<'_, ModelInfo>> {
+        match tier {
+            ServiceTier::Default => Some(Cow::Borrowed(self)),
+            other => self.at_pct(*self.tiers.get(&other)?).map(Cow::Owned),
+        }
+    }
+
+    /// This model run as a batch inference job; `None` when the model does not offer it.
+    pub fn batched(&self) -> Option<ModelInfo> {
+        self.at_pct(self.batch?.pct)
     }
 
     fn prices(&self) -> [(&'static str, Option<Usd>); 4] {
@@ -208,6 +312,14 @@ struct PriceEntry {
     #[serde(default)]
     tools: bool,
     price_pct: Option<ScopePct>,
+    cache: Option<CacheRules>,
+    #[serde(default)]
+    tiers: BTreeMap<ServiceTier, u64>,
+    batch: Option<BatchRules>,
+    #[serde(default)]
+    structured_output: bool,
+    deprecated_after: Option<String>,
+    end_of_life: Option<String>,
 }
 
 fn yes() -> bool {
@@ -262,6 +374,17 @@ impl ModelRegistry {
             if e.max_output_tokens == 0 || e.max_output_tokens > e.context_window {
                 return Err(PricingError::OutputLimit { model: id, max_output_tokens: e.max_output_tokens, context_window: e.context_window });
             }
+            let date = |field: &'static str, raw: Option<&str>| -> Result<Option<NaiveDate>, PricingError> {
+                raw.map(|d| {
+                    NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                        .map_err(|_| PricingError::Shape(format!("model {id:?}, field {field}: {d:?} is not a date (YYYY-MM-DD)")))
+                })
+                .transpose()
+            };
+            let lifecycle = Lifecycle {
+                deprecated_after: date("deprecated_after", e.deprecated_after.as_deref())?,
+                end_of_life: date("end_of_life", e.end_of_life.as_deref())?,
+            };
             let info = ModelInfo {
                 input: price("input_per_1k", &e.input_per_1k)?,
                 output: price("output_per_1k", &e.output_per_1k)?,
@@ -271,8 +394,26 @@ impl ModelRegistry {
                 max_output_tokens: e.max_output_tokens,
                 streaming: e.streaming,
                 tools: e.tools,
+                cache: e.cache,
+                tiers: e.tiers,
+                batch: e.batch,
+                structured_output: e.structured_output,
+                lifecycle,
                 id: id.clone(),
             };
+            if info.tiers.contains_key(&ServiceTier::Default) {
+                return Err(PricingError::Shape(format!("model {id:?}: tiers lists only flex and priority; default is always the listed price")));
+            }
+            if let Some(rules) = info.cache
+                && (rules.min_tokens == 0 || rules.max_points == 0)
+            {
+                return Err(PricingError::Shape(format!("model {id:?}: cache.min_tokens and cache.max_points must be at least 1")));
+            }
+            if let (Some(from), Some(eol)) = (lifecycle.deprecated_after, lifecycle.end_of_life)
+                && from > eol
+            {
+                return Err(PricingError::Shape(format!("model {id:?}: deprecated_after ({from}) is after end_of_life ({eol})")));
+            }
             self.models.insert(id, Entry { info, scope_pct: e.price_pct });
         }
         self.profile_multipliers_pct.extend(file.profile_multipliers_pct);
@@ -285,15 +426,31 @@ impl ModelRegistry {
         for (id, entry) in &self.models {
             let applicable: Vec<(String, u64)> = match entry.scope_pct {
                 Some(pct) => Scope::ALL.iter().map(|s| (s.name().to_owned(), pct.get(*s))).collect(),
-                None => self.profile_multipliers_pct.iter().map(|(prefix, pct)| (format!("{prefix}. profile"), *pct)).collect(),
+                None => std::iter::once(("listed".to_owned(), 100))
+                    .chain(self.profile_multipliers_pct.iter().map(|(prefix, pct)| (format!("{prefix}. profile"), *pct)))
+                    .collect(),
             };
-            for (scope, pct) in applicable {
-                if !(1..=MAX_PCT).contains(&pct) {
-                    return Err(PricingError::PctOutOfRange { model: id.clone(), scope, pct });
-                }
-                for (field, price) in entry.info.prices() {
-                    if price.is_some_and(|p| p.pico().checked_mul(pct).is_none_or(|scaled| scaled % 100 != 0)) {
-                        return Err(PricingError::InexactPct { model: id.clone(), scope, field, pct });
+            // A tier or batch price applies on top of the scope's: both steps must stay exact.
+            let levers: Vec<(String, u64)> = std::iter::once((String::new(), 100))
+                .chain(entry.info.tiers.iter().map(|(tier, pct)| (format!(" in the {} tier", tier.as_str()), *pct)))
+                .chain(entry.info.batch.map(|b| (" in batch".to_owned(), b.pct)))
+                .collect();
+            for (scope, pct) in &applicable {
+                for (lever, lever_pct) in &levers {
+                    let scope = format!("{scope}{lever}");
+                    for p in [*pct, *lever_pct] {
+                        if !(1..=MAX_PCT).contains(&p) {
+                            return Err(PricingError::PctOutOfRange { model: id.clone(), scope, pct: p });
+                        }
+                    }
+                    for (field, price) in entry.info.prices() {
+                        let exact = |p: Usd| {
+                            p.pico().checked_mul(*pct).is_some_and(|scaled| scaled % 100 == 0)
+                                && (p.pico() * pct / 100).checked_mul(*lever_pct).is_some_and(|scaled| scaled % 100 == 0)
+                        };
+                        if price.is_some_and(|p| !exact(p)) {
+                            return Err(PricingError::InexactPct { model: id.clone(), scope, field, pct: pct * lever_pct / 100 });
+                        }
                     }
                 }
             }
@@ -514,10 +671,11 @@ mod tests {
 
     #[test]
     fn a_deployment_wide_profile_percentage_must_be_exact_for_every_model() {
-        // Nova Micro's cache read is 8,750 pico-dollars per token; 101% of it is 8,837.5.
+        // Nova Micro's cache read is 8,750 pico-dollars per token; 101% of it is 8,837.5
+        // (and Nova 2 Lite's in the priority tier, 75,000 × 101% × 175%, is not whole either).
         let err = ModelRegistry::load(Some(r#"{"profile_multipliers_pct":{"eu":101}}"#)).unwrap_err();
         assert!(
-            matches!(&err, PricingError::InexactPct { model, scope, .. } if model == "amazon.nova-micro-v1:0" && scope == "eu. profile"),
+            matches!(&err, PricingError::InexactPct { scope, .. } if scope.starts_with("eu. profile")),
             "{err}"
         );
     }
@@ -556,5 +714,93 @@ mod tests {
         let r = ModelRegistry::builtin();
         assert!(r.get("us.amazon.nova-pro-v1:0").unwrap().tools);
         assert!(!r.get("mistral.mistral-7b-instruct-v0:2").unwrap().tools);
+    }
+    #[test]
+    fn the_registry_lists_the_current_claude_generation_with_its_cache_rules() {
+        let r = ModelRegistry::builtin();
+        for (id, min_tokens) in [
+            ("anthropic.claude-sonnet-4-6", 1024),
+            ("anthropic.claude-opus-4-5-20251101-v1:0", 4096),
+            ("anthropic.claude-opus-4-6-v1", 4096),
+            ("anthropic.claude-opus-4-7", 4096),
+            (HAIKU_4_5, 4096),
+        ] {
+            let m = r.get(&format!("global.{id}")).unwrap_or_else(|| panic!("{id} is not on the sheet"));
+            assert_eq!(m.cache.map(|c| c.min_tokens), Some(min_tokens), "{id}");
+            assert!(m.structured_output && m.batch.is_some(), "{id}");
+            // Cache writes cost 1.25× input and reads 0.1×, on every Claude of this generation.
+            assert_eq!(m.cache_write.map(|w| w.pico() * 4), Some(m.input.pico() * 5), "{id}");
+            assert_eq!(m.cache_read.map(|w| w.pico() * 10), Some(m.input.pico()), "{id}");
+        }
+        // Opus 4.5: $0.005/1K in, 10% more through a geographic profile.
+        assert_eq!(r.get("us.anthropic.claude-opus-4-5-20251101-v1:0").unwrap().input, Usd::from_pico(5_500_000));
+    }
+
+    #[test]
+    fn a_service_tier_is_priced_at_its_percentage_and_only_where_the_model_offers_it() {
+        // gpt-oss-120b: $0.00015/1K in, $0.0006/1K out. 10,000 in + 1,000 out:
+        //   default  0.0015 + 0.0006 = $0.0021
+        //   flex     50%  → $0.00105
+        //   priority 175% → $0.003675
+        let r = ModelRegistry::builtin();
+        let m = r.get("openai.gpt-oss-120b-1:0").unwrap();
+        let u = usage(10_000, 1_000, 0, 0);
+        let at = |tier| m.in_tier(tier).unwrap().cost(&u).unwrap().to_string();
+        assert_eq!(at(ServiceTier::Default), "0.0021");
+        assert_eq!(at(ServiceTier::Flex), "0.00105");
+        assert_eq!(at(ServiceTier::Priority), "0.003675");
+        let haiku = r.get(HAIKU_4_5).unwrap();
+        assert!(haiku.in_tier(ServiceTier::Flex).is_none(), "Claude offers no flex tier");
+        assert!(haiku.in_tier(ServiceTier::Default).is_some());
+    }
+
+    #[test]
+    fn batch_inference_costs_half_the_on_demand_price() {
+        // Haiku 4.5 through us.: $0.0011/1K in, $0.0055/1K out; 2,000 in + 500 out on demand
+        // = 0.0022 + 0.00275 = $0.00495, in batch $0.002475.
+        let r = ModelRegistry::builtin();
+        let m = r.get(&format!("us.{HAIKU_4_5}")).unwrap();
+        let u = usage(2_000, 500, 0, 0);
+        assert_eq!(m.cost(&u).unwrap().to_string(), "0.00495");
+        assert_eq!(m.batched().unwrap().cost(&u).unwrap().to_string(), "0.002475");
+        assert_eq!(m.batch.map(|b| b.min_records), Some(100));
+        assert!(r.get("deepseek.v3-v1:0").unwrap().batched().is_none());
+    }
+
+    #[test]
+    fn lifecycle_warns_for_a_legacy_model_or_one_near_its_end_and_retires_one_past_it() {
+        let day = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        let r = ModelRegistry::builtin();
+        let sonnet_3_7 = r.get("anthropic.claude-3-7-sonnet-20250219-v1:0").unwrap();
+        assert!(matches!(sonnet_3_7.lifecycle.status("m", day("2026-12-06")), LifecycleStatus::Retired(m) if m.contains("2026-04-28")));
+        assert!(matches!(sonnet_3_7.lifecycle.status("m", day("2026-04-27")), LifecycleStatus::Warn(m) if m.contains("1 days")));
+        assert_eq!(r.get(HAIKU_4_5).unwrap().lifecycle.status("m", day("2026-12-06")), LifecycleStatus::Active);
+        let legacy = r.get("anthropic.claude-3-5-haiku-20241022-v1:0").unwrap();
+        assert!(matches!(legacy.lifecycle.status("m", day("2026-12-06")), LifecycleStatus::Warn(_)));
+        assert_eq!(legacy.lifecycle.status("m", day("2025-10-31")), LifecycleStatus::Active);
+        // An end of life 90 days out warns even without a legacy date; 91 days out does not.
+        let eol_only = Lifecycle { deprecated_after: None, end_of_life: Some(day("2027-03-06")) };
+        assert!(matches!(eol_only.status("m", day("2026-12-06")), LifecycleStatus::Warn(_)));
+        assert_eq!(eol_only.status("m", day("2026-12-05")), LifecycleStatus::Active);
+    }
+
+    #[test]
+    fn bad_lever_entries_are_rejected_with_the_model_named() {
+        let entry = |extra: &str| {
+            format!(r#"{{"models":{{"m":{{"input_per_1k":"0.001","output_per_1k":"0.002","context_window":10,"max_output_tokens":1,{extra}}}}}}}"#)
+        };
+        for (extra, says) in [
+            (r#""tiers":{"default":90}"#, "default"),
+            (r#""tiers":{"turbo":90}"#, "turbo"),
+            (r#""cache":{"min_tokens":0,"max_points":4}"#, "min_tokens"),
+            (r#""deprecated_after":"2026-05-01","end_of_life":"2026-01-01""#, "deprecated_after"),
+            (r#""end_of_life":"someday""#, "end_of_life"),
+        ] {
+            let err = ModelRegistry::load(Some(&entry(extra))).unwrap_err().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        // $0.000000001/1K is 1 pico-dollar per token: its batch price at 33% would be 0.33.
+        let json = r#"{"models":{"m":{"input_per_1k":"0.000000001","output_per_1k":"0.002","context_window":10,"max_output_tokens":1,"batch":{"pct":33,"min_records":100}}}}"#;
+        assert!(matches!(ModelRegistry::load(Some(json)), Err(PricingError::InexactPct { ref scope, .. }) if scope.contains("batch")));
     }
 }
