@@ -109,7 +109,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import random
@@ -123,7 +125,7 @@ import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
 
-from . import INFRA
+from . import INFRA, ROOT
 from .serve import StoppableServer, read_body, serve_until_stopped
 
 # HTTP status for each error Converse / ConverseStream can return before the body starts
@@ -160,9 +162,88 @@ RULE_KEYS = {
 MATCH_KEYS = {"model", "prompt_contains", "system_contains", "prompt_regex", "stream"}
 USAGE_KEYS = {"input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"}
 
+# The model registry chainrun prices and validates with; the cost levers a model offers
+# live there and nowhere else.
+DEFAULT_MODELS = ROOT / "shared" / "models.json"
+# Cross-region inference profile prefixes (the registry's `_doc` lists the same).
+PROFILE_PREFIXES = ("global.", "us-gov.", "us.", "eu.", "apac.", "jp.", "au.")
+# Bedrock's default cache checkpoint lives 5 minutes, refreshed by every hit.
+CACHE_TTL_S = 300.0
+SERVICE_TIERS = ("default", "flex", "priority")
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_CHARS = 256
+# The service model's pattern for requestMetadata keys and values. re.ASCII: Smithy's
+# \s is ASCII whitespace, Python's would also take Unicode spaces.
+METADATA_CHARS = re.compile(r"[a-zA-Z0-9\s:_@$#=/+,.-]*", re.ASCII)
+
 
 class RulesError(ValueError):
     """A rules document is invalid; the message starts with the offending field path."""
+
+
+class RegistryError(ValueError):
+    """The model registry is unreadable; the message names the file and the bad field."""
+
+
+# --------------------------------------------------------------------------------------
+# Model registry: which cost levers each model offers
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Levers:
+    """What one model offers beyond a plain on-demand call."""
+
+    cache_min_tokens: int | None = None  # None: no explicit prompt caching
+    cache_max_points: int = 0
+    tiers: frozenset = frozenset()       # tiers beyond default
+    structured_output: bool = False
+
+
+NO_LEVERS = Levers()
+
+
+def load_registry(path) -> dict[str, Levers]:
+    """Read the levers of every model in models.json; raise RegistryError naming the field."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path}: cannot read the model registry: {exc}") from exc
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict):
+        raise RegistryError(f"{path}: models: must be an object")
+    registry = {}
+    for model_id, entry in models.items():
+        where = f"{path}: models.{model_id}"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{where}: must be an object")
+        cache = entry.get("cache")
+        min_tokens, max_points = None, 0
+        if cache is not None:
+            if not isinstance(cache, dict):
+                raise RegistryError(f"{where}.cache: must be an object")
+            for key in ("min_tokens", "max_points"):
+                value = cache.get(key)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise RegistryError(f"{where}.cache.{key}: must be an integer >= 1")
+            min_tokens, max_points = cache["min_tokens"], cache["max_points"]
+        tiers = entry.get("tiers", {})
+        if not isinstance(tiers, dict) or any(t not in SERVICE_TIERS[1:] for t in tiers):
+            raise RegistryError(f"{where}.tiers: must be an object keyed by {' / '.join(SERVICE_TIERS[1:])}")
+        structured = entry.get("structured_output", False)
+        if not isinstance(structured, bool):
+            raise RegistryError(f"{where}.structured_output: must be true or false")
+        registry[model_id] = Levers(min_tokens, max_points, frozenset(tiers), structured)
+    return registry
+
+
+def bare_model_id(model_id: str) -> str:
+    """The registry key of a model id: an inference profile id without its prefix."""
+    for prefix in PROFILE_PREFIXES:
+        if model_id.startswith(prefix):
+            return model_id[len(prefix):]
+    return model_id
 
 
 # --------------------------------------------------------------------------------------
@@ -411,13 +492,60 @@ def parse_rules_document(doc) -> tuple[Rule, list[Rule]]:
 
 
 class DevModelState:
-    """Rules, per-rule counters and the call log, shared by all handler threads."""
+    """Rules, per-rule counters, the call log and the prompt cache, shared by all handler
+    threads."""
 
-    def __init__(self, rules_doc: dict):
+    def __init__(self, rules_doc: dict, models_path=None, clock=None):
         self.lock = threading.Lock()
         self.default, self.rules = parse_rules_document(rules_doc)
+        self.registry = load_registry(DEFAULT_MODELS if models_path is None else models_path)
+        # Monotonic seconds; tests pass their own to expire cache entries without waiting.
+        self.clock = clock or time.monotonic
+        # Prompt cache: digest of (bare model id, prefix) -> clock time it expires.
+        self.cache: dict[bytes, float] = {}
         self.calls: list[dict] = []
         self.seq = 0
+
+    def levers(self, model_id: str) -> Levers:
+        return self.registry.get(bare_model_id(model_id), NO_LEVERS)
+
+    def settle_cache(self, model_id: str, levers: Levers, checkpoints: list) -> tuple[int, int]:
+        """(cache read tokens, cache write tokens) of a call, as Bedrock counts them, and
+        the cache updated accordingly.
+
+        A checkpoint counts only if its prefix reaches n x min_tokens (n its 1-based
+        position). From the longest counting prefix down, the first one cached (and
+        unexpired) is read and its TTL refreshed; every counting prefix longer than it is
+        written, and the write is reported as the tokens between the read prefix and the
+        longest one (the model processes those once, at the write price).
+        """
+        bare = bare_model_id(model_id)
+        counting = []  # (prefix tokens, cache key), shortest first
+        for n, (system, prompt) in enumerate(checkpoints, 1):
+            tokens = estimate_tokens(system + prompt)
+            if tokens >= n * levers.cache_min_tokens:
+                counting.append((tokens, self._cache_key(bare, system, prompt)))
+        if not counting:
+            return 0, 0
+        with self.lock:
+            now = self.clock()
+            for key in [k for k, expires in self.cache.items() if expires <= now]:
+                del self.cache[key]  # keeps a long-lived stack's cache bounded
+            hit = next((i for i in range(len(counting) - 1, -1, -1)
+                        if counting[i][1] in self.cache), None)
+            read = 0 if hit is None else counting[hit][0]
+            # Refresh the hit's TTL and write every longer prefix.
+            for _, key in counting[hit or 0:]:
+                self.cache[key] = now + CACHE_TTL_S
+        return read, counting[-1][0] - read
+
+    @staticmethod
+    def _cache_key(bare_model: str, system: str, prompt: str) -> bytes:
+        digest = hashlib.sha256()
+        for part in (bare_model, system, prompt):
+            data = part.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "big") + data)
+        return digest.digest()
 
     def replace_rules(self, doc) -> None:
         default, rules = parse_rules_document(doc)  # validate before touching state
@@ -437,6 +565,7 @@ class DevModelState:
     def reset(self) -> None:
         with self.lock:
             self.calls.clear()
+            self.cache.clear()
             self.seq = 0
             for rule in [self.default, *self.rules]:
                 rule.restart()
@@ -446,8 +575,8 @@ class DevModelState:
             return {"default": copy.deepcopy(self.default.source),
                     "rules": [copy.deepcopy(r.source) for r in self.rules]}
 
-    def record_call(self, model: str, prompt: str, system: str, stream: bool,
-                    inference: dict) -> tuple[Rule | None, int, bool, dict]:
+    def record_call(self, model: str, request: ConverseRequest,
+                    stream: bool) -> tuple[Rule | None, int, bool, dict]:
         """Log an incoming model call, pick its rule, bump that rule's counter and draw
         its fail_rate.
 
@@ -455,6 +584,7 @@ class DevModelState:
         fail_rate fails it, log entry). Matching, counting and drawing happen under one
         lock so concurrent retries of the same rule see distinct call numbers and draws.
         """
+        prompt, system = request.prompt, request.system
         with self.lock:
             rule = next((r for r in self.rules if r.matches(model, prompt, system, stream)), None)
             chosen = rule or self.default
@@ -468,25 +598,36 @@ class DevModelState:
                 "prompt": prompt,
                 "system": system,
                 "stream": stream,
-                "max_tokens": inference.get("maxTokens"),
+                "max_tokens": request.inference.get("maxTokens"),
                 "status": None,  # filled in once the outcome is known
                 "error": None,
                 "stop_reason": None,
                 "usage": None,
+                **request.log_fields(),
+                "cache_read_tokens": None,  # as reported, once the usage is known
+                "cache_write_tokens": None,
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             }
             self.calls.append(entry)
             return rule, chosen.calls, rate_failure, entry
 
-    def record_rejected_call(self, model: str, stream: bool, message: str) -> None:
-        """Log a call whose body could not even be parsed (it still counts as received)."""
+    def record_rejected_call(self, model: str, stream: bool, message: str,
+                             request: ConverseRequest | None) -> None:
+        """Log a call Bedrock would refuse before the model runs (it still counts as
+        received, but no rule sees it); request is None when the body was unreadable."""
+        asked = request.log_fields() if request else {
+            "cache_points": 0, "service_tier": None, "request_metadata": None, "output_schema": None}
         with self.lock:
             self.seq += 1
             self.calls.append({
-                "seq": self.seq, "model": model, "rule": None, "prompt": "", "system": "",
-                "stream": stream, "max_tokens": None, "status": 400,
-                "error": "ValidationException", "error_message": message,
+                "seq": self.seq, "model": model, "rule": None,
+                "prompt": request.prompt if request else "",
+                "system": request.system if request else "",
+                "stream": stream,
+                "max_tokens": request.inference.get("maxTokens") if request else None,
+                "status": 400, "error": "ValidationException", "error_message": message,
                 "stop_reason": None, "usage": None,
+                **asked, "cache_read_tokens": None, "cache_write_tokens": None,
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             })
 
@@ -515,23 +656,82 @@ class BadRequest(Exception):
     """The model call body is not a valid Converse request (-> ValidationException)."""
 
 
-def extract_request_text(body: dict) -> tuple[str, str, dict]:
-    """Return (prompt text, system text, inferenceConfig) from a Converse request body."""
+@dataclasses.dataclass
+class ConverseRequest:
+    """What devmodel reads from a Converse body: the text, the inference settings and the
+    cost levers as sent (checked against the model by `check_levers`)."""
+
+    prompt: str
+    system: str
+    inference: dict
+    # (system text, prompt text) before each cachePoint, in request order.
+    checkpoints: list
+    service_tier: object = None      # body["serviceTier"] as sent
+    request_metadata: object = None  # body["requestMetadata"] as sent
+    output_config: object = None     # body["outputConfig"] as sent
+    output_schema: object = None     # the parsed JSON Schema once check_levers accepted it
+
+    def log_fields(self) -> dict:
+        """The levers as the call log shows them (what was asked, even when refused)."""
+        tier = self.service_tier.get("type") if isinstance(self.service_tier, dict) else None
+        return {
+            "cache_points": len(self.checkpoints),
+            "service_tier": tier,
+            "request_metadata": self.request_metadata if isinstance(self.request_metadata, dict) else None,
+            "output_schema": self.output_schema,
+        }
+
+
+def _read_blocks(blocks, where: str) -> list[str | None]:
+    """The text of each text block and None for each cachePoint, in order."""
+    if not isinstance(blocks, list):
+        raise BadRequest(f"{where} must be a list")
+    items: list[str | None] = []
+    for index, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            continue  # lenient, as before: only text and cache points matter here
+        if isinstance(block.get("text"), str):
+            items.append(block["text"])
+        elif "cachePoint" in block:
+            point = block["cachePoint"]
+            if not isinstance(point, dict) or point.get("type") != "default":
+                raise BadRequest(f'{where}[{index}].cachePoint.type must be "default"')
+            if point.get("ttl", "5m") != "5m":
+                # Bedrock also has a 1-hour TTL for some models; the registry prices only
+                # the 5-minute write, so devmodel refuses what it would simulate wrongly.
+                raise BadRequest(f'{where}[{index}].cachePoint.ttl: devmodel serves only "5m"')
+            items.append(None)
+        # Other blocks (images, tool use) carry no prompt text.
+    return items
+
+
+def parse_request(body) -> ConverseRequest:
+    """Read a Converse request body; raise BadRequest for a body Bedrock would refuse
+    whatever the model."""
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
-    texts = []
-    for message in messages:
+    # Each checkpoint's prefix keeps its system and prompt parts apart, joined exactly as
+    # the whole request's are, so a prefix's estimate is comparable with the total's.
+    checkpoints: list[tuple[str, str]] = []
+    system_texts: list[str] = []
+    for item in _read_blocks(body.get("system") or [], "system"):
+        if item is None:
+            checkpoints.append(("\n".join(system_texts), ""))
+        else:
+            system_texts.append(item)
+    system = "\n".join(system_texts)
+    texts: list[str] = []
+    for m_index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise BadRequest("each message must be an object")
-        for block in message.get("content") or []:
-            # Non-text blocks (images, tool use, cache points) carry no prompt text.
-            if isinstance(block, dict) and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-    system_texts = [b["text"] for b in body.get("system") or []
-                    if isinstance(b, dict) and isinstance(b.get("text"), str)]
+        for item in _read_blocks(message.get("content") or [], f"messages[{m_index}].content"):
+            if item is None:
+                checkpoints.append((system, "\n".join(texts)))
+            else:
+                texts.append(item)
     inference = body.get("inferenceConfig") or {}
     if not isinstance(inference, dict):
         raise BadRequest("inferenceConfig must be an object")
@@ -539,18 +739,79 @@ def extract_request_text(body: dict) -> tuple[str, str, dict]:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
                                    or max_tokens < 1):
         raise BadRequest("inferenceConfig.maxTokens must be an integer >= 1")
-    return "\n".join(texts), "\n".join(system_texts), inference
+    return ConverseRequest(
+        prompt="\n".join(texts), system=system, inference=inference, checkpoints=checkpoints,
+        service_tier=body.get("serviceTier"), request_metadata=body.get("requestMetadata"),
+        output_config=body.get("outputConfig"))
+
+
+def check_levers(request: ConverseRequest, model_id: str, levers: Levers) -> None:
+    """Refuse what Bedrock refuses about the cost levers (raise BadRequest with its reason);
+    on success fill in request.output_schema."""
+    if request.checkpoints:
+        if levers.cache_min_tokens is None:
+            raise BadRequest(f"The model {model_id} does not support prompt caching (cachePoint)")
+        if len(request.checkpoints) > levers.cache_max_points:
+            raise BadRequest(f"{len(request.checkpoints)} cachePoint blocks exceed the maximum of "
+                             f"{levers.cache_max_points} for model {model_id}")
+
+    if request.service_tier is not None:
+        tier = request.service_tier.get("type") if isinstance(request.service_tier, dict) else None
+        if tier not in SERVICE_TIERS:
+            raise BadRequest(f"serviceTier.type must be one of {', '.join(SERVICE_TIERS)} (got {tier!r})")
+        if tier != "default" and tier not in levers.tiers:
+            raise BadRequest(f"The model {model_id} does not support the {tier} service tier")
+
+    metadata = request.request_metadata
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise BadRequest("requestMetadata must be a map of strings")
+        if len(metadata) > METADATA_MAX_PAIRS:
+            raise BadRequest(f"requestMetadata has {len(metadata)} pairs; at most {METADATA_MAX_PAIRS} are allowed")
+        for key, value in metadata.items():
+            if not 1 <= len(key) <= METADATA_MAX_CHARS or not METADATA_CHARS.fullmatch(key):
+                raise BadRequest(f"requestMetadata key {key!r} must be 1-{METADATA_MAX_CHARS} characters "
+                                 "of [a-zA-Z0-9\\s:_@$#=/+,.-]")
+            if (not isinstance(value, str) or len(value) > METADATA_MAX_CHARS
+                    or not METADATA_CHARS.fullmatch(value)):
+                raise BadRequest(f"requestMetadata value of key {key!r} must be 0-{METADATA_MAX_CHARS} "
+                                 "characters of [a-zA-Z0-9\\s:_@$#=/+,.-]")
+
+    config = request.output_config
+    if config is not None:
+        if not isinstance(config, dict):
+            raise BadRequest("outputConfig must be an object")
+        text_format = config.get("textFormat")
+        if text_format is not None:
+            if not isinstance(text_format, dict) or text_format.get("type") != "json_schema":
+                raise BadRequest('outputConfig.textFormat.type must be "json_schema"')
+            if not levers.structured_output:
+                raise BadRequest(f"The model {model_id} does not support structured output "
+                                 "(outputConfig.textFormat)")
+            structure = text_format.get("structure")
+            json_schema = structure.get("jsonSchema") if isinstance(structure, dict) else None
+            schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+            if not isinstance(schema, str):
+                raise BadRequest("outputConfig.textFormat.structure.jsonSchema.schema must be a string")
+            try:
+                request.output_schema = json.loads(schema)
+            except ValueError as exc:
+                raise BadRequest("outputConfig.textFormat.structure.jsonSchema.schema is not valid "
+                                 f"JSON: {exc}") from exc
 
 
 def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
-def shape_reply(rule: Rule, prompt: str, system: str, inference: dict) -> tuple[str, str, dict]:
+def shape_reply(rule: Rule, request: ConverseRequest,
+                cache: tuple[int, int] | None) -> tuple[str, str, dict]:
     """Apply stop sequences and maxTokens to the scripted reply.
 
+    cache is (read, write) tokens to report, or None to report only what the rule scripts.
     Returns (reply text, stopReason, usage in Bedrock's camelCase shape).
     """
+    inference = request.inference
     text = rule.reply_text
     stop_reason = "end_turn"
     usage = rule.usage
@@ -567,13 +828,21 @@ def shape_reply(rule: Rule, prompt: str, system: str, inference: dict) -> tuple[
         text = text[: (len(text) * max_tokens) // output_tokens]
         output_tokens, stop_reason = max_tokens, "max_tokens"
 
-    input_tokens = usage.get("input_tokens", estimate_tokens(system + prompt))
+    reported = {}
+    if cache is not None:
+        reported = {"cacheReadInputTokens": cache[0], "cacheWriteInputTokens": cache[1]}
+    else:
+        for key, wire in (("cache_read_tokens", "cacheReadInputTokens"),
+                          ("cache_write_tokens", "cacheWriteInputTokens")):
+            if key in usage:
+                reported[wire] = usage[key]
+    # Bedrock's inputTokens leaves out what was read from or written to the cache, and
+    # its totalTokens counts them all.
+    cached = sum(reported.values())
+    input_tokens = usage.get("input_tokens",
+                             max(0, estimate_tokens(request.system + request.prompt) - cached))
     wire_usage = {"inputTokens": input_tokens, "outputTokens": output_tokens,
-                  "totalTokens": input_tokens + output_tokens}
-    if "cache_read_tokens" in usage:
-        wire_usage["cacheReadInputTokens"] = usage["cache_read_tokens"]
-    if "cache_write_tokens" in usage:
-        wire_usage["cacheWriteInputTokens"] = usage["cache_write_tokens"]
+                  "totalTokens": input_tokens + output_tokens + cached, **reported}
     return text, stop_reason, wire_usage
 
 
@@ -727,15 +996,21 @@ class DevModelHandler(BaseHTTPRequestHandler):
         state = self.server.state
         raw = read_body(self)
         try:
-            body = json.loads(raw or b"null")
-            prompt, system, inference = extract_request_text(body)
+            request = parse_request(json.loads(raw or b"null"))
         except (ValueError, BadRequest) as exc:
             message = f"devmodel: malformed request: {exc}"
-            state.record_rejected_call(model_id, stream, message)
+            state.record_rejected_call(model_id, stream, message, None)
             self.send_aws_error("ValidationException", message)
             return
+        levers = state.levers(model_id)
+        try:
+            check_levers(request, model_id, levers)
+        except BadRequest as exc:
+            state.record_rejected_call(model_id, stream, str(exc), request)
+            self.send_aws_error("ValidationException", str(exc))
+            return
 
-        rule, call_number, rate_failure, entry = state.record_call(model_id, prompt, system, stream, inference)
+        rule, call_number, rate_failure, entry = state.record_call(model_id, request, stream)
         chosen = rule or state.default
 
         scripted_error = chosen.error
@@ -750,7 +1025,18 @@ class DevModelHandler(BaseHTTPRequestHandler):
             self.send_aws_error(error_type, message)
             return
 
-        text, stop_reason, usage = shape_reply(chosen, prompt, system, inference)
+        cache = None
+        if request.checkpoints:
+            if {"cache_read_tokens", "cache_write_tokens"} & chosen.usage.keys():
+                # The rule scripts what the cache did; the simulated cache is left alone.
+                cache = (chosen.usage.get("cache_read_tokens", 0), chosen.usage.get("cache_write_tokens", 0))
+            else:
+                cache = state.settle_cache(model_id, levers, request.checkpoints)
+        text, stop_reason, usage = shape_reply(chosen, request, cache)
+        state.update_call(entry, cache_read_tokens=usage.get("cacheReadInputTokens"),
+                          cache_write_tokens=usage.get("cacheWriteInputTokens"))
+        # Bedrock echoes the tier only when one was asked for.
+        tier = {} if request.service_tier is None else {"serviceTier": {"type": request.service_tier["type"]}}
         latency_ms = chosen.latency_ms
         if not stream:
             time.sleep(latency_ms / 1000)
@@ -760,16 +1046,17 @@ class DevModelHandler(BaseHTTPRequestHandler):
                 "stopReason": stop_reason,
                 "usage": usage,
                 "metrics": {"latencyMs": round(latency_ms)},
+                **tier,
             })
             return
 
         fail_mid_stream = (chosen.stream_error_after is not None
                            and call_number == fail_count + 1)
-        self.stream_reply(chosen, entry, text, stop_reason, usage, latency_ms,
+        self.stream_reply(chosen, entry, text, stop_reason, usage, tier, latency_ms,
                           chosen.stream_error_after if fail_mid_stream else None)
 
     def stream_reply(self, rule: Rule, entry: dict, text: str, stop_reason: str, usage: dict,
-                     latency_ms: float, error_after: int | None) -> None:
+                     tier: dict, latency_ms: float, error_after: int | None) -> None:
         state = self.server.state
         chunks = split_chunks(text, rule.chunk_chars)
         # Time to first byte is half the latency; the rest trickles out with the deltas,
@@ -798,7 +1085,7 @@ class DevModelHandler(BaseHTTPRequestHandler):
                 self.write_chunk(event_frame("contentBlockStop", {"contentBlockIndex": 0}))
                 self.write_chunk(event_frame("messageStop", {"stopReason": stop_reason}))
                 self.write_chunk(event_frame(
-                    "metadata", {"usage": usage, "metrics": {"latencyMs": round(latency_ms)}}))
+                    "metadata", {"usage": usage, "metrics": {"latencyMs": round(latency_ms)}, **tier}))
                 state.update_call(entry, status=200, stop_reason=stop_reason, usage=usage)
             self.write_chunk(b"")  # zero-length chunk ends the chunked body
         except (BrokenPipeError, ConnectionResetError):
@@ -816,10 +1103,13 @@ class DevModelServer(StoppableServer):
         super().__init__(address, DevModelHandler)
 
 
-def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0,
-                 verbose: bool = False) -> tuple[DevModelServer, str]:
-    """Start devmodel in a daemon thread; return (server, base URL). Stop with server.shutdown()."""
-    server = DevModelServer((host, port), DevModelState(rules), verbose=verbose)
+def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 models_path=None, clock=None) -> tuple[DevModelServer, str]:
+    """Start devmodel in a daemon thread; return (server, base URL). Stop with server.shutdown().
+
+    models_path: the model registry (default shared/models.json); clock: monotonic seconds
+    for the prompt cache's TTL (default time.monotonic)."""
+    server = DevModelServer((host, port), DevModelState(rules, models_path, clock), verbose=verbose)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="devmodel", daemon=True)
     thread.start()
@@ -832,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--rules", default=default_rules, help="rules JSON file")
+    parser.add_argument("--models", default=str(DEFAULT_MODELS),
+                        help="model registry JSON (which models offer caching, tiers, structured output)")
     parser.add_argument("--port-file", help="write the bound port number to this file when ready")
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     args = parser.parse_args(argv)
@@ -839,7 +1131,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(args.rules, encoding="utf-8") as fh:
             rules = json.load(fh)
-        state = DevModelState(rules)
+        state = DevModelState(rules, args.models)
+    except RegistryError as exc:
+        print(f"devmodel: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:
         print(f"devmodel: cannot load rules from {args.rules}: {exc}", file=sys.stderr)
         return 2
