@@ -16,6 +16,16 @@ Wire protocol (restJson1, as the AWS SDKs speak it)
 * Errors before any response byte: HTTP status + ``x-amzn-ErrorType`` header + JSON
   ``{"message": ...}``.
 * SigV4 signatures are ignored; any credentials work.
+* Cost levers in the request body, each optional (see "Cost levers" below):
+  ``{"cachePoint": {"type": "default"}}`` as an element of ``system`` or of a message's
+  ``content``; ``"serviceTier": {"type": "default" | "flex" | "priority"}``;
+  ``"requestMetadata": {"run_id": "...", ...}``; ``"outputConfig": {"textFormat": {"type":
+  "json_schema", "structure": {"jsonSchema": {"schema": "<JSON Schema as a string>",
+  "name": "..."}}}}``.
+* Levers in the reply: ``usage.cacheReadInputTokens`` / ``usage.cacheWriteInputTokens``
+  (both, 0 when not applicable, whenever the request had a cachePoint) and
+  ``"serviceTier": {"type": ...}`` (when the request asked for one), at the top level of
+  the converse JSON and in the stream's ``metadata`` event alike.
 
 Rules file
 ----------
@@ -57,9 +67,13 @@ Rules file
   shorthand for ``reply: {"text"|"json": ...}``.
 * Keys starting with ``_`` are ignored anywhere in a rule, so JSON files can carry
   ``"_comment"`` entries. Any other unknown key is rejected, to catch typos.
-* ``usage`` defaults: input = ceil(len(system + prompt) / 4), output =
-  ceil(len(reply) / 4), each at least 1. Cache fields appear in the response only when
-  the rule sets them (even to 0). ``totalTokens`` = input + output.
+* ``usage`` defaults: input = ceil(len(system + prompt) / 4) minus the cache tokens
+  reported (never below 0), output = ceil(len(reply) / 4), each estimate at least 1.
+  Cache fields come from the simulated cache (see "Cost levers") unless the rule sets
+  ``cache_read_tokens`` or ``cache_write_tokens``: then the rule's numbers are reported
+  (even 0; the other one as 0 when the request had a cachePoint, else left out) and the
+  simulated cache is neither read nor written. A scripted ``input_tokens`` is reported
+  as is. ``totalTokens`` = input + output + cache read + cache write, as Bedrock counts.
 * ``inferenceConfig.stopSequences``: the reply is cut before the earliest stop sequence
   (stopReason ``stop_sequence``). ``inferenceConfig.maxTokens``: when the output tokens
   exceed it, the reply is cut to the same fraction of its characters, output tokens
@@ -85,13 +99,57 @@ Rules file
   For converse-stream, half of it passes before the first byte and the rest is spread
   evenly after each text delta. Scripted errors are returned immediately.
 
+Cost levers
+-----------
+Which model offers which lever is read from the model registry, ``shared/models.json``
+(``--models PATH`` / ``start_server(models_path=...)`` to use another): per bare model
+id, ``cache: {min_tokens, max_points}``, ``tiers: {"flex": pct, "priority": pct}`` and
+``structured_output: true``. A profile id (``global.``, ``us.``, ``us-gov.``, ``eu.``,
+``apac.``, ``jp.``, ``au.`` + bare id) has its model's levers; a model not in the
+registry has none (and is otherwise served as any other). Bedrock's checks run before
+any rule: a refused call is answered 400 ValidationException, logged with ``rule`` null,
+and advances no rule's counter.
+
+* Prompt caching. The request's text in order is the system blocks, then every
+  message's content blocks; a cachePoint marks the prefix before it (system text and
+  prompt text so far, joined as the whole request's are), of ceil(len / 4) tokens.
+    - A cachePoint on a model without ``cache`` is refused (``The model M does not
+      support prompt caching (cachePoint)``), so are more than ``max_points`` of them,
+      a ``type`` other than ``default`` and a ``ttl`` other than ``5m``.
+    - The n-th cachePoint (1-based, in request order) counts only if its prefix has at
+      least n x ``min_tokens`` tokens; one that falls short is ignored silently.
+    - From the longest counting prefix down, the first one cached for the same bare
+      model id within the TTL is read: ``cacheReadInputTokens`` = its tokens. Every
+      counting prefix longer than it is written (stored), and ``cacheWriteInputTokens``
+      = longest prefix tokens - read tokens. The TTL is 5 minutes from the last write
+      or hit, on a monotonic clock (``start_server(clock=...)`` to control it).
+    - The cache is per server; ``POST /_dev/reset`` empties it. A call failed by a
+      scripted error neither reads nor writes it; a stream broken by
+      ``stream_error_after_chunks`` has already settled it.
+* Service tiers. ``serviceTier.type`` must be default, flex or priority; flex or
+  priority on a model whose ``tiers`` lack it is refused (``The model M does not support
+  the T service tier``). The reply echoes the tier asked for.
+* ``requestMetadata``: at most 16 pairs; keys 1-256 and values 0-256 characters of
+  ``[a-zA-Z0-9\\s:_@$#=/+,.-]``; else refused naming the key.
+* Structured output. ``outputConfig.textFormat`` (type ``json_schema``) on a model
+  without ``structured_output`` is refused; otherwise its ``schema`` string must parse as
+  JSON. The reply is the rule's as scripted, conforming or not (so a client's
+  validate-and-retry path can be tested). ``outputConfig`` without ``textFormat`` is
+  accepted as is.
+
 Admin API
 ---------
 * ``GET  /_dev/health`` -> ``{"ok": true}``
 * ``GET  /_dev/calls``  -> ``{"calls": [{seq, model, rule, prompt, system, stream, status,
   error, at, ...}]}`` in arrival order (optional query filters: ``rule``, ``model``,
-  ``prompt_contains``). ``rule`` is null when the default answered.
-* ``POST /_dev/reset``  -> clears the call log and all per-rule counters.
+  ``prompt_contains``). ``rule`` is null when the default answered or Bedrock's checks
+  refused the call. Every call also carries its levers: ``cache_points`` (how many
+  cachePoint blocks), ``cache_read_tokens`` / ``cache_write_tokens`` (as reported in
+  the usage; null when the usage had none or no usage was sent), ``service_tier`` (the
+  type asked for, or null), ``request_metadata`` (the map sent, or null) and
+  ``output_schema`` (the parsed JSON Schema, or null).
+* ``POST /_dev/reset``  -> clears the call log, all per-rule counters and the prompt
+  cache.
 * ``GET  /_dev/rules``  -> the current rules document.
 * ``PUT  /_dev/rules``  -> replaces the whole rules document (and resets counters).
 * ``POST /_dev/rules``  with ``{"rules": [...]}`` -> prepends those rules, so parallel
@@ -101,8 +159,9 @@ Admin API
 Usage
 -----
 ``python -m infra.devmodel --host 127.0.0.1 --port 0 --rules infra/devmodel-rules.json
-[--port-file PATH] [--quiet]`` prints ``devmodel listening on http://HOST:PORT`` once
-ready. In-process: ``server, url = start_server(rules_dict)``; ``server.shutdown()``.
+[--models shared/models.json] [--port-file PATH] [--quiet]`` prints ``devmodel listening
+on http://HOST:PORT`` once ready. In-process: ``server, url = start_server(rules_dict,
+models_path=None, clock=None)``; ``server.shutdown()``.
 """
 
 from __future__ import annotations
