@@ -115,7 +115,7 @@ impl ModelClient for ScriptedUsage {
             output_tokens: (u64::from(request.max_tokens) * plan.output_pct / 100).max(1),
             ..Usage::default()
         };
-        Ok(ModelReply { text, usage, stop_reason: "end_turn".into() })
+        Ok(ModelReply { text, usage, stop_reason: "end_turn".into(), service_tier: None })
     }
 
     async fn converse_stream(&self, request: &ModelRequest, _deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError> {

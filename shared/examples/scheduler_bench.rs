@@ -52,7 +52,12 @@ impl ModelClient for LatencyModel {
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        Ok(ModelReply { text: "ok".into(), usage: Usage { input_tokens: 10, output_tokens: 2, ..Usage::default() }, stop_reason: "end_turn".into() })
+        Ok(ModelReply {
+            text: "ok".into(),
+            usage: Usage { input_tokens: 10, output_tokens: 2, ..Usage::default() },
+            stop_reason: "end_turn".into(),
+            service_tier: None,
+        })
     }
 
     async fn converse_stream(&self, request: &ModelRequest, _deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError> {
@@ -171,6 +176,10 @@ async fn run_waves(dag: &Dag) -> Duration {
                     temperature: None,
                     max_tokens: 16,
                     stop_sequences: vec![],
+                    cache_points: Default::default(),
+                    service_tier: Default::default(),
+                    metadata: Default::default(),
+                    output_schema: None,
                 };
                 model.converse(&request).await.expect("model")
             });

@@ -88,16 +88,28 @@ pub fn estimate_input_tokens(system: Option<&str>, prompt: &str) -> u64 {
 /// a call whose prompt cannot be bounded before the run (see [`crate::estimate`]); it
 /// rests on the registry's `context_window` being the window Bedrock enforces.
 ///
-/// Cache tokens: the engine sends no cache points, so Bedrock writes no prompt cache (a
-/// write can cost more than input: Claude's is 125%). A cache read, if a model reported
-/// one, replaces input tokens of the same prompt, so the input tokens, cache reads and
-/// cache writes of a call together stay within the estimate; a cache read is priced at
-/// the higher of the two prices here in case a price override lists it above input.
-/// Steps that enable prompt caching must price their input at the cache-write price.
+/// Cache tokens: a call without cache points writes no prompt cache (a write can cost more
+/// than input: Claude's is 125%). A cache read, if a model reported one, replaces input
+/// tokens of the same prompt, so the input tokens, cache reads and cache writes of a call
+/// together stay within the estimate; a cache read is priced at the higher of the two
+/// prices here in case a price override lists it above input. A call with cache points is
+/// reserved by [`worst_case_caching`], which prices its input at the cache-write price.
 ///
 /// Saturating: an amount too large for a u64 is refused by any limit, never wrapped.
 pub fn worst_case(model: &ModelInfo, input_tokens: u64, max_tokens: u32) -> Amount {
-    let input_price = model.cache_read.map_or(model.input, |read| read.max(model.input));
+    worst_at(model, model.cache_read.map_or(model.input, |read| read.max(model.input)), input_tokens, max_tokens)
+}
+
+/// [`worst_case`] for a call that carries cache points: any of its input tokens may be a
+/// cache write, so input is priced at the highest of the input, cache-read and cache-write
+/// prices (a write costs 1.25× input on Claude; a model without a write price bills writes
+/// as input).
+pub fn worst_case_caching(model: &ModelInfo, input_tokens: u64, max_tokens: u32) -> Amount {
+    let write = model.cache_write.unwrap_or(model.input);
+    worst_at(model, model.cache_read.map_or(model.input, |read| read.max(model.input)).max(write), input_tokens, max_tokens)
+}
+
+fn worst_at(model: &ModelInfo, input_price: Usd, input_tokens: u64, max_tokens: u32) -> Amount {
     let output_tokens = u64::from(max_tokens);
     let input_tokens = input_tokens.min(u64::from(model.context_window));
     Amount {

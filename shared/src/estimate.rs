@@ -310,7 +310,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let mut steps = Vec::with_capacity(n);
     for (step, bound) in graph.steps().iter().zip(per_step) {
         let min = match &step.kind {
-            StepKind::Llm(spec) if certain => models.get(spec.model.as_str()).map_or(Amount::ZERO, |m| one_token_each(&m)),
+            StepKind::Llm(spec) if certain => spec.priced(models).map_or(Amount::ZERO, |m| one_token_each(&m, spec.caches(&m))),
             _ => Amount::ZERO,
         };
         let expected = match (basis, history) {
@@ -492,7 +492,7 @@ fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]
 /// upstream steps produce. `item_known` as for [`Slots::render`].
 fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry) -> Option<Bounds> {
     // Validation rejects a model without a price, so this is only a safeguard.
-    let model = models.get(spec.model.as_str())?;
+    let model = spec.priced(models)?;
     let prompt = slots.render(&spec.prompt, scope, item_known);
     let system = spec.system.as_ref().map(|s| slots.render(s, scope, item_known));
     let parts: Vec<&Rendered> = std::iter::once(&prompt).chain(system.as_ref()).collect();
@@ -514,12 +514,17 @@ fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, 
         Some(bytes) if bytes <= window => (bytes, MaxBasis::Prompt),
         _ => (window, MaxBasis::ContextWindow),
     };
-    let max = times(worst_case(&model, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
+    // A caching step's input may be billed as cache writes: its max prices input at that rate.
+    let max = times(spec.worst_call(&model, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
     Some(Bounds { heuristic, max, max_basis, max_items: None })
 }
 
-fn one_token_each(model: &ModelInfo) -> Amount {
-    let usage = Usage { input_tokens: 1, output_tokens: 1, ..Usage::default() };
+fn one_token_each(model: &ModelInfo, caches: bool) -> Amount {
+    // A caching call's one token of input may be a cache read, the cheapest input there is.
+    let usage = match model.cache_read {
+        Some(read) if caches && read < model.input => Usage { cache_read_tokens: 1, output_tokens: 1, ..Usage::default() },
+        _ => Usage { input_tokens: 1, output_tokens: 1, ..Usage::default() },
+    };
     Amount { tokens: 2, cost: model.cost(&usage).unwrap_or(Usd::ZERO) }
 }
 

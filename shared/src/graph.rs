@@ -6,9 +6,11 @@ use crate::budget::{self, Amount, BudgetLimits};
 use crate::expr::{self, Expression};
 use crate::ids::{ModelId, Principal, StepId, WorkflowName};
 use crate::output::Schema;
-use crate::pricing::ModelRegistry;
+use crate::pricing::{LifecycleStatus, ModelInfo, ModelRegistry, ServiceTier};
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
-use crate::workflow::{Defaults, InputStepDef, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef};
+use crate::workflow::{
+    CacheMode, Defaults, InputStepDef, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::cmp::Reverse;
@@ -73,6 +75,35 @@ pub struct LlmSpec {
     pub format: OutputFormat,
     pub schema: Option<Schema>,
     pub retry: RetryPolicy,
+    pub cache: CacheMode,
+    pub service_tier: ServiceTier,
+    /// Whether other calls of a run will send the same head (a map's items, or steps with
+    /// the same model and system prompt): only then is writing it to the prompt cache,
+    /// which costs more than plain input, likely to pay off.
+    pub shared_prefix: bool,
+}
+
+impl LlmSpec {
+    /// The step's model priced as its calls run: in its service tier. `None` for a model
+    /// without a price or a tier it does not offer (validation reports both).
+    pub fn priced(&self, models: &ModelRegistry) -> Option<ModelInfo> {
+        models.get(self.model.as_str())?.in_tier(self.service_tier).map(|m| m.into_owned())
+    }
+
+    /// Whether this step's calls may carry cache points, so that part of their input may be
+    /// billed at the (higher) cache-write price.
+    pub fn caches(&self, model: &ModelInfo) -> bool {
+        self.cache == CacheMode::Auto && self.shared_prefix && model.cache.is_some()
+    }
+
+    /// The most one call of this step can be charged for `input_tokens` in and `max_tokens` out.
+    pub fn worst_call(&self, model: &ModelInfo, input_tokens: u64, max_tokens: u32) -> Amount {
+        if self.caches(model) {
+            budget::worst_case_caching(model, input_tokens, max_tokens)
+        } else {
+            budget::worst_case(model, input_tokens, max_tokens)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,6 +294,36 @@ pub struct ValidatedGraph {
 }
 
 impl ValidatedGraph {
+    /// Every model call the graph can make, with the step and field that names its model.
+    pub fn calls(&self) -> impl Iterator<Item = (&StepId, &'static str, &LlmSpec)> {
+        self.steps.iter().filter_map(|step| {
+            let (field, spec) = match &step.kind {
+                StepKind::Llm(spec) => ("model", spec),
+                StepKind::Map(MapSpec { step: ItemStep::Llm(spec), .. }) => ("step.model", spec),
+                StepKind::Input(input) => ("extract.model", &input.extract.as_ref()?.call),
+                _ => return None,
+            };
+            Some((&step.id, field, spec))
+        })
+    }
+
+    /// What Bedrock's model lifecycle says of the graph's models on `today`: a warning per
+    /// call whose model is legacy or near its end of life, and a refusal per call whose
+    /// model Bedrock no longer serves.
+    pub fn lifecycle(&self, models: &ModelRegistry, today: chrono::NaiveDate) -> ModelNotes {
+        let mut notes = ModelNotes::default();
+        for (step, field, spec) in self.calls() {
+            let Some(info) = models.get(spec.model.as_str()) else { continue };
+            let note = |message: String| Problem { step: Some(step.to_string()), field: field.to_owned(), message };
+            match info.lifecycle.status(spec.model.as_str(), today) {
+                LifecycleStatus::Active => {}
+                LifecycleStatus::Warn(message) => notes.warnings.push(note(message)),
+                LifecycleStatus::Retired(message) => notes.retired.push(note(message)),
+            }
+        }
+        notes
+    }
+
     pub fn name(&self) -> &WorkflowName {
         &self.name
     }
@@ -385,10 +446,11 @@ struct Place {
     prefix: &'static str,
     roots: &'static [&'static str],
     keep: Keep,
+    in_map: bool,
 }
 
-const IN_STEP: Place = Place { prefix: "", roots: &STEP_ROOTS, keep: Keep::Source };
-const IN_MAP_ITEM: Place = Place { prefix: "step.", roots: &ITEM_ROOTS, keep: Keep::Bytecode };
+const IN_STEP: Place = Place { prefix: "", roots: &STEP_ROOTS, keep: Keep::Source, in_map: false };
+const IN_MAP_ITEM: Place = Place { prefix: "step.", roots: &ITEM_ROOTS, keep: Keep::Bytecode, in_map: true };
 
 /// Shared state while checking one step's fields.
 struct Checker<'p> {
@@ -472,6 +534,14 @@ impl Checker<'_> {
                     &field("max_tokens"),
                     format!("{max_tokens} exceeds {m}'s maximum output of {} tokens", info.max_output_tokens),
                 ),
+                Some(info) if info.in_tier(llm.service_tier).is_none() => {
+                    let offered: Vec<&str> = std::iter::once("default").chain(info.tiers.keys().map(|t| t.as_str())).collect();
+                    self.found.push(
+                        self.step,
+                        &field("service_tier"),
+                        format!("{m} does not offer the {} tier; it offers {}", llm.service_tier.as_str(), offered.join(", ")),
+                    )
+                }
                 Some(_) => {}
             },
         }
@@ -511,6 +581,10 @@ impl Checker<'_> {
             format: llm.output.format,
             schema,
             retry,
+            cache: llm.cache,
+            service_tier: llm.service_tier,
+            // Inside a map every item shares the head; across steps, set once all are known.
+            shared_prefix: at.in_map,
         }
     }
 
@@ -589,6 +663,10 @@ impl Checker<'_> {
                 schema: None,
                 // One corrective retry for a reply that is not JSON.
                 retry: RetryPolicy { max_attempts: 2, ..RetryPolicy::default() },
+                // A short fixed prompt: nothing worth caching.
+                cache: CacheMode::Off,
+                service_tier: ServiceTier::Default,
+                shared_prefix: false,
             };
             Extract { model, max_tokens, call }
         });
@@ -971,6 +1049,7 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
         let deps = c.deps.iter().map(|&d| position[d]).collect();
         steps.push(Step { id, kind: c.kind, deps, required: c.required, join: c.join, enabled: c.enabled });
     }
+    mark_shared_prefixes(&mut steps);
     let mut dependents = vec![Vec::new(); steps.len()];
     for (i, s) in steps.iter().enumerate() {
         for &d in &s.deps {
@@ -982,6 +1061,34 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
     Ok(ValidatedGraph { name, steps, dependents, output, max_concurrency, input_schema, budget, pause_on_budget })
 }
 
+/// See [`ValidatedGraph::lifecycle`].
+#[derive(Debug, Default, PartialEq)]
+pub struct ModelNotes {
+    pub warnings: Vec<Problem>,
+    pub retired: Vec<Problem>,
+}
+
+/// Steps that call the same model with the same system prompt share their head: each
+/// one's calls can read what another's wrote to the prompt cache.
+fn mark_shared_prefixes(steps: &mut [Step]) {
+    let key = |spec: &LlmSpec| spec.system.as_ref().map(|s| (spec.model.as_str().to_owned(), s.source().to_owned()));
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    for step in steps.iter() {
+        if let StepKind::Llm(spec) = &step.kind
+            && let Some(k) = key(spec)
+        {
+            *seen.entry(k).or_default() += 1;
+        }
+    }
+    for step in steps.iter_mut() {
+        if let StepKind::Llm(spec) = &mut step.kind
+            && let Some(k) = key(spec)
+        {
+            spec.shared_prefix |= seen.get(&k).is_some_and(|&n| n > 1);
+        }
+    }
+}
+
 /// Why a call of this step could never be admitted, even as the run's first and with an
 /// empty prompt: its reservation alone exceeds the whole budget.
 fn never_fits(limits: &BudgetLimits, spec: &LlmSpec, models: &ModelRegistry) -> Option<String> {
@@ -989,7 +1096,8 @@ fn never_fits(limits: &BudgetLimits, spec: &LlmSpec, models: &ModelRegistry) -> 
         return None;
     }
     let model = models.get(spec.model.as_str())?; // an unknown model is reported on its own
-    let least = budget::worst_case(&model, budget::estimate_input_tokens(spec.system.as_ref().map(|_| ""), ""), spec.max_tokens);
+    let model = model.in_tier(spec.service_tier)?;
+    let least = spec.worst_call(&model, budget::estimate_input_tokens(spec.system.as_ref().map(|_| ""), ""), spec.max_tokens);
     let limit = limits.exceeded_by(Amount::ZERO, Amount::ZERO, least)?;
     Some(format!(
         "every call of this step reserves at least {least} (max_tokens {} of output plus the prompt's template allowance), more than the whole budget's {limit}: lower max_tokens or raise the budget",

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod analytics;
 pub mod budget;
+pub mod caching;
 pub mod codes;
 pub mod config;
 pub mod durability;

@@ -9,7 +9,7 @@ use crate::analytics::{DayCosts, RunRollup, WorkflowCosts, merge_by_day, merge_b
 use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
-use crate::pricing::Usage;
+use crate::pricing::{ServiceTier, Usage};
 use crate::revision::Revision;
 use crate::run::{
     ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover,
@@ -729,6 +729,8 @@ pub struct ScriptedModel {
     scripts: Vec<Script>,
     calls: Mutex<Vec<ModelRequest>>,
     served: Mutex<HashMap<usize, usize>>,
+    /// Prefixes written to the emulated prompt cache, by model.
+    prompt_cache: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl ScriptedModel {
@@ -759,12 +761,45 @@ impl ScriptedModel {
             tokio::time::sleep(script.latency).await;
         }
         let reply = script.replies.get(n).or(script.replies.last()).cloned().unwrap_or_else(|| Ok(String::new()))?;
-        let usage = script.usage.unwrap_or(Usage {
-            input_tokens: (request.prompt.len() as u64).div_ceil(4).max(1),
-            output_tokens: (reply.len() as u64).div_ceil(4).max(1),
-            ..Usage::default()
-        });
-        Ok(ModelReply { text: reply, usage, stop_reason: "end_turn".into() })
+        let output_tokens = (reply.len() as u64).div_ceil(4).max(1);
+        let usage = match script.usage {
+            Some(usage) => usage,
+            None if request.cache_points.count() > 0 => self.cached_usage(request, output_tokens),
+            None => {
+                let input_bytes = request.system.as_deref().map_or(0, str::len) + request.prompt.len();
+                Usage { input_tokens: (input_bytes as u64).div_ceil(4).max(1), output_tokens, ..Usage::default() }
+            }
+        };
+        let service_tier = (request.service_tier != ServiceTier::Default).then_some(request.service_tier);
+        Ok(ModelReply { text: reply, usage, stop_reason: "end_turn".into(), service_tier })
+    }
+
+    /// Usage as Bedrock reports it for a request with cache points: the longest marked
+    /// prefix is read if an earlier call (same model) wrote it, else written; the rest is
+    /// input. Four bytes a token; no TTL (a test's calls all fall within one).
+    fn cached_usage(&self, request: &ModelRequest, output_tokens: u64) -> Usage {
+        let system = request.system.as_deref().unwrap_or("");
+        let tokens = |bytes: usize| (bytes as u64).div_ceil(4);
+        let mut prefixes = Vec::new();
+        if request.cache_points.after_system {
+            prefixes.push(system.to_owned());
+        }
+        if let Some(head) = request.cache_points.prompt_head {
+            prefixes.push(format!("{system}\u{0}{}", &request.prompt[..head]));
+        }
+        let total = tokens(system.len() + request.prompt.len()).max(1);
+        let mut cache = lock(&self.prompt_cache);
+        let longest = prefixes.last().cloned().unwrap_or_default();
+        let prefix_tokens = |p: &str| tokens(p.len() - usize::from(p.contains('\u{0}')));
+        let (read, write) = match prefixes.iter().rev().find(|p| cache.contains(&(request.model.to_string(), (*p).clone()))) {
+            Some(hit) if *hit == longest => (prefix_tokens(hit), 0),
+            Some(hit) => (prefix_tokens(hit), prefix_tokens(&longest) - prefix_tokens(hit)),
+            None => (0, prefix_tokens(&longest)),
+        };
+        for p in prefixes {
+            cache.insert((request.model.to_string(), p));
+        }
+        Usage { input_tokens: total.saturating_sub(read + write), output_tokens, cache_read_tokens: read, cache_write_tokens: write }
     }
 }
 

@@ -7,7 +7,7 @@
 use crate::analytics::{DayCosts, WorkflowCosts};
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
-use crate::pricing::Usage;
+use crate::pricing::{ServiceTier, Usage};
 use crate::revision::Revision;
 use crate::run::{
     ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals,
@@ -16,6 +16,8 @@ use crate::run::{
 use crate::spend::{DayHold, DaySpend, Settlement};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::Value;
+use std::collections::BTreeMap;
 use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------- model
@@ -28,6 +30,30 @@ pub struct ModelRequest {
     pub temperature: Option<f32>,
     pub max_tokens: u32,
     pub stop_sequences: Vec<String>,
+    /// Where the request marks its head for the prompt cache (nowhere by default).
+    pub cache_points: CachePoints,
+    pub service_tier: ServiceTier,
+    /// Labels Bedrock writes to its invocation log with the call (run, step, owner…), so
+    /// that log can be reconciled with chainrun's ledger.
+    pub metadata: BTreeMap<String, String>,
+    /// A JSON Schema the model is constrained to natively (structured output); the reply
+    /// is still validated against the step's schema.
+    pub output_schema: Option<Value>,
+}
+
+/// Cache points of one request: after the system prompt, and/or after the first
+/// `prompt_head` bytes of the prompt (a char boundary). Each marks everything before it
+/// as a prefix for the model's prompt cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachePoints {
+    pub after_system: bool,
+    pub prompt_head: Option<usize>,
+}
+
+impl CachePoints {
+    pub fn count(&self) -> usize {
+        usize::from(self.after_system) + usize::from(self.prompt_head.is_some())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +61,8 @@ pub struct ModelReply {
     pub text: String,
     pub usage: Usage,
     pub stop_reason: String,
+    /// The tier Bedrock says served the call, when it says.
+    pub service_tier: Option<ServiceTier>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

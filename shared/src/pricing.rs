@@ -14,9 +14,9 @@
 //! loaded, so every price the registry hands out is exact.
 
 use crate::money::{MoneyError, Usd};
+use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
-use chrono::NaiveDate;
 use std::collections::BTreeMap;
 
 const BUILTIN: &str = include_str!("../models.json");
@@ -148,9 +148,9 @@ impl Lifecycle {
             }
         }
         match self.deprecated_after {
-            Some(since) if today >= since => {
-                LifecycleStatus::Warn(format!("{model} is a legacy model on Bedrock since {since}: move to a current model before its end of life is announced"))
-            }
+            Some(since) if today >= since => LifecycleStatus::Warn(format!(
+                "{model} is a legacy model on Bedrock since {since}: move to a current model before its end of life is announced"
+            )),
             _ => LifecycleStatus::Active,
         }
     }
@@ -674,10 +674,7 @@ mod tests {
         // Nova Micro's cache read is 8,750 pico-dollars per token; 101% of it is 8,837.5
         // (and Nova 2 Lite's in the priority tier, 75,000 × 101% × 175%, is not whole either).
         let err = ModelRegistry::load(Some(r#"{"profile_multipliers_pct":{"eu":101}}"#)).unwrap_err();
-        assert!(
-            matches!(&err, PricingError::InexactPct { scope, .. } if scope.starts_with("eu. profile")),
-            "{err}"
-        );
+        assert!(matches!(&err, PricingError::InexactPct { scope, .. } if scope.starts_with("eu. profile")), "{err}");
     }
 
     #[test]

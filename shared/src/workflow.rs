@@ -5,6 +5,7 @@
 //! types (`cargo run -p chainrun-core --example workflow_schema`), and a test keeps the
 //! checked-in file in sync.
 
+use crate::pricing::ServiceTier;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -202,6 +203,23 @@ pub struct LlmStepDef {
     #[serde(default)]
     pub output: OutputSpec,
     pub retry: Option<RetryPolicy>,
+    /// Prompt caching: `auto` (the default) marks the shared head of the request for
+    /// Bedrock's prompt cache when other calls will reuse it and the model caches; `off`
+    /// never does.
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// Bedrock's service tier for this step's calls, where its model offers it.
+    #[serde(default)]
+    pub service_tier: ServiceTier,
+}
+
+/// A step's use of Bedrock's prompt cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -288,7 +288,8 @@ pub(crate) async fn queue_run(
     }
     info!(run_id = %run.id, workflow = %run.workflow, user = %identity.user, steps = graph.steps().len(), "run queued");
     let location = format!("/runs/{}", run.id);
-    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], Json(RunAccepted::new(run.id))).into_response())
+    let accepted = RunAccepted { warnings: model_warnings(state, &graph), ..RunAccepted::new(run.id) };
+    Ok((StatusCode::ACCEPTED, [(http::header::LOCATION, location)], Json(accepted)).into_response())
 }
 
 /// Validates a definition and an input as every route that takes them must: `400` with
@@ -307,11 +308,23 @@ pub(crate) fn validated(state: &AppState, workflow: &Value, input: &Value) -> Re
 /// Validates a definition as every route that takes one must: `400` naming every problem.
 pub(crate) fn validated_definition(state: &AppState, workflow: &Value) -> Result<ValidatedGraph, ApiError> {
     limits::check_definition_size(state, workflow)?;
-    validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
+    let graph = validate_json(workflow, &state.models).map_err(|invalid| ApiError::BadRequest {
         title: "Invalid workflow",
         detail: invalid.to_string(),
         problems: invalid.problems,
-    })
+    })?;
+    let retired = graph.lifecycle(&state.models, chrono::Utc::now().date_naive()).retired;
+    if !retired.is_empty() {
+        let detail = retired.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        return Err(ApiError::BadRequest { title: "Invalid workflow", detail, problems: retired });
+    }
+    Ok(graph)
+}
+
+/// The warnings a run of `graph` starts with today: models that are legacy on Bedrock or
+/// near their end of life.
+pub(crate) fn model_warnings(state: &AppState, graph: &ValidatedGraph) -> Vec<chainrun_core::graph::Problem> {
+    graph.lifecycle(&state.models, chrono::Utc::now().date_naive()).warnings
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -343,7 +356,8 @@ pub(crate) async fn estimate_of(state: &AppState, identity: &Identity, workflow:
     let history = state.analytics.costs(&Principal::User(identity.user.to_string()), from, to).await?;
     let history = history.into_iter().find(|w| graph.name() == w.workflow.as_str());
     let estimate = chainrun_core::estimate::estimate(&graph, input, &state.models, history.as_ref());
-    Ok(Json(EstimateView::from(&estimate)).into_response())
+    let view = EstimateView { warnings: model_warnings(state, &graph), ..EstimateView::from(&estimate) };
+    Ok(Json(view).into_response())
 }
 
 /// How much of a run a route reads.

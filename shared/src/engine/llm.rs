@@ -11,22 +11,26 @@ use super::running::Hold;
 use super::step::{Scope, StepContext, Work};
 use super::throttle::Throttled;
 use crate::budget::{self, Reservation};
+use crate::caching;
 use crate::codes::ErrorCode;
 use crate::graph::LlmSpec;
 use crate::ids::StepId;
 use crate::limits;
 use crate::money::Usd;
 use crate::output;
-use crate::ports::{ModelError, ModelErrorKind, ModelReply, ModelRequest};
+use crate::ports::{CachePoints, ModelError, ModelErrorKind, ModelReply, ModelRequest};
+use crate::pricing::{ModelInfo, ModelRegistry};
 use crate::run::ErrorInfo;
 use crate::spend::{DayHold, Settlement};
 use crate::telemetry::Seen;
 use crate::template::Template;
 use crate::wire::events::{EventBody, StepRetrying, Streaming};
 use crate::wire::{Refusal, Refused, StepDetail};
+use crate::workflow::OutputFormat;
 use crate::workflow::RetryPolicy;
 use rand::Rng;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -57,8 +61,11 @@ impl StepContext {
         item: Option<usize>,
         mut hold: Hold<'_>,
     ) -> Result<Work, EngineError> {
-        let Some(model_info) = self.models.get(spec.model.as_str()) else {
-            return Ok(Work::failed(ErrorCode::UnknownModel, format!("no price for model {}", spec.model)));
+        let Some(model_info) = spec.priced(&self.models) else {
+            return Ok(Work::failed(
+                ErrorCode::UnknownModel,
+                format!("no price for model {} in the {} tier", spec.model, spec.service_tier.as_str()),
+            ));
         };
         let render = |source: &Template| source.render(scope);
         let prompt = match render(&spec.prompt) {
@@ -69,6 +76,16 @@ impl StepContext {
             Ok(s) => s,
             Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("system: {e}"))),
         };
+        let cache_points = match model_info.cache {
+            Some(rules) if spec.caches(&model_info) => caching::plan(rules, system.as_deref(), &prompt, caching::static_head(spec.prompt.source())),
+            _ => CachePoints::default(),
+        };
+        // Native structured output where the model has it; the reply is validated all the same.
+        let output_schema = match (&spec.schema, spec.format) {
+            (Some(schema), OutputFormat::Json) if model_info.structured_output => Some(schema.document().clone()),
+            _ => None,
+        };
+        let metadata = self.call_labels(id, item);
         let mut work = Work::failed(ErrorCode::NoAttempts, "retry.max_attempts is 0");
         let mut hint: Option<String> = None;
         for attempt in 1..=spec.retry.max_attempts {
@@ -85,11 +102,15 @@ impl StepContext {
                 temperature: spec.temperature,
                 max_tokens: spec.max_tokens,
                 stop_sequences: spec.stop_sequences.clone(),
+                // A hint is appended after the prompt, so the head stays where it was.
+                cache_points,
+                service_tier: spec.service_tier,
+                metadata: metadata.clone(),
+                output_schema: output_schema.clone(),
             };
             // Every attempt reserves anew: the request (hint included) is what is priced,
             // against what earlier attempts were charged.
-            let worst =
-                budget::worst_case(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
+            let worst = spec.worst_call(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
             // The tenant's token allowance first: a call may wait here for the next minute,
             // and should hold nothing of the run's budget or its caller's day meanwhile.
             let tokens = match self.throttle(id, &spec.model, worst.tokens).await? {
@@ -145,7 +166,12 @@ impl StepContext {
             let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
             let outcome = match reply {
                 Ok(reply) => {
-                    let cost = model_info.cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
+                    // Priced in the tier Bedrock says served it, if it says and the sheet has it.
+                    let served = reply
+                        .service_tier
+                        .filter(|t| *t != spec.service_tier)
+                        .and_then(|t| model_info_base(&self.models, spec)?.in_tier(t).map(|m| m.into_owned()));
+                    let cost = served.as_ref().unwrap_or(&model_info).cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
                     work.add_spend(reply.usage, cost, 1);
                     self.journal.settle(admitted.reservation, &reply.usage, cost);
                     self.settle_day(admitted.day, Settlement::Charged(cost)).await;
@@ -154,6 +180,8 @@ impl StepContext {
                         attempt,
                         item,
                         tokens = reply.usage.total_tokens(),
+                        cache_read_tokens = reply.usage.cache_read_tokens,
+                        cache_write_tokens = reply.usage.cache_write_tokens,
                         cost_pico = cost.pico(),
                         latency_ms = call_started.elapsed().as_millis() as u64,
                         "model call finished"
@@ -194,6 +222,17 @@ impl StepContext {
             tokio::time::sleep(delay).await;
         }
         Ok(work)
+    }
+
+    /// Bedrock's `requestMetadata` for one call: what its invocation log needs to be
+    /// matched with this run's ledger. Values keep to the characters Bedrock accepts.
+    fn call_labels(&self, id: &StepId, item: Option<usize>) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        labels.insert("chainrun_step".into(), id.to_string());
+        if let Some(item) = item {
+            labels.insert("chainrun_item".into(), item.to_string());
+        }
+        labels
     }
 
     /// Holds `worst` against the run's budget and its caller's day, or says why not (with
@@ -298,6 +337,11 @@ impl StepContext {
         }
         Ok(result)
     }
+}
+
+/// The step's model at its listed (default-tier) price.
+fn model_info_base<'a>(models: &'a ModelRegistry, spec: &LlmSpec) -> Option<std::borrow::Cow<'a, ModelInfo>> {
+    models.get(spec.model.as_str())
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(max, initial × 2^(attempt-1))]`.

@@ -434,6 +434,14 @@ impl Engine {
                 config: self.config.clone(),
                 journal: journal.clone(),
                 run_id: run.id.clone(),
+                labels: [
+                    ("chainrun_run", run.id.to_string()),
+                    ("chainrun_workflow", run.workflow.to_string()),
+                    ("chainrun_owner", run.caller.to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
                 deadline,
                 pausing: Default::default(),
                 pause_on_budget: graph.pauses_on_budget(),

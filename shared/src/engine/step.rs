@@ -36,6 +36,9 @@ pub struct StepContext {
     pub config: EngineConfig,
     pub journal: Arc<Journal>,
     pub run_id: RunId,
+    /// What every model call of the run is labelled with (run, workflow, owner), for
+    /// reconciling the model service's invocation log with the run's ledger.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// The invocation's deadline, if it has one.
     pub deadline: Option<Instant>,
     /// Set when the run was asked to pause: work in flight finishes, nothing new starts.

@@ -21,6 +21,10 @@ pub struct RunAccepted {
     pub run_id: RunId,
     pub status: RunStatus,
     pub links: RunLinks,
+    /// What the run should change but that did not stop it: a model that is legacy on
+    /// Bedrock or near its end of life.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<crate::graph::Problem>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -37,7 +41,7 @@ impl RunLinks {
 
 impl RunAccepted {
     pub fn new(run_id: RunId) -> Self {
-        Self { links: RunLinks::of(&run_id), run_id, status: RunStatus::Queued }
+        Self { links: RunLinks::of(&run_id), run_id, status: RunStatus::Queued, warnings: Vec::new() }
     }
 }
 
@@ -517,6 +521,9 @@ pub struct EstimateView<'a> {
     pub total: EstimateBounds,
     pub basis: &'static str,
     pub history_runs: u64,
+    /// As a run's start would say them (see [`RunAccepted::warnings`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<crate::graph::Problem>,
 }
 
 impl<'a> From<&'a Estimate> for EstimateView<'a> {
@@ -526,6 +533,7 @@ impl<'a> From<&'a Estimate> for EstimateView<'a> {
             total: EstimateBounds { min: e.min.into(), expected: e.expected.into(), max: e.max.into() },
             basis: e.basis.as_str(),
             history_runs: e.history_runs,
+            warnings: Vec::new(),
         }
     }
 }
