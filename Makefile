@@ -33,7 +33,7 @@ help:
 	@echo "make chaos [TRIALS=20 SEED=1 SCENARIOS=kill,…]  fault injection on local stacks (kills, duplicates, storms, …)"
 	@echo "make up | down                     start/stop a background stack (.local/stack.env)"
 	@echo "make token USER=alice GROUPS=a,b   bearer token for the running stack"
-	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead), store requests per step"
+	@echo "make bench                         scheduler benchmark (dataflow vs waves, engine overhead), cost levers' savings, store requests per step"
 	@echo "make cost-check                    1,000 random budgeted runs: no overrun, estimate brackets each"
 	@echo "make venv | build                  .venv from infra/requirements.txt | cargo build --bins and the chainrun CLI"
 
@@ -97,6 +97,7 @@ chaos: venv
 #    failure too); it counts DynamoDB requests per step. A debug build: it counts, not times.
 bench: venv
 	cargo run -q --release -p chainrun-core --no-default-features --example scheduler_bench
+	cargo run -q --release -p chainrun-core --no-default-features --example levers_bench
 	CHAINRUN_MOTO_SERVER="$(abspath $(VENV))/bin/moto_server" cargo run -q -p chainrun-core --example store_bench
 
 # Release build of the pure core only: random budgeted runs against the in-memory adapters,

@@ -8,7 +8,9 @@
 //!   bounds *without* the budget clamp (`max_unclamped`), the stronger claim: it checks the
 //!   estimator itself, while the clamp is what the overrun check already proves.
 //!
-//! Graphs: 1 to 12 steps of `llm` (random model, `max_tokens`, system prompt, retries,
+//! Graphs: 1 to 12 steps of `llm` (random model, `max_tokens`, system prompt — often one
+//! long enough to be cached, so maps and sibling steps carry cache points —, service tier
+//! where the model offers one, retries,
 //! text or json output with or without a schema, prompts pasting upstream replies and
 //! input as plain slots or through filters), maps over lists of the input or of an
 //! upstream JSON reply, template transforms, routers, optional steps and `join: any`, at
@@ -18,7 +20,9 @@
 //!
 //! The model is scripted and realistic about the things the bound rests on: it reports at
 //! most [`estimate_input_tokens`] of the request as sent, never more than the model's
-//! context window, and 1 to `max_tokens` output tokens (often exactly the bounds). Its
+//! context window, and 1 to `max_tokens` output tokens (often exactly the bounds); a
+//! request with cache points has part of that input reported as cache reads and writes
+//! (billed at their own prices, a write above input). Its
 //! replies are often exactly the engine's limit of 32 bytes per `max_tokens` token (what
 //! the estimate assumes of a pasted reply), else short, now and then past it (refused,
 //! charged). Some calls are throttled (without usage) fewer times
@@ -36,7 +40,7 @@ use chainrun_core::ids::Principal;
 use chainrun_core::memory::{MemoryProgress, MemoryStore};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::{Claim, Lease, ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest, RunStore};
-use chainrun_core::pricing::{ModelRegistry, Usage};
+use chainrun_core::pricing::{ModelRegistry, ServiceTier, Usage};
 use chainrun_core::run::RunRecord;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -46,8 +50,20 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 const RUNS: u64 = 1000;
-const MODELS: [&str; 4] =
-    ["amazon.nova-micro-v1:0", "us.amazon.nova-lite-v1:0", "global.anthropic.claude-haiku-4-5-20251001-v1:0", "meta.llama3-1-8b-instruct-v1:0"];
+const MODELS: [&str; 5] = [
+    "amazon.nova-micro-v1:0",
+    "us.amazon.nova-lite-v1:0",
+    "global.anthropic.claude-haiku-4-5-20251001-v1:0",
+    "meta.llama3-1-8b-instruct-v1:0",
+    // Offers the flex and priority tiers.
+    "openai.gpt-oss-120b-1:0",
+];
+
+/// A system prompt long enough (about 5,000 tokens) for every model's cache minimum, so
+/// the maps and sibling steps that share it carry cache points.
+fn long_system() -> String {
+    "Rule: be brief, cite the source, answer in the language asked. ".repeat(320)
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Behaviour {
@@ -69,6 +85,10 @@ struct Plan {
     output_pct: u64,
     reply_bytes: usize,
     json: bool,
+    /// For a request with cache points: the percent of its input reported as cache reads
+    /// and as cache writes (together at most 100; the rest is plain input).
+    read_pct: u64,
+    write_pct: u64,
 }
 
 /// The longest JSON list `bytes` can hold, `[1,1,…]` (at least `[]`): a map over it has as
@@ -82,6 +102,14 @@ struct ScriptedUsage {
     plans: HashMap<String, Plan>,
     /// Calls seen per prompt, so retries of the same request play the next reply.
     seen: Mutex<HashMap<String, u32>>,
+    levers: Arc<Levers>,
+}
+
+/// How many calls used a lever, over all runs: the check reaches what it claims to cover.
+#[derive(Debug, Default)]
+pub struct Levers {
+    pub cached: std::sync::atomic::AtomicU64,
+    pub tiered: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
@@ -110,12 +138,21 @@ impl ModelClient for ScriptedUsage {
         // Bedrock rejects a prompt longer than the context window, so none is charged more.
         let window = self.registry.get(request.model.as_str()).map_or(0, |m| u64::from(m.context_window));
         let bound = estimate_input_tokens(request.system.as_deref(), &request.prompt).min(window);
-        let usage = Usage {
-            input_tokens: (bound * plan.input_pct / 100).max(1),
-            output_tokens: (u64::from(request.max_tokens) * plan.output_pct / 100).max(1),
-            ..Usage::default()
+        let input = (bound * plan.input_pct / 100).max(1);
+        let output_tokens = (u64::from(request.max_tokens) * plan.output_pct / 100).max(1);
+        let usage = if request.cache_points.count() > 0 {
+            // Part of the input read from or written to the prompt cache, as Bedrock splits it.
+            self.levers.cached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (read, write) = (input * plan.read_pct / 100, input * plan.write_pct / 100);
+            Usage { input_tokens: input - read - write, output_tokens, cache_read_tokens: read, cache_write_tokens: write }
+        } else {
+            Usage { input_tokens: input, output_tokens, ..Usage::default() }
         };
-        Ok(ModelReply { text, usage, stop_reason: "end_turn".into(), service_tier: None })
+        if request.service_tier != ServiceTier::Default {
+            self.levers.tiered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let service_tier = (request.service_tier != ServiceTier::Default).then_some(request.service_tier);
+        Ok(ModelReply { text, usage, stop_reason: "end_turn".into(), service_tier })
     }
 
     async fn converse_stream(&self, request: &ModelRequest, _deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError> {
@@ -199,20 +236,31 @@ fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) 
                 // bound for a pasted reply), else short, now and then past the limit.
                 let limit = EngineConfig::default().reply_limit(max_tokens);
                 let reply_bytes = if rng.random_bool(0.3) { limit } else { rng.random_range(1..=(limit + limit / 4).min(300)) };
-                plans.insert(prefix.clone(), Plan { behaviour, input_pct: pct(rng), output_pct: pct(rng), reply_bytes, json: json_output });
+                let read_pct = rng.random_range(0..=100);
+                let write_pct = rng.random_range(0..=100 - read_pct);
+                plans.insert(
+                    prefix.clone(),
+                    Plan { behaviour, input_pct: pct(rng), output_pct: pct(rng), reply_bytes, json: json_output, read_pct, write_pct },
+                );
                 json_steps[i] = json_output && !map;
                 // A map's prompt often ignores its item, so the item count is what bounds it.
                 let item = if map && rng.random_bool(0.5) { " {{ item }}" } else { "" };
                 let topic = if rng.random_bool(0.5) { " {{ input.topic }}" } else { "" };
+                let model = MODELS[rng.random_range(0..MODELS.len())];
                 let mut llm = json!({
                     "type": "llm",
-                    "model": MODELS[rng.random_range(0..MODELS.len())],
+                    "model": model,
                     "prompt": format!("{prefix}{item}{topic}{reads}"),
                     "max_tokens": max_tokens,
                     "retry": { "max_attempts": attempts, "initial_backoff_ms": 10 },
                 });
-                if rng.random_bool(0.3) {
-                    llm["system"] = json!("Be brief.");
+                match rng.random_range(0..10) {
+                    0..2 => llm["system"] = json!("Be brief."),
+                    2..5 => llm["system"] = json!(long_system()),
+                    _ => {}
+                }
+                if model.starts_with("openai.") && rng.random_bool(0.6) {
+                    llm["service_tier"] = json!(if rng.random_bool(0.5) { "flex" } else { "priority" });
                 }
                 if json_output {
                     llm["output"] =
@@ -279,6 +327,9 @@ pub struct Report {
     pub by_window: u64,
     /// Runs with a map over an upstream step's list.
     pub maps_over_steps: u64,
+    /// Calls that carried cache points, and calls in a tier other than default.
+    pub cached_calls: u64,
+    pub tiered_calls: u64,
 }
 
 fn main() {
@@ -287,6 +338,7 @@ fn main() {
         "runs stopped by their budget: {}; runs with a nonzero min: {}; with a step bounded by its context window: {}; with a map over a step's list: {}",
         report.budget_stopped, report.with_min, report.by_window, report.maps_over_steps
     );
+    println!("levers: calls with cache points={}; calls in the flex or priority tier={}", report.cached_calls, report.tiered_calls);
     println!("cost: runs={} overruns={} estimate_bracketed={}/{}", report.runs, report.overruns, report.bracketed, report.runs);
     if report.overruns > 0 || report.bracketed < report.runs {
         std::process::exit(1);
@@ -299,6 +351,7 @@ pub fn check(runs: u64) -> Report {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime");
     let mut rng = StdRng::seed_from_u64(0xC057);
     let mut report = Report::default();
+    let levers = Arc::new(Levers::default());
     while report.runs < runs {
         let plain = rng.random_bool(0.2);
         let (definition, input, plans) = case(&mut rng, plain);
@@ -314,7 +367,7 @@ pub fn check(runs: u64) -> Report {
         if definition.to_string().contains("\"over\":\"steps.") {
             report.maps_over_steps += 1;
         }
-        let model = Arc::new(ScriptedUsage { registry: registry.clone(), plans, seen: Mutex::new(HashMap::new()) });
+        let model = Arc::new(ScriptedUsage { registry: registry.clone(), plans, seen: Mutex::new(HashMap::new()), levers: levers.clone() });
         let run = runtime.block_on(async {
             let store = Arc::new(MemoryStore::new());
             let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default());
@@ -369,5 +422,7 @@ pub fn check(runs: u64) -> Report {
             eprintln!("not bracketed: actual ${cost} / {tokens} tokens, estimate [{min}, {max}]");
         }
     }
+    report.cached_calls = levers.cached.load(std::sync::atomic::Ordering::Relaxed);
+    report.tiered_calls = levers.tiered.load(std::sync::atomic::Ordering::Relaxed);
     report
 }

@@ -16,4 +16,6 @@ fn a_thousand_random_budgeted_runs_never_overrun_and_the_estimate_brackets_each(
     // The cases reach what the claims are about: budgets that stop runs, a nonzero `min`,
     // prompts bounded only by the context window, maps over a step's list.
     assert!(report.budget_stopped > 50 && report.with_min > 50 && report.by_window > 50 && report.maps_over_steps > 20, "{report:?}");
+    // And the cost levers: calls written to and read from the prompt cache, calls in a tier.
+    assert!(report.cached_calls > 100 && report.tiered_calls > 100, "{report:?}");
 }
