@@ -228,10 +228,13 @@ class Page:
                 return message.get("result", {})
             self._note(message)
 
-    def open(self, url: str, tries: int = 3) -> None:
-        """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all):
-        the local stack's `cargo lambda watch` now and then answers 500 without invoking the
-        function at all, as a user's reload would get past; the retry is noted in `console`."""
+    def open(self, url: str, tries: int = 8) -> None:
+        """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all,
+        waiting 0.5 s longer each time, about 14 s in all): the local stack's `cargo lambda
+        watch` now and then answers 500 for a few seconds without invoking the function
+        (seen in CI: three loads 0.5 s apart all got it, and the function logged nothing),
+        as a user's reload would get past. Each retry is noted in `console` with the start
+        of the body that came with the 500, so the cause can be read from a failed run."""
         for attempt in range(1, tries + 1):
             result = self.send("Page.navigate", url=url)
             if result.get("errorText"):
@@ -240,8 +243,9 @@ class Page:
             status = self.evaluate("(performance.getEntriesByType('navigation')[0] || {}).responseStatus || 0")
             if not (isinstance(status, int) and status >= 500) or attempt == tries:
                 return
-            self.console.append(f"open: {url} answered {status}; loading it again")
-            time.sleep(0.5)
+            body = self.evaluate("document.body ? document.body.innerText.slice(0, 300) : ''")
+            self.console.append(f"open: {url.split('#')[0]} answered {status} ({body!r}); loading it again")
+            time.sleep(0.5 * attempt)
 
     def _loaded(self) -> bool:
         try:

@@ -89,7 +89,7 @@ def test_a_document_answered_with_a_5xx_is_loaded_again_a_bounded_number_of_time
     with browser.Page(width=800, height=600) as page:
         page.open(site + "flaky/1")
         assert _Handler.failures["/flaky/1"] == 2
-        assert any("answered 500; loading it again" in line for line in page.console), page.console
+        assert any("answered 500 (" in line and "loading it again" in line for line in page.console), page.console
         page.wait_for("document.body.dataset.state === 'done'", timeout_s=20)
         page.open(site + "flaky/9", tries=3)
         assert _Handler.failures["/flaky/9"] == 3, "three loads, then the 500 is left for the test to see"
