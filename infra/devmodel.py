@@ -257,6 +257,7 @@ class Levers:
     cache_max_points: int = 0
     tiers: frozenset = frozenset()       # tiers beyond default
     structured_output: bool = False
+    batch_min_records: int | None = None  # None: no batch inference
 
 
 NO_LEVERS = Levers()
@@ -293,7 +294,14 @@ def load_registry(path) -> dict[str, Levers]:
         structured = entry.get("structured_output", False)
         if not isinstance(structured, bool):
             raise RegistryError(f"{where}.structured_output: must be true or false")
-        registry[model_id] = Levers(min_tokens, max_points, frozenset(tiers), structured)
+        batch = entry.get("batch")
+        batch_min = None
+        if batch is not None:
+            value = batch.get("min_records") if isinstance(batch, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RegistryError(f"{where}.batch.min_records: must be an integer >= 1")
+            batch_min = value
+        registry[model_id] = Levers(min_tokens, max_points, frozenset(tiers), structured, batch_min)
     return registry
 
 
@@ -550,6 +558,26 @@ def parse_rules_document(doc) -> tuple[Rule, list[Rule]]:
 # --------------------------------------------------------------------------------------
 
 
+def batch_fields(batch: tuple[str, str] | None) -> dict:
+    """The call log's batch fields: which batch job and record a call answered, or nulls."""
+    job_id, record_id = batch or (None, None)
+    return {"batch_job": job_id, "record_id": record_id}
+
+
+@dataclasses.dataclass
+class Answer:
+    """The outcome of one call through the rules engine: a scripted error, or a reply."""
+
+    rule: "Rule"            # the rule that answered (the default when none matched)
+    call_number: int        # the rule's 1-based call counter for this call
+    entry: dict             # the call's log entry
+    error: tuple[str, str] | None = None  # (error type, message)
+    text: str = ""
+    stop_reason: str = ""
+    usage: dict | None = None
+    tier: dict = dataclasses.field(default_factory=dict)
+
+
 class DevModelState:
     """Rules, per-rule counters, the call log and the prompt cache, shared by all handler
     threads."""
@@ -634,14 +662,15 @@ class DevModelState:
             return {"default": copy.deepcopy(self.default.source),
                     "rules": [copy.deepcopy(r.source) for r in self.rules]}
 
-    def record_call(self, model: str, request: ConverseRequest,
-                    stream: bool) -> tuple[Rule | None, int, bool, dict]:
+    def record_call(self, model: str, request: ConverseRequest, stream: bool,
+                    batch: tuple[str, str] | None = None) -> tuple[Rule | None, int, bool, dict]:
         """Log an incoming model call, pick its rule, bump that rule's counter and draw
         its fail_rate.
 
         Returns (rule or None for the default, the rule's 1-based call number, whether
         fail_rate fails it, log entry). Matching, counting and drawing happen under one
         lock so concurrent retries of the same rule see distinct call numbers and draws.
+        batch is (job id, record id) for a batch inference record.
         """
         prompt, system = request.prompt, request.system
         with self.lock:
@@ -665,13 +694,15 @@ class DevModelState:
                 **request.log_fields(),
                 "cache_read_tokens": None,  # as reported, once the usage is known
                 "cache_write_tokens": None,
+                **batch_fields(batch),
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             }
             self.calls.append(entry)
             return rule, chosen.calls, rate_failure, entry
 
     def record_rejected_call(self, model: str, stream: bool, message: str,
-                             request: ConverseRequest | None) -> None:
+                             request: ConverseRequest | None,
+                             batch: tuple[str, str] | None = None) -> None:
         """Log a call Bedrock would refuse before the model runs (it still counts as
         received, but no rule sees it); request is None when the body was unreadable."""
         asked = request.log_fields() if request else {
@@ -687,8 +718,43 @@ class DevModelState:
                 "status": 400, "error": "ValidationException", "error_message": message,
                 "stop_reason": None, "usage": None,
                 **asked, "cache_read_tokens": None, "cache_write_tokens": None,
+                **batch_fields(batch),
                 "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             })
+
+    def answer(self, model_id: str, request: ConverseRequest, stream: bool,
+               batch: tuple[str, str] | None = None) -> "Answer":
+        """Run the rules engine on a request Bedrock's checks accepted: log the call, pick
+        its rule, apply the scripted failures, settle the prompt cache and shape the reply.
+        A scripted failure is already recorded in the log entry; a reply is not yet (the
+        caller records it once it is sent)."""
+        rule, call_number, rate_failure, entry = self.record_call(model_id, request, stream, batch)
+        chosen = rule or self.default
+
+        scripted_error = chosen.error
+        fail_count, fail_type, fail_message = chosen.fail_first
+        if scripted_error is None and call_number <= fail_count:
+            scripted_error = (fail_type, fail_message)
+        if scripted_error is None and rate_failure:
+            scripted_error = chosen.fail_rate[1:3]
+        if scripted_error is not None:
+            self.update_call(entry, status=HTTP_ERRORS[scripted_error[0]], error=scripted_error[0])
+            return Answer(chosen, call_number, entry, error=scripted_error)
+
+        cache = None
+        if request.checkpoints:
+            if {"cache_read_tokens", "cache_write_tokens"} & chosen.usage.keys():
+                # The rule scripts what the cache did; the simulated cache is left alone.
+                cache = (chosen.usage.get("cache_read_tokens", 0), chosen.usage.get("cache_write_tokens", 0))
+            else:
+                cache = self.settle_cache(model_id, self.levers(model_id), request.checkpoints)
+        text, stop_reason, usage = shape_reply(chosen, request, cache)
+        self.update_call(entry, cache_read_tokens=usage.get("cacheReadInputTokens"),
+                         cache_write_tokens=usage.get("cacheWriteInputTokens"))
+        # Bedrock echoes the tier only when one was asked for.
+        tier = {} if request.service_tier is None else {"serviceTier": {"type": request.service_tier["type"]}}
+        return Answer(chosen, call_number, entry, text=text, stop_reason=stop_reason, usage=usage,
+                      tier=tier)
 
     def update_call(self, entry: dict, **fields) -> None:
         with self.lock:
@@ -1069,33 +1135,13 @@ class DevModelHandler(BaseHTTPRequestHandler):
             self.send_aws_error("ValidationException", str(exc))
             return
 
-        rule, call_number, rate_failure, entry = state.record_call(model_id, request, stream)
-        chosen = rule or state.default
-
-        scripted_error = chosen.error
-        fail_count, fail_type, fail_message = chosen.fail_first
-        if scripted_error is None and call_number <= fail_count:
-            scripted_error = (fail_type, fail_message)
-        if scripted_error is None and rate_failure:
-            scripted_error = chosen.fail_rate[1:3]
-        if scripted_error is not None:
-            error_type, message = scripted_error
-            state.update_call(entry, status=HTTP_ERRORS[error_type], error=error_type)
-            self.send_aws_error(error_type, message)
+        answer = state.answer(model_id, request, stream)
+        if answer.error is not None:
+            self.send_aws_error(*answer.error)
             return
-
-        cache = None
-        if request.checkpoints:
-            if {"cache_read_tokens", "cache_write_tokens"} & chosen.usage.keys():
-                # The rule scripts what the cache did; the simulated cache is left alone.
-                cache = (chosen.usage.get("cache_read_tokens", 0), chosen.usage.get("cache_write_tokens", 0))
-            else:
-                cache = state.settle_cache(model_id, levers, request.checkpoints)
-        text, stop_reason, usage = shape_reply(chosen, request, cache)
-        state.update_call(entry, cache_read_tokens=usage.get("cacheReadInputTokens"),
-                          cache_write_tokens=usage.get("cacheWriteInputTokens"))
-        # Bedrock echoes the tier only when one was asked for.
-        tier = {} if request.service_tier is None else {"serviceTier": {"type": request.service_tier["type"]}}
+        chosen, entry, call_number = answer.rule, answer.entry, answer.call_number
+        text, stop_reason, usage, tier = answer.text, answer.stop_reason, answer.usage, answer.tier
+        fail_count = chosen.fail_first[0]
         latency_ms = chosen.latency_ms
         if not stream:
             time.sleep(latency_ms / 1000)
