@@ -171,15 +171,19 @@ import copy
 import dataclasses
 import datetime
 import hashlib
+import hmac
 import json
 import math
+import os
 import random
 import re
 import struct
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler
@@ -582,7 +586,8 @@ class DevModelState:
     """Rules, per-rule counters, the call log and the prompt cache, shared by all handler
     threads."""
 
-    def __init__(self, rules_doc: dict, models_path=None, clock=None):
+    def __init__(self, rules_doc: dict, models_path=None, clock=None, s3_endpoint: str | None = None,
+                 batch_timing: dict | None = None):
         self.lock = threading.Lock()
         self.default, self.rules = parse_rules_document(rules_doc)
         self.registry = load_registry(DEFAULT_MODELS if models_path is None else models_path)
@@ -592,6 +597,7 @@ class DevModelState:
         self.cache: dict[bytes, float] = {}
         self.calls: list[dict] = []
         self.seq = 0
+        self.batch = BatchJobs(self, s3_endpoint, batch_timing)
 
     def levers(self, model_id: str) -> Levers:
         return self.registry.get(bare_model_id(model_id), NO_LEVERS)
@@ -656,6 +662,7 @@ class DevModelState:
             self.seq = 0
             for rule in [self.default, *self.rules]:
                 rule.restart()
+        self.batch.clear()
 
     def rules_document(self) -> dict:
         with self.lock:
@@ -977,6 +984,517 @@ def split_chunks(text: str, size: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
+# Batch inference (Bedrock control plane: model invocation jobs)
+# --------------------------------------------------------------------------------------
+
+# HTTP status of each error the control-plane operations devmodel serves can return
+# (from the bedrock service model: ConflictException is a 400 there).
+CONTROL_ERRORS = {"ValidationException": 400, "ResourceNotFoundException": 404, "ConflictException": 400}
+
+BATCH_REGION = "us-east-1"
+BATCH_ACCOUNT = "123456789012"
+JOB_ARN_PREFIX = f"arn:aws:bedrock:{BATCH_REGION}:{BATCH_ACCOUNT}:model-invocation-job/"
+JOB_STATUSES = ("Submitted", "Validating", "Scheduled", "InProgress", "Completed",
+                "PartiallyCompleted", "Failed", "Stopping", "Stopped", "Expired")
+FINISHED = ("Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired")
+# Milliseconds each phase lasts on the server clock; PUT /_dev/batch changes them for
+# jobs created afterwards.
+DEFAULT_BATCH_TIMING = {"start_delay_ms": 0, "validate_ms": 100, "run_ms_per_record": 2, "stop_ms": 50}
+DEFAULT_TIMEOUT_HOURS = 24
+CLOCK_TOLERANCE_S = 1e-6
+# Patterns from the bedrock service model, so a request the real service would refuse
+# is refused here too.
+JOB_NAME = re.compile(r"[a-zA-Z0-9]{1,63}(-*[a-zA-Z0-9+\-.]){0,63}")
+ROLE_ARN = re.compile(r"arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+")
+REQUEST_TOKEN = re.compile(r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}")
+S3_URI = re.compile(r"s3://([a-z0-9][-.a-z0-9]{1,61}[a-z0-9])(?:/(.*))?")
+JOB_PATH = re.compile(r"^/model-invocation-job/([^/]+)(/stop)?$")
+
+
+class ControlError(Exception):
+    """A control-plane request refused: (error type, message) -> HTTP error reply."""
+
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+def parse_s3_uri(uri, where: str, want_key: bool) -> tuple[str, str]:
+    """(bucket, key) of an s3:// URI; want_key: the URI must name an object, not a prefix."""
+    match = S3_URI.fullmatch(uri) if isinstance(uri, str) else None
+    if match is None:
+        raise ControlError("ValidationException", f"{where} must be an s3://bucket/key URI (got {uri!r})")
+    key = match.group(2) or ""
+    if want_key and (not key or key.endswith("/")):
+        raise ControlError("ValidationException", f"{where} must name an object, not a bucket or prefix (got {uri!r})")
+    return match.group(1), key
+
+
+class S3Error(Exception):
+    """An S3 request failed; the message names the URI and what S3 said."""
+
+
+class S3Client:
+    """GET and PUT of whole objects against one S3 endpoint, path-style, with urllib.
+
+    Requests are SigV4-signed with the AWS_* credentials in the environment (read once;
+    "test" when unset): moto treats an unsigned GET as anonymous and refuses it with 403,
+    and signing is what any S3 endpoint expects anyway."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint.rstrip("/")
+        self.access_key = os.environ.get("AWS_ACCESS_KEY_ID") or "test"
+        self.secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or "test"
+        self.session_token = os.environ.get("AWS_SESSION_TOKEN")
+        self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or BATCH_REGION
+
+    def get(self, bucket: str, key: str) -> bytes | None:
+        """The object's bytes, or None when the bucket or key does not exist."""
+        status, body = self._request("GET", bucket, key, b"")
+        if status == 404:
+            return None
+        if status != 200:
+            raise S3Error(f"GET s3://{bucket}/{key} answered {status}: {body[:200].decode('utf-8', 'replace')}")
+        return body
+
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        status, body = self._request("PUT", bucket, key, data)
+        if status != 200:
+            raise S3Error(f"PUT s3://{bucket}/{key} answered {status}: {body[:200].decode('utf-8', 'replace')}")
+
+    def _request(self, method: str, bucket: str, key: str, data: bytes) -> tuple[int, bytes]:
+        path = "/" + urllib.parse.quote(f"{bucket}/{key}", safe="/-_.~")
+        url = self.endpoint + path
+        host = urllib.parse.urlsplit(url).netloc
+        amz_date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        payload_hash = hashlib.sha256(data).hexdigest()
+        headers = {"host": host, "x-amz-content-sha256": payload_hash, "x-amz-date": amz_date}
+        if self.session_token:
+            headers["x-amz-security-token"] = self.session_token
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join([method, path, "", "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+                               signed, payload_hash])
+        scope = f"{amz_date[:8]}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
+                             hashlib.sha256(canonical.encode()).hexdigest()])
+        key_bytes = ("AWS4" + self.secret_key).encode()
+        for part in (amz_date[:8], self.region, "s3", "aws4_request"):
+            key_bytes = hmac.new(key_bytes, part.encode(), hashlib.sha256).digest()
+        signature = hmac.new(key_bytes, to_sign.encode(), hashlib.sha256).hexdigest()
+        send = {k: v for k, v in headers.items() if k != "host"}
+        send["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                 f"SignedHeaders={signed}, Signature={signature}")
+        if method == "PUT":
+            # Without it urllib sends a form Content-Type and moto reads the body as a form.
+            send["Content-Type"] = "application/octet-stream"
+        request = urllib.request.Request(url, data=data if method == "PUT" else None, method=method,
+                                         headers=send)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except OSError as exc:
+            raise S3Error(f"{method} s3://{bucket}/{key}: cannot reach S3 at {self.endpoint}: {exc}") from exc
+
+
+def parse_batch_timing(doc, base: dict) -> dict:
+    """base updated with the timing fields of doc; raise ControlError naming a bad field."""
+    if not isinstance(doc, dict):
+        raise ControlError("ValidationException", "(document): must be an object")
+    timing = dict(base)
+    for key, value in doc.items():
+        if key.startswith("_"):
+            continue
+        if key not in DEFAULT_BATCH_TIMING:
+            raise ControlError("ValidationException",
+                               f"{key}: unknown field (allowed: {', '.join(sorted(DEFAULT_BATCH_TIMING))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ControlError("ValidationException", f"{key}: must be a number >= 0")
+        timing[key] = value
+    return timing
+
+
+@dataclasses.dataclass
+class BatchJob:
+    """One model invocation job. Times are on the server clock (monotonic seconds)."""
+
+    job_id: str
+    name: str
+    model_id: str
+    role_arn: str
+    token: str | None
+    request: dict            # the create body as sent (idempotency compares it)
+    input_loc: tuple[str, str]
+    output_loc: tuple[str, str]  # (bucket, key prefix ending in "/" or "")
+    timing: dict
+    timeout_hours: int
+    submitted: float
+    status: str = "Submitted"
+    message: str | None = None
+    changed: float = 0.0     # when the current status began
+    ended: float | None = None
+    stop_at: float | None = None
+    records: list | None = None  # [(record id, modelInput)] once validated
+    lines: list = dataclasses.field(default_factory=list)  # output lines so far, input order
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def arn(self) -> str:
+        return JOB_ARN_PREFIX + self.job_id
+
+    def output_key(self, name: str) -> str:
+        return f"{self.output_loc[1]}{self.job_id}/{name}"
+
+
+class BatchJobs:
+    """The model invocation jobs of one server. Jobs move through their lifecycle lazily:
+    whenever one is read (Get, List, Stop, the calls listing) it is advanced to the server
+    clock's now, processing the records that are due by then, so a fake clock makes the
+    whole lifecycle deterministic. One lock covers advancing, S3 I/O included."""
+
+    def __init__(self, state: "DevModelState", s3_endpoint: str | None, timing: dict | None):
+        self.state = state
+        self.s3 = S3Client(s3_endpoint) if s3_endpoint else None
+        self.timing = parse_batch_timing(timing or {}, DEFAULT_BATCH_TIMING)
+        self.lock = threading.RLock()
+        self.jobs: dict[str, BatchJob] = {}
+        self.tokens: dict[str, str] = {}
+        # Timestamps are the wall clock at start plus server-clock time since, so a test's
+        # fake clock moves them too.
+        self.clock_base = state.clock()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.wall_base = now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+    # ---- timing and reset -------------------------------------------------------------
+
+    def set_timing(self, doc) -> dict:
+        with self.lock:
+            self.timing = parse_batch_timing(doc, self.timing)
+            return dict(self.timing)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.jobs.clear()
+            self.tokens.clear()
+
+    def iso(self, t: float) -> str:
+        # Whole milliseconds, so float error never shows in a timestamp.
+        wall = self.wall_base + datetime.timedelta(milliseconds=round((t - self.clock_base) * 1000))
+        return wall.strftime("%Y-%m-%dT%H:%M:%S.") + f"{wall.microsecond // 1000:03d}Z"
+
+    # ---- operations -------------------------------------------------------------------
+
+    def create(self, body) -> BatchJob:
+        if not isinstance(body, dict):
+            raise ControlError("ValidationException", "request body must be a JSON object")
+        for field in ("jobName", "roleArn", "modelId", "inputDataConfig", "outputDataConfig"):
+            if field not in body:
+                raise ControlError("ValidationException", f"{field} is required")
+        name, role, model_id = body["jobName"], body["roleArn"], body["modelId"]
+        if not isinstance(name, str) or len(name) > 63 or not JOB_NAME.fullmatch(name):
+            raise ControlError("ValidationException", f"jobName {name!r} must be 1-63 letters, digits, "
+                               "'+', '-' and '.', starting with a letter or digit")
+        if not isinstance(role, str) or not ROLE_ARN.fullmatch(role):
+            raise ControlError("ValidationException", f"roleArn {role!r} must be an IAM role ARN")
+        token = body.get("clientRequestToken")
+        if token is not None and (not isinstance(token, str) or len(token) > 256
+                                  or not REQUEST_TOKEN.fullmatch(token)):
+            raise ControlError("ValidationException", f"clientRequestToken {token!r} must be 1-256 "
+                               "letters, digits and '-'")
+        if not isinstance(model_id, str) or bare_model_id(model_id) not in self.state.registry:
+            raise ControlError("ValidationException", f"The model {model_id} is not in the model registry")
+        min_records = self.state.levers(model_id).batch_min_records
+        if min_records is None:
+            raise ControlError("ValidationException", f"The model {model_id} does not support batch inference")
+        invocation_type = body.get("modelInvocationType")
+        if invocation_type not in (None, "Converse"):
+            raise ControlError("ValidationException", "devmodel reads batch records as Converse requests: "
+                               f"modelInvocationType must be Converse or left out (got {invocation_type!r})")
+        in_config = body["inputDataConfig"].get("s3InputDataConfig") \
+            if isinstance(body["inputDataConfig"], dict) else None
+        if not isinstance(in_config, dict):
+            raise ControlError("ValidationException", "inputDataConfig.s3InputDataConfig is required")
+        if in_config.get("s3InputFormat", "JSONL") != "JSONL":
+            raise ControlError("ValidationException", "inputDataConfig.s3InputDataConfig.s3InputFormat must be JSONL")
+        input_loc = parse_s3_uri(in_config.get("s3Uri"), "inputDataConfig.s3InputDataConfig.s3Uri", True)
+        out_config = body["outputDataConfig"].get("s3OutputDataConfig") \
+            if isinstance(body["outputDataConfig"], dict) else None
+        if not isinstance(out_config, dict):
+            raise ControlError("ValidationException", "outputDataConfig.s3OutputDataConfig is required")
+        out_bucket, out_prefix = parse_s3_uri(out_config.get("s3Uri"), "outputDataConfig.s3OutputDataConfig.s3Uri",
+                                              False)
+        if out_prefix and not out_prefix.endswith("/"):
+            out_prefix += "/"  # Bedrock treats the output URI as a folder either way
+        hours = body.get("timeoutDurationInHours", DEFAULT_TIMEOUT_HOURS)
+        if isinstance(hours, bool) or not isinstance(hours, int) or not 24 <= hours <= 168:
+            raise ControlError("ValidationException", "timeoutDurationInHours must be an integer from 24 to 168")
+        if self.s3 is None:
+            raise ControlError("ValidationException", "devmodel was started without an S3 endpoint "
+                               "(--s3-endpoint / start_server(s3_endpoint=...)); batch jobs need one")
+
+        with self.lock:
+            if token is not None and token in self.tokens:
+                job = self.jobs[self.tokens[token]]
+                if job.request != body:
+                    raise ControlError("ConflictException", f"clientRequestToken {token} was already used "
+                                       f"for job {job.arn} with different parameters")
+                return job
+            now = self.state.clock()
+            job = BatchJob(
+                job_id=uuid.uuid4().hex[:12], name=name, model_id=model_id, role_arn=role, token=token,
+                request=copy.deepcopy(body), input_loc=input_loc, output_loc=(out_bucket, out_prefix),
+                timing=dict(self.timing), timeout_hours=hours, submitted=now, changed=now)
+            self.jobs[job.job_id] = job
+            if token is not None:
+                self.tokens[token] = job.job_id
+            return job
+
+    def find(self, identifier: str) -> BatchJob:
+        """The job an id or ARN names, advanced to now; ResourceNotFoundException otherwise."""
+        job_id = identifier[len(JOB_ARN_PREFIX):] if identifier.startswith(JOB_ARN_PREFIX) else identifier
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise ControlError("ResourceNotFoundException", f"Model invocation job {identifier} not found")
+            self.advance(job, self.state.clock())
+            return job
+
+    def stop(self, identifier: str) -> None:
+        with self.lock:
+            job = self.find(identifier)
+            if job.status in FINISHED or job.status == "Stopping":
+                raise ControlError("ValidationException",
+                                   f"Job {job.arn} is {job.status}; only a job that has not finished can be stopped")
+            now = self.state.clock()
+            job.status, job.changed, job.stop_at = "Stopping", now, now
+
+    def advance_all(self) -> list[BatchJob]:
+        with self.lock:
+            now = self.state.clock()
+            for job in self.jobs.values():
+                self.advance(job, now)
+            return list(self.jobs.values())
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    def advance(self, job: BatchJob, now: float) -> None:
+        """Move the job through every transition due by `now`, each at the time it fell due."""
+        deadline = job.submitted + job.timeout_hours * 3600
+        # The tolerance keeps float error (5000.05 + 0.1 > 5000.15) from holding back a
+        # transition that is due.
+        horizon = min(now, deadline) + CLOCK_TOLERANCE_S
+        timing = job.timing
+        while True:
+            if job.status == "Submitted":
+                due = job.submitted + timing["start_delay_ms"] / 1000
+                if horizon < due:
+                    break
+                job.status, job.changed = "Validating", due
+            elif job.status == "Validating":
+                due = job.changed + timing["validate_ms"] / 1000
+                if horizon < due:
+                    break
+                self.validate(job, due)
+            elif job.status == "InProgress":
+                per_ms = timing["run_ms_per_record"]
+                total = len(job.records)
+                ready = total if per_ms == 0 else min(total, int((horizon - job.changed) * 1000 / per_ms))
+                while len(job.lines) < ready:
+                    self.process(job)
+                if len(job.lines) < total:
+                    break
+                self.finish(job, "PartiallyCompleted" if job.errors else "Completed",
+                            job.changed + total * per_ms / 1000)
+            elif job.status == "Stopping":
+                due = job.stop_at + timing["stop_ms"] / 1000
+                if horizon < due:
+                    break
+                self.finish(job, "Stopped", due)
+            else:
+                return
+        if now >= deadline and job.status not in FINISHED:
+            self.finish(job, "Expired", deadline,
+                        f"The job did not finish within timeoutDurationInHours ({job.timeout_hours})")
+
+    def validate(self, job: BatchJob, at: float) -> None:
+        """Read and check the input file: the job goes InProgress or Failed (at `at`)."""
+        bucket, key = job.input_loc
+        uri = f"s3://{bucket}/{key}"
+        try:
+            data = self.s3.get(bucket, key)
+        except S3Error as exc:
+            self.fail(job, at, str(exc))
+            return
+        if data is None:
+            self.fail(job, at, f"The input file {uri} was not found")
+            return
+        records = []
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                self.fail(job, at, f"Line {number} of {uri} is not valid JSON: {exc}")
+                return
+            if not isinstance(record, dict) or not isinstance(record.get("modelInput"), dict):
+                self.fail(job, at, f"Line {number} of {uri} must be an object with a modelInput object")
+                return
+            record_id = record.get("recordId")
+            if record_id is not None and not isinstance(record_id, str):
+                self.fail(job, at, f"Line {number} of {uri}: recordId must be a string")
+                return
+            # Bedrock makes up an id for a record without one; devmodel uses its line number.
+            records.append((record_id if record_id is not None else f"{number:011d}", record["modelInput"]))
+        minimum = self.state.levers(job.model_id).batch_min_records
+        if len(records) < minimum:
+            self.fail(job, at, f"The input file {uri} has {len(records)} records; model {job.model_id} "
+                               f"needs at least {minimum} records per batch job")
+            return
+        job.records = records
+        job.status, job.changed = "InProgress", at
+
+    def fail(self, job: BatchJob, at: float, message: str) -> None:
+        job.status, job.message, job.changed, job.ended = "Failed", message, at, at
+
+    def process(self, job: BatchJob) -> None:
+        """Answer the next record with the rules engine and append its output line."""
+        state = self.state
+        record_id, model_input = job.records[len(job.lines)]
+        batch = (job.job_id, record_id)
+        line = {"recordId": record_id, "modelInput": model_input}
+        try:
+            request = parse_request(model_input)
+        except BadRequest as exc:
+            state.record_rejected_call(job.model_id, False, f"devmodel: malformed request: {exc}", None, batch)
+            line["error"] = {"errorCode": 400, "errorMessage": f"devmodel: malformed request: {exc}"}
+        else:
+            try:
+                check_levers(request, job.model_id, state.levers(job.model_id))
+            except BadRequest as exc:
+                state.record_rejected_call(job.model_id, False, str(exc), request, batch)
+                line["error"] = {"errorCode": 400, "errorMessage": str(exc)}
+            else:
+                answer = state.answer(job.model_id, request, False, batch)
+                if answer.error is not None:
+                    line["error"] = {"errorCode": HTTP_ERRORS[answer.error[0]], "errorMessage": answer.error[1]}
+                else:
+                    state.update_call(answer.entry, status=200, stop_reason=answer.stop_reason, usage=answer.usage)
+                    line["modelOutput"] = {
+                        "output": {"message": {"role": "assistant", "content": [{"text": answer.text}]}},
+                        "stopReason": answer.stop_reason,
+                        "usage": answer.usage,
+                        **answer.tier,
+                    }
+                    job.input_tokens += answer.usage["inputTokens"]
+                    job.output_tokens += answer.usage["outputTokens"]
+        if "error" in line:
+            job.errors += 1
+        job.lines.append(line)
+
+    def manifest(self, job: BatchJob) -> dict:
+        processed = len(job.lines)
+        return {"totalRecordCount": len(job.records or []), "processedRecordCount": processed,
+                "successRecordCount": processed - job.errors, "errorRecordCount": job.errors,
+                "inputTokenCount": job.input_tokens, "outputTokenCount": job.output_tokens}
+
+    def finish(self, job: BatchJob, status: str, at: float, message: str | None = None) -> None:
+        """End the job; a job that got past validation writes its output and manifest."""
+        if job.records is not None:
+            bucket = job.output_loc[0]
+            input_name = job.input_loc[1].rsplit("/", 1)[-1]
+            body = "".join(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n"
+                           for line in job.lines)
+            try:
+                self.s3.put(bucket, job.output_key(input_name + ".out"), body.encode("utf-8"))
+                self.s3.put(bucket, job.output_key("manifest.json.out"),
+                            json.dumps(self.manifest(job)).encode("utf-8"))
+            except S3Error as exc:
+                self.fail(job, at, f"Writing the output failed: {exc}")
+                return
+        job.status, job.changed, job.ended = status, at, at
+        if message is not None:
+            job.message = message
+
+    # ---- rendering --------------------------------------------------------------------
+
+    def describe(self, job: BatchJob) -> dict:
+        """GetModelInvocationJob's reply (a list summary has the same fields)."""
+        request = job.request
+        out = {
+            "jobArn": job.arn, "jobName": job.name, "modelId": job.model_id, "roleArn": job.role_arn,
+            "status": job.status, "submitTime": self.iso(job.submitted),
+            "lastModifiedTime": self.iso(job.changed),
+            "inputDataConfig": request["inputDataConfig"], "outputDataConfig": request["outputDataConfig"],
+            "timeoutDurationInHours": job.timeout_hours,
+            "jobExpirationTime": self.iso(job.submitted + job.timeout_hours * 3600),
+        }
+        if job.token is not None:
+            out["clientRequestToken"] = job.token
+        if "modelInvocationType" in request:
+            out["modelInvocationType"] = request["modelInvocationType"]
+        if job.message is not None:
+            out["message"] = job.message
+        if job.ended is not None:
+            out["endTime"] = self.iso(job.ended)
+        if job.records is not None:
+            manifest = self.manifest(job)
+            out.update({k: manifest[k] for k in ("totalRecordCount", "processedRecordCount",
+                                                 "successRecordCount", "errorRecordCount")})
+        return out
+
+    def list(self, query: dict) -> dict:
+        """ListModelInvocationJobs: filters, newest first unless sortOrder=Ascending, and
+        nextToken paging (the token is an offset)."""
+        status = query.get("statusEquals")
+        if status is not None and status not in JOB_STATUSES:
+            raise ControlError("ValidationException", f"statusEquals must be one of {', '.join(JOB_STATUSES)}")
+        order = query.get("sortOrder", "Descending")
+        if order not in ("Ascending", "Descending"):
+            raise ControlError("ValidationException", "sortOrder must be Ascending or Descending")
+        if query.get("sortBy", "CreationTime") != "CreationTime":
+            raise ControlError("ValidationException", "sortBy must be CreationTime")
+        try:
+            limit = int(query.get("maxResults", 1000))
+            offset = int(query.get("nextToken", 0))
+        except ValueError:
+            raise ControlError("ValidationException", "maxResults and nextToken must be integers") from None
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise ControlError("ValidationException", "maxResults must be 1-1000 and nextToken a token from a previous reply")
+        bounds = {}
+        for key in ("submitTimeAfter", "submitTimeBefore"):
+            if key in query:
+                try:
+                    bounds[key] = datetime.datetime.fromisoformat(query[key].replace("Z", "+00:00"))
+                except ValueError:
+                    raise ControlError("ValidationException", f"{key} must be an ISO 8601 timestamp") from None
+        with self.lock:
+            jobs = self.advance_all()
+            jobs.sort(key=lambda j: j.submitted, reverse=order == "Descending")
+            summaries = []
+            for job in jobs:
+                submitted = self.wall_base + datetime.timedelta(seconds=job.submitted - self.clock_base)
+                if status is not None and job.status != status:
+                    continue
+                if "nameContains" in query and query["nameContains"] not in job.name:
+                    continue
+                if "submitTimeAfter" in bounds and submitted <= bounds["submitTimeAfter"]:
+                    continue
+                if "submitTimeBefore" in bounds and submitted >= bounds["submitTimeBefore"]:
+                    continue
+                summaries.append(self.describe(job))
+        page = summaries[offset:offset + limit]
+        reply = {"invocationJobSummaries": page}
+        if offset + limit < len(summaries):
+            reply["nextToken"] = str(offset + limit)
+        return reply
+
+
+# --------------------------------------------------------------------------------------
 # AWS event-stream framing
 # --------------------------------------------------------------------------------------
 
@@ -1079,8 +1597,42 @@ class DevModelHandler(BaseHTTPRequestHandler):
         if path.startswith("/_dev/"):
             self.handle_admin(method, path, parsed.query, body)
             return
+        job_match = JOB_PATH.match(path)
+        try:
+            if path == "/model-invocation-job" and method == "POST":
+                self.create_job(body)
+                return
+            if job_match and method == ("POST" if job_match.group(2) else "GET"):
+                identifier = urllib.parse.unquote(job_match.group(1))
+                if job_match.group(2):
+                    self.server.state.batch.stop(identifier)
+                    self.send_json(200, {})
+                else:
+                    batch = self.server.state.batch
+                    with batch.lock:
+                        reply = batch.describe(batch.find(identifier))
+                    self.send_json(200, reply)
+                return
+            if path == "/model-invocation-jobs" and method == "GET":
+                query = {k: v[-1] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+                self.send_json(200, self.server.state.batch.list(query))
+                return
+        except ControlError as exc:
+            self.send_json(CONTROL_ERRORS[exc.error_type], {"message": exc.message},
+                           {"x-amzn-ErrorType": exc.error_type})
+            return
         self.send_json(404, {"message": f"devmodel: no route for {method} {path}"},
                        {"x-amzn-ErrorType": "UnknownOperationException"})
+
+    # ---- batch inference (control plane) -----------------------------------------------
+
+    def create_job(self, body: bytes) -> None:
+        try:
+            doc = json.loads(body or b"null")
+        except ValueError as exc:
+            raise ControlError("ValidationException", f"request body is not valid JSON: {exc}") from None
+        job = self.server.state.batch.create(doc)
+        self.send_json(200, {"jobArn": job.arn})
 
     # ---- admin API ----------------------------------------------------------------------
 
@@ -1089,6 +1641,7 @@ class DevModelHandler(BaseHTTPRequestHandler):
         if path == "/_dev/health" and method == "GET":
             self.send_json(200, {"ok": True})
         elif path == "/_dev/calls" and method == "GET":
+            state.batch.advance_all()  # so the listing shows every record due by now
             filters = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
             self.send_json(200, {"calls": state.snapshot_calls(filters)})
         elif path == "/_dev/reset" and method == "POST":
@@ -1112,6 +1665,22 @@ class DevModelHandler(BaseHTTPRequestHandler):
                 self.send_json(400, {"message": str(exc)})
                 return
             self.send_json(200, {"ok": True, "rules": count})
+        elif path == "/_dev/batch" and method == "GET":
+            batch = state.batch
+            with batch.lock:
+                jobs = [batch.describe(job) for job in batch.advance_all()]
+            self.send_json(200, {"timing": dict(batch.timing),
+                                 "s3_endpoint": batch.s3.endpoint if batch.s3 else None, "jobs": jobs})
+        elif path == "/_dev/batch" and method == "PUT":
+            try:
+                timing = state.batch.set_timing(json.loads(body or b"null"))
+            except ValueError as exc:
+                self.send_json(400, {"message": f"(document): invalid JSON: {exc}"})
+                return
+            except ControlError as exc:
+                self.send_json(400, {"message": exc.message})
+                return
+            self.send_json(200, {"ok": True, "timing": timing})
         else:
             self.send_json(404, {"message": f"devmodel: no admin route for {method} {path}"})
 
@@ -1209,12 +1778,16 @@ class DevModelServer(StoppableServer):
 
 
 def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 models_path=None, clock=None) -> tuple[DevModelServer, str]:
+                 models_path=None, clock=None, s3_endpoint: str | None = None,
+                 batch_timing: dict | None = None) -> tuple[DevModelServer, str]:
     """Start devmodel in a daemon thread; return (server, base URL). Stop with server.shutdown().
 
     models_path: the model registry (default shared/models.json); clock: monotonic seconds
-    for the prompt cache's TTL (default time.monotonic)."""
-    server = DevModelServer((host, port), DevModelState(rules, models_path, clock), verbose=verbose)
+    for the prompt cache's TTL and the batch jobs' lifecycle (default time.monotonic);
+    s3_endpoint: where batch jobs read and write (none: batch jobs are refused);
+    batch_timing: the /_dev/batch fields to start with."""
+    state = DevModelState(rules, models_path, clock, s3_endpoint, batch_timing)
+    server = DevModelServer((host, port), state, verbose=verbose)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               name="devmodel", daemon=True)
     thread.start()
@@ -1229,14 +1802,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default=default_rules, help="rules JSON file")
     parser.add_argument("--models", default=str(DEFAULT_MODELS),
                         help="model registry JSON (which models offer caching, tiers, structured output)")
+    parser.add_argument("--s3-endpoint", help="S3 endpoint URL batch jobs read and write (e.g. moto's)")
+    parser.add_argument("--batch-timing", default="{}",
+                        help='JSON of the batch phase durations, as PUT /_dev/batch takes them')
     parser.add_argument("--port-file", help="write the bound port number to this file when ready")
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     args = parser.parse_args(argv)
 
     try:
+        batch_timing = parse_batch_timing(json.loads(args.batch_timing), DEFAULT_BATCH_TIMING)
+    except (ValueError, ControlError) as exc:
+        print(f"devmodel: --batch-timing: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    try:
         with open(args.rules, encoding="utf-8") as fh:
             rules = json.load(fh)
-        state = DevModelState(rules, args.models)
+        state = DevModelState(rules, args.models, s3_endpoint=args.s3_endpoint, batch_timing=batch_timing)
     except RegistryError as exc:
         print(f"devmodel: {exc}", file=sys.stderr)
         return 2
