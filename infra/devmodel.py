@@ -1,8 +1,10 @@
-"""devmodel: a scripted stand-in for Amazon Bedrock Runtime (Converse / ConverseStream).
+"""devmodel: a scripted stand-in for Amazon Bedrock Runtime (Converse / ConverseStream)
+and for Bedrock batch inference (model invocation jobs).
 
-chainrun's runner talks to Bedrock through aws-sdk-bedrockruntime. Pointing the SDK at
-this server (``AWS_ENDPOINT_URL_BEDROCK_RUNTIME=http://127.0.0.1:PORT``) lets the
-whole engine run hermetically: every model call gets a reply, token usage, latency and
+chainrun's runner talks to Bedrock through aws-sdk-bedrockruntime, and runs large map
+steps as batch jobs through aws-sdk-bedrock. Pointing the SDKs at this server
+(``AWS_ENDPOINT_URL_BEDROCK_RUNTIME`` and ``AWS_ENDPOINT_URL_BEDROCK`` =
+``http://127.0.0.1:PORT``, one port for both) lets the whole engine run hermetically: every model call gets a reply, token usage, latency and
 (optionally) failures scripted by a rules file. Only the Python standard library is used,
 so the server runs from any Python 3.11 without installing anything.
 
@@ -26,6 +28,86 @@ Wire protocol (restJson1, as the AWS SDKs speak it)
   (both, 0 when not applicable, whenever the request had a cachePoint) and
   ``"serviceTier": {"type": ...}`` (when the request asked for one), at the top level of
   the converse JSON and in the stream's ``metadata`` event alike.
+
+Batch inference (restJson1, the bedrock control plane)
+------------------------------------------------------
+* ``POST /model-invocation-job`` (CreateModelInvocationJob) with ``{"jobName",
+  "roleArn", "modelId", "clientRequestToken"?, "inputDataConfig": {"s3InputDataConfig":
+  {"s3Uri": "s3://bucket/key.jsonl", "s3InputFormat": "JSONL"?}}, "outputDataConfig":
+  {"s3OutputDataConfig": {"s3Uri": "s3://bucket/prefix/"}}, "timeoutDurationInHours"?
+  (24-168, default 24), "modelInvocationType"? ("Converse"), "tags"?}`` -> ``{"jobArn":
+  "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/<id>"}``, the id 12
+  characters of [a-z0-9]. The same clientRequestToken with the same body answers the
+  same job; with a different body, ConflictException (400).
+* ``GET /model-invocation-job/{jobIdentifier}`` (GetModelInvocationJob; the ARN
+  URL-encoded, or the bare id) -> ``{jobArn, jobName, modelId, roleArn, status, message?,
+  submitTime, lastModifiedTime, endTime?, inputDataConfig, outputDataConfig,
+  timeoutDurationInHours, jobExpirationTime, clientRequestToken?, modelInvocationType?,
+  totalRecordCount?, processedRecordCount?, successRecordCount?, errorRecordCount?}``;
+  timestamps ISO 8601 in UTC with milliseconds (``2026-12-06T10:00:00.150Z``), the
+  record counts once the input has been validated.
+* ``POST /model-invocation-job/{jobIdentifier}/stop`` (StopModelInvocationJob) -> ``{}``.
+  A job that has finished, or is already Stopping, is answered ValidationException.
+* ``GET /model-invocation-jobs`` (ListModelInvocationJobs) -> ``{"invocationJobSummaries":
+  [...], "nextToken"?}``, each summary as GetModelInvocationJob's reply, newest first.
+  Query: ``statusEquals``, ``nameContains``, ``submitTimeAfter`` / ``submitTimeBefore``,
+  ``sortOrder`` (Ascending | Descending), ``sortBy`` (CreationTime), ``maxResults``
+  (1-1000) and ``nextToken``.
+* Errors: HTTP status + ``x-amzn-ErrorType`` + ``{"message"}``: ValidationException
+  (400), ConflictException (400), ResourceNotFoundException (404, unknown job).
+* Refused at create (ValidationException, no job made): a missing or malformed field
+  (jobName, roleArn, clientRequestToken and the S3 URIs by the service model's
+  patterns; the input URI must name an object), a model not in the registry (``The
+  model M is not in the model registry``) or without a ``batch`` entry (``The model M
+  does not support batch inference``), modelInvocationType InvokeModel (devmodel reads
+  every record as a Converse request), and a server started without an S3 endpoint.
+* Input: the JSONL object at the input URI, one record a line, ``{"recordId"?,
+  "modelInput": <a Converse request body>}`` (blank lines skipped; a record without
+  recordId gets its line number, 11 digits).
+* Output, once the job ends after validating (Completed, PartiallyCompleted, Stopped,
+  Expired), at ``<output prefix><jobId>/`` (a prefix without a trailing "/" gets one):
+  ``<input file name>.out`` with one line per processed record in input order,
+  ``{"recordId", "modelInput", "modelOutput": {"output": {"message": {"role":
+  "assistant", "content": [{"text"}]}}, "stopReason", "usage", "serviceTier"?}}`` or
+  ``{"recordId", "modelInput", "error": {"errorCode": <HTTP status>, "errorMessage"}}``;
+  and ``manifest.json.out`` = ``{"totalRecordCount", "processedRecordCount",
+  "successRecordCount", "errorRecordCount", "inputTokenCount", "outputTokenCount"}``
+  (token counts: the sums of the successful records' inputTokens / outputTokens).
+* S3 is reached with urllib, path-style (``ENDPOINT/bucket/key``), at ``--s3-endpoint
+  URL`` / ``start_server(s3_endpoint=...)``, requests SigV4-signed with the environment's
+  AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN and AWS_REGION (read
+  once; "test" / us-east-1 when unset). moto refuses an unsigned GET (403) and stores
+  an empty object for a PUT with urllib's default form Content-Type, hence both.
+
+Batch job lifecycle
+-------------------
+Time is the server clock (``start_server(clock=...)``, monotonic seconds) and each job
+keeps the timing in force when it was created (``PUT /_dev/batch``):
+
+* ``Submitted`` for ``start_delay_ms``, then ``Validating`` for ``validate_ms``. At the
+  end of validation the input is read: a missing object, a line that is not JSON or not
+  an object with a ``modelInput`` object (``Line N of s3://...``), or fewer records than
+  the model's ``batch.min_records`` (``... has N records; model M needs at least K
+  records per batch job``) make the job ``Failed`` with that ``message`` and no output.
+* ``InProgress``: record i (0-based) is answered ``(i + 1) x run_ms_per_record`` after
+  validation ended (all at once when it is 0), by the same rules engine as a converse
+  call on the job's modelId (``stream`` false): Bedrock's lever checks, match, reply,
+  usage (scripted or estimated; cache fields only if scripted or the record has a
+  cachePoint), ``maxTokens`` / stop sequences, and ``error`` / ``fail_first`` /
+  ``fail_rate`` counting records as calls. ``latency_ms`` is not slept. A record whose
+  modelInput is not a valid Converse body, that a lever check refuses or whose rule
+  fails becomes an ``error`` line with the HTTP status of that error type.
+* After the last record: ``Completed`` if every record succeeded, else
+  ``PartiallyCompleted`` (even if all failed; ``Failed`` is for the job itself: input
+  validation, or writing the output failing).
+* Stop before the end: ``Stopping`` at once (no further record is processed), then
+  ``Stopped`` ``stop_ms`` later, writing the records processed so far (nothing if it
+  was stopped before validation ended).
+* ``Expired`` at submitTime + timeoutDurationInHours if not finished by then, writing
+  the records processed by then. ``Scheduled`` is never used.
+* Jobs advance lazily, each transition at the clock time it fell due: whenever they are
+  read (Get, List, Stop, ``GET /_dev/calls``, ``GET /_dev/batch``), so a fake clock
+  makes the lifecycle deterministic. A job nobody reads does not move (the runner polls).
 
 Rules file
 ----------
@@ -103,8 +185,8 @@ Cost levers
 -----------
 Which model offers which lever is read from the model registry, ``shared/models.json``
 (``--models PATH`` / ``start_server(models_path=...)`` to use another): per bare model
-id, ``cache: {min_tokens, max_points}``, ``tiers: {"flex": pct, "priority": pct}`` and
-``structured_output: true``. A profile id (``global.``, ``us.``, ``us-gov.``, ``eu.``,
+id, ``cache: {min_tokens, max_points}``, ``tiers: {"flex": pct, "priority": pct}``,
+``structured_output: true`` and ``batch: {min_records}`` (batch inference, above). A profile id (``global.``, ``us.``, ``us-gov.``, ``eu.``,
 ``apac.``, ``jp.``, ``au.`` + bare id) has its model's levers; a model not in the
 registry has none (and is otherwise served as any other). Bedrock's checks run before
 any rule: a refused call is answered 400 ValidationException, logged with ``rule`` null,
@@ -147,9 +229,17 @@ Admin API
   cachePoint blocks), ``cache_read_tokens`` / ``cache_write_tokens`` (as reported in
   the usage; null when the usage had none or no usage was sent), ``service_tier`` (the
   type asked for, or null), ``request_metadata`` (the map sent, or null) and
-  ``output_schema`` (the parsed JSON Schema, or null).
-* ``POST /_dev/reset``  -> clears the call log, all per-rule counters and the prompt
-  cache.
+  ``output_schema`` (the parsed JSON Schema, or null). ``batch_job`` (the job id) and
+  ``record_id`` say which batch record a call answered (both null for a converse call).
+  The listing first advances the batch jobs to now.
+* ``POST /_dev/reset``  -> clears the call log, all per-rule counters, the prompt
+  cache and the batch jobs (the batch timing stays).
+* ``GET  /_dev/batch``  -> ``{"timing": {...}, "s3_endpoint": URL | null, "jobs":
+  [GetModelInvocationJob replies]}``.
+* ``PUT  /_dev/batch``  with any of ``{"start_delay_ms": 0, "validate_ms": 100,
+  "run_ms_per_record": 2, "stop_ms": 50}`` (the defaults; numbers >= 0) -> changes those
+  for jobs created afterwards; answers ``{"ok": true, "timing": {...}}``, or 400 naming
+  the bad field.
 * ``GET  /_dev/rules``  -> the current rules document.
 * ``PUT  /_dev/rules``  -> replaces the whole rules document (and resets counters).
 * ``POST /_dev/rules``  with ``{"rules": [...]}`` -> prepends those rules, so parallel
@@ -159,9 +249,11 @@ Admin API
 Usage
 -----
 ``python -m infra.devmodel --host 127.0.0.1 --port 0 --rules infra/devmodel-rules.json
-[--models shared/models.json] [--port-file PATH] [--quiet]`` prints ``devmodel listening
-on http://HOST:PORT`` once ready. In-process: ``server, url = start_server(rules_dict,
-models_path=None, clock=None)``; ``server.shutdown()``.
+[--models shared/models.json] [--s3-endpoint URL] [--batch-timing JSON] [--port-file
+PATH] [--quiet]`` prints ``devmodel listening on http://HOST:PORT`` once ready
+(``--batch-timing`` takes what ``PUT /_dev/batch`` takes). In-process: ``server, url =
+start_server(rules_dict, models_path=None, clock=None, s3_endpoint=None,
+batch_timing=None)``; ``server.shutdown()``.
 """
 
 from __future__ import annotations
@@ -1796,7 +1888,7 @@ def start_server(rules: dict, host: str = "127.0.0.1", port: int = 0, verbose: b
 
 def main(argv: list[str] | None = None) -> int:
     default_rules = str(INFRA / "devmodel-rules.json")
-    parser = argparse.ArgumentParser(description="Scripted Bedrock Runtime Converse server for local runs.")
+    parser = argparse.ArgumentParser(description="Scripted Bedrock Runtime (Converse) and batch inference server for local runs.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--rules", default=default_rules, help="rules JSON file")
