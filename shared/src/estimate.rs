@@ -59,7 +59,10 @@
 //! only when nothing can switch it off or cancel it: the graph has no routers or maps, every
 //! step is required and joins all, every `llm` step replies in text, every template renders
 //! with this input, and the sum of `max` fits the budget (so no call can be refused). Then
-//! each `llm` step costs at least one input and one output token; otherwise `min` is 0.
+//! each `llm` step costs at least one input and one output token (a caching step's input
+//! token at the cache-read price), except one with `cache: "response"`, which an earlier
+//! identical call may answer for nothing; otherwise `min` is 0. `max` always assumes the
+//! call is made: a response-cache hit only ever costs less.
 //!
 //! # `expected`
 //!
@@ -78,7 +81,7 @@ use crate::limits::{JSON_HINT_BYTES, MAX_MAP_ITEMS, MAX_OUTPUT_BYTES, reply_limi
 use crate::money::Usd;
 use crate::pricing::{ModelInfo, ModelRegistry, Usage};
 use crate::template::{self, Template};
-use crate::workflow::{Join, OutputFormat};
+use crate::workflow::{CacheMode, Join, OutputFormat};
 use serde_json::{Map, Value, json};
 
 /// What a skipped or failed upstream step's null text renders as (`None`): every text bound
@@ -310,7 +313,10 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
     let mut steps = Vec::with_capacity(n);
     for (step, bound) in graph.steps().iter().zip(per_step) {
         let min = match &step.kind {
-            StepKind::Llm(spec) if certain => spec.priced(models).map_or(Amount::ZERO, |m| one_token_each(&m, spec.caches(&m))),
+            // A step that may be answered from the response cache may cost nothing at all.
+            StepKind::Llm(spec) if certain && spec.cache != CacheMode::Response => {
+                spec.priced(models).map_or(Amount::ZERO, |m| one_token_each(&m, spec.caches(&m)))
+            }
             _ => Amount::ZERO,
         };
         let expected = match (basis, history) {

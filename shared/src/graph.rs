@@ -93,7 +93,7 @@ impl LlmSpec {
     /// Whether this step's calls may carry cache points, so that part of their input may be
     /// billed at the (higher) cache-write price.
     pub fn caches(&self, model: &ModelInfo) -> bool {
-        self.cache == CacheMode::Auto && self.shared_prefix && model.cache.is_some()
+        self.cache != CacheMode::Off && self.shared_prefix && model.cache.is_some()
     }
 
     /// The most one call of this step can be charged for `input_tokens` in and `max_tokens` out.
@@ -551,6 +551,13 @@ impl Checker<'_> {
         let temperature = llm.temperature.or(defaults.temperature);
         if let Some(t) = temperature.filter(|t| !(0.0..=1.0).contains(t)) {
             self.found.push(self.step, &field("temperature"), format!("{t} is outside 0..=1"));
+        }
+        if llm.cache == CacheMode::Response && temperature != Some(0.0) {
+            self.found.push(
+                self.step,
+                &field("cache"),
+                "\"response\" reuses an earlier reply, which only a deterministic call has: set temperature to 0",
+            );
         }
         let retry = llm.retry.or(defaults.retry).unwrap_or_default();
         if retry.max_attempts == 0 || retry.max_attempts > 10 {

@@ -27,6 +27,7 @@ pub mod output;
 pub mod ports;
 pub mod pricing;
 pub mod quota;
+pub mod responses;
 pub mod revision;
 pub mod run;
 pub mod shards;

@@ -10,6 +10,7 @@ use crate::ids::{Principal, RunId, StepId};
 use crate::money::Usd;
 use crate::ports::*;
 use crate::pricing::{ServiceTier, Usage};
+use crate::responses::CachedReply;
 use crate::revision::Revision;
 use crate::run::{
     ControlKind, ControlRequest, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Takeover,
@@ -1076,5 +1077,38 @@ impl TemplateStore for MemoryTemplates {
         let items: Vec<_> = rest.iter().take(limit).map(|t| (*t).clone()).collect();
         let next = (rest.len() > limit).then(|| items.last().map(|t| TemplateCursor { created_at: t.created_at, id: t.id.clone() })).flatten();
         Ok(TemplatePage { items, next })
+    }
+}
+
+// ---------------------------------------------------------------- response cache
+
+/// A stored reply and when it expires, by tenant and key.
+type ResponseEntries = HashMap<(String, String), (CachedReply, DateTime<Utc>)>;
+
+/// The response cache in memory, honouring each entry's expiry.
+#[derive(Default)]
+pub struct MemoryResponses {
+    entries: Mutex<ResponseEntries>,
+}
+
+impl MemoryResponses {
+    pub fn len(&self) -> usize {
+        lock(&self.entries).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl ResponseCache for MemoryResponses {
+    async fn get(&self, tenant: &Principal, key: &str, now: DateTime<Utc>) -> Result<Option<CachedReply>, StoreError> {
+        Ok(lock(&self.entries).get(&(tenant.to_string(), key.to_owned())).filter(|(_, expires)| *expires > now).map(|(reply, _)| reply.clone()))
+    }
+
+    async fn put(&self, tenant: &Principal, key: &str, reply: &CachedReply, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
+        lock(&self.entries).insert((tenant.to_string(), key.to_owned()), (reply.clone(), expires_at));
+        Ok(())
     }
 }

@@ -8,6 +8,7 @@ use crate::analytics::{DayCosts, WorkflowCosts};
 use crate::ids::{ModelId, Principal, RunId, StepId, UserId, WorkflowName};
 use crate::money::Usd;
 use crate::pricing::{ServiceTier, Usage};
+use crate::responses::CachedReply;
 use crate::revision::Revision;
 use crate::run::{
     ControlRequest, ErrorInfo, Event, ItemRecord, ProgressRow, Resumption, ReviewDecision, RunRecord, RunStatus, RunnerEvent, StepRecord, Totals,
@@ -109,6 +110,18 @@ pub trait ModelClient: Send + Sync {
     /// One model turn, streamed: each text delta is sent on `deltas` as it arrives; the
     /// returned reply's text is the concatenation of the deltas.
     async fn converse_stream(&self, request: &ModelRequest, deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError>;
+}
+
+// ---------------------------------------------------------------- response cache
+
+/// Replies of deterministic steps, per tenant, for a while (see [`crate::responses`]).
+/// A failure here never fails a step: the engine then calls the model as if it missed.
+#[async_trait]
+pub trait ResponseCache: Send + Sync {
+    /// The reply stored under `key` for `tenant`, if there is one that has not expired at `now`.
+    async fn get(&self, tenant: &Principal, key: &str, now: DateTime<Utc>) -> Result<Option<CachedReply>, StoreError>;
+    /// Stores `reply` under `key` for `tenant` until `expires_at`; a later put replaces it.
+    async fn put(&self, tenant: &Principal, key: &str, reply: &CachedReply, expires_at: DateTime<Utc>) -> Result<(), StoreError>;
 }
 
 // ---------------------------------------------------------------- store

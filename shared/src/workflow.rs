@@ -205,7 +205,8 @@ pub struct LlmStepDef {
     pub retry: Option<RetryPolicy>,
     /// Prompt caching: `auto` (the default) marks the shared head of the request for
     /// Bedrock's prompt cache when other calls will reuse it and the model caches; `off`
-    /// never does.
+    /// never does. `response` also reuses the reply of an identical earlier call of the
+    /// tenant's, at no cost (temperature 0 only).
     #[serde(default)]
     pub cache: CacheMode,
     /// Bedrock's service tier for this step's calls, where its model offers it.
@@ -220,6 +221,7 @@ pub enum CacheMode {
     #[default]
     Auto,
     Off,
+    Response,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

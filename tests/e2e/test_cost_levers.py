@@ -204,3 +204,32 @@ def test_a_json_step_with_a_schema_asks_a_model_that_has_structured_output_for_i
     [call] = [c for c in devmodel.calls() if m in c["prompt"]]
     assert call["output_schema"] == schema
     assert run["output"] == {"label": "late"} or run["steps"][0]["output"] == {"label": "late"}
+
+
+def test_a_deterministic_step_reuses_an_identical_earlier_reply_for_free(api, stack, devmodel):
+    token = stack.token("levers-frank")
+    m = marker("response")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "category: shipping"}})
+    wf = {"name": "levers-response", "steps": [
+        {"id": "classify", "type": "llm", "model": "amazon.nova-micro-v1:0", "temperature": 0, "cache": "response",
+         "max_tokens": 30, "prompt": m + " classify {{ input.ticket }}"},
+        {"id": "each", "type": "map", "over": "input.more", "max_concurrency": 1,
+         "step": {"type": "llm", "model": "amazon.nova-micro-v1:0", "temperature": 0, "cache": "response", "max_tokens": 30,
+                  "prompt": m + " classify {{ item }}"}}]}
+    input_ = {"ticket": "late parcel", "more": ["late parcel", "broken lid", "broken lid"]}
+    first = wait_for_end(api, token, start(api, token, wf, input_)["run_id"])
+    assert first["status"] == "COMPLETED", first.get("error")
+    # The map's first item is the top step's call again; its third repeats its second.
+    assert len([c for c in devmodel.calls() if m in c["prompt"]]) == 2
+    again = wait_for_end(api, token, start(api, token, wf, input_)["run_id"])
+    assert again["status"] == "COMPLETED", again.get("error")
+    assert len([c for c in devmodel.calls() if m in c["prompt"]]) == 2, "no new model call"
+    assert int(again["totals"]["cost_pico_usd"]) == 0 and again["totals"]["model_calls"] == 0
+    steps = {s["id"]: s for s in again["steps"]}
+    assert steps["classify"]["detail"]["response_cache"] == "hit" and steps["classify"]["attempts"] == 0
+    assert steps["each"]["detail"]["cached"] == 3
+    assert again["output"] == first["output"] or [s["output"] for s in again["steps"]] == [s["output"] for s in first["steps"]]
+    # Another tenant's identical run calls the model.
+    other = stack.token("levers-grace")
+    theirs = wait_for_end(api, other, start(api, other, wf, input_)["run_id"])
+    assert theirs["status"] == "COMPLETED" and int(theirs["totals"]["cost_pico_usd"]) > 0

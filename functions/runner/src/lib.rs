@@ -43,6 +43,9 @@ pub struct RunnerConfig {
     /// `CHAINRUN_DEADLINE_TARGET_ARN` (this function) and `CHAINRUN_DEADLINE_ROLE_ARN`,
     /// all or none. None: the sweeper alone fires deadlines (within its period).
     pub deadlines: Option<DeadlineSchedules>,
+    /// How long a `cache: "response"` step's reply is reused: `CHAINRUN_RESPONSE_CACHE_TTL_HOURS`
+    /// (default 24, at least 1).
+    pub response_ttl: chrono::Duration,
 }
 
 /// The EventBridge Scheduler settings review deadlines use.
@@ -60,6 +63,15 @@ impl RunnerConfig {
             self_function: env.required("AWS_LAMBDA_FUNCTION_NAME")?,
             deadline_margin: Duration::from_secs(env.parsed("CHAINRUN_DEADLINE_MARGIN_SECS", 90u64)?),
             deadlines: deadline_schedules(env)?,
+            response_ttl: match env.parsed("CHAINRUN_RESPONSE_CACHE_TTL_HOURS", 24i64)? {
+                hours @ 1..=8760 => chrono::Duration::hours(hours),
+                hours => {
+                    return Err(ConfigError::Invalid {
+                        name: "CHAINRUN_RESPONSE_CACHE_TTL_HOURS",
+                        reason: format!("{hours} is outside 1..=8760 hours"),
+                    });
+                }
+            },
         })
     }
 }

@@ -1,8 +1,8 @@
 //! Wires the runner function: telemetry, config, AWS clients, then serve.
 
 use chainrun_core::aws::{
-    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoQuota, DynamoStore, DynamoWorkflows, LambdaDispatcher, RunnerEvent,
-    S3Blobs, ScheduleTarget, SchedulerTimers, bedrock_client, dynamodb_client, lambda_client, s3_client, scheduler_client, sdk_config,
+    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoQuota, DynamoResponses, DynamoStore, DynamoWorkflows, LambdaDispatcher,
+    RunnerEvent, S3Blobs, ScheduleTarget, SchedulerTimers, bedrock_client, dynamodb_client, lambda_client, s3_client, scheduler_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use chainrun_core::durability::SystemClock;
@@ -35,12 +35,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let analytics = Arc::new(DynamoAnalytics::new(dynamodb.clone(), config.core.tables.clone()));
     let workflows = Arc::new(DynamoWorkflows::new(dynamodb.clone(), config.core.tables.clone()));
     let quota = Arc::new(DynamoQuota::new(dynamodb.clone(), config.core.tables.clone()));
-    let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb, config.core.tables.clone()));
+    let daily_spend = Arc::new(DynamoDailySpend::new(dynamodb.clone(), config.core.tables.clone()));
+    let responses = Arc::new(DynamoResponses::new(dynamodb, config.core.tables.clone()));
     let model = Arc::new(BedrockModel::new(bedrock_client(&sdk)));
     let mut engine = Engine::new(model, store.clone(), progress, Arc::new(config.core.models.clone()), EngineConfig::default())
         .with_daily_caps(daily_spend, config.core.daily_caps.clone())
         .with_workflows(workflows)
         .with_tenant_limits(quota, Arc::new(config.core.limits.clone()))
+        .with_response_cache(responses, config.response_ttl)
         // Each step settled, run ended, takeover, budget refusal and throttle wait, as an EMF line.
         .with_observer(Arc::new(Emf::stdout()));
     if let Some(d) = &config.deadlines {

@@ -19,15 +19,18 @@ use crate::limits;
 use crate::money::Usd;
 use crate::output;
 use crate::ports::{CachePoints, ModelError, ModelErrorKind, ModelReply, ModelRequest};
+use crate::pricing::Usage;
 use crate::pricing::{ModelInfo, ModelRegistry};
+use crate::responses::{self, CachedReply};
 use crate::run::ErrorInfo;
 use crate::spend::{DayHold, Settlement};
 use crate::telemetry::Seen;
 use crate::template::Template;
+use crate::wire::ResponseHit;
 use crate::wire::events::{EventBody, StepRetrying, Streaming};
 use crate::wire::{Refusal, Refused, StepDetail};
-use crate::workflow::OutputFormat;
 use crate::workflow::RetryPolicy;
+use crate::workflow::{CacheMode, OutputFormat};
 use rand::Rng;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -86,6 +89,13 @@ impl StepContext {
             _ => None,
         };
         let metadata = self.call_labels(id, item);
+        // A deterministic step answered before: no call, no admission, no charge.
+        let response_key = (spec.cache == CacheMode::Response && self.responses.is_some()).then(|| responses::key(spec, system.as_deref(), &prompt));
+        if let Some(key) = &response_key
+            && let Some(hit) = self.cached_reply(spec, key, item).await
+        {
+            return Ok(hit);
+        }
         let mut work = Work::failed(ErrorCode::NoAttempts, "retry.max_attempts is 0");
         let mut hint: Option<String> = None;
         for attempt in 1..=spec.retry.max_attempts {
@@ -198,6 +208,9 @@ impl StepContext {
             };
             let error = match outcome {
                 Ok(done) => {
+                    if let Some(key) = &response_key {
+                        self.keep_reply(key, &done.0, work.usage).await;
+                    }
                     work.output = Ok(done);
                     return Ok(work);
                 }
@@ -222,6 +235,46 @@ impl StepContext {
             tokio::time::sleep(delay).await;
         }
         Ok(work)
+    }
+
+    /// The step's work from the response cache, if it holds an accepted reply for `key`.
+    /// A cache that cannot answer is a miss: the step calls the model instead.
+    async fn cached_reply(&self, spec: &LlmSpec, key: &str, item: Option<usize>) -> Option<Work> {
+        let responses = self.responses.as_ref()?;
+        let found = match responses.cache.get(&responses.tenant, key, responses.clock.now()).await {
+            Ok(found) => found?,
+            Err(e) => {
+                warn!(item, error = %e, "the response cache could not be read: the model is called");
+                return None;
+            }
+        };
+        let reply = ModelReply { text: found.text, usage: Usage::default(), stop_reason: "end_turn".into(), service_tier: None };
+        // Checked as a fresh reply would be (the schema and size limit are part of the key,
+        // so this only fails for an entry that was tampered with).
+        let Ok(done) = self.accept(spec, reply) else {
+            warn!(item, "a cached reply no longer passes the step's checks: the model is called");
+            return None;
+        };
+        info!(item, saved_tokens = found.usage.total_tokens(), "answered from the response cache");
+        let mut work = Work::done(done.0, done.1);
+        work.attempts = 0;
+        work.detail = Some(StepDetail::Cached(ResponseHit {
+            response_cache: "hit",
+            stored_at: found.stored_at,
+            saved_input_tokens: found.usage.input_tokens + found.usage.cache_read_tokens + found.usage.cache_write_tokens,
+            saved_output_tokens: found.usage.output_tokens,
+        }));
+        Some(work)
+    }
+
+    /// Keeps an accepted reply for the next identical call; a failure only costs that reuse.
+    async fn keep_reply(&self, key: &str, text: &str, usage: Usage) {
+        let Some(responses) = &self.responses else { return };
+        let now = responses.clock.now();
+        let reply = CachedReply { text: text.to_owned(), usage, stored_at: now };
+        if let Err(e) = responses.cache.put(&responses.tenant, key, &reply, now + responses.ttl).await {
+            warn!(error = %e, "the reply could not be kept in the response cache");
+        }
     }
 
     /// Bedrock's `requestMetadata` for one call: what its invocation log needs to be

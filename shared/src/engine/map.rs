@@ -106,11 +106,13 @@ impl StepContext {
         map.attempts = 0;
         let mut outputs = Vec::with_capacity(total);
         let mut failed = Vec::new();
+        let mut cached = 0;
         for (index, work) in ordered.into_iter().enumerate() {
             let Some(work) = work else { continue };
             map.add_spend(work.usage, work.cost, work.calls);
             map.lost.add(work.lost);
             map.attempts = map.attempts.max(work.attempts);
+            cached += usize::from(matches!(work.detail, Some(StepDetail::Cached(_))));
             match work.output {
                 Ok((_, value)) => outputs.push(value),
                 Err(error) => {
@@ -126,7 +128,7 @@ impl StepContext {
         }
         let first = failed.first().map(|f| (f.index, f.error.clone()));
         let count = failed.len();
-        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed }));
+        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed, cached }));
         if let Some((index, error)) = first
             && spec.on_item_failure == ItemFailure::Fail
         {

@@ -195,6 +195,8 @@ pub struct Engine {
     tenancy: Option<Tenancy>,
     /// Told what each run does (see [`crate::telemetry`]): the runner prints it as metrics.
     observer: Option<Arc<dyn crate::telemetry::Observer>>,
+    /// Replies of deterministic steps, and how long they are kept (see [`crate::responses`]).
+    responses: Option<(Arc<dyn crate::ports::ResponseCache>, chrono::Duration)>,
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
@@ -237,6 +239,7 @@ impl Engine {
             workflows: None,
             tenancy: None,
             observer: None,
+            responses: None,
         }
     }
 
@@ -244,6 +247,13 @@ impl Engine {
     /// takeovers, budget refusals, throttle waits (see [`crate::telemetry::Seen`]).
     pub fn with_observer(mut self, observer: Arc<dyn crate::telemetry::Observer>) -> Self {
         self.observer = Some(observer);
+        self
+    }
+
+    /// The same engine, answering `cache: "response"` steps from `cache` when an identical
+    /// call of the run's tenant was answered within `ttl`, and keeping new replies there.
+    pub fn with_response_cache(mut self, cache: Arc<dyn crate::ports::ResponseCache>, ttl: chrono::Duration) -> Self {
+        self.responses = Some((cache, ttl));
         self
     }
 
@@ -434,6 +444,12 @@ impl Engine {
                 config: self.config.clone(),
                 journal: journal.clone(),
                 run_id: run.id.clone(),
+                responses: self.responses.as_ref().map(|(cache, ttl)| step::Responses {
+                    cache: cache.clone(),
+                    ttl: *ttl,
+                    tenant: run.caller.tenant(),
+                    clock: self.clock.clone(),
+                }),
                 labels: [
                     ("chainrun_run", run.id.to_string()),
                     ("chainrun_workflow", run.workflow.to_string()),

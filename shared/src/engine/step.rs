@@ -39,6 +39,8 @@ pub struct StepContext {
     /// What every model call of the run is labelled with (run, workflow, owner), for
     /// reconciling the model service's invocation log with the run's ledger.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The response cache, as this run's tenant sees it.
+    pub responses: Option<Responses>,
     /// The invocation's deadline, if it has one.
     pub deadline: Option<Instant>,
     /// Set when the run was asked to pause: work in flight finishes, nothing new starts.
@@ -51,6 +53,15 @@ pub struct StepContext {
     pub pause_on_budget: bool,
     /// The first such refusal's message, once one happened.
     pub budget_refused: std::sync::Mutex<Option<String>>,
+}
+
+/// The response cache as one run uses it: its tenant's entries, kept for `ttl`.
+#[derive(Clone)]
+pub struct Responses {
+    pub cache: Arc<dyn crate::ports::ResponseCache>,
+    pub ttl: chrono::Duration,
+    pub tenant: crate::ids::Principal,
+    pub clock: Arc<dyn crate::durability::Clock>,
 }
 
 impl StepContext {

@@ -140,6 +140,20 @@ pub enum StepDetail {
     InputWaiting(InputWait),
     /// An input step's answers, turn by turn, and the values they gave.
     Input(crate::input::InputState),
+    /// A reply reused from the response cache: no call was made, nothing was charged.
+    Cached(ResponseHit),
+}
+
+/// An `llm` step (`cache: "response"`) answered from the response cache.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ResponseHit {
+    /// Always `"hit"`: what makes the detail recognisable.
+    pub response_cache: &'static str,
+    /// When the call that produced the reply was made.
+    pub stored_at: chrono::DateTime<chrono::Utc>,
+    /// What that call was charged for, which this step was not.
+    pub saved_input_tokens: u64,
+    pub saved_output_tokens: u64,
 }
 
 /// Where a waiting input step stands, kept in its `WAITING` checkpoint's `detail`. Its
@@ -185,6 +199,13 @@ pub struct RouteDetail {
 pub struct MapDetail {
     pub items: usize,
     pub failed: Vec<ItemFailed>,
+    /// Items answered from the response cache (`cache: "response"`), free.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
