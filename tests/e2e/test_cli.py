@@ -398,3 +398,21 @@ def test_without_a_token_a_public_workflow_runs_and_is_followed_through_the_publ
         # listings must not see it.
         status, _, _ = api("DELETE", f"/workflows/{pushed.json()['id']}", token=owner)
         assert status == 204, status
+
+
+def test_a_legacy_model_is_warned_about_on_stderr_by_run_and_estimate(cli, write, stack, devmodel):
+    m = marker("cli-legacy")
+    add_rules(devmodel, {"name": m, "match": {"prompt_contains": m}, "reply": {"text": "ok"}})
+    wf = {"name": "cli-legacy", "steps": [
+        {"id": "old", "type": "llm", "model": "anthropic.claude-3-5-haiku-20241022-v1:0", "max_tokens": 20, "prompt": m}]}
+    path = write("wf.json", {"workflow": wf, "input": {}})
+    token = stack.token("cli-alice")
+    ran = cli("run", path, token=token)
+    assert ran.code == 0, ran
+    assert "warning: step old, field model: anthropic.claude-3-5-haiku-20241022-v1:0 is a legacy model" in ran.err, ran
+    estimated = cli("estimate", path, token=token)
+    assert estimated.code == 0 and "warning: step old, field model:" in estimated.err, estimated
+    # Under --json the warnings are in the document, not on stderr.
+    detached = cli("--json", "run", "--detach", path, token=token)
+    assert detached.code == 0 and "warning" not in detached.err, detached
+    assert detached.json()["warnings"][0]["step"] == "old"

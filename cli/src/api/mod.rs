@@ -7,7 +7,7 @@
 
 mod problem;
 
-pub use problem::Problem;
+pub use problem::{Problem, warnings};
 
 use crate::exit::CliError;
 use serde::de::DeserializeOwned;

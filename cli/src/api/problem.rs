@@ -98,6 +98,13 @@ impl Problem {
     }
 }
 
+/// The `warnings` an accepted run or an estimate carries (a model that is legacy on
+/// Bedrock or near its end of life), one line each, for stderr.
+pub fn warnings(document: &Value) -> Vec<String> {
+    let listed: Vec<Located> = document.get("warnings").and_then(|w| serde_json::from_value(w.clone()).ok()).unwrap_or_default();
+    listed.iter().map(|w| format!("warning: {}", w.render())).collect()
+}
+
 impl Located {
     fn render(&self) -> String {
         let place: Vec<String> = [("step", &self.step), ("field", &self.field), ("path", &self.path)]
@@ -166,5 +173,20 @@ mod tests {
         assert_eq!(problem.title, "Server error");
         assert_eq!(problem.detail, "<html>Bad Gateway</html>");
         assert_eq!(problem.code(), "http-502");
+    }
+
+    #[test]
+    fn an_accepted_runs_warnings_are_one_line_each_naming_step_and_field() {
+        let accepted = serde_json::json!({ "run_id": "01K", "warnings": [
+            { "step": "old", "field": "model", "message": "m is a legacy model on Bedrock since 2025-11-01" },
+            { "step": "each", "field": "step.model", "message": "n reaches its end of life on 2027-01-01" } ] });
+        assert_eq!(
+            warnings(&accepted),
+            [
+                "warning: step old, field model: m is a legacy model on Bedrock since 2025-11-01",
+                "warning: step each, field step.model: n reaches its end of life on 2027-01-01",
+            ]
+        );
+        assert!(warnings(&serde_json::json!({ "run_id": "01K" })).is_empty());
     }
 }

@@ -39,6 +39,9 @@ pub fn estimate(ctx: &Ctx, args: EstimateArgs) -> Result<Exit, CliError> {
         _ => "expected: a heuristic (one attempt, half of max_tokens out); no earlier runs".to_owned(),
     };
     println!("{}", dim(&basis));
+    for line in crate::api::warnings(&estimate) {
+        eprintln!("{line}");
+    }
     Ok(Exit::Success)
 }
 

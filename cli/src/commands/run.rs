@@ -36,6 +36,11 @@ pub fn run(ctx: &Ctx, args: RunArgs) -> Result<Exit, CliError> {
     };
     let accepted = ctx.api.post(&path, &body)?;
     let run_id = id_in(&accepted, "run_id", "POST /runs")?;
+    if !ctx.ui.json {
+        for line in crate::api::warnings(&accepted) {
+            eprintln!("{line}");
+        }
+    }
     if args.detach {
         match ctx.ui.json {
             true => ctx.ui.print_json(&accepted),
