@@ -153,3 +153,51 @@ fn only_a_deterministic_step_may_reuse_replies() {
     }
     assert!(validate_json(&deterministic(json!({})), &registry).is_ok());
 }
+
+/// A response cache that cannot answer: every read and write fails.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl ResponseCache for Unreachable {
+    async fn get(&self, _: &Principal, _: &str, _: chrono::DateTime<Utc>) -> Result<Option<CachedReply>, chainrun_core::ports::StoreError> {
+        Err(chainrun_core::ports::StoreError::Unavailable("the table is throttled".into()))
+    }
+
+    async fn put(&self, _: &Principal, _: &str, _: &CachedReply, _: chrono::DateTime<Utc>) -> Result<(), chainrun_core::ports::StoreError> {
+        Err(chainrun_core::ports::StoreError::Unavailable("the table is throttled".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_cache_that_cannot_answer_is_a_miss_and_never_fails_the_step() {
+    let h = support::harness_with(vec![Script::reply("", SUMMARY)], Arc::new(ModelRegistry::builtin()), EngineConfig::default());
+    let engine = h.engine.with_response_cache(Arc::new(Unreachable), Duration::hours(24));
+    let run = RunRecord::new(
+        "triage".parse().unwrap(),
+        deterministic(json!({})),
+        json!({ "ticket": "x" }),
+        "alice".parse().unwrap(),
+        vec![Principal::User("alice".into())],
+        Utc::now(),
+    );
+    h.store.create_run(&run).await.unwrap();
+    let lease = support::lease("runner-1");
+    let Claim::Acquired(claimed) = h.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };
+    engine.execute(*claimed, lease, None).await.unwrap();
+    let done = h.store.get_run(&run.id).await.unwrap().unwrap();
+    assert_eq!((done.status, h.model.calls().len()), (RunStatus::Completed, 1), "{:?}", done.error);
+}
+
+#[test]
+fn an_estimate_keeps_the_call_in_max_and_gives_a_step_that_may_hit_no_min() {
+    let registry = ModelRegistry::builtin();
+    let input = json!({ "ticket": "x" });
+    let estimate_of = |cache: &str| {
+        let graph = validate_json(&deterministic(json!({ "cache": cache })), &registry).unwrap();
+        chainrun_core::estimate::estimate(&graph, &input, &registry, None)
+    };
+    let (cached, plain) = (estimate_of("response"), estimate_of("off"));
+    assert_eq!(cached.max, plain.max, "a hit only ever costs less: max assumes the call");
+    assert!(plain.min.cost.pico() > 0);
+    assert_eq!(cached.min.cost.pico(), 0, "an earlier identical call may answer it for nothing");
+}
