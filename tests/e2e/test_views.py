@@ -326,3 +326,31 @@ def test_the_cost_page_draws_one_bar_per_workflow_day_and_lists_the_priciest_ste
     shown = text(page, "#total-cost")
     assert shown.startswith("$") and Decimal(shown[1:]) * 10**12 == total, (shown, total)
     assert page.console == [], page.console
+
+
+def test_the_run_view_shows_prompt_cache_reads_and_writes_and_response_cache_hits(api, stack, devmodel, page):
+    m = marker("view-cache")
+    user = f"viewer-{m}"
+    rules = "Rule: answer in one line and cite the ticket. " * 400  # about 4,500 tokens: Haiku 4.5 caches it
+    add_rules(devmodel, {"name": m, "match": {"system_contains": m}, "reply": {"text": "noted"}},
+              {"name": m + "-det", "match": {"prompt_contains": m + " DET"}, "reply": {"text": "shipping"}})
+    wf = {"name": "e2e-views-cache", "steps": [
+        {"id": "answers", "type": "map", "over": "input.tickets", "max_concurrency": 1,
+         "step": {"type": "llm", "model": "global.anthropic.claude-haiku-4-5-20251001-v1:0", "max_tokens": 20,
+                  "system": m + " " + rules, "prompt": "Ticket: {{ item }}"}},
+        {"id": "label", "type": "llm", "model": "amazon.nova-micro-v1:0", "temperature": 0, "cache": "response",
+         "max_tokens": 20, "prompt": m + " DET label"}]}
+    token = stack.token(user)
+    first = wait_for_end(api, token, start(api, token, wf, {"tickets": ["a", "b", "c"]}))
+    assert first["status"] == "COMPLETED", first
+    second_id = start(api, token, wf, {"tickets": ["a", "b", "c"]})
+    run = wait_for_end(api, token, second_id)
+    assert run["status"] == "COMPLETED", run
+    page.open(f"{stack.api_url}/runs/{second_id}/view#token={token}")
+    page.wait_for("document.body.dataset.state === 'done'", timeout_s=30)
+    answers = {s["id"]: s for s in run["steps"]}["answers"]
+    assert answers["cache_read_tokens"] > 0, answers
+    shown = text(page, "#steps tr[data-step=answers] td.cache-tokens").replace("\u2009", "")
+    assert f"read {answers['cache_read_tokens']}" in shown, shown
+    assert text(page, "#steps tr[data-step=label] td.cache-tokens") == "response cache hit"
+    assert text(page, "#steps tr[data-step=label] td.cost") == "$0"
