@@ -29,6 +29,9 @@ pub struct CostSums {
     pub failures: u64,
     pub cost: Usd,
     pub latency_ms: u64,
+    /// Answers reused from the response cache (`cache: "response"`), which cost nothing: a
+    /// step answered so counts one, a map one per item answered so.
+    pub cached: u64,
 }
 
 impl CostSums {
@@ -37,6 +40,7 @@ impl CostSums {
         self.failures = self.failures.saturating_add(other.failures);
         self.cost = self.cost.saturating_add(other.cost);
         self.latency_ms = self.latency_ms.saturating_add(other.latency_ms);
+        self.cached = self.cached.saturating_add(other.cached);
     }
 
     /// Mean cost, rounded down to the pico-dollar (zero without runs).
@@ -84,7 +88,8 @@ impl RunRollup {
     /// The rollup of a finished run; `None` while the run has not ended.
     ///
     /// Steps count when they executed (`attempts > 0` and settled), which is exactly what
-    /// the run's totals are charged from, so per-step costs add up to the run's cost.
+    /// the run's totals are charged from, so per-step costs add up to the run's cost, or
+    /// when the response cache answered them (no attempt, no cost, counted in `cached`).
     /// Skipped and cancelled steps never ran and are left out of their step's averages.
     ///
     /// A later revision of the run (see [`crate::revision`]) adds only what it ran and
@@ -98,12 +103,17 @@ impl RunRollup {
         let started = run.revisions.last().map(|r| r.at).or(run.started_at).unwrap_or(run.created_at);
         let latency_ms = u64::try_from((finished - started).num_milliseconds()).unwrap_or(0);
         let mut by_step: BTreeMap<StepId, CostSums> = BTreeMap::new();
-        for s in steps.iter().filter(|s| s.attempts > 0 && s.status.is_settled() && s.revision == run.revision) {
+        for s in steps.iter().filter(|s| s.status.is_settled() && s.revision == run.revision) {
+            let cached = cached_answers(s);
+            if s.attempts == 0 && cached == 0 {
+                continue;
+            }
             by_step.entry(s.step_id.clone()).or_default().add(&CostSums {
                 runs: 1,
                 failures: u64::from(s.status == StepStatus::Failed),
                 cost: s.cost,
                 latency_ms: s.latency_ms,
+                cached,
             });
         }
         let first = run.revision == 0;
@@ -113,9 +123,26 @@ impl RunRollup {
             revision: run.revision,
             workflow: run.workflow.to_string(),
             day: finished.date_naive(),
-            run: CostSums { runs: u64::from(first), failures: u64::from(first && run.status == RunStatus::Failed), cost, latency_ms },
+            run: CostSums {
+                runs: u64::from(first),
+                failures: u64::from(first && run.status == RunStatus::Failed),
+                cost,
+                latency_ms,
+                cached: by_step.values().map(|s| s.cached).sum(),
+            },
             steps: by_step.into_iter().map(|(step_id, sums)| StepRollup { step_id, sums }).collect(),
         })
+    }
+}
+
+/// How many of a step's answers the response cache gave: its own (`response_cache: "hit"`),
+/// or a map's items (`cached`), as its checkpoint's detail records them.
+fn cached_answers(step: &StepRecord) -> u64 {
+    let Some(detail) = &step.detail else { return 0 };
+    match (detail.get("response_cache").and_then(|h| h.as_str()), detail.get("cached").and_then(|n| n.as_u64())) {
+        (Some("hit"), _) => 1,
+        (_, Some(items)) => items,
+        _ => 0,
     }
 }
 
@@ -192,7 +219,7 @@ mod tests {
     use serde_json::json;
 
     fn sums(runs: u64, failures: u64, pico: u64, latency_ms: u64) -> CostSums {
-        CostSums { runs, failures, cost: Usd::from_pico(pico), latency_ms }
+        CostSums { runs, failures, cost: Usd::from_pico(pico), latency_ms, cached: 0 }
     }
 
     fn step(id: &str, status: StepStatus, attempts: u32, pico: u64, latency_ms: u64) -> StepRecord {

@@ -5,6 +5,7 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is the failure report
 
+use chainrun_core::analytics::RunRollup;
 use chainrun_core::aws::DynamoResponses;
 use chainrun_core::engine::EngineConfig;
 use chainrun_core::graph::validate_json;
@@ -107,6 +108,10 @@ async fn an_identical_deterministic_call_is_answered_from_the_cache_free_and_mar
     let detail = step.detail.as_ref().expect("the hit is recorded in the checkpoint");
     assert_eq!(detail["response_cache"], "hit");
     assert_eq!(detail["saved_output_tokens"], json!((SUMMARY.len() as u64).div_ceil(4)));
+    // The cost analytics count the answer, at no cost, and say it was reused.
+    let rollup = RunRollup::of(&second.run, &second.steps).expect("a finished run rolls up");
+    assert_eq!((rollup.steps[0].sums.runs, rollup.steps[0].sums.cached, rollup.steps[0].sums.cost.pico()), (1, 1, 0));
+    assert_eq!(rollup.run.cached, 1);
 
     // Anything that shapes the reply is another call: another prompt, another parameter.
     let (_, calls) = run(&cache, Duration::hours(24), deterministic(json!({})), json!({ "ticket": "refund?" }), "alice").await;
@@ -140,6 +145,8 @@ async fn a_map_reuses_replies_for_repeated_items_and_counts_them() {
     let detail = done.steps[0].detail.as_ref().unwrap();
     assert_eq!((detail["items"].as_u64(), detail["cached"].as_u64()), (Some(4), Some(2)));
     assert_eq!(done.run.totals.model_calls, 2);
+    let rollup = RunRollup::of(&done.run, &done.steps).expect("a finished run rolls up");
+    assert_eq!((rollup.steps[0].sums.runs, rollup.steps[0].sums.cached), (1, 2));
 }
 
 #[test]

@@ -1468,7 +1468,7 @@ fn finished_run(
 }
 
 fn sums(runs: u64, failures: u64, pico: u64, latency_ms: u64) -> CostSums {
-    CostSums { runs, failures, cost: Usd::from_pico(pico), latency_ms }
+    CostSums { runs, failures, cost: Usd::from_pico(pico), latency_ms, cached: 0 }
 }
 
 async fn analytics_contract(analytics: Arc<dyn Analytics>) {
@@ -1540,6 +1540,16 @@ async fn analytics_contract(analytics: Arc<dyn Analytics>) {
     assert_eq!(wide.steps.len(), 200);
     assert_eq!(step(&wide, "s199"), sums(3, 0, 3 * 200, 6));
     assert_eq!(wide.steps_by_avg_cost()[0].0.as_str(), "s199");
+
+    // A step the response cache answered counts as run, at no cost, and as reused.
+    let earlier = today - Duration::days(5);
+    let (r, mut s) = finished_run("reuse", earlier, RunStatus::Completed, 100, &[("label", Completed, 0, 1)]);
+    s[0].attempts = 0;
+    s[0].detail = Some(json!({ "response_cache": "hit", "stored_at": "2026-12-01T00:00:00Z" }));
+    analytics.record_run(&r, &s).await.unwrap();
+    let reuse = &analytics.costs(&alice, earlier, earlier).await.unwrap()[0];
+    assert_eq!(step(reuse, "label"), CostSums { cached: 1, ..sums(1, 0, 0, 1) });
+    assert_eq!(reuse.totals.cached, 1);
 }
 
 #[tokio::test]

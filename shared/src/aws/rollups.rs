@@ -111,9 +111,13 @@ fn part_updates(rollup: &RunRollup) -> Vec<PartUpdate> {
             ];
             let mut adds = Vec::new();
             let mut counters = |prefix: &str, sums: &CostSums| {
-                for (field, value) in
-                    [("runs", sums.runs), ("failures", sums.failures), ("cost_pico", sums.cost.pico()), ("latency_ms", sums.latency_ms)]
-                {
+                for (field, value) in [
+                    ("runs", sums.runs),
+                    ("failures", sums.failures),
+                    ("cost_pico", sums.cost.pico()),
+                    ("latency_ms", sums.latency_ms),
+                    ("cached", sums.cached),
+                ] {
                     let i = adds.len();
                     names.push((format!("#a{i}"), format!("{prefix}{field}")));
                     values.push((format!(":a{i}"), n(value)));
@@ -158,6 +162,7 @@ fn row_costs(table: &str, item: &Item) -> Result<WorkflowCosts, AnalyticsError> 
             "failures" => CostSums { failures: value, ..CostSums::default() },
             "cost_pico" => CostSums { cost: Usd::from_pico(value), ..CostSums::default() },
             "latency_ms" => CostSums { latency_ms: value, ..CostSums::default() },
+            "cached" => CostSums { cached: value, ..CostSums::default() },
             _ => continue,
         };
         match step {
@@ -312,11 +317,11 @@ mod tests {
             run_id: crate::ids::RunId::new(),
             workflow: "w".repeat(128),
             day: NaiveDate::from_ymd_opt(2025, 6, 30).unwrap(),
-            run: CostSums { runs: 1, failures: 1, cost: Usd::from_pico(u64::MAX), latency_ms: 12 },
+            run: CostSums { runs: 1, failures: 1, cost: Usd::from_pico(u64::MAX), latency_ms: 12, cached: 0 },
             steps: (0..step_count)
                 .map(|i| StepRollup {
                     step_id: StepId::parse(&format!("s{i:0>63}")).unwrap(),
-                    sums: CostSums { runs: 1, failures: 0, cost: Usd::from_pico(u64::MAX), latency_ms: 7 },
+                    sums: CostSums { runs: 1, failures: 0, cost: Usd::from_pico(u64::MAX), latency_ms: 7, cached: 0 },
                 })
                 .collect(),
         }

@@ -341,6 +341,8 @@ pub struct CostSumsView {
     pub avg_cost: Money<AvgCost>,
     pub total_latency_ms: u64,
     pub avg_latency_ms: u64,
+    /// Answers the response cache gave for free (they are in `runs`, at no cost).
+    pub cached: u64,
 }
 
 impl From<&CostSums> for CostSumsView {
@@ -353,6 +355,7 @@ impl From<&CostSums> for CostSumsView {
             avg_cost: s.avg_cost().into(),
             total_latency_ms: s.latency_ms,
             avg_latency_ms: s.avg_latency_ms(),
+            cached: s.cached,
         }
     }
 }
