@@ -499,6 +499,7 @@ fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]
 fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry) -> Option<Bounds> {
     // Validation rejects a model without a price, so this is only a safeguard.
     let model = spec.priced(models)?;
+    let dearest = spec.priced_at_most(models)?;
     let prompt = slots.render(&spec.prompt, scope, item_known);
     let system = spec.system.as_ref().map(|s| slots.render(s, scope, item_known));
     let parts: Vec<&Rendered> = std::iter::once(&prompt).chain(system.as_ref()).collect();
@@ -521,7 +522,7 @@ fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, 
         _ => (window, MaxBasis::ContextWindow),
     };
     // A caching step's input may be billed as cache writes: its max prices input at that rate.
-    let max = times(spec.worst_call(&model, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
+    let max = times(spec.worst_call(&dearest, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
     Some(Bounds { heuristic, max, max_basis, max_items: None })
 }
 

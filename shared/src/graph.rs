@@ -90,6 +90,20 @@ impl LlmSpec {
         models.get(self.model.as_str())?.in_tier(self.service_tier).map(|m| m.into_owned())
     }
 
+    /// The step's model at the dearest price one of its calls can be billed at: its tier's,
+    /// or for `flex` the default tier's, since a call is billed in the tier Bedrock reports
+    /// having served it in. Reservations and estimates' `max` price calls at this.
+    pub fn priced_at_most(&self, models: &ModelRegistry) -> Option<ModelInfo> {
+        match self.service_tier {
+            ServiceTier::Flex => {
+                let listed = models.get(self.model.as_str())?;
+                listed.in_tier(ServiceTier::Flex)?;
+                Some(listed.into_owned())
+            }
+            _ => self.priced(models),
+        }
+    }
+
     /// Whether this step's calls may carry cache points, so that part of their input may be
     /// billed at the (higher) cache-write price.
     pub fn caches(&self, model: &ModelInfo) -> bool {
@@ -1102,8 +1116,7 @@ fn never_fits(limits: &BudgetLimits, spec: &LlmSpec, models: &ModelRegistry) -> 
     if limits.is_unlimited() {
         return None;
     }
-    let model = models.get(spec.model.as_str())?; // an unknown model is reported on its own
-    let model = model.in_tier(spec.service_tier)?;
+    let model = spec.priced_at_most(models)?; // an unknown model is reported on its own
     let least = spec.worst_call(&model, budget::estimate_input_tokens(spec.system.as_ref().map(|_| ""), ""), spec.max_tokens);
     let limit = limits.exceeded_by(Amount::ZERO, Amount::ZERO, least)?;
     Some(format!(

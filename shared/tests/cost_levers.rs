@@ -217,3 +217,19 @@ async fn every_call_carries_the_run_workflow_owner_step_and_item_for_reconciliat
         assert_eq!(labels.get("chainrun_item"), Some(&item.to_string()));
     }
 }
+
+#[test]
+fn a_flex_step_is_reserved_at_the_default_price_because_it_is_billed_in_the_tier_that_served_it() {
+    // gpt-oss-120b: output $0.0006/1K by default, $0.0003/1K in flex. 1,000 tokens out
+    // reserve $0.0006 (plus the prompt's allowance): a $0.0005 budget can never admit a call.
+    let definition = |budget: &str| {
+        json!({
+            "name": "triage", "budget": { "max_cost_usd": budget },
+            "steps": [{ "id": "sum", "type": "llm", "model": "openai.gpt-oss-120b-1:0", "service_tier": "flex", "max_tokens": 1000, "prompt": "x" }]
+        })
+    };
+    let registry = ModelRegistry::builtin();
+    let problems = validate_json(&definition("0.0005"), &registry).unwrap_err().problems;
+    assert!(problems.iter().any(|p| p.step.as_deref() == Some("sum") && p.message.contains("reserves at least")), "{problems:?}");
+    assert!(validate_json(&definition("0.0007"), &registry).is_ok());
+}

@@ -20,7 +20,6 @@ use crate::money::Usd;
 use crate::output;
 use crate::ports::{CachePoints, ModelError, ModelErrorKind, ModelReply, ModelRequest};
 use crate::pricing::Usage;
-use crate::pricing::{ModelInfo, ModelRegistry};
 use crate::responses::{self, CachedReply};
 use crate::run::ErrorInfo;
 use crate::spend::{DayHold, Settlement};
@@ -64,7 +63,7 @@ impl StepContext {
         item: Option<usize>,
         mut hold: Hold<'_>,
     ) -> Result<Work, EngineError> {
-        let Some(model_info) = spec.priced(&self.models) else {
+        let (Some(model_info), Some(dearest)) = (spec.priced(&self.models), spec.priced_at_most(&self.models)) else {
             return Ok(Work::failed(
                 ErrorCode::UnknownModel,
                 format!("no price for model {} in the {} tier", spec.model, spec.service_tier.as_str()),
@@ -120,7 +119,7 @@ impl StepContext {
             };
             // Every attempt reserves anew: the request (hint included) is what is priced,
             // against what earlier attempts were charged.
-            let worst = spec.worst_call(&model_info, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
+            let worst = spec.worst_call(&dearest, budget::estimate_input_tokens(request.system.as_deref(), &request.prompt), request.max_tokens);
             // The tenant's token allowance first: a call may wait here for the next minute,
             // and should hold nothing of the run's budget or its caller's day meanwhile.
             let tokens = match self.throttle(id, &spec.model, worst.tokens).await? {
@@ -176,11 +175,12 @@ impl StepContext {
             let reply = if spec.stream && item.is_none() { self.stream(id, attempt, &request).await? } else { self.model.converse(&request).await };
             let outcome = match reply {
                 Ok(reply) => {
-                    // Priced in the tier Bedrock says served it, if it says and the sheet has it.
+                    // Priced in the tier Bedrock says served it, if it says and the sheet has it
+                    // (never dearer than the reservation: see `priced_at_most`).
                     let served = reply
                         .service_tier
                         .filter(|t| *t != spec.service_tier)
-                        .and_then(|t| model_info_base(&self.models, spec)?.in_tier(t).map(|m| m.into_owned()));
+                        .and_then(|t| self.models.get(spec.model.as_str())?.in_tier(t).map(|m| m.into_owned()));
                     let cost = served.as_ref().unwrap_or(&model_info).cost(&reply.usage).unwrap_or(Usd::from_pico(u64::MAX));
                     work.add_spend(reply.usage, cost, 1);
                     self.journal.settle(admitted.reservation, &reply.usage, cost);
@@ -390,11 +390,6 @@ impl StepContext {
         }
         Ok(result)
     }
-}
-
-/// The step's model at its listed (default-tier) price.
-fn model_info_base<'a>(models: &'a ModelRegistry, spec: &LlmSpec) -> Option<std::borrow::Cow<'a, ModelInfo>> {
-    models.get(spec.model.as_str())
 }
 
 /// Exponential backoff with full jitter: uniform in `[0, min(max, initial × 2^(attempt-1))]`.
