@@ -18,25 +18,16 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from test_runs import add_rules, marker
 
 HAIKU = "global.anthropic.claude-haiku-4-5-20251001-v1:0"
 GPT_OSS = "openai.gpt-oss-120b-1:0"
 REGISTRY = json.loads((Path(__file__).resolve().parents[2] / "shared" / "models.json").read_text())["models"]
 ITEMS = 200
-
-
-def marker(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def add_rules(devmodel, *rules):
-    status, body = devmodel.admin("POST", "/_dev/rules", {"rules": list(rules)})
-    assert status == 200, body
 
 
 def start(api, token, workflow, input_=None):
