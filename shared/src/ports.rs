@@ -112,6 +112,60 @@ pub trait ModelClient: Send + Sync {
     async fn converse_stream(&self, request: &ModelRequest, deltas: mpsc::Sender<String>) -> Result<ModelReply, ModelError>;
 }
 
+// ---------------------------------------------------------------- batch inference
+
+/// A map's items sent to the model service as one batch inference job: each record is one
+/// item's request, answered at the model's batch price some time later (see
+/// [`crate::engine`]'s `batch`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSubmission {
+    /// The same for every submission of this job: one made again after a crash (or a lost
+    /// reply) finds the job the first one created instead of creating another.
+    pub token: String,
+    pub run: RunId,
+    pub step: StepId,
+    /// The model as called (a `global.`/`us.` profile or a model id).
+    pub model: ModelId,
+    /// In item order; each request's `cache_points` and `service_tier` do not apply.
+    pub records: Vec<BatchRecord>,
+    /// How long the model service may take before it expires the job's unprocessed records.
+    pub timeout_hours: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRecord {
+    /// The map item's index.
+    pub index: usize,
+    pub request: ModelRequest,
+}
+
+/// Where a submitted job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchState {
+    /// Submitted, validating, scheduled or in progress: `status` as the service says it.
+    Running { status: String },
+    /// Completed, partially completed, failed, stopped or expired: what it answered is final.
+    Ended { status: String, message: Option<String> },
+}
+
+/// What a job answered, by item index. An index it does not hold was never processed
+/// (the job failed, was stopped or expired first): nothing was charged for it.
+pub type BatchResults = BTreeMap<usize, Result<ModelReply, ModelError>>;
+
+/// Batch inference jobs of the model service. Errors are [`ModelError`]s: a retryable one
+/// means "ask again later", any other that the service will not run this job.
+#[async_trait]
+pub trait BatchJobs: Send + Sync {
+    /// Stores the records where the service reads them and creates the job; returns the
+    /// job's id (an ARN on Bedrock). Idempotent on `job.token`.
+    async fn submit(&self, job: &BatchSubmission) -> Result<String, ModelError>;
+    async fn state(&self, job: &str) -> Result<BatchState, ModelError>;
+    /// An ended job's answers.
+    async fn results(&self, job: &str) -> Result<BatchResults, ModelError>;
+    /// Asks the service to stop the job; records it already processed stay charged.
+    async fn stop(&self, job: &str) -> Result<(), ModelError>;
+}
+
 // ---------------------------------------------------------------- response cache
 
 /// Replies of deterministic steps, per tenant, for a while (see [`crate::responses`]).
