@@ -9,7 +9,7 @@ use crate::output::Schema;
 use crate::pricing::{LifecycleStatus, ModelInfo, ModelRegistry, ServiceTier};
 use crate::template::{ITEM_ROOTS, Keep, References, STEP_ROOTS, Template};
 use crate::workflow::{
-    CacheMode, Defaults, InputStepDef, ItemFailure, Join, LlmStepDef, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef,
+    CacheMode, Defaults, InputStepDef, ItemFailure, Join, LlmStepDef, MapMode, OutputFormat, RetryPolicy, StepDef, TransformStepDef, WorkflowDef,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -261,7 +261,25 @@ pub struct MapSpec {
     pub over: Arc<Expression>,
     pub max_concurrency: u32,
     pub on_item_failure: ItemFailure,
+    pub mode: crate::workflow::MapMode,
     pub step: ItemStep,
+}
+
+impl MapSpec {
+    /// The item step to run as one batch job over `items` items, if this map batches them:
+    /// `mode: batch` always (a model's minimum per job is met by the engine sending the
+    /// items online when there are fewer), `auto` when the items reach the model's minimum
+    /// and nothing rules batching out (the checks `mode: batch` is validated by).
+    pub fn batched(&self, items: usize, models: &ModelRegistry) -> Option<&LlmSpec> {
+        let ItemStep::Llm(llm) = &self.step else { return None };
+        let rules = models.get(llm.model.as_str())?.batch?;
+        let fits = llm.service_tier == ServiceTier::Default && llm.cache != CacheMode::Response;
+        match self.mode {
+            MapMode::Batch => Some(llm),
+            MapMode::Auto if fits && items >= rules.min_records as usize => Some(llm),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -606,6 +624,33 @@ impl Checker<'_> {
             service_tier: llm.service_tier,
             // Inside a map every item shares the head; across steps, set once all are known.
             shared_prefix: at.in_map,
+        }
+    }
+
+    /// A map's `mode`: batching takes an `llm` item step on a model that offers batch
+    /// inference, in its default tier, without the response cache (`auto` merely stays
+    /// online where batching cannot apply).
+    fn map_mode(&mut self, mode: MapMode, step: &ItemStep, models: &ModelRegistry) {
+        if mode != MapMode::Batch {
+            return;
+        }
+        let ItemStep::Llm(llm) = step else {
+            self.found.push(self.step, "mode", "\"batch\" batches model calls: the map's step must be `llm`");
+            return;
+        };
+        let why = match models.get(llm.model.as_str()) {
+            Some(info) if info.batch.is_none() => Some(format!("{} does not offer batch inference", llm.model)),
+            _ if llm.service_tier != ServiceTier::Default => {
+                Some(format!("a batch job has no service tier; step.service_tier is {}", llm.service_tier.as_str()))
+            }
+            _ if llm.cache == CacheMode::Response => {
+                Some("a batch job answers every item anew: it does not go with step.cache \"response\"".to_owned())
+            }
+            // An unknown model was reported with the step.
+            _ => None,
+        };
+        if let Some(why) = why {
+            self.found.push(self.step, "mode", why);
         }
     }
 
@@ -964,8 +1009,9 @@ fn check(def: &WorkflowDef, steps: &[Value], models: &ModelRegistry, limits: Lim
                         ItemStep::Transform(TransformSpec::Template(unusable()))
                     }
                 };
+                c.map_mode(m.mode, &step, models);
                 match over {
-                    Some(over) => StepKind::Map(MapSpec { over, max_concurrency, on_item_failure: m.on_item_failure, step }),
+                    Some(over) => StepKind::Map(MapSpec { over, max_concurrency, on_item_failure: m.on_item_failure, mode: m.mode, step }),
                     None => StepKind::Transform(TransformSpec::Template(unusable())), // reported above
                 }
             }

@@ -406,6 +406,9 @@ pub enum WaitKind {
     Budget,
     /// Input steps wait for their values (`steps`).
     Input,
+    /// Map steps wait for their batch inference jobs (`steps`); nobody needs to act: the
+    /// run is handed to a runner at `deadline` to ask the job again.
+    Batch,
 }
 
 /// A budget raised when a run was resumed: who, when, and from what to what.
@@ -661,6 +664,7 @@ pub enum EventType {
     StepStarted,
     Streaming,
     MapProgress,
+    BatchJob,
     StepRetrying,
     StepSkipped,
     AwaitingInput,

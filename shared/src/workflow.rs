@@ -297,6 +297,12 @@ pub struct MapStepDef {
     pub max_concurrency: Option<u32>,
     #[serde(default)]
     pub on_item_failure: ItemFailure,
+    /// How an `llm` item step's calls are made: one by one (`online`, the default), or all
+    /// together as one batch inference job at the model's batch price, the run waiting for
+    /// it holding no runner (`batch`); `auto` batches when there are at least as many items
+    /// as the model's minimum per job.
+    #[serde(default, skip_serializing_if = "MapMode::is_online")]
+    pub mode: MapMode,
     /// The sub-step run per item (`llm` or `transform`), which may read `item` and `index`.
     pub step: Box<StepDef>,
 }
@@ -396,6 +402,22 @@ pub enum Join {
     All,
     /// At least one dependency completed; the others settled in any way.
     Any,
+}
+
+/// How a map's model calls are made (see [`MapStepDef::mode`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MapMode {
+    #[default]
+    Online,
+    Batch,
+    Auto,
+}
+
+impl MapMode {
+    pub fn is_online(&self) -> bool {
+        *self == MapMode::Online
+    }
 }
 
 /// What a map does when one item fails.

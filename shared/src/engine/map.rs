@@ -128,7 +128,7 @@ impl StepContext {
         }
         let first = failed.first().map(|f| (f.index, f.error.clone()));
         let count = failed.len();
-        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed, cached }));
+        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed, cached, batch: None }));
         if let Some((index, error)) = first
             && spec.on_item_failure == ItemFailure::Fail
         {

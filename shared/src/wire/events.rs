@@ -25,6 +25,7 @@ pub enum EventBody {
     StepStarted(StepStarted),
     Streaming(Streaming),
     MapProgress(MapProgress),
+    BatchJob(BatchJob),
     StepRetrying(StepRetrying),
     StepSkipped(StepSkipped),
     AwaitingInput(AwaitingInput),
@@ -47,6 +48,7 @@ impl EventBody {
             EventBody::StepStarted(_) => EventType::StepStarted,
             EventBody::Streaming(_) => EventType::Streaming,
             EventBody::MapProgress(_) => EventType::MapProgress,
+            EventBody::BatchJob(_) => EventType::BatchJob,
             EventBody::StepRetrying(_) => EventType::StepRetrying,
             EventBody::StepSkipped(_) => EventType::StepSkipped,
             EventBody::AwaitingInput(_) => EventType::AwaitingInput,
@@ -70,6 +72,7 @@ impl EventBody {
             EventBody::StepStarted(d) => serde_json::to_value(d),
             EventBody::Streaming(d) => serde_json::to_value(d),
             EventBody::MapProgress(d) => serde_json::to_value(d),
+            EventBody::BatchJob(d) => serde_json::to_value(d),
             EventBody::StepRetrying(d) => serde_json::to_value(d),
             EventBody::StepSkipped(d) => serde_json::to_value(d),
             EventBody::AwaitingInput(d) => serde_json::to_value(d),
@@ -185,6 +188,33 @@ pub struct MapProgress {
     pub failed: usize,
     /// Items the map runs over.
     pub total: usize,
+}
+
+/// A map step running its items as one batch inference job (`map.mode: batch`): sent when
+/// the job is submitted, when a poll finds its status changed, and when its answers are
+/// read. Meanwhile the run waits (`waiting.kind: batch`) holding no runner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct BatchJob {
+    /// The job's id at the model service (an ARN on Bedrock).
+    pub job: String,
+    /// As the service says it: `Submitted`, `Validating`, `Scheduled`, `InProgress`,
+    /// `Completed`, `PartiallyCompleted`, `Failed`, `Stopped`, `Expired`.
+    pub status: String,
+    /// Items sent in the job.
+    pub records: usize,
+    /// The service's message on an ended job (why it failed, for example).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the job is asked about next, while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_poll_at: Option<DateTime<Utc>>,
+    /// Once its answers are read: records answered, at the batch price.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answered: Option<usize>,
+    /// Once its answers are read: items the job did not answer (or answered unusably),
+    /// run again as ordinary calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online: Option<usize>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

@@ -202,6 +202,9 @@ pub struct MapDetail {
     /// Items answered from the response cache (`cache: "response"`), free.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cached: usize,
+    /// The batch inference job the items ran in (`map.mode: batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<events::BatchJob>,
 }
 
 fn is_zero(n: &usize) -> bool {
