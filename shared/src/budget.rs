@@ -139,7 +139,7 @@ impl Amount {
         self.tokens <= other.tokens && self.cost <= other.cost
     }
 
-    fn saturating_add(self, other: Amount) -> Amount {
+    pub fn saturating_add(self, other: Amount) -> Amount {
         Amount { tokens: self.tokens.saturating_add(other.tokens), cost: self.cost.saturating_add(other.cost) }
     }
 
@@ -355,6 +355,22 @@ impl Ledger {
     /// no concurrent reservation sees the money neither spent nor held.
     pub fn settle(&mut self, reservation: Reservation, usage: &Usage, cost: Usd) {
         self.spent.add_call(usage, cost);
+        self.release(reservation);
+    }
+
+    /// Holds `amount` again without checking it against the limits: a batch job's
+    /// reservation, admitted when the job was submitted, in the invocation that reads the
+    /// job's answers (see the engine's `batch`).
+    pub fn hold_again(&mut self, amount: Amount) -> Reservation {
+        self.reserved = self.reserved.saturating_add(amount);
+        self.open += 1;
+        Reservation { amount }
+    }
+
+    /// [`Ledger::settle`] for a batch job: `calls` records charged `usage` and `cost` in all.
+    pub fn settle_calls(&mut self, reservation: Reservation, usage: &Usage, cost: Usd, calls: u64) {
+        self.spent.add_usage(usage, cost);
+        self.spent.model_calls += calls;
         self.release(reservation);
     }
 

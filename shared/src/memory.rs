@@ -702,6 +702,14 @@ impl Script {
         Self { prompt_contains: prompt_contains.into(), replies: vec![Ok(text.into())], usage: None, latency: Duration::ZERO }
     }
 
+    /// A reply that is replaced by what follows `prompt_contains` in the prompt.
+    pub const ECHO: &'static str = "\u{0}echo";
+
+    /// Replies with what follows `prompt_contains` in the prompt (a map item, say).
+    pub fn echo_item(prompt_contains: &str) -> Self {
+        Self::reply(prompt_contains, Self::ECHO)
+    }
+
     pub fn then(mut self, next: Result<String, ModelError>) -> Self {
         self.replies.push(next);
         self
@@ -761,7 +769,12 @@ impl ScriptedModel {
         if !script.latency.is_zero() {
             tokio::time::sleep(script.latency).await;
         }
-        let reply = script.replies.get(n).or(script.replies.last()).cloned().unwrap_or_else(|| Ok(String::new()))?;
+        let mut reply = script.replies.get(n).or(script.replies.last()).cloned().unwrap_or_else(|| Ok(String::new()))?;
+        if reply == Script::ECHO
+            && let Some(at) = request.prompt.find(&script.prompt_contains)
+        {
+            reply = request.prompt[at + script.prompt_contains.len()..].to_owned();
+        }
         let output_tokens = (reply.len() as u64).div_ceil(4).max(1);
         let usage = match script.usage {
             Some(usage) => usage,
@@ -1109,6 +1122,147 @@ impl ResponseCache for MemoryResponses {
 
     async fn put(&self, tenant: &Principal, key: &str, reply: &CachedReply, expires_at: DateTime<Utc>) -> Result<(), StoreError> {
         lock(&self.entries).insert((tenant.to_string(), key.to_owned()), (reply.clone(), expires_at));
+        Ok(())
+    }
+}
+
+/// Batch inference jobs in memory, like Bedrock's: a job ends after `polls` reads of its
+/// state, and its records are then answered by `model` (a [`ScriptedModel`] in tests); a
+/// job of fewer than `min_records` records fails, as Bedrock's validation does. The same
+/// token submitted again finds the same job.
+pub struct MemoryBatch {
+    model: std::sync::Arc<dyn ModelClient>,
+    polls: u32,
+    min_records: usize,
+    jobs: Mutex<Vec<MemoryJob>>,
+    /// Item indices the jobs leave unprocessed (as a job that expired before them).
+    unprocessed: Mutex<HashSet<usize>>,
+    /// What the next submissions are refused with.
+    refusal: Mutex<Option<ModelError>>,
+}
+
+/// One job as [`MemoryBatch`] keeps it.
+#[derive(Debug, Clone)]
+pub struct MemoryJob {
+    pub id: String,
+    pub token: String,
+    pub records: Vec<BatchRecord>,
+    /// How often it was submitted (the same token again finds it).
+    pub submissions: u32,
+    pub polls: u32,
+    pub stopped: bool,
+    answers: Option<BatchResults>,
+}
+
+impl MemoryBatch {
+    pub fn new(model: std::sync::Arc<dyn ModelClient>, polls: u32, min_records: usize) -> Self {
+        Self { model, polls, min_records, jobs: Mutex::default(), unprocessed: Mutex::default(), refusal: Mutex::default() }
+    }
+
+    pub fn jobs(&self) -> Vec<MemoryJob> {
+        lock(&self.jobs).clone()
+    }
+
+    /// Jobs leave these items unprocessed.
+    pub fn leave_unprocessed(&self, items: impl IntoIterator<Item = usize>) {
+        lock(&self.unprocessed).extend(items);
+    }
+
+    /// Submissions are refused with `error` from now on (`None`: accepted again).
+    pub fn refuse(&self, error: Option<ModelError>) {
+        *lock(&self.refusal) = error;
+    }
+
+    fn not_found(job: &str) -> ModelError {
+        ModelError::new(ModelErrorKind::Invalid, "ResourceNotFoundException", format!("no batch job {job}"))
+    }
+
+    fn ended(&self, job: &MemoryJob) -> bool {
+        job.stopped || job.polls >= self.polls || job.records.len() < self.min_records
+    }
+
+    /// The job's answers, made once it ended (outside the lock: the model may wait).
+    async fn answer(&self, job: &str) -> Result<(), ModelError> {
+        let records = {
+            let jobs = lock(&self.jobs);
+            let found = jobs.iter().find(|j| j.id == job).ok_or_else(|| Self::not_found(job))?;
+            if found.answers.is_some() || !self.ended(found) {
+                return Ok(());
+            }
+            if found.records.len() < self.min_records || found.stopped { Vec::new() } else { found.records.clone() }
+        };
+        let skipped = lock(&self.unprocessed).clone();
+        let mut answers = BatchResults::new();
+        for record in records.into_iter().filter(|r| !skipped.contains(&r.index)) {
+            answers.insert(record.index, self.model.converse(&record.request).await);
+        }
+        if let Some(found) = lock(&self.jobs).iter_mut().find(|j| j.id == job) {
+            found.answers.get_or_insert(answers);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchJobs for MemoryBatch {
+    async fn submit(&self, job: &BatchSubmission) -> Result<String, ModelError> {
+        if let Some(refusal) = lock(&self.refusal).clone() {
+            return Err(refusal);
+        }
+        let mut jobs = lock(&self.jobs);
+        if let Some(found) = jobs.iter_mut().find(|j| j.token == job.token) {
+            found.submissions += 1;
+            return Ok(found.id.clone());
+        }
+        let id = format!("arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/job{}", jobs.len() + 1);
+        jobs.push(MemoryJob {
+            id: id.clone(),
+            token: job.token.clone(),
+            records: job.records.clone(),
+            submissions: 1,
+            polls: 0,
+            stopped: false,
+            answers: None,
+        });
+        Ok(id)
+    }
+
+    async fn state(&self, job: &str) -> Result<BatchState, ModelError> {
+        let state = {
+            let mut jobs = lock(&self.jobs);
+            let found = jobs.iter_mut().find(|j| j.id == job).ok_or_else(|| Self::not_found(job))?;
+            found.polls += 1;
+            let found = found.clone();
+            if !self.ended(&found) {
+                return Ok(BatchState::Running { status: if found.polls == 1 { "Validating" } else { "InProgress" }.into() });
+            }
+            found
+        };
+        self.answer(job).await?;
+        let answered = lock(&self.jobs).iter().find(|j| j.id == job).and_then(|j| j.answers.clone()).unwrap_or_default();
+        let (status, message) = if state.records.len() < self.min_records {
+            ("Failed", Some(format!("{} records; at least {} are needed", state.records.len(), self.min_records)))
+        } else if state.stopped {
+            ("Stopped", None)
+        } else if answered.len() < state.records.len() || answered.values().any(Result::is_err) {
+            ("PartiallyCompleted", None)
+        } else {
+            ("Completed", None)
+        };
+        Ok(BatchState::Ended { status: status.into(), message })
+    }
+
+    async fn results(&self, job: &str) -> Result<BatchResults, ModelError> {
+        self.answer(job).await?;
+        let jobs = lock(&self.jobs);
+        let found = jobs.iter().find(|j| j.id == job).ok_or_else(|| Self::not_found(job))?;
+        found.answers.clone().ok_or_else(|| ModelError::new(ModelErrorKind::Invalid, "ValidationException", format!("batch job {job} has not ended")))
+    }
+
+    async fn stop(&self, job: &str) -> Result<(), ModelError> {
+        let mut jobs = lock(&self.jobs);
+        let found = jobs.iter_mut().find(|j| j.id == job).ok_or_else(|| Self::not_found(job))?;
+        found.stopped = true;
         Ok(())
     }
 }

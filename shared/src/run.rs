@@ -247,7 +247,7 @@ impl Totals {
         self.lost.add(carried.lost);
     }
 
-    fn add_usage(&mut self, usage: &Usage, cost: Usd) {
+    pub fn add_usage(&mut self, usage: &Usage, cost: Usd) {
         self.input_tokens += usage.input_tokens;
         self.output_tokens += usage.output_tokens;
         self.cache_read_tokens += usage.cache_read_tokens;
@@ -343,6 +343,46 @@ pub struct Waiting {
     /// The earliest deadline among them: the run is handed to a runner then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+}
+
+/// A map's batch inference job, kept in the map's checkpoint's `detail` as
+/// `{"batch_job": …}`: `WAITING` (with the job's reservation `in_flight`) from before the
+/// job is submitted until its answers are read, then `RUNNING` with `read` set while the
+/// items it did not answer run online.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWait {
+    /// The job's idempotency token: a submission made again after a crash finds the job.
+    pub token: String,
+    /// The job's id, once submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The items sent in the job.
+    pub items: Vec<usize>,
+    /// The job's status when last asked.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Polls so far (each waits longer, up to a bound).
+    pub polls: u32,
+    /// Set once the job's answers were read and charged: they are in the items' checkpoints.
+    #[serde(default)]
+    pub read: bool,
+    /// Once read: records answered at the batch price, and items left to run online.
+    #[serde(default)]
+    pub answered: usize,
+    #[serde(default)]
+    pub online: usize,
+}
+
+impl BatchWait {
+    /// The wait a checkpoint's `detail` holds, if it holds one.
+    pub fn of(detail: Option<&Value>) -> Option<BatchWait> {
+        serde_json::from_value(detail?.get("batch_job")?.clone()).ok()
+    }
+
+    pub fn to_detail(&self) -> Value {
+        serde_json::json!({ "batch_job": self })
+    }
 }
 
 /// Where a waiting review stands, kept in its `WAITING` checkpoint's `detail`.

@@ -74,6 +74,8 @@ pub struct Seen {
     pub attempts: u32,
     /// Whether a `RUNNING` checkpoint holds a call in flight.
     pub in_flight: bool,
+    /// A map whose batch job is out: its hold stays until the job's answers are read.
+    pub batch_out: bool,
 }
 
 /// What a run's checkpoints say of each step and map item: what a dead runner's holds are
@@ -85,13 +87,21 @@ pub struct Reached {
 
 impl Reached {
     pub fn step(&mut self, record: &StepRecord) {
-        let seen = Seen { settled: record.status.is_settled(), attempts: record.attempts, in_flight: record.in_flight.is_some() };
+        let batch_out =
+            record.status == crate::run::StepStatus::Waiting && crate::run::BatchWait::of(record.detail.as_ref()).is_some_and(|wait| !wait.read);
+        let seen = Seen { settled: record.status.is_settled(), attempts: record.attempts, in_flight: record.in_flight.is_some(), batch_out };
         self.seen.insert((record.step_id.clone(), None), seen);
     }
 
     pub fn item(&mut self, step: &StepId, record: &ItemRecord) {
-        let seen = Seen { settled: record.status.is_settled(), attempts: record.attempts, in_flight: record.in_flight.is_some() };
+        let seen = Seen { settled: record.status.is_settled(), attempts: record.attempts, in_flight: record.in_flight.is_some(), batch_out: false };
         self.seen.insert((step.clone(), Some(record.index)), seen);
+    }
+
+    /// The run ends without reading its batch jobs' answers: their holds are settled as any
+    /// other call's in flight (lost).
+    pub fn ending(&mut self) {
+        self.seen.values_mut().for_each(|seen| seen.batch_out = false);
     }
 
     /// How a hold left by an earlier runner is settled. The checkpoint before each call is
@@ -106,14 +116,20 @@ impl Reached {
     /// a hold taken by a runner that died before its checkpoint, on a step whose earlier
     /// runner died with the same attempt in flight, is counted lost too. That errs towards
     /// refusing, as the cap does.
-    pub fn settlement(&self, hold: &DayHold) -> Settlement {
+    ///
+    /// `None`: the hold is a map's batch job still out, kept for the runner that reads the
+    /// job's answers to settle at what they were charged.
+    pub fn settlement(&self, hold: &DayHold) -> Option<Settlement> {
+        if hold.item.is_none() && self.seen.get(&(hold.step.clone(), None)).is_some_and(|s| s.batch_out) {
+            return None;
+        }
         let step_settled = self.seen.get(&(hold.step.clone(), None)).is_some_and(|s| s.settled);
         let reached = match self.seen.get(&(hold.step.clone(), hold.item)) {
             Some(seen) => seen.settled || seen.attempts > hold.attempt || (seen.attempts == hold.attempt && seen.in_flight),
             // A map item with no checkpoint of its own: reached only if its map settled.
             None => hold.item.is_some() && step_settled,
         };
-        if reached { Settlement::Lost } else { Settlement::Charged(Usd::ZERO) }
+        Some(if reached { Settlement::Lost } else { Settlement::Charged(Usd::ZERO) })
     }
 }
 
@@ -124,7 +140,7 @@ impl Reached {
 pub async fn resolve_holds(spend: &dyn DailySpend, run: &RunId, reached: &Reached) -> Result<usize, StoreError> {
     let holds = spend.holds(run).await?;
     for hold in &holds {
-        let settlement = reached.settlement(hold);
+        let Some(settlement) = reached.settlement(hold) else { continue };
         spend.settle(hold, settlement).await?;
         info!(
             run_id = %run,
@@ -174,16 +190,16 @@ mod tests {
     fn a_call_the_checkpoint_shows_in_flight_is_lost() {
         let mut reached = Reached::default();
         reached.step(&running(2, true));
-        assert_eq!(reached.settlement(&hold(None, 2)), Settlement::Lost);
-        assert_eq!(reached.settlement(&hold(None, 1)), Settlement::Lost, "an earlier attempt returned: its settlement was lost");
+        assert_eq!(reached.settlement(&hold(None, 2)), Some(Settlement::Lost));
+        assert_eq!(reached.settlement(&hold(None, 1)), Some(Settlement::Lost), "an earlier attempt returned: its settlement was lost");
     }
 
     #[test]
     fn a_call_the_checkpoint_does_not_reach_was_never_made_and_is_released() {
         let mut reached = Reached::default();
-        assert_eq!(reached.settlement(&hold(None, 1)), RELEASED, "no checkpoint at all");
+        assert_eq!(reached.settlement(&hold(None, 1)), Some(RELEASED), "no checkpoint at all");
         reached.step(&running(1, true));
-        assert_eq!(reached.settlement(&hold(None, 2)), RELEASED, "died between the hold and its checkpoint");
+        assert_eq!(reached.settlement(&hold(None, 2)), Some(RELEASED), "died between the hold and its checkpoint");
     }
 
     #[test]
@@ -206,12 +222,40 @@ mod tests {
         };
         reached.item(&step, &item(0, StepStatus::Running, 1, true));
         reached.item(&step, &item(1, StepStatus::Completed, 1, false));
-        assert_eq!(reached.settlement(&hold(Some(0), 1)), Settlement::Lost);
-        assert_eq!(reached.settlement(&hold(Some(1), 1)), Settlement::Lost);
-        assert_eq!(reached.settlement(&hold(Some(2), 1)), RELEASED, "no checkpoint for the item, and its map runs");
+        assert_eq!(reached.settlement(&hold(Some(0), 1)), Some(Settlement::Lost));
+        assert_eq!(reached.settlement(&hold(Some(1), 1)), Some(Settlement::Lost));
+        assert_eq!(reached.settlement(&hold(Some(2), 1)), Some(RELEASED), "no checkpoint for the item, and its map runs");
         let mut settled = StepRecord::settled(step.clone(), StepStatus::Completed, None, Utc::now());
         settled.attempts = 1;
         reached.step(&settled);
-        assert_eq!(reached.settlement(&hold(Some(2), 1)), Settlement::Lost, "its map settled");
+        assert_eq!(reached.settlement(&hold(Some(2), 1)), Some(Settlement::Lost), "its map settled");
+    }
+
+    #[test]
+    fn a_batch_job_out_keeps_its_hold_until_its_answers_are_read_or_the_run_ends() {
+        let mut waiting = StepRecord::settled(StepId::parse("s").unwrap(), StepStatus::Waiting, None, Utc::now());
+        waiting.attempts = 1;
+        waiting.in_flight = Some(InFlight { tokens: 1, cost: Usd::from_pico(100) });
+        let wait = crate::run::BatchWait {
+            token: "t".into(),
+            job: Some("j".into()),
+            items: vec![0, 1],
+            status: "InProgress".into(),
+            message: None,
+            polls: 1,
+            read: false,
+            answered: 0,
+            online: 0,
+        };
+        waiting.detail = Some(wait.to_detail());
+        let mut reached = Reached::default();
+        reached.step(&waiting);
+        assert_eq!(reached.settlement(&hold(None, 1)), None, "the runner that reads the job settles it");
+        reached.ending();
+        assert_eq!(reached.settlement(&hold(None, 1)), Some(Settlement::Lost), "a run ending without the answers writes it off");
+        waiting.detail = Some(crate::run::BatchWait { read: true, ..wait }.to_detail());
+        let mut reached = Reached::default();
+        reached.step(&waiting);
+        assert_eq!(reached.settlement(&hold(None, 1)), Some(Settlement::Lost), "a read job's hold was settled: one left is lost");
     }
 }

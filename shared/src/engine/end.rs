@@ -180,12 +180,15 @@ impl Ender {
             for r in &unsettled {
                 let items = self.store.get_items(&run.id, &r.step_id, r.revision).await?;
                 items.iter().for_each(|item| reached.item(&r.step_id, item));
-                let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items, waiting: None };
+                // A batch job out counts at its worst case here, as a lost call (in `in_flight`).
+                let left = Leftover { carried: Carried::of(r).unwrap_or_default(), items, waiting: None, batch: None };
                 carried.insert(r.step_id.clone(), left.total());
             }
             // The run's calls end here: the holds its dead runners left on the caller's day
             // are settled now, not when the day ends.
             if let Some(spend) = &self.daily {
+                // Batch jobs' holds too: nobody will read their answers now.
+                reached.ending();
                 resolve_holds(spend.as_ref(), &run.id, &reached).await?;
             }
             // What earlier revisions spent, and this one's own checkpoints (the results it

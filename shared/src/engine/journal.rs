@@ -151,6 +151,20 @@ impl Journal {
         self.ledger().settle(reservation, usage, cost);
     }
 
+    /// Re-holds a batch job's reservation (see [`budget::Ledger::hold_again`]).
+    pub fn hold_again(&self, amount: budget::Amount) -> Reservation {
+        self.ledger().hold_again(amount)
+    }
+
+    /// Charges a batch job's answered records, `calls` of them, and frees its reservation.
+    pub fn settle_calls(&self, reservation: Reservation, usage: &Usage, cost: Usd, calls: u64) {
+        let held = reservation.amount();
+        if !budget::Amount::charged(usage, cost).within(held) {
+            warn!(reserved = %held, charged = %budget::Amount::charged(usage, cost), "budget overrun: a batch job used more than its reservation");
+        }
+        self.ledger().settle_calls(reservation, usage, cost, calls);
+    }
+
     pub fn release(&self, reservation: Reservation) {
         self.ledger().release(reservation);
     }

@@ -45,9 +45,9 @@ enum AttemptError {
 }
 
 /// What admission holds for one call until it is settled.
-struct Admitted {
-    reservation: Reservation,
-    day: Option<DayHold>,
+pub(super) struct Admitted {
+    pub reservation: Reservation,
+    pub day: Option<DayHold>,
 }
 
 impl StepContext {
@@ -69,14 +69,9 @@ impl StepContext {
                 format!("no price for model {} in the {} tier", spec.model, spec.service_tier.as_str()),
             ));
         };
-        let render = |source: &Template| source.render(scope);
-        let prompt = match render(&spec.prompt) {
-            Ok(p) => p,
-            Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("prompt: {e}"))),
-        };
-        let system = match spec.system.as_ref().map(render).transpose() {
-            Ok(s) => s,
-            Err(e) => return Ok(Work::failed(ErrorCode::TemplateError, format!("system: {e}"))),
+        let (system, prompt) = match rendered(spec, scope) {
+            Ok(texts) => texts,
+            Err(failed) => return Ok(*failed),
         };
         let cache_points = match model_info.cache {
             Some(rules) if spec.caches(&model_info) => caching::plan(rules, system.as_deref(), &prompt, caching::static_head(spec.prompt.source())),
@@ -290,7 +285,7 @@ impl StepContext {
 
     /// Holds `worst` against the run's budget and its caller's day, or says why not (with
     /// the refusal's message). Nothing is held when the call is refused.
-    async fn admit(&self, worst: budget::Amount, call: CallName<'_>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
+    pub(super) async fn admit(&self, worst: budget::Amount, call: CallName<'_>) -> Result<Result<Admitted, (Refusal, String)>, EngineError> {
         let (attempt, item, step) = (call.attempt, call.item, call.step);
         let reservation = match self.journal.reserve(worst) {
             Ok(reservation) => reservation,
@@ -336,7 +331,7 @@ impl StepContext {
     }
 
     /// Replaces a call's hold on its owner's day (if it took one) by `settlement`.
-    async fn settle_day(&self, hold: Option<DayHold>, settlement: Settlement) {
+    pub(super) async fn settle_day(&self, hold: Option<DayHold>, settlement: Settlement) {
         if let (Some(owner_cap), Some(hold)) = (&self.owner_cap, hold) {
             owner_cap.settle(hold, settlement).await;
         }
@@ -389,6 +384,44 @@ impl StepContext {
             self.journal.emit(EventBody::Streaming(Streaming { delta: buffer, chars: sent_chars }), Some(id), Some(attempt)).await?;
         }
         Ok(result)
+    }
+}
+
+/// A call's system prompt and prompt, or the work of a step whose template failed.
+fn rendered(spec: &LlmSpec, scope: &impl Scope) -> Result<(Option<String>, String), Box<Work>> {
+    let render = |source: &Template| source.render(scope);
+    let failed = |field: &str, e: crate::template::TemplateError| Box::new(Work::failed(ErrorCode::TemplateError, format!("{field}: {e}")));
+    let prompt = render(&spec.prompt).map_err(|e| failed("prompt", e))?;
+    let system = spec.system.as_ref().map(render).transpose().map_err(|e| failed("system", e))?;
+    Ok((system, prompt))
+}
+
+impl StepContext {
+    /// A map item's request as a batch job sends it: no cache points and no service tier
+    /// (a batch job has neither), or the work of an item whose template failed.
+    pub(super) fn batch_request(&self, id: &StepId, spec: &LlmSpec, scope: &impl Scope, item: usize) -> Result<ModelRequest, Box<Work>> {
+        let (system, prompt) = rendered(spec, scope)?;
+        let output_schema = match (&spec.schema, spec.format) {
+            (Some(schema), OutputFormat::Json) if spec.priced(&self.models).is_some_and(|m| m.structured_output) => Some(schema.document().clone()),
+            _ => None,
+        };
+        Ok(ModelRequest {
+            model: spec.model.clone(),
+            system,
+            prompt,
+            temperature: spec.temperature,
+            max_tokens: spec.max_tokens,
+            stop_sequences: spec.stop_sequences.clone(),
+            cache_points: CachePoints::default(),
+            service_tier: crate::pricing::ServiceTier::Default,
+            metadata: self.call_labels(id, Some(item)),
+            output_schema,
+        })
+    }
+
+    /// A reply checked as a step's reply is (format, schema, size); `None` if it fails.
+    pub(super) fn accepted(&self, spec: &LlmSpec, reply: ModelReply) -> Option<(String, Value)> {
+        self.accept(spec, reply).ok()
     }
 }
 

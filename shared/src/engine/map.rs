@@ -7,7 +7,8 @@
 //! pays again for at most the items whose calls were in flight.
 
 use super::EngineError;
-use super::running::{Hold, item_record};
+use super::batch::{BatchLeft, Batched};
+use super::running::{Hold, Running, item_record};
 use super::step::{Inputs, Scope, StepContext, Work, short};
 use super::transform;
 use crate::codes::ErrorCode;
@@ -18,6 +19,7 @@ use crate::run::{ErrorInfo, ItemRecord};
 use crate::wire::events::{EventBody, MapProgress};
 use crate::wire::{ItemFailed, MapDetail, StepDetail};
 use crate::workflow::ItemFailure;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -26,21 +28,52 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span};
 
-impl StepContext {
-    /// `checkpointed`: the items an earlier runner checkpointed (settled ones are reused).
-    /// `None` when the deadline came with items not started: the map continues in the next
+/// How running a map ended this time.
+// `Done` is nearly every map's end (as with `Ran::Settled`): boxing it costs an allocation
+// per map to save stack space in the rarer other cases.
+#[allow(clippy::large_enum_variant)]
+pub enum MapEnd {
+    Done(Work),
+    /// The deadline came (or a pause) with items not started: the map continues in the next
     /// invocation from its item checkpoints.
-    pub async fn run_map(&self, id: &StepId, spec: &MapSpec, inputs: &Inputs, checkpointed: Vec<ItemRecord>) -> Result<Option<Work>, EngineError> {
+    Interrupted,
+    /// Its batch job is out: the run waits, and is handed back to a runner at this time to
+    /// ask about it.
+    Waiting(DateTime<Utc>),
+}
+
+impl StepContext {
+    /// `checkpointed`: the items an earlier runner checkpointed (settled ones are reused);
+    /// `batch`: the map's batch job, if an earlier runner submitted one.
+    pub async fn run_map(
+        &self,
+        id: &StepId,
+        spec: &MapSpec,
+        inputs: &Inputs,
+        checkpointed: Vec<ItemRecord>,
+        batch: Option<BatchLeft>,
+        running: &mut Running,
+    ) -> Result<MapEnd, EngineError> {
+        // A map asking about its batch job has started already; it says so again once the
+        // job's answers are read.
+        if batch.as_ref().is_none_or(|b| b.wait.read) {
+            running.announce(&self.journal, None).await?;
+        }
         let items = match spec.over.evaluate(&inputs.to_json()) {
             Ok(Value::Array(items)) => items,
-            Ok(other) => return Ok(Some(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other))))),
-            Err(e) => return Ok(Some(Work::failed(ErrorCode::MapOver, format!("`over`: {e}")))),
+            Ok(other) => return Ok(MapEnd::Done(Work::failed(ErrorCode::MapOver, format!("`over` must give a list, got {}", short(&other))))),
+            Err(e) => return Ok(MapEnd::Done(Work::failed(ErrorCode::MapOver, format!("`over`: {e}")))),
         };
         if items.len() > MAX_MAP_ITEMS {
-            return Ok(Some(Work::failed(ErrorCode::MapTooLarge, format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len()))));
+            return Ok(MapEnd::Done(Work::failed(ErrorCode::MapTooLarge, format!("{} items; a map takes at most {MAX_MAP_ITEMS}", items.len()))));
         }
         let total = items.len();
         let mut checkpointed: HashMap<usize, ItemRecord> = checkpointed.into_iter().filter(|r| r.index < total).map(|r| (r.index, r)).collect();
+        let job = match self.batch_items(id, spec, &items, inputs, &mut checkpointed, batch, running).await? {
+            Batched::Waiting(until) => return Ok(MapEnd::Waiting(until)),
+            Batched::Read(job) => Some(job),
+            Batched::Online => None,
+        };
         let reused = checkpointed.values().filter(|r| r.status.is_settled()).count();
         if !checkpointed.is_empty() {
             info!(step_id = %id, reused, in_flight = checkpointed.len() - reused, "resuming a map from its item checkpoints");
@@ -96,7 +129,7 @@ impl StepContext {
         let left = results.iter().filter(|(_, work)| work.is_none()).count();
         if left > 0 {
             info!(step_id = %id, left, of = total, "deadline near: the map continues in the next invocation");
-            return Ok(None);
+            return Ok(MapEnd::Interrupted);
         }
         let mut ordered: Vec<Option<Work>> = (0..total).map(|_| None).collect();
         for (index, work) in results {
@@ -128,16 +161,16 @@ impl StepContext {
         }
         let first = failed.first().map(|f| (f.index, f.error.clone()));
         let count = failed.len();
-        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed, cached, batch: None }));
+        map.detail = Some(StepDetail::Map(MapDetail { items: total, failed, cached, batch: job }));
         if let Some((index, error)) = first
             && spec.on_item_failure == ItemFailure::Fail
         {
             map.output = Err(ErrorInfo::terminal(error.code, format!("{count} of {total} items failed; item {index}: {}", error.message)));
-            return Ok(Some(map));
+            return Ok(MapEnd::Done(map));
         }
         let value = Value::Array(outputs);
         map.output = Ok((value.to_string(), value));
-        Ok(Some(map))
+        Ok(MapEnd::Done(map))
     }
 }
 

@@ -24,6 +24,7 @@
 //! checkpoints and never re-runs a completed step.
 
 mod audience;
+mod batch;
 /// How often a running invocation reads its workflow's access again.
 pub use audience::REFRESH as AUDIENCE_REFRESH;
 mod daily;
@@ -197,6 +198,8 @@ pub struct Engine {
     observer: Option<Arc<dyn crate::telemetry::Observer>>,
     /// Replies of deterministic steps, and how long they are kept (see [`crate::responses`]).
     responses: Option<(Arc<dyn crate::ports::ResponseCache>, chrono::Duration)>,
+    /// Batch inference for maps that ask for it (see [`batch`]); without it they run online.
+    batch: Option<batch::Batching>,
 }
 
 /// Who resumed a run, and what they did: the latest of its resume (after a pause, or with a
@@ -240,7 +243,15 @@ impl Engine {
             tenancy: None,
             observer: None,
             responses: None,
+            batch: None,
         }
+    }
+
+    /// The same engine, running `map.mode: batch` (and `auto`) maps as batch inference jobs
+    /// of `jobs`, asked about every `poll_every` (longer as a job takes longer).
+    pub fn with_batch(mut self, jobs: Arc<dyn crate::ports::BatchJobs>, poll_every: Duration, timeout_hours: u32) -> Self {
+        self.batch = Some(batch::Batching { jobs, poll_every, timeout_hours });
+        self
     }
 
     /// The same engine, telling `observer` what its runs do: steps settled, runs ended,
@@ -400,6 +411,12 @@ impl Engine {
             let journal = Arc::new(
                 Journal::new(self.sink.clone(), self.store.clone(), lease.clone(), &run, last_seq, spent, budget).observed(self.observer.clone()),
             );
+            // Batch jobs out: their reservations, admitted at submission, are held again.
+            for left in carried.iter_mut().flatten() {
+                if let Some(batch) = &mut left.batch {
+                    batch.reservation = batch.held.map(|held| journal.hold_again(held));
+                }
+            }
             if let Some(workflows) = &self.workflows {
                 audience::bring_up_to_date(workflows.as_ref(), &journal, &mut run, &graph).await?;
             }
@@ -450,6 +467,7 @@ impl Engine {
                     tenant: run.caller.tenant(),
                     clock: self.clock.clone(),
                 }),
+                batch: self.batch.clone(),
                 labels: [
                     ("chainrun_run", run.id.to_string()),
                     ("chainrun_workflow", run.workflow.to_string()),
@@ -501,8 +519,10 @@ impl Engine {
             let mut out_of_time = false;
             // Review steps waiting for their decisions, and the earliest of their deadlines.
             let mut reviews_waiting: Vec<StepId> = Vec::new();
-            // Whether a review is among them (else they are all input steps).
+            // Whether a review is among them, else an input step (else they are all maps
+            // waiting for their batch jobs).
             let mut review_waits = false;
+            let mut input_waits = false;
             let mut deadline: Option<chrono::DateTime<Utc>> = None;
             loop {
                 match asked.take() {
@@ -578,7 +598,8 @@ impl Engine {
                         continue;
                     }
                     Ran::Waiting(until) => {
-                        review_waits |= !matches!(graph.steps()[i].kind, StepKind::Input(_));
+                        review_waits |= matches!(graph.steps()[i].kind, StepKind::Review(_));
+                        input_waits |= matches!(graph.steps()[i].kind, StepKind::Input(_));
                         reviews_waiting.push(graph.steps()[i].id.clone());
                         deadline = deadline.into_iter().chain(until).min();
                         continue;
@@ -610,7 +631,12 @@ impl Engine {
                 (Some(request), _) => Some((WaitKind::Paused, Some(request.by), request.reason)),
                 (None, Some(refused)) => Some((WaitKind::Budget, None, Some(refused))),
                 (None, None) if !out_of_time && !reviews_waiting.is_empty() => {
-                    Some((if review_waits { WaitKind::Review } else { WaitKind::Input }, None, None))
+                    let kind = match (review_waits, input_waits) {
+                        (true, _) => WaitKind::Review,
+                        (false, true) => WaitKind::Input,
+                        (false, false) => WaitKind::Batch,
+                    };
+                    Some((kind, None, None))
                 }
                 (None, None) => None,
             };
@@ -696,7 +722,13 @@ impl Engine {
             // Where a waiting review stands (a step waiting for its budget has no use for it).
             let waiting =
                 (saved.status == StepStatus::Waiting).then(|| saved.detail.clone().and_then(|d| serde_json::from_value(d).ok()).unwrap_or_default());
-            left[i] = Some(Leftover { carried: Carried::of(&saved).unwrap_or_default(), items, waiting });
+            // A map's batch job: its reservation is held again (not lost) until its answers are read.
+            let batch = batch::BatchLeft::of(&saved);
+            let carried = match &batch {
+                Some(_) => Carried::of(&StepRecord { in_flight: None, ..saved.clone() }),
+                None => Carried::of(&saved),
+            };
+            left[i] = Some(Leftover { carried: carried.unwrap_or_default(), items, waiting, batch });
         }
         Ok((records, left, reached))
     }

@@ -59,6 +59,15 @@ impl Running {
         record
     }
 
+    /// A map's checkpoint while its batch job is out (`WAITING`, the job's reservation in
+    /// flight) or once its answers were read (`RUNNING`): see [`super::batch`].
+    pub fn batch_checkpoint(&self, wait: &crate::run::BatchWait, in_flight: Option<Amount>) -> StepRecord {
+        let mut record = self.checkpoint(None, in_flight);
+        record.status = if wait.read { StepStatus::Running } else { StepStatus::Waiting };
+        record.detail = Some(wait.to_detail());
+        record
+    }
+
     /// Sends `STEP_STARTED`, once. A model step's `RUNNING` checkpoint goes with it (no
     /// extra write), holding `in_flight` when a call is about to be made.
     pub async fn announce(&mut self, journal: &Journal, in_flight: Option<Amount>) -> Result<(), EngineError> {

@@ -41,6 +41,8 @@ pub struct StepContext {
     pub labels: std::collections::BTreeMap<String, String>,
     /// The response cache, as this run's tenant sees it.
     pub responses: Option<Responses>,
+    /// Batch inference jobs, for maps that ask for them.
+    pub batch: Option<super::batch::Batching>,
     /// The invocation's deadline, if it has one.
     pub deadline: Option<Instant>,
     /// Set when the run was asked to pause: work in flight finishes, nothing new starts.
@@ -119,6 +121,8 @@ pub struct Leftover {
     pub items: Vec<ItemRecord>,
     /// The step is a review that already announced it waits, and where it stands.
     pub waiting: Option<crate::run::ReviewWait>,
+    /// The step is a map whose batch job is out (or was read).
+    pub batch: Option<super::batch::BatchLeft>,
 }
 
 /// How running a step ended.
@@ -139,6 +143,10 @@ impl Leftover {
     pub fn total(self) -> Carried {
         let mut total = self.carried;
         self.items.iter().for_each(|item| total.add(&item.carried()));
+        // A batch job out when the step stopped counts at its worst case, as a lost call.
+        if let Some(held) = self.batch.as_ref().and_then(|b| b.held) {
+            total.lost.add(crate::run::Lost { calls: 1, tokens: held.tokens, cost: held.cost });
+        }
         total
     }
 }
@@ -190,7 +198,7 @@ impl StepContext {
     /// refused, when that pauses the run) with what it finished checkpointed, or waits for a
     /// review's decision.
     pub async fn run_step(&self, step: &Step, inputs: Inputs, left: Option<Leftover>) -> Result<Ran, EngineError> {
-        let Leftover { carried, items, waiting } = left.unwrap_or_default();
+        let Leftover { carried, items, waiting, batch } = left.unwrap_or_default();
         // `attempt` is set by each model call (see `llm`); a map's items have their own.
         let span = info_span!("step", run_id = %self.run_id, step_id = %step.id, attempt = tracing::field::Empty);
         async move {
@@ -214,13 +222,11 @@ impl StepContext {
                     running.announce(&self.journal, None).await?;
                     router::route(spec, &inputs.to_json())
                 }
-                StepKind::Map(spec) => {
-                    running.announce(&self.journal, None).await?;
-                    match self.run_map(&step.id, spec, &inputs, items).await? {
-                        Some(work) => work,
-                        None => return Ok(Ran::Interrupted),
-                    }
-                }
+                StepKind::Map(spec) => match self.run_map(&step.id, spec, &inputs, items, batch, &mut running).await? {
+                    super::map::MapEnd::Done(work) => work,
+                    super::map::MapEnd::Interrupted => return Ok(Ran::Interrupted),
+                    super::map::MapEnd::Waiting(until) => return Ok(Ran::Waiting(Some(until))),
+                },
                 StepKind::Review(spec) => match self.review(&step.id, spec, &inputs, waiting, &mut running).await? {
                     Ok(work) => work,
                     Err(until) => return Ok(Ran::Waiting(until)),
