@@ -191,7 +191,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
                 let reply = (reply_limit(spec.max_tokens, MAX_OUTPUT_BYTES) as u64).max(NONE_BYTES);
                 reply_bound[i] = Some(reply);
                 bounds = (Some(reply), matches!(spec.format, OutputFormat::Text | OutputFormat::Markdown).then_some(reply));
-                match llm_call(spec, &json!({ "input": input }), true, &slots, models) {
+                match llm_call(spec, &json!({ "input": input }), true, &slots, models, false) {
                     Some(call) => call,
                     None => {
                         all_render = false;
@@ -225,7 +225,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
                         let text = "x".repeat(crate::input::MAX_TEXT_CHARS * 4);
                         let ask = "x".repeat(asked.max().unwrap_or(0) as usize);
                         let scope = json!({ "fields": spec.fields.document().to_string(), "ask": ask, "text": text });
-                        match llm_call(&extract.call, &scope, true, &slots, models) {
+                        match llm_call(&extract.call, &scope, true, &slots, models, false) {
                             Some(call) => {
                                 let mut call = Bounds { max: times(call.max, u64::from(spec.max_attempts)), ..call };
                                 if asked.max().is_none() {
@@ -256,7 +256,7 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
                     // The list is only known at run time: up to `items` items of unknown content.
                     let items = list_bound(map, graph, &reply_bound);
                     let scope = json!({ "input": input, "item": Value::Null, "index": 0 });
-                    match llm_call(spec, &scope, false, &slots, models) {
+                    match llm_call(spec, &scope, false, &slots, models, map.batched(items as usize, models).is_some()) {
                         Some(call) => Bounds { max: times(call.max, items), max_items: Some(items), ..call },
                         None => {
                             all_render = false;
@@ -267,9 +267,10 @@ pub fn estimate(graph: &ValidatedGraph, input: &Value, models: &ModelRegistry, h
                 ItemStep::Llm(spec) => match map.over.evaluate(&json!({ "input": input, "steps": {} })) {
                     Ok(Value::Array(items)) if items.len() <= MAX_MAP_ITEMS => {
                         let mut sum = Bounds { max_items: Some(items.len() as u64), ..Bounds::NONE };
+                        let batched = map.batched(items.len(), models).is_some();
                         for (index, item) in items.into_iter().enumerate() {
                             let scope = json!({ "input": input, "item": item, "index": index });
-                            match llm_call(spec, &scope, true, &slots, models) {
+                            match llm_call(spec, &scope, true, &slots, models, batched) {
                                 Some(call) => {
                                     sum.heuristic = add(sum.heuristic, call.heuristic);
                                     sum.max = add(sum.max, call.max);
@@ -496,7 +497,12 @@ fn list_bound(map: &MapSpec, graph: &ValidatedGraph, reply_bound: &[Option<u64>]
 
 /// One `llm` call (all its attempts), or `None` when it fails before its call whatever
 /// upstream steps produce. `item_known` as for [`Slots::render`].
-fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry) -> Option<Bounds> {
+///
+/// `batched`: the call is one record of a map's batch job (see the engine's `batch`). It is
+/// expected at the batch price; its `max` stays the online one (a job that fails or expires
+/// leaves its items to run online, every attempt), and for JSON output adds the batch call,
+/// since a batch reply that fails the step's checks is charged and then run online.
+fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, models: &ModelRegistry, batched: bool) -> Option<Bounds> {
     // Validation rejects a model without a price, so this is only a safeguard.
     let model = spec.priced(models)?;
     let dearest = spec.priced_at_most(models)?;
@@ -508,7 +514,8 @@ fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, 
     }
     let overhead = TOKENS_PER_REQUEST + TOKENS_PER_MESSAGE * parts.len() as u64;
     let empty = parts.iter().map(|r| r.bytes_empty()).sum::<u64>().saturating_add(overhead);
-    let heuristic = worst_case(&model, empty, spec.max_tokens.div_ceil(2));
+    let batch_model = if batched { model.batched() } else { None };
+    let heuristic = worst_case(batch_model.as_ref().unwrap_or(&model), empty, spec.max_tokens.div_ceil(2));
     // A schema's violation messages can quote the reply, so its hint has no size bound.
     let hint = match (spec.format, &spec.schema) {
         (OutputFormat::Json, Some(_)) if spec.retry.max_attempts > 1 => None,
@@ -522,7 +529,10 @@ fn llm_call(spec: &LlmSpec, scope: &Value, item_known: bool, slots: &Slots<'_>, 
         _ => (window, MaxBasis::ContextWindow),
     };
     // A caching step's input may be billed as cache writes: its max prices input at that rate.
-    let max = times(spec.worst_call(&dearest, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
+    let mut max = times(spec.worst_call(&dearest, input, spec.max_tokens), u64::from(spec.retry.max_attempts));
+    if let Some(batch_model) = batch_model.filter(|_| spec.format == OutputFormat::Json) {
+        max = add(max, worst_case(&batch_model, input, spec.max_tokens));
+    }
     Some(Bounds { heuristic, max, max_basis, max_items: None })
 }
 
@@ -632,6 +642,25 @@ mod tests {
         let input = 3 + 4 + 5 + 3 * 96;
         assert_eq!(step(&e, "m").max, amount(input + 30, input * IN + 30 * OUT));
         assert_eq!((step(&e, "m").max_items, step(&e, "m").max_basis), (Some(3), MaxBasis::Prompt));
+    }
+
+    #[test]
+    fn a_batch_map_is_expected_at_the_batch_price_and_bounded_by_the_online_one() {
+        let map = |mode: &str, format: &str| {
+            graph(
+                json!([{ "id": "m", "type": "map", "over": "input.items", "mode": mode,
+                         "step": { "type": "llm", "prompt": "M {{ item }}", "max_tokens": 10, "output": { "format": format } } }]),
+                json!(null),
+            )
+        };
+        let input = json!({ "items": (0..100).map(|i| format!("item {i}")).collect::<Vec<_>>() });
+        let (online, batch) = (run(&map("online", "text"), input.clone(), None), run(&map("batch", "text"), input.clone(), None));
+        assert_eq!(step(&batch, "m").expected.cost.pico() * 2, step(&online, "m").expected.cost.pico(), "half price expected");
+        assert_eq!(step(&batch, "m").max, step(&online, "m").max, "a failed job leaves the items to run online");
+        // JSON replies may fail their checks after being charged in the job, then run online.
+        let (online, batch) = (run(&map("online", "json"), input.clone(), None), run(&map("batch", "json"), input, None));
+        assert!(step(&batch, "m").max.cost > step(&online, "m").max.cost);
+        assert!(step(&batch, "m").max.cost.pico() <= step(&online, "m").max.cost.pico() * 3 / 2, "plus one batch call per item");
     }
 
     #[test]
