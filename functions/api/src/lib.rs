@@ -633,6 +633,13 @@ async fn resume_paused(state: &AppState, identity: &Identity, run: RunRecord, bu
         let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
         return Err(ApiError::Conflict(format!("run {id} waits for input on {}: resume it with `step` and `values` or `text`", steps.join(", "))));
     }
+    if let Some(waiting) = run.waiting.as_ref().filter(|w| w.kind == WaitKind::Batch) {
+        let steps: Vec<&str> = waiting.steps.iter().map(StepId::as_str).collect();
+        return Err(ApiError::Conflict(format!(
+            "run {id} waits for the batch inference job of {}: it continues by itself when the job ends (cancel it to stop)",
+            steps.join(", ")
+        )));
+    }
     let resumption = Resumption { by: identity.user.clone(), at, budget: raise };
     match state.store.resume(id, &resumption).await? {
         ResumeOutcome::Resumed => {}
