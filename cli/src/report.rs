@@ -1,16 +1,18 @@
 //! A run as people read it once it has ended or waits (`run`, `watch`, `show`): a table of
 //! its steps, its totals, its output or error, and when it waits, what it asks and the
-//! command that answers it. The exit status follows from its status.
+//! command that answers it (or, waiting for its maps' batch jobs, which jobs: nobody
+//! needs to act). The exit status follows from its status.
 
 use crate::exit::Exit;
 use crate::format::{count, latency, short, usd};
-use crate::live::Asked;
+use crate::live::{Asked, batch_share};
 use crate::term::{alarm, bold, table};
-use crate::wire::{Run, Step};
+use crate::wire::{BATCH_WAIT, BatchJob, Run, Step};
 use comfy_table::{Cell, Table};
 use serde_json::Value;
 
-/// 0 completed, 1 failed or cancelled, 3 waits for a person.
+/// 0 completed, 1 failed or cancelled, 3 waits for a person. A run waiting for its batch
+/// jobs is followed on (`commands::run`), and never ends a command that follows it.
 pub fn exit_of(run: &Run) -> Exit {
     match run.status.as_str() {
         "COMPLETED" => Exit::Success,
@@ -20,7 +22,8 @@ pub fn exit_of(run: &Run) -> Exit {
 }
 
 /// Everything below the live lines: the table, then the output, error or what it waits for.
-pub fn print(run: &Run, asked: &[Asked], api_url: &str) {
+/// `batches`: the maps' batch jobs as their events said them (else their checkpoints say).
+pub fn print(run: &Run, asked: &[Asked], batches: &[(String, BatchJob)], api_url: &str) {
     println!();
     println!("{}", steps_table(run));
     if let Some(error) = &run.error {
@@ -33,7 +36,7 @@ pub fn print(run: &Run, asked: &[Asked], api_url: &str) {
         (Some(value), _) => println!("{}\n{}", bold("output:"), serde_json::to_string_pretty(value).unwrap_or_default()),
     }
     if run.status == "AWAITING_INPUT" {
-        waiting(run, asked).iter().for_each(|line| println!("{line}"));
+        waiting(run, asked, batches).iter().for_each(|line| println!("{line}"));
     }
 }
 
@@ -75,7 +78,7 @@ fn note(step: &Step) -> String {
     let Some(detail) = step.detail.as_ref() else { return String::new() };
     if let Some(items) = detail.get("items").and_then(Value::as_u64) {
         let failed = detail.get("failed").and_then(Value::as_array).map_or(0, Vec::len) as u64;
-        return format!("items {}/{items}", items.saturating_sub(failed));
+        return format!("items {}/{items}{}", items.saturating_sub(failed), batch_share(detail));
     }
     if let Some(when) = detail.get("when").and_then(Value::as_str) {
         return short(&format!("route: {when}"), 60);
@@ -87,9 +90,12 @@ fn note(step: &Step) -> String {
 }
 
 /// What the run waits for, each asking step with the command that answers it.
-pub fn waiting(run: &Run, asked: &[Asked]) -> Vec<String> {
+pub fn waiting(run: &Run, asked: &[Asked], batches: &[(String, BatchJob)]) -> Vec<String> {
     let Some(waiting) = &run.waiting else { return vec![format!("run {} waits for input", run.run_id)] };
     let id = &run.run_id;
+    if waiting.kind == BATCH_WAIT {
+        return batch_waiting(run, batches);
+    }
     let mut lines = vec![String::new(), bold(&format!("run {id} waits for input ({})", waiting.kind))];
     if let Some(by) = &waiting.by {
         lines.push(format!("  by: {by}"));
@@ -121,6 +127,34 @@ pub fn waiting(run: &Run, asked: &[Asked]) -> Vec<String> {
     lines
 }
 
+/// Which batch jobs the run waits for, and when it asks them again: no command to give.
+fn batch_waiting(run: &Run, batches: &[(String, BatchJob)]) -> Vec<String> {
+    let id = &run.run_id;
+    let steps = run.waiting.as_ref().map(|w| w.steps.clone()).unwrap_or_default();
+    let mut lines = vec![String::new(), bold(&format!("run {id} waits for the batch job of {}; nobody needs to act", steps.join(", ")))];
+    for step in &steps {
+        let job = batches.iter().find(|(s, _)| s == step).map(|(_, job)| job.clone()).or_else(|| job_of(run, step));
+        lines.push(match job {
+            Some(job) => {
+                let message = job.message.as_ref().map(|m| format!(" · {}", short(m, 100))).unwrap_or_default();
+                format!("  {step}: batch job {} {} · {}{message}", job.job, job.status, count(job.records, "record"))
+            }
+            None => format!("  {step}: its batch job"),
+        });
+    }
+    if let Some(deadline) = run.waiting.as_ref().and_then(|w| w.deadline.as_ref()) {
+        lines.push(format!("  next poll: {deadline} (a runner takes the run back then, by itself)"));
+    }
+    lines.push(format!("  follow it:  chainrun watch {id}"));
+    lines
+}
+
+/// A map's batch job as its checkpoint records it.
+fn job_of(run: &Run, step_id: &str) -> Option<BatchJob> {
+    let detail = run.steps.iter().find(|s| s.id == step_id)?.detail.as_ref()?;
+    serde_json::from_value(detail.get("batch")?.clone()).ok()
+}
+
 /// What a waiting step asks, read from its checkpoint when no event said it (`show`).
 fn asked_of(run: &Run, step_id: &str) -> Option<Asked> {
     let step = run.steps.iter().find(|s| s.id == step_id)?;
@@ -138,4 +172,59 @@ fn asked_of(run: &Run, step_id: &str) -> Option<Asked> {
         missing: strings("missing"),
         attempts_left: detail.get("attempts_left").and_then(Value::as_u64),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const JOB: &str = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/abc";
+
+    fn parked(detail: Value) -> Run {
+        let run = json!({
+            "run_id": "01RUN", "workflow": "digest", "status": "AWAITING_INPUT", "totals": {},
+            "waiting": {"kind": "batch", "steps": ["summarize"], "deadline": "2025-06-01T12:03:05Z", "since": "2025-06-01T12:00:00Z"},
+            "steps": [{"id": "load", "status": "COMPLETED"}, {"id": "summarize", "status": "RUNNING", "detail": detail}],
+        });
+        serde_json::from_value(run).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn job(status: &str) -> BatchJob {
+        BatchJob { job: JOB.into(), status: status.into(), records: 200, message: None, next_poll_at: None, answered: None, online: None }
+    }
+
+    #[test]
+    fn a_run_waiting_for_its_batch_job_waits_for_nobody() {
+        let run = parked(Value::Null);
+        assert!(!run.waits_for_a_person());
+        let review = Run { waiting: serde_json::from_value(json!({"kind": "review", "steps": ["check"]})).ok(), ..run.clone() };
+        assert!(review.waits_for_a_person());
+        assert_eq!(exit_of(&review), Exit::Waiting);
+    }
+
+    #[test]
+    fn a_batch_wait_names_the_job_its_status_and_the_next_poll_and_no_command_to_answer_it() {
+        let lines = waiting(&parked(Value::Null), &[], &[("summarize".into(), job("InProgress"))]);
+        let text = console::strip_ansi_codes(&lines.join("\n")).into_owned();
+        assert!(text.contains("run 01RUN waits for the batch job of summarize; nobody needs to act"), "{text}");
+        assert!(text.contains(&format!("summarize: batch job {JOB} InProgress · 200 records")), "{text}");
+        assert!(text.contains("next poll: 2025-06-01T12:03:05Z"), "{text}");
+        assert!(!text.contains("resume"), "{text}");
+    }
+
+    #[test]
+    fn without_its_events_a_batch_wait_reads_the_job_from_the_maps_checkpoint() {
+        let run = parked(json!({"batch": {"job": JOB, "status": "Validating", "records": 200}}));
+        let text = console::strip_ansi_codes(&waiting(&run, &[], &[]).join("\n")).into_owned();
+        assert!(text.contains(&format!("summarize: batch job {JOB} Validating · 200 records")), "{text}");
+    }
+
+    #[test]
+    fn a_map_that_ran_in_a_batch_job_notes_how_many_items_it_answered() {
+        let step: Step = serde_json::from_value(json!({"id": "summarize", "status": "COMPLETED",
+            "detail": {"items": 200, "failed": [], "batch": {"job": JOB, "status": "Completed", "records": 200, "answered": 198, "online": 2}}}))
+        .unwrap_or_default();
+        assert_eq!(note(&step), "items 200/200 · 198 at the batch price");
+    }
 }

@@ -127,6 +127,34 @@ pub struct Waiting {
     pub deadline: Option<String>,
 }
 
+/// A map's batch inference job (`BATCH_JOB`'s data, and a map's `detail.batch`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BatchJob {
+    /// The job's id at the model service (an ARN on Bedrock).
+    pub job: String,
+    /// As the service says it: `Submitted`, `InProgress`, `Completed`, `Failed`, …
+    pub status: String,
+    #[serde(default)]
+    pub records: u64,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub next_poll_at: Option<String>,
+    /// Once its answers are read: records answered at the batch price…
+    #[serde(default)]
+    pub answered: Option<u64>,
+    /// …and items run again as ordinary calls.
+    #[serde(default)]
+    pub online: Option<u64>,
+}
+
+impl BatchJob {
+    /// Whether its answers have been read: the map goes on without it.
+    pub fn is_read(&self) -> bool {
+        self.answered.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Revision {
     pub revision: u32,
@@ -186,6 +214,17 @@ pub struct Route {
 fn yes() -> bool {
     true
 }
+
+impl Run {
+    /// Whether it waits for a person (or for its budget): a run whose maps wait for their
+    /// batch jobs does not, a runner takes it back by itself.
+    pub fn waits_for_a_person(&self) -> bool {
+        self.status == "AWAITING_INPUT" && self.waiting.as_ref().is_none_or(|w| w.kind != BATCH_WAIT)
+    }
+}
+
+/// `waiting.kind` of a run whose maps wait for their batch inference jobs.
+pub const BATCH_WAIT: &str = "batch";
 
 /// Statuses a run ends with.
 pub fn is_terminal(status: &str) -> bool {

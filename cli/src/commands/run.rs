@@ -1,5 +1,6 @@
 //! `run` starts a run and follows it; `watch` follows one that exists. Both end as the run
 //! does: the exit status says completed (0), failed or cancelled (1), waits for input (3).
+//! A run waiting for its maps' batch jobs waits for nobody: it is followed on.
 
 use super::{Ctx, id_in};
 use crate::args::RunArgs;
@@ -73,11 +74,12 @@ pub fn follow_and_report(ctx: &Ctx, follower: &mut Follower, run_id: &str) -> Re
         let document = ctx.api.get(&ctx.api.scoped(&format!("/runs/{run_id}")), &[])?;
         let run: Run = serde_json::from_value(document.clone())
             .map_err(|e| CliError::Unexpected { what: format!("GET /runs/{run_id}"), message: e.to_string() })?;
-        // Someone may have resumed a waiting run between the last event and this read.
-        if is_terminal(&run.status) || run.status == "AWAITING_INPUT" {
+        // Someone may have resumed a waiting run between the last event and this read; a
+        // run waiting for its batch jobs goes on by itself.
+        if is_terminal(&run.status) || run.waits_for_a_person() {
             match ctx.ui.json {
                 true => ctx.ui.print_json(&document),
-                false => report::print(&run, &follower.asked(), ctx.api.base()),
+                false => report::print(&run, &follower.asked(), &follower.batches(), ctx.api.base()),
             }
             return Ok(report::exit_of(&run));
         }

@@ -1,14 +1,15 @@
-//! `show`: a run's steps, totals and output; as a Mermaid flowchart (`--mermaid`); or the
-//! URL of its view page (`--open`).
+//! `show`: a run's steps, totals and output (and what it waits for); as a Mermaid
+//! flowchart (`--mermaid`); or the URL of its view page (`--open`).
 
 use super::Ctx;
 use crate::args::ShowArgs;
 use crate::exit::{CliError, Exit};
 use crate::format::count;
+use crate::live::Follower;
 use crate::mermaid;
 use crate::report;
 use crate::term::{bold, dim, status};
-use crate::wire::{Graph, Run};
+use crate::wire::{BATCH_WAIT, BatchJob, Graph, Run};
 use serde_json::json;
 
 pub fn show(ctx: &Ctx, args: ShowArgs) -> Result<Exit, CliError> {
@@ -55,9 +56,20 @@ pub fn show(ctx: &Ctx, args: ShowArgs) -> Result<Exit, CliError> {
             );
         }
     }
-    report::print(&run, &[], ctx.api.base());
+    report::print(&run, &[], &batch_jobs(ctx, &run)?, ctx.api.base());
     println!("{}", dim(&format!("{} · {}", count(run.totals.total_tokens, "token"), count(run.totals.model_calls, "model call"))));
     Ok(Exit::Success)
+}
+
+/// The batch jobs a run waits for, as its events said them last: a map's checkpoint need
+/// not record its job before the job is read. Nothing is read for any other run.
+fn batch_jobs(ctx: &Ctx, run: &Run) -> Result<Vec<(String, BatchJob)>, CliError> {
+    if run.waiting.as_ref().is_none_or(|w| w.kind != BATCH_WAIT) {
+        return Ok(Vec::new());
+    }
+    let mut events = Follower::new(&ctx.api, ctx.ui, &run.run_id, &[]);
+    events.skip_to_now()?;
+    Ok(events.batches())
 }
 
 /// The view page's URL. The page reads a token from its fragment (never sent to a server,

@@ -4,7 +4,7 @@
 
 use crate::format::{count, latency, short, usd};
 use crate::term::{dim, status_padded};
-use crate::wire::Event;
+use crate::wire::{BATCH_WAIT, BatchJob, Event};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -38,6 +38,9 @@ pub enum Standing {
     Ended,
     /// A run-level `AWAITING_INPUT`: it waits for a person, holding no runner.
     Waiting,
+    /// A run-level `AWAITING_INPUT` of kind `batch`: its maps wait for their batch jobs,
+    /// holding no runner. Nobody needs to act: a runner takes it back at the deadline.
+    Parked,
 }
 
 /// What a waiting step asked (the data of its last `AWAITING_INPUT`).
@@ -60,6 +63,8 @@ pub struct Follow {
     partial: BTreeMap<String, String>,
     /// Steps that wait for a person, by id.
     asked: BTreeMap<String, Asked>,
+    /// Each map's batch job as its last `BATCH_JOB` said it, by step id.
+    batches: BTreeMap<String, BatchJob>,
     standing: Option<Standing>,
 }
 
@@ -85,6 +90,11 @@ impl Follow {
         self.asked.values()
     }
 
+    /// The maps' batch jobs, as last reported.
+    pub fn batches(&self) -> impl Iterator<Item = (&String, &BatchJob)> {
+        self.batches.iter()
+    }
+
     pub fn apply(&mut self, event: &Event) -> Vec<Note> {
         let data = &event.data;
         let step = event.step_id.clone().unwrap_or_default();
@@ -92,6 +102,12 @@ impl Follow {
             ("RUN_STARTED", _) => {
                 self.standing = Some(Standing::Going);
                 vec![Note::Run { line: format!("▶ run started: {} ({})", text(data, "workflow"), count(num(data, "steps"), "step")) }]
+            }
+            // Handed back to a runner to ask the batch jobs again: a wait that may repeat
+            // every few minutes for hours, not worth a line each time.
+            ("RUN_RESUMED", _) if self.standing == Some(Standing::Parked) => {
+                self.standing = Some(Standing::Going);
+                self.batch_activity(|job| format!("asking its batch job how it stands ({})", job.status))
             }
             ("RUN_RESUMED", _) => {
                 self.standing = Some(Standing::Going);
@@ -116,7 +132,41 @@ impl Follow {
                 self.partial.remove(&step);
                 self.asked.remove(&step);
                 let model = data.get("model").and_then(Value::as_str).map(|m| format!("  {}", dim(m))).unwrap_or_default();
-                vec![Note::Started { line: format!("· {}  {}{model}", self.pad(&step), status_padded("RUNNING", STATUS_WIDTH)), step }]
+                // A map taken up again while its batch job runs: its spinner says so at once.
+                let waiting =
+                    self.batches.get(&step).filter(|job| !job.is_read()).map(|job| Note::Activity { step: step.clone(), message: job_waits(job) });
+                let started = Note::Started { line: format!("· {}  {}{model}", self.pad(&step), status_padded("RUNNING", STATUS_WIDTH)), step };
+                std::iter::once(started).chain(waiting).collect()
+            }
+            ("BATCH_JOB", true) => {
+                let Ok(job) = serde_json::from_value::<BatchJob>(data.clone()) else {
+                    return vec![Note::Run { line: dim(&format!("BATCH_JOB {step}: {data}")) }];
+                };
+                let notes = match job.is_read() {
+                    true => {
+                        let line = format!(
+                            "  {}  batch job {} · {} answered at the batch price, {} run online",
+                            self.pad(&step),
+                            job.status,
+                            job.answered.unwrap_or(0),
+                            job.online.unwrap_or(0)
+                        );
+                        let message = format!("batch job read: {} answered, {} run online", job.answered.unwrap_or(0), job.online.unwrap_or(0));
+                        vec![Note::Run { line }, Note::Activity { step: step.clone(), message }]
+                    }
+                    false => {
+                        let mut line = format!("⧗ {}  batch job {} · {}", self.pad(&step), job.status, count(job.records, "record"));
+                        if let Some(at) = &job.next_poll_at {
+                            line.push_str(&format!(" · next poll {}", clock(at)));
+                        }
+                        if let Some(message) = &job.message {
+                            line.push_str(&format!(" · {}", short(message, 120)));
+                        }
+                        vec![Note::Run { line }, Note::Activity { step: step.clone(), message: job_waits(&job) }]
+                    }
+                };
+                self.batches.insert(step, job);
+                notes
             }
             ("STREAMING", true) => self.streamed(&step, data.get("delta").and_then(Value::as_str).unwrap_or_default()),
             ("MAP_PROGRESS", true) => vec![Note::Items { step, done: num(data, "done"), failed: num(data, "failed"), total: num(data, "total") }],
@@ -190,6 +240,18 @@ impl Follow {
                 self.asked.insert(step.clone(), asked);
                 vec![Note::Settled { step, line }]
             }
+            // Nobody is asked anything: the spinners say what the maps wait for.
+            ("AWAITING_INPUT", false) if data.get("kind").and_then(Value::as_str) == Some(BATCH_WAIT) => {
+                self.standing = Some(Standing::Parked);
+                let next = data.get("deadline").and_then(Value::as_str).map(|at| format!(" · next poll {}", clock(at))).unwrap_or_default();
+                strings(data.get("steps"))
+                    .into_iter()
+                    .map(|step| {
+                        let status = self.batches.get(&step).map_or_else(|| "?".to_owned(), |job| job.status.clone());
+                        Note::Activity { message: format!("waits for its batch job ({status}){next}"), step }
+                    })
+                    .collect()
+            }
             ("AWAITING_INPUT", false) => {
                 self.standing = Some(Standing::Waiting);
                 let steps = strings(data.get("steps"));
@@ -201,6 +263,9 @@ impl Follow {
                 self.standing = Some(Standing::Going);
                 self.asked.clear();
                 let rerun = strings(data.get("rerun"));
+                for step in &rerun {
+                    self.batches.remove(step);
+                }
                 vec![Note::Run {
                     line: format!(
                         "▶ revision {} started: {} of {} by {}; runs again: {}",
@@ -249,6 +314,15 @@ impl Follow {
         format!("{step:<width$}", width = self.width)
     }
 
+    /// A spinner message for each map whose batch job is still out.
+    fn batch_activity(&self, message: impl Fn(&BatchJob) -> String) -> Vec<Note> {
+        self.batches
+            .iter()
+            .filter(|(_, job)| !job.is_read())
+            .map(|(step, job)| Note::Activity { step: step.clone(), message: message(job) })
+            .collect()
+    }
+
     /// Adds a streamed delta: whole lines are shown now, the rest when more arrives.
     fn streamed(&mut self, step: &str, delta: &str) -> Vec<Note> {
         let buffer = self.partial.entry(step.to_owned()).or_default();
@@ -293,6 +367,22 @@ impl Asked {
     }
 }
 
+/// What a map waiting for its batch job is doing, for its spinner.
+fn job_waits(job: &BatchJob) -> String {
+    let next = job.next_poll_at.as_deref().map(|at| format!(" · next poll {}", clock(at))).unwrap_or_default();
+    format!("waits for its batch job ({}, {}){next}", job.status, count(job.records, "record"))
+}
+
+/// `2025-06-01T12:03:05.120Z` → `12:03:05 UTC`: when, today, as the API says it (in UTC);
+/// anything else as it came.
+fn clock(at: &str) -> String {
+    let time = at.split_once('T').map(|(_, t)| t.get(..8).unwrap_or(t)).filter(|t| t.len() == 8 && t.as_bytes()[2] == b':');
+    match time {
+        Some(t) if at.ends_with('Z') || at.ends_with("+00:00") => format!("{t} UTC"),
+        _ => at.to_owned(),
+    }
+}
+
 /// `78→27 tokens`: input and output tokens.
 fn tokens(data: &Value) -> String {
     format!("{}→{} tokens", num(data, "input_tokens"), num(data, "output_tokens"))
@@ -304,7 +394,8 @@ fn detail(detail: Option<&Value>) -> String {
     if let Some(items) = detail.get("items").and_then(Value::as_u64) {
         let failed = detail.get("failed").and_then(Value::as_array).map_or(0, Vec::len) as u64;
         let note = if failed > 0 { format!(", {failed} failed") } else { String::new() };
-        return format!("  items {}/{items}{note}", items.saturating_sub(failed));
+        let batch = batch_share(detail);
+        return format!("  items {}/{items}{note}{batch}", items.saturating_sub(failed));
     }
     if let Some(when) = detail.get("when").and_then(Value::as_str) {
         return format!("  route {}: {when}", num(detail, "route"));
@@ -313,6 +404,14 @@ fn detail(detail: Option<&Value>) -> String {
         return format!("  {decision} by {}", text(detail, "by"));
     }
     String::new()
+}
+
+/// ` · 198 at the batch price`: how many of a map's items its batch job answered.
+pub fn batch_share(detail: &Value) -> String {
+    match detail.get("batch").and_then(|b| b.get("answered")).and_then(Value::as_u64) {
+        Some(n) => format!(" · {n} at the batch price"),
+        None => String::new(),
+    }
 }
 
 fn error(data: &Value) -> String {
@@ -440,5 +539,97 @@ mod tests {
         assert_eq!(follow.standing(), Standing::Ended);
         follow.apply(&event("REVISION_STARTED", None, json!({"revision": 1, "kind": "retry", "step": "a", "by": "bob", "rerun": ["a"]})));
         assert_eq!(follow.standing(), Standing::Going);
+    }
+
+    const JOB: &str = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/abc";
+
+    fn batch_job(status: &str, more: Value) -> Event {
+        let mut data = json!({"job": JOB, "status": status, "records": 200});
+        if let (Some(data), Some(more)) = (data.as_object_mut(), more.as_object()) {
+            data.extend(more.clone());
+        }
+        event("BATCH_JOB", Some("summarize"), data)
+    }
+
+    #[test]
+    fn each_batch_job_report_is_a_line_and_the_last_says_how_many_items_ran_at_the_batch_price() {
+        let mut follow = Follow::new(["summarize", "load"]);
+        let submitted = follow.apply(&batch_job("Submitted", json!({"next_poll_at": "2025-06-01T12:03:05.120Z"})));
+        assert_eq!(lines(&submitted), ["⧗ summarize  batch job Submitted · 200 records · next poll 12:03:05 UTC"]);
+        assert!(submitted.contains(&Note::Activity {
+            step: "summarize".into(),
+            message: "waits for its batch job (Submitted, 200 records) · next poll 12:03:05 UTC".into()
+        }));
+        let read = follow.apply(&batch_job("Completed", json!({"answered": 198, "online": 2})));
+        assert_eq!(lines(&read), ["  summarize  batch job Completed · 198 answered at the batch price, 2 run online"]);
+        assert_eq!(follow.batches().map(|(s, j)| (s.as_str(), j.answered)).collect::<Vec<_>>(), [("summarize", Some(198))]);
+    }
+
+    #[test]
+    fn a_failed_batch_job_says_why() {
+        let mut follow = Follow::new(["summarize"]);
+        let notes = follow.apply(&batch_job("Failed", json!({"message": "the input file is malformed"})));
+        assert_eq!(lines(&notes), ["⧗ summarize  batch job Failed · 200 records · the input file is malformed"]);
+    }
+
+    #[test]
+    fn a_run_waiting_for_its_batch_job_is_parked_not_waiting_and_each_poll_adds_no_line() {
+        let mut follow = Follow::new(["summarize"]);
+        follow.apply(&event("STEP_STARTED", Some("summarize"), json!({})));
+        follow.apply(&batch_job("InProgress", json!({"next_poll_at": "2025-06-01T12:03:05Z"})));
+        let parked =
+            follow.apply(&event("AWAITING_INPUT", None, json!({"kind": "batch", "steps": ["summarize"], "deadline": "2025-06-01T12:03:05Z"})));
+        assert_eq!(follow.standing(), Standing::Parked, "nobody is asked anything");
+        assert_eq!(
+            parked,
+            [Note::Activity { step: "summarize".into(), message: "waits for its batch job (InProgress) · next poll 12:03:05 UTC".into() }]
+        );
+        assert_eq!(follow.asked().count(), 0);
+        let resumed = follow.apply(&event("RUN_RESUMED", None, json!({"cause": "sweep", "settled_steps": 0})));
+        assert_eq!(follow.standing(), Standing::Going);
+        assert!(lines(&resumed).is_empty(), "{resumed:?}");
+        assert_eq!(resumed, [Note::Activity { step: "summarize".into(), message: "asking its batch job how it stands (InProgress)".into() }]);
+        // The runner takes the map up again: its new spinner says what it waits for at once.
+        let again = follow.apply(&event("STEP_STARTED", Some("summarize"), json!({})));
+        assert!(
+            matches!(&again[..], [Note::Started { .. }, Note::Activity { message, .. }] if message.starts_with("waits for its batch job (InProgress"))
+        );
+        follow.apply(&event("AWAITING_INPUT", None, json!({"kind": "batch", "steps": ["summarize"]})));
+        assert_eq!(follow.standing(), Standing::Parked);
+        follow.apply(&event("RUN_RESUMED", None, json!({"cause": "sweep", "settled_steps": 0})));
+        follow.apply(&batch_job("Completed", json!({"answered": 198, "online": 2})));
+        let progress = follow.apply(&event("MAP_PROGRESS", Some("summarize"), json!({"done": 199, "failed": 0, "total": 200})));
+        assert_eq!(progress, [Note::Items { step: "summarize".into(), done: 199, failed: 0, total: 200 }]);
+        let done = follow.apply(&event(
+            "STEP_COMPLETED",
+            Some("summarize"),
+            json!({"attempts": 1, "detail": {"items": 200, "failed": [], "batch": {"job": JOB, "status": "Completed", "records": 200, "answered": 198, "online": 2}}}),
+        ));
+        assert!(lines(&done)[0].ends_with("items 200/200 · 198 at the batch price"), "{:?}", lines(&done));
+        // A person's wait is no batch wait: it stops the follow, and its resume has a line.
+        follow.apply(&event("AWAITING_INPUT", None, json!({"kind": "review", "steps": ["check"]})));
+        assert_eq!(follow.standing(), Standing::Waiting);
+        let resumed = follow.apply(&event("RUN_RESUMED", None, json!({"cause": "resume", "by": "alice", "settled_steps": 1})));
+        assert_eq!(lines(&resumed), ["▶ run resumed (resume by alice; 1 step already settled)"]);
+    }
+
+    #[test]
+    fn a_new_revision_forgets_the_batch_job_of_a_map_it_runs_again() {
+        let mut follow = Follow::new(["summarize"]);
+        follow.apply(&batch_job("Completed", json!({"answered": 200, "online": 0})));
+        follow.apply(&event(
+            "REVISION_STARTED",
+            None,
+            json!({"revision": 1, "kind": "retry", "step": "summarize", "by": "bob", "rerun": ["summarize"]}),
+        ));
+        assert_eq!(follow.batches().count(), 0);
+    }
+
+    #[test]
+    fn a_time_reads_as_its_clock_in_utc_and_anything_else_as_it_came() {
+        assert_eq!(clock("2025-06-01T12:03:05.120Z"), "12:03:05 UTC");
+        assert_eq!(clock("2025-06-01T12:03:05+00:00"), "12:03:05 UTC");
+        assert_eq!(clock("2025-06-01T12:03:05+02:00"), "2025-06-01T12:03:05+02:00");
+        assert_eq!(clock("soon"), "soon");
     }
 }
