@@ -272,3 +272,23 @@ fn batch_is_refused_where_it_cannot_apply_naming_the_field() {
     assert!(problems(json!({ "type": "llm", "model": MODEL, "prompt": "p", "temperature": 0.0, "cache": "response" })).contains("response"));
     assert_eq!(problems(json!({ "type": "llm", "model": MODEL, "prompt": "p" })), "", "an llm item step on a batch model is fine");
 }
+
+#[tokio::test]
+async fn auto_keeps_online_a_map_whose_shared_cached_head_costs_less_than_a_batch_job() {
+    let haiku = "global.anthropic.claude-haiku-4-5-20251001-v1:0";
+    let long_system = "Rule: answer in one line, cite the ticket, never promise refunds. ".repeat(320);
+    let def = |mode: &str, system: &str| {
+        json!({ "name": "labels", "budget": { "max_cost_usd": "5" },
+                "steps": [{ "id": "label", "type": "map", "over": "input.tickets", "mode": mode,
+                            "step": { "type": "llm", "model": haiku, "max_tokens": 40, "system": system, "prompt": "LABEL {{ item }}" } }] })
+    };
+    let b = bench(vec![Script::echo_item("LABEL ")], 1);
+    let cached = b.start(def("auto", &long_system), tickets(120)).await;
+    assert_eq!(b.until_done(&cached).await, 1, "online: a 5,000-token head read at a tenth of the price beats half price");
+    assert!(b.batch.jobs().is_empty());
+    let short = b.start(def("auto", "Label support tickets."), tickets(120)).await;
+    assert_eq!(b.invoke(&short, "r").await, Outcome::Waiting, "nothing to cache: batched");
+    let forced = b.start(def("batch", &long_system), tickets(120)).await;
+    assert_eq!(b.invoke(&forced, "r").await, Outcome::Waiting, "mode batch is obeyed");
+    assert_eq!(b.batch.jobs().len(), 2);
+}

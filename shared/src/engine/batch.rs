@@ -24,6 +24,7 @@ use super::daily::CallName;
 use super::running::{Running, item_record};
 use super::step::{Inputs, StepContext, Work};
 use crate::budget::{self, Amount, Reservation};
+use crate::caching;
 use crate::codes::ErrorCode;
 use crate::graph::{LlmSpec, MapSpec};
 use crate::ids::StepId;
@@ -131,6 +132,10 @@ impl StepContext {
         if records.len() < min_records {
             return Ok(Batched::Online);
         }
+        if spec.mode == MapMode::Auto && self.cache_beats_batch(llm, &records) {
+            info!(step_id = %id, items = records.len(), "the items share a cached head: online with the prompt cache costs less than a batch job");
+            return Ok(Batched::Online);
+        }
         let Some(worst) = self.job_worst(llm, &records) else { return Ok(Batched::Online) };
         let admitted = match self.admit(worst, CallName { step: id, item: None, attempt: 1 }).await? {
             Ok(admitted) => admitted,
@@ -185,6 +190,34 @@ impl StepContext {
             }
         }
         Ok(Some(records))
+    }
+
+    /// `auto`: whether the items, sent online, would share a prompt-cache head that makes
+    /// them cheaper than a batch job (which halves every token's price but has no cache: a
+    /// read costs a tenth of input on Claude). Priced on the first item, with its head
+    /// written once and read by the others, and half of `max_tokens` answered either way.
+    fn cache_beats_batch(&self, llm: &LlmSpec, records: &[BatchRecord]) -> bool {
+        let (Some(model), Some(first)) = (llm.priced(&self.models), records.first()) else { return false };
+        let (Some(batched), Some(rules)) = (model.batched(), model.cache.filter(|_| llm.caches(&model))) else { return false };
+        let request = &first.request;
+        let points = caching::plan(rules, request.system.as_deref(), &request.prompt, caching::static_head(llm.prompt.source()));
+        if points.count() == 0 {
+            return false;
+        }
+        let system = request.system.as_deref().map_or(0, str::len);
+        let head_bytes = points.prompt_head.map_or(system, |head| system + head);
+        let tokens = |bytes: usize| (bytes as u64).div_ceil(caching::PLACEMENT_BYTES_PER_TOKEN as u64);
+        let (head, all, out) = (tokens(head_bytes), tokens(system + request.prompt.len()), u64::from(llm.max_tokens.div_ceil(2)));
+        let n = records.len() as u64;
+        let usage = |input_tokens, cache_read_tokens, cache_write_tokens| Usage {
+            input_tokens: input_tokens * n,
+            output_tokens: out * n,
+            cache_read_tokens,
+            cache_write_tokens,
+        };
+        let online = model.cost(&usage(all.saturating_sub(head), head * (n - 1), head));
+        let batch = batched.cost(&usage(all, 0, 0));
+        matches!((online, batch), (Some(online), Some(batch)) if online < batch)
     }
 
     /// Every record at the batch price, answered in full: what the job may cost at most.
