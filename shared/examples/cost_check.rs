@@ -13,8 +13,10 @@
 //! where the model offers one, retries,
 //! text or json output with or without a schema, prompts pasting upstream replies and
 //! input as plain slots or through filters), maps over lists of the input or of an
-//! upstream JSON reply, template transforms, routers, optional steps and `join: any`, at
-//! random concurrency. Budgets are drawn around the estimate, so many runs hit them. A fifth of
+//! upstream JSON reply (now and then a map of 100 to 130 items as one batch inference job,
+//! `mode: batch`, answered by the same model and priced at the batch rate, the run waiting
+//! for the job between invocations), template transforms, routers, optional steps and
+//! `join: any`, at random concurrency. Budgets are drawn around the estimate, so many runs hit them. A fifth of
 //! the cases are plain (required text `llm` steps and template transforms only), the shape
 //! whose `min` is not zero.
 //!
@@ -33,11 +35,11 @@
 
 use async_trait::async_trait;
 use chainrun_core::budget::estimate_input_tokens;
-use chainrun_core::engine::{Engine, EngineConfig};
+use chainrun_core::engine::{Engine, EngineConfig, Outcome};
 use chainrun_core::estimate::{MaxBasis, estimate};
 use chainrun_core::graph::validate_json;
 use chainrun_core::ids::Principal;
-use chainrun_core::memory::{MemoryProgress, MemoryStore};
+use chainrun_core::memory::{MemoryBatch, MemoryProgress, MemoryStore};
 use chainrun_core::money::Usd;
 use chainrun_core::ports::{Claim, Lease, ModelClient, ModelError, ModelErrorKind, ModelReply, ModelRequest, RunStore};
 use chainrun_core::pricing::{ModelRegistry, ServiceTier, Usage};
@@ -170,7 +172,7 @@ enum Kind {
 /// One random case: a definition, its input and the model's plans. A `plain` case has only
 /// required `llm` steps with text replies and template transforms, joined with `all`: the
 /// shape whose `min` is not zero.
-fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) {
+fn case(rng: &mut StdRng, plain: bool, registry: &ModelRegistry) -> (Value, Value, HashMap<String, Plan>) {
     let n = rng.random_range(1..=12);
     let mut kinds = Vec::with_capacity(n);
     let mut deps: Vec<Vec<usize>> = Vec::with_capacity(n);
@@ -266,7 +268,13 @@ fn case(rng: &mut StdRng, plain: bool) -> (Value, Value, HashMap<String, Plan>) 
                     llm["output"] =
                         if rng.random_bool(0.3) { json!({ "format": "json", "schema": { "type": "array" } }) } else { json!({ "format": "json" }) };
                 }
-                if map {
+                // A batch job needs a model that offers it, in its default tier.
+                let batchable = registry.get(model).is_some_and(|m| m.batch.is_some()) && llm.get("service_tier").is_none();
+                if map && batchable && rng.random_bool(0.3) {
+                    let items: Vec<String> = (0..rng.random_range(100..=130)).map(|k| format!("b{k}")).collect();
+                    input["lists"][format!("l{i}")] = json!(items);
+                    json!({ "type": "map", "over": format!("input.lists.l{i}"), "mode": "batch", "max_concurrency": 8, "step": llm })
+                } else if map {
                     // Over an upstream JSON step's list when there is one, else the input's.
                     let over = match deps[i].iter().find(|&&d| json_steps[d]) {
                         Some(d) if rng.random_bool(0.5) => format!("steps.s{d}.output"),
@@ -330,6 +338,9 @@ pub struct Report {
     /// Calls that carried cache points, and calls in a tier other than default.
     pub cached_calls: u64,
     pub tiered_calls: u64,
+    /// Batch inference jobs submitted, and the records they held.
+    pub batch_jobs: u64,
+    pub batch_records: u64,
 }
 
 fn main() {
@@ -338,7 +349,10 @@ fn main() {
         "runs stopped by their budget: {}; runs with a nonzero min: {}; with a step bounded by its context window: {}; with a map over a step's list: {}",
         report.budget_stopped, report.with_min, report.by_window, report.maps_over_steps
     );
-    println!("levers: calls with cache points={}; calls in the flex or priority tier={}", report.cached_calls, report.tiered_calls);
+    println!(
+        "levers: calls with cache points={}; calls in the flex or priority tier={}; batch jobs={} of {} records",
+        report.cached_calls, report.tiered_calls, report.batch_jobs, report.batch_records
+    );
     println!("cost: runs={} overruns={} estimate_bracketed={}/{}", report.runs, report.overruns, report.bracketed, report.runs);
     if report.overruns > 0 || report.bracketed < report.runs {
         std::process::exit(1);
@@ -354,7 +368,7 @@ pub fn check(runs: u64) -> Report {
     let levers = Arc::new(Levers::default());
     while report.runs < runs {
         let plain = rng.random_bool(0.2);
-        let (definition, input, plans) = case(&mut rng, plain);
+        let (definition, input, plans) = case(&mut rng, plain, &registry);
         let graph = validate_json(&definition, &registry).unwrap_or_else(|e| panic!("the generator made an invalid workflow: {e}"));
         let unbudgeted = estimate(&graph, &input, &registry, None);
         // A plain case's budget is drawn around its max, so that it often cannot bind and
@@ -370,7 +384,12 @@ pub fn check(runs: u64) -> Report {
         let model = Arc::new(ScriptedUsage { registry: registry.clone(), plans, seen: Mutex::new(HashMap::new()), levers: levers.clone() });
         let run = runtime.block_on(async {
             let store = Arc::new(MemoryStore::new());
-            let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default());
+            let batch = Arc::new(MemoryBatch::new(model.clone(), 1, 100));
+            let engine = Engine::new(model, store.clone(), Arc::new(MemoryProgress::new()), registry.clone(), EngineConfig::default()).with_batch(
+                batch.clone(),
+                std::time::Duration::from_millis(1),
+                24,
+            );
             let run = RunRecord::new(
                 "cost-check".parse().expect("a valid name"),
                 definition,
@@ -380,13 +399,22 @@ pub fn check(runs: u64) -> Report {
                 chrono::Utc::now(),
             );
             store.create_run(&run).await.expect("create");
-            let lease = Lease { holder: "r".into(), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
-            let Ok(Claim::Acquired(claimed)) = store.claim(&run.id, &lease, chrono::Utc::now()).await else { panic!("claim") };
-            engine.execute(*claimed, lease, None).await.expect("engine");
-            (store.get_run(&run.id).await.expect("get").expect("run"), store.get_steps(&run.id).await.expect("steps"))
+            // A run waiting for its batch jobs is taken up again once its poll time came.
+            for n in 0..50 {
+                let lease = Lease { holder: format!("r{n}"), expires_at: chrono::Utc::now() + chrono::Duration::hours(1) };
+                let Ok(Claim::Acquired(claimed)) = store.claim(&run.id, &lease, chrono::Utc::now()).await else { panic!("claim") };
+                if let Outcome::Finished(_) = engine.execute(*claimed, lease, None).await.expect("engine") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(3));
+            }
+            let jobs = batch.jobs();
+            let records = jobs.iter().map(|j| j.records.len() as u64).sum::<u64>();
+            (store.get_run(&run.id).await.expect("get").expect("run"), store.get_steps(&run.id).await.expect("steps"), (jobs.len() as u64, records))
         });
-        let (run, step_records) = run;
+        let (run, step_records, (jobs, records)) = run;
         report.runs += 1;
+        (report.batch_jobs, report.batch_records) = (report.batch_jobs + jobs, report.batch_records + records);
         let (cost, tokens) = (run.totals.cost, run.totals.total_tokens());
         let over = graph.budget().max_cost.is_some_and(|m| cost > m) || graph.budget().max_total_tokens.is_some_and(|m| tokens > m);
         if over {

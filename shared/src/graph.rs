@@ -267,16 +267,17 @@ pub struct MapSpec {
 
 impl MapSpec {
     /// The item step to run as one batch job over `items` items, if this map batches them:
-    /// `mode: batch` always (a model's minimum per job is met by the engine sending the
-    /// items online when there are fewer), `auto` when the items reach the model's minimum
-    /// and nothing rules batching out (the checks `mode: batch` is validated by).
+    /// when the items reach the model's minimum per job (Bedrock fails a smaller job, so
+    /// fewer run online), with `mode: batch`, or `auto` where nothing rules batching out
+    /// (the checks `mode: batch` is validated by).
     pub fn batched(&self, items: usize, models: &ModelRegistry) -> Option<&LlmSpec> {
         let ItemStep::Llm(llm) = &self.step else { return None };
         let rules = models.get(llm.model.as_str())?.batch?;
         let fits = llm.service_tier == ServiceTier::Default && llm.cache != CacheMode::Response;
         match self.mode {
+            _ if items < rules.min_records as usize => None,
             MapMode::Batch => Some(llm),
-            MapMode::Auto if fits && items >= rules.min_records as usize => Some(llm),
+            MapMode::Auto if fits => Some(llm),
             _ => None,
         }
     }

@@ -18,4 +18,6 @@ fn a_thousand_random_budgeted_runs_never_overrun_and_the_estimate_brackets_each(
     assert!(report.budget_stopped > 50 && report.with_min > 50 && report.by_window > 50 && report.maps_over_steps > 20, "{report:?}");
     // And the cost levers: calls written to and read from the prompt cache, calls in a tier.
     assert!(report.cached_calls > 100 && report.tiered_calls > 100, "{report:?}");
+    // And batch jobs, a map's items answered at the batch price.
+    assert!(report.batch_jobs > 20 && report.batch_records > 2000, "{report:?}");
 }

@@ -26,7 +26,7 @@ use super::step::{Inputs, StepContext, Work};
 use crate::budget::{self, Amount, Reservation};
 use crate::caching;
 use crate::codes::ErrorCode;
-use crate::graph::{LlmSpec, MapSpec};
+use crate::graph::{ItemStep, LlmSpec, MapSpec};
 use crate::ids::StepId;
 use crate::money::Usd;
 use crate::ports::{BatchJobs, BatchRecord, BatchState, BatchSubmission};
@@ -114,14 +114,19 @@ impl StepContext {
             }
             return Ok(Batched::Online);
         };
-        let Some(llm) = spec.batched(items.len(), &self.models) else { return Ok(Batched::Online) };
-        let Some(min_records) = self.models.get(llm.model.as_str()).and_then(|m| m.batch).map(|b| b.min_records as usize) else {
-            return Ok(Batched::Online);
-        };
-        if let Some(left) = left {
+        if let (Some(left), ItemStep::Llm(llm)) = (left, &spec.step) {
             let hold = JobHold { reservation: left.reservation, day: None };
             return self.follow(batching, id, llm, items, inputs, checkpointed, left.wait, hold, running).await;
         }
+        let Some(llm) = spec.batched(items.len(), &self.models) else {
+            if spec.mode == MapMode::Batch {
+                info!(step_id = %id, items = items.len(), "fewer items than a batch job of this model takes: they run online");
+            }
+            return Ok(Batched::Online);
+        };
+        let Some(min_records) = self.models.get(llm.model.as_str()).and_then(|m| m.batch).map(|b| b.min_records as usize) else {
+            return Ok(Batched::Online);
+        };
         // Items an earlier runner settled (online, before a crash) are not sent again.
         let pending: Vec<usize> = (0..items.len()).filter(|i| !checkpointed.get(i).is_some_and(|r| r.status.is_settled())).collect();
         if pending.len() < min_records {
