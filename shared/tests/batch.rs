@@ -258,6 +258,7 @@ async fn a_run_cancelled_while_its_job_is_out_counts_the_job_at_its_worst_case()
     let done = b.run(&run).await;
     assert_eq!(done.status, RunStatus::Cancelled);
     assert_eq!((done.totals.lost.calls, done.totals.lost.cost), (1, held.cost), "what the job may have cost stays counted");
+    assert!(b.batch.jobs()[0].stopped, "the job is stopped: nobody will read it");
 }
 
 #[test]

@@ -67,6 +67,7 @@ impl Setup {
             daily: Some(self.daily.clone()),
             tenancy: None,
             observer: None,
+            batch: None,
         };
         DeadLetters {
             store: self.store.clone(),

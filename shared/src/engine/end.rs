@@ -100,6 +100,8 @@ pub struct Ender {
     pub tenancy: Option<super::throttle::Tenancy>,
     /// Told of the runs ended here (see [`crate::telemetry`]).
     pub observer: Option<Arc<dyn crate::telemetry::Observer>>,
+    /// Batch jobs of maps, stopped when their run ends without them.
+    pub batch: Option<Arc<dyn crate::ports::BatchJobs>>,
 }
 
 impl Ender {
@@ -157,6 +159,19 @@ impl Ender {
         self.end_unrun(run, lease, RunStatus::Cancelled, None, &reason).await
     }
 
+    /// Asks the service to stop the batch job `step` has out, if any: nobody will read its
+    /// answers, and records it has not processed yet are then not billed. What it already
+    /// processed stays counted at the job's worst case. A failure only leaves the job to
+    /// finish or expire.
+    async fn stop_job(&self, step: &StepRecord) {
+        let wait = crate::run::BatchWait::of(step.detail.as_ref()).filter(|w| !w.read && step.status == StepStatus::Waiting);
+        let (Some(jobs), Some(job)) = (&self.batch, wait.and_then(|w| w.job)) else { return };
+        match jobs.stop(&job).await {
+            Ok(()) => info!(step_id = %step.step_id, %job, "stopped the batch job of a run that ends without it"),
+            Err(e) => warn!(step_id = %step.step_id, %job, error = %e, "could not stop the batch job of a run that ends without it"),
+        }
+    }
+
     /// Ends a run with `status` without running anything more: unsettled steps are
     /// cancelled with `reason`, and the totals are what the checkpoints spent.
     async fn end_unrun(
@@ -178,6 +193,7 @@ impl Ender {
             // has no graph to say which steps are maps: each unsettled step is asked).
             let mut carried: HashMap<StepId, Carried> = HashMap::new();
             for r in &unsettled {
+                self.stop_job(r).await;
                 let items = self.store.get_items(&run.id, &r.step_id, r.revision).await?;
                 items.iter().for_each(|item| reached.item(&r.step_id, item));
                 // A batch job out counts at its worst case here, as a lost call (in `in_flight`).

@@ -354,6 +354,7 @@ impl Engine {
             daily: self.daily.as_ref().map(|(spend, _)| spend.clone()),
             tenancy: self.tenancy.clone(),
             observer: self.observer.clone(),
+            batch: self.batch.as_ref().map(|b| b.jobs.clone()),
         }
     }
 

@@ -42,6 +42,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         daily: Some(daily),
         tenancy,
         observer,
+        // A batch job of a run ended here is left to finish or expire (its worst case stays
+        // counted): this function has no Bedrock grants.
+        batch: None,
     };
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), runner_function));
     let consumer = Arc::new(DeadLetters { store, dispatcher, ender, durability: core.durability, clock: Arc::new(SystemClock) });
