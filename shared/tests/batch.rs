@@ -8,9 +8,9 @@ use chainrun_core::graph::validate_json;
 use chainrun_core::ids::Principal;
 use chainrun_core::memory::{MemoryBatch, Script};
 use chainrun_core::money::Usd;
-use chainrun_core::ports::{Claim, ModelError, ModelErrorKind, RunStore};
+use chainrun_core::ports::{BatchJobs, BatchResults, BatchState, BatchSubmission, Claim, ModelError, ModelErrorKind, RunStore};
 use chainrun_core::pricing::{ModelRegistry, Usage};
-use chainrun_core::run::{RunRecord, RunStatus, StepStatus, WaitKind};
+use chainrun_core::run::{ItemRecord, RunRecord, RunStatus, StepStatus, WaitKind};
 use chrono::Utc;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -292,4 +292,82 @@ async fn auto_keeps_online_a_map_whose_shared_cached_head_costs_less_than_a_batc
     let forced = b.start(def("batch", &long_system), tickets(120)).await;
     assert_eq!(b.invoke(&forced, "r").await, Outcome::Waiting, "mode batch is obeyed");
     assert_eq!(b.batch.jobs().len(), 2);
+}
+
+/// Bedrock's answer to a submission lost on the way back: the job exists, the runner
+/// does not know it.
+struct LostReply {
+    inner: Arc<MemoryBatch>,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl BatchJobs for LostReply {
+    async fn submit(&self, job: &BatchSubmission) -> Result<String, ModelError> {
+        let id = self.inner.submit(job).await?;
+        if !self.lost.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(ModelError::new(ModelErrorKind::Network, "DispatchFailure", "connection reset"));
+        }
+        Ok(id)
+    }
+    async fn state(&self, job: &str) -> Result<BatchState, ModelError> {
+        self.inner.state(job).await
+    }
+    async fn results(&self, job: &str) -> Result<BatchResults, ModelError> {
+        self.inner.results(job).await
+    }
+    async fn stop(&self, job: &str) -> Result<(), ModelError> {
+        self.inner.stop(job).await
+    }
+}
+
+#[tokio::test]
+async fn a_submission_whose_reply_was_lost_finds_the_same_job_and_pays_once() {
+    let b = bench(vec![Script::echo_item("LABEL ").with_usage(100, 20)], 1);
+    let lossy = Arc::new(LostReply { inner: b.batch.clone(), lost: Default::default() });
+    let b = Bench { engine: b.h.engine.clone().with_batch(lossy, Duration::from_millis(1), 24), ..b };
+    let run = b.start(definition("batch", json!({})), tickets(100)).await;
+    assert_eq!(b.invoke(&run, "r1").await, Outcome::Waiting, "the job's fate is unknown: ask again at the next poll");
+    b.until_done(&run).await;
+    let jobs = b.batch.jobs();
+    assert_eq!((jobs.len(), jobs[0].submissions), (1, 2), "submitted again with its token: the same job");
+    let done = b.run(&run).await;
+    let batched = ModelRegistry::builtin().get(MODEL).unwrap().batched().unwrap().cost(&usage()).unwrap();
+    assert_eq!((done.totals.model_calls, done.totals.cost), (100, batched.times(100)), "each record paid once");
+}
+
+#[tokio::test]
+async fn a_runner_that_died_while_reading_the_answers_is_followed_by_one_that_charges_only_the_rest() {
+    let b = bench(vec![Script::echo_item("LABEL ").with_usage(100, 20)], 1);
+    let run = b.start(definition("batch", json!({})), tickets(100)).await;
+    assert_eq!(b.invoke(&run, "r1").await, Outcome::Waiting);
+    // What a runner that died halfway through the answers left: 40 items checkpointed at
+    // the batch price, the map still waiting with the job's reservation.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let lease = support::lease("r2");
+    let Claim::Acquired(claimed) = b.h.store.claim(&run.id, &lease, Utc::now()).await.unwrap() else { panic!("claim failed") };
+    let batched = ModelRegistry::builtin().get(MODEL).unwrap().batched().unwrap().cost(&usage()).unwrap();
+    for index in 0..40 {
+        let record = ItemRecord {
+            index,
+            status: StepStatus::Completed,
+            attempts: 1,
+            output: Some(json!(format!("ticket-{index}"))),
+            text: Some(format!("ticket-{index}")),
+            usage: usage(),
+            cost: batched,
+            calls: 1,
+            error: None,
+            lost: Default::default(),
+            in_flight: None,
+        };
+        b.h.store.save_item(&run.id, &lease, &chainrun_core::ids::StepId::parse("label").unwrap(), 0, &record).await.unwrap();
+    }
+    let outcome = b.engine.execute(*claimed, lease, None).await.unwrap();
+    assert_eq!(outcome, Outcome::Finished(RunStatus::Completed));
+    let done = b.run(&run).await;
+    assert_eq!((done.totals.model_calls, done.totals.cost), (100, batched.times(100)), "40 kept, 60 read: each paid once");
+    assert_eq!(done.totals.lost.calls, 0, "the job's reservation was settled, not lost");
+    let last = b.events(&run, "BATCH_JOB").pop().unwrap();
+    assert_eq!(last["answered"], 60, "this runner read the other 60");
 }
