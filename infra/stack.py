@@ -10,7 +10,8 @@ ports — with Lambda's async semantics, so what passes here is what AWS does.
                  │ event source mapping: poll it ──▶ Invoke ──▶ chainrun-dead-letter (if it exists)
                  │ schedule: every CHAINRUN_LOCAL_SWEEP_SECS ──▶ Invoke(Event) ──▶ chainrun-sweeper (if it exists)
     functions ──▶ moto :D (AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL_SQS)
-    runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME)
+    runner ──▶ devmodel :M (AWS_ENDPOINT_URL_BEDROCK_RUNTIME, and AWS_ENDPOINT_URL_BEDROCK for
+               batch inference jobs, whose records devmodel reads from and answers into moto's S3)
 
 With dynamodb_faults (the chaos suite), the functions reach moto through the fault proxy
 (infra/fault_proxy.py), which starts with no faults; tests turn them on with PUT
@@ -140,6 +141,8 @@ OUTPUTS_BUCKET = "chainrun-outputs-local"
 # the invoke proxy fires them when due.
 DEADLINE_GROUP = "chainrun-deadlines-local"
 LOCAL_ACCOUNT = "123456789012"
+# The role batch inference jobs name (template.yaml: BatchInferenceRole).
+LOCAL_BATCH_ROLE_ARN = f"arn:aws:iam::{LOCAL_ACCOUNT}:role/chainrun-batch"
 API_TIMEOUT_S = 29  # template.yaml's; the runner's (900) and its async config are below
 WATCH_CONCURRENCY = 4
 DEFAULT_RUST_LOG = "info,chainrun=debug"
@@ -512,8 +515,12 @@ class Stack:
         rules = self.root / "infra" / "devmodel-rules.json"
         port_file = self.dir / "devmodel.port"
         port_file.unlink(missing_ok=True)
+        # Batch jobs read their records from, and write their answers to, the outputs
+        # bucket on moto (moto itself, not the fault proxy, which only fronts DynamoDB).
         self._spawn("devmodel", [sys.executable, "-m", "infra.devmodel", "--host", LOOPBACK, "--port", "0",
-                                 "--rules", str(rules), "--port-file", str(port_file)])
+                                 "--rules", str(rules), "--port-file", str(port_file),
+                                 "--s3-endpoint", self.dynamodb_url],
+                    extra_env=local_aws_env(self.region))  # what it signs its S3 requests with
         port = self._wait_for("devmodel", f"no port in {port_file}", lambda: _read_port(port_file))
         self.devmodel_url = self.bedrock_url = f"http://{LOOPBACK}:{port}"
         self._wait_for("devmodel", f"{self.devmodel_url} not healthy",
@@ -538,6 +545,13 @@ class Stack:
         fe["CHAINRUN_RUNNER_DLQ_URL"] = self.dlq_url
         if self.bedrock_url:
             fe["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] = self.bedrock_url
+        if self.devmodel_url:
+            # Batch inference against devmodel's control plane: the role is only passed
+            # along (devmodel checks its shape), and a job is asked about every second.
+            # Real Bedrock could not read moto's bucket, so BEDROCK=aws runs maps online.
+            fe["AWS_ENDPOINT_URL_BEDROCK"] = self.devmodel_url
+            fe["CHAINRUN_BATCH_ROLE_ARN"] = LOCAL_BATCH_ROLE_ARN
+            fe["CHAINRUN_BATCH_POLL_SECONDS"] = "1"
         fe.update(self.tables)
         fe["CHAINRUN_RUNNER_FUNCTION"] = RUNNER_FUNCTION
         fe["CHAINRUN_AUTH"] = "local-jwt"

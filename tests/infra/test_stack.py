@@ -23,7 +23,7 @@ from infra.client import StackClient
 from infra.envfile import read_env_file, write_env_file
 from infra.net import http, port_open, wait_until
 from infra.processes import StackLock, spawn
-from infra.stack import CHILD_SLOTS, RUNNER_WARMUP_PAYLOAD, STATE_FILES
+from infra.stack import CHILD_SLOTS, LOCAL_BATCH_ROLE_ARN, RUNNER_WARMUP_PAYLOAD, STATE_FILES
 
 INVOKE = "/2015-03-31/functions/chainrun-runner/invocations"
 # The dev model server, whatever the caller's environment says about Bedrock. The stack
@@ -137,6 +137,36 @@ def test_the_functions_sdk_retries_injected_dynamodb_faults(up):
             assert stack.faults()["operations"][operation] == {"requests": 3, fault: 3}
     finally:
         stack.set_faults({"faults": []})
+
+
+def test_the_runner_gets_batch_inference_on_devmodel_which_answers_jobs_into_motos_bucket(up):
+    state, env = up
+    fe = read_env_file(state / "functions.env")
+    assert fe["AWS_ENDPOINT_URL_BEDROCK"] == fe["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] == env["DEVMODEL_URL"]
+    assert fe["CHAINRUN_BATCH_ROLE_ARN"] == LOCAL_BATCH_ROLE_ARN == "arn:aws:iam::123456789012:role/chainrun-batch"
+    assert fe["CHAINRUN_BATCH_POLL_SECONDS"] == "1"
+    # A job of the outputs bucket's records, as the runner submits one: devmodel reads the
+    # input from moto and writes the answers back (moto takes its signed requests).
+    stack = StackClient(env)
+    dev = env["DEVMODEL_URL"]
+    bucket = fe["CHAINRUN_OUTPUTS_BUCKET"]
+    records = "".join(json.dumps({"recordId": f"R{i:010}", "modelInput": {
+        "messages": [{"role": "user", "content": [{"text": f"stack batch {i}"}]}], "inferenceConfig": {"maxTokens": 20}}}) + "\n"
+        for i in range(100))
+    stack.s3().put_object(Bucket=bucket, Key="batches/stack/test/t1/input.jsonl", Body=records.encode())
+    status, _, timing = http("PUT", dev + "/_dev/batch", body={"start_delay_ms": 0, "validate_ms": 0, "run_ms_per_record": 0})
+    assert status == 200, timing
+    status, _, created = http("POST", dev + "/model-invocation-job", body={
+        "jobName": "stack-t1", "clientRequestToken": "stack-t1", "roleArn": fe["CHAINRUN_BATCH_ROLE_ARN"],
+        "modelId": "amazon.nova-micro-v1:0", "modelInvocationType": "Converse",
+        "inputDataConfig": {"s3InputDataConfig": {"s3Uri": f"s3://{bucket}/batches/stack/test/t1/input.jsonl"}},
+        "outputDataConfig": {"s3OutputDataConfig": {"s3Uri": f"s3://{bucket}/batches/stack/test/t1/output/"}}})
+    assert status == 200, created
+    job_id = created["jobArn"].rsplit("/", 1)[1]
+    _, _, job = http("GET", f"{dev}/model-invocation-job/{job_id}")
+    assert job["status"] == "Completed", job
+    out = stack.s3().get_object(Bucket=bucket, Key=f"batches/stack/test/t1/output/{job_id}/input.jsonl.out")["Body"].read()
+    assert len(out.decode().splitlines()) == 100
 
 
 def test_down_stops_every_process_up_started(up):

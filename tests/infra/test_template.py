@@ -704,17 +704,68 @@ def test_runner_may_invoke_exactly_the_configured_foundation_models(template, pa
     params = {} if model_ids is None else {"BedrockModelIds": model_ids}
     resolver = Resolver(template, partition=partition, **params)
     expected_ids = DEFAULT_MODEL_IDS if model_ids is None else model_ids.split(",")
-    invoke_actions = {"bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream"}
+    # A batch job is authorized against its model as a call is, so the same models.
+    model_actions = {"bedrock:InvokeModel", "bedrock:InvokeModelWithResponseStream", "bedrock:CreateModelInvocationJob"}
+    jobs = f"arn:{partition}:bedrock:{REGION}:{ACCOUNT}:model-invocation-job/*"
 
     grants = bedrock_grants(template, resolver)
     for resource, actions in grants.items():
         assert resource != "*" and ":bedrock:" in resource, f"bedrock granted on {resource!r}"
-        assert actions == invoke_actions, f"{resource}: {sorted(actions)}"
+        assert actions == (BATCH_JOB_ACTIONS if resource == jobs else model_actions), f"{resource}: {sorted(actions)}"
 
     models = sorted(r for r in grants if ":foundation-model/" in r)
     assert models == sorted(f"arn:{partition}:bedrock:*::foundation-model/{m}" for m in expected_ids)
     others = sorted(r for r in grants if ":foundation-model/" not in r)
-    assert others == [f"arn:{partition}:bedrock:*:{ACCOUNT}:inference-profile/*"]
+    assert others == sorted([f"arn:{partition}:bedrock:*:{ACCOUNT}:inference-profile/*", jobs])
+
+
+BATCH_JOB_ACTIONS = {
+    "bedrock:CreateModelInvocationJob", "bedrock:GetModelInvocationJob", "bedrock:StopModelInvocationJob", "bedrock:TagResource",
+}
+
+
+def test_runner_runs_batch_jobs_with_a_role_only_bedrock_of_this_account_may_assume(template, resources):
+    runner = effective_function_props(template, "RunnerFunction")
+    env = runner["Environment"]["Variables"]
+    assert env["CHAINRUN_BATCH_ROLE_ARN"] == {"Fn::GetAtt": ["BatchInferenceRole", "Arn"]}
+    assert env["CHAINRUN_BATCH_POLL_SECONDS"] == {"Ref": "BatchPollSeconds"}
+    assert env["CHAINRUN_BATCH_TIMEOUT_HOURS"] == {"Ref": "BatchTimeoutHours"}
+    params = template["Parameters"]
+    # The code's defaults and bounds (functions/runner/src/lib.rs).
+    assert (int(params["BatchPollSeconds"]["Default"]), params["BatchPollSeconds"]["MinValue"], params["BatchPollSeconds"]["MaxValue"]) == (60, 1, 3600)
+    assert (int(params["BatchTimeoutHours"]["Default"]), params["BatchTimeoutHours"]["MinValue"], params["BatchTimeoutHours"]["MaxValue"]) == (24, 24, 168)
+
+    statements = {s["Sid"]: s for s in inline_statements(runner)}
+    jobs = statements["RunBatchInferenceJobs"]
+    assert set(as_list(jobs["Action"])) == BATCH_JOB_ACTIONS
+    assert jobs["Resource"]["Fn::Sub"].endswith(":model-invocation-job/*")
+    passing = statements["HandBedrockTheBatchRole"]
+    assert passing["Action"] == "iam:PassRole" and passing["Resource"] == {"Fn::GetAtt": ["BatchInferenceRole", "Arn"]}
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "bedrock.amazonaws.com"}}
+
+    role = resources["BatchInferenceRole"]["Properties"]
+    (trust,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert trust["Principal"] == {"Service": "bedrock.amazonaws.com"} and trust["Action"] == "sts:AssumeRole"
+    assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    assert trust["Condition"]["ArnLike"]["aws:SourceArn"]["Fn::Sub"].endswith(":model-invocation-job/*")
+
+
+def test_the_batch_role_reads_batch_inputs_and_writes_only_batch_outputs_of_the_outputs_bucket(template, resources):
+    resolver = Resolver(template)
+    (policy,) = resources["BatchInferenceRole"]["Properties"]["Policies"]
+    granted: dict[str, set[str]] = {}
+    for statement in policy["PolicyDocument"]["Statement"]:
+        assert statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"]):
+            for resource in as_list(resolver.resolve(statement["Resource"])):
+                granted.setdefault(action, set()).add(resource)
+                if action == "s3:ListBucket":
+                    assert statement["Condition"] == {"StringLike": {"s3:prefix": "batches/*"}}
+    assert granted == {
+        "s3:GetObject": {"<OutputsBucket.Arn>/batches/*"},
+        "s3:PutObject": {"<OutputsBucket.Arn>/batches/*/output/*"},
+        "s3:ListBucket": {"<OutputsBucket.Arn>"},
+    }
 
 
 # --------------------------------------------------------------------------- outputs / samconfig

@@ -46,6 +46,22 @@ pub struct RunnerConfig {
     /// How long a `cache: "response"` step's reply is reused: `CHAINRUN_RESPONSE_CACHE_TTL_HOURS`
     /// (default 24, at least 1).
     pub response_ttl: chrono::Duration,
+    /// Batch inference for `map` steps (`mode: batch`/`auto`): `CHAINRUN_BATCH_ROLE_ARN`, the
+    /// role Bedrock assumes to read and write the outputs bucket. None: maps run online.
+    pub batch: Option<BatchSettings>,
+}
+
+/// How batch inference jobs are run and watched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// The service role Bedrock assumes for the job (`CHAINRUN_BATCH_ROLE_ARN`).
+    pub role_arn: String,
+    /// How often a waiting job is asked about: `CHAINRUN_BATCH_POLL_SECONDS` (default 60,
+    /// 1 to 3600).
+    pub poll_every: Duration,
+    /// How long Bedrock may take before it expires the job's unprocessed records:
+    /// `CHAINRUN_BATCH_TIMEOUT_HOURS` (default 24, Bedrock's 24 to 168).
+    pub timeout_hours: u32,
 }
 
 /// The EventBridge Scheduler settings review deadlines use.
@@ -72,8 +88,30 @@ impl RunnerConfig {
                     });
                 }
             },
+            batch: batch_settings(env)?,
         })
     }
+}
+
+fn batch_settings(env: &impl Source) -> Result<Option<BatchSettings>, ConfigError> {
+    let in_range = |name: &'static str, value: u64, range: std::ops::RangeInclusive<u64>, unit: &str| {
+        if range.contains(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid { name, reason: format!("{value} is outside {}..={} {unit}", range.start(), range.end()) })
+        }
+    };
+    // Checked even without a role, so a typo is caught before batch inference is turned on.
+    let poll = in_range("CHAINRUN_BATCH_POLL_SECONDS", env.parsed("CHAINRUN_BATCH_POLL_SECONDS", 60u64)?, 1..=3600, "seconds")?;
+    let hours = in_range("CHAINRUN_BATCH_TIMEOUT_HOURS", env.parsed("CHAINRUN_BATCH_TIMEOUT_HOURS", 24u64)?, 24..=168, "hours")?;
+    let Some(role_arn) = env.get("CHAINRUN_BATCH_ROLE_ARN").map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) else { return Ok(None) };
+    if !(role_arn.starts_with("arn:") && role_arn.contains(":role/")) {
+        return Err(ConfigError::Invalid {
+            name: "CHAINRUN_BATCH_ROLE_ARN",
+            reason: format!("{role_arn:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+        });
+    }
+    Ok(Some(BatchSettings { role_arn, poll_every: Duration::from_secs(poll), timeout_hours: u32::try_from(hours).unwrap_or(24) }))
 }
 
 fn deadline_schedules(env: &impl Source) -> Result<Option<DeadlineSchedules>, ConfigError> {
@@ -412,5 +450,35 @@ mod tests {
         assert_eq!((set.group.as_str(), set.role_arn.as_str()), ("g", "arn:aws:iam::1:role/r"));
         let err = RunnerConfig::from_source(&env(&all[..2])).unwrap_err().to_string();
         assert!(err.contains("CHAINRUN_DEADLINE_ROLE_ARN") && err.contains("all or none"), "{err}");
+    }
+
+    #[test]
+    fn batch_inference_is_off_without_a_role_and_defaults_to_a_minute_and_a_day() {
+        assert_eq!(RunnerConfig::from_source(&env(&[])).unwrap().batch, None);
+        let role = ("CHAINRUN_BATCH_ROLE_ARN", "arn:aws:iam::123456789012:role/chainrun-batch");
+        let batch = RunnerConfig::from_source(&env(&[role])).unwrap().batch.unwrap();
+        assert_eq!(batch, BatchSettings { role_arn: role.1.into(), poll_every: Duration::from_secs(60), timeout_hours: 24 });
+        let set = [role, ("CHAINRUN_BATCH_POLL_SECONDS", "5"), ("CHAINRUN_BATCH_TIMEOUT_HOURS", "168")];
+        let batch = RunnerConfig::from_source(&env(&set)).unwrap().batch.unwrap();
+        assert_eq!((batch.poll_every, batch.timeout_hours), (Duration::from_secs(5), 168));
+    }
+
+    #[test]
+    fn bad_batch_settings_fail_the_cold_start_naming_the_variable() {
+        let role = ("CHAINRUN_BATCH_ROLE_ARN", "arn:aws:iam::123456789012:role/chainrun-batch");
+        for (name, value) in [
+            ("CHAINRUN_BATCH_POLL_SECONDS", "0"),
+            ("CHAINRUN_BATCH_POLL_SECONDS", "3601"),
+            ("CHAINRUN_BATCH_POLL_SECONDS", "soon"),
+            ("CHAINRUN_BATCH_TIMEOUT_HOURS", "12"),
+            ("CHAINRUN_BATCH_TIMEOUT_HOURS", "169"),
+            ("CHAINRUN_BATCH_TIMEOUT_HOURS", "-1"),
+            ("CHAINRUN_BATCH_ROLE_ARN", "chainrun-batch"),
+        ] {
+            let err = RunnerConfig::from_source(&env(&[role, (name, value)])).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+        let err = RunnerConfig::from_source(&env(&[("CHAINRUN_BATCH_POLL_SECONDS", "0")])).unwrap_err().to_string();
+        assert!(err.contains("CHAINRUN_BATCH_POLL_SECONDS"), "checked without a role too: {err}");
     }
 }

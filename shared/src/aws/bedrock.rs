@@ -29,7 +29,7 @@ impl BedrockModel {
 
 /// Classifies by the service's error code, which is the same for plain and streamed calls
 /// (stream exceptions arrive in lower camel case: `throttlingException`).
-fn kind_of(code: &str) -> ModelErrorKind {
+pub(super) fn kind_of(code: &str) -> ModelErrorKind {
     match code.to_ascii_lowercase().as_str() {
         "throttlingexception" | "toomanyrequestsexception" | "modelnotreadyexception" | "servicequotaexceededexception" => ModelErrorKind::Throttled,
         "modeltimeoutexception" => ModelErrorKind::Timeout,

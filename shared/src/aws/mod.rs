@@ -4,6 +4,7 @@
 //! Endpoints come only from the standard `AWS_ENDPOINT_URL_<SERVICE>` variables (which
 //! `aws-config` reads), so the same code runs against AWS and the local stack.
 
+mod batch;
 mod bedrock;
 mod blobs;
 mod dynamo;
@@ -20,6 +21,7 @@ mod spend;
 mod templates;
 mod workflows;
 
+pub use batch::BedrockBatch;
 pub use bedrock::BedrockModel;
 pub use blobs::S3Blobs;
 pub use dynamo::DynamoStore;
@@ -61,6 +63,17 @@ pub fn bedrock_client(config: &SdkConfig) -> aws_sdk_bedrockruntime::Client {
         )
         .build();
     aws_sdk_bedrockruntime::Client::from_conf(conf)
+}
+
+/// A Bedrock control-plane client (batch inference jobs), SDK retries off as for
+/// [`bedrock_client`]: a failed submit or poll is asked again at the engine's next poll,
+/// which already spaces the calls out.
+pub fn bedrock_control_client(config: &SdkConfig) -> aws_sdk_bedrock::Client {
+    let conf = aws_sdk_bedrock::config::Builder::from(config)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(3)).operation_attempt_timeout(Duration::from_secs(30)).build())
+        .build();
+    aws_sdk_bedrock::Client::from_conf(conf)
 }
 
 /// A DynamoDB client whose every attempt is bounded: a request that hangs becomes a
