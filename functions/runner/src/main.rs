@@ -1,8 +1,9 @@
 //! Wires the runner function: telemetry, config, AWS clients, then serve.
 
 use chainrun_core::aws::{
-    BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoQuota, DynamoResponses, DynamoStore, DynamoWorkflows, LambdaDispatcher,
-    RunnerEvent, S3Blobs, ScheduleTarget, SchedulerTimers, bedrock_client, dynamodb_client, lambda_client, s3_client, scheduler_client, sdk_config,
+    BedrockBatch, BedrockModel, DynamoAnalytics, DynamoDailySpend, DynamoProgress, DynamoQuota, DynamoResponses, DynamoStore, DynamoWorkflows,
+    LambdaDispatcher, RunnerEvent, S3Blobs, ScheduleTarget, SchedulerTimers, bedrock_client, bedrock_control_client, dynamodb_client, lambda_client,
+    s3_client, scheduler_client, sdk_config,
 };
 use chainrun_core::config::ProcessEnv;
 use chainrun_core::durability::SystemClock;
@@ -48,6 +49,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     if let Some(d) = &config.deadlines {
         let target = ScheduleTarget { group: d.group.clone(), function_arn: d.target_arn.clone(), role_arn: d.role_arn.clone() };
         engine = engine.with_timers(Arc::new(SchedulerTimers::new(scheduler_client(&sdk), target)));
+    }
+    if let Some(b) = &config.batch {
+        let jobs = BedrockBatch::new(bedrock_control_client(&sdk), s3_client(&sdk), config.core.outputs_bucket.clone(), b.role_arn.clone());
+        engine = engine.with_batch(Arc::new(jobs), b.poll_every, b.timeout_hours);
     }
     let dispatcher = Arc::new(LambdaDispatcher::new(lambda_client(&sdk), config.self_function.clone()));
     let runner = Arc::new(Runner { store, engine, dispatcher, analytics, durability: config.core.durability, clock: Arc::new(SystemClock) });
