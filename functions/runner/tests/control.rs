@@ -249,6 +249,10 @@ async fn a_review_waits_for_its_decision_while_other_branches_finish_then_downst
     let events = s.progress.events(&run.id);
     let asked = events.iter().find(|e| e.kind == EventType::AwaitingInput && e.step_id.is_some()).unwrap();
     assert_eq!((asked.data["show"].as_str(), &asked.data["reviewers"]), (Some("Send this? Dear customer"), &json!(["user:bob"])));
+    // The run-level event lists the waiting steps, and counts the settled ones apart.
+    let parked_event = events.iter().find(|e| e.kind == EventType::AwaitingInput && e.step_id.is_none()).unwrap();
+    assert_eq!((&parked_event.data["steps"], &parked_event.data["kind"]), (&json!(["approve"]), &json!("review")));
+    assert!(parked_event.data["step_count"].as_u64() > parked_event.data["settled_steps"].as_u64());
     let step = s.store.get_steps(&run.id).await.unwrap().into_iter().find(|r| r.step_id.as_str() == "approve").unwrap();
     assert_eq!(step.status, StepStatus::Waiting);
 

@@ -204,7 +204,7 @@ impl StepContext {
             show: Some(asked.to_owned()),
             reviewers: wait.deciders,
             settled_steps: None,
-            steps: None,
+            step_count: None,
             input: Some(input),
         });
         self.journal.emit_with(body, Some(id), None, Some(&record), |_| {}).await?;

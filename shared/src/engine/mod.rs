@@ -649,7 +649,7 @@ impl Engine {
                     show: None,
                     reviewers: Vec::new(),
                     settled_steps: settled,
-                    steps,
+                    step_count: steps,
                     input: None,
                 });
                 journal

@@ -142,7 +142,7 @@ impl StepContext {
             show: Some(shown.to_owned()),
             reviewers: wait.deciders,
             settled_steps: None,
-            steps: None,
+            step_count: None,
             input: None,
         });
         self.journal.emit_with(body, Some(id), None, Some(&record), |_| {}).await?;

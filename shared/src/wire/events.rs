@@ -136,11 +136,12 @@ pub struct AwaitingInput {
     /// `user:<id>` / `group:<name>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reviewers: Vec<String>,
-    /// Steps settled so far, of the run's steps (the run-level event).
+    /// Steps settled so far, of the run's `step_count` steps (the run-level event). Not
+    /// `steps`: that is the waiting steps' ids, from `waiting`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub settled_steps: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub steps: Option<usize>,
+    pub step_count: Option<usize>,
     /// An input step: the fields it still asks for, what its last answer gave that was
     /// refused, and how many answers it still takes.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
