@@ -660,7 +660,7 @@ impl Engine {
                     })
                     .await?;
                 if self.store.park(&run.id, &lease, &waiting, crate::ports::Answered::of(&run)).await? {
-                    info!(settled_steps, kind = ?waiting.kind, deadline = ?waiting.deadline, "waiting for a person, holding no runner");
+                    info!(settled_steps, kind = ?waiting.kind, deadline = ?waiting.deadline, "waiting (for a person, a budget or a batch job), holding no runner");
                     if let (Some(timers), Some(deadline)) = (&self.timers, waiting.deadline)
                         && let Err(e) = timers.wake_at(&run.id, deadline).await
                     {
