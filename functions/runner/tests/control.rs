@@ -158,7 +158,7 @@ async fn a_paused_run_lets_its_steps_in_flight_finish_waits_holding_no_runner_an
     let waiting = s.progress.events(&run.id).last().unwrap().clone();
     assert_eq!(waiting.kind, EventType::AwaitingInput);
     assert_eq!(
-        (waiting.data["kind"].as_str(), waiting.data["settled_steps"].as_u64(), waiting.data["steps"].as_u64()),
+        (waiting.data["kind"].as_str(), waiting.data["settled_steps"].as_u64(), waiting.data["step_count"].as_u64()),
         (Some("paused"), Some(2), Some(3))
     );
     assert_eq!(waiting.data["reason"], "checking the draft");
