@@ -132,6 +132,26 @@ class Harness:
         m = self.meta(run_id)
         return m.get("status") if m else None
 
+    def step_row(self, run_id: str, step: str) -> dict | None:
+        got = self.ddb.get_item(TableName=self.runs_table,
+                                Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"STEP#{step}"}}, ConsistentRead=True)
+        return self._plain(got["Item"]) if "Item" in got else None
+
+    def item_count(self, run_id: str, step: str) -> int:
+        """How many item checkpoints a map step of the run has (the run as started)."""
+        n, start = 0, None
+        while True:
+            kw = {"TableName": self.runs_table, "Select": "COUNT", "ConsistentRead": True,
+                  "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
+                  "ExpressionAttributeValues": {":pk": {"S": f"RUN#{run_id}"}, ":p": {"S": f"ITEM#{step}#"}}}
+            if start:
+                kw["ExclusiveStartKey"] = start
+            page = self.ddb.query(**kw)
+            n += int(page.get("Count", 0))
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return n
+
     def events_after(self, run_id: str, after_seq: int = 0) -> list[dict]:
         """Events straight from the events table (cheap to poll)."""
         page = self.ddb.query(TableName=self.events_table, KeyConditionExpression="pk = :pk AND seq > :s",
@@ -165,6 +185,25 @@ class Harness:
         if status != 200:
             raise ChaosError(f"devmodel /_dev/calls answered {status}: {body}")
         return body["calls"] if isinstance(body, dict) else body
+
+    def batch(self) -> dict:
+        """GET /_dev/batch: {"timing", "s3_endpoint", "jobs"} (reading it advances the jobs to now)."""
+        status, _, body = http("GET", self.c.devmodel_url + "/_dev/batch", timeout=10)
+        if status != 200:
+            raise ChaosError(f"devmodel GET /_dev/batch answered {status}: {body}")
+        return body
+
+    def batch_jobs_of(self, run_id: str) -> list[dict]:
+        """The batch jobs submitted for a run: its jobs' idempotency tokens start with its id."""
+        return [j for j in self.batch()["jobs"] if str(j.get("clientRequestToken") or "").startswith(run_id)]
+
+    def set_batch_timing(self, timing: dict) -> dict:
+        """PUT /_dev/batch (for jobs created afterwards); returns the timing in force before."""
+        before = self.batch()["timing"]
+        status, _, body = http("PUT", self.c.devmodel_url + "/_dev/batch", body=timing, timeout=10)
+        if status != 200:
+            raise ChaosError(f"devmodel PUT /_dev/batch answered {status}: {body}")
+        return before
 
     # -- the invoke proxy -----------------------------------------------------------------------
     def proxy_stats(self) -> dict:
