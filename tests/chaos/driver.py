@@ -223,6 +223,43 @@ class Harness:
     def drops(self) -> dict:
         return http("GET", f"{self.c.proxy_url}/_proxy/drops", timeout=10)[2]
 
+    # -- the functions' log ---------------------------------------------------------------------
+    @property
+    def watch_log(self) -> Path:
+        return Path(self.c.logs) / "lambda-watch.log"
+
+    def log_offset(self) -> int:
+        try:
+            return self.watch_log.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_log(self, run_id: str, needles: tuple[str, ...], offset: int, timeout: float, poll: float = 0.005,
+                 stop=None) -> bool:
+        """Whether a line of the functions' log past `offset` names run_id and every needle
+        within timeout s (or until stop() is truthy): the quickest sign of a moment inside a
+        runner that leaves nothing in the tables."""
+        deadline = time.monotonic() + timeout
+        rest = b""
+        polls = 0
+        with open(self.watch_log, "rb") as f:
+            f.seek(offset)
+            while time.monotonic() < deadline:
+                chunk = f.read()
+                if chunk:
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        text = line.decode("utf-8", "replace")
+                        if run_id in text and all(n in text for n in needles):
+                            return True
+                    continue
+                polls += 1
+                if stop is not None and polls % 40 == 0 and stop():
+                    return False
+                time.sleep(poll)
+        return False
+
     # -- runner processes -----------------------------------------------------------------------
     def runner_states(self) -> list[dict]:
         out = []

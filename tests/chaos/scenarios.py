@@ -80,6 +80,7 @@ class Trial:
     shared_tag: bool = False  # another run has the same prompts (a retried POST): skip call counts
     step_latency_s: dict = dataclasses.field(default_factory=dict)  # steps whose latency is not latency_s
     batch_steps: frozenset = frozenset()  # map steps run as batch inference jobs
+    log_offset: int = 0  # the functions' log's size when the run started
 
     @property
     def budget(self) -> dict:
@@ -911,11 +912,14 @@ def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_m
 # ---------------------------------------------------------------------------------------
 # batch: a large map run as one batch inference job, its runners killed around the job
 
-# Kill phases of the batch workflow, in the order a run passes them: "submit" a seeded
-# moment after the first runner took the run (rendering, reserving, checkpointing the map
-# WAITING, submitting the job); "parked" the runner a poll deadline handed the parked run
-# to, while the job still runs; "reading" a seeded moment after the first of the job's
-# answers was checkpointed as its item.
+# Kill phases of the batch workflow, in the order a run passes them: "submit" while the
+# first runner renders, reserves, checkpoints the map WAITING and submits the job — a
+# seeded moment after the map's STEP_STARTED ("submit@start") or right after the job was
+# created ("submit@job", its id not yet checkpointed), the two alternating by run, both
+# seen in the functions' log (the whole window is a hundred milliseconds or so); "parked"
+# the runner a poll deadline handed the parked run to, while the job still runs;
+# "reading" a seeded moment after the first of the job's answers was checkpointed as its
+# item.
 BATCH_PHASES = ("submit", "parked", "reading")
 BATCH_ORDER = {p: i for i, p in enumerate(BATCH_PHASES)}
 # The job validates 1.5 s, then answers a record every 5 ms (0.6 s for 120): with the
@@ -923,7 +927,10 @@ BATCH_ORDER = {p: i for i, p in enumerate(BATCH_PHASES)}
 # second, 3 s after the submission, finds it Completed.
 BATCH_TIMING = {"start_delay_ms": 0, "validate_ms": 1500, "run_ms_per_record": 5}
 BATCH_ITEMS = (100, 120)  # Nova Micro takes 100 records a job at least
-BATCH_WAVE = 6  # runs at once
+# Runs at once: reading a job's answers writes one checkpoint per item, slow on moto when
+# several runs read at once, and the local stack runs at most 4 runners (a run waiting for
+# a free one looks like a slow recovery).
+BATCH_WAVE = 3
 JOB_ENDED = ("Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired")
 # Where a kill actually landed, judged from what the run and the dev model server hold
 # right after it (nothing moves until a runner takes the run over, seconds later).
@@ -933,19 +940,22 @@ BATCH_WINDOWS = ("before-checkpoint", "checkpointed-unsubmitted", "submitted-unr
 
 def batch_plan(rng: random.Random, i: int, phases: tuple[str, ...] = BATCH_PHASES,
                max_kills: int = 2) -> list[tuple[str, float]]:
-    """Run i's kills: the first at phases[i % len] (so every phase is covered), maybe a
-    second at a later phase."""
+    """Run i's kills as (phase, delay s): the first at phases[i % len] (so every phase is
+    covered in turn), maybe a second at a later phase. A submit kill's phase names its
+    trigger: "submit@start" or "submit@job", alternating."""
     first = phases[i % len(phases)]
     plan = [first]
     later = [p for p in phases if BATCH_ORDER[p] > BATCH_ORDER[first]]
     if max_kills > 1 and later and rng.random() < 0.5:
         plan.append(rng.choice(later))
+    trigger = ("start", "job")[(i // len(phases)) % 2]
+    plan = [f"{p}@{trigger}" if p == "submit" else p for p in plan]
     return [(p, batch_delay(rng, p)) for p in plan]
 
 
 def batch_delay(rng: random.Random, phase: str) -> float:
-    return {"submit": rng.uniform(0.0, 0.4), "parked": rng.uniform(0.0, 0.03),
-            "reading": rng.uniform(0.0, 0.4)}[phase]
+    return {"submit@start": rng.uniform(0.0, 0.12), "submit@job": rng.uniform(0.0, 0.02),
+            "parked": rng.uniform(0.0, 0.03), "reading": rng.uniform(0.0, 0.4)}[phase]
 
 
 def batch_wait_of(row: dict | None) -> dict | None:
@@ -980,9 +990,10 @@ def _batch_trigger(h: Harness, t: Trial, phase: str) -> bool:
     """Waits until the run is where `phase` kills it; False if it ended (or never got there)."""
     run = t.run_id
     ended = lambda: h.status(run) in TERMINAL  # noqa: E731
-    if phase == "submit":
-        return bool(wait_until(lambda: h.process_of(run) or ("ended" if ended() else None), 30, poll=0.01)) \
-            and not ended()
+    if phase.startswith("submit@"):
+        needles = ('"event":"StepStarted"', f'"step_id":"{wf.BATCH_MAP_STEP}"') if phase == "submit@start" \
+            else ('"message":"batch job submitted"',)
+        return h.wait_log(run, needles, t.log_offset, 30, stop=ended)
     if phase == "parked":
         parked = wait_until(lambda: (lambda s: s if s in ("AWAITING_INPUT", *TERMINAL) else None)(h.status(run)),
                             t.bound_s, poll=0.05)
@@ -1074,20 +1085,25 @@ def scenario_batch(h: Harness, rng: random.Random, runs: int, log, *, phases: tu
     try:
         for start in range(0, runs, BATCH_WAVE):
             trials: list[Trial] = []
-            for i in range(start, min(runs, start + BATCH_WAVE)):
-                tag = wf.new_tag()
-                items = rng.randint(*BATCH_ITEMS)
-                definition, input_ = wf.batch_workflow(tag, items)
-                h.add_rules([wf.rule(tag, latency_ms)])
-                plan = batch_plan(rng, i, phases, max_kills)
-                t = _start(h, name, f"{name}#{i}", definition, input_, tag, wf.batch_keys(items), latency_ms / 1000,
-                           45.0 + PER_CRASH_S * len(plan), plan=plan, batch_steps=frozenset({wf.BATCH_MAP_STEP}))
-                trials.append(t)
-                windows[t.run_id] = []
-            log(f"chaos[{name}]: runs {start}..{start + len(trials) - 1}: " +
-                "; ".join(f"{t.run_id} kills at {[p for p, _ in t.plan]}" for t in trials))
-            with ThreadPoolExecutor(len(trials)) as pool:
-                for f in [pool.submit(drive_batch_kills, h, t, windows[t.run_id], log) for t in trials]:
+            wave = range(start, min(runs, start + BATCH_WAVE))
+            # Each run's driver starts as soon as its run does: a submission is over in a
+            # few hundred milliseconds.
+            with ThreadPoolExecutor(len(wave)) as pool:
+                driving = []
+                for i in wave:
+                    tag = wf.new_tag()
+                    items = rng.randint(*BATCH_ITEMS)
+                    definition, input_ = wf.batch_workflow(tag, items)
+                    h.add_rules([wf.rule(tag, latency_ms)])
+                    plan = batch_plan(rng, i, phases, max_kills)
+                    t = _start(h, name, f"{name}#{i}", definition, input_, tag, wf.batch_keys(items),
+                               latency_ms / 1000, 45.0 + PER_CRASH_S * len(plan), plan=plan,
+                               batch_steps=frozenset({wf.BATCH_MAP_STEP}), log_offset=h.log_offset())
+                    trials.append(t)
+                    windows[t.run_id] = []
+                    log(f"chaos[{name}]: {t.label} run {t.run_id} ({items} items): kills at {[p for p, _ in plan]}")
+                    driving.append(pool.submit(drive_batch_kills, h, t, windows[t.run_id], log))
+                for f in driving:
                     f.result()
             h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
             all_trials += trials

@@ -332,14 +332,15 @@ def test_only_kills_that_caught_an_online_call_in_flight_may_leave_calls_reserve
     assert lost_calls({"reserved_lost": {"calls": 2, "tokens": 9, "cost_pico_usd": 7}}) == 2
 
 
-def test_batch_plans_cover_every_phase_in_turn_and_a_second_kill_comes_later():
+def test_batch_plans_cover_every_phase_and_submit_trigger_in_turn_and_a_second_kill_comes_later():
     rng = random.Random(3)
     plans = [batch_plan(rng, i) for i in range(12)]
-    assert [p[0][0] for p in plans[:3]] == list(BATCH_PHASES)
+    assert [p[0][0].split("@")[0] for p in plans[:3]] == list(BATCH_PHASES)
+    assert plans[0][0][0] == "submit@start" and plans[3][0][0] == "submit@job", "both submit triggers in turn"
     for p in plans:
         assert len(p) <= 2 and all(0 <= d <= 0.4 for _, d in p)
         if len(p) == 2:
-            assert BATCH_PHASES.index(p[1][0]) > BATCH_PHASES.index(p[0][0])
+            assert BATCH_PHASES.index(p[1][0]) > BATCH_PHASES.index(p[0][0].split("@")[0])
     assert all(len(batch_plan(rng, i, max_kills=1)) == 1 for i in range(6))
 
 
