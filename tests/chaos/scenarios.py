@@ -22,6 +22,10 @@ own counts (a ScenarioResult).
                  the decision up killed, followed by a budget pause the driver raises (and
                  then, once, kills the runner that continues), or by a short deadline
                  nobody waits on; each ends as its answers say, with exact spend.
+    batch        runs of a 100-120-item map run as one batch inference job, then an llm
+                 step; the runner SIGKILLed while the job is submitted, while the run is
+                 parked and while the answers are read: one job per run, each record
+                 paid once, exactly the batch price of the records charged.
 """
 
 from __future__ import annotations
