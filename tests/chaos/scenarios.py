@@ -40,7 +40,8 @@ from pathlib import Path
 
 from . import workflows as wf
 from .checks import (CHECKPOINT_GRACE_S, BatchCheck, calls_of, check_batch_calls, check_calls, check_events,
-                     checkpoint_times, fmt_key, key_of, lost_calls, online_in_flight_at_kills, overrun, review_ends, spend_problem, ts)
+                     checkpoint_times, fmt_key, key_of, lost_calls, online_in_flight_at_kills, overrun, review_ends,
+                     spend_problem, ts)
 from .driver import TERMINAL, Harness
 
 # The local stack's recovery timings (infra/stack.py): lease 6 s, sweep every 5 s, queued
@@ -1060,8 +1061,9 @@ def check_batch_run(h: Harness, v: Verdict, res: ScenarioResult) -> None:
     arns = {d.get("job") for d in told if d.get("job")}
     if len(arns) != 1 or not {a.rsplit("/", 1)[-1] for a in arns} <= ids:
         res.violate(run, f"BATCH_JOB events name jobs {sorted(arns)}; the run's jobs are {sorted(ids)}")
-    if v.status == "COMPLETED" and (not told or told[-1].get("status") not in JOB_ENDED or told[-1].get("answered") is None):
-        res.violate(run, f"completed, but its last BATCH_JOB is {told[-1] if told else None}")
+    last = told[-1] if told else {}
+    if v.status == "COMPLETED" and (last.get("status") not in JOB_ENDED or last.get("answered") is None):
+        res.violate(run, f"completed, but its last BATCH_JOB is {last or None}")
     totals = h.run_view(run).get("totals") or {}
     if bc and v.charged_pico != bc.expected_pico:
         res.violate(run, f"charged {v.charged_pico} pico-USD; its {bc.batch_answered} batch records at the batch "
