@@ -21,7 +21,7 @@ from .suite import full_plan, run_suite, short_plan
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=20, help="runs of the kill scenario (default 20)")
+    ap.add_argument("--trials", type=int, default=20, help="runs of the kill and batch scenarios (default 20)")
     ap.add_argument("--seed", type=int, default=1, help="seed of every random choice (default 1)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated, in this order per stack: {','.join(SCENARIOS)}")

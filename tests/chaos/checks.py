@@ -95,6 +95,7 @@ class Call:
     error: str | None
     usage: dict | None
     latency_s: float
+    batch_job: str | None = None  # the batch inference job that answered it (a record), or None: online
 
 
 def calls_of(log: list[dict], tag: str, latency_s: float, step_latency_s: dict | None = None) -> list[Call]:
@@ -107,7 +108,8 @@ def calls_of(log: list[dict], tag: str, latency_s: float, step_latency_s: dict |
         if key is None:
             continue
         latency = (step_latency_s or {}).get(key[0], latency_s)
-        out.append(Call(key, ts(c["at"]), c.get("status"), c.get("error"), c.get("usage"), latency))
+        out.append(Call(key, ts(c["at"]), c.get("status"), c.get("error"), c.get("usage"), latency,
+                        c.get("batch_job")))
     out.sort(key=lambda c: c.at)
     return out
 
@@ -200,6 +202,73 @@ def check_calls(calls: list[Call], checkpoints: dict, kills: list[Kill], takeove
                 out.problems.append(f"{fmt_key(key)}: answered at {iso(answer_at)} and paid again at {iso(nxt.at)} "
                                     f"with no crash or takeover of the run in between")
     return out
+
+
+@dataclasses.dataclass
+class BatchCheck:
+    """What the batch records and online calls of a run's batch maps add up to."""
+    double_paid: int = 0
+    problems: list = dataclasses.field(default_factory=list)
+    jobs: set = dataclasses.field(default_factory=set)  # jobs that answered a record of the run
+    batch_answered: int = 0  # records answered (every job)
+    online_answered: int = 0  # online calls answered for items of a batch map
+    expected_pico: int = 0  # what the run should be charged for all its calls
+    paid_pico: int = 0  # what the model provider was paid for them
+
+
+def check_batch_calls(calls: list[Call], batch_steps: set[str], batch_price, online_price) -> BatchCheck:
+    """Each item of a batch map is paid once: its record answered in at most one batch job,
+    and not also online unless no job answered it (a reply that fails the step's checks is
+    run again online, but this suite's batch steps have none). The run is charged exactly
+    the batch price (`batch_price(usage)`) of every answered record plus the on-demand
+    price (`online_price(usage)`) of every step's or item's last answered online call:
+    earlier online answers of the same key were lost with a killed runner (its totals
+    count them as reserved and lost)."""
+    out = BatchCheck()
+    records: dict[tuple, list[Call]] = defaultdict(list)
+    online: dict[tuple, list[Call]] = defaultdict(list)
+    for c in calls:
+        if c.status != 200:
+            continue
+        if c.batch_job is not None:
+            records[c.key].append(c)
+            out.jobs.add(c.batch_job)
+            out.expected_pico += batch_price(c.usage)
+            out.paid_pico += batch_price(c.usage)
+        else:
+            online[c.key].append(c)
+            out.paid_pico += online_price(c.usage)
+    for key, cs in online.items():
+        out.expected_pico += online_price(cs[-1].usage)
+        if key[0] in batch_steps:
+            out.online_answered += len(cs)
+    for key, rs in sorted(records.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
+        out.batch_answered += len(rs)
+        if len(rs) > 1:
+            out.double_paid += len(rs) - 1
+            out.problems.append(f"{fmt_key(key)}: its record answered {len(rs)} times, in jobs "
+                                f"{sorted({r.batch_job for r in rs})}")
+        again = online.get(key, [])
+        if again:
+            out.double_paid += len(again)
+            out.problems.append(f"{fmt_key(key)}: answered in batch job {rs[0].batch_job} at {iso(rs[0].at)} "
+                                f"and online {len(again)} times (first at {iso(again[0].at)})")
+    return out
+
+
+def online_in_flight_at_kills(calls: list[Call], kills: list[Kill]) -> int:
+    """How many confirmed kills caught an online model call of the run in flight: the most
+    calls its totals may count as reserved and lost (a batch job is held again by the
+    runner that takes the run over, never lost)."""
+    online = [c for c in calls if c.batch_job is None]
+    return sum(1 for k in kills if k.hit and any(c.at <= k.at <= c.at + c.latency_s + CHECKPOINT_GRACE_S
+                                                 for c in online))
+
+
+def lost_calls(totals: dict) -> int:
+    """The model calls a run's totals count as reserved and lost (0 when none)."""
+    lost = (totals or {}).get("reserved_lost")
+    return int(lost.get("calls", 0)) if isinstance(lost, dict) else 0
 
 
 def fmt_key(key) -> str:

@@ -132,6 +132,26 @@ class Harness:
         m = self.meta(run_id)
         return m.get("status") if m else None
 
+    def step_row(self, run_id: str, step: str) -> dict | None:
+        got = self.ddb.get_item(TableName=self.runs_table,
+                                Key={"pk": {"S": f"RUN#{run_id}"}, "sk": {"S": f"STEP#{step}"}}, ConsistentRead=True)
+        return self._plain(got["Item"]) if "Item" in got else None
+
+    def item_count(self, run_id: str, step: str) -> int:
+        """How many item checkpoints a map step of the run has (the run as started)."""
+        n, start = 0, None
+        while True:
+            kw = {"TableName": self.runs_table, "Select": "COUNT", "ConsistentRead": True,
+                  "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
+                  "ExpressionAttributeValues": {":pk": {"S": f"RUN#{run_id}"}, ":p": {"S": f"ITEM#{step}#"}}}
+            if start:
+                kw["ExclusiveStartKey"] = start
+            page = self.ddb.query(**kw)
+            n += int(page.get("Count", 0))
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return n
+
     def events_after(self, run_id: str, after_seq: int = 0) -> list[dict]:
         """Events straight from the events table (cheap to poll)."""
         page = self.ddb.query(TableName=self.events_table, KeyConditionExpression="pk = :pk AND seq > :s",
@@ -166,6 +186,25 @@ class Harness:
             raise ChaosError(f"devmodel /_dev/calls answered {status}: {body}")
         return body["calls"] if isinstance(body, dict) else body
 
+    def batch(self) -> dict:
+        """GET /_dev/batch: {"timing", "s3_endpoint", "jobs"} (reading it advances the jobs to now)."""
+        status, _, body = http("GET", self.c.devmodel_url + "/_dev/batch", timeout=10)
+        if status != 200:
+            raise ChaosError(f"devmodel GET /_dev/batch answered {status}: {body}")
+        return body
+
+    def batch_jobs_of(self, run_id: str) -> list[dict]:
+        """The batch jobs submitted for a run: its jobs' idempotency tokens start with its id."""
+        return [j for j in self.batch()["jobs"] if str(j.get("clientRequestToken") or "").startswith(run_id)]
+
+    def set_batch_timing(self, timing: dict) -> dict:
+        """PUT /_dev/batch (for jobs created afterwards); returns the timing in force before."""
+        before = self.batch()["timing"]
+        status, _, body = http("PUT", self.c.devmodel_url + "/_dev/batch", body=timing, timeout=10)
+        if status != 200:
+            raise ChaosError(f"devmodel PUT /_dev/batch answered {status}: {body}")
+        return before
+
     # -- the invoke proxy -----------------------------------------------------------------------
     def proxy_stats(self) -> dict:
         return self.c.inflight()
@@ -183,6 +222,43 @@ class Harness:
 
     def drops(self) -> dict:
         return http("GET", f"{self.c.proxy_url}/_proxy/drops", timeout=10)[2]
+
+    # -- the functions' log ---------------------------------------------------------------------
+    @property
+    def watch_log(self) -> Path:
+        return Path(self.c.logs) / "lambda-watch.log"
+
+    def log_offset(self) -> int:
+        try:
+            return self.watch_log.stat().st_size
+        except OSError:
+            return 0
+
+    def wait_log(self, run_id: str, needles: tuple[str, ...], offset: int, timeout: float, poll: float = 0.005,
+                 stop=None) -> bool:
+        """Whether a line of the functions' log past `offset` names run_id and every needle
+        within timeout s (or until stop() is truthy): the quickest sign of a moment inside a
+        runner that leaves nothing in the tables."""
+        deadline = time.monotonic() + timeout
+        rest = b""
+        polls = 0
+        with open(self.watch_log, "rb") as f:
+            f.seek(offset)
+            while time.monotonic() < deadline:
+                chunk = f.read()
+                if chunk:
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        text = line.decode("utf-8", "replace")
+                        if run_id in text and all(n in text for n in needles):
+                            return True
+                    continue
+                polls += 1
+                if stop is not None and polls % 40 == 0 and stop():
+                    return False
+                time.sleep(poll)
+        return False
 
     # -- runner processes -----------------------------------------------------------------------
     def runner_states(self) -> list[dict]:

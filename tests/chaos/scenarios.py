@@ -22,6 +22,10 @@ own counts (a ScenarioResult).
                  the decision up killed, followed by a budget pause the driver raises (and
                  then, once, kills the runner that continues), or by a short deadline
                  nobody waits on; each ends as its answers say, with exact spend.
+    batch        runs of a 100-120-item map run as one batch inference job, then an llm
+                 step; the runner SIGKILLed while the job is submitted, while the run is
+                 parked and while the answers are read: one job per run, each record
+                 paid once, exactly the batch price of the records charged.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import workflows as wf
-from .checks import (CHECKPOINT_GRACE_S, calls_of, check_calls, check_events, checkpoint_times, fmt_key, key_of,
-                     overrun, review_ends, spend_problem, ts)
+from .checks import (CHECKPOINT_GRACE_S, BatchCheck, calls_of, check_batch_calls, check_calls, check_events,
+                     checkpoint_times, fmt_key, key_of, lost_calls, online_in_flight_at_kills, overrun, review_ends,
+                     spend_problem, ts)
 from .driver import TERMINAL, Harness
 
 # The local stack's recovery timings (infra/stack.py): lease 6 s, sweep every 5 s, queued
@@ -46,10 +51,10 @@ SWEEP_S = 5.0
 QUEUED_GRACE_S = 10.0
 PER_CRASH_S = LEASE_S + SWEEP_S + 14.0  # slack: a loaded 2-core machine, a retry's delay
 
-SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "steer", "review", "chain")
+SCENARIOS = ("kill", "duplicates", "storm", "dynamodb", "lost", "steer", "review", "chain", "batch")
 # Which stack each scenario needs (infra.stack.Stack keyword arguments / environment).
 STACK_OF = {"kill": "main", "duplicates": "main", "storm": "main", "lost": "main", "steer": "main",
-            "review": "main", "dynamodb": "faults", "chain": "chain"}
+            "review": "main", "batch": "main", "dynamodb": "faults", "chain": "chain"}
 
 # Kill phases of the fan workflow, in the order a run passes them. "mid-map" waits until
 # an item's answer is older than CHECKPOINT_GRACE_S (so it should have been checkpointed,
@@ -79,6 +84,8 @@ class Trial:
     finished_in: float | None = None
     shared_tag: bool = False  # another run has the same prompts (a retried POST): skip call counts
     step_latency_s: dict = dataclasses.field(default_factory=dict)  # steps whose latency is not latency_s
+    batch_steps: frozenset = frozenset()  # map steps run as batch inference jobs
+    log_offset: int = 0  # the functions' log's size when the run started
 
     @property
     def budget(self) -> dict:
@@ -106,6 +113,7 @@ class Verdict:
     all_failed: set  # keys none of whose calls was answered
     paid_pico: int  # the answered calls' cost by the dev model server's usage
     charged_pico: int  # the run's totals
+    batch: BatchCheck | None = None  # the batch maps' records and calls (Trial.batch_steps)
 
 
 @dataclasses.dataclass
@@ -187,12 +195,20 @@ def evaluate(h: Harness, t: Trial) -> Verdict:
     problems = list(ev.problems)
     items = h.run_items(t.run_id)
     calls = calls_of(h.calls(t.tag), t.tag, t.latency_s, t.step_latency_s) if not t.shared_tag else []
-    cc = check_calls(calls, checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
-                     map_steps={wf.FAN_MAP_STEP})
+    # Batch records are judged by check_batch_calls: answered when the job got to them,
+    # not as a runner asked, they have no place in check_calls' timing of online calls.
+    online = [c for c in calls if c.batch_job is None]
+    cc = check_calls(online, checkpoint_times(items), t.kills, [x for x in ev.takeovers if x is not None],
+                     map_steps={wf.FAN_MAP_STEP, *t.batch_steps})
     # What the model provider was paid for this run, against what the run was charged: the
     # difference is calls made again after a crash that no budget saw (until reservations
     # lost with a crashed runner are recorded).
-    paid = sum(wf.paid_pico(c.usage) for c in calls if c.status == 200)
+    paid = sum(wf.paid_pico(c.usage) for c in online if c.status == 200)
+    bc = None
+    if t.batch_steps:
+        bc = check_batch_calls(calls, set(t.batch_steps), wf.batch_paid_pico, wf.paid_pico)
+        paid = bc.paid_pico
+        problems += bc.problems
     charged = int((view.get("totals") or {}).get("cost_pico_usd", 0))
     problems += cc.problems
     over = overrun(view.get("totals") or {}, t.budget)
@@ -206,12 +222,14 @@ def evaluate(h: Harness, t: Trial) -> Verdict:
     if not completed:
         problems.append(f"ended {status}, expected {t.expected}: {view.get('error')}")
     if status == "COMPLETED" and not t.shared_tag:
-        never = sorted(fmt_key(k) for k in t.keys if cc.calls_per_key.get(k, 0) == 0)
+        called = {c.key for c in calls}
+        never = sorted(fmt_key(k) for k in t.keys if k not in called)
         if never:
             problems.append(f"completed without a model call for {never}")
-    return Verdict(t, status, completed, stuck, ev.duplicated, cc.double_paid, cc.repeated, over, problems, events,
+    double_paid = cc.double_paid + (bc.double_paid if bc else 0)
+    return Verdict(t, status, completed, stuck, ev.duplicated, double_paid, cc.repeated, over, problems, events,
                    dict(ev.counts), cc.calls_per_key, cc.executions_per_key, cc.paid_calls, cc.failed_calls,
-                   view.get("error"), cc.all_failed, paid, charged)
+                   view.get("error"), cc.all_failed, paid, charged, bc)
 
 
 def _finish(h: Harness, trials: list[Trial], res: ScenarioResult, log, *, quiesce: float = 60.0) -> list[Verdict]:
@@ -896,6 +914,226 @@ def scenario_review(h: Harness, rng: random.Random, runs: int, log, *, latency_m
     return res
 
 
+# ---------------------------------------------------------------------------------------
+# batch: a large map run as one batch inference job, its runners killed around the job
+
+# Kill phases of the batch workflow, in the order a run passes them: "submit" while the
+# first runner renders, reserves, checkpoints the map WAITING and submits the job — a
+# seeded moment after the map's STEP_STARTED ("submit@start") or right after the job was
+# created ("submit@job", its id not yet checkpointed), the two alternating by run, both
+# seen in the functions' log (the whole window is a hundred milliseconds or so); "parked"
+# the runner a poll deadline handed the parked run to, while the job still runs;
+# "reading" a seeded moment after the first of the job's answers was checkpointed as its
+# item.
+BATCH_PHASES = ("submit", "parked", "reading")
+BATCH_ORDER = {p: i for i, p in enumerate(BATCH_PHASES)}
+# The job validates 1.5 s, then answers a record every 5 ms (0.6 s for 120): with the
+# local stack's 1 s poll interval (doubling), the first poll finds it Validating and the
+# second, 3 s after the submission, finds it Completed.
+BATCH_TIMING = {"start_delay_ms": 0, "validate_ms": 1500, "run_ms_per_record": 5}
+BATCH_ITEMS = (100, 120)  # Nova Micro takes 100 records a job at least
+# Runs at once: reading a job's answers writes one checkpoint per item, slow on moto when
+# several runs read at once, and the local stack runs at most 4 runners (a run waiting for
+# a free one looks like a slow recovery).
+BATCH_WAVE = 3
+JOB_ENDED = ("Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired")
+# Where a kill actually landed, judged from what the run and the dev model server hold
+# right after it (nothing moves until a runner takes the run over, seconds later).
+BATCH_WINDOWS = ("before-checkpoint", "checkpointed-unsubmitted", "submitted-unrecorded", "job-running",
+                 "job-ended", "mid-read", "after-read")
+
+
+def batch_plan(rng: random.Random, i: int, phases: tuple[str, ...] = BATCH_PHASES,
+               max_kills: int = 2) -> list[tuple[str, float]]:
+    """Run i's kills as (phase, delay s): the first at phases[i % len] (so every phase is
+    covered in turn), maybe a second at a later phase. A submit kill's phase names its
+    trigger: "submit@start" or "submit@job", alternating."""
+    first = phases[i % len(phases)]
+    plan = [first]
+    later = [p for p in phases if BATCH_ORDER[p] > BATCH_ORDER[first]]
+    if max_kills > 1 and later and rng.random() < 0.5:
+        plan.append(rng.choice(later))
+    trigger = ("start", "job")[(i // len(phases)) % 2]
+    plan = [f"{p}@{trigger}" if p == "submit" else p for p in plan]
+    return [(p, batch_delay(rng, p)) for p in plan]
+
+
+def batch_delay(rng: random.Random, phase: str) -> float:
+    return {"submit@start": rng.uniform(0.0, 0.12), "submit@job": rng.uniform(0.0, 0.02),
+            "parked": rng.uniform(0.0, 0.03), "reading": rng.uniform(0.0, 0.4)}[phase]
+
+
+def batch_wait_of(row: dict | None) -> dict | None:
+    """The map checkpoint's batch job (`detail.batch_job`), if it has one."""
+    import json
+
+    detail = (row or {}).get("detail")
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            return None
+    return detail.get("batch_job") if isinstance(detail, dict) else None
+
+
+def batch_window(h: Harness, run_id: str) -> str:
+    """Which window of the batch path the run's (dead) runner was in."""
+    wait = batch_wait_of(h.step_row(run_id, wf.BATCH_MAP_STEP))
+    jobs = h.batch_jobs_of(run_id)
+    if wait is None:
+        return "before-checkpoint"
+    if wait.get("read"):
+        return "after-read"
+    if not wait.get("job"):
+        return "submitted-unrecorded" if jobs else "checkpointed-unsubmitted"
+    if h.item_count(run_id, wf.BATCH_MAP_STEP):
+        return "mid-read"
+    return "job-ended" if jobs and jobs[-1]["status"] in JOB_ENDED else "job-running"
+
+
+def _batch_trigger(h: Harness, t: Trial, phase: str) -> bool:
+    """Waits until the run is where `phase` kills it; False if it ended (or never got there)."""
+    run = t.run_id
+    ended = lambda: h.status(run) in TERMINAL  # noqa: E731
+    if phase.startswith("submit@"):
+        needles = ('"event":"StepStarted"', f'"step_id":"{wf.BATCH_MAP_STEP}"') if phase == "submit@start" \
+            else ('"message":"batch job submitted"',)
+        return h.wait_log(run, needles, t.log_offset, 30, stop=ended)
+    if phase == "parked":
+        parked = wait_until(lambda: (lambda s: s if s in ("AWAITING_INPUT", *TERMINAL) else None)(h.status(run)),
+                            t.bound_s, poll=0.05)
+        if parked != "AWAITING_INPUT":
+            return False
+        return bool(wait_until(lambda: h.process_of(run) or ("ended" if ended() else None), t.bound_s, poll=0.01)) \
+            and h.process_of(run) is not None
+    # reading: once the job ended, the runner that reads it checkpoints its first answer
+    if not wait_until(lambda: any(j["status"] in JOB_ENDED for j in h.batch_jobs_of(run)) or ended(), t.bound_s,
+                      poll=0.2):
+        return False
+    return bool(wait_until(lambda: h.item_count(run, wf.BATCH_MAP_STEP) > 0 or ended(), t.bound_s, poll=0.02)) \
+        and not ended()
+
+
+def drive_batch_kills(h: Harness, t: Trial, windows: list, log) -> None:
+    """Kills the run's runner at each phase of its plan (a parked kill that finds the poll
+    over is tried again at the next poll, three times at most); records each kill's window."""
+    for phase, delay in t.plan:
+        kill = None
+        for _ in range(3 if phase == "parked" else 1):
+            if not _batch_trigger(h, t, phase):
+                t.missed.append(f"{phase}: the run ended (or moved on) first")
+                return
+            time.sleep(delay)
+            k = h.kill_run(t.run_id, phase, find_s=0.2)
+            if k is not None:
+                t.kills.append(k)
+                if k.hit:
+                    kill = k
+                    break
+        if kill is None:
+            t.missed.append(f"{phase}: no runner process had the run when the kill came")
+            continue
+        window = batch_window(h, t.run_id)
+        windows.append((phase, window))
+        nxt = h.next_event_after(t.run_id, kill.at, timeout=PER_CRASH_S + 30)
+        if nxt is None:
+            log(f"chaos[batch]: run {t.run_id}: no event within {PER_CRASH_S + 30:.0f}s of the kill at {phase}")
+            return
+        kill.recovery_s = ts(nxt["at"]) - kill.at
+        log(f"chaos[batch]: {t.label} run {t.run_id}: killed pid {kill.pid} at {phase} ({window}); "
+            f"next event {nxt['type']} after {kill.recovery_s:.1f}s")
+
+
+def check_batch_run(h: Harness, v: Verdict, res: ScenarioResult) -> None:
+    """The batch scenario's own invariants for one run (beyond evaluate's): one job, whose
+    events name it throughout; exact spend at the batch and on-demand prices; nothing
+    counted as reserved and lost but online calls a kill caught in flight."""
+    t, bc = v.trial, v.batch
+    run = t.run_id
+    jobs = h.batch_jobs_of(run)
+    if len(jobs) != 1:
+        res.violate(run, f"{len(jobs)} batch jobs for the run: "
+                         f"{[(j['jobArn'].rsplit('/', 1)[-1], j['clientRequestToken'], j['status']) for j in jobs]}")
+    ids = {j["jobArn"].rsplit("/", 1)[-1] for j in jobs}
+    if bc and not bc.jobs <= ids:
+        res.violate(run, f"records answered by jobs {sorted(bc.jobs - ids)} not submitted for the run")
+    told = [e["data"] for e in v.events if e["type"] == "BATCH_JOB"]
+    arns = {d.get("job") for d in told if d.get("job")}
+    if len(arns) != 1 or not {a.rsplit("/", 1)[-1] for a in arns} <= ids:
+        res.violate(run, f"BATCH_JOB events name jobs {sorted(arns)}; the run's jobs are {sorted(ids)}")
+    last = told[-1] if told else {}
+    if v.status == "COMPLETED" and (last.get("status") not in JOB_ENDED or last.get("answered") is None):
+        res.violate(run, f"completed, but its last BATCH_JOB is {last or None}")
+    totals = h.run_view(run).get("totals") or {}
+    if bc and v.charged_pico != bc.expected_pico:
+        res.violate(run, f"charged {v.charged_pico} pico-USD; its {bc.batch_answered} batch records at the batch "
+                         f"price and its online calls at the on-demand price come to {bc.expected_pico} "
+                         f"(the provider was paid {bc.paid_pico})")
+    calls = calls_of(h.calls(t.tag), t.tag, t.latency_s)
+    lost, allowed = lost_calls(totals), online_in_flight_at_kills(calls, t.kills)
+    if lost > allowed:
+        res.violate(run, f"totals count {lost} calls reserved and lost ({totals.get('reserved_lost')}); kills caught "
+                         f"{allowed} online calls in flight")
+
+
+def scenario_batch(h: Harness, rng: random.Random, runs: int, log, *, phases: tuple[str, ...] = BATCH_PHASES,
+                   max_kills: int = 2, latency_ms: int = 300, name: str = "batch") -> ScenarioResult:
+    """Runs of the batch workflow (a 100-120-item map run as one batch job, then an llm
+    step reading its answers), in waves of BATCH_WAVE, each runner SIGKILLed once or twice
+    at seeded moments of the job (batch_plan). Every run must complete with one job, each
+    item paid once, and exactly the batch price of its records plus the on-demand price
+    of its online calls charged (check_batch_run)."""
+    res = ScenarioResult(name)
+    t0 = time.monotonic()
+    before = h.set_batch_timing(BATCH_TIMING)
+    all_trials: list[Trial] = []
+    windows: dict[str, list] = {}
+    try:
+        for start in range(0, runs, BATCH_WAVE):
+            trials: list[Trial] = []
+            wave = range(start, min(runs, start + BATCH_WAVE))
+            # Each run's driver starts as soon as its run does: a submission is over in a
+            # few hundred milliseconds.
+            with ThreadPoolExecutor(len(wave)) as pool:
+                driving = []
+                for i in wave:
+                    tag = wf.new_tag()
+                    items = rng.randint(*BATCH_ITEMS)
+                    definition, input_ = wf.batch_workflow(tag, items)
+                    h.add_rules([wf.rule(tag, latency_ms)])
+                    plan = batch_plan(rng, i, phases, max_kills)
+                    t = _start(h, name, f"{name}#{i}", definition, input_, tag, wf.batch_keys(items),
+                               latency_ms / 1000, 45.0 + PER_CRASH_S * len(plan), plan=plan,
+                               batch_steps=frozenset({wf.BATCH_MAP_STEP}), log_offset=h.log_offset())
+                    trials.append(t)
+                    windows[t.run_id] = []
+                    log(f"chaos[{name}]: {t.label} run {t.run_id} ({items} items): kills at {[p for p, _ in plan]}")
+                    driving.append(pool.submit(drive_batch_kills, h, t, windows[t.run_id], log))
+                for f in driving:
+                    f.result()
+            h.wait_terminal([t.run_id for t in trials], max(t.bound_s for t in trials) + 30)
+            all_trials += trials
+    finally:
+        h.set_batch_timing(before)
+    verdicts = _finish(h, all_trials, res, log)
+    for v in verdicts:
+        check_batch_run(h, v, res)
+    landed = Counter(w for ws in windows.values() for _, w in ws)
+    kills = [k for t in all_trials for k in t.kills]
+    res.info.update(kills=sum(k.hit for k in kills), kills_missed=sum(len(t.missed) for t in all_trials),
+                    windows="/".join(f"{w}:{landed[w]}" for w in BATCH_WINDOWS if landed[w]),
+                    jobs=sum(len(h.batch_jobs_of(t.run_id)) for t in all_trials),
+                    batch_records=sum(v.batch.batch_answered for v in verdicts if v.batch),
+                    online_items=sum(v.batch.online_answered for v in verdicts if v.batch),
+                    reserved_lost_calls=sum(lost_calls(h.run_view(t.run_id).get("totals") or {}) for t in all_trials),
+                    median_recovery_s=f"{_median(res.recoveries):.1f}")
+    for t in all_trials:
+        for m in t.missed:
+            res.problems.append(f"run {t.run_id} ({t.label}): kill missed ({m})")
+    res.seconds = time.monotonic() - t0
+    return res
+
+
 RUNNERS = {"kill": scenario_kill, "duplicates": scenario_duplicates, "storm": scenario_storm,
            "dynamodb": scenario_dynamodb, "lost": scenario_lost, "steer": scenario_steer, "review": scenario_review,
-           "chain": scenario_chain}
+           "chain": scenario_chain, "batch": scenario_batch}

@@ -1,6 +1,6 @@
 """Runs chaos scenarios on the local stacks they need, one stack at a time:
 
-    main    the default stack (kill, duplicates, storm, lost, steer, review)
+    main    the default stack (kill, duplicates, storm, lost, steer, review, batch)
     faults  Stack(dynamodb_faults=True): the fault proxy between the functions and moto
     chain   the runner's timeout at 8 s (CHAINRUN_LOCAL_RUNNER_TIMEOUT_SECS) and a 2 s
             deadline margin, so a long run continues across invocations
@@ -40,15 +40,15 @@ class Plan:
 
 def full_plan(trials: int = 20) -> Plan:
     return Plan(runs={"kill": trials, "duplicates": 3, "storm": 6, "dynamodb": 6, "lost": 2, "steer": 8, "review": 10,
-                      "chain": 2})
+                      "chain": 2, "batch": trials})
 
 
 def short_plan() -> Plan:
     """What `make test` runs (tests/chaos/test_chaos.py): a handful of seeded runs. The
     review scenario's 9 runs are every mode but the deadline one (a minute at least)."""
     return Plan(runs={"kill": 3, "duplicates": 1, "storm": 2, "dynamodb": 3, "lost": 1, "steer": 4, "review": 9,
-                      "chain": 1},
-                options={"kill": {"phases": SAFE_PHASES}})
+                      "chain": 1, "batch": 3},
+                options={"kill": {"phases": SAFE_PHASES}, "batch": {"max_kills": 1}})
 
 
 def log_err(msg: str) -> None:

@@ -109,3 +109,9 @@ def test_a_100_step_run_continues_across_short_invocations(stacks):
     r = scenario(stacks, "chain")
     assert r.ok, report(r)
     assert r.info["suspended"] >= 1, report(r)
+
+
+def test_runners_killed_while_a_batch_job_is_submitted_followed_or_read_leave_one_job_each_item_paid_once(stacks):
+    r = scenario(stacks, "batch")
+    assert r.ok, report(r)
+    assert r.info["kills"] >= 2 and r.info["jobs"] == r.trials, report(r)

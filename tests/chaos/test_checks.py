@@ -6,14 +6,15 @@ import random
 
 import pytest
 
-from .checks import (CHECKPOINT_GRACE_S, Call, Kill, calls_of, check_calls, check_events, checkpoint_times, key_of, overrun,
-                     reserved_lost_pico, review_ends, spend_problem, ts,
+from .checks import (CHECKPOINT_GRACE_S, Call, Kill, calls_of, check_batch_calls, check_calls, check_events, checkpoint_times, key_of,
+                     lost_calls, online_in_flight_at_kills, overrun, reserved_lost_pico, review_ends, spend_problem, ts,
                      usd_to_pico)
-from .scenarios import (PHASES, REVIEW_MODES, REVIEW_PAD, REVIEW_RAISED_USD, REVIEW_TIGHT_USD, SAFE_PHASES, ScenarioResult, kill_plan, review_mode, summary_line,
+from .scenarios import (BATCH_PHASES, PHASES, REVIEW_MODES, REVIEW_PAD, REVIEW_RAISED_USD, REVIEW_TIGHT_USD, SAFE_PHASES, ScenarioResult, batch_plan, kill_plan, review_mode, summary_line,
                         triggered)
 from .suite import short_plan
-from .workflows import (REVIEW_STEP, chain_workflow, fan_keys, fan_workflow, marker, review_keys, review_workflow,
-                        worst_case_pico)
+from .workflows import (BATCH_PRICE_IN_PICO, BATCH_PRICE_OUT_PICO, PRICE_IN_PICO, PRICE_OUT_PICO, REVIEW_STEP,
+                        batch_keys, batch_paid_pico, batch_workflow, chain_workflow, fan_keys, fan_workflow, marker, review_keys, review_workflow,
+                        paid_pico, worst_case_pico)
 
 T0 = 1_800_000_000.0
 
@@ -281,3 +282,72 @@ def test_a_slow_steps_call_still_in_flight_at_a_kill_may_be_repeated_by_its_own_
     assert (check_calls(slow, {}, [kill(1.0)], []).double_paid, check_calls(slow, {}, [kill(1.0)], []).repeated) == (0, 1)
     # ...which the run's default latency would call an answer lost 0.7 s after it arrived.
     assert check_calls(calls_of(log, tag, 0.3), {}, [kill(1.0)], []).double_paid == 1
+
+
+# -- batch maps -------------------------------------------------------------------------
+
+
+def rec(item, at, job="job1", usage=None, status=200):
+    """A batch record's answer (the dev model server's call for it)."""
+    return Call(("labels", item), T0 + at, status, None, usage or {"inputTokens": 10, "outputTokens": 2}, 0.3, job)
+
+
+def online_call(key, at, usage=None, status=200):
+    return Call(key, T0 + at, status, None, usage or {"inputTokens": 10, "outputTokens": 2}, 0.3)
+
+
+def test_each_record_answered_once_in_one_job_is_charged_the_batch_price_plus_the_online_steps():
+    calls = [rec(0, 1), rec(1, 1), online_call(("sum_up", None), 5)]
+    out = check_batch_calls(calls, {"labels"}, batch_paid_pico, paid_pico)
+    assert out.double_paid == 0 and out.problems == []
+    assert out.jobs == {"job1"} and out.batch_answered == 2 and out.online_answered == 0
+    assert BATCH_PRICE_IN_PICO * 2 == PRICE_IN_PICO and BATCH_PRICE_OUT_PICO * 2 == PRICE_OUT_PICO
+    assert out.expected_pico == 2 * (10 * 17_500 + 2 * 70_000) + (10 * 35_000 + 2 * 140_000) == out.paid_pico
+
+
+def test_a_record_answered_by_two_jobs_or_also_online_is_double_paid():
+    twice = check_batch_calls([rec(0, 1), rec(0, 9, job="job2"), rec(1, 1)], {"labels"}, batch_paid_pico, paid_pico)
+    assert twice.double_paid == 1 and twice.jobs == {"job1", "job2"}, twice.problems
+    both = check_batch_calls([rec(0, 1), online_call(("labels", 0), 4), online_call(("labels", 1), 4)], {"labels"},
+                             batch_paid_pico, paid_pico)
+    assert both.double_paid == 1 and both.online_answered == 2, both.problems  # item 1 had no record: fine
+
+
+def test_an_online_call_repeated_after_a_kill_is_paid_but_only_its_last_answer_charged():
+    calls = [rec(0, 1), online_call(("sum_up", None), 5, {"inputTokens": 100, "outputTokens": 1}),
+             online_call(("sum_up", None), 20), online_call(("sum_up", None), 21, status=None)]
+    out = check_batch_calls(calls, {"labels"}, batch_paid_pico, paid_pico)
+    assert out.double_paid == 0
+    assert out.expected_pico == (10 * 17_500 + 2 * 70_000) + (10 * 35_000 + 2 * 140_000)
+    assert out.paid_pico == out.expected_pico + 100 * 35_000 + 140_000
+
+
+def test_only_kills_that_caught_an_online_call_in_flight_may_leave_calls_reserved_and_lost():
+    calls = [rec(0, 1), online_call(("sum_up", None), 5)]
+    during = Kill("r", T0 + 5.1, "reading", 1, "q", hit=True)
+    at_read = Kill("r", T0 + 2.0, "reading", 1, "q", hit=True)
+    missed = Kill("r", T0 + 5.1, "reading", 1, "q", hit=False)
+    assert online_in_flight_at_kills(calls, [during, at_read, missed]) == 1
+    assert lost_calls({"cost_pico_usd": 5}) == 0
+    assert lost_calls({"reserved_lost": {"calls": 2, "tokens": 9, "cost_pico_usd": 7}}) == 2
+
+
+def test_batch_plans_cover_every_phase_and_submit_trigger_in_turn_and_a_second_kill_comes_later():
+    rng = random.Random(3)
+    plans = [batch_plan(rng, i) for i in range(12)]
+    assert [p[0][0].split("@")[0] for p in plans[:3]] == list(BATCH_PHASES)
+    assert plans[0][0][0] == "submit@start" and plans[3][0][0] == "submit@job", "both submit triggers in turn"
+    for p in plans:
+        assert len(p) <= 2 and all(0 <= d <= 0.4 for _, d in p)
+        if len(p) == 2:
+            assert BATCH_PHASES.index(p[1][0]) > BATCH_PHASES.index(p[0][0].split("@")[0])
+    assert all(len(batch_plan(rng, i, max_kills=1)) == 1 for i in range(6))
+
+
+def test_the_batch_workflow_marks_each_item_and_fits_the_batch_minimum():
+    definition, input_ = batch_workflow("tabc", 100)
+    labels, after = definition["steps"]
+    assert labels["mode"] == "batch" and labels["step"]["prompt"].startswith("[cr:tabc:labels:{{ index }}]")
+    assert after["depends_on"] == ["labels"] and "steps.labels.output" in after["prompt"]
+    assert len(input_["items"]) == 100 and len(batch_keys(100)) == 101
+    assert "batch" in short_plan().runs and short_plan().options["batch"]["max_kills"] == 1

@@ -165,3 +165,47 @@ def review_workflow(tag: str, *, timeout: str | None = None, on_timeout: str | N
 
 def review_keys() -> set[tuple[str, int | None]]:
     return {(s, None) for s in REVIEW_LLM_STEPS}
+
+
+# Batch inference prices: Nova Micro's registry entry has `batch.pct: 50`.
+BATCH_PRICE_IN_PICO = PRICE_IN_PICO // 2
+BATCH_PRICE_OUT_PICO = PRICE_OUT_PICO // 2
+BATCH_MAP_STEP = "labels"
+BATCH_AFTER_STEP = "sum_up"
+
+
+def batch_workflow(tag: str, items: int, *, budget_usd: str = "0.05") -> tuple[dict, dict]:
+    """A map of `items` llm items run as one batch inference job (`mode: batch`; Nova
+    Micro takes at least 100 records a job), then an ordinary llm step that reads every
+    answer, so the run goes on after the job:
+
+        labels (map over input.items, batch) ─▶ sum_up (llm)
+
+    Returns (definition, input)."""
+    m = lambda step, item=None: marker(tag, step, item)  # noqa: E731
+    definition = {
+        "name": f"chaos-batch-{tag}",
+        "defaults": {"model": MODEL, "temperature": 0, "max_tokens": MAX_TOKENS,
+                     "retry": {"max_attempts": 3, "initial_backoff_ms": 100, "max_backoff_ms": 1000}},
+        "budget": {"max_cost_usd": budget_usd, "max_total_tokens": 200_000},
+        "steps": [
+            {"id": BATCH_MAP_STEP, "type": "map", "over": "input.items", "mode": "batch",
+             "step": {"type": "llm", "prompt": f"{m(BATCH_MAP_STEP, '{{ index }}')} Label {{{{ item }}}}."}},
+            {"id": BATCH_AFTER_STEP, "type": "llm", "depends_on": [BATCH_MAP_STEP],
+             "prompt": f"{m(BATCH_AFTER_STEP)} Count the labels: {{{{ steps.{BATCH_MAP_STEP}.output | join('; ') }}}}."},
+        ],
+        "output": f"{{{{ steps.{BATCH_AFTER_STEP}.text }}}}",
+    }
+    return definition, {"items": [f"ticket {i} of {tag}" for i in range(items)]}
+
+
+def batch_keys(items: int) -> set[tuple[str, int | None]]:
+    return {(BATCH_AFTER_STEP, None)} | {(BATCH_MAP_STEP, i) for i in range(items)}
+
+
+def batch_paid_pico(usage: dict | None) -> int:
+    """What a batch record with this usage costs on Nova Micro (half the on-demand price)."""
+    if not usage:
+        return 0
+    return (int(usage.get("inputTokens", 0)) * BATCH_PRICE_IN_PICO
+            + int(usage.get("outputTokens", 0)) * BATCH_PRICE_OUT_PICO)
