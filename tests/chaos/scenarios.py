@@ -368,7 +368,12 @@ def scenario_kill(h: Harness, rng: random.Random, runs: int, log, *, phases=PHAS
                     phases="/".join(f"{p}:{sum(k.phase == p and k.hit for k in kills)}" for p in PHASES
                                     if any(k.phase == p for k in kills)),
                     median_recovery_s=f"{_median(res.recoveries):.1f}")
-    for t in all_trials:
+    return _with_missed_kills(res, all_trials, t0)
+
+
+def _with_missed_kills(res: ScenarioResult, trials: list[Trial], t0: float) -> ScenarioResult:
+    """`res` with a problem for each kill that never found its moment, and its duration."""
+    for t in trials:
         for m in t.missed:
             res.problems.append(f"run {t.run_id} ({t.label}): kill missed ({m})")
     res.seconds = time.monotonic() - t0
@@ -1127,11 +1132,7 @@ def scenario_batch(h: Harness, rng: random.Random, runs: int, log, *, phases: tu
                     online_items=sum(v.batch.online_answered for v in verdicts if v.batch),
                     reserved_lost_calls=sum(lost_calls(h.run_view(t.run_id).get("totals") or {}) for t in all_trials),
                     median_recovery_s=f"{_median(res.recoveries):.1f}")
-    for t in all_trials:
-        for m in t.missed:
-            res.problems.append(f"run {t.run_id} ({t.label}): kill missed ({m})")
-    res.seconds = time.monotonic() - t0
-    return res
+    return _with_missed_kills(res, all_trials, t0)
 
 
 RUNNERS = {"kill": scenario_kill, "duplicates": scenario_duplicates, "storm": scenario_storm,
