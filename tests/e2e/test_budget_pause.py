@@ -94,7 +94,7 @@ def test_a_refused_call_pauses_the_run_and_a_raise_by_its_starter_continues_it_w
     asked = events[-1]
     assert asked["type"] == "AWAITING_INPUT" and asked.get("step_id") is None, asked
     assert asked["data"]["kind"] == "budget" and asked["data"]["reason"] == reason
-    assert (asked["data"]["settled_steps"], asked["data"]["steps"]) == (1, 2)
+    assert (asked["data"]["settled_steps"], asked["data"]["step_count"]) == (1, 2)
     assert not [e for e in events if e["type"] in ("STEP_FAILED", "RUN_FAILED")], [e["type"] for e in events]
 
     # The starter's progress feed shows it waiting, and why.

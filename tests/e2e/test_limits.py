@@ -133,10 +133,11 @@ def test_the_fourth_start_in_a_minute_answers_429_with_the_seconds_left(limited)
 def test_calls_over_the_token_allowance_wait_for_the_next_minute_and_never_pass_it(limited):
     # Each call reserves its prompt's estimate (bytes + 96) plus max_tokens 150: about 260
     # tokens, so two fit a minute's 600 and the third waits for the next minute. Each reply
-    # takes 3 s, so no call gives back its unused tokens before all three have asked (a
-    # quick call's give-back would let the third in at once, which is right, not a wait).
+    # takes 8 s, so no call gives back its unused tokens before all three have asked (a
+    # quick call's give-back would let the third in at once, which is right, not a wait; CI
+    # once saw the third ask more than 3 s after the others, on a loaded machine).
     status, _, body = http("POST", limited.devmodel_url.rstrip("/") + "/_dev/rules", timeout=10, body={"rules": [
-        {"name": "e2e-lim-slow", "match": {"prompt_contains": "Say "}, "reply": {"text": "said"}, "latency_ms": 3000}]})
+        {"name": "e2e-lim-slow", "match": {"prompt_contains": "Say "}, "reply": {"text": "said"}, "latency_ms": 8000}]})
     assert status == 200, body
     steps = [{"id": f"s{i}", "type": "llm", "prompt": f"Say {i}", "max_tokens": 150} for i in range(3)]
     workflow = {"name": "tokens", "defaults": {"model": MODEL}, "max_concurrency": 3, "steps": steps}

@@ -169,7 +169,7 @@ async fn start(state: &AppState, identity: &Identity, id: &str, steer: Steer) ->
 /// announces it, and a revision's events must follow its predecessor's end.
 async fn announced(state: &AppState, run: &RunRecord) -> Result<(), ApiError> {
     let Some(feed) = run.steady_feed() else { return Ok(()) };
-    let row = state.progress.progress_of(feed, &run.id).await?;
+    let row = crate::live_row(state, feed, &run.id).await?;
     match row {
         Some(row) if row.status.is_terminal() => Ok(()),
         _ => Err(ApiError::Conflict(format!("run {} has ended, but its end is still being recorded: try again in a moment", run.id))),

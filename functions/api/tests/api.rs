@@ -1339,3 +1339,53 @@ async fn a_run_takes_at_most_fifty_revisions() {
     let (_, run) = api.get("alice", &format!("/runs/{id}?revision=0")).await;
     assert_eq!(run["status"], "COMPLETED", "the first revision is still there");
 }
+
+/// A progress store whose first `corrupt` reads of a row fail as unreadable (moto lets a
+/// read see a row half-way through an update).
+struct HalfWritten {
+    inner: Arc<MemoryProgress>,
+    corrupt: std::sync::atomic::AtomicU32,
+    reads: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl chainrun_core::ports::ProgressReader for HalfWritten {
+    async fn events_after(&self, run: &RunId, after: u64, limit: u32) -> Result<Vec<chainrun_core::run::Event>, chainrun_core::ports::ProgressError> {
+        self.inner.events_after(run, after, limit).await
+    }
+    async fn progress_of(
+        &self,
+        principal: &chainrun_core::ids::Principal,
+        run: &RunId,
+    ) -> Result<Option<chainrun_core::run::ProgressRow>, chainrun_core::ports::ProgressError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.reads.fetch_add(1, SeqCst);
+        if self.corrupt.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(chainrun_core::ports::ProgressError::Corrupt(format!("row of {run}: missing field `run_id`")));
+        }
+        self.inner.progress_of(principal, run).await
+    }
+    async fn feed(
+        &self,
+        principal: &chainrun_core::ids::Principal,
+        limit: u32,
+        before: Option<&RunId>,
+    ) -> Result<Vec<chainrun_core::run::ProgressRow>, chainrun_core::ports::ProgressError> {
+        self.inner.feed(principal, limit, before).await
+    }
+}
+
+#[tokio::test]
+async fn a_progress_row_that_does_not_read_back_never_fails_a_runs_view() {
+    for corrupt in [1, u32::MAX] {
+        let mut api = api();
+        let (_, _, body) = api.start("alice", sample()).await;
+        let id = body["run_id"].as_str().unwrap().to_owned();
+        let reader = Arc::new(HalfWritten { inner: api.progress.clone(), corrupt: corrupt.into(), reads: 0.into() });
+        api.state.progress = reader.clone();
+        let (status, _, view) = api.call("GET", &format!("/runs/{id}"), Some(&token("alice")), None).await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        assert_eq!(view["status"], "QUEUED");
+        assert_eq!(reader.reads.load(std::sync::atomic::Ordering::SeqCst), 2, "read once more, then left out");
+    }
+}
