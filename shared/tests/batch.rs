@@ -371,3 +371,38 @@ async fn a_runner_that_died_while_reading_the_answers_is_followed_by_one_that_ch
     let last = b.events(&run, "BATCH_JOB").pop().unwrap();
     assert_eq!(last["answered"], 60, "this runner read the other 60");
 }
+
+#[tokio::test]
+async fn while_a_job_is_out_its_worst_case_stays_held_against_steps_that_run_meanwhile() {
+    // `after` runs only once its review is decided, which happens while the job is out (it
+    // ends after 50 polls). The budget fits the job's worst case and what was spent, but not
+    // `after`'s worst case on top: `after` must be refused though nothing was charged yet.
+    let b = bench(vec![Script::echo_item("LABEL "), Script::reply("AFTER", "done")], 50);
+    let mut def = definition("batch", json!({}));
+    let run = b.start(def.clone(), tickets(100)).await;
+    assert_eq!(b.invoke(&run, "r1").await, Outcome::Waiting);
+    let held = b.h.store.get_steps(&run.id).await.unwrap()[0].in_flight.unwrap().cost;
+
+    let b = bench(vec![Script::echo_item("LABEL "), Script::reply("AFTER", "done")], 50);
+    def["budget"] = json!({ "max_cost_usd": Usd::from_pico(held.pico() + held.pico() / 1000).to_string() });
+    def["steps"].as_array_mut().unwrap().extend([
+        json!({ "id": "gate", "type": "review", "show": "go?" }),
+        json!({ "id": "after", "type": "llm", "model": MODEL, "max_tokens": 4000, "prompt": "AFTER {{ steps.gate.text }}",
+                "depends_on": ["gate"], "required": false }),
+    ]);
+    let run = b.start(def, tickets(100)).await;
+    assert_eq!(b.invoke(&run, "r1").await, Outcome::Waiting, "the job is out and the review waits");
+    let decision = chainrun_core::run::ReviewDecision {
+        decision: chainrun_core::run::Verdict::Approve,
+        output: None,
+        comment: None,
+        by: "alice".parse().unwrap(),
+        at: Utc::now(),
+    };
+    b.h.store.decide(&run.id, &chainrun_core::ids::StepId::parse("gate").unwrap(), &decision).await.unwrap();
+    assert_eq!(b.invoke(&run, "r2").await, Outcome::Waiting, "the job is still out");
+    let after = b.h.store.get_steps(&run.id).await.unwrap().into_iter().find(|s| s.step_id.as_str() == "after").unwrap();
+    assert_eq!(after.error.as_ref().map(|e| e.code.as_str()), Some("BUDGET_EXCEEDED"), "{after:?}");
+    assert_eq!(b.h.model.calls_matching("AFTER"), 0, "refused before the call");
+    assert_eq!(b.run(&run).await.totals.cost, Usd::ZERO, "nothing was charged: only the job's hold stood in the way");
+}
