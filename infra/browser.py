@@ -228,12 +228,12 @@ class Page:
                 return message.get("result", {})
             self._note(message)
 
-    def open(self, url: str, tries: int = 8) -> None:
+    def open(self, url: str, tries: int = 14) -> None:
         """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all,
-        waiting 0.5 s longer each time, about 14 s in all): the local stack's `cargo lambda
-        watch` now and then answers 500 for a few seconds without invoking the function
-        (seen in CI: three loads 0.5 s apart all got it, and the function logged nothing),
-        as a user's reload would get past. Each retry is noted in `console` with the start
+        waiting 0.5 s longer each time, about 45 s in all): the local stack's `cargo lambda
+        watch` now and then answers 500 for a while without invoking the function (seen in
+        CI: three loads 0.5 s apart all got it, and the function logged nothing; later eight
+        loads over 14 s on a loaded machine), as a user's reload would get past. Each retry is noted in `console` with the start
         of the body that came with the 500, so the cause can be read from a failed run."""
         for attempt in range(1, tries + 1):
             result = self.send("Page.navigate", url=url)
