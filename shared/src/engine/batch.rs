@@ -133,7 +133,7 @@ impl StepContext {
             info!(step_id = %id, items = pending.len(), min_records, "fewer items than a batch job of this model takes: they run online");
             return Ok(Batched::Online);
         }
-        let Some(records) = self.batch_records(id, llm, items, inputs, &pending, checkpointed).await? else { return Ok(Batched::Online) };
+        let records = self.batch_records(id, llm, items, inputs, &pending, checkpointed).await?;
         if records.len() < min_records {
             return Ok(Batched::Online);
         }
@@ -173,7 +173,7 @@ impl StepContext {
     }
 
     /// Each pending item's request; an item whose template fails settles failed at once,
-    /// as it would online. `None` if the checkpoint of such an item could not be written.
+    /// as it would online.
     async fn batch_records(
         &self,
         id: &StepId,
@@ -182,7 +182,7 @@ impl StepContext {
         inputs: &Inputs,
         pending: &[usize],
         checkpointed: &mut HashMap<usize, ItemRecord>,
-    ) -> Result<Option<Vec<BatchRecord>>, EngineError> {
+    ) -> Result<Vec<BatchRecord>, EngineError> {
         let mut records = Vec::with_capacity(pending.len());
         for &index in pending {
             match self.batch_request(id, llm, &inputs.with_item(&items[index], index), index) {
@@ -194,7 +194,7 @@ impl StepContext {
                 }
             }
         }
-        Ok(Some(records))
+        Ok(records)
     }
 
     /// `auto`: whether the items, sent online, would share a prompt-cache head that makes
@@ -296,7 +296,7 @@ impl StepContext {
         let Some(job) = wait.job.clone() else {
             // Died before the job was known: the same records and token find it (or make it).
             let wanted: Vec<usize> = wait.items.iter().copied().filter(|&i| i < items.len()).collect();
-            let records = self.batch_records(id, llm, items, inputs, &wanted, checkpointed).await?.unwrap_or_default();
+            let records = self.batch_records(id, llm, items, inputs, &wanted, checkpointed).await?;
             return self.submit(batching, id, llm, records, wait, held, hold, running).await;
         };
         let ended = match batching.jobs.state(&job).await {

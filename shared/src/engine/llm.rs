@@ -77,11 +77,7 @@ impl StepContext {
             Some(rules) if spec.caches(&model_info) => caching::plan(rules, system.as_deref(), &prompt, caching::static_head(spec.prompt.source())),
             _ => CachePoints::default(),
         };
-        // Native structured output where the model has it; the reply is validated all the same.
-        let output_schema = match (&spec.schema, spec.format) {
-            (Some(schema), OutputFormat::Json) if model_info.structured_output => Some(schema.document().clone()),
-            _ => None,
-        };
+        let output_schema = native_schema(spec, &model_info);
         let metadata = self.call_labels(id, item);
         // A deterministic step answered before: no call, no admission, no charge.
         let response_key = (spec.cache == CacheMode::Response && self.responses.is_some()).then(|| responses::key(spec, system.as_deref(), &prompt));
@@ -387,6 +383,15 @@ impl StepContext {
     }
 }
 
+/// The schema a call asks the model to keep to natively (structured output), where the model
+/// has it; the reply is validated all the same.
+fn native_schema(spec: &LlmSpec, model: &crate::pricing::ModelInfo) -> Option<Value> {
+    match (&spec.schema, spec.format) {
+        (Some(schema), OutputFormat::Json) if model.structured_output => Some(schema.document().clone()),
+        _ => None,
+    }
+}
+
 /// A call's system prompt and prompt, or the work of a step whose template failed.
 fn rendered(spec: &LlmSpec, scope: &impl Scope) -> Result<(Option<String>, String), Box<Work>> {
     let render = |source: &Template| source.render(scope);
@@ -401,10 +406,7 @@ impl StepContext {
     /// (a batch job has neither), or the work of an item whose template failed.
     pub(super) fn batch_request(&self, id: &StepId, spec: &LlmSpec, scope: &impl Scope, item: usize) -> Result<ModelRequest, Box<Work>> {
         let (system, prompt) = rendered(spec, scope)?;
-        let output_schema = match (&spec.schema, spec.format) {
-            (Some(schema), OutputFormat::Json) if spec.priced(&self.models).is_some_and(|m| m.structured_output) => Some(schema.document().clone()),
-            _ => None,
-        };
+        let output_schema = spec.priced(&self.models).and_then(|model| native_schema(spec, &model));
         Ok(ModelRequest {
             model: spec.model.clone(),
             system,
