@@ -317,7 +317,11 @@ impl StepContext {
                 return Ok(Batched::Waiting(self.next_poll(batching, &wait)));
             }
             // The service no longer knows the job: nothing of it can be read or was billed.
-            Err(e) => ("Lost".to_owned(), Some(e.to_string())),
+            Err(e) => {
+                warn!(step_id = %id, %job, error = %e, "the batch job is unknown to the service: its items run online");
+                (wait.status, wait.message) = ("Lost".to_owned(), Some(e.to_string()));
+                return self.read(id, llm, wait, Default::default(), hold, checkpointed, running).await;
+            }
         };
         let answers = match batching.jobs.results(&job).await {
             Ok(answers) => answers,
