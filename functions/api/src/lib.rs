@@ -460,9 +460,12 @@ async fn get_run(
 pub(crate) async fn live_row(state: &AppState, feed: &Principal, run: &RunId) -> Result<Option<chainrun_core::run::ProgressRow>, ApiError> {
     for attempt in 1..=2 {
         match state.progress.progress_of(feed, run).await {
-            Err(chainrun_core::ports::ProgressError::Corrupt(why)) => {
-                warn!(run_id = %run, attempt, %why, "a progress row did not read back; the view shows the settled checkpoints' totals");
+            Err(chainrun_core::ports::ProgressError::Corrupt(why)) if attempt == 1 => {
+                warn!(run_id = %run, %why, "a progress row did not read back; reading it again");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(chainrun_core::ports::ProgressError::Corrupt(why)) => {
+                warn!(run_id = %run, %why, "a progress row did not read back twice; the view shows the settled checkpoints' totals");
             }
             other => return Ok(other?),
         }
