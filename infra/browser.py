@@ -230,11 +230,11 @@ class Page:
 
     def open(self, url: str, tries: int = 14) -> None:
         """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all,
-        waiting 0.5 s longer each time, about 45 s in all): the local stack's `cargo lambda
-        watch` now and then answers 500 for a while without invoking the function (seen in
-        CI: three loads 0.5 s apart all got it, and the function logged nothing; later eight
-        loads over 14 s on a loaded machine), as a user's reload would get past. Each retry is noted in `console` with the start
-        of the body that came with the 500, so the cause can be read from a failed run."""
+        waiting 0.5 s longer each time, about 45 s in all), as a user's reload would. The
+        local stack's `cargo lambda watch` used to answer its own 500 for the run view (a
+        52 KB response whose function closed its connection at once; the runtime shim now
+        keeps that connection, see infra/runtime_shim.py Shim.upstream); a 5xx that still
+        comes is noted in `console` with the start of its body, so a failed run shows it."""
         for attempt in range(1, tries + 1):
             result = self.send("Page.navigate", url=url)
             if result.get("errorText"):

@@ -43,9 +43,11 @@ every change): {"function", "shim_pid", "pid" (the live process, or null), "curr
 or null), "deaths" (the last few processes that died: {"pid", "how", "request_id",
 "at"})}. The chaos suite (tests/chaos) reads them to SIGKILL the process that runs a
 given run, as a crash would, and to confirm what the kill hit.
-A function whose entry in the config says "runtime_shim": false is exec'd bare (the
-stack does that for chainrun-api: its Function URL invocations through the shim got
-intermittent 500s from watch, cause not yet found).
+  * the shim talks to watch on one kept-alive connection, as Lambda's runtime clients do:
+    a function's own client (lambda_runtime's pool) now and then closes the connection
+    that carried a large response, and watch then answers the invoker with its own 500
+    (see Shim.upstream).
+A function whose entry in the config says "runtime_shim": false is exec'd bare.
 The shim exits when watch's Runtime API goes away, and passes SIGTERM/SIGINT on to the
 function (then exits with it), so watch's own stop and restart work as before.
 Bodies are relayed buffered (no response streaming; neither function streams).
@@ -75,7 +77,7 @@ RESTART_BACKOFF_MAX_S = 5.0
 # A process that ran at least this long before it died is restarted at once.
 HEALTHY_RUN_S = 2.0
 STOP_GRACE_S = 3.0
-POST_LINGER_S = 10.0  # see Shim.upstream  # after SIGTERM, before SIGKILL
+POST_LINGER_S = 10.0  # see Shim.upstream
 NEXT_PATH = "/2018-06-01/runtime/invocation/next"
 INVOCATION_PREFIX = "/2018-06-01/runtime/invocation/"
 
@@ -126,6 +128,7 @@ class Shim:
         self.child: subprocess.Popen | None = None
         self.stopping = threading.Event()
         self.upstream_gone = False
+        self.kept: http.client.HTTPConnection | None = None  # see upstream
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.state_file = None
@@ -168,15 +171,30 @@ class Shim:
 
     # -- upstream (watch's Runtime API) ----------------------------------------------------
     def upstream(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes,
-                 timeout: float | None = None, linger_s: float = 0.0) -> tuple[int, list[tuple[str, str]], bytes]:
-        """One request to watch's Runtime API on a connection of its own. linger_s keeps
-        the connection open that long after the answer: watch answers a response or
-        error POST at once and only then reads its body, as a stream, for the invoker;
-        closing at once would race with that read (a precaution — it did not cure the
-        API's 500s, see the module docstring)."""
-        conn = http.client.HTTPConnection(self.up_host, self.up_port, timeout=timeout)
-        if linger_s:
+                 timeout: float | None = None) -> tuple[int, list[tuple[str, str]], bytes]:
+        """One request to watch's Runtime API, on the shim's kept connection when it is free.
+
+        Why one kept connection, as Lambda's own runtime clients keep theirs: watch answers a
+        response or error POST at once and reads its body afterwards, for the invoker. A body
+        longer than hyper's first read (about 32 KB: the run view's page is 52 KB) is read to
+        its end after that answer went out, and hyper then leaves it open until the next
+        request arrives on the connection. If the connection closes instead, the body ends in
+        an "incomplete message" error and watch answers the invoker with its own 500 (traced
+        with strace: every such close within a few ms was a 500; every reuse for the next
+        /next was fine; a close 10 s later was a 10 s hang, then the 500). The function's next
+        request after a POST is its /next, which this connection then carries. A request made
+        while it is busy (a timeout reported while a poll is out) gets a connection of its
+        own, closed only POST_LINGER_S later."""
+        with self.cond:
+            conn, self.kept = self.kept, None
+        kept = conn is not None
+        if conn is None:
+            conn = http.client.HTTPConnection(self.up_host, self.up_port, timeout=timeout)
+        for attempt in (1, 2):
             try:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
                 conn.putrequest(method, self.up_prefix + path, skip_accept_encoding=True)
                 for k, v in headers:
                     if k.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
@@ -185,24 +203,27 @@ class Shim:
                 conn.endheaders(body)
                 resp = conn.getresponse()
                 out = resp.status, resp.getheaders(), resp.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                conn.close()
+                if not kept or attempt == 2:
+                    raise
+                # watch closed the kept connection while it was idle: nothing was processed.
+                conn = http.client.HTTPConnection(self.up_host, self.up_port, timeout=timeout)
             except BaseException:
                 conn.close()
                 raise
-            t = threading.Timer(linger_s, conn.close)
+        if resp.will_close:
+            conn.close()
+            return out
+        with self.cond:
+            if self.kept is None:
+                self.kept, conn = conn, None
+        if conn is not None:
+            t = threading.Timer(POST_LINGER_S, conn.close)
             t.daemon = True
             t.start()
-            return out
-        try:
-            conn.putrequest(method, self.up_prefix + path, skip_accept_encoding=True)
-            for k, v in headers:
-                if k.lower() not in ("host", "content-length", "transfer-encoding", "connection"):
-                    conn.putheader(k, v)
-            conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
-            resp = conn.getresponse()
-            return resp.status, resp.getheaders(), resp.read()
-        finally:
-            conn.close()
+        return out
 
     def _poll(self) -> None:
         """One long poll of watch's /next; the invocation goes to the queue."""
@@ -289,7 +310,7 @@ class Shim:
         try:
             self.upstream("POST", f"{INVOCATION_PREFIX}{inv.watch_id}/error",
                           [("Content-Type", "application/json"), ("Lambda-Runtime-Function-Error-Type", error_type)],
-                          body, timeout=10, linger_s=POST_LINGER_S)
+                          body, timeout=10)
         except OSError as e:
             _log(f"could not report {error_type} of {inv.request_id} to watch: {e}")
 
@@ -425,15 +446,14 @@ def _handler(shim: Shim):
             if path.startswith(INVOCATION_PREFIX) and path.rsplit("/", 1)[-1] in ("response", "error"):
                 request_id, what = path[len(INVOCATION_PREFIX):].rsplit("/", 1)
                 watch_id = shim.finished(request_id)
-                return self._relay(body, f"{INVOCATION_PREFIX}{watch_id}/{what}", linger_s=POST_LINGER_S)
+                return self._relay(body, f"{INVOCATION_PREFIX}{watch_id}/{what}")
             return self._relay(body)
 
         do_PUT = do_POST
 
-        def _relay(self, body: bytes, path: str | None = None, linger_s: float = 0.0) -> None:
+        def _relay(self, body: bytes, path: str | None = None) -> None:
             try:
-                status, headers, data = shim.upstream(self.command, path or self.path, list(self.headers.items()), body,
-                                                      linger_s=linger_s)
+                status, headers, data = shim.upstream(self.command, path or self.path, list(self.headers.items()), body)
             except OSError as e:
                 return self._send(502, [], json.dumps({"errorMessage": f"watch unreachable: {e}"}).encode())
             self._send(status, headers, data)

@@ -23,8 +23,8 @@ Lambda behaviour (infra/invoke_proxy.py, infra/runtime_shim.py, infra/event_sour
     runner for watch's `cargo run`): its context deadline is now + its timeout (runner
     900 s, as template.yaml), it is SIGKILLed at that deadline (a timeout), and a
     process that dies is replaced by a fresh one at once, its invocation answered as a
-    crash (Runtime.ExitError). chainrun-api runs bare ("runtime_shim": false): its
-    Function URL requests through the shim got intermittent 500s from watch;
+    crash (Runtime.ExitError); the shim also keeps its connection to watch, without
+    which a response over ~32 KB (the run view) now and then came back as watch's 500;
   * Event invokes are answered 202 and delivered at least once: retried after a
     function error, crash or timeout (MaximumRetryAttempts 2, delays 1 s and 2 s —
     AWS's ~1 and ~2 min scaled down), with the original request id, then sent to the
@@ -606,7 +606,7 @@ class Stack:
                 # watch runs at most WATCH_CONCURRENCY instances of a function and wedges when
                 # a few hundred invocations queue up in it (infra/invoke_proxy.py)
                 "default": {"timeout_s": 900, "max_concurrency": WATCH_CONCURRENCY},
-                "functions": {API_FUNCTION: {"timeout_s": API_TIMEOUT_S, "runtime_shim": False}, RUNNER_FUNCTION: runner},
+                "functions": {API_FUNCTION: {"timeout_s": API_TIMEOUT_S}, RUNNER_FUNCTION: runner},
                 "event_sources": sources}
 
     def _start_proxy_and_watch(self) -> None:

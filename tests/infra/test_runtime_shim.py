@@ -50,6 +50,7 @@ class FakeRuntimeApi:
     def __init__(self):
         self.pending: queue.Queue = queue.Queue()
         self.answers: dict[str, queue.Queue] = {}
+        self.requests: list[tuple[str, tuple]] = []  # (method, client address) in arrival order
         api = self
 
         class H(BaseHTTPRequestHandler):
@@ -67,6 +68,7 @@ class FakeRuntimeApi:
                 self.wfile.write(body)
 
             def do_GET(self):
+                api.requests.append(("GET", self.client_address))
                 assert self.path == "/.rt/fn/2018-06-01/runtime/invocation/next", self.path
                 watch_id, headers, body = api.pending.get()
                 self._reply(200, body, [("Lambda-Runtime-Aws-Request-Id", watch_id),
@@ -74,6 +76,7 @@ class FakeRuntimeApi:
                                         ("Lambda-Runtime-Invoked-Function-Arn", "function-arn")] + headers)
 
             def do_POST(self):
+                api.requests.append(("POST", self.client_address))
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n)
                 watch_id, what = self.path.split("/invocation/", 1)[1].rsplit("/", 1)
@@ -143,6 +146,18 @@ def test_the_function_sees_the_invokers_request_id_and_watch_gets_its_own_back(s
     assert seen["cognito"] is None  # the marker is taken out
     _, seen = answer(api.invoke({}))
     assert seen["request_id"] != "req-1"  # no marker: watch's id
+
+
+def test_a_response_is_posted_on_the_kept_connection_that_then_carries_the_next_poll(shim):
+    # watch reads a large response body after answering its POST, and fails it when the
+    # connection closes at once (Shim.upstream): the shim's next request must follow on it.
+    api, _, _ = shim
+    assert answer(api.invoke({}))[0] == "response"
+    assert answer(api.invoke({}))[0] == "response"
+    wait_until(lambda: len(api.requests) >= 5, 5, 0.02)  # GET, POST, GET, POST, GET
+    methods = [m for m, _ in api.requests[:5]]
+    assert methods == ["GET", "POST", "GET", "POST", "GET"], api.requests
+    assert len({addr for _, addr in api.requests[:5]}) == 1, f"one connection throughout: {api.requests}"
 
 
 def test_a_killed_process_fails_its_invocation_and_a_fresh_one_takes_the_next(shim):
