@@ -299,9 +299,9 @@ def test_json_that_breaks_its_schema_is_retried_with_a_hint_naming_the_violation
 def test_a_map_returns_results_in_input_order_though_items_finish_out_of_order(api, stack, devmodel):
     m = marker("map")
     files = ["main.rs", "lib.rs", "graph.rs", "engine.rs"]
-    # Item 0 is by far the slowest: with two at a time, items 1, 2 and 3 all finish first.
-    # Its 4 s leave room for each item's checkpoint writes, which take several hundred ms
-    # on a loaded 2-core machine (CI saw item 3 start 1.6 s after item 0 with 1.2 s).
+    # Item 0 is by far the slowest: with two at a time, the others finish first. Its 4 s
+    # leave room for item 1's checkpoint writes, which take several hundred ms on a loaded
+    # 2-core machine.
     latency = [4000, 150, 250, 150]
     add_rules(devmodel, *[
         {"name": f"{m}-{i}", "match": {"prompt_contains": f"{m}/review file {i}: {name}"},
@@ -335,10 +335,12 @@ def test_a_map_returns_results_in_input_order_though_items_finish_out_of_order(a
 
     # Never more than two items at the model at once…
     assert all(len(in_flight_at(i)) <= 2 for i in arrived), {i: in_flight_at(i) for i in arrived}
-    # …and items 2 and 3 could only start once earlier items had freed a slot, while item
-    # 0 was still running: items 1 and 2 finished before item 0 did.
+    # …and item 2 could only start once item 1 had freed a slot, while item 0 was still
+    # running: item 1 finished before item 0 did. (Item 3 also starts then on an idle
+    # machine, but only after item 2's checkpoint writes, which CI once saw moto stall for
+    # 8 s: its start says nothing about the order of results.)
     slow_done = arrived[0] + datetime.timedelta(milliseconds=latency[0])
-    assert arrived[2] < slow_done and arrived[3] < slow_done, arrived
+    assert arrived[1] < arrived[2] < slow_done, arrived
 
     run = get_run(api, token, run_id)
     assert run["status"] == "COMPLETED"
