@@ -35,7 +35,11 @@ The shim serves the Runtime API to the function itself, on a loopback port of it
     environment): watch keeps seeing one live instance — this shim — so it never
     wedges. An invocation watch handed out while no process was alive waits for the
     next one. A process that keeps dying without an invocation is restarted with a
-    growing delay (up to RESTART_BACKOFF_MAX_S).
+    growing delay (up to RESTART_BACKOFF_MAX_S);
+  * the shim talks to watch on one kept-alive connection, as Lambda's runtime clients do:
+    a function's own client (lambda_runtime's pool) now and then closes the connection
+    that carried a large response, and watch then answers the invoker with its own 500
+    (see Shim.upstream).
 With "shim_state_dir" in the config, each shim keeps a JSON file there,
 FUNCTION-SHIMPID.json, saying what its function process is doing (written atomically on
 every change): {"function", "shim_pid", "pid" (the live process, or null), "current"
@@ -43,10 +47,6 @@ every change): {"function", "shim_pid", "pid" (the live process, or null), "curr
 or null), "deaths" (the last few processes that died: {"pid", "how", "request_id",
 "at"})}. The chaos suite (tests/chaos) reads them to SIGKILL the process that runs a
 given run, as a crash would, and to confirm what the kill hit.
-  * the shim talks to watch on one kept-alive connection, as Lambda's runtime clients do:
-    a function's own client (lambda_runtime's pool) now and then closes the connection
-    that carried a large response, and watch then answers the invoker with its own 500
-    (see Shim.upstream).
 A function whose entry in the config says "runtime_shim": false is exec'd bare.
 The shim exits when watch's Runtime API goes away, and passes SIGTERM/SIGINT on to the
 function (then exits with it), so watch's own stop and restart work as before.
