@@ -228,9 +228,9 @@ class Page:
                 return message.get("result", {})
             self._note(message)
 
-    def open(self, url: str, tries: int = 14) -> None:
+    def open(self, url: str, tries: int = 8) -> None:
         """Loads `url`. A document answered with a 5xx is loaded again (up to `tries` in all,
-        waiting 0.5 s longer each time, about 45 s in all), as a user's reload would. The
+        waiting 0.5 s longer each time, about 14 s in all), as a user's reload would. The
         local stack's `cargo lambda watch` used to answer its own 500 for the run view (a
         52 KB response whose function closed its connection at once; the runtime shim now
         keeps that connection, see infra/runtime_shim.py Shim.upstream); a 5xx that still
